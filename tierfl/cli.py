@@ -1,0 +1,3 @@
+"""The `tierfl` command line."""
+def main() -> int:
+    return 0
