@@ -1,0 +1,121 @@
+"""The binary frame: fixed prefix + pydantic-validated JSON header + raw tensor bytes.
+
+    b"TFL1" | header length (uint32 LE) | header JSON (UTF-8) | payload
+
+The payload is the tensors' encoded bytes back to back, in header order; its sha256 is in the
+header. Nothing is pickled; decoding checks every length, hash and value before returning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import ValidationError
+
+from protocol.codecs import CodecError, get_codec
+from protocol.messages import Body, FrameHeader, RejectReason, TensorEntry
+
+MAGIC = b"TFL1"
+_PREFIX = struct.Struct("<4sI")
+MAX_HEADER_BYTES = 1 << 20
+DEFAULT_MAX_FRAME_BYTES = 64 << 20
+
+
+class FrameError(ValueError):
+    """A frame that must not be applied, with the reason to report back."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A decoded frame: its header and its tensors by name."""
+
+    header: FrameHeader
+    tensors: dict[str, np.ndarray]
+    nbytes: int
+
+    @property
+    def body(self) -> Body:
+        return self.header.body
+
+
+def encode_frame(
+    fleet: str,
+    sender: str,
+    body: Body,
+    tensors: Mapping[str, np.ndarray] | None = None,
+    codec: str = "float32",
+) -> bytes:
+    """Serialise one message and its tensors (all with `codec`) into frame bytes."""
+    coder = get_codec(codec)
+    entries: list[TensorEntry] = []
+    parts: list[bytes] = []
+    for name, array in (tensors or {}).items():
+        data, meta = coder.encode(array)
+        entries.append(
+            TensorEntry(name=name, codec=codec, dtype=coder.dtype, shape=list(array.shape), nbytes=len(data), meta=meta)
+        )
+        parts.append(data)
+    payload = b"".join(parts)
+    header = FrameHeader(
+        fleet=fleet, sender=sender, body=body, tensors=entries, payload_sha256=hashlib.sha256(payload).hexdigest()
+    )
+    header_bytes = header.model_dump_json().encode()
+    return _PREFIX.pack(MAGIC, len(header_bytes)) + header_bytes + payload
+
+
+def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame:
+    """Parse and fully validate frame bytes; raises FrameError with a reason on anything wrong."""
+    if len(data) > max_bytes:
+        raise FrameError(RejectReason.OVERSIZE, f"frame of {len(data)} bytes exceeds the limit of {max_bytes}")
+    if len(data) < _PREFIX.size:
+        raise FrameError(RejectReason.MALFORMED, f"frame of {len(data)} bytes is shorter than its prefix")
+    magic, header_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise FrameError(RejectReason.MALFORMED, f"bad magic {magic!r}, expected {MAGIC!r}")
+    if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > len(data):
+        raise FrameError(RejectReason.MALFORMED, f"header length {header_len} does not fit a {len(data)}-byte frame")
+    start = _PREFIX.size + header_len
+    try:
+        header = FrameHeader.model_validate_json(data[_PREFIX.size : start])
+    except ValidationError as exc:
+        raise FrameError(RejectReason.MALFORMED, f"invalid header: {_first_error(exc)}") from None
+    payload = memoryview(data)[start:]
+    declared = sum(entry.nbytes for entry in header.tensors)
+    if declared != len(payload):
+        raise FrameError(RejectReason.MALFORMED, f"payload is {len(payload)} bytes, tensors declare {declared}")
+    if header.payload_sha256 is not None and hashlib.sha256(payload).hexdigest() != header.payload_sha256:
+        raise FrameError(RejectReason.BAD_HASH, "payload sha256 does not match the header")
+    return Frame(header=header, tensors=_decode_tensors(header.tensors, payload), nbytes=len(data))
+
+
+def _decode_tensors(entries: list[TensorEntry], payload: memoryview) -> dict[str, np.ndarray]:
+    tensors: dict[str, np.ndarray] = {}
+    offset = 0
+    for entry in entries:
+        if entry.name in tensors:
+            raise FrameError(RejectReason.MALFORMED, f"tensor {entry.name!r} appears twice")
+        chunk = payload[offset : offset + entry.nbytes]
+        offset += entry.nbytes
+        try:
+            codec = get_codec(entry.codec)
+            if codec.dtype != entry.dtype:
+                raise CodecError(f"tensor {entry.name!r}: codec {entry.codec} decodes to {codec.dtype}, not {entry.dtype}")
+            tensors[entry.name] = codec.decode(chunk, entry)
+        except CodecError as exc:
+            raise FrameError(RejectReason.BAD_TENSOR, str(exc)) from None
+    return tensors
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"]) or "header"
+    return f"{where}: {err['msg']}"

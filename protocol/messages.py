@@ -1,0 +1,173 @@
+"""Message schemas: the JSON header of every frame, validated by pydantic on both sides."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import Enum
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = 1
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+Count = Annotated[int, Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RejectReason(str, Enum):
+    """Why a message was refused; sent back to the sender and counted by the receiver."""
+
+    MALFORMED = "malformed"
+    OVERSIZE = "oversize"
+    BAD_HASH = "bad_hash"
+    BAD_TENSOR = "bad_tensor"
+    WRONG_FLEET = "wrong_fleet"
+    SENDER_MISMATCH = "sender_mismatch"
+    UNKNOWN_DEVICE = "unknown_device"
+    UNKNOWN_TIER = "unknown_tier"
+    NOT_SELECTED = "not_selected"
+    STALE_ROUND = "stale_round"
+    FUTURE_ROUND = "future_round"
+    WRONG_VERSION = "wrong_version"
+    DUPLICATE = "duplicate"
+    LATE = "late"
+    UNKNOWN_ARTIFACT = "unknown_artifact"
+    UNEXPECTED = "unexpected"
+
+
+class Hello(_Strict):
+    """Device -> aggregator on connect: who I am and what I hold."""
+
+    kind: Literal["hello"] = "hello"
+    tier: str | None = None  # a fixed tier the device asks for; None lets the aggregator choose
+    num_samples: Count
+    num_test_samples: Count = 0
+    backend: str = "ort-training"
+    libraries: dict[str, str] = {}
+
+
+class Status(_Strict):
+    """Retained liveness of a device; `online=False` is its last will."""
+
+    kind: Literal["status"] = "status"
+    online: bool
+
+
+class Task(_Strict):
+    """Aggregator -> device: train the attached weights of `tier` for one round."""
+
+    kind: Literal["task"] = "task"
+    round: Annotated[int, Field(ge=1)]
+    model_version: Count
+    tier: Identifier
+    manifest_sha256: Sha256
+    artifacts: dict[str, Sha256]  # file name inside the tier folder -> sha256 (includes manifest.json)
+    epochs: Annotated[int, Field(ge=1, le=1000)]
+    batch_size: Annotated[int, Field(ge=1, le=65536)]
+    learning_rate: Annotated[float, Field(gt=0, le=10)]
+    deadline: float  # unix time by which the update must arrive
+    seed: int = 0
+    evaluate: bool = True  # also report loss/accuracy of the received weights on the local test split
+
+
+class Fetch(_Strict):
+    """Device -> aggregator: send me these artifact files."""
+
+    kind: Literal["fetch"] = "fetch"
+    sha256: Annotated[list[Sha256], Field(min_length=1, max_length=64)]
+
+
+class Blob(_Strict):
+    """Aggregator -> device: one artifact file, as a single uint8 tensor named `data`."""
+
+    kind: Literal["blob"] = "blob"
+    sha256: Sha256
+    name: str
+
+
+class Update(_Strict):
+    """Device -> aggregator: the result of a task; tensors are deltas (trained minus received)."""
+
+    kind: Literal["update"] = "update"
+    update_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    round: Annotated[int, Field(ge=1)]
+    base_version: Count
+    tier: Identifier
+    num_samples: Annotated[int, Field(ge=1)]
+    steps: Count
+    train_loss: float
+    train_accuracy: Annotated[float, Field(ge=0, le=1)]
+    train_seconds: Annotated[float, Field(ge=0)]
+    eval_loss: float | None = None
+    eval_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    eval_samples: Count = 0
+
+
+class Reject(_Strict):
+    """Either side -> the other: your message was refused, and why."""
+
+    kind: Literal["reject"] = "reject"
+    reason: RejectReason
+    detail: str
+    ref_msg_id: str | None = None
+    round: int | None = None
+
+
+class RoundSummary(_Strict):
+    """Aggregator -> observers: one committed round."""
+
+    kind: Literal["round"] = "round"
+    round: int
+    version: int
+    selected: int
+    answered: int
+    accuracy: float | None = None
+    loss: float | None = None
+    accuracy_source: Literal["held-out", "federated", "none"] = "none"
+    accuracy_by_tier: dict[str, float] = {}
+    bytes_up: Count = 0
+    bytes_down: Count = 0
+    seconds: float = 0.0
+    rejected: dict[str, int] = {}
+    final: bool = False
+
+
+Body = Annotated[
+    Union[Hello, Status, Task, Fetch, Blob, Update, Reject, RoundSummary],
+    Field(discriminator="kind"),
+]
+
+
+class TensorEntry(_Strict):
+    """Where one tensor sits in the frame payload and how it is encoded."""
+
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    codec: Annotated[str, Field(min_length=1, max_length=32)]
+    dtype: Literal["float32", "uint8"]  # dtype after decoding
+    shape: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=8)]
+    nbytes: Count
+    meta: dict[str, float | int | str] = {}
+
+
+class FrameHeader(_Strict):
+    """The JSON header of a frame: who sent what, for which fleet, plus the tensor table."""
+
+    protocol: Literal[1] = PROTOCOL_VERSION
+    fleet: Identifier
+    sender: Identifier
+    msg_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] = Field(default_factory=lambda: uuid.uuid4().hex)
+    sent_at: float = Field(default_factory=time.time)
+    body: Body
+    tensors: list[TensorEntry] = []
+    payload_sha256: Sha256 | None = None
+
+
+def new_id() -> str:
+    """A fresh 32-hex-digit message or update id."""
+    return uuid.uuid4().hex

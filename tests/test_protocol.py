@@ -1,0 +1,189 @@
+"""Frames, chunking and topics: round trips and every refusal."""
+
+import hashlib
+import json
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.chunking import Reassembler, split_message
+from protocol.frame import MAGIC, FrameError, decode_frame, encode_frame
+from protocol.messages import Fetch, Hello, RejectReason, Status, Update, new_id
+from protocol.topics import Topics
+
+
+def _update_frame(tensors):
+    body = Update(update_id=new_id(), round=3, base_version=2, tier="a", num_samples=50, steps=4,
+                  train_loss=0.5, train_accuracy=0.8, train_seconds=0.1)
+    return encode_frame("fleet1", "dev-1", body, tensors)
+
+
+def _reencode(frame: bytes, mutate) -> bytes:
+    """Edit a frame's JSON header and re-serialise it with a correct prefix."""
+    (header_len,) = struct.unpack_from("<I", frame, 4)
+    header = json.loads(frame[8 : 8 + header_len])
+    mutate(header)
+    raw = json.dumps(header).encode()
+    return MAGIC + struct.pack("<I", len(raw)) + raw + frame[8 + header_len :]
+
+
+def test_round_trip_keeps_tensors_and_body():
+    tensors = {"fc1.weight": np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32),
+               "fc1.bias": np.zeros(5, np.float32)}
+    frame = decode_frame(_update_frame(tensors))
+    assert frame.header.fleet == "fleet1" and frame.header.sender == "dev-1"
+    assert isinstance(frame.body, Update) and frame.body.round == 3
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(frame.tensors[name], value)
+        assert frame.tensors[name].dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "cut,reason", [(3, RejectReason.MALFORMED), (20, RejectReason.MALFORMED), (-4, RejectReason.MALFORMED)]
+)
+def test_truncated_frames_are_refused(cut, reason):
+    data = _update_frame({"w": np.ones(10, np.float32)})
+    with pytest.raises(FrameError) as err:
+        decode_frame(data[:cut])
+    assert err.value.reason == reason
+
+
+def test_flipped_payload_byte_fails_hash():
+    data = bytearray(_update_frame({"w": np.ones(10, np.float32)}))
+    data[-1] ^= 0xFF
+    with pytest.raises(FrameError) as err:
+        decode_frame(bytes(data))
+    assert err.value.reason == RejectReason.BAD_HASH
+
+
+def test_nan_is_refused_even_with_a_correct_hash():
+    data = _update_frame({"w": np.array([1.0, np.nan], np.float32)})
+    with pytest.raises(FrameError) as err:
+        decode_frame(data)
+    assert err.value.reason == RejectReason.BAD_TENSOR and "NaN" in err.value.detail
+
+
+def test_shape_that_disagrees_with_bytes_is_refused():
+    data = _reencode(_update_frame({"w": np.ones(10, np.float32)}), lambda h: h["tensors"][0].update(shape=[11]))
+    with pytest.raises(FrameError) as err:
+        decode_frame(data)
+    assert err.value.reason == RejectReason.BAD_TENSOR
+
+
+def test_unknown_codec_and_unknown_kind_are_refused():
+    data = _reencode(_update_frame({"w": np.ones(4, np.float32)}), lambda h: h["tensors"][0].update(codec="zip"))
+    with pytest.raises(FrameError, match="unknown codec"):
+        decode_frame(data)
+    data = _reencode(_update_frame({}), lambda h: h["body"].update(kind="rm -rf"))
+    with pytest.raises(FrameError) as err:
+        decode_frame(data)
+    assert err.value.reason == RejectReason.MALFORMED
+
+
+def test_extra_fields_and_bad_ids_are_refused():
+    with pytest.raises(FrameError):
+        decode_frame(_reencode(_update_frame({}), lambda h: h["body"].update(admin=True)))
+    with pytest.raises(FrameError):
+        decode_frame(_reencode(_update_frame({}), lambda h: h.update(sender="../../etc")))
+
+
+def test_oversize_frame_is_refused_before_parsing():
+    data = _update_frame({"w": np.ones(1000, np.float32)})
+    with pytest.raises(FrameError) as err:
+        decode_frame(data, max_bytes=1000)
+    assert err.value.reason == RejectReason.OVERSIZE
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048))
+def test_random_bytes_never_escape_as_anything_but_frame_error(data):
+    for payload in (data, MAGIC + data):
+        try:
+            decode_frame(payload)
+        except FrameError:
+            pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=10_000), st.integers(min_value=0, max_value=255))
+def test_any_single_byte_corruption_is_refused_or_harmless(position, value):
+    data = bytearray(_update_frame({"w": np.arange(16, dtype=np.float32)}))
+    position %= len(data)
+    if data[position] == value:
+        return
+    data[position] = value
+    try:
+        frame = decode_frame(bytes(data))
+    except FrameError:
+        return
+    # A change that still decodes may only touch header fields that carry no tensor data.
+    np.testing.assert_array_equal(frame.tensors["w"], np.arange(16, dtype=np.float32))
+
+
+def test_chunked_frame_reassembles_in_any_order():
+    frame = _update_frame({"w": np.random.default_rng(1).standard_normal(5000).astype(np.float32)})
+    parts = split_message(frame, max_message_bytes=2048)
+    assert len(parts) > 5 and all(len(p) <= 2048 for p in parts)
+    reassembler = Reassembler()
+    results = [reassembler.feed("dev-1", p) for p in reversed(parts)]
+    assert results[:-1] == [None] * (len(parts) - 1) and results[-1] == frame
+    assert reassembler.pending_transfers == 0
+
+
+def test_small_frame_is_one_message():
+    frame = encode_frame("f", "d", Fetch(sha256=[hashlib.sha256(b"").hexdigest()]))
+    assert split_message(frame, 1 << 20) == [frame]
+    assert Reassembler().feed("d", frame) == frame
+
+
+def test_corrupted_chunk_fails_the_whole_frame_hash():
+    frame = _update_frame({"w": np.ones(3000, np.float32)})
+    parts = split_message(frame, 4096)
+    bad = bytearray(parts[1])
+    bad[-1] ^= 1
+    parts[1] = bytes(bad)
+    reassembler = Reassembler()
+    with pytest.raises(FrameError) as err:
+        for p in parts:
+            reassembler.feed("x", p)
+    assert err.value.reason == RejectReason.BAD_HASH
+
+
+def test_reassembly_is_bounded_and_expires():
+    frame = _update_frame({"w": np.ones(3000, np.float32)})
+    parts = split_message(frame, 4096)
+    with pytest.raises(FrameError) as err:
+        Reassembler(max_frame_bytes=1000).feed("x", parts[0])
+    assert err.value.reason == RejectReason.OVERSIZE
+    with pytest.raises(FrameError) as err:
+        Reassembler(max_pending_bytes=100).feed("x", parts[0])
+    assert err.value.reason == RejectReason.OVERSIZE
+    now = [0.0]
+    reassembler = Reassembler(timeout_s=10, clock=lambda: now[0])
+    reassembler.feed("x", parts[0])
+    now[0] = 11.0
+    reassembler.feed("y", parts[1])  # a new feed drops the stalled transfer of "x"
+    assert reassembler.pending_transfers == 1
+
+
+def test_topics_and_device_parsing():
+    topics = Topics("lab")
+    assert topics.up("pi-1") == "tierfl/v1/lab/up/pi-1"
+    assert topics.device_of("tierfl/v1/lab/up/pi-1") == "pi-1"
+    assert topics.device_of("tierfl/v1/other/up/pi-1") is None
+    assert topics.all_up("workers") == "$share/workers/tierfl/v1/lab/up/+"
+    for bad in ("a/b", "+", "#", "", "x" * 65):
+        with pytest.raises(ValueError):
+            topics.up(bad)
+    with pytest.raises(ValueError):
+        Topics("lab/#")
+
+
+def test_hello_and_status_validate():
+    assert Hello(num_samples=10).tier is None
+    assert decode_frame(encode_frame("f", "d", Status(online=False))).body.online is False
+    with pytest.raises(ValueError):
+        Hello(num_samples=-1)
