@@ -1,0 +1,94 @@
+"""On-disk description of exported training artifacts: one manifest per tier plus an index."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.zoo import ModelSpec
+
+FORMAT_VERSION = 1
+
+
+class _JsonFile(BaseModel):
+    """A pydantic model stored as one JSON file, written atomically."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Self:
+        """Read and validate the JSON file at `path`."""
+        return cls.model_validate_json(Path(path).read_bytes())
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write to `path` atomically: a temp file in the same folder, fsync, then os.replace."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.model_dump_json(indent=2).encode() + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are served to devices
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class FileEntry(BaseModel):
+    """Content address of one artifact file."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class ParamInfo(BaseModel):
+    """One model parameter at the tier's width."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    shape: list[int]
+    trainable: bool
+
+
+class TierManifest(_JsonFile):
+    """Everything a device needs to know about one tier's artifacts."""
+
+    format_version: int = FORMAT_VERSION
+    model: ModelSpec
+    tier: str
+    rate: float = Field(gt=0, le=1)
+    optimizer: Literal["sgd", "adamw"]
+    input_name: str
+    input_shape: list[int | Literal["N"]]
+    output_name: str
+    params: list[ParamInfo]
+    files: dict[str, FileEntry]
+    libraries: dict[str, str]
+
+    @property
+    def param_count(self) -> int:
+        """Number of scalars over all parameters (trainable and frozen)."""
+        return sum(math.prod(p.shape) for p in self.params)
+
+    @property
+    def artifact_bytes(self) -> int:
+        """Total size of the tier's files."""
+        return sum(f.bytes for f in self.files.values())
+
+
+class ExportIndex(_JsonFile):
+    """The exported tiers of one model: tier -> manifest path relative to the index file."""
+
+    format_version: int = FORMAT_VERSION
+    model: ModelSpec
+    tiers: dict[str, str]

@@ -1,0 +1,215 @@
+"""Model zoo written directly as ONNX graphs (no PyTorch), each buildable at any HeteroFL width rate.
+
+A model is a flat list of layer steps (`_plan`); parameter shapes and the ONNX graph are both read
+off that one list, so they cannot disagree. Parameter names are PyTorch-style (`fc1.weight` is
+[out, in], `conv1.weight` is [out, in, kh, kw]) and identical across tiers: a tier keeps the
+leading ceil(rate * C) channels of every hidden width, all inputs of the first layer and all
+classes of the last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from typing import Literal
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from models.tiers import scaled_width
+
+OPSET = 17
+IR_VERSION = 10  # onnxruntime 1.19 refuses IR 11+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9  # ONNX convention (PyTorch momentum 0.1)
+_RUNNING_STATS = ("running_mean", "running_var")
+_DEFAULT_HIDDEN = {"mlp": (256, 256), "cnn": (32, 64, 128)}
+
+
+class ModelSpec(BaseModel):
+    """What is trained: architecture, input size, widths at rate 1, batch norm, init seed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    arch: Literal["mlp", "cnn"]
+    image_size: Literal[8, 28] = 8
+    num_classes: int = Field(10, ge=2)
+    hidden: tuple[int, ...] | None = None
+    batch_norm: bool = False
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_hidden(self) -> ModelSpec:
+        if self.hidden is not None:
+            if not self.hidden or min(self.hidden) < 1:
+                raise ValueError(f"hidden widths must be a non-empty tuple of ints >= 1, got {self.hidden}")
+            if self.arch == "cnn" and len(self.hidden) < 2:
+                raise ValueError("cnn hidden needs conv channels then one fc width, e.g. (32, 64, 128)")
+            if self.arch == "cnn" and self.image_size >> (len(self.hidden) - 1) < 1:
+                raise ValueError(f"{len(self.hidden) - 1} 2x2 pools do not fit a {self.image_size}px image")
+        return self
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Hidden widths at rate 1 (the default for the arch when `hidden` is None)."""
+        return self.hidden if self.hidden is not None else _DEFAULT_HIDDEN[self.arch]
+
+    @property
+    def name(self) -> str:
+        """Short model name such as "mlp8", "cnn28-bn" or "mlp8-h64x64"."""
+        name = f"{self.arch}{self.image_size}"
+        if self.hidden is not None and self.hidden != _DEFAULT_HIDDEN[self.arch]:
+            name += "-h" + "x".join(map(str, self.hidden))
+        if self.num_classes != 10:
+            name += f"-k{self.num_classes}"
+        return name + ("-bn" if self.batch_norm else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """One layer step: op is fc | conv | bn | relu | pool | flatten; in/out are channel counts."""
+
+    op: str
+    name: str = ""
+    fan_in: int = 0
+    out: int = 0
+    bias: bool = True
+
+
+def _plan(spec: ModelSpec, rate: float) -> list[_Step]:
+    """Lay the model out at `rate` as a list of steps, in ONNX initializer order.
+
+    With batch norm a layer feeding a BN has no bias (PyTorch `bias=False`): BN removes it anyway.
+    """
+    steps: list[_Step] = []
+    widths = [scaled_width(w, rate) for w in spec.widths]
+    if spec.arch == "mlp":
+        steps.append(_Step("flatten"))
+        fan_in = spec.image_size**2
+        for i, width in enumerate(widths, start=1):
+            steps.append(_Step("fc", f"fc{i}", fan_in, width, bias=not spec.batch_norm))
+            if spec.batch_norm:
+                steps.append(_Step("bn", f"bn{i}", width, width))
+            steps.append(_Step("relu"))
+            fan_in = width
+        steps.append(_Step("fc", f"fc{len(widths) + 1}", fan_in, spec.num_classes))
+        return steps
+    channels, side = 1, spec.image_size
+    for i, width in enumerate(widths[:-1], start=1):
+        steps.append(_Step("conv", f"conv{i}", channels, width, bias=not spec.batch_norm))
+        if spec.batch_norm:
+            steps.append(_Step("bn", f"bn{i}", width, width))
+        steps += [_Step("relu"), _Step("pool")]
+        channels, side = width, side // 2
+    # Flatten is channel-major, so the leading channels own the leading block of fc1's columns.
+    steps += [_Step("flatten"), _Step("fc", "fc1", channels * side * side, widths[-1]), _Step("relu")]
+    steps.append(_Step("fc", "fc2", widths[-1], spec.num_classes))
+    return steps
+
+
+def _step_shapes(step: _Step) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of one step (empty for parameter-free ops)."""
+    if step.op in ("fc", "conv"):
+        kernel = (3, 3) if step.op == "conv" else ()
+        shapes = {f"{step.name}.weight": (step.out, step.fan_in, *kernel)}
+        return shapes | ({f"{step.name}.bias": (step.out,)} if step.bias else {})
+    if step.op == "bn":
+        return {f"{step.name}.{p}": (step.out,) for p in ("weight", "bias", *_RUNNING_STATS)}
+    return {}
+
+
+def param_shapes(spec: ModelSpec, rate: float = 1.0) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape at `rate`, in ONNX initializer order."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for step in _plan(spec, rate):
+        shapes.update(_step_shapes(step))
+    return shapes
+
+
+def frozen_names(spec: ModelSpec) -> list[str]:
+    """Parameters that are not trained: the BatchNorm running statistics."""
+    return [n for n in param_shapes(spec) if n.rsplit(".", 1)[1] in _RUNNING_STATS]
+
+
+def trainable_names(spec: ModelSpec) -> list[str]:
+    """Parameters that receive gradients, in ONNX initializer order."""
+    frozen = set(frozen_names(spec))
+    return [n for n in param_shapes(spec) if n not in frozen]
+
+
+def init_global_params(spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Rate-1 float32 weights, PyTorch-like Kaiming-uniform, deterministic from `spec.seed`."""
+    params: dict[str, np.ndarray] = {}
+    for step in _plan(spec, 1.0):
+        for name, shape in _step_shapes(step).items():
+            kind = name.rsplit(".", 1)[1]
+            if step.op == "bn":
+                fill = 1.0 if kind in ("weight", "running_var") else 0.0
+                params[name] = np.full(shape, fill, dtype=np.float32)
+                continue
+            # PyTorch default: kaiming_uniform(a=sqrt(5)) for weights and U(+-1/sqrt(fan_in)) for
+            # bias both reduce to U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in * kh * kw.
+            fan_in = step.fan_in * (9 if step.op == "conv" else 1)
+            bound = 1.0 / math.sqrt(fan_in)
+            # One stream per (seed, name): a tensor's values do not depend on the other layers.
+            rng = np.random.default_rng([spec.seed, zlib.crc32(name.encode())])
+            params[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+    return params
+
+
+def _node(step: _Step, x: str, y: str, index: int) -> onnx.NodeProto:
+    """The ONNX node of one step reading tensor `x` and writing tensor `y`."""
+    n = step.name
+    if step.op in ("fc", "conv"):
+        inputs = [x, f"{n}.weight", *([f"{n}.bias"] if step.bias else [])]
+        if step.op == "fc":
+            return helper.make_node("Gemm", inputs, [y], name=n, transB=1)
+        return helper.make_node("Conv", inputs, [y], name=n, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    if step.op == "bn":
+        # No training_mode attribute and frozen running stats: the form ORT training handles.
+        inputs = [x, *(f"{n}.{p}" for p in ("weight", "bias", *_RUNNING_STATS))]
+        return helper.make_node(
+            "BatchNormalization", inputs, [y], name=n, epsilon=BN_EPSILON, momentum=BN_MOMENTUM
+        )
+    if step.op == "relu":
+        return helper.make_node("Relu", [x], [y], name=f"relu{index}")
+    if step.op == "pool":
+        return helper.make_node("MaxPool", [x], [y], name=f"pool{index}", kernel_shape=[2, 2], strides=[2, 2])
+    return helper.make_node("Flatten", [x], [y], name=f"flatten{index}", axis=1)
+
+
+def build_forward(
+    spec: ModelSpec, rate: float, params: dict[str, np.ndarray], params_as_inputs: bool = False
+) -> onnx.ModelProto:
+    """Forward graph `input` [N,1,H,W] -> `logits` [N,classes] with `params` as initializers or inputs."""
+    shapes = param_shapes(spec, rate)
+    if set(params) != set(shapes):
+        missing, extra = sorted(set(shapes) - set(params)), sorted(set(params) - set(shapes))
+        raise ValueError(f"params do not match {spec.name} at rate {rate}: missing {missing}, extra {extra}")
+    for name, shape in shapes.items():
+        if tuple(params[name].shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(params[name].shape)}")
+    steps = _plan(spec, rate)
+    nodes: list[onnx.NodeProto] = []
+    x = INPUT_NAME
+    for index, step in enumerate(steps):
+        y = OUTPUT_NAME if index == len(steps) - 1 else f"{step.op}{index}_out"
+        nodes.append(_node(step, x, y, index))
+        x = y
+    size = spec.image_size
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 1, size, size])]
+    tensors = [numpy_helper.from_array(np.ascontiguousarray(params[n], dtype=np.float32), n) for n in shapes]
+    if params_as_inputs:
+        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in shapes.items()]
+        tensors = []
+    output = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", spec.num_classes])
+    graph = helper.make_graph(nodes, f"{spec.name}_r{rate:g}", inputs, [output], initializer=tensors)
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tierfl", ir_version=IR_VERSION
+    )
+
