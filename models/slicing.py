@@ -23,5 +23,5 @@ def slice_params(
         full = global_params[name]
         if len(shape) != full.ndim or any(s > f for s, f in zip(shape, full.shape)):
             raise ValueError(f"{name}: tier shape {tuple(shape)} does not fit in global shape {full.shape}")
-        out[name] = np.ascontiguousarray(full[leading_slices(shape)])
+        out[name] = np.array(full[leading_slices(shape)], order="C", copy=True)  # never a view
     return out
