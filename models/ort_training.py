@@ -118,7 +118,11 @@ def load_training_api() -> TrainingAPI:
 
 @contextlib.contextmanager
 def captured_native_stderr(logger: logging.Logger = log) -> Iterator[None]:
-    """Send fd 2 (native INFO floods) to a temp file; replay it to `logger` only if the body fails."""
+    """Send fd 2 (native INFO floods) to a temp file; replay it to `logger` only if the body fails.
+
+    generate_artifacts prints dozens of C++ INFO lines straight to fd 2, which Python's logging
+    cannot filter. The redirect is process-wide: other threads' stderr is captured meanwhile.
+    """
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile(mode="w+b") as sink:
