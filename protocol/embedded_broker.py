@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import functools
 import logging
 import signal
@@ -96,7 +97,7 @@ def _listen(host: str, port: int) -> socket.socket:
     except socket.gaierror as exc:
         raise BrokerStartError(f"cannot start the embedded MQTT broker: unknown host {host!r}") from exc
     except OSError as exc:
-        if exc.errno == 98:  # EADDRINUSE
+        if exc.errno == errno.EADDRINUSE:
             raise BrokerStartError(
                 f"cannot start the embedded MQTT broker: {host}:{port} is already in use "
                 "(is Mosquitto or another broker running there? choose another --port)") from exc
