@@ -1,8 +1,8 @@
 """MQTT topic scheme: everything of one fleet lives under `tierfl/v1/{fleet}/`.
 
-    up/{device}      device -> aggregator: hello, fetch, update   (QoS 1)
+    up/{device}      device -> aggregator: fetch, update          (QoS 1)
     down/{device}    aggregator -> device: task, blob, reject     (QoS 1)
-    status/{device}  retained online/offline; offline is the device's last will
+    status/{device}  retained: the device's hello while online, Status(offline) as its last will
     rounds           aggregator -> observers: one summary per committed round (retained)
 """
 

@@ -1,3 +1,74 @@
-"""The `tierfl` command line."""
-def main() -> int:
-    return 0
+"""The `tierfl` command: one entry point, one subcommand per job.
+
+Each subcommand's module is imported only when it runs, so `tierfl client` on a device never
+imports aggregator code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+COMMANDS = {
+    "export": ("models.cli", "export per-tier ONNX Runtime training artifacts of a model"),
+    "aggregator": ("aggregator.cli", "run the aggregator service (FedAvg rounds over MQTT)"),
+    "client": ("edge_client.cli", "run a device: train tasks on local data, publish updates"),
+    "broker": ("protocol.embedded_broker", "run the embedded pure-Python MQTT broker (for laptops and demos)"),
+    "demo": ("tierfl.demo", "a whole federation on this machine: broker, aggregator, 8 devices"),
+}
+# Errors a user can cause and fix; anything else is a bug and keeps its traceback.
+USER_ERRORS = (OSError, ValueError, RuntimeError)
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return (
+        "usage: tierfl [--log-level LEVEL] COMMAND [options]\n\n"
+        "TierFL: federated training on edge devices with ONNX Runtime and MQTT.\n\ncommands:\n"
+        + "\n".join(lines)
+        + "\n\nRun `tierfl COMMAND --help` for the options of one command."
+    )
+
+
+def setup_logging(level: str) -> None:
+    """Human-readable logs on stderr."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, run one subcommand, turn user errors into one clear line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    level = "info"
+    if len(args) >= 2 and args[0] == "--log-level":
+        level, args = args[1], args[2:]
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"tierfl: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    setup_logging(level)
+    module = importlib.import_module(COMMANDS[command][0])
+    parser = argparse.ArgumentParser(prog=f"tierfl {command}")
+    module.configure_parser(parser)
+    options = parser.parse_args(rest)
+    try:
+        return module.run(options)
+    except KeyboardInterrupt:
+        return 130
+    except USER_ERRORS as exc:
+        if os.environ.get("TIERFL_DEBUG"):
+            raise
+        print(f"tierfl {command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""`tierfl aggregator`: run the federated aggregator service against an MQTT broker."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from aggregator.artifacts import ArtifactStore
+from aggregator.engine import EngineConfig, RoundEngine
+from aggregator.evaluate import HeldOutEvaluator
+from aggregator.registry import DeviceRegistry
+from aggregator.service import AggregatorService
+from aggregator.state import StateStore
+from aggregator.strategy import FedAvg
+from edge_client.data import load_dataset
+from models.export import export_all
+from models.zoo import ModelSpec
+from protocol.embedded_broker import EmbeddedBroker
+from protocol.mqtt_url import parse as parse_broker
+
+log = logging.getLogger(__name__)
+
+EPILOG = """examples:
+  # against Mosquitto, waiting for 4 devices, 20 rounds of FedAvg with C=0.5, E=2, B=16:
+  tierfl aggregator --broker mqtt://127.0.0.1:1883 --fleet lab --min-clients 4 \\
+      --fraction 0.5 --epochs 2 --batch-size 16 --rounds 20 --state-dir runs/lab
+
+  # restart with the same --state-dir to resume from the last committed round.
+"""
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the `tierfl aggregator` options to `parser`."""
+    parser.description = (
+        "Run the aggregator: wait for devices, run synchronous FedAvg rounds (select a fraction C of "
+        "the available devices, send each its tier's weights, collect updates until all answered or "
+        "the deadline passed, average them weighted by samples), evaluate and commit every version "
+        "atomically to --state-dir. Without --broker an embedded broker starts on a free port."
+    )
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    net = parser.add_argument_group("network")
+    net.add_argument("--broker", help="mqtt://[user:pass@]host[:port]; default: start an embedded broker")
+    net.add_argument("--fleet", default="default", help="fleet name, the topic namespace (default: %(default)s)")
+    net.add_argument("--id", dest="aggregator_id", default="aggregator", help="sender id of this aggregator (default: %(default)s)")
+    net.add_argument("--share-group", help="MQTT shared-subscription group, to split devices across aggregator workers")
+    model = parser.add_argument_group("model and state")
+    model.add_argument("--state-dir", type=Path, default=Path("runs/aggregator"), help="durable state (default: %(default)s)")
+    model.add_argument("--artifacts", type=Path, help="export folder from `tierfl export` (default: STATE_DIR/artifacts, exported on first start)")
+    model.add_argument("--arch", choices=["mlp", "cnn"], default="mlp", help="model to export when no --artifacts (default: %(default)s)")
+    model.add_argument("--image-size", type=int, choices=[8, 28], default=8, help="input size of that model (default: %(default)s)")
+    model.add_argument("--tiers", default="a", help="tiers to export when no --artifacts, e.g. a,b,c (default: %(default)s)")
+    model.add_argument("--eval-data", help="held-out set for global accuracy: digits | fashion-mnist:test | FILE.npz "
+                       "(default: federated evaluation on the devices' local test splits)")
+    rounds = parser.add_argument_group("rounds (FedAvg)")
+    rounds.add_argument("--rounds", type=int, default=20, help="total rounds, counting rounds done before a restart (default: %(default)s)")
+    rounds.add_argument("--min-clients", type=int, default=2, help="devices that must be available before a round starts (default: %(default)s)")
+    rounds.add_argument("--fraction", type=float, default=1.0, help="C: fraction of available devices selected per round (default: %(default)s)")
+    rounds.add_argument("--min-updates", type=int, default=1, help="updates needed to commit a round (default: %(default)s)")
+    rounds.add_argument("--epochs", type=int, default=1, help="E: local epochs per round (default: %(default)s)")
+    rounds.add_argument("--batch-size", type=int, default=32, help="B: local mini-batch size (default: %(default)s)")
+    rounds.add_argument("--lr", type=float, default=0.05, help="local SGD learning rate (default: %(default)s)")
+    rounds.add_argument("--round-timeout", type=float, default=60.0, help="seconds a round waits for updates (default: %(default)s)")
+    rounds.add_argument("--seed", type=int, default=0, help="seed of client sampling and local shuffling (default: %(default)s)")
+
+
+def open_artifacts(args: argparse.Namespace) -> ArtifactStore:
+    """The export named by --artifacts, or STATE_DIR/artifacts exported now if missing."""
+    folder = args.artifacts or args.state_dir / "artifacts"
+    if args.artifacts is None and not (folder / "index.json").exists():
+        spec = ModelSpec(arch=args.arch, image_size=args.image_size)
+        tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
+        log.info("exporting %s tiers %s to %s", spec.name, ",".join(tiers), folder)
+        export_all(spec, tiers, folder)
+    return ArtifactStore(folder)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve rounds until --rounds are done or SIGINT/SIGTERM; 0 when done."""
+    artifacts = open_artifacts(args)
+    config = EngineConfig(
+        fleet=args.fleet, rounds=args.rounds, min_updates=args.min_updates,
+        round_timeout_s=args.round_timeout, seed=args.seed,
+    )
+    strategy = FedAvg(
+        fraction=args.fraction, min_clients=args.min_clients, epochs=args.epochs,
+        batch_size=args.batch_size, learning_rate=args.lr, default_tier=min(artifacts.tiers), seed=args.seed,
+    )
+    evaluator = HeldOutEvaluator(load_dataset(args.eval_data)) if args.eval_data else None
+    engine = RoundEngine(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(), evaluator)
+    if engine.finished:
+        log.info("all %d rounds are already done in %s (version %d)", config.rounds, args.state_dir, engine.record.version)
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with contextlib.ExitStack() as stack:
+        if args.broker:
+            broker = parse_broker(args.broker)
+        else:
+            embedded = stack.enter_context(EmbeddedBroker())
+            broker = parse_broker(embedded.url)
+            log.info("embedded broker listening at %s: start devices with `tierfl client --broker %s ...`", embedded.url, embedded.url)
+        service = AggregatorService(engine, broker, aggregator_id=args.aggregator_id, share_group=args.share_group)
+        service.run(stop)
+    log.info("stopped after round %d at version %d; rejected: %s", engine.record.round, engine.record.version,
+             dict(engine.rejected) or "none")
+    return 0

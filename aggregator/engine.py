@@ -1,0 +1,286 @@
+"""The round engine: synchronous rounds of select -> dispatch -> collect -> aggregate -> commit.
+
+Pure logic with the clock passed in: it never touches the network. The service feeds it
+devices and updates, calls `tick` often, and publishes what it returns. A round closes when
+every selected device answered, when the deadline passes, or when every device still owing an
+update has gone offline; it commits if at least `min_updates` arrived.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from aggregator.artifacts import ArtifactStore
+from aggregator.evaluate import HeldOutEvaluator
+from aggregator.registry import DeviceRegistry
+from aggregator.state import StateRecord, StateStore
+from aggregator.strategy import Accumulator, Assignment, ClientUpdate, Strategy
+from models.slicing import slice_params
+from models.zoo import init_global_params
+from protocol.messages import Body, Reject, RejectReason, RoundSummary, Task, Update
+
+log = logging.getLogger(__name__)
+
+
+class EngineConfig(BaseModel):
+    """Round settings of the aggregator."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fleet: str = "default"
+    rounds: int = Field(20, ge=1)
+    min_updates: int = Field(1, ge=1)
+    round_timeout_s: float = Field(60.0, gt=0)
+    evaluate_on_devices: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message for the service to publish: to one device, or to the rounds topic if device_id is None."""
+
+    device_id: str | None
+    body: Body
+    tensors: Mapping[str, np.ndarray] | None = None
+
+
+def reject(device_id: str, reason: RejectReason, detail: str, ref: str | None = None, round_number: int | None = None) -> Outgoing:
+    """A rejection addressed back to the device."""
+    return Outgoing(device_id, Reject(reason=reason, detail=detail, ref_msg_id=ref, round=round_number))
+
+
+@dataclass
+class _OpenRound:
+    number: int
+    started: float
+    deadline: float
+    assignments: dict[str, Assignment]
+    accumulator: Accumulator
+    answered: set[str] = field(default_factory=set)
+    evals: list[tuple[str, float, float, int]] = field(default_factory=list)  # tier, loss, acc, samples
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+class RoundEngine:
+    """Runs rounds of one strategy over the registry's devices, committing each version durably."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        strategy: Strategy,
+        artifacts: ArtifactStore,
+        store: StateStore,
+        registry: DeviceRegistry,
+        evaluator: HeldOutEvaluator | None = None,
+    ) -> None:
+        self.config = config
+        self.strategy = strategy
+        self.artifacts = artifacts
+        self.store = store
+        self.registry = registry
+        self.evaluator = evaluator
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self._seen_update_ids: set[str] = set()
+        self._open: _OpenRound | None = None
+        self._waiting_logged = False
+        loaded = store.load(config.fleet, artifacts.identity)
+        if loaded:
+            self.record, self.weights = loaded
+            log.info("resumed from %s at version %d after round %d", store.root, self.record.version, self.record.round)
+        else:
+            self.record = StateRecord(fleet=config.fleet, model=artifacts.identity, version=0, round=0)
+            self.weights = init_global_params(artifacts.spec)
+            store.commit(self.record, self.weights)
+
+    @property
+    def finished(self) -> bool:
+        return self.record.round >= self.config.rounds
+
+    @property
+    def current_round(self) -> int | None:
+        return self._open.number if self._open else None
+
+    def note_bytes(self, up: int = 0, down: int = 0) -> None:
+        """Count wire bytes toward the open round."""
+        if self._open:
+            self._open.bytes_up += up
+            self._open.bytes_down += down
+
+    def tick(self, now: float) -> list[Outgoing]:
+        """Start a round when none is open and enough devices are available; close a finished one."""
+        if self.finished:
+            return []
+        if self._open is None:
+            return self._start_round(now)
+        if self._round_complete(now):
+            return self._close_round(now)
+        return []
+
+    def on_update(self, device_id: str, msg_id: str, update: Update, tensors: Mapping[str, np.ndarray], nbytes: int, now: float) -> list[Outgoing]:
+        """Validate one update and fold it into the open round, or reject it with a reason."""
+        problem = self._check_update(device_id, update, tensors, now)
+        if problem:
+            reason, detail = problem
+            self.rejected[reason.value] += 1
+            log.warning("rejected update from %s: %s: %s", device_id, reason.value, detail)
+            return [reject(device_id, reason, detail, msg_id, update.round)]
+        assert self._open is not None
+        self._seen_update_ids.add(update.update_id)
+        self._open.answered.add(device_id)
+        self._open.bytes_up += nbytes
+        self._open.accumulator.add(ClientUpdate(device_id, update.tier, update.num_samples, tensors))
+        if update.eval_accuracy is not None and update.eval_loss is not None and update.eval_samples:
+            self._open.evals.append((update.tier, update.eval_loss, update.eval_accuracy, update.eval_samples))
+        log.info("round %d: update %d/%d from %s (%d samples)", update.round, len(self._open.answered),
+                 len(self._open.assignments), device_id, update.num_samples)
+        return self.tick(now) if self._round_complete(now) else []
+
+    def count_rejection(self, reason: RejectReason) -> None:
+        """Count a rejection decided outside the engine (frame errors, foreign senders)."""
+        self.rejected[reason.value] += 1
+
+    # -- rounds -----------------------------------------------------------------------------
+
+    def _start_round(self, now: float) -> list[Outgoing]:
+        number = self.record.round + 1
+        assignments = self.strategy.configure_round(number, self.registry.available(now))
+        if not assignments:
+            if not self._waiting_logged:
+                log.info("round %d: waiting for devices (%d available)", number, len(self.registry.available(now)))
+                self._waiting_logged = True
+            return []
+        self._waiting_logged = False
+        self._open = _OpenRound(
+            number=number,
+            started=now,
+            deadline=now + self.config.round_timeout_s,
+            assignments={a.device_id: a for a in assignments},
+            accumulator=self.strategy.start_aggregation(self.weights),
+        )
+        log.info("round %d: %d devices selected: %s", number, len(assignments), ", ".join(sorted(self._open.assignments)))
+        return [self._task(a, number, self._open.deadline) for a in assignments]
+
+    def _task(self, assignment: Assignment, number: int, deadline: float) -> Outgoing:
+        tier = self.artifacts.tiers[assignment.tier]
+        body = Task(
+            round=number,
+            model_version=self.record.version,
+            tier=assignment.tier,
+            manifest_sha256=tier.manifest_sha256,
+            artifacts=tier.files,
+            epochs=assignment.epochs,
+            batch_size=assignment.batch_size,
+            learning_rate=assignment.learning_rate,
+            deadline=deadline,
+            seed=self.config.seed * 100_003 + number,
+            evaluate=self.config.evaluate_on_devices,
+        )
+        return Outgoing(assignment.device_id, body, slice_params(self.weights, tier.shapes))
+
+    def _round_complete(self, now: float) -> bool:
+        current = self._open
+        if current is None:
+            return False
+        owing = set(current.assignments) - current.answered
+        if not owing or now >= current.deadline:
+            return True
+        return all(not (d := self.registry.get(dev)) or not d.online for dev in owing)
+
+    def _close_round(self, now: float) -> list[Outgoing]:
+        current = self._open
+        assert current is not None
+        self._open = None
+        committed = current.accumulator.count >= self.config.min_updates
+        if committed:
+            self.weights = current.accumulator.result()
+        summary = self._summarise(current, now, committed)
+        self.record = StateRecord(
+            fleet=self.record.fleet,
+            model=self.record.model,
+            version=self.record.version + int(committed),
+            round=current.number,
+            history=[*self.record.history, summary],
+        )
+        self.store.commit(self.record, self.weights if committed else None)
+        missing = sorted(set(current.assignments) - current.answered)
+        log.info(
+            "round %d %s: %d/%d answered%s; version %d; accuracy %s (%s)",
+            current.number, "committed" if committed else "FAILED (too few updates)",
+            len(current.answered), len(current.assignments),
+            f", dropped {', '.join(missing)}" if missing else "",
+            self.record.version, f"{summary.accuracy:.4f}" if summary.accuracy is not None else "n/a",
+            summary.accuracy_source,
+        )
+        return [Outgoing(None, summary)]
+
+    def _summarise(self, current: _OpenRound, now: float, committed: bool) -> RoundSummary:
+        accuracy = loss = None
+        source = "none"
+        by_tier: dict[str, float] = {}
+        if self.evaluator is not None:
+            loss, accuracy = self.evaluator.evaluate(self.weights, self.artifacts.spec, 1.0)
+            source = "held-out"
+            for tier in sorted({a.tier for a in current.assignments.values()}):
+                rate = self.artifacts.tiers[tier].manifest.rate
+                by_tier[tier] = self.evaluator.evaluate(
+                    slice_params(self.weights, self.artifacts.tiers[tier].shapes), self.artifacts.spec, rate
+                )[1]
+        elif current.evals:
+            samples = sum(n for *_, n in current.evals)
+            loss = sum(l * n for _, l, _, n in current.evals) / samples
+            accuracy = sum(a * n for _, _, a, n in current.evals) / samples
+            source = "federated"
+            for tier in {t for t, *_ in current.evals}:
+                rows = [(a, n) for t, _, a, n in current.evals if t == tier]
+                by_tier[tier] = sum(a * n for a, n in rows) / sum(n for _, n in rows)
+        return RoundSummary(
+            round=current.number,
+            version=self.record.version + int(committed),
+            selected=len(current.assignments),
+            answered=len(current.answered),
+            accuracy=accuracy,
+            loss=loss,
+            accuracy_source=source,
+            accuracy_by_tier=by_tier,
+            bytes_up=current.bytes_up,
+            bytes_down=current.bytes_down,
+            seconds=now - current.started,
+            rejected=dict(self.rejected),
+            final=current.number >= self.config.rounds,
+        )
+
+    def _check_update(self, device_id: str, update: Update, tensors: Mapping[str, np.ndarray], now: float) -> tuple[RejectReason, str] | None:
+        current = self._open
+        if device_id not in self.registry:
+            return RejectReason.UNKNOWN_DEVICE, f"{device_id} has not announced itself"
+        if update.update_id in self._seen_update_ids:
+            return RejectReason.DUPLICATE, f"update {update.update_id} was already counted"
+        if current is None or update.round < current.number:
+            return RejectReason.STALE_ROUND, f"round {update.round} is closed (current: {current.number if current else 'none'})"
+        if update.round > current.number:
+            return RejectReason.FUTURE_ROUND, f"round {update.round} has not started (current: {current.number})"
+        assignment = current.assignments.get(device_id)
+        if assignment is None:
+            return RejectReason.NOT_SELECTED, f"{device_id} was not selected for round {current.number}"
+        if device_id in current.answered:
+            return RejectReason.DUPLICATE, f"{device_id} already answered round {current.number}"
+        if update.base_version != self.record.version:
+            return RejectReason.WRONG_VERSION, f"trained on version {update.base_version}, round uses {self.record.version}"
+        if update.tier != assignment.tier:
+            return RejectReason.UNKNOWN_TIER, f"tier {update.tier!r} but the task was for tier {assignment.tier!r}"
+        if now > current.deadline:
+            return RejectReason.LATE, f"arrived {now - current.deadline:.1f} s after the deadline"
+        shapes = self.artifacts.tiers[assignment.tier].shapes
+        if set(tensors) != set(shapes):
+            return RejectReason.BAD_TENSOR, f"tensors {sorted(set(tensors) ^ set(shapes))} do not match tier {assignment.tier}"
+        for name, value in tensors.items():
+            if value.dtype != np.float32 or tuple(value.shape) != shapes[name]:
+                return RejectReason.BAD_TENSOR, f"{name}: {value.dtype}{list(value.shape)}, expected float32{list(shapes[name])}"
+        return None

@@ -1,0 +1,61 @@
+"""Device registry: who has announced itself, with which tier and data, and who is online."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DeviceInfo:
+    """What the aggregator knows about one device."""
+
+    device_id: str
+    num_samples: int
+    num_test_samples: int
+    requested_tier: str | None
+    backend: str
+    online: bool
+    last_seen: float
+
+
+class DeviceRegistry:
+    """Devices by id, updated from hello, status and every message they send."""
+
+    def __init__(self, offline_after_s: float = 300.0) -> None:
+        self.offline_after_s = offline_after_s
+        self._devices: dict[str, DeviceInfo] = {}
+
+    def __contains__(self, device_id: str) -> bool:
+        return device_id in self._devices
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+    def get(self, device_id: str) -> DeviceInfo | None:
+        """The device's record, or None if it never said hello."""
+        return self._devices.get(device_id)
+
+    def hello(self, device_id: str, num_samples: int, num_test_samples: int, tier: str | None, backend: str, now: float) -> DeviceInfo:
+        """Register or refresh a device from its hello."""
+        info = DeviceInfo(device_id, num_samples, num_test_samples, tier, backend, online=True, last_seen=now)
+        self._devices[device_id] = info
+        return info
+
+    def seen(self, device_id: str, now: float) -> None:
+        """Note that the device just sent something."""
+        if info := self._devices.get(device_id):
+            info.online, info.last_seen = True, now
+
+    def set_online(self, device_id: str, online: bool, now: float) -> None:
+        """Apply a retained status message (offline is the device's last will)."""
+        if info := self._devices.get(device_id):
+            info.online = online
+            if online:
+                info.last_seen = now
+
+    def available(self, now: float) -> list[DeviceInfo]:
+        """Online devices seen recently, sorted by id (so seeded sampling is reproducible)."""
+        return sorted(
+            (d for d in self._devices.values() if d.online and now - d.last_seen <= self.offline_after_s),
+            key=lambda d: d.device_id,
+        )

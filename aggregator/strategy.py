@@ -1,0 +1,141 @@
+"""Strategies: which devices train what each round, and how their updates combine.
+
+The interface is small, like Flower's: `configure_round` picks devices and their task settings;
+`start_aggregation` returns an accumulator that takes updates one at a time as they arrive
+(memory O(model), not O(devices x model)) and yields the new global weights at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from aggregator.registry import DeviceInfo
+from models.slicing import leading_slices
+
+Weights = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One device's task for a round."""
+
+    device_id: str
+    tier: str
+    epochs: int
+    batch_size: int
+    learning_rate: float
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """A decoded, validated update: deltas for the leading block of each global tensor."""
+
+    device_id: str
+    tier: str
+    num_samples: int
+    delta: Mapping[str, np.ndarray]
+
+
+class Accumulator(Protocol):
+    """Running combination of one round's updates."""
+
+    count: int
+
+    def add(self, update: ClientUpdate) -> None: ...
+    def result(self) -> Weights: ...
+
+
+class Strategy(Protocol):
+    """A federated algorithm as the round engine sees it."""
+
+    name: str
+
+    def configure_round(self, round_number: int, available: Sequence[DeviceInfo]) -> list[Assignment]: ...
+    def start_aggregation(self, global_weights: Mapping[str, np.ndarray]) -> Accumulator: ...
+
+
+class ElementwiseMean:
+    """Weighted mean of deltas per element over the updates that hold it (HeteroFL-ready).
+
+    A full-width update covers every element, so with one tier this is exactly FedAvg. An
+    element no update touched keeps its global value.
+    """
+
+    def __init__(self, global_weights: Mapping[str, np.ndarray], weighted: bool = True) -> None:
+        self._global = global_weights
+        self._weighted = weighted
+        self._sums = {n: np.zeros_like(w, dtype=np.float64) for n, w in global_weights.items()}
+        self._mass = {n: np.zeros_like(w, dtype=np.float64) for n, w in global_weights.items()}
+        self.count = 0
+
+    def add(self, update: ClientUpdate) -> None:
+        """Fold one update into the running sums."""
+        weight = float(update.num_samples) if self._weighted else 1.0
+        for name, delta in update.delta.items():
+            block = leading_slices(delta.shape)
+            self._sums[name][block] += weight * delta
+            self._mass[name][block] += weight
+        self.count += 1
+
+    def result(self) -> Weights:
+        """Global weights plus the per-element mean delta."""
+        new = {}
+        for name, current in self._global.items():
+            mass = self._mass[name]
+            mean = np.divide(self._sums[name], mass, out=np.zeros_like(mass), where=mass > 0)
+            new[name] = (current + mean).astype(np.float32)
+        return new
+
+
+class FedAvg:
+    """FedAvg (McMahan et al.): a seeded fraction C of the available devices, E epochs of batch B,
+    updates averaged weighted by sample count over the devices that answered."""
+
+    name = "fedavg"
+
+    def __init__(
+        self,
+        fraction: float = 1.0,
+        min_clients: int = 1,
+        epochs: int = 1,
+        batch_size: int = 32,
+        learning_rate: float = 0.05,
+        default_tier: str = "a",
+        seed: int = 0,
+    ) -> None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction C must be in (0, 1], got {fraction}")
+        self.fraction = fraction
+        self.min_clients = min_clients
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.default_tier = default_tier
+        self.seed = seed
+
+    def configure_round(self, round_number: int, available: Sequence[DeviceInfo]) -> list[Assignment]:
+        """max(C * K, min_clients) devices drawn without replacement, reproducible per round."""
+        if len(available) < self.min_clients:
+            return []
+        count = min(len(available), max(self.min_clients, math.ceil(self.fraction * len(available))))
+        rng = np.random.default_rng([self.seed, round_number])
+        chosen = sorted(rng.choice(len(available), size=count, replace=False))
+        return [
+            Assignment(
+                device_id=available[i].device_id,
+                tier=available[i].requested_tier or self.default_tier,
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                learning_rate=self.learning_rate,
+            )
+            for i in chosen
+        ]
+
+    def start_aggregation(self, global_weights: Mapping[str, np.ndarray]) -> Accumulator:
+        """A sample-weighted element-wise mean of the deltas."""
+        return ElementwiseMean(global_weights, weighted=True)

@@ -1,0 +1,217 @@
+"""The device agent: announce, fetch the tier's artifacts, train each task, publish the update.
+
+Network callbacks only decode and queue; one worker loop does the training, so the MQTT
+keep-alive never waits on ONNX Runtime. The broker session is persistent (clean_session off):
+a task published while the device was away is delivered when it comes back, and dropped here
+if its deadline has passed.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_client.cache import ArtifactCache
+from edge_client.data import Dataset
+from edge_client.trainer import OrtTrainer
+from models.manifest import TierManifest
+from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
+from protocol.frame import Frame, FrameError, decode_frame, encode_frame
+from protocol.messages import Blob, Body, Fetch, Hello, Reject, RejectReason, Status, Task, Update, new_id
+from protocol.mqtt_link import MqttLink, Will
+from protocol.mqtt_url import BrokerAddress
+from protocol.topics import Topics, check_id
+
+log = logging.getLogger(__name__)
+
+
+class ClientConfig(BaseModel):
+    """Everything a device agent needs to join a fleet."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    broker: BrokerAddress
+    device_id: str
+    fleet: str = "default"
+    aggregator_id: str = "aggregator"
+    tier: str | None = None
+    cache_dir: Path
+    threads: int = Field(1, ge=1, le=64)
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=4096)
+
+
+class DeviceAgent:
+    """One device of the fleet, training on its own local data."""
+
+    def __init__(self, config: ClientConfig, train: Dataset, test: Dataset) -> None:
+        check_id(config.device_id, "device id")
+        self.config = config
+        self.train_data = train
+        self.test_data = test
+        self.topics = Topics(config.fleet)
+        self.cache = ArtifactCache(config.cache_dir)
+        self.refused: collections.Counter[str] = collections.Counter()
+        self.tasks_done = 0
+        self._tasks: queue.Queue[Frame] = queue.Queue()
+        self._blob_arrived = threading.Condition()
+        self._trainers: dict[str, OrtTrainer] = {}
+        self.link = MqttLink(
+            config.broker,
+            client_id=f"tierfl-{config.fleet}-{config.device_id}",
+            subscriptions=[self.topics.down(config.device_id)],
+            on_frame=self._on_frame,
+            on_bad_frame=self._on_bad_frame,
+            on_connect=self._announce,
+            will=Will(self.topics.status(config.device_id), self._frame(Status(online=False))),
+            max_message_bytes=config.max_message_bytes,
+        )
+
+    def run(self, stop: threading.Event) -> None:
+        """Connect, then train tasks as they come until `stop` is set."""
+        self.link.start()
+        try:
+            while not stop.is_set():
+                try:
+                    frame = self._tasks.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                self._run_task(frame)
+        finally:
+            self._publish(self.topics.status(self.config.device_id), Status(online=False), retain=True)
+            self.link.stop()
+
+    # -- network thread -------------------------------------------------------------------
+
+    def _announce(self) -> None:
+        """Publish our hello as the retained status of this device (online, tier, data sizes)."""
+        me = self.config.device_id
+        hello = Hello(
+            tier=self.config.tier,
+            num_samples=len(self.train_data),
+            num_test_samples=len(self.test_data),
+            backend=OrtTrainer.backend,
+        )
+        self._publish(self.topics.status(me), hello, retain=True)  # retained: a restarted aggregator sees it
+        log.info("announced %s: %d train / %d test samples", me, len(self.train_data), len(self.test_data))
+
+    def _on_frame(self, topic: str, data: bytes) -> None:
+        try:
+            frame = decode_frame(data)
+        except FrameError as exc:
+            self._on_bad_frame(topic, exc)
+            return
+        header = frame.header
+        if header.fleet != self.config.fleet or header.sender != self.config.aggregator_id:
+            self._refuse("foreign", f"frame from {header.sender!r} of fleet {header.fleet!r}")
+            return
+        body = frame.body
+        if isinstance(body, Task):
+            self._tasks.put(frame)
+        elif isinstance(body, Blob):
+            self._store_blob(body, frame)
+        elif isinstance(body, Reject):
+            self.refused[f"by-aggregator:{body.reason.value}"] += 1
+            log.warning("aggregator refused our message (round %s): %s: %s", body.round, body.reason.value, body.detail)
+            if body.reason is RejectReason.UNKNOWN_DEVICE:
+                self._announce()
+        else:
+            self._refuse("unexpected", f"unexpected {body.kind!r} message")
+
+    def _on_bad_frame(self, topic: str, error: FrameError) -> None:
+        self._refuse(error.reason.value, error.detail)
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        self.refused[reason] += 1
+        log.warning("ignored a message: %s: %s", reason, detail)
+
+    def _store_blob(self, blob: Blob, frame: Frame) -> None:
+        data = frame.tensors.get("data")
+        try:
+            if data is None:
+                raise ValueError("blob carries no 'data' tensor")
+            self.cache.put(blob.sha256, data.tobytes())
+        except ValueError as exc:
+            self._refuse("bad_blob", f"{blob.name}: {exc}")
+            return
+        with self._blob_arrived:
+            self._blob_arrived.notify_all()
+
+    # -- worker -----------------------------------------------------------------------------
+
+    def _run_task(self, frame: Frame) -> None:
+        task: Task = frame.body  # type: ignore[assignment]
+        if not self._tasks.empty():
+            log.info("round %d superseded by a newer task; skipping it", task.round)
+            return
+        if time.time() > task.deadline:
+            log.info("round %d: deadline already passed, skipping", task.round)
+            return
+        if not self._fetch_artifacts(task):
+            log.warning("round %d: artifacts did not arrive before the deadline", task.round)
+            return
+        try:
+            trainer = self._trainer_for(task)
+            trainer.set_weights(frame.tensors)
+        except (ValueError, OSError) as exc:
+            log.error("round %d: cannot load tier %s: %s", task.round, task.tier, exc)
+            return
+        start = frame.tensors
+        before = trainer.evaluate(self.test_data) if task.evaluate and len(self.test_data) else None
+        seed = task.seed ^ zlib.crc32(self.config.device_id.encode())
+        stats = trainer.train(self.train_data, task.epochs, task.batch_size, task.learning_rate, seed)
+        trained = trainer.get_weights()
+        delta = {name: trained[name] - start[name] for name in start}
+        update = Update(
+            update_id=new_id(),
+            round=task.round,
+            base_version=task.model_version,
+            tier=task.tier,
+            num_samples=len(self.train_data),
+            steps=stats.steps,
+            train_loss=stats.loss,
+            train_accuracy=stats.accuracy,
+            train_seconds=stats.seconds,
+            eval_loss=before.loss if before else None,
+            eval_accuracy=before.accuracy if before else None,
+            eval_samples=before.samples if before else 0,
+        )
+        sent = self._publish(self.topics.up(self.config.device_id), update, delta)
+        self.tasks_done += 1
+        log.info(
+            "round %d: %d steps in %.2f s, loss %.4f, acc %.3f; sent %d bytes",
+            task.round, stats.steps, stats.seconds, stats.loss, stats.accuracy, sent,
+        )
+
+    def _fetch_artifacts(self, task: Task) -> bool:
+        missing = self.cache.missing(task.artifacts)
+        if not missing:
+            return True
+        log.info("round %d: fetching %d artifact files of tier %s", task.round, len(missing), task.tier)
+        self._publish(self.topics.up(self.config.device_id), Fetch(sha256=missing))
+        with self._blob_arrived:
+            return self._blob_arrived.wait_for(
+                lambda: not self.cache.missing(task.artifacts), timeout=max(0.0, task.deadline - time.time())
+            )
+
+    def _trainer_for(self, task: Task) -> OrtTrainer:
+        trainer = self._trainers.get(task.manifest_sha256)
+        if trainer is None:
+            folder = self.cache.tier_folder(task.artifacts, key=task.manifest_sha256)
+            manifest = TierManifest.load(folder / "manifest.json")
+            trainer = OrtTrainer(folder, manifest, threads=self.config.threads)
+            self._trainers[task.manifest_sha256] = trainer
+        return trainer
+
+    def _frame(self, body: Body, tensors: dict[str, np.ndarray] | None = None) -> bytes:
+        return encode_frame(self.config.fleet, self.config.device_id, body, tensors)
+
+    def _publish(self, topic: str, body: Body, tensors: dict[str, np.ndarray] | None = None, retain: bool = False) -> int:
+        return self.link.publish(topic, self._frame(body, tensors), retain=retain)

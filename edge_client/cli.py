@@ -1,0 +1,67 @@
+"""`tierfl client`: run one device of the fleet."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import threading
+from pathlib import Path
+
+from edge_client.agent import ClientConfig, DeviceAgent
+from edge_client.data import load_dataset, train_test_split
+from protocol.mqtt_url import parse as parse_broker
+
+log = logging.getLogger(__name__)
+
+EPILOG = """examples:
+  tierfl client --broker mqtt://192.168.1.10:1883 --fleet lab --device-id pi-kitchen --data /data/local.npz
+  tierfl client --broker mqtt://127.0.0.1:1883 --device-id laptop-1 --data digits --tier b
+
+The device keeps running across broker or network outages and reconnects by itself.
+"""
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the `tierfl client` options to `parser`."""
+    parser.description = (
+        "Run a device agent: announce this device to the aggregator, fetch its tier's ONNX training "
+        "artifacts (cached by sha256), train each task on local data with ONNX Runtime and publish the "
+        "update. Local data never leaves the device; only weight deltas do."
+    )
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--broker", required=True, help="mqtt://[user:pass@]host[:port] of the fleet's broker")
+    parser.add_argument("--device-id", default=socket.gethostname().split(".")[0],
+                        help="unique id of this device: letters, digits, _ . - (default: the host name)")
+    parser.add_argument("--fleet", default="default", help="fleet name, the topic namespace (default: %(default)s)")
+    parser.add_argument("--data", required=True, help="local data: FILE.npz (keys x, y) | digits | fashion-mnist")
+    parser.add_argument("--test-fraction", type=float, default=0.2,
+                        help="share of local data held out to evaluate received models (default: %(default)s)")
+    parser.add_argument("--tier", help="ask for a fixed tier (a-e); default: the aggregator decides")
+    parser.add_argument("--cache-dir", type=Path, help="artifact cache (default: ~/.cache/tierfl/FLEET/DEVICE)")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for training (default: %(default)s)")
+    parser.add_argument("--aggregator-id", default="aggregator", help="accept tasks only from this sender (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve tasks until SIGINT/SIGTERM."""
+    data = load_dataset(args.data)
+    train, test = train_test_split(data, args.test_fraction, seed=0) if args.test_fraction > 0 else (data, data.subset([]))
+    config = ClientConfig(
+        broker=parse_broker(args.broker),
+        device_id=args.device_id,
+        fleet=args.fleet,
+        aggregator_id=args.aggregator_id,
+        tier=args.tier,
+        cache_dir=args.cache_dir or Path.home() / ".cache" / "tierfl" / args.fleet / args.device_id,
+        threads=args.threads,
+    )
+    agent = DeviceAgent(config, train, test)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    agent.run(stop)
+    log.info("stopped after %d tasks", agent.tasks_done)
+    return 0

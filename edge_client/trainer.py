@@ -1,0 +1,122 @@
+"""Local training on the device with the ONNX Runtime training API.
+
+One `OrtTrainer` holds the training session of one tier's artifacts. Each round the task's
+weights are loaded by name (no artifact regeneration), E epochs of mini-batches run, and the
+caller reads the new weights back to form the update (new minus start).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnxruntime
+
+from edge_client.data import Dataset, batches
+from models.manifest import TierManifest
+from models.ort_training import load_training_api
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What one call to `train` did."""
+
+    steps: int
+    samples_seen: int
+    loss: float
+    accuracy: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalStats:
+    """Loss and accuracy of the current weights on a dataset."""
+
+    loss: float
+    accuracy: float
+    samples: int
+
+
+class Trainer(Protocol):
+    """What the agent needs from any training backend."""
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None: ...
+    def get_weights(self) -> dict[str, np.ndarray]: ...
+    def train(self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int) -> TrainStats: ...
+    def evaluate(self, data: Dataset, batch_size: int = 512) -> EvalStats: ...
+
+
+class OrtTrainer:
+    """Trainer backed by onnxruntime-training's Module/Optimizer on one tier's artifacts."""
+
+    backend = "ort-training"
+
+    def __init__(self, tier_dir: Path, manifest: TierManifest, threads: int = 1) -> None:
+        ort_api = load_training_api().api
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # ORT warns on every optimizer graph load (harmless shape merge)
+        self.manifest = manifest
+        self._shapes = {p.name: tuple(p.shape) for p in manifest.params}
+        self._state = ort_api.CheckpointState.load_checkpoint(str(tier_dir / "checkpoint"))
+        self._module = ort_api.Module(
+            str(tier_dir / "training_model.onnx"), self._state, str(tier_dir / "eval_model.onnx"), session_options=options
+        )
+        self._optimizer = ort_api.Optimizer(str(tier_dir / "optimizer_model.onnx"), self._module)
+        self._parameters = self._state.parameters
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Load weights by name; names and shapes must match the manifest exactly."""
+        if set(weights) != set(self._shapes):
+            missing, extra = set(self._shapes) - set(weights), set(weights) - set(self._shapes)
+            raise ValueError(f"weights do not match tier {self.manifest.tier}: missing {sorted(missing)}, extra {sorted(extra)}")
+        for name, value in weights.items():
+            if tuple(value.shape) != self._shapes[name]:
+                raise ValueError(f"{name}: shape {tuple(value.shape)}, tier {self.manifest.tier} expects {self._shapes[name]}")
+            self._parameters[name].data = np.ascontiguousarray(value, dtype=np.float32)
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """A copy of every parameter, by name."""
+        return {name: np.array(self._parameters[name].data, dtype=np.float32) for name in self._shapes}
+
+    def train(self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int) -> TrainStats:
+        """Run `epochs` passes of shuffled mini-batches of SGD at `learning_rate`."""
+        self._optimizer.set_learning_rate(learning_rate)
+        self._module.train()
+        rng = np.random.default_rng(seed)
+        start = time.perf_counter()
+        steps = seen = correct = 0
+        loss_sum = 0.0
+        for _ in range(epochs):
+            for x, y in batches(data, batch_size, rng):
+                loss, logits = self._module(x, y)
+                self._optimizer.step()
+                self._module.lazy_reset_grad()
+                steps += 1
+                seen += len(y)
+                loss_sum += float(loss) * len(y)
+                correct += int((logits.argmax(axis=1) == y).sum())
+        return TrainStats(
+            steps=steps,
+            samples_seen=seen,
+            loss=loss_sum / max(seen, 1),
+            accuracy=correct / max(seen, 1),
+            seconds=time.perf_counter() - start,
+        )
+
+    def evaluate(self, data: Dataset, batch_size: int = 512) -> EvalStats:
+        """Mean loss and accuracy over `data` with the eval graph (no weight change)."""
+        self._module.eval()
+        loss_sum, correct = 0.0, 0
+        for i in range(0, len(data), batch_size):
+            x, y = data.x[i : i + batch_size], data.y[i : i + batch_size]
+            loss, logits = self._module(x, y)
+            loss_sum += float(loss) * len(y)
+            correct += int((logits.argmax(axis=1) == y).sum())
+        n = len(data)
+        return EvalStats(loss=loss_sum / max(n, 1), accuracy=correct / max(n, 1), samples=n)
