@@ -1,0 +1,234 @@
+"""Durable aggregator state, the device's content-addressed artifact cache, and the aggregator's artifact store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.artifacts import ArtifactStore
+from aggregator.state import KEEP_VERSIONS, StateMismatch, StateRecord, StateStore, _atomic_write
+from edge_client.cache import ArtifactCache
+from models.export import ARTIFACT_FILES, MANIFEST_NAME, export_all
+from models.zoo import ModelSpec
+from protocol.messages import RoundSummary
+
+SPEC = ModelSpec(arch="mlp", image_size=8, hidden=(16,))
+
+
+def _weights(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"fc1.weight": rng.normal(size=(16, 64)).astype(np.float32), "fc1.bias": rng.normal(size=(16,)).astype(np.float32)}
+
+
+def _record(version: int, round_number: int, fleet: str = "f", model: str = "mlp8:abc") -> StateRecord:
+    history = [RoundSummary(round=r, version=min(r, version), selected=2, answered=2, accuracy=0.5, loss=1.25,
+                            rejected={"late": r}) for r in range(1, round_number + 1)]
+    return StateRecord(fleet=fleet, model=model, version=version, round=round_number, history=history)
+
+
+def _assert_weights_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert set(a) == set(b)
+    for n in a:
+        assert a[n].dtype == np.float32
+        np.testing.assert_array_equal(a[n], b[n], err_msg=n)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- StateStore -----------------------------------------------------------------------------
+
+
+def test_fresh_state_dir_loads_none(tmp_path: Path) -> None:
+    assert StateStore(tmp_path / "s").load("f", "m") is None
+    assert (tmp_path / "s" / "weights").is_dir()
+
+
+def test_commit_load_round_trip(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    record, weights = _record(3, 4), _weights(1)
+    store.commit(record, weights)
+    loaded = StateStore(tmp_path).load("f", "mlp8:abc")
+    assert loaded is not None
+    got_record, got_weights = loaded
+    assert got_record == record
+    assert got_record.history[3].rejected == {"late": 4}
+    _assert_weights_equal(got_weights, weights)
+    assert json.loads((tmp_path / "state.json").read_text())["version"] == 3
+
+
+def test_commit_without_weights_keeps_version_weights(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.commit(_record(1, 1), _weights(1))
+    store.commit(_record(1, 2), None)  # a failed round: new round number, same version
+    record, weights = store.load("f", "mlp8:abc")
+    assert (record.version, record.round) == (1, 2)
+    _assert_weights_equal(weights, _weights(1))
+
+
+def test_load_of_other_fleet_or_model_raises(tmp_path: Path) -> None:
+    StateStore(tmp_path).commit(_record(0, 0), _weights(0))
+    with pytest.raises(StateMismatch, match="'f'"):
+        StateStore(tmp_path).load("g", "mlp8:abc")
+    with pytest.raises(StateMismatch):
+        StateStore(tmp_path).load("f", "mlp8:other")
+
+
+def test_leftover_temp_files_and_future_weights_do_not_confuse_load(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.commit(_record(2, 2), _weights(2))
+    # A crash mid-write leaves temp files behind; a crash between the weights and state.json
+    # leaves weights of a version that state.json never named.
+    (tmp_path / ".state.json.abc123").write_text('{"fleet": "f", "model": "mlp8:abc", "vers')
+    (tmp_path / "weights" / ".v000003.npz.xyz").write_bytes(b"PK\x03\x04 truncated")
+    np.savez(store.weights_path(3), **_weights(3))
+    record, weights = StateStore(tmp_path).load("f", "mlp8:abc")
+    assert record.version == 2
+    _assert_weights_equal(weights, _weights(2))
+    # committing version 3 for real replaces the stray file
+    store.commit(_record(3, 3), _weights(33))
+    _assert_weights_equal(store.load("f", "mlp8:abc")[1], _weights(33))
+
+
+def test_atomic_write_failure_leaves_old_file_and_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "state.json"
+    target.write_bytes(b"old")
+
+    def broken(out) -> None:
+        out.write(b"half of the new cont")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        _atomic_write(target, broken)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_pruning_keeps_last_three_versions(tmp_path: Path) -> None:
+    assert KEEP_VERSIONS == 3
+    store = StateStore(tmp_path)
+    for v in range(7):
+        store.commit(_record(v, v), _weights(v))
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["v000004.npz", "v000005.npz", "v000006.npz"]
+    store.commit(_record(6, 7), None)  # a failed round prunes nothing it still needs
+    assert store.weights_path(6).exists() and store.weights_path(4).exists()
+    record, weights = store.load("f", "mlp8:abc")
+    assert (record.version, record.round) == (6, 7)
+    _assert_weights_equal(weights, _weights(6))
+    for v in (4, 5):
+        with np.load(store.weights_path(v)) as old:
+            np.testing.assert_array_equal(old["fc1.bias"], _weights(v)["fc1.bias"])
+
+
+# -- ArtifactCache ----------------------------------------------------------------------------
+
+
+def test_cache_put_has_missing_read(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path / "cache")
+    one, two = b"first artifact", b"second artifact"
+    s1, s2 = _sha(one), _sha(two)
+    assert not cache.has(s1)
+    assert cache.missing({"a.onnx": s1, "b.onnx": s2, "c.onnx": s1}) == sorted({s1, s2})
+    cache.put(s1, one)
+    assert cache.has(s1) and not cache.has(s2)
+    assert cache.missing({"a.onnx": s1, "b.onnx": s2}) == [s2]
+    cache.put(s2, two)
+    assert cache.missing({"a.onnx": s1, "b.onnx": s2}) == []
+    assert cache.read(s1) == one and cache.read(s2) == two
+    cache.put(s1, one)  # idempotent
+    assert cache.read(s1) == one
+    # survives a new instance on the same root
+    assert ArtifactCache(tmp_path / "cache").has(s2)
+
+
+def test_cache_put_with_wrong_hash_raises_and_stores_nothing(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path)
+    claimed = _sha(b"the real thing")
+    with pytest.raises(ValueError, match=claimed[:12]):
+        cache.put(claimed, b"something else")
+    assert not cache.has(claimed)
+    assert list((tmp_path / "blobs").iterdir()) == []
+
+
+def test_tier_folder_lays_out_files_by_name(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path)
+    files = {"training_model.onnx": b"train", "checkpoint": b"ckpt", "manifest.json": b"{}", "copy.onnx": b"train"}
+    for data in files.values():
+        cache.put(_sha(data), data)
+    wanted = {name: _sha(data) for name, data in files.items()}
+    folder = cache.tier_folder(wanted, key="k1")
+    assert folder == tmp_path / "tiers" / "k1"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files)
+    for name, data in files.items():
+        assert (folder / name).read_bytes() == data
+    # built once: a second call returns the same folder untouched
+    assert cache.tier_folder(wanted, key="k1") == folder
+    # a partially built folder is completed
+    (folder / "checkpoint").unlink()
+    cache.tier_folder(wanted, key="k1")
+    assert (folder / "checkpoint").read_bytes() == b"ckpt"
+
+
+@pytest.mark.parametrize("bad", ["sub/evil.onnx", "../escape.onnx", "/abs/path"])
+def test_tier_folder_rejects_name_with_slash(tmp_path: Path, bad: str) -> None:
+    cache = ArtifactCache(tmp_path / "cache")
+    cache.put(_sha(b"x"), b"x")
+    with pytest.raises(ValueError, match="plain file name"):
+        cache.tier_folder({bad: _sha(b"x")}, key="k")
+    assert not (tmp_path / "escape.onnx").exists() and not (tmp_path / "cache" / "tiers" / "escape.onnx").exists()
+    assert not Path("/abs/path").exists()
+
+
+# -- ArtifactStore ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def exported(tmp_path: Path) -> Path:
+    out = tmp_path / "art"
+    export_all(SPEC, ["a", "c"], out)
+    return out
+
+
+def test_artifact_store_read_returns_verified_bytes(exported: Path) -> None:
+    store = ArtifactStore(exported)
+    assert sorted(store.tiers) == ["a", "c"]
+    for tier in ("a", "c"):
+        files = store.tiers[tier].files
+        assert set(files) == {*ARTIFACT_FILES, MANIFEST_NAME}
+        for name, sha in files.items():
+            got = store.read(sha)
+            assert got is not None
+            got_name, data = got
+            assert got_name == name
+            assert data == (exported / tier / name).read_bytes()
+            assert _sha(data) == sha
+    assert store.tiers["a"].manifest_sha256 == _sha((exported / "a" / MANIFEST_NAME).read_bytes())
+    assert store.tiers["c"].shapes["fc1.weight"] == (4, 64)
+    assert store.identity == f"mlp8-h16:{store.tiers['a'].manifest_sha256[:16]}"
+
+
+def test_artifact_store_unknown_hash_is_none(exported: Path) -> None:
+    store = ArtifactStore(exported)
+    assert store.read("0" * 64) is None
+    assert store.read(_sha(b"not exported")) is None
+
+
+def test_artifact_store_read_raises_if_file_changed_on_disk(exported: Path) -> None:
+    store = ArtifactStore(exported)
+    sha = store.tiers["a"].files["checkpoint"]
+    path = exported / "a" / "checkpoint"
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(RuntimeError, match="changed on disk"):
+        store.read(sha)
+    # other files still serve
+    assert store.read(store.tiers["a"].files["eval_model.onnx"]) is not None
+
+
+def test_artifact_store_needs_an_index(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        ArtifactStore(tmp_path)
