@@ -41,6 +41,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "the wire; writes OUT/summary.json, OUT/accuracy.png and per-process logs in OUT/logs."
     )
     parser.add_argument("--broker", help="mqtt://host:port of a running broker (default: an embedded one)")
+    parser.add_argument("--fleet", default="demo", help="fleet name on the broker (default: %(default)s)")
     parser.add_argument("--clients", type=int, default=8, help="number of devices (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=20, help="FedAvg rounds (default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet non-IID concentration (default: %(default)s)")
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.time()
     out: Path = args.out
-    fleet = "demo"
+    fleet = args.fleet
     prepare(out, args.clients, args.alpha, args.arch, args.seed)
     summaries: queue.Queue[RoundSummary] = queue.Queue()
     history: list[RoundSummary] = []

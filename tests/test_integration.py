@@ -1,0 +1,190 @@
+"""Whole federations of real processes over a real MQTT broker, with real ONNX Runtime training."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from protocol.frame import decode_frame, encode_frame
+from protocol.messages import Hello, Reject, RejectReason, Update, new_id
+from protocol.topics import Topics
+from tests.conftest import tierfl
+
+pytestmark = pytest.mark.integration
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _run_demo(tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "tierfl.cli", "demo", "--out", str(out), *extra],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "accuracy.png").stat().st_size > 10_000
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_demo_federation_on_embedded_broker(tmp_path):
+    summary = _run_demo(tmp_path, "--clients", "4", "--rounds", "6")
+    assert summary["broker"].startswith("mqtt://127.0.0.1:")
+    assert [r["round"] for r in summary["rounds"]] == list(range(1, 7))
+    assert all(r["clients_answered"] == 4 for r in summary["rounds"])
+    assert summary["final_accuracy"] > 0.8
+    assert summary["rounds"][-1]["accuracy"] > summary["rounds"][0]["accuracy"]
+    assert all(r["bytes_up"] > 4 * 300_000 for r in summary["rounds"])  # 4 float32 updates of 85k params
+
+
+def test_demo_federation_on_mosquitto(tmp_path, mosquitto_url, fleet):
+    summary = _run_demo(tmp_path, "--broker", mosquitto_url, "--fleet", fleet, "--clients", "8", "--rounds", "20")
+    assert summary["broker"] == mosquitto_url
+    assert summary["final_accuracy"] >= 0.90
+    assert summary["rejected"] == {}
+
+
+class Watcher:
+    """A plain paho client that records every frame on the given topics."""
+
+    def __init__(self, url: str, topics: list[str]) -> None:
+        self.frames: list[tuple[str, object]] = []
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv311)
+        self.client.on_message = lambda c, u, m: self.frames.append((m.topic, m.payload))
+        host, port = url.removeprefix("mqtt://").split(":")
+        self.client.connect(host, int(port))
+        for topic in topics:
+            self.client.subscribe(topic, qos=1)
+        self.client.loop_start()
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def bodies(self, topic_suffix: str) -> list:
+        return [decode_frame(p).body for t, p in list(self.frames) if t.endswith(topic_suffix) and p]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _aggregator(tmp_path: Path, url: str, fleet: str, *extra: str) -> subprocess.Popen[bytes]:
+    return tierfl(
+        "aggregator", "--broker", url, "--fleet", fleet, "--state-dir", str(tmp_path / "state"),
+        "--eval-data", "digits", *extra, log=tmp_path / "aggregator.log",
+    )
+
+
+def test_hostile_and_misdirected_messages_are_refused_with_reasons(tmp_path, mosquitto_url, fleet):
+    topics = Topics(fleet)
+    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--min-clients", "5", "--rounds", "1")
+    watcher = Watcher(mosquitto_url, [f"{topics.base}/down/+"])
+    try:
+        _wait_for(lambda: "waiting for devices" in (tmp_path / "aggregator.log").read_text(), 30, "aggregator start")
+        # A device announces itself, then sends garbage, a frame for a round that does not exist,
+        # a frame claiming another sender, and a frame of a foreign fleet.
+        watcher.publish(topics.status("mallory"), encode_frame(fleet, "mallory", Hello(num_samples=10)), retain=True)
+        watcher.publish(topics.up("mallory"), b"\x00garbage that is no frame")
+        update = Update(update_id=new_id(), round=99, base_version=0, tier="a", num_samples=10, steps=1,
+                        train_loss=1.0, train_accuracy=0.5, train_seconds=0.1)
+        watcher.publish(topics.up("mallory"), encode_frame(fleet, "mallory", update, {"fc1.weight": np.zeros((2, 2), np.float32)}))
+        watcher.publish(topics.up("mallory"), encode_frame(fleet, "alice", update))
+        watcher.publish(topics.up("mallory"), encode_frame("otherfleet", "mallory", update))
+        _wait_for(lambda: len(watcher.bodies("/down/mallory")) >= 4, 15, "four rejections")
+        reasons = [b.reason for b in watcher.bodies("/down/mallory") if isinstance(b, Reject)]
+        assert reasons == [RejectReason.MALFORMED, RejectReason.STALE_ROUND, RejectReason.SENDER_MISMATCH,
+                           RejectReason.WRONG_FLEET]
+        assert aggregator.poll() is None, "the aggregator must survive hostile input"
+        log = (tmp_path / "aggregator.log").read_text()
+        assert "Traceback" not in log and "rejected a message from mallory: malformed" in log
+    finally:
+        watcher.publish(topics.status("mallory"), b"", retain=True)
+        watcher.close()
+        aggregator.terminate()
+        aggregator.wait(10)
+
+
+def test_device_killed_mid_round_is_dropped_and_training_continues(tmp_path, mosquitto_url, fleet):
+    rounds = 5
+    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--min-clients", "2", "--rounds", str(rounds),
+                             "--epochs", "40", "--batch-size", "8", "--round-timeout", "60")
+    devices = [
+        tierfl("client", "--broker", mosquitto_url, "--fleet", fleet, "--device-id", f"d{i}", "--data", "digits",
+               "--cache-dir", str(tmp_path / f"d{i}"), log=tmp_path / f"d{i}.log")
+        for i in range(3)
+    ]
+    watcher = Watcher(mosquitto_url, [Topics(fleet).rounds])
+    try:
+        agg_log = tmp_path / "aggregator.log"
+        full = re.compile(r"round (\d+): 3 devices selected")
+        _wait_for(lambda: full.search(agg_log.read_text()), 90, "a round with all three devices")
+        time.sleep(0.3)  # the task has arrived; 40 local epochs take about a second
+        devices[2].send_signal(signal.SIGKILL)
+        killed_round = int(full.search(agg_log.read_text()).group(1))
+        assert aggregator.wait(120) == 0, agg_log.read_text()[-3000:]
+        summaries = watcher.bodies("/rounds")
+        assert [s.round for s in summaries] == list(range(1, rounds + 1))
+        assert summaries[-1].version == rounds
+        hit = summaries[killed_round - 1]
+        assert hit.selected == 3 and hit.answered in (2, 3)
+        assert hit.seconds < 30, "the dead device must be dropped via its last will, not waited for until the deadline"
+        assert all(s.selected == s.answered == 2 for s in summaries[killed_round:])
+    finally:
+        watcher.close()
+        for process in [aggregator, *devices]:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(10)
+
+
+def test_aggregator_killed_and_restarted_resumes_from_its_state(tmp_path, mosquitto_url, fleet):
+    device = tierfl("client", "--broker", mosquitto_url, "--fleet", fleet, "--device-id", "solo", "--data", "digits",
+                    "--cache-dir", str(tmp_path / "solo"), log=tmp_path / "solo.log")
+    try:
+        first = _aggregator(tmp_path, mosquitto_url, fleet, "--min-clients", "1", "--rounds", "200", "--epochs", "3")
+        state = tmp_path / "state" / "state.json"
+        _wait_for(lambda: state.exists() and json.loads(state.read_text())["version"] >= 3, 60, "3 committed rounds")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        before = json.loads(state.read_text())
+        second = _aggregator(tmp_path, mosquitto_url, fleet, "--min-clients", "1", "--rounds", str(before["round"] + 2))
+        assert second.wait(60) == 0
+        after = json.loads(state.read_text())
+        assert after["round"] == before["round"] + 2 and after["version"] == before["version"] + 2
+        assert [h["round"] for h in after["history"]] == list(range(1, after["round"] + 1))
+        assert "resumed from" in (tmp_path / "aggregator.log").read_text()
+    finally:
+        device.terminate()
+        device.wait(10)
+
+
+@pytest.mark.parametrize("command", [
+    ["aggregator", "--broker", "mqtt://127.0.0.1:1", "--rounds", "1"],
+    ["client", "--broker", "mqtt://127.0.0.1:1", "--data", "digits", "--device-id", "x"],
+])
+def test_unreachable_broker_is_a_clear_error(tmp_path, command):
+    if command[0] == "aggregator":
+        command += ["--state-dir", str(tmp_path / "state")]
+    else:
+        command += ["--cache-dir", str(tmp_path / "cache")]
+    result = subprocess.run([sys.executable, "-m", "tierfl.cli", *command], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "cannot reach MQTT broker at 127.0.0.1:1" in result.stderr
+    assert "Traceback" not in result.stderr
