@@ -19,7 +19,7 @@ from aggregator.artifacts import ArtifactStore
 from aggregator.engine import Outgoing, RoundEngine, reject
 from aggregator.registry import DeviceRegistry
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
-from protocol.frame import Frame, FrameError, decode_frame, encode_frame
+from protocol.frame import FrameError, decode_frame, encode_frame
 from protocol.messages import Blob, Fetch, Hello, RejectReason, Status, Update
 from protocol.mqtt_link import MqttLink
 from protocol.mqtt_url import BrokerAddress

@@ -11,13 +11,12 @@ the last committed version intact and resumes exactly there.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from protocol.atomic_file import atomic_write
 from protocol.messages import RoundSummary
 
 log = logging.getLogger(__name__)
@@ -38,19 +37,6 @@ class StateRecord(BaseModel):
 
 class StateMismatch(RuntimeError):
     """The state directory belongs to another fleet or model."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            write(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class StateStore:
@@ -82,7 +68,7 @@ class StateStore:
     def commit(self, record: StateRecord, weights: dict[str, np.ndarray] | None) -> None:
         """Durably record `record`; `weights` (if given) become version `record.version`."""
         if weights is not None:
-            _atomic_write(self.weights_path(record.version), lambda out: np.savez(out, **weights))
-        _atomic_write(self.root / "state.json", lambda out: out.write(record.model_dump_json(indent=1).encode()))
+            atomic_write(self.weights_path(record.version), lambda out: np.savez(out, **weights))
+        atomic_write(self.root / "state.json", lambda out: out.write(record.model_dump_json(indent=1).encode()))
         for old in sorted(self._weights_dir.glob("v*.npz"))[:-KEEP_VERSIONS]:
             old.unlink(missing_ok=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+
+from protocol.atomic_file import atomic_write
 
 
 class ArtifactCache:
@@ -30,10 +31,7 @@ class ArtifactCache:
         actual = hashlib.sha256(data).hexdigest()
         if actual != sha256:
             raise ValueError(f"artifact bytes hash to {actual[:12]}, expected {sha256[:12]}")
-        fd, tmp = tempfile.mkstemp(dir=self._blobs, prefix=".part-")
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, self._blobs / sha256)
+        atomic_write(self._blobs / sha256, lambda out: out.write(data))
 
     def read(self, sha256: str) -> bytes:
         """The cached bytes of `sha256`."""

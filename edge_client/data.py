@@ -5,13 +5,14 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from protocol.atomic_file import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -117,17 +118,7 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
 
 def save_npz(path: str | os.PathLike[str], dataset: Dataset) -> None:
     """Write `dataset` as an uncompressed .npz atomically (temp file in the same folder, then rename)."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, x=dataset.x, y=dataset.y)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda out: np.savez(out, x=dataset.x, y=dataset.y))
 
 
 def _read_idx(path: Path, ndim: int) -> np.ndarray:

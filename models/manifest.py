@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.zoo import ModelSpec
+from protocol.atomic_file import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -27,18 +27,7 @@ class _JsonFile(BaseModel):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write to `path` atomically: a temp file in the same folder, fsync, then os.replace."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.model_dump_json(indent=2).encode() + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are served to devices
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda out: out.write(self.model_dump_json(indent=2).encode() + b"\n"))
 
 
 class FileEntry(BaseModel):

@@ -108,6 +108,10 @@ class MqttLink:
         self.bytes_sent += sent
         return sent
 
+    def clear_retained(self, topic: str) -> None:
+        """Delete the retained message of `topic` (an empty retained publish, per MQTT)."""
+        self._client.publish(topic, b"", qos=1, retain=True)
+
     def _handle_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
         if getattr(reason, "is_failure", False):
             self._connack_failure = str(reason)
@@ -127,6 +131,8 @@ class MqttLink:
 
     def _handle_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         self.bytes_received += len(message.payload)
+        if not message.payload:
+            return  # a retained message being cleared
         try:
             frame = self._reassembler.feed(message.topic, message.payload)
         except FrameError as exc:

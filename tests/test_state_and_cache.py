@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from aggregator.artifacts import ArtifactStore
-from aggregator.state import KEEP_VERSIONS, StateMismatch, StateRecord, StateStore, _atomic_write
+from aggregator.state import KEEP_VERSIONS, StateMismatch, StateRecord, StateStore
+from protocol.atomic_file import atomic_write
 from edge_client.cache import ArtifactCache
 from models.export import ARTIFACT_FILES, MANIFEST_NAME, export_all
 from models.zoo import ModelSpec
@@ -104,7 +105,7 @@ def test_atomic_write_failure_leaves_old_file_and_no_temp(tmp_path: Path) -> Non
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        _atomic_write(target, broken)
+        atomic_write(target, broken)
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
 

@@ -84,7 +84,7 @@ def _watch_rounds(broker: BrokerAddress, fleet: str, summaries: queue.Queue[Roun
 
     link = MqttLink(broker, f"tierfl-{fleet}-demo-watch-{time.time_ns()}", [topics.rounds], on_frame, lambda *_: None)
     link.start()
-    link._client.publish(topics.rounds, b"", qos=1, retain=True)  # forget a previous run's last summary
+    link.clear_retained(topics.rounds)  # forget a previous run's last summary
     return link
 
 
@@ -185,6 +185,7 @@ def plot(path: Path, history: list[RoundSummary]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib.pyplot as plt
 
     rounds = [s.round for s in history]
