@@ -11,6 +11,7 @@ from pathlib import Path
 
 from edge_client.agent import ClientConfig, DeviceAgent
 from edge_client.data import load_dataset, train_test_split
+from models.ort_training import load_training_api
 from protocol.mqtt_url import parse as parse_broker
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve tasks until SIGINT/SIGTERM."""
+    load_training_api()  # fail now, with the fix spelled out, if the training wheel is missing or broken
     data = load_dataset(args.data)
     train, test = train_test_split(data, args.test_fraction, seed=0) if args.test_fraction > 0 else (data, data.subset([]))
     config = ClientConfig(

@@ -188,3 +188,36 @@ def test_unreachable_broker_is_a_clear_error(tmp_path, command):
     assert result.returncode == 1
     assert "cannot reach MQTT broker at 127.0.0.1:1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_everyone_reconnects_after_the_broker_restarts(tmp_path, fleet):
+    from protocol.embedded_broker import EmbeddedBroker
+
+    first = EmbeddedBroker().start()
+    port, url = first.port, first.url
+    rounds = 6
+    aggregator = _aggregator(tmp_path, url, fleet, "--min-clients", "2", "--rounds", str(rounds), "--round-timeout", "8")
+    devices = [
+        tierfl("client", "--broker", url, "--fleet", fleet, "--device-id", f"r{i}", "--data", "digits",
+               "--cache-dir", str(tmp_path / f"r{i}"), log=tmp_path / f"r{i}.log")
+        for i in range(2)
+    ]
+    second = None
+    try:
+        state = tmp_path / "state" / "state.json"
+        _wait_for(lambda: state.exists() and json.loads(state.read_text())["version"] >= 2, 60, "2 committed rounds")
+        first.stop()
+        time.sleep(2)
+        second = EmbeddedBroker(port=port).start()
+        assert aggregator.wait(90) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
+        record = json.loads(state.read_text())
+        assert record["round"] == rounds and record["version"] >= rounds - 1  # at most the interrupted round fails
+        assert "disconnected from broker" in (tmp_path / "r0.log").read_text()
+    finally:
+        for process in devices + [aggregator]:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(10)
+        first.stop()
+        if second:
+            second.stop()
