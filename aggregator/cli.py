@@ -19,6 +19,7 @@ from aggregator.strategy import FedAvg
 from edge_client.data import load_dataset
 from models.export import export_all
 from models.zoo import ModelSpec
+from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.embedded_broker import EmbeddedBroker
 from protocol.mqtt_url import parse as parse_broker
 
@@ -47,6 +48,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--broker", help="mqtt://[user:pass@]host[:port]; default: start an embedded broker")
     net.add_argument("--fleet", default="default", help="fleet name, the topic namespace (default: %(default)s)")
     net.add_argument("--id", dest="aggregator_id", default="aggregator", help="sender id of this aggregator (default: %(default)s)")
+    net.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                     help="frames larger than this travel in hash-checked chunks (default: %(default)s)")
     net.add_argument("--share-group", help="MQTT shared-subscription group, to split devices across aggregator workers")
     model = parser.add_argument_group("model and state")
     model.add_argument("--state-dir", type=Path, default=Path("runs/aggregator"), help="durable state (default: %(default)s)")
@@ -105,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
             embedded = stack.enter_context(EmbeddedBroker())
             broker = parse_broker(embedded.url)
             log.info("embedded broker listening at %s: start devices with `tierfl client --broker %s ...`", embedded.url, embedded.url)
-        service = AggregatorService(engine, broker, aggregator_id=args.aggregator_id, share_group=args.share_group)
+        service = AggregatorService(engine, broker, aggregator_id=args.aggregator_id, share_group=args.share_group,
+                                   max_message_bytes=args.max_message_bytes)
         service.run(stop)
     log.info("stopped after round %d at version %d; rejected: %s", engine.record.round, engine.record.version,
              dict(engine.rejected) or "none")

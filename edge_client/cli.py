@@ -12,6 +12,7 @@ from pathlib import Path
 from edge_client.agent import ClientConfig, DeviceAgent
 from edge_client.data import load_dataset, train_test_split
 from models.ort_training import load_training_api
+from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.mqtt_url import parse as parse_broker
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tier", help="ask for a fixed tier (a-e); default: the aggregator decides")
     parser.add_argument("--cache-dir", type=Path, help="artifact cache (default: ~/.cache/tierfl/FLEET/DEVICE)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for training (default: %(default)s)")
+    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                        help="frames larger than this travel in hash-checked chunks (default: %(default)s)")
     parser.add_argument("--aggregator-id", default="aggregator", help="accept tasks only from this sender (default: %(default)s)")
 
 
@@ -59,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         tier=args.tier,
         cache_dir=args.cache_dir or Path.home() / ".cache" / "tierfl" / args.fleet / args.device_id,
         threads=args.threads,
+        max_message_bytes=args.max_message_bytes,
     )
     agent = DeviceAgent(config, train, test)
     stop = threading.Event()

@@ -131,8 +131,8 @@ class RoundSummary(_Strict):
     loss: float | None = None
     accuracy_source: Literal["held-out", "federated", "none"] = "none"
     accuracy_by_tier: dict[str, float] = {}
-    bytes_up: Count = 0
-    bytes_down: Count = 0
+    bytes_up: Count = 0  # frames of the updates counted this round
+    bytes_down: Count = 0  # tasks and artifact files sent this round
     seconds: float = 0.0
     rejected: dict[str, int] = {}
     final: bool = False

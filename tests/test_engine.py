@@ -326,3 +326,19 @@ def test_finished_after_configured_rounds(art_dir: Path, tmp_path: Path) -> None
     assert h.engine.finished
     assert h.engine.tick(100.0) == [] and h.engine.current_round is None
     assert (h.engine.record.version, h.engine.record.round) == (2, 2)
+
+
+def test_without_held_out_set_accuracy_is_the_federated_sample_weighted_mean(art_dir: Path, tmp_path: Path) -> None:
+    h = Harness(art_dir, tmp_path / "state", {"d1": 100, "d2": 300})
+    h.engine.tick(0.0)
+    out = []
+    for dev, (loss, acc, n) in {"d1": (2.0, 0.5, 10), "d2": (1.0, 0.9, 30)}.items():
+        body = Update(update_id=new_id(), round=1, base_version=0, tier="a", num_samples=50, steps=1,
+                      train_loss=1.0, train_accuracy=0.5, train_seconds=0.1,
+                      eval_loss=loss, eval_accuracy=acc, eval_samples=n)
+        out = h.engine.on_update(dev, new_id(), body, _zeros(), 1000, 1.0)
+    summary = _summary(out)
+    assert summary.accuracy_source == "federated"
+    assert summary.accuracy == pytest.approx((0.5 * 10 + 0.9 * 30) / 40)
+    assert summary.loss == pytest.approx((2.0 * 10 + 1.0 * 30) / 40)
+    assert summary.accuracy_by_tier == {"a": pytest.approx(0.8)}

@@ -155,16 +155,17 @@ def test_device_killed_mid_round_is_dropped_and_training_continues(tmp_path, mos
 
 
 def test_aggregator_killed_and_restarted_resumes_from_its_state(tmp_path, mosquitto_url, fleet):
+    chunked = ["--max-message-bytes", "65536"]  # every weight frame (340 kB) travels in 6 chunks
     device = tierfl("client", "--broker", mosquitto_url, "--fleet", fleet, "--device-id", "solo", "--data", "digits",
-                    "--cache-dir", str(tmp_path / "solo"), log=tmp_path / "solo.log")
+                    "--cache-dir", str(tmp_path / "solo"), *chunked, log=tmp_path / "solo.log")
     try:
-        first = _aggregator(tmp_path, mosquitto_url, fleet, "--min-clients", "1", "--rounds", "200", "--epochs", "3")
+        first = _aggregator(tmp_path, mosquitto_url, fleet, "--min-clients", "1", "--rounds", "200", "--epochs", "3", *chunked)
         state = tmp_path / "state" / "state.json"
         _wait_for(lambda: state.exists() and json.loads(state.read_text())["version"] >= 3, 60, "3 committed rounds")
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         before = json.loads(state.read_text())
-        second = _aggregator(tmp_path, mosquitto_url, fleet, "--min-clients", "1", "--rounds", str(before["round"] + 2))
+        second = _aggregator(tmp_path, mosquitto_url, fleet, "--min-clients", "1", "--rounds", str(before["round"] + 2), *chunked)
         assert second.wait(60) == 0
         after = json.loads(state.read_text())
         assert after["round"] == before["round"] + 2 and after["version"] == before["version"] + 2
