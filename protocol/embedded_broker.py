@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import functools
 import logging
 import signal
 import socket
@@ -192,14 +191,29 @@ class EmbeddedBroker:
         self._loop = asyncio.get_running_loop()
         broker = _Broker(_broker_config(), loop=self._loop)
         await broker.start()
-        handler = functools.partial(broker.stream_connected, listener_name=_LISTENER)
+        streams: set[asyncio.StreamWriter] = set()
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            streams.add(writer)
+            try:
+                await broker.stream_connected(reader, writer, listener_name=_LISTENER)
+            finally:
+                streams.discard(writer)
+
         server = await asyncio.start_server(handler, sock=sock)
         self._ready.set()
         try:
             await self._stop.wait()
         finally:
+            # Python 3.11's Server.close() leaves accepted connections open, and amqtt's shutdown
+            # can stall on them while still routing; cut every client off first, as a dead broker would.
             server.close()
-            await broker.shutdown()
+            for writer in list(streams):
+                writer.transport.abort()
+            try:
+                await asyncio.wait_for(broker.shutdown(), timeout=5)
+            except (TimeoutError, asyncio.TimeoutError):
+                logger.warning("embedded MQTT broker shutdown took over 5 s; abandoning it")
             await asyncio.wait_for(server.wait_closed(), timeout=5)
 
 
