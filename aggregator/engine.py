@@ -125,12 +125,13 @@ class RoundEngine:
 
     def on_update(self, device_id: str, msg_id: str, update: Update, tensors: Mapping[str, np.ndarray], nbytes: int, now: float) -> list[Outgoing]:
         """Validate one update and fold it into the open round, or reject it with a reason."""
+        if update.unchanged and self._open and (a := self._open.assignments.get(device_id)):
+            if tensors:
+                return self._refuse_update(device_id, msg_id, update, RejectReason.BAD_TENSOR, "an unchanged update carries tensors")
+            tensors = {n: np.zeros(s, np.float32) for n, s in self.artifacts.tiers[a.tier].shapes.items()}
         problem = self._check_update(device_id, update, tensors, now)
         if problem:
-            reason, detail = problem
-            self.rejected[reason.value] += 1
-            log.warning("rejected update from %s: %s: %s", device_id, reason.value, detail)
-            return [reject(device_id, reason, detail, msg_id, update.round)]
+            return self._refuse_update(device_id, msg_id, update, *problem)
         assert self._open is not None
         self._seen_update_ids.add(update.update_id)
         self._open.answered.add(device_id)
@@ -141,6 +142,11 @@ class RoundEngine:
         log.info("round %d: update %d/%d from %s (%d samples)", update.round, len(self._open.answered),
                  len(self._open.assignments), device_id, update.num_samples)
         return self.tick(now) if self._round_complete(now) else []
+
+    def _refuse_update(self, device_id: str, msg_id: str, update: Update, reason: RejectReason, detail: str) -> list[Outgoing]:
+        self.rejected[reason.value] += 1
+        log.warning("rejected update from %s: %s: %s", device_id, reason.value, detail)
+        return [reject(device_id, reason, detail, msg_id, update.round)]
 
     def count_rejection(self, reason: RejectReason) -> None:
         """Count a rejection decided outside the engine (frame errors, foreign senders)."""

@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge_client.cache import ArtifactCache
+from edge_client.compression import ErrorFeedback
 from edge_client.data import Dataset
 from edge_client.trainer import OrtTrainer
 from models.manifest import TierManifest
@@ -46,6 +47,8 @@ class ClientConfig(BaseModel):
     cache_dir: Path
     threads: int = Field(1, ge=1, le=64)
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=4096)
+    codec: str = "float32"  # how updates are encoded (see protocol.codecs)
+    skip_below: float = Field(0.0, ge=0.0)  # selective upload: relative update norm under which nothing is sent
 
 
 class DeviceAgent:
@@ -63,6 +66,7 @@ class DeviceAgent:
         self._tasks: queue.Queue[Frame] = queue.Queue()
         self._blob_arrived = threading.Condition()
         self._trainers: dict[str, OrtTrainer] = {}
+        self._feedback: dict[str, ErrorFeedback] = {}
         self.link = MqttLink(
             config.broker,
             client_id=f"tierfl-{config.fleet}-{config.device_id}",
@@ -169,6 +173,9 @@ class DeviceAgent:
         stats = trainer.train(self.train_data, task.epochs, task.batch_size, task.learning_rate, seed)
         trained = trainer.get_weights()
         delta = {name: trained[name] - start[name] for name in start}
+        feedback = self._feedback_for(task.tier)
+        intended = feedback.compensate(delta) if feedback else delta
+        unchanged = bool(feedback and feedback.insignificant(intended, start))
         update = Update(
             update_id=new_id(),
             round=task.round,
@@ -182,12 +189,18 @@ class DeviceAgent:
             eval_loss=before.loss if before else None,
             eval_accuracy=before.accuracy if before else None,
             eval_samples=before.samples if before else 0,
+            unchanged=unchanged,
         )
-        sent = self._publish(self.topics.up(self.config.device_id), update, delta)
+        frame = encode_frame(self.config.fleet, self.config.device_id, update, None if unchanged else intended,
+                             self.config.codec)
+        if feedback:  # what the aggregator will decode, exactly: read back from our own frame
+            feedback.remember(intended, None if unchanged else decode_frame(frame).tensors)
+        sent = self.link.publish(self.topics.up(self.config.device_id), frame)
         self.tasks_done += 1
         log.info(
-            "round %d: %d steps in %.2f s, loss %.4f, acc %.3f; sent %d bytes",
+            "round %d: %d steps in %.2f s, loss %.4f, acc %.3f; sent %d bytes%s",
             task.round, stats.steps, stats.seconds, stats.loss, stats.accuracy, sent,
+            " (unchanged: below the upload threshold)" if unchanged else "",
         )
 
     def _fetch_artifacts(self, task: Task) -> bool:
@@ -200,6 +213,14 @@ class DeviceAgent:
             return self._blob_arrived.wait_for(
                 lambda: not self.cache.missing(task.artifacts), timeout=max(0.0, task.deadline - time.time())
             )
+
+    def _feedback_for(self, tier: str) -> ErrorFeedback | None:
+        """The tier's error-feedback state; None when updates travel lossless and always."""
+        if self.config.codec == "float32" and self.config.skip_below == 0:
+            return None
+        if tier not in self._feedback:
+            self._feedback[tier] = ErrorFeedback(self.config.cache_dir, tier, self.config.skip_below)
+        return self._feedback[tier]
 
     def _trainer_for(self, task: Task) -> OrtTrainer:
         trainer = self._trainers.get(task.manifest_sha256)

@@ -46,6 +46,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for training (default: %(default)s)")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                         help="frames larger than this travel in hash-checked chunks (default: %(default)s)")
+    parser.add_argument("--codec", default="float32",
+                        help="update encoding: float32 | float16 | int8 | int8-row | int4 | topk:0.1 | topk:0.1+int8; "
+                             "lossy codecs carry what they drop into the next round (error feedback) (default: %(default)s)")
+    parser.add_argument("--skip-below", type=float, default=0.0,
+                        help="selective upload: send 'unchanged' instead of tensors when ||update|| / ||weights|| "
+                             "is below this (default: %(default)s, always send)")
     parser.add_argument("--aggregator-id", default="aggregator", help="accept tasks only from this sender (default: %(default)s)")
 
 
@@ -63,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir or Path.home() / ".cache" / "tierfl" / args.fleet / args.device_id,
         threads=args.threads,
         max_message_bytes=args.max_message_bytes,
+        codec=args.codec,
+        skip_below=args.skip_below,
     )
     agent = DeviceAgent(config, train, test)
     stop = threading.Event()

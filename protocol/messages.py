@@ -107,6 +107,7 @@ class Update(_Strict):
     eval_loss: float | None = None
     eval_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
     eval_samples: Count = 0
+    unchanged: bool = False  # selective upload: no tensors, count me as a zero update
 
 
 class Reject(_Strict):

@@ -342,3 +342,22 @@ def test_without_held_out_set_accuracy_is_the_federated_sample_weighted_mean(art
     assert summary.accuracy == pytest.approx((0.5 * 10 + 0.9 * 30) / 40)
     assert summary.loss == pytest.approx((2.0 * 10 + 1.0 * 30) / 40)
     assert summary.accuracy_by_tier == {"a": pytest.approx(0.8)}
+
+
+def test_unchanged_update_counts_as_a_zero_update_and_must_carry_no_tensors(art_dir: Path, tmp_path: Path) -> None:
+    h = Harness(art_dir, tmp_path / "state", {"d1": 100, "d2": 100})
+    h.engine.tick(0.0)
+    start = _copy(h.engine.weights)
+
+    def unchanged(dev: str, tensors: dict) -> list[Outgoing]:
+        body = Update(update_id=new_id(), round=1, base_version=0, tier="a", num_samples=100, steps=3,
+                      train_loss=1.0, train_accuracy=0.5, train_seconds=0.1, unchanged=True)
+        return h.engine.on_update(dev, new_id(), body, tensors, 300, 1.0)
+
+    assert _reason(unchanged("d1", _zeros()), "d1") == RejectReason.BAD_TENSOR
+    assert unchanged("d1", {}) == []
+    delta = _random(3)
+    summary = _summary(h.update("d2", delta, 1.5))
+    assert summary.answered == 2 and summary.version == 1
+    for name in SHAPES:  # d1's zero update halves d2's delta in the sample-weighted mean
+        np.testing.assert_allclose(h.engine.weights[name], start[name] + delta[name] / 2, rtol=1e-6, atol=1e-7)
