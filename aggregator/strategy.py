@@ -70,23 +70,26 @@ class ElementwiseMean:
         self._global = global_weights
         self._weighted = weighted
         self._sums = {n: np.zeros_like(w, dtype=np.float64) for n, w in global_weights.items()}
-        self._mass = {n: np.zeros_like(w, dtype=np.float64) for n, w in global_weights.items()}
+        # Per-element mass depends only on each update's block shape: keep totals per shape, expand once.
+        self._mass_by_shape: dict[str, dict[tuple[int, ...], float]] = {n: {} for n in global_weights}
         self.count = 0
 
     def add(self, update: ClientUpdate) -> None:
         """Fold one update into the running sums."""
         weight = float(update.num_samples) if self._weighted else 1.0
         for name, delta in update.delta.items():
-            block = leading_slices(delta.shape)
-            self._sums[name][block] += weight * delta
-            self._mass[name][block] += weight
+            self._sums[name][leading_slices(delta.shape)] += delta * np.float32(weight)
+            shapes = self._mass_by_shape[name]
+            shapes[delta.shape] = shapes.get(delta.shape, 0.0) + weight
         self.count += 1
 
     def result(self) -> Weights:
         """Global weights plus the per-element mean delta."""
         new = {}
         for name, current in self._global.items():
-            mass = self._mass[name]
+            mass = np.zeros(current.shape, np.float64)
+            for shape, total in self._mass_by_shape[name].items():
+                mass[leading_slices(shape)] += total
             mean = np.divide(self._sums[name], mass, out=np.zeros_like(mass), where=mass > 0)
             new[name] = (current + mean).astype(np.float32)
         return new
