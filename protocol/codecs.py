@@ -1,17 +1,49 @@
 """Tensor codecs: how one tensor becomes bytes in a frame and back.
 
-A codec is named in each tensor's entry of the frame header, so the receiver never guesses.
-`float32` carries updates and weights uncompressed; compressed codecs register here too.
+A codec is named in each tensor's entry of the frame header, so the receiver never guesses:
+the name, the entry's shape and meta, and the bytes are all a decoder needs.
+
+    float32    raw little-endian float32 (weights, lossless updates)
+    uint8      raw bytes (artifact blobs)
+    float16    IEEE half, little-endian
+    int8       per-tensor scale (meta["scale"] = max|x|/127), int8 in [-127, 127]
+    int8-row   one float32 scale per row (first axis) at the start of the bytes, then int8
+    int4       per-tensor scale (max|x|/7), signed nibbles in [-7, 7], two per byte, low nibble first,
+               an odd length padded with a zero nibble
+    topk       the k largest |x| as sparse (index, value) pairs, values float32
+    topk+int8  the same, values int8 with meta["scale"]
+
+Quantisers use unbiased stochastic rounding, q = floor(x / scale + U[0, 1)), so E[decode] = x.
+
+Sparse layout (all little-endian):
+
+    uint32 k | uint32 e | k uint16 gaps | e uint32 long gaps | k values
+
+Positions are sorted; gap[0] is the first position, gap[i] = pos[i] - pos[i-1] (>= 1). A gap that
+does not fit below 0xFFFF is written as the marker 0xFFFF and its value taken, in order, from the
+uint32 long gaps (which must therefore be >= 0xFFFF). Encoders choose codecs with `parse_codec`
+("float32", "float16", "int8", "int8-row", "int4", "topk:0.1", "topk:0.1+int8"); decoders look
+them up by entry name with `get_codec`.
 """
 
 from __future__ import annotations
 
+import math
 from types import MappingProxyType
 from typing import Protocol
 
 import numpy as np
 
 from protocol.messages import TensorEntry
+
+Meta = dict[str, float | int | str]
+MAX_SPARSE_ELEMENTS = 1 << 26  # a sparse tensor may not expand past this many elements
+_ESCAPE = 0xFFFF
+_MAX_F32 = float(np.finfo(np.float32).max)
+_F32 = np.dtype("<f4")
+_F16 = np.dtype("<f2")
+_U16 = np.dtype("<u2")
+_U32 = np.dtype("<u4")
 
 
 class CodecError(ValueError):
@@ -23,8 +55,9 @@ class Codec(Protocol):
 
     name: str
     dtype: str  # dtype of the decoded array
+    stochastic: bool  # encode draws from `rng`
 
-    def encode(self, array: np.ndarray) -> tuple[bytes, dict[str, float | int | str]]: ...
+    def encode(self, array: np.ndarray, rng: np.random.Generator | None = None) -> tuple[bytes, Meta]: ...
 
     def decode(self, data: memoryview, entry: TensorEntry) -> np.ndarray: ...
 
@@ -33,40 +66,299 @@ def _expected_count(entry: TensorEntry) -> int:
     return int(np.prod(entry.shape, dtype=np.int64)) if entry.shape else 1
 
 
+def _check_length(entry: TensorEntry, data: memoryview, expected: int) -> None:
+    if len(data) != expected:
+        raise CodecError(f"tensor {entry.name!r} ({entry.codec}): {len(data)} bytes, expected {expected}")
+
+
+def _finite_input(array: np.ndarray) -> np.ndarray:
+    flat = np.asarray(array, dtype=np.float32).reshape(-1)
+    if not np.isfinite(flat).all():
+        raise CodecError("cannot encode NaN or Inf")
+    return flat
+
+
+def _scale_of(entry: TensorEntry, limit: int) -> np.float32:
+    scale = entry.meta.get("scale")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise CodecError(f"tensor {entry.name!r} ({entry.codec}): meta 'scale' missing or not a number")
+    if not (math.isfinite(scale) and 0 <= scale <= _MAX_F32 / (limit + 1)):
+        raise CodecError(f"tensor {entry.name!r} ({entry.codec}): scale {scale!r} is NaN, Inf, negative or too large")
+    return np.float32(scale)
+
+
+def _stochastic_round(scaled: np.ndarray, limit: int, rng: np.random.Generator | None) -> np.ndarray:
+    """floor(scaled + U[0,1)) clipped to [-limit, limit], as int8."""
+    rng = rng if rng is not None else np.random.default_rng()
+    noise = rng.random(scaled.shape, dtype=np.float32)
+    return np.clip(np.floor(scaled + noise), -limit, limit).astype(np.int8)
+
+
+def _quantize(flat: np.ndarray, limit: int, rng: np.random.Generator | None) -> tuple[np.ndarray, float]:
+    """Per-tensor stochastic quantisation to [-limit, limit]; returns (int8 values, scale)."""
+    peak = np.abs(flat).max() if flat.size else np.float32(0)
+    scale = np.float32(peak / np.float32(limit))  # exactly representable, so meta round-trips
+    if scale == 0:
+        return np.zeros(flat.shape, np.int8), 0.0
+    return _stochastic_round(flat / scale, limit, rng), float(scale)
+
+
+def _check_ints(entry: TensorEntry, q: np.ndarray, limit: int) -> None:
+    if q.size and int(np.abs(q.astype(np.int16)).max()) > limit:
+        raise CodecError(f"tensor {entry.name!r} ({entry.codec}): quantised value outside [-{limit}, {limit}]")
+
+
 class RawCodec:
     """Little-endian raw values of one dtype, no compression."""
+
+    stochastic = False
 
     def __init__(self, name: str, dtype: str) -> None:
         self.name = name
         self.dtype = dtype
         self._wire = np.dtype(dtype).newbyteorder("<")
 
-    def encode(self, array: np.ndarray) -> tuple[bytes, dict[str, float | int | str]]:
+    def encode(self, array: np.ndarray, rng: np.random.Generator | None = None) -> tuple[bytes, Meta]:
         """Raw little-endian bytes of `array` cast to this codec's dtype."""
         return np.ascontiguousarray(array, dtype=self._wire).tobytes(), {}
 
     def decode(self, data: memoryview, entry: TensorEntry) -> np.ndarray:
         """The array of `entry.shape`; rejects a length mismatch or non-finite floats."""
-        count = _expected_count(entry)
-        if len(data) != count * self._wire.itemsize:
-            raise CodecError(f"tensor {entry.name!r}: {len(data)} bytes, expected {count * self._wire.itemsize}")
+        _check_length(entry, data, _expected_count(entry) * self._wire.itemsize)
         array = np.frombuffer(data, dtype=self._wire).reshape(entry.shape).astype(self.dtype, copy=False)
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise CodecError(f"tensor {entry.name!r} holds NaN or Inf")
         return array
 
 
+class Float16Codec:
+    """IEEE half precision, little-endian; decodes to float32."""
+
+    name = "float16"
+    dtype = "float32"
+    stochastic = False
+
+    def encode(self, array: np.ndarray, rng: np.random.Generator | None = None) -> tuple[bytes, Meta]:
+        """Half-precision bytes; values beyond the float16 range are clipped to it."""
+        limit = float(np.finfo(np.float16).max)
+        return np.clip(_finite_input(array), -limit, limit).astype(_F16).tobytes(), {}
+
+    def decode(self, data: memoryview, entry: TensorEntry) -> np.ndarray:
+        """float32 array of `entry.shape`; rejects a length mismatch or NaN/Inf."""
+        _check_length(entry, data, _expected_count(entry) * 2)
+        array = np.frombuffer(data, dtype=_F16).astype(np.float32).reshape(entry.shape)
+        if not np.isfinite(array).all():
+            raise CodecError(f"tensor {entry.name!r} (float16) holds NaN or Inf")
+        return array
+
+
+class Int8Codec:
+    """int8 with one per-tensor scale in meta, stochastic rounding."""
+
+    name = "int8"
+    dtype = "float32"
+    stochastic = True
+
+    def encode(self, array: np.ndarray, rng: np.random.Generator | None = None) -> tuple[bytes, Meta]:
+        """int8 bytes and {"scale": max|x|/127}."""
+        q, scale = _quantize(_finite_input(array), 127, rng)
+        return q.tobytes(), {"scale": scale}
+
+    def decode(self, data: memoryview, entry: TensorEntry) -> np.ndarray:
+        """float32 array of `entry.shape` = q * scale."""
+        scale = _scale_of(entry, 127)
+        _check_length(entry, data, _expected_count(entry))
+        q = np.frombuffer(data, dtype=np.int8)
+        _check_ints(entry, q, 127)
+        return (q.astype(np.float32) * scale).reshape(entry.shape)
+
+
+class Int8RowCodec:
+    """int8 with one float32 scale per row (first axis), scales first in the bytes."""
+
+    name = "int8-row"
+    dtype = "float32"
+    stochastic = True
+
+    @staticmethod
+    def _rows(shape: tuple[int, ...] | list[int]) -> int:
+        return int(shape[0]) if len(shape) >= 2 else 1
+
+    def encode(self, array: np.ndarray, rng: np.random.Generator | None = None) -> tuple[bytes, Meta]:
+        """float32 row scales (max|row|/127) followed by int8 values; meta stays empty."""
+        flat = _finite_input(array)
+        rows = self._rows(np.shape(array))
+        matrix = flat.reshape(rows, flat.size // rows if rows else 0)
+        peaks = np.abs(matrix).max(axis=1) if matrix.size else np.zeros(rows, np.float32)
+        scales = (peaks / np.float32(127)).astype(_F32)
+        safe = np.where(scales > 0, scales, np.float32(1))
+        q = _stochastic_round(matrix / safe[:, None], 127, rng)
+        q[scales == 0] = 0
+        return scales.tobytes() + q.tobytes(), {}
+
+    def decode(self, data: memoryview, entry: TensorEntry) -> np.ndarray:
+        """float32 array of `entry.shape` = q * scale of its row."""
+        count, rows = _expected_count(entry), self._rows(entry.shape)
+        _check_length(entry, data, 4 * rows + count)
+        scales = np.frombuffer(data, dtype=_F32, count=rows)
+        if not (np.isfinite(scales) & (scales >= 0) & (scales <= _MAX_F32 / 128)).all():
+            raise CodecError(f"tensor {entry.name!r} (int8-row): row scale NaN, Inf, negative or too large")
+        q = np.frombuffer(data, dtype=np.int8, offset=4 * rows)
+        _check_ints(entry, q, 127)
+        matrix = q.reshape(rows, count // rows if rows else 0).astype(np.float32) * scales[:, None]
+        return matrix.reshape(entry.shape)
+
+
+class Int4Codec:
+    """Signed 4-bit values in [-7, 7] with a per-tensor scale, two per byte."""
+
+    name = "int4"
+    dtype = "float32"
+    stochastic = True
+
+    def encode(self, array: np.ndarray, rng: np.random.Generator | None = None) -> tuple[bytes, Meta]:
+        """Packed nibbles (low first, zero-padded) and {"scale": max|x|/7}."""
+        q, scale = _quantize(_finite_input(array), 7, rng)
+        nibbles = (q.astype(np.uint8) & 0x0F)
+        if nibbles.size % 2:
+            nibbles = np.append(nibbles, np.uint8(0))
+        return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes(), {"scale": scale}
+
+    def decode(self, data: memoryview, entry: TensorEntry) -> np.ndarray:
+        """float32 array of `entry.shape`; rejects -8 and a non-zero padding nibble."""
+        scale = _scale_of(entry, 7)
+        count = _expected_count(entry)
+        _check_length(entry, data, (count + 1) // 2)
+        packed = np.frombuffer(data, dtype=np.uint8)
+        nibbles = np.empty(packed.size * 2, np.int8)
+        nibbles[0::2] = packed & 0x0F
+        nibbles[1::2] = packed >> 4
+        if count % 2 and nibbles[-1] != 0:
+            raise CodecError(f"tensor {entry.name!r} (int4): padding nibble is not zero")
+        q = np.where(nibbles > 7, nibbles - 16, nibbles)[:count]
+        if (q == -8).any():
+            raise CodecError(f"tensor {entry.name!r} (int4): quantised value -8 outside [-7, 7]")
+        return (q.astype(np.float32) * scale).reshape(entry.shape)
+
+
+class TopKCodec:
+    """The k = max(1, ceil(fraction * n)) largest |x|, sparse; values float32 or int8."""
+
+    dtype = "float32"
+
+    def __init__(self, fraction: float = 0.1, quantized: bool = False) -> None:
+        if not (0.0 < fraction <= 1.0):
+            raise ValueError(f"top-k fraction must be in (0, 1], got {fraction!r}")
+        self.fraction = fraction
+        self.quantized = quantized
+        self.name = "topk+int8" if quantized else "topk"
+        self.stochastic = quantized
+
+    def encode(self, array: np.ndarray, rng: np.random.Generator | None = None) -> tuple[bytes, Meta]:
+        """Sparse layout of the module docstring; {"scale": ...} when values are int8."""
+        flat = _finite_input(array)
+        n = flat.size
+        k = min(n, max(1, math.ceil(round(self.fraction * n, 6))))  # round: 2e-5 * 3e5 is 6, not 7
+        if k == n:
+            positions = np.arange(n, dtype=np.int64)
+        else:
+            positions = np.sort(np.argpartition(np.abs(flat), n - k)[n - k :]).astype(np.int64)
+        gaps = np.diff(positions, prepend=0)
+        long = gaps >= _ESCAPE
+        short = np.where(long, _ESCAPE, gaps).astype(_U16)
+        head = np.array([k, int(long.sum())], _U32).tobytes() + short.tobytes() + gaps[long].astype(_U32).tobytes()
+        values = flat[positions]
+        if not self.quantized:
+            return head + values.astype(_F32).tobytes(), {}
+        q, scale = _quantize(values, 127, rng)
+        return head + q.tobytes(), {"scale": scale}
+
+    def decode(self, data: memoryview, entry: TensorEntry) -> np.ndarray:
+        """Dense float32 array of `entry.shape`, zero outside the kept positions."""
+        where = f"tensor {entry.name!r} ({entry.codec})"
+        scale = _scale_of(entry, 127) if self.quantized else np.float32(1)
+        n = _expected_count(entry)
+        if n > MAX_SPARSE_ELEMENTS:
+            raise CodecError(f"{where}: {n} elements exceed the sparse limit of {MAX_SPARSE_ELEMENTS}")
+        if len(data) < 8:
+            raise CodecError(f"{where}: {len(data)} bytes, shorter than the 8-byte sparse header")
+        k, escapes = (int(v) for v in np.frombuffer(data, dtype=_U32, count=2))
+        if k > n or escapes > k:
+            raise CodecError(f"{where}: count {k} / escapes {escapes} too large for {n} elements")
+        width = 1 if self.quantized else 4
+        _check_length(entry, data, 8 + 2 * k + 4 * escapes + width * k)
+        gaps = np.frombuffer(data, dtype=_U16, count=k, offset=8).astype(np.int64)
+        marked = gaps == _ESCAPE
+        if int(marked.sum()) != escapes:
+            raise CodecError(f"{where}: {int(marked.sum())} escape markers but {escapes} long gaps")
+        long = np.frombuffer(data, dtype=_U32, count=escapes, offset=8 + 2 * k).astype(np.int64)
+        if (long < _ESCAPE).any():
+            raise CodecError(f"{where}: long gap below {_ESCAPE} (non-canonical)")
+        gaps[marked] = long
+        if k and (gaps[1:] < 1).any():
+            raise CodecError(f"{where}: indices not strictly increasing")
+        positions = np.cumsum(gaps)
+        if k and positions[-1] >= n:
+            raise CodecError(f"{where}: index {int(positions[-1])} out of range for {n} elements")
+        offset = 8 + 2 * k + 4 * escapes
+        if self.quantized:
+            q = np.frombuffer(data, dtype=np.int8, count=k, offset=offset)
+            _check_ints(entry, q, 127)
+            values = q.astype(np.float32) * scale
+        else:
+            values = np.frombuffer(data, dtype=_F32, count=k, offset=offset).astype(np.float32)
+            if not np.isfinite(values).all():
+                raise CodecError(f"{where}: value NaN or Inf")
+        dense = np.zeros(n, np.float32)
+        dense[positions] = values
+        return dense.reshape(entry.shape)
+
+
 CODECS: MappingProxyType[str, Codec] = MappingProxyType(
     {
         "float32": RawCodec("float32", "float32"),
         "uint8": RawCodec("uint8", "uint8"),
+        "float16": Float16Codec(),
+        "int8": Int8Codec(),
+        "int8-row": Int8RowCodec(),
+        "int4": Int4Codec(),
+        "topk": TopKCodec(),
+        "topk+int8": TopKCodec(quantized=True),
     }
 )
 
 
 def get_codec(name: str) -> Codec:
-    """The codec called `name`; CodecError lists the known ones otherwise."""
+    """The codec called `name` (for decoding); CodecError lists the known ones otherwise."""
     try:
         return CODECS[name]
     except KeyError:
         raise CodecError(f"unknown codec {name!r} (known: {', '.join(sorted(CODECS))})") from None
+
+
+def parse_codec(spec: str) -> Codec:
+    """The encoder for a spec: "float32", "float16", "int8", "int8-row", "int4", "topk:0.1", "topk:0.1+int8"."""
+    spec = spec.strip()
+    if spec.startswith("topk:"):
+        body, plus, suffix = spec[len("topk:") :].partition("+")
+        if plus and suffix != "int8":
+            raise ValueError(f"codec spec {spec!r}: only '+int8' may follow a top-k fraction")
+        try:
+            fraction = float(body)
+        except ValueError:
+            raise ValueError(f"codec spec {spec!r}: top-k fraction {body!r} is not a number") from None
+        if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+            raise ValueError(f"codec spec {spec!r}: top-k fraction must be in (0, 1]")
+        return TopKCodec(fraction, quantized=bool(plus))
+    if spec in CODECS and not spec.startswith("topk"):
+        return CODECS[spec]
+    raise ValueError(
+        f"unknown codec spec {spec!r} (expected float32, uint8, float16, int8, int8-row, int4, topk:F or topk:F+int8)"
+    )
+
+
+def encode_decode(codec: Codec, array: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+    """What the receiver will decode from `array` encoded with `codec` (for error feedback)."""
+    data, meta = codec.encode(array, rng=rng)
+    entry = TensorEntry(name="t", codec=codec.name, dtype=codec.dtype, shape=list(np.shape(array)), nbytes=len(data), meta=meta)
+    return codec.decode(memoryview(data), entry)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import ValidationError
 
-from protocol.codecs import CodecError, get_codec
+from protocol.codecs import Codec, CodecError, get_codec, parse_codec
 from protocol.messages import Body, FrameHeader, RejectReason, TensorEntry
 
 MAGIC = b"TFL1"
@@ -52,16 +52,17 @@ def encode_frame(
     sender: str,
     body: Body,
     tensors: Mapping[str, np.ndarray] | None = None,
-    codec: str = "float32",
+    codec: str | Codec = "float32",
 ) -> bytes:
-    """Serialise one message and its tensors (all with `codec`) into frame bytes."""
-    coder = get_codec(codec)
+    """Serialise one message and its tensors (all with `codec`, a Codec or a parse_codec spec) into frame bytes."""
+    coder = parse_codec(codec) if isinstance(codec, str) else codec
+    rng = np.random.default_rng() if getattr(coder, "stochastic", False) else None
     entries: list[TensorEntry] = []
     parts: list[bytes] = []
     for name, array in (tensors or {}).items():
-        data, meta = coder.encode(array)
+        data, meta = coder.encode(array, rng=rng) if rng is not None else coder.encode(array)
         entries.append(
-            TensorEntry(name=name, codec=codec, dtype=coder.dtype, shape=list(array.shape), nbytes=len(data), meta=meta)
+            TensorEntry(name=name, codec=coder.name, dtype=coder.dtype, shape=list(array.shape), nbytes=len(data), meta=meta)
         )
         parts.append(data)
     payload = b"".join(parts)

@@ -1,0 +1,278 @@
+"""Compressed tensor codecs: error bounds, unbiasedness, sizes, strict decoding, frames."""
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.codecs import CODECS, CodecError, encode_decode, get_codec, parse_codec
+from protocol.frame import decode_frame, encode_frame
+from protocol.messages import Blob, TensorEntry, Update, new_id
+
+SPECS = ["float32", "float16", "int8", "int8-row", "int4", "topk:0.1", "topk:0.1+int8"]
+LOSSY = ["float16", "int8", "int8-row", "int4", "topk", "topk+int8"]
+
+
+def _x(shape=(64, 50), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _entry(codec: str, shape, data: bytes, meta=None) -> TensorEntry:
+    return TensorEntry(name="t", codec=codec, dtype="float32", shape=list(shape), nbytes=len(data), meta=meta or {})
+
+
+def _decode(codec: str, shape, data: bytes, meta=None) -> np.ndarray:
+    return get_codec(codec).decode(memoryview(data), _entry(codec, shape, data, meta))
+
+
+def test_float16_relative_error():
+    x = _x()
+    y = encode_decode(parse_codec("float16"), x)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    assert np.all(np.abs(y - x) <= 1e-3 * np.abs(x) + 1e-7)
+
+
+@pytest.mark.parametrize("spec,limit", [("int8", 127), ("int4", 7)])
+def test_per_tensor_quantizers_error_within_one_step(spec, limit):
+    x = _x(shape=(101,))  # odd length exercises int4 padding
+    codec = parse_codec(spec)
+    data, meta = codec.encode(x, rng=np.random.default_rng(1))
+    assert meta["scale"] == pytest.approx(np.abs(x).max() / limit, rel=1e-6)
+    y = codec.decode(memoryview(data), _entry(spec, x.shape, data, meta))
+    assert np.all(np.abs(y - x) <= meta["scale"] * (1 + 1e-5))
+
+
+def test_int8_row_error_within_row_scale():
+    x = _x() * np.linspace(0.01, 10, 64, dtype=np.float32)[:, None]
+    y = encode_decode(parse_codec("int8-row"), x, np.random.default_rng(2))
+    row_scale = np.abs(x).max(axis=1, keepdims=True) / 127
+    assert np.all(np.abs(y - x) <= row_scale * (1 + 1e-5))
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (7,), (3, 0), (0, 4), (2, 3, 4)])
+@pytest.mark.parametrize("spec", SPECS)
+def test_every_codec_handles_odd_shapes(spec, shape):
+    x = _x(shape=shape, seed=3)
+    y = encode_decode(parse_codec(spec), x, np.random.default_rng(0))
+    assert y.shape == x.shape and y.dtype == np.float32
+
+
+def test_zero_tensor_stays_zero():
+    for spec in SPECS:
+        assert not encode_decode(parse_codec(spec), np.zeros((5, 4), np.float32)).any()
+
+
+def test_topk_keeps_exactly_the_k_largest():
+    rng = np.random.default_rng(4)
+    x = (rng.permutation(1000).astype(np.float32) + 1) * rng.choice([-1, 1], 1000)  # distinct magnitudes
+    y = encode_decode(parse_codec("topk:0.05"), x)
+    kept = np.flatnonzero(y)
+    assert len(kept) == 50
+    assert set(kept) == set(np.argsort(-np.abs(x))[:50])
+    np.testing.assert_array_equal(y[kept], x[kept])
+    assert not y[np.setdiff1d(np.arange(1000), kept)].any()
+
+
+def test_topk_k_rounds_up_and_keeps_at_least_one():
+    assert np.count_nonzero(encode_decode(parse_codec("topk:0.001"), _x(shape=(10,)))) == 1
+    assert np.count_nonzero(encode_decode(parse_codec("topk:0.25"), _x(shape=(10,)))) == 3
+
+
+def test_topk_long_gaps_escape_to_uint32():
+    x = np.zeros(300_000, np.float32)
+    positions = [0, 5, 70_000, 70_001, 200_000, 299_999]
+    x[positions] = np.arange(1, 7, dtype=np.float32)
+    codec = parse_codec("topk:0.00002")  # k = 6
+    data, _ = codec.encode(x)
+    assert struct.unpack_from("<II", data) == (6, 3)  # gaps 69995, 129999, 99999 escaped
+    assert len(data) == 8 + 2 * 6 + 4 * 3 + 4 * 6
+    y = codec.decode(memoryview(data), _entry("topk", x.shape, data))
+    np.testing.assert_array_equal(y, x)
+
+
+def test_topk_int8_kept_values_within_scale():
+    x = _x(shape=(2000,))
+    codec = parse_codec("topk:0.1+int8")
+    data, meta = codec.encode(x, rng=np.random.default_rng(5))
+    y = codec.decode(memoryview(data), _entry(codec.name, x.shape, data, meta))
+    kept = np.argsort(-np.abs(x))[:200]
+    assert np.all(np.abs(y[kept] - x[kept]) <= meta["scale"] * (1 + 1e-5))
+    assert np.count_nonzero(y[np.setdiff1d(np.arange(2000), kept)]) == 0
+
+
+@pytest.mark.parametrize("spec,limit", [("int8", 127), ("int8-row", 127), ("int4", 7), ("topk:1+int8", 127)])
+def test_stochastic_rounding_is_unbiased(spec, limit):
+    x = _x(shape=(4, 8), seed=6)
+    codec, rng, runs = parse_codec(spec), np.random.default_rng(7), 2000
+    decoded = np.stack([encode_decode(codec, x, rng) for _ in range(runs)]).astype(np.float64)
+    peak = np.abs(x).max(axis=1, keepdims=True) if spec == "int8-row" else np.abs(x).max()
+    step = (peak / np.float32(limit)).astype(np.float64)
+    frac = np.mod(x / step, 1.0)
+    sem = step * np.sqrt(frac * (1 - frac) / runs)  # exact standard error of the mean of stochastic rounding
+    z = np.abs(decoded.mean(axis=0) - x) / np.maximum(sem, 1e-7)
+    assert (z <= 3).mean() >= 0.95 and z.max() <= 4.5  # within 3 SE, allowing for 32 elements
+    assert not np.all(decoded == decoded[0])  # actually stochastic
+
+
+def test_rng_makes_encoding_reproducible():
+    x = _x()
+    for spec in ["int8", "int8-row", "int4", "topk:0.1+int8"]:
+        a = parse_codec(spec).encode(x, rng=np.random.default_rng(9))
+        b = parse_codec(spec).encode(x, rng=np.random.default_rng(9))
+        assert a == b
+
+
+def test_bytes_for_a_million_parameters():
+    x = _x(shape=(1000, 1000))
+    size = {spec: len(parse_codec(spec).encode(x)[0]) for spec in SPECS}
+    assert size["float32"] == 4_000_000
+    assert size["float16"] == 2_000_000
+    assert size["int8"] == 1_000_000
+    assert 1_000_000 < size["int8-row"] <= 1_004_000
+    assert size["int4"] == 500_000
+    assert size["topk:0.1"] < 4_000_000 / 6
+    # k = 100k: 8 + 2k (uint16 gaps) + k (int8) = 300 kB, 13.3x; 25x would need < 4.8 index bits per entry
+    assert size["topk:0.1+int8"] == 8 + 3 * 100_000
+    assert size["topk:0.1+int8"] * 13 <= size["float32"]
+
+
+# --- strict decoding of bad bytes -------------------------------------------------------------
+
+def _topk_bytes(k, escapes, gaps, longs, values, quantized=False):
+    head = struct.pack("<II", k, escapes) + np.array(gaps, "<u2").tobytes() + np.array(longs, "<u4").tobytes()
+    return head + (np.array(values, np.int8).tobytes() if quantized else np.array(values, "<f4").tobytes())
+
+
+BAD = [
+    ("float16", (4,), b"\0" * 6, None, "bytes, expected 8"),
+    ("float16", (2,), np.array([1, np.inf], "<f2").tobytes(), None, "NaN or Inf"),
+    ("float16", (2,), np.array([1, np.nan], "<f2").tobytes(), None, "NaN or Inf"),
+    ("int8", (4,), b"\1\2\3", {"scale": 0.1}, "bytes, expected 4"),
+    ("int8", (4,), b"\1\2\3\4", {}, "scale"),
+    ("int8", (4,), b"\1\2\3\4", {"scale": "x"}, "scale"),
+    ("int8", (4,), b"\1\2\3\4", {"scale": -0.1}, "negative"),
+    ("int8", (4,), b"\1\2\3\4", {"scale": float("nan")}, "NaN"),
+    ("int8", (4,), b"\1\2\3\4", {"scale": float("inf")}, "Inf"),
+    ("int8", (4,), b"\1\2\3\x80", {"scale": 0.1}, "outside"),
+    ("int8-row", (2, 3), b"\0" * 13, None, "bytes, expected 14"),
+    ("int8-row", (2, 3), np.array([1, np.nan], "<f4").tobytes() + b"\0" * 6, None, "row scale"),
+    ("int8-row", (2, 3), np.array([1, -1], "<f4").tobytes() + b"\0" * 6, None, "row scale"),
+    ("int8-row", (3,), np.array([np.inf], "<f4").tobytes() + b"\0" * 3, None, "row scale"),
+    ("int4", (3,), b"\0", {"scale": 0.1}, "bytes, expected 2"),
+    ("int4", (3,), b"\x00\x10", {"scale": 0.1}, "padding"),
+    ("int4", (2,), b"\x08", {"scale": 0.1}, "-8"),
+    ("int4", (2,), b"\x11", {"scale": -1.0}, "negative"),
+    ("topk", (10,), b"\1\0\0", None, "shorter"),
+    ("topk", (10,), _topk_bytes(11, 0, [0] * 11, [], [1.0] * 11), None, "count"),
+    ("topk", (10,), _topk_bytes(2, 0, [1, 2], [], [1.0]), None, "bytes, expected"),
+    ("topk", (10,), _topk_bytes(2, 0, [3, 0], [], [1.0, 2.0]), None, "strictly increasing"),
+    ("topk", (10,), _topk_bytes(2, 0, [3, 7], [], [1.0, 2.0]), None, "out of range"),
+    ("topk", (10,), _topk_bytes(1, 0, [10], [], [1.0]), None, "out of range"),
+    ("topk", (10,), _topk_bytes(2, 0, [1, 2], [], [1.0, np.nan]), None, "NaN or Inf"),
+    ("topk", (10,), _topk_bytes(2, 0, [1, 2], [], [np.inf, 1.0]), None, "NaN or Inf"),
+    ("topk", (10,), _topk_bytes(1, 1, [0xFFFF], [3], [1.0]), None, "non-canonical"),
+    ("topk", (10,), _topk_bytes(1, 1, [2], [70000], [1.0]), None, "escape markers"),
+    ("topk", (10,), _topk_bytes(1, 1, [0xFFFF], [70000], [1.0]), None, "out of range"),
+    ("topk", (10**9,), _topk_bytes(1, 0, [1], [], [1.0]), None, "sparse limit"),
+    ("topk+int8", (10,), _topk_bytes(1, 0, [1], [], [1], True), {"scale": float("nan")}, "NaN"),
+    ("topk+int8", (10,), _topk_bytes(1, 0, [1], [], [-128], True), {"scale": 1.0}, "outside"),
+    ("topk+int8", (10,), _topk_bytes(2, 0, [1, 2], [], [1], True), {"scale": 1.0}, "bytes, expected"),
+]
+
+
+@pytest.mark.parametrize("codec,shape,data,meta,match", BAD)
+def test_bad_payloads_are_rejected(codec, shape, data, meta, match):
+    with pytest.raises(CodecError, match=match):
+        _decode(codec, shape, data, meta)
+
+
+@pytest.mark.parametrize("spec", SPECS[1:])
+def test_truncated_and_extended_payloads_are_rejected(spec):
+    codec = parse_codec(spec)
+    data, meta = codec.encode(_x(shape=(9, 7)))
+    for bad in (data[:-1], data + b"\0"):
+        with pytest.raises(CodecError):
+            codec.decode(memoryview(bad), _entry(codec.name, (9, 7), bad, meta))
+
+
+# --- frames and specs ---------------------------------------------------------------------------
+
+def _update() -> Update:
+    return Update(update_id=new_id(), round=1, base_version=0, tier="a", num_samples=5, steps=1,
+                  train_loss=0.1, train_accuracy=0.5, train_seconds=0.1)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_full_frame_with_each_codec(spec):
+    tensors = {"fc.weight": _x(shape=(30, 20)), "fc.bias": _x(shape=(20,), seed=1)}
+    codec = parse_codec(spec)
+    for how in (spec, codec):
+        frame = decode_frame(encode_frame("fleet1", "dev-1", _update(), tensors, how))
+        assert [e.codec for e in frame.header.tensors] == [codec.name] * 2
+        for name, x in tensors.items():
+            y = frame.tensors[name]
+            assert y.shape == x.shape and y.dtype == np.float32
+            assert np.abs(y - x).max() <= np.abs(x).max() * (1.0 if "topk" in spec else 0.2)
+
+
+def test_uint8_blob_frame_still_works():
+    blob = np.frombuffer(b"hello artifact", np.uint8)
+    body = Blob(sha256="0" * 64, name="model.onnx")
+    frame = decode_frame(encode_frame("fleet1", "agg", body, {"data": blob}, "uint8"))
+    assert frame.tensors["data"].tobytes() == b"hello artifact"
+
+
+@pytest.mark.parametrize("spec", ["", "float64", "topk", "topk:", "topk:0", "topk:-0.1", "topk:1.5", "topk:nan",
+                                  "topk:inf", "topk:abc", "topk:0.1+int4", "topk:0.1+", "int8+topk", "topk+int8"])
+def test_parse_codec_rejects_bad_specs(spec):
+    with pytest.raises(ValueError):
+        parse_codec(spec)
+
+
+def test_parse_codec_names():
+    assert {parse_codec(s).name for s in SPECS} == {"float32", "float16", "int8", "int8-row", "int4", "topk", "topk+int8"}
+    assert parse_codec("topk:0.3").fraction == 0.3
+    assert set(LOSSY) <= set(CODECS)
+
+
+def test_registry_is_read_only():
+    with pytest.raises(TypeError):
+        CODECS["evil"] = CODECS["float32"]  # type: ignore[index]
+
+
+# --- fuzzing: random input never escapes as anything but CodecError -----------------------------
+
+_meta = st.one_of(
+    st.just({}),
+    st.fixed_dictionaries({"scale": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 10**40),
+                                              st.text(max_size=3))}),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(list(CODECS)), st.lists(st.integers(0, 40), max_size=3), st.binary(max_size=600), _meta)
+def test_random_bytes_only_raise_codec_error(codec, shape, data, meta):
+    coder = get_codec(codec)
+    entry = TensorEntry(name="t", codec=codec, dtype=coder.dtype, shape=shape, nbytes=len(data), meta=meta)
+    try:
+        out = coder.decode(memoryview(data), entry)
+    except CodecError:
+        return
+    assert list(out.shape) == shape
+    if out.dtype == np.float32:
+        assert np.isfinite(out).all()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["topk", "topk+int8"]), st.integers(0, 300), st.integers(0, 40),
+       st.lists(st.integers(0, 0xFFFF), max_size=40), st.lists(st.integers(0, 2**32 - 1), max_size=4),
+       st.binary(max_size=200))
+def test_structured_sparse_fuzz_only_raises_codec_error(codec, n, k, gaps, longs, tail):
+    data = struct.pack("<II", k, len(longs)) + np.array(gaps, "<u2").tobytes() + np.array(longs, "<u4").tobytes() + tail
+    try:
+        out = _decode(codec, (n,), data, {"scale": 0.5})
+    except CodecError:
+        return
+    assert out.shape == (n,) and np.isfinite(out).all()
