@@ -69,7 +69,7 @@ class ElementwiseMean:
     def __init__(self, global_weights: Mapping[str, np.ndarray], weighted: bool = True) -> None:
         self._global = global_weights
         self._weighted = weighted
-        self._sums = {n: np.zeros_like(w, dtype=np.float64) for n, w in global_weights.items()}
+        self._sums = {n: np.zeros_like(w, dtype=np.float32) for n, w in global_weights.items()}
         # Per-element mass depends only on each update's block shape: keep totals per shape, expand once.
         self._mass_by_shape: dict[str, dict[tuple[int, ...], float]] = {n: {} for n in global_weights}
         self.count = 0
