@@ -50,7 +50,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="B: local batch size (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=0.1, help="local learning rate (default: %(default)s)")
     parser.add_argument("--arch", choices=["mlp", "cnn"], default="mlp", help="model (default: %(default)s)")
-    parser.add_argument("--codec", default="float32", help="update codec of the devices, e.g. int8 or topk:0.1+int8 "
+    parser.add_argument("--codec", default="int8", help="update codec of the devices, e.g. float32 or topk:0.1+int8 "
                         "(default: %(default)s)")
     parser.add_argument("--round-timeout", type=float, default=30.0, help="seconds per round at most (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of split, partition and sampling (default: %(default)s)")
