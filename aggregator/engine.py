@@ -125,10 +125,11 @@ class RoundEngine:
 
     def on_update(self, device_id: str, msg_id: str, update: Update, tensors: Mapping[str, np.ndarray], nbytes: int, now: float) -> list[Outgoing]:
         """Validate one update and fold it into the open round, or reject it with a reason."""
-        if update.unchanged and self._open and (a := self._open.assignments.get(device_id)):
+        assignment = self._open.assignments.get(device_id) if self._open else None
+        if update.unchanged and assignment:  # selective upload: a participant with a zero update
             if tensors:
                 return self._refuse_update(device_id, msg_id, update, RejectReason.BAD_TENSOR, "an unchanged update carries tensors")
-            tensors = {n: np.zeros(s, np.float32) for n, s in self.artifacts.tiers[a.tier].shapes.items()}
+            tensors = {n: np.zeros(s, np.float32) for n, s in self.artifacts.tiers[assignment.tier].shapes.items()}
         problem = self._check_update(device_id, update, tensors, now)
         if problem:
             return self._refuse_update(device_id, msg_id, update, *problem)
