@@ -19,6 +19,7 @@ from aggregator.artifacts import ArtifactStore
 from aggregator.engine import Outgoing, RoundEngine, reject
 from aggregator.registry import DeviceRegistry
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
+from protocol.codecs import parse_codec
 from protocol.frame import FrameError, decode_frame, encode_frame
 from protocol.messages import Blob, Fetch, Hello, RejectReason, Status, Update
 from protocol.mqtt_link import MqttLink
@@ -39,6 +40,7 @@ class AggregatorService:
         share_group: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_update_bytes: int = 64 << 20,
+        downlink_codec: str = "float32",
     ) -> None:
         self.engine = engine
         self.registry: DeviceRegistry = engine.registry
@@ -46,6 +48,7 @@ class AggregatorService:
         self.aggregator_id = aggregator_id
         self.topics = Topics(engine.config.fleet)
         self._max_update_bytes = max_update_bytes
+        self._downlink_codec = parse_codec(downlink_codec)  # fail at start on a bad name, not mid-round
         self._inbox: queue.Queue[tuple[str, bytes | FrameError]] = queue.Queue()
         self.link = MqttLink(
             broker,
@@ -129,7 +132,7 @@ class AggregatorService:
 
     def _send(self, messages: list[Outgoing]) -> None:
         for message in messages:
-            codec = "uint8" if isinstance(message.body, Blob) else "float32"
+            codec = "uint8" if isinstance(message.body, Blob) else self._downlink_codec
             frame = encode_frame(self.engine.config.fleet, self.aggregator_id, message.body, message.tensors, codec)
             if message.device_id is None:
                 self.link.publish(self.topics.rounds, frame, retain=True)

@@ -57,6 +57,14 @@ def test_demo_federation_on_embedded_broker(tmp_path, codec, update_bytes):
         assert 4 * update_bytes < r["bytes_up"] < 4 * (update_bytes + 4_000)
 
 
+def test_float16_downlink_halves_bytes_down_and_still_trains(tmp_path):
+    summary = _run_demo(tmp_path, "--clients", "4", "--rounds", "6", "--downlink", "float16")
+    assert summary["final_accuracy"] > 0.8
+    # From round 2 on only tasks go down: 4 x 85,002 float16 weights plus small headers.
+    for r in summary["rounds"][1:]:
+        assert 4 * 170_004 < r["bytes_down"] < 4 * (170_004 + 6_000)
+
+
 def test_demo_federation_on_mosquitto(tmp_path, mosquitto_url, fleet):
     summary = _run_demo(tmp_path, "--broker", mosquitto_url, "--fleet", fleet, "--clients", "8", "--rounds", "20")
     assert summary["broker"] == mosquitto_url

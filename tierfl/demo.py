@@ -52,6 +52,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", choices=["mlp", "cnn"], default="mlp", help="model (default: %(default)s)")
     parser.add_argument("--codec", default="int8", help="update codec of the devices, e.g. float32 or topk:0.1+int8 "
                         "(default: %(default)s)")
+    parser.add_argument("--downlink", choices=["float32", "float16"], default="float32",
+                        help="encoding of the weights sent to devices (default: %(default)s)")
     parser.add_argument("--round-timeout", type=float, default=30.0, help="seconds per round at most (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of split, partition and sampling (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: %(default)s)")
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
              "--rounds", str(args.rounds), "--min-clients", str(args.clients), "--fraction", str(args.fraction),
              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
              "--round-timeout", str(args.round_timeout), "--seed", str(args.seed),
-             "--eval-data", str(out / "data" / "held-out.npz")],
+             "--eval-data", str(out / "data" / "held-out.npz"), "--downlink", args.downlink],
             out / "logs" / "aggregator.log",
         )
         processes.append(aggregator)
