@@ -232,13 +232,17 @@ class RoundEngine:
         source = "none"
         by_tier: dict[str, float] = {}
         if self.evaluator is not None:
-            loss, accuracy = self.evaluator.evaluate(self.weights, self.artifacts.spec, 1.0)
-            source = "held-out"
+            by_rate = {1.0: self.evaluator.evaluate(self.weights, self.artifacts.spec, 1.0)}
             for tier in sorted({a.tier for a in current.assignments.values()}):
-                rate = self.artifacts.tiers[tier].manifest.rate
-                by_tier[tier] = self.evaluator.evaluate(
-                    slice_params(self.weights, self.artifacts.tiers[tier].shapes), self.artifacts.spec, rate
-                )[1]
+                artifacts = self.artifacts.tiers[tier]
+                rate = artifacts.manifest.rate
+                if rate not in by_rate:  # the full width is already evaluated: do not run it twice
+                    by_rate[rate] = self.evaluator.evaluate(
+                        slice_params(self.weights, artifacts.shapes), self.artifacts.spec, rate
+                    )
+                by_tier[tier] = by_rate[rate][1]
+            loss, accuracy = by_rate[1.0]
+            source = "held-out"
         elif current.evals:
             samples = sum(n for *_, n in current.evals)
             loss = sum(l * n for _, l, _, n in current.evals) / samples

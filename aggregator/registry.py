@@ -28,9 +28,6 @@ class DeviceRegistry:
     def __contains__(self, device_id: str) -> bool:
         return device_id in self._devices
 
-    def __len__(self) -> int:
-        return len(self._devices)
-
     def get(self, device_id: str) -> DeviceInfo | None:
         """The device's record, or None if it never said hello."""
         return self._devices.get(device_id)

@@ -113,10 +113,10 @@ class RawCodec:
 
     stochastic = False
 
-    def __init__(self, name: str, dtype: str) -> None:
+    def __init__(self, name: str, dtype: str, wire_dtype: str | None = None) -> None:
         self.name = name
         self.dtype = dtype
-        self._wire = np.dtype(dtype).newbyteorder("<")
+        self._wire = np.dtype(wire_dtype or dtype).newbyteorder("<")
 
     def encode(self, array: np.ndarray, rng: np.random.Generator | None = None) -> tuple[bytes, Meta]:
         """Raw little-endian bytes of `array` cast to this codec's dtype."""
@@ -131,25 +131,16 @@ class RawCodec:
         return array
 
 
-class Float16Codec:
+class Float16Codec(RawCodec):
     """IEEE half precision, little-endian; decodes to float32."""
 
-    name = "float16"
-    dtype = "float32"
-    stochastic = False
+    def __init__(self) -> None:
+        super().__init__("float16", "float32", wire_dtype="float16")
 
     def encode(self, array: np.ndarray, rng: np.random.Generator | None = None) -> tuple[bytes, Meta]:
         """Half-precision bytes; values beyond the float16 range are clipped to it."""
         limit = float(np.finfo(np.float16).max)
         return np.clip(_finite_input(array), -limit, limit).astype(_F16).tobytes(), {}
-
-    def decode(self, data: memoryview, entry: TensorEntry) -> np.ndarray:
-        """float32 array of `entry.shape`; rejects a length mismatch or NaN/Inf."""
-        _check_length(entry, data, _expected_count(entry) * 2)
-        array = np.frombuffer(data, dtype=_F16).astype(np.float32).reshape(entry.shape)
-        if not np.isfinite(array).all():
-            raise CodecError(f"tensor {entry.name!r} (float16) holds NaN or Inf")
-        return array
 
 
 class Int8Codec:

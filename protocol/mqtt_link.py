@@ -48,8 +48,6 @@ class MqttLink:
         keepalive_s: int = 30,
     ) -> None:
         self.address = address
-        self.bytes_sent = 0
-        self.bytes_received = 0
         self._subscriptions = list(subscriptions)
         self._on_frame = on_frame
         self._on_bad_frame = on_bad_frame
@@ -105,7 +103,6 @@ class MqttLink:
         for message in split_message(frame, self._max_message_bytes):
             self._client.publish(topic, message, qos=1, retain=retain)
             sent += len(message)
-        self.bytes_sent += sent
         return sent
 
     def clear_retained(self, topic: str) -> None:
@@ -130,7 +127,6 @@ class MqttLink:
         self._connected.clear()
 
     def _handle_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        self.bytes_received += len(message.payload)
         if not message.payload:
             return  # a retained message being cleared
         try:
