@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from aggregator.artifacts import ArtifactStore
+from aggregator.downlink import DOWNLINK_MODES
 from aggregator.engine import EngineConfig, RoundEngine
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.registry import DeviceRegistry
@@ -50,9 +51,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--id", dest="aggregator_id", default="aggregator", help="sender id of this aggregator (default: %(default)s)")
     net.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                      help="frames larger than this travel in hash-checked chunks (default: %(default)s)")
-    net.add_argument("--downlink", choices=["float32", "float16"], default="float32",
-                     help="encoding of the weights sent with each task; devices train from (and take deltas "
-                          "against) exactly what they decoded (default: %(default)s)")
+    net.add_argument("--downlink", choices=DOWNLINK_MODES, default="float32",
+                     help="encoding of the weights sent with each task: float32, float16, or int8-delta (int8 of "
+                          "the change since the version the device holds, exact float32 otherwise); devices train "
+                          "from exactly what they decoded (default: %(default)s)")
     net.add_argument("--share-group", help="MQTT shared-subscription group, to split devices across aggregator workers")
     model = parser.add_argument_group("model and state")
     model.add_argument("--state-dir", type=Path, default=Path("runs/aggregator"), help="durable state (default: %(default)s)")
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             broker = parse_broker(embedded.url)
             log.info("embedded broker listening at %s: start devices with `tierfl client --broker %s ...`", embedded.url, embedded.url)
         service = AggregatorService(engine, broker, aggregator_id=args.aggregator_id, share_group=args.share_group,
-                                   max_message_bytes=args.max_message_bytes, downlink_codec=args.downlink)
+                                   max_message_bytes=args.max_message_bytes, downlink=args.downlink)
         service.run(stop)
     log.info("stopped after round %d at version %d; rejected: %s", engine.record.round, engine.record.version,
              dict(engine.rejected) or "none")

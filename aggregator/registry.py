@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -16,6 +17,7 @@ class DeviceInfo:
     backend: str
     online: bool
     last_seen: float
+    holds: dict[str, int] = field(default_factory=dict)  # tier -> model version whose weights the device holds
 
 
 class DeviceRegistry:
@@ -32,9 +34,13 @@ class DeviceRegistry:
         """The device's record, or None if it never said hello."""
         return self._devices.get(device_id)
 
-    def hello(self, device_id: str, num_samples: int, num_test_samples: int, tier: str | None, backend: str, now: float) -> DeviceInfo:
+    def hello(
+        self, device_id: str, num_samples: int, num_test_samples: int, tier: str | None, backend: str, now: float,
+        holds: Mapping[str, int] | None = None,
+    ) -> DeviceInfo:
         """Register or refresh a device from its hello."""
-        info = DeviceInfo(device_id, num_samples, num_test_samples, tier, backend, online=True, last_seen=now)
+        info = DeviceInfo(device_id, num_samples, num_test_samples, tier, backend, online=True, last_seen=now,
+                          holds=dict(holds or {}))
         self._devices[device_id] = info
         return info
 
@@ -42,6 +48,11 @@ class DeviceRegistry:
         """Note that the device just sent something."""
         if info := self._devices.get(device_id):
             info.online, info.last_seen = True, now
+
+    def holds(self, device_id: str, tier: str, version: int) -> None:
+        """Note that the device holds the weights of `version` for `tier` (it just trained on them)."""
+        if info := self._devices.get(device_id):
+            info.holds[tier] = version
 
     def set_online(self, device_id: str, online: bool, now: float) -> None:
         """Apply a retained status message (offline is the device's last will)."""

@@ -16,12 +16,12 @@ import time
 import numpy as np
 
 from aggregator.artifacts import ArtifactStore
+from aggregator.downlink import Downlink
 from aggregator.engine import Outgoing, RoundEngine, reject
 from aggregator.registry import DeviceRegistry
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
-from protocol.codecs import parse_codec
 from protocol.frame import FrameError, decode_frame, encode_frame
-from protocol.messages import Blob, Fetch, Hello, RejectReason, Status, Update
+from protocol.messages import Blob, Fetch, Hello, RejectReason, Status, Task, Update
 from protocol.mqtt_link import MqttLink
 from protocol.mqtt_url import BrokerAddress
 from protocol.topics import Topics
@@ -40,7 +40,7 @@ class AggregatorService:
         share_group: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_update_bytes: int = 64 << 20,
-        downlink_codec: str = "float32",
+        downlink: str = "float32",
     ) -> None:
         self.engine = engine
         self.registry: DeviceRegistry = engine.registry
@@ -48,7 +48,7 @@ class AggregatorService:
         self.aggregator_id = aggregator_id
         self.topics = Topics(engine.config.fleet)
         self._max_update_bytes = max_update_bytes
-        self._downlink_codec = parse_codec(downlink_codec)  # fail at start on a bad name, not mid-round
+        self.downlink = Downlink(engine.config.fleet, aggregator_id, downlink, engine.config.seed)
         self._inbox: queue.Queue[tuple[str, bytes | FrameError]] = queue.Queue()
         self.link = MqttLink(
             broker,
@@ -103,6 +103,7 @@ class AggregatorService:
             self._serve_files(device, body)
         elif topic == self.topics.up(device) and isinstance(body, Update):
             self.registry.seen(device, now)
+            self.registry.holds(device, body.tier, body.base_version)
             self._send(self.engine.on_update(device, header.msg_id, body, frame.tensors, frame.nbytes, now))
         else:
             self._refuse(device, RejectReason.UNEXPECTED, f"a {body.kind!r} message does not belong on {topic}")
@@ -112,7 +113,7 @@ class AggregatorService:
             known = ", ".join(sorted(self.artifacts.tiers))
             self._refuse(device, RejectReason.UNKNOWN_TIER, f"tier {hello.tier!r} is not exported (have: {known})")
             return
-        self.registry.hello(device, hello.num_samples, hello.num_test_samples, hello.tier, hello.backend, now)
+        self.registry.hello(device, hello.num_samples, hello.num_test_samples, hello.tier, hello.backend, now, hello.holds)
         log.info("%s joined: %d samples, tier %s, backend %s", device, hello.num_samples, hello.tier or "any", hello.backend)
 
     def _serve_files(self, device: str, fetch: Fetch) -> None:
@@ -132,10 +133,18 @@ class AggregatorService:
 
     def _send(self, messages: list[Outgoing]) -> None:
         for message in messages:
-            codec = "uint8" if isinstance(message.body, Blob) else self._downlink_codec
-            frame = encode_frame(self.engine.config.fleet, self.aggregator_id, message.body, message.tensors, codec)
+            frame = self._frame(message)
             if message.device_id is None:
                 self.link.publish(self.topics.rounds, frame, retain=True)
                 continue
             sent = self.link.publish(self.topics.down(message.device_id), frame)
             self.engine.note_bytes(down=sent)
+
+    def _frame(self, message: Outgoing) -> bytes:
+        body, tensors = message.body, message.tensors
+        if isinstance(body, Task) and tensors is not None and message.device_id is not None:
+            info = self.registry.get(message.device_id)
+            held = info.holds.get(body.tier) if info else None
+            return self.downlink.task_frame(message.device_id, body, tensors, held)
+        codec = "uint8" if isinstance(body, Blob) else "float32"
+        return encode_frame(self.engine.config.fleet, self.aggregator_id, body, tensors, codec)

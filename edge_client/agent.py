@@ -67,6 +67,7 @@ class DeviceAgent:
         self._blob_arrived = threading.Condition()
         self._trainers: dict[str, OrtTrainer] = {}
         self._feedback: dict[str, ErrorFeedback] = {}
+        self._held: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # tier -> (version, weights received)
         self.link = MqttLink(
             config.broker,
             client_id=f"tierfl-{config.fleet}-{config.device_id}",
@@ -102,6 +103,7 @@ class DeviceAgent:
             num_samples=len(self.train_data),
             num_test_samples=len(self.test_data),
             backend=OrtTrainer.backend,
+            holds={tier: version for tier, (version, _) in list(self._held.items())},  # worker may add
         )
         self._publish(self.topics.status(me), hello, retain=True)  # retained: a restarted aggregator sees it
         log.info("announced %s: %d train / %d test samples", me, len(self.train_data), len(self.test_data))
@@ -161,13 +163,16 @@ class DeviceAgent:
         if not self._fetch_artifacts(task):
             log.warning("round %d: artifacts did not arrive before the deadline", task.round)
             return
+        start = self._received_weights(task, frame.tensors)
+        if start is None:
+            return
         try:
             trainer = self._trainer_for(task)
-            trainer.set_weights(frame.tensors)
+            trainer.set_weights(start)
         except (ValueError, OSError) as exc:
             log.error("round %d: cannot load tier %s: %s", task.round, task.tier, exc)
             return
-        start = frame.tensors
+        self._held[task.tier] = (task.model_version, start)
         before = trainer.evaluate(self.test_data) if task.evaluate and len(self.test_data) else None
         seed = task.seed ^ zlib.crc32(self.config.device_id.encode())
         stats = trainer.train(self.train_data, task.epochs, task.batch_size, task.learning_rate, seed)
@@ -202,6 +207,19 @@ class DeviceAgent:
             task.round, stats.steps, stats.seconds, stats.loss, stats.accuracy, sent,
             " (unchanged: below the upload threshold)" if unchanged else "",
         )
+
+    def _received_weights(self, task: Task, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """The task's weights: as sent, or the held version plus the sent delta; None if we lack that version."""
+        if task.delta_from is None:
+            return tensors
+        version, held = self._held.get(task.tier, (None, {}))
+        if version != task.delta_from or not set(tensors) <= set(held):
+            self._refuse("unusable_delta", f"round {task.round}: a delta against version {task.delta_from} of tier "
+                         f"{task.tier}, but we hold {version}; announcing what we hold")
+            self._held.pop(task.tier, None)
+            self._announce()
+            return None
+        return {name: held[name] + tensors[name] if name in tensors else held[name] for name in held}
 
     def _fetch_artifacts(self, task: Task) -> bool:
         missing = self.cache.missing(task.artifacts)

@@ -53,14 +53,20 @@ def encode_frame(
     body: Body,
     tensors: Mapping[str, np.ndarray] | None = None,
     codec: str | Codec = "float32",
+    rng: np.random.Generator | None = None,
 ) -> bytes:
-    """Serialise one message and its tensors (all with `codec`, a Codec or a parse_codec spec) into frame bytes."""
+    """Serialise one message and its tensors (all with `codec`, a Codec or a parse_codec spec) into frame bytes.
+
+    A stochastic codec draws from `rng` (fresh entropy when None); a seeded generator makes the
+    bytes reproducible.
+    """
     coder = parse_codec(codec) if isinstance(codec, str) else codec
-    rng = np.random.default_rng() if getattr(coder, "stochastic", False) else None
+    if rng is None and getattr(coder, "stochastic", False):
+        rng = np.random.default_rng()
     entries: list[TensorEntry] = []
     parts: list[bytes] = []
     for name, array in (tensors or {}).items():
-        data, meta = coder.encode(array, rng=rng) if rng is not None else coder.encode(array)
+        data, meta = coder.encode(array, rng=rng)
         entries.append(
             TensorEntry(name=name, codec=coder.name, dtype=coder.dtype, shape=list(array.shape), nbytes=len(data), meta=meta)
         )

@@ -50,6 +50,7 @@ class Hello(_Strict):
     num_test_samples: Count = 0
     backend: str = "ort-training"
     libraries: dict[str, str] = {}
+    holds: dict[Identifier, Count] = {}  # tier -> model version whose weights the device still holds
 
 
 class Status(_Strict):
@@ -74,6 +75,7 @@ class Task(_Strict):
     deadline: float  # unix time by which the update must arrive
     seed: int = 0
     evaluate: bool = True  # also report loss/accuracy of the received weights on the local test split
+    delta_from: Count | None = None  # tensors are a delta to add to this version of the tier, which the device holds
 
 
 class Fetch(_Strict):

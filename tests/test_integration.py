@@ -57,12 +57,14 @@ def test_demo_federation_on_embedded_broker(tmp_path, codec, update_bytes):
         assert 4 * update_bytes < r["bytes_up"] < 4 * (update_bytes + 4_000)
 
 
-def test_float16_downlink_halves_bytes_down_and_still_trains(tmp_path):
-    summary = _run_demo(tmp_path, "--clients", "4", "--rounds", "6", "--downlink", "float16")
+@pytest.mark.parametrize("downlink,task_bytes", [("float16", 170_004), ("int8-delta", 85_002)])
+def test_compact_downlink_cuts_bytes_down_and_still_trains(tmp_path, downlink, task_bytes):
+    summary = _run_demo(tmp_path, "--clients", "4", "--rounds", "6", "--downlink", downlink)
     assert summary["final_accuracy"] > 0.8
-    # From round 2 on only tasks go down: 4 x 85,002 float16 weights plus small headers.
+    # From round 2 on only tasks go down (int8-delta: every device holds the previous version):
+    # 4 x 85,002 weights in the downlink's encoding plus small headers.
     for r in summary["rounds"][1:]:
-        assert 4 * 170_004 < r["bytes_down"] < 4 * (170_004 + 6_000)
+        assert 4 * task_bytes < r["bytes_down"] < 4 * (task_bytes + 6_000)
 
 
 def test_demo_federation_on_mosquitto(tmp_path, mosquitto_url, fleet):

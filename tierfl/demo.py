@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from aggregator.downlink import DOWNLINK_MODES
 from edge_client.data import dirichlet_partition, load_digits, save_npz, train_test_split
 from models.export import export_all
 from models.zoo import ModelSpec
@@ -52,8 +53,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", choices=["mlp", "cnn"], default="mlp", help="model (default: %(default)s)")
     parser.add_argument("--codec", default="int8", help="update codec of the devices, e.g. float32 or topk:0.1+int8 "
                         "(default: %(default)s)")
-    parser.add_argument("--downlink", choices=["float32", "float16"], default="float32",
-                        help="encoding of the weights sent to devices (default: %(default)s)")
+    parser.add_argument("--downlink", choices=DOWNLINK_MODES, default="int8-delta",
+                        help="encoding of the weights sent to devices: float32, float16 or int8-delta "
+                             "(default: %(default)s)")
     parser.add_argument("--round-timeout", type=float, default=30.0, help="seconds per round at most (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of split, partition and sampling (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: %(default)s)")
