@@ -17,6 +17,7 @@ from aggregator.registry import DeviceRegistry
 from aggregator.service import AggregatorService
 from aggregator.state import StateStore
 from aggregator.strategy import FedAvg
+from aggregator.tiering import TIER_POLICIES, make_tier_policy, parse_tier_mix
 from edge_client.data import load_dataset
 from models.export import export_all
 from models.zoo import ModelSpec
@@ -30,6 +31,9 @@ EPILOG = """examples:
   # against Mosquitto, waiting for 4 devices, 20 rounds of FedAvg with C=0.5, E=2, B=16:
   tierfl aggregator --broker mqtt://127.0.0.1:1883 --fleet lab --min-clients 4 \\
       --fraction 0.5 --epochs 2 --batch-size 16 --rounds 20 --state-dir runs/lab
+
+  # HeteroFL: export tiers a, c and e; each device gets the widest tier that fits the deadline:
+  tierfl aggregator --broker mqtt://127.0.0.1:1883 --tiers a,c,e --tier-policy auto --round-timeout 60
 
   # restart with the same --state-dir to resume from the last committed round.
 """
@@ -62,6 +66,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--arch", choices=["mlp", "cnn"], default="mlp", help="model to export when no --artifacts (default: %(default)s)")
     model.add_argument("--image-size", type=int, choices=[8, 28], default=8, help="input size of that model (default: %(default)s)")
     model.add_argument("--tiers", default="a", help="tiers to export when no --artifacts, e.g. a,b,c (default: %(default)s)")
+    tiers = parser.add_argument_group("device tiers (HeteroFL)")
+    tiers.add_argument("--tier-policy", choices=TIER_POLICIES, default="fixed",
+                       help="fixed: a device keeps one tier (a seeded draw from the mix); dynamic: drawn again every "
+                            "round; auto: the widest tier whose E epochs fit in 70%% of --round-timeout, from the "
+                            "device's announced or measured speed. A tier the device asks for always wins "
+                            "(default: %(default)s)")
+    tiers.add_argument("--tier-mix", help="tier shares as HeteroFL writes them: a2-e8 (20%% a, 80%% e), a-b-c (equal) "
+                       "(default: every exported tier, equal shares)")
+    tiers.add_argument("--aggregation", choices=["weighted", "unweighted"], default="weighted",
+                       help="mean of each element over the devices holding it: weighted by samples, or HeteroFL's "
+                            "plain mean (default: %(default)s)")
     model.add_argument("--eval-data", help="held-out set for global accuracy: digits | fashion-mnist:test | FILE.npz "
                        "(default: federated evaluation on the devices' local test splits)")
     rounds = parser.add_argument_group("rounds (FedAvg)")
@@ -94,9 +109,13 @@ def run(args: argparse.Namespace) -> int:
         fleet=args.fleet, rounds=args.rounds, min_updates=args.min_updates,
         round_timeout_s=args.round_timeout, seed=args.seed,
     )
+    mix = parse_tier_mix(args.tier_mix or "-".join(artifacts.tiers))
+    if missing := sorted(set(mix) - set(artifacts.tiers)):
+        raise ValueError(f"--tier-mix names tiers {', '.join(missing)} that the export lacks (have: {', '.join(artifacts.tiers)})")
+    policy = make_tier_policy(args.tier_policy, mix, artifacts.spec, args.epochs, args.round_timeout, args.seed)
     strategy = FedAvg(
-        fraction=args.fraction, min_clients=args.min_clients, epochs=args.epochs,
-        batch_size=args.batch_size, learning_rate=args.lr, default_tier=min(artifacts.tiers), seed=args.seed,
+        fraction=args.fraction, min_clients=args.min_clients, epochs=args.epochs, batch_size=args.batch_size,
+        learning_rate=args.lr, tiers=policy, weighted=args.aggregation == "weighted", seed=args.seed,
     )
     evaluator = HeldOutEvaluator(load_dataset(args.eval_data)) if args.eval_data else None
     engine = RoundEngine(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(), evaluator)

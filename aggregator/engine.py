@@ -138,6 +138,9 @@ class RoundEngine:
         self._open.answered.add(device_id)
         self._open.bytes_up += nbytes
         self._open.accumulator.add(ClientUpdate(device_id, update.tier, update.num_samples, tensors))
+        if update.train_seconds > 0 and not update.unchanged:
+            samples = self._open.assignments[device_id].epochs * update.num_samples
+            self.registry.measured_speed(device_id, update.tier, update.train_seconds / samples)
         if update.eval_accuracy is not None and update.eval_loss is not None and update.eval_samples:
             self._open.evals.append((update.tier, update.eval_loss, update.eval_accuracy, update.eval_samples))
         log.info("round %d: update %d/%d from %s (%d samples)", update.round, len(self._open.answered),

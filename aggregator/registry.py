@@ -18,6 +18,7 @@ class DeviceInfo:
     online: bool
     last_seen: float
     holds: dict[str, int] = field(default_factory=dict)  # tier -> model version whose weights the device holds
+    seconds_per_sample: dict[str, float] = field(default_factory=dict)  # tier -> training speed, announced or measured
 
 
 class DeviceRegistry:
@@ -36,11 +37,11 @@ class DeviceRegistry:
 
     def hello(
         self, device_id: str, num_samples: int, num_test_samples: int, tier: str | None, backend: str, now: float,
-        holds: Mapping[str, int] | None = None,
+        holds: Mapping[str, int] | None = None, seconds_per_sample: Mapping[str, float] | None = None,
     ) -> DeviceInfo:
         """Register or refresh a device from its hello."""
         info = DeviceInfo(device_id, num_samples, num_test_samples, tier, backend, online=True, last_seen=now,
-                          holds=dict(holds or {}))
+                          holds=dict(holds or {}), seconds_per_sample=dict(seconds_per_sample or {}))
         self._devices[device_id] = info
         return info
 
@@ -53,6 +54,11 @@ class DeviceRegistry:
         """Note that the device holds the weights of `version` for `tier` (it just trained on them)."""
         if info := self._devices.get(device_id):
             info.holds[tier] = version
+
+    def measured_speed(self, device_id: str, tier: str, seconds_per_sample: float) -> None:
+        """Record how fast the device just trained `tier` (seconds per training sample)."""
+        if (info := self._devices.get(device_id)) and seconds_per_sample > 0:
+            info.seconds_per_sample[tier] = seconds_per_sample
 
     def set_online(self, device_id: str, online: bool, now: float) -> None:
         """Apply a retained status message (offline is the device's last will)."""

@@ -113,7 +113,8 @@ class AggregatorService:
             known = ", ".join(sorted(self.artifacts.tiers))
             self._refuse(device, RejectReason.UNKNOWN_TIER, f"tier {hello.tier!r} is not exported (have: {known})")
             return
-        self.registry.hello(device, hello.num_samples, hello.num_test_samples, hello.tier, hello.backend, now, hello.holds)
+        self.registry.hello(device, hello.num_samples, hello.num_test_samples, hello.tier, hello.backend, now,
+                            hello.holds, hello.seconds_per_sample)
         log.info("%s joined: %d samples, tier %s, backend %s", device, hello.num_samples, hello.tier or "any", hello.backend)
 
     def _serve_files(self, device: str, fetch: Fetch) -> None:

@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from aggregator.registry import DeviceInfo
+from aggregator.tiering import FixedTiers, TierPolicy
 from models.slicing import leading_slices
 
 Weights = dict[str, np.ndarray]
@@ -97,7 +98,12 @@ class ElementwiseMean:
 
 class FedAvg:
     """FedAvg (McMahan et al.): a seeded fraction C of the available devices, E epochs of batch B,
-    updates averaged weighted by sample count over the devices that answered."""
+    updates averaged weighted by sample count over the devices that answered.
+
+    With a tier policy over several tiers this is HeteroFL: each device trains its tier's slice
+    and every element is averaged over the devices that hold it (`weighted=False`: HeteroFL's
+    plain mean over those devices).
+    """
 
     name = "fedavg"
 
@@ -108,7 +114,8 @@ class FedAvg:
         epochs: int = 1,
         batch_size: int = 32,
         learning_rate: float = 0.05,
-        default_tier: str = "a",
+        tiers: TierPolicy | None = None,
+        weighted: bool = True,
         seed: int = 0,
     ) -> None:
         if not 0 < fraction <= 1:
@@ -118,7 +125,8 @@ class FedAvg:
         self.epochs = epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
-        self.default_tier = default_tier
+        self.tiers = tiers if tiers is not None else FixedTiers({"a": 1.0})
+        self.weighted = weighted
         self.seed = seed
 
     def configure_round(self, round_number: int, available: Sequence[DeviceInfo]) -> list[Assignment]:
@@ -127,18 +135,19 @@ class FedAvg:
             return []
         count = min(len(available), max(self.min_clients, math.ceil(self.fraction * len(available))))
         rng = np.random.default_rng([self.seed, round_number])
-        chosen = sorted(rng.choice(len(available), size=count, replace=False))
+        chosen = [available[i] for i in sorted(rng.choice(len(available), size=count, replace=False))]
+        tiers = self.tiers.assign(round_number, chosen)
         return [
             Assignment(
-                device_id=available[i].device_id,
-                tier=available[i].requested_tier or self.default_tier,
+                device_id=device.device_id,
+                tier=tiers[device.device_id],
                 epochs=self.epochs,
                 batch_size=self.batch_size,
                 learning_rate=self.learning_rate,
             )
-            for i in chosen
+            for device in chosen
         ]
 
     def start_aggregation(self, global_weights: Mapping[str, np.ndarray]) -> Accumulator:
-        """A sample-weighted element-wise mean of the deltas."""
-        return ElementwiseMean(global_weights, weighted=True)
+        """An element-wise mean of the deltas, weighted by samples unless configured otherwise."""
+        return ElementwiseMean(global_weights, weighted=self.weighted)

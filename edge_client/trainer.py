@@ -69,6 +69,13 @@ class OrtTrainer:
         )
         self._optimizer = ort_api.Optimizer(str(tier_dir / "optimizer_model.onnx"), self._module)
         self._parameters = self._state.parameters
+        self._scaled = manifest.scaler
+
+    def _run(self, x: np.ndarray, y: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """One call of the current (train or eval) graph: (loss, logits)."""
+        if self._scaled:
+            return self._module(x, np.array([scale], np.float32), y)
+        return self._module(x, y)
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Load weights by name; names and shapes must match the manifest exactly."""
@@ -94,7 +101,7 @@ class OrtTrainer:
         loss_sum = 0.0
         for _ in range(epochs):
             for x, y in batches(data, batch_size, rng):
-                loss, logits = self._module(x, y)
+                loss, logits = self._run(x, y, 1.0 / self.manifest.rate)
                 self._optimizer.step()
                 self._module.lazy_reset_grad()
                 steps += 1
@@ -115,7 +122,7 @@ class OrtTrainer:
         loss_sum, correct = 0.0, 0
         for i in range(0, len(data), batch_size):
             x, y = data.x[i : i + batch_size], data.y[i : i + batch_size]
-            loss, logits = self._module(x, y)
+            loss, logits = self._run(x, y, 1.0)
             loss_sum += float(loss) * len(y)
             correct += int((logits.argmax(axis=1) == y).sum())
         n = len(data)

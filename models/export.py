@@ -3,6 +3,7 @@
 Layout of `out_dir`: `index.json`, and per tier `<tier>/` with `training_model.onnx`,
 `eval_model.onnx` (returns loss, logits), `optimizer_model.onnx`, `checkpoint` (the tier's
 starting weights), `inference.onnx` (forward graph with those weights) and `manifest.json`.
+With the scaler on, the training and eval graphs take it as a second input (`scale`, see zoo).
 Every tier starts from the leading block of the same rate-1 global model.
 """
 
@@ -89,20 +90,27 @@ def _libraries(training: TrainingAPI) -> dict[str, str]:
     return {"onnx": onnx.__version__, "onnxruntime": training.version, "numpy": np.__version__}
 
 
-def export_tier(spec: ModelSpec, tier: str, out_dir: str | os.PathLike[str], optimizer: Optimizer = "sgd") -> TierManifest:
-    """Write one tier's training artifacts, inference model and manifest into `out_dir/<tier>/`."""
+def export_tier(
+    spec: ModelSpec, tier: str, out_dir: str | os.PathLike[str], optimizer: Optimizer = "sgd", scaler: bool | None = None
+) -> TierManifest:
+    """Write one tier's training artifacts, inference model and manifest into `out_dir/<tier>/`.
+
+    `scaler` adds HeteroFL's scaler input to the training graph (default: with batch norm only,
+    as in HeteroFL, where the norm that follows keeps the forward pass in range).
+    """
     rate = tier_rate(tier)
+    scaler = spec.batch_norm if scaler is None else scaler
     training = load_training_api()
     started = time.perf_counter()
     shapes = param_shapes(spec, rate)
     params = slice_params(init_global_params(spec), shapes)
-    forward = build_forward(spec, rate, params)
+    forward = build_forward(spec, rate, params, scaler=scaler)
     tier_dir = Path(out_dir) / tier
     tier_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tier_dir, prefix=".staging-") as staging:
         stage = Path(staging)
         _generate(training, spec, forward, optimizer, stage)
-        onnx.save(forward, stage / "inference.onnx")
+        onnx.save(build_forward(spec, rate, params), stage / "inference.onnx")
         files = {name: _sha256(stage / name) for name in ARTIFACT_FILES}
         for name in ARTIFACT_FILES:
             os.replace(stage / name, tier_dir / name)
@@ -115,6 +123,7 @@ def export_tier(spec: ModelSpec, tier: str, out_dir: str | os.PathLike[str], opt
         optimizer=optimizer,
         input_name=INPUT_NAME,
         input_shape=["N", 1, size, size],
+        scaler=scaler,
         output_name=OUTPUT_NAME,
         params=[ParamInfo(name=n, shape=list(s), trainable=n not in frozen) for n, s in shapes.items()],
         files=files,
@@ -129,14 +138,18 @@ def export_tier(spec: ModelSpec, tier: str, out_dir: str | os.PathLike[str], opt
 
 
 def export_all(
-    spec: ModelSpec, tiers: Iterable[str], out_dir: str | os.PathLike[str], optimizer: Optimizer = "sgd"
+    spec: ModelSpec,
+    tiers: Iterable[str],
+    out_dir: str | os.PathLike[str],
+    optimizer: Optimizer = "sgd",
+    scaler: bool | None = None,
 ) -> ExportIndex:
     """Export every tier in `tiers` and write `out_dir/index.json`."""
     tiers = list(dict.fromkeys(tiers))
     for tier in tiers:
         tier_rate(tier)  # fail on an unknown tier before writing anything
     out = Path(out_dir)
-    manifests = {tier: export_tier(spec, tier, out, optimizer) for tier in tiers}
+    manifests = {tier: export_tier(spec, tier, out, optimizer, scaler) for tier in tiers}
     ordered = sorted(manifests, key=list(TIER_RATES).index)
     index = ExportIndex(model=spec, tiers={t: f"{t}/{MANIFEST_NAME}" for t in ordered})
     index.save(out / INDEX_NAME)

@@ -59,6 +59,7 @@ class TierManifest(_JsonFile):
     optimizer: Literal["sgd", "adamw"]
     input_name: str
     input_shape: list[int | Literal["N"]]
+    scaler: bool = False  # training/eval graphs take a `scale` [1] input: 1/rate to train, 1 to evaluate
     output_name: str
     params: list[ParamInfo]
     files: dict[str, FileEntry]

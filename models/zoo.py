@@ -25,6 +25,7 @@ OPSET = 17
 IR_VERSION = 10  # onnxruntime 1.19 refuses IR 11+
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+SCALE_NAME = "scale"  # HeteroFL's scaler: hidden pre-activations times this [1] input (1/rate in training, 1 otherwise)
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # ONNX convention (PyTorch momentum 0.1)
 _RUNNING_STATS = ("running_mean", "running_var")
@@ -131,6 +132,19 @@ def param_shapes(spec: ModelSpec, rate: float = 1.0) -> dict[str, tuple[int, ...
     return shapes
 
 
+def forward_macs(spec: ModelSpec, rate: float = 1.0) -> int:
+    """Multiply-accumulates of one sample's forward pass at `rate` (a device-independent cost unit)."""
+    macs, side = 0, spec.image_size
+    for step in _plan(spec, rate):
+        if step.op == "fc":
+            macs += step.fan_in * step.out
+        elif step.op == "conv":
+            macs += step.fan_in * step.out * 9 * side * side
+        elif step.op == "pool":
+            side //= 2
+    return macs
+
+
 def frozen_names(spec: ModelSpec) -> list[str]:
     """Parameters that are not trained: the BatchNorm running statistics."""
     return [n for n in param_shapes(spec) if n.rsplit(".", 1)[1] in _RUNNING_STATS]
@@ -184,9 +198,13 @@ def _node(step: _Step, x: str, y: str, index: int) -> onnx.NodeProto:
 
 
 def build_forward(
-    spec: ModelSpec, rate: float, params: dict[str, np.ndarray], params_as_inputs: bool = False
+    spec: ModelSpec, rate: float, params: dict[str, np.ndarray], params_as_inputs: bool = False, scaler: bool = False
 ) -> onnx.ModelProto:
-    """Forward graph `input` [N,1,H,W] -> `logits` [N,classes] with `params` as initializers or inputs."""
+    """Forward graph `input` [N,1,H,W] -> `logits` [N,classes] with `params` as initializers or inputs.
+
+    With `scaler`, a second input `scale` [1] multiplies the output of every hidden fc/conv layer
+    (HeteroFL's scaler: the trainer feeds 1/rate while training and 1 when evaluating).
+    """
     shapes = param_shapes(spec, rate)
     if set(params) != set(shapes):
         missing, extra = sorted(set(shapes) - set(params)), sorted(set(params) - set(shapes))
@@ -198,11 +216,17 @@ def build_forward(
     nodes: list[onnx.NodeProto] = []
     x = INPUT_NAME
     for index, step in enumerate(steps):
-        y = OUTPUT_NAME if index == len(steps) - 1 else f"{step.op}{index}_out"
+        last = index == len(steps) - 1
+        y = OUTPUT_NAME if last else f"{step.op}{index}_out"
         nodes.append(_node(step, x, y, index))
+        if scaler and step.op in ("fc", "conv") and not last:
+            nodes.append(helper.make_node("Mul", [y, SCALE_NAME], [f"{y}_scaled"], name=f"scaler{index}"))
+            y = f"{y}_scaled"
         x = y
     size = spec.image_size
     inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 1, size, size])]
+    if scaler:
+        inputs.append(helper.make_tensor_value_info(SCALE_NAME, TensorProto.FLOAT, [1]))
     tensors = [numpy_helper.from_array(np.ascontiguousarray(params[n], dtype=np.float32), n) for n in shapes]
     if params_as_inputs:
         inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in shapes.items()]

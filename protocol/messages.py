@@ -51,6 +51,7 @@ class Hello(_Strict):
     backend: str = "ort-training"
     libraries: dict[str, str] = {}
     holds: dict[Identifier, Count] = {}  # tier -> model version whose weights the device still holds
+    seconds_per_sample: dict[Identifier, Annotated[float, Field(gt=0, le=3600)]] = {}  # tier -> benchmark
 
 
 class Status(_Strict):

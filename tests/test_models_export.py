@@ -57,9 +57,17 @@ def _session(tier_dir: Path) -> tuple[object, object, object]:
     return state, module, api.Optimizer(str(tier_dir / "optimizer_model.onnx"), module)
 
 
+def _call(module, x: np.ndarray, y: np.ndarray, scale: float = 1.0):  # noqa: ANN001, ANN202 - an ORT Module
+    """Run the module, feeding HeteroFL's scaler input when the graph has one."""
+    if "scale" in module.input_names():
+        return module(x, np.array([scale], np.float32), y)
+    return module(x, y)
+
+
 def _train_accuracy(tier_dir: Path, digits: tuple, epochs: int, lr: float, batch: int = 32) -> float:
     """Train with api.Module + api.Optimizer on digits; return test accuracy from the eval model."""
     x, y, x_test, y_test = digits
+    rate = TierManifest.load(tier_dir / "manifest.json").rate
     _, module, optimizer = _session(tier_dir)
     optimizer.set_learning_rate(lr)
     rng = np.random.default_rng(1)
@@ -68,11 +76,11 @@ def _train_accuracy(tier_dir: Path, digits: tuple, epochs: int, lr: float, batch
         order = rng.permutation(len(x))
         for start in range(0, len(x), batch):
             idx = order[start : start + batch]
-            module(x[idx], y[idx])
+            _call(module, x[idx], y[idx], 1.0 / rate)
             optimizer.step()
             module.lazy_reset_grad()
     module.eval()
-    loss, logits = module(x_test, y_test)
+    loss, logits = _call(module, x_test, y_test)
     assert np.isfinite(loss) and logits.shape == (len(x_test), 10)
     return float((logits.argmax(1) == y_test).mean())
 
@@ -171,7 +179,7 @@ def test_bn_running_stats_move_although_frozen(digits: tuple, tmp_path: Path) ->
     export_tier(CNN_BN, "c", tmp_path)
     state, module, optimizer = _session(tmp_path / "c")
     module.train()
-    module(digits[0][:64], digits[1][:64])
+    _call(module, digits[0][:64], digits[1][:64], 4.0)
     optimizer.step()
     for name in frozen_names(CNN_BN):
         initial = 0.0 if name.endswith("running_mean") else 1.0

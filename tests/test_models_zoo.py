@@ -15,6 +15,7 @@ from models.tiers import TIER_RATES, scaled_width, tier_rate
 from models.zoo import (
     ModelSpec,
     build_forward,
+    forward_macs,
     frozen_names,
     init_global_params,
     param_shapes,
@@ -180,6 +181,29 @@ def test_forward_graph_valid_and_runs(spec: ModelSpec, tier: str) -> None:
     assert [i.name for i in as_inputs.graph.input] == ["input", *param_shapes(spec, rate)]
     (fed,) = ort.InferenceSession(as_inputs.SerializeToString()).run(None, {"input": x, **params})
     np.testing.assert_allclose(fed, logits, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec,hidden_layers", [(SPECS[0], 2), (SPECS[2], 3), (SPECS[4], 3), (SPECS[5], 2)], ids=lambda s: str(s))
+def test_scaler_input_multiplies_every_hidden_layer(spec: ModelSpec, hidden_layers: int) -> None:
+    rate = 0.25
+    params = slice_params(init_global_params(spec), param_shapes(spec, rate))
+    plain, scaled = build_forward(spec, rate, params), build_forward(spec, rate, params, scaler=True)
+    onnx.checker.check_model(scaled, full_check=True)
+    assert sum(node.op_type == "Mul" for node in scaled.graph.node) == hidden_layers
+    x = np.random.default_rng(0).random((4, 1, spec.image_size, spec.image_size), dtype=np.float32)
+    (expected,) = ort.InferenceSession(plain.SerializeToString()).run(None, {"input": x})
+    session = ort.InferenceSession(scaled.SerializeToString())
+    (at_one,) = session.run(None, {"input": x, "scale": np.array([1.0], np.float32)})
+    np.testing.assert_allclose(at_one, expected, rtol=1e-5, atol=1e-6)  # evaluation feeds 1: the plain model
+    (at_four,) = session.run(None, {"input": x, "scale": np.array([4.0], np.float32)})
+    assert not np.allclose(at_four, expected)
+
+
+def test_forward_macs_shrink_with_the_tier() -> None:
+    spec = ModelSpec(arch="mlp")
+    assert forward_macs(spec) == 64 * 256 + 256 * 256 + 256 * 10
+    macs = [forward_macs(ModelSpec(arch="cnn", image_size=28), r) for r in TIER_RATES.values()]
+    assert macs == sorted(macs, reverse=True) and macs[0] > 100 * macs[-1]
 
 
 def test_forward_rejects_wrong_params() -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from aggregator.registry import DeviceInfo
 from aggregator.strategy import ClientUpdate, ElementwiseMean, FedAvg
+from aggregator.tiering import FixedTiers
 
 
 def _devices(k: int, tiers: dict[int, str] | None = None) -> list[DeviceInfo]:
@@ -78,7 +79,7 @@ def test_fedavg_selection_reproducible_per_seed_and_round_and_varies_across_roun
 
 def test_fedavg_assignment_tier_and_task_settings() -> None:
     available = _devices(4, tiers={1: "b", 3: "e"})
-    strategy = FedAvg(fraction=1.0, epochs=3, batch_size=16, learning_rate=0.2, default_tier="c")
+    strategy = FedAvg(fraction=1.0, epochs=3, batch_size=16, learning_rate=0.2, tiers=FixedTiers({"c": 1.0}))
     chosen = {a.device_id: a for a in strategy.configure_round(1, available)}
     assert {d: a.tier for d, a in chosen.items()} == {"dev00": "c", "dev01": "b", "dev02": "c", "dev03": "e"}
     for a in chosen.values():

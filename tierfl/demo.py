@@ -38,7 +38,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Run a demo federation on this machine: an MQTT broker (embedded unless --broker), the "
         "aggregator and N devices as separate processes, each device on its own non-IID share of "
-        "scikit-learn digits, FedAvg for R rounds. Shows a progress bar with accuracy and bytes on "
+        "scikit-learn digits and with its own tier (HeteroFL width), FedAvg for R rounds. Shows a progress bar with accuracy and bytes on "
         "the wire; writes OUT/summary.json, OUT/accuracy.png and per-process logs in OUT/logs."
     )
     parser.add_argument("--broker", help="mqtt://host:port of a running broker (default: an embedded one)")
@@ -51,6 +51,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="B: local batch size (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=0.1, help="local learning rate (default: %(default)s)")
     parser.add_argument("--arch", choices=["mlp", "cnn"], default="mlp", help="model (default: %(default)s)")
+    parser.add_argument("--tiers", default="a,b,c", help="device tiers, given to the devices in turn: device-0 gets the "
+                        "first, device-1 the second, ... (default: %(default)s)")
     parser.add_argument("--codec", default="int8", help="update codec of the devices, e.g. float32 or topk:0.1+int8 "
                         "(default: %(default)s)")
     parser.add_argument("--downlink", choices=DOWNLINK_MODES, default="int8-delta",
@@ -61,7 +63,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: %(default)s)")
 
 
-def prepare(out: Path, clients: int, alpha: float, arch: str, seed: int) -> None:
+def prepare(out: Path, clients: int, alpha: float, arch: str, tiers: list[str], seed: int) -> None:
     """Write the held-out set, one non-IID share per device, and the model's artifacts under `out`."""
     for sub in ("state", "data", "devices", "logs", "artifacts"):
         shutil.rmtree(out / sub, ignore_errors=True)
@@ -71,7 +73,7 @@ def prepare(out: Path, clients: int, alpha: float, arch: str, seed: int) -> None
     save_npz(out / "data" / "held-out.npz", held_out)
     for i, part in enumerate(dirichlet_partition(train.y, clients, alpha, seed)):
         save_npz(out / "data" / f"device-{i}.npz", train.subset(part))
-    export_all(ModelSpec(arch=arch, image_size=8, seed=seed), ["a"], out / "artifacts")
+    export_all(ModelSpec(arch=arch, image_size=8, seed=seed), tiers, out / "artifacts")
 
 
 def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -101,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     out: Path = args.out
     fleet = args.fleet
-    prepare(out, args.clients, args.alpha, args.arch, args.seed)
+    tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
+    prepare(out, args.clients, args.alpha, args.arch, tiers, args.seed)
     summaries: queue.Queue[RoundSummary] = queue.Queue()
     history: list[RoundSummary] = []
     processes: list[subprocess.Popen[bytes]] = []
@@ -123,12 +126,13 @@ def run(args: argparse.Namespace) -> int:
         for i in range(args.clients):
             processes.append(_spawn(
                 ["client", *common, "--device-id", f"device-{i}", "--data", str(out / "data" / f"device-{i}.npz"),
-                 "--cache-dir", str(out / "devices" / f"device-{i}"), "--codec", args.codec],
+                 "--cache-dir", str(out / "devices" / f"device-{i}"), "--codec", args.codec,
+                 "--tier", tiers[i % len(tiers)]],
                 out / "logs" / f"device-{i}.log",
             ))
         stack.callback(_stop_all, processes)
-        print(f"demo: {args.clients} devices, {args.rounds} rounds of FedAvg on digits (Dirichlet alpha={args.alpha}) "
-              f"over {url}; logs in {out / 'logs'}", file=sys.stderr)
+        print(f"demo: {args.clients} devices of tiers {'/'.join(tiers)}, {args.rounds} rounds of FedAvg on digits "
+              f"(Dirichlet alpha={args.alpha}) over {url}; logs in {out / 'logs'}", file=sys.stderr)
         with tqdm(total=args.rounds, desc="rounds", unit="round", file=sys.stderr, dynamic_ncols=True) as bar:
             while aggregator.poll() is None or not summaries.empty():
                 try:
@@ -137,8 +141,9 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 history.append(summary)
                 bar.update(1)
+                by_tier = " ".join(f"{t}:{a:.2f}" for t, a in sorted(summary.accuracy_by_tier.items()))
                 bar.set_postfix_str(
-                    f"acc {summary.accuracy or 0:.3f}  answered {summary.answered}/{summary.selected}  "
+                    f"acc {summary.accuracy or 0:.3f} ({by_tier})  answered {summary.answered}/{summary.selected}  "
                     f"up {summary.bytes_up / 1e6:.2f} MB  down {summary.bytes_down / 1e6:.2f} MB"
                 )
                 if summary.final:
@@ -147,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"demo: no round finished; see {out / 'logs' / 'aggregator.log'}", file=sys.stderr)
         return 1
     report = write_report(out, args, history, time.time() - started, url)
-    print(f"demo: final accuracy {report['final_accuracy']:.4f} after {len(history)} rounds in "
+    by_tier = ", ".join(f"tier {t} {a:.4f}" for t, a in sorted(report["final_accuracy_by_tier"].items()))
+    print(f"demo: final accuracy {report['final_accuracy']:.4f} ({by_tier}) after {len(history)} rounds in "
           f"{report['seconds']:.0f} s; {report['bytes_up'] / 1e6:.1f} MB up, {report['bytes_down'] / 1e6:.1f} MB down; "
           f"wrote {out / 'summary.json'} and {out / 'accuracy.png'}", file=sys.stderr)
     return 0
@@ -167,7 +173,8 @@ def _stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
 def write_report(out: Path, args: argparse.Namespace, history: list[RoundSummary], seconds: float, broker: str) -> dict:
     """Write summary.json and accuracy.png; return the summary."""
     rounds = [
-        {"round": s.round, "accuracy": s.accuracy, "loss": s.loss, "clients_answered": s.answered,
+        {"round": s.round, "accuracy": s.accuracy, "accuracy_by_tier": s.accuracy_by_tier, "loss": s.loss,
+         "clients_answered": s.answered,
          "clients_selected": s.selected, "bytes_up": s.bytes_up, "bytes_down": s.bytes_down, "seconds": s.seconds}
         for s in history
     ]
@@ -176,6 +183,7 @@ def write_report(out: Path, args: argparse.Namespace, history: list[RoundSummary
         "broker": broker,
         "rounds": rounds,
         "final_accuracy": history[-1].accuracy,
+        "final_accuracy_by_tier": history[-1].accuracy_by_tier,
         "bytes_up": sum(s.bytes_up for s in history),
         "bytes_down": sum(s.bytes_down for s in history),
         "seconds": seconds,
@@ -196,7 +204,9 @@ def plot(path: Path, history: list[RoundSummary]) -> None:
 
     rounds = [s.round for s in history]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(rounds, [s.accuracy or 0 for s in history], marker="o", color="tab:blue", label="held-out accuracy")
+    ax.plot(rounds, [s.accuracy or 0 for s in history], marker="o", color="tab:blue", label="held-out accuracy (global)")
+    for tier in sorted({t for s in history for t in s.accuracy_by_tier} - {"a"}):
+        ax.plot(rounds, [s.accuracy_by_tier.get(tier, float("nan")) for s in history], linestyle="--", label=f"tier {tier} submodel")
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
@@ -205,7 +215,7 @@ def plot(path: Path, history: list[RoundSummary]) -> None:
     twin.bar(rounds, [s.bytes_up / 1e6 for s in history], alpha=0.25, color="tab:orange", label="MB up")
     twin.set_ylabel("MB uploaded per round")
     fig.legend(loc="lower right", bbox_to_anchor=(0.88, 0.15))
-    ax.set_title("TierFL demo: FedAvg on digits")
+    ax.set_title("TierFL demo: FedAvg over device tiers on digits")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
