@@ -77,6 +77,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     tiers.add_argument("--aggregation", choices=["weighted", "unweighted"], default="weighted",
                        help="mean of each element over the devices holding it: weighted by samples, or HeteroFL's "
                             "plain mean (default: %(default)s)")
+    tiers.add_argument("--mask-classes", action="store_true",
+                       help="devices leave the classes they have no data for out of their softmax (HeteroFL's "
+                            "masking for label-split non-IID data)")
     model.add_argument("--eval-data", help="held-out set for global accuracy: digits | fashion-mnist:test | FILE.npz "
                        "(default: federated evaluation on the devices' local test splits)")
     rounds = parser.add_argument_group("rounds (FedAvg)")
@@ -115,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     policy = make_tier_policy(args.tier_policy, mix, artifacts.spec, args.epochs, args.round_timeout, args.seed)
     strategy = FedAvg(
         fraction=args.fraction, min_clients=args.min_clients, epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.lr, tiers=policy, weighted=args.aggregation == "weighted", seed=args.seed,
+        learning_rate=args.lr, tiers=policy, weighted=args.aggregation == "weighted",
+        mask_classes=args.mask_classes, seed=args.seed,
     )
     evaluator = HeldOutEvaluator(load_dataset(args.eval_data)) if args.eval_data else None
     engine = RoundEngine(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(), evaluator)

@@ -188,6 +188,7 @@ class RoundEngine:
             epochs=assignment.epochs,
             batch_size=assignment.batch_size,
             learning_rate=assignment.learning_rate,
+            mask_classes=assignment.mask_classes,
             deadline=deadline,
             seed=self.config.seed * 100_003 + number,
             evaluate=self.config.evaluate_on_devices,

@@ -30,6 +30,7 @@ class Assignment:
     epochs: int
     batch_size: int
     learning_rate: float
+    mask_classes: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class FedAvg:
 
     With a tier policy over several tiers this is HeteroFL: each device trains its tier's slice
     and every element is averaged over the devices that hold it (`weighted=False`: HeteroFL's
-    plain mean over those devices).
+    plain mean over those devices; `mask_classes`: devices train without the classes they lack).
     """
 
     name = "fedavg"
@@ -116,6 +117,7 @@ class FedAvg:
         learning_rate: float = 0.05,
         tiers: TierPolicy | None = None,
         weighted: bool = True,
+        mask_classes: bool = False,
         seed: int = 0,
     ) -> None:
         if not 0 < fraction <= 1:
@@ -127,6 +129,7 @@ class FedAvg:
         self.learning_rate = learning_rate
         self.tiers = tiers if tiers is not None else FixedTiers({"a": 1.0})
         self.weighted = weighted
+        self.mask_classes = mask_classes
         self.seed = seed
 
     def configure_round(self, round_number: int, available: Sequence[DeviceInfo]) -> list[Assignment]:
@@ -144,6 +147,7 @@ class FedAvg:
                 epochs=self.epochs,
                 batch_size=self.batch_size,
                 learning_rate=self.learning_rate,
+                mask_classes=self.mask_classes,
             )
             for device in chosen
         ]

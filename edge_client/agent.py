@@ -175,7 +175,7 @@ class DeviceAgent:
         self._held[task.tier] = (task.model_version, start)
         before = trainer.evaluate(self.test_data) if task.evaluate and len(self.test_data) else None
         seed = task.seed ^ zlib.crc32(self.config.device_id.encode())
-        stats = trainer.train(self.train_data, task.epochs, task.batch_size, task.learning_rate, seed)
+        stats = trainer.train(self.train_data, task.epochs, task.batch_size, task.learning_rate, seed, task.mask_classes)
         trained = trainer.get_weights()
         delta = {name: trained[name] - start[name] for name in start}
         feedback = self._feedback_for(task.tier)

@@ -19,6 +19,9 @@ import onnxruntime
 from edge_client.data import Dataset, batches
 from models.manifest import TierManifest
 from models.ort_training import load_training_api
+from models.zoo import CLASS_MASK_NAME, INPUT_NAME, SCALE_NAME
+
+MASKED_LOGIT = -1e4  # added to a masked class's logit: exp() underflows to 0, the loss stays finite
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,9 @@ class Trainer(Protocol):
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None: ...
     def get_weights(self) -> dict[str, np.ndarray]: ...
-    def train(self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int) -> TrainStats: ...
+    def train(
+        self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int, mask_classes: bool = False
+    ) -> TrainStats: ...
     def evaluate(self, data: Dataset, batch_size: int = 512) -> EvalStats: ...
 
 
@@ -69,13 +74,13 @@ class OrtTrainer:
         )
         self._optimizer = ort_api.Optimizer(str(tier_dir / "optimizer_model.onnx"), self._module)
         self._parameters = self._state.parameters
-        self._scaled = manifest.scaler
+        self._input_names = list(self._module.input_names())  # input, [scale], [class_mask], labels
+        self._no_mask = np.zeros(manifest.model.num_classes, np.float32)
 
-    def _run(self, x: np.ndarray, y: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    def _run(self, x: np.ndarray, y: np.ndarray, scale: float, class_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One call of the current (train or eval) graph: (loss, logits)."""
-        if self._scaled:
-            return self._module(x, np.array([scale], np.float32), y)
-        return self._module(x, y)
+        feeds = {INPUT_NAME: x, SCALE_NAME: np.array([scale], np.float32), CLASS_MASK_NAME: class_mask, "labels": y}
+        return self._module(*(feeds[name] for name in self._input_names))
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Load weights by name; names and shapes must match the manifest exactly."""
@@ -91,8 +96,19 @@ class OrtTrainer:
         """A copy of every parameter, by name."""
         return {name: np.array(self._parameters[name].data, dtype=np.float32) for name in self._shapes}
 
-    def train(self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int) -> TrainStats:
-        """Run `epochs` passes of shuffled mini-batches of SGD at `learning_rate`."""
+    def train(
+        self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int, mask_classes: bool = False
+    ) -> TrainStats:
+        """Run `epochs` passes of shuffled mini-batches of SGD at `learning_rate`.
+
+        `mask_classes` leaves the classes absent from `data` out of the softmax (label-split
+        non-IID), when the artifacts have a class mask input.
+        """
+        if mask_classes and CLASS_MASK_NAME not in self._input_names:
+            raise ValueError(f"tier {self.manifest.tier}: these artifacts have no class mask input; re-export them")
+        class_mask = self._no_mask
+        if mask_classes:
+            class_mask = np.where(np.bincount(data.y, minlength=len(self._no_mask)) > 0, 0.0, MASKED_LOGIT).astype(np.float32)
         self._optimizer.set_learning_rate(learning_rate)
         self._module.train()
         rng = np.random.default_rng(seed)
@@ -101,7 +117,7 @@ class OrtTrainer:
         loss_sum = 0.0
         for _ in range(epochs):
             for x, y in batches(data, batch_size, rng):
-                loss, logits = self._run(x, y, 1.0 / self.manifest.rate)
+                loss, logits = self._run(x, y, 1.0 / self.manifest.rate, class_mask)
                 self._optimizer.step()
                 self._module.lazy_reset_grad()
                 steps += 1
@@ -122,7 +138,7 @@ class OrtTrainer:
         loss_sum, correct = 0.0, 0
         for i in range(0, len(data), batch_size):
             x, y = data.x[i : i + batch_size], data.y[i : i + batch_size]
-            loss, logits = self._run(x, y, 1.0)
+            loss, logits = self._run(x, y, 1.0, self._no_mask)
             loss_sum += float(loss) * len(y)
             correct += int((logits.argmax(axis=1) == y).sum())
         n = len(data)

@@ -3,7 +3,7 @@
 Layout of `out_dir`: `index.json`, and per tier `<tier>/` with `training_model.onnx`,
 `eval_model.onnx` (returns loss, logits), `optimizer_model.onnx`, `checkpoint` (the tier's
 starting weights), `inference.onnx` (forward graph with those weights) and `manifest.json`.
-With the scaler on, the training and eval graphs take it as a second input (`scale`, see zoo).
+The training and eval graphs also take a `class_mask` input, and `scale` with the scaler on (see zoo).
 Every tier starts from the leading block of the same rate-1 global model.
 """
 
@@ -104,7 +104,7 @@ def export_tier(
     started = time.perf_counter()
     shapes = param_shapes(spec, rate)
     params = slice_params(init_global_params(spec), shapes)
-    forward = build_forward(spec, rate, params, scaler=scaler)
+    forward = build_forward(spec, rate, params, scaler=scaler, class_mask=True)
     tier_dir = Path(out_dir) / tier
     tier_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tier_dir, prefix=".staging-") as staging:
@@ -124,6 +124,7 @@ def export_tier(
         input_name=INPUT_NAME,
         input_shape=["N", 1, size, size],
         scaler=scaler,
+        class_mask=True,
         output_name=OUTPUT_NAME,
         params=[ParamInfo(name=n, shape=list(s), trainable=n not in frozen) for n, s in shapes.items()],
         files=files,

@@ -26,6 +26,7 @@ IR_VERSION = 10  # onnxruntime 1.19 refuses IR 11+
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 SCALE_NAME = "scale"  # HeteroFL's scaler: hidden pre-activations times this [1] input (1/rate in training, 1 otherwise)
+CLASS_MASK_NAME = "class_mask"  # [classes] added to the logits: 0 keeps a class, a large negative masks it out
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # ONNX convention (PyTorch momentum 0.1)
 _RUNNING_STATS = ("running_mean", "running_var")
@@ -198,12 +199,19 @@ def _node(step: _Step, x: str, y: str, index: int) -> onnx.NodeProto:
 
 
 def build_forward(
-    spec: ModelSpec, rate: float, params: dict[str, np.ndarray], params_as_inputs: bool = False, scaler: bool = False
+    spec: ModelSpec,
+    rate: float,
+    params: dict[str, np.ndarray],
+    params_as_inputs: bool = False,
+    scaler: bool = False,
+    class_mask: bool = False,
 ) -> onnx.ModelProto:
     """Forward graph `input` [N,1,H,W] -> `logits` [N,classes] with `params` as initializers or inputs.
 
-    With `scaler`, a second input `scale` [1] multiplies the output of every hidden fc/conv layer
-    (HeteroFL's scaler: the trainer feeds 1/rate while training and 1 when evaluating).
+    With `scaler`, an input `scale` [1] multiplies the output of every hidden fc/conv layer
+    (HeteroFL's scaler: the trainer feeds 1/rate while training and 1 when evaluating). With
+    `class_mask`, an input `class_mask` [classes] is added to the logits (label-split training
+    masks the classes a device has no data for).
     """
     shapes = param_shapes(spec, rate)
     if set(params) != set(shapes):
@@ -217,16 +225,20 @@ def build_forward(
     x = INPUT_NAME
     for index, step in enumerate(steps):
         last = index == len(steps) - 1
-        y = OUTPUT_NAME if last else f"{step.op}{index}_out"
+        y = OUTPUT_NAME if last and not class_mask else f"{step.op}{index}_out"
         nodes.append(_node(step, x, y, index))
         if scaler and step.op in ("fc", "conv") and not last:
             nodes.append(helper.make_node("Mul", [y, SCALE_NAME], [f"{y}_scaled"], name=f"scaler{index}"))
             y = f"{y}_scaled"
         x = y
+    if class_mask:
+        nodes.append(helper.make_node("Add", [x, CLASS_MASK_NAME], [OUTPUT_NAME], name="class_mask"))
     size = spec.image_size
     inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 1, size, size])]
     if scaler:
         inputs.append(helper.make_tensor_value_info(SCALE_NAME, TensorProto.FLOAT, [1]))
+    if class_mask:
+        inputs.append(helper.make_tensor_value_info(CLASS_MASK_NAME, TensorProto.FLOAT, [spec.num_classes]))
     tensors = [numpy_helper.from_array(np.ascontiguousarray(params[n], dtype=np.float32), n) for n in shapes]
     if params_as_inputs:
         inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in shapes.items()]

@@ -76,6 +76,7 @@ class Task(_Strict):
     deadline: float  # unix time by which the update must arrive
     seed: int = 0
     evaluate: bool = True  # also report loss/accuracy of the received weights on the local test split
+    mask_classes: bool = False  # leave the classes the device has no data for out of its softmax
     delta_from: Count | None = None  # tensors are a delta to add to this version of the tier, which the device holds
 
 

@@ -58,10 +58,9 @@ def _session(tier_dir: Path) -> tuple[object, object, object]:
 
 
 def _call(module, x: np.ndarray, y: np.ndarray, scale: float = 1.0):  # noqa: ANN001, ANN202 - an ORT Module
-    """Run the module, feeding HeteroFL's scaler input when the graph has one."""
-    if "scale" in module.input_names():
-        return module(x, np.array([scale], np.float32), y)
-    return module(x, y)
+    """Run the module, feeding HeteroFL's scaler and an all-zero class mask when the graph takes them."""
+    feeds = {"input": x, "scale": np.array([scale], np.float32), "class_mask": np.zeros(10, np.float32), "labels": y}
+    return module(*(feeds[name] for name in module.input_names()))
 
 
 def _train_accuracy(tier_dir: Path, digits: tuple, epochs: int, lr: float, batch: int = 32) -> float:
@@ -139,7 +138,7 @@ def test_checkpoint_holds_sliced_global_and_eval_matches_inference(exported: Pat
         np.testing.assert_array_equal(state.parameters[name].data, arr)
     x = digits[2][:50]
     module.eval()
-    _, logits = module(x, digits[3][:50])
+    _, logits = _call(module, x, digits[3][:50])
     session = ort.InferenceSession(str(exported / "b" / "inference.onnx"))
     np.testing.assert_allclose(session.run(None, {"input": x})[0], logits, atol=1e-5)
 
@@ -148,12 +147,12 @@ def test_set_weights_by_name_changes_eval(exported: Path, digits: tuple) -> None
     state, module, _ = _session(exported / "a")
     x, y = digits[2][:40], digits[3][:40]
     module.eval()
-    _, before = module(x, y)
+    _, before = _call(module, x, y)
     rng = np.random.default_rng(7)
     new = {n: rng.normal(size=s).astype(np.float32) * 0.1 for n, s in param_shapes(MLP).items()}
     for name, arr in new.items():
         state.parameters[name].data = arr
-    _, after = module(x, y)
+    _, after = _call(module, x, y)
     assert not np.allclose(before, after)
     reference = ort.InferenceSession(build_forward(MLP, 1.0, new).SerializeToString()).run(None, {"input": x})[0]
     np.testing.assert_allclose(after, reference, atol=1e-5)

@@ -181,3 +181,18 @@ def test_one_sgd_step_matches_numpy_gradient(exported: Path, digits: tuple[Datas
         g = (g @ w[f"{layer}.weight"]) * (acts[i] > 0)
     for n in w:
         np.testing.assert_allclose(got[n], w[n] - lr * grads[n], rtol=0, atol=2e-6, err_msg=n)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_class_masking_leaves_absent_classes_untouched(exported: Path, digits: tuple[Dataset, Dataset], tier: str) -> None:
+    train, _ = digits
+    two_classes = train.subset(np.flatnonzero(train.y < 2))
+    trainer = _trainer(exported, tier)
+    start = slice_params(init_global_params(SPEC), param_shapes(SPEC, trainer.manifest.rate))
+    moved = {}
+    for masked in (True, False):
+        trainer.set_weights(start)
+        trainer.train(two_classes, epochs=2, batch_size=16, learning_rate=0.1, seed=0, mask_classes=masked)
+        moved[masked] = np.abs(trainer.get_weights()["fc3.weight"] - start["fc3.weight"]).max(axis=1)
+    assert (moved[True][:2] > 0).all() and (moved[True][2:] == 0).all()  # only the rows of classes 0 and 1 learn
+    assert (moved[False][2:] > 0).all()  # unmasked, the softmax pushes every other class down
