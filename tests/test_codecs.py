@@ -1,6 +1,9 @@
 """Compressed tensor codecs: error bounds, unbiasedness, sizes, strict decoding, frames."""
 
+import math
 import struct
+import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
@@ -80,16 +83,34 @@ def test_topk_k_rounds_up_and_keeps_at_least_one():
     assert np.count_nonzero(encode_decode(parse_codec("topk:0.25"), _x(shape=(10,)))) == 3
 
 
-def test_topk_long_gaps_escape_to_uint32():
+def test_topk_layout_is_count_then_one_zlib_stream_of_bitmap_and_values():
     x = np.zeros(300_000, np.float32)
     positions = [0, 5, 70_000, 70_001, 200_000, 299_999]
     x[positions] = np.arange(1, 7, dtype=np.float32)
     codec = parse_codec("topk:0.00002")  # k = 6
-    data, _ = codec.encode(x)
-    assert struct.unpack_from("<II", data) == (6, 3)  # gaps 69995, 129999, 99999 escaped
-    assert len(data) == 8 + 2 * 6 + 4 * 3 + 4 * 6
-    y = codec.decode(memoryview(data), _entry("topk", x.shape, data))
-    np.testing.assert_array_equal(y, x)
+    data, meta = codec.encode(x)
+    assert struct.unpack_from("<I", data) == (6,) and meta == {}
+    mask = np.zeros(300_000, bool)
+    mask[positions] = True
+    assert zlib.decompress(data[4:]) == np.packbits(mask).tobytes() + np.arange(1, 7, dtype="<f4").tobytes()
+    assert len(data) < 4 + 1000  # 37.5 kB of mostly zero bitmap deflates to almost nothing
+    np.testing.assert_array_equal(codec.decode(memoryview(data), _entry("topk", x.shape, data)), x)
+
+
+@pytest.mark.parametrize("spec,shape", [("topk:1", (13,)), ("topk:1", (3, 5)), ("topk:0.1", (1,)), ("topk:0.1", ())])
+def test_topk_keeping_every_element_is_exact(spec, shape):
+    x = _x(shape=shape, seed=10)
+    np.testing.assert_array_equal(encode_decode(parse_codec(spec), x), x)
+    y = encode_decode(parse_codec(spec + "+int8"), x, np.random.default_rng(11))
+    assert np.all(np.abs(y - x) <= np.abs(x).max() / 127 * (1 + 1e-5))
+
+
+@pytest.mark.parametrize("spec", ["topk:0.1", "topk:0.1+int8"])
+def test_topk_empty_tensor(spec):
+    codec = parse_codec(spec)
+    data, meta = codec.encode(np.zeros((0, 4), np.float32))
+    assert struct.unpack_from("<I", data) == (0,) and zlib.decompress(data[4:]) == b""
+    assert codec.decode(memoryview(data), _entry(codec.name, (0, 4), data, meta)).shape == (0, 4)
 
 
 def test_topk_int8_kept_values_within_scale():
@@ -132,17 +153,30 @@ def test_bytes_for_a_million_parameters():
     assert size["int8"] == 1_000_000
     assert 1_000_000 < size["int8-row"] <= 1_004_000
     assert size["int4"] == 500_000
-    assert size["topk:0.1"] < 4_000_000 / 6
-    # k = 100k: 8 + 2k (uint16 gaps) + k (int8) = 300 kB, 13.3x; 25x would need < 4.8 index bits per entry
-    assert size["topk:0.1+int8"] == 8 + 3 * 100_000
-    assert size["topk:0.1+int8"] * 13 <= size["float32"]
+    # k = 100k kept of 1M: a deflated bitmap (~0.56 bit per element when positions are random) and values
+    assert size["topk:0.1"] < 4_000_000 / 8
+    assert size["topk:0.1+int8"] * 20 <= size["float32"]
+
+
+def test_topk_int8_is_20x_smaller_than_float32_on_a_heavy_tailed_update():
+    rng = np.random.default_rng(12)
+    x = rng.standard_t(3, size=(1000, 1000)).astype(np.float32)  # heavy tails, like SGD updates
+    x *= rng.lognormal(0, 1, size=(1000, 1)).astype(np.float32)  # rows of different magnitude
+    x[:, rng.random(1000) < 0.15] *= 0.01  # quiet inputs (e.g. always-dark pixels)
+    data, _ = parse_codec("topk:0.1+int8").encode(x, rng=rng)
+    assert len(data) * 20 <= x.nbytes
 
 
 # --- strict decoding of bad bytes -------------------------------------------------------------
 
-def _topk_bytes(k, escapes, gaps, longs, values, quantized=False):
-    head = struct.pack("<II", k, escapes) + np.array(gaps, "<u2").tobytes() + np.array(longs, "<u4").tobytes()
-    return head + (np.array(values, np.int8).tobytes() if quantized else np.array(values, "<f4").tobytes())
+def _sparse(k: int, bitmap: bytes, values=(), quantized=False, tail=b"") -> bytes:
+    """Hand-made sparse bytes: uint32 k, then zlib(bitmap || values) and `tail`."""
+    value_bytes = np.array(values, np.int8 if quantized else "<f4").tobytes()
+    return struct.pack("<I", k) + zlib.compress(bitmap + value_bytes) + tail
+
+
+_TWO = bytes([0b0110_0000, 0])  # n = 10: positions 1 and 2 kept
+_BOMB = struct.pack("<I", 2) + zlib.compress(b"\0" * (16 << 20), 9)  # 16 kB that would inflate to 16 MB
 
 
 BAD = [
@@ -165,20 +199,26 @@ BAD = [
     ("int4", (2,), b"\x08", {"scale": 0.1}, "-8"),
     ("int4", (2,), b"\x11", {"scale": -1.0}, "negative"),
     ("topk", (10,), b"\1\0\0", None, "shorter"),
-    ("topk", (10,), _topk_bytes(11, 0, [0] * 11, [], [1.0] * 11), None, "count"),
-    ("topk", (10,), _topk_bytes(2, 0, [1, 2], [], [1.0]), None, "bytes, expected"),
-    ("topk", (10,), _topk_bytes(2, 0, [3, 0], [], [1.0, 2.0]), None, "strictly increasing"),
-    ("topk", (10,), _topk_bytes(2, 0, [3, 7], [], [1.0, 2.0]), None, "out of range"),
-    ("topk", (10,), _topk_bytes(1, 0, [10], [], [1.0]), None, "out of range"),
-    ("topk", (10,), _topk_bytes(2, 0, [1, 2], [], [1.0, np.nan]), None, "NaN or Inf"),
-    ("topk", (10,), _topk_bytes(2, 0, [1, 2], [], [np.inf, 1.0]), None, "NaN or Inf"),
-    ("topk", (10,), _topk_bytes(1, 1, [0xFFFF], [3], [1.0]), None, "non-canonical"),
-    ("topk", (10,), _topk_bytes(1, 1, [2], [70000], [1.0]), None, "escape markers"),
-    ("topk", (10,), _topk_bytes(1, 1, [0xFFFF], [70000], [1.0]), None, "out of range"),
-    ("topk", (10**9,), _topk_bytes(1, 0, [1], [], [1.0]), None, "sparse limit"),
-    ("topk+int8", (10,), _topk_bytes(1, 0, [1], [], [1], True), {"scale": float("nan")}, "NaN"),
-    ("topk+int8", (10,), _topk_bytes(1, 0, [1], [], [-128], True), {"scale": 1.0}, "outside"),
-    ("topk+int8", (10,), _topk_bytes(2, 0, [1, 2], [], [1], True), {"scale": 1.0}, "bytes, expected"),
+    ("topk", (10,), _sparse(11, b"\xff\xc0", [1.0] * 11), None, "count 11 too large"),
+    ("topk", (10**9,), _sparse(1, b"\x80", [1.0]), None, "sparse limit"),
+    ("topk", (10,), _sparse(2, bytes([0b0111_0000, 0]), [1.0, 2.0]), None, "3 bits set, expected 2"),
+    ("topk", (10,), _sparse(3, bytes([0b0100_0000, 0]), [1.0, 2.0, 3.0]), None, "1 bits set, expected 3"),
+    ("topk", (10,), _sparse(2, bytes([0b0100_0000, 0b0010_0000]), [1.0, 2.0]), None, "padding"),
+    ("topk", (10,), _sparse(2, _TWO, [1.0, 2.0], tail=b"\0"), None, "1 bytes after the end"),
+    ("topk", (10,), _sparse(2, _TWO, [1.0, 2.0])[:-3], None, "truncated"),
+    ("topk", (10,), _sparse(2, _TWO, [1.0]), None, "inflates to 6 bytes, expected 10"),
+    ("topk", (10,), _sparse(2, _TWO, [1.0, 2.0, 3.0]), None, "more than the expected 10"),
+    ("topk", (10,), _BOMB, None, "more than the expected 10"),
+    ("topk", (10,), struct.pack("<I", 2) + b"\x78\x9c\xff\xff\xff", None, "corrupt zlib"),
+    ("topk", (10,), struct.pack("<I", 2) + zlib.compress(_TWO + b"\0" * 8)[2:], None, "corrupt zlib"),  # raw deflate
+    ("topk", (10,), struct.pack("<I", 0), None, "truncated"),
+    ("topk", (10,), _sparse(2, _TWO, [1.0, np.nan]), None, "NaN or Inf"),
+    ("topk", (10,), _sparse(2, _TWO, [np.inf, 1.0]), None, "NaN or Inf"),
+    ("topk", (10,), _sparse(2, _TWO, [-np.inf, 1.0]), None, "NaN or Inf"),
+    ("topk+int8", (10,), _sparse(2, _TWO, [1, 2], True), {"scale": float("nan")}, "NaN"),
+    ("topk+int8", (10,), _sparse(2, _TWO, [1, -128], True), {"scale": 1.0}, "outside"),
+    ("topk+int8", (10,), _sparse(2, _TWO, [1], True), {"scale": 1.0}, "inflates to 3 bytes, expected 4"),
+    ("topk+int8", (10,), _sparse(2, _TWO, [1, 2, 3], True), {"scale": 1.0}, "more than the expected 4"),
 ]
 
 
@@ -186,6 +226,17 @@ BAD = [
 def test_bad_payloads_are_rejected(codec, shape, data, meta, match):
     with pytest.raises(CodecError, match=match):
         _decode(codec, shape, data, meta)
+
+
+def test_decompression_bomb_is_never_inflated_past_the_expected_size():
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match="more than"):
+            _decode("topk", (10,), _BOMB)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # 16 MB had it been inflated
 
 
 @pytest.mark.parametrize("spec", SPECS[1:])
@@ -266,13 +317,27 @@ def test_random_bytes_only_raise_codec_error(codec, shape, data, meta):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(["topk", "topk+int8"]), st.integers(0, 300), st.integers(0, 40),
-       st.lists(st.integers(0, 0xFFFF), max_size=40), st.lists(st.integers(0, 2**32 - 1), max_size=4),
-       st.binary(max_size=200))
-def test_structured_sparse_fuzz_only_raises_codec_error(codec, n, k, gaps, longs, tail):
-    data = struct.pack("<II", k, len(longs)) + np.array(gaps, "<u2").tobytes() + np.array(longs, "<u4").tobytes() + tail
+@given(st.sampled_from(["topk", "topk+int8"]), st.integers(0, 300), st.integers(0, 40), st.binary(max_size=40),
+       st.binary(max_size=200), st.sampled_from([b"", b"\0", b"xyz"]), st.integers(0, 3))
+def test_structured_sparse_fuzz_only_raises_codec_error(codec, n, k, bitmap, values, tail, cut):
+    data = struct.pack("<I", k) + zlib.compress(bitmap + values) + tail
     try:
-        out = _decode(codec, (n,), data, {"scale": 0.5})
+        out = _decode(codec, (n,), data[: len(data) - cut], {"scale": 0.5})
     except CodecError:
         return
-    assert out.shape == (n,) and np.isfinite(out).all()
+    assert out.shape == (n,) and np.isfinite(out).all() and np.count_nonzero(out) <= k
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["topk:0.1", "topk:0.3+int8", "topk:1"]), st.integers(0, 200), st.integers(0, 2**32 - 1))
+def test_sparse_encodings_of_random_tensors_decode_to_their_top_k(spec, n, seed):
+    x = np.random.default_rng(seed).laplace(size=n).astype(np.float32)
+    codec = parse_codec(spec)
+    data, meta = codec.encode(x, rng=np.random.default_rng(seed))
+    y = codec.decode(memoryview(data), _entry(codec.name, (n,), data, meta))
+    k = struct.unpack_from("<I", data)[0]
+    assert k == min(n, max(1, math.ceil(round(codec.fraction * n, 6))))
+    kept = np.argsort(-np.abs(x), kind="stable")[:k]
+    assert np.count_nonzero(y[np.setdiff1d(np.arange(n), kept)]) == 0
+    if not codec.quantized:
+        np.testing.assert_array_equal(y[kept], x[kept])
