@@ -77,6 +77,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     tiers.add_argument("--aggregation", choices=["weighted", "unweighted"], default="weighted",
                        help="mean of each element over the devices holding it: weighted by samples, or HeteroFL's "
                             "plain mean (default: %(default)s)")
+    tiers.add_argument("--bn-statistics", choices=["devices", "averaged"], default="devices",
+                       help="batch-norm models: after each round the devices measure the new model's statistics on "
+                            "their data and the aggregator pools them per tier (static BN, HeteroFL), or keep the "
+                            "running averages left by training, averaged like weights (default: %(default)s)")
     tiers.add_argument("--mask-classes", action="store_true",
                        help="devices leave the classes they have no data for out of their softmax (HeteroFL's "
                             "masking for label-split non-IID data)")
@@ -110,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     artifacts = open_artifacts(args)
     config = EngineConfig(
         fleet=args.fleet, rounds=args.rounds, min_updates=args.min_updates,
-        round_timeout_s=args.round_timeout, seed=args.seed,
+        round_timeout_s=args.round_timeout, static_batch_norm=args.bn_statistics == "devices", seed=args.seed,
     )
     mix = parse_tier_mix(args.tier_mix or "-".join(artifacts.tiers))
     if missing := sorted(set(mix) - set(artifacts.tiers)):

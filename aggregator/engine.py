@@ -4,6 +4,10 @@ Pure logic with the clock passed in: it never touches the network. The service f
 devices and updates, calls `tick` often, and publishes what it returns. A round closes when
 every selected device answered, when the deadline passes, or when every device still owing an
 update has gone offline; it commits if at least `min_updates` arrived.
+
+Batch-norm models add a statistics phase before the commit (static BN): the devices that
+answered get the new weights, measure each layer's statistics on their data and send them back;
+the pooled statistics of each tier replace the running averages that training left behind.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from aggregator.artifacts import ArtifactStore
+from aggregator.batchnorm import StatisticsPool, statistic_names, with_statistics
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.registry import DeviceRegistry
 from aggregator.state import StateRecord, StateStore
 from aggregator.strategy import Accumulator, Assignment, ClientUpdate, Strategy
 from models.slicing import slice_params
 from models.zoo import init_global_params
-from protocol.messages import Body, Reject, RejectReason, RoundSummary, Task, Update
+from protocol.messages import Body, Reject, RejectReason, RoundSummary, Statistics, Task, Update
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,7 @@ class EngineConfig(BaseModel):
     min_updates: int = Field(1, ge=1)
     round_timeout_s: float = Field(60.0, gt=0)
     evaluate_on_devices: bool = True
+    static_batch_norm: bool = True  # batch-norm models: a statistics phase measures BN statistics on devices
     seed: int = 0
 
 
@@ -66,6 +72,16 @@ class _OpenRound:
     evals: list[tuple[str, float, float, int]] = field(default_factory=list)  # tier, loss, acc, samples
     bytes_up: int = 0
     bytes_down: int = 0
+    trained: dict[str, np.ndarray] | None = None  # aggregated weights awaiting their statistics
+    statistics: dict[str, StatisticsPool] = field(default_factory=dict)  # tier -> pool, in the statistics phase
+    measured: set[str] = field(default_factory=set)
+
+    @property
+    def owing(self) -> set[str]:
+        """Devices the current phase still waits for."""
+        if self.trained is None:
+            return set(self.assignments) - self.answered
+        return self.answered - self.measured
 
 
 class RoundEngine:
@@ -90,6 +106,8 @@ class RoundEngine:
         self._seen_update_ids: set[str] = set()
         self._open: _OpenRound | None = None
         self._waiting_logged = False
+        self.bn_statistics: dict[str, dict[str, np.ndarray]] = {}  # tier -> last pooled statistics
+        self._measures_statistics = config.static_batch_norm and artifacts.spec.batch_norm
         loaded = store.load(config.fleet, artifacts.identity)
         if loaded:
             self.record, self.weights = loaded
@@ -126,6 +144,8 @@ class RoundEngine:
     def on_update(self, device_id: str, msg_id: str, update: Update, tensors: Mapping[str, np.ndarray], nbytes: int, now: float) -> list[Outgoing]:
         """Validate one update and fold it into the open round, or reject it with a reason."""
         assignment = self._open.assignments.get(device_id) if self._open else None
+        if self._open and self._open.trained is not None:
+            return self._refuse_update(device_id, msg_id, update, RejectReason.LATE, "the round is measuring statistics")
         if update.unchanged and assignment:  # selective upload: a participant with a zero update
             if tensors:
                 return self._refuse_update(device_id, msg_id, update, RejectReason.BAD_TENSOR, "an unchanged update carries tensors")
@@ -147,7 +167,36 @@ class RoundEngine:
                  len(self._open.assignments), device_id, update.num_samples)
         return self.tick(now) if self._round_complete(now) else []
 
-    def _refuse_update(self, device_id: str, msg_id: str, update: Update, reason: RejectReason, detail: str) -> list[Outgoing]:
+    def on_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray], now: float) -> list[Outgoing]:
+        """Pool one device's batch-norm statistics, or reject them with a reason."""
+        problem = self._check_statistics(device_id, body, tensors)
+        if problem:
+            return self._refuse_update(device_id, msg_id, body, *problem)
+        assert self._open is not None
+        self._open.measured.add(device_id)
+        self._open.statistics.setdefault(body.tier, StatisticsPool()).add(body.num_samples, tensors)
+        return self.tick(now) if self._round_complete(now) else []
+
+    def _check_statistics(self, device_id: str, body: Statistics, tensors: Mapping[str, np.ndarray]) -> tuple[RejectReason, str] | None:
+        current = self._open
+        if current is None or current.trained is None or body.round != current.number:
+            return RejectReason.STALE_ROUND, f"round {body.round} is not measuring statistics"
+        if device_id not in current.answered or device_id in current.measured:
+            return RejectReason.NOT_SELECTED, f"{device_id} owes no statistics for round {current.number}"
+        tier = current.assignments[device_id].tier
+        if body.tier != tier or body.base_version != self.record.version + 1:
+            return RejectReason.WRONG_VERSION, f"statistics of {body.tier} v{body.base_version}, asked for {tier} v{self.record.version + 1}"
+        shapes = self.artifacts.tiers[tier].shapes
+        if set(tensors) != set(statistic_names(shapes)):
+            return RejectReason.BAD_TENSOR, f"tensors {sorted(tensors)} are not the running statistics of tier {tier}"
+        for name, value in tensors.items():
+            if value.dtype != np.float32 or tuple(value.shape) != shapes[name]:
+                return RejectReason.BAD_TENSOR, f"{name}: {value.dtype}{list(value.shape)}, expected float32{list(shapes[name])}"
+            if name.endswith(".running_var") and (value < 0).any():
+                return RejectReason.BAD_TENSOR, f"{name}: negative variance"
+        return None
+
+    def _refuse_update(self, device_id: str, msg_id: str, update: Update | Statistics, reason: RejectReason, detail: str) -> list[Outgoing]:
         self.rejected[reason.value] += 1
         log.warning("rejected update from %s: %s: %s", device_id, reason.value, detail)
         return [reject(device_id, reason, detail, msg_id, update.round)]
@@ -177,11 +226,20 @@ class RoundEngine:
         log.info("round %d: %d devices selected: %s", number, len(assignments), ", ".join(sorted(self._open.assignments)))
         return [self._task(a, number, self._open.deadline) for a in assignments]
 
-    def _task(self, assignment: Assignment, number: int, deadline: float) -> Outgoing:
+    def _start_statistics(self, current: _OpenRound, now: float) -> list[Outgoing]:
+        """Keep the aggregated weights aside and ask the devices that answered to measure them."""
+        current.trained = current.accumulator.result()
+        current.deadline = now + self.config.round_timeout_s
+        log.info("round %d: measuring batch-norm statistics on %d devices", current.number, len(current.answered))
+        return [self._task(current.assignments[d], current.number, current.deadline, current.trained)
+                for d in sorted(current.answered)]
+
+    def _task(self, assignment: Assignment, number: int, deadline: float, trained: dict[str, np.ndarray] | None = None) -> Outgoing:
+        """A training task on the committed weights, or with `trained` a statistics task on those."""
         tier = self.artifacts.tiers[assignment.tier]
         body = Task(
             round=number,
-            model_version=self.record.version,
+            model_version=self.record.version + (trained is not None),
             tier=assignment.tier,
             manifest_sha256=tier.manifest_sha256,
             artifacts=tier.files,
@@ -192,14 +250,21 @@ class RoundEngine:
             deadline=deadline,
             seed=self.config.seed * 100_003 + number,
             evaluate=self.config.evaluate_on_devices,
+            statistics_only=trained is not None,
         )
-        return Outgoing(assignment.device_id, body, slice_params(self.weights, tier.shapes))
+        return Outgoing(assignment.device_id, body, self._tier_weights(assignment.tier, trained))
+
+    def _tier_weights(self, tier: str, weights: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The tier's slice of `weights` (default: the global weights) with the tier's own BN statistics."""
+        sliced = slice_params(self.weights if weights is None else weights, self.artifacts.tiers[tier].shapes)
+        own = self.bn_statistics.get(tier)
+        return with_statistics(sliced, {tier: own}) if own else sliced
 
     def _round_complete(self, now: float) -> bool:
         current = self._open
         if current is None:
             return False
-        owing = set(current.assignments) - current.answered
+        owing = current.owing
         if not owing or now >= current.deadline:
             return True
         return all(not (d := self.registry.get(dev)) or not d.online for dev in owing)
@@ -207,10 +272,13 @@ class RoundEngine:
     def _close_round(self, now: float) -> list[Outgoing]:
         current = self._open
         assert current is not None
-        self._open = None
         committed = current.accumulator.count >= self.config.min_updates
+        if committed and self._measures_statistics and current.trained is None:
+            return self._start_statistics(current, now)
+        self._open = None
         if committed:
-            self.weights = current.accumulator.result()
+            self.weights = current.trained if current.trained is not None else current.accumulator.result()
+            self._apply_statistics(current)
         summary = self._summarise(current, now, committed)
         self.record = StateRecord(
             fleet=self.record.fleet,
@@ -231,6 +299,17 @@ class RoundEngine:
         )
         return [Outgoing(None, summary)]
 
+    def _apply_statistics(self, current: _OpenRound) -> None:
+        """Put this round's pooled BN statistics into the weights (each tier keeps its own for its slice)."""
+        if not current.statistics:
+            if self._measures_statistics:
+                log.warning("round %d: no batch-norm statistics arrived; keeping the averaged running statistics", current.number)
+            return
+        self.bn_statistics = {tier: pool.result() for tier, pool in current.statistics.items()}
+        self.weights = with_statistics(self.weights, self.bn_statistics)
+        log.info("round %d: batch-norm statistics from %d devices (%s)", current.number, len(current.measured),
+                 ", ".join(f"tier {t}: {p.samples} samples" for t, p in sorted(current.statistics.items())))
+
     def _summarise(self, current: _OpenRound, now: float, committed: bool) -> RoundSummary:
         accuracy = loss = None
         source = "none"
@@ -240,10 +319,8 @@ class RoundEngine:
             for tier in sorted({a.tier for a in current.assignments.values()}):
                 artifacts = self.artifacts.tiers[tier]
                 rate = artifacts.manifest.rate
-                if rate not in by_rate:  # the full width is already evaluated: do not run it twice
-                    by_rate[rate] = self.evaluator.evaluate(
-                        slice_params(self.weights, artifacts.shapes), self.artifacts.spec, rate
-                    )
+                if tier in self.bn_statistics or rate not in by_rate:  # each width once, unless it has own statistics
+                    by_rate[rate] = self.evaluator.evaluate(self._tier_weights(tier), self.artifacts.spec, rate)
                 by_tier[tier] = by_rate[rate][1]
             loss, accuracy = by_rate[1.0]
             source = "held-out"

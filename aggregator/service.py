@@ -21,7 +21,7 @@ from aggregator.engine import Outgoing, RoundEngine, reject
 from aggregator.registry import DeviceRegistry
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.frame import FrameError, decode_frame, encode_frame
-from protocol.messages import Blob, Fetch, Hello, RejectReason, Status, Task, Update
+from protocol.messages import Blob, Fetch, Hello, RejectReason, Statistics, Status, Task, Update
 from protocol.mqtt_link import MqttLink
 from protocol.mqtt_url import BrokerAddress
 from protocol.topics import Topics
@@ -105,6 +105,10 @@ class AggregatorService:
             self.registry.seen(device, now)
             self.registry.holds(device, body.tier, body.base_version)
             self._send(self.engine.on_update(device, header.msg_id, body, frame.tensors, frame.nbytes, now))
+        elif topic == self.topics.up(device) and isinstance(body, Statistics):
+            self.registry.seen(device, now)
+            self.registry.holds(device, body.tier, body.base_version)
+            self._send(self.engine.on_statistics(device, header.msg_id, body, frame.tensors, now))
         else:
             self._refuse(device, RejectReason.UNEXPECTED, f"a {body.kind!r} message does not belong on {topic}")
 

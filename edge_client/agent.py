@@ -22,11 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from edge_client.cache import ArtifactCache
 from edge_client.compression import ErrorFeedback
 from edge_client.data import Dataset
+from edge_client.statistics import measure_bn_statistics
 from edge_client.trainer import OrtTrainer
-from models.manifest import TierManifest
+from models.manifest import STATISTICS_FILE, TierManifest
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.frame import Frame, FrameError, decode_frame, encode_frame
-from protocol.messages import Blob, Body, Fetch, Hello, Reject, RejectReason, Status, Task, Update, new_id
+from protocol.messages import Blob, Body, Fetch, Hello, Reject, RejectReason, Statistics, Status, Task, Update, new_id
 from protocol.mqtt_link import MqttLink, Will
 from protocol.mqtt_url import BrokerAddress
 from protocol.topics import Topics, check_id
@@ -173,6 +174,9 @@ class DeviceAgent:
             log.error("round %d: cannot load tier %s: %s", task.round, task.tier, exc)
             return
         self._held[task.tier] = (task.model_version, start)
+        if task.statistics_only:
+            self._send_statistics(task, start)
+            return
         before = trainer.evaluate(self.test_data) if task.evaluate and len(self.test_data) else None
         seed = task.seed ^ zlib.crc32(self.config.device_id.encode())
         stats = trainer.train(self.train_data, task.epochs, task.batch_size, task.learning_rate, seed, task.mask_classes)
@@ -207,6 +211,14 @@ class DeviceAgent:
             task.round, stats.steps, stats.seconds, stats.loss, stats.accuracy, sent,
             " (unchanged: below the upload threshold)" if unchanged else "",
         )
+
+    def _send_statistics(self, task: Task, weights: dict[str, np.ndarray]) -> None:
+        """Measure the batch-norm statistics of `weights` on our training data and send them."""
+        folder = self.cache.tier_folder(task.artifacts, key=task.manifest_sha256)
+        statistics = measure_bn_statistics(folder / STATISTICS_FILE, weights, self.train_data, threads=self.config.threads)
+        body = Statistics(round=task.round, base_version=task.model_version, tier=task.tier, num_samples=len(self.train_data))
+        sent = self._publish(self.topics.up(self.config.device_id), body, statistics)
+        log.info("round %d: sent batch-norm statistics of %d layers (%d bytes)", task.round, len(statistics) // 2, sent)
 
     def _received_weights(self, task: Task, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
         """The task's weights: as sent, or the held version plus the sent delta; None if we lack that version."""

@@ -2,7 +2,8 @@
 
 Layout of `out_dir`: `index.json`, and per tier `<tier>/` with `training_model.onnx`,
 `eval_model.onnx` (returns loss, logits), `optimizer_model.onnx`, `checkpoint` (the tier's
-starting weights), `inference.onnx` (forward graph with those weights) and `manifest.json`.
+starting weights), `inference.onnx` (forward graph with those weights), for batch-norm models
+`statistics.onnx` (measures static BN statistics on device data) and `manifest.json`.
 The training and eval graphs also take a `class_mask` input, and `scale` with the scaler on (see zoo).
 Every tier starts from the leading block of the same rate-1 global model.
 """
@@ -22,7 +23,7 @@ from typing import Literal
 import numpy as np
 import onnx
 
-from models.manifest import ExportIndex, FileEntry, ParamInfo, TierManifest
+from models.manifest import STATISTICS_FILE, ExportIndex, FileEntry, ParamInfo, TierManifest
 from models.ort_training import TrainingAPI, captured_native_stderr, load_training_api
 from models.slicing import slice_params
 from models.tiers import TIER_RATES, tier_rate
@@ -31,6 +32,7 @@ from models.zoo import (
     OUTPUT_NAME,
     ModelSpec,
     build_forward,
+    build_statistics_graph,
     frozen_names,
     init_global_params,
     param_shapes,
@@ -111,8 +113,11 @@ def export_tier(
         stage = Path(staging)
         _generate(training, spec, forward, optimizer, stage)
         onnx.save(build_forward(spec, rate, params), stage / "inference.onnx")
-        files = {name: _sha256(stage / name) for name in ARTIFACT_FILES}
-        for name in ARTIFACT_FILES:
+        names = [*ARTIFACT_FILES, *([STATISTICS_FILE] if spec.batch_norm else [])]
+        if spec.batch_norm:
+            onnx.save(build_statistics_graph(spec, rate), stage / STATISTICS_FILE)
+        files = {name: _sha256(stage / name) for name in names}
+        for name in names:
             os.replace(stage / name, tier_dir / name)
     frozen = set(frozen_names(spec))
     size = spec.image_size

@@ -13,6 +13,7 @@ from models.zoo import ModelSpec
 from protocol.atomic_file import atomic_write
 
 FORMAT_VERSION = 1
+STATISTICS_FILE = "statistics.onnx"  # batch-norm models only: measures static BN statistics on the device
 
 
 class _JsonFile(BaseModel):

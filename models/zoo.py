@@ -249,3 +249,67 @@ def build_forward(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tierfl", ir_version=IR_VERSION
     )
 
+
+
+def _batch_stats_nodes(step: _Step, x: str, y: str, axes: list[int]) -> list[onnx.NodeProto]:
+    """BatchNorm with the batch's own statistics, from standard ops, exposing them as `<bn>.batch_mean/var`."""
+    n = step.name
+    mean, var = f"{n}.batch_mean", f"{n}.batch_var"
+    keep = [f"{n}_mean_keep", f"{n}_centered", f"{n}_squared", f"{n}_var_keep", f"{n}_std", f"{n}_normed", f"{n}_scaled"]
+    shape = f"{n}_channel_shape"
+    return [
+        helper.make_node("ReduceMean", [x], [keep[0]], axes=axes, keepdims=1),
+        helper.make_node("Sub", [x, keep[0]], [keep[1]]),
+        helper.make_node("Mul", [keep[1], keep[1]], [keep[2]]),
+        helper.make_node("ReduceMean", [keep[2]], [keep[3]], axes=axes, keepdims=1),
+        helper.make_node("Flatten", [keep[0]], [f"{mean}_2d"], axis=0),
+        helper.make_node("Squeeze", [f"{mean}_2d", f"{n}_axis0"], [mean]),
+        helper.make_node("Flatten", [keep[3]], [f"{var}_2d"], axis=0),
+        helper.make_node("Squeeze", [f"{var}_2d", f"{n}_axis0"], [var]),
+        helper.make_node("Add", [keep[3], f"{n}_eps"], [f"{n}_var_eps"]),
+        helper.make_node("Sqrt", [f"{n}_var_eps"], [keep[4]]),
+        helper.make_node("Div", [keep[1], keep[4]], [keep[5]]),
+        helper.make_node("Reshape", [f"{n}.weight", shape], [f"{n}_gamma"]),
+        helper.make_node("Reshape", [f"{n}.bias", shape], [f"{n}_beta"]),
+        helper.make_node("Mul", [keep[5], f"{n}_gamma"], [keep[6]]),
+        helper.make_node("Add", [keep[6], f"{n}_beta"], [y]),
+    ]
+
+
+def build_statistics_graph(spec: ModelSpec, rate: float) -> onnx.ModelProto:
+    """Forward pass in training mode (every BatchNorm uses its batch's statistics) that outputs them.
+
+    Inputs: `input` and every parameter at `rate`; outputs `<bn>.batch_mean` and `<bn>.batch_var`
+    (population variance) per BatchNorm layer, in plan order. Standard ONNX operators only, so
+    plain onnxruntime runs it: this is how devices measure static BatchNorm statistics (HeteroFL
+    sBN) of the global model on their own data.
+    """
+    if not spec.batch_norm:
+        raise ValueError(f"{spec.name} has no batch norm: there are no statistics to measure")
+    nodes: list[onnx.NodeProto] = []
+    constants: list[onnx.TensorProto] = []
+    outputs: list[onnx.ValueInfoProto] = []
+    x = INPUT_NAME
+    for index, step in enumerate(_plan(spec, rate)):
+        y = f"{step.op}{index}_out"
+        if step.op != "bn":
+            nodes.append(_node(step, x, y, index))
+        else:
+            spatial = spec.arch == "cnn"
+            axes = [0, 2, 3] if spatial else [0]
+            nodes += _batch_stats_nodes(step, x, y, axes)
+            constants += [
+                numpy_helper.from_array(np.array([1, step.out, 1, 1] if spatial else [1, step.out], np.int64), f"{step.name}_channel_shape"),
+                numpy_helper.from_array(np.array([0], np.int64), f"{step.name}_axis0"),
+                numpy_helper.from_array(np.array(BN_EPSILON, np.float32), f"{step.name}_eps"),
+            ]
+            outputs += [helper.make_tensor_value_info(f"{step.name}.batch_{s}", TensorProto.FLOAT, [step.out]) for s in ("mean", "var")]
+        x = y
+    size = spec.image_size
+    shapes = param_shapes(spec, rate)
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 1, size, size])]
+    inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in shapes.items()]
+    graph = helper.make_graph(nodes, f"{spec.name}_r{rate:g}_statistics", inputs, outputs, initializer=constants)
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tierfl", ir_version=IR_VERSION
+    )

@@ -77,6 +77,7 @@ class Task(_Strict):
     seed: int = 0
     evaluate: bool = True  # also report loss/accuracy of the received weights on the local test split
     mask_classes: bool = False  # leave the classes the device has no data for out of its softmax
+    statistics_only: bool = False  # no training: measure batch-norm statistics of these weights, reply Statistics
     delta_from: Count | None = None  # tensors are a delta to add to this version of the tier, which the device holds
 
 
@@ -114,6 +115,19 @@ class Update(_Strict):
     unchanged: bool = False  # selective upload: no tensors, count me as a zero update
 
 
+class Statistics(_Strict):
+    """Device -> aggregator: batch-norm statistics of the task's weights on the device's training data.
+
+    Tensors `<bn>.running_mean` and `<bn>.running_var` (population variance), one pair per layer.
+    """
+
+    kind: Literal["statistics"] = "statistics"
+    round: Annotated[int, Field(ge=1)]
+    base_version: Count
+    tier: Identifier
+    num_samples: Annotated[int, Field(ge=1)]
+
+
 class Reject(_Strict):
     """Either side -> the other: your message was refused, and why."""
 
@@ -144,7 +158,7 @@ class RoundSummary(_Strict):
 
 
 Body = Annotated[
-    Union[Hello, Status, Task, Fetch, Blob, Update, Reject, RoundSummary],
+    Union[Hello, Status, Task, Fetch, Blob, Update, Statistics, Reject, RoundSummary],
     Field(discriminator="kind"),
 ]
 

@@ -50,7 +50,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=2, help="E: local epochs (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="B: local batch size (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=0.1, help="local learning rate (default: %(default)s)")
-    parser.add_argument("--arch", choices=["mlp", "cnn"], default="mlp", help="model (default: %(default)s)")
+    parser.add_argument("--arch", choices=["mlp", "cnn"], default="cnn", help="model (default: %(default)s)")
+    parser.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=True,
+                        help="batch norm after each hidden layer (default: on)")
+    parser.add_argument("--bn-statistics", choices=["devices", "averaged"], default="devices",
+                        help="with --batch-norm: statistics measured on the devices after each round (static BN), "
+                             "or the running averages of training (default: %(default)s)")
     parser.add_argument("--tiers", default="a,b,c", help="device tiers, given to the devices in turn: device-0 gets the "
                         "first, device-1 the second, ... (default: %(default)s)")
     parser.add_argument("--codec", default="int8", help="update codec of the devices, e.g. float32 or topk:0.1+int8 "
@@ -63,17 +68,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: %(default)s)")
 
 
-def prepare(out: Path, clients: int, alpha: float, arch: str, tiers: list[str], seed: int) -> None:
+def prepare(out: Path, clients: int, alpha: float, spec: ModelSpec, tiers: list[str]) -> None:
     """Write the held-out set, one non-IID share per device, and the model's artifacts under `out`."""
     for sub in ("state", "data", "devices", "logs", "artifacts"):
         shutil.rmtree(out / sub, ignore_errors=True)
     (out / "data").mkdir(parents=True)
     (out / "logs").mkdir()
-    train, held_out = train_test_split(load_digits(), 0.2, seed)
+    train, held_out = train_test_split(load_digits(), 0.2, spec.seed)
     save_npz(out / "data" / "held-out.npz", held_out)
-    for i, part in enumerate(dirichlet_partition(train.y, clients, alpha, seed)):
+    for i, part in enumerate(dirichlet_partition(train.y, clients, alpha, spec.seed)):
         save_npz(out / "data" / f"device-{i}.npz", train.subset(part))
-    export_all(ModelSpec(arch=arch, image_size=8, seed=seed), tiers, out / "artifacts")
+    export_all(spec, tiers, out / "artifacts")
 
 
 def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -104,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     fleet = args.fleet
     tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
-    prepare(out, args.clients, args.alpha, args.arch, tiers, args.seed)
+    spec = ModelSpec(arch=args.arch, image_size=8, batch_norm=args.batch_norm, seed=args.seed)
+    prepare(out, args.clients, args.alpha, spec, tiers)
     summaries: queue.Queue[RoundSummary] = queue.Queue()
     history: list[RoundSummary] = []
     processes: list[subprocess.Popen[bytes]] = []
@@ -119,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
              "--rounds", str(args.rounds), "--min-clients", str(args.clients), "--fraction", str(args.fraction),
              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
              "--round-timeout", str(args.round_timeout), "--seed", str(args.seed),
-             "--eval-data", str(out / "data" / "held-out.npz"), "--downlink", args.downlink],
+             "--eval-data", str(out / "data" / "held-out.npz"), "--downlink", args.downlink,
+             "--bn-statistics", args.bn_statistics],
             out / "logs" / "aggregator.log",
         )
         processes.append(aggregator)
