@@ -223,7 +223,8 @@ class RoundEngine:
             assignments={a.device_id: a for a in assignments},
             accumulator=self.strategy.start_aggregation(self.weights),
         )
-        log.info("round %d: %d devices selected: %s", number, len(assignments), ", ".join(sorted(self._open.assignments)))
+        log.info("round %d: %d devices selected: %s", number, len(assignments),
+                 ", ".join(f"{a.device_id} (tier {a.tier})" for a in sorted(assignments, key=lambda a: a.device_id)))
         return [self._task(a, number, self._open.deadline) for a in assignments]
 
     def _start_statistics(self, current: _OpenRound, now: float) -> list[Outgoing]:

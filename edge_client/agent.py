@@ -50,6 +50,7 @@ class ClientConfig(BaseModel):
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=4096)
     codec: str = "float32"  # how updates are encoded (see protocol.codecs)
     skip_below: float = Field(0.0, ge=0.0)  # selective upload: relative update norm under which nothing is sent
+    seconds_per_sample: dict[str, float] = {}  # tier -> training speed from a benchmark, announced in the hello
 
 
 class DeviceAgent:
@@ -105,6 +106,7 @@ class DeviceAgent:
             num_test_samples=len(self.test_data),
             backend=OrtTrainer.backend,
             holds={tier: version for tier, (version, _) in list(self._held.items())},  # worker may add
+            seconds_per_sample=self.config.seconds_per_sample,
         )
         self._publish(self.topics.status(me), hello, retain=True)  # retained: a restarted aggregator sees it
         log.info("announced %s: %d train / %d test samples", me, len(self.train_data), len(self.test_data))

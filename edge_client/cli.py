@@ -9,7 +9,10 @@ import socket
 import threading
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from edge_client.agent import ClientConfig, DeviceAgent
+from edge_client.bench import BenchReport
 from edge_client.data import load_dataset, train_test_split
 from models.ort_training import load_training_api
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
@@ -42,6 +45,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.2,
                         help="share of local data held out to evaluate received models (default: %(default)s)")
     parser.add_argument("--tier", help="ask for a fixed tier (a-e); default: the aggregator decides")
+    parser.add_argument("--bench", type=Path, help="bench.json from `tierfl bench` on this device (same model): "
+                        "announces its training speed per tier, so an aggregator with --tier-policy auto gives it "
+                        "the widest tier that fits the round deadline from the first round on")
     parser.add_argument("--cache-dir", type=Path, help="artifact cache (default: ~/.cache/tierfl/FLEET/DEVICE)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for training (default: %(default)s)")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
@@ -53,6 +59,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="selective upload: send 'unchanged' instead of tensors when ||update|| / ||weights|| "
                              "is below this (default: %(default)s, always send)")
     parser.add_argument("--aggregator-id", default="aggregator", help="accept tasks only from this sender (default: %(default)s)")
+
+
+def read_benchmark(path: Path) -> dict[str, float]:
+    """tier -> seconds per training sample, from a `tierfl bench` report."""
+    try:
+        report = BenchReport.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        raise ValueError(f"{path} is not a `tierfl bench` report: {exc.errors()[0]['msg']}") from None
+    speeds = {t.tier: 1.0 / t.samples_per_second for t in report.tiers if t.samples_per_second > 0}
+    log.info("announcing the speed measured by %s on %s: %s", path, report.model.name,
+             ", ".join(f"tier {t} {s * 1e3:.3f} ms/sample" for t, s in speeds.items()))
+    return speeds
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         codec=args.codec,
         skip_below=args.skip_below,
+        seconds_per_sample=read_benchmark(args.bench) if args.bench else {},
     )
     agent = DeviceAgent(config, train, test)
     stop = threading.Event()

@@ -16,6 +16,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from edge_client.bench import BenchReport, BenchSettings, TierResult
+from models.tiers import TIER_RATES
+from models.zoo import ModelSpec
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import Hello, Reject, RejectReason, Update, new_id
 from protocol.topics import Topics
@@ -144,6 +147,44 @@ def test_hostile_and_misdirected_messages_are_refused_with_reasons(tmp_path, mos
         watcher.close()
         aggregator.terminate()
         aggregator.wait(10)
+
+
+def _bench_report(path: Path, ms_per_sample: dict[str, float]) -> Path:
+    tiers = [TierResult(tier=t, rate=TIER_RATES[t], params=1, artifact_bytes=1, step_p50_ms=1.0, step_p95_ms=1.0,
+                        samples_per_second=1e3 / ms, peak_rss_kib=None, baseline_rss_kib=None, epochs_seconds=None,
+                        update_bytes={}) for t, ms in ms_per_sample.items()]
+    settings = BenchSettings(data="digits", tiers=list(ms_per_sample), batch_size=32, warmup_steps=3, steps=10,
+                             epochs=0, threads=1, codecs=[])
+    report = BenchReport(model=ModelSpec(arch="mlp"), settings=settings, samples=100, host={}, parent_peak_rss_kib=None,
+                         tiers=tiers)
+    path.write_text(report.model_dump_json())
+    return path
+
+
+def test_auto_tiers_follow_announced_and_measured_speed(tmp_path, mosquitto_url, fleet):
+    """A device announcing a slow benchmark gets tier e; one without a benchmark starts on e and, once
+    its first update shows its speed, moves to the widest tier that fits; a fast one gets a at once."""
+    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--tiers", "a,e", "--tier-policy", "auto",
+                             "--min-clients", "3", "--rounds", "3", "--round-timeout", "20")
+    speeds = {"slow": {"a": 500.0, "e": 5.0}, "fast": {"a": 0.01}}
+    devices = [
+        tierfl("client", "--broker", mosquitto_url, "--fleet", fleet, "--device-id", name, "--data", "digits",
+               "--cache-dir", str(tmp_path / name),
+               *(["--bench", str(_bench_report(tmp_path / f"{name}.json", speeds[name]))] if name in speeds else []),
+               log=tmp_path / f"{name}.log")
+        for name in ("slow", "fast", "unknown")
+    ]
+    try:
+        agg_log = tmp_path / "aggregator.log"
+        assert aggregator.wait(120) == 0, agg_log.read_text()[-3000:]
+        selected = re.findall(r"round (\d): 3 devices selected: (.*)", agg_log.read_text())
+        assert selected[0][1] == "fast (tier a), slow (tier e), unknown (tier e)"
+        assert selected[1][1] == "fast (tier a), slow (tier e), unknown (tier a)"
+    finally:
+        for process in [aggregator, *devices]:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(10)
 
 
 def test_device_killed_mid_round_is_dropped_and_training_continues(tmp_path, mosquitto_url, fleet):
