@@ -212,8 +212,10 @@ def plot(path: Path, history: list[RoundSummary]) -> None:
     rounds = [s.round for s in history]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(rounds, [s.accuracy or 0 for s in history], marker="o", color="tab:blue", label="held-out accuracy (global)")
-    for tier in sorted({t for s in history for t in s.accuracy_by_tier} - {"a"}):
-        ax.plot(rounds, [s.accuracy_by_tier.get(tier, float("nan")) for s in history], linestyle="--", label=f"tier {tier} submodel")
+    narrower = sorted({t for s in history for t in s.accuracy_by_tier} - {"a"})
+    for tier, color in zip(narrower, ["tab:green", "tab:red", "tab:purple", "tab:brown"]):
+        ax.plot(rounds, [s.accuracy_by_tier.get(tier, float("nan")) for s in history], linestyle="--", color=color,
+                label=f"tier {tier} submodel")
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
