@@ -1,0 +1,275 @@
+"""HeteroFL tier mixes: Fashion-MNIST, the 28x28 CNN, IID and Dirichlet partitions, same seed.
+
+Does a fleet with weak devices beat training on the weakest tier alone, and come close to a
+fleet of tier a devices? Each device trains its tier's leading block of the global weights with
+the real ORT training artifacts, and the aggregator's element-wise mean folds the deltas (one
+process; the MQTT hop is covered by the integration tests). Tiers go to devices in contiguous
+blocks by their share of the mix (`a-e`: the first half a, the rest e). Writes
+benchmarks/heterofl.{json,md,png}.
+
+    .venv/bin/python scripts/bench_heterofl.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aggregator.batchnorm import StatisticsPool, with_statistics
+from aggregator.evaluate import HeldOutEvaluator
+from aggregator.strategy import ClientUpdate, ElementwiseMean
+from aggregator.tiering import parse_tier_mix
+from edge_client.data import FASHION_MNIST_ROOT, Dataset, dirichlet_partition, iid_partition, load_fashion_mnist
+from edge_client.statistics import measure_bn_statistics
+from edge_client.trainer import OrtTrainer
+from models.export import export_all
+from models.manifest import STATISTICS_FILE, TierManifest
+from models.slicing import slice_params
+from models.tiers import TIER_RATES
+from models.zoo import ModelSpec, forward_macs, init_global_params, param_shapes
+
+MIXES = ["a", "e", "a-e", "a-b-c-d-e"]
+PARTITIONS = ["iid", "dirichlet"]
+Weights = dict[str, np.ndarray]
+
+
+def assign_tiers(mix: dict[str, float], devices: int) -> list[str]:
+    """Tier of each device: contiguous blocks sized by the mix's shares (deterministic, balanced)."""
+    bounds = np.round(np.cumsum(list(mix.values())) * devices).astype(int)
+    return [list(mix)[int(np.searchsorted(bounds, i, side="right"))] for i in range(devices)]
+
+
+def partition(train: Dataset, kind: str, args: argparse.Namespace) -> list[Dataset]:
+    """The devices' local data, the same for every mix."""
+    if kind == "iid":
+        parts = iid_partition(len(train), args.devices, args.seed)
+    else:
+        parts = dirichlet_partition(train.y, args.devices, args.alpha, args.seed)
+    return [train.subset(p) for p in parts]
+
+
+@dataclass(frozen=True)
+class Bench:
+    """What every federation shares: the model, its exported tiers with one trainer each, the test set, the options."""
+
+    spec: ModelSpec
+    artifacts: Path
+    trainers: dict[str, OrtTrainer]
+    evaluator: HeldOutEvaluator
+    args: argparse.Namespace
+
+
+def tier_weights(weights: Weights, tier: str, statistics: dict[str, Weights], spec: ModelSpec) -> Weights:
+    """The tier's slice of the global weights, with the tier's own batch-norm statistics once measured."""
+    sliced = slice_params(weights, param_shapes(spec, TIER_RATES[tier]))
+    return with_statistics(sliced, {tier: statistics[tier]}) if tier in statistics else sliced
+
+
+def train_round(weights: Weights, statistics: dict[str, Weights], round_number: int, tiers: list[str],
+                shares: list[Dataset], bench: Bench) -> Weights:
+    """Every device trains its tier's slice; the new global is the element-wise mean of the deltas."""
+    args, accumulator = bench.args, ElementwiseMean(weights)
+    for i, (tier, share) in enumerate(zip(tiers, shares)):
+        start = tier_weights(weights, tier, statistics, bench.spec)
+        bench.trainers[tier].set_weights(start)
+        bench.trainers[tier].train(share, args.epochs, args.batch_size, args.lr, seed=args.seed * 1000 + round_number * 100 + i)
+        trained = bench.trainers[tier].get_weights()
+        accumulator.add(ClientUpdate(f"d{i}", tier, len(share), {n: trained[n] - start[n] for n in start}))
+    return accumulator.result()
+
+
+def measure_statistics(weights: Weights, tiers: list[str], shares: list[Dataset], bench: Bench) -> dict[str, Weights]:
+    """HeteroFL's static batch norm: each tier's statistics of `weights` pooled over its devices' data (none without BN)."""
+    if not bench.spec.batch_norm:
+        return {}
+    pools: dict[str, StatisticsPool] = {}
+    for tier, share in zip(tiers, shares):
+        sliced = slice_params(weights, param_shapes(bench.spec, TIER_RATES[tier]))
+        measured = measure_bn_statistics(bench.artifacts / tier / STATISTICS_FILE, sliced, share)
+        pools.setdefault(tier, StatisticsPool()).add(len(share), measured)
+    return {tier: pool.result() for tier, pool in pools.items()}
+
+
+def submodel_accuracies(weights: Weights, statistics: dict[str, Weights], mix: dict[str, float], bench: Bench) -> dict[str, float]:
+    """Held-out accuracy of the global weights sliced at each tier of the mix."""
+    return {tier: bench.evaluator.evaluate(tier_weights(weights, tier, statistics, bench.spec), bench.spec, TIER_RATES[tier])[1]
+            for tier in mix}
+
+
+def training_macs(tiers: list[str], shares: list[Dataset], spec: ModelSpec) -> int:
+    """Forward multiply-accumulates of one epoch over the fleet (a cost unit to compare mixes)."""
+    return sum(forward_macs(spec, TIER_RATES[t]) * len(s) for t, s in zip(tiers, shares))
+
+
+def simulate(mix_text: str, kind: str, shares: list[Dataset], bench: Bench) -> dict:
+    """One federation of `mix_text` on partition `kind`; accuracies per round."""
+    mix = parse_tier_mix(mix_text)
+    tiers = assign_tiers(mix, len(shares))
+    model_tier = max(set(tiers), key=TIER_RATES.__getitem__)  # the widest trained block is what a device deploys
+    weights, statistics, history = init_global_params(bench.spec), {}, []
+    for round_number in range(1, bench.args.rounds + 1):
+        started = time.perf_counter()
+        weights = train_round(weights, statistics, round_number, tiers, shares, bench)
+        statistics = measure_statistics(weights, tiers, shares, bench)
+        accuracies = submodel_accuracies(weights, statistics, mix, bench)
+        history.append({"round": round_number, "accuracy": accuracies[model_tier], "tiers": accuracies,
+                        "seconds": time.perf_counter() - started})
+        print(f"{kind:>9} {mix_text:>9} round {round_number:2d}: model ({model_tier}) {accuracies[model_tier]:.4f}, "
+              + ", ".join(f"{t} {a:.4f}" for t, a in accuracies.items()), flush=True)
+    return {"partition": kind, "mix": mix_text, "devices_per_tier": {t: tiers.count(t) for t in mix},
+            "model_tier": model_tier, "training_macs": training_macs(tiers, shares, bench.spec), "rounds": history,
+            "final_accuracy": history[-1]["accuracy"], "final_tiers": history[-1]["tiers"]}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--devices", type=int, default=10)
+    parser.add_argument("--alpha", type=float, default=0.3, help="Dirichlet concentration of the non-IID partition")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--train-samples", type=int, default=20000, help="seeded subset of the 60k training images")
+    parser.add_argument("--test-samples", type=int, default=10000, help="seeded subset of the 10k test images")
+    parser.add_argument("--batch-norm", action="store_true",
+                        help="CNN with batch norm: static BN (per-tier statistics measured each round) and HeteroFL's scaler")
+    parser.add_argument("--no-scaler", action="store_true", help="export without the scaler (on by default with batch norm)")
+    parser.add_argument("--mixes", default=",".join(MIXES), help="HeteroFL tier mixes, e.g. a,e,a2-e8")
+    parser.add_argument("--partitions", default=",".join(PARTITIONS), help="iid and/or dirichlet")
+    parser.add_argument("--tolerance", type=float, default=3.0, help="points from 'a' the claim allows")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, default=Path(FASHION_MNIST_ROOT), help="Fashion-MNIST folder")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks"))
+    args = parser.parse_args(argv)
+    unknown = set(args.partitions.split(",")) - set(PARTITIONS)
+    if unknown:
+        parser.error(f"unknown partition(s) {sorted(unknown)}; expected {', '.join(PARTITIONS)}")
+    return args
+
+
+def load_data(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
+    """Seeded train and test subsets; a missing dataset ends the run with the install hint."""
+    try:
+        train, test = load_fashion_mnist(args.data, split="train"), load_fashion_mnist(args.data, split="test")
+    except FileNotFoundError as exc:
+        sys.exit(f"error: {exc}")
+    rng = np.random.default_rng(args.seed)
+    return (train.subset(rng.permutation(len(train))[: args.train_samples]),
+            test.subset(np.sort(rng.permutation(len(test))[: args.test_samples])))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    train, test = load_data(args)
+    spec = ModelSpec(arch="cnn", image_size=28, batch_norm=args.batch_norm, seed=args.seed)
+    mixes = args.mixes.split(",")
+    tiers = sorted({t for m in mixes for t in parse_tier_mix(m)}, key=list(TIER_RATES).index)
+    started, results = time.perf_counter(), []
+    with tempfile.TemporaryDirectory() as folder:
+        artifacts = Path(folder)
+        export_all(spec, tiers, artifacts, scaler=False if args.no_scaler else None)
+        trainers = {t: OrtTrainer(artifacts / t, TierManifest.load(artifacts / t / "manifest.json")) for t in tiers}
+        bench = Bench(spec, artifacts, trainers, HeldOutEvaluator(test), args)
+        for kind in args.partitions.split(","):
+            shares = partition(train, kind, args)
+            results += [simulate(m, kind, shares, bench) for m in mixes]
+    write_report(args, spec, results, time.perf_counter() - started)
+
+
+def claims(results: list[dict], tolerance: float) -> list[dict]:
+    """Per partition: does each mix with weak devices beat 'e' alone and come within `tolerance` points of 'a'?"""
+    out = []
+    for kind in dict.fromkeys(r["partition"] for r in results):
+        final = {r["mix"]: r["final_accuracy"] for r in results if r["partition"] == kind}
+        if "a" not in final or "e" not in final:
+            continue
+        for mix in (m for m in final if m not in ("a", "e")):
+            gap = 100 * (final["a"] - final[mix])
+            out.append({"partition": kind, "mix": mix, "beats_e": final[mix] > final["e"], "points_below_a": gap,
+                        "held": final[mix] > final["e"] and gap <= tolerance})
+    return out
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run."""
+    options = []
+    for key, value in vars(args).items():
+        if key not in ("out", "data") and value is not False:
+            flag = "--" + key.replace("_", "-")
+            options.append(flag if value is True else f"{flag} {value}")
+    return "python scripts/bench_heterofl.py " + " ".join(options)
+
+
+def write_report(args: argparse.Namespace, spec: ModelSpec, results: list[dict], seconds: float) -> None:
+    """benchmarks/heterofl.json, .md and .png."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    verdicts = claims(results, args.tolerance)
+    report = {"model": spec.model_dump(), "config": vars(args),
+              "command": command_line(args), "seconds": seconds, "test_samples": args.test_samples,
+              "claims": verdicts, "results": results}
+    (args.out / "heterofl.json").write_text(json.dumps(report, indent=1, default=str))
+    lines = markdown(args, spec, results, verdicts, seconds)
+    (args.out / "heterofl.md").write_text("\n".join(lines) + "\n")
+    plot(args, results)
+    print("\n".join(lines))
+
+
+def markdown(args: argparse.Namespace, spec: ModelSpec, results: list[dict], verdicts: list[dict], seconds: float) -> list[str]:
+    """The table (mix x partition) and one line per claim."""
+    lines = [
+        f"# HeteroFL tier mixes: {spec.name} on Fashion-MNIST, {args.devices} devices, {args.rounds} rounds",
+        "", f"Reproduce: `{command_line(args)}` ({seconds / 60:.0f} min on a shared 2-core machine)", "",
+        f"{args.train_samples} training images, {args.epochs} local epoch(s) of batch {args.batch_size} at lr {args.lr} "
+        f"per round; accuracy after the last round on {args.test_samples} held-out test images. Non-IID is "
+        f"Dirichlet({args.alpha}), the same partition for every mix. The model accuracy is the widest trained "
+        "width of the mix (the model its strongest device deploys: rate 1 with tier a, the e block for 'e' "
+        "alone); a tier column is the global weights sliced at that tier's rate. Training compute is the "
+        "fleet's forward multiply-accumulates relative to 'a' alone.",
+        "", "| partition | mix | devices per tier | model accuracy | vs a (points) | training compute "
+        + "".join(f"| {t} ({TIER_RATES[t]:g}) " for t in TIER_RATES) + "|",
+        "|---" * (6 + len(TIER_RATES)) + "|",
+    ]
+    for r in results:
+        base = next((b for b in results if b["partition"] == r["partition"] and b["mix"] == "a"), r)
+        devices = " ".join(f"{t}:{n}" for t, n in r["devices_per_tier"].items() if n)
+        tiers = "".join(f"| {r['final_tiers'][t]:.4f} " if t in r["final_tiers"] else "| - " for t in TIER_RATES)
+        lines.append(f"| {r['partition']} | {r['mix']} | {devices} | {r['final_accuracy']:.4f} ({r['model_tier']}) "
+                     f"| {100 * (r['final_accuracy'] - base['final_accuracy']):+.2f} "
+                     f"| {r['training_macs'] / base['training_macs']:.2f} {tiers}|")
+    lines += ["", f"Claim (a mix with weak devices beats 'e' alone and is within {args.tolerance:g} points of 'a' alone):", ""]
+    for v in verdicts:
+        lines.append(f"- {v['partition']}, {v['mix']}: {'held' if v['held'] else 'did not hold'} "
+                     f"({'beats' if v['beats_e'] else 'does not beat'} e; {v['points_below_a']:.2f} points below a)")
+    return lines
+
+
+def plot(args: argparse.Namespace, results: list[dict]) -> None:
+    """Model accuracy per round of each mix, one panel per partition."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(r["partition"] for r in results))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), sharey=True, squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for r in (r for r in results if r["partition"] == kind):
+            ax.plot([h["round"] for h in r["rounds"]], [h["accuracy"] for h in r["rounds"]], marker=".", label=r["mix"])
+        ax.set_title(kind if kind == "iid" else f"Dirichlet({args.alpha})")
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend(title="mix")
+    axes[0][0].set_ylabel("held-out accuracy (widest trained width)")
+    fig.tight_layout()
+    fig.savefig(args.out / "heterofl.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
