@@ -69,9 +69,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiers", type=_tier_list, default=list(TIER_RATES),
                         help="comma-separated tiers to export (default: " + ",".join(TIER_RATES) + ")")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="on-device optimizer (default: sgd)")
-    parser.add_argument("--scaler", choices=["auto", "on", "off"], default="auto",
-                        help="HeteroFL scaler: hidden activations x 1/rate while training; auto = on with "
-                             "--batch-norm (default: auto)")
+    parser.add_argument("--scaler", choices=["on", "off"], default="off",
+                        help="HeteroFL scaler: hidden activations x 1/rate while training (default: off; a "
+                             "batch norm training on batch statistics cancels it)")
     parser.add_argument("--out", default="runs/artifacts", help="output folder (default: runs/artifacts)")
 
 
@@ -94,8 +94,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     started = time.perf_counter()
     try:
-        scaler = {"auto": None, "on": True, "off": False}[args.scaler]
-        index = export_all(spec, args.tiers, args.out, args.optimizer, scaler)
+        index = export_all(spec, args.tiers, args.out, args.optimizer, scaler=args.scaler == "on")
     except TrainingBackendUnavailable as exc:
         log.error("%s", exc)
         return 1

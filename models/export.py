@@ -93,15 +93,16 @@ def _libraries(training: TrainingAPI) -> dict[str, str]:
 
 
 def export_tier(
-    spec: ModelSpec, tier: str, out_dir: str | os.PathLike[str], optimizer: Optimizer = "sgd", scaler: bool | None = None
+    spec: ModelSpec, tier: str, out_dir: str | os.PathLike[str], optimizer: Optimizer = "sgd", scaler: bool = False
 ) -> TierManifest:
     """Write one tier's training artifacts, inference model and manifest into `out_dir/<tier>/`.
 
-    `scaler` adds HeteroFL's scaler input to the training graph (default: with batch norm only,
-    as in HeteroFL, where the norm that follows keeps the forward pass in range).
+    `scaler` adds HeteroFL's scaler input to the training graph. Off by default: a BatchNorm
+    training with batch statistics cancels it exactly (forward and gradients), while the running
+    averages it leaves behind come out 1/rate too large; without batch norm it inflates the
+    narrow tiers' activations and destabilises training at usual learning rates.
     """
     rate = tier_rate(tier)
-    scaler = spec.batch_norm if scaler is None else scaler
     training = load_training_api()
     started = time.perf_counter()
     shapes = param_shapes(spec, rate)
@@ -148,7 +149,7 @@ def export_all(
     tiers: Iterable[str],
     out_dir: str | os.PathLike[str],
     optimizer: Optimizer = "sgd",
-    scaler: bool | None = None,
+    scaler: bool = False,
 ) -> ExportIndex:
     """Export every tier in `tiers` and write `out_dir/index.json`."""
     tiers = list(dict.fromkeys(tiers))

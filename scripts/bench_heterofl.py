@@ -139,8 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-samples", type=int, default=20000, help="seeded subset of the 60k training images")
     parser.add_argument("--test-samples", type=int, default=10000, help="seeded subset of the 10k test images")
     parser.add_argument("--batch-norm", action="store_true",
-                        help="CNN with batch norm: static BN (per-tier statistics measured each round) and HeteroFL's scaler")
-    parser.add_argument("--no-scaler", action="store_true", help="export without the scaler (on by default with batch norm)")
+                        help="CNN with batch norm: static BN (per-tier statistics measured each round)")
+    parser.add_argument("--scaler", action="store_true", help="export with HeteroFL's scaler (off by default)")
     parser.add_argument("--mixes", default=",".join(MIXES), help="HeteroFL tier mixes, e.g. a,e,a2-e8")
     parser.add_argument("--partitions", default=",".join(PARTITIONS), help="iid and/or dirichlet")
     parser.add_argument("--tolerance", type=float, default=3.0, help="points from 'a' the claim allows")
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     started, results = time.perf_counter(), []
     with tempfile.TemporaryDirectory() as folder:
         artifacts = Path(folder)
-        export_all(spec, tiers, artifacts, scaler=False if args.no_scaler else None)
+        export_all(spec, tiers, artifacts, scaler=args.scaler)
         trainers = {t: OrtTrainer(artifacts / t, TierManifest.load(artifacts / t / "manifest.json")) for t in tiers}
         bench = Bench(spec, artifacts, trainers, HeldOutEvaluator(test), args)
         for kind in args.partitions.split(","):
