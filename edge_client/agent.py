@@ -15,6 +15,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,7 +24,8 @@ from edge_client.cache import ArtifactCache
 from edge_client.compression import ErrorFeedback
 from edge_client.data import Dataset
 from edge_client.statistics import measure_bn_statistics
-from edge_client.trainer import OrtTrainer
+from edge_client.backends import open_trainer
+from edge_client.trainer import Trainer
 from models.manifest import STATISTICS_FILE, TierManifest
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.frame import Frame, FrameError, decode_frame, encode_frame
@@ -51,6 +53,7 @@ class ClientConfig(BaseModel):
     codec: str = "float32"  # how updates are encoded (see protocol.codecs)
     skip_below: float = Field(0.0, ge=0.0)  # selective upload: relative update norm under which nothing is sent
     seconds_per_sample: dict[str, float] = {}  # tier -> training speed from a benchmark, announced in the hello
+    backend: Literal["ort-training", "portable"] = "ort-training"
 
 
 class DeviceAgent:
@@ -67,7 +70,7 @@ class DeviceAgent:
         self.tasks_done = 0
         self._tasks: queue.Queue[Frame] = queue.Queue()
         self._blob_arrived = threading.Condition()
-        self._trainers: dict[str, OrtTrainer] = {}
+        self._trainers: dict[str, Trainer] = {}
         self._feedback: dict[str, ErrorFeedback] = {}
         self._held: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # tier -> (version, weights received)
         self.link = MqttLink(
@@ -104,7 +107,7 @@ class DeviceAgent:
             tier=self.config.tier,
             num_samples=len(self.train_data),
             num_test_samples=len(self.test_data),
-            backend=OrtTrainer.backend,
+            backend=self.config.backend,
             holds={tier: version for tier, (version, _) in list(self._held.items())},  # worker may add
             seconds_per_sample=self.config.seconds_per_sample,
         )
@@ -254,12 +257,12 @@ class DeviceAgent:
             self._feedback[tier] = ErrorFeedback(self.config.cache_dir, tier, self.config.skip_below)
         return self._feedback[tier]
 
-    def _trainer_for(self, task: Task) -> OrtTrainer:
+    def _trainer_for(self, task: Task) -> Trainer:
         trainer = self._trainers.get(task.manifest_sha256)
         if trainer is None:
             folder = self.cache.tier_folder(task.artifacts, key=task.manifest_sha256)
             manifest = TierManifest.load(folder / "manifest.json")
-            trainer = OrtTrainer(folder, manifest, threads=self.config.threads)
+            trainer = open_trainer(self.config.backend, folder, manifest, threads=self.config.threads)
             self._trainers[task.manifest_sha256] = trainer
         return trainer
 

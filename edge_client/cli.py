@@ -12,9 +12,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from edge_client.agent import ClientConfig, DeviceAgent
-from edge_client.bench import BenchReport
+from edge_client.backends import BACKENDS, resolve_backend
 from edge_client.data import load_dataset, train_test_split
-from models.ort_training import load_training_api
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.mqtt_url import parse as parse_broker
 
@@ -49,6 +48,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         "announces its training speed per tier, so an aggregator with --tier-policy auto gives it "
                         "the widest tier that fits the round deadline from the first round on")
     parser.add_argument("--cache-dir", type=Path, help="artifact cache (default: ~/.cache/tierfl/FLEET/DEVICE)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="training backend: ort-training (the onnxruntime-training wheel), portable (a step graph "
+                             "of standard operators on plain onnxruntime: Raspberry Pi, Python 3.13+), or auto: "
+                             "ort-training where its wheel works, portable elsewhere (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for training (default: %(default)s)")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                         help="frames larger than this travel in hash-checked chunks (default: %(default)s)")
@@ -63,6 +66,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def read_benchmark(path: Path) -> dict[str, float]:
     """tier -> seconds per training sample, from a `tierfl bench` report."""
+    from edge_client.bench import BenchReport  # the bench module builds models: only imported when asked for
     try:
         report = BenchReport.model_validate_json(path.read_bytes())
     except ValidationError as exc:
@@ -75,7 +79,8 @@ def read_benchmark(path: Path) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     """Serve tasks until SIGINT/SIGTERM."""
-    load_training_api()  # fail now, with the fix spelled out, if the training wheel is missing or broken
+    backend = resolve_backend(args.backend)  # fail now, with the fix spelled out, if a forced backend cannot work
+    log.info("training backend: %s", backend)
     data = load_dataset(args.data)
     train, test = train_test_split(data, args.test_fraction, seed=0) if args.test_fraction > 0 else (data, data.subset([]))
     config = ClientConfig(
@@ -90,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         codec=args.codec,
         skip_below=args.skip_below,
         seconds_per_sample=read_benchmark(args.bench) if args.bench else {},
+        backend=backend,
     )
     agent = DeviceAgent(config, train, test)
     stop = threading.Event()

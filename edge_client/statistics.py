@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime
 
 from edge_client.data import Dataset
-from models.zoo import INPUT_NAME
+from models.spec import INPUT_NAME
 
 
 def measure_bn_statistics(

@@ -19,7 +19,7 @@ import onnxruntime
 from edge_client.data import Dataset, batches
 from models.manifest import TierManifest
 from models.ort_training import load_training_api
-from models.zoo import CLASS_MASK_NAME, INPUT_NAME, SCALE_NAME
+from models.spec import CLASS_MASK_NAME, INPUT_NAME, SCALE_NAME
 
 MASKED_LOGIT = -1e4  # added to a masked class's logit: exp() underflows to 0, the loss stays finite
 

@@ -9,11 +9,13 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.zoo import ModelSpec
+from models.spec import ModelSpec
 from protocol.atomic_file import atomic_write
 
 FORMAT_VERSION = 1
 STATISTICS_FILE = "statistics.onnx"  # batch-norm models only: measures static BN statistics on the device
+STEP_FILE = "step_model.onnx"  # the portable backend's training step, standard ONNX operators only
+FORWARD_FILE = "forward.onnx"  # forward pass with the parameters as inputs (portable evaluation)
 
 
 class _JsonFile(BaseModel):

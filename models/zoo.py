@@ -12,64 +12,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from typing import Literal
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models.spec import CLASS_MASK_NAME, INPUT_NAME, OUTPUT_NAME, SCALE_NAME, ModelSpec  # noqa: F401 (re-exported)
 from models.tiers import scaled_width
 
 OPSET = 17
 IR_VERSION = 10  # onnxruntime 1.19 refuses IR 11+
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
-SCALE_NAME = "scale"  # HeteroFL's scaler: hidden pre-activations times this [1] input (1/rate in training, 1 otherwise)
-CLASS_MASK_NAME = "class_mask"  # [classes] added to the logits: 0 keeps a class, a large negative masks it out
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # ONNX convention (PyTorch momentum 0.1)
 _RUNNING_STATS = ("running_mean", "running_var")
-_DEFAULT_HIDDEN = {"mlp": (256, 256), "cnn": (32, 64, 128)}
-
-
-class ModelSpec(BaseModel):
-    """What is trained: architecture, input size, widths at rate 1, batch norm, init seed."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    arch: Literal["mlp", "cnn"]
-    image_size: Literal[8, 28] = 8
-    num_classes: int = Field(10, ge=2)
-    hidden: tuple[int, ...] | None = None
-    batch_norm: bool = False
-    seed: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _check_hidden(self) -> ModelSpec:
-        if self.hidden is not None:
-            if not self.hidden or min(self.hidden) < 1:
-                raise ValueError(f"hidden widths must be a non-empty tuple of ints >= 1, got {self.hidden}")
-            if self.arch == "cnn" and len(self.hidden) < 2:
-                raise ValueError("cnn hidden needs conv channels then one fc width, e.g. (32, 64, 128)")
-            if self.arch == "cnn" and self.image_size >> (len(self.hidden) - 1) < 1:
-                raise ValueError(f"{len(self.hidden) - 1} 2x2 pools do not fit a {self.image_size}px image")
-        return self
-
-    @property
-    def widths(self) -> tuple[int, ...]:
-        """Hidden widths at rate 1 (the default for the arch when `hidden` is None)."""
-        return self.hidden if self.hidden is not None else _DEFAULT_HIDDEN[self.arch]
-
-    @property
-    def name(self) -> str:
-        """Short model name such as "mlp8", "cnn28-bn" or "mlp8-h64x64"."""
-        name = f"{self.arch}{self.image_size}"
-        if self.hidden is not None and self.hidden != _DEFAULT_HIDDEN[self.arch]:
-            name += "-h" + "x".join(map(str, self.hidden))
-        if self.num_classes != 10:
-            name += f"-k{self.num_classes}"
-        return name + ("-bn" if self.batch_norm else "")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,133 @@
+"""The portable training backend: one step graph of standard ONNX operators on plain onnxruntime.
+
+`step_model.onnx` maps (parameters, optimizer state, batch, labels, learning rate) to (loss,
+logits, new parameters, new state); `forward.onnx` is the plain forward pass with parameters as
+inputs, for evaluation. Parameters and optimizer state live as OrtValues and are bound to the
+step with IO binding, written into a second set of buffers and swapped, so a step copies no
+weights through numpy. Runs on any onnxruntime, including aarch64 and Python 3.13 wheels.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+
+from edge_client.data import Dataset, batches
+from edge_client.trainer import MASKED_LOGIT, EvalStats, TrainStats
+from models.manifest import FORWARD_FILE, STEP_FILE, TierManifest
+from models.spec import CLASS_MASK_NAME, INPUT_NAME, SCALE_NAME
+
+_NEW = ".new"
+
+
+def _ort(array: np.ndarray) -> onnxruntime.OrtValue:
+    return onnxruntime.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+
+
+class PortableTrainer:
+    """Trainer on plain onnxruntime: same interface as OrtTrainer."""
+
+    backend = "portable"
+
+    def __init__(self, tier_dir: Path, manifest: TierManifest, threads: int = 1) -> None:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        self.manifest = manifest
+        self._step = onnxruntime.InferenceSession(str(tier_dir / STEP_FILE), options, providers=providers)
+        self._forward = onnxruntime.InferenceSession(str(tier_dir / FORWARD_FILE), options, providers=providers)
+        self._shapes = {p.name: tuple(p.shape) for p in manifest.params}
+        # Everything the step both reads and rewrites: parameters, running statistics, optimizer state.
+        outputs = {o.name for o in self._step.get_outputs()}
+        self._carried = [i.name for i in self._step.get_inputs() if i.name + _NEW in outputs]
+        self._values = {name: _ort(np.zeros(self._carried_shape(name), np.float32)) for name in self._carried}
+        self._spare = {name: _ort(np.zeros(self._carried_shape(name), np.float32)) for name in self._carried}
+        self._binding = self._step.io_binding()
+        self._no_mask = np.zeros(manifest.model.num_classes, np.float32)
+
+    def _carried_shape(self, name: str) -> tuple[int, ...]:
+        if name in self._shapes:
+            return self._shapes[name]
+        shape = next(i.shape for i in self._step.get_inputs() if i.name == name)
+        if not all(isinstance(d, int) for d in shape):
+            raise ValueError(f"step graph input {name!r} has a symbolic shape {shape}; state must be static")
+        return tuple(shape)
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Load weights by name; names and shapes must match the manifest exactly."""
+        if set(weights) != set(self._shapes):
+            missing, extra = set(self._shapes) - set(weights), set(weights) - set(self._shapes)
+            raise ValueError(f"weights do not match tier {self.manifest.tier}: missing {sorted(missing)}, extra {sorted(extra)}")
+        for name, value in weights.items():
+            if tuple(value.shape) != self._shapes[name]:
+                raise ValueError(f"{name}: shape {tuple(value.shape)}, tier {self.manifest.tier} expects {self._shapes[name]}")
+            self._values[name] = _ort(np.asarray(value, dtype=np.float32).copy())
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """A copy of every parameter, by name."""
+        return {name: self._values[name].numpy().copy() for name in self._shapes}
+
+    def train(
+        self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int, mask_classes: bool = False
+    ) -> TrainStats:
+        """Run `epochs` passes of shuffled mini-batches through the step graph."""
+        inputs = {i.name for i in self._step.get_inputs()}
+        if mask_classes and CLASS_MASK_NAME not in inputs:
+            raise ValueError(f"tier {self.manifest.tier}: the step graph has no class mask input; re-export it")
+        class_mask = self._no_mask
+        if mask_classes:
+            class_mask = np.where(np.bincount(data.y, minlength=len(self._no_mask)) > 0, 0.0, MASKED_LOGIT).astype(np.float32)
+        constants = {"learning_rate": np.array([learning_rate], np.float32), "momentum": np.zeros(1, np.float32),
+                     SCALE_NAME: np.array([1.0 / self.manifest.rate], np.float32), CLASS_MASK_NAME: class_mask}
+        for name, value in constants.items():
+            if name in inputs:
+                self._binding.bind_ortvalue_input(name, _ort(value))
+        rng = np.random.default_rng(seed)
+        start = time.perf_counter()
+        steps = seen = correct = 0
+        loss_sum = 0.0
+        for _ in range(epochs):
+            for x, y in batches(data, batch_size, rng):
+                loss, logits = self._run_step(x, y)
+                steps += 1
+                seen += len(y)
+                loss_sum += loss * len(y)
+                correct += int((logits.argmax(axis=1) == y).sum())
+        return TrainStats(steps=steps, samples_seen=seen, loss=loss_sum / max(seen, 1),
+                          accuracy=correct / max(seen, 1), seconds=time.perf_counter() - start)
+
+    def _run_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """One step: bind the carried values and their spare buffers, run, swap the buffers."""
+        binding = self._binding
+        binding.bind_cpu_input(INPUT_NAME, np.ascontiguousarray(x, dtype=np.float32))
+        binding.bind_cpu_input("labels", np.ascontiguousarray(y, dtype=np.int64))
+        for name in self._carried:
+            binding.bind_ortvalue_input(name, self._values[name])
+            binding.bind_ortvalue_output(name + _NEW, self._spare[name])
+        binding.bind_output("loss")
+        binding.bind_output("logits")
+        self._step.run_with_iobinding(binding)
+        self._values, self._spare = self._spare, self._values
+        loss, logits = (value.numpy() for value in binding.get_outputs()[-2:])
+        binding.clear_binding_outputs()
+        return float(np.asarray(loss).reshape(-1)[0]), logits
+
+    def evaluate(self, data: Dataset, batch_size: int = 512) -> EvalStats:
+        """Mean loss and accuracy over `data` with the forward graph (no weight change)."""
+        weights = {name: self._values[name] for name in self._shapes}
+        loss_sum, correct = 0.0, 0
+        for i in range(0, len(data), batch_size):
+            x, y = data.x[i : i + batch_size], data.y[i : i + batch_size]
+            (logits,) = self._forward.run_with_ort_values(None, {INPUT_NAME: _ort(x), **weights})
+            logits = logits.numpy()
+            shifted = logits - logits.max(axis=1, keepdims=True)
+            log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+            loss_sum += float(-log_probs[np.arange(len(y)), y].sum())
+            correct += int((logits.argmax(axis=1) == y).sum())
+        n = len(data)
+        return EvalStats(loss=loss_sum / max(n, 1), accuracy=correct / max(n, 1), samples=n)
