@@ -117,7 +117,7 @@ def _quantize(flat: np.ndarray, limit: int, rng: np.random.Generator | None) -> 
 
 
 def _check_ints(entry: TensorEntry, q: np.ndarray, limit: int) -> None:
-    if q.size and int(np.abs(q.astype(np.int16)).max()) > limit:
+    if q.size and (int(q.min()) < -limit or int(q.max()) > limit):
         raise CodecError(f"tensor {entry.name!r} ({entry.codec}): quantised value outside [-{limit}, {limit}]")
 
 
@@ -174,7 +174,9 @@ class Int8Codec:
         _check_length(entry, data, _expected_count(entry))
         q = np.frombuffer(data, dtype=np.int8)
         _check_ints(entry, q, 127)
-        return (q.astype(np.float32) * scale).reshape(entry.shape)
+        values = q.astype(np.float32)
+        values *= scale  # in place: one pass less over the tensor than `q * scale`
+        return values.reshape(entry.shape)
 
 
 class Int8RowCodec:
@@ -209,7 +211,8 @@ class Int8RowCodec:
             raise CodecError(f"tensor {entry.name!r} (int8-row): row scale NaN, Inf, negative or too large")
         q = np.frombuffer(data, dtype=np.int8, offset=4 * rows)
         _check_ints(entry, q, 127)
-        matrix = q.reshape(rows, count // rows if rows else 0).astype(np.float32) * scales[:, None]
+        matrix = q.reshape(rows, count // rows if rows else 0).astype(np.float32)
+        matrix *= scales[:, None]
         return matrix.reshape(entry.shape)
 
 
@@ -242,7 +245,9 @@ class Int4Codec:
         q = np.where(nibbles > 7, nibbles - 16, nibbles)[:count]
         if (q == -8).any():
             raise CodecError(f"tensor {entry.name!r} (int4): quantised value -8 outside [-7, 7]")
-        return (q.astype(np.float32) * scale).reshape(entry.shape)
+        values = q.astype(np.float32)
+        values *= scale  # in place: one pass less over the tensor than `q * scale`
+        return values.reshape(entry.shape)
 
 
 class TopKCodec:
