@@ -1,0 +1,271 @@
+"""Portable training-step graphs: standard ONNX only, equal to onnxruntime-training, correct gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from edge_client.data import load_digits
+from models.export import export_tier
+from models.ort_training import load_training_api
+from models.slicing import slice_params
+from models.step_graph import StepGraphIO, build_step_graph, step_graph_io
+from models.tiers import tier_rate
+from models.zoo import ModelSpec, build_forward, frozen_names, init_global_params, param_shapes, trainable_names
+
+ZOO = [ModelSpec(arch=a, image_size=s, batch_norm=bn) for a in ("mlp", "cnn") for s in (8, 28) for bn in (False, True)]
+MLP8, CNN8 = ModelSpec(arch="mlp"), ModelSpec(arch="cnn")
+MLP8_BN, CNN8_BN = ModelSpec(arch="mlp", batch_norm=True), ModelSpec(arch="cnn", batch_norm=True)
+SMALL_MLP_BN = ModelSpec(arch="mlp", hidden=(8,), batch_norm=True)
+SMALL_CNN_BN = ModelSpec(arch="cnn", hidden=(4, 4, 8), batch_norm=True)
+
+
+class Stepper:
+    """A step graph in a 1-thread onnxruntime InferenceSession, run with named feeds."""
+
+    def __init__(self, spec: ModelSpec, rate: float, weight_decay: float = 0.0, **options: object) -> None:
+        model = build_step_graph(spec, rate, weight_decay=weight_decay, **options)  # type: ignore[arg-type]
+        self.io: StepGraphIO = step_graph_io(model)
+        settings = ort.SessionOptions()
+        settings.intra_op_num_threads = settings.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(model.SerializeToString(), settings)
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(list(self.io.outputs), {n: feeds[n] for n in self.io.inputs})
+        return dict(zip(self.io.outputs, values))
+
+
+def _weights(spec: ModelSpec, rate: float, seed: int = 0) -> dict[str, np.ndarray]:
+    """The tier's initial weights, perturbed so BN's gamma/beta and running stats are not trivial."""
+    rng = np.random.default_rng(seed)
+    params = slice_params(init_global_params(spec), param_shapes(spec, rate))
+    noisy = {n: w + rng.normal(0, 0.1, w.shape) for n, w in params.items()}
+    noisy |= {n: np.abs(w) + 0.5 for n, w in noisy.items() if n.endswith("running_var")}
+    return {n: w.astype(np.float32) for n, w in noisy.items()}
+
+
+def _batch(spec: ModelSpec, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    size = spec.image_size
+    return rng.random((n, 1, size, size), dtype=np.float32), rng.integers(0, spec.num_classes, n)
+
+
+def _feeds(
+    io: StepGraphIO, spec: ModelSpec, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, **extra: object
+) -> dict[str, np.ndarray]:
+    """Every input of `io`: the batch, lr 0.1, momentum 0, scale 1, no mask, zero state unless in `weights`, then `extra`."""
+    one = lambda v: np.array([v], np.float32)  # noqa: E731
+    feeds = {"input": x, "labels": y, "learning_rate": one(0.1), "momentum": one(0.0), "scale": one(1.0), "mu": one(0.0)}
+    feeds |= {"class_mask": np.zeros(spec.num_classes, np.float32), **io.initial_optimizer_state(), **weights}
+    feeds |= {p + ".global": weights[p] for p in io.trainable}
+    feeds |= {k: one(v) if isinstance(v, float) else v for k, v in extra.items()}
+    return feeds
+
+
+@pytest.mark.parametrize("spec", ZOO, ids=lambda s: s.name)
+def test_every_step_graph_is_standard_onnx(spec: ModelSpec):
+    for tier in ("a", "e"):
+        for optimizer in ("sgd", "adamw"):
+            for scaler in (False, True) if spec.batch_norm else (False,):
+                model = build_step_graph(spec, tier_rate(tier), optimizer, scaler=scaler, class_mask=True)
+                assert {node.domain for node in model.graph.node} == {""}
+                assert [(o.domain, o.version) for o in model.opset_import] == [("", 17)] and model.ir_version == 10
+                onnx.checker.check_model(model, full_check=True)
+                io = step_graph_io(model)
+                assert set(io.trainable) == set(trainable_names(spec)) and set(io.running_stats) == set(frozen_names(spec))
+                assert set(io.updates.values()) == set(io.outputs) - {"loss", "logits"}
+
+
+def test_names_follow_the_contract():
+    model = build_step_graph(MLP8_BN, 1.0, "adamw", scaler=True, class_mask=True, proximal=True, with_gradients=True)
+    io = step_graph_io(model)
+    assert io.inputs[:7] == ("input", "scale", "class_mask", "labels", "learning_rate", "mu", "fc1.weight")
+    assert {"bn1.running_mean", "fc1.weight.exp_avg", "fc1.weight.exp_avg_sq", "step", "fc1.weight.global"} <= set(io.inputs)
+    assert io.outputs[:2] == ("loss", "logits")
+    assert {"fc1.weight.new", "bn2.running_var.new", "fc3.bias.exp_avg_sq.new", "step.new"} <= set(io.outputs)
+    assert io.state_shapes["step"] == (1,) and io.state_shapes["fc1.weight.exp_avg"] == (256, 64)
+    assert io.gradients["fc1.weight"] == "fc1.weight.grad"
+    assert io.running_stats == ("bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var")
+    sgd = step_graph_io(build_step_graph(MLP8, 1.0))
+    assert sgd.inputs[:4] == ("input", "labels", "learning_rate", "momentum")
+    assert sgd.updates["fc1.weight.momentum"] == "fc1.weight.momentum.new" and not sgd.gradients
+    assert sgd.initial_optimizer_state()["fc2.bias.momentum"].shape == (256,)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        build_step_graph(MLP8, 1.0, "adam")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="AdamW only"):
+        build_step_graph(MLP8, 1.0, "sgd", weight_decay=0.01)
+
+
+class OrtTraining:
+    """One tier's onnxruntime-training artifacts (scaler on with batch norm), loaded with given weights."""
+
+    def __init__(self, spec: ModelSpec, tier: str, out: Path, optimizer: str, weights: Mapping[str, np.ndarray]) -> None:
+        api = load_training_api().api
+        export_tier(spec, tier, out, optimizer=optimizer, scaler=spec.batch_norm)  # type: ignore[arg-type]
+        self.state = api.CheckpointState.load_checkpoint(str(out / tier / "checkpoint"))
+        self.module = api.Module(str(out / tier / "training_model.onnx"), self.state, str(out / tier / "eval_model.onnx"))
+        self.optimizer = api.Optimizer(str(out / tier / "optimizer_model.onnx"), self.module)
+        for name, value in weights.items():
+            self.state.parameters[name].data = value
+        self.module.train()
+
+    def step(self, feeds: Mapping[str, np.ndarray], lr: float) -> float:
+        loss, _ = self.module(*(feeds[n] for n in self.module.input_names()))
+        self.optimizer.set_learning_rate(lr)
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        return float(loss)
+
+    def weights(self, names: list[str]) -> dict[str, np.ndarray]:
+        return {n: np.array(self.state.parameters[n].data) for n in names}
+
+
+@pytest.mark.parametrize(
+    ("spec", "tier"), [(MLP8, "a"), (CNN8, "a"), (MLP8_BN, "b"), (CNN8_BN, "b")], ids=lambda v: getattr(v, "name", v)
+)
+def test_one_sgd_step_equals_onnxruntime_training(spec: ModelSpec, tier: str, tmp_path: Path):
+    rate, lr = tier_rate(tier), 0.1
+    weights, (x, y) = _weights(spec, rate), _batch(spec, 24)
+    ort_training = OrtTraining(spec, tier, tmp_path, "sgd", weights)
+    stepper = Stepper(spec, rate, scaler=spec.batch_norm, class_mask=True, with_gradients=True)
+    feeds = _feeds(stepper.io, spec, weights, x, y, scale=1.0 / rate, learning_rate=lr)
+    ours = stepper(feeds)
+    expected_loss = ort_training.step(feeds, lr)
+    theirs = ort_training.weights(list(weights))
+    np.testing.assert_allclose(ours["loss"], expected_loss, rtol=1e-5)
+    # ORT's BatchNorm kernels round more coarsely: against a float64 reference of mlp8-bn our
+    # gradients are within 1.2e-7, ORT's within 1.3e-5, so batch-norm models get a looser atol.
+    atol = 3e-6 if spec.batch_norm else 1e-7
+    for name, new in stepper.io.updates.items():
+        if name in theirs:
+            np.testing.assert_allclose(ours[new], theirs[name], rtol=1e-5, atol=atol, err_msg=name)
+    for name, grad in stepper.io.gradients.items():
+        np.testing.assert_allclose(ours[grad], (weights[name] - theirs[name]) / lr, rtol=1e-4, atol=10 * atol, err_msg=name)
+        np.testing.assert_array_equal(ours[f"{name}.momentum.new"], ours[grad])  # momentum 0: the buffer is g
+
+
+def test_adamw_steps_equal_onnxruntime_training(tmp_path: Path):
+    spec, rate, lr = MLP8_BN, tier_rate("b"), 0.01
+    weights = _weights(spec, rate)
+    ort_training = OrtTraining(spec, "b", tmp_path, "adamw", weights)
+    stepper = Stepper(spec, rate, optimizer="adamw", scaler=True, class_mask=True)
+    state = {**weights, **stepper.io.initial_optimizer_state()}
+    for seed in range(3):
+        x, y = _batch(spec, 16, seed)
+        out = stepper(_feeds(stepper.io, spec, state, x, y, scale=2.0, learning_rate=lr))
+        expected_loss = ort_training.step(_feeds(stepper.io, spec, weights, x, y, scale=2.0), lr)
+        np.testing.assert_allclose(out["loss"], expected_loss, rtol=1e-5)
+        state = {name: out[new] for name, new in stepper.io.updates.items()}
+    assert state["step"] == 3.0
+    for name, value in ort_training.weights(list(weights)).items():
+        # AdamW divides by sqrt(v): where a gradient is tiny, rounding moves the update by ~1e-3 lr.
+        np.testing.assert_allclose(state[name], value, rtol=1e-5, atol=1e-3 * lr, err_msg=name)
+
+
+def test_adamw_weight_decay_and_sgd_momentum_follow_their_formulas():
+    spec, lr, momentum = SMALL_MLP_BN, 0.05, 0.9
+    weights, (x, y) = _weights(spec, 1.0), _batch(spec, 8)
+    decayed = Stepper(spec, 1.0, optimizer="adamw", with_gradients=True, weight_decay=0.1)
+    heavy = Stepper(spec, 1.0, with_gradients=True)
+    buffers = {f"{p}.exp_avg": np.full_like(weights[p], 0.01) for p in decayed.io.trainable}
+    buffers |= {f"{p}.exp_avg_sq": np.full_like(weights[p], 1e-4) for p in decayed.io.trainable}
+    buffers |= {f"{p}.momentum": np.full_like(weights[p], 0.2) for p in decayed.io.trainable}
+    adamw = decayed(_feeds(decayed.io, spec, weights, x, y, learning_rate=lr, step=4.0, **buffers))
+    sgd = heavy(_feeds(heavy.io, spec, weights, x, y, learning_rate=lr, momentum=momentum, **buffers))
+    t = 5
+    for p in decayed.io.trainable:
+        g = adamw[f"{p}.grad"]
+        m, v = 0.9 * 0.01 + 0.1 * g, 0.999 * 1e-4 + 0.001 * g * g
+        stepped = weights[p] - lr * np.sqrt(1 - 0.999**t) / (1 - 0.9**t) * m / (np.sqrt(v) + 1e-6)
+        np.testing.assert_allclose(adamw[f"{p}.new"], stepped - lr * 0.1 * stepped, rtol=1e-5, atol=1e-7, err_msg=p)
+        np.testing.assert_allclose(adamw[f"{p}.exp_avg_sq.new"], v, rtol=1e-5, err_msg=p)
+        buffer = momentum * 0.2 + sgd[f"{p}.grad"]
+        np.testing.assert_allclose(sgd[f"{p}.momentum.new"], buffer, rtol=1e-5, atol=1e-8, err_msg=p)
+        np.testing.assert_allclose(sgd[f"{p}.new"], weights[p] - lr * buffer, rtol=1e-5, atol=1e-8, err_msg=p)
+
+
+@pytest.mark.parametrize("spec", [SMALL_MLP_BN, SMALL_CNN_BN], ids=lambda s: s.name)
+def test_gradients_match_central_differences(spec: ModelSpec):
+    """Loss with scaler, class mask and the FedProx term; a few random coordinates of each tensor."""
+    stepper = Stepper(spec, 1.0, scaler=True, class_mask=True, proximal=True, with_gradients=True)
+    weights, (x, y) = _weights(spec, 1.0), _batch(spec, 12)
+    rng = np.random.default_rng(1)
+    mask = np.where(np.isin(np.arange(spec.num_classes), y), 0.0, -1e4).astype(np.float32)  # mask absent classes
+    extra = {"scale": 1.5, "class_mask": mask, "mu": 0.3}
+    drift = {p: rng.normal(0, 0.05, weights[p].shape).astype(np.float32) for p in stepper.io.trainable}
+    extra |= {f"{p}.global": weights[p] + d for p, d in drift.items()}
+    base = _feeds(stepper.io, spec, weights, x, y, **extra)
+    grads = stepper(base)
+    # eps trades float32 rounding of the loss (~2e-7 / 2 eps) against ReLU kinks crossed within +-eps.
+    eps = 1e-3
+    for name in stepper.io.trainable:
+        for flat in rng.choice(weights[name].size, size=min(4, weights[name].size), replace=False):
+            losses = []
+            for sign in (1, -1):
+                moved = weights[name].copy()
+                moved.flat[flat] += sign * eps
+                losses.append(float(stepper({**base, name: moved})["loss"]))
+            numeric = (losses[0] - losses[1]) / (2 * eps)
+            assert grads[f"{name}.grad"].flat[flat] == pytest.approx(numeric, rel=1e-2, abs=5e-4), (name, flat)
+
+
+def _loss_model(spec: ModelSpec, n: int) -> onnx.ModelProto:
+    """Forward graph (params as inputs, fixed batch `n`) followed by the mean cross-entropy loss."""
+    model = build_forward(spec, 1.0, _weights(spec, 1.0), params_as_inputs=True)
+    size = spec.image_size
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("input", TensorProto.FLOAT, [n, 1, size, size]))
+    model.graph.input.append(helper.make_tensor_value_info("labels", TensorProto.INT64, [n]))
+    model.graph.node.append(helper.make_node("SoftmaxCrossEntropyLoss", ["logits", "labels"], ["loss"], reduction="mean"))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("loss", TensorProto.FLOAT, []))
+    return model
+
+
+@pytest.mark.parametrize("spec", [MLP8, CNN8], ids=lambda s: s.name)
+def test_gradients_match_onnx_ad(spec: ModelSpec):
+    """onnx-ad (independent source-transformation AD) needs a fixed batch and no training-mode BN."""
+    onnx_ad = pytest.importorskip("onnx_ad", reason="onnx-ad is a dev extra: pip install onnx-ad==0.3.0")
+    n, trainable = 16, list(param_shapes(spec))
+    adjoint = onnx_ad.reverse(_loss_model(spec, n), inputs=trainable, outputs=["loss"], layout="onnx")
+    session = ort.InferenceSession(adjoint.SerializeToString())
+    weights, (x, y) = _weights(spec, 1.0), _batch(spec, n)
+    feeds = {"input": x, "labels": y, "adj_loss": np.ones(1, np.float32), **weights}
+    theirs = session.run([f"adj_{p}" for p in trainable], feeds)
+    stepper = Stepper(spec, 1.0, with_gradients=True)
+    ours = stepper(_feeds(stepper.io, spec, weights, x, y))
+    for name, expected in zip(trainable, theirs):
+        np.testing.assert_allclose(ours[f"{name}.grad"], expected[..., 0], rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("spec", [MLP8_BN, CNN8_BN], ids=lambda s: s.name)
+def test_one_graph_runs_any_batch_size(spec: ModelSpec):
+    stepper = Stepper(spec, 0.5, scaler=True, class_mask=True)
+    weights = _weights(spec, 0.5)
+    for n in (1, 7, 32):
+        x, y = _batch(spec, n)
+        out = stepper(_feeds(stepper.io, spec, weights, x, y, scale=2.0))
+        assert out["logits"].shape == (n, 10) and np.isfinite(out["loss"])
+        assert all(np.isfinite(out[new]).all() for new in stepper.io.updates.values())
+
+
+def test_training_on_digits_with_plain_onnxruntime_reaches_90_percent():
+    digits, rng = load_digits(), np.random.default_rng(0)
+    order = rng.permutation(len(digits))
+    train, test = digits.subset(order[:1400]), digits.subset(order[1400:])
+    stepper = Stepper(MLP8, 1.0)
+    state = {**slice_params(init_global_params(MLP8), param_shapes(MLP8)), **stepper.io.initial_optimizer_state()}
+    for _ in range(4):
+        shuffled = rng.permutation(len(train))
+        for start in range(0, len(train), 32):
+            batch = shuffled[start : start + 32]
+            out = stepper(_feeds(stepper.io, MLP8, state, train.x[batch], train.y[batch], momentum=0.9, learning_rate=0.05))
+            state = {name: out[new] for name, new in stepper.io.updates.items()}
+    logits = stepper(_feeds(stepper.io, MLP8, state, test.x, test.y, learning_rate=0.0))["logits"]
+    accuracy = (logits.argmax(axis=1) == test.y).mean()
+    assert accuracy > 0.9, accuracy
