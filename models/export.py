@@ -2,7 +2,9 @@
 
 Layout of `out_dir`: `index.json`, and per tier `<tier>/` with `training_model.onnx`,
 `eval_model.onnx` (returns loss, logits), `optimizer_model.onnx`, `checkpoint` (the tier's
-starting weights), `inference.onnx` (forward graph with those weights), for batch-norm models
+starting weights), `inference.onnx` (forward graph with those weights), `step_model.onnx` and
+`forward.onnx` (the portable backend's training step and evaluation, standard operators only,
+see models/step_graph.py), for batch-norm models
 `statistics.onnx` (measures static BN statistics on device data) and `manifest.json`.
 The training and eval graphs also take a `class_mask` input, and `scale` with the scaler on (see zoo).
 Every tier starts from the leading block of the same rate-1 global model.
@@ -23,7 +25,8 @@ from typing import Literal
 import numpy as np
 import onnx
 
-from models.manifest import STATISTICS_FILE, ExportIndex, FileEntry, ParamInfo, TierManifest
+from models.manifest import FORWARD_FILE, STATISTICS_FILE, STEP_FILE, ExportIndex, FileEntry, ParamInfo, TierManifest
+from models.step_graph import build_step_graph
 from models.ort_training import TrainingAPI, captured_native_stderr, load_training_api
 from models.slicing import slice_params
 from models.tiers import TIER_RATES, tier_rate
@@ -42,7 +45,8 @@ from models.zoo import (
 log = logging.getLogger(__name__)
 
 Optimizer = Literal["sgd", "adamw"]
-ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "inference.onnx")
+ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "inference.onnx",
+                  STEP_FILE, FORWARD_FILE)
 MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.json"
 
@@ -114,6 +118,8 @@ def export_tier(
         stage = Path(staging)
         _generate(training, spec, forward, optimizer, stage)
         onnx.save(build_forward(spec, rate, params), stage / "inference.onnx")
+        onnx.save(build_step_graph(spec, rate, optimizer, scaler=scaler, class_mask=True), stage / STEP_FILE)
+        onnx.save(build_forward(spec, rate, params, params_as_inputs=True), stage / FORWARD_FILE)
         names = [*ARTIFACT_FILES, *([STATISTICS_FILE] if spec.batch_norm else [])]
         if spec.batch_norm:
             onnx.save(build_statistics_graph(spec, rate), stage / STATISTICS_FILE)

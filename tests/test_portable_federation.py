@@ -1,0 +1,81 @@
+"""A federation where half the devices train with onnxruntime-training and half with the portable
+backend, each in its own virtualenv (the two onnxruntime packages never share one environment)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tierfl
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parent.parent
+EDGE_VENV = ROOT / ".venv-edge"
+
+
+@pytest.fixture(scope="session")
+def edge_python() -> Path:
+    """Python of a virtualenv holding `tierfl[edge]`: plain onnxruntime, no training package, no onnx."""
+    python = EDGE_VENV / "bin" / "python"
+    stamp = EDGE_VENV / ".installed"
+    key = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if not (python.exists() and stamp.exists() and stamp.read_text() == key):
+        venv.create(EDGE_VENV, with_pip=True, clear=True)
+        subprocess.run([python, "-m", "pip", "install", "--quiet", "-e", f"{ROOT}[edge]"], check=True, timeout=600)
+        stamp.write_text(key)
+    return python
+
+
+def test_edge_environment_has_only_plain_onnxruntime(edge_python):
+    probe = ("import importlib.util, json, edge_client.agent, edge_client.portable, sys; "
+             "print(json.dumps({m: importlib.util.find_spec(m) is not None for m in "
+             "('onnx', 'onnxruntime', 'amqtt', 'sklearn')} | {'imported_onnx': 'onnx' in sys.modules}))")
+    found = json.loads(subprocess.run([edge_python, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT).stdout)
+    assert found == {"onnx": False, "onnxruntime": True, "amqtt": False, "sklearn": False, "imported_onnx": False}
+
+
+def _client(python: Path, url: str, fleet: str, name: str, data: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
+    command = [str(python), "-m", "tierfl.cli", "client", "--broker", url, "--fleet", fleet, "--device-id", name,
+               "--data", str(data), "--cache-dir", str(tmp_path / name)]
+    return subprocess.Popen(command, stdout=open(tmp_path / f"{name}.log", "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def _federation(tmp_path: Path, url: str, fleet: str, pythons: list[Path]) -> tuple[float, dict[str, str]]:
+    """Run 8 rounds over 4 devices (one Dirichlet share each); return the final accuracy and each device's backend."""
+    from edge_client.data import dirichlet_partition, load_digits, save_npz
+
+    tmp_path.mkdir()
+    digits = load_digits()
+    for i, part in enumerate(dirichlet_partition(digits.y, len(pythons), 1.0, seed=0)):
+        save_npz(tmp_path / f"part{i}.npz", digits.subset(part))
+    aggregator = tierfl("aggregator", "--broker", url, "--fleet", fleet, "--state-dir", str(tmp_path / "state"),
+                        "--eval-data", "digits", "--min-clients", str(len(pythons)), "--rounds", "8", "--epochs", "2",
+                        "--lr", "0.1", "--batch-size", "16", log=tmp_path / "aggregator.log")
+    devices = [_client(python, url, fleet, f"dev{i}", tmp_path / f"part{i}.npz", tmp_path) for i, python in enumerate(pythons)]
+    try:
+        assert aggregator.wait(240) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
+    finally:
+        for process in [aggregator, *devices]:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(10)
+    log = (tmp_path / "aggregator.log").read_text()
+    accuracy = float(log.rsplit("accuracy ", 1)[1].split()[0])
+    return accuracy, dict(re.findall(r"(dev\d) joined: .*, backend ([\w-]+)", log))
+
+
+def test_mixed_backend_federation_trains_like_one_backend(tmp_path, mosquitto_url, fleet, edge_python):
+    main = Path(sys.executable)
+    alone, backends = _federation(tmp_path / "alone", mosquitto_url, fleet + "a", [main] * 4)
+    assert set(backends.values()) == {"ort-training"}
+    mixed, backends = _federation(tmp_path / "mixed", mosquitto_url, fleet + "m", [main, main, edge_python, edge_python])
+    assert backends == {"dev0": "ort-training", "dev1": "ort-training", "dev2": "portable", "dev3": "portable"}
+    assert alone > 0.85 and abs(mixed - alone) < 0.02, (alone, mixed)
