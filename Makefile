@@ -22,4 +22,4 @@ test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-edge runs build *.egg-info .pytest_cache
