@@ -9,15 +9,14 @@ weights through numpy. Runs on any onnxruntime, including aarch64 and Python 3.1
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import onnxruntime
 
-from edge_client.data import Dataset, batches
-from edge_client.trainer import MASKED_LOGIT, EvalStats, TrainStats
+from edge_client.data import Dataset
+from edge_client.trainer import EvalStats, TrainStats, check_weights, class_mask_for, run_epochs
 from models.manifest import FORWARD_FILE, STEP_FILE, TierManifest
 from models.spec import CLASS_MASK_NAME, INPUT_NAME, SCALE_NAME
 
@@ -60,12 +59,8 @@ class PortableTrainer:
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Load weights by name; names and shapes must match the manifest exactly."""
-        if set(weights) != set(self._shapes):
-            missing, extra = set(self._shapes) - set(weights), set(weights) - set(self._shapes)
-            raise ValueError(f"weights do not match tier {self.manifest.tier}: missing {sorted(missing)}, extra {sorted(extra)}")
+        check_weights(weights, self.manifest)
         for name, value in weights.items():
-            if tuple(value.shape) != self._shapes[name]:
-                raise ValueError(f"{name}: shape {tuple(value.shape)}, tier {self.manifest.tier} expects {self._shapes[name]}")
             self._values[name] = _ort(np.asarray(value, dtype=np.float32).copy())
 
     def get_weights(self) -> dict[str, np.ndarray]:
@@ -79,27 +74,13 @@ class PortableTrainer:
         inputs = {i.name for i in self._step.get_inputs()}
         if mask_classes and CLASS_MASK_NAME not in inputs:
             raise ValueError(f"tier {self.manifest.tier}: the step graph has no class mask input; re-export it")
-        class_mask = self._no_mask
-        if mask_classes:
-            class_mask = np.where(np.bincount(data.y, minlength=len(self._no_mask)) > 0, 0.0, MASKED_LOGIT).astype(np.float32)
+        class_mask = class_mask_for(data, len(self._no_mask), mask_classes)
         constants = {"learning_rate": np.array([learning_rate], np.float32), "momentum": np.zeros(1, np.float32),
                      SCALE_NAME: np.array([1.0 / self.manifest.rate], np.float32), CLASS_MASK_NAME: class_mask}
         for name, value in constants.items():
             if name in inputs:
                 self._binding.bind_ortvalue_input(name, _ort(value))
-        rng = np.random.default_rng(seed)
-        start = time.perf_counter()
-        steps = seen = correct = 0
-        loss_sum = 0.0
-        for _ in range(epochs):
-            for x, y in batches(data, batch_size, rng):
-                loss, logits = self._run_step(x, y)
-                steps += 1
-                seen += len(y)
-                loss_sum += loss * len(y)
-                correct += int((logits.argmax(axis=1) == y).sum())
-        return TrainStats(steps=steps, samples_seen=seen, loss=loss_sum / max(seen, 1),
-                          accuracy=correct / max(seen, 1), seconds=time.perf_counter() - start)
+        return run_epochs(data, epochs, batch_size, seed, self._run_step)
 
     def _run_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         """One step: bind the carried values and their spare buffers, run, swap the buffers."""

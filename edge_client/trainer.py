@@ -8,7 +8,7 @@ caller reads the new weights back to form the update (new minus start).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -42,6 +42,43 @@ class EvalStats:
     loss: float
     accuracy: float
     samples: int
+
+
+def run_epochs(
+    data: Dataset, epochs: int, batch_size: int, seed: int, step: Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray]]
+) -> TrainStats:
+    """Feed `epochs` passes of shuffled mini-batches to `step` (one training step: loss, logits) and tally them."""
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    steps = seen = correct = 0
+    loss_sum = 0.0
+    for _ in range(epochs):
+        for x, y in batches(data, batch_size, rng):
+            loss, logits = step(x, y)
+            steps += 1
+            seen += len(y)
+            loss_sum += loss * len(y)
+            correct += int((logits.argmax(axis=1) == y).sum())
+    return TrainStats(steps=steps, samples_seen=seen, loss=loss_sum / max(seen, 1),
+                      accuracy=correct / max(seen, 1), seconds=time.perf_counter() - start)
+
+
+def check_weights(weights: Mapping[str, np.ndarray], manifest: TierManifest) -> None:
+    """Raise ValueError unless `weights` has exactly the tier's parameter names and shapes."""
+    shapes = {p.name: tuple(p.shape) for p in manifest.params}
+    if set(weights) != set(shapes):
+        missing, extra = set(shapes) - set(weights), set(weights) - set(shapes)
+        raise ValueError(f"weights do not match tier {manifest.tier}: missing {sorted(missing)}, extra {sorted(extra)}")
+    for name, value in weights.items():
+        if tuple(value.shape) != shapes[name]:
+            raise ValueError(f"{name}: shape {tuple(value.shape)}, tier {manifest.tier} expects {shapes[name]}")
+
+
+def class_mask_for(data: Dataset, num_classes: int, mask_classes: bool) -> np.ndarray:
+    """The logits mask: 0 for every class, or, with `mask_classes`, MASKED_LOGIT for classes absent from `data`."""
+    if not mask_classes:
+        return np.zeros(num_classes, np.float32)
+    return np.where(np.bincount(data.y, minlength=num_classes) > 0, 0.0, MASKED_LOGIT).astype(np.float32)
 
 
 class Trainer(Protocol):
@@ -84,12 +121,8 @@ class OrtTrainer:
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Load weights by name; names and shapes must match the manifest exactly."""
-        if set(weights) != set(self._shapes):
-            missing, extra = set(self._shapes) - set(weights), set(weights) - set(self._shapes)
-            raise ValueError(f"weights do not match tier {self.manifest.tier}: missing {sorted(missing)}, extra {sorted(extra)}")
+        check_weights(weights, self.manifest)
         for name, value in weights.items():
-            if tuple(value.shape) != self._shapes[name]:
-                raise ValueError(f"{name}: shape {tuple(value.shape)}, tier {self.manifest.tier} expects {self._shapes[name]}")
             self._parameters[name].data = np.ascontiguousarray(value, dtype=np.float32)
 
     def get_weights(self) -> dict[str, np.ndarray]:
@@ -106,31 +139,17 @@ class OrtTrainer:
         """
         if mask_classes and CLASS_MASK_NAME not in self._input_names:
             raise ValueError(f"tier {self.manifest.tier}: these artifacts have no class mask input; re-export them")
-        class_mask = self._no_mask
-        if mask_classes:
-            class_mask = np.where(np.bincount(data.y, minlength=len(self._no_mask)) > 0, 0.0, MASKED_LOGIT).astype(np.float32)
+        class_mask = class_mask_for(data, len(self._no_mask), mask_classes)
         self._optimizer.set_learning_rate(learning_rate)
         self._module.train()
-        rng = np.random.default_rng(seed)
-        start = time.perf_counter()
-        steps = seen = correct = 0
-        loss_sum = 0.0
-        for _ in range(epochs):
-            for x, y in batches(data, batch_size, rng):
-                loss, logits = self._run(x, y, 1.0 / self.manifest.rate, class_mask)
-                self._optimizer.step()
-                self._module.lazy_reset_grad()
-                steps += 1
-                seen += len(y)
-                loss_sum += float(loss) * len(y)
-                correct += int((logits.argmax(axis=1) == y).sum())
-        return TrainStats(
-            steps=steps,
-            samples_seen=seen,
-            loss=loss_sum / max(seen, 1),
-            accuracy=correct / max(seen, 1),
-            seconds=time.perf_counter() - start,
-        )
+
+        def step(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+            loss, logits = self._run(x, y, 1.0 / self.manifest.rate, class_mask)
+            self._optimizer.step()
+            self._module.lazy_reset_grad()
+            return float(loss), logits
+
+        return run_epochs(data, epochs, batch_size, seed, step)
 
     def evaluate(self, data: Dataset, batch_size: int = 512) -> EvalStats:
         """Mean loss and accuracy over `data` with the eval graph (no weight change)."""
