@@ -96,6 +96,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     rounds.add_argument("--lr", type=float, default=0.05, help="local SGD learning rate (default: %(default)s)")
     rounds.add_argument("--round-timeout", type=float, default=60.0, help="seconds a round waits for updates (default: %(default)s)")
     rounds.add_argument("--seed", type=int, default=0, help="seed of client sampling and local shuffling (default: %(default)s)")
+    rounds.add_argument("--mu", type=float, default=0.0,
+                        help="FedProx: devices add mu/2 ||w - w_global||^2 to their loss (needs artifacts exported "
+                             "with the proximal term, which the aggregator does itself when it exports) "
+                             "(default: %(default)s, plain FedAvg)")
 
 
 def open_artifacts(args: argparse.Namespace) -> ArtifactStore:
@@ -105,8 +109,12 @@ def open_artifacts(args: argparse.Namespace) -> ArtifactStore:
         spec = ModelSpec(arch=args.arch, image_size=args.image_size)
         tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
         log.info("exporting %s tiers %s to %s", spec.name, ",".join(tiers), folder)
-        export_all(spec, tiers, folder)
-    return ArtifactStore(folder)
+        export_all(spec, tiers, folder, proximal=args.mu > 0)
+    store = ArtifactStore(folder)
+    if args.mu > 0 and not all(t.manifest.proximal for t in store.tiers.values()):
+        raise ValueError(f"--mu {args.mu} needs artifacts with the FedProx term: re-export {folder} with "
+                         "`tierfl export --proximal` (or let the aggregator export them: no --artifacts)")
+    return store
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     strategy = FedAvg(
         fraction=args.fraction, min_clients=args.min_clients, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.lr, tiers=policy, weighted=args.aggregation == "weighted",
-        mask_classes=args.mask_classes, seed=args.seed,
+        mask_classes=args.mask_classes, proximal_mu=args.mu, seed=args.seed,
     )
     evaluator = HeldOutEvaluator(load_dataset(args.eval_data)) if args.eval_data else None
     engine = RoundEngine(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(), evaluator)

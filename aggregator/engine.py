@@ -158,8 +158,8 @@ class RoundEngine:
         self._open.answered.add(device_id)
         self._open.bytes_up += nbytes
         self._open.accumulator.add(ClientUpdate(device_id, update.tier, update.num_samples, tensors))
-        if update.train_seconds > 0 and not update.unchanged:
-            samples = self._open.assignments[device_id].epochs * update.num_samples
+        if update.train_seconds > 0 and update.steps and not update.unchanged:  # per step: partial work counts right
+            samples = min(update.steps * self._open.assignments[device_id].batch_size, update.steps * update.num_samples)
             self.registry.measured_speed(device_id, update.tier, update.train_seconds / samples)
         if update.eval_accuracy is not None and update.eval_loss is not None and update.eval_samples:
             self._open.evals.append((update.tier, update.eval_loss, update.eval_accuracy, update.eval_samples))
@@ -248,6 +248,7 @@ class RoundEngine:
             batch_size=assignment.batch_size,
             learning_rate=assignment.learning_rate,
             mask_classes=assignment.mask_classes,
+            proximal_mu=assignment.proximal_mu,
             deadline=deadline,
             seed=self.config.seed * 100_003 + number,
             evaluate=self.config.evaluate_on_devices,

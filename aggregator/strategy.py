@@ -31,6 +31,7 @@ class Assignment:
     batch_size: int
     learning_rate: float
     mask_classes: bool = False
+    proximal_mu: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class FedAvg:
     With a tier policy over several tiers this is HeteroFL: each device trains its tier's slice
     and every element is averaged over the devices that hold it (`weighted=False`: HeteroFL's
     plain mean over those devices; `mask_classes`: devices train without the classes they lack).
+    With `proximal_mu` > 0 it is FedProx: devices add mu/2 ||w - w_global||^2 to their loss.
     """
 
     name = "fedavg"
@@ -118,6 +120,7 @@ class FedAvg:
         tiers: TierPolicy | None = None,
         weighted: bool = True,
         mask_classes: bool = False,
+        proximal_mu: float = 0.0,
         seed: int = 0,
     ) -> None:
         if not 0 < fraction <= 1:
@@ -130,6 +133,9 @@ class FedAvg:
         self.tiers = tiers if tiers is not None else FixedTiers({"a": 1.0})
         self.weighted = weighted
         self.mask_classes = mask_classes
+        if proximal_mu < 0:
+            raise ValueError(f"FedProx mu must be >= 0, got {proximal_mu}")
+        self.proximal_mu = proximal_mu
         self.seed = seed
 
     def configure_round(self, round_number: int, available: Sequence[DeviceInfo]) -> list[Assignment]:
@@ -148,6 +154,7 @@ class FedAvg:
                 batch_size=self.batch_size,
                 learning_rate=self.learning_rate,
                 mask_classes=self.mask_classes,
+                proximal_mu=self.proximal_mu,
             )
             for device in chosen
         ]

@@ -54,6 +54,7 @@ class ClientConfig(BaseModel):
     skip_below: float = Field(0.0, ge=0.0)  # selective upload: relative update norm under which nothing is sent
     seconds_per_sample: dict[str, float] = {}  # tier -> training speed from a benchmark, announced in the hello
     backend: Literal["ort-training", "portable"] = "ort-training"
+    send_margin_s: float = Field(2.0, ge=0)  # stop training this long before the deadline (partial work) to send in time
 
 
 class DeviceAgent:
@@ -184,7 +185,8 @@ class DeviceAgent:
             return
         before = trainer.evaluate(self.test_data) if task.evaluate and len(self.test_data) else None
         seed = task.seed ^ zlib.crc32(self.config.device_id.encode())
-        stats = trainer.train(self.train_data, task.epochs, task.batch_size, task.learning_rate, seed, task.mask_classes)
+        stats = trainer.train(self.train_data, task.epochs, task.batch_size, task.learning_rate, seed, task.mask_classes,
+                              proximal_mu=task.proximal_mu, stop_at=task.deadline - self.config.send_margin_s)
         trained = trainer.get_weights()
         delta = {name: trained[name] - start[name] for name in start}
         feedback = self._feedback_for(task.tier)

@@ -18,7 +18,7 @@ import onnxruntime
 from edge_client.data import Dataset
 from edge_client.trainer import EvalStats, TrainStats, check_weights, class_mask_for, run_epochs
 from models.manifest import FORWARD_FILE, STEP_FILE, TierManifest
-from models.spec import CLASS_MASK_NAME, INPUT_NAME, SCALE_NAME
+from models.spec import CLASS_MASK_NAME, INPUT_NAME, MU_NAME, SCALE_NAME
 
 _NEW = ".new"
 
@@ -48,6 +48,7 @@ class PortableTrainer:
         self._spare = {name: _ort(np.zeros(self._carried_shape(name), np.float32)) for name in self._carried}
         self._binding = self._step.io_binding()
         self._no_mask = np.zeros(manifest.model.num_classes, np.float32)
+        self._global: dict[str, np.ndarray] = {}
 
     def _carried_shape(self, name: str) -> tuple[int, ...]:
         if name in self._shapes:
@@ -62,25 +63,30 @@ class PortableTrainer:
         check_weights(weights, self.manifest)
         for name, value in weights.items():
             self._values[name] = _ort(np.asarray(value, dtype=np.float32).copy())
+        self._global = {f"{n}.global": np.array(v, np.float32) for n, v in weights.items()}  # FedProx's w_global
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """A copy of every parameter, by name."""
         return {name: self._values[name].numpy().copy() for name in self._shapes}
 
     def train(
-        self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int, mask_classes: bool = False
+        self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int, mask_classes: bool = False,
+        *, proximal_mu: float = 0.0, stop_at: float | None = None,
     ) -> TrainStats:
-        """Run `epochs` passes of shuffled mini-batches through the step graph."""
+        """Run `epochs` passes of shuffled mini-batches through the step graph (options as OrtTrainer.train)."""
         inputs = {i.name for i in self._step.get_inputs()}
         if mask_classes and CLASS_MASK_NAME not in inputs:
             raise ValueError(f"tier {self.manifest.tier}: the step graph has no class mask input; re-export it")
+        if proximal_mu and MU_NAME not in inputs:
+            raise ValueError(f"tier {self.manifest.tier}: the step graph has no FedProx term; export it with proximal")
         class_mask = class_mask_for(data, len(self._no_mask), mask_classes)
         constants = {"learning_rate": np.array([learning_rate], np.float32), "momentum": np.zeros(1, np.float32),
-                     SCALE_NAME: np.array([1.0 / self.manifest.rate], np.float32), CLASS_MASK_NAME: class_mask}
+                     SCALE_NAME: np.array([1.0 / self.manifest.rate], np.float32), CLASS_MASK_NAME: class_mask,
+                     MU_NAME: np.array([proximal_mu], np.float32), **self._global}
         for name, value in constants.items():
             if name in inputs:
                 self._binding.bind_ortvalue_input(name, _ort(value))
-        return run_epochs(data, epochs, batch_size, seed, self._run_step)
+        return run_epochs(data, epochs, batch_size, seed, self._run_step, stop_at)
 
     def _run_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         """One step: bind the carried values and their spare buffers, run, swap the buffers."""

@@ -19,7 +19,7 @@ import onnxruntime
 from edge_client.data import Dataset, batches
 from models.manifest import TierManifest
 from models.ort_training import load_training_api
-from models.spec import CLASS_MASK_NAME, INPUT_NAME, SCALE_NAME
+from models.spec import CLASS_MASK_NAME, INPUT_NAME, MU_NAME, SCALE_NAME
 
 MASKED_LOGIT = -1e4  # added to a masked class's logit: exp() underflows to 0, the loss stays finite
 
@@ -45,15 +45,22 @@ class EvalStats:
 
 
 def run_epochs(
-    data: Dataset, epochs: int, batch_size: int, seed: int, step: Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray]]
+    data: Dataset, epochs: int, batch_size: int, seed: int, step: Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray]],
+    stop_at: float | None = None,
 ) -> TrainStats:
-    """Feed `epochs` passes of shuffled mini-batches to `step` (one training step: loss, logits) and tally them."""
+    """Feed `epochs` passes of shuffled mini-batches to `step` (one training step: loss, logits) and tally them.
+
+    With `stop_at` (unix time) training ends early when that time comes: partial work, whose
+    step count the stats report (at least one step is always taken).
+    """
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     steps = seen = correct = 0
     loss_sum = 0.0
     for _ in range(epochs):
         for x, y in batches(data, batch_size, rng):
+            if stop_at is not None and steps and time.time() >= stop_at:
+                break
             loss, logits = step(x, y)
             steps += 1
             seen += len(y)
@@ -87,7 +94,8 @@ class Trainer(Protocol):
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None: ...
     def get_weights(self) -> dict[str, np.ndarray]: ...
     def train(
-        self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int, mask_classes: bool = False
+        self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int, mask_classes: bool = False,
+        *, proximal_mu: float = 0.0, stop_at: float | None = None,
     ) -> TrainStats: ...
     def evaluate(self, data: Dataset, batch_size: int = 512) -> EvalStats: ...
 
@@ -111,12 +119,14 @@ class OrtTrainer:
         )
         self._optimizer = ort_api.Optimizer(str(tier_dir / "optimizer_model.onnx"), self._module)
         self._parameters = self._state.parameters
-        self._input_names = list(self._module.input_names())  # input, [scale], [class_mask], labels
+        self._input_names = list(self._module.input_names())  # input, [scale], [class_mask], labels, [mu, globals]
         self._no_mask = np.zeros(manifest.model.num_classes, np.float32)
+        self._global: dict[str, np.ndarray] = {}  # FedProx's w_global: the weights of the last set_weights
 
-    def _run(self, x: np.ndarray, y: np.ndarray, scale: float, class_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run(self, x: np.ndarray, y: np.ndarray, scale: float, class_mask: np.ndarray, mu: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """One call of the current (train or eval) graph: (loss, logits)."""
-        feeds = {INPUT_NAME: x, SCALE_NAME: np.array([scale], np.float32), CLASS_MASK_NAME: class_mask, "labels": y}
+        feeds = {INPUT_NAME: x, SCALE_NAME: np.array([scale], np.float32), CLASS_MASK_NAME: class_mask, "labels": y,
+                 MU_NAME: np.array([mu], np.float32), **self._global}
         return self._module(*(feeds[name] for name in self._input_names))
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
@@ -124,19 +134,25 @@ class OrtTrainer:
         check_weights(weights, self.manifest)
         for name, value in weights.items():
             self._parameters[name].data = np.ascontiguousarray(value, dtype=np.float32)
+        self._global = {f"{n}.global": np.array(v, np.float32) for n, v in weights.items() if f"{n}.global" in self._input_names}
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """A copy of every parameter, by name."""
         return {name: np.array(self._parameters[name].data, dtype=np.float32) for name in self._shapes}
 
     def train(
-        self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int, mask_classes: bool = False
+        self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int, mask_classes: bool = False,
+        *, proximal_mu: float = 0.0, stop_at: float | None = None,
     ) -> TrainStats:
         """Run `epochs` passes of shuffled mini-batches of SGD at `learning_rate`.
 
         `mask_classes` leaves the classes absent from `data` out of the softmax (label-split
-        non-IID), when the artifacts have a class mask input.
+        non-IID), when the artifacts have a class mask input. `proximal_mu` > 0 adds FedProx's
+        mu/2 ||w - w_global||^2 (w_global: the weights of the last set_weights); it needs
+        artifacts exported with the proximal term. `stop_at` ends training early (partial work).
         """
+        if proximal_mu and MU_NAME not in self._input_names:
+            raise ValueError(f"tier {self.manifest.tier}: these artifacts have no FedProx term; export them with proximal")
         if mask_classes and CLASS_MASK_NAME not in self._input_names:
             raise ValueError(f"tier {self.manifest.tier}: these artifacts have no class mask input; re-export them")
         class_mask = class_mask_for(data, len(self._no_mask), mask_classes)
@@ -144,12 +160,12 @@ class OrtTrainer:
         self._module.train()
 
         def step(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-            loss, logits = self._run(x, y, 1.0 / self.manifest.rate, class_mask)
+            loss, logits = self._run(x, y, 1.0 / self.manifest.rate, class_mask, proximal_mu)
             self._optimizer.step()
             self._module.lazy_reset_grad()
             return float(loss), logits
 
-        return run_epochs(data, epochs, batch_size, seed, step)
+        return run_epochs(data, epochs, batch_size, seed, step, stop_at)
 
     def evaluate(self, data: Dataset, batch_size: int = 512) -> EvalStats:
         """Mean loss and accuracy over `data` with the eval graph (no weight change)."""

@@ -69,6 +69,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiers", type=_tier_list, default=list(TIER_RATES),
                         help="comma-separated tiers to export (default: " + ",".join(TIER_RATES) + ")")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="on-device optimizer (default: sgd)")
+    parser.add_argument("--proximal", action="store_true",
+                        help="FedProx: add mu/2 ||w - w_global||^2 to the training loss, mu and w_global set each round")
     parser.add_argument("--scaler", choices=["on", "off"], default="off",
                         help="HeteroFL scaler: hidden activations x 1/rate while training (default: off; a "
                              "batch norm training on batch statistics cancels it)")
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     started = time.perf_counter()
     try:
-        index = export_all(spec, args.tiers, args.out, args.optimizer, scaler=args.scaler == "on")
+        index = export_all(spec, args.tiers, args.out, args.optimizer, scaler=args.scaler == "on", proximal=args.proximal)
     except TrainingBackendUnavailable as exc:
         log.error("%s", exc)
         return 1

@@ -24,12 +24,14 @@ from typing import Literal
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from models.manifest import FORWARD_FILE, STATISTICS_FILE, STEP_FILE, ExportIndex, FileEntry, ParamInfo, TierManifest
 from models.step_graph import build_step_graph
 from models.ort_training import TrainingAPI, captured_native_stderr, load_training_api
 from models.slicing import slice_params
 from models.tiers import TIER_RATES, tier_rate
+from models.spec import MU_NAME
 from models.zoo import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -75,16 +77,66 @@ def _fresh_graph_names(training: TrainingAPI) -> Iterator[None]:
         utils._GRAPH_TOKEN = saved
 
 
-def _generate(training: TrainingAPI, spec: ModelSpec, forward: onnx.ModelProto, optimizer: Optimizer, where: Path) -> None:
+def _proximal_cross_entropy(training: TrainingAPI, shapes: dict[str, tuple[int, ...]]) -> object:
+    """An onnxblock loss: cross-entropy + mu/2 * sum ||w - w_global||^2 (FedProx), `mu` and `<param>.global` as inputs."""
+    class ProximalCrossEntropy(training.onnxblock.Block):
+        def __init__(self) -> None:
+            super().__init__()
+            self._cross_entropy = training.onnxblock.loss.CrossEntropyLoss()
+
+        def build(self, logits: str) -> str:
+            graph = self.base.graph
+            loss = self._cross_entropy(logits)
+            graph.input.append(helper.make_tensor_value_info(MU_NAME, onnx.TensorProto.FLOAT, [1]))
+            constants = {"proximal.flat": np.array([-1], np.int64), "proximal.half": np.array([0.5], np.float32),
+                         "proximal.one": np.array([1], np.int64), "proximal.scalar": np.zeros(0, np.int64)}
+            graph.initializer.extend(onnx.numpy_helper.from_array(value, name) for name, value in constants.items())
+            squares = []
+            # Every term is shaped [1] and only the total becomes a scalar: ORT's gradient builder fails on
+            # rank-0 broadcasts, and has no gradient for Sum or ReduceSumSquare.
+            for name, shape in shapes.items():
+                graph.input.append(helper.make_tensor_value_info(f"{name}.global", onnx.TensorProto.FLOAT, list(shape)))
+                flat = f"proximal.{name}.flat"
+                graph.node.extend([
+                    helper.make_node("Sub", [name, f"{name}.global"], [f"proximal.{name}.diff"]),
+                    helper.make_node("Reshape", [f"proximal.{name}.diff", "proximal.flat"], [flat]),
+                    helper.make_node("Mul", [flat, flat], [f"proximal.{name}.sq_each"]),
+                    helper.make_node("ReduceSum", [f"proximal.{name}.sq_each"], [f"proximal.{name}.sq"], keepdims=1),
+                ])
+                squares.append(f"proximal.{name}.sq")
+            total = squares[0]
+            for i, square in enumerate(squares[1:]):  # a chain of Adds: ORT training has no gradient for Sum
+                graph.node.append(helper.make_node("Add", [total, square], [f"proximal.partial{i}"]))
+                total = f"proximal.partial{i}"
+            graph.node.extend([
+                helper.make_node("Mul", [MU_NAME, "proximal.half"], ["proximal.half_mu"]),
+                helper.make_node("Mul", ["proximal.half_mu", total], ["proximal.term"]),
+                helper.make_node("Reshape", [loss, "proximal.one"], ["proximal.cross_entropy"]),
+                helper.make_node("Add", ["proximal.cross_entropy", "proximal.term"], ["proximal.loss1"]),
+                helper.make_node("Reshape", ["proximal.loss1", "proximal.scalar"], ["proximal.loss"]),
+            ])
+            return "proximal.loss"
+
+    return ProximalCrossEntropy()
+
+
+def _generate(
+    training: TrainingAPI, spec: ModelSpec, forward: onnx.ModelProto, optimizer: Optimizer, where: Path, proximal: bool,
+    rate: float,
+) -> None:
     """Run generate_artifacts into `where`, its native INFO flood captured."""
     artifacts = training.artifacts
     optim = {"sgd": artifacts.OptimType.SGD, "adamw": artifacts.OptimType.AdamW}[optimizer]
+    trainable = trainable_names(spec)
+    shapes = param_shapes(spec, rate)
+    loss = (_proximal_cross_entropy(training, {n: shapes[n] for n in trainable}) if proximal
+            else artifacts.LossType.CrossEntropyLoss)
     with captured_native_stderr(log), _fresh_graph_names(training):
         artifacts.generate_artifacts(
             forward,
-            requires_grad=trainable_names(spec),
+            requires_grad=trainable,
             frozen_params=frozen_names(spec) or None,
-            loss=artifacts.LossType.CrossEntropyLoss,
+            loss=loss,
             optimizer=optim,
             artifact_directory=where,
             additional_output_names=[OUTPUT_NAME],
@@ -97,10 +149,17 @@ def _libraries(training: TrainingAPI) -> dict[str, str]:
 
 
 def export_tier(
-    spec: ModelSpec, tier: str, out_dir: str | os.PathLike[str], optimizer: Optimizer = "sgd", scaler: bool = False
+    spec: ModelSpec,
+    tier: str,
+    out_dir: str | os.PathLike[str],
+    optimizer: Optimizer = "sgd",
+    scaler: bool = False,
+    proximal: bool = False,
 ) -> TierManifest:
     """Write one tier's training artifacts, inference model and manifest into `out_dir/<tier>/`.
 
+    `proximal` makes the loss FedProx's cross-entropy + mu/2 ||w - w_global||^2, with `mu` and
+    `<param>.global` as inputs of the training graph (set each round, no re-export).
     `scaler` adds HeteroFL's scaler input to the training graph. Off by default: a BatchNorm
     training with batch statistics cancels it exactly (forward and gradients), while the running
     averages it leaves behind come out 1/rate too large; without batch norm it inflates the
@@ -116,9 +175,9 @@ def export_tier(
     tier_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tier_dir, prefix=".staging-") as staging:
         stage = Path(staging)
-        _generate(training, spec, forward, optimizer, stage)
+        _generate(training, spec, forward, optimizer, stage, proximal, rate)
         onnx.save(build_forward(spec, rate, params), stage / "inference.onnx")
-        onnx.save(build_step_graph(spec, rate, optimizer, scaler=scaler, class_mask=True), stage / STEP_FILE)
+        onnx.save(build_step_graph(spec, rate, optimizer, scaler=scaler, class_mask=True, proximal=proximal), stage / STEP_FILE)
         onnx.save(build_forward(spec, rate, params, params_as_inputs=True), stage / FORWARD_FILE)
         names = [*ARTIFACT_FILES, *([STATISTICS_FILE] if spec.batch_norm else [])]
         if spec.batch_norm:
@@ -137,6 +196,7 @@ def export_tier(
         input_shape=["N", 1, size, size],
         scaler=scaler,
         class_mask=True,
+        proximal=proximal,
         output_name=OUTPUT_NAME,
         params=[ParamInfo(name=n, shape=list(s), trainable=n not in frozen) for n, s in shapes.items()],
         files=files,
@@ -156,13 +216,14 @@ def export_all(
     out_dir: str | os.PathLike[str],
     optimizer: Optimizer = "sgd",
     scaler: bool = False,
+    proximal: bool = False,
 ) -> ExportIndex:
     """Export every tier in `tiers` and write `out_dir/index.json`."""
     tiers = list(dict.fromkeys(tiers))
     for tier in tiers:
         tier_rate(tier)  # fail on an unknown tier before writing anything
     out = Path(out_dir)
-    manifests = {tier: export_tier(spec, tier, out, optimizer, scaler) for tier in tiers}
+    manifests = {tier: export_tier(spec, tier, out, optimizer, scaler, proximal) for tier in tiers}
     ordered = sorted(manifests, key=list(TIER_RATES).index)
     index = ExportIndex(model=spec, tiers={t: f"{t}/{MANIFEST_NAME}" for t in ordered})
     index.save(out / INDEX_NAME)

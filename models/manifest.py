@@ -64,6 +64,7 @@ class TierManifest(_JsonFile):
     input_shape: list[int | Literal["N"]]
     scaler: bool = False  # training/eval graphs take a `scale` [1] input: 1/rate to train, 1 to evaluate
     class_mask: bool = False  # training/eval graphs take a `class_mask` [classes] input added to the logits
+    proximal: bool = False  # training/eval graphs take FedProx's `mu` [1] and `<param>.global` inputs
     output_name: str
     params: list[ParamInfo]
     files: dict[str, FileEntry]

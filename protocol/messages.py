@@ -77,6 +77,7 @@ class Task(_Strict):
     seed: int = 0
     evaluate: bool = True  # also report loss/accuracy of the received weights on the local test split
     mask_classes: bool = False  # leave the classes the device has no data for out of its softmax
+    proximal_mu: Annotated[float, Field(ge=0, le=100)] = 0.0  # FedProx: mu/2 ||w - w_received||^2 added to the loss
     statistics_only: bool = False  # no training: measure batch-norm statistics of these weights, reply Statistics
     delta_from: Count | None = None  # tensors are a delta to add to this version of the tier, which the device holds
 

@@ -187,6 +187,29 @@ def test_auto_tiers_follow_announced_and_measured_speed(tmp_path, mosquitto_url,
                 process.wait(10)
 
 
+def test_fedprox_with_partial_work_at_the_deadline(tmp_path, mosquitto_url, fleet):
+    """500 local epochs cannot finish in a 6 s round: devices stop before the deadline and send what they did."""
+    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--mu", "0.1", "--min-clients", "2", "--rounds", "2",
+                             "--epochs", "500", "--batch-size", "16", "--lr", "0.05", "--round-timeout", "6")
+    devices = [tierfl("client", "--broker", mosquitto_url, "--fleet", fleet, "--device-id", f"p{i}", "--data", "digits",
+                      "--cache-dir", str(tmp_path / f"p{i}"), *(["--backend", "portable"] if i else []),
+                      log=tmp_path / f"p{i}.log") for i in range(2)]
+    watcher = Watcher(mosquitto_url, [Topics(fleet).rounds])
+    try:
+        assert aggregator.wait(90) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
+        summaries = watcher.bodies("/rounds")
+        assert [(s.selected, s.answered) for s in summaries] == [(2, 2), (2, 2)]
+        assert summaries[-1].accuracy > 0.5
+        steps = [int(m) for i in range(2) for m in re.findall(r"round \d+: (\d+) steps", (tmp_path / f"p{i}.log").read_text())]
+        assert steps and all(0 < s < 500 * 90 for s in steps)  # partial: far fewer than 500 epochs of ~90 batches
+    finally:
+        watcher.close()
+        for process in [aggregator, *devices]:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(10)
+
+
 def test_device_killed_mid_round_is_dropped_and_training_continues(tmp_path, mosquitto_url, fleet):
     rounds = 5
     aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--min-clients", "2", "--rounds", str(rounds),

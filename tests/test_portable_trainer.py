@@ -74,3 +74,35 @@ def test_backend_resolution():
     assert resolve_backend("auto") == "ort-training"  # this environment has the training wheel
     with pytest.raises(ValueError, match="unknown backend"):
         resolve_backend("cuda")
+
+
+def test_fedprox_term_matches_across_backends_and_pulls_toward_the_global_weights(tmp_path, digits):
+    spec = ModelSpec(arch="mlp", hidden=(32,))
+    export_all(spec, ["a"], tmp_path, proximal=True)
+    manifest = TierManifest.load(tmp_path / "a" / "manifest.json")
+    assert manifest.proximal
+    start = init_global_params(spec)
+    drift = {}
+    for mu in (0.0, 1.0):
+        trained = {}
+        for backend in ("ort-training", "portable"):
+            trainer = open_trainer(backend, tmp_path / "a", manifest)
+            trainer.set_weights(start)
+            trainer.train(digits[0], epochs=2, batch_size=32, learning_rate=0.1, seed=1, proximal_mu=mu)
+            trained[backend] = trainer.get_weights()
+        for name in start:
+            np.testing.assert_allclose(trained["portable"][name], trained["ort-training"][name], rtol=1e-4, atol=2e-5)
+        drift[mu] = sum(float(np.sum((trained["portable"][n] - start[n]) ** 2)) for n in start)
+    assert drift[1.0] < 0.9 * drift[0.0]
+
+
+def test_training_stops_at_the_deadline_with_partial_work(exported, digits):
+    import time
+
+    spec, out = exported
+    trainer = open_trainer("portable", out / "a", TierManifest.load(out / "a" / "manifest.json"))
+    trainer.set_weights(init_global_params(spec))
+    stats = trainer.train(digits[0], epochs=50, batch_size=8, learning_rate=0.01, seed=0, stop_at=time.time())
+    assert stats.steps == 1  # the deadline had passed: one step, reported as such
+    with pytest.raises(ValueError, match="FedProx"):
+        trainer.train(digits[0], epochs=1, batch_size=8, learning_rate=0.01, seed=0, proximal_mu=0.1)
