@@ -68,6 +68,9 @@ class MqttLink:
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         if address.username:
             self._client.username_pw_set(address.username, address.password)
+        context = address.ssl_context()
+        if context is not None:  # mqtts://: verify the broker's certificate and host name
+            self._client.tls_set_context(context)
         if will:
             self._client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
         self._client.on_connect = self._handle_connect

@@ -1,16 +1,19 @@
-"""Broker addresses (`mqtt://user:pass@host:port`) and a reachability check that speaks MQTT."""
+"""Broker addresses (`mqtt://user:pass@host:port`, TLS: `mqtts://...?ca=FILE`) and a reachability check speaking MQTT."""
 
 from __future__ import annotations
 
 import secrets
 import socket
+import ssl
 import struct
 import time
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pydantic
 
 DEFAULT_PORT = 1883
+DEFAULT_TLS_PORT = 8883
+_FORM = "expected mqtt://[user[:pass]@]host[:port] or mqtts://[user[:pass]@]host[:port][?ca=CA_FILE]"
 _HINT = "start Mosquitto or omit --broker to use the embedded one"
 _CONNACK_REASONS = {
     1: "broker refused: unacceptable protocol version (it needs MQTT 3.1.1)",
@@ -32,32 +35,50 @@ class BrokerAddress(pydantic.BaseModel, frozen=True):
     port: int = pydantic.Field(default=DEFAULT_PORT, ge=1, le=65535)
     username: str | None = None
     password: str | None = pydantic.Field(default=None, repr=False)
+    tls: bool = False
+    ca_file: str | None = None  # with tls: the CA that signed the broker's certificate; None: the system's CAs
 
     @property
     def url(self) -> str:
-        """The address as an mqtt:// URL for logs (the password is never shown)."""
+        """The address as an mqtt:// or mqtts:// URL for logs (the password is never shown)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         user = f"{self.username}@" if self.username else ""
-        return f"mqtt://{user}{host}:{self.port}"
+        ca = f"?ca={self.ca_file}" if self.ca_file else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{host}:{self.port}{ca}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """For a TLS address, a context that verifies the broker against `ca_file` (or the system's CAs);
+        ValueError if the CA file cannot be read."""
+        if not self.tls:
+            return None
+        try:
+            return ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as exc:  # a missing file, or one that holds no PEM certificate
+            raise ValueError(f"cannot load the CA file {self.ca_file!r} of {self.url}: {exc}") from None
 
     def __str__(self) -> str:
         return self.url
 
 
 def parse(url: str) -> BrokerAddress:
-    """Parse `mqtt://[user[:pass]@]host[:port]` or a bare `host[:port]` (default port 1883)."""
+    """Parse `mqtt://[user[:pass]@]host[:port]` or a bare `host[:port]` (default port 1883), or
+    `mqtts://[user[:pass]@]host[:port][?ca=CA_FILE]` for TLS (default port 8883; without `ca`, the
+    broker's certificate must be signed by a CA the system trusts)."""
     text = url.strip()
     if not text:
         raise ValueError("empty MQTT broker address; expected mqtt://host[:port] or host:port")
     scheme, sep, _ = text.partition("://")
-    if sep and scheme.lower() != "mqtt":
-        extra = " (TLS is not supported yet)" if scheme.lower() in ("mqtts", "ssl") else ""
-        raise ValueError(f"unsupported scheme {scheme!r} in broker address {url!r}{extra}; "
-                         "expected mqtt://[user[:pass]@]host[:port]")
+    if sep and scheme.lower() not in ("mqtt", "mqtts"):
+        raise ValueError(f"unsupported scheme {scheme!r} in broker address {url!r}; {_FORM}")
+    tls = scheme.lower() == "mqtts"
     parts = urlsplit(text if sep else f"//{text}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"broker address {url!r} must not have a path, query or fragment; "
-                         "expected mqtt://[user[:pass]@]host[:port]")
+    if parts.path not in ("", "/") or parts.fragment:
+        raise ValueError(f"broker address {url!r} must not have a path or fragment; {_FORM}")
+    params = parse_qsl(parts.query, keep_blank_values=True)
+    if params and (not tls or len(params) != 1 or params[0][0] != "ca" or not params[0][1]):
+        raise ValueError(f"broker address {url!r}: the only query an address may have is ?ca=CA_FILE, "
+                         f"with mqtts://; {_FORM}")
+    ca_file = params[0][1] if params else None
     if not sep and parts.username is not None:
         raise ValueError(f"credentials need the mqtt:// form: mqtt://user:pass@host:port, got {url!r}")
     try:
@@ -70,18 +91,21 @@ def parse(url: str) -> BrokerAddress:
         raise ValueError(f"bad port in broker address {url!r}: must be 1-65535")
     return BrokerAddress(
         host=parts.hostname,
-        port=DEFAULT_PORT if port is None else port,
+        port=(DEFAULT_TLS_PORT if tls else DEFAULT_PORT) if port is None else port,
         username=None if parts.username is None else unquote(parts.username),
         password=None if parts.password is None else unquote(parts.password),
+        tls=tls,
+        ca_file=ca_file,
     )
 
 
 def wait_for_broker(address: BrokerAddress, timeout_s: float) -> None:
     """Return once an MQTT broker accepts a connection at `address`; raise BrokerUnreachable at the deadline."""
     deadline = time.monotonic() + timeout_s
+    context = address.ssl_context()
     while True:
         remaining = deadline - time.monotonic()
-        reason = _probe(address, max(0.05, min(remaining, 2.0)))
+        reason = _probe(address, context, max(0.05, min(remaining, 2.0)))
         if reason is None:
             return
         if time.monotonic() + 0.1 >= deadline:
@@ -90,10 +114,10 @@ def wait_for_broker(address: BrokerAddress, timeout_s: float) -> None:
         time.sleep(0.1)
 
 
-def _probe(address: BrokerAddress, timeout_s: float) -> str | None:
-    """One MQTT CONNECT/CONNACK round trip; None when accepted, else why not."""
+def _probe(address: BrokerAddress, context: ssl.SSLContext | None, timeout_s: float) -> str | None:
+    """One MQTT CONNECT/CONNACK round trip (inside TLS with a context); None when accepted, else why not."""
     try:
-        with socket.create_connection((address.host, address.port), timeout=timeout_s) as sock:
+        with _open(address, context, timeout_s) as sock:
             sock.sendall(_connect_packet(address))
             reply = _recv_exactly(sock, 4)
             if reply[0] != 0x20 or reply[1] != 0x02:
@@ -104,12 +128,28 @@ def _probe(address: BrokerAddress, timeout_s: float) -> str | None:
             return None
     except ConnectionRefusedError:
         return "connection refused"
+    except ssl.SSLCertVerificationError as exc:
+        return f"TLS: the broker's certificate is not trusted ({exc.verify_message})"
+    except ssl.SSLError as exc:
+        return f"TLS handshake failed ({exc.reason or exc})"
     except socket.gaierror:
         return "unknown host"
     except TimeoutError:
         return "timed out"
     except OSError as exc:
         return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _open(address: BrokerAddress, context: ssl.SSLContext | None, timeout_s: float) -> socket.socket:
+    """A TCP connection to the broker, inside TLS with a context."""
+    sock = socket.create_connection((address.host, address.port), timeout=timeout_s)
+    if context is None:
+        return sock
+    try:
+        return context.wrap_socket(sock, server_hostname=address.host)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _connect_packet(address: BrokerAddress) -> bytes:

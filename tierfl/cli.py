@@ -17,6 +17,7 @@ COMMANDS = {
     "aggregator": ("aggregator.cli", "run the aggregator service (FedAvg rounds over MQTT)"),
     "client": ("edge_client.cli", "run a device: train tasks on local data, publish updates"),
     "broker": ("protocol.embedded_broker", "run the embedded pure-Python MQTT broker (for laptops and demos)"),
+    "broker-config": ("protocol.broker_config", "write a Mosquitto config for a fleet: TLS, passwords, per-device ACL"),
     "bench": ("edge_client.bench", "benchmark each device tier here: step latency, memory, artifact and update bytes"),
     "demo": ("tierfl.demo", "a whole federation on this machine: broker, aggregator, 8 devices"),
 }
