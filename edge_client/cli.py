@@ -36,7 +36,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--broker", required=True, help="mqtt://[user:pass@]host[:port] of the fleet's broker")
+    parser.add_argument("--broker", required=True, help="mqtt://[user:pass@]host[:port] of the fleet's broker, or mqtts://...[?ca=FILE] for TLS (see tierfl broker-config)")
     parser.add_argument("--device-id", default=socket.gethostname().split(".")[0],
                         help="unique id of this device: letters, digits, _ . - (default: the host name)")
     parser.add_argument("--fleet", default="default", help="fleet name, the topic namespace (default: %(default)s)")
