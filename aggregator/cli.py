@@ -14,6 +14,7 @@ from aggregator.downlink import DOWNLINK_MODES
 from aggregator.engine import EngineConfig, RoundEngine
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.registry import DeviceRegistry
+from aggregator.robust import accumulator_from_args, add_robust_arguments
 from aggregator.service import AggregatorService
 from aggregator.state import StateStore
 from aggregator.strategy import FedAvg
@@ -100,6 +101,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="FedProx: devices add mu/2 ||w - w_global||^2 to their loss (needs artifacts exported "
                              "with the proximal term, which the aggregator does itself when it exports) "
                              "(default: %(default)s, plain FedAvg)")
+    add_robust_arguments(parser)
 
 
 def open_artifacts(args: argparse.Namespace) -> ArtifactStore:
@@ -132,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         fraction=args.fraction, min_clients=args.min_clients, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.lr, tiers=policy, weighted=args.aggregation == "weighted",
         mask_classes=args.mask_classes, proximal_mu=args.mu, seed=args.seed,
+        accumulator=accumulator_from_args(args, weighted=args.aggregation == "weighted"),
     )
     evaluator = HeldOutEvaluator(load_dataset(args.eval_data)) if args.eval_data else None
     engine = RoundEngine(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(), evaluator)

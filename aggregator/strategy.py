@@ -8,7 +8,7 @@ The interface is small, like Flower's: `configure_round` picks devices and their
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,6 +51,9 @@ class Accumulator(Protocol):
 
     def add(self, update: ClientUpdate) -> None: ...
     def result(self) -> Weights: ...
+
+
+AccumulatorFactory = Callable[[Mapping[str, np.ndarray]], Accumulator]
 
 
 class Strategy(Protocol):
@@ -106,6 +109,7 @@ class FedAvg:
     and every element is averaged over the devices that hold it (`weighted=False`: HeteroFL's
     plain mean over those devices; `mask_classes`: devices train without the classes they lack).
     With `proximal_mu` > 0 it is FedProx: devices add mu/2 ||w - w_global||^2 to their loss.
+    `accumulator` replaces that mean, e.g. with a robust one from aggregator.robust.
     """
 
     name = "fedavg"
@@ -122,6 +126,7 @@ class FedAvg:
         mask_classes: bool = False,
         proximal_mu: float = 0.0,
         seed: int = 0,
+        accumulator: AccumulatorFactory | None = None,
     ) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction C must be in (0, 1], got {fraction}")
@@ -137,6 +142,7 @@ class FedAvg:
             raise ValueError(f"FedProx mu must be >= 0, got {proximal_mu}")
         self.proximal_mu = proximal_mu
         self.seed = seed
+        self.accumulator = accumulator
 
     def configure_round(self, round_number: int, available: Sequence[DeviceInfo]) -> list[Assignment]:
         """max(C * K, min_clients) devices drawn without replacement, reproducible per round."""
@@ -160,5 +166,7 @@ class FedAvg:
         ]
 
     def start_aggregation(self, global_weights: Mapping[str, np.ndarray]) -> Accumulator:
-        """An element-wise mean of the deltas, weighted by samples unless configured otherwise."""
+        """An element-wise mean of the deltas, weighted by samples unless configured otherwise, or `accumulator`'s."""
+        if self.accumulator is not None:
+            return self.accumulator(global_weights)
         return ElementwiseMean(global_weights, weighted=self.weighted)
