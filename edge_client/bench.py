@@ -167,26 +167,6 @@ def time_steps(trainer: Trainer, batches: Sequence[Dataset]) -> list[TrainStats]
     ]
 
 
-def measure_seconds_per_sample(
-    tier_dir: str | os.PathLike[str],
-    manifest: TierManifest,
-    data: Dataset,
-    batch_size: int = 32,
-    steps: int = 10,
-    threads: int = 1,
-) -> float:
-    """Median seconds per training sample of one tier on this device, from `steps` timed steps.
-
-    A fresh trainer runs WARMUP_STEPS untimed steps first; the whole call costs a few dozen
-    steps, cheap enough for a device to announce at start-up.
-    """
-    from edge_client.trainer import OrtTrainer
-
-    trainer = OrtTrainer(Path(tier_dir), manifest, threads)
-    stats = time_steps(trainer, step_batches(data, batch_size, WARMUP_STEPS + steps))[WARMUP_STEPS:]
-    return float(np.median([s.seconds / s.samples_seen for s in stats]))
-
-
 # -- child processes ---------------------------------------------------------------------------
 
 

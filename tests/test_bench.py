@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_client.bench import configure_parser, measure_seconds_per_sample
-from edge_client.data import load_digits
+from edge_client.bench import configure_parser
 from models.export import export_all
 from models.manifest import ExportIndex, TierManifest
 from models.zoo import ModelSpec
@@ -86,11 +85,6 @@ def test_existing_artifacts_and_no_epochs(exported: Path, tmp_path: Path) -> Non
     (tier,) = _report(tmp_path)["tiers"]
     assert tier["tier"] == "d" and tier["epochs_seconds"] is None
     assert tier["artifact_bytes"] == _manifest(exported, "d").artifact_bytes
-
-
-def test_seconds_per_sample(exported: Path) -> None:
-    seconds = measure_seconds_per_sample(exported / "d", _manifest(exported, "d"), load_digits(), batch_size=16, steps=3)
-    assert 0 < seconds < 0.1
 
 
 @pytest.mark.parametrize(
