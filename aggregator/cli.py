@@ -13,6 +13,7 @@ from aggregator.artifacts import ArtifactStore
 from aggregator.downlink import DOWNLINK_MODES
 from aggregator.engine import EngineConfig, RoundEngine
 from aggregator.evaluate import HeldOutEvaluator
+from aggregator.ledger import Ledger
 from aggregator.registry import DeviceRegistry
 from aggregator.robust import accumulator_from_args, add_robust_arguments
 from aggregator.service import AggregatorService
@@ -137,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         accumulator=accumulator_from_args(args, weighted=args.aggregation == "weighted"),
     )
     evaluator = HeldOutEvaluator(load_dataset(args.eval_data)) if args.eval_data else None
-    engine = RoundEngine(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(), evaluator)
+    ledger = Ledger(args.state_dir / "ledger.sqlite")
+    engine = RoundEngine(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(), evaluator, ledger)
     if engine.finished:
         log.info("all %d rounds are already done in %s (version %d)", config.rounds, args.state_dir, engine.record.version)
         return 0
@@ -154,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         service = AggregatorService(engine, broker, aggregator_id=args.aggregator_id, share_group=args.share_group,
                                    max_message_bytes=args.max_message_bytes, downlink=args.downlink)
         service.run(stop)
-    log.info("stopped after round %d at version %d; rejected: %s", engine.record.round, engine.record.version,
-             dict(engine.rejected) or "none")
+    log.info("stopped after round %d at version %d; rejected: %s; ledger %s: %s", engine.record.round,
+             engine.record.version, dict(engine.rejected) or "none", ledger.path, ledger.counts())
+    ledger.close()
     return 0

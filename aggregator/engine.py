@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from aggregator.artifacts import ArtifactStore
 from aggregator.batchnorm import StatisticsPool, statistic_names, with_statistics
 from aggregator.evaluate import HeldOutEvaluator
+from aggregator.ledger import Ledger
 from aggregator.registry import DeviceRegistry
 from aggregator.state import StateRecord, StateStore
 from aggregator.strategy import Accumulator, Assignment, ClientUpdate, Strategy
@@ -95,6 +96,7 @@ class RoundEngine:
         store: StateStore,
         registry: DeviceRegistry,
         evaluator: HeldOutEvaluator | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.config = config
         self.strategy = strategy
@@ -102,6 +104,7 @@ class RoundEngine:
         self.store = store
         self.registry = registry
         self.evaluator = evaluator
+        self.ledger = ledger
         self.rejected: collections.Counter[str] = collections.Counter()
         self._seen_update_ids: set[str] = set()
         self._open: _OpenRound | None = None
@@ -116,6 +119,8 @@ class RoundEngine:
             self.record = StateRecord(fleet=config.fleet, model=artifacts.identity, version=0, round=0)
             self.weights = init_global_params(artifacts.spec)
             store.commit(self.record, self.weights)
+        if ledger is not None:  # replays of updates counted before a restart stay duplicates
+            self._seen_update_ids = ledger.accepted_update_ids(self.record.round)
 
     @property
     def finished(self) -> bool:
@@ -155,6 +160,9 @@ class RoundEngine:
             return self._refuse_update(device_id, msg_id, update, *problem)
         assert self._open is not None
         self._seen_update_ids.add(update.update_id)
+        if self.ledger:
+            self.ledger.record(kind="update", accepted=True, round_number=update.round, device=device_id,
+                               update_id=update.update_id, num_samples=update.num_samples, nbytes=nbytes)
         self._open.answered.add(device_id)
         self._open.bytes_up += nbytes
         self._open.accumulator.add(ClientUpdate(device_id, update.tier, update.num_samples, tensors))
@@ -174,6 +182,9 @@ class RoundEngine:
             return self._refuse_update(device_id, msg_id, body, *problem)
         assert self._open is not None
         self._open.measured.add(device_id)
+        if self.ledger:
+            self.ledger.record(kind="statistics", accepted=True, round_number=body.round, device=device_id,
+                               num_samples=body.num_samples)
         self._open.statistics.setdefault(body.tier, StatisticsPool()).add(body.num_samples, tensors)
         return self.tick(now) if self._round_complete(now) else []
 
@@ -197,13 +208,19 @@ class RoundEngine:
         return None
 
     def _refuse_update(self, device_id: str, msg_id: str, update: Update | Statistics, reason: RejectReason, detail: str) -> list[Outgoing]:
-        self.rejected[reason.value] += 1
+        self.count_rejection(reason, detail, device_id, update)
         log.warning("rejected update from %s: %s: %s", device_id, reason.value, detail)
         return [reject(device_id, reason, detail, msg_id, update.round)]
 
-    def count_rejection(self, reason: RejectReason) -> None:
-        """Count a rejection decided outside the engine (frame errors, foreign senders)."""
+    def count_rejection(
+        self, reason: RejectReason, detail: str = "", device_id: str | None = None, body: Update | Statistics | None = None
+    ) -> None:
+        """Count a rejection (and write it to the ledger), including those decided outside the engine."""
         self.rejected[reason.value] += 1
+        if self.ledger:
+            self.ledger.record(kind=body.kind if body else "frame", accepted=False, reason=reason.value, detail=detail,
+                               round_number=body.round if body else None, device=device_id,
+                               update_id=getattr(body, "update_id", None), num_samples=getattr(body, "num_samples", None))
 
     # -- rounds -----------------------------------------------------------------------------
 

@@ -131,7 +131,7 @@ class AggregatorService:
             self._send([Outgoing(device, Blob(sha256=sha, name=name), {"data": np.frombuffer(data, np.uint8)})])
 
     def _refuse(self, device: str | None, reason: RejectReason, detail: str) -> None:
-        self.engine.count_rejection(reason)
+        self.engine.count_rejection(reason, detail, device)
         log.warning("rejected a message from %s: %s: %s", device or "an unknown sender", reason.value, detail)
         if device is not None:
             self._send([reject(device, reason, detail)])

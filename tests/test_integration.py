@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -142,6 +143,11 @@ def test_hostile_and_misdirected_messages_are_refused_with_reasons(tmp_path, mos
         assert aggregator.poll() is None, "the aggregator must survive hostile input"
         log = (tmp_path / "aggregator.log").read_text()
         assert "Traceback" not in log and "rejected a message from mallory: malformed" in log
+        aggregator.terminate()
+        aggregator.wait(10)
+        ledger = sqlite3.connect(tmp_path / "state" / "ledger.sqlite")
+        recorded = [row[0] for row in ledger.execute("SELECT reason FROM received WHERE device = 'mallory' ORDER BY id")]
+        assert recorded == ["malformed", "stale_round", "sender_mismatch", "wrong_fleet"]
     finally:
         watcher.publish(topics.status("mallory"), b"", retain=True)
         watcher.close()

@@ -1,0 +1,69 @@
+"""The round ledger: every update the aggregator received, accepted or refused, and why.
+
+One SQLite file in the state directory (`ledger.sqlite`), appended to by the service's single
+loop thread. It is the audit trail an operator queries (`sqlite3 STATE/ledger.sqlite`), and it
+makes replays idempotent across restarts: an update id accepted in a finished round is a
+duplicate forever, while one accepted in a round that a crash cut short may be counted again
+when that round runs anew.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS received (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,            -- unix time of the decision
+    round INTEGER,               -- the round the message named (NULL if it could not be read)
+    device TEXT,                 -- sender, from its topic (NULL if unknown)
+    kind TEXT NOT NULL,          -- update | statistics | frame
+    update_id TEXT,
+    accepted INTEGER NOT NULL,   -- 1 accepted, 0 refused
+    reason TEXT,                 -- RejectReason value when refused
+    detail TEXT NOT NULL,
+    num_samples INTEGER,
+    bytes INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS received_update_id ON received (update_id);
+"""
+
+
+class Ledger:
+    """Append-only record of received updates in SQLite."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None)  # autocommit: each row is durable at once
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+
+    def record(
+        self, *, kind: str, accepted: bool, detail: str = "", round_number: int | None = None, device: str | None = None,
+        update_id: str | None = None, reason: str | None = None, num_samples: int | None = None, nbytes: int = 0,
+    ) -> None:
+        """Append one decision."""
+        self._db.execute(
+            "INSERT INTO received (at, round, device, kind, update_id, accepted, reason, detail, num_samples, bytes) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (time.time(), round_number, device, kind, update_id, int(accepted), reason, detail, num_samples, nbytes),
+        )
+
+    def accepted_update_ids(self, up_to_round: int) -> set[str]:
+        """Ids of the updates accepted in rounds 1..up_to_round (those rounds are finished)."""
+        rows = self._db.execute(
+            "SELECT update_id FROM received WHERE accepted = 1 AND kind = 'update' AND round <= ?", (up_to_round,)
+        )
+        return {row[0] for row in rows}
+
+    def counts(self) -> dict[str, int]:
+        """Decisions by outcome: "accepted" or the refusal reason."""
+        rows = self._db.execute("SELECT COALESCE(reason, 'accepted'), COUNT(*) FROM received GROUP BY 1")
+        return dict(rows.fetchall())
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
