@@ -26,6 +26,7 @@ from models.zoo import ModelSpec
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.embedded_broker import EmbeddedBroker
 from protocol.mqtt_url import parse as parse_broker
+from protocol.signing import EnrolledKeys, SignatureCheck
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                      help="encoding of the weights sent with each task: float32, float16, or int8-delta (int8 of "
                           "the change since the version the device holds, exact float32 otherwise); devices train "
                           "from exactly what they decoded (default: %(default)s)")
+    net.add_argument("--enrolled", type=Path,
+                     help="JSON file of device id -> Ed25519 public key (from `tierfl client --show-key`): only these "
+                          "devices are accepted, and every frame must carry its device's signature "
+                          "(default: an open fleet, unsigned frames accepted)")
     net.add_argument("--share-group", help="MQTT shared-subscription group, to split devices across aggregator workers")
     model = parser.add_argument_group("model and state")
     model.add_argument("--state-dir", type=Path, default=Path("runs/aggregator"), help="durable state (default: %(default)s)")
@@ -154,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
             broker = parse_broker(embedded.url)
             log.info("embedded broker listening at %s: start devices with `tierfl client --broker %s ...`", embedded.url, embedded.url)
         service = AggregatorService(engine, broker, aggregator_id=args.aggregator_id, share_group=args.share_group,
-                                   max_message_bytes=args.max_message_bytes, downlink=args.downlink)
+                                   max_message_bytes=args.max_message_bytes, downlink=args.downlink,
+                                   signatures=SignatureCheck(EnrolledKeys.load(args.enrolled).root) if args.enrolled else None)
         service.run(stop)
     log.info("stopped after round %d at version %d; rejected: %s; ledger %s: %s", engine.record.round,
              engine.record.version, dict(engine.rejected) or "none", ledger.path, ledger.counts())

@@ -21,9 +21,10 @@ from aggregator.engine import Outgoing, RoundEngine, reject
 from aggregator.registry import DeviceRegistry
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.frame import FrameError, decode_frame, encode_frame
-from protocol.messages import Blob, Fetch, Hello, RejectReason, Statistics, Status, Task, Update
+from protocol.messages import Blob, Fetch, FrameHeader, Hello, RejectReason, Statistics, Status, Task, Update
 from protocol.mqtt_link import MqttLink
 from protocol.mqtt_url import BrokerAddress
+from protocol.signing import SignatureCheck, SignatureError
 from protocol.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class AggregatorService:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_update_bytes: int = 64 << 20,
         downlink: str = "float32",
+        signatures: SignatureCheck | None = None,
     ) -> None:
         self.engine = engine
         self.registry: DeviceRegistry = engine.registry
@@ -48,6 +50,7 @@ class AggregatorService:
         self.aggregator_id = aggregator_id
         self.topics = Topics(engine.config.fleet)
         self._max_update_bytes = max_update_bytes
+        self._signatures = signatures  # None: an open fleet, signatures not required
         self.downlink = Downlink(engine.config.fleet, aggregator_id, downlink, engine.config.seed)
         self._inbox: queue.Queue[tuple[str, bytes | FrameError]] = queue.Queue()
         self.link = MqttLink(
@@ -93,6 +96,8 @@ class AggregatorService:
             self._refuse(device, RejectReason.WRONG_FLEET, f"fleet {header.fleet!r}, this is {self.engine.config.fleet!r}")
         elif header.sender != device:
             self._refuse(device, RejectReason.SENDER_MISMATCH, f"sender {header.sender!r} on {device!r}'s topic")
+        elif problem := self._signature_problem(frame.header):
+            self._refuse(device, problem.reason, problem.detail)
         elif topic == self.topics.status(device) and isinstance(body, Hello):
             self._on_hello(device, body, now)
         elif topic == self.topics.status(device) and isinstance(body, Status):
@@ -111,6 +116,15 @@ class AggregatorService:
             self._send(self.engine.on_statistics(device, header.msg_id, body, frame.tensors, now))
         else:
             self._refuse(device, RejectReason.UNEXPECTED, f"a {body.kind!r} message does not belong on {topic}")
+
+    def _signature_problem(self, header: FrameHeader) -> SignatureError | None:
+        if self._signatures is None:
+            return None
+        try:
+            self._signatures.verify(header)
+        except SignatureError as exc:
+            return exc
+        return None
 
     def _on_hello(self, device: str, hello: Hello, now: float) -> None:
         if hello.tier is not None and hello.tier not in self.artifacts.tiers:

@@ -32,6 +32,7 @@ from protocol.frame import Frame, FrameError, decode_frame, encode_frame
 from protocol.messages import Blob, Body, Fetch, Hello, Reject, RejectReason, Statistics, Status, Task, Update, new_id
 from protocol.mqtt_link import MqttLink, Will
 from protocol.mqtt_url import BrokerAddress
+from protocol.signing import DeviceKey
 from protocol.topics import Topics, check_id
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,16 @@ class ClientConfig(BaseModel):
     send_margin_s: float = Field(2.0, ge=0)  # stop training this long before the deadline (partial work) to send in time
 
 
+def device_key(folder: Path) -> DeviceKey | None:
+    """This device's signing key (created on first use), or None when `cryptography` is not installed."""
+    try:
+        return DeviceKey(folder)
+    except ImportError:
+        log.warning("the cryptography package is missing: frames go unsigned, and a fleet that enrols keys "
+                    "will refuse them (pip install cryptography)")
+        return None
+
+
 class DeviceAgent:
     """One device of the fleet, training on its own local data."""
 
@@ -67,6 +78,7 @@ class DeviceAgent:
         self.test_data = test
         self.topics = Topics(config.fleet)
         self.cache = ArtifactCache(config.cache_dir)
+        self.key = device_key(config.cache_dir)
         self.refused: collections.Counter[str] = collections.Counter()
         self.tasks_done = 0
         self._tasks: queue.Queue[Frame] = queue.Queue()
@@ -208,7 +220,7 @@ class DeviceAgent:
             unchanged=unchanged,
         )
         frame = encode_frame(self.config.fleet, self.config.device_id, update, None if unchanged else intended,
-                             self.config.codec)
+                             self.config.codec, signer=self.key.sign if self.key else None)
         if feedback:  # what the aggregator will decode, exactly: read back from our own frame
             feedback.remember(intended, None if unchanged else decode_frame(frame).tensors)
         sent = self.link.publish(self.topics.up(self.config.device_id), frame)
@@ -269,7 +281,7 @@ class DeviceAgent:
         return trainer
 
     def _frame(self, body: Body, tensors: dict[str, np.ndarray] | None = None) -> bytes:
-        return encode_frame(self.config.fleet, self.config.device_id, body, tensors)
+        return encode_frame(self.config.fleet, self.config.device_id, body, tensors, signer=self.key.sign if self.key else None)
 
     def _publish(self, topic: str, body: Body, tensors: dict[str, np.ndarray] | None = None, retain: bool = False) -> int:
         return self.link.publish(topic, self._frame(body, tensors), retain=retain)

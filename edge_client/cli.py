@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import socket
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 
 from edge_client.agent import ClientConfig, DeviceAgent
 from edge_client.backends import BACKENDS, resolve_backend
+from protocol.signing import DeviceKey
 from edge_client.data import load_dataset, train_test_split
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.mqtt_url import parse as parse_broker
@@ -36,11 +38,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--broker", required=True, help="mqtt://[user:pass@]host[:port] of the fleet's broker, or mqtts://...[?ca=FILE] for TLS (see tierfl broker-config)")
+    parser.add_argument("--broker", help="mqtt://[user:pass@]host[:port] of the fleet's broker, or mqtts://...[?ca=FILE] for TLS (see tierfl broker-config)")
     parser.add_argument("--device-id", default=socket.gethostname().split(".")[0],
                         help="unique id of this device: letters, digits, _ . - (default: the host name)")
     parser.add_argument("--fleet", default="default", help="fleet name, the topic namespace (default: %(default)s)")
-    parser.add_argument("--data", required=True, help="local data: FILE.npz (keys x, y) | digits | fashion-mnist")
+    parser.add_argument("--data", help="local data: FILE.npz (keys x, y) | digits | fashion-mnist")
     parser.add_argument("--test-fraction", type=float, default=0.2,
                         help="share of local data held out to evaluate received models (default: %(default)s)")
     parser.add_argument("--tier", help="ask for a fixed tier (a-e); default: the aggregator decides")
@@ -61,6 +63,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-below", type=float, default=0.0,
                         help="selective upload: send 'unchanged' instead of tensors when ||update|| / ||weights|| "
                              "is below this (default: %(default)s, always send)")
+    parser.add_argument("--show-key", action="store_true",
+                        help="print this device's id and Ed25519 public key (created in the cache dir on first use) "
+                             "for the aggregator's --enrolled file, then exit")
     parser.add_argument("--aggregator-id", default="aggregator", help="accept tasks only from this sender (default: %(default)s)")
 
 
@@ -79,6 +84,12 @@ def read_benchmark(path: Path) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     """Serve tasks until SIGINT/SIGTERM."""
+    cache_dir = args.cache_dir or Path.home() / ".cache" / "tierfl" / args.fleet / args.device_id
+    if args.show_key:
+        print(json.dumps({args.device_id: DeviceKey(cache_dir).public_hex}))
+        return 0
+    if not (args.broker and args.data):
+        raise ValueError("--broker and --data are required (only --show-key runs without them)")
     backend = resolve_backend(args.backend)  # fail now, with the fix spelled out, if a forced backend cannot work
     log.info("training backend: %s", backend)
     data = load_dataset(args.data)
@@ -89,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         fleet=args.fleet,
         aggregator_id=args.aggregator_id,
         tier=args.tier,
-        cache_dir=args.cache_dir or Path.home() / ".cache" / "tierfl" / args.fleet / args.device_id,
+        cache_dir=cache_dir,
         threads=args.threads,
         max_message_bytes=args.max_message_bytes,
         codec=args.codec,

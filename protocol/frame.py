@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,11 +54,12 @@ def encode_frame(
     tensors: Mapping[str, np.ndarray] | None = None,
     codec: str | Codec = "float32",
     rng: np.random.Generator | None = None,
+    signer: Callable[[FrameHeader], str] | None = None,
 ) -> bytes:
     """Serialise one message and its tensors (all with `codec`, a Codec or a parse_codec spec) into frame bytes.
 
     A stochastic codec draws from `rng` (fresh entropy when None); a seeded generator makes the
-    bytes reproducible.
+    bytes reproducible. `signer` (protocol.signing.DeviceKey.sign) adds the sender's signature.
     """
     coder = parse_codec(codec) if isinstance(codec, str) else codec
     if rng is None and getattr(coder, "stochastic", False):
@@ -75,6 +76,8 @@ def encode_frame(
     header = FrameHeader(
         fleet=fleet, sender=sender, body=body, tensors=entries, payload_sha256=hashlib.sha256(payload).hexdigest()
     )
+    if signer is not None:
+        header = header.model_copy(update={"signature": signer(header)})
     header_bytes = header.model_dump_json().encode()
     return _PREFIX.pack(MAGIC, len(header_bytes)) + header_bytes + payload
 

@@ -39,6 +39,8 @@ class RejectReason(str, Enum):
     LATE = "late"
     UNKNOWN_ARTIFACT = "unknown_artifact"
     UNEXPECTED = "unexpected"
+    BAD_SIGNATURE = "bad_signature"
+    NOT_ENROLLED = "not_enrolled"
 
 
 class Hello(_Strict):
@@ -186,6 +188,7 @@ class FrameHeader(_Strict):
     body: Body
     tensors: list[TensorEntry] = []
     payload_sha256: Sha256 | None = None
+    signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")] | None = None  # Ed25519 by the sender (protocol.signing)
 
 
 def new_id() -> str:

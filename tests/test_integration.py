@@ -22,6 +22,7 @@ from models.tiers import TIER_RATES
 from models.zoo import ModelSpec
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import Hello, Reject, RejectReason, Update, new_id
+from protocol.signing import DeviceKey
 from protocol.topics import Topics
 from tests.conftest import tierfl
 
@@ -211,6 +212,39 @@ def test_fedprox_with_partial_work_at_the_deadline(tmp_path, mosquitto_url, flee
     finally:
         watcher.close()
         for process in [aggregator, *devices]:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(10)
+
+
+def test_enrolled_fleet_refuses_spoofed_and_unenrolled_devices(tmp_path, mosquitto_url, fleet):
+    """The broker lets anyone publish anywhere here; signatures still keep Mallory out."""
+    alice, mallory, bob = (DeviceKey(tmp_path / name) for name in ("alice", "mallory", "bob"))
+    enrolled = tmp_path / "enrolled.json"
+    enrolled.write_text(json.dumps({"alice": alice.public_hex}))
+    topics = Topics(fleet)
+    watcher = Watcher(mosquitto_url, [f"{topics.base}/down/+", topics.rounds])
+    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--enrolled", str(enrolled), "--min-clients", "1",
+                             "--rounds", "2")
+    device = tierfl("client", "--broker", mosquitto_url, "--fleet", fleet, "--device-id", "alice", "--data", "digits",
+                    "--cache-dir", str(tmp_path / "alice"), log=tmp_path / "alice.log")
+    try:
+        _wait_for(lambda: "joined" in (tmp_path / "aggregator.log").read_text(), 60, "alice to join")
+        update = Update(update_id=new_id(), round=1, base_version=0, tier="a", num_samples=10_000, steps=1,
+                        train_loss=0.1, train_accuracy=1.0, train_seconds=0.1)
+        watcher.publish(topics.up("alice"), encode_frame(fleet, "alice", update, None, signer=mallory.sign))
+        watcher.publish(topics.status("bob"), encode_frame(fleet, "bob", Hello(num_samples=10), signer=bob.sign))
+        assert aggregator.wait(120) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
+        reasons = {t.rsplit("/", 1)[1]: b.reason for t, b in
+                   ((t, decode_frame(p).body) for t, p in list(watcher.frames) if "/down/" in t and p)
+                   if isinstance(b, Reject)}
+        assert reasons == {"alice": RejectReason.BAD_SIGNATURE, "bob": RejectReason.NOT_ENROLLED}
+        summaries = watcher.bodies("/rounds")
+        assert [s.answered for s in summaries] == [1, 1] and summaries[-1].accuracy > 0.5  # alice's real updates
+    finally:
+        watcher.publish(topics.status("bob"), b"", retain=True)
+        watcher.close()
+        for process in (aggregator, device):
             if process.poll() is None:
                 process.terminate()
                 process.wait(10)
