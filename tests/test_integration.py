@@ -115,6 +115,14 @@ class Watcher:
         self.client.disconnect()
 
 
+def _stop(processes: list[subprocess.Popen[bytes]] | tuple[subprocess.Popen[bytes], ...]) -> None:
+    """Terminate the processes still running and reap them."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(10)
+
+
 def _aggregator(tmp_path: Path, url: str, fleet: str, *extra: str) -> subprocess.Popen[bytes]:
     return tierfl(
         "aggregator", "--broker", url, "--fleet", fleet, "--state-dir", str(tmp_path / "state"),
@@ -188,10 +196,7 @@ def test_auto_tiers_follow_announced_and_measured_speed(tmp_path, mosquitto_url,
         assert selected[0][1] == "fast (tier a), slow (tier e), unknown (tier e)"
         assert selected[1][1] == "fast (tier a), slow (tier e), unknown (tier a)"
     finally:
-        for process in [aggregator, *devices]:
-            if process.poll() is None:
-                process.terminate()
-                process.wait(10)
+        _stop([aggregator, *devices])
 
 
 def test_fedprox_with_partial_work_at_the_deadline(tmp_path, mosquitto_url, fleet):
@@ -211,10 +216,7 @@ def test_fedprox_with_partial_work_at_the_deadline(tmp_path, mosquitto_url, flee
         assert steps and all(0 < s < 500 * 90 for s in steps)  # partial: far fewer than 500 epochs of ~90 batches
     finally:
         watcher.close()
-        for process in [aggregator, *devices]:
-            if process.poll() is None:
-                process.terminate()
-                process.wait(10)
+        _stop([aggregator, *devices])
 
 
 def test_enrolled_fleet_refuses_spoofed_and_unenrolled_devices(tmp_path, mosquitto_url, fleet):
@@ -244,10 +246,7 @@ def test_enrolled_fleet_refuses_spoofed_and_unenrolled_devices(tmp_path, mosquit
     finally:
         watcher.publish(topics.status("bob"), b"", retain=True)
         watcher.close()
-        for process in (aggregator, device):
-            if process.poll() is None:
-                process.terminate()
-                process.wait(10)
+        _stop((aggregator, device))
 
 
 def test_device_killed_mid_round_is_dropped_and_training_continues(tmp_path, mosquitto_url, fleet):
@@ -277,10 +276,7 @@ def test_device_killed_mid_round_is_dropped_and_training_continues(tmp_path, mos
         assert all(s.selected == s.answered == 2 for s in summaries[killed_round:])
     finally:
         watcher.close()
-        for process in [aggregator, *devices]:
-            if process.poll() is None:
-                process.terminate()
-                process.wait(10)
+        _stop([aggregator, *devices])
 
 
 def test_aggregator_killed_and_restarted_resumes_from_its_state(tmp_path, mosquitto_url, fleet):
@@ -344,10 +340,7 @@ def test_everyone_reconnects_after_the_broker_restarts(tmp_path, fleet):
         assert record["round"] == rounds and record["version"] >= rounds - 1  # at most the interrupted round fails
         assert "disconnected from broker" in (tmp_path / "r0.log").read_text()
     finally:
-        for process in devices + [aggregator]:
-            if process.poll() is None:
-                process.terminate()
-                process.wait(10)
+        _stop(devices + [aggregator])
         first.stop()
         if second:
             second.stop()
