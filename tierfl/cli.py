@@ -20,6 +20,7 @@ COMMANDS = {
     "broker-config": ("protocol.broker_config", "write a Mosquitto config for a fleet: TLS, passwords, per-device ACL"),
     "bench": ("edge_client.bench", "benchmark each device tier here: step latency, memory, artifact and update bytes"),
     "demo": ("tierfl.demo", "a whole federation on this machine: broker, aggregator, 8 devices"),
+    "report": ("aggregator.report", "write a self-contained HTML report of a run from its state directory"),
 }
 # Errors a user can cause and fix; anything else is a bug and keeps its traceback.
 USER_ERRORS = (OSError, ValueError, RuntimeError)

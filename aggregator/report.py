@@ -1,0 +1,412 @@
+"""`tierfl report`: one self-contained HTML page about a run, read from its state directory.
+
+Everything comes from what the aggregator left on disk: state.json (identity and the round
+history), ledger.sqlite (every update accepted or refused, if present) and the artifacts index
+(the model and its tiers, if the export is there). Charts are inline SVG written here, so the page
+needs no network, no script and no plotting library. Every string read from the state is escaped:
+device ids and refusal details come from the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import html
+import logging
+import math
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from aggregator.state import StateRecord
+from protocol.atomic_file import atomic_write
+from protocol.messages import RoundSummary
+
+log = logging.getLogger(__name__)
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+MAX_DEVICES = 200  # rows of the per-device table
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the `tierfl report` options to `parser`."""
+    parser.description = (
+        "Write a self-contained HTML report of a run from its aggregator state directory: identity, model and "
+        "tiers, accuracy and loss per round (global and per tier), bytes up and down, participation, and "
+        "rejections from the ledger. No network access is needed to view it."
+    )
+    parser.add_argument("state_dir", type=Path, metavar="STATE_DIR", help="the aggregator's --state-dir")
+    parser.add_argument("--out", type=Path, help="HTML file to write (default: STATE_DIR/report.html)")
+    parser.add_argument("--artifacts", type=Path, help="export folder the aggregator used, for the model and tiers "
+                        "(default: STATE_DIR/artifacts)")
+    parser.add_argument("--last", type=int, default=50, help="refused messages to list, newest first (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the report; 0 on success."""
+    out = args.out or args.state_dir / "report.html"
+    if not out.parent.is_dir():
+        raise ValueError(f"cannot write {out}: {out.parent} is not a directory")
+    page = render(load_run(args.state_dir, args.artifacts, args.last))
+    atomic_write(out, lambda f: f.write(page.encode()))
+    print(f"tierfl report: wrote {out} ({len(page.encode()) / 1024:.1f} kB)")
+    return 0
+
+
+# -- reading the state directory ---------------------------------------------------------------
+
+
+@dataclass
+class LedgerSummary:
+    """What the report shows of ledger.sqlite."""
+
+    first_at: float | None = None
+    last_at: float | None = None
+    decisions: dict[tuple[str, bool], int] = field(default_factory=dict)  # (kind, accepted) -> count
+    by_reason: dict[str, int] = field(default_factory=dict)
+    refused: list[tuple] = field(default_factory=list)  # (at, round, device, kind, reason, detail), newest first
+    devices: list[tuple] = field(default_factory=list)  # (device, accepted updates, refused, bytes, last at)
+
+
+@dataclass
+class RunData:
+    """Everything read from a state directory."""
+
+    state_dir: Path
+    record: StateRecord
+    ledger: LedgerSummary | None
+    ledger_note: str
+    artifacts: object | None  # aggregator.artifacts.ArtifactStore
+    artifacts_note: str
+
+
+def load_run(state_dir: Path, artifacts_dir: Path | None = None, last: int = 50) -> RunData:
+    """Read a state directory; ValueError with one clear line if it is not one."""
+    if not state_dir.is_dir():
+        raise ValueError(f"{state_dir} is not a directory (give the aggregator's --state-dir)")
+    path = state_dir / "state.json"
+    if not path.is_file():
+        raise ValueError(f"{state_dir} has no state.json: not an aggregator state directory, or no round finished yet")
+    try:
+        record = StateRecord.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "the file"
+        raise ValueError(f"{path} is corrupt or not a TierFL state file ({where}: {first['msg']}"
+                         + (f"; {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ")")) from None
+    ledger, ledger_note = _read_ledger(state_dir / "ledger.sqlite", last)
+    artifacts, artifacts_note = _read_artifacts(artifacts_dir or state_dir / "artifacts", record.model)
+    return RunData(state_dir, record, ledger, ledger_note, artifacts, artifacts_note)
+
+
+def _read_ledger(path: Path, last: int) -> tuple[LedgerSummary | None, str]:
+    if not path.is_file():
+        return None, f"no ledger at {path} (written by aggregators since the round ledger was added)"
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            summary = LedgerSummary()
+            summary.first_at, summary.last_at = db.execute("SELECT MIN(at), MAX(at) FROM received").fetchone()
+            summary.decisions = {(kind, bool(ok)): n for kind, ok, n in
+                                 db.execute("SELECT kind, accepted, COUNT(*) FROM received GROUP BY 1, 2")}
+            summary.by_reason = dict(db.execute("SELECT reason, COUNT(*) FROM received WHERE accepted = 0 "
+                                                "GROUP BY 1 ORDER BY 2 DESC, 1"))
+            summary.refused = db.execute("SELECT at, round, device, kind, reason, detail FROM received WHERE accepted = 0 "
+                                         "ORDER BY id DESC LIMIT ?", (max(last, 0),)).fetchall()
+            summary.devices = db.execute(
+                "SELECT device, SUM(accepted AND kind = 'update'), SUM(1 - accepted), SUM(bytes), MAX(at) FROM received "
+                "WHERE device IS NOT NULL GROUP BY device ORDER BY device LIMIT ?", (MAX_DEVICES + 1,)).fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        log.warning("cannot read %s: %s", path, exc)
+        return None, f"the ledger {path} could not be read: {exc}"
+    return summary, ""
+
+
+def _read_artifacts(folder: Path, identity: str) -> tuple[object | None, str]:
+    from aggregator.artifacts import ArtifactStore
+
+    if not (folder / "index.json").is_file():
+        return None, (f"no export index at {folder / 'index.json'}: the aggregator ran with --artifacts elsewhere "
+                      "(pass that folder as --artifacts to show the model and its tiers)")
+    try:
+        store = ArtifactStore(folder)
+    except (OSError, ValueError) as exc:
+        return None, f"the export at {folder} could not be read: {str(exc).splitlines()[0]}"
+    if store.identity != identity:
+        return store, f"the export at {folder} is model {store.identity}, not this run's {identity}"
+    return store, ""
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value))
+
+
+def _date(at: float | None) -> str:
+    if at is None:
+        return "n/a"
+    return datetime.datetime.fromtimestamp(at, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
+    """An HTML table; cells must already be escaped."""
+    head_html = "".join(f"<th>{h}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head_html}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _pairs(rows: list[tuple[str, str]]) -> str:
+    """A two-column key/value table; values must already be escaped."""
+    return '<table class="kv">' + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
+
+
+def _nice_step(span: float, count: int) -> float:
+    raw = span / count if span > 0 else 1.0
+    magnitude = 10 ** math.floor(math.log10(raw))
+    return next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+
+
+@dataclass
+class Series:
+    label: str
+    values: list[float | None]
+    dashed: bool = False
+
+
+def svg_chart(title: str, rounds: list[int], series: list[Series], *, bars: bool = False, y_max: float | None = None,
+              y_format=lambda v: f"{v:g}", y_label: str = "") -> str:
+    """A line or grouped-bar chart over rounds as inline SVG (no external references)."""
+    width, height, left, right, top, bottom = 760, 300, 64, 16, 44, 40
+    plot_w, plot_h = width - left - right, height - top - bottom
+    finite = [v for s in series for v in s.values if v is not None and math.isfinite(v)]
+    top_value = y_max if y_max is not None else max(finite, default=0.0) * 1.05 or 1.0
+    step = _nice_step(top_value, 5)
+    top_value = y_max if y_max is not None else math.ceil(top_value / step) * step
+    n = max(len(rounds), 1)
+    band = plot_w / n
+
+    def x_of(i: int) -> float:
+        return left + band * (i + 0.5)
+
+    def y_of(v: float) -> float:
+        return top + plot_h * (1 - min(max(v / top_value, 0.0), 1.0))
+
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+             f'aria-label="{_e(title)}"><title>{_e(title)}</title>',
+             f'<text x="{left}" y="18" class="title">{_e(title)}</text>']
+    tick = 0.0
+    while tick <= top_value * (1 + 1e-9):
+        y = y_of(tick)
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" class="ytick">{_e(y_format(tick))}</text>')
+        tick += step
+    if y_label:
+        parts.append(f'<text transform="translate(14 {top + plot_h / 2:.0f}) rotate(-90)" class="axis">{_e(y_label)}</text>')
+    every = max(1, round(_nice_step(n, 12))) if n > 20 else 1
+    for i, number in enumerate(rounds):
+        if i % every == 0 or i == n - 1:
+            parts.append(f'<text x="{x_of(i):.1f}" y="{top + plot_h + 16}" class="xtick">{number}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 4}" class="axis">round</text>')
+    parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" class="frame"/>')
+    slot = band * 0.8 / max(len(series), 1)
+    for k, s in enumerate(series):
+        color = COLORS[k % len(COLORS)]
+        legend_x = left + k * 150
+        parts.append(f'<rect x="{legend_x}" y="27" width="12" height="8" fill="{color}"/>'
+                     f'<text x="{legend_x + 16}" y="35" class="legend">{_e(s.label)}</text>')
+        points = [(i, v) for i, v in enumerate(s.values) if v is not None and math.isfinite(v)]
+        if bars:
+            for i, v in points:
+                x = x_of(i) - band * 0.4 + k * slot
+                parts.append(f'<rect x="{x:.1f}" y="{y_of(v):.1f}" width="{max(slot - 1, 0.5):.1f}" '
+                             f'height="{top + plot_h - y_of(v):.1f}" fill="{color}"><title>round {rounds[i]}: '
+                             f'{_e(s.label)} {_e(y_format(v))}</title></rect>')
+            continue
+        runs: list[list[tuple[int, float]]] = []  # a missing value breaks the line
+        for i, v in points:
+            if runs and runs[-1][-1][0] == i - 1:
+                runs[-1].append((i, v))
+            else:
+                runs.append([(i, v)])
+        dash = ' stroke-dasharray="6 4"' if s.dashed else ""
+        for segment in runs:
+            coords = " ".join(f"{x_of(i):.1f},{y_of(v):.1f}" for i, v in segment)
+            parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
+        if n <= 100:
+            parts += [f'<circle cx="{x_of(i):.1f}" cy="{y_of(v):.1f}" r="3" fill="{color}"><title>round {rounds[i]}: '
+                      f'{_e(s.label)} {_e(y_format(v))}</title></circle>' for i, v in points]
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _committed(history: list[RoundSummary]) -> list[bool]:
+    """Whether each round committed a new version (a failed round keeps the previous one)."""
+    flags, previous = [], 0
+    for s in history:
+        flags.append(s.version > previous)
+        previous = max(previous, s.version)
+    return flags
+
+
+def _rejected_totals(history: list[RoundSummary]) -> dict[str, int]:
+    """Rejections by reason over the run from the summaries' counters, which restart with the aggregator."""
+    totals: collections.Counter[str] = collections.Counter()
+    previous: dict[str, int] = {}
+    for s in history:
+        restarted = any(s.rejected.get(r, 0) < n for r, n in previous.items())
+        for reason, n in s.rejected.items():
+            totals[reason] += n if restarted else n - previous.get(reason, 0)
+        previous = s.rejected
+    return dict(totals.most_common())
+
+
+def _section_run(data: RunData) -> str:
+    record, history = data.record, data.record.history
+    last = history[-1] if history else None
+    finished = "finished (last round reached)" if last and last.final else "not finished (the last round was not reached)"
+    by_tier = ", ".join(f"tier {_e(t)} {a:.4f}" for t, a in sorted(last.accuracy_by_tier.items())) if last else ""
+    rows = [
+        ("fleet", _e(record.fleet)),
+        ("model", _e(record.model)),
+        ("version", _e(record.version)),
+        ("rounds done", f"{_e(record.round)} ({sum(_committed(history))} committed, "
+                        f"{len(history) - sum(_committed(history))} failed); {finished}"),
+        ("final accuracy", f"{_num(last.accuracy)} ({_e(last.accuracy_source)})" + (f"; {by_tier}" if by_tier else "")
+         if last else "n/a"),
+        ("final loss", _num(last.loss) if last else "n/a"),
+        ("bytes", f"{_bytes(sum(s.bytes_up for s in history))} up, {_bytes(sum(s.bytes_down for s in history))} down"),
+        ("round time", f"{sum(s.seconds for s in history):.1f} s over {len(history)} rounds"),
+    ]
+    if data.ledger:
+        rows += [("first decision", _e(_date(data.ledger.first_at))), ("last decision", _e(_date(data.ledger.last_at)))]
+    rows.append(("state directory", _e(data.state_dir.resolve())))
+    return '<section id="run"><h2>Run</h2>' + _pairs(rows) + "</section>"
+
+
+def _section_configuration(data: RunData) -> str:
+    body = f'<p class="note">{_e(data.artifacts_note)}</p>' if data.artifacts_note else ""
+    store = data.artifacts
+    if store is not None:
+        spec = store.spec
+        body += _pairs([("model", _e(spec.name)), ("architecture", _e(spec.arch)), ("input", f"{spec.image_size}x{spec.image_size}"),
+                        ("classes", _e(spec.num_classes)), ("hidden widths", _e(", ".join(map(str, spec.widths)))),
+                        ("batch norm", "yes" if spec.batch_norm else "no"), ("init seed", _e(spec.seed)),
+                        ("export identity", _e(store.identity))])
+        rows = [[_e(tier), f"{t.manifest.rate:g}", f"{t.manifest.param_count:,}", _e(_bytes(t.manifest.artifact_bytes)),
+                 _e(t.manifest.optimizer), ", ".join(n for n, on in (("scaler", t.manifest.scaler),
+                 ("class mask", t.manifest.class_mask), ("FedProx", t.manifest.proximal)) if on) or "-"]
+                for tier, t in sorted(store.tiers.items())]
+        body += "<h3>Tiers</h3>" + _table(["tier", "width rate", "parameters", "artifacts", "optimizer", "graph inputs"], rows)
+    return '<section id="configuration"><h2>Configuration</h2>' + body + "</section>"
+
+
+def _section_curves(history: list[RoundSummary]) -> str:
+    rounds = [s.round for s in history]
+    tiers = sorted({t for s in history for t in s.accuracy_by_tier})
+    accuracy = [Series("global", [s.accuracy for s in history])]
+    accuracy += [Series(f"tier {t}", [s.accuracy_by_tier.get(t) for s in history], dashed=True) for t in tiers]
+    sources = sorted({s.accuracy_source for s in history})
+    return ('<section id="accuracy"><h2>Accuracy and loss per round</h2>'
+            f'<p>Accuracy source: {_e(", ".join(sources))} (held-out: the aggregator\'s evaluation set; '
+            "federated: the devices' test splits, weighted by samples).</p>"
+            + svg_chart("Accuracy", rounds, accuracy, y_max=1.0, y_label="accuracy")
+            + svg_chart("Loss (global model)", rounds, [Series("loss", [s.loss for s in history])], y_label="loss")
+            + "</section>")
+
+
+def _section_bytes(history: list[RoundSummary]) -> str:
+    rounds = [s.round for s in history]
+    series = [Series("up (updates)", [s.bytes_up for s in history]), Series("down (tasks, artifacts)", [s.bytes_down for s in history])]
+    return ('<section id="bytes"><h2>Bytes per round</h2>'
+            + svg_chart("Bytes on the wire", rounds, series, bars=True, y_format=_bytes, y_label="bytes")
+            + "</section>")
+
+
+def _section_participation(data: RunData) -> str:
+    history = data.record.history
+    rounds = [s.round for s in history]
+    series = [Series("selected", [s.selected for s in history]), Series("answered", [s.answered for s in history])]
+    failed = [s.round for s, ok in zip(history, _committed(history)) if not ok]
+    body = svg_chart("Devices per round", rounds, series, bars=True, y_label="devices")
+    body += f"<p>Failed rounds (too few updates, no new version): {_e(', '.join(map(str, failed)) or 'none')}.</p>"
+    if data.ledger and data.ledger.devices:
+        devices = data.ledger.devices
+        rows = [[_e(d), _e(ok or 0), _e(bad or 0), _e(_bytes(b or 0)), _e(_date(at))] for d, ok, bad, b, at in devices[:MAX_DEVICES]]
+        more = f"<p>Only the first {MAX_DEVICES} devices are listed.</p>" if len(devices) > MAX_DEVICES else ""
+        body += "<h3>Devices (from the ledger)</h3>" + _table(
+            ["device", "updates accepted", "messages refused", "bytes accepted", "last seen"], rows) + more
+    return '<section id="participation"><h2>Participation</h2>' + body + "</section>"
+
+
+def _section_rejections(data: RunData) -> str:
+    ledger = data.ledger
+    if ledger is None:
+        totals = _rejected_totals(data.record.history)
+        body = f'<p class="note">{_e(data.ledger_note)}; counts below come from the round summaries.</p>'
+        body += _table(["reason", "refused"], [[_e(r), _e(n)] for r, n in totals.items()]) if totals else "<p>None.</p>"
+        return '<section id="rejections"><h2>Rejections</h2>' + body + "</section>"
+    decisions = _table(["kind", "accepted", "refused"], [
+        [_e(kind), _e(ledger.decisions.get((kind, True), 0)), _e(ledger.decisions.get((kind, False), 0))]
+        for kind in sorted({k for k, _ in ledger.decisions})])
+    reasons = _table(["reason", "refused"], [[_e(r), _e(n)] for r, n in ledger.by_reason.items()]) if ledger.by_reason else "<p>None.</p>"
+    body = "<h3>Decisions</h3>" + decisions + "<h3>Refused, by reason</h3>" + reasons
+    if ledger.refused:
+        rows = [[_e(_date(at)), _e("" if rnd is None else rnd), _e(device or "?"), _e(kind), _e(reason), f"<code>{_e(detail)}</code>"]
+                for at, rnd, device, kind, reason, detail in ledger.refused]
+        body += f"<h3>Last {len(rows)} refused messages</h3>" + _table(["at", "round", "device", "kind", "reason", "detail"], rows, "wide")
+    return '<section id="rejections"><h2>Rejections</h2>' + body + "</section>"
+
+
+def _section_rounds(history: list[RoundSummary]) -> str:
+    rows = [[_e(s.round), _e(s.version) + ("" if ok else " (failed)"), f"{s.answered}/{s.selected}", _num(s.accuracy),
+             _e(", ".join(f"{t} {a:.3f}" for t, a in sorted(s.accuracy_by_tier.items())) or "-"), _num(s.loss),
+             _e(_bytes(s.bytes_up)), _e(_bytes(s.bytes_down)), f"{s.seconds:.1f}"]
+            for s, ok in zip(history, _committed(history))]
+    return ('<section id="rounds"><h2>Rounds</h2>' + _table(
+        ["round", "version", "answered", "accuracy", "by tier", "loss", "up", "down", "seconds"], rows, "wide") + "</section>")
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:980px;color:#222;padding:0 1em}
+h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left}
+table.kv th{background:#f4f4f4;width:11em}thead th{background:#f4f4f4}code{word-break:break-all}
+.note{color:#8a5a00}svg.chart{display:block;margin:.8em 0;max-width:100%;height:auto}
+svg .title{font-weight:bold;font-size:14px}svg text{font-size:11px;fill:#333}
+svg .ytick{text-anchor:end}svg .xtick,svg .axis{text-anchor:middle}svg .grid{stroke:#e4e4e4}svg .frame{stroke:#888}
+"""
+
+
+def render(data: RunData) -> str:
+    """The whole HTML page."""
+    history = data.record.history
+    title = f"TierFL run report: fleet {data.record.fleet}"
+    sections = [_section_run(data), _section_configuration(data)]
+    if history:
+        sections += [_section_curves(history), _section_bytes(history), _section_participation(data)]
+    else:
+        sections.append("<p>No round has finished yet.</p>")
+    sections.append(_section_rejections(data))
+    if history:
+        sections.append(_section_rounds(history))
+    generated = _date(datetime.datetime.now(datetime.timezone.utc).timestamp())
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+            f"<style>{STYLE}</style></head><body><h1>{_e(title)}</h1><p>Generated {_e(generated)} by "
+            f"<code>tierfl report</code>.</p>" + "".join(sections) + "</body></html>\n")
