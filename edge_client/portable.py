@@ -2,9 +2,10 @@
 
 `step_model.onnx` maps (parameters, optimizer state, batch, labels, learning rate) to (loss,
 logits, new parameters, new state); `forward.onnx` is the plain forward pass with parameters as
-inputs, for evaluation. Parameters and optimizer state live as OrtValues and are bound to the
-step with IO binding, written into a second set of buffers and swapped, so a step copies no
-weights through numpy. Runs on any onnxruntime, including aarch64 and Python 3.13 wheels.
+inputs, for evaluation. Parameters and optimizer state live in two sets of OrtValues, A and B,
+and two IO bindings are made once: one reads A and writes B, the other reads B and writes A.
+Steps alternate between them, so a step binds only its batch and copies no weights at all.
+Runs on any onnxruntime, including aarch64 and Python 3.13 wheels.
 """
 
 from __future__ import annotations
@@ -44,9 +45,16 @@ class PortableTrainer:
         # Everything the step both reads and rewrites: parameters, running statistics, optimizer state.
         outputs = {o.name for o in self._step.get_outputs()}
         self._carried = [i.name for i in self._step.get_inputs() if i.name + _NEW in outputs]
-        self._values = {name: _ort(np.zeros(self._carried_shape(name), np.float32)) for name in self._carried}
-        self._spare = {name: _ort(np.zeros(self._carried_shape(name), np.float32)) for name in self._carried}
-        self._binding = self._step.io_binding()
+        buffers = [{name: _ort(np.zeros(self._carried_shape(name), np.float32)) for name in self._carried} for _ in "AB"]
+        self._buffers = buffers
+        self._bindings = [self._step.io_binding(), self._step.io_binding()]
+        for binding, (read, write) in zip(self._bindings, [(buffers[0], buffers[1]), (buffers[1], buffers[0])]):
+            for name in self._carried:
+                binding.bind_ortvalue_input(name, read[name])
+                binding.bind_ortvalue_output(name + _NEW, write[name])
+        self._current = 0  # buffers[_current] hold the weights; bindings[_current] reads them
+        self._loss_shape = tuple(next(o.shape for o in self._step.get_outputs() if o.name == "loss"))
+        self._outputs: dict[int, tuple[onnxruntime.OrtValue, onnxruntime.OrtValue]] = {}  # batch size -> loss, logits
         self._no_mask = np.zeros(manifest.model.num_classes, np.float32)
         self._global: dict[str, np.ndarray] = {}
 
@@ -62,7 +70,7 @@ class PortableTrainer:
         """Load weights by name; names and shapes must match the manifest exactly."""
         check_weights(weights, self.manifest)
         for name, value in weights.items():
-            self._values[name] = _ort(np.asarray(value, dtype=np.float32).copy())
+            self._values[name].update_inplace(np.ascontiguousarray(value, dtype=np.float32))
         self._global = {f"{n}.global": np.array(v, np.float32) for n, v in weights.items()}  # FedProx's w_global
 
     def get_weights(self) -> dict[str, np.ndarray]:
@@ -85,24 +93,32 @@ class PortableTrainer:
                      MU_NAME: np.array([proximal_mu], np.float32), **self._global}
         for name, value in constants.items():
             if name in inputs:
-                self._binding.bind_ortvalue_input(name, _ort(value))
+                for binding in self._bindings:
+                    binding.bind_cpu_input(name, np.ascontiguousarray(value))
         return run_epochs(data, epochs, batch_size, seed, self._run_step, stop_at)
 
+    @property
+    def _values(self) -> dict[str, onnxruntime.OrtValue]:
+        return self._buffers[self._current]
+
     def _run_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        """One step: bind the carried values and their spare buffers, run, swap the buffers."""
-        binding = self._binding
+        """One step: bind the batch, run the binding that reads the current buffers, flip to the other."""
+        binding = self._bindings[self._current]
         binding.bind_cpu_input(INPUT_NAME, np.ascontiguousarray(x, dtype=np.float32))
         binding.bind_cpu_input("labels", np.ascontiguousarray(y, dtype=np.int64))
-        for name in self._carried:
-            binding.bind_ortvalue_input(name, self._values[name])
-            binding.bind_ortvalue_output(name + _NEW, self._spare[name])
-        binding.bind_output("loss")
-        binding.bind_output("logits")
+        loss, logits = self._outputs_for(len(y))
+        binding.bind_ortvalue_output("loss", loss)
+        binding.bind_ortvalue_output("logits", logits)
         self._step.run_with_iobinding(binding)
-        self._values, self._spare = self._spare, self._values
-        loss, logits = (value.numpy() for value in binding.get_outputs()[-2:])
-        binding.clear_binding_outputs()
-        return float(np.asarray(loss).reshape(-1)[0]), logits
+        self._current = 1 - self._current
+        return float(loss.numpy().reshape(-1)[0]), logits.numpy()
+
+    def _outputs_for(self, batch: int) -> tuple[onnxruntime.OrtValue, onnxruntime.OrtValue]:
+        """Loss and logits buffers for a batch size (reading our own OrtValues beats binding.get_outputs)."""
+        if batch not in self._outputs:
+            self._outputs[batch] = (onnxruntime.OrtValue.ortvalue_from_numpy(np.zeros(self._loss_shape, np.float32)),
+                                    _ort(np.zeros((batch, self.manifest.model.num_classes), np.float32)))
+        return self._outputs[batch]
 
     def evaluate(self, data: Dataset, batch_size: int = 512) -> EvalStats:
         """Mean loss and accuracy over `data` with the forward graph (no weight change)."""
