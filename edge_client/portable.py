@@ -91,10 +91,11 @@ class PortableTrainer:
         constants = {"learning_rate": np.array([learning_rate], np.float32), "momentum": np.zeros(1, np.float32),
                      SCALE_NAME: np.array([1.0 / self.manifest.rate], np.float32), CLASS_MASK_NAME: class_mask,
                      MU_NAME: np.array([proximal_mu], np.float32), **self._global}
-        for name, value in constants.items():
-            if name in inputs:
-                for binding in self._bindings:
-                    binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        # onnxruntime borrows numpy buffers bound on the CPU: keep them referenced while they are bound.
+        self._bound = {name: np.ascontiguousarray(value) for name, value in constants.items() if name in inputs}
+        for name, value in self._bound.items():
+            for binding in self._bindings:
+                binding.bind_cpu_input(name, value)
         return run_epochs(data, epochs, batch_size, seed, self._run_step, stop_at)
 
     @property
