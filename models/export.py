@@ -177,7 +177,8 @@ def export_tier(
         stage = Path(staging)
         _generate(training, spec, forward, optimizer, stage, proximal, rate)
         onnx.save(build_forward(spec, rate, params), stage / "inference.onnx")
-        onnx.save(build_step_graph(spec, rate, optimizer, scaler=scaler, class_mask=True, proximal=proximal), stage / STEP_FILE)
+        step = build_step_graph(spec, rate, optimizer, scaler=scaler, class_mask=True, proximal=proximal, momentum=False)
+        onnx.save(step, stage / STEP_FILE)
         onnx.save(build_forward(spec, rate, params, params_as_inputs=True), stage / FORWARD_FILE)
         names = [*ARTIFACT_FILES, *([STATISTICS_FILE] if spec.batch_norm else [])]
         if spec.batch_norm:

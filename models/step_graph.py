@@ -103,14 +103,16 @@ def step_graph_io(model: onnx.ModelProto) -> StepGraphIO:
 
 
 def _io_names(
-    spec: ModelSpec, rate: float, optimizer: Optimizer, data: list[str], proximal: bool
+    spec: ModelSpec, rate: float, optimizer: Optimizer, data: list[str], proximal: bool, momentum: bool = True
 ) -> tuple[list[str], list[str]]:
     """Graph inputs and outputs (without gradients): data, hyperparameters, parameters, state, globals."""
     if optimizer not in STATE_SUFFIXES:
         raise ValueError(f"unknown optimizer {optimizer!r}; known: {sorted(STATE_SUFFIXES)}")
     trainable = trainable_names(spec)
-    state = [p + s for s in STATE_SUFFIXES[optimizer] for p in trainable] + ([STEP_NAME] if optimizer == "adamw" else [])
-    hyper = [LEARNING_RATE_NAME, *([MOMENTUM_NAME] if optimizer == "sgd" else []), *([MU_NAME] if proximal else [])]
+    suffixes = STATE_SUFFIXES[optimizer] if optimizer != "sgd" or momentum else ()
+    state = [p + s for s in suffixes for p in trainable] + ([STEP_NAME] if optimizer == "adamw" else [])
+    with_momentum = optimizer == "sgd" and momentum
+    hyper = [LEARNING_RATE_NAME, *([MOMENTUM_NAME] if with_momentum else []), *([MU_NAME] if proximal else [])]
     globals_ = [p + GLOBAL_SUFFIX for p in trainable] if proximal else []
     inputs = [*data, LABELS_NAME, *hyper, *param_shapes(spec, rate), *state, *globals_]
     updated = [*trainable, *frozen_names(spec), *state]
@@ -137,6 +139,12 @@ def _sgd(g: GraphBuilder, grads: Mapping[str, str], weight_decay: float) -> None
         kept = g.op("Mul", [buffer, MOMENTUM_NAME])
         new_buffer = g.op("Add", [kept, grad], outputs=[buffer + NEW_SUFFIX])
         g.op("Sub", [p, g.op("Mul", [new_buffer, LEARNING_RATE_NAME])], outputs=[p + NEW_SUFFIX])
+
+
+def _plain_sgd(g: GraphBuilder, grads: Mapping[str, str], weight_decay: float) -> None:
+    """w -= lr * g: onnxruntime-training's SGD, with no momentum buffer to carry."""
+    for p, grad in grads.items():
+        g.op("Sub", [p, g.op("Mul", [grad, LEARNING_RATE_NAME])], outputs=[p + NEW_SUFFIX])
 
 
 def _moment(g: GraphBuilder, old: str, value: str, beta: float) -> str:
@@ -195,16 +203,19 @@ def build_step_graph(
     proximal: bool = False,
     with_gradients: bool = False,
     weight_decay: float = ADAMW_WEIGHT_DECAY,
+    momentum: bool = True,
 ) -> onnx.ModelProto:
     """One training step of `spec` at `rate` as a default-domain ONNX graph; `step_graph_io` names its IO.
 
     `weight_decay` is AdamW's decoupled weight decay (SGD has none). With `with_gradients`, the
-    gradients of the loss (FedProx term included) are outputs too, `<param>.grad`.
+    gradients of the loss (FedProx term included) are outputs too, `<param>.grad`. SGD with
+    `momentum=False` is plain SGD without a buffer (what the exported artifacts use, like
+    onnxruntime-training's SGD): two passes less over every parameter per step.
     """
     if weight_decay and optimizer != "adamw":
         raise ValueError("weight_decay applies to AdamW only")
     data = [INPUT_NAME, *([SCALE_NAME] if scaler else []), *([CLASS_MASK_NAME] if class_mask else [])]
-    inputs, outputs = _io_names(spec, rate, optimizer, data, proximal)
+    inputs, outputs = _io_names(spec, rate, optimizer, data, proximal, momentum)
     trainable, shapes = trainable_names(spec), param_shapes(spec, rate)
     outputs += [p + GRAD_SUFFIX for p in trainable] if with_gradients else []
     zeros = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
@@ -220,7 +231,7 @@ def build_step_graph(
         grads = _proximal(g, loss, grads)
     for p in trainable if with_gradients else []:
         g.op("Identity", [grads[p]], outputs=[p + GRAD_SUFFIX])
-    _OPTIMIZERS[optimizer](g, grads, weight_decay)
+    (_OPTIMIZERS[optimizer] if optimizer != "sgd" or momentum else _plain_sgd)(g, grads, weight_decay)
     graph = helper.make_graph(
         g.nodes,
         f"{spec.name}_r{rate:g}_{optimizer}_step",

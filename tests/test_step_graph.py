@@ -269,3 +269,13 @@ def test_training_on_digits_with_plain_onnxruntime_reaches_90_percent():
     logits = stepper(_feeds(stepper.io, MLP8, state, test.x, test.y, learning_rate=0.0))["logits"]
     accuracy = (logits.argmax(axis=1) == test.y).mean()
     assert accuracy > 0.9, accuracy
+
+
+def test_plain_sgd_carries_no_momentum_and_steps_like_momentum_zero():
+    spec = SMALL_MLP_BN
+    weights, (x, y) = _weights(spec, 1.0), _batch(spec, 16)
+    plain, with_buffer = Stepper(spec, 1.0, optimizer="sgd", momentum=False), Stepper(spec, 1.0, optimizer="sgd")
+    assert not plain.io.state_shapes and "momentum" not in plain.io.inputs
+    ours, reference = plain(_feeds(plain.io, spec, weights, x, y)), with_buffer(_feeds(with_buffer.io, spec, weights, x, y))
+    for name in plain.io.outputs:
+        np.testing.assert_allclose(ours[name], reference[name], rtol=1e-6, atol=1e-7, err_msg=name)
