@@ -55,6 +55,7 @@ GLOBAL_SUFFIX = ".global"
 STATE_SUFFIXES: Mapping[str, tuple[str, ...]] = types.MappingProxyType(
     {"sgd": (".momentum",), "adamw": (".exp_avg", ".exp_avg_sq")}  # per trainable parameter
 )
+IM2COL_MIN_IMAGE = 16  # Conv weight gradients as im2col from this input size on (models.autodiff._conv)
 ADAMW_BETAS = (0.9, 0.999)  # onnxblock AdamW defaults (the artifacts models.export writes)
 ADAMW_EPSILON = 1e-6
 ADAMW_WEIGHT_DECAY = 0.0
@@ -221,7 +222,7 @@ def build_step_graph(
     zeros = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
     forward = build_forward(spec, rate, zeros, params_as_inputs=True, scaler=scaler, class_mask=class_mask)
     taken = {*inputs, *outputs, *(t for n in forward.graph.node for t in (*n.input, *n.output))}
-    g = GraphBuilder(taken=taken, ranks=_ranks(forward))
+    g = GraphBuilder(taken=taken, ranks=_ranks(forward), im2col=spec.image_size >= IM2COL_MIN_IMAGE)
     for node in forward.graph.node:
         autodiff.lower_for_training(g, node)
     loss = LOSS_NAME if not proximal else g.fresh("cross_entropy")

@@ -279,3 +279,18 @@ def test_plain_sgd_carries_no_momentum_and_steps_like_momentum_zero():
     ours, reference = plain(_feeds(plain.io, spec, weights, x, y)), with_buffer(_feeds(with_buffer.io, spec, weights, x, y))
     for name in plain.io.outputs:
         np.testing.assert_allclose(ours[name], reference[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_im2col_weight_gradient_equals_the_conv_form(monkeypatch):
+    """28x28 inputs take the im2col form of the Conv weight gradient; it must equal the Conv form (ORT-checked above)."""
+    import models.step_graph as step_graph
+
+    spec = ModelSpec(arch="cnn", image_size=28, hidden=(3, 5, 8), batch_norm=True)
+    weights, (x, y) = _weights(spec, 1.0), _batch(spec, 6)
+    im2col = Stepper(spec, 1.0, with_gradients=True)
+    monkeypatch.setattr(step_graph, "IM2COL_MIN_IMAGE", 1000)
+    conv = Stepper(spec, 1.0, with_gradients=True)
+    assert len(im2col.session.get_inputs()) == len(conv.session.get_inputs())
+    ours, reference = im2col(_feeds(im2col.io, spec, weights, x, y)), conv(_feeds(conv.io, spec, weights, x, y))
+    for name in (n for n in im2col.io.outputs if n.startswith("conv") and n.endswith(".grad")):
+        np.testing.assert_allclose(ours[name], reference[name], rtol=1e-4, atol=1e-6, err_msg=name)
