@@ -20,11 +20,11 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from edge_client.backends import open_trainer
 from edge_client.cache import ArtifactCache
 from edge_client.compression import ErrorFeedback
 from edge_client.data import Dataset
 from edge_client.statistics import measure_bn_statistics
-from edge_client.backends import open_trainer
 from edge_client.trainer import Trainer
 from models.manifest import STATISTICS_FILE, TierManifest
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES

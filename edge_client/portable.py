@@ -57,6 +57,7 @@ class PortableTrainer:
         self._outputs: dict[int, tuple[onnxruntime.OrtValue, onnxruntime.OrtValue]] = {}  # batch size -> loss, logits
         self._no_mask = np.zeros(manifest.model.num_classes, np.float32)
         self._global: dict[str, np.ndarray] = {}
+        self._bound: dict[str, np.ndarray] = {}  # numpy buffers bound on the CPU (onnxruntime borrows them)
 
     def _carried_shape(self, name: str) -> tuple[int, ...]:
         if name in self._shapes:
@@ -91,7 +92,6 @@ class PortableTrainer:
         constants = {"learning_rate": np.array([learning_rate], np.float32), "momentum": np.zeros(1, np.float32),
                      SCALE_NAME: np.array([1.0 / self.manifest.rate], np.float32), CLASS_MASK_NAME: class_mask,
                      MU_NAME: np.array([proximal_mu], np.float32), **self._global}
-        # onnxruntime borrows numpy buffers bound on the CPU: keep them referenced while they are bound.
         self._bound = {name: np.ascontiguousarray(value) for name, value in constants.items() if name in inputs}
         for name, value in self._bound.items():
             for binding in self._bindings:
