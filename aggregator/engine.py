@@ -338,7 +338,7 @@ class RoundEngine:
             for tier in sorted({a.tier for a in current.assignments.values()}):
                 artifacts = self.artifacts.tiers[tier]
                 rate = artifacts.manifest.rate
-                if tier in self.bn_statistics or rate not in by_rate:  # each width once, unless it has own statistics
+                if rate not in by_rate:  # each width once; full width is the global weights (widest statistics)
                     by_rate[rate] = self.evaluator.evaluate(self._tier_weights(tier), self.artifacts.spec, rate)
                 by_tier[tier] = by_rate[rate][1]
             loss, accuracy = by_rate[1.0]

@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime
 
 from edge_client.data import Dataset
+from edge_client.trainer import score_logits
 from models.slicing import slice_params
 from models.zoo import INPUT_NAME, ModelSpec, build_forward, init_global_params, param_shapes
 
@@ -40,9 +41,8 @@ class HeldOutEvaluator:
         for i in range(0, len(self._test), self._batch_size):
             x, y = self._test.x[i : i + self._batch_size], self._test.y[i : i + self._batch_size]
             (logits,) = session.run(None, {INPUT_NAME: x, **weights})
-            shifted = logits - logits.max(axis=1, keepdims=True)
-            log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-            loss_sum += float(-log_probs[np.arange(len(y)), y].sum())
-            correct += int((logits.argmax(axis=1) == y).sum())
+            batch_loss, batch_correct = score_logits(logits, y)
+            loss_sum += batch_loss
+            correct += batch_correct
         n = max(len(self._test), 1)
         return loss_sum / n, correct / n

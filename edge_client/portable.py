@@ -17,9 +17,9 @@ import numpy as np
 import onnxruntime
 
 from edge_client.data import Dataset
-from edge_client.trainer import EvalStats, TrainStats, check_weights, class_mask_for, run_epochs
+from edge_client.trainer import EvalStats, TrainStats, check_weights, class_mask_for, run_epochs, score_logits
 from models.manifest import FORWARD_FILE, STEP_FILE, TierManifest
-from models.spec import CLASS_MASK_NAME, INPUT_NAME, MU_NAME, SCALE_NAME
+from models.spec import CLASS_MASK_NAME, GLOBAL_SUFFIX, INPUT_NAME, MU_NAME, SCALE_NAME
 
 _NEW = ".new"
 
@@ -72,7 +72,7 @@ class PortableTrainer:
         check_weights(weights, self.manifest)
         for name, value in weights.items():
             self._values[name].update_inplace(np.ascontiguousarray(value, dtype=np.float32))
-        self._global = {f"{n}.global": np.array(v, np.float32) for n, v in weights.items()}  # FedProx's w_global
+        self._global = {n + GLOBAL_SUFFIX: np.array(v, np.float32) for n, v in weights.items()}  # FedProx's w_global
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """A copy of every parameter, by name."""
@@ -128,10 +128,8 @@ class PortableTrainer:
         for i in range(0, len(data), batch_size):
             x, y = data.x[i : i + batch_size], data.y[i : i + batch_size]
             (logits,) = self._forward.run_with_ort_values(None, {INPUT_NAME: _ort(x), **weights})
-            logits = logits.numpy()
-            shifted = logits - logits.max(axis=1, keepdims=True)
-            log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-            loss_sum += float(-log_probs[np.arange(len(y)), y].sum())
-            correct += int((logits.argmax(axis=1) == y).sum())
+            batch_loss, batch_correct = score_logits(logits.numpy(), y)
+            loss_sum += batch_loss
+            correct += batch_correct
         n = len(data)
         return EvalStats(loss=loss_sum / max(n, 1), accuracy=correct / max(n, 1), samples=n)

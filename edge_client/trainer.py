@@ -19,7 +19,7 @@ import onnxruntime
 from edge_client.data import Dataset, batches
 from models.manifest import TierManifest
 from models.ort_training import load_training_api
-from models.spec import CLASS_MASK_NAME, INPUT_NAME, MU_NAME, SCALE_NAME
+from models.spec import CLASS_MASK_NAME, GLOBAL_SUFFIX, INPUT_NAME, MU_NAME, SCALE_NAME
 
 MASKED_LOGIT = -1e4  # added to a masked class's logit: exp() underflows to 0, the loss stays finite
 
@@ -68,6 +68,13 @@ def run_epochs(
             correct += int((logits.argmax(axis=1) == y).sum())
     return TrainStats(steps=steps, samples_seen=seen, loss=loss_sum / max(seen, 1),
                       accuracy=correct / max(seen, 1), seconds=time.perf_counter() - start)
+
+
+def score_logits(logits: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+    """(summed cross-entropy, number correct) of a batch of logits against integer labels."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(labels)), labels].sum()), int((logits.argmax(axis=1) == labels).sum())
 
 
 def check_weights(weights: Mapping[str, np.ndarray], manifest: TierManifest) -> None:
@@ -134,7 +141,8 @@ class OrtTrainer:
         check_weights(weights, self.manifest)
         for name, value in weights.items():
             self._parameters[name].data = np.ascontiguousarray(value, dtype=np.float32)
-        self._global = {f"{n}.global": np.array(v, np.float32) for n, v in weights.items() if f"{n}.global" in self._input_names}
+        self._global = {n + GLOBAL_SUFFIX: np.array(v, np.float32) for n, v in weights.items()
+                        if n + GLOBAL_SUFFIX in self._input_names}
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """A copy of every parameter, by name."""

@@ -31,7 +31,7 @@ from models.step_graph import build_step_graph
 from models.ort_training import TrainingAPI, captured_native_stderr, load_training_api
 from models.slicing import slice_params
 from models.tiers import TIER_RATES, tier_rate
-from models.spec import MU_NAME
+from models.spec import GLOBAL_SUFFIX, MU_NAME
 from models.zoo import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -95,10 +95,10 @@ def _proximal_cross_entropy(training: TrainingAPI, shapes: dict[str, tuple[int, 
             # Every term is shaped [1] and only the total becomes a scalar: ORT's gradient builder fails on
             # rank-0 broadcasts, and has no gradient for Sum or ReduceSumSquare.
             for name, shape in shapes.items():
-                graph.input.append(helper.make_tensor_value_info(f"{name}.global", onnx.TensorProto.FLOAT, list(shape)))
+                graph.input.append(helper.make_tensor_value_info(name + GLOBAL_SUFFIX, onnx.TensorProto.FLOAT, list(shape)))
                 flat = f"proximal.{name}.flat"
                 graph.node.extend([
-                    helper.make_node("Sub", [name, f"{name}.global"], [f"proximal.{name}.diff"]),
+                    helper.make_node("Sub", [name, name + GLOBAL_SUFFIX], [f"proximal.{name}.diff"]),
                     helper.make_node("Reshape", [f"proximal.{name}.diff", "proximal.flat"], [flat]),
                     helper.make_node("Mul", [flat, flat], [f"proximal.{name}.sq_each"]),
                     helper.make_node("ReduceSum", [f"proximal.{name}.sq_each"], [f"proximal.{name}.sq"], keepdims=1),

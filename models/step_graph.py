@@ -27,6 +27,7 @@ from onnx import TensorProto, helper
 
 from models import autodiff
 from models.autodiff import NEW_SUFFIX, GraphBuilder
+from models.spec import GLOBAL_SUFFIX, MU_NAME
 from models.zoo import (
     CLASS_MASK_NAME,
     INPUT_NAME,
@@ -49,9 +50,7 @@ LEARNING_RATE_NAME = "learning_rate"
 LOSS_NAME = "loss"
 MOMENTUM_NAME = "momentum"  # SGD momentum coefficient [1]; 0 is plain SGD
 STEP_NAME = "step"  # AdamW: steps taken so far [1] (0 before the first step)
-MU_NAME = "mu"  # FedProx proximal coefficient [1]
 GRAD_SUFFIX = ".grad"
-GLOBAL_SUFFIX = ".global"
 STATE_SUFFIXES: Mapping[str, tuple[str, ...]] = types.MappingProxyType(
     {"sgd": (".momentum",), "adamw": (".exp_avg", ".exp_avg_sq")}  # per trainable parameter
 )
