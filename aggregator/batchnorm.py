@@ -19,9 +19,14 @@ from models.slicing import leading_slices
 MEAN, VAR = ".running_mean", ".running_var"
 
 
+def is_statistic(name: str) -> bool:
+    """True for a batch-norm running-statistics tensor (not a trained parameter)."""
+    return name.endswith((MEAN, VAR))
+
+
 def statistic_names(shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
     """The running-statistics tensors among a tier's parameters."""
-    return [name for name in shapes if name.endswith((MEAN, VAR))]
+    return [name for name in shapes if is_statistic(name)]
 
 
 class StatisticsPool:

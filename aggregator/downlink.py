@@ -12,6 +12,8 @@ encoded with a generator seeded by (tier, version): every frame of that step car
 bytes, and decoding its own frame gives the aggregator R_v bit for bit as the devices compute it.
 A device gets a delta only against a version it says it holds (hello, last update) AND that this
 process sent it, so a copy from before an aggregator restart is never patched by a new chain.
+A FedMut task (`variant` > 0) carries the device's own mutated weights: they go out whole, and
+the device's next task is a full copy again, since what it holds is no tier reference.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class Downlink:
         if task.round != self._round:
             self._frames.clear()
             self._round = task.round
+        if task.variant:  # a FedMut mutation is this device's alone: encode it once, chain nothing onto it
+            self._sent.pop((device_id, task.tier), None)
+            return self._encode(task, weights, "float16" if self.mode == "float16" else "float32")
         if self.mode != "int8-delta":
             return self._cached("full", task, lambda: self._encode(task, weights, self.mode))
         reference = self._reference(task, weights)

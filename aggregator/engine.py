@@ -26,7 +26,7 @@ from aggregator.evaluate import HeldOutEvaluator
 from aggregator.ledger import Ledger
 from aggregator.registry import DeviceRegistry
 from aggregator.state import StateRecord, StateStore
-from aggregator.strategy import Accumulator, Assignment, ClientUpdate, Strategy
+from aggregator.strategy import Accumulator, Assignment, ClientUpdate, Contribution, Strategy
 from models.slicing import slice_params
 from models.zoo import init_global_params
 from protocol.messages import Body, Reject, RejectReason, RoundSummary, Statistics, Task, Update
@@ -165,8 +165,10 @@ class RoundEngine:
                                update_id=update.update_id, num_samples=update.num_samples, nbytes=nbytes)
         self._open.answered.add(device_id)
         self._open.bytes_up += nbytes
-        self._open.accumulator.add(ClientUpdate(device_id, update.tier, update.num_samples, tensors))
-        if update.train_seconds > 0 and update.steps and not update.unchanged:  # per step: partial work counts right
+        self.registry.answered(device_id, None if update.unchanged else update.train_loss)
+        self._open.accumulator.add(ClientUpdate(device_id, update.tier, update.num_samples, tensors,
+                                                contributions=contributions(update, self.artifacts)))
+        if update.train_seconds > 0 and update.steps and not update.unchanged and not update.contributors:  # per step
             samples = min(update.steps * self._open.assignments[device_id].batch_size, update.steps * update.num_samples)
             self.registry.measured_speed(device_id, update.tier, update.train_seconds / samples)
         if update.eval_accuracy is not None and update.eval_loss is not None and update.eval_samples:
@@ -240,6 +242,8 @@ class RoundEngine:
             assignments={a.device_id: a for a in assignments},
             accumulator=self.strategy.start_aggregation(self.weights),
         )
+        for a in assignments:
+            self.registry.asked(a.device_id, number)
         log.info("round %d: %d devices selected: %s", number, len(assignments),
                  ", ".join(f"{a.device_id} (tier {a.tier})" for a in sorted(assignments, key=lambda a: a.device_id)))
         return [self._task(a, number, self._open.deadline) for a in assignments]
@@ -252,7 +256,7 @@ class RoundEngine:
         return [self._task(current.assignments[d], current.number, current.deadline, current.trained)
                 for d in sorted(current.answered)]
 
-    def _task(self, assignment: Assignment, number: int, deadline: float, trained: dict[str, np.ndarray] | None = None) -> Outgoing:
+    def _task(self, assignment: Assignment, number: int, deadline: float, trained: Mapping[str, np.ndarray] | None = None) -> Outgoing:
         """A training task on the committed weights, or with `trained` a statistics task on those."""
         tier = self.artifacts.tiers[assignment.tier]
         body = Task(
@@ -270,10 +274,14 @@ class RoundEngine:
             seed=self.config.seed * 100_003 + number,
             evaluate=self.config.evaluate_on_devices,
             statistics_only=trained is not None,
+            variant=0 if trained is not None else assignment.variant,
+            weighted=assignment.weighted,
         )
+        if trained is None:  # training starts from the strategy's model: the global one, or a FedMut mutation
+            trained = dict(self.strategy.task_weights(assignment, self.weights))
         return Outgoing(assignment.device_id, body, self._tier_weights(assignment.tier, trained))
 
-    def _tier_weights(self, tier: str, weights: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    def _tier_weights(self, tier: str, weights: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The tier's slice of `weights` (default: the global weights) with the tier's own BN statistics."""
         sliced = slice_params(self.weights if weights is None else weights, self.artifacts.tiers[tier].shapes)
         own = self.bn_statistics.get(tier)
@@ -308,6 +316,8 @@ class RoundEngine:
         )
         self.store.commit(self.record, self.weights if committed else None)
         missing = sorted(set(current.assignments) - current.answered)
+        for device_id in missing:
+            self.registry.missed(device_id)
         log.info(
             "round %d %s: %d/%d answered%s; version %d; accuracy %s (%s)",
             current.number, "committed" if committed else "FAILED (too few updates)",
@@ -364,6 +374,7 @@ class RoundEngine:
             bytes_down=current.bytes_down,
             seconds=now - current.started,
             rejected=dict(self.rejected),
+            metrics=self.strategy.metrics(),
             final=current.number >= self.config.rounds,
         )
 
@@ -388,10 +399,30 @@ class RoundEngine:
             return RejectReason.UNKNOWN_TIER, f"tier {update.tier!r} but the task was for tier {assignment.tier!r}"
         if now > current.deadline:
             return RejectReason.LATE, f"arrived {now - current.deadline:.1f} s after the deadline"
-        shapes = self.artifacts.tiers[assignment.tier].shapes
-        if set(tensors) != set(shapes):
-            return RejectReason.BAD_TENSOR, f"tensors {sorted(set(tensors) ^ set(shapes))} do not match tier {assignment.tier}"
-        for name, value in tensors.items():
-            if value.dtype != np.float32 or tuple(value.shape) != shapes[name]:
-                return RejectReason.BAD_TENSOR, f"{name}: {value.dtype}{list(value.shape)}, expected float32{list(shapes[name])}"
+        return check_update_tensors(update, tensors, assignment.tier, self.artifacts)
+
+
+def check_update_tensors(update: Update, tensors: Mapping[str, np.ndarray], tier: str, artifacts: ArtifactStore) -> tuple[RejectReason, str] | None:
+    """Why an update's tensors (and an edge aggregator's contributors) do not fit `tier`, or None."""
+    shapes = artifacts.tiers[tier].shapes
+    if set(tensors) != set(shapes):
+        return RejectReason.BAD_TENSOR, f"tensors {sorted(set(tensors) ^ set(shapes))} do not match tier {tier}"
+    for name, value in tensors.items():
+        if value.dtype != np.float32 or tuple(value.shape) != shapes[name]:
+            return RejectReason.BAD_TENSOR, f"{name}: {value.dtype}{list(value.shape)}, expected float32{list(shapes[name])}"
+    if update.contributors is None:
         return None
+    if unknown := sorted(set(update.contributors) - set(artifacts.tiers)):
+        return RejectReason.UNKNOWN_TIER, f"contributors of tiers {', '.join(unknown)} that are not exported"
+    for part_tier in update.contributors:
+        if any(any(p > s for p, s in zip(artifacts.tiers[part_tier].shapes[n], shapes[n])) for n in shapes):
+            return RejectReason.UNKNOWN_TIER, f"contributor tier {part_tier} is wider than the task's tier {tier}"
+    if (total := sum(part.samples for part in update.contributors.values())) != update.num_samples:
+        return RejectReason.BAD_TENSOR, f"contributors hold {total} samples, the update says {update.num_samples}"
+    return None
+
+
+def contributions(update: Update, artifacts: ArtifactStore) -> tuple[Contribution, ...]:
+    """An edge aggregator's contributors with their tiers' block shapes (empty for a device's own update)."""
+    return tuple(Contribution(tier, part.samples, part.devices, artifacts.tiers[tier].shapes)
+                 for tier, part in sorted((update.contributors or {}).items()))

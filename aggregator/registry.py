@@ -19,6 +19,12 @@ class DeviceInfo:
     last_seen: float
     holds: dict[str, int] = field(default_factory=dict)  # tier -> model version whose weights the device holds
     seconds_per_sample: dict[str, float] = field(default_factory=dict)  # tier -> training speed, announced or measured
+    # Participation record, for client sampling (aggregator.sampling):
+    tasks_asked: int = 0
+    tasks_answered: int = 0
+    missed_in_a_row: int = 0
+    last_asked_round: int = 0
+    last_loss: float | None = None  # training loss of the device's last update
 
 
 class DeviceRegistry:
@@ -42,8 +48,30 @@ class DeviceRegistry:
         """Register or refresh a device from its hello."""
         info = DeviceInfo(device_id, num_samples, num_test_samples, tier, backend, online=True, last_seen=now,
                           holds=dict(holds or {}), seconds_per_sample=dict(seconds_per_sample or {}))
+        if old := self._devices.get(device_id):  # a reconnect keeps the participation record
+            info.tasks_asked, info.tasks_answered, info.missed_in_a_row = old.tasks_asked, old.tasks_answered, old.missed_in_a_row
+            info.last_asked_round, info.last_loss = old.last_asked_round, old.last_loss
         self._devices[device_id] = info
         return info
+
+    def asked(self, device_id: str, round_number: int) -> None:
+        """Note that the device was given a task in `round_number`."""
+        if info := self._devices.get(device_id):
+            info.tasks_asked += 1
+            info.last_asked_round = round_number
+
+    def answered(self, device_id: str, train_loss: float | None) -> None:
+        """Note that the device answered its task, with this training loss."""
+        if info := self._devices.get(device_id):
+            info.tasks_answered += 1
+            info.missed_in_a_row = 0
+            if train_loss is not None and train_loss == train_loss:  # NaN is no ranking
+                info.last_loss = train_loss
+
+    def missed(self, device_id: str) -> None:
+        """Note that the device let its task's deadline pass without an answer."""
+        if info := self._devices.get(device_id):
+            info.missed_in_a_row += 1
 
     def seen(self, device_id: str, now: float) -> None:
         """Note that the device just sent something."""

@@ -1,13 +1,14 @@
 """Strategies: which devices train what each round, and how their updates combine.
 
 The interface is small, like Flower's: `configure_round` picks devices and their task settings;
-`start_aggregation` returns an accumulator that takes updates one at a time as they arrive
-(memory O(model), not O(devices x model)) and yields the new global weights at the end.
+`task_weights` gives each device the model it starts from (the global one, or FedMut's mutation
+of it); `start_aggregation` returns an accumulator that takes updates one at a time as they arrive
+(memory O(model), not O(devices x model)) and yields the new global weights at the end;
+`metrics` reports what the strategy wants in the round summary.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -15,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from aggregator.registry import DeviceInfo
+from aggregator.sampling import ClientSampler, UniformSampler
 from aggregator.tiering import FixedTiers, TierPolicy
 from models.slicing import leading_slices
 
@@ -32,16 +34,34 @@ class Assignment:
     learning_rate: float
     mask_classes: bool = False
     proximal_mu: float = 0.0
+    weighted: bool = True  # updates weighted by samples (False: one vote per device), for edge aggregators
+    variant: int = 0  # FedMut: which mutation of the global model the device starts from (0: the global model)
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """The devices of one tier behind an edge aggregator's combined update, and the block shapes they trained."""
+
+    tier: str
+    samples: int
+    devices: int
+    shapes: Mapping[str, tuple[int, ...]]
 
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """A decoded, validated update: deltas for the leading block of each global tensor."""
+    """A decoded, validated update: deltas for the leading block of each global tensor.
+
+    `scale` multiplies the delta but not its weight in the mean (FedBuff's staleness factor).
+    With `contributions` the delta is an edge aggregator's per-element mean over its devices.
+    """
 
     device_id: str
     tier: str
     num_samples: int
     delta: Mapping[str, np.ndarray]
+    scale: float = 1.0
+    contributions: tuple[Contribution, ...] = ()
 
 
 class Accumulator(Protocol):
@@ -62,7 +82,9 @@ class Strategy(Protocol):
     name: str
 
     def configure_round(self, round_number: int, available: Sequence[DeviceInfo]) -> list[Assignment]: ...
+    def task_weights(self, assignment: Assignment, global_weights: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]: ...
     def start_aggregation(self, global_weights: Mapping[str, np.ndarray]) -> Accumulator: ...
+    def metrics(self) -> dict[str, float]: ...
 
 
 class ElementwiseMean:
@@ -81,24 +103,44 @@ class ElementwiseMean:
         self.count = 0
 
     def add(self, update: ClientUpdate) -> None:
-        """Fold one update into the running sums."""
+        """Fold one update into the running sums (its delta scaled by `update.scale`, its mass not)."""
+        if update.contributions:
+            self._add_combined(update)
+            return
         weight = float(update.num_samples) if self._weighted else 1.0
+        scaled = np.float32(weight * update.scale)
         for name, delta in update.delta.items():
-            self._sums[name][leading_slices(delta.shape)] += delta * np.float32(weight)
+            self._sums[name][leading_slices(delta.shape)] += delta * scaled
             shapes = self._mass_by_shape[name]
             shapes[delta.shape] = shapes.get(delta.shape, 0.0) + weight
         self.count += 1
 
-    def result(self) -> Weights:
-        """Global weights plus the per-element mean delta."""
-        new = {}
+    def _add_combined(self, update: ClientUpdate) -> None:
+        """An edge aggregator's per-element mean: weigh it back into a sum by its contributors' mass."""
+        for name, mean in update.delta.items():
+            mass = np.zeros(mean.shape, np.float32)
+            shapes = self._mass_by_shape[name]
+            for part in update.contributions:
+                weight = float(part.samples if self._weighted else part.devices)
+                block = part.shapes[name]
+                mass[leading_slices(block)] += weight
+                shapes[block] = shapes.get(block, 0.0) + weight
+            self._sums[name][leading_slices(mean.shape)] += np.asarray(mean, np.float32) * mass * np.float32(update.scale)
+        self.count += 1
+
+    def mean_delta(self) -> Weights:
+        """The per-element mean delta (zero where no update reached)."""
+        means = {}
         for name, current in self._global.items():
             mass = np.zeros(current.shape, np.float64)
             for shape, total in self._mass_by_shape[name].items():
                 mass[leading_slices(shape)] += total
-            mean = np.divide(self._sums[name], mass, out=np.zeros_like(mass), where=mass > 0)
-            new[name] = (current + mean).astype(np.float32)
-        return new
+            means[name] = np.divide(self._sums[name], mass, out=np.zeros_like(mass), where=mass > 0).astype(np.float32)
+        return means
+
+    def result(self) -> Weights:
+        """Global weights plus the per-element mean delta."""
+        return {name: (self._global[name] + mean).astype(np.float32) for name, mean in self.mean_delta().items()}
 
 
 class FedAvg:
@@ -109,7 +151,8 @@ class FedAvg:
     and every element is averaged over the devices that hold it (`weighted=False`: HeteroFL's
     plain mean over those devices; `mask_classes`: devices train without the classes they lack).
     With `proximal_mu` > 0 it is FedProx: devices add mu/2 ||w - w_global||^2 to their loss.
-    `accumulator` replaces that mean, e.g. with a robust one from aggregator.robust.
+    `accumulator` replaces that mean, e.g. with a robust one from aggregator.robust; `sampler`
+    replaces the uniform draw of C (aggregator.sampling).
     """
 
     name = "fedavg"
@@ -127,11 +170,9 @@ class FedAvg:
         proximal_mu: float = 0.0,
         seed: int = 0,
         accumulator: AccumulatorFactory | None = None,
+        sampler: ClientSampler | None = None,
     ) -> None:
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction C must be in (0, 1], got {fraction}")
-        self.fraction = fraction
-        self.min_clients = min_clients
+        self.sampler = sampler if sampler is not None else UniformSampler(fraction, min_clients, seed)
         self.epochs = epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -145,12 +186,10 @@ class FedAvg:
         self.accumulator = accumulator
 
     def configure_round(self, round_number: int, available: Sequence[DeviceInfo]) -> list[Assignment]:
-        """max(C * K, min_clients) devices drawn without replacement, reproducible per round."""
-        if len(available) < self.min_clients:
+        """The sampler's devices (default: max(C * K, min_clients) drawn uniformly), reproducible per round."""
+        chosen = self.sampler.sample(round_number, available)
+        if not chosen:
             return []
-        count = min(len(available), max(self.min_clients, math.ceil(self.fraction * len(available))))
-        rng = np.random.default_rng([self.seed, round_number])
-        chosen = [available[i] for i in sorted(rng.choice(len(available), size=count, replace=False))]
         tiers = self.tiers.assign(round_number, chosen)
         return [
             Assignment(
@@ -161,12 +200,21 @@ class FedAvg:
                 learning_rate=self.learning_rate,
                 mask_classes=self.mask_classes,
                 proximal_mu=self.proximal_mu,
+                weighted=self.weighted,
             )
             for device in chosen
         ]
+
+    def task_weights(self, assignment: Assignment, global_weights: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        """Every device starts from the global model."""
+        return global_weights
 
     def start_aggregation(self, global_weights: Mapping[str, np.ndarray]) -> Accumulator:
         """An element-wise mean of the deltas, weighted by samples unless configured otherwise, or `accumulator`'s."""
         if self.accumulator is not None:
             return self.accumulator(global_weights)
         return ElementwiseMean(global_weights, weighted=self.weighted)
+
+    def metrics(self) -> dict[str, float]:
+        """Nothing beyond the engine's own round summary."""
+        return {}

@@ -41,6 +41,7 @@ class RejectReason(str, Enum):
     UNEXPECTED = "unexpected"
     BAD_SIGNATURE = "bad_signature"
     NOT_ENROLLED = "not_enrolled"
+    TOO_STALE = "too_stale"
 
 
 class Hello(_Strict):
@@ -82,6 +83,8 @@ class Task(_Strict):
     proximal_mu: Annotated[float, Field(ge=0, le=100)] = 0.0  # FedProx: mu/2 ||w - w_received||^2 added to the loss
     statistics_only: bool = False  # no training: measure batch-norm statistics of these weights, reply Statistics
     delta_from: Count | None = None  # tensors are a delta to add to this version of the tier, which the device holds
+    variant: Count = 0  # FedMut: the weights are this device's mutation of the model version (0: the model itself)
+    weighted: bool = True  # the aggregator weights updates by samples (False: one vote per device); edge aggregators follow it
 
 
 class Fetch(_Strict):
@@ -116,6 +119,14 @@ class Update(_Strict):
     eval_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
     eval_samples: Count = 0
     unchanged: bool = False  # selective upload: no tensors, count me as a zero update
+    contributors: dict[Identifier, "TierShare"] | None = None  # an edge aggregator's combined update: tier -> who trained it
+
+
+class TierShare(_Strict):
+    """The devices of one tier behind an edge aggregator's combined update."""
+
+    samples: Annotated[int, Field(ge=1)]
+    devices: Annotated[int, Field(ge=1)]
 
 
 class Statistics(_Strict):
@@ -157,6 +168,7 @@ class RoundSummary(_Strict):
     bytes_down: Count = 0  # tasks and artifact files sent this round
     seconds: float = 0.0
     rejected: dict[str, int] = {}
+    metrics: dict[str, float] = {}  # the strategy's own: FedBuff staleness, FedMut radius, DP epsilon...
     final: bool = False
 
 

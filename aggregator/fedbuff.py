@@ -1,0 +1,186 @@
+"""Asynchronous buffered aggregation (FedBuff, Nguyen et al. 2022): no round barrier.
+
+Every idle available device gets a task on the newest model version as soon as it is free. Each
+update that comes back is folded into a buffer, its delta scaled by its staleness factor
+s(tau) = (1 + tau) ** -exponent (tau = versions committed since the one it trained on; 0.5 gives
+FedBuff's 1/sqrt(1 + tau)), its weight in the mean unchanged. Every `buffer_size` updates the
+buffer is applied: a new version, committed durably like a synchronous round, and its summary
+published. Updates staler than `max_staleness` are refused (too_stale). A task whose device
+neither answers nor shows up by its deadline plus one more timeout is given up, and the device
+may get a new one; a late answer to a task still awaited counts, with its staleness.
+
+The engine is the synchronous one with the round barrier replaced: the open "round" is the
+buffer, and `rounds` counts applied buffers (versions). Batch-norm models keep their averaged
+running statistics: there is no statistics phase without a barrier.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from aggregator.artifacts import ArtifactStore
+from aggregator.engine import EngineConfig, Outgoing, RoundEngine, _OpenRound, check_update_tensors, contributions
+from aggregator.evaluate import HeldOutEvaluator
+from aggregator.ledger import Ledger
+from aggregator.registry import DeviceRegistry
+from aggregator.state import StateStore
+from aggregator.strategy import Assignment, ClientUpdate, Strategy
+from protocol.messages import RejectReason, RoundSummary, Statistics, Update
+
+log = logging.getLogger(__name__)
+
+
+class BufferConfig(BaseModel):
+    """FedBuff settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    buffer_size: int = Field(10, ge=1)  # K: updates per applied version
+    max_staleness: int = Field(10, ge=0)  # updates trained on an older version than this are refused
+    staleness_exponent: float = Field(0.5, ge=0)  # s(tau) = (1 + tau) ** -exponent
+    concurrency: int | None = Field(None, ge=1)  # most devices training at once (None: every idle device)
+
+
+def staleness_factor(staleness: int, exponent: float) -> float:
+    """s(tau) = (1 + tau) ** -exponent: how much an update trained `staleness` versions ago still counts."""
+    return float((1.0 + staleness) ** -exponent)
+
+
+@dataclass(frozen=True)
+class _Flight:
+    """A task out on a device."""
+
+    assignment: Assignment
+    round: int  # the buffer the task was sent in (the round field of its task)
+    base_version: int
+    deadline: float
+
+
+class BufferedEngine(RoundEngine):
+    """Runs FedBuff over the registry's devices; same interface to the service as the round engine."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        buffer: BufferConfig,
+        strategy: Strategy,
+        artifacts: ArtifactStore,
+        store: StateStore,
+        registry: DeviceRegistry,
+        evaluator: HeldOutEvaluator | None = None,
+        ledger: Ledger | None = None,
+    ) -> None:
+        super().__init__(config.model_copy(update={"static_batch_norm": False}), strategy, artifacts, store, registry,
+                         evaluator, ledger)
+        self.buffer = buffer
+        self._flights: dict[str, _Flight] = {}
+        self._dispatches = 0
+        self._staleness: list[int] = []  # of the updates in the open buffer
+
+    def tick(self, now: float) -> list[Outgoing]:
+        """Give up on overdue tasks, then send a task to every idle available device."""
+        if self.finished:
+            return []
+        if self._open is None:
+            self._open_buffer(now)
+        for device_id, flight in list(self._flights.items()):
+            info = self.registry.get(device_id)
+            if now > flight.deadline + self.config.round_timeout_s or info is None or not info.online:
+                del self._flights[device_id]
+                self.registry.missed(device_id)
+                log.info("gave up on %s's task of version %d", device_id, flight.base_version)
+        return self._dispatch(now)
+
+    def _open_buffer(self, now: float) -> None:
+        self._open = _OpenRound(number=self.record.round + 1, started=now, deadline=float("inf"), assignments={},
+                                accumulator=self.strategy.start_aggregation(self.weights))
+        self._staleness = []
+
+    def _dispatch(self, now: float) -> list[Outgoing]:
+        idle = [d for d in self.registry.available(now) if d.device_id not in self._flights]
+        room = len(idle) if self.buffer.concurrency is None else self.buffer.concurrency - len(self._flights)
+        if not idle or room <= 0:
+            return []
+        self._dispatches += 1
+        assignments = self.strategy.configure_round(self._dispatches, idle)[:room]
+        assert self._open is not None
+        deadline = now + self.config.round_timeout_s
+        for a in assignments:
+            self._flights[a.device_id] = _Flight(a, self._open.number, self.record.version, deadline)
+            self.registry.asked(a.device_id, self._open.number)
+        if assignments:
+            log.info("version %d: tasks for %s", self.record.version, ", ".join(f"{a.device_id} (tier {a.tier})" for a in assignments))
+        return [self._task(a, self._open.number, deadline) for a in assignments]
+
+    def on_update(self, device_id: str, msg_id: str, update: Update, tensors: Mapping[str, np.ndarray], nbytes: int, now: float) -> list[Outgoing]:
+        """Validate one update and fold it into the buffer (scaled by its staleness), or reject it with a reason."""
+        flight = self._flights.get(device_id)
+        if update.unchanged and flight and not tensors:
+            tensors = {n: np.zeros(s, np.float32) for n, s in self.artifacts.tiers[flight.assignment.tier].shapes.items()}
+        problem = self._check_buffered(device_id, update, tensors, flight)
+        if problem:
+            refusal = self._refuse_update(device_id, msg_id, update, *problem)
+            if problem[0] is not RejectReason.TOO_STALE:
+                return refusal
+            del self._flights[device_id]  # its task is over: a fresh one on the newest version
+            return refusal + self.tick(now)
+        assert self._open is not None and flight is not None
+        staleness = self.record.version - update.base_version
+        del self._flights[device_id]
+        self._seen_update_ids.add(update.update_id)
+        if self.ledger:
+            self.ledger.record(kind="update", accepted=True, round_number=self._open.number, device=device_id,
+                               update_id=update.update_id, num_samples=update.num_samples, nbytes=nbytes)
+        self._open.assignments.setdefault(device_id, flight.assignment)
+        self._open.answered.add(device_id)
+        self._open.bytes_up += nbytes
+        self._staleness.append(staleness)
+        self.registry.answered(device_id, None if update.unchanged else update.train_loss)
+        self._open.accumulator.add(ClientUpdate(
+            device_id, update.tier, update.num_samples, tensors,
+            scale=staleness_factor(staleness, self.buffer.staleness_exponent),
+            contributions=contributions(update, self.artifacts),
+        ))
+        if update.eval_accuracy is not None and update.eval_loss is not None and update.eval_samples:
+            self._open.evals.append((update.tier, update.eval_loss, update.eval_accuracy, update.eval_samples))
+        log.info("buffer %d: update %d/%d from %s (staleness %d)", self._open.number, self._open.accumulator.count,
+                 self.buffer.buffer_size, device_id, staleness)
+        out: list[Outgoing] = []
+        if self._open.accumulator.count >= self.buffer.buffer_size:
+            out = self._close_round(now)  # commits the buffer as the next version
+        return out + self.tick(now)
+
+    def on_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray], now: float) -> list[Outgoing]:
+        """Refused: buffered aggregation has no statistics phase."""
+        return self._refuse_update(device_id, msg_id, body, RejectReason.UNEXPECTED, "buffered aggregation asks for no statistics")
+
+    def _check_buffered(self, device_id: str, update: Update, tensors: Mapping[str, np.ndarray], flight: _Flight | None) -> tuple[RejectReason, str] | None:
+        if device_id not in self.registry:
+            return RejectReason.UNKNOWN_DEVICE, f"{device_id} has not announced itself"
+        if update.update_id in self._seen_update_ids:
+            return RejectReason.DUPLICATE, f"update {update.update_id} was already counted"
+        if flight is None:
+            return RejectReason.NOT_SELECTED, f"{device_id} has no task awaited (given up, or never sent)"
+        if update.round != flight.round:
+            return RejectReason.STALE_ROUND, f"answers the task of buffer {update.round}, awaited the one of buffer {flight.round}"
+        if update.base_version != flight.base_version:
+            return RejectReason.WRONG_VERSION, f"trained on version {update.base_version}, the task sent {flight.base_version}"
+        if (staleness := self.record.version - update.base_version) > self.buffer.max_staleness:
+            return RejectReason.TOO_STALE, f"trained on version {update.base_version}, {staleness} versions old (bound {self.buffer.max_staleness})"
+        if update.tier != flight.assignment.tier:
+            return RejectReason.UNKNOWN_TIER, f"tier {update.tier!r} but the task was for tier {flight.assignment.tier!r}"
+        return check_update_tensors(update, tensors, flight.assignment.tier, self.artifacts)
+
+    def _round_complete(self, now: float) -> bool:
+        return False  # a buffer closes on its count alone (on_update)
+
+    def _summarise(self, current: _OpenRound, now: float, committed: bool) -> RoundSummary:
+        summary = super()._summarise(current, now, committed)
+        staleness = {"staleness_mean": float(np.mean(self._staleness)) if self._staleness else 0.0,
+                     "staleness_max": float(max(self._staleness, default=0)), "in_flight": float(len(self._flights))}
+        return summary.model_copy(update={"metrics": {**summary.metrics, **staleness}, "selected": len(current.answered)})
