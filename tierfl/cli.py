@@ -37,19 +37,23 @@ def _usage() -> str:
     )
 
 
-def setup_logging(level: str) -> None:
-    """Human-readable logs on stderr."""
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
+def setup_logging(level: str, log_format: str = "auto") -> None:
+    """Logs on stderr: text on a terminal, JSON lines otherwise (`log_format` auto | text | json); ValueError if unknown."""
+    from protocol.logs import log_handler
+
+    logging.basicConfig(level=level.upper(), handlers=[log_handler(log_format, sys.stderr)])
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run one subcommand, turn user errors into one clear line."""
     args = list(sys.argv[1:] if argv is None else argv)
-    level = "info"
-    if len(args) >= 2 and args[0] == "--log-level":
-        level, args = args[1], args[2:]
+    level, log_format = "info", os.environ.get("TIERFL_LOG_FORMAT", "auto")
+    while len(args) >= 2 and args[0] in ("--log-level", "--log-format"):
+        if args[0] == "--log-level":
+            level = args[1]
+        else:
+            log_format = args[1]
+        args = args[2:]
     if not args or args[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -57,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"tierfl: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    setup_logging(level)
+    try:
+        setup_logging(level, log_format)
+    except ValueError as exc:
+        print(f"tierfl: {exc}", file=sys.stderr)
+        return 2
     module = importlib.import_module(COMMANDS[command][0])
     parser = argparse.ArgumentParser(prog=f"tierfl {command}")
     module.configure_parser(parser)
