@@ -18,8 +18,11 @@ from aggregator.registry import DeviceRegistry
 from aggregator.robust import accumulator_from_args, add_robust_arguments
 from aggregator.service import AggregatorService
 from aggregator.state import StateStore
+from aggregator.fedbuff import BufferConfig, BufferedEngine
+from aggregator.fedmut import FedMut
+from aggregator.sampling import SAMPLERS, make_sampler
 from aggregator.strategy import FedAvg
-from aggregator.tiering import TIER_POLICIES, make_tier_policy, parse_tier_mix
+from aggregator.tiering import TIER_POLICIES, TierPolicy, make_tier_policy, parse_tier_mix
 from edge_client.data import load_dataset
 from models.export import export_all
 from models.zoo import ModelSpec
@@ -29,6 +32,8 @@ from protocol.mqtt_url import parse as parse_broker
 from protocol.signing import EnrolledKeys, SignatureCheck
 
 log = logging.getLogger(__name__)
+STRATEGIES = ("fedavg", "fedprox", "fedmut", "fedbuff")
+DEFAULT_FEDPROX_MU = 0.01
 
 EPILOG = """examples:
   # against Mosquitto, waiting for 4 devices, 20 rounds of FedAvg with C=0.5, E=2, B=16:
@@ -103,11 +108,63 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     rounds.add_argument("--lr", type=float, default=0.05, help="local SGD learning rate (default: %(default)s)")
     rounds.add_argument("--round-timeout", type=float, default=60.0, help="seconds a round waits for updates (default: %(default)s)")
     rounds.add_argument("--seed", type=int, default=0, help="seed of client sampling and local shuffling (default: %(default)s)")
-    rounds.add_argument("--mu", type=float, default=0.0,
+    rounds.add_argument("--mu", type=float,
                         help="FedProx: devices add mu/2 ||w - w_global||^2 to their loss (needs artifacts exported "
                              "with the proximal term, which the aggregator does itself when it exports) "
-                             "(default: %(default)s, plain FedAvg)")
+                             f"(default: {DEFAULT_FEDPROX_MU} with --strategy fedprox, else 0)")
+    add_algorithm_arguments(parser)
     add_robust_arguments(parser)
+
+
+def add_algorithm_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --strategy choice, client sampling, and the options of FedMut and FedBuff."""
+    group = parser.add_argument_group("algorithm")
+    group.add_argument("--strategy", choices=STRATEGIES, default="fedavg",
+                       help="fedavg: synchronous rounds, the selected devices' updates averaged; fedprox: fedavg with "
+                            "the proximal term (--mu); fedmut: each selected device trains its own mutation of the "
+                            "global model, w + alpha * (+/-) (w - w_previous), signs balanced in pairs; fedbuff: no "
+                            "rounds, devices train whenever idle and every --buffer-size updates make a new version, "
+                            "each weighted by its staleness (default: %(default)s)")
+    group.add_argument("--sampling", choices=SAMPLERS, default="uniform",
+                       help="which C of the available devices train a round: uniform (seeded draw); availability "
+                            "(weighted by each device's record of answering, devices that missed 2 tasks in a row sit "
+                            "out 5 rounds); loss (power-of-choice: d = --candidates x C*K devices drawn by data size, "
+                            "the highest last training losses win) (default: %(default)s)")
+    group.add_argument("--candidates", type=float, default=2.0, help="power-of-choice: candidates per selected device (default: %(default)s)")
+    group.add_argument("--fedmut-alpha", type=float, default=1.0, help="FedMut: mutation radius alpha (default: %(default)s)")
+    group.add_argument("--fedmut-bias", type=float, default=0.5,
+                       help="FedMut: early lean of each pair's second sign toward the update direction, -1 + bias "
+                            "(default: %(default)s)")
+    group.add_argument("--fedmut-bias-rounds", type=int, default=50, help="FedMut: rounds over which the bias decays to 0 (default: %(default)s)")
+    group.add_argument("--buffer-size", type=int, default=10, help="FedBuff: updates per new version, K (default: %(default)s)")
+    group.add_argument("--max-staleness", type=int, default=10,
+                       help="FedBuff: refuse updates trained on a version older than this many versions (default: %(default)s)")
+    group.add_argument("--staleness-exponent", type=float, default=0.5,
+                       help="FedBuff: an update tau versions stale counts (1 + tau) ** -exponent (default: %(default)s, 1/sqrt(1 + tau))")
+    group.add_argument("--concurrency", type=int, help="FedBuff: most devices training at once (default: every idle device)")
+
+
+def make_strategy(args: argparse.Namespace, policy: TierPolicy) -> FedAvg:
+    """The --strategy with its options, sampler, tier policy and accumulator."""
+    sampler = make_sampler(args.sampling, args.fraction, 1 if args.strategy == "fedbuff" else args.min_clients,
+                           args.seed, args.candidates)
+    options = dict(
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, tiers=policy,
+        weighted=args.aggregation == "weighted", mask_classes=args.mask_classes, proximal_mu=proximal_mu(args),
+        seed=args.seed, accumulator=accumulator_from_args(args, weighted=args.aggregation == "weighted"), sampler=sampler,
+    )
+    if args.strategy == "fedmut":
+        return FedMut(alpha=args.fedmut_alpha, bias=args.fedmut_bias, bias_rounds=args.fedmut_bias_rounds, **options)
+    return FedAvg(**options)
+
+
+def proximal_mu(args: argparse.Namespace) -> float:
+    """--mu, or FedProx's default with --strategy fedprox."""
+    if args.mu is not None:
+        if args.strategy == "fedprox" and args.mu <= 0:
+            raise ValueError("--strategy fedprox needs --mu > 0")
+        return args.mu
+    return DEFAULT_FEDPROX_MU if args.strategy == "fedprox" else 0.0
 
 
 def open_artifacts(args: argparse.Namespace) -> ArtifactStore:
@@ -117,10 +174,10 @@ def open_artifacts(args: argparse.Namespace) -> ArtifactStore:
         spec = ModelSpec(arch=args.arch, image_size=args.image_size)
         tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
         log.info("exporting %s tiers %s to %s", spec.name, ",".join(tiers), folder)
-        export_all(spec, tiers, folder, proximal=args.mu > 0)
+        export_all(spec, tiers, folder, proximal=proximal_mu(args) > 0)
     store = ArtifactStore(folder)
-    if args.mu > 0 and not all(t.manifest.proximal for t in store.tiers.values()):
-        raise ValueError(f"--mu {args.mu} needs artifacts with the FedProx term: re-export {folder} with "
+    if (mu := proximal_mu(args)) > 0 and not all(t.manifest.proximal for t in store.tiers.values()):
+        raise ValueError(f"--mu {mu} needs artifacts with the FedProx term: re-export {folder} with "
                          "`tierfl export --proximal` (or let the aggregator export them: no --artifacts)")
     return store
 
@@ -136,15 +193,16 @@ def run(args: argparse.Namespace) -> int:
     if missing := sorted(set(mix) - set(artifacts.tiers)):
         raise ValueError(f"--tier-mix names tiers {', '.join(missing)} that the export lacks (have: {', '.join(artifacts.tiers)})")
     policy = make_tier_policy(args.tier_policy, mix, artifacts.spec, args.epochs, args.round_timeout, args.seed)
-    strategy = FedAvg(
-        fraction=args.fraction, min_clients=args.min_clients, epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.lr, tiers=policy, weighted=args.aggregation == "weighted",
-        mask_classes=args.mask_classes, proximal_mu=args.mu, seed=args.seed,
-        accumulator=accumulator_from_args(args, weighted=args.aggregation == "weighted"),
-    )
+    strategy = make_strategy(args, policy)
     evaluator = HeldOutEvaluator(load_dataset(args.eval_data)) if args.eval_data else None
     ledger = Ledger(args.state_dir / "ledger.sqlite")
-    engine = RoundEngine(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(), evaluator, ledger)
+    if args.strategy == "fedbuff":
+        buffer = BufferConfig(buffer_size=args.buffer_size, max_staleness=args.max_staleness,
+                              staleness_exponent=args.staleness_exponent, concurrency=args.concurrency)
+        engine: RoundEngine = BufferedEngine(config, buffer, strategy, artifacts, StateStore(args.state_dir),
+                                             DeviceRegistry(), evaluator, ledger)
+    else:
+        engine = RoundEngine(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(), evaluator, ledger)
     if engine.finished:
         log.info("all %d rounds are already done in %s (version %d)", config.rounds, args.state_dir, engine.record.version)
         return 0

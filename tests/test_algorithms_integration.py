@@ -1,0 +1,58 @@
+"""FedMut and FedBuff federations of real processes over Mosquitto, with real ONNX Runtime training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from protocol.messages import RoundSummary
+from protocol.topics import Topics
+from tests.conftest import tierfl
+from tests.test_integration import Watcher, _aggregator, _stop
+
+pytestmark = pytest.mark.integration
+
+
+def _devices(tmp_path: Path, url: str, fleet: str, count: int, *extra: str) -> list:
+    return [tierfl("client", "--broker", url, "--fleet", fleet, "--device-id", f"d{i}", "--data", "digits",
+                   "--cache-dir", str(tmp_path / f"d{i}"), *extra, log=tmp_path / f"d{i}.log") for i in range(count)]
+
+
+def _summaries(watcher: Watcher) -> list[RoundSummary]:
+    return [b for b in watcher.bodies("/rounds") if isinstance(b, RoundSummary)]
+
+
+def test_fedmut_federation_trains_mutated_models(tmp_path, mosquitto_url, fleet):
+    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--strategy", "fedmut", "--min-clients", "4",
+                             "--rounds", "4", "--lr", "0.1", "--downlink", "int8-delta")
+    devices = _devices(tmp_path, mosquitto_url, fleet, 4)
+    watcher = Watcher(mosquitto_url, [Topics(fleet).rounds])
+    try:
+        assert aggregator.wait(120) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
+        summaries = _summaries(watcher)
+        assert all(not s.rejected for s in summaries)
+        assert summaries[-1].version == 4 and summaries[-1].accuracy > 0.8
+        assert summaries[0].metrics["fedmut_step_norm"] == 0.0  # nothing to mutate along before the second round
+        assert all(s.metrics["fedmut_step_norm"] > 0 for s in summaries[1:])
+    finally:
+        watcher.close()
+        _stop([aggregator, *devices])
+
+
+def test_fedbuff_federation_applies_buffers_without_rounds(tmp_path, mosquitto_url, fleet):
+    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--strategy", "fedbuff", "--buffer-size", "2",
+                             "--max-staleness", "4", "--rounds", "6", "--lr", "0.1")
+    devices = _devices(tmp_path, mosquitto_url, fleet, 3)
+    watcher = Watcher(mosquitto_url, [Topics(fleet).rounds])
+    try:
+        assert aggregator.wait(120) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
+        summaries = _summaries(watcher)
+        assert [s.version for s in summaries] == list(range(1, 7))
+        assert all(s.answered == 2 for s in summaries)
+        assert summaries[-1].accuracy > 0.8
+        assert max(s.metrics["staleness_max"] for s in summaries) >= 1, "three devices, buffers of two: some updates are stale"
+        assert all(not s.rejected for s in summaries)
+    finally:
+        watcher.close()
+        _stop([aggregator, *devices])
