@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,32 @@ def test_fedbuff_federation_applies_buffers_without_rounds(tmp_path, mosquitto_u
     finally:
         watcher.close()
         _stop([aggregator, *devices])
+
+
+def test_edge_aggregator_forwards_its_group_as_one_update(tmp_path, mosquitto_url, fleet):
+    """Root with one direct device and one edge aggregator serving two devices of tiers a and c on its own fleet."""
+    site = f"{fleet}-site"
+    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--tiers", "a,c", "--tier-policy", "fixed", "--tier-mix", "a",
+                             "--min-clients", "2", "--rounds", "3", "--lr", "0.1", "--bn-statistics", "averaged")
+    artifacts = tmp_path / "state" / "artifacts"
+    deadline = time.time() + 60
+    while not (artifacts / "index.json").exists() and time.time() < deadline:  # the root exports on first start
+        time.sleep(0.2)
+    edge = tierfl("edge-aggregator", "--parent", mosquitto_url, "--parent-fleet", fleet, "--id", "site1",
+                  "--fleet", site, "--artifacts", str(artifacts), "--state-dir", str(tmp_path / "edge"),
+                  "--tier-mix", "a-c", log=tmp_path / "edge.log")
+    direct = _devices(tmp_path, mosquitto_url, fleet, 1)
+    group = [tierfl("client", "--broker", mosquitto_url, "--fleet", site, "--aggregator-id", "site1", "--device-id", f"g{i}",
+                    "--data", "digits", "--cache-dir", str(tmp_path / f"g{i}"), log=tmp_path / f"g{i}.log") for i in range(2)]
+    watcher = Watcher(mosquitto_url, [Topics(fleet).rounds])
+    try:
+        assert aggregator.wait(150) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
+        summaries = _summaries(watcher)
+        assert [s.version for s in summaries] == [1, 2, 3]
+        assert all(s.answered == 2 and not s.rejected for s in summaries)  # the direct device and the edge
+        assert summaries[-1].accuracy > 0.8
+        edge_log = (tmp_path / "edge.log").read_text()
+        assert edge_log.count("forwarding one update") == 3 and "tier a: 1 devices, tier c: 1 devices" in edge_log
+    finally:
+        watcher.close()
+        _stop([aggregator, edge, *direct, *group])

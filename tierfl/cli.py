@@ -12,15 +12,19 @@ import logging
 import os
 import sys
 
+from tierfl import config
+
 COMMANDS = {
     "export": ("models.cli", "export per-tier ONNX Runtime training artifacts of a model"),
     "aggregator": ("aggregator.cli", "run the aggregator service (FedAvg rounds over MQTT)"),
+    "edge-aggregator": ("aggregator.edge_cli", "aggregate a local group of devices, forward one update to the parent"),
     "client": ("edge_client.cli", "run a device: train tasks on local data, publish updates"),
     "broker": ("protocol.embedded_broker", "run the embedded pure-Python MQTT broker (for laptops and demos)"),
     "broker-config": ("protocol.broker_config", "write a Mosquitto config for a fleet: TLS, passwords, per-device ACL"),
     "bench": ("edge_client.bench", "benchmark each device tier here: step latency, memory, artifact and update bytes"),
     "demo": ("tierfl.demo", "a whole federation on this machine: broker, aggregator, 8 devices"),
     "report": ("aggregator.report", "write a self-contained HTML report of a run from its state directory"),
+    "config": ("tierfl.config", "print a role's effective configuration: defaults, --config file, TIERFL_* variables, flags"),
 }
 # Errors a user can cause and fix; anything else is a bug and keeps its traceback.
 USER_ERRORS = (OSError, ValueError, RuntimeError)
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     parser = argparse.ArgumentParser(prog=f"tierfl {command}")
     module.configure_parser(parser)
-    options = parser.parse_args(rest)
+    options = config.parse_with_config(parser, command, rest) if command in config.ROLES else parser.parse_args(rest)
     try:
         return module.run(options)
     except KeyboardInterrupt:

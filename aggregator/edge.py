@@ -1,0 +1,147 @@
+"""Hierarchical aggregation, the local side of an edge aggregator: one local round per upstream task.
+
+The edge aggregator is a device to its parent and an aggregator to its own group. A task from the
+parent (round r, version v, the parent's weights for the edge's tier, E, B, lr, mu, deadline)
+starts one local round: the group's devices train their tiers' slices of those weights, with
+the parent's settings, until a deadline a margin before the parent's. Their updates fold into
+the same element-wise mean the parent uses, weighted the way the parent's task says. The edge
+then forwards one update: that per-element mean, plus its contributors (samples and devices per
+tier). The parent weighs the mean back into its sum by exactly the mass those contributors
+carry, so it computes what flat aggregation over all the devices would (aggregator.strategy).
+
+Pure logic with the clock passed in, like the round engine it extends; aggregator.edge_service
+binds it to the two brokers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from aggregator.artifacts import ArtifactStore
+from aggregator.engine import EngineConfig, Outgoing, RoundEngine, _OpenRound
+from aggregator.registry import DeviceInfo, DeviceRegistry
+from aggregator.state import StateRecord, StateStore
+from aggregator.strategy import Accumulator, Assignment, ClientUpdate, ElementwiseMean, FedAvg
+from protocol.messages import Task, TierShare, Update, new_id
+
+log = logging.getLogger(__name__)
+
+
+class CombinedMean(ElementwiseMean):
+    """The element-wise mean that also counts, per tier, the samples and devices behind it."""
+
+    def __init__(self, global_weights: Mapping[str, np.ndarray], weighted: bool = True) -> None:
+        super().__init__(global_weights, weighted)
+        self.parts: dict[str, TierShare] = {}
+
+    def add(self, update: ClientUpdate) -> None:
+        """Fold one update (a device's, or a lower edge's combined one) and count its contributors."""
+        super().add(update)
+        shares = [(c.tier, c.samples, c.devices) for c in update.contributions] or [(update.tier, update.num_samples, 1)]
+        for tier, samples, devices in shares:
+            old = self.parts.get(tier)
+            self.parts[tier] = TierShare(samples=samples + (old.samples if old else 0), devices=devices + (old.devices if old else 0))
+
+
+class FollowTask(FedAvg):
+    """Selects the group's devices like FedAvg, with the settings of the parent's current task."""
+
+    name = "edge"
+
+    def __init__(self, task: Task | None = None, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.task = task
+
+    def configure_round(self, round_number: int, available: Sequence[DeviceInfo]) -> list[Assignment]:
+        """FedAvg's selection and tiers, training as the parent's task asks."""
+        task = self.task
+        if task is None:
+            return []
+        return [replace(a, epochs=task.epochs, batch_size=task.batch_size, learning_rate=task.learning_rate,
+                        mask_classes=task.mask_classes, proximal_mu=task.proximal_mu, weighted=task.weighted)
+                for a in super().configure_round(round_number, available)]
+
+    def start_aggregation(self, global_weights: Mapping[str, np.ndarray]) -> Accumulator:
+        """The parent's mean, counting contributors."""
+        return CombinedMean(global_weights, weighted=self.task.weighted if self.task else True)
+
+
+class EdgeEngine(RoundEngine):
+    """Runs one local round per parent task and hands back the combined update (`take_combined`)."""
+
+    def __init__(self, config: EngineConfig, strategy: FollowTask, artifacts: ArtifactStore, store: StateStore,
+                 registry: DeviceRegistry, margin_s: float = 3.0) -> None:
+        super().__init__(config.model_copy(update={"static_batch_norm": False, "rounds": 2**31 - 1}), strategy,
+                         artifacts, store, registry)
+        self.follow = strategy
+        self.margin_s = margin_s
+        self._combined: tuple[Update, dict[str, np.ndarray]] | None = None
+
+    def start(self, task: Task, weights: Mapping[str, np.ndarray], now: float) -> list[Outgoing]:
+        """Begin the local round of a parent task (ValueError, with the reason, for a task the edge cannot serve)."""
+        if task.statistics_only:
+            raise ValueError("an edge aggregator measures no batch-norm statistics: run the parent with --bn-statistics averaged")
+        artifacts = self.artifacts.tiers.get(task.tier)
+        if artifacts is None or artifacts.manifest_sha256 != task.manifest_sha256:
+            raise ValueError(f"tier {task.tier} of the parent's task is not in this edge's --artifacts (export them once, copy the folder)")
+        if set(weights) != set(artifacts.shapes) or any(tuple(w.shape) != artifacts.shapes[n] for n, w in weights.items()):
+            raise ValueError(f"the task's weights do not fit tier {task.tier}")
+        if self._open is not None:
+            log.warning("round %d: abandoned for the parent's newer task (round %d)", self._open.number, task.round)
+            self._open = None
+        self.follow.task = task
+        self.weights = {n: np.asarray(w, np.float32) for n, w in weights.items()}
+        self.record = StateRecord(fleet=self.record.fleet, model=self.record.model, version=task.model_version,
+                                  round=task.round - 1)
+        timeout = max(1.0, task.deadline - self.margin_s - now)
+        self.config = self.config.model_copy(update={"round_timeout_s": timeout})
+        return self._start_round(now)
+
+    def tick(self, now: float) -> list[Outgoing]:
+        """Close the local round when everyone answered, the deadline passed, or the rest went offline."""
+        if self._open is not None and self._round_complete(now):
+            return self._close_round(now)
+        return []
+
+    def take_combined(self) -> tuple[Update, dict[str, np.ndarray]] | None:
+        """The combined update of the round that just closed (once), or None."""
+        combined, self._combined = self._combined, None
+        return combined
+
+    def _close_round(self, now: float) -> list[Outgoing]:
+        current, task = self._open, self.follow.task
+        assert current is not None and task is not None
+        self._open, self.follow.task = None, None
+        accumulator = current.accumulator
+        if not isinstance(accumulator, CombinedMean) or accumulator.count == 0:
+            log.warning("round %d: no device answered; nothing goes to the parent", current.number)
+            return []
+        self._combined = (self._combined_update(current, accumulator, task, now), accumulator.mean_delta())
+        log.info("round %d: %d/%d devices answered; forwarding one update of %d samples (%s)", current.number,
+                 len(current.answered), len(current.assignments), self._combined[0].num_samples,
+                 ", ".join(f"tier {t}: {p.devices} devices" for t, p in sorted(accumulator.parts.items())))
+        return []
+
+    def _combined_update(self, current: _OpenRound, accumulator: CombinedMean, task: Task, now: float) -> Update:
+        samples = sum(p.samples for p in accumulator.parts.values())
+        losses = [(d.last_loss, d.num_samples) for dev in current.answered if (d := self.registry.get(dev)) and d.last_loss is not None]
+        evaluated = sum(n for *_, n in current.evals)
+        return Update(
+            update_id=new_id(),
+            round=task.round,
+            base_version=task.model_version,
+            tier=task.tier,
+            num_samples=samples,
+            steps=len(current.answered),
+            train_loss=sum(l * n for l, n in losses) / max(sum(n for _, n in losses), 1),
+            train_accuracy=0.0,  # devices report their training loss only
+            train_seconds=now - current.started,
+            eval_loss=sum(l * n for _, l, _, n in current.evals) / evaluated if evaluated else None,
+            eval_accuracy=sum(a * n for _, _, a, n in current.evals) / evaluated if evaluated else None,
+            eval_samples=evaluated,
+            contributors=dict(accumulator.parts),
+        )

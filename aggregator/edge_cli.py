@@ -1,0 +1,94 @@
+"""`tierfl edge-aggregator`: aggregate a local group of devices and forward one update upstream."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from aggregator.artifacts import ArtifactStore
+from aggregator.edge import EdgeEngine, FollowTask
+from aggregator.edge_service import EdgeService
+from aggregator.engine import EngineConfig
+from aggregator.registry import DeviceRegistry
+from aggregator.sampling import UniformSampler
+from aggregator.state import StateStore
+from aggregator.tiering import TIER_POLICIES, make_tier_policy, parse_tier_mix
+from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
+from protocol.mqtt_url import parse as parse_broker
+from protocol.signing import DeviceKey
+
+log = logging.getLogger(__name__)
+
+EPILOG = """examples:
+  # a site gateway: devices on the site's own broker, fleet "site1"; the root aggregator elsewhere
+  tierfl edge-aggregator --parent mqtt://root.example:1883 --parent-fleet lab --id site1 \\
+      --broker mqtt://127.0.0.1:1883 --fleet site1 --artifacts /srv/tierfl/artifacts
+
+  # same broker, own topic prefix (fleet) for the group:
+  tierfl edge-aggregator --parent mqtt://10.0.0.1:1883 --parent-fleet lab --id site1 --fleet lab-site1 \\
+      --artifacts artifacts/
+
+Devices of the group run `tierfl client --broker LOCAL --fleet LOCAL_FLEET --aggregator-id ID`.
+--artifacts must be a copy of the parent's export (tierfl export, or the parent's STATE_DIR/artifacts).
+"""
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the `tierfl edge-aggregator` options to `parser`."""
+    parser.description = (
+        "Run an edge aggregator (hierarchical FL): to the parent aggregator it is one device that asks for "
+        "tier --tier; each task it gets becomes a local round for its own group of devices (on --broker/--fleet), "
+        "whose updates it averages per element and forwards as one update with its contributors' samples per "
+        "tier, so the parent computes exactly what flat aggregation over every device would."
+    )
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    up = parser.add_argument_group("parent")
+    up.add_argument("--parent", required=True, help="mqtt://... of the parent aggregator's broker")
+    up.add_argument("--parent-fleet", default="default", help="the parent's fleet name (default: %(default)s)")
+    up.add_argument("--parent-id", default="aggregator", help="sender id of the parent aggregator (default: %(default)s)")
+    up.add_argument("--id", dest="edge_id", required=True, help="this edge's id: its device id to the parent and its aggregator id to the group")
+    up.add_argument("--tier", default="a", help="tier to ask the parent for: the widest of the group's tiers (default: %(default)s)")
+    down = parser.add_argument_group("local group")
+    down.add_argument("--broker", help="mqtt://... of the group's broker (default: the parent's broker)")
+    down.add_argument("--fleet", required=True, help="the group's fleet name (topic prefix); must differ from the parent's on a shared broker")
+    down.add_argument("--artifacts", type=Path, required=True, help="a copy of the parent's export folder, served to the group's devices")
+    down.add_argument("--state-dir", type=Path, default=Path("runs/edge"), help="this edge's state directory (default: %(default)s)")
+    down.add_argument("--fraction", type=float, default=1.0, help="C: fraction of the group's available devices per task (default: %(default)s)")
+    down.add_argument("--tier-policy", choices=TIER_POLICIES, default="fixed", help="tiers of the group's devices, as for `tierfl aggregator` (default: %(default)s)")
+    down.add_argument("--tier-mix", help="tier shares of the group, e.g. c-e (default: every exported tier no wider than --tier)")
+    down.add_argument("--margin", type=float, default=3.0, help="seconds before the parent's deadline at which the local round closes (default: %(default)s)")
+    down.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="chunk size on both brokers (default: %(default)s)")
+    down.add_argument("--seed", type=int, default=0, help="seed of the group's sampling and tiers (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM."""
+    artifacts = ArtifactStore(args.artifacts)
+    if args.tier not in artifacts.tiers:
+        raise ValueError(f"--tier {args.tier} is not in {args.artifacts} (have: {', '.join(artifacts.tiers)})")
+    if args.fleet == args.parent_fleet and (args.broker or args.parent) == args.parent:
+        raise ValueError("--fleet must differ from --parent-fleet when the group shares the parent's broker")
+    widest = artifacts.tiers[args.tier].manifest.rate
+    local_tiers = [t for t, a in artifacts.tiers.items() if a.manifest.rate <= widest]
+    mix = parse_tier_mix(args.tier_mix or "-".join(local_tiers))
+    if wider := sorted(set(mix) - set(local_tiers)):
+        raise ValueError(f"--tier-mix names tiers {', '.join(wider)} wider than --tier {args.tier} or not exported")
+    policy = make_tier_policy(args.tier_policy, mix, artifacts.spec, 1, 60.0, args.seed)
+    strategy = FollowTask(tiers=policy, seed=args.seed, sampler=UniformSampler(args.fraction, 1, args.seed))
+    engine = EdgeEngine(EngineConfig(fleet=args.fleet, seed=args.seed), strategy, artifacts, StateStore(args.state_dir),
+                        DeviceRegistry(), margin_s=args.margin)
+    try:
+        key: DeviceKey | None = DeviceKey(args.state_dir)
+    except ImportError:
+        key = None
+    service = EdgeService(engine, parse_broker(args.broker or args.parent), parse_broker(args.parent), args.edge_id,
+                          args.parent_fleet, args.parent_id, args.tier, key, max_message_bytes=args.max_message_bytes)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    service.run(stop)
+    return 0

@@ -1,0 +1,113 @@
+"""The edge aggregator service: an aggregator to its local group, a device to its parent.
+
+One thread, like the aggregator service it extends: frames from both brokers land in the same
+inbox. A task on the edge's downlink from the parent starts a local round (aggregator.edge);
+when that round closes, its combined update goes up to the parent. The edge announces itself
+to the parent with its group's total samples, and again whenever that total changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from aggregator.edge import EdgeEngine
+from aggregator.engine import Outgoing
+from aggregator.service import AggregatorService
+from protocol.frame import FrameError, decode_frame, encode_frame
+from protocol.messages import Blob, Body, Hello, Reject, RejectReason, Status, Task
+from protocol.mqtt_link import MqttLink, Will
+from protocol.mqtt_url import BrokerAddress
+from protocol.signing import DeviceKey
+from protocol.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class EdgeService(AggregatorService):
+    """Serves a local group with `engine` and forwards its combined updates to the parent fleet."""
+
+    def __init__(self, engine: EdgeEngine, local_broker: BrokerAddress, parent_broker: BrokerAddress, edge_id: str,
+                 parent_fleet: str, parent_id: str = "aggregator", tier: str | None = "a", key: DeviceKey | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(engine, local_broker, aggregator_id=edge_id, **kwargs)
+        self.edge: EdgeEngine = engine
+        self.parent_topics = Topics(parent_fleet)
+        self.parent_id, self.tier, self.key = parent_id, tier, key
+        self._announced_samples = -1
+        self.parent = MqttLink(
+            parent_broker,
+            client_id=f"tierfl-{parent_fleet}-{edge_id}",
+            subscriptions=[self.parent_topics.down(edge_id)],
+            on_frame=lambda topic, data: self._inbox.put((topic, data)),
+            on_bad_frame=lambda topic, error: self._inbox.put((topic, error)),
+            on_connect=lambda: self._inbox.put(("", b"")),  # re-announce from the service thread
+            will=Will(self.parent_topics.status(edge_id), self._parent_frame(Status(online=False))),
+        )
+
+    def run(self, stop: threading.Event, tick_s: float = 0.1) -> None:
+        """Serve both sides until `stop` is set."""
+        self.parent.start()
+        try:
+            super().run(stop, tick_s)
+        finally:
+            self.parent.publish(self.parent_topics.status(self.aggregator_id), self._parent_frame(Status(online=False)), retain=True)
+            self.parent.stop()
+
+    def _handle(self, topic: str, item: bytes | FrameError, now: float) -> None:
+        if topic == "":  # (re)connected to the parent
+            self._announce(force=True)
+        elif topic == self.parent_topics.down(self.aggregator_id):
+            self._from_parent(item, now)
+        else:
+            super()._handle(topic, item, now)
+
+    def _send(self, messages: list[Outgoing]) -> None:
+        super()._send(messages)
+        if combined := self.edge.take_combined():
+            update, tensors = combined
+            sent = self.parent.publish(self.parent_topics.up(self.aggregator_id), self._parent_frame(update, tensors))
+            log.info("forwarded round %d to %s: %d samples, %d bytes", update.round, self.parent_id, update.num_samples, sent)
+        self._announce()
+
+    def _from_parent(self, item: bytes | FrameError, now: float) -> None:
+        try:
+            if isinstance(item, FrameError):
+                raise item
+            frame = decode_frame(item)
+        except FrameError as exc:
+            log.warning("ignored a frame from the parent: %s: %s", exc.reason.value, exc.detail)
+            return
+        body = frame.body
+        if frame.header.fleet != self.parent_topics.fleet or frame.header.sender != self.parent_id:
+            log.warning("ignored a frame from %r of fleet %r on our parent downlink", frame.header.sender, frame.header.fleet)
+        elif isinstance(body, Task):
+            try:
+                self._send(self.edge.start(body, frame.tensors, now))
+            except ValueError as exc:
+                log.warning("refused the parent's task of round %d: %s", body.round, exc)
+                reject = Reject(reason=RejectReason.UNEXPECTED, detail=str(exc), ref_msg_id=frame.header.msg_id, round=body.round)
+                self.parent.publish(self.parent_topics.up(self.aggregator_id), self._parent_frame(reject))
+        elif isinstance(body, Reject):
+            log.warning("the parent refused our message (round %s): %s: %s", body.round, body.reason.value, body.detail)
+            if body.reason is RejectReason.UNKNOWN_DEVICE:
+                self._announce(force=True)
+        elif not isinstance(body, Blob):
+            log.warning("ignored an unexpected %r message from the parent", body.kind)
+
+    def _announce(self, force: bool = False) -> None:
+        """Publish the edge's hello to the parent: the group's samples, when they changed (or `force`)."""
+        group = self.registry.available(time.time())
+        samples = sum(d.num_samples for d in group)
+        if samples == 0 or (samples == self._announced_samples and not force):
+            return
+        hello = Hello(tier=self.tier, num_samples=samples, num_test_samples=sum(d.num_test_samples for d in group), backend="edge")
+        self.parent.publish(self.parent_topics.status(self.aggregator_id), self._parent_frame(hello), retain=True)
+        self._announced_samples = samples
+        log.info("announced to %s: %d devices, %d samples", self.parent_id, len(group), samples)
+
+    def _parent_frame(self, body: Body, tensors: dict | None = None) -> bytes:
+        return encode_frame(self.parent_topics.fleet, self.aggregator_id, body, tensors,
+                            signer=self.key.sign if self.key else None)
