@@ -35,6 +35,7 @@ class Assignment:
     mask_classes: bool = False
     proximal_mu: float = 0.0
     weighted: bool = True  # updates weighted by samples (False: one vote per device), for edge aggregators
+    weigh_work: bool = False  # partial work (fewer steps than asked, at the deadline) weighs by the share done
     variant: int = 0  # FedMut: which mutation of the global model the device starts from (0: the global model)
 
 
@@ -52,8 +53,9 @@ class Contribution:
 class ClientUpdate:
     """A decoded, validated update: deltas for the leading block of each global tensor.
 
-    `scale` multiplies the delta but not its weight in the mean (FedBuff's staleness factor).
-    With `contributions` the delta is an edge aggregator's per-element mean over its devices.
+    `work` (the share of the asked local steps the device did, partial work at a deadline)
+    multiplies its weight; `scale` multiplies the delta but not its weight in the mean (FedBuff's
+    staleness factor). With `contributions` the delta is an edge aggregator's per-element mean.
     """
 
     device_id: str
@@ -61,6 +63,7 @@ class ClientUpdate:
     num_samples: int
     delta: Mapping[str, np.ndarray]
     scale: float = 1.0
+    work: float = 1.0
     contributions: tuple[Contribution, ...] = ()
 
 
@@ -107,7 +110,7 @@ class ElementwiseMean:
         if update.contributions:
             self._add_combined(update)
             return
-        weight = float(update.num_samples) if self._weighted else 1.0
+        weight = (float(update.num_samples) if self._weighted else 1.0) * update.work
         scaled = np.float32(weight * update.scale)
         for name, delta in update.delta.items():
             self._sums[name][leading_slices(delta.shape)] += delta * scaled
@@ -152,7 +155,8 @@ class FedAvg:
     plain mean over those devices; `mask_classes`: devices train without the classes they lack).
     With `proximal_mu` > 0 it is FedProx: devices add mu/2 ||w - w_global||^2 to their loss.
     `accumulator` replaces that mean, e.g. with a robust one from aggregator.robust; `sampler`
-    replaces the uniform draw of C (aggregator.sampling).
+    replaces the uniform draw of C (aggregator.sampling). `weigh_partial_work`: a device that
+    stopped at the deadline counts in proportion to the local steps it did.
     """
 
     name = "fedavg"
@@ -171,6 +175,7 @@ class FedAvg:
         seed: int = 0,
         accumulator: AccumulatorFactory | None = None,
         sampler: ClientSampler | None = None,
+        weigh_partial_work: bool = False,
     ) -> None:
         self.sampler = sampler if sampler is not None else UniformSampler(fraction, min_clients, seed)
         self.epochs = epochs
@@ -184,6 +189,7 @@ class FedAvg:
         self.proximal_mu = proximal_mu
         self.seed = seed
         self.accumulator = accumulator
+        self.weigh_partial_work = weigh_partial_work
 
     def configure_round(self, round_number: int, available: Sequence[DeviceInfo]) -> list[Assignment]:
         """The sampler's devices (default: max(C * K, min_clients) drawn uniformly), reproducible per round."""
@@ -201,6 +207,7 @@ class FedAvg:
                 mask_classes=self.mask_classes,
                 proximal_mu=self.proximal_mu,
                 weighted=self.weighted,
+                weigh_work=self.weigh_partial_work,
             )
             for device in chosen
         ]

@@ -287,3 +287,19 @@ def test_edge_then_root_equals_flat_aggregation_with_tiers(weighted: bool) -> No
     flat_result, root_result = flat.result(), root.result()
     for n in SHAPES:
         np.testing.assert_allclose(root_result[n], flat_result[n], rtol=1e-6, atol=1e-7)
+
+
+def test_partial_work_weighs_by_the_share_of_steps_done_when_asked() -> None:
+    from aggregator.engine import work_done
+    from aggregator.strategy import Assignment
+    update = Update(update_id=new_id(), round=1, base_version=0, tier="a", num_samples=100, steps=4, train_loss=1.0,
+                    train_accuracy=0.5, train_seconds=1.0)
+    asked = Assignment("d", "a", epochs=2, batch_size=32, learning_rate=0.1, weigh_work=True)  # 2 x ceil(100/32) = 8 steps
+    assert work_done(update, asked) == 0.5
+    assert work_done(update.model_copy(update={"steps": 20}), asked) == 1.0
+    assert work_done(update, Assignment("d", "a", epochs=2, batch_size=32, learning_rate=0.1)) == 1.0  # off by default
+    g = {"w": np.zeros(4, np.float32)}
+    mean = ElementwiseMean(g)
+    mean.add(ClientUpdate("full", "a", 100, {"w": np.ones(4, np.float32)}))
+    mean.add(ClientUpdate("half", "a", 100, {"w": np.full(4, 4.0, np.float32)}, work=0.5))
+    np.testing.assert_allclose(mean.result()["w"], (100 * 1 + 50 * 4) / 150)
