@@ -18,6 +18,7 @@ import pytest
 
 from protocol.broker_config import mosquitto_conf
 from tierfl.cli import COMMANDS
+from tierfl.config import resolve
 
 KIT = Path(__file__).resolve().parent.parent / "scripts" / "deploy"
 UNITS = {"tierfl-client.service": "client.env", "tierfl-aggregator.service": "aggregator.env"}
@@ -232,3 +233,26 @@ def test_mosquitto_conf_is_locked_down_and_consistent_with_broker_config():
     assert generated["allow_anonymous"] == ["false"] and "listener" in generated
     assert not set(kit) & set(generated), f"set twice: {sorted(set(kit) & set(generated))}"
     assert int(kit["max_packet_size"][0]) > 1048576 + 512, "room for a --max-message-bytes chunk"
+
+
+TOML_EXAMPLES = {"aggregator.toml": "tierfl-aggregator.service", "client.toml": "tierfl-client.service"}
+
+
+@pytest.mark.parametrize("name", TOML_EXAMPLES)
+def test_toml_example_sets_what_its_unit_sets_but_the_password(name):
+    """Each config example loads with the role's validating loader and sets every option its unit's
+    command line sets, to the same value, except the broker URL: its password stays in the env file."""
+    words = expand_exec(read_unit(TOML_EXAMPLES[name])["Service"]["ExecStart"], read_env(UNITS[TOML_EXAMPLES[name]]))
+    role = words[1]
+
+    def role_parser() -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(prog=f"tierfl {role}")
+        importlib.import_module(COMMANDS[role][0]).configure_parser(parser)
+        return parser
+
+    unit_sets = {s.option.key: s.value for s in resolve(role_parser(), role, words[2:], {}).from_sources("flag")}
+    file_sets = {s.option.key: s.value for s in
+                 resolve(role_parser(), role, ["--config", str(KIT / name)], {}).from_sources("file")}
+    assert unit_sets.pop("broker").startswith("mqtts://") and "broker" not in file_sets
+    assert {key: file_sets.get(key) for key in unit_sets} == unit_sets
+    assert not re.search(r"mqtts?://\S*@|PASSWORD", (KIT / name).read_text())
