@@ -440,7 +440,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "its defaults, then its --config file (or $TIERFL_CONFIG), then TIERFL_* variables, then flags. "
         "Each key says where its value came from; the output is valid as a config file.")
     parser.epilog = ("examples:\n  tierfl config show aggregator --config lab.toml --rounds 50\n"
-                     "  TIERFL_BROKER=mqtt://pi-1:pw@broker.lan tierfl config show client > client.toml")
+                     "  TIERFL_THREADS=2 tierfl config show client --config /etc/tierfl/client.toml")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("action", choices=["show"], help="show: print the effective configuration")
     parser.add_argument("--show-secrets", action="store_true",
