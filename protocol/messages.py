@@ -85,6 +85,8 @@ class Task(_Strict):
     delta_from: Count | None = None  # tensors are a delta to add to this version of the tier, which the device holds
     variant: Count = 0  # FedMut: the weights are this device's mutation of the model version (0: the model itself)
     weighted: bool = True  # the aggregator weights updates by samples (False: one vote per device); edge aggregators follow it
+    dp_clip: Annotated[float, Field(ge=0)] = 0.0  # local differential privacy: clip the delta to this L2 norm ...
+    dp_noise: Annotated[float, Field(ge=0)] = 0.0  # ... and add Gaussian noise of std dp_noise * dp_clip (0: off)
 
 
 class Fetch(_Strict):

@@ -303,3 +303,35 @@ def test_partial_work_weighs_by_the_share_of_steps_done_when_asked() -> None:
     mean.add(ClientUpdate("full", "a", 100, {"w": np.ones(4, np.float32)}))
     mean.add(ClientUpdate("half", "a", 100, {"w": np.full(4, 4.0, np.float32)}, work=0.5))
     np.testing.assert_allclose(mean.result()["w"], (100 * 1 + 50 * 4) / 150)
+
+
+# -- differential privacy books ---------------------------------------------------------------
+
+
+def test_privacy_books_charge_committed_rounds_and_survive_a_restart(art_dir: Path, tmp_path: Path) -> None:
+    from aggregator.engine import RoundEngine
+    from aggregator.privacy import CentralDp, PrivacyBudget
+
+    def engine() -> RoundEngine:
+        registry = DeviceRegistry()
+        for i in range(4):
+            registry.hello(f"d{i}", 10, 0, None, "ort-training", now=0.0)
+        strategy = FedAvg(fraction=0.5, min_clients=1, accumulator=CentralDp(1.0, 1.0, seed=3))
+        return RoundEngine(EngineConfig(rounds=5, round_timeout_s=10.0), strategy, ArtifactStore(art_dir),
+                           StateStore(tmp_path / "state"), registry, privacy=PrivacyBudget("central", 1.0))
+
+    first = engine()
+    for round_number in (1, 2):
+        tasks = [o for o in first.tick(float(round_number)) if isinstance(o.body, Task)]
+        assert len(tasks) == 2  # C = 0.5 of 4: sampling rate 0.5
+        for o in tasks:
+            body = Update(update_id=new_id(), round=o.body.round, base_version=o.body.model_version, tier="a",
+                          num_samples=10, steps=1, train_loss=1.0, train_accuracy=0.5, train_seconds=0.1)
+            first.on_update(o.device_id, new_id(), body, _random(SHAPES, round_number), 10, float(round_number))
+    epsilons = [s.metrics["dp_epsilon"] for s in first.record.history]
+    assert 0 < epsilons[0] < epsilons[1]
+    expected = PrivacyBudget("central", 1.0)
+    expected.record_round(2, 4)
+    assert epsilons[1] == pytest.approx(expected.record_round(2, 4).epsilon)
+    resumed = engine()  # a restart rebuilds the books from the committed history
+    assert resumed.privacy is not None and resumed.privacy.spent().epsilon == pytest.approx(epsilons[1])

@@ -86,3 +86,20 @@ def test_edge_aggregator_forwards_its_group_as_one_update(tmp_path, mosquitto_ur
     finally:
         watcher.close()
         _stop([aggregator, edge, *direct, *group])
+
+
+def test_central_dp_federation_reports_epsilon_every_round(tmp_path, mosquitto_url, fleet):
+    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--dp", "central", "--dp-clip", "2.0", "--dp-noise", "0.05",
+                             "--min-clients", "3", "--rounds", "3", "--lr", "0.1")
+    devices = _devices(tmp_path, mosquitto_url, fleet, 3)
+    watcher = Watcher(mosquitto_url, [Topics(fleet).rounds])
+    try:
+        assert aggregator.wait(120) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
+        summaries = _summaries(watcher)
+        epsilons = [s.metrics["dp_epsilon"] for s in summaries]
+        assert len(epsilons) == 3 and 0 < epsilons[0] < epsilons[1] < epsilons[2]
+        assert all(s.metrics["dp_delta"] == 1e-5 for s in summaries)
+        assert summaries[-1].accuracy > 0.5 and all(not s.rejected for s in summaries)
+    finally:
+        watcher.close()
+        _stop([aggregator, *devices])
