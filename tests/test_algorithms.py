@@ -335,3 +335,34 @@ def test_privacy_books_charge_committed_rounds_and_survive_a_restart(art_dir: Pa
     assert epsilons[1] == pytest.approx(expected.record_round(2, 4).epsilon)
     resumed = engine()  # a restart rebuilds the books from the committed history
     assert resumed.privacy is not None and resumed.privacy.spent().epsilon == pytest.approx(epsilons[1])
+
+
+# -- FedProx against numpy --------------------------------------------------------------------
+
+
+def test_fedprox_loss_and_gradient_match_numpy(tmp_path: Path) -> None:
+    """Full-batch SGD: step 2 with mu differs from step 2 without by -lr * mu * (w1 - w0), its loss by mu/2 ||w1 - w0||^2."""
+    from edge_client.data import load_digits
+    from edge_client.trainer import OrtTrainer
+    from models.manifest import TierManifest
+    from models.zoo import init_global_params
+
+    spec = ModelSpec(arch="mlp", image_size=8, hidden=(16,))
+    export_all(spec, ["a"], tmp_path, proximal=True)
+    trainer = OrtTrainer(tmp_path / "a", TierManifest.load(tmp_path / "a" / "manifest.json"))
+    data = load_digits()
+    data = data.subset(np.arange(64))
+    w0, lr, mu = init_global_params(spec), 0.1, 0.5
+
+    def train(epochs: int, proximal_mu: float) -> tuple[dict[str, np.ndarray], float]:
+        trainer.set_weights(w0)  # w_global of the proximal term = w0
+        stats = trainer.train(data, epochs, batch_size=64, learning_rate=lr, seed=0, proximal_mu=proximal_mu)
+        return trainer.get_weights(), stats.loss
+
+    w1, _ = train(1, 0.0)
+    w2, loss2 = train(2, 0.0)
+    w2_prox, loss2_prox = train(2, mu)
+    distance = sum(float(np.sum((w1[n] - w0[n]) ** 2)) for n in w0)
+    for n in w0:
+        np.testing.assert_allclose(w2_prox[n] - w2[n], -lr * mu * (w1[n] - w0[n]), rtol=1e-3, atol=1e-6)
+    assert loss2_prox - loss2 == pytest.approx(mu / 2 * distance / 2, rel=1e-3)  # the mean over two equal steps
