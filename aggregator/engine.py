@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from aggregator.batchnorm import StatisticsPool, statistic_names, with_statistic
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.ledger import Ledger
 from aggregator.registry import DeviceRegistry
+from aggregator.round_spool import RoundPlan
 from aggregator.state import StateRecord, StateStore
 from aggregator.strategy import Accumulator, Assignment, ClientUpdate, Contribution, Strategy
 from models.slicing import slice_params
@@ -97,6 +99,7 @@ class RoundEngine:
         registry: DeviceRegistry,
         evaluator: HeldOutEvaluator | None = None,
         ledger: Ledger | None = None,
+        now: float | None = None,
     ) -> None:
         self.config = config
         self.strategy = strategy
@@ -108,6 +111,7 @@ class RoundEngine:
         self.rejected: collections.Counter[str] = collections.Counter()
         self._seen_update_ids: set[str] = set()
         self._open: _OpenRound | None = None
+        self._resend_owed_tasks = False  # a resumed round sends its owed tasks again at the first tick
         self._waiting_logged = False
         self.bn_statistics: dict[str, dict[str, np.ndarray]] = {}  # tier -> last pooled statistics
         self._measures_statistics = config.static_batch_norm and artifacts.spec.batch_norm
@@ -121,6 +125,7 @@ class RoundEngine:
             store.commit(self.record, self.weights)
         if ledger is not None:  # replays of updates counted before a restart stay duplicates
             self._seen_update_ids = ledger.accepted_update_ids(self.record.round)
+        self._resume_open_round(time.time() if now is None else now)
 
     @property
     def finished(self) -> bool:
@@ -144,7 +149,7 @@ class RoundEngine:
             return self._start_round(now)
         if self._round_complete(now):
             return self._close_round(now)
-        return []
+        return self._owed_tasks_again()
 
     def on_update(self, device_id: str, msg_id: str, update: Update, tensors: Mapping[str, np.ndarray], nbytes: int, now: float) -> list[Outgoing]:
         """Validate one update and fold it into the open round, or reject it with a reason."""
@@ -159,20 +164,16 @@ class RoundEngine:
         if problem:
             return self._refuse_update(device_id, msg_id, update, *problem)
         assert self._open is not None
+        self.store.open_round.accept(device_id, update, nbytes, dict(tensors))  # on disk before the ledger says accepted
         self._seen_update_ids.add(update.update_id)
         if self.ledger:
             self.ledger.record(kind="update", accepted=True, round_number=update.round, device=device_id,
                                update_id=update.update_id, num_samples=update.num_samples, nbytes=nbytes)
-        self._open.answered.add(device_id)
-        self._open.bytes_up += nbytes
+        self._fold(self._open, device_id, update, tensors, nbytes)
         self.registry.answered(device_id, None if update.unchanged else update.train_loss)
-        self._open.accumulator.add(ClientUpdate(device_id, update.tier, update.num_samples, tensors,
-                                                contributions=contributions(update, self.artifacts)))
         if update.train_seconds > 0 and update.steps and not update.unchanged and not update.contributors:  # per step
             samples = min(update.steps * self._open.assignments[device_id].batch_size, update.steps * update.num_samples)
             self.registry.measured_speed(device_id, update.tier, update.train_seconds / samples)
-        if update.eval_accuracy is not None and update.eval_loss is not None and update.eval_samples:
-            self._open.evals.append((update.tier, update.eval_loss, update.eval_accuracy, update.eval_samples))
         log.info("round %d: update %d/%d from %s (%d samples)", update.round, len(self._open.answered),
                  len(self._open.assignments), device_id, update.num_samples)
         return self.tick(now) if self._round_complete(now) else []
@@ -242,6 +243,8 @@ class RoundEngine:
             assignments={a.device_id: a for a in assignments},
             accumulator=self.strategy.start_aggregation(self.weights),
         )
+        self.store.open_round.begin(RoundPlan(round=number, base_version=self.record.version, started=now,
+                                              deadline=self._open.deadline, assignments=assignments))
         for a in assignments:
             self.registry.asked(a.device_id, number)
         log.info("round %d: %d devices selected: %s", number, len(assignments),
@@ -252,6 +255,7 @@ class RoundEngine:
         """Keep the aggregated weights aside and ask the devices that answered to measure them."""
         current.trained = current.accumulator.result()
         current.deadline = now + self.config.round_timeout_s
+        self.store.open_round.mark_measuring_statistics()
         log.info("round %d: measuring batch-norm statistics on %d devices", current.number, len(current.answered))
         return [self._task(current.assignments[d], current.number, current.deadline, current.trained)
                 for d in sorted(current.answered)]
@@ -294,7 +298,8 @@ class RoundEngine:
         owing = current.owing
         if not owing or now >= current.deadline:
             return True
-        return all(not (d := self.registry.get(dev)) or not d.online for dev in owing)
+        # Unknown is not gone: a resumed round's devices are unknown until their retained hello is back.
+        return all((d := self.registry.get(dev)) is not None and not d.online for dev in owing)
 
     def _close_round(self, now: float) -> list[Outgoing]:
         current = self._open
@@ -378,9 +383,63 @@ class RoundEngine:
             final=current.number >= self.config.rounds,
         )
 
+    # -- the open round on disk (aggregator.round_spool) ----------------------------------------
+
+    def _fold(self, current: _OpenRound, device_id: str, update: Update, tensors: Mapping[str, np.ndarray], nbytes: int) -> None:
+        """Count one accepted update toward `current`: live, or replayed from the spool after a restart."""
+        current.answered.add(device_id)
+        current.bytes_up += nbytes
+        current.accumulator.add(ClientUpdate(device_id, update.tier, update.num_samples, tensors,
+                                             contributions=contributions(update, self.artifacts)))
+        if update.eval_accuracy is not None and update.eval_loss is not None and update.eval_samples:
+            current.evals.append((update.tier, update.eval_loss, update.eval_accuracy, update.eval_samples))
+
+    def _resume_open_round(self, now: float) -> None:
+        """Rebuild the round a crash cut short from its spool: same plan, same updates added in the same order.
+
+        The deadline is at least a fresh timeout from `now`: updates that waited at the broker while
+        we were down were sent in time. A round that was measuring batch-norm statistics closes its
+        training phase at the first tick and asks for the statistics again (measuring is idempotent).
+        """
+        spooled = self.store.open_round.load(self.record.round, self.record.version)
+        if spooled is None:
+            return
+        plan = spooled.plan
+        current = self._open = _OpenRound(
+            number=plan.round,
+            started=plan.started,
+            deadline=now if plan.measuring_statistics else max(plan.deadline, now + self.config.round_timeout_s),
+            assignments={a.device_id: a for a in plan.assignments},
+            accumulator=self.strategy.start_aggregation(self.weights),
+        )
+        recorded = self.ledger.accepted_update_ids(plan.round) if self.ledger else set()
+        for meta, tensors in spooled.updates:
+            self._fold(current, meta.device_id, meta.update, tensors, meta.nbytes)
+            self._seen_update_ids.add(meta.update.update_id)
+            if self.ledger and meta.update.update_id not in recorded:  # spooled, then stopped before the ledger row
+                self.ledger.record(kind="update", accepted=True, round_number=plan.round, device=meta.device_id,
+                                   update_id=meta.update.update_id, num_samples=meta.update.num_samples,
+                                   nbytes=meta.nbytes, detail="recorded on restart from the open-round spool")
+        self._resend_owed_tasks = not plan.measuring_statistics
+        log.info("round %d resumed from %s: %d of %d updates were accepted before the restart%s", plan.round,
+                 self.store.open_round.folder, len(current.answered), len(current.assignments),
+                 "; measuring batch-norm statistics again" if plan.measuring_statistics else "")
+
+    def _owed_tasks_again(self) -> list[Outgoing]:
+        """Once after a restart, the resumed round's tasks to the devices still owing: they may have died with us.
+
+        A device that had the task already answers twice; its second update is refused as a duplicate.
+        """
+        if not self._resend_owed_tasks or self._open is None:
+            return []
+        self._resend_owed_tasks = False
+        current = self._open
+        log.info("round %d: tasks sent again to %s", current.number, ", ".join(sorted(current.owing)) or "nobody")
+        return [self._task(current.assignments[d], current.number, current.deadline) for d in sorted(current.owing)]
+
     def _check_update(self, device_id: str, update: Update, tensors: Mapping[str, np.ndarray], now: float) -> tuple[RejectReason, str] | None:
         current = self._open
-        if device_id not in self.registry:
+        if device_id not in self.registry and not (current and device_id in current.assignments):  # resumed: hello may lag
             return RejectReason.UNKNOWN_DEVICE, f"{device_id} has not announced itself"
         if update.update_id in self._seen_update_ids:
             return RejectReason.DUPLICATE, f"update {update.update_id} was already counted"

@@ -2,9 +2,10 @@
 
 One SQLite file in the state directory (`ledger.sqlite`), appended to by the service's single
 loop thread. It is the audit trail an operator queries (`sqlite3 STATE/ledger.sqlite`), and it
-makes replays idempotent across restarts: an update id accepted in a finished round is a
-duplicate forever, while one accepted in a round that a crash cut short may be counted again
-when that round runs anew.
+makes replays idempotent across restarts: an update id it records as accepted is a duplicate
+forever. An update is spooled to STATE/open_round before its row is written (aggregator.round_spool),
+so a round a crash cut short resumes with every update the ledger accepted; the engine writes the
+row of one spooled just before the crash when it resumes.
 """
 
 from __future__ import annotations

@@ -3,9 +3,11 @@
 Layout of the state directory:
     weights/v000012.npz   global weights of version 12 (numpy .npz, loaded without pickle)
     state.json            current version and round, model identity, round history
+    open_round/           the round in progress: its plan and accepted updates (aggregator.round_spool)
 
 Weights are written first, then state.json by atomic rename, so a crash at any instant leaves
-the last committed version intact and resumes exactly there.
+the last committed version intact and resumes exactly there; the open round's spool is cleared
+only after state.json records that round, so its accepted updates are never lost nor counted twice.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from aggregator.round_spool import RoundSpool
 from protocol.atomic_file import atomic_write
 from protocol.messages import RoundSummary
 
@@ -46,6 +49,7 @@ class StateStore:
         self.root = root
         self._weights_dir = root / "weights"
         self._weights_dir.mkdir(parents=True, exist_ok=True)
+        self.open_round = RoundSpool(root / "open_round")
 
     def weights_path(self, version: int) -> Path:
         return self._weights_dir / f"v{version:06d}.npz"
@@ -66,9 +70,13 @@ class StateStore:
         return record, weights
 
     def commit(self, record: StateRecord, weights: dict[str, np.ndarray] | None) -> None:
-        """Durably record `record`; `weights` (if given) become version `record.version`."""
+        """Durably record `record` (no round open); `weights` (if given) become version `record.version`.
+
+        The open-round spool is cleared afterwards: the round it held is now in state.json.
+        """
         if weights is not None:
             atomic_write(self.weights_path(record.version), lambda out: np.savez(out, **weights))
         atomic_write(self.root / "state.json", lambda out: out.write(record.model_dump_json(indent=1).encode()))
+        self.open_round.clear()
         for old in sorted(self._weights_dir.glob("v*.npz"))[:-KEEP_VERSIONS]:
             old.unlink(missing_ok=True)

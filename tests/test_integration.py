@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import re
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +25,8 @@ from edge_client.bench import BenchReport, BenchSettings, TierResult
 from models.tiers import TIER_RATES
 from models.zoo import ModelSpec
 from protocol.frame import decode_frame, encode_frame
-from protocol.messages import Hello, Reject, RejectReason, Update, new_id
+from protocol.messages import Hello, Reject, RejectReason, RoundSummary, Task, Update, new_id
+from protocol.mqtt_url import BrokerUnreachable, parse, wait_for_broker
 from protocol.signing import DeviceKey
 from protocol.topics import Topics
 from tests.conftest import tierfl
@@ -128,6 +133,54 @@ def _aggregator(tmp_path: Path, url: str, fleet: str, *extra: str) -> subprocess
         "aggregator", "--broker", url, "--fleet", fleet, "--state-dir", str(tmp_path / "state"),
         "--eval-data", "digits", *extra, log=tmp_path / "aggregator.log",
     )
+
+
+class Mosquitto:
+    """A Mosquitto of the test's own on a free port, persistent like a production broker: started, stopped, restarted."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.log = folder / "mosquitto.log"
+        self.conf = folder / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+                             f"persistence_location {folder}/\nuser {getpass.getuser()}\n")  # root would drop to `mosquitto`
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Mosquitto:
+        """Run the broker and return once it accepts MQTT connections."""
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        with open(self.log, "ab") as log:
+            self._process = subprocess.Popen([binary, "-c", str(self.conf), "-v"], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_broker(parse(self.url), 10)
+        except BrokerUnreachable:
+            self.stop()
+            raise AssertionError(self.log.read_text()[-3000:]) from None
+        return self
+
+    def stop(self) -> None:
+        """Stop the broker (SIGTERM: it saves its sessions and retained messages first)."""
+        if self._process and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+
+@pytest.fixture
+def own_mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A Mosquitto this test starts and stops itself (fault tests restart it, or need it to themselves)."""
+    broker = Mosquitto(tmp_path / "mosquitto").start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 def test_hostile_and_misdirected_messages_are_refused_with_reasons(tmp_path, mosquitto_url, fleet):
@@ -249,16 +302,17 @@ def test_enrolled_fleet_refuses_spoofed_and_unenrolled_devices(tmp_path, mosquit
         _stop((aggregator, device))
 
 
-def test_device_killed_mid_round_is_dropped_and_training_continues(tmp_path, mosquitto_url, fleet):
+def test_device_killed_mid_round_is_dropped_and_training_continues(tmp_path, own_mosquitto, fleet):
+    url = own_mosquitto.url
     rounds = 5
-    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--min-clients", "2", "--rounds", str(rounds),
+    aggregator = _aggregator(tmp_path, url, fleet, "--min-clients", "2", "--rounds", str(rounds),
                              "--epochs", "40", "--batch-size", "8", "--round-timeout", "60")
     devices = [
-        tierfl("client", "--broker", mosquitto_url, "--fleet", fleet, "--device-id", f"d{i}", "--data", "digits",
+        tierfl("client", "--broker", url, "--fleet", fleet, "--device-id", f"d{i}", "--data", "digits",
                "--cache-dir", str(tmp_path / f"d{i}"), log=tmp_path / f"d{i}.log")
         for i in range(3)
     ]
-    watcher = Watcher(mosquitto_url, [Topics(fleet).rounds])
+    watcher = Watcher(url, [Topics(fleet).rounds])
     try:
         agg_log = tmp_path / "aggregator.log"
         full = re.compile(r"round (\d+): 3 devices selected")
@@ -279,26 +333,99 @@ def test_device_killed_mid_round_is_dropped_and_training_continues(tmp_path, mos
         _stop([aggregator, *devices])
 
 
-def test_aggregator_killed_and_restarted_resumes_from_its_state(tmp_path, mosquitto_url, fleet):
+def test_aggregator_killed_and_restarted_resumes_from_its_state(tmp_path, own_mosquitto, fleet):
+    url = own_mosquitto.url
     chunked = ["--max-message-bytes", "65536"]  # every weight frame (340 kB) travels in 6 chunks
-    device = tierfl("client", "--broker", mosquitto_url, "--fleet", fleet, "--device-id", "solo", "--data", "digits",
+    device = tierfl("client", "--broker", url, "--fleet", fleet, "--device-id", "solo", "--data", "digits",
                     "--cache-dir", str(tmp_path / "solo"), *chunked, log=tmp_path / "solo.log")
     try:
-        first = _aggregator(tmp_path, mosquitto_url, fleet, "--min-clients", "1", "--rounds", "200", "--epochs", "3", *chunked)
+        first = _aggregator(tmp_path, url, fleet, "--min-clients", "1", "--rounds", "200", "--epochs", "3", *chunked)
         state = tmp_path / "state" / "state.json"
         _wait_for(lambda: state.exists() and json.loads(state.read_text())["version"] >= 3, 60, "3 committed rounds")
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         before = json.loads(state.read_text())
-        second = _aggregator(tmp_path, mosquitto_url, fleet, "--min-clients", "1", "--rounds", str(before["round"] + 2), *chunked)
+        second = _aggregator(tmp_path, url, fleet, "--min-clients", "1", "--rounds", str(before["round"] + 2), *chunked)
         assert second.wait(60) == 0
         after = json.loads(state.read_text())
         assert after["round"] == before["round"] + 2 and after["version"] == before["version"] + 2
         assert [h["round"] for h in after["history"]] == list(range(1, after["round"] + 1))
         assert "resumed from" in (tmp_path / "aggregator.log").read_text()
+        db = sqlite3.connect(tmp_path / "state" / "ledger.sqlite")
+        accepted = db.execute("SELECT COUNT(*) FROM received WHERE kind = 'update' AND accepted = 1 GROUP BY update_id").fetchall()
+        db.close()
+        assert len(accepted) == after["version"] and {n for (n,) in accepted} == {1}  # one update per version, once
     finally:
         device.terminate()
         device.wait(10)
+
+
+def test_aggregator_killed_mid_round_resumes_it_and_counts_every_update_once(tmp_path, own_mosquitto, fleet):
+    """Round 2 of 2: two real devices' updates are accepted, the third device (this test) holds back; SIGKILL.
+    The restarted aggregator resumes round 2 with both updates, sends the owed task again, refuses a replay
+    of an update accepted before the crash (and one of round 1), takes the third update, and commits version 2."""
+    url, topics = own_mosquitto.url, Topics(fleet)
+    watcher = Watcher(url, [topics.down("probe"), f"{topics.base}/up/+", topics.rounds])
+    watcher.publish(topics.status("probe"), encode_frame(fleet, "probe", Hello(num_samples=50)), retain=True)
+    options = ["--fleet", fleet, "--state-dir", str(tmp_path / "state"), "--min-clients", "3", "--rounds", "2",
+               "--round-timeout", "40", "--eval-data", "digits"]
+    first = tierfl("aggregator", "--broker", url, *options, log=tmp_path / "first.log")
+    devices = [tierfl("client", "--broker", url, "--fleet", fleet, "--device-id", f"d{i}", "--data", "digits",
+                      "--cache-dir", str(tmp_path / f"d{i}"), log=tmp_path / f"d{i}.log") for i in range(2)]
+    second = None
+
+    def tasks(round_number: int) -> list[tuple[Task, dict[str, np.ndarray]]]:
+        frames = [decode_frame(p) for t, p in list(watcher.frames) if t == topics.down("probe")]
+        return [(f.body, f.tensors) for f in frames if isinstance(f.body, Task) and f.body.round == round_number]
+
+    def answer(task: Task, tensors: dict[str, np.ndarray]) -> tuple[str, bytes]:
+        update = Update(update_id=new_id(), round=task.round, base_version=task.model_version, tier=task.tier,
+                        num_samples=50, steps=1, train_loss=1.0, train_accuracy=0.5, train_seconds=0.1)
+        return update.update_id, encode_frame(fleet, "probe", update, {n: np.zeros_like(v) for n, v in tensors.items()})
+
+    try:
+        _wait_for(lambda: tasks(1), 60, "the probe's task of round 1")
+        round_one_id, round_one = answer(*tasks(1)[0])
+        watcher.publish(topics.up("probe"), round_one)
+        _wait_for(lambda: "round 2: update 2/3" in (tmp_path / "first.log").read_text(), 60, "round 2's first two updates")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        state = json.loads((tmp_path / "state" / "state.json").read_text())
+        assert (state["round"], state["version"]) == (1, 1)
+        accepted_before = [p for t, p in list(watcher.frames) if t in (topics.up("d0"), topics.up("d1"))
+                           and isinstance(decode_frame(p).body, Update) and decode_frame(p).body.round == 2]
+        assert len(accepted_before) == 2
+
+        second = tierfl("aggregator", "--broker", url, *options, log=tmp_path / "second.log")
+        _wait_for(lambda: len(tasks(2)) == 2, 60, "round 2's task sent again to the probe")
+        replayed = decode_frame(accepted_before[0]).body
+        watcher.publish(topics.up(decode_frame(accepted_before[0]).header.sender), accepted_before[0])  # a redelivery
+        watcher.publish(topics.up("probe"), round_one)
+        probe_id, frame = answer(*tasks(2)[1])
+        watcher.publish(topics.up("probe"), frame)
+        assert second.wait(60) == 0, (tmp_path / "second.log").read_text()[-3000:]
+
+        log = (tmp_path / "second.log").read_text()
+        assert "round 2 resumed from" in log and "2 of 3 updates were accepted before the restart" in log
+        state = json.loads((tmp_path / "state" / "state.json").read_text())
+        assert (state["round"], state["version"]) == (2, 2)  # what an uninterrupted run commits
+        assert [(h["round"], h["version"], h["answered"]) for h in state["history"]] == [(1, 1, 3), (2, 2, 3)]
+        assert not list((tmp_path / "state" / "open_round").iterdir())
+        summaries = [b for b in watcher.bodies("/rounds") if isinstance(b, RoundSummary)]
+        assert summaries and summaries[-1].round == 2 and summaries[-1].answered == 3
+        db = sqlite3.connect(tmp_path / "state" / "ledger.sqlite")
+        accepted = dict(db.execute("SELECT update_id, COUNT(*) FROM received WHERE kind = 'update' AND accepted = 1 "
+                                   "GROUP BY update_id").fetchall())
+        assert len(accepted) == 6 and set(accepted.values()) == {1}  # 3 devices x 2 rounds, each exactly once
+        assert {probe_id, round_one_id, replayed.update_id} <= set(accepted)
+        refusals = db.execute("SELECT update_id, round FROM received WHERE accepted = 0 ORDER BY id").fetchall()
+        assert refusals == [(replayed.update_id, 2), (round_one_id, 1)]  # both duplicates, nothing else refused
+        assert {r[0] for r in db.execute("SELECT reason FROM received WHERE accepted = 0")} == {"duplicate"}
+        db.close()
+    finally:
+        watcher.publish(topics.status("probe"), b"", retain=True)
+        watcher.close()
+        _stop([first, *devices, *([second] if second else [])])
 
 
 @pytest.mark.parametrize("command", [
@@ -316,11 +443,8 @@ def test_unreachable_broker_is_a_clear_error(tmp_path, command):
     assert "Traceback" not in result.stderr
 
 
-def test_everyone_reconnects_after_the_broker_restarts(tmp_path, fleet):
-    from protocol.embedded_broker import EmbeddedBroker
-
-    first = EmbeddedBroker().start()
-    port, url = first.port, first.url
+def test_everyone_reconnects_after_the_broker_restarts(tmp_path, own_mosquitto, fleet):
+    url = own_mosquitto.url
     rounds = 6
     aggregator = _aggregator(tmp_path, url, fleet, "--min-clients", "2", "--rounds", str(rounds), "--round-timeout", "8")
     devices = [
@@ -328,19 +452,17 @@ def test_everyone_reconnects_after_the_broker_restarts(tmp_path, fleet):
                "--cache-dir", str(tmp_path / f"r{i}"), log=tmp_path / f"r{i}.log")
         for i in range(2)
     ]
-    second = None
     try:
         state = tmp_path / "state" / "state.json"
         _wait_for(lambda: state.exists() and json.loads(state.read_text())["version"] >= 2, 60, "2 committed rounds")
-        first.stop()
+        own_mosquitto.stop()
         time.sleep(2)
-        second = EmbeddedBroker(port=port).start()
+        own_mosquitto.start()  # the same port, its sessions and retained messages restored from its persistence file
         assert aggregator.wait(90) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
         record = json.loads(state.read_text())
         assert record["round"] == rounds and record["version"] >= rounds - 1  # at most the interrupted round fails
-        assert "disconnected from broker" in (tmp_path / "r0.log").read_text()
+        for log in ("aggregator.log", "r0.log", "r1.log"):
+            assert "disconnected from broker" in (tmp_path / log).read_text(), log
+        assert len(re.findall(r"mosquitto version \S+ starting", own_mosquitto.log.read_text())) == 2  # really restarted
     finally:
         _stop(devices + [aggregator])
-        first.stop()
-        if second:
-            second.stop()

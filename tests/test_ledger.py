@@ -54,12 +54,14 @@ def test_ledger_records_decisions_and_replays_stay_duplicates_after_a_restart(tm
     assert replay[0].body.reason is RejectReason.DUPLICATE  # a QoS 1 redelivery is never counted twice
 
 
-def test_updates_of_a_round_cut_short_may_be_counted_when_it_runs_again(tmp_path):
+def test_an_update_accepted_in_a_round_cut_short_stays_counted_after_a_restart(tmp_path):
     export_all(ModelSpec(arch="mlp", hidden=(4,)), ["a"], tmp_path / "art")
     engine = _engine(tmp_path / "art", tmp_path / "state")
     zeros = {n: np.zeros_like(v) for n, v in engine.tick(1.0)[0].tensors.items()}
     kept = new_id()
     engine.on_update("d1", new_id(), _update(engine, kept, 1), dict(zeros), 100, 2.0)  # then the process dies
     restarted = _engine(tmp_path / "art", tmp_path / "state")
-    restarted.tick(3.0)  # round 1 again
-    assert restarted.on_update("d1", new_id(), _update(restarted, kept, 1), dict(zeros), 100, 4.0) == []
+    assert restarted.current_round == 1  # resumed from the open-round spool, with d1's update in it
+    replay = restarted.on_update("d1", new_id(), _update(restarted, kept, 1), dict(zeros), 100, 4.0)
+    assert replay[0].body.reason is RejectReason.DUPLICATE
+    assert restarted.ledger.counts() == {"accepted": 1, "duplicate": 1}

@@ -1,0 +1,299 @@
+"""An aggregator that dies mid-round resumes it from its state directory: nothing accepted is lost or counted twice.
+
+Each "process" is a real RoundEngine, StateStore and Ledger on a state directory; a crash is the
+process vanishing (its objects dropped, or an exception at the worst instant), a restart is a new
+engine on the same directory. The reference is the same updates sent to an engine that never stops.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.artifacts import ArtifactStore
+from aggregator.batchnorm import statistic_names
+from aggregator.engine import EngineConfig, Outgoing, RoundEngine
+from aggregator.ledger import Ledger
+from aggregator.registry import DeviceRegistry
+from aggregator.round_spool import RoundPlan, SpoolError
+from aggregator.state import StateStore
+from aggregator.strategy import FedAvg
+from models.export import export_all
+from models.zoo import ModelSpec, param_shapes
+from protocol.messages import Reject, RejectReason, RoundSummary, Statistics, Task, Update, new_id
+
+MLP = ModelSpec(arch="mlp", hidden=(16,))
+MLP_BN = ModelSpec(arch="mlp", hidden=(8,), batch_norm=True)
+DEVICES = {"d1": 10, "d2": 30, "d3": 7, "d4": 21}  # unequal sample counts: the weighted sum depends on every update
+TIMEOUT = 10.0
+
+
+class _Crash(Exception):
+    """The process dies here."""
+
+
+class _LedgerDyingAfterTheSpool(Ledger):
+    """A ledger whose process dies after the third update was spooled, before its accepted row is written."""
+
+    accepted = 0
+
+    def record(self, **row: object) -> None:
+        if row["accepted"]:
+            self.accepted += 1
+            if self.accepted == 3:
+                raise _Crash
+        super().record(**row)
+
+
+class Process:
+    """One aggregator process: an engine with its ledger on a state directory."""
+
+    def __init__(self, art: Path, state: Path, now: float, devices: Mapping[str, int] = DEVICES,
+                 ledger: type[Ledger] = Ledger, hello: bool = True) -> None:
+        self.registry = DeviceRegistry()
+        if hello:  # what the retained hellos tell a (re)started aggregator
+            for device, samples in devices.items():
+                self.registry.hello(device, samples, 0, None, "ort-training", now=0.0)
+        self.ledger = ledger(state / "ledger.sqlite")
+        config = EngineConfig(rounds=3, min_updates=1, round_timeout_s=TIMEOUT)
+        self.engine = RoundEngine(config, FedAvg(min_clients=len(devices)), ArtifactStore(art), StateStore(state),
+                                  self.registry, ledger=self.ledger, now=now)
+
+    def send(self, device: str, update: Update, tensors: Mapping[str, np.ndarray], now: float) -> list[Outgoing]:
+        return self.engine.on_update(device, new_id(), update, dict(tensors), 1000 + update.num_samples, now)
+
+    def die(self) -> None:
+        self.ledger.close()
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("art")
+    export_all(MLP, ["a"], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def art_bn(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("art-bn")
+    export_all(MLP_BN, ["a"], out)
+    return out
+
+
+def _updates(round_number: int = 1, version: int = 0) -> dict[str, tuple[Update, dict[str, np.ndarray]]]:
+    """One update per device with random deltas (float32 sums depend on their order)."""
+    out = {}
+    for seed, (device, samples) in enumerate(DEVICES.items()):
+        rng = np.random.default_rng([round_number, seed])
+        body = Update(update_id=new_id(), round=round_number, base_version=version, tier="a", num_samples=samples,
+                      steps=3, train_loss=1.0, train_accuracy=0.5, train_seconds=0.1, eval_loss=0.5 + seed,
+                      eval_accuracy=0.1 * seed, eval_samples=5)
+        out[device] = body, {n: rng.normal(0, 0.1, s).astype(np.float32) for n, s in param_shapes(MLP).items()}
+    return out
+
+
+def _uninterrupted(art: Path, state: Path, updates: Mapping[str, tuple[Update, dict[str, np.ndarray]]]) -> tuple[RoundEngine, RoundSummary]:
+    clean = Process(art, state, now=0.0)
+    clean.engine.tick(1.0)
+    for device, (body, tensors) in updates.items():
+        out = clean.send(device, body, tensors, 2.0)
+    clean.die()
+    return clean.engine, _summary(out)
+
+
+def _summary(out: list[Outgoing]) -> RoundSummary:
+    assert len(out) == 1 and isinstance(out[0].body, RoundSummary), out
+    return out[0].body
+
+
+def _reason(out: list[Outgoing]) -> RejectReason:
+    assert len(out) == 1 and isinstance(out[0].body, Reject), out
+    return out[0].body.reason
+
+
+def _assert_same_weights(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> None:
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def _accepted_rows(state: Path) -> list[tuple[str, int]]:
+    db = sqlite3.connect(state / "ledger.sqlite")
+    try:
+        return db.execute("SELECT update_id, COUNT(*) FROM received WHERE kind = 'update' AND accepted = 1 "
+                          "GROUP BY update_id ORDER BY MIN(id)").fetchall()
+    finally:
+        db.close()
+
+
+def _spool_files(state: Path) -> list[str]:
+    return sorted(p.name for p in (state / "open_round").iterdir())
+
+
+def test_a_round_cut_short_resumes_and_commits_what_an_uninterrupted_run_commits(art: Path, tmp_path: Path) -> None:
+    updates = _updates()
+    clean, clean_summary = _uninterrupted(art, tmp_path / "clean", updates)
+
+    first = Process(art, tmp_path / "state", now=0.0)
+    tasks = first.engine.tick(1.0)
+    for device in ("d1", "d2"):
+        assert first.send(device, *updates[device], 2.0) == []
+    assert _spool_files(tmp_path / "state") == ["plan.json", "update-000001.npz", "update-000002.npz"]
+    plan = RoundPlan.model_validate_json((tmp_path / "state" / "open_round" / "plan.json").read_bytes())
+    assert (plan.round, plan.base_version, plan.deadline) == (1, 0, 1.0 + TIMEOUT)
+    assert [a.device_id for a in plan.assignments] == [t.device_id for t in tasks]
+    first.die()
+
+    second = Process(art, tmp_path / "state", now=3.0)
+    engine = second.engine
+    assert (engine.current_round, engine.record.version, engine.record.round) == (1, 0, 0)
+    sent_again = engine.tick(3.0)  # the devices still owing get their tasks again: they may have died with us
+    assert [(t.device_id, t.body.round, t.body.model_version, t.body.deadline) for t in sent_again] == \
+           [("d3", 1, 0, 3.0 + TIMEOUT), ("d4", 1, 0, 3.0 + TIMEOUT)]
+    for before, again in zip(tasks[2:], sent_again):
+        _assert_same_weights(again.tensors, before.tensors)
+    assert engine.tick(3.1) == []  # once
+    assert _reason(second.send("d1", *updates["d1"], 4.0)) is RejectReason.DUPLICATE  # a QoS 1 redelivery
+    assert second.send("d3", *updates["d3"], 4.0) == []
+    summary = _summary(second.send("d4", *updates["d4"], 5.0))
+
+    assert (summary.round, summary.version, summary.answered, summary.selected) == (1, 1, 4, 4)
+    assert summary.bytes_up == clean_summary.bytes_up and summary.loss == clean_summary.loss
+    _assert_same_weights(engine.weights, clean.weights)
+    _assert_same_weights(StateStore(tmp_path / "state").load("default", engine.artifacts.identity)[1], clean.weights)
+    assert second.ledger.counts() == {"accepted": 4, "duplicate": 1}
+    assert _accepted_rows(tmp_path / "state") == [(updates[d][0].update_id, 1) for d in ("d1", "d2", "d3", "d4")]
+    assert _spool_files(tmp_path / "state") == []  # cleared once state.json holds the round
+    # The next round starts from the committed version, with the same tasks the clean run sends.
+    assert [(t.device_id, t.body.round, t.body.model_version) for t in engine.tick(6.0)] == \
+           [(t.device_id, 2, 1) for t in tasks]
+    assert _reason(second.send("d2", *updates["d2"], 7.0)) is RejectReason.DUPLICATE  # still, in the next round
+    second.die()
+
+
+def test_an_update_spooled_just_before_the_crash_is_counted_once_and_written_to_the_ledger(art: Path, tmp_path: Path) -> None:
+    updates = _updates()
+    clean, _ = _uninterrupted(art, tmp_path / "clean", updates)
+    first = Process(art, tmp_path / "state", now=0.0, ledger=_LedgerDyingAfterTheSpool)
+    first.engine.tick(1.0)
+    first.send("d1", *updates["d1"], 2.0)
+    first.send("d2", *updates["d2"], 2.0)
+    with pytest.raises(_Crash):
+        first.send("d3", *updates["d3"], 2.0)
+    first.die()
+    ids = [updates[d][0].update_id for d in ("d1", "d2", "d3")]
+    assert _accepted_rows(tmp_path / "state") == [(i, 1) for i in ids[:2]]
+
+    second = Process(art, tmp_path / "state", now=3.0)  # re-adds three updates: their order decides the float sum
+    assert _accepted_rows(tmp_path / "state") == [(i, 1) for i in ids]  # d3's row written on resume
+    assert _reason(second.send("d3", *updates["d3"], 4.0)) is RejectReason.DUPLICATE
+    assert _summary(second.send("d4", *updates["d4"], 4.0)).version == 1
+    _assert_same_weights(second.engine.weights, clean.weights)
+    assert second.ledger.counts() == {"accepted": 4, "duplicate": 1}
+    second.die()
+
+
+def test_a_crash_between_the_commit_and_clearing_the_spool_counts_nothing_twice(art: Path, tmp_path: Path) -> None:
+    updates = _updates()
+    clean, _ = _uninterrupted(art, tmp_path / "clean", updates)
+    first = Process(art, tmp_path / "state", now=0.0)
+    first.engine.tick(1.0)
+    for device in ("d1", "d2", "d3"):
+        first.send(device, *updates[device], 2.0)
+    spool = tmp_path / "state" / "open_round"
+    shutil.copytree(spool, tmp_path / "spool-before-commit")
+    assert _summary(first.send("d4", *updates["d4"], 2.0)).version == 1
+    first.die()
+    shutil.rmtree(spool)  # as if the process died after writing state.json, before clearing the spool
+    shutil.copytree(tmp_path / "spool-before-commit", spool)
+
+    second = Process(art, tmp_path / "state", now=3.0)
+    assert second.engine.current_round is None and _spool_files(tmp_path / "state") == []
+    assert (second.engine.record.version, second.engine.record.round) == (1, 1)
+    _assert_same_weights(second.engine.weights, clean.weights)
+    assert _reason(second.send("d3", *updates["d3"], 4.0)) is RejectReason.DUPLICATE
+    assert {t.body.round for t in second.engine.tick(5.0)} == {2}
+    second.die()
+
+
+def test_a_resumed_round_gets_a_fresh_timeout_and_waits_for_devices_not_yet_heard_from(art: Path, tmp_path: Path) -> None:
+    updates = _updates()
+    first = Process(art, tmp_path / "state", now=0.0)
+    first.engine.tick(1.0)  # deadline 11
+    first.send("d1", *updates["d1"], 2.0)
+    first.die()
+
+    # Restarted long after the deadline, before any retained hello is back: nobody is known yet.
+    second = Process(art, tmp_path / "state", now=500.0, hello=False)
+    assert [t.device_id for t in second.engine.tick(500.0)] == ["d2", "d3", "d4"]  # owed tasks again
+    assert second.engine.current_round == 1  # unknown devices are awaited, not taken for gone
+    assert second.send("d2", *updates["d2"], 505.0) == []  # sent in time, queued at the broker while we were down
+    second.registry.hello("d3", 7, 0, None, "ort-training", now=506.0)
+    second.registry.set_online("d3", False, 507.0)  # d3's last will
+    assert second.engine.tick(500.0 + TIMEOUT - 0.1) == []  # d4 is still owed
+    summary = _summary(second.engine.tick(500.0 + TIMEOUT))
+    assert (summary.round, summary.version, summary.answered) == (1, 1, 2)
+    assert summary.seconds == 500.0 + TIMEOUT - 1.0  # the round's own start, before the crash
+    second.die()
+
+
+def test_a_round_measuring_batch_norm_statistics_asks_for_them_again(art_bn: Path, tmp_path: Path) -> None:
+    devices = {"d1": 100, "d2": 300}
+    shapes = ArtifactStore(art_bn).tiers["a"].shapes
+    deltas = {d: {n: np.full(s, 0.01 * (i + 1), np.float32) for n, s in shapes.items()} for i, d in enumerate(devices)}
+    stats = {d: {n: np.full(shapes[n], 0.5 + i, np.float32) for n in statistic_names(shapes)} for i, d in enumerate(devices)}
+
+    def train(proc: Process) -> list[Outgoing]:
+        proc.engine.tick(1.0)
+        for device, samples in devices.items():
+            body = Update(update_id=new_id(), round=1, base_version=0, tier="a", num_samples=samples, steps=1,
+                          train_loss=1.0, train_accuracy=0.5, train_seconds=0.1)
+            out = proc.send(device, body, deltas[device], 2.0)
+        return out
+
+    def measure(proc: Process, device: str, now: float) -> list[Outgoing]:
+        body = Statistics(round=1, base_version=1, tier="a", num_samples=devices[device])
+        return proc.engine.on_statistics(device, new_id(), body, stats[device], now)
+
+    clean = Process(art_bn, tmp_path / "clean", now=0.0, devices=devices)
+    asked = train(clean)
+    measure(clean, "d1", 3.0)
+    assert _summary(measure(clean, "d2", 3.0)).version == 1
+
+    first = Process(art_bn, tmp_path / "state", now=0.0, devices=devices)
+    assert [o.device_id for o in train(first)] == ["d1", "d2"]  # statistics tasks
+    assert measure(first, "d1", 3.0) == []
+    first.die()
+
+    second = Process(art_bn, tmp_path / "state", now=4.0, devices=devices)
+    assert second.engine.current_round == 1
+    again = second.engine.tick(4.0)  # the training phase is over: the same statistics tasks again
+    assert [o.device_id for o in again] == ["d1", "d2"]
+    for before, now in zip(asked, again):
+        assert isinstance(now.body, Task) and now.body.statistics_only and now.body.model_version == 1
+        _assert_same_weights(now.tensors, before.tensors)
+    measure(second, "d1", 5.0)
+    assert _summary(measure(second, "d2", 5.0)).version == 1
+    _assert_same_weights(second.engine.weights, clean.engine.weights)
+    second.die()
+
+
+def test_a_spool_that_contradicts_the_state_is_a_clear_error(art: Path, tmp_path: Path) -> None:
+    updates = _updates()
+    first = Process(art, tmp_path / "state", now=0.0)
+    first.engine.tick(1.0)
+    first.send("d1", *updates["d1"], 2.0)
+    first.die()
+    spooled = tmp_path / "state" / "open_round" / "update-000001.npz"
+    spooled.write_bytes(spooled.read_bytes()[:100])  # damaged behind our back (atomic writes never do this)
+    with pytest.raises(SpoolError, match="update-000001.npz is unreadable.*delete .*open_round"):
+        Process(art, tmp_path / "state", now=3.0)
+    plan = tmp_path / "state" / "open_round" / "plan.json"
+    plan.write_text(plan.read_text().replace('"round": 1', '"round": 7'))
+    with pytest.raises(SpoolError, match="holds round 7 on version 0, but the state is at round 0"):
+        Process(art, tmp_path / "state", now=3.0)
