@@ -25,6 +25,7 @@ from aggregator.artifacts import ArtifactStore
 from aggregator.batchnorm import StatisticsPool, statistic_names, with_statistics
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.ledger import Ledger
+from aggregator.privacy import PrivacyBudget
 from aggregator.registry import DeviceRegistry
 from aggregator.round_spool import RoundPlan
 from aggregator.state import StateRecord, StateStore
@@ -47,6 +48,8 @@ class EngineConfig(BaseModel):
     round_timeout_s: float = Field(60.0, gt=0)
     evaluate_on_devices: bool = True
     static_batch_norm: bool = True  # batch-norm models: a statistics phase measures BN statistics on devices
+    local_dp_clip: float = Field(0.0, ge=0)  # local differential privacy: devices clip their deltas to this norm ...
+    local_dp_noise: float = Field(0.0, ge=0)  # ... and add Gaussian noise of this multiple of the clip (0: off)
     seed: int = 0
 
 
@@ -71,6 +74,7 @@ class _OpenRound:
     deadline: float
     assignments: dict[str, Assignment]
     accumulator: Accumulator
+    available: int = 0  # devices the round was drawn from (differential privacy's sampling rate)
     answered: set[str] = field(default_factory=set)
     evals: list[tuple[str, float, float, int]] = field(default_factory=list)  # tier, loss, acc, samples
     bytes_up: int = 0
@@ -100,9 +104,11 @@ class RoundEngine:
         evaluator: HeldOutEvaluator | None = None,
         ledger: Ledger | None = None,
         now: float | None = None,
+        privacy: PrivacyBudget | None = None,
     ) -> None:
         self.config = config
         self.strategy = strategy
+        self.privacy = privacy  # differential privacy: the (epsilon, delta) books, one step per released model
         self.artifacts = artifacts
         self.store = store
         self.registry = registry
@@ -125,6 +131,8 @@ class RoundEngine:
             store.commit(self.record, self.weights)
         if ledger is not None:  # replays of updates counted before a restart stay duplicates
             self._seen_update_ids = ledger.accepted_update_ids(self.record.round)
+        if privacy is not None:
+            self._replay_privacy()
         self._resume_open_round(time.time() if now is None else now)
 
     @property
@@ -229,7 +237,8 @@ class RoundEngine:
 
     def _start_round(self, now: float) -> list[Outgoing]:
         number = self.record.round + 1
-        assignments = self.strategy.configure_round(number, self.registry.available(now))
+        available = self.registry.available(now)
+        assignments = self.strategy.configure_round(number, available)
         if not assignments:
             if not self._waiting_logged:
                 log.info("round %d: waiting for devices (%d available)", number, len(self.registry.available(now)))
@@ -242,9 +251,11 @@ class RoundEngine:
             deadline=now + self.config.round_timeout_s,
             assignments={a.device_id: a for a in assignments},
             accumulator=self.strategy.start_aggregation(self.weights),
+            available=len(available),
         )
         self.store.open_round.begin(RoundPlan(round=number, base_version=self.record.version, started=now,
-                                              deadline=self._open.deadline, assignments=assignments))
+                                              deadline=self._open.deadline, assignments=assignments,
+                                              available=len(available)))
         for a in assignments:
             self.registry.asked(a.device_id, number)
         log.info("round %d: %d devices selected: %s", number, len(assignments),
@@ -280,6 +291,8 @@ class RoundEngine:
             statistics_only=trained is not None,
             variant=0 if trained is not None else assignment.variant,
             weighted=assignment.weighted,
+            dp_clip=self.config.local_dp_clip,
+            dp_noise=self.config.local_dp_noise,
         )
         if trained is None:  # training starts from the strategy's model: the global one, or a FedMut mutation
             trained = dict(self.strategy.task_weights(assignment, self.weights))
@@ -312,6 +325,8 @@ class RoundEngine:
             self.weights = current.trained if current.trained is not None else current.accumulator.result()
             self._apply_statistics(current)
         summary = self._summarise(current, now, committed)
+        if self.privacy is not None and committed:
+            summary = self._charge_privacy(summary, len(current.assignments), max(current.available, len(current.assignments)))
         self.record = StateRecord(
             fleet=self.record.fleet,
             model=self.record.model,
@@ -343,6 +358,22 @@ class RoundEngine:
         self.weights = with_statistics(self.weights, self.bn_statistics)
         log.info("round %d: batch-norm statistics from %d devices (%s)", current.number, len(current.measured),
                  ", ".join(f"tier {t}: {p.samples} samples" for t, p in sorted(current.statistics.items())))
+
+    def _charge_privacy(self, summary: RoundSummary, selected: int, available: int) -> RoundSummary:
+        """One accountant step for a released model; (epsilon, delta) so far into the summary's metrics."""
+        assert self.privacy is not None
+        spent = self.privacy.record_round(selected, available)
+        log.info("round %d: differential privacy spent so far: epsilon %.3f at delta %g over %d rounds",
+                 summary.round, spent.epsilon, spent.delta, spent.rounds)
+        return summary.model_copy(update={"metrics": {**summary.metrics, **spent.metrics(),
+                                                      "dp_selected": float(selected), "dp_available": float(available)}})
+
+    def _replay_privacy(self) -> None:
+        """Rebuild the privacy books from the committed history (each charged round kept its sampling)."""
+        assert self.privacy is not None
+        for summary in self.record.history:
+            if "dp_selected" in summary.metrics:
+                self.privacy.record_round(int(summary.metrics["dp_selected"]), int(summary.metrics["dp_available"]))
 
     def _summarise(self, current: _OpenRound, now: float, committed: bool) -> RoundSummary:
         accuracy = loss = None
@@ -390,6 +421,7 @@ class RoundEngine:
         current.answered.add(device_id)
         current.bytes_up += nbytes
         current.accumulator.add(ClientUpdate(device_id, update.tier, update.num_samples, tensors,
+                                             work=work_done(update, current.assignments[device_id]),
                                              contributions=contributions(update, self.artifacts)))
         if update.eval_accuracy is not None and update.eval_loss is not None and update.eval_samples:
             current.evals.append((update.tier, update.eval_loss, update.eval_accuracy, update.eval_samples))
@@ -411,6 +443,7 @@ class RoundEngine:
             deadline=now if plan.measuring_statistics else max(plan.deadline, now + self.config.round_timeout_s),
             assignments={a.device_id: a for a in plan.assignments},
             accumulator=self.strategy.start_aggregation(self.weights),
+            available=plan.available,
         )
         recorded = self.ledger.accepted_update_ids(plan.round) if self.ledger else set()
         for meta, tensors in spooled.updates:
@@ -479,6 +512,14 @@ def check_update_tensors(update: Update, tensors: Mapping[str, np.ndarray], tier
     if (total := sum(part.samples for part in update.contributors.values())) != update.num_samples:
         return RejectReason.BAD_TENSOR, f"contributors hold {total} samples, the update says {update.num_samples}"
     return None
+
+
+def work_done(update: Update, assignment: Assignment) -> float:
+    """With `weigh_work`, the share of the asked local steps (E epochs of ceil(n / B) batches) the device did, else 1."""
+    if not assignment.weigh_work or update.contributors or update.unchanged or update.steps <= 0:
+        return 1.0
+    asked = assignment.epochs * -(-update.num_samples // assignment.batch_size)
+    return min(1.0, update.steps / asked)
 
 
 def contributions(update: Update, artifacts: ArtifactStore) -> tuple[Contribution, ...]:
