@@ -18,7 +18,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/tierfl demo $(ARGS)
 
+# The status page's browser test needs Debian's chromium: installed here when missing (CI runs as root).
 test: $(STAMP)
+	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "make: could not install chromium; the status page's browser test needs it (it fails in CI)"
 	$(PY) -m pytest $(ARGS)
 
 clean:

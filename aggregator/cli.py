@@ -72,6 +72,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                           "devices are accepted, and every frame must carry its device's signature "
                           "(default: an open fleet, unsigned frames accepted)")
     net.add_argument("--share-group", help="MQTT shared-subscription group, to split devices across aggregator workers")
+    status = parser.add_argument_group("monitoring")
+    status.add_argument("--status-port", type=int, metavar="PORT",
+                        help="serve the live status page (/), its data (/status.json) and Prometheus metrics "
+                             "(/metrics) over HTTP on this port; 0 picks a free port (the URL is logged) "
+                             "(default: off)")
+    status.add_argument("--status-host", default="127.0.0.1",
+                        help="address the status page binds; 0.0.0.0 exposes it to the network, unauthenticated "
+                             "(default: %(default)s)")
     model = parser.add_argument_group("model and state")
     model.add_argument("--state-dir", type=Path, default=Path("runs/aggregator"), help="durable state (default: %(default)s)")
     model.add_argument("--artifacts", type=Path, help="export folder from `tierfl export` (default: STATE_DIR/artifacts, exported on first start)")
@@ -216,9 +224,15 @@ def run(args: argparse.Namespace) -> int:
             embedded = stack.enter_context(EmbeddedBroker())
             broker = parse_broker(embedded.url)
             log.info("embedded broker listening at %s: start devices with `tierfl client --broker %s ...`", embedded.url, embedded.url)
+        monitor = None
+        if args.status_port is not None:
+            from aggregator.monitor import Monitor  # prometheus-client: only when the status page is on
+
+            monitor = stack.enter_context(Monitor(args.status_host, args.status_port))
         service = AggregatorService(engine, broker, aggregator_id=args.aggregator_id, share_group=args.share_group,
                                    max_message_bytes=args.max_message_bytes, downlink=args.downlink,
-                                   signatures=SignatureCheck(EnrolledKeys.load(args.enrolled).root) if args.enrolled else None)
+                                   signatures=SignatureCheck(EnrolledKeys.load(args.enrolled).root) if args.enrolled else None,
+                                   monitor=monitor)
         service.run(stop)
     log.info("stopped after round %d at version %d; rejected: %s; ledger %s: %s", engine.record.round,
              engine.record.version, dict(engine.rejected) or "none", ledger.path, ledger.counts())

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,11 +22,14 @@ from aggregator.engine import Outgoing, RoundEngine, reject
 from aggregator.registry import DeviceRegistry
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.frame import FrameError, decode_frame, encode_frame
-from protocol.messages import Blob, Fetch, FrameHeader, Hello, RejectReason, Statistics, Status, Task, Update
+from protocol.messages import Blob, Fetch, FrameHeader, Hello, Reject, RejectReason, Statistics, Status, Task, Update
 from protocol.mqtt_link import MqttLink
 from protocol.mqtt_url import BrokerAddress
 from protocol.signing import SignatureCheck, SignatureError
 from protocol.topics import Topics
+
+if TYPE_CHECKING:
+    from aggregator.monitor import Monitor
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,7 @@ class AggregatorService:
         max_update_bytes: int = 64 << 20,
         downlink: str = "float32",
         signatures: SignatureCheck | None = None,
+        monitor: Monitor | None = None,
     ) -> None:
         self.engine = engine
         self.registry: DeviceRegistry = engine.registry
@@ -51,6 +56,7 @@ class AggregatorService:
         self.topics = Topics(engine.config.fleet)
         self._max_update_bytes = max_update_bytes
         self._signatures = signatures  # None: an open fleet, signatures not required
+        self.monitor = monitor  # metrics and the status page; fed from this service's thread
         self.downlink = Downlink(engine.config.fleet, aggregator_id, downlink, engine.config.seed)
         self._inbox: queue.Queue[tuple[str, bytes | FrameError]] = queue.Queue()
         self.link = MqttLink(
@@ -68,6 +74,7 @@ class AggregatorService:
         self.link.start()
         try:
             while not stop.is_set() and not self.engine.finished:
+                step_started = time.perf_counter()
                 try:
                     topic, item = self._inbox.get(timeout=tick_s)
                 except queue.Empty:
@@ -75,12 +82,16 @@ class AggregatorService:
                 else:
                     self._handle(topic, item, time.time())
                 self._send(self.engine.tick(time.time()))
+                if self.monitor:
+                    self.monitor.observe(self.engine, time.time(), time.perf_counter() - step_started)
         finally:
             time.sleep(0.2)  # let the last QoS 1 publishes leave
             self.link.stop()
 
     def _handle(self, topic: str, item: bytes | FrameError, now: float) -> None:
         device = self.topics.device_of(topic)
+        if self.monitor and isinstance(item, bytes):
+            self.monitor.received(len(item))
         if isinstance(item, FrameError):
             self._refuse(device, item.reason, item.detail)
             return
@@ -109,7 +120,10 @@ class AggregatorService:
         elif topic == self.topics.up(device) and isinstance(body, Update):
             self.registry.seen(device, now)
             self.registry.holds(device, body.tier, body.base_version)
-            self._send(self.engine.on_update(device, header.msg_id, body, frame.tensors, frame.nbytes, now))
+            outgoing = self.engine.on_update(device, header.msg_id, body, frame.tensors, frame.nbytes, now)
+            if self.monitor and not any(isinstance(m.body, Reject) for m in outgoing):
+                self.monitor.update_accepted()
+            self._send(outgoing)
         elif topic == self.topics.up(device) and isinstance(body, Statistics):
             self.registry.seen(device, now)
             self.registry.holds(device, body.tier, body.base_version)
@@ -148,16 +162,22 @@ class AggregatorService:
         self.engine.count_rejection(reason, detail, device)
         log.warning("rejected a message from %s: %s: %s", device or "an unknown sender", reason.value, detail)
         if device is not None:
-            self._send([reject(device, reason, detail)])
+            self._send([reject(device, reason, detail)])  # the monitor sees it go out
+        elif self.monitor:
+            self.monitor.rejected(None, reason, detail, time.time())
 
     def _send(self, messages: list[Outgoing]) -> None:
         for message in messages:
             frame = self._frame(message)
+            if self.monitor and isinstance(message.body, Reject):
+                self.monitor.rejected(message.device_id, message.body.reason, message.body.detail, time.time())
             if message.device_id is None:
-                self.link.publish(self.topics.rounds, frame, retain=True)
-                continue
-            sent = self.link.publish(self.topics.down(message.device_id), frame)
-            self.engine.note_bytes(down=sent)
+                sent = self.link.publish(self.topics.rounds, frame, retain=True)
+            else:
+                sent = self.link.publish(self.topics.down(message.device_id), frame)
+                self.engine.note_bytes(down=sent)
+            if self.monitor:
+                self.monitor.sent(sent)
 
     def _frame(self, message: Outgoing) -> bytes:
         body, tensors = message.body, message.tensors

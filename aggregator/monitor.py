@@ -1,0 +1,359 @@
+"""What a running aggregator shows its operator: Prometheus metrics and a live status page over HTTP.
+
+The service thread owns all state. It reports events (bytes, accepted updates, rejections) and,
+after every step of its loop, calls `observe`, which copies what the page needs into an immutable
+`StatusSnapshot` and swaps it in under a lock. The HTTP server runs in daemon threads and only reads
+that snapshot and the monitor's own metrics registry (prometheus-client metrics are thread-safe).
+
+Routes: `/metrics` (Prometheus text format), `/status.json` (the latest snapshot), `/` (the page).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import math
+import socket
+import threading
+from dataclasses import dataclass
+from functools import cached_property
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from protocol.messages import RejectReason, RoundSummary
+
+if TYPE_CHECKING:
+    from aggregator.engine import RoundEngine
+
+log = logging.getLogger(__name__)
+
+REJECTIONS_KEPT = 50  # the status page lists this many recent rejections
+HISTORY_SHOWN = 1000  # rounds in /status.json (the newest)
+SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    """One device as the page shows it."""
+
+    device_id: str
+    tier: str | None  # its task's tier in the open round, else the tier it last trained, else the one it asked for
+    online: bool
+    last_seen: float
+    backend: str
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    """The open round: how many of the selected devices have answered the current phase."""
+
+    number: int
+    phase: str  # "training" or "statistics" (batch-norm models measure statistics before the commit)
+    selected: int
+    answered: int
+    started: float
+    deadline: float | None  # None: no deadline (FedBuff's buffer)
+    waiting_for: tuple[str, ...]  # devices that owe this phase an answer
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One refused message."""
+
+    time: float
+    device: str | None
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class StatusSnapshot:
+    """Everything /status.json serves, copied out of the service thread's state at one instant."""
+
+    taken: float
+    fleet: str
+    model: str
+    rounds_planned: int
+    round: int  # last finished round
+    version: int
+    finished: bool
+    current: RoundProgress | None
+    devices: tuple[DeviceStatus, ...]
+    history: tuple[RoundSummary, ...]
+    rejections: tuple[Rejection, ...]  # newest first
+    rejected_by_reason: tuple[tuple[str, int], ...]
+    bytes_received: int
+    bytes_sent: int
+    updates_accepted: int
+
+    @cached_property
+    def json_bytes(self) -> bytes:
+        """The snapshot as /status.json serves it (encoded once, on first request)."""
+        shown = self.history[-HISTORY_SHOWN:]
+        before = self.history[-len(shown) - 1].version if len(self.history) > len(shown) else 0
+        rounds = []
+        for s in shown:
+            rounds.append({
+                "round": s.round, "version": s.version, "committed": s.version > before, "selected": s.selected,
+                "answered": s.answered, "accuracy": _finite(s.accuracy), "loss": _finite(s.loss),
+                "accuracy_source": s.accuracy_source, "seconds": s.seconds, "bytes_up": s.bytes_up,
+                "bytes_down": s.bytes_down, "accuracy_by_tier": {t: _finite(a) for t, a in s.accuracy_by_tier.items()},
+            })
+            before = s.version
+        document = {
+            "now": self.taken, "fleet": self.fleet, "model": self.model, "rounds_planned": self.rounds_planned,
+            "round": self.round, "version": self.version, "finished": self.finished,
+            "current": dataclasses.asdict(self.current) if self.current else None,
+            "devices": [dataclasses.asdict(d) for d in self.devices],
+            "history": rounds,
+            "rejections": [dataclasses.asdict(r) for r in self.rejections],
+            "rejected_by_reason": dict(self.rejected_by_reason),
+            "totals": {"bytes_received": self.bytes_received, "bytes_sent": self.bytes_sent,
+                       "updates_accepted": self.updates_accepted},
+        }
+        return json.dumps(document, allow_nan=False).encode()
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no NaN: a diverged model's loss shows as missing."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+class Monitor:
+    """Metrics and status of one aggregator, served over HTTP on `host:port` (port 0: any free port)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, refresh_s: float = 0.25) -> None:
+        if not 0 <= port <= 65535:
+            raise ValueError(f"status port {port} is not a TCP port (0-65535; 0 picks a free one)")
+        self.host, self.port = host, port
+        self.refresh_s = refresh_s  # the slowest a snapshot may lag behind (a finished round never lags)
+        self.registry = CollectorRegistry()
+        self._lock = threading.Lock()
+        self._snapshot: StatusSnapshot | None = None
+        self._server: _StatusServer | None = None
+        # Owned by the service thread:
+        self._rejections: collections.deque[Rejection] = collections.deque(maxlen=REJECTIONS_KEPT)
+        self._rejected_by_reason: collections.Counter[str] = collections.Counter()
+        self._bytes_received = self._bytes_sent = self._updates_accepted = 0
+        self._history_seen: int | None = None
+        self._version = 0
+        self._tiers_seen: set[str] = set()
+        self._last_refresh = 0.0
+        self._metrics = _Metrics(self.registry)
+
+    # -- the HTTP server ----------------------------------------------------------------------
+
+    def start(self) -> Monitor:
+        """Bind `host:port` and serve in daemon threads; OSError with the address if it is taken."""
+        try:
+            self._server = _StatusServer((self.host, self.port), self)
+        except OSError as exc:
+            raise OSError(f"cannot serve the status page on {self.host}:{self.port}: {exc.strerror or exc}") from exc
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, name="tierfl-status", daemon=True).start()
+        log.info("status page at %s (metrics at %smetrics)", self.url, self.url)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and release the port."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> Monitor:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        """Where the status page is served."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def snapshot(self) -> StatusSnapshot | None:
+        """The latest snapshot (any thread), None before the service's first step."""
+        with self._lock:
+            return self._snapshot
+
+    # -- events, from the service thread ------------------------------------------------------
+
+    def received(self, nbytes: int) -> None:
+        """A frame of `nbytes` arrived."""
+        self._bytes_received += nbytes
+        self._metrics.bytes_received.inc(nbytes)
+
+    def sent(self, nbytes: int) -> None:
+        """`nbytes` were published."""
+        self._bytes_sent += nbytes
+        self._metrics.bytes_sent.inc(nbytes)
+
+    def update_accepted(self) -> None:
+        """A device's update was counted toward the open round."""
+        self._updates_accepted += 1
+        self._metrics.updates_accepted.inc()
+
+    def rejected(self, device: str | None, reason: RejectReason, detail: str, now: float) -> None:
+        """A message was refused."""
+        self._rejections.appendleft(Rejection(now, device, reason.value, detail))
+        self._rejected_by_reason[reason.value] += 1
+        self._metrics.rejections.labels(reason.value).inc()
+
+    def observe(self, engine: RoundEngine, now: float, step_seconds: float = 0.0) -> None:
+        """Take in the engine's state after one service step that took `step_seconds` (cheap when nothing changed)."""
+        history = engine.record.history
+        if self._history_seen is None:  # rounds finished before a restart set the gauges but are not counted
+            self._history_seen = len(history)
+            if history:
+                self._show_round(history[-1])
+        new = history[self._history_seen:]
+        for summary in new:
+            self._metrics.rounds_finished.labels("committed" if summary.version > self._version else "failed").inc()
+            self._metrics.round_seconds.observe(summary.seconds)
+            self._metrics.aggregation_seconds.observe(step_seconds)
+            self._show_round(summary)
+        self._history_seen = len(history)
+        if not new and self._snapshot is not None and now - self._last_refresh < self.refresh_s:
+            return
+        self._last_refresh = now
+        snapshot = self._take_snapshot(engine, now)
+        self._count_devices(snapshot.devices)
+        with self._lock:
+            self._snapshot = snapshot
+
+    def _show_round(self, summary: RoundSummary) -> None:
+        """Set the gauges from the last finished round."""
+        self._version = summary.version
+        self._metrics.round.set(summary.round)
+        self._metrics.model_version.set(summary.version)
+        if summary.accuracy is not None:
+            self._metrics.accuracy.set(summary.accuracy)
+        if summary.loss is not None:
+            self._metrics.loss.set(summary.loss)
+        for tier, accuracy in summary.accuracy_by_tier.items():
+            self._metrics.tier_accuracy.labels(tier).set(accuracy)
+
+    def _count_devices(self, devices: tuple[DeviceStatus, ...]) -> None:
+        online = collections.Counter(d.tier or "none" for d in devices if d.online)
+        self._tiers_seen |= set(online)
+        for tier in self._tiers_seen:
+            self._metrics.devices_online.labels(tier).set(online[tier])
+        self._metrics.devices_known.set(len(devices))
+
+    def _take_snapshot(self, engine: RoundEngine, now: float) -> StatusSnapshot:
+        # The engine and registry keep the open round and the device table private; read them here only.
+        current = engine._open
+        assigned = {d: a.tier for d, a in current.assignments.items()} if current else {}
+        registry = engine.registry
+        devices = tuple(
+            DeviceStatus(
+                device_id=info.device_id,
+                tier=assigned.get(info.device_id) or _last_trained_tier(info.holds) or info.requested_tier,
+                online=info.online and now - info.last_seen <= registry.offline_after_s,
+                last_seen=info.last_seen, backend=info.backend, num_samples=info.num_samples,
+            )
+            for info in sorted(registry._devices.values(), key=lambda i: i.device_id)
+        )
+        progress = None
+        if current is not None:
+            statistics = current.trained is not None
+            progress = RoundProgress(
+                number=current.number, phase="statistics" if statistics else "training",
+                selected=len(current.answered) if statistics else len(current.assignments),
+                answered=len(current.measured) if statistics else len(current.answered),
+                started=current.started, deadline=_finite(current.deadline), waiting_for=tuple(sorted(current.owing)),
+            )
+        return StatusSnapshot(
+            taken=now, fleet=engine.config.fleet, model=engine.record.model, rounds_planned=engine.config.rounds,
+            round=engine.record.round, version=engine.record.version, finished=engine.finished, current=progress,
+            devices=devices, history=tuple(engine.record.history), rejections=tuple(self._rejections),
+            rejected_by_reason=tuple(sorted(self._rejected_by_reason.items())),
+            bytes_received=self._bytes_received, bytes_sent=self._bytes_sent, updates_accepted=self._updates_accepted,
+        )
+
+
+class _Metrics:
+    """The Prometheus metrics of one aggregator, in their own registry."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.rounds_finished = Counter("tierfl_rounds_finished", "Rounds closed since start, by outcome", ["outcome"],
+                                       registry=r)
+        self.round = Gauge("tierfl_round", "Number of the last finished round (rounds before a restart count)", registry=r)
+        self.model_version = Gauge("tierfl_model_version", "Version of the committed global model", registry=r)
+        self.devices_online = Gauge("tierfl_devices_online", "Devices online, by tier", ["tier"], registry=r)
+        self.devices_known = Gauge("tierfl_devices_known", "Devices that have announced themselves", registry=r)
+        self.updates_accepted = Counter("tierfl_updates_accepted", "Device updates counted toward a round", registry=r)
+        self.rejections = Counter("tierfl_rejections", "Messages refused, by reason", ["reason"], registry=r)
+        self.bytes_received = Counter("tierfl_received_bytes", "Bytes of frames received from devices", registry=r)
+        self.bytes_sent = Counter("tierfl_sent_bytes", "Bytes published to devices and the rounds topic", registry=r)
+        self.round_seconds = Histogram("tierfl_round_duration_seconds", "Wall time of a round, first task to commit",
+                                       buckets=SECONDS_BUCKETS, registry=r)
+        self.aggregation_seconds = Histogram(
+            "tierfl_aggregation_seconds", "Wall time of the service step that closed a round (aggregate, evaluate, "
+            "commit to disk, publish)", buckets=SECONDS_BUCKETS, registry=r)
+        self.accuracy = Gauge("tierfl_accuracy", "Global accuracy after the last round that measured it", registry=r)
+        self.loss = Gauge("tierfl_loss", "Global loss after the last round that measured it", registry=r)
+        self.tier_accuracy = Gauge("tierfl_tier_accuracy", "Accuracy of each tier's slice after the last round",
+                                   ["tier"], registry=r)
+        for outcome in ("committed", "failed"):
+            self.rounds_finished.labels(outcome)
+        for reason in RejectReason:
+            self.rejections.labels(reason.value)
+        self.accuracy.set(float("nan"))
+        self.loss.set(float("nan"))
+
+
+def _last_trained_tier(holds: dict[str, int]) -> str | None:
+    """The tier whose weights the device received most recently."""
+    return max(holds, key=holds.__getitem__) if holds else None
+
+
+class _StatusServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], monitor: Monitor) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.monitor = monitor
+        self.page = resources.files("aggregator").joinpath("static/status.html").read_bytes()
+        super().__init__(address, _StatusHandler)
+
+
+class _StatusHandler(BaseHTTPRequestHandler):
+    server: _StatusServer
+
+    def do_GET(self) -> None:
+        """Serve /metrics, /status.json or the page."""
+        path = urlsplit(self.path).path
+        monitor = self.server.monitor
+        if path == "/metrics":
+            self._reply(200, CONTENT_TYPE_LATEST, generate_latest(monitor.registry))
+        elif path == "/status.json":
+            snapshot = monitor.snapshot()
+            if snapshot is None:
+                self._reply(503, "application/json", b'{"error": "the aggregator has not started yet"}')
+            else:
+                self._reply(200, "application/json", snapshot.json_bytes)
+        elif path in ("/", "/index.html"):
+            self._reply(200, "text/html; charset=utf-8", self.server.page)
+        else:
+            self._reply(404, "text/plain; charset=utf-8", f"no such page: {path}\n".encode())
+
+    def _reply(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
+        log.debug("%s %s", self.address_string(), format % args)
