@@ -14,6 +14,7 @@ from aggregator.downlink import DOWNLINK_MODES
 from aggregator.engine import EngineConfig, RoundEngine
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.ledger import Ledger
+from aggregator.privacy import DpSettings, add_privacy_arguments, privacy_from_args
 from aggregator.registry import DeviceRegistry
 from aggregator.robust import accumulator_from_args, add_robust_arguments
 from aggregator.service import AggregatorService
@@ -122,6 +123,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              f"(default: {DEFAULT_FEDPROX_MU} with --strategy fedprox, else 0)")
     add_algorithm_arguments(parser)
     add_robust_arguments(parser)
+    add_privacy_arguments(parser)
 
 
 def add_algorithm_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,6 +146,9 @@ def add_algorithm_arguments(parser: argparse.ArgumentParser) -> None:
                        help="FedMut: early lean of each pair's second sign toward the update direction, -1 + bias "
                             "(default: %(default)s)")
     group.add_argument("--fedmut-bias-rounds", type=int, default=50, help="FedMut: rounds over which the bias decays to 0 (default: %(default)s)")
+    group.add_argument("--weigh-partial-work", action="store_true",
+                       help="a device that stopped at the deadline with fewer local steps than asked counts in "
+                            "proportion to the steps it did (default: every answer counts by its samples)")
     group.add_argument("--buffer-size", type=int, default=10, help="FedBuff: updates per new version, K (default: %(default)s)")
     group.add_argument("--max-staleness", type=int, default=10,
                        help="FedBuff: refuse updates trained on a version older than this many versions (default: %(default)s)")
@@ -152,14 +157,16 @@ def add_algorithm_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--concurrency", type=int, help="FedBuff: most devices training at once (default: every idle device)")
 
 
-def make_strategy(args: argparse.Namespace, policy: TierPolicy) -> FedAvg:
-    """The --strategy with its options, sampler, tier policy and accumulator."""
+def make_strategy(args: argparse.Namespace, policy: TierPolicy, dp: DpSettings) -> FedAvg:
+    """The --strategy with its options, sampler, tier policy and accumulator (central DP's, robust, or the mean)."""
     sampler = make_sampler(args.sampling, args.fraction, 1 if args.strategy == "fedbuff" else args.min_clients,
                            args.seed, args.candidates)
     options = dict(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, tiers=policy,
         weighted=args.aggregation == "weighted", mask_classes=args.mask_classes, proximal_mu=proximal_mu(args),
-        seed=args.seed, accumulator=accumulator_from_args(args, weighted=args.aggregation == "weighted"), sampler=sampler,
+        seed=args.seed, sampler=sampler,
+        accumulator=dp.accumulator_factory() or accumulator_from_args(args, weighted=args.aggregation == "weighted"),
+        weigh_partial_work=args.weigh_partial_work,
     )
     if args.strategy == "fedmut":
         return FedMut(alpha=args.fedmut_alpha, bias=args.fedmut_bias, bias_rounds=args.fedmut_bias_rounds, **options)
@@ -201,7 +208,13 @@ def run(args: argparse.Namespace) -> int:
     if missing := sorted(set(mix) - set(artifacts.tiers)):
         raise ValueError(f"--tier-mix names tiers {', '.join(missing)} that the export lacks (have: {', '.join(artifacts.tiers)})")
     policy = make_tier_policy(args.tier_policy, mix, artifacts.spec, args.epochs, args.round_timeout, args.seed)
-    strategy = make_strategy(args, policy)
+    dp = privacy_from_args(args)
+    strategy = make_strategy(args, policy, dp)
+    privacy = dp.budget()
+    if dp.mode == "local":
+        config = config.model_copy(update={"local_dp_clip": dp.clip_norm, "local_dp_noise": dp.noise_multiplier})
+    if privacy is not None and artifacts.spec.batch_norm and args.bn_statistics == "devices":
+        raise ValueError("--dp needs --bn-statistics averaged: measured batch-norm statistics are not privatized")
     evaluator = HeldOutEvaluator(load_dataset(args.eval_data)) if args.eval_data else None
     ledger = Ledger(args.state_dir / "ledger.sqlite")
     if args.strategy == "fedbuff":
@@ -210,7 +223,8 @@ def run(args: argparse.Namespace) -> int:
         engine: RoundEngine = BufferedEngine(config, buffer, strategy, artifacts, StateStore(args.state_dir),
                                              DeviceRegistry(), evaluator, ledger)
     else:
-        engine = RoundEngine(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(), evaluator, ledger)
+        engine = RoundEngine(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(), evaluator, ledger,
+                             privacy=privacy)
     if engine.finished:
         log.info("all %d rounds are already done in %s (version %d)", config.rounds, args.state_dir, engine.record.version)
         return 0
