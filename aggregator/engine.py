@@ -140,6 +140,11 @@ class RoundEngine:
         return self.record.round >= self.config.rounds
 
     @property
+    def open_round(self) -> _OpenRound | None:
+        """The round in progress (read-only use: monitoring), or None between rounds."""
+        return self._open
+
+    @property
     def current_round(self) -> int | None:
         return self._open.number if self._open else None
 

@@ -251,7 +251,7 @@ class Monitor:
 
     def _take_snapshot(self, engine: RoundEngine, now: float) -> StatusSnapshot:
         # The engine and registry keep the open round and the device table private; read them here only.
-        current = engine._open
+        current = engine.open_round
         assigned = {d: a.tier for d, a in current.assignments.items()} if current else {}
         registry = engine.registry
         devices = tuple(
@@ -261,7 +261,7 @@ class Monitor:
                 online=info.online and now - info.last_seen <= registry.offline_after_s,
                 last_seen=info.last_seen, backend=info.backend, num_samples=info.num_samples,
             )
-            for info in sorted(registry._devices.values(), key=lambda i: i.device_id)
+            for info in registry.devices()
         )
         progress = None
         if current is not None:

@@ -95,6 +95,10 @@ class DeviceRegistry:
             if online:
                 info.last_seen = now
 
+    def devices(self) -> list[DeviceInfo]:
+        """Every device that announced itself, sorted by id."""
+        return sorted(self._devices.values(), key=lambda d: d.device_id)
+
     def available(self, now: float) -> list[DeviceInfo]:
         """Online devices seen recently, sorted by id (so seeded sampling is reproducible)."""
         return sorted(
