@@ -1,9 +1,13 @@
 """The device agent: announce, fetch the tier's artifacts, train each task, publish the update.
 
-Network callbacks only decode and queue; one worker loop does the training, so the MQTT
+Network callbacks only decode and queue; one worker thread does the training, so the MQTT
 keep-alive never waits on ONNX Runtime. The broker session is persistent (clean_session off):
 a task published while the device was away is delivered when it comes back, and dropped here
 if its deadline has passed.
+
+Stopping takes no new task; the one in training gets a grace period to finish (it ends by its
+own deadline, or sooner) and send its update, or is abandoned: a task's results (its update, the
+error-feedback residual on disk) are committed all together or not at all.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import queue
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge_client.backends import open_trainer
-from edge_client.cache import ArtifactCache
+from edge_client.cache import ArtifactCache, ArtifactTooLarge
 from edge_client.compression import ErrorFeedback
 from edge_client.data import Dataset
 from edge_client.statistics import measure_bn_statistics
@@ -30,7 +35,7 @@ from models.manifest import STATISTICS_FILE, TierManifest
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.frame import Frame, FrameError, decode_frame, encode_frame
 from protocol.messages import Blob, Body, Fetch, Hello, Reject, RejectReason, Statistics, Status, Task, Update, new_id
-from protocol.mqtt_link import MqttLink, Will
+from protocol.mqtt_link import Backoff, MqttLink, Will
 from protocol.mqtt_url import BrokerAddress
 from protocol.signing import DeviceKey
 from protocol.topics import Topics, check_id
@@ -56,6 +61,10 @@ class ClientConfig(BaseModel):
     seconds_per_sample: dict[str, float] = {}  # tier -> training speed from a benchmark, announced in the hello
     backend: Literal["ort-training", "portable"] = "ort-training"
     send_margin_s: float = Field(2.0, ge=0)  # stop training this long before the deadline (partial work) to send in time
+    cache_max_mb: float = Field(512.0, gt=0)  # bound of the artifact cache (MB: 10^6 bytes)
+    reconnect_max_s: float = Field(60.0, ge=1.0)  # longest wait between attempts to reach the broker
+    connect_timeout_s: float | None = Field(None, gt=0)  # give up when the broker is unreachable this long at start
+    stop_grace_s: float = Field(10.0, ge=0)  # on stop, how long the task in training may take to finish and send
 
 
 def device_key(folder: Path) -> DeviceKey | None:
@@ -77,7 +86,7 @@ class DeviceAgent:
         self.train_data = train
         self.test_data = test
         self.topics = Topics(config.fleet)
-        self.cache = ArtifactCache(config.cache_dir)
+        self.cache = ArtifactCache(config.cache_dir, max_bytes=int(config.cache_max_mb * 1e6))
         self.key = device_key(config.cache_dir)
         self.refused: collections.Counter[str] = collections.Counter()
         self.tasks_done = 0
@@ -86,6 +95,12 @@ class DeviceAgent:
         self._trainers: dict[str, Trainer] = {}
         self._feedback: dict[str, ErrorFeedback] = {}
         self._held: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # tier -> (version, weights received)
+        self._unstorable: set[str] = set()  # artifacts larger than the whole cache bound
+        self._closing = threading.Event()  # stopping: take no new task
+        self._commit_lock = threading.Lock()  # a task's results go out whole, or not once abandoned
+        self._abandoned = False
+        self._current: Task | None = None  # the task the worker is on, until its results are committed
+        self._failure: BaseException | None = None
         self.link = MqttLink(
             config.broker,
             client_id=f"tierfl-{config.fleet}-{config.device_id}",
@@ -95,21 +110,53 @@ class DeviceAgent:
             on_connect=self._announce,
             will=Will(self.topics.status(config.device_id), self._frame(Status(online=False))),
             max_message_bytes=config.max_message_bytes,
+            backoff=Backoff(first_s=1.0, max_s=config.reconnect_max_s),
         )
 
     def run(self, stop: threading.Event) -> None:
-        """Connect, then train tasks as they come until `stop` is set."""
-        self.link.start()
+        """Connect (retrying until the broker answers), train tasks as they come until `stop` is set, then leave.
+
+        Leaving gives the task in training `stop_grace_s` to finish and send its update, abandons it
+        otherwise, publishes this device's offline status and disconnects.
+        """
+        if not self.link.start(retry_for_s=self.config.connect_timeout_s, stop=stop):
+            log.info("stopped before the broker answered")
+            return
+        worker = threading.Thread(target=self._work, args=(stop,), name="tierfl-worker", daemon=True)
+        worker.start()
         try:
-            while not stop.is_set():
-                try:
-                    frame = self._tasks.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                self._run_task(frame)
+            stop.wait()
         finally:
-            self._publish(self.topics.status(self.config.device_id), Status(online=False), retain=True)
-            self.link.stop()
+            self._leave(worker)
+        if self._failure is not None:
+            raise self._failure
+
+    def _leave(self, worker: threading.Thread) -> None:
+        """Stop taking tasks, let the current one finish within the grace period or abandon it, go offline."""
+        self._closing.set()
+        with self._blob_arrived:
+            self._blob_arrived.notify_all()  # a task waiting for artifacts gives up
+        if (busy := self._current) is not None:
+            ends_in = busy.deadline - self.config.send_margin_s - time.time()
+            log.info("stopping: round %d is in progress and ends in %.0f s at the latest; %s", busy.round, ends_in,
+                     "finishing it" if ends_in <= self.config.stop_grace_s else
+                     f"waiting up to {self.config.stop_grace_s:.0f} s for it to finish, then abandoning it")
+        worker.join(self.config.stop_grace_s)
+        with self._commit_lock:
+            self._abandoned = True
+            left = self._current
+        if left is not None:
+            log.warning("stopping: abandoned round %d (not finished within %.0f s); nothing of it was sent or saved",
+                        left.round, self.config.stop_grace_s)
+        self._publish(self.topics.status(self.config.device_id), Status(online=False), retain=True)
+        self.link.stop(flush_timeout_s=5.0)
+
+    def _commit(self, send: Callable[[], None]) -> None:
+        """Run `send` (a task's results: saved state and messages) unless the agent abandoned the task."""
+        with self._commit_lock:
+            if not self._abandoned:
+                send()
+                self._current = None
 
     # -- network thread -------------------------------------------------------------------
 
@@ -163,6 +210,9 @@ class DeviceAgent:
             if data is None:
                 raise ValueError("blob carries no 'data' tensor")
             self.cache.put(blob.sha256, data.tobytes())
+        except ArtifactTooLarge as exc:
+            log.error("cannot cache %s: %s; raise --cache-max-mb", blob.name, exc)
+            self._unstorable.add(blob.sha256)
         except ValueError as exc:
             self._refuse("bad_blob", f"{blob.name}: {exc}")
             return
@@ -170,6 +220,27 @@ class DeviceAgent:
             self._blob_arrived.notify_all()
 
     # -- worker -----------------------------------------------------------------------------
+
+    def _work(self, stop: threading.Event) -> None:
+        """Run tasks one at a time until closing; a failure stops the agent (and is raised by `run`)."""
+        try:
+            while not self._closing.is_set():
+                try:
+                    frame = self._tasks.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if self._closing.is_set():
+                    break
+                self._current = frame.body  # type: ignore[assignment]
+                try:
+                    self._run_task(frame)
+                finally:
+                    with self._commit_lock:
+                        self._current = None
+        except Exception as exc:
+            log.exception("the training worker failed")
+            self._failure = exc
+            stop.set()
 
     def _run_task(self, frame: Frame) -> None:
         task: Task = frame.body  # type: ignore[assignment]
@@ -179,8 +250,8 @@ class DeviceAgent:
         if time.time() > task.deadline:
             log.info("round %d: deadline already passed, skipping", task.round)
             return
+        self.cache.use(task.artifacts.values())  # this tier's files stay cached while it is ours
         if not self._fetch_artifacts(task):
-            log.warning("round %d: artifacts did not arrive before the deadline", task.round)
             return
         start = self._received_weights(task, frame.tensors)
         if start is None:
@@ -197,6 +268,8 @@ class DeviceAgent:
             return
         before = trainer.evaluate(self.test_data) if task.evaluate and len(self.test_data) else None
         seed = task.seed ^ zlib.crc32(self.config.device_id.encode())
+        log.info("round %d: training tier %s (%d epochs, %.0f s to the deadline)",
+                 task.round, task.tier, task.epochs, task.deadline - time.time())
         stats = trainer.train(self.train_data, task.epochs, task.batch_size, task.learning_rate, seed, task.mask_classes,
                               proximal_mu=task.proximal_mu, stop_at=task.deadline - self.config.send_margin_s)
         trained = trainer.get_weights()
@@ -221,23 +294,32 @@ class DeviceAgent:
         )
         frame = encode_frame(self.config.fleet, self.config.device_id, update, None if unchanged else intended,
                              self.config.codec, signer=self.key.sign if self.key else None)
-        if feedback:  # what the aggregator will decode, exactly: read back from our own frame
-            feedback.remember(intended, None if unchanged else decode_frame(frame).tensors)
-        sent = self.link.publish(self.topics.up(self.config.device_id), frame)
-        self.tasks_done += 1
-        log.info(
-            "round %d: %d steps in %.2f s, loss %.4f, acc %.3f; sent %d bytes%s",
-            task.round, stats.steps, stats.seconds, stats.loss, stats.accuracy, sent,
-            " (unchanged: below the upload threshold)" if unchanged else "",
-        )
+        sent_tensors = None if unchanged else decode_frame(frame).tensors  # exactly what the aggregator will decode
+
+        def send() -> None:
+            if feedback:
+                feedback.remember(intended, sent_tensors)
+            sent = self.link.publish(self.topics.up(self.config.device_id), frame)
+            self.tasks_done += 1
+            log.info(
+                "round %d: %d steps in %.2f s, loss %.4f, acc %.3f; sent %d bytes%s",
+                task.round, stats.steps, stats.seconds, stats.loss, stats.accuracy, sent,
+                " (unchanged: below the upload threshold)" if unchanged else "",
+            )
+
+        self._commit(send)
 
     def _send_statistics(self, task: Task, weights: dict[str, np.ndarray]) -> None:
         """Measure the batch-norm statistics of `weights` on our training data and send them."""
         folder = self.cache.tier_folder(task.artifacts, key=task.manifest_sha256)
         statistics = measure_bn_statistics(folder / STATISTICS_FILE, weights, self.train_data, threads=self.config.threads)
         body = Statistics(round=task.round, base_version=task.model_version, tier=task.tier, num_samples=len(self.train_data))
-        sent = self._publish(self.topics.up(self.config.device_id), body, statistics)
-        log.info("round %d: sent batch-norm statistics of %d layers (%d bytes)", task.round, len(statistics) // 2, sent)
+
+        def send() -> None:
+            sent = self._publish(self.topics.up(self.config.device_id), body, statistics)
+            log.info("round %d: sent batch-norm statistics of %d layers (%d bytes)", task.round, len(statistics) // 2, sent)
+
+        self._commit(send)
 
     def _received_weights(self, task: Task, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
         """The task's weights: as sent, or the held version plus the sent delta; None if we lack that version."""
@@ -253,15 +335,25 @@ class DeviceAgent:
         return {name: held[name] + tensors[name] if name in tensors else held[name] for name in held}
 
     def _fetch_artifacts(self, task: Task) -> bool:
+        """True once the task's artifact files are all cached; False (and why, in the log) if they will not be."""
         missing = self.cache.missing(task.artifacts)
         if not missing:
             return True
         log.info("round %d: fetching %d artifact files of tier %s", task.round, len(missing), task.tier)
         self._publish(self.topics.up(self.config.device_id), Fetch(sha256=missing))
+        wanted = set(task.artifacts.values())
         with self._blob_arrived:
-            return self._blob_arrived.wait_for(
-                lambda: not self.cache.missing(task.artifacts), timeout=max(0.0, task.deadline - time.time())
+            self._blob_arrived.wait_for(
+                lambda: self._closing.is_set() or bool(wanted & self._unstorable) or not self.cache.missing(task.artifacts),
+                timeout=max(0.0, task.deadline - time.time()),
             )
+        if not self.cache.missing(task.artifacts):
+            return True
+        if wanted & self._unstorable:
+            log.error("round %d: tier %s has artifacts larger than the cache bound; skipping", task.round, task.tier)
+        elif not self._closing.is_set():
+            log.warning("round %d: artifacts did not arrive before the deadline", task.round)
+        return False
 
     def _feedback_for(self, tier: str) -> ErrorFeedback | None:
         """The tier's error-feedback state; None when updates travel lossless and always."""

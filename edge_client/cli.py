@@ -25,7 +25,10 @@ EPILOG = """examples:
   tierfl client --broker mqtt://192.168.1.10:1883 --fleet lab --device-id pi-kitchen --data /data/local.npz
   tierfl client --broker mqtt://127.0.0.1:1883 --device-id laptop-1 --data digits --tier b
 
-The device keeps running across broker or network outages and reconnects by itself.
+The device keeps running across broker or network outages: it tries to reach the broker again
+after 1 s, 2 s, 4 s, ... up to --reconnect-max, also when the broker is not up yet at start.
+SIGTERM (systemctl stop) takes no new task, lets the one in training finish within --stop-grace
+and send its update (else abandons it), publishes the device's offline status and exits 0.
 """
 
 
@@ -67,6 +70,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="print this device's id and Ed25519 public key (created in the cache dir on first use) "
                              "for the aggregator's --enrolled file, then exit")
     parser.add_argument("--aggregator-id", default="aggregator", help="accept tasks only from this sender (default: %(default)s)")
+    service = parser.add_argument_group("running unattended")
+    service.add_argument("--cache-max-mb", type=float, default=512.0,
+                         help="bound of the artifact cache in MB; the least recently used tiers' files go first, "
+                              "never those of the current tier (default: %(default)s)")
+    service.add_argument("--reconnect-max", type=float, default=60.0, metavar="S",
+                         help="longest wait between attempts to reach the broker, in seconds; the waits double from "
+                              "1 s with random jitter (default: %(default)s)")
+    service.add_argument("--connect-timeout", type=float, metavar="S",
+                         help="exit with an error when the broker cannot be reached for S seconds at start "
+                              "(default: keep trying)")
+    service.add_argument("--stop-grace", type=float, default=10.0, metavar="S",
+                         help="on SIGTERM/SIGINT, seconds the task in training may take to finish and send its "
+                              "update before it is abandoned (default: %(default)s)")
 
 
 def read_benchmark(path: Path) -> dict[str, float]:
@@ -107,11 +123,21 @@ def run(args: argparse.Namespace) -> int:
         skip_below=args.skip_below,
         seconds_per_sample=read_benchmark(args.bench) if args.bench else {},
         backend=backend,
+        cache_max_mb=args.cache_max_mb,
+        reconnect_max_s=args.reconnect_max,
+        connect_timeout_s=args.connect_timeout,
+        stop_grace_s=args.stop_grace,
     )
     agent = DeviceAgent(config, train, test)
     stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        # Set from another thread: Event.set here could deadlock with the main thread's own wait on it.
+        threading.Thread(target=stop.set, name="tierfl-stop").start()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     agent.run(stop)
     log.info("stopped after %d tasks", agent.tasks_done)
     return 0

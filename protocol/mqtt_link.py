@@ -3,12 +3,16 @@
 paho-mqtt runs the network loop in its own thread. Incoming payloads are reassembled there and
 handed to `on_frame(topic, frame_bytes)`; keep that callback short (queue work elsewhere).
 Subscriptions are renewed on every (re)connect, so a broker restart loses nothing we asked for.
+Every failed attempt to (re)connect waits longer than the last (exponential back-off with jitter,
+so a fleet does not come back in lockstep after a broker restart), and says so in the log.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +35,26 @@ class Will:
     retain: bool = True
 
 
+@dataclass(frozen=True)
+class Backoff:
+    """Waits between connection attempts: `first_s` doubling up to `max_s`, each shortened by up to `jitter` of it."""
+
+    first_s: float = 1.0
+    max_s: float = 60.0
+    jitter: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not 0 < self.first_s <= self.max_s:
+            raise ValueError(f"reconnect delays need 0 < first ({self.first_s} s) <= max ({self.max_s} s)")
+        if not 0 <= self.jitter < 0.5:  # below 1/2 every delay stays longer than the one before, until the cap
+            raise ValueError(f"reconnect jitter {self.jitter} is not in [0, 0.5)")
+
+    def delay(self, failures: int, rng: random.Random) -> float:
+        """Seconds to wait after `failures` (1, 2, ...) failed attempts in a row."""
+        base = min(self.max_s, self.first_s * 2.0 ** min(failures - 1, 64))
+        return base * (1.0 - self.jitter * rng.random())
+
+
 class MqttLink:
     """A paho-mqtt client speaking TierFL frames."""
 
@@ -46,8 +70,10 @@ class MqttLink:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_frame_bytes: int = 64 << 20,
         keepalive_s: int = 30,
+        backoff: Backoff = Backoff(),
     ) -> None:
         self.address = address
+        self.backoff = backoff
         self._subscriptions = list(subscriptions)
         self._on_frame = on_frame
         self._on_bad_frame = on_bad_frame
@@ -58,6 +84,11 @@ class MqttLink:
         self._connected = threading.Event()
         self._connack_failure: str | None = None
         self._stopping = False
+        self._failures = 0  # failed attempts since the last accepted connection
+        self._rng = random.Random()
+        self._unacked_lock = threading.Lock()
+        self._published: set[int] = set()  # message ids of QoS 1 publishes ...
+        self._acknowledged: set[int] = set()  # ... and of the broker's acknowledgements
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -65,7 +96,6 @@ class MqttLink:
             protocol=MQTTProtocolVersion.MQTTv311,
         )
         self._client.max_queued_messages_set(0)
-        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         if address.username:
             self._client.username_pw_set(address.username, address.password)
         context = address.ssl_context()
@@ -75,42 +105,103 @@ class MqttLink:
             self._client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
+        self._client.on_connect_fail = self._handle_connect_fail
         self._client.on_message = self._handle_message
+        self._client.on_publish = self._handle_publish
 
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def start(self, timeout_s: float = 10.0) -> None:
-        """Connect and start the network thread; BrokerUnreachable with a clear reason on failure."""
-        where = f"{self.address.host}:{self.address.port}"
-        try:
-            self._client.connect(self.address.host, self.address.port, keepalive=self._keepalive_s)
-        except OSError as exc:
-            raise BrokerUnreachable(f"cannot reach MQTT broker at {where} ({exc.strerror or exc})") from None
-        self._client.loop_start()
-        if not self._connected.wait(timeout_s):
-            self.stop()
-            reason = self._connack_failure or f"no CONNACK within {timeout_s:.0f} s"
-            raise BrokerUnreachable(f"MQTT broker at {where} refused the connection: {reason}")
+    def start(self, timeout_s: float = 10.0, retry_for_s: float | None = 0.0, stop: threading.Event | None = None) -> bool:
+        """Connect and start the network thread; True once the broker accepted us, False if `stop` was set first.
 
-    def stop(self) -> None:
-        """Disconnect cleanly (no last will) and stop the network thread."""
+        A broker that cannot be reached is tried again with back-off for `retry_for_s` seconds
+        (None: until it answers), then BrokerUnreachable with the reason. A broker that refuses us
+        is BrokerUnreachable at once; so is one that gives no CONNACK within `timeout_s`, unless
+        we are still within `retry_for_s`.
+        """
+        where = f"{self.address.host}:{self.address.port}"
+        give_up_at = None if retry_for_s is None else time.monotonic() + retry_for_s
+        while True:
+            try:
+                self._client.connect(self.address.host, self.address.port, keepalive=self._keepalive_s)
+                break
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+            self._failures += 1
+            delay = self.backoff.delay(self._failures, self._rng)
+            if give_up_at is not None and time.monotonic() + delay > give_up_at:
+                tries = f" after {self._failures} attempts" if self._failures > 1 else ""
+                raise BrokerUnreachable(f"cannot reach MQTT broker at {where} ({reason}){tries}")
+            log.warning("cannot reach MQTT broker at %s (%s): attempt %d failed, next in %.1f s",
+                        where, reason, self._failures, delay)
+            if stop is None:
+                time.sleep(delay)
+            elif stop.wait(delay):
+                return False
+        self._client.loop_start()
+        connack_by = max(time.monotonic() + timeout_s, give_up_at or 0.0)
+        while not self._connected.wait(0.1):
+            if self._connack_failure or (give_up_at is not None and time.monotonic() > connack_by):
+                self.stop()
+                reason = self._connack_failure or f"no CONNACK within {timeout_s:.0f} s"
+                raise BrokerUnreachable(f"MQTT broker at {where} refused the connection: {reason}")
+            if stop is not None and stop.is_set():
+                self.stop()
+                return False
+        return True
+
+    def stop(self, flush_timeout_s: float = 0.0) -> None:
+        """Wait up to `flush_timeout_s` for the broker to acknowledge our messages, disconnect cleanly
+        (no last will) and stop the network thread."""
+        if flush_timeout_s > 0 and self.connected and not self.flush(flush_timeout_s):
+            log.warning("the broker did not acknowledge every message within %.0f s", flush_timeout_s)
         self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
+
+    def flush(self, timeout_s: float) -> bool:
+        """True once the broker has acknowledged every message published so far; False after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._unacked_lock:
+                if self._published <= self._acknowledged:
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
     def publish(self, topic: str, frame: bytes, retain: bool = False) -> int:
         """Queue `frame` for `topic` at QoS 1, chunked if large; returns the bytes queued."""
         sent = 0
         for message in split_message(frame, self._max_message_bytes):
-            self._client.publish(topic, message, qos=1, retain=retain)
+            self._track(self._client.publish(topic, message, qos=1, retain=retain).mid)
             sent += len(message)
         return sent
 
     def clear_retained(self, topic: str) -> None:
         """Delete the retained message of `topic` (an empty retained publish, per MQTT)."""
-        self._client.publish(topic, b"", qos=1, retain=True)
+        self._track(self._client.publish(topic, b"", qos=1, retain=True).mid)
+
+    def _track(self, mid: int) -> None:
+        """Remember a publish until its acknowledgement (message ids are reused once acknowledged)."""
+        with self._unacked_lock:
+            done = self._published & self._acknowledged
+            self._published -= done
+            self._acknowledged -= done
+            self._published.add(mid)
+
+    def _handle_publish(self, client: mqtt.Client, userdata: object, mid: int, reason: object, props: object) -> None:
+        with self._unacked_lock:
+            self._acknowledged.add(mid)
+
+    def _next_attempt_in(self) -> float:
+        """Count a failed attempt and make paho wait the back-off's delay before the next one."""
+        self._failures += 1
+        delay = self.backoff.delay(self._failures, self._rng)
+        self._client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]  # paho waits float seconds fine
+        return delay
 
     def _handle_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
         if getattr(reason, "is_failure", False):
@@ -119,15 +210,26 @@ class MqttLink:
             return
         for topic in self._subscriptions:
             client.subscribe(topic, qos=1)
+        self._failures = 0
         self._connected.set()
         log.info("connected to %s:%s", self.address.host, self.address.port)
         if self._on_connect_hook:
             self._on_connect_hook()
 
     def _handle_disconnect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
-        if self._connected.is_set() and not self._stopping:
-            log.warning("disconnected from broker (%s); reconnecting", reason)
+        if not self._stopping:
+            delay = self._next_attempt_in()
+            if self._connected.is_set():
+                log.warning("disconnected from broker (%s); reconnecting in %.1f s", reason, delay)
+            else:
+                log.warning("connection to broker ended (%s): attempt %d failed, next in %.1f s", reason, self._failures, delay)
         self._connected.clear()
+
+    def _handle_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        if not self._stopping:
+            delay = self._next_attempt_in()
+            log.warning("cannot reach MQTT broker at %s:%s: attempt %d failed, next in %.1f s",
+                        self.address.host, self.address.port, self._failures, delay)
 
     def _handle_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         if not message.payload:

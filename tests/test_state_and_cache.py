@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from aggregator.artifacts import ArtifactStore
 from aggregator.state import KEEP_VERSIONS, StateMismatch, StateRecord, StateStore
 from protocol.atomic_file import atomic_write
-from edge_client.cache import ArtifactCache
+from edge_client.cache import ArtifactCache, ArtifactTooLarge
 from models.export import ARTIFACT_FILES, MANIFEST_NAME, export_all
 from models.zoo import ModelSpec
 from protocol.messages import RoundSummary
@@ -183,6 +184,75 @@ def test_tier_folder_rejects_name_with_slash(tmp_path: Path, bad: str) -> None:
         cache.tier_folder({bad: _sha(b"x")}, key="k")
     assert not (tmp_path / "escape.onnx").exists() and not (tmp_path / "cache" / "tiers" / "escape.onnx").exists()
     assert not Path("/abs/path").exists()
+
+
+def _put_aged(cache: ArtifactCache, data: bytes, last_used: float) -> str:
+    """Store `data` and pretend it was last used at unix time `last_used`."""
+    sha = _sha(data)
+    cache.put(sha, data)
+    os.utime(cache.root / "blobs" / sha, (last_used, last_used))
+    return sha
+
+
+def test_bounded_cache_evicts_least_recently_used_first(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path, max_bytes=250)
+    a = _put_aged(cache, b"a" * 100, 1_000)
+    b = _put_aged(cache, b"b" * 100, 2_000)
+    assert cache.read(a) == b"a" * 100  # a is now the most recently used
+    c = _sha(b"c" * 100)
+    cache.put(c, b"c" * 100)
+    assert (cache.has(a), cache.has(b), cache.has(c)) == (True, False, True)
+    assert cache.size() == 200 <= cache.max_bytes
+
+
+def test_eviction_removes_the_tier_folders_linking_a_blob_and_spares_those_in_use(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path, max_bytes=1000)
+    old = {"model.onnx": _put_aged(cache, b"o" * 300, 1_000), "checkpoint": _put_aged(cache, b"p" * 300, 1_100)}
+    current = {"model.onnx": _put_aged(cache, b"q" * 300, 500)}  # the oldest, but in use
+    old_folder = cache.tier_folder(old, key="old")
+    current_folder = cache.tier_folder(current, key="current")
+    for sha, when in [(old["model.onnx"], 1_000), (old["checkpoint"], 1_100), (current["model.onnx"], 500)]:
+        os.utime(tmp_path / "blobs" / sha, (when, when))  # laying out the folders counted as a use
+    cache.use(current.values())
+    os.utime(tmp_path / "blobs" / current["model.onnx"], (500, 500))
+    new = _sha(b"n" * 200)
+    cache.put(new, b"n" * 200)  # 1100 bytes: one old blob must go, and its folder with it
+    assert not cache.has(old["model.onnx"]) and cache.has(old["checkpoint"])
+    assert not old_folder.exists(), "a folder linking an evicted blob would keep its bytes on disk"
+    assert cache.has(current["model.onnx"]) and (current_folder / "model.onnx").read_bytes() == b"q" * 300
+    assert cache.size() == 800
+    cache.put(old["model.onnx"], b"o" * 300)  # fetched again: now the old checkpoint is the least recently used
+    assert not cache.has(old["checkpoint"]) and cache.has(current["model.onnx"]) and cache.has(new)
+    assert cache.size() == 800
+
+
+def test_blob_larger_than_the_bound_is_an_error(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path, max_bytes=2_000_000)
+    data = b"x" * 2_500_000
+    with pytest.raises(ArtifactTooLarge, match=r"is 2.50 MB, more than the cache's whole bound of 2.00 MB"):
+        cache.put(_sha(data), data)
+    assert not cache.has(_sha(data)) and cache.size() == 0
+    with pytest.raises(ValueError, match="positive"):
+        ArtifactCache(tmp_path, max_bytes=0)
+
+
+def test_files_in_use_stay_even_over_the_bound(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = ArtifactCache(tmp_path, max_bytes=500)
+    tier = {name: _sha(name.encode() * 100) for name in ("w1", "w2", "w3")}  # 600 bytes, all needed at once
+    cache.use(tier.values())
+    for name, sha in tier.items():
+        cache.put(sha, name.encode() * 100)
+    assert cache.missing(tier) == [] and cache.size() == 600
+    assert "the artifacts in use take 0.00 MB, over the bound" in caplog.text
+
+
+def test_cache_keeps_its_bound_from_the_start(tmp_path: Path) -> None:
+    unbounded = ArtifactCache(tmp_path)
+    shas = [_put_aged(unbounded, bytes([i]) * 100, 1_000 + i) for i in range(5)]
+    (tmp_path / "blobs" / f".{shas[0]}.abc.tmp").write_bytes(b"half")  # an interrupted write
+    cache = ArtifactCache(tmp_path, max_bytes=300)
+    assert [cache.has(sha) for sha in shas] == [False, False, True, True, True]
+    assert sorted(p.name for p in (tmp_path / "blobs").iterdir()) == sorted(shas[2:])
 
 
 # -- ArtifactStore ----------------------------------------------------------------------------
