@@ -29,6 +29,7 @@ from edge_client.backends import open_trainer
 from edge_client.cache import ArtifactCache, ArtifactTooLarge
 from edge_client.compression import ErrorFeedback
 from edge_client.data import Dataset
+from edge_client.privacy import privatize
 from edge_client.statistics import measure_bn_statistics
 from edge_client.trainer import Trainer
 from models.manifest import STATISTICS_FILE, TierManifest
@@ -94,6 +95,7 @@ class DeviceAgent:
         self._blob_arrived = threading.Condition()
         self._trainers: dict[str, Trainer] = {}
         self._feedback: dict[str, ErrorFeedback] = {}
+        self._dp_rng = np.random.default_rng()  # local DP noise: seeded by the OS, never by the (public) task
         self._held: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # tier -> (version, weights received)
         self._unstorable: set[str] = set()  # artifacts larger than the whole cache bound
         self._closing = threading.Event()  # stopping: take no new task
@@ -274,6 +276,8 @@ class DeviceAgent:
                               proximal_mu=task.proximal_mu, stop_at=task.deadline - self.config.send_margin_s)
         trained = trainer.get_weights()
         delta = {name: trained[name] - start[name] for name in start}
+        if task.dp_noise > 0:  # local differential privacy: clip and noise before anything leaves the device
+            delta = privatize(delta, task.dp_clip, task.dp_noise, self._dp_rng)
         feedback = self._feedback_for(task.tier)
         intended = feedback.compensate(delta) if feedback else delta
         unchanged = bool(feedback and feedback.insignificant(intended, start))

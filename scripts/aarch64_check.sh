@@ -233,9 +233,9 @@ else
         "from edge_client.data import load_digits, save_npz; save_npz('$ROOT/opt/check/digits.npz', load_digits())"
     FLEET=aarch64-$(od -An -N4 -tx4 /dev/urandom | tr -d ' ')
     STATE=$WORK/aggregator-state
-    agg_args=(aggregator --broker "$BROKER" --fleet "$FLEET" --min-clients 1 --rounds "$ROUNDS"
+    agg_args=(--log-format text aggregator --broker "$BROKER" --fleet "$FLEET" --min-clients 1 --rounds "$ROUNDS"
               --eval-data digits --state-dir "$STATE" --round-timeout 900)
-    client_args=(client --broker "$BROKER" --fleet "$FLEET" --device-id pi-emulated
+    client_args=(--log-format text client --broker "$BROKER" --fleet "$FLEET" --device-id pi-emulated
                  --data /opt/check/digits.npz --backend portable --cache-dir /opt/check/cache)
     note aggregator_cmd "tierfl ${agg_args[*]}"
     note client_cmd "tierfl ${client_args[*]}"

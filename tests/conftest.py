@@ -34,5 +34,5 @@ def fleet() -> str:
 def tierfl(*args: str, log: Path | None = None) -> subprocess.Popen[bytes]:
     """Start `tierfl ARGS` as a separate OS process (output to `log`, or captured)."""
     out = open(log, "wb") if log else subprocess.PIPE
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {"TIERFL_LOG_FORMAT": "text", **os.environ, "PYTHONUNBUFFERED": "1"}  # tests read the logs as text
     return subprocess.Popen([sys.executable, "-m", "tierfl.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -88,8 +88,9 @@ def test_edge_aggregator_forwards_its_group_as_one_update(tmp_path, mosquitto_ur
         _stop([aggregator, edge, *direct, *group])
 
 
-def test_central_dp_federation_reports_epsilon_every_round(tmp_path, mosquitto_url, fleet):
-    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--dp", "central", "--dp-clip", "2.0", "--dp-noise", "0.05",
+@pytest.mark.parametrize("mode", ["central", "local"])
+def test_dp_federation_reports_epsilon_every_round(tmp_path, mosquitto_url, fleet, mode):
+    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--dp", mode, "--dp-clip", "2.0", "--dp-noise", "0.05",
                              "--min-clients", "3", "--rounds", "3", "--lr", "0.1")
     devices = _devices(tmp_path, mosquitto_url, fleet, 3)
     watcher = Watcher(mosquitto_url, [Topics(fleet).rounds])

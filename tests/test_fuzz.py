@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +102,8 @@ def test_engine_refuses_arbitrary_updates_without_changing_state(artifacts, tmp_
     for device in ("d1", "d2"):
         registry.hello(device, 10, 0, "a", "ort-training", now=0.0)
     store = ArtifactStore(artifacts)
-    engine = RoundEngine(EngineConfig(rounds=3), FedAvg(min_clients=2), store,
-                         StateStore(tmp_path / f"s{data.draw(st.integers(0, 10**9))}"), registry)
+    state = Path(tempfile.mkdtemp(dir=tmp_path))  # a fresh state directory per example: the open round persists
+    engine = RoundEngine(EngineConfig(rounds=3), FedAvg(min_clients=2), store, StateStore(state), registry)
     engine.tick(1.0)
     before = {n: w.copy() for n, w in engine.weights.items()}
     update = Update(

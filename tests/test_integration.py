@@ -436,7 +436,7 @@ def test_unreachable_broker_is_a_clear_error(tmp_path, command):
     if command[0] == "aggregator":
         command += ["--state-dir", str(tmp_path / "state")]
     else:
-        command += ["--cache-dir", str(tmp_path / "cache")]
+        command += ["--cache-dir", str(tmp_path / "cache"), "--connect-timeout", "3"]  # devices retry forever by default
     result = subprocess.run([sys.executable, "-m", "tierfl.cli", *command], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "cannot reach MQTT broker at 127.0.0.1:1" in result.stderr

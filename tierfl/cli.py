@@ -34,7 +34,7 @@ def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
     return (
-        "usage: tierfl [--log-level LEVEL] COMMAND [options]\n\n"
+        "usage: tierfl [--log-level LEVEL] [--log-format auto|text|json] COMMAND [options]\n\n"
         "TierFL: federated training on edge devices with ONNX Runtime and MQTT.\n\ncommands:\n"
         + "\n".join(lines)
         + "\n\nRun `tierfl COMMAND --help` for the options of one command."

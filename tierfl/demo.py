@@ -83,7 +83,8 @@ def prepare(out: Path, clients: int, alpha: float, spec: ModelSpec, tiers: list[
 
 def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "wb") as log_file:
-        return subprocess.Popen([sys.executable, "-m", "tierfl.cli", *args], stdout=log_file, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-m", "tierfl.cli", "--log-format", "text", *args],  # logs for people
+                                stdout=log_file, stderr=subprocess.STDOUT)
 
 
 def _watch_rounds(broker: BrokerAddress, fleet: str, summaries: queue.Queue[RoundSummary]) -> MqttLink:
