@@ -10,8 +10,10 @@ neither answers nor shows up by its deadline plus one more timeout is given up, 
 may get a new one; a late answer to a task still awaited counts, with its staleness.
 
 The engine is the synchronous one with the round barrier replaced: the open "round" is the
-buffer, and `rounds` counts applied buffers (versions). Batch-norm models keep their averaged
-running statistics: there is no statistics phase without a barrier.
+buffer, and `rounds` counts applied buffers (versions). Like a round, the buffer is spooled to the
+state directory as it fills (aggregator.round_spool), so a restart resumes it with every accepted
+update. Batch-norm models keep their averaged running statistics: there is no statistics phase
+without a barrier.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from aggregator.engine import EngineConfig, Outgoing, RoundEngine, _OpenRound, c
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.ledger import Ledger
 from aggregator.registry import DeviceRegistry
+from aggregator.round_spool import RoundPlan
 from aggregator.state import StateStore
 from aggregator.strategy import Assignment, ClientUpdate, Strategy
 from protocol.messages import RejectReason, RoundSummary, Statistics, Update
@@ -75,12 +78,12 @@ class BufferedEngine(RoundEngine):
         evaluator: HeldOutEvaluator | None = None,
         ledger: Ledger | None = None,
     ) -> None:
-        super().__init__(config.model_copy(update={"static_batch_norm": False}), strategy, artifacts, store, registry,
-                         evaluator, ledger)
         self.buffer = buffer
         self._flights: dict[str, _Flight] = {}
         self._dispatches = 0
         self._staleness: list[int] = []  # of the updates in the open buffer
+        super().__init__(config.model_copy(update={"static_batch_norm": False}), strategy, artifacts, store, registry,
+                         evaluator, ledger)
 
     def tick(self, now: float) -> list[Outgoing]:
         """Give up on overdue tasks, then send a task to every idle available device."""
@@ -100,6 +103,28 @@ class BufferedEngine(RoundEngine):
         self._open = _OpenRound(number=self.record.round + 1, started=now, deadline=float("inf"), assignments={},
                                 accumulator=self.strategy.start_aggregation(self.weights))
         self._staleness = []
+        self.store.open_round.begin(RoundPlan(round=self._open.number, base_version=self.record.version, started=now,
+                                              deadline=now, assignments=[]))
+
+    def _resume_open_round(self, now: float) -> None:
+        """Rebuild the buffer a crash cut short from its spool, each update with its staleness as accepted."""
+        spooled = self.store.open_round.load(self.record.round, self.record.version)
+        if spooled is None:
+            return
+        self._open_buffer(spooled.plan.started)
+        assert self._open is not None
+        assignments = {a.device_id: a for a in spooled.plan.assignments}
+        recorded = self.ledger.accepted_update_ids(self._open.number) if self.ledger else set()
+        for meta, tensors in spooled.updates:
+            self.store.open_round.assign(assignments[meta.device_id])
+            self.store.open_round.accept(meta.device_id, meta.update, meta.nbytes, tensors)
+            self._fold_buffered(meta.device_id, assignments[meta.device_id], meta.update, tensors, meta.nbytes)
+            if self.ledger and meta.update.update_id not in recorded:  # spooled, then stopped before the ledger row
+                self.ledger.record(kind="update", accepted=True, round_number=self._open.number, device=meta.device_id,
+                                   update_id=meta.update.update_id, num_samples=meta.update.num_samples,
+                                   nbytes=meta.nbytes, detail="recorded on restart from the open-round spool")
+        log.info("buffer %d resumed from %s with %d updates accepted before the restart", self._open.number,
+                 self.store.open_round.folder, self._open.accumulator.count)
 
     def _dispatch(self, now: float) -> list[Outgoing]:
         idle = [d for d in self.registry.available(now) if d.device_id not in self._flights]
@@ -130,17 +155,29 @@ class BufferedEngine(RoundEngine):
             del self._flights[device_id]  # its task is over: a fresh one on the newest version
             return refusal + self.tick(now)
         assert self._open is not None and flight is not None
-        staleness = self.record.version - update.base_version
         del self._flights[device_id]
-        self._seen_update_ids.add(update.update_id)
+        in_buffer = update.model_copy(update={"round": self._open.number})  # spooled with the buffer it joins
+        self.store.open_round.assign(flight.assignment)
+        self.store.open_round.accept(device_id, in_buffer, nbytes, dict(tensors))  # on disk before the ledger says accepted
         if self.ledger:
             self.ledger.record(kind="update", accepted=True, round_number=self._open.number, device=device_id,
                                update_id=update.update_id, num_samples=update.num_samples, nbytes=nbytes)
-        self._open.assignments.setdefault(device_id, flight.assignment)
+        self.registry.answered(device_id, None if update.unchanged else update.train_loss)
+        self._fold_buffered(device_id, flight.assignment, update, tensors, nbytes)
+        out: list[Outgoing] = []
+        if self._open.accumulator.count >= self.buffer.buffer_size:
+            out = self._close_round(now)  # commits the buffer as the next version
+        return out + self.tick(now)
+
+    def _fold_buffered(self, device_id: str, assignment: Assignment, update: Update, tensors: Mapping[str, np.ndarray], nbytes: int) -> None:
+        """Count one accepted update toward the buffer, its delta scaled by its staleness."""
+        assert self._open is not None
+        staleness = self.record.version - update.base_version
+        self._seen_update_ids.add(update.update_id)
+        self._open.assignments.setdefault(device_id, assignment)
         self._open.answered.add(device_id)
         self._open.bytes_up += nbytes
         self._staleness.append(staleness)
-        self.registry.answered(device_id, None if update.unchanged else update.train_loss)
         self._open.accumulator.add(ClientUpdate(
             device_id, update.tier, update.num_samples, tensors,
             scale=staleness_factor(staleness, self.buffer.staleness_exponent),
@@ -150,10 +187,6 @@ class BufferedEngine(RoundEngine):
             self._open.evals.append((update.tier, update.eval_loss, update.eval_accuracy, update.eval_samples))
         log.info("buffer %d: update %d/%d from %s (staleness %d)", self._open.number, self._open.accumulator.count,
                  self.buffer.buffer_size, device_id, staleness)
-        out: list[Outgoing] = []
-        if self._open.accumulator.count >= self.buffer.buffer_size:
-            out = self._close_round(now)  # commits the buffer as the next version
-        return out + self.tick(now)
 
     def on_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray], now: float) -> list[Outgoing]:
         """Refused: buffered aggregation has no statistics phase."""

@@ -89,6 +89,12 @@ class RoundSpool:
             raise SpoolError("no open round is being spooled")
         self._write_plan(self._plan.model_copy(update={"measuring_statistics": True}))
 
+    def assign(self, assignment: Assignment) -> None:
+        """Add an assignment to the open round's plan (FedBuff: the buffer learns its devices as they answer)."""
+        if self._plan is None:
+            raise SpoolError("no open round is being spooled")
+        self._write_plan(self._plan.model_copy(update={"assignments": [*self._plan.assignments, assignment]}))
+
     def accept(self, device_id: str, update: Update, nbytes: int, tensors: Mapping[str, np.ndarray]) -> None:
         """Durably store one accepted update of the open round (returns once it is on disk)."""
         if self._plan is None or update.round != self._plan.round:

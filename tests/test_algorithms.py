@@ -366,3 +366,25 @@ def test_fedprox_loss_and_gradient_match_numpy(tmp_path: Path) -> None:
     for n in w0:
         np.testing.assert_allclose(w2_prox[n] - w2[n], -lr * mu * (w1[n] - w0[n]), rtol=1e-3, atol=1e-6)
     assert loss2_prox - loss2 == pytest.approx(mu / 2 * distance / 2, rel=1e-3)  # the mean over two equal steps
+
+
+def test_fedbuff_buffer_survives_a_restart(art_dir: Path, tmp_path: Path) -> None:
+    deltas = [_random(SHAPES, 40 + i) for i in range(2)]
+
+    def run(crash: bool, state: Path) -> dict[str, np.ndarray]:
+        engine = _buffered(art_dir, state, devices=2, buffer=BufferConfig(buffer_size=2))
+        fleet = _Fleet(engine)
+        fleet.answer("d0", deltas[0], 1.0, 10)
+        if crash:  # the process dies with one update in the buffer; a new one resumes from the state directory
+            tasks = fleet.tasks
+            engine = _buffered(art_dir, state, devices=2, buffer=BufferConfig(buffer_size=2))
+            fleet = _Fleet(engine)
+            fleet.tasks["d1"] = tasks["d1"]
+            assert engine.open_round is not None and engine.open_round.accumulator.count == 1
+        fleet.answer("d1", deltas[1], 2.0, 20)
+        assert engine.record.version == 1
+        return engine.weights
+
+    uninterrupted, resumed = run(False, tmp_path / "a"), run(True, tmp_path / "b")
+    for n in SHAPES:
+        np.testing.assert_array_equal(resumed[n], uninterrupted[n])
