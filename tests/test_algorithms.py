@@ -388,3 +388,27 @@ def test_fedbuff_buffer_survives_a_restart(art_dir: Path, tmp_path: Path) -> Non
     uninterrupted, resumed = run(False, tmp_path / "a"), run(True, tmp_path / "b")
     for n in SHAPES:
         np.testing.assert_array_equal(resumed[n], uninterrupted[n])
+
+
+def test_root_checks_an_edge_aggregators_contributors(tmp_path: Path) -> None:
+    from aggregator.engine import RoundEngine
+    from protocol.messages import TierShare
+
+    export_all(SPEC, ["a", "c"], tmp_path / "art")
+    registry = DeviceRegistry()
+    registry.hello("edge", 30, 0, "a", "edge", now=0.0)
+    artifacts = ArtifactStore(tmp_path / "art")
+    engine = RoundEngine(EngineConfig(rounds=2, round_timeout_s=10.0), FedAvg(min_clients=1, tiers=FixedTiers({"a": 1.0})),
+                         artifacts, StateStore(tmp_path / "state"), registry)
+    task = next(o.body for o in engine.tick(0.0) if isinstance(o.body, Task))
+    tensors = _random(artifacts.tiers["a"].shapes, 0)
+
+    def send(contributors: dict, samples: int = 30) -> list:
+        body = Update(update_id=new_id(), round=task.round, base_version=0, tier="a", num_samples=samples, steps=2,
+                      train_loss=1.0, train_accuracy=0.0, train_seconds=1.0, contributors=contributors)
+        return [o.body.reason for o in engine.on_update("edge", new_id(), body, tensors, 100, 1.0) if isinstance(o.body, Reject)]
+
+    assert send({"z": TierShare(samples=30, devices=1)}) == [RejectReason.UNKNOWN_TIER]
+    assert send({"c": TierShare(samples=10, devices=1)}) == [RejectReason.BAD_TENSOR]  # 10 samples, the update says 30
+    assert send({"a": TierShare(samples=10, devices=1), "c": TierShare(samples=20, devices=2)}) == []
+    assert engine.record.version == 1
