@@ -241,6 +241,8 @@ class Monitor:
             self._metrics.loss.set(summary.loss)
         for tier, accuracy in summary.accuracy_by_tier.items():
             self._metrics.tier_accuracy.labels(tier).set(accuracy)
+        for name, value in summary.metrics.items():  # the strategy's: DP epsilon, FedBuff staleness, FedMut radius
+            self._metrics.strategy.labels(name).set(value)
 
     def _count_devices(self, devices: tuple[DeviceStatus, ...]) -> None:
         online = collections.Counter(d.tier or "none" for d in devices if d.online)
@@ -302,6 +304,8 @@ class _Metrics:
             "commit to disk, publish)", buckets=SECONDS_BUCKETS, registry=r)
         self.accuracy = Gauge("tierfl_accuracy", "Global accuracy after the last round that measured it", registry=r)
         self.loss = Gauge("tierfl_loss", "Global loss after the last round that measured it", registry=r)
+        self.strategy = Gauge("tierfl_strategy_metric", "The strategy's own numbers of the last round (dp_epsilon, "
+                              "dp_delta, staleness_mean, fedmut_step_norm, ...)", ["metric"], registry=r)
         self.tier_accuracy = Gauge("tierfl_tier_accuracy", "Accuracy of each tier's slice after the last round",
                                    ["tier"], registry=r)
         for outcome in ("committed", "failed"):

@@ -22,10 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.artifacts import ArtifactStore
 from aggregator.engine import EngineConfig, RoundEngine
+from aggregator.fedmut import FedMut
 from aggregator.monitor import Monitor
 from aggregator.registry import DeviceRegistry
 from aggregator.state import StateStore
-from aggregator.strategy import FedAvg
 from models.export import export_all
 from models.zoo import ModelSpec, param_shapes
 from protocol.messages import RejectReason, Update, new_id
@@ -125,7 +125,8 @@ def test_monitor_follows_an_engine_and_serves_strict_json(tmp_path):
     registry = DeviceRegistry()
     for device in ("d0", "d1"):
         registry.hello(device, 50, 10, None, "portable", now=0.0)
-    engine = RoundEngine(EngineConfig(fleet="f", rounds=3, round_timeout_s=10), FedAvg(min_clients=2),
+    strategy = FedMut(min_clients=2, alpha=1.5)  # a strategy with numbers of its own, exported as tierfl_strategy_metric
+    engine = RoundEngine(EngineConfig(fleet="f", rounds=3, round_timeout_s=10), strategy,
                          ArtifactStore(tmp_path / "art"), StateStore(tmp_path / "state"), registry)
     zeros = {n: np.zeros(s, np.float32) for n, s in param_shapes(spec).items()}
     monitor = Monitor(refresh_s=60)  # refreshes anyway whenever a round finishes
@@ -156,6 +157,7 @@ def test_monitor_follows_an_engine_and_serves_strict_json(tmp_path):
     assert _value(metrics, "tierfl_rejections_total", reason="unknown_device") == 1
     assert _value(metrics, "tierfl_accuracy") == 0.25 and np.isnan(_value(metrics, "tierfl_loss"))
     assert _value(metrics, "tierfl_aggregation_seconds_sum") == pytest.approx(0.02)
+    assert _value(metrics, "tierfl_strategy_metric", metric="fedmut_alpha") == 1.5
     engine.tick(5.0)
     monitor.observe(engine, 70.0)  # the refresh interval passed: the open round shows
     current = json.loads(monitor.snapshot().json_bytes)["current"]
