@@ -17,6 +17,7 @@ from aggregator.ledger import Ledger
 from aggregator.privacy import DpSettings, add_privacy_arguments, privacy_from_args
 from aggregator.registry import DeviceRegistry
 from aggregator.robust import accumulator_from_args, add_robust_arguments
+from aggregator.secure_engine import SecureRoundEngine, add_secure_arguments, secure_from_args
 from aggregator.service import AggregatorService
 from aggregator.state import StateStore
 from aggregator.fedbuff import BufferConfig, BufferedEngine
@@ -124,6 +125,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_algorithm_arguments(parser)
     add_robust_arguments(parser)
     add_privacy_arguments(parser)
+    add_secure_arguments(parser)
 
 
 def add_algorithm_arguments(parser: argparse.ArgumentParser) -> None:
@@ -209,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--tier-mix names tiers {', '.join(missing)} that the export lacks (have: {', '.join(artifacts.tiers)})")
     policy = make_tier_policy(args.tier_policy, mix, artifacts.spec, args.epochs, args.round_timeout, args.seed)
     dp = privacy_from_args(args)
+    secure = secure_from_args(args)
     strategy = make_strategy(args, policy, dp)
     privacy = dp.budget()
     if dp.mode == "local":
@@ -222,6 +225,9 @@ def run(args: argparse.Namespace) -> int:
                               staleness_exponent=args.staleness_exponent, concurrency=args.concurrency)
         engine: RoundEngine = BufferedEngine(config, buffer, strategy, artifacts, StateStore(args.state_dir),
                                              DeviceRegistry(), evaluator, ledger)
+    elif secure is not None:
+        engine = SecureRoundEngine(config, secure, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(),
+                                   evaluator, ledger, privacy=privacy)
     else:
         engine = RoundEngine(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(), evaluator, ledger,
                              privacy=privacy)

@@ -20,9 +20,10 @@ from aggregator.artifacts import ArtifactStore
 from aggregator.downlink import Downlink
 from aggregator.engine import Outgoing, RoundEngine, reject
 from aggregator.registry import DeviceRegistry
+from aggregator.secure_engine import SecureRoundEngine
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.frame import FrameError, decode_frame, encode_frame
-from protocol.messages import Blob, Fetch, FrameHeader, Hello, Reject, RejectReason, Statistics, Status, Task, Update
+from protocol.messages import Blob, Fetch, FrameHeader, Hello, Reject, RejectReason, SecAgg, Statistics, Status, Task, Update
 from protocol.mqtt_link import MqttLink
 from protocol.mqtt_url import BrokerAddress
 from protocol.signing import SignatureCheck, SignatureError
@@ -122,6 +123,12 @@ class AggregatorService:
             self.registry.holds(device, body.tier, body.base_version)
             outgoing = self.engine.on_update(device, header.msg_id, body, frame.tensors, frame.nbytes, now)
             if self.monitor and not any(isinstance(m.body, Reject) for m in outgoing):
+                self.monitor.update_accepted()
+            self._send(outgoing)
+        elif topic == self.topics.up(device) and isinstance(body, SecAgg) and isinstance(self.engine, SecureRoundEngine):
+            self.registry.seen(device, now)
+            outgoing = self.engine.on_secagg(device, header.msg_id, body, frame.tensors, frame.nbytes, now)
+            if self.monitor and body.phase == "masked_input" and not any(isinstance(m.body, Reject) for m in outgoing):
                 self.monitor.update_accepted()
             self._send(outgoing)
         elif topic == self.topics.up(device) and isinstance(body, Statistics):

@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -35,11 +35,16 @@ from edge_client.trainer import Trainer
 from models.manifest import STATISTICS_FILE, TierManifest
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.frame import Frame, FrameError, decode_frame, encode_frame
-from protocol.messages import Blob, Body, Fetch, Hello, Reject, RejectReason, Statistics, Status, Task, Update, new_id
+from protocol.messages import Blob, Body, Fetch, Hello, Reject, RejectReason, SecAgg, Statistics, Status, Task, Update, new_id
 from protocol.mqtt_link import Backoff, MqttLink, Will
 from protocol.mqtt_url import BrokerAddress
 from protocol.signing import DeviceKey
 from protocol.topics import Topics, check_id
+
+try:
+    from edge_client.secure_client import SecureClient
+except ImportError:  # no `cryptography`: this device cannot take part in secure aggregation
+    SecureClient = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +108,7 @@ class DeviceAgent:
         self._abandoned = False
         self._current: Task | None = None  # the task the worker is on, until its results are committed
         self._failure: BaseException | None = None
+        self.secure = SecureClient(config.device_id, self._send_secagg) if SecureClient else None  # secure rounds
         self.link = MqttLink(
             config.broker,
             client_id=f"tierfl-{config.fleet}-{config.device_id}",
@@ -187,8 +193,15 @@ class DeviceAgent:
             self._refuse("foreign", f"frame from {header.sender!r} of fleet {header.fleet!r}")
             return
         body = frame.body
-        if isinstance(body, Task):
+        if isinstance(body, Task) and body.secure is not None and self.secure is None:
+            self._refuse("secure_unsupported", f"round {body.round} uses secure aggregation, which needs the "
+                         "cryptography package (pip install 'tierfl[signing]')")
+        elif isinstance(body, Task):
+            if body.secure is not None and self.secure is not None:
+                self.secure.on_task(body)  # keys go out at once, before training
             self._tasks.put(frame)
+        elif isinstance(body, SecAgg) and self.secure is not None:
+            self.secure.on_message(body)
         elif isinstance(body, Blob):
             self._store_blob(body, frame)
         elif isinstance(body, Reject):
@@ -278,6 +291,9 @@ class DeviceAgent:
         delta = {name: trained[name] - start[name] for name in start}
         if task.dp_noise > 0:  # local differential privacy: clip and noise before anything leaves the device
             delta = privatize(delta, task.dp_clip, task.dp_noise, self._dp_rng)
+        if task.secure is not None and (secure := self.secure) is not None:  # masked once the shares are in
+            self._commit(lambda: secure.trained(task, delta, before))
+            return
         feedback = self._feedback_for(task.tier)
         intended = feedback.compensate(delta) if feedback else delta
         unchanged = bool(feedback and feedback.insignificant(intended, start))
@@ -375,6 +391,12 @@ class DeviceAgent:
             trainer = open_trainer(self.config.backend, folder, manifest, threads=self.config.threads)
             self._trainers[task.manifest_sha256] = trainer
         return trainer
+
+    def _send_secagg(self, body: SecAgg, tensors: Mapping[str, np.ndarray] | None) -> int:
+        """Publish one secure-aggregation message (a masked input's ring integers as raw uint8 tensors)."""
+        frame = encode_frame(self.config.fleet, self.config.device_id, body, tensors, "uint8",
+                             signer=self.key.sign if self.key else None)
+        return self.link.publish(self.topics.up(self.config.device_id), frame)
 
     def _frame(self, body: Body, tensors: dict[str, np.ndarray] | None = None) -> bytes:
         return encode_frame(self.config.fleet, self.config.device_id, body, tensors, signer=self.key.sign if self.key else None)

@@ -64,6 +64,20 @@ class Status(_Strict):
     online: bool
 
 
+class SecureAggregation(_Strict):
+    """Task.secure: the round is summed by secure aggregation (protocol.secagg); answer with SecAgg messages, no Update."""
+
+    session: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]  # this attempt at the round; messages of another are stale
+    threshold: Annotated[int, Field(ge=2)]  # shares that rebuild a device's secrets
+    max_devices: Annotated[int, Field(ge=2)]
+    ring_bits: Literal[32, 64] = 32
+    frac_bits: Annotated[int, Field(ge=0, le=52)]  # fixed-point fraction bits of the masked integers
+    clip: Annotated[float, Field(gt=0, allow_inf_nan=False)]  # bound on |weight * delta| per element
+    weight: Annotated[float, Field(gt=0, allow_inf_nan=False)]  # this device's public weight in the mean
+    shapes: dict[str, list[Annotated[int, Field(ge=1)]]]  # the global tensors
+    block: dict[str, list[Annotated[int, Field(ge=1)]]]  # this device's tier: the leading block of each
+
+
 class Task(_Strict):
     """Aggregator -> device: train the attached weights of `tier` for one round."""
 
@@ -87,6 +101,7 @@ class Task(_Strict):
     weighted: bool = True  # the aggregator weights updates by samples (False: one vote per device); edge aggregators follow it
     dp_clip: Annotated[float, Field(ge=0)] = 0.0  # local differential privacy: clip the delta to this L2 norm ...
     dp_noise: Annotated[float, Field(ge=0)] = 0.0  # ... and add Gaussian noise of std dp_noise * dp_clip (0: off)
+    secure: SecureAggregation | None = None  # secure aggregation: mask the delta, send it as SecAgg messages
 
 
 class Fetch(_Strict):
@@ -144,6 +159,23 @@ class Statistics(_Strict):
     num_samples: Annotated[int, Field(ge=1)]
 
 
+class SecAgg(_Strict):
+    """Either way in a secure round: one protocol.secagg message, its JSON in `payload`.
+
+    A masked input's ring integers travel as uint8 frame tensors (one per tensor, its bytes), not
+    in the payload; its eval fields are the device's federated evaluation, as in Update.
+    """
+
+    kind: Literal["secagg"] = "secagg"
+    round: Annotated[int, Field(ge=1)]
+    session: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]  # Task.secure.session
+    phase: Literal["advertise", "roster", "share_keys", "delivery", "masked_input", "unmask_request", "unmasking"]
+    payload: Annotated[str, Field(max_length=1 << 20)]
+    eval_loss: float | None = None
+    eval_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    eval_samples: Count = 0
+
+
 class Reject(_Strict):
     """Either side -> the other: your message was refused, and why."""
 
@@ -175,7 +207,7 @@ class RoundSummary(_Strict):
 
 
 Body = Annotated[
-    Union[Hello, Status, Task, Fetch, Blob, Update, Statistics, Reject, RoundSummary],
+    Union[Hello, Status, Task, Fetch, Blob, Update, Statistics, SecAgg, Reject, RoundSummary],
     Field(discriminator="kind"),
 ]
 

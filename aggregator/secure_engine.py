@@ -1,0 +1,383 @@
+"""Rounds summed by secure aggregation (protocol.secagg): the aggregator only ever sees masked updates.
+
+A secure round is the engine's usual round (selection, tasks, deadline, commit) with the four
+phases of Bonawitz et al. run through it, every message a SecAgg body (protocol.secagg_wire):
+
+    task (Task.secure) -> advertise -> roster -> share_keys -> delivery -> [training] ->
+    masked_input -> unmask_request -> unmasking -> commit: global + per-element weighted mean
+
+A phase closes once every device it waits for has answered, once all those still owing are
+offline, or at its deadline: advertising and sharing keys get `keys_fraction` of the round
+timeout each, masked inputs run to the round's deadline, unmasking gets `unmask_fraction` more.
+A device that misses a phase takes no further part; when fewer than the threshold remain the
+round fails, with the reason in the log, and no version is made. Plain updates are refused.
+
+Each device's weight in the mean is public and fixed when the round starts: its sample count
+over the mean count of the selected devices (1 with unweighted aggregation). The device masks
+weight x delta, clipped to `clip` per element; fixed point uses as many fraction bits (up to 24)
+as the ring holds without the sum of the round's devices wrapping around.
+
+Not resumable: the keys and the partial sum live in memory only, so a round open when the
+aggregator stopped is started again from its tasks (fresh keys, a new session).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from aggregator.engine import EngineConfig, Outgoing, RoundEngine, _OpenRound, reject
+from aggregator.artifacts import ArtifactStore
+from aggregator.evaluate import HeldOutEvaluator
+from aggregator.ledger import Ledger
+from aggregator.privacy import PrivacyBudget
+from aggregator.registry import DeviceRegistry
+from aggregator.state import StateStore
+from aggregator.strategy import ClientUpdate, Strategy, Weights
+from protocol.messages import RejectReason, SecAgg, SecureAggregation, Update, new_id
+from protocol.secagg import (
+    AdvertiseKeys,
+    MaskedInput,
+    Phase,
+    SecAggError,
+    SecAggParams,
+    SecAggResult,
+    SecAggServer,
+    ShareKeys,
+    UnmaskResponse,
+)
+from protocol.secagg_wire import DEVICE_PHASES, unwrap, wrap
+
+log = logging.getLogger(__name__)
+MAX_FRACTION_BITS = 24  # float32 deltas carry 24 significant bits; more buys nothing
+MIN_FRACTION_BITS = 8
+_SENT_IN = dict(zip((Phase.ADVERTISE, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.UNMASKING), DEVICE_PHASES))
+
+
+class SecureConfig(BaseModel):
+    """Settings of secure rounds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threshold_fraction: float = Field(2 / 3, gt=0, le=1)  # of the selected devices, rounded up (at least 2)
+    clip: float = Field(16.0, gt=0, allow_inf_nan=False)  # bound on |weight x delta| per element
+    ring_bits: Literal[32, 64] = 32
+    keys_fraction: float = Field(0.2, gt=0, lt=0.5)  # of the round timeout, for advertising and again for sharing keys
+    unmask_fraction: float = Field(0.25, gt=0, le=1)  # of the round timeout, for unmasking after the deadline
+
+
+def fraction_bits(devices: int, clip: float, ring_bits: int) -> int:
+    """The most fraction bits (up to 24) at which `devices` inputs of magnitude <= clip sum without wrapping."""
+    for bits in range(MAX_FRACTION_BITS, MIN_FRACTION_BITS - 1, -1):
+        if devices * math.ceil(clip * 2**bits) < 2 ** (ring_bits - 1):
+            return bits
+    raise ValueError(f"{devices} devices x clip {clip} leave fewer than {MIN_FRACTION_BITS} fraction bits in a "
+                     f"{ring_bits}-bit ring: lower the clip or use 64 ring bits")
+
+
+class UnmaskedMean:
+    """A secure round's accumulator: the global weights plus the unmasked per-element weighted mean."""
+
+    def __init__(self, global_weights: Mapping[str, np.ndarray], result: SecAggResult) -> None:
+        self._global = global_weights
+        self._result = result
+        self.count = len(result.included)
+
+    def add(self, update: ClientUpdate) -> None:
+        """Never: a secure round's sum arrives unmasked whole."""
+        raise TypeError("a secure round takes no individual updates")
+
+    def result(self) -> Weights:
+        """Global weights plus the mean delta (zero where no included device holds an element)."""
+        return {name: (self._global[name] + mean).astype(np.float32) for name, mean in self._result.mean().items()}
+
+
+@dataclass
+class _SecureRound:
+    session: str
+    server: SecAggServer
+    settings: dict[str, SecureAggregation]  # device -> what its task says
+    phase: Phase = Phase.ADVERTISE
+    deadline: float = 0.0
+    expected: set[str] = field(default_factory=set)  # devices the phase waits for
+    received: set[str] = field(default_factory=set)  # devices whose message of the phase was accepted
+
+
+class SecureRoundEngine(RoundEngine):
+    """The round engine with every round summed by secure aggregation."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        secure: SecureConfig,
+        strategy: Strategy,
+        artifacts: ArtifactStore,
+        store: StateStore,
+        registry: DeviceRegistry,
+        evaluator: HeldOutEvaluator | None = None,
+        ledger: Ledger | None = None,
+        now: float | None = None,
+        privacy: PrivacyBudget | None = None,
+    ) -> None:
+        if config.static_batch_norm and artifacts.spec.batch_norm:
+            raise ValueError("secure aggregation cannot pool batch-norm statistics measured on devices (each device's "
+                             "would be in the clear): use --bn-statistics averaged")
+        self.secure = secure
+        self._secure: _SecureRound | None = None
+        super().__init__(config, strategy, artifacts, store, registry, evaluator, ledger, now, privacy)
+
+    def tick(self, now: float) -> list[Outgoing]:
+        """Start a round, move the open one through its phases, or close it."""
+        if self.finished or self._secure is None:
+            return super().tick(now)
+        return self._advance(now)
+
+    def on_update(self, device_id: str, msg_id: str, update: Update, tensors: Mapping[str, np.ndarray], nbytes: int,
+                  now: float) -> list[Outgoing]:
+        """Refuse: in a secure fleet updates arrive masked, as SecAgg messages."""
+        return self._refuse_update(device_id, msg_id, update, RejectReason.UNEXPECTED,
+                                   "this fleet aggregates securely: plain updates are refused (send masked input)")
+
+    def on_secagg(self, device_id: str, msg_id: str, body: SecAgg, tensors: Mapping[str, np.ndarray], nbytes: int,
+                  now: float) -> list[Outgoing]:
+        """Take one device's message of the open secure round, or refuse it with a reason."""
+        problem = self._check_secagg(device_id, body, now)
+        if problem is None:
+            try:
+                self._accept(device_id, unwrap(body, tensors), body, nbytes)
+            except SecAggError as exc:
+                problem = (RejectReason.BAD_TENSOR if body.phase == "masked_input" else RejectReason.MALFORMED, str(exc))
+        if problem is not None:
+            self.count_rejection(problem[0], problem[1], device_id, body)
+            log.warning("rejected a %s message from %s: %s: %s", body.phase, device_id, problem[0].value, problem[1])
+            return [reject(device_id, problem[0], problem[1], msg_id, body.round)]
+        return self._advance(now)
+
+    # -- phases -----------------------------------------------------------------------------
+
+    def _start_round(self, now: float) -> list[Outgoing]:
+        tasks = super()._start_round(now)
+        if self._open is None:
+            return tasks
+        try:
+            self._secure = self._begin(self._open, now)
+        except ValueError as exc:  # fewer than two devices, or a clip the ring cannot hold
+            return self._fail(f"cannot start: {exc}", now)
+        secured = []
+        for task in tasks:
+            assert task.device_id is not None
+            secured.append(Outgoing(task.device_id, task.body.model_copy(update={"secure": self._secure.settings[task.device_id]}),
+                                    task.tensors))
+        log.info("round %d: secure aggregation, threshold %d of %d devices, %d-bit ring with %d fraction bits, clip %g",
+                 self._open.number, self._secure.server.params.threshold, len(tasks), self.secure.ring_bits,
+                 self._secure.server.params.frac_bits, self.secure.clip)
+        return secured
+
+    def _begin(self, current: _OpenRound, now: float) -> _SecureRound:
+        devices = len(current.assignments)
+        if devices < 2:
+            raise ValueError(f"secure aggregation needs at least 2 devices, {devices} selected")
+        params = SecAggParams(
+            round=current.number, threshold=max(2, math.ceil(self.secure.threshold_fraction * devices)),
+            shapes={name: tuple(value.shape) for name, value in self.weights.items()},
+            ring_bits=self.secure.ring_bits, frac_bits=fraction_bits(devices, self.secure.clip, self.secure.ring_bits),
+            clip=self.secure.clip, max_devices=devices,
+        )
+        session = new_id()
+        weights = self._public_weights(current)
+        settings = {
+            device: SecureAggregation(
+                session=session, threshold=params.threshold, max_devices=devices, ring_bits=params.ring_bits,
+                frac_bits=params.frac_bits, clip=params.clip, weight=weights[device],
+                shapes={n: list(s) for n, s in params.shapes.items()},
+                block={n: list(s) for n, s in self.artifacts.tiers[a.tier].shapes.items()},
+            )
+            for device, a in current.assignments.items()
+        }
+        return _SecureRound(session, SecAggServer(params), settings, Phase.ADVERTISE,
+                            now + self.secure.keys_fraction * self.config.round_timeout_s, set(settings))
+
+    def _public_weights(self, current: _OpenRound) -> dict[str, float]:
+        """Each device's weight in the mean: its samples over the selected devices' mean (1 when unweighted)."""
+        samples = {}
+        for device, assignment in current.assignments.items():
+            info = self.registry.get(device)
+            samples[device] = max(1, info.num_samples if info else 1) if assignment.weighted else 1
+        mean = sum(samples.values()) / len(samples)
+        return {device: n / mean for device, n in samples.items()}
+
+    def _advance(self, now: float) -> list[Outgoing]:
+        """Close every phase that is over (several at once when the next is over already)."""
+        out: list[Outgoing] = []
+        while self._secure is not None and self._phase_over(self._secure, now):
+            out += self._close_phase(self._secure, now)
+        return out
+
+    def _phase_over(self, secure: _SecureRound, now: float) -> bool:
+        owing = secure.expected - secure.received
+        if not owing or now >= secure.deadline:
+            return True
+        return all((info := self.registry.get(device)) is not None and not info.online for device in owing)
+
+    def _close_phase(self, secure: _SecureRound, now: float) -> list[Outgoing]:
+        assert self._open is not None
+        missing = sorted(secure.expected - secure.received)
+        if missing:
+            log.warning("round %d: %s missed the %s phase and take no further part", self._open.number,
+                        ", ".join(missing), _SENT_IN[secure.phase])
+        server, timeout = secure.server, self.config.round_timeout_s
+        try:
+            if secure.phase is Phase.ADVERTISE:
+                roster = server.roster()
+                self._enter(secure, Phase.SHARE_KEYS, {a.device for a in roster.devices}, now + self.secure.keys_fraction * timeout)
+                return [self._message(secure, device, roster) for device in sorted(secure.expected)]
+            if secure.phase is Phase.SHARE_KEYS:
+                deliveries = server.deliveries()
+                self._enter(secure, Phase.MASKED_INPUT, set(deliveries), self._open.deadline)
+                return [self._message(secure, device, message) for device, message in sorted(deliveries.items())]
+            if secure.phase is Phase.MASKED_INPUT:
+                request = server.unmask_request()
+                self._enter(secure, Phase.UNMASKING, set(request.survivors), now + self.secure.unmask_fraction * timeout)
+                return [self._message(secure, device, request) for device in request.survivors]
+            result = server.result()
+        except SecAggError as exc:
+            return self._fail(str(exc), now)
+        self._open.accumulator = UnmaskedMean(self.weights, result)
+        log.info("round %d: unmasked the sum of %d masked inputs%s", self._open.number, len(result.included),
+                 f" ({len(result.dropped)} dropped after sharing keys: {', '.join(result.dropped)})" if result.dropped else "")
+        return self._close_round(now)
+
+    @staticmethod
+    def _enter(secure: _SecureRound, phase: Phase, expected: set[str], deadline: float) -> None:
+        secure.phase, secure.expected, secure.received, secure.deadline = phase, expected, set(), deadline
+
+    @staticmethod
+    def _message(secure: _SecureRound, device: str, message: BaseModel) -> Outgoing:
+        body, _ = wrap(message, secure.session)
+        return Outgoing(device, body)
+
+    def _fail(self, reason: str, now: float) -> list[Outgoing]:
+        assert self._open is not None
+        log.warning("round %d: secure aggregation failed: %s", self._open.number, reason)
+        return self._close_round(now)  # the strategy's accumulator took nothing: no version is made
+
+    def _close_round(self, now: float) -> list[Outgoing]:
+        self._secure = None
+        return super()._close_round(now)
+
+    def _resume_open_round(self, now: float) -> None:
+        """A secure round cut short cannot resume (its keys and sum were in memory): drop it, to be run again."""
+        spooled = self.store.open_round.load(self.record.round, self.record.version)
+        if spooled is not None:
+            log.warning("round %d was open when the aggregator stopped; a secure round cannot resume, so it starts "
+                        "again with fresh keys", spooled.plan.round)
+            self.store.open_round.clear()
+
+    # -- messages -----------------------------------------------------------------------------
+
+    def _check_secagg(self, device_id: str, body: SecAgg, now: float) -> tuple[RejectReason, str] | None:
+        current, secure = self._open, self._secure
+        if current is None or secure is None or body.round < current.number:
+            return RejectReason.STALE_ROUND, f"round {body.round} is not open (current: {current.number if current else 'none'})"
+        if body.round > current.number:
+            return RejectReason.FUTURE_ROUND, f"round {body.round} has not started (current: {current.number})"
+        if body.session != secure.session:
+            return RejectReason.STALE_ROUND, f"session {body.session} is an earlier attempt at round {current.number}"
+        if device_id not in current.assignments:
+            return RejectReason.NOT_SELECTED, f"{device_id} was not selected for round {current.number}"
+        if body.phase not in DEVICE_PHASES:
+            return RejectReason.UNEXPECTED, f"devices do not send {body.phase} messages"
+        now_phase = _SENT_IN[secure.phase]
+        if DEVICE_PHASES.index(body.phase) < DEVICE_PHASES.index(now_phase):
+            return RejectReason.LATE, f"the {body.phase} phase of round {current.number} has closed"
+        if body.phase != now_phase:
+            return RejectReason.UNEXPECTED, f"a {body.phase} message while round {current.number} is in {now_phase}"
+        if device_id not in secure.expected:
+            return RejectReason.NOT_SELECTED, f"{device_id} takes no part in the {now_phase} phase (it missed an earlier one)"
+        if device_id in secure.received:
+            return RejectReason.DUPLICATE, f"{device_id} already sent its {now_phase} message"
+        if now > secure.deadline:
+            return RejectReason.LATE, f"arrived {now - secure.deadline:.1f} s after the {now_phase} deadline"
+        return None
+
+    def _accept(self, device_id: str, message: BaseModel, body: SecAgg, nbytes: int) -> None:
+        """Hand one parsed message to the protocol's server; SecAggError if it refuses it."""
+        assert self._open is not None and self._secure is not None
+        current, secure = self._open, self._secure
+        sender = getattr(message, "device", device_id)
+        if sender != device_id:
+            raise SecAggError(f"a message in the name of {sender} from {device_id}")
+        settings = secure.settings[device_id]
+        if isinstance(message, AdvertiseKeys):
+            if {n: list(s) for n, s in message.shapes.items()} != settings.block:
+                raise SecAggError(f"advertised blocks {message.shapes} are not those of tier "
+                                  f"{current.assignments[device_id].tier}")
+            secure.server.add_advertisement(message)
+        elif isinstance(message, ShareKeys):
+            secure.server.add_shares(message)
+        elif isinstance(message, MaskedInput):
+            if message.weight != settings.weight:
+                raise SecAggError(f"weight {message.weight} is not the task's public weight {settings.weight}")
+            secure.server.add_masked_input(message)
+            self._count_masked_input(current, device_id, body, nbytes)
+        elif isinstance(message, UnmaskResponse):
+            secure.server.add_unmasking(message)
+        secure.received.add(device_id)
+        current.bytes_up += nbytes
+
+    def _count_masked_input(self, current: _OpenRound, device_id: str, body: SecAgg, nbytes: int) -> None:
+        current.answered.add(device_id)
+        self.registry.answered(device_id, None)
+        if body.eval_loss is not None and body.eval_accuracy is not None and body.eval_samples:
+            current.evals.append((current.assignments[device_id].tier, body.eval_loss, body.eval_accuracy, body.eval_samples))
+        if self.ledger:
+            self.ledger.record(kind="secagg", accepted=True, round_number=body.round, device=device_id, nbytes=nbytes,
+                               detail="masked input")
+        log.info("round %d: masked input %d/%d from %s", current.number, len(current.answered),
+                 len(current.assignments), device_id)
+
+
+def add_secure_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --secure-aggregation options."""
+    group = parser.add_argument_group("secure aggregation (the aggregator sees only masked updates)")
+    group.add_argument("--secure-aggregation", action="store_true",
+                       help="sum every round by secure aggregation (Bonawitz et al.): devices mask their weighted "
+                            "updates with pairwise and self masks that cancel in the sum, secret-share the mask seeds "
+                            "so the sum survives devices dropping out, and the aggregator unmasks only the sum. Not "
+                            "with --strategy fedmut/fedbuff, --robust, --dp central, --weigh-partial-work, or "
+                            "batch-norm statistics measured on devices; costs a few extra messages per round")
+    group.add_argument("--secagg-threshold", type=float, default=2 / 3, metavar="FRACTION",
+                       help="share of the selected devices (rounded up, at least 2) whose answers a round needs "
+                            "to the end: the threshold t of the secret sharing; up to t - 1 colluding devices learn "
+                            "nothing from it (default: 2/3)")
+    group.add_argument("--secagg-clip", type=float, default=16.0, metavar="C",
+                       help="bound on |weight x update| per element, weight = the device's samples over the mean; "
+                            "devices clip to it (default: %(default)s)")
+    group.add_argument("--secagg-ring-bits", type=int, choices=[32, 64], default=32,
+                       help="masked integers' width: 32 costs what a float32 update does, 64 twice that for "
+                            "huge fleets or clips (default: %(default)s)")
+
+
+def secure_from_args(args: argparse.Namespace) -> SecureConfig | None:
+    """The checked settings of `add_secure_arguments`, or None without --secure-aggregation (ValueError on a bad combination)."""
+    if not args.secure_aggregation:
+        return None
+    conflicts = {
+        f"--strategy {args.strategy}": args.strategy in ("fedmut", "fedbuff"),
+        f"--robust {getattr(args, 'robust', 'none')}": getattr(args, "robust", "none") != "none",
+        "--dp central": getattr(args, "dp", "off") == "central",
+        "--weigh-partial-work": args.weigh_partial_work,
+    }
+    if clash := [option for option, present in conflicts.items() if present]:
+        raise ValueError(f"--secure-aggregation cannot be combined with {', '.join(clash)}: the aggregator never "
+                         "sees individual updates (fedbuff has no rounds to mask; --dp local works)")
+    if args.min_clients < 2:
+        raise ValueError("--secure-aggregation needs --min-clients 2 or more: the sum of one device is its update")
+    return SecureConfig(threshold_fraction=args.secagg_threshold, clip=args.secagg_clip, ring_bits=args.secagg_ring_bits)

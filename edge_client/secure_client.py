@@ -1,0 +1,129 @@
+"""The device's side of secure rounds (protocol.secagg): keys, shares, the masked delta, unmasking.
+
+A secure task (Task.secure) opens a session on the network thread at once: fresh keys are
+advertised before training starts. The roster is answered with encrypted shares, the share
+delivery is kept; the worker hands in the trained delta, and whichever of the two comes last
+masks weight x delta (clipped to the agreed bound) and sends it. The unmask request gets the
+shares the protocol allows it. A refused step ends the session, and the aggregator counts the
+device as dropped. Only the newest secure task has a session; messages of another are ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import BaseModel, ValidationError
+
+from edge_client.trainer import EvalStats
+from protocol.messages import SecAgg, SecureAggregation, Task
+from protocol.secagg import KeyRoster, SecAggDevice, SecAggError, SecAggParams, ShareDelivery, UnmaskRequest
+from protocol.secagg_wire import unwrap, wrap
+
+log = logging.getLogger(__name__)
+Send = Callable[[SecAgg, Mapping[str, np.ndarray] | None], int]  # publish one message up; returns the bytes sent
+
+
+@dataclass
+class _Session:
+    task: Task
+    settings: SecureAggregation
+    device: SecAggDevice
+    delivery: ShareDelivery | None = None
+    delta: dict[str, np.ndarray] | None = None
+    evaluation: dict[str, float | int | None] = field(default_factory=dict)
+    sent: bool = False
+
+
+class SecureClient:
+    """One device's secure sessions, fed by the agent's network thread (messages) and worker (trained deltas)."""
+
+    def __init__(self, device_id: str, send: Send) -> None:
+        self.device_id = device_id
+        self._send = send
+        self._lock = threading.Lock()
+        self._session: _Session | None = None
+
+    def on_task(self, task: Task) -> None:
+        """Open the session of a secure task and advertise its fresh keys."""
+        settings = task.secure
+        assert settings is not None
+        try:
+            params = SecAggParams(round=task.round, threshold=settings.threshold, max_devices=settings.max_devices,
+                                  ring_bits=settings.ring_bits, frac_bits=settings.frac_bits, clip=settings.clip,
+                                  shapes={n: tuple(s) for n, s in settings.shapes.items()})
+            device = SecAggDevice(self.device_id, params, settings.block)
+        except (ValidationError, SecAggError) as exc:
+            log.error("round %d: refusing the secure task: %s", task.round, exc)
+            return
+        with self._lock:
+            self._session = _Session(task, settings, device)
+            self._reply(self._session, device.advertise())
+        log.info("round %d: secure aggregation (threshold %d of %d): keys advertised", task.round,
+                 settings.threshold, settings.max_devices)
+
+    def on_message(self, body: SecAgg) -> None:
+        """Answer the aggregator's roster, keep its share delivery, answer its unmask request."""
+        with self._lock:
+            session = self._session
+            if session is None or body.session != session.settings.session:
+                log.info("ignored a secure-aggregation %s message of another session (round %d)", body.phase, body.round)
+                return
+            try:
+                message = unwrap(body, {})
+                if isinstance(message, KeyRoster):
+                    self._reply(session, session.device.share_keys(message))
+                elif isinstance(message, ShareDelivery):
+                    session.delivery = message
+                    self._mask_when_ready(session)
+                elif isinstance(message, UnmaskRequest):
+                    self._reply(session, session.device.unmask(message))
+                    log.info("round %d: unmasking answered (%d survivors, %d dropped)", body.round,
+                             len(message.survivors), len(message.dropped))
+                else:
+                    raise SecAggError(f"the aggregator does not send {body.phase} messages")
+            except SecAggError as exc:
+                log.error("round %d: secure aggregation step refused, leaving the round: %s", body.round, exc)
+                self._session = None
+
+    def trained(self, task: Task, delta: Mapping[str, np.ndarray], evaluation: EvalStats | None) -> None:
+        """The worker's delta for a secure task: masked and sent once the share delivery is in."""
+        with self._lock:
+            session = self._session
+            if session is None or task.secure is None or task.secure.session != session.settings.session:
+                log.warning("round %d: trained, but its secure session is gone; nothing sent", task.round)
+                return
+            session.delta = self._clipped(task.round, delta, session.settings)
+            if evaluation is not None:
+                session.evaluation = dict(eval_loss=evaluation.loss, eval_accuracy=evaluation.accuracy,
+                                          eval_samples=evaluation.samples)
+            try:
+                self._mask_when_ready(session)
+            except SecAggError as exc:
+                log.error("round %d: cannot mask the update, leaving the round: %s", task.round, exc)
+                self._session = None
+
+    def _mask_when_ready(self, session: _Session) -> None:
+        if session.delivery is None or session.delta is None or session.sent:
+            return
+        masked = session.device.masked_input(session.delivery, session.delta, session.settings.weight)
+        sent = self._reply(session, masked, **session.evaluation)
+        session.sent, session.delta = True, None
+        log.info("round %d: sent the masked update (%d bytes)", session.task.round, sent)
+
+    def _reply(self, session: _Session, message: BaseModel, **evaluation: float | int | None) -> int:
+        body, tensors = wrap(message, session.settings.session, **evaluation)
+        return self._send(body, tensors)
+
+    @staticmethod
+    def _clipped(round_number: int, delta: Mapping[str, np.ndarray], settings: SecureAggregation) -> dict[str, np.ndarray]:
+        """The delta with every element within clip / weight, so that weight x delta stays within the clip."""
+        bound = settings.clip / settings.weight * (1 - 1e-6)  # a hair inside: float rounding must not cross the clip
+        clipped = {name: np.clip(np.asarray(value, np.float64), -bound, bound) for name, value in delta.items()}
+        over = sum(int((np.abs(np.asarray(value)) > bound).sum()) for value in delta.values())
+        if over:
+            log.warning("round %d: %d update elements beyond +-%.4g clipped for secure aggregation", round_number, over, bound)
+        return clipped

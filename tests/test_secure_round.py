@@ -1,0 +1,273 @@
+"""Secure rounds end to end in process: SecureRoundEngine on a fake clock and one SecureClient (real
+SecAggDevice) per device, every message passed as frame bytes; tiers, dropouts, failures, refusals."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.artifacts import ArtifactStore
+from aggregator.engine import EngineConfig, Outgoing
+from aggregator.ledger import Ledger
+from aggregator.registry import DeviceRegistry
+from aggregator.secure_engine import SecureConfig, SecureRoundEngine, fraction_bits
+from aggregator.state import StateStore
+from aggregator.strategy import FedAvg
+from edge_client.secure_client import SecureClient
+from models.export import export_all
+from models.slicing import leading_slices
+from models.zoo import ModelSpec
+from protocol.frame import decode_frame, encode_frame
+from protocol.messages import Reject, RejectReason, RoundSummary, SecAgg, Task, Update, new_id
+from protocol.secagg import AdvertiseKeys
+from protocol.secagg_wire import unwrap, wrap
+
+SPEC = ModelSpec(arch="mlp", image_size=8, hidden=(16,))
+TIMEOUT = 20.0
+START = 100.0
+FLEET = "sec"
+# device -> (tier, samples): three widths, unequal data
+DEVICES = {"d1": ("a", 10), "d2": ("b", 30), "d3": ("a", 20), "d4": ("c", 40)}
+
+
+@pytest.fixture(scope="module")
+def art_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("secure-art")
+    export_all(SPEC, ["a", "b", "c"], out)
+    return out
+
+
+class Fleet:
+    """An engine and its devices, wired through frame bytes; what `silent` devices send is lost."""
+
+    def __init__(self, art: Path, state: Path, threshold: float, ledger: Ledger | None = None) -> None:
+        self.artifacts = ArtifactStore(art)
+        self.registry = DeviceRegistry()
+        for device, (tier, samples) in DEVICES.items():
+            self.registry.hello(device, samples, 0, tier, "ort-training", now=0.0)
+        config = EngineConfig(fleet=FLEET, rounds=2, round_timeout_s=TIMEOUT)
+        self.engine = SecureRoundEngine(config, SecureConfig(threshold_fraction=threshold), FedAvg(min_clients=2),
+                                        self.artifacts, StateStore(state), self.registry, ledger=ledger)
+        self.clients = {d: SecureClient(d, lambda body, tensors, d=d: self._up(d, body, tensors)) for d in DEVICES}
+        self.uplink: list[tuple[str, bytes]] = []
+        self.tasks: dict[str, Task] = {}
+        self.summaries: list[RoundSummary] = []
+        self.silent: set[str] = set()
+        self.unsent: list[tuple[str, bytes]] = []  # what silent devices would have sent
+        self.wire: dict[tuple[str, str], int] = {}  # (device, phase) -> bytes of the frames of that phase, either way
+        self.now = START
+
+    def _up(self, device: str, body: SecAgg, tensors: Mapping[str, np.ndarray] | None) -> int:
+        frame = encode_frame(FLEET, device, body, tensors, "uint8")
+        if device in self.silent:
+            self.unsent.append((device, frame))
+        else:
+            self.uplink.append((device, frame))
+            self.wire[device, body.phase] = len(frame)
+        return len(frame)
+
+    def deliver(self, outgoing: list[Outgoing]) -> list[Outgoing]:
+        """Send the engine's messages to the devices (as bytes); return what is not for a device."""
+        rest = []
+        for message in outgoing:
+            if message.device_id is None:
+                self.summaries.append(message.body)
+                rest.append(message)
+                continue
+            frame = decode_frame(encode_frame(FLEET, "aggregator", message.body, message.tensors))
+            body = frame.body
+            if isinstance(body, Task):
+                self.tasks[message.device_id] = body
+                self.clients[message.device_id].on_task(body)
+            elif isinstance(body, SecAgg):
+                self.wire[message.device_id, body.phase] = frame.nbytes
+                self.clients[message.device_id].on_message(body)
+            else:
+                rest.append(message)
+        return rest
+
+    def pump(self) -> list[Outgoing]:
+        """Carry messages both ways until none is left; what the engine sent that no device takes."""
+        rest = []
+        while self.uplink:
+            device, data = self.uplink.pop(0)
+            frame = decode_frame(data)
+            rest += self.deliver(self.engine.on_secagg(device, frame.header.msg_id, frame.body, frame.tensors,
+                                                       frame.nbytes, self.now))
+        return rest
+
+    def tick(self, now: float) -> list[Outgoing]:
+        self.now = now
+        return self.deliver(self.engine.tick(now)) + self.pump()
+
+    def train(self, device: str, delta: Mapping[str, np.ndarray]) -> list[Outgoing]:
+        self.clients[device].trained(self.tasks[device], delta, None)
+        return self.pump()
+
+
+def _deltas(artifacts: ArtifactStore, seed: int = 7) -> dict[str, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return {d: {n: rng.normal(0, 0.05, s).astype(np.float32) for n, s in artifacts.tiers[tier].shapes.items()}
+            for d, (tier, _) in DEVICES.items()}
+
+
+def _plain_mean(global_weights: Mapping[str, np.ndarray], deltas: dict[str, dict[str, np.ndarray]],
+                weights: dict[str, float]) -> dict[str, np.ndarray]:
+    """global + per-element weighted mean of the deltas over the devices holding each element, in the clear."""
+    out = {}
+    for name, value in global_weights.items():
+        total, mass = np.zeros(value.shape), np.zeros(value.shape)
+        for device, delta in deltas.items():
+            block = leading_slices(delta[name].shape)
+            total[block] += weights[device] * delta[name]
+            mass[block] += weights[device]
+        out[name] = value + np.divide(total, mass, out=np.zeros_like(total), where=mass > 0)
+    return out
+
+
+def test_fraction_bits_keep_the_sum_inside_the_ring() -> None:
+    assert fraction_bits(4, 16.0, 32) == 24
+    assert fraction_bits(1000, 16.0, 32) == 17  # 1000 x 16 x 2^18 would pass 2^31
+    assert fraction_bits(1000, 16.0, 64) == 24
+    with pytest.raises(ValueError, match="fraction bits"):
+        fraction_bits(10**6, 1000.0, 32)
+
+
+def test_mixed_tiers_with_a_dropout_before_and_after_masking_commit_the_plain_mean(art_dir: Path, tmp_path: Path) -> None:
+    fleet = Fleet(art_dir, tmp_path / "state", threshold=0.5)
+    global_before = {n: v.copy() for n, v in fleet.engine.weights.items()}
+    assert fleet.tick(START) == []  # tasks out, keys advertised, roster and share deliveries exchanged
+    assert {d: t.secure is not None for d, t in fleet.tasks.items()} == dict.fromkeys(DEVICES, True)
+    settings = {d: t.secure for d, t in fleet.tasks.items()}
+    assert {s.threshold for s in settings.values()} == {2}
+    assert {d: s.block for d, s in settings.items()} == {
+        d: {n: list(shape) for n, shape in fleet.artifacts.tiers[tier].shapes.items()} for d, (tier, _) in DEVICES.items()}
+    mean_samples = sum(n for _, n in DEVICES.values()) / len(DEVICES)
+    assert {d: s.weight for d, s in settings.items()} == pytest.approx({d: n / mean_samples for d, (_, n) in DEVICES.items()})
+
+    deltas = _deltas(fleet.artifacts)
+    for device in ("d1", "d2", "d3"):  # d4 drops before masking: it never sends its masked input
+        assert fleet.train(device, deltas[device]) == []
+    fleet.silent.add("d3")  # d3 drops after masking: it never answers the unmask request
+    assert fleet.tick(START + TIMEOUT) == []  # masked-input phase over: unmask request to d1, d2, d3
+    assert fleet.engine.record.version == 0
+    out = fleet.tick(START + TIMEOUT * 1.3)  # unmasking's grace over without d3: unmask with d1, d2
+    assert [type(m.body) for m in out] == [RoundSummary]
+    assert fleet.engine.record.version == 1
+    assert (out[0].body.answered, out[0].body.selected) == (3, 4)
+
+    included = {d: deltas[d] for d in ("d1", "d2", "d3")}
+    expected = _plain_mean(global_before, included, {d: settings[d].weight for d in included})
+    quantum = 2.0 ** -settings["d1"].frac_bits
+    for name, value in fleet.engine.weights.items():
+        assert value.dtype == np.float32
+        np.testing.assert_allclose(value, expected[name], rtol=0, atol=4 * quantum + 1e-6, err_msg=name)
+    # The elements only d4 (tier c) would have touched are all inside the others' blocks: everything moved.
+    assert not any(np.array_equal(fleet.engine.weights[n], global_before[n]) for n in global_before)
+
+
+def test_bytes_per_device_round_against_a_plain_float32_update(art_dir: Path, tmp_path: Path) -> None:
+    fleet = Fleet(art_dir, tmp_path / "state", threshold=2 / 3)
+    fleet.tick(START)
+    deltas = _deltas(fleet.artifacts)
+    for device in DEVICES:
+        fleet.train(device, deltas[device])
+    assert fleet.engine.record.version == 1 and fleet.summaries[-1].answered == 4  # committed without waiting
+    for device, (tier, samples) in DEVICES.items():
+        plain = encode_frame(FLEET, device, Update(update_id=new_id(), round=1, base_version=0, tier=tier,
+                                                   num_samples=samples, steps=1, train_loss=1.0, train_accuracy=0.5,
+                                                   train_seconds=0.1), deltas[device])
+        phases = {phase: n for (d, phase), n in fleet.wire.items() if d == device}
+        assert set(phases) == {"advertise", "roster", "share_keys", "delivery", "masked_input", "unmask_request", "unmasking"}
+        # A 32-bit ring costs what float32 does; keys and shares add ~2.5 kB per other device and ~3 kB of headers.
+        assert abs(phases["masked_input"] - len(plain)) < 200, (phases, len(plain))
+        assert sum(phases.values()) - phases["masked_input"] < 3_000 + 3_000 * (len(DEVICES) - 1), phases
+
+
+def test_too_many_dropouts_fail_the_round_with_a_reason(art_dir: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    fleet = Fleet(art_dir, tmp_path / "state", threshold=0.75)  # threshold 3 of 4
+    fleet.tick(START)
+    first_session = fleet.tasks["d1"].secure.session
+    deltas = _deltas(fleet.artifacts)
+    for device in ("d1", "d2"):
+        fleet.train(device, deltas[device])
+    before = {n: v.copy() for n, v in fleet.engine.weights.items()}
+    with caplog.at_level(logging.WARNING, logger="aggregator.secure_engine"):
+        out = fleet.tick(START + TIMEOUT)
+    assert [type(m.body) for m in out] == [RoundSummary] and out[0].body.version == 0
+    assert (fleet.engine.record.round, fleet.engine.record.version) == (1, 0)
+    assert "secure aggregation failed: only 2 devices sent masked inputs, below the threshold 3" in caplog.text
+    for name, value in fleet.engine.weights.items():
+        np.testing.assert_array_equal(value, before[name])
+    # The next round starts afresh, with a new session.
+    fleet.tick(START + TIMEOUT + 1)
+    assert fleet.engine.current_round == 2 and fleet.tasks["d1"].round == 2
+    assert fleet.tasks["d1"].secure.session != first_session
+
+
+def test_a_round_whose_keys_never_came_fails_at_the_advertise_deadline(art_dir: Path, tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    fleet = Fleet(art_dir, tmp_path / "state", threshold=0.75)
+    fleet.silent.update({"d2", "d3"})
+    with caplog.at_level(logging.WARNING, logger="aggregator.secure_engine"):
+        assert fleet.tick(START) == []
+        out = fleet.tick(START + 0.2 * TIMEOUT)
+    assert [type(m.body) for m in out] == [RoundSummary] and fleet.engine.record.version == 0
+    assert "only 2 devices advertised keys, below the threshold 3" in caplog.text
+    assert "d2, d3 missed the advertise phase" in caplog.text
+
+
+def _reason(out: list[Outgoing], device: str) -> RejectReason:
+    assert len(out) == 1 and out[0].device_id == device and isinstance(out[0].body, Reject), out
+    return out[0].body.reason
+
+
+def test_plain_updates_and_malformed_or_out_of_phase_messages_are_refused(art_dir: Path, tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    fleet = Fleet(art_dir, tmp_path / "state", threshold=0.5, ledger=ledger)
+    fleet.silent.add("d4")  # d4's advert is held back, and replayed and forged by hand below
+    engine, now = fleet.engine, START + 1
+    fleet.tick(START)  # tasks and adverts: the round is in its advertise phase, waiting for d4
+    session = fleet.tasks["d4"].secure.session
+    tier_shapes = fleet.artifacts.tiers["c"].shapes
+    [(_, held_back)] = fleet.unsent
+    advert = unwrap(decode_frame(held_back).body, {})
+    assert isinstance(advert, AdvertiseKeys)
+
+    update = Update(update_id=new_id(), round=1, base_version=0, tier="c", num_samples=40, steps=1, train_loss=1.0,
+                    train_accuracy=0.5, train_seconds=0.1)
+    plain = decode_frame(encode_frame(FLEET, "d4", update, {n: np.zeros(s, np.float32) for n, s in tier_shapes.items()}))
+    assert _reason(engine.on_update("d4", new_id(), plain.body, plain.tensors, plain.nbytes, now), "d4") is RejectReason.UNEXPECTED
+
+    def secagg(device: str, **fields: object) -> list[Outgoing]:
+        body = SecAgg(**{"round": 1, "session": session, "phase": "advertise", "payload": "{}", **fields})
+        return engine.on_secagg(device, new_id(), body, {}, 100, now)
+
+    wide = advert.model_copy(update={"shapes": {n: tuple(s) for n, s in fleet.artifacts.tiers["a"].shapes.items()}})
+    assert _reason(secagg("d4", payload="not json"), "d4") is RejectReason.MALFORMED
+    assert _reason(secagg("d4", payload=wide.model_dump_json()), "d4") is RejectReason.MALFORMED  # not its tier
+    assert _reason(secagg("d4", payload=advert.model_dump_json(), round=2), "d4") is RejectReason.FUTURE_ROUND
+    assert _reason(secagg("d4", payload=advert.model_dump_json(), session=new_id()), "d4") is RejectReason.STALE_ROUND
+    assert _reason(secagg("d4", phase="masked_input"), "d4") is RejectReason.UNEXPECTED  # out of phase
+    assert _reason(secagg("d4", phase="roster"), "d4") is RejectReason.UNEXPECTED  # not a device's message
+    assert _reason(secagg("d1", payload=advert.model_dump_json()), "d1") is RejectReason.DUPLICATE  # d1 advertised
+    assert _reason(secagg("d1", payload=advert.model_copy(update={"device": "d1"}).model_dump_json()), "d1") \
+        is RejectReason.DUPLICATE
+    assert _reason(secagg("mallory", payload=advert.model_dump_json()), "mallory") is RejectReason.NOT_SELECTED
+    body, _ = wrap(advert, session)
+    assert _reason(engine.on_secagg("d3", new_id(), body, {}, 100, now), "d3") is RejectReason.DUPLICATE
+
+    fleet.silent.clear()
+    out = fleet.deliver(secagg("d4", payload=advert.model_dump_json()))  # d4's own: accepted, the roster goes out
+    assert out == [] and fleet.pump() == [] and engine._secure.phase.value == "masked_input"
+    assert _reason(secagg("d4", payload=advert.model_dump_json()), "d4") is RejectReason.LATE  # advertise closed
+    assert engine.record.version == 0
+    counts = ledger.counts()
+    assert counts.get("accepted", 0) == 0 and counts["unexpected"] == 3 and counts["duplicate"] == 3
+    rows = ledger._db.execute("SELECT COUNT(*) FROM received WHERE kind = 'update' AND accepted = 1").fetchone()
+    assert rows == (0,)
