@@ -371,8 +371,8 @@ def secure_from_args(args: argparse.Namespace) -> SecureConfig | None:
         return None
     conflicts = {
         f"--strategy {args.strategy}": args.strategy in ("fedmut", "fedbuff"),
-        f"--robust {getattr(args, 'robust', 'none')}": getattr(args, "robust", "none") != "none",
-        "--dp central": getattr(args, "dp", "off") == "central",
+        f"--robust {args.robust}": args.robust != "none",
+        "--dp central": args.dp == "central",
         "--weigh-partial-work": args.weigh_partial_work,
     }
     if clash := [option for option, present in conflicts.items() if present]:

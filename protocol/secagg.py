@@ -227,7 +227,10 @@ def _public_hex(key: X25519PrivateKey) -> str:
 
 def _agree(private: X25519PrivateKey, public_hex: str, purpose: str, round_number: int, a: str, b: str) -> bytes:
     """A 32-byte key both ends of the pair (a, b) derive alike: HKDF-SHA256 of their X25519 secret."""
-    shared = private.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(public_hex)))
+    try:
+        shared = private.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(public_hex)))
+    except ValueError:  # a low-order point: the exchange would give a secret anyone can compute
+        raise SecAggError(f"public key {public_hex[:16]}... is not a usable X25519 key") from None
     low, high = sorted((a, b))
     info = f"tierfl-secagg/v1/{purpose}/{round_number}/{low}/{high}".encode()
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
@@ -513,6 +516,9 @@ class SecAggServer:
         if {advert.c_public, advert.s_public} & used or advert.c_public == advert.s_public:
             raise SecAggError(f"{advert.device} advertised a public key already in use")
         _check_shapes(advert.shapes, self.params, advert.device)
+        probe = X25519PrivateKey.generate()
+        for public in (advert.c_public, advert.s_public):  # refused here, not when every device agrees keys with it
+            _agree(probe, public, "probe", self.params.round, advert.device, AGGREGATOR)
         self._adverts[advert.device] = advert
 
     def roster(self) -> KeyRoster:

@@ -3,7 +3,9 @@ SecAggDevice) per device, every message passed as frame bytes; tiers, dropouts, 
 
 from __future__ import annotations
 
+import argparse
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,10 +13,11 @@ import numpy as np
 import pytest
 
 from aggregator.artifacts import ArtifactStore
+from aggregator.cli import configure_parser
 from aggregator.engine import EngineConfig, Outgoing
 from aggregator.ledger import Ledger
 from aggregator.registry import DeviceRegistry
-from aggregator.secure_engine import SecureConfig, SecureRoundEngine, fraction_bits
+from aggregator.secure_engine import SecureConfig, SecureRoundEngine, fraction_bits, secure_from_args
 from aggregator.state import StateStore
 from aggregator.strategy import FedAvg
 from edge_client.secure_client import SecureClient
@@ -137,7 +140,9 @@ def test_fraction_bits_keep_the_sum_inside_the_ring() -> None:
         fraction_bits(10**6, 1000.0, 32)
 
 
-def test_mixed_tiers_with_a_dropout_before_and_after_masking_commit_the_plain_mean(art_dir: Path, tmp_path: Path) -> None:
+def test_mixed_tiers_with_a_dropout_before_and_after_masking_commit_the_plain_mean(
+        art_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="aggregator.secure_engine")
     fleet = Fleet(art_dir, tmp_path / "state", threshold=0.5)
     global_before = {n: v.copy() for n, v in fleet.engine.weights.items()}
     assert fleet.tick(START) == []  # tasks out, keys advertised, roster and share deliveries exchanged
@@ -159,6 +164,8 @@ def test_mixed_tiers_with_a_dropout_before_and_after_masking_commit_the_plain_me
     assert [type(m.body) for m in out] == [RoundSummary]
     assert fleet.engine.record.version == 1
     assert (out[0].body.answered, out[0].body.selected) == (3, 4)
+    assert "d4 missed the masked_input phase" in caplog.text and "d3 missed the unmasking phase" in caplog.text
+    assert "unmasked the sum of 3 masked inputs (1 dropped after sharing keys: d4)" in caplog.text
 
     included = {d: deltas[d] for d in ("d1", "d2", "d3")}
     expected = _plain_mean(global_before, included, {d: settings[d].weight for d in included})
@@ -186,6 +193,40 @@ def test_bytes_per_device_round_against_a_plain_float32_update(art_dir: Path, tm
         # A 32-bit ring costs what float32 does; keys and shares add ~2.5 kB per other device and ~3 kB of headers.
         assert abs(phases["masked_input"] - len(plain)) < 200, (phases, len(plain))
         assert sum(phases.values()) - phases["masked_input"] < 3_000 + 3_000 * (len(DEVICES) - 1), phases
+
+
+def test_a_delta_beyond_the_clip_is_clipped_on_the_device(art_dir: Path, tmp_path: Path) -> None:
+    fleet = Fleet(art_dir, tmp_path / "state", threshold=2 / 3)
+    global_before = {n: v.copy() for n, v in fleet.engine.weights.items()}
+    fleet.tick(START)
+    deltas = _deltas(fleet.artifacts)
+    deltas["d2"]["fc1.weight"][0, 0] = 1e4  # d2's weight is 1.2: |weight x delta| would be far beyond the clip 16
+    for device in DEVICES:
+        fleet.train(device, deltas[device])
+    assert fleet.engine.record.version == 1
+    weights = {d: t.secure.weight for d, t in fleet.tasks.items()}
+    clipped = {d: {n: np.clip(v, -16 / weights[d], 16 / weights[d]) for n, v in delta.items()} for d, delta in deltas.items()}
+    expected = _plain_mean(global_before, clipped, weights)
+    np.testing.assert_allclose(fleet.engine.weights["fc1.weight"], expected["fc1.weight"], rtol=0, atol=1e-5)
+
+
+def test_a_secure_round_open_at_a_restart_starts_again_with_fresh_keys(art_dir: Path, tmp_path: Path) -> None:
+    fleet = Fleet(art_dir, tmp_path / "state", threshold=0.5)
+    fleet.tick(START)
+    first = fleet.tasks["d1"].secure.session
+    restarted = Fleet(art_dir, tmp_path / "state", threshold=0.5)  # the same state directory
+    assert restarted.engine.current_round is None and restarted.engine.record.round == 0
+    restarted.tick(START + 5)
+    assert restarted.engine.current_round == 1 and restarted.tasks["d1"].secure.session != first
+    # A message of the first attempt is stale now.
+    body, _ = wrap(AdvertiseKeys(round=1, device="d1", c_public="01" * 32, s_public="02" * 32,
+                                 shapes={n: tuple(s) for n, s in fleet.artifacts.tiers["a"].shapes.items()}), first)
+    out = restarted.engine.on_secagg("d1", new_id(), body, {}, 100, START + 6)
+    assert _reason(out, "d1") is RejectReason.STALE_ROUND and "earlier attempt" in out[0].body.detail
+    deltas = _deltas(restarted.artifacts)
+    for device in DEVICES:
+        restarted.train(device, deltas[device])
+    assert restarted.engine.record.version == 1
 
 
 def test_too_many_dropouts_fail_the_round_with_a_reason(art_dir: Path, tmp_path: Path,
@@ -251,6 +292,8 @@ def test_plain_updates_and_malformed_or_out_of_phase_messages_are_refused(art_di
     wide = advert.model_copy(update={"shapes": {n: tuple(s) for n, s in fleet.artifacts.tiers["a"].shapes.items()}})
     assert _reason(secagg("d4", payload="not json"), "d4") is RejectReason.MALFORMED
     assert _reason(secagg("d4", payload=wide.model_dump_json()), "d4") is RejectReason.MALFORMED  # not its tier
+    low_order = advert.model_copy(update={"s_public": "00" * 32})  # every device's pair secret would be public
+    assert _reason(secagg("d4", payload=low_order.model_dump_json()), "d4") is RejectReason.MALFORMED
     assert _reason(secagg("d4", payload=advert.model_dump_json(), round=2), "d4") is RejectReason.FUTURE_ROUND
     assert _reason(secagg("d4", payload=advert.model_dump_json(), session=new_id()), "d4") is RejectReason.STALE_ROUND
     assert _reason(secagg("d4", phase="masked_input"), "d4") is RejectReason.UNEXPECTED  # out of phase
@@ -271,3 +314,33 @@ def test_plain_updates_and_malformed_or_out_of_phase_messages_are_refused(art_di
     assert counts.get("accepted", 0) == 0 and counts["unexpected"] == 3 and counts["duplicate"] == 3
     rows = ledger._db.execute("SELECT COUNT(*) FROM received WHERE kind = 'update' AND accepted = 1").fetchone()
     assert rows == (0,)
+
+
+@pytest.mark.parametrize("extra,clash", [
+    (["--robust", "median"], "--robust median"),
+    (["--dp", "central", "--dp-clip", "1", "--dp-noise", "1"], "--dp central"),
+    (["--strategy", "fedbuff"], "--strategy fedbuff"),
+    (["--strategy", "fedmut"], "--strategy fedmut"),
+    (["--weigh-partial-work"], "--weigh-partial-work"),
+    (["--min-clients", "1"], "--min-clients 2 or more"),
+])
+def test_options_that_need_individual_updates_are_refused(extra: list[str], clash: str) -> None:
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert secure_from_args(parser.parse_args(["--secure-aggregation", "--dp", "local", "--dp-clip", "1",
+                                               "--dp-noise", "0.1"])) is not None  # local DP is the device's
+    assert secure_from_args(parser.parse_args(extra)) is None  # without --secure-aggregation nothing clashes
+    with pytest.raises(ValueError, match=re.escape(clash)):
+        secure_from_args(parser.parse_args(["--secure-aggregation", *extra]))
+
+
+def test_batch_norm_statistics_measured_on_devices_are_refused(tmp_path: Path) -> None:
+    spec = ModelSpec(arch="mlp", image_size=8, hidden=(16,), batch_norm=True)
+    export_all(spec, ["a"], tmp_path / "art")
+    config = EngineConfig(fleet=FLEET, static_batch_norm=True)
+    with pytest.raises(ValueError, match="use --bn-statistics averaged"):
+        SecureRoundEngine(config, SecureConfig(), FedAvg(), ArtifactStore(tmp_path / "art"), StateStore(tmp_path / "s"),
+                          DeviceRegistry())
+    averaged = SecureRoundEngine(config.model_copy(update={"static_batch_norm": False}), SecureConfig(), FedAvg(),
+                                 ArtifactStore(tmp_path / "art"), StateStore(tmp_path / "s"), DeviceRegistry())
+    assert averaged.record.version == 0

@@ -1,0 +1,67 @@
+"""A secure-aggregation federation of real processes over Mosquitto: the aggregator only ever gets masked updates."""
+
+from __future__ import annotations
+
+import collections
+import sqlite3
+
+import pytest
+
+from protocol.chunking import Reassembler
+from protocol.frame import decode_frame
+from protocol.messages import SecAgg, Update
+from protocol.topics import Topics
+from tests.test_algorithms_integration import _devices, _summaries
+from tests.test_integration import Watcher, _aggregator, _stop
+
+pytestmark = pytest.mark.integration
+
+
+def _uplink(watcher: Watcher, topics: Topics) -> list[tuple[str, object, int]]:
+    """(device, body, tensor count) of every frame the devices published, reassembled when chunked."""
+    reassembler, out = Reassembler(), []
+    for topic, payload in list(watcher.frames):
+        device = topics.device_of(topic)
+        if device is None or topic != topics.up(device) or not payload:
+            continue
+        if (data := reassembler.feed(topic, payload)) is not None:
+            frame = decode_frame(data)
+            out.append((device, frame.body, len(frame.tensors)))
+    return out
+
+
+def test_secure_federation_of_mixed_tiers_trains_on_masked_updates_only(tmp_path, mosquitto_url, fleet):
+    topics = Topics(fleet)
+    watcher = Watcher(mosquitto_url, [topics.rounds, topics.all_up()])
+    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--secure-aggregation", "--min-clients", "4",
+                             "--rounds", "3", "--lr", "0.1", "--tiers", "a,b", "--tier-mix", "a-b",
+                             "--round-timeout", "40")
+    devices = _devices(tmp_path, mosquitto_url, fleet, 4)
+    try:
+        assert aggregator.wait(150) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
+        summaries = _summaries(watcher)
+        assert [s.version for s in summaries] == [1, 2, 3]
+        assert all(s.answered == 4 and not s.rejected for s in summaries)
+        assert summaries[-1].accuracy > 0.8
+        assert set(summaries[-1].accuracy_by_tier) == {"a", "b"}
+
+        sent = _uplink(watcher, topics)
+        assert not [body for _, body, _ in sent if isinstance(body, Update)], "no plain update ever left a device"
+        phases = collections.Counter((device, body.phase) for device, body, _ in sent if isinstance(body, SecAgg))
+        for device in ("d0", "d1", "d2", "d3"):
+            for phase in ("advertise", "share_keys", "masked_input", "unmasking"):
+                assert phases[device, phase] == 3, (device, phase, phases)
+        assert all(count > 0 for _, body, count in sent if isinstance(body, SecAgg) and body.phase == "masked_input")
+        assert all(count == 0 for _, body, count in sent if isinstance(body, SecAgg) and body.phase != "masked_input")
+
+        with sqlite3.connect(tmp_path / "state" / "ledger.sqlite") as db:
+            accepted = dict(db.execute("SELECT kind, COUNT(*) FROM received WHERE accepted = 1 GROUP BY kind").fetchall())
+            refused = db.execute("SELECT COUNT(*) FROM received WHERE accepted = 0").fetchone()[0]
+        assert accepted == {"secagg": 12} and refused == 0  # 4 masked inputs a round, never an update
+        log = (tmp_path / "aggregator.log").read_text()
+        assert log.count("unmasked the sum of 4 masked inputs") == 3
+        for i in range(4):
+            assert (tmp_path / f"d{i}.log").read_text().count("sent the masked update") == 3
+    finally:
+        watcher.close()
+        _stop([aggregator, *devices])
