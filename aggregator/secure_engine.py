@@ -230,8 +230,8 @@ class SecureRoundEngine(RoundEngine):
         assert self._open is not None
         missing = sorted(secure.expected - secure.received)
         if missing:
-            log.warning("round %d: %s missed the %s phase and take no further part", self._open.number,
-                        ", ".join(missing), _SENT_IN[secure.phase])
+            log.warning("round %d: no %s message from %s; left out of the rest of the round", self._open.number,
+                        _SENT_IN[secure.phase], ", ".join(missing))
         server, timeout = secure.server, self.config.round_timeout_s
         try:
             if secure.phase is Phase.ADVERTISE:

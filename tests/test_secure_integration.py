@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import signal
 import sqlite3
+import time
 
 import pytest
 
@@ -12,7 +14,7 @@ from protocol.frame import decode_frame
 from protocol.messages import SecAgg, Update
 from protocol.topics import Topics
 from tests.test_algorithms_integration import _devices, _summaries
-from tests.test_integration import Watcher, _aggregator, _stop
+from tests.test_integration import Watcher, _aggregator, _stop, _wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -62,6 +64,29 @@ def test_secure_federation_of_mixed_tiers_trains_on_masked_updates_only(tmp_path
         assert log.count("unmasked the sum of 4 masked inputs") == 3
         for i in range(4):
             assert (tmp_path / f"d{i}.log").read_text().count("sent the masked update") == 3
+    finally:
+        watcher.close()
+        _stop([aggregator, *devices])
+
+
+def test_a_device_killed_after_sharing_its_keys_is_unmasked_out_of_the_sum(tmp_path, mosquitto_url, fleet):
+    topics = Topics(fleet)
+    watcher = Watcher(mosquitto_url, [topics.rounds])
+    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--secure-aggregation", "--min-clients", "4",
+                             "--rounds", "2", "--epochs", "80", "--round-timeout", "90")
+    devices = _devices(tmp_path, mosquitto_url, fleet, 4)
+    try:
+        victim = tmp_path / "d3.log"
+        _wait_for(lambda: "round 2: training tier" in victim.read_text(), 120, "d3 training round 2")
+        time.sleep(0.5)  # keys are shared in milliseconds; 80 epochs of training take seconds
+        devices[3].send_signal(signal.SIGKILL)  # the broker publishes d3's last will: offline
+        assert aggregator.wait(120) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
+        summaries = _summaries(watcher)
+        assert [(s.version, s.answered) for s in summaries] == [(1, 4), (2, 3)]
+        log = (tmp_path / "aggregator.log").read_text()
+        assert "round 2: no masked_input message from d3" in log
+        assert "unmasked the sum of 3 masked inputs (1 dropped after sharing keys: d3)" in log
+        assert summaries[-1].accuracy > 0.8
     finally:
         watcher.close()
         _stop([aggregator, *devices])
