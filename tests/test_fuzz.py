@@ -25,7 +25,7 @@ from models.export import export_all
 from models.zoo import ModelSpec
 from protocol.frame import FrameError, decode_frame, encode_frame
 from protocol.messages import (
-    Blob, Fetch, Hello, Reject, RejectReason, RoundSummary, Statistics, Status, Task, Update, new_id,
+    Blob, Fetch, Hello, Reject, RejectReason, RoundSummary, SecAgg, Statistics, Status, Task, Update, new_id,
 )
 
 SHA = "ab" * 32
@@ -41,6 +41,7 @@ SAMPLES = [
     Statistics(round=1, base_version=1, tier="a", num_samples=5),
     Reject(reason=RejectReason.LATE, detail="x"),
     RoundSummary(round=1, version=1, selected=1, answered=1),
+    SecAgg(round=1, session="0" * 32, phase="advertise", payload="{}"),
 ]
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=20),
