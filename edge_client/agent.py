@@ -292,7 +292,10 @@ class DeviceAgent:
         if task.dp_noise > 0:  # local differential privacy: clip and noise before anything leaves the device
             delta = privatize(delta, task.dp_clip, task.dp_noise, self._dp_rng)
         if task.secure is not None and (secure := self.secure) is not None:  # masked once the shares are in
-            self._commit(lambda: secure.trained(task, delta, before))
+            def hand_over() -> None:
+                secure.trained(task, delta, before)
+                self.tasks_done += 1
+            self._commit(hand_over)
             return
         feedback = self._feedback_for(task.tier)
         intended = feedback.compensate(delta) if feedback else delta
