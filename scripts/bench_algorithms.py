@@ -257,6 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--buffer-size", type=int, default=10, help="FedBuff K")
     parser.add_argument("--max-staleness", type=int, default=20)
     parser.add_argument("--concurrency", type=int, default=None)
+    parser.add_argument("--target", type=float, default=0.6, help="accuracy whose first simulated time is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arch", choices=["mlp", "cnn"], default="mlp")
     parser.add_argument("--out", type=Path, default=Path("benchmarks"))
@@ -338,15 +339,18 @@ def write_report(args: argparse.Namespace, fleet: Fleet, results: list[dict], se
         "",
         f"Reproduce: `{command_line(args)}` ({seconds / 60:.1f} min on this machine).",
         "",
-        "| algorithm | versions | updates trained | " + " | ".join(f"acc @ {c:g} s" for c in checkpoints) + " | best |",
-        "|---|---|---|" + "---|" * len(checkpoints) + "---|",
+        "| algorithm | versions | updates trained | " + " | ".join(f"acc @ {c:g} s" for c in checkpoints)
+        + f" | s to {args.target:g} | best |",
+        "|---|---|---|" + "---|" * len(checkpoints) + "---|---|",
     ]
     comparison = next((r for r in results if r["algorithm"] == "hierarchical-vs-flat"), None)
     results = [r for r in results if r is not comparison]
     for r in results:
         cells = [accuracy_at(r["history"], c) for c in checkpoints]
+        reached = next((h["seconds"] for h in r["history"] if h["accuracy"] >= args.target), None)
         lines.append(f"| {r['algorithm']} | {r['versions']} | {r['updates']} | "
-                     + " | ".join(f"{c:.4f}" if c is not None else "-" for c in cells) + f" | {r['best_accuracy']:.4f} |")
+                     + " | ".join(f"{c:.4f}" if c is not None else "-" for c in cells)
+                     + f" | {f'{reached:.1f}' if reached is not None else 'never'} | {r['best_accuracy']:.4f} |")
     if flat and tree:
         gaps = [abs(a["accuracy"] - b["accuracy"]) for a, b in zip(flat["history"], tree["history"])]
         lines += ["", f"Hierarchical vs flat FedAvg: the global weights of version 1 differ by at most "
@@ -354,7 +358,10 @@ def write_report(args: argparse.Namespace, fleet: Fleet, results: list[dict], se
                       f"order); version by version the accuracy differs by at most {max(gaps):.4f} over {len(gaps)} "
                       f"versions, as rounding differences grow through training. Final: flat {flat['final_accuracy']:.4f}, "
                       f"hierarchical {tree['final_accuracy']:.4f}."]
-    lines += ["", "![accuracy](algorithms.png)", ""]
+    lines += ["", "FedBuff applies a version every K updates without waiting for the slow devices, so it gets "
+              "ahead early; with this label skew each buffer is a few fast devices' classes, and its accuracy "
+              "swings from version to version where the synchronous rounds average all 20 devices.",
+              "", "![accuracy](algorithms.png)", ""]
     (args.out / "algorithms.md").write_text("\n".join(lines))
     plot(args, results)
     print("\n".join(lines))
