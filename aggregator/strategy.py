@@ -19,6 +19,7 @@ from aggregator.registry import DeviceInfo
 from aggregator.sampling import ClientSampler, UniformSampler
 from aggregator.tiering import FixedTiers, TierPolicy
 from models.slicing import leading_slices
+from protocol.quantized import QuantizedTensor
 
 Weights = dict[str, np.ndarray]
 
@@ -113,7 +114,11 @@ class ElementwiseMean:
         weight = (float(update.num_samples) if self._weighted else 1.0) * update.work
         scaled = np.float32(weight * update.scale)
         for name, delta in update.delta.items():
-            self._sums[name][leading_slices(delta.shape)] += delta * scaled
+            target = self._sums[name][leading_slices(delta.shape)]
+            if isinstance(delta, QuantizedTensor):  # decoded straight into the sum, never dequantised whole
+                delta.add_into(target, scaled)
+            else:
+                target += delta * scaled
             shapes = self._mass_by_shape[name]
             shapes[delta.shape] = shapes.get(delta.shape, 0.0) + weight
         self.count += 1

@@ -3,7 +3,11 @@
     b"TFL1" | header length (uint32 LE) | header JSON (UTF-8) | payload
 
 The payload is the tensors' encoded bytes back to back, in header order; its sha256 is in the
-header. Nothing is pickled; decoding checks every length, hash and value before returning.
+header (and so under the sender's signature, protocol.signing), required whenever there is a
+payload, and checked before any tensor is decoded. It is the only hash a frame's bytes go
+through on receipt, chunked or not (protocol.chunking). Nothing is pickled; decoding checks
+every length, hash and value before returning. Quantised tensors come back as
+`protocol.quantized.QuantizedTensor`, validated but not yet dequantised.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from protocol.codecs import Codec, CodecError, get_codec, parse_codec
+from protocol.quantized import Tensor
 from protocol.messages import Body, FrameHeader, RejectReason, TensorEntry
 
 MAGIC = b"TFL1"
@@ -36,10 +41,10 @@ class FrameError(ValueError):
 
 @dataclass(frozen=True)
 class Frame:
-    """A decoded frame: its header and its tensors by name."""
+    """A decoded frame: its header and its tensors by name (arrays, or quantised tensors that stand for them)."""
 
     header: FrameHeader
-    tensors: dict[str, np.ndarray]
+    tensors: dict[str, Tensor]
     nbytes: int
 
     @property
@@ -88,6 +93,8 @@ def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame
         raise FrameError(RejectReason.OVERSIZE, f"frame of {len(data)} bytes exceeds the limit of {max_bytes}")
     if len(data) < _PREFIX.size:
         raise FrameError(RejectReason.MALFORMED, f"frame of {len(data)} bytes is shorter than its prefix")
+    if not isinstance(data, bytes):  # quantised tensors keep views of the payload: check and keep what cannot change
+        data = bytes(data)
     magic, header_len = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise FrameError(RejectReason.MALFORMED, f"bad magic {magic!r}, expected {MAGIC!r}")
@@ -102,13 +109,16 @@ def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame
     declared = sum(entry.nbytes for entry in header.tensors)
     if declared != len(payload):
         raise FrameError(RejectReason.MALFORMED, f"payload is {len(payload)} bytes, tensors declare {declared}")
-    if header.payload_sha256 is not None and hashlib.sha256(payload).hexdigest() != header.payload_sha256:
+    if header.payload_sha256 is None:
+        if len(payload):
+            raise FrameError(RejectReason.BAD_HASH, f"a {len(payload)}-byte payload without its sha256 in the header")
+    elif hashlib.sha256(payload).hexdigest() != header.payload_sha256:
         raise FrameError(RejectReason.BAD_HASH, "payload sha256 does not match the header")
     return Frame(header=header, tensors=_decode_tensors(header.tensors, payload), nbytes=len(data))
 
 
-def _decode_tensors(entries: list[TensorEntry], payload: memoryview) -> dict[str, np.ndarray]:
-    tensors: dict[str, np.ndarray] = {}
+def _decode_tensors(entries: list[TensorEntry], payload: memoryview) -> dict[str, Tensor]:
+    tensors: dict[str, Tensor] = {}
     offset = 0
     for entry in entries:
         if entry.name in tensors:

@@ -10,9 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aggregator.robust import AdaptiveClipping, CoordinateMedian, NormClipping, TrimmedMean
+from aggregator.strategy import ClientUpdate, ElementwiseMean
 from protocol.codecs import CODECS, CodecError, encode_decode, get_codec, parse_codec
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import Blob, TensorEntry, Update, new_id
+from protocol.quantized import QuantizedTensor
 
 SPECS = ["float32", "float16", "int8", "int8-row", "int4", "topk:0.1", "topk:0.1+int8"]
 LOSSY = ["float16", "int8", "int8-row", "int4", "topk", "topk+int8"]
@@ -341,3 +344,130 @@ def test_sparse_encodings_of_random_tensors_decode_to_their_top_k(spec, n, seed)
     assert np.count_nonzero(y[np.setdiff1d(np.arange(n), kept)]) == 0
     if not codec.quantized:
         np.testing.assert_array_equal(y[kept], x[kept])
+
+
+# --- quantised tensors: validated at decode, dequantised on demand or straight into a sum ----------
+
+QUANTIZED = ["int8", "int8-row", "int4"]
+
+
+def _quantized(spec: str, x: np.ndarray, seed: int = 0) -> QuantizedTensor:
+    codec = parse_codec(spec)
+    data, meta = codec.encode(x, rng=np.random.default_rng(seed))
+    out = codec.decode(memoryview(data), _entry(codec.name, x.shape, data, meta))
+    assert isinstance(out, QuantizedTensor)
+    return out
+
+
+@pytest.mark.parametrize("spec", QUANTIZED)
+def test_quantized_tensor_stands_for_its_float32_array(spec):
+    x = _x(shape=(6, 5)) * np.linspace(0.1, 5, 6, dtype=np.float32)[:, None]
+    t = _quantized(spec, x)
+    dense = np.asarray(t)
+    assert t.shape == x.shape == dense.shape and t.dtype == np.float32 == dense.dtype and t.ndim == 2 and t.size == 30
+    np.testing.assert_array_equal(t.dense(), dense)
+    assert np.abs(dense - x).max() <= np.abs(x).max() / (127 if "int8" in spec else 7) * (1 + 1e-5)
+    np.testing.assert_array_equal(t * 2.0, dense * 2.0)  # operators and ufuncs see the dense array
+    np.testing.assert_array_equal(np.ones(5, np.float32) - t, 1 - dense)
+    assert float(np.vdot(t, t)) == pytest.approx(float(np.vdot(dense, dense)))
+    assert np.array(t, np.float64).dtype == np.float64
+    with pytest.raises(ValueError, match="new one"):
+        np.asarray(t, copy=False)
+
+
+@pytest.fixture(params=[True, False], ids=["numba", "numpy"])
+def compiled(request) -> bool:
+    """Each fused-add kernel in turn: numba's compiled loop (when installed) and the numpy blocks."""
+    if request.param:
+        pytest.importorskip("numba")
+    return request.param
+
+
+# Shapes of one block, of several blocks of whole rows, of rows longer than a block, and of nothing.
+@pytest.mark.parametrize("shape", [(300, 700), (700, 700), (600_000,), (2, 300_000), (3, 0), (0, 4), (), (5,), (2, 3, 4)])
+@pytest.mark.parametrize("spec", QUANTIZED)
+def test_fused_add_equals_dense_add_bit_for_bit(spec, shape, compiled):
+    x = _x(shape=shape, seed=4) * np.float32(0.01)
+    t = _quantized(spec, x)
+    start = _x(shape=shape, seed=5)
+    fused, dense = start.copy(), start.copy()
+    weight = np.float32(37.3)  # not a power of two: (q * scale) * weight and q * (scale * weight) differ
+    t.add_into(fused, weight, compiled)
+    dense += np.asarray(t) * weight
+    np.testing.assert_array_equal(fused, dense)
+
+
+@pytest.mark.parametrize("spec", QUANTIZED)
+def test_fused_add_into_a_heterofl_leading_block(spec, compiled):
+    for full, block in [((40, 30), (20, 15)), ((8, 6, 3, 3), (4, 3, 3, 3)), ((8, 6, 5), (4, 3, 2)), ((50,), (25,))]:
+        x = _x(shape=block, seed=6)
+        t = _quantized(spec, x)
+        fused, dense = np.ones(full, np.float32), np.ones(full, np.float32)
+        where = tuple(slice(0, n) for n in block)
+        t.add_into(fused[where], np.float32(3.3), compiled)
+        dense[where] += np.asarray(t) * np.float32(3.3)
+        np.testing.assert_array_equal(fused, dense)  # and nothing outside the block moved
+
+
+def test_a_frame_in_a_mutable_buffer_is_decoded_from_a_copy():
+    x = _x(shape=(10, 10))
+    buffer = bytearray(encode_frame("f", "d", _update(), {"w": x}, "int8", rng=np.random.default_rng(0)))
+    t = decode_frame(buffer).tensors["w"]
+    before = np.asarray(t)
+    buffer[-100:] = b"\x80" * 100  # -128, which decoding would have refused
+    np.testing.assert_array_equal(np.asarray(t), before)
+
+
+def test_fused_add_refuses_a_target_of_another_shape_or_dtype():
+    t = _quantized("int8", _x(shape=(4, 5)))
+    with pytest.raises(ValueError, match="cannot add"):
+        t.add_into(np.zeros((5, 4), np.float32), np.float32(1))
+    with pytest.raises(ValueError, match="cannot add"):
+        t.add_into(np.zeros((4, 5), np.float64), np.float32(1))
+
+
+@pytest.mark.parametrize("spec", ["int8", "int8-row"])
+def test_fused_add_never_holds_the_dense_tensor(spec, compiled):
+    x = _x(shape=(2000, 1000)) * np.float32(0.01)
+    t = _quantized(spec, x)
+    target = np.zeros(x.shape, np.float32)
+    t.add_into(target, np.float32(2), compiled)  # compiled (and cached) before measuring
+    tracemalloc.start()
+    try:
+        t.add_into(target, np.float32(2), compiled)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < x.nbytes / 4  # at most a cache-sized scratch (1 MB), not an 8 MB float32 copy
+
+
+@pytest.mark.parametrize("spec", QUANTIZED)
+def test_elementwise_mean_of_quantized_updates_equals_the_dense_mean(spec):
+    shapes = {"w": (30, 20), "b": (30,)}
+    global_weights = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+    fused, dense = ElementwiseMean(global_weights), ElementwiseMean(global_weights)
+    for i, (samples, block) in enumerate([(10, {"w": (30, 20), "b": (30,)}), (25, {"w": (15, 10), "b": (15,)})]):
+        frame = decode_frame(encode_frame("f", "d", _update(), {n: _x(s, seed=i) for n, s in block.items()}, spec,
+                                          rng=np.random.default_rng(i)))
+        assert all(isinstance(v, QuantizedTensor) for v in frame.tensors.values())
+        fused.add(ClientUpdate("d", "a", samples, frame.tensors, scale=0.5))
+        dense.add(ClientUpdate("d", "a", samples, {n: np.asarray(v) for n, v in frame.tensors.items()}, scale=0.5))
+    for name in shapes:
+        np.testing.assert_array_equal(fused.result()[name], dense.result()[name])
+
+
+@pytest.mark.parametrize("factory", [
+    lambda g: NormClipping(g, clip_norm=1.0),  # clips the second update, not the first
+    lambda g: AdaptiveClipping(g),
+    lambda g: CoordinateMedian(g),
+    lambda g: TrimmedMean(g, beta=0.2),
+])
+def test_other_accumulators_take_quantized_updates_as_the_arrays_they_stand_for(factory):
+    global_weights = {"w": np.zeros((12, 8), np.float32)}
+    quantized, dense = factory(global_weights), factory(global_weights)
+    for i, size in enumerate([0.01, 1.0, 0.1, 0.5, 0.05]):
+        (t,) = decode_frame(encode_frame("f", "d", _update(), {"w": _x((12, 8), seed=i) * np.float32(size)}, "int8-row",
+                                         rng=np.random.default_rng(i))).tensors.values()
+        quantized.add(ClientUpdate("d", "a", 10 + i, {"w": t}))
+        dense.add(ClientUpdate("d", "a", 10 + i, {"w": np.asarray(t)}))
+    np.testing.assert_array_equal(quantized.result()["w"], dense.result()["w"])

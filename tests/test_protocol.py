@@ -141,17 +141,45 @@ def test_small_frame_is_one_message():
     assert Reassembler().feed("d", frame) == frame
 
 
-def test_corrupted_chunk_fails_the_whole_frame_hash():
+def test_corrupted_chunk_fails_the_payload_hash():
     frame = _update_frame({"w": np.ones(3000, np.float32)})
     parts = split_message(frame, 4096)
     bad = bytearray(parts[1])
     bad[-1] ^= 1
     parts[1] = bytes(bad)
     reassembler = Reassembler()
+    (whole,) = [out for p in parts if (out := reassembler.feed("x", p)) is not None]
+    assert whole != frame and len(whole) == len(frame)
     with pytest.raises(FrameError) as err:
-        for p in parts:
-            reassembler.feed("x", p)
+        decode_frame(whole)
     assert err.value.reason == RejectReason.BAD_HASH
+
+
+def test_a_chunked_frame_is_hashed_once_on_receipt(monkeypatch):
+    frame = _update_frame({"w": np.random.default_rng(2).standard_normal(20_000).astype(np.float32)})
+    parts = split_message(frame, 8192)
+    hashed = []
+    real_sha256 = hashlib.sha256
+
+    def counting_sha256(data=b""):
+        hashed.append(len(memoryview(data).cast("B")))
+        return real_sha256(data)
+
+    monkeypatch.setattr(hashlib, "sha256", counting_sha256)
+    reassembler = Reassembler()
+    (whole,) = [out for p in parts if (out := reassembler.feed("x", p)) is not None]
+    decoded = decode_frame(whole)
+    payload_bytes = sum(entry.nbytes for entry in decoded.header.tensors)
+    assert hashed == [payload_bytes]
+
+
+def test_a_payload_without_its_sha256_is_refused():
+    data = _reencode(_update_frame({"w": np.ones(4, np.float32)}), lambda h: h.update(payload_sha256=None))
+    with pytest.raises(FrameError) as err:
+        decode_frame(data)
+    assert err.value.reason == RejectReason.BAD_HASH and "without its sha256" in err.value.detail
+    empty = _reencode(_update_frame({}), lambda h: h.update(payload_sha256=None))
+    assert decode_frame(empty).tensors == {}
 
 
 def test_reassembly_is_bounded_and_expires():
