@@ -380,7 +380,7 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
         "Each device's update is clipped to L2 norm --dp-clip and Gaussian noise of std --dp-noise x --dp-clip "
         "is added; after every round the summary reports the (epsilon, delta)-DP spent so far per device "
         "(Renyi-DP accounting). Only the weight updates are protected: sample counts, losses and accuracies "
-        "are not, and neither are batch-norm statistics (use --bn-statistics off with batch-norm models).")
+        "are not, and neither are batch-norm statistics (use --bn-statistics averaged with batch-norm models).")
     group.add_argument("--dp", choices=DP_MODES, default="off",
                        help="central: the aggregator clips, sums with one vote per device, adds noise once to the "
                             "sum and divides by the number of updates holding each element (devices trust the "

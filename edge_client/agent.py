@@ -127,7 +127,8 @@ class DeviceAgent:
         Leaving gives the task in training `stop_grace_s` to finish and send its update, abandons it
         otherwise, publishes this device's offline status and disconnects.
         """
-        if not self.link.start(retry_for_s=self.config.connect_timeout_s, stop=stop):
+        timeout = self.config.connect_timeout_s
+        if not self.link.start(timeout_s=min(10.0, timeout) if timeout else 10.0, retry_for_s=timeout, stop=stop):
             log.info("stopped before the broker answered")
             return
         worker = threading.Thread(target=self._work, args=(stop,), name="tierfl-worker", daemon=True)

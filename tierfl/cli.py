@@ -27,7 +27,7 @@ COMMANDS = {
     "config": ("tierfl.config", "print a role's effective configuration: defaults, --config file, TIERFL_* variables, flags"),
 }
 # Errors a user can cause and fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (OSError, ValueError, RuntimeError)
+USER_ERRORS = (OSError, ValueError, RuntimeError, ImportError)  # ImportError: an optional package not installed
 
 
 def _usage() -> str:
