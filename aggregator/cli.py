@@ -64,7 +64,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--fleet", default="default", help="fleet name, the topic namespace (default: %(default)s)")
     net.add_argument("--id", dest="aggregator_id", default="aggregator", help="sender id of this aggregator (default: %(default)s)")
     net.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
-                     help="frames larger than this travel in hash-checked chunks (default: %(default)s)")
+                     help="frames larger than this travel in chunks, reassembled and checked against the frame's sha256 (default: %(default)s)")
     net.add_argument("--downlink", choices=DOWNLINK_MODES, default="float32",
                      help="encoding of the weights sent with each task: float32, float16, or int8-delta (int8 of "
                           "the change since the version the device holds, exact float32 otherwise); devices train "

@@ -59,7 +59,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "ort-training where its wheel works, portable elsewhere (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for training (default: %(default)s)")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
-                        help="frames larger than this travel in hash-checked chunks (default: %(default)s)")
+                        help="frames larger than this travel in chunks, reassembled and checked against the frame's sha256 (default: %(default)s)")
     parser.add_argument("--codec", default="float32",
                         help="update encoding: float32 | float16 | int8 | int8-row | int4 | topk:0.1 | topk:0.1+int8; "
                              "lossy codecs carry what they drop into the next round (error feedback) (default: %(default)s)")
