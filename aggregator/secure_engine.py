@@ -48,11 +48,10 @@ from protocol.secagg import (
     Phase,
     SecAggError,
     SecAggParams,
-    SecAggResult,
-    SecAggServer,
     ShareKeys,
     UnmaskResponse,
 )
+from protocol.secagg_server import SecAggResult, SecAggServer
 from protocol.secagg_wire import DEVICE_PHASES, unwrap, wrap
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ValidationError
 
 from edge_client.trainer import EvalStats
 from protocol.messages import SecAgg, SecureAggregation, Task
-from protocol.secagg import KeyRoster, SecAggDevice, SecAggError, SecAggParams, ShareDelivery, UnmaskRequest
+from protocol.secagg import KeyRoster, SecAggError, SecAggParams, ShareDelivery, UnmaskRequest
+from protocol.secagg_device import SecAggDevice
 from protocol.secagg_wire import unwrap, wrap
 
 log = logging.getLogger(__name__)

@@ -17,20 +17,19 @@ from models.slicing import leading_slices
 from protocol import shamir
 from protocol.secagg import (
     AdvertiseKeys,
-    DeviceRound,
     EncryptedShares,
     KeyRoster,
     MaskedInput,
     Phase,
-    SecAggDevice,
     SecAggError,
     SecAggParams,
-    SecAggServer,
     ShareDelivery,
     UnmaskRequest,
     quantize,
-    run_secure_round,
 )
+from protocol.secagg_device import SecAggDevice
+from protocol.secagg_driver import DeviceRound, run_secure_round
+from protocol.secagg_server import SecAggServer
 from protocol.shamir import ShamirError
 
 GLOBAL = {"conv.weight": (8, 4, 3, 3), "conv.bias": (8,)}
