@@ -136,7 +136,7 @@ def add_algorithm_arguments(parser: argparse.ArgumentParser) -> None:
                             "the proximal term (--mu); fedmut: each selected device trains its own mutation of the "
                             "global model, w + alpha * (+/-) (w - w_previous), signs balanced in pairs; fedbuff: no "
                             "rounds, devices train whenever idle and every --buffer-size updates make a new version, "
-                            "each weighted by its staleness (default: %(default)s)")
+                            "each weighted by its staleness; --rounds then counts versions (default: %(default)s)")
     group.add_argument("--sampling", choices=SAMPLERS, default="uniform",
                        help="which C of the available devices train a round: uniform (seeded draw); availability "
                             "(weighted by each device's record of answering, devices that missed 2 tasks in a row sit "
