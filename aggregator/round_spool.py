@@ -3,7 +3,21 @@
 Layout of STATE_DIR/open_round/:
     plan.json            round number, base version, start, deadline, assignments, pool size, phase
     update-000001.npz    the first accepted update: its validated tensors plus `__meta__` (device,
-    update-000002.npz    Update header and wire bytes as JSON); numbered in order of acceptance
+    update-000002.npz    Update header, wire bytes and how quantised tensors are stored, as JSON);
+                         numbered in order of acceptance
+
+A float32 tensor is one entry under its name. A quantised one (protocol.quantized, from an int8,
+int8-row or int4 frame) stays quantised, about its wire size: entries `<name>.codes` and
+`<name>.scales`, and in `__meta__` its kind and shape:
+
+    int8       codes int8, one per element; scales float32, one
+    int8-row   codes int8, one per element; scales float32, one per row (protocol.quantized.row_grid)
+    int4       codes uint8, two per byte, low nibble first, an odd count padded with a zero nibble;
+               scales float32, one (any one-scale tensor whose codes lie in [-7, 7] is stored so)
+
+Reading one back gives the same codes and scales, hence bit for bit the same sum. Files are plain
+np.savez archives read with allow_pickle=False, checked entry by entry (kinds, dtypes, counts, code
+and scale ranges): a spool that does not check out stops the start with a SpoolError naming the file.
 
 Every file is written atomically (temp, fsync, rename, fsync of the folder), and an update is
 spooled before the ledger records it as accepted, so "accepted" always means "durably spooled". After a crash the
@@ -15,22 +29,26 @@ round state.json already records is a leftover of a crash in between and is disc
 from __future__ import annotations
 
 import logging
+import math
 import os
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aggregator.strategy import Assignment
 from protocol.atomic_file import atomic_write
 from protocol.messages import Update
+from protocol.quantized import QuantizedTensor, Tensor, row_grid
 
 log = logging.getLogger(__name__)
 META = "__meta__"
 PLAN = "plan.json"
+_MAX_F32 = float(np.finfo(np.float32).max)
 
 
 class SpoolError(RuntimeError):
@@ -51,6 +69,15 @@ class RoundPlan(BaseModel):
     measuring_statistics: bool = False  # the training phase closed; the batch-norm statistics phase ran
 
 
+class SpooledQuantized(BaseModel):
+    """How one quantised tensor is stored: its kind (see the module docstring) and the shape it stands for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["int8", "int8-row", "int4"]
+    shape: list[Annotated[int, Field(ge=0)]]
+
+
 class SpooledUpdate(BaseModel):
     """The metadata stored with one accepted update's tensors."""
 
@@ -59,6 +86,7 @@ class SpooledUpdate(BaseModel):
     device_id: str
     update: Update
     nbytes: int
+    quantized: dict[str, SpooledQuantized] = Field(default_factory=dict)  # tensor name -> how it is stored
 
 
 @dataclass(frozen=True)
@@ -66,7 +94,7 @@ class SpooledRound:
     """An open round read back from disk: its plan and its accepted updates in order of acceptance."""
 
     plan: RoundPlan
-    updates: list[tuple[SpooledUpdate, dict[str, np.ndarray]]]
+    updates: list[tuple[SpooledUpdate, dict[str, Tensor]]]
 
 
 class RoundSpool:
@@ -95,15 +123,14 @@ class RoundSpool:
             raise SpoolError("no open round is being spooled")
         self._write_plan(self._plan.model_copy(update={"assignments": [*self._plan.assignments, assignment]}))
 
-    def accept(self, device_id: str, update: Update, nbytes: int, tensors: Mapping[str, np.ndarray]) -> None:
+    def accept(self, device_id: str, update: Update, nbytes: int, tensors: Mapping[str, Tensor]) -> None:
         """Durably store one accepted update of the open round (returns once it is on disk)."""
         if self._plan is None or update.round != self._plan.round:
             raise SpoolError(f"update of round {update.round} but the spooled round is "
                              f"{self._plan.round if self._plan else 'none'}")
-        if META in tensors:
-            raise ValueError(f"a tensor named {META!r} clashes with the spool's metadata entry")
-        meta = SpooledUpdate(device_id=device_id, update=update, nbytes=nbytes).model_dump_json().encode()
-        arrays = {**tensors, META: np.frombuffer(meta, np.uint8)}
+        arrays, quantized = _entries(tensors)
+        meta = SpooledUpdate(device_id=device_id, update=update, nbytes=nbytes, quantized=quantized)
+        arrays[META] = np.frombuffer(meta.model_dump_json().encode(), np.uint8)
         atomic_write(self.folder / f"update-{self._next:06d}.npz", lambda out: np.savez(out, **arrays))
         self._sync_folder()
         self._next += 1
@@ -151,18 +178,118 @@ class RoundSpool:
         finally:
             os.close(fd)
 
-    def _read_update(self, file: Path, plan: RoundPlan) -> tuple[SpooledUpdate, dict[str, np.ndarray]]:
+    def _read_update(self, file: Path, plan: RoundPlan) -> tuple[SpooledUpdate, dict[str, Tensor]]:
         try:
             with np.load(file, allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}
+            if META not in arrays:
+                raise ValueError(f"no {META} entry")
             meta = SpooledUpdate.model_validate_json(arrays.pop(META).tobytes())
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # pydantic's ValidationError is a ValueError
+            tensors = _tensors(arrays, meta.quantized)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise SpoolError(f"{file} is unreadable ({META}: {problems}); {self._advice()}") from None
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
             raise SpoolError(f"{file} is unreadable ({exc}); {self._advice()}") from None
         assigned = {a.device_id for a in plan.assignments}
         if meta.update.round != plan.round or meta.device_id not in assigned:
             raise SpoolError(f"{file} holds an update of {meta.device_id} for round {meta.update.round}, which "
                              f"round {plan.round}'s plan does not expect; {self._advice()}")
-        return meta, arrays
+        return meta, tensors
 
     def _advice(self) -> str:
         return f"delete {self.folder} to run the round again without its accepted updates"
+
+
+# -- tensors <-> archive entries ----------------------------------------------------------------
+
+
+def _entries(tensors: Mapping[str, Tensor]) -> tuple[dict[str, np.ndarray], dict[str, SpooledQuantized]]:
+    """The archive entries of an update's tensors, and how its quantised ones are stored."""
+    arrays: dict[str, np.ndarray] = {}
+    quantized: dict[str, SpooledQuantized] = {}
+
+    def put(name: str, array: np.ndarray) -> None:
+        if name in arrays or name == META:
+            raise ValueError(f"tensor entry {name!r} clashes with another entry of the spool")
+        arrays[name] = array
+
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, QuantizedTensor):
+            put(name, np.asarray(tensor))
+            continue
+        codes, scales = tensor.codes, tensor.scales
+        if scales.size != 1:
+            kind = "int8-row"
+        elif codes.size and int(codes.min()) >= -7 and int(codes.max()) <= 7:
+            kind, codes = "int4", _pack_nibbles(codes)
+        else:
+            kind = "int8"
+        put(f"{name}.codes", codes)
+        put(f"{name}.scales", scales)
+        quantized[name] = SpooledQuantized(kind=kind, shape=list(tensor.shape))
+    return arrays, quantized
+
+
+def _tensors(arrays: Mapping[str, np.ndarray], quantized: Mapping[str, SpooledQuantized]) -> dict[str, Tensor]:
+    """An update's tensors, in their order, from its archive entries; ValueError says what does not check out."""
+    tensors: dict[str, Tensor] = {}
+    for entry, array in arrays.items():
+        name, _, part = entry.rpartition(".")
+        if name in quantized and part in ("codes", "scales"):
+            if name not in tensors:
+                tensors[name] = _quantized(name, quantized[name], arrays.get(f"{name}.codes"), arrays.get(f"{name}.scales"))
+        elif entry in quantized:
+            raise ValueError(f"tensor {entry!r} is stored both quantized and as an array")
+        elif array.dtype != np.float32:
+            raise ValueError(f"tensor {entry!r} is {array.dtype}, not float32")
+        else:
+            tensors[entry] = array
+    missing = sorted(set(quantized) - set(tensors))
+    if missing:
+        raise ValueError(f"quantized tensors {missing} have no entries")
+    return tensors
+
+
+def _quantized(name: str, how: SpooledQuantized, codes: np.ndarray | None, scales: np.ndarray | None) -> QuantizedTensor:
+    """One quantised tensor from its entries, after checking them against `how`."""
+    where = f"tensor {name!r} ({how.kind})"
+    if codes is None or scales is None:
+        raise ValueError(f"{where}: entry {name}.codes or {name}.scales is missing")
+    rows, columns = row_grid(how.shape)
+    count = math.prod(how.shape)
+    packed, limit = (True, 7) if how.kind == "int4" else (False, 127)
+    expected = (np.dtype(np.uint8), (count + 1) // 2) if packed else (np.dtype(np.int8), count)
+    if (codes.dtype, codes.shape) != (expected[0], (expected[1],)):
+        raise ValueError(f"{where}: codes are {codes.dtype}{list(codes.shape)}, expected {expected[0]}[{expected[1]}] "
+                         f"for shape {how.shape}")
+    scale_count = rows if how.kind == "int8-row" else 1
+    if (scales.dtype, scales.shape) != (np.dtype(np.float32), (scale_count,)):
+        raise ValueError(f"{where}: scales are {scales.dtype}{list(scales.shape)}, expected float32[{scale_count}]")
+    if not (np.isfinite(scales) & (scales >= 0) & (scales <= _MAX_F32 / (limit + 1))).all():
+        raise ValueError(f"{where}: a scale is NaN, Inf, negative or too large")
+    values = _unpack_nibbles(codes, count, where) if packed else codes
+    if values.size and int(values.min()) < -limit:  # -128 (int8) or -8 (a nibble): nothing can lie above the limit
+        raise ValueError(f"{where}: a code lies outside [-{limit}, {limit}]")
+    return QuantizedTensor(values, scales, tuple(how.shape))
+
+
+def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """int8 codes in [-7, 7] two per byte, low nibble first, an odd count padded with a zero nibble."""
+    nibbles = codes.view(np.uint8) & np.uint8(0x0F)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return nibbles[0::2] | (nibbles[1::2] << np.uint8(4))
+
+
+def _unpack_nibbles(packed: np.ndarray, count: int, where: str) -> np.ndarray:
+    """The `count` int8 codes `_pack_nibbles` packed (a non-zero padding nibble is an error)."""
+    nibbles = np.empty((packed.size, 2), np.uint8)
+    np.bitwise_and(packed, np.uint8(0x0F), out=nibbles[:, 0])
+    np.right_shift(packed, np.uint8(4), out=nibbles[:, 1])
+    codes = nibbles.reshape(-1).view(np.int8)
+    if count % 2 and codes[-1] != 0:
+        raise ValueError(f"{where}: the padding nibble is not zero")
+    codes ^= np.int8(8)  # sign-extend: 0..7 stay, 8..15 become -8..-1
+    codes -= np.int8(8)
+    return codes[:count]

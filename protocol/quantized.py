@@ -4,8 +4,10 @@ A `QuantizedTensor` holds a tensor's int8 values laid out as (rows, columns), ro
 first axis (one row below two axes), and float32 scales, one per row or one for the tensor. It
 stands for the float32 array q * scale: `np.asarray(tensor)` gives that array, arithmetic with
 it gives plain arrays, and `.shape` / `.dtype` say what it stands for, so code written for
-arrays keeps working. `add_into(target, weight)` does `target += np.asarray(tensor) * weight`,
-bit for bit, without materialising the float32 tensor:
+arrays keeps working. Its parts are public: `codes` (the int8 values in order) and `scales`, so
+`QuantizedTensor(t.codes, t.scales, t.shape)` is `t` again, bit for bit (aggregator.round_spool
+stores them so). `add_into(target, weight)` does `target += np.asarray(tensor) * weight`, bit for
+bit, without materialising the float32 tensor:
 
 - compiled by numba when it is installed (tierfl[full]): one pass over the int8 values and the
   sum; decode + accumulate of int8 and int8-row updates runs at 73-96% of the memory-bandwidth
@@ -47,9 +49,20 @@ class QuantizedTensor(NDArrayOperatorsMixin):
     dtype = np.dtype(np.float32)
 
     def __init__(self, q: np.ndarray, scales: np.ndarray | np.float32, shape: tuple[int, ...]) -> None:
-        """`q`: the int8 values in order; `scales`: one float32 scale, or one per row of `row_grid(shape)`."""
-        self._q = q.reshape(row_grid(shape))
-        self._scales = np.asarray(scales, np.float32).reshape(-1, 1)
+        """`q`: the int8 values in order; `scales`: one float32 scale, or one per row of `row_grid(shape)`.
+
+        Raises ValueError when the counts or q's dtype do not fit `shape` (values are the decoder's to check).
+        """
+        rows, columns = row_grid(shape)
+        flat_scales = np.asarray(scales, np.float32).reshape(-1)
+        if q.dtype != np.int8 or q.size != rows * columns:
+            raise ValueError(f"a quantized tensor of shape {list(shape)} needs {rows * columns} int8 values, "
+                             f"not {q.size} of {q.dtype}")
+        if flat_scales.size not in (1, rows):
+            raise ValueError(f"a quantized tensor of shape {list(shape)} needs 1 scale or {rows} (one per row), "
+                             f"not {flat_scales.size}")
+        self._q = q.reshape(rows, columns)
+        self._scales = flat_scales.reshape(-1, 1)
         self.shape = shape
 
     @property
@@ -59,6 +72,16 @@ class QuantizedTensor(NDArrayOperatorsMixin):
     @property
     def size(self) -> int:
         return self._q.size
+
+    @property
+    def codes(self) -> np.ndarray:
+        """The int8 values in order (a read-only view, one-dimensional)."""
+        return _read_only(self._q.reshape(-1))
+
+    @property
+    def scales(self) -> np.ndarray:
+        """The float32 scales (a read-only view, one-dimensional): one for the tensor, or one per row."""
+        return _read_only(self._scales.reshape(-1))
 
     def dense(self) -> np.ndarray:
         """The float32 array this tensor stands for (a new array)."""
@@ -116,6 +139,13 @@ class QuantizedTensor(NDArrayOperatorsMixin):
 
 
 Tensor = np.ndarray | QuantizedTensor  # what decoding yields: a plain array, or a quantised one that stands for it
+
+
+def _read_only(view: np.ndarray) -> np.ndarray:
+    """`view` with writing through it switched off (the tensor it looks into stays as it is)."""
+    view = view.view()
+    view.flags.writeable = False
+    return view
 
 
 def _blocks(rows: int, columns: int, size: int) -> Iterator[tuple[slice, slice]]:

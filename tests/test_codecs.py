@@ -15,7 +15,7 @@ from aggregator.strategy import ClientUpdate, ElementwiseMean
 from protocol.codecs import CODECS, CodecError, encode_decode, get_codec, parse_codec
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import Blob, TensorEntry, Update, new_id
-from protocol.quantized import QuantizedTensor
+from protocol.quantized import QuantizedTensor, row_grid
 
 SPECS = ["float32", "float16", "int8", "int8-row", "int4", "topk:0.1", "topk:0.1+int8"]
 LOSSY = ["float16", "int8", "int8-row", "int4", "topk", "topk+int8"]
@@ -471,3 +471,43 @@ def test_other_accumulators_take_quantized_updates_as_the_arrays_they_stand_for(
         quantized.add(ClientUpdate("d", "a", 10 + i, {"w": t}))
         dense.add(ClientUpdate("d", "a", 10 + i, {"w": np.asarray(t)}))
     np.testing.assert_array_equal(quantized.result()["w"], dense.result()["w"])
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (7,), (), (0, 4), (3, 0), (2, 3, 4)])
+@pytest.mark.parametrize("spec", QUANTIZED)
+def test_a_quantized_tensor_rebuilt_from_its_parts_is_the_same_tensor(spec, shape):
+    x = _x(shape=shape, seed=7) * np.float32(0.3)
+    t = _quantized(spec, x)
+    rows, _ = row_grid(shape)
+    assert t.codes.dtype == np.int8 and t.codes.shape == (math.prod(shape),)
+    assert t.scales.dtype == np.float32 and t.scales.shape == ((rows,) if spec == "int8-row" else (1,))
+    again = QuantizedTensor(t.codes.copy(), t.scales.copy(), t.shape)
+    assert again.shape == t.shape
+    np.testing.assert_array_equal(again.codes, t.codes)
+    np.testing.assert_array_equal(again.scales, t.scales)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(t))
+    fused, expected = np.ones(shape, np.float32), np.ones(shape, np.float32)
+    again.add_into(fused, np.float32(3.7))
+    t.add_into(expected, np.float32(3.7))
+    np.testing.assert_array_equal(fused, expected)
+
+
+def test_the_parts_of_a_quantized_tensor_are_read_only():
+    t = _quantized("int8-row", _x(shape=(4, 5)))
+    before = np.asarray(t)
+    with pytest.raises(ValueError, match="read-only"):
+        t.codes[0] = 1
+    with pytest.raises(ValueError, match="read-only"):
+        t.scales[0] = 1
+    np.testing.assert_array_equal(np.asarray(t), before)
+
+
+@pytest.mark.parametrize("codes, scales, shape, match", [
+    (np.zeros(20, np.int16), np.ones(1, np.float32), (4, 5), "needs 20 int8 values, not 20 of int16"),
+    (np.zeros(19, np.int8), np.ones(1, np.float32), (4, 5), "needs 20 int8 values, not 19"),
+    (np.zeros(20, np.int8), np.ones(3, np.float32), (4, 5), "needs 1 scale or 4 .one per row., not 3"),
+    (np.zeros(20, np.int8), np.ones(0, np.float32), (4, 5), "not 0"),
+])
+def test_a_quantized_tensor_refuses_parts_that_do_not_fit_its_shape(codes, scales, shape, match):
+    with pytest.raises(ValueError, match=match):
+        QuantizedTensor(codes, scales, shape)

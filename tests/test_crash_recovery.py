@@ -7,6 +7,7 @@ engine on the same directory. The reference is the same updates sent to an engin
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 from collections.abc import Mapping
@@ -20,12 +21,14 @@ from aggregator.batchnorm import statistic_names
 from aggregator.engine import EngineConfig, Outgoing, RoundEngine
 from aggregator.ledger import Ledger
 from aggregator.registry import DeviceRegistry
-from aggregator.round_spool import RoundPlan, SpoolError
+from aggregator.round_spool import RoundPlan, RoundSpool, SpoolError
 from aggregator.state import StateStore
-from aggregator.strategy import FedAvg
+from aggregator.strategy import Assignment, FedAvg
 from models.export import export_all
 from models.zoo import ModelSpec, param_shapes
+from protocol.frame import decode_frame, encode_frame
 from protocol.messages import Reject, RejectReason, RoundSummary, Statistics, Task, Update, new_id
+from protocol.quantized import QuantizedTensor, Tensor
 
 MLP = ModelSpec(arch="mlp", hidden=(16,))
 MLP_BN = ModelSpec(arch="mlp", hidden=(8,), batch_norm=True)
@@ -64,7 +67,7 @@ class Process:
         self.engine = RoundEngine(config, FedAvg(min_clients=len(devices)), ArtifactStore(art), StateStore(state),
                                   self.registry, ledger=self.ledger, now=now)
 
-    def send(self, device: str, update: Update, tensors: Mapping[str, np.ndarray], now: float) -> list[Outgoing]:
+    def send(self, device: str, update: Update, tensors: Mapping[str, Tensor], now: float) -> list[Outgoing]:
         return self.engine.on_update(device, new_id(), update, dict(tensors), 1000 + update.num_samples, now)
 
     def die(self) -> None:
@@ -97,7 +100,7 @@ def _updates(round_number: int = 1, version: int = 0) -> dict[str, tuple[Update,
     return out
 
 
-def _uninterrupted(art: Path, state: Path, updates: Mapping[str, tuple[Update, dict[str, np.ndarray]]]) -> tuple[RoundEngine, RoundSummary]:
+def _uninterrupted(art: Path, state: Path, updates: Mapping[str, tuple[Update, Mapping[str, Tensor]]]) -> tuple[RoundEngine, RoundSummary]:
     clean = Process(art, state, now=0.0)
     clean.engine.tick(1.0)
     for device, (body, tensors) in updates.items():
@@ -296,4 +299,183 @@ def test_a_spool_that_contradicts_the_state_is_a_clear_error(art: Path, tmp_path
     plan = tmp_path / "state" / "open_round" / "plan.json"
     plan.write_text(plan.read_text().replace('"round": 1', '"round": 7'))
     with pytest.raises(SpoolError, match="holds round 7 on version 0, but the state is at round 0"):
+        Process(art, tmp_path / "state", now=3.0)
+
+
+# --- quantised updates are spooled quantised ------------------------------------------------------
+
+CODECS_BY_DEVICE = {"d1": "int8", "d2": "int8-row", "d3": "int4", "d4": "int8-row"}
+
+
+def _quantized_updates() -> dict[str, tuple[Update, dict[str, Tensor]]]:
+    """The random updates, each as its device's codec decodes it (QuantizedTensor objects)."""
+    out = {}
+    for device, (body, deltas) in _updates().items():
+        frame = encode_frame("f", device, body, deltas, CODECS_BY_DEVICE[device], rng=np.random.default_rng(len(out)))
+        tensors = decode_frame(frame).tensors
+        assert all(isinstance(t, QuantizedTensor) for t in tensors.values())
+        out[device] = body, tensors
+    return out
+
+
+def _entries(file: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """A spooled update's metadata (as JSON) and its other entries."""
+    with np.load(file, allow_pickle=False) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    return json.loads(arrays.pop("__meta__").tobytes()), arrays
+
+
+def _rewrite(file: Path, meta: dict, arrays: Mapping[str, np.ndarray]) -> None:
+    np.savez(file, **arrays, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+
+
+def test_a_round_of_quantized_updates_resumes_bit_identical_from_a_quantized_spool(art: Path, tmp_path: Path) -> None:
+    updates = _quantized_updates()
+    clean, clean_summary = _uninterrupted(art, tmp_path / "clean", updates)
+
+    first = Process(art, tmp_path / "state", now=0.0)
+    first.engine.tick(1.0)
+    for device in ("d1", "d2", "d3"):
+        assert first.send(device, *updates[device], 2.0) == []
+    first.die()
+    spool = tmp_path / "state" / "open_round"
+    kinds = [_entries(spool / f"update-00000{i}.npz")[0]["quantized"] for i in (1, 2, 3)]
+    assert [{how["kind"] for how in k.values()} for k in kinds] == [{"int8"}, {"int8-row", "int8"}, {"int4"}]  # biases: one row
+    _, arrays = _entries(spool / "update-000003.npz")
+    assert set(arrays) == {f"{n}.{part}" for n in param_shapes(MLP) for part in ("codes", "scales")}
+    assert arrays["fc1.weight.codes"].dtype == np.uint8 and arrays["fc1.weight.codes"].size == 16 * 64 // 2
+
+    second = Process(art, tmp_path / "state", now=3.0)
+    summary = _summary(second.send("d4", *updates["d4"], 4.0))
+    assert (summary.version, summary.answered) == (1, 4) and summary.bytes_up == clean_summary.bytes_up
+    _assert_same_weights(second.engine.weights, clean.weights)
+    second.die()
+
+
+def _spool_with(tmp_path: Path, tensors: Mapping[str, Tensor]) -> RoundSpool:
+    spool = RoundSpool(tmp_path / "open_round")
+    spool.begin(RoundPlan(round=1, base_version=0, started=0.0, deadline=TIMEOUT,
+                          assignments=[Assignment("d1", "a", epochs=1, batch_size=8, learning_rate=0.1)]))
+    spool.accept("d1", _updates()["d1"][0], 1234, tensors)
+    return spool
+
+
+def _quantized(spec: str, x: np.ndarray, seed: int = 0) -> QuantizedTensor:
+    (tensor,) = decode_frame(encode_frame("f", "d1", _updates()["d1"][0], {"t": x}, spec,
+                                          rng=np.random.default_rng(seed))).tensors.values()
+    assert isinstance(tensor, QuantizedTensor)
+    return tensor
+
+
+@pytest.mark.parametrize("shape", [(30, 20), (7,), (), (0, 3), (3, 0), (2, 3, 5)])
+def test_the_spool_gives_back_the_same_codes_scales_and_float32_arrays(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    x = np.random.default_rng(9).normal(0, 1, shape).astype(np.float32)
+    tensors: dict[str, Tensor] = {f"{spec}": _quantized(spec, x) for spec in ("int8", "int8-row", "int4")}
+    tensors["zeros.int4"] = _quantized("int4", np.zeros(shape, np.float32))
+    tensors["float32"] = x
+    _spool_with(tmp_path, tensors)
+    for _ in range(2):  # read back, and once more after spooling what was read (FedBuff re-spools a resumed buffer)
+        spooled = RoundSpool(tmp_path / "open_round").load(0, 0)
+        assert spooled is not None and len(spooled.updates) == 1
+        meta, back = spooled.updates[0]
+        assert list(back) == list(tensors) and meta.nbytes == 1234
+        assert type(back["float32"]) is np.ndarray and back["float32"].dtype == np.float32
+        np.testing.assert_array_equal(back["float32"], x)
+        for name, tensor in tensors.items():
+            if isinstance(tensor, QuantizedTensor):
+                again = back[name]
+                assert isinstance(again, QuantizedTensor) and again.shape == tensor.shape
+                np.testing.assert_array_equal(again.codes, tensor.codes)
+                np.testing.assert_array_equal(again.scales, tensor.scales)
+        _spool_with(tmp_path, back)
+
+
+def test_an_int8_update_is_spooled_at_a_quarter_of_its_float32_size(tmp_path: Path) -> None:
+    spec = ModelSpec(arch="mlp", hidden=(1350,))  # 101,260 parameters
+    rng = np.random.default_rng(3)
+    deltas = {n: rng.normal(0, 0.01, s).astype(np.float32) for n, s in param_shapes(spec).items()}
+    assert 100_000 <= sum(d.size for d in deltas.values()) <= 102_000
+    sizes = {}
+    for codec in ("float32", "int8", "int4"):
+        tensors = decode_frame(encode_frame("f", "d1", _updates()["d1"][0], deltas, codec, rng=rng)).tensors
+        spool = _spool_with(tmp_path / codec, tensors)
+        sizes[codec] = (spool.folder / "update-000001.npz").stat().st_size
+    assert sizes["float32"] > 4 * 101_260
+    assert sizes["int8"] / sizes["float32"] < 0.26
+    assert sizes["int4"] / sizes["float32"] < 0.135
+
+
+@pytest.mark.parametrize("tamper, reason", [
+    (lambda meta, arrays: arrays.update({"w.codes": arrays["w.codes"][:-1]}),
+     r"tensor 'w' \(int8\): codes are int8\[599\], expected int8\[600\] for shape \[30, 20\]"),
+    (lambda meta, arrays: arrays.update({"r.scales": arrays["r.scales"][:-1]}),
+     r"tensor 'r' \(int8-row\): scales are float32\[29\], expected float32\[30\]"),
+    (lambda meta, arrays: arrays.update({"h.codes": np.append(arrays["h.codes"], np.uint8(0))}),
+     r"tensor 'h' \(int4\): codes are uint8\[301\], expected uint8\[300\]"),
+    (lambda meta, arrays: meta["quantized"]["w"].update(kind="int3"),
+     r"__meta__: quantized.w.kind: Input should be 'int8', 'int8-row' or 'int4'"),
+    (lambda meta, arrays: meta["quantized"]["h"].update(kind="int8"),
+     r"tensor 'h' \(int8\): codes are uint8\[300\], expected int8\[600\]"),
+    (lambda meta, arrays: meta["quantized"]["r"].update(shape=[20, 30]),
+     r"tensor 'r' \(int8-row\): scales are float32\[30\], expected float32\[20\]"),
+    (lambda meta, arrays: arrays.pop("r.scales"), r"tensor 'r' \(int8-row\): entry r.codes or r.scales is missing"),
+    (lambda meta, arrays: arrays.update({"w.codes": arrays["w.codes"].astype(np.int16)}),
+     r"tensor 'w' \(int8\): codes are int16\[600\]"),
+    (lambda meta, arrays: arrays.update({"w.scales": arrays["w.scales"].astype(np.float64)}),
+     r"tensor 'w' \(int8\): scales are float64\[1\]"),
+    (lambda meta, arrays: arrays["w.scales"].fill(np.nan), r"tensor 'w' \(int8\): a scale is NaN"),
+    (lambda meta, arrays: arrays["r.scales"].__setitem__(3, -1), r"tensor 'r' \(int8-row\): a scale is NaN, Inf, negative"),
+    (lambda meta, arrays: arrays["w.codes"].__setitem__(5, -128), r"tensor 'w' \(int8\): a code lies outside \[-127, 127\]"),
+    (lambda meta, arrays: arrays["h.codes"].__setitem__(0, 0x80), r"tensor 'h' \(int4\): a code lies outside \[-7, 7\]"),
+    (lambda meta, arrays: arrays.update({"w": arrays["p"]}), r"tensor 'w' is stored both quantized and as an array"),
+    (lambda meta, arrays: arrays.update({"p": arrays["p"].astype(np.float64)}), r"tensor 'p' is float64, not float32"),
+    (lambda meta, arrays: meta["quantized"].update(gone={"kind": "int8", "shape": [2]}),
+     r"quantized tensors \['gone'\] have no entries"),
+])
+def test_an_inconsistent_quantized_spool_is_refused_with_a_clear_error(tmp_path: Path, tamper, reason: str) -> None:
+    x = np.random.default_rng(4).normal(0, 1, (30, 20)).astype(np.float32)
+    _spool_with(tmp_path, {"w": _quantized("int8", x), "r": _quantized("int8-row", x), "h": _quantized("int4", x), "p": x})
+    file = tmp_path / "open_round" / "update-000001.npz"
+    meta, arrays = _entries(file)
+    assert RoundSpool(tmp_path / "open_round").load(0, 0) is not None  # as written, it reads back
+    tamper(meta, arrays)
+    _rewrite(file, meta, arrays)
+    with pytest.raises(SpoolError, match=f"update-000001.npz is unreadable \\({reason}.*\\); delete .*open_round"):
+        RoundSpool(tmp_path / "open_round").load(0, 0)
+
+
+def test_a_spool_written_before_quantized_entries_existed_still_reads_back(tmp_path: Path) -> None:
+    x = np.random.default_rng(5).normal(0, 1, (4, 3)).astype(np.float32)
+    _spool_with(tmp_path, {"w": x})
+    file = tmp_path / "open_round" / "update-000001.npz"
+    meta, arrays = _entries(file)
+    del meta["quantized"]  # what the spool wrote before: every tensor float32, no "quantized" key
+    _rewrite(file, meta, arrays)
+    spooled = RoundSpool(tmp_path / "open_round").load(0, 0)
+    assert spooled is not None
+    np.testing.assert_array_equal(spooled.updates[0][1]["w"], x)
+
+
+def test_an_int4_spool_with_a_non_zero_padding_nibble_is_refused(tmp_path: Path) -> None:
+    _spool_with(tmp_path, {"h": _quantized("int4", np.linspace(-1, 1, 7, dtype=np.float32))})
+    file = tmp_path / "open_round" / "update-000001.npz"
+    meta, arrays = _entries(file)
+    arrays["h.codes"][-1] |= 0x10
+    _rewrite(file, meta, arrays)
+    with pytest.raises(SpoolError, match=r"tensor 'h' \(int4\): the padding nibble is not zero"):
+        RoundSpool(tmp_path / "open_round").load(0, 0)
+
+
+def test_an_inconsistent_quantized_spool_stops_the_aggregator_from_starting(art: Path, tmp_path: Path) -> None:
+    updates = _quantized_updates()
+    first = Process(art, tmp_path / "state", now=0.0)
+    first.engine.tick(1.0)
+    first.send("d2", *updates["d2"], 2.0)
+    first.die()
+    file = tmp_path / "state" / "open_round" / "update-000001.npz"
+    meta, arrays = _entries(file)
+    arrays["fc1.weight.scales"] = arrays["fc1.weight.scales"][:8]
+    _rewrite(file, meta, arrays)
+    with pytest.raises(SpoolError, match=r"update-000001.npz is unreadable \(tensor 'fc1.weight' \(int8-row\): scales are "
+                                         r"float32\[8\], expected float32\[16\]\); delete .*open_round"):
         Process(art, tmp_path / "state", now=3.0)
