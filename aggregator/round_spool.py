@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from aggregator.strategy import Assignment
 from protocol.atomic_file import atomic_write
 from protocol.messages import Update
-from protocol.quantized import QuantizedTensor, Tensor, row_grid
+from protocol.quantized import QuantizedTensor, Tensor, pack_nibbles, row_grid, unpack_nibbles
 
 log = logging.getLogger(__name__)
 META = "__meta__"
@@ -222,7 +222,7 @@ def _entries(tensors: Mapping[str, Tensor]) -> tuple[dict[str, np.ndarray], dict
         if scales.size != 1:
             kind = "int8-row"
         elif codes.size and int(codes.min()) >= -7 and int(codes.max()) <= 7:
-            kind, codes = "int4", _pack_nibbles(codes)
+            kind, codes = "int4", pack_nibbles(codes)
         else:
             kind = "int8"
         put(f"{name}.codes", codes)
@@ -268,28 +268,7 @@ def _quantized(name: str, how: SpooledQuantized, codes: np.ndarray | None, scale
         raise ValueError(f"{where}: scales are {scales.dtype}{list(scales.shape)}, expected float32[{scale_count}]")
     if not (np.isfinite(scales) & (scales >= 0) & (scales <= _MAX_F32 / (limit + 1))).all():
         raise ValueError(f"{where}: a scale is NaN, Inf, negative or too large")
-    values = _unpack_nibbles(codes, count, where) if packed else codes
+    values = unpack_nibbles(codes, count, where) if packed else codes
     if values.size and int(values.min()) < -limit:  # -128 (int8) or -8 (a nibble): nothing can lie above the limit
         raise ValueError(f"{where}: a code lies outside [-{limit}, {limit}]")
     return QuantizedTensor(values, scales, tuple(how.shape))
-
-
-def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """int8 codes in [-7, 7] two per byte, low nibble first, an odd count padded with a zero nibble."""
-    nibbles = codes.view(np.uint8) & np.uint8(0x0F)
-    if nibbles.size % 2:
-        nibbles = np.append(nibbles, np.uint8(0))
-    return nibbles[0::2] | (nibbles[1::2] << np.uint8(4))
-
-
-def _unpack_nibbles(packed: np.ndarray, count: int, where: str) -> np.ndarray:
-    """The `count` int8 codes `_pack_nibbles` packed (a non-zero padding nibble is an error)."""
-    nibbles = np.empty((packed.size, 2), np.uint8)
-    np.bitwise_and(packed, np.uint8(0x0F), out=nibbles[:, 0])
-    np.right_shift(packed, np.uint8(4), out=nibbles[:, 1])
-    codes = nibbles.reshape(-1).view(np.int8)
-    if count % 2 and codes[-1] != 0:
-        raise ValueError(f"{where}: the padding nibble is not zero")
-    codes ^= np.int8(8)  # sign-extend: 0..7 stay, 8..15 become -8..-1
-    codes -= np.int8(8)
-    return codes[:count]

@@ -45,7 +45,7 @@ from typing import Protocol
 import numpy as np
 
 from protocol.messages import TensorEntry
-from protocol.quantized import QuantizedTensor, Tensor, row_grid
+from protocol.quantized import QuantizedTensor, Tensor, pack_nibbles, row_grid, unpack_nibbles
 
 Meta = dict[str, float | int | str]
 MAX_SPARSE_ELEMENTS = 1 << 26  # a sparse tensor may not expand past this many elements
@@ -225,10 +225,7 @@ class Int4Codec:
     def encode(self, array: np.ndarray, rng: np.random.Generator | None = None) -> tuple[bytes, Meta]:
         """Packed nibbles (low first, zero-padded) and {"scale": max|x|/7}."""
         q, scale = _quantize(_finite_input(array), 7, rng)
-        nibbles = (q.astype(np.uint8) & 0x0F)
-        if nibbles.size % 2:
-            nibbles = np.append(nibbles, np.uint8(0))
-        return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes(), {"scale": scale}
+        return pack_nibbles(q.astype(np.int8)).tobytes(), {"scale": scale}
 
     def decode(self, data: memoryview, entry: TensorEntry) -> QuantizedTensor:
         """The validated tensor q * scale of `entry.shape`, unpacked to int8 (dequantised on demand);
@@ -236,16 +233,10 @@ class Int4Codec:
         scale = _scale_of(entry, 7)
         count = _expected_count(entry)
         _check_length(entry, data, (count + 1) // 2)
-        packed = np.frombuffer(data, dtype=np.uint8)
-        nibbles = np.empty((packed.size, 2), np.uint8)
-        np.bitwise_and(packed, 0x0F, out=nibbles[:, 0])
-        np.right_shift(packed, 4, out=nibbles[:, 1])
-        q = nibbles.reshape(-1).view(np.int8)
-        if count % 2 and q[-1] != 0:
-            raise CodecError(f"tensor {entry.name!r} (int4): padding nibble is not zero")
-        q ^= 8  # sign-extend the nibbles: 0..7 stay, 8..15 become -8..-1
-        q -= 8
-        q = q[:count]
+        try:
+            q = unpack_nibbles(np.frombuffer(data, dtype=np.uint8), count, f"tensor {entry.name!r} (int4)")
+        except ValueError as exc:
+            raise CodecError(str(exc)) from None
         if q.size and q.min() == -8:  # the one nibble outside [-7, 7]
             raise CodecError(f"tensor {entry.name!r} (int4): quantised value -8 outside [-7, 7]")
         return QuantizedTensor(q, scale, tuple(entry.shape))

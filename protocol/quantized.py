@@ -189,3 +189,24 @@ def _fused_add_loop(grid: np.ndarray, q: np.ndarray, scales: np.ndarray, weight:
         scale = scales[row, 0] if per_row else scales[0, 0]
         for column in range(q.shape[1]):
             grid[row, column] += np.float32(q[row, column]) * scale * weight
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """int8 codes in [-7, 7] two per byte, low nibble first, an odd count padded with a zero nibble."""
+    nibbles = codes.view(np.uint8) & np.uint8(0x0F)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return nibbles[0::2] | (nibbles[1::2] << np.uint8(4))
+
+
+def unpack_nibbles(packed: np.ndarray, count: int, where: str) -> np.ndarray:
+    """The `count` int8 codes `pack_nibbles` packed (a non-zero padding nibble is an error)."""
+    nibbles = np.empty((packed.size, 2), np.uint8)
+    np.bitwise_and(packed, np.uint8(0x0F), out=nibbles[:, 0])
+    np.right_shift(packed, np.uint8(4), out=nibbles[:, 1])
+    codes = nibbles.reshape(-1).view(np.int8)
+    if count % 2 and codes[-1] != 0:
+        raise ValueError(f"{where}: the padding nibble is not zero")
+    codes ^= np.int8(8)  # sign-extend: 0..7 stay, 8..15 become -8..-1
+    codes -= np.int8(8)
+    return codes[:count]
