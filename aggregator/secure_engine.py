@@ -19,6 +19,10 @@ as the ring holds without the sum of the round's devices wrapping around.
 
 Not resumable: the keys and the partial sum live in memory only, so a round open when the
 aggregator stopped is started again from its tasks (fresh keys, a new session).
+
+With the enrolled device keys (`enrolled`), an advertisement not signed by its device's key for
+the round's session is refused (bad_signature) and the device left out, as devices that verify
+the roster (`tierfl client --fleet-keys`) would refuse the whole roster over it.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from protocol.secagg import (
     ShareKeys,
     UnmaskResponse,
 )
+from protocol.secagg_device import verify_advertisement
 from protocol.secagg_server import SecAggResult, SecAggServer
 from protocol.secagg_wire import DEVICE_PHASES, unwrap, wrap
 
@@ -98,6 +103,10 @@ class UnmaskedMean:
         return {name: (self._global[name] + mean).astype(np.float32) for name, mean in self._result.mean().items()}
 
 
+class _UnsignedKeys(SecAggError):
+    """An advertisement not signed by its device's enrolled key."""
+
+
 @dataclass
 class _SecureRound:
     session: str
@@ -124,11 +133,14 @@ class SecureRoundEngine(RoundEngine):
         ledger: Ledger | None = None,
         now: float | None = None,
         privacy: PrivacyBudget | None = None,
+        enrolled: Mapping[str, str] | None = None,
     ) -> None:
+        """`enrolled` (device -> Ed25519 public hex, the --enrolled file): refuse advertisements not signed by these keys."""
         if config.static_batch_norm and artifacts.spec.batch_norm:
             raise ValueError("secure aggregation cannot pool batch-norm statistics measured on devices (each device's "
                              "would be in the clear): use --bn-statistics averaged")
         self.secure = secure
+        self.enrolled = dict(enrolled) if enrolled is not None else None
         self._secure: _SecureRound | None = None
         super().__init__(config, strategy, artifacts, store, registry, evaluator, ledger, now, privacy)
 
@@ -151,6 +163,8 @@ class SecureRoundEngine(RoundEngine):
         if problem is None:
             try:
                 self._accept(device_id, unwrap(body, tensors), body, nbytes)
+            except _UnsignedKeys as exc:
+                problem = (RejectReason.BAD_SIGNATURE, str(exc))
             except SecAggError as exc:
                 problem = (RejectReason.BAD_TENSOR if body.phase == "masked_input" else RejectReason.MALFORMED, str(exc))
         if problem is not None:
@@ -247,7 +261,9 @@ class SecureRoundEngine(RoundEngine):
                 return [self._message(secure, device, request) for device in request.survivors]
             result = server.result()
         except SecAggError as exc:
-            return self._fail(str(exc), now)
+            hint = (" (a device that verifies the roster with --fleet-keys leaves the round when the roster holds keys "
+                    "it cannot verify; its log says which)") if secure.phase is Phase.SHARE_KEYS else ""
+            return self._fail(f"{exc}{hint}", now)
         self._open.accumulator = UnmaskedMean(self.weights, result)
         log.info("round %d: unmasked the sum of %d masked inputs%s", self._open.number, len(result.included),
                  f" ({len(result.dropped)} dropped after sharing keys: {', '.join(result.dropped)})" if result.dropped else "")
@@ -318,6 +334,11 @@ class SecureRoundEngine(RoundEngine):
             if {n: list(s) for n, s in message.shapes.items()} != settings.block:
                 raise SecAggError(f"advertised blocks {message.shapes} are not those of tier "
                                   f"{current.assignments[device_id].tier}")
+            if self.enrolled is not None:
+                try:
+                    verify_advertisement(message, self.enrolled, secure.session)
+                except SecAggError as exc:
+                    raise _UnsignedKeys(f"{exc}: devices that verify the roster would refuse it") from None
             secure.server.add_advertisement(message)
         elif isinstance(message, ShareKeys):
             secure.server.add_shares(message)

@@ -71,6 +71,7 @@ class ClientConfig(BaseModel):
     reconnect_max_s: float = Field(60.0, ge=1.0)  # longest wait between attempts to reach the broker
     connect_timeout_s: float | None = Field(None, gt=0)  # give up when the broker is unreachable this long at start
     stop_grace_s: float = Field(10.0, ge=0)  # on stop, how long the task in training may take to finish and send
+    fleet_keys: dict[str, str] | None = None  # device -> Ed25519 public hex: secure rosters must be signed by these
 
 
 def device_key(folder: Path) -> DeviceKey | None:
@@ -108,7 +109,10 @@ class DeviceAgent:
         self._abandoned = False
         self._current: Task | None = None  # the task the worker is on, until its results are committed
         self._failure: BaseException | None = None
-        self.secure = SecureClient(config.device_id, self._send_secagg) if SecureClient else None  # secure rounds
+        if config.fleet_keys is not None and (SecureClient is None or self.key is None):
+            raise ValueError("--fleet-keys needs the cryptography package (pip install 'tierfl[signing]')")
+        self.secure = SecureClient(config.device_id, self._send_secagg, self.key.private_key if self.key else None,
+                                   config.fleet_keys) if SecureClient else None  # secure rounds
         self.link = MqttLink(
             config.broker,
             client_id=f"tierfl-{config.fleet}-{config.device_id}",

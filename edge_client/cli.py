@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from edge_client.agent import ClientConfig, DeviceAgent
 from edge_client.backends import BACKENDS, resolve_backend
-from protocol.signing import DeviceKey
+from protocol.signing import DeviceKey, EnrolledKeys
 from edge_client.data import load_dataset, train_test_split
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.mqtt_url import parse as parse_broker
@@ -69,6 +69,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--show-key", action="store_true",
                         help="print this device's id and Ed25519 public key (created in the cache dir on first use) "
                              "for the aggregator's --enrolled file, then exit")
+    parser.add_argument("--fleet-keys", type=Path, metavar="FILE",
+                        help="the fleet's device keys, the aggregator's --enrolled file copied here (JSON: device id -> "
+                             "Ed25519 public key from --show-key): in secure aggregation, refuse a key roster in which "
+                             "any device's keys are unsigned, signed by another key or of a device not in FILE, so an "
+                             "aggregator cannot substitute keys to read this device's shares (default: the roster is "
+                             "taken on trust, with a warning)")
     parser.add_argument("--aggregator-id", default="aggregator", help="accept tasks only from this sender (default: %(default)s)")
     service = parser.add_argument_group("running unattended")
     service.add_argument("--cache-max-mb", type=float, default=512.0,
@@ -127,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         reconnect_max_s=args.reconnect_max,
         connect_timeout_s=args.connect_timeout,
         stop_grace_s=args.stop_grace,
+        fleet_keys=EnrolledKeys.load(args.fleet_keys).root if args.fleet_keys else None,
     )
     agent = DeviceAgent(config, train, test)
     stop = threading.Event()

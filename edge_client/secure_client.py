@@ -6,6 +6,12 @@ delivery is kept; the worker hands in the trained delta, and whichever of the tw
 masks weight x delta (clipped to the agreed bound) and sends it. The unmask request gets the
 shares the protocol allows it. A refused step ends the session, and the aggregator counts the
 device as dropped. Only the newest secure task has a session; messages of another are ignored.
+
+The device signs its advertisement with its Ed25519 device key (bound to the round attempt's
+session). Given the fleet's keys (device id -> public key, `tierfl client --fleet-keys`), it
+refuses a roster holding an advertisement that is unsigned, signed by another key or from a
+device not in them: an aggregator that substitutes a device's keys to read the shares meant for
+it gets none. Without them the roster is taken on trust (a warning says so once).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ValidationError
 
 from edge_client.trainer import EvalStats
@@ -42,9 +50,28 @@ class _Session:
 class SecureClient:
     """One device's secure sessions, fed by the agent's network thread (messages) and worker (trained deltas)."""
 
-    def __init__(self, device_id: str, send: Send) -> None:
+    def __init__(self, device_id: str, send: Send, signing_key: Ed25519PrivateKey | None = None,
+                 fleet_keys: Mapping[str, str] | None = None) -> None:
+        """Sign advertisements with `signing_key`; with `fleet_keys` (device -> Ed25519 public hex) verify every roster.
+
+        ValueError when `fleet_keys` does not list `signing_key` for this device: every roster would be refused.
+        """
+        if fleet_keys is not None:
+            listed = fleet_keys.get(device_id)
+            if signing_key is None:
+                raise ValueError("verifying the key roster with the fleet's keys needs this device's own signing key")
+            if listed is None:
+                raise ValueError(f"the fleet's keys do not list this device ({device_id}), so it would refuse every "
+                                 "roster: add its `tierfl client --show-key` line to the file")
+            mine = signing_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+            if mine != listed:
+                raise ValueError(f"the fleet's keys list another key for {device_id} than this device's {mine} "
+                                 "(a key created anew in another cache dir?)")
         self.device_id = device_id
         self._send = send
+        self._signing_key = signing_key
+        self._fleet_keys = dict(fleet_keys) if fleet_keys is not None else None
+        self._warned_unverified = False
         self._lock = threading.Lock()
         self._session: _Session | None = None
 
@@ -56,10 +83,15 @@ class SecureClient:
             params = SecAggParams(round=task.round, threshold=settings.threshold, max_devices=settings.max_devices,
                                   ring_bits=settings.ring_bits, frac_bits=settings.frac_bits, clip=settings.clip,
                                   shapes={n: tuple(s) for n, s in settings.shapes.items()})
-            device = SecAggDevice(self.device_id, params, settings.block)
+            device = SecAggDevice(self.device_id, params, settings.block, signing_key=self._signing_key,
+                                  enrolled=self._fleet_keys, session=settings.session)
         except (ValidationError, SecAggError) as exc:
             log.error("round %d: refusing the secure task: %s", task.round, exc)
             return
+        if self._fleet_keys is None and not self._warned_unverified:
+            log.warning("secure aggregation: the key roster is not verified (no --fleet-keys): an aggregator that "
+                        "substitutes another device's keys could read the shares this device sends it")
+            self._warned_unverified = True
         with self._lock:
             self._session = _Session(task, settings, device)
             self._reply(self._session, device.advertise())
@@ -77,6 +109,8 @@ class SecureClient:
                 message = unwrap(body, {})
                 if isinstance(message, KeyRoster):
                     self._reply(session, session.device.share_keys(message))
+                    log.info("round %d: shared keys with a roster of %d devices%s", body.round, len(message.devices),
+                             ", every advertisement verified against the fleet's keys" if self._fleet_keys else "")
                 elif isinstance(message, ShareDelivery):
                     session.delivery = message
                     self._mask_when_ready(session)

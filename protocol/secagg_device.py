@@ -22,9 +22,31 @@ from protocol.secagg import (AdvertiseKeys, EncryptedShares, KeyRoster, MaskedIn
 from protocol.secagg_masks import add_mask, agree_key, block_overlap, pair_sign, public_key_hex
 
 
-def _advert_bytes(advert: AdvertiseKeys) -> bytes:
-    """What an advertisement's signature covers: all of it but the signature."""
-    return advert.model_copy(update={"signature": None}).model_dump_json().encode()
+def _advert_bytes(advert: AdvertiseKeys, session: str) -> bytes:
+    """What an advertisement's signature covers: a domain tag, the round attempt's session, all of it but the signature."""
+    unsigned = advert.model_copy(update={"signature": None}).model_dump_json()
+    return f"tierfl-secagg/v1/advertise/{session}/{unsigned}".encode()
+
+
+def sign_advertisement(advert: AdvertiseKeys, key: Ed25519PrivateKey, session: str = "") -> AdvertiseKeys:
+    """`advert` signed by the device's Ed25519 key for the round attempt `session`."""
+    return advert.model_copy(update={"signature": key.sign(_advert_bytes(advert, session)).hex()})
+
+
+def verify_advertisement(advert: AdvertiseKeys, keys: Mapping[str, str], session: str = "") -> None:
+    """Raise SecAggError unless `advert` is signed, for `session`, by its device's key in `keys` (device -> public hex)."""
+    public = keys.get(advert.device)
+    if public is None:
+        raise SecAggError(f"{advert.device} is not in the fleet's keys, so its keys cannot be verified")
+    if advert.signature is None:
+        raise SecAggError(f"the keys of {advert.device} are not signed (a device without a key, or a signature "
+                          "stripped in transit)")
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(public)).verify(
+            bytes.fromhex(advert.signature), _advert_bytes(advert, session))
+    except (InvalidSignature, ValueError):
+        raise SecAggError(f"the signature on the keys of {advert.device} does not verify against its key in the "
+                          "fleet's keys (keys substituted in transit, or replayed from another round)") from None
 
 
 def _share_aad(round_number: int, sender: str, recipient: str) -> bytes:
@@ -36,14 +58,17 @@ class SecAggDevice:
     """One device's side of one secure round; call its four steps in order, each once."""
 
     def __init__(self, device: str, params: SecAggParams, shapes: Mapping[str, Sequence[int]],
-                 signing_key: Ed25519PrivateKey | None = None, enrolled: Mapping[str, str] | None = None) -> None:
-        """A device with tier blocks `shapes`; with `enrolled` (device -> Ed25519 public hex) every roster entry must be signed."""
+                 signing_key: Ed25519PrivateKey | None = None, enrolled: Mapping[str, str] | None = None,
+                 session: str = "") -> None:
+        """A device with tier blocks `shapes`; with `enrolled` (device -> Ed25519 public hex) every roster entry must be
+        signed by its device's key for this round attempt (`session`)."""
         self.device = device
         self.params = params
         self.shapes: dict[str, Shape] = {name: tuple(int(n) for n in shape) for name, shape in shapes.items()}
         check_block_shapes(self.shapes, params, device)
         self._signing_key = signing_key
         self._enrolled = dict(enrolled) if enrolled is not None else None
+        self._session = session
         self._c_key = X25519PrivateKey.generate()
         self._s_key = X25519PrivateKey.generate()
         self._phase = Phase.ADVERTISE
@@ -65,7 +90,7 @@ class SecAggDevice:
         advert = AdvertiseKeys(round=self.params.round, device=self.device, c_public=public_key_hex(self._c_key),
                                s_public=public_key_hex(self._s_key), shapes=self.shapes)
         if self._signing_key is not None:
-            advert = advert.model_copy(update={"signature": self._signing_key.sign(_advert_bytes(advert)).hex()})
+            advert = sign_advertisement(advert, self._signing_key, self._session)
         self._mine = advert
         self._phase = Phase.SHARE_KEYS
         return advert
@@ -88,18 +113,10 @@ class SecAggDevice:
                 raise SecAggError(f"{self.device}: roster entry of {advert.device} is for round {advert.round}")
             check_block_shapes(advert.shapes, self.params, advert.device)
             if self._enrolled is not None:
-                self._verify_signature(advert)
-
-    def _verify_signature(self, advert: AdvertiseKeys) -> None:
-        public = self._enrolled.get(advert.device) if self._enrolled is not None else None
-        if public is None or advert.signature is None:
-            raise SecAggError(f"{self.device}: the keys of {advert.device} are not signed by an enrolled key")
-        try:
-            Ed25519PublicKey.from_public_bytes(bytes.fromhex(public)).verify(
-                bytes.fromhex(advert.signature), _advert_bytes(advert))
-        except (InvalidSignature, ValueError):
-            raise SecAggError(f"{self.device}: the signature on the keys of {advert.device} does not verify "
-                              "(keys substituted in transit?)") from None
+                try:
+                    verify_advertisement(advert, self._enrolled, self._session)
+                except SecAggError as exc:
+                    raise SecAggError(f"{self.device}: refusing the roster: {exc}") from None
 
     def share_keys(self, roster: KeyRoster) -> ShareKeys:
         """Phase 2: shares of my self-mask seed and s private key, encrypted for each other device of the roster."""

@@ -16,10 +16,14 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ConfigDict, Field, RootModel
 
 from protocol.messages import FrameHeader, RejectReason
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 KEY_FILE = "device.key"
 PublicKeyHex = str
@@ -66,6 +70,11 @@ class DeviceKey:
     def sign(self, header: FrameHeader) -> str:
         """Hex signature of `header` (over signed_bytes)."""
         return self._key.sign(signed_bytes(header)).hex()
+
+    @property
+    def private_key(self) -> Ed25519PrivateKey:
+        """The Ed25519 private key, for signing what is not a frame (secure aggregation's key advertisements)."""
+        return self._key
 
 
 class EnrolledKeys(RootModel[dict[str, PublicKeyHex]]):

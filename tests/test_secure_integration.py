@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import signal
 import sqlite3
 import time
@@ -12,6 +13,10 @@ import pytest
 from protocol.chunking import Reassembler
 from protocol.frame import decode_frame
 from protocol.messages import SecAgg, Update
+from protocol.secagg import AdvertiseKeys
+from protocol.secagg_device import verify_advertisement
+from protocol.secagg_wire import unwrap
+from protocol.signing import DeviceKey
 from protocol.topics import Topics
 from tests.test_algorithms_integration import _devices, _summaries
 from tests.test_integration import Watcher, _aggregator, _stop, _wait_for
@@ -87,6 +92,41 @@ def test_a_device_killed_after_sharing_its_keys_is_unmasked_out_of_the_sum(tmp_p
         assert "round 2: no masked_input message from d3" in log
         assert "unmasked the sum of 3 masked inputs (1 dropped after sharing keys: d3)" in log
         assert summaries[-1].accuracy > 0.8
+    finally:
+        watcher.close()
+        _stop([aggregator, *devices])
+
+
+def test_devices_with_fleet_keys_verify_every_roster_and_train(tmp_path, mosquitto_url, fleet):
+    """The operator's enrolled.json, copied to every device as --fleet-keys: signed advertisements, verified rosters."""
+    keys = {f"d{i}": DeviceKey(tmp_path / f"d{i}").public_hex for i in range(4)}  # the keys the clients will use
+    enrolled = tmp_path / "enrolled.json"
+    enrolled.write_text(json.dumps(keys))
+    topics = Topics(fleet)
+    watcher = Watcher(mosquitto_url, [topics.rounds, topics.all_up()])
+    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--secure-aggregation", "--enrolled", str(enrolled),
+                             "--min-clients", "4", "--rounds", "2", "--lr", "0.1", "--round-timeout", "40")
+    devices = _devices(tmp_path, mosquitto_url, fleet, 4, "--fleet-keys", str(enrolled))
+    try:
+        assert aggregator.wait(120) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
+        summaries = _summaries(watcher)
+        assert [(s.version, s.answered) for s in summaries] == [(1, 4), (2, 4)]
+        assert not any(s.rejected for s in summaries) and summaries[-1].accuracy > 0.8
+
+        adverts = [(body, unwrap(body, {})) for _, body, _ in _uplink(watcher, topics)
+                   if isinstance(body, SecAgg) and body.phase == "advertise"]
+        assert len(adverts) == 8 and len({body.session for body, _ in adverts}) == 2
+        for body, advert in adverts:
+            assert isinstance(advert, AdvertiseKeys)
+            verify_advertisement(advert, keys, body.session)  # raises unless signed by the device's key, this session
+        with sqlite3.connect(tmp_path / "state" / "ledger.sqlite") as db:
+            assert db.execute("SELECT COUNT(*) FROM received WHERE accepted = 0").fetchone()[0] == 0
+        for i in range(4):
+            log = (tmp_path / f"d{i}.log").read_text()
+            assert log.count("shared keys with a roster of 4 devices, every advertisement verified against the "
+                             "fleet's keys") == 2
+            assert log.count("sent the masked update") == 2 and log.count("unmasking answered") == 2
+            assert "not verified" not in log and "refus" not in log
     finally:
         watcher.close()
         _stop([aggregator, *devices])

@@ -1,16 +1,21 @@
 """Secure rounds end to end in process: SecureRoundEngine on a fake clock and one SecureClient (real
-SecAggDevice) per device, every message passed as frame bytes; tiers, dropouts, failures, refusals."""
+SecAggDevice) per device, every message passed as frame bytes; tiers, dropouts, failures, refusals,
+and signed key advertisements against an aggregator that substitutes keys."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from aggregator.artifacts import ArtifactStore
 from aggregator.cli import configure_parser
@@ -26,8 +31,11 @@ from models.slicing import leading_slices
 from models.zoo import ModelSpec
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import Reject, RejectReason, RoundSummary, SecAgg, Task, Update, new_id
-from protocol.secagg import AdvertiseKeys
+from protocol.secagg import AdvertiseKeys, KeyRoster, SecAggError
+from protocol.secagg_device import _share_aad, verify_advertisement
+from protocol.secagg_masks import agree_key, public_key_hex
 from protocol.secagg_wire import unwrap, wrap
+from protocol.signing import DeviceKey
 
 SPEC = ModelSpec(arch="mlp", image_size=8, hidden=(16,))
 TIMEOUT = 20.0
@@ -44,18 +52,31 @@ def art_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-class Fleet:
-    """An engine and its devices, wired through frame bytes; what `silent` devices send is lost."""
+Tamper = Callable[[str, SecAgg], SecAgg]  # what the aggregator's message to a device becomes in flight
 
-    def __init__(self, art: Path, state: Path, threshold: float, ledger: Ledger | None = None) -> None:
+
+class Fleet:
+    """An engine and its devices, wired through frame bytes; what `silent` devices send is lost.
+
+    `clients[d]` are device d's SecureClient options (signing key, fleet keys); `tamper` rewrites the
+    aggregator's secure-aggregation messages on their way down; `enrolled` goes to the engine.
+    """
+
+    def __init__(self, art: Path, state: Path, threshold: float, ledger: Ledger | None = None,
+                 clients: Mapping[str, dict[str, Any]] | None = None, tamper: Tamper | None = None,
+                 enrolled: Mapping[str, str] | None = None) -> None:
         self.artifacts = ArtifactStore(art)
         self.registry = DeviceRegistry()
         for device, (tier, samples) in DEVICES.items():
             self.registry.hello(device, samples, 0, tier, "ort-training", now=0.0)
         config = EngineConfig(fleet=FLEET, rounds=2, round_timeout_s=TIMEOUT)
         self.engine = SecureRoundEngine(config, SecureConfig(threshold_fraction=threshold), FedAvg(min_clients=2),
-                                        self.artifacts, StateStore(state), self.registry, ledger=ledger)
-        self.clients = {d: SecureClient(d, lambda body, tensors, d=d: self._up(d, body, tensors)) for d in DEVICES}
+                                        self.artifacts, StateStore(state), self.registry, ledger=ledger,
+                                        enrolled=enrolled)
+        self.clients = {d: SecureClient(d, lambda body, tensors, d=d: self._up(d, body, tensors), **(clients or {}).get(d, {}))
+                        for d in DEVICES}
+        self.tamper = tamper
+        self.sent: list[tuple[str, SecAgg]] = []  # what the devices sent that reached the aggregator
         self.uplink: list[tuple[str, bytes]] = []
         self.tasks: dict[str, Task] = {}
         self.summaries: list[RoundSummary] = []
@@ -70,6 +91,7 @@ class Fleet:
             self.unsent.append((device, frame))
         else:
             self.uplink.append((device, frame))
+            self.sent.append((device, body))
             self.wire[device, body.phase] = len(frame)
         return len(frame)
 
@@ -88,7 +110,7 @@ class Fleet:
                 self.clients[message.device_id].on_task(body)
             elif isinstance(body, SecAgg):
                 self.wire[message.device_id, body.phase] = frame.nbytes
-                self.clients[message.device_id].on_message(body)
+                self.clients[message.device_id].on_message(self.tamper(message.device_id, body) if self.tamper else body)
             else:
                 rest.append(message)
         return rest
@@ -344,3 +366,207 @@ def test_batch_norm_statistics_measured_on_devices_are_refused(tmp_path: Path) -
     averaged = SecureRoundEngine(config.model_copy(update={"static_batch_norm": False}), SecureConfig(), FedAvg(),
                                  ArtifactStore(tmp_path / "art"), StateStore(tmp_path / "s"), DeviceRegistry())
     assert averaged.record.version == 0
+
+
+# ---------------------------------------------------------------- signed key advertisements (--fleet-keys)
+
+def _device_keys(folder: Path) -> tuple[dict[str, DeviceKey], dict[str, str]]:
+    """Each device's key (as `tierfl client` keeps it) and the fleet's keys file: device -> public hex."""
+    keys = {d: DeviceKey(folder / d) for d in DEVICES}
+    return keys, {d: k.public_hex for d, k in keys.items()}
+
+
+def _verifying(keys: Mapping[str, DeviceKey], fleet_keys: Mapping[str, str] | None) -> dict[str, dict[str, Any]]:
+    return {d: {"signing_key": key.private_key, "fleet_keys": fleet_keys} for d, key in keys.items()}
+
+
+def _sent(fleet: Fleet, phase: str) -> dict[str, Any]:
+    """device -> the protocol message of `phase` it sent."""
+    return {device: unwrap(body, {}) for device, body in fleet.sent if body.phase == phase}
+
+
+def _reroster(body: SecAgg, change: Callable[[AdvertiseKeys], AdvertiseKeys]) -> SecAgg:
+    """A roster message with `change` applied to every advertisement in it."""
+    roster = unwrap(body, {})
+    assert isinstance(roster, KeyRoster)
+    forged, _ = wrap(KeyRoster(round=roster.round, devices=[change(a) for a in roster.devices]), body.session)
+    return forged
+
+
+def _opens(key: X25519PrivateKey, sealed: Any, adverts: Mapping[str, AdvertiseKeys]) -> bool:
+    """Whether `key`, in the recipient's place, decrypts the shares `sealed` of round 1."""
+    shared = agree_key(key, adverts[sealed.sender].c_public, "shares", 1, sealed.recipient, sealed.sender)
+    try:
+        AESGCM(shared).decrypt(bytes.fromhex(sealed.nonce), bytes.fromhex(sealed.ciphertext),
+                               _share_aad(1, sealed.sender, sealed.recipient))
+    except InvalidTag:
+        return False
+    return True
+
+
+def test_with_fleet_keys_an_honest_round_commits_the_plain_mean(art_dir: Path, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="edge_client.secure_client")
+    keys, fleet_keys = _device_keys(tmp_path / "keys")
+    fleet = Fleet(art_dir, tmp_path / "state", threshold=2 / 3, clients=_verifying(keys, fleet_keys), enrolled=fleet_keys)
+    global_before = {n: v.copy() for n, v in fleet.engine.weights.items()}
+    fleet.tick(START)
+    deltas = _deltas(fleet.artifacts)
+    for device in DEVICES:
+        fleet.train(device, deltas[device])
+    assert fleet.engine.record.version == 1 and fleet.summaries[-1].answered == 4
+    weights = {d: t.secure.weight for d, t in fleet.tasks.items()}
+    expected = _plain_mean(global_before, deltas, weights)
+    for name, value in fleet.engine.weights.items():
+        np.testing.assert_allclose(value, expected[name], rtol=0, atol=1e-5, err_msg=name)
+    assert "refus" not in caplog.text and "not verified" not in caplog.text
+
+    adverts = _sent(fleet, "advertise")
+    session = fleet.tasks["d1"].secure.session
+    for advert in adverts.values():
+        verify_advertisement(advert, fleet_keys, session)  # signed by the device's key, for this attempt
+    with pytest.raises(SecAggError, match="replayed from another round"):
+        verify_advertisement(adverts["d1"], fleet_keys, new_id())  # the same advertisement in another attempt
+
+
+@pytest.mark.parametrize("verified", [False, True], ids=["roster-on-trust", "fleet-keys"])
+def test_keys_substituted_in_the_roster_expose_shares_unless_devices_verify_it(
+        art_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, verified: bool) -> None:
+    caplog.set_level(logging.INFO)
+    keys, fleet_keys = _device_keys(tmp_path / "keys")
+    victim, attacker_c, attacker_s = "d2", X25519PrivateKey.generate(), X25519PrivateKey.generate()
+
+    def substitute(device: str, body: SecAgg) -> SecAgg:
+        """The aggregator puts its own keys in d2's place, in the roster of every device but d2 (signature kept)."""
+        if body.phase != "roster" or device == victim:
+            return body
+        return _reroster(body, lambda a: a.model_copy(update={"c_public": public_key_hex(attacker_c),
+                                                              "s_public": public_key_hex(attacker_s)})
+                         if a.device == victim else a)
+
+    fleet = Fleet(art_dir, tmp_path / "state", threshold=0.5, tamper=substitute,
+                  clients=_verifying(keys, fleet_keys if verified else None))
+    fleet.tick(START)
+    adverts, share_sets = _sent(fleet, "advertise"), _sent(fleet, "share_keys")
+    for_victim = [sealed for message in share_sets.values() for sealed in message.shares if sealed.recipient == victim]
+    readable = [sealed.sender for sealed in for_victim if _opens(attacker_c, sealed, adverts)]
+    if not verified:  # today's behaviour without --fleet-keys: the attack works
+        assert sorted(readable) == ["d1", "d3", "d4"]
+        assert caplog.text.count("the key roster is not verified (no --fleet-keys)") == len(DEVICES)
+        return
+
+    assert set(share_sets) == {victim} and for_victim == [] and readable == []  # nothing was sealed for the attacker
+    for device in ("d1", "d3", "d4"):
+        assert (f"round 1: secure aggregation step refused, leaving the round: {device}: refusing the roster: the "
+                f"signature on the keys of d2 does not verify against its key in the fleet's keys") in caplog.text
+    deltas = _deltas(fleet.artifacts)
+    for device in DEVICES:
+        fleet.train(device, deltas[device])
+    assert caplog.text.count("trained, but its secure session is gone; nothing sent") == 3
+    out = fleet.tick(START + 0.2 * TIMEOUT)  # the share-keys deadline: only d2 shared keys
+    assert [type(m.body) for m in out] == [RoundSummary] and fleet.engine.record.version == 0
+    assert "secure aggregation failed: only 1 devices shared their keys, below the threshold 2" in caplog.text
+    assert {device for device, _ in fleet.sent} == set(DEVICES)
+    assert [device for device, body in fleet.sent if body.phase not in ("advertise", "share_keys")] == []
+
+
+D4Case = Callable[[dict[str, DeviceKey], dict[str, str], Path], tuple[dict[str, Any], dict[str, str]]]
+
+
+def _old_client(keys: dict[str, DeviceKey], fleet_keys: dict[str, str], tmp_path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """d4 has no device key (nor fleet keys): it advertises unsigned keys."""
+    return {}, fleet_keys
+
+
+def _unlisted(keys: dict[str, DeviceKey], fleet_keys: dict[str, str], tmp_path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The fleet keys the others hold predate d4."""
+    return {"signing_key": keys["d4"].private_key}, {d: k for d, k in fleet_keys.items() if d != "d4"}
+
+
+def _other_key(keys: dict[str, DeviceKey], fleet_keys: dict[str, str], tmp_path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """d4 signs with a key other than the one the fleet keys list for it."""
+    return {"signing_key": DeviceKey(tmp_path / "mallory").private_key}, fleet_keys
+
+
+@pytest.mark.parametrize("d4_case,refusal", [
+    (_old_client, "the keys of d4 are not signed"),
+    (_unlisted, "d4 is not in the fleet's keys, so its keys cannot be verified"),
+    (_other_key, "the signature on the keys of d4 does not verify"),
+], ids=["unsigned", "unknown-device", "wrongly-signed"])
+def test_devices_refuse_a_roster_with_an_unverifiable_advertisement(
+        art_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, d4_case: D4Case, refusal: str) -> None:
+    caplog.set_level(logging.INFO)
+    keys, fleet_keys = _device_keys(tmp_path / "keys")
+    d4_options, others_hold = d4_case(keys, fleet_keys, tmp_path)
+    clients = {**_verifying({d: keys[d] for d in ("d1", "d2", "d3")}, others_hold), "d4": d4_options}
+    fleet = Fleet(art_dir, tmp_path / "state", threshold=0.5, clients=clients)  # an aggregator that checks nothing
+    fleet.tick(START)
+    assert set(_sent(fleet, "advertise")) == set(DEVICES)
+    assert set(_sent(fleet, "share_keys")) == {"d4"}
+    for device in ("d1", "d2", "d3"):
+        assert f"leaving the round: {device}: refusing the roster: {refusal}" in caplog.text
+    out = fleet.tick(START + 0.2 * TIMEOUT)
+    assert [type(m.body) for m in out] == [RoundSummary] and fleet.engine.record.version == 0
+    assert "only 1 devices shared their keys" in caplog.text and "--fleet-keys" in caplog.text
+
+
+def test_a_signature_stripped_in_flight_is_refused(art_dir: Path, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="edge_client.secure_client")
+    keys, fleet_keys = _device_keys(tmp_path / "keys")
+
+    def strip(device: str, body: SecAgg) -> SecAgg:
+        if body.phase != "roster":
+            return body
+        return _reroster(body, lambda a: a.model_copy(update={"signature": None}) if a.device == "d3" else a)
+
+    fleet = Fleet(art_dir, tmp_path / "state", threshold=0.5, clients=_verifying(keys, fleet_keys), tamper=strip)
+    fleet.tick(START)
+    assert _sent(fleet, "advertise")["d3"].signature is not None and _sent(fleet, "share_keys") == {}
+    for device in ("d1", "d2", "d4"):
+        assert f"{device}: refusing the roster: the keys of d3 are not signed" in caplog.text
+    assert "leaving the round: d3: the roster does not carry my own advertisement unchanged" in caplog.text
+
+
+def test_an_aggregator_with_enrolled_keys_leaves_an_unsigned_device_out_and_commits(
+        art_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    keys, fleet_keys = _device_keys(tmp_path / "keys")
+    clients = {**_verifying(keys, fleet_keys), "d4": {}}  # d4 advertises unsigned keys
+    fleet = Fleet(art_dir, tmp_path / "state", threshold=0.5, clients=clients, enrolled=fleet_keys)
+    with caplog.at_level(logging.WARNING, logger="aggregator.secure_engine"):
+        out = fleet.tick(START)
+    assert _reason(out, "d4") is RejectReason.BAD_SIGNATURE
+    assert "the keys of d4 are not signed" in out[0].body.detail
+    fleet.tick(START + 0.2 * TIMEOUT)  # the advertise deadline: the roster goes out without d4
+    deltas = _deltas(fleet.artifacts)
+    for device in ("d1", "d2", "d3"):
+        fleet.train(device, deltas[device])
+    assert fleet.engine.record.version == 1 and fleet.summaries[-1].answered == 3
+    assert set(_sent(fleet, "masked_input")) == {"d1", "d2", "d3"}
+
+
+def test_fleet_keys_that_do_not_list_this_device_s_key_are_refused_at_start(tmp_path: Path) -> None:
+    keys, fleet_keys = _device_keys(tmp_path / "keys")
+    send = lambda body, tensors: 0  # noqa: E731
+    SecureClient("d1", send, keys["d1"].private_key, fleet_keys)
+    with pytest.raises(ValueError, match="list another key for d1"):
+        SecureClient("d1", send, keys["d2"].private_key, fleet_keys)
+    with pytest.raises(ValueError, match=r"do not list this device \(d5\)"):
+        SecureClient("d5", send, keys["d1"].private_key, fleet_keys)
+    with pytest.raises(ValueError, match="needs this device's own signing key"):
+        SecureClient("d1", send, None, fleet_keys)
+
+
+def test_without_fleet_keys_the_unverified_roster_is_warned_about_once(art_dir: Path, tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="edge_client.secure_client")
+    keys, _ = _device_keys(tmp_path / "keys")
+    fleet = Fleet(art_dir, tmp_path / "state", threshold=0.5, clients=_verifying(keys, None))
+    deltas = _deltas(fleet.artifacts)
+    for round_number in (1, 2):
+        fleet.tick(START + (round_number - 1) * TIMEOUT)
+        for device in DEVICES:
+            fleet.train(device, deltas[device])
+        assert fleet.engine.record.version == round_number
+    assert caplog.text.count("the key roster is not verified (no --fleet-keys)") == len(DEVICES)  # once per device
+    assert all(advert.signature for advert in _sent(fleet, "advertise").values())  # signed all the same
