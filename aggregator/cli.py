@@ -224,10 +224,11 @@ def run(args: argparse.Namespace) -> int:
         buffer = BufferConfig(buffer_size=args.buffer_size, max_staleness=args.max_staleness,
                               staleness_exponent=args.staleness_exponent, concurrency=args.concurrency)
         engine: RoundEngine = BufferedEngine(config, buffer, strategy, artifacts, StateStore(args.state_dir),
-                                             DeviceRegistry(), evaluator, ledger)
-    elif secure is not None:
+                                             DeviceRegistry(), evaluator, ledger, privacy=privacy)
+    elif secure is not None:  # with --enrolled, advertisements that do not verify are refused at the aggregator too
         engine = SecureRoundEngine(config, secure, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(),
-                                   evaluator, ledger, privacy=privacy)
+                                   evaluator, ledger, privacy=privacy,
+                                   enrolled=EnrolledKeys.load(args.enrolled).root if args.enrolled else None)
     else:
         engine = RoundEngine(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(), evaluator, ledger,
                              privacy=privacy)

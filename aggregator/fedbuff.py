@@ -29,6 +29,7 @@ from aggregator.artifacts import ArtifactStore
 from aggregator.engine import EngineConfig, Outgoing, RoundEngine, _OpenRound, check_update_tensors, contributions
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.ledger import Ledger
+from aggregator.privacy import PrivacyBudget
 from aggregator.registry import DeviceRegistry
 from aggregator.round_spool import RoundPlan
 from aggregator.state import StateStore
@@ -77,13 +78,14 @@ class BufferedEngine(RoundEngine):
         registry: DeviceRegistry,
         evaluator: HeldOutEvaluator | None = None,
         ledger: Ledger | None = None,
+        privacy: PrivacyBudget | None = None,
     ) -> None:
         self.buffer = buffer
         self._flights: dict[str, _Flight] = {}
         self._dispatches = 0
         self._staleness: list[int] = []  # of the updates in the open buffer
         super().__init__(config.model_copy(update={"static_batch_norm": False}), strategy, artifacts, store, registry,
-                         evaluator, ledger)
+                         evaluator, ledger, privacy=privacy)  # DP: each applied buffer is charged as sampling rate 1
 
     def tick(self, now: float) -> list[Outgoing]:
         """Give up on overdue tasks, then send a task to every idle available device."""
