@@ -218,4 +218,5 @@ class BufferedEngine(RoundEngine):
         summary = super()._summarise(current, now, committed)
         staleness = {"staleness_mean": float(np.mean(self._staleness)) if self._staleness else 0.0,
                      "staleness_max": float(max(self._staleness, default=0)), "in_flight": float(len(self._flights))}
-        return summary.model_copy(update={"metrics": {**summary.metrics, **staleness}, "selected": len(current.answered)})
+        updates = current.accumulator.count  # a fast device may answer twice within one buffer
+        return summary.model_copy(update={"metrics": {**summary.metrics, **staleness}, "selected": updates, "answered": updates})

@@ -412,3 +412,12 @@ def test_root_checks_an_edge_aggregators_contributors(tmp_path: Path) -> None:
     assert send({"c": TierShare(samples=10, devices=1)}) == [RejectReason.BAD_TENSOR]  # 10 samples, the update says 30
     assert send({"a": TierShare(samples=10, devices=1), "c": TierShare(samples=20, devices=2)}) == []
     assert engine.record.version == 1
+
+
+def test_fedbuff_counts_a_device_that_answers_twice_in_one_buffer(art_dir: Path, tmp_path: Path) -> None:
+    engine = _buffered(art_dir, tmp_path / "state", devices=2, buffer=BufferConfig(buffer_size=2))
+    fleet = _Fleet(engine)
+    fleet.answer("d0", _random(SHAPES, 1), 1.0, 10)
+    fleet.answer("d0", _random(SHAPES, 2), 2.0, 10)  # d0 is fast: its second update fills the buffer before d1's
+    summary = engine.record.history[-1]
+    assert engine.record.version == 1 and (summary.selected, summary.answered) == (2, 2)
