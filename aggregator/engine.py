@@ -35,6 +35,7 @@ from models.zoo import init_global_params
 from protocol.messages import Body, Reject, RejectReason, RoundSummary, Statistics, Task, Update
 
 log = logging.getLogger(__name__)
+RECORDED_ON_RESTART = "recorded on restart from the open-round spool"
 
 
 class EngineConfig(BaseModel):
@@ -172,16 +173,14 @@ class RoundEngine:
         if update.unchanged and assignment:  # selective upload: a participant with a zero update
             if tensors:
                 return self._refuse_update(device_id, msg_id, update, RejectReason.BAD_TENSOR, "an unchanged update carries tensors")
-            tensors = {n: np.zeros(s, np.float32) for n, s in self.artifacts.tiers[assignment.tier].shapes.items()}
+            tensors = self._zero_update(assignment.tier)
         problem = self._check_update(device_id, update, tensors, now)
         if problem:
             return self._refuse_update(device_id, msg_id, update, *problem)
         assert self._open is not None
         self.store.open_round.accept(device_id, update, nbytes, dict(tensors))  # on disk before the ledger says accepted
         self._seen_update_ids.add(update.update_id)
-        if self.ledger:
-            self.ledger.record(kind="update", accepted=True, round_number=update.round, device=device_id,
-                               update_id=update.update_id, num_samples=update.num_samples, nbytes=nbytes)
+        self._record_accepted(update.round, device_id, update, nbytes)
         self._fold(self._open, device_id, update, tensors, nbytes)
         self.registry.answered(device_id, None if update.unchanged else update.train_loss)
         if update.train_seconds > 0 and update.steps and not update.unchanged and not update.contributors:  # per step
@@ -222,6 +221,16 @@ class RoundEngine:
             if name.endswith(".running_var") and (value < 0).any():
                 return RejectReason.BAD_TENSOR, f"{name}: negative variance"
         return None
+
+    def _zero_update(self, tier: str) -> dict[str, np.ndarray]:
+        """The tensors of a selective-upload "unchanged" answer: a zero delta of the tier's shapes."""
+        return {n: np.zeros(s, np.float32) for n, s in self.artifacts.tiers[tier].shapes.items()}
+
+    def _record_accepted(self, round_number: int, device_id: str, update: Update, nbytes: int, detail: str = "") -> None:
+        """The ledger row of an accepted (already spooled) update."""
+        if self.ledger:
+            self.ledger.record(kind="update", accepted=True, round_number=round_number, device=device_id, detail=detail,
+                               update_id=update.update_id, num_samples=update.num_samples, nbytes=nbytes)
 
     def _refuse_update(self, device_id: str, msg_id: str, update: Update | Statistics, reason: RejectReason, detail: str) -> list[Outgoing]:
         self.count_rejection(reason, detail, device_id, update)
@@ -454,10 +463,8 @@ class RoundEngine:
         for meta, tensors in spooled.updates:
             self._fold(current, meta.device_id, meta.update, tensors, meta.nbytes)
             self._seen_update_ids.add(meta.update.update_id)
-            if self.ledger and meta.update.update_id not in recorded:  # spooled, then stopped before the ledger row
-                self.ledger.record(kind="update", accepted=True, round_number=plan.round, device=meta.device_id,
-                                   update_id=meta.update.update_id, num_samples=meta.update.num_samples,
-                                   nbytes=meta.nbytes, detail="recorded on restart from the open-round spool")
+            if meta.update.update_id not in recorded:  # spooled, then stopped before the ledger row
+                self._record_accepted(plan.round, meta.device_id, meta.update, meta.nbytes, RECORDED_ON_RESTART)
         self._resend_owed_tasks = not plan.measuring_statistics
         log.info("round %d resumed from %s: %d of %d updates were accepted before the restart%s", plan.round,
                  self.store.open_round.folder, len(current.answered), len(current.assignments),

@@ -26,7 +26,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from aggregator.artifacts import ArtifactStore
-from aggregator.engine import EngineConfig, Outgoing, RoundEngine, _OpenRound, check_update_tensors, contributions
+from aggregator.engine import (
+    RECORDED_ON_RESTART, EngineConfig, Outgoing, RoundEngine, _OpenRound, check_update_tensors, contributions,
+)
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.ledger import Ledger
 from aggregator.privacy import PrivacyBudget
@@ -102,29 +104,27 @@ class BufferedEngine(RoundEngine):
         return self._dispatch(now)
 
     def _open_buffer(self, now: float) -> None:
-        self._open = _OpenRound(number=self.record.round + 1, started=now, deadline=float("inf"), assignments={},
-                                accumulator=self.strategy.start_aggregation(self.weights))
-        self._staleness = []
+        self._open = self._empty_buffer(now)
         self.store.open_round.begin(RoundPlan(round=self._open.number, base_version=self.record.version, started=now,
                                               deadline=now, assignments=[]))
+
+    def _empty_buffer(self, started: float) -> _OpenRound:
+        self._staleness = []
+        return _OpenRound(number=self.record.round + 1, started=started, deadline=float("inf"), assignments={},
+                          accumulator=self.strategy.start_aggregation(self.weights))
 
     def _resume_open_round(self, now: float) -> None:
         """Rebuild the buffer a crash cut short from its spool, each update with its staleness as accepted."""
         spooled = self.store.open_round.load(self.record.round, self.record.version)
         if spooled is None:
             return
-        self._open_buffer(spooled.plan.started)
-        assert self._open is not None
+        self._open = self._empty_buffer(spooled.plan.started)  # the spool stays as it is and grows from here
         assignments = {a.device_id: a for a in spooled.plan.assignments}
         recorded = self.ledger.accepted_update_ids(self._open.number) if self.ledger else set()
         for meta, tensors in spooled.updates:
-            self.store.open_round.assign(assignments[meta.device_id])
-            self.store.open_round.accept(meta.device_id, meta.update, meta.nbytes, tensors)
             self._fold_buffered(meta.device_id, assignments[meta.device_id], meta.update, tensors, meta.nbytes)
-            if self.ledger and meta.update.update_id not in recorded:  # spooled, then stopped before the ledger row
-                self.ledger.record(kind="update", accepted=True, round_number=self._open.number, device=meta.device_id,
-                                   update_id=meta.update.update_id, num_samples=meta.update.num_samples,
-                                   nbytes=meta.nbytes, detail="recorded on restart from the open-round spool")
+            if meta.update.update_id not in recorded:  # spooled, then stopped before the ledger row
+                self._record_accepted(self._open.number, meta.device_id, meta.update, meta.nbytes, RECORDED_ON_RESTART)
         log.info("buffer %d resumed from %s with %d updates accepted before the restart", self._open.number,
                  self.store.open_round.folder, self._open.accumulator.count)
 
@@ -148,7 +148,7 @@ class BufferedEngine(RoundEngine):
         """Validate one update and fold it into the buffer (scaled by its staleness), or reject it with a reason."""
         flight = self._flights.get(device_id)
         if update.unchanged and flight and not tensors:
-            tensors = {n: np.zeros(s, np.float32) for n, s in self.artifacts.tiers[flight.assignment.tier].shapes.items()}
+            tensors = self._zero_update(flight.assignment.tier)
         problem = self._check_buffered(device_id, update, tensors, flight)
         if problem:
             refusal = self._refuse_update(device_id, msg_id, update, *problem)
@@ -161,9 +161,7 @@ class BufferedEngine(RoundEngine):
         in_buffer = update.model_copy(update={"round": self._open.number})  # spooled with the buffer it joins
         self.store.open_round.assign(flight.assignment)
         self.store.open_round.accept(device_id, in_buffer, nbytes, dict(tensors))  # on disk before the ledger says accepted
-        if self.ledger:
-            self.ledger.record(kind="update", accepted=True, round_number=self._open.number, device=device_id,
-                               update_id=update.update_id, num_samples=update.num_samples, nbytes=nbytes)
+        self._record_accepted(self._open.number, device_id, update, nbytes)
         self.registry.answered(device_id, None if update.unchanged else update.train_loss)
         self._fold_buffered(device_id, flight.assignment, update, tensors, nbytes)
         out: list[Outgoing] = []

@@ -129,11 +129,17 @@ class Simulation:
         self.updates += 1
         return update, {n: trained[n] - weights[n] for n in weights}, doable * device.seconds_per_sample + 2 * HOP_S
 
-    def serve(self, engine: RoundEngine, out: list[Outgoing], devices: Mapping[str, Device], record: bool = True) -> None:
+    def run_task(self, device: Device, task: Task, weights: Mapping[str, np.ndarray],
+                 answer: Callable[[float, Update, dict[str, np.ndarray]], None]) -> None:
+        """Train `task` on `device` now; `answer(now, update, delta)` is delivered when the device is done."""
+        update, delta, seconds = self.train(device, task, weights)
+        self.at(self.now + seconds, lambda now: answer(now, update, delta))
+
+    def serve(self, engine: RoundEngine, out: list[Outgoing], devices: Mapping[str, Device]) -> None:
         """Deliver what `engine` sent: tasks start training, round summaries are recorded."""
         for message in out:
             body = message.body
-            if isinstance(body, RoundSummary) and record:
+            if isinstance(body, RoundSummary):
                 if self.first_weights is None:
                     self.first_weights = np.concatenate([engine.weights[n].ravel() for n in sorted(engine.weights)])
                 self.history.append({"version": body.version, "seconds": self.now, "accuracy": body.accuracy,
@@ -141,10 +147,8 @@ class Simulation:
                 print(f"  {self.now:7.1f} s  version {body.version:3d}  accuracy {body.accuracy:.4f}  "
                       f"({body.answered} updates)", flush=True)
             elif isinstance(body, Task) and message.device_id in devices and message.tensors is not None:
-                update, delta, seconds = self.train(devices[message.device_id], body, message.tensors)
-                device_id = message.device_id
-                self.at(self.now + seconds, lambda now, d=device_id, u=update, t=delta:
-                        self.serve(engine, engine.on_update(d, new_id(), u, t, 0, now), devices, record))
+                self.run_task(devices[message.device_id], body, message.tensors, lambda now, u, t, d=message.device_id:
+                              self.serve(engine, engine.on_update(d, new_id(), u, t, 0, now), devices))
 
 
 def _registry(devices: list[Device]) -> DeviceRegistry:
@@ -208,10 +212,8 @@ def run_hierarchical(fleet: Fleet, state: Path) -> Simulation:
         group = edges[edge_name][1]
         for message in out:
             if isinstance(message.body, Task) and message.tensors is not None:
-                update, delta, seconds = sim.train(group[message.device_id], message.body, message.tensors)
-                device_id = message.device_id
-                sim.at(sim.now + seconds, lambda now, d=device_id, u=update, t=delta:
-                       forward(edge_name, edge, edge.on_update(d, new_id(), u, t, 0, now)))
+                sim.run_task(group[message.device_id], message.body, message.tensors, lambda now, u, t, d=message.device_id:
+                             forward(edge_name, edge, edge.on_update(d, new_id(), u, t, 0, now)))
         if combined := edge.take_combined():
             update, tensors = combined
             sim.at(sim.now + HOP_S, lambda now: serve_root(root.on_update(edge_name, new_id(), update, tensors, 0, now)))
