@@ -87,8 +87,28 @@ def encode_frame(
     return _PREFIX.pack(MAGIC, len(header_bytes)) + header_bytes + payload
 
 
-def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame:
-    """Parse and fully validate frame bytes; raises FrameError with a reason on anything wrong."""
+@dataclass(frozen=True)
+class RawFrame:
+    """A frame whose header is validated but whose payload is neither hashed nor decoded yet.
+
+    What `read_header` returns, so a receiver can run its cheap checks (fleet, sender, known
+    device, signature, the tensor table against the shapes it expects) before touching the payload.
+    """
+
+    header: FrameHeader
+    payload: memoryview
+    nbytes: int
+
+    @property
+    def body(self) -> Body:
+        return self.header.body
+
+
+def read_header(data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> RawFrame:
+    """Check the frame's size and prefix and validate its header; the payload is only measured.
+
+    Raises FrameError with a reason on anything wrong; never hashes or allocates per tensor.
+    """
     if len(data) > max_bytes:
         raise FrameError(RejectReason.OVERSIZE, f"frame of {len(data)} bytes exceeds the limit of {max_bytes}")
     if len(data) < _PREFIX.size:
@@ -109,12 +129,41 @@ def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame
     declared = sum(entry.nbytes for entry in header.tensors)
     if declared != len(payload):
         raise FrameError(RejectReason.MALFORMED, f"payload is {len(payload)} bytes, tensors declare {declared}")
+    return RawFrame(header=header, payload=payload, nbytes=len(data))
+
+
+def decode_payload(raw: RawFrame, expected: Mapping[str, tuple[int, ...]] | None = None) -> Frame:
+    """Check the tensor table (against `expected` names and shapes when given), then the payload's sha256, then decode.
+
+    Raises FrameError with a reason on anything wrong.
+    """
+    header, payload = raw.header, raw.payload
+    if expected is not None:
+        check_tensor_table(header.tensors, expected)
     if header.payload_sha256 is None:
         if len(payload):
             raise FrameError(RejectReason.BAD_HASH, f"a {len(payload)}-byte payload without its sha256 in the header")
     elif hashlib.sha256(payload).hexdigest() != header.payload_sha256:
         raise FrameError(RejectReason.BAD_HASH, "payload sha256 does not match the header")
-    return Frame(header=header, tensors=_decode_tensors(header.tensors, payload), nbytes=len(data))
+    return Frame(header=header, tensors=_decode_tensors(header.tensors, payload), nbytes=raw.nbytes)
+
+
+def check_tensor_table(entries: list[TensorEntry], expected: Mapping[str, tuple[int, ...]]) -> None:
+    """FrameError(BAD_TENSOR) unless the entries name exactly the `expected` tensors, each of its expected shape."""
+    names = [entry.name for entry in entries]
+    if len(names) != len(set(names)) or set(names) != set(expected):
+        diff = sorted(set(names) ^ set(expected)) or sorted({n for n in names if names.count(n) > 1})
+        raise FrameError(RejectReason.BAD_TENSOR, f"tensors {diff[:8]} do not match what was expected")
+    for entry in entries:
+        if tuple(entry.shape) != tuple(expected[entry.name]):
+            raise FrameError(RejectReason.BAD_TENSOR,
+                             f"{entry.name}: shape {entry.shape}, expected {list(expected[entry.name])}")
+
+
+def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 expected: Mapping[str, tuple[int, ...]] | None = None) -> Frame:
+    """Parse and fully validate frame bytes; raises FrameError with a reason on anything wrong."""
+    return decode_payload(read_header(data, max_bytes), expected)
 
 
 def _decode_tensors(entries: list[TensorEntry], payload: memoryview) -> dict[str, Tensor]:

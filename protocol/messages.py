@@ -14,6 +14,7 @@ PROTOCOL_VERSION = 1
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 Count = Annotated[int, Field(ge=0)]
+SessionId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 
 
 class _Strict(BaseModel):
@@ -42,6 +43,12 @@ class RejectReason(str, Enum):
     BAD_SIGNATURE = "bad_signature"
     NOT_ENROLLED = "not_enrolled"
     TOO_STALE = "too_stale"
+    REPLAYED = "replayed"  # a signed message seen before, or bound to another session
+    RATE_LIMITED = "rate_limited"  # the sender exceeded its budget of messages of this kind
+    TOO_MANY_SAMPLES = "too_many_samples"  # claims more samples than the device announced
+    OUTLIER = "outlier"  # an update whose norm is far beyond the round's
+    NON_FINITE = "non_finite"  # would make the global model NaN or Inf
+    INTERNAL_ERROR = "internal_error"  # a bug met while handling the message (last-resort guard)
 
 
 class Hello(_Strict):
@@ -55,6 +62,7 @@ class Hello(_Strict):
     libraries: dict[str, str] = {}
     holds: dict[Identifier, Count] = {}  # tier -> model version whose weights the device still holds
     seconds_per_sample: dict[Identifier, Annotated[float, Field(gt=0, le=3600)]] = {}  # tier -> benchmark
+    session: SessionId | None = None  # fresh per agent start: binds this device's later Status messages to this hello
 
 
 class Status(_Strict):
@@ -62,6 +70,7 @@ class Status(_Strict):
 
     kind: Literal["status"] = "status"
     online: bool
+    session: SessionId | None = None  # the Hello.session of the agent that sent it (a replayed old status differs)
 
 
 class SecureAggregation(_Strict):
