@@ -44,13 +44,13 @@ def signed_bytes(header: FrameHeader) -> bytes:
 
 
 class DeviceKey:
-    """A device's Ed25519 key pair, created on first use and kept on disk."""
+    """An Ed25519 key pair (a device's, or the aggregator's as `aggregator.key`), created on first use and kept on disk."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, file_name: str = KEY_FILE) -> None:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-        path = folder / KEY_FILE
+        path = folder / file_name
         if path.exists():
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
             if not isinstance(key, Ed25519PrivateKey):
