@@ -8,19 +8,27 @@ if its deadline has passed.
 Stopping takes no new task; the one in training gets a grace period to finish (it ends by its
 own deadline, or sooner) and send its update, or is abandoned: a task's results (its update, the
 error-feedback residual on disk) are committed all together or not at all.
+
+Nothing a downlink frame holds stops the agent: frames not signed by the trusted aggregator key
+(edge_client.trust) are refused before their payload is read; a task that lists too many files,
+artifacts larger than the cache bound, ONNX files with external data or unknown operator domains
+(edge_client.onnx_guard), weights of other names, shapes or dtypes than the tier's manifest, or
+that trains into NaN/Inf is refused and abandoned with nothing of it kept, and so is a task that
+fails in any other way (logged with its traceback). Refusals are counted in `refused` by reason.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import math
 import queue
 import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,16 +37,19 @@ from edge_client.backends import open_trainer
 from edge_client.cache import ArtifactCache, ArtifactTooLarge
 from edge_client.compression import ErrorFeedback
 from edge_client.data import Dataset
+from edge_client.onnx_guard import OnnxRefused, check_onnx_folder
 from edge_client.privacy import privatize
 from edge_client.statistics import measure_bn_statistics
 from edge_client.trainer import Trainer
+from edge_client.trust import AggregatorTrust
 from models.manifest import STATISTICS_FILE, TierManifest
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
-from protocol.frame import Frame, FrameError, decode_frame, encode_frame
+from protocol.frame import Frame, FrameError, decode_frame, decode_payload, encode_frame, read_header
 from protocol.messages import Blob, Body, Fetch, Hello, Reject, RejectReason, SecAgg, Statistics, Status, Task, Update, new_id
 from protocol.mqtt_link import Backoff, MqttLink, Will
 from protocol.mqtt_url import BrokerAddress
-from protocol.signing import DeviceKey
+from protocol.quantized import Tensor
+from protocol.signing import KEY_ANNOUNCEMENT, DeviceKey, SignatureError
 from protocol.topics import Topics, check_id
 
 try:
@@ -47,6 +58,17 @@ except ImportError:  # no `cryptography`: this device cannot take part in secure
     SecureClient = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
+
+MAX_TASK_ARTIFACTS = 64  # files one task may list: what one Fetch asks for (a real tier has about 8)
+
+
+class TaskRefused(Exception):
+    """A task the device will not carry out: the reason and a detail naming what is wrong."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
 
 
 class ClientConfig(BaseModel):
@@ -72,6 +94,7 @@ class ClientConfig(BaseModel):
     connect_timeout_s: float | None = Field(None, gt=0)  # give up when the broker is unreachable this long at start
     stop_grace_s: float = Field(10.0, ge=0)  # on stop, how long the task in training may take to finish and send
     fleet_keys: dict[str, str] | None = None  # device -> Ed25519 public hex: secure rosters must be signed by these
+    aggregator_key: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None  # else pinned on first use
 
 
 def device_key(folder: Path) -> DeviceKey | None:
@@ -95,11 +118,14 @@ class DeviceAgent:
         self.topics = Topics(config.fleet)
         self.cache = ArtifactCache(config.cache_dir, max_bytes=int(config.cache_max_mb * 1e6))
         self.key = device_key(config.cache_dir)
+        self.trust = AggregatorTrust(config.cache_dir, config.aggregator_key)
+        self.session = new_id()  # fresh per start: binds our hello and statuses, so an old one replayed differs
         self.refused: collections.Counter[str] = collections.Counter()
         self.tasks_done = 0
         self._tasks: queue.Queue[Frame] = queue.Queue()
         self._blob_arrived = threading.Condition()
         self._trainers: dict[str, Trainer] = {}
+        self._manifests: dict[str, TierManifest] = {}  # manifest sha256 -> manifest, once its tier folder is checked
         self._feedback: dict[str, ErrorFeedback] = {}
         self._dp_rng = np.random.default_rng()  # local DP noise: seeded by the OS, never by the (public) task
         self._held: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # tier -> (version, weights received)
@@ -108,7 +134,6 @@ class DeviceAgent:
         self._commit_lock = threading.Lock()  # a task's results go out whole, or not once abandoned
         self._abandoned = False
         self._current: Task | None = None  # the task the worker is on, until its results are committed
-        self._failure: BaseException | None = None
         if config.fleet_keys is not None and (SecureClient is None or self.key is None):
             raise ValueError("--fleet-keys needs the cryptography package (pip install 'tierfl[signing]')")
         self.secure = SecureClient(config.device_id, self._send_secagg, self.key.private_key if self.key else None,
@@ -120,7 +145,7 @@ class DeviceAgent:
             on_frame=self._on_frame,
             on_bad_frame=self._on_bad_frame,
             on_connect=self._announce,
-            will=Will(self.topics.status(config.device_id), self._frame(Status(online=False))),
+            will=Will(self.topics.status(config.device_id), self._frame(Status(online=False, session=self.session))),
             max_message_bytes=config.max_message_bytes,
             backoff=Backoff(first_s=1.0, max_s=config.reconnect_max_s),
         )
@@ -135,14 +160,12 @@ class DeviceAgent:
         if not self.link.start(timeout_s=min(10.0, timeout) if timeout else 10.0, retry_for_s=timeout, stop=stop):
             log.info("stopped before the broker answered")
             return
-        worker = threading.Thread(target=self._work, args=(stop,), name="tierfl-worker", daemon=True)
+        worker = threading.Thread(target=self._work, name="tierfl-worker", daemon=True)
         worker.start()
         try:
             stop.wait()
         finally:
             self._leave(worker)
-        if self._failure is not None:
-            raise self._failure
 
     def _leave(self, worker: threading.Thread) -> None:
         """Stop taking tasks, let the current one finish within the grace period or abandon it, go offline."""
@@ -161,7 +184,7 @@ class DeviceAgent:
         if left is not None:
             log.warning("stopping: abandoned round %d (not finished within %.0f s); nothing of it was sent or saved",
                         left.round, self.config.stop_grace_s)
-        self._publish(self.topics.status(self.config.device_id), Status(online=False), retain=True)
+        self._publish(self.topics.status(self.config.device_id), Status(online=False, session=self.session), retain=True)
         self.link.stop(flush_timeout_s=5.0)
 
     def _commit(self, send: Callable[[], None]) -> None:
@@ -183,28 +206,50 @@ class DeviceAgent:
             backend=self.config.backend,
             holds={tier: version for tier, (version, _) in list(self._held.items())},  # worker may add
             seconds_per_sample=self.config.seconds_per_sample,
+            session=self.session,
         )
         self._publish(self.topics.status(me), hello, retain=True)  # retained: a restarted aggregator sees it
         log.info("announced %s: %d train / %d test samples", me, len(self.train_data), len(self.test_data))
 
     def _on_frame(self, topic: str, data: bytes) -> None:
         try:
-            frame = decode_frame(data)
+            raw = read_header(data)
         except FrameError as exc:
             self._on_bad_frame(topic, exc)
             return
-        header = frame.header
+        header = raw.header
         if header.fleet != self.config.fleet or header.sender != self.config.aggregator_id:
-            self._refuse("foreign", f"frame from {header.sender!r} of fleet {header.fleet!r}")
+            self._refuse(RejectReason.SENDER_MISMATCH, f"frame from {header.sender!r} of fleet {header.fleet!r}")
             return
+        body = header.body
+        announcement = isinstance(body, Blob) and body.name == KEY_ANNOUNCEMENT
+        try:
+            if not announcement:
+                self.trust.verify(header)  # before the payload is hashed or decoded
+            frame = decode_payload(raw)
+            if announcement:
+                data_tensor = frame.tensors.get("data")
+                self.trust.announced(header, data_tensor if isinstance(data_tensor, np.ndarray) else None)
+                return
+        except SignatureError as exc:
+            self._refuse(exc.reason, f"{body.kind}: {exc.detail}")
+            return
+        except FrameError as exc:
+            self._on_bad_frame(topic, exc)
+            return
+        self._dispatch(frame)
+
+    def _dispatch(self, frame: Frame) -> None:
+        """Act on a verified, decoded downlink frame."""
         body = frame.body
-        if isinstance(body, Task) and body.secure is not None and self.secure is None:
-            self._refuse("secure_unsupported", f"round {body.round} uses secure aggregation, which needs the "
-                         "cryptography package (pip install 'tierfl[signing]')")
+        if isinstance(body, Task) and (problem := self._task_problem(body)) is not None:
+            self._refuse(*problem)
         elif isinstance(body, Task):
             if body.secure is not None and self.secure is not None:
                 self.secure.on_task(body)  # keys go out at once, before training
             self._tasks.put(frame)
+            with self._blob_arrived:
+                self._blob_arrived.notify_all()  # a task waiting for its artifacts is superseded
         elif isinstance(body, SecAgg) and self.secure is not None:
             self.secure.on_message(body)
         elif isinstance(body, Blob):
@@ -215,54 +260,71 @@ class DeviceAgent:
             if body.reason is RejectReason.UNKNOWN_DEVICE:
                 self._announce()
         else:
-            self._refuse("unexpected", f"unexpected {body.kind!r} message")
+            self._refuse(RejectReason.UNEXPECTED, f"unexpected {body.kind!r} message")
+
+    def _task_problem(self, task: Task) -> tuple[RejectReason, str] | None:
+        """Why a task cannot be taken at all, checked on receipt (no artifact is fetched for it); None if it can."""
+        where = f"round {task.round} (tier {task.tier})"
+        if task.secure is not None and self.secure is None:
+            return RejectReason.UNEXPECTED, (f"{where} uses secure aggregation, which needs the cryptography package "
+                                             "(pip install 'tierfl[signing]')")
+        if len(task.artifacts) > MAX_TASK_ARTIFACTS:
+            return RejectReason.MALFORMED, f"{where} lists {len(task.artifacts)} artifact files, more than {MAX_TASK_ARTIFACTS}"
+        if task.artifacts.get("manifest.json") != task.manifest_sha256:
+            return RejectReason.UNKNOWN_ARTIFACT, f"{where}: its manifest.json is not the task's manifest_sha256"
+        odd = [name for name in task.artifacts if Path(name).name != name or name.startswith(".")]
+        if odd:
+            return RejectReason.MALFORMED, f"{where}: artifact names {odd[:4]} are not plain file names"
+        return None
 
     def _on_bad_frame(self, topic: str, error: FrameError) -> None:
-        self._refuse(error.reason.value, error.detail)
+        self._refuse(error.reason, error.detail)
 
-    def _refuse(self, reason: str, detail: str) -> None:
-        self.refused[reason] += 1
-        log.warning("ignored a message: %s: %s", reason, detail)
+    def _refuse(self, reason: RejectReason, detail: str) -> None:
+        self.refused[reason.value] += 1
+        log.warning("refused a message: %s: %s", reason.value, detail)
 
     def _store_blob(self, blob: Blob, frame: Frame) -> None:
         data = frame.tensors.get("data")
         try:
-            if data is None:
-                raise ValueError("blob carries no 'data' tensor")
+            if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+                raise ValueError("blob carries no uint8 'data' tensor")
             self.cache.put(blob.sha256, data.tobytes())
         except ArtifactTooLarge as exc:
             log.error("cannot cache %s: %s; raise --cache-max-mb", blob.name, exc)
             self._unstorable.add(blob.sha256)
         except ValueError as exc:
-            self._refuse("bad_blob", f"{blob.name}: {exc}")
+            self._refuse(RejectReason.BAD_HASH, f"{blob.name}: {exc}")
             return
         with self._blob_arrived:
             self._blob_arrived.notify_all()
 
     # -- worker -----------------------------------------------------------------------------
 
-    def _work(self, stop: threading.Event) -> None:
-        """Run tasks one at a time until closing; a failure stops the agent (and is raised by `run`)."""
-        try:
-            while not self._closing.is_set():
-                try:
-                    frame = self._tasks.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                if self._closing.is_set():
-                    break
-                self._current = frame.body  # type: ignore[assignment]
-                try:
-                    self._run_task(frame)
-                finally:
-                    with self._commit_lock:
-                        self._current = None
-        except Exception as exc:
-            log.exception("the training worker failed")
-            self._failure = exc
-            stop.set()
+    def _work(self) -> None:
+        """Run tasks one at a time until closing; a task that fails is logged and abandoned, the agent goes on."""
+        while not self._closing.is_set():
+            try:
+                frame = self._tasks.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if self._closing.is_set():
+                break
+            task: Task = frame.body  # type: ignore[assignment]
+            self._current = task
+            try:
+                self._run_task(frame)
+            except TaskRefused as exc:
+                self._refuse(exc.reason, f"round {task.round} (tier {task.tier}) abandoned: {exc.detail}")
+            except Exception as exc:  # a bug or an input nothing else caught: this task only, never the agent
+                log.exception("round %d (tier %s): the task failed and is abandoned", task.round, task.tier)
+                self._refuse(RejectReason.INTERNAL_ERROR, f"round {task.round}: {type(exc).__name__}: {exc}")
+            finally:
+                with self._commit_lock:
+                    self._current = None
 
     def _run_task(self, frame: Frame) -> None:
+        """Carry out one task; TaskRefused (nothing of it kept) when it cannot be done as sent."""
         task: Task = frame.body  # type: ignore[assignment]
         if not self._tasks.empty():
             log.info("round %d superseded by a newer task; skipping it", task.round)
@@ -273,11 +335,12 @@ class DeviceAgent:
         self.cache.use(task.artifacts.values())  # this tier's files stay cached while it is ours
         if not self._fetch_artifacts(task):
             return
-        start = self._received_weights(task, frame.tensors)
+        manifest = self._checked_tier(task)
+        start = self._received_weights(task, frame.tensors, manifest)
         if start is None:
             return
         try:
-            trainer = self._trainer_for(task)
+            trainer = self._trainer_for(task, manifest)
             trainer.set_weights(start)
         except (ValueError, OSError) as exc:
             log.error("round %d: cannot load tier %s: %s", task.round, task.tier, exc)
@@ -294,6 +357,10 @@ class DeviceAgent:
                               proximal_mu=task.proximal_mu, stop_at=task.deadline - self.config.send_margin_s)
         trained = trainer.get_weights()
         delta = {name: trained[name] - start[name] for name in start}
+        if not all(np.isfinite(value).all() for value in delta.values()) or not math.isfinite(stats.loss):
+            self._trainers.pop(task.manifest_sha256, None)  # its weights and optimizer state are spoilt
+            raise TaskRefused(RejectReason.NON_FINITE, f"training diverged (loss {stats.loss}): the update holds "
+                              "NaN or Inf; nothing sent, the error-feedback state is unchanged")
         if task.dp_noise > 0:  # local differential privacy: clip and noise before anything leaves the device
             delta = privatize(delta, task.dp_clip, task.dp_noise, self._dp_rng)
         if task.secure is not None and (secure := self.secure) is not None:  # masked once the shares are in
@@ -349,39 +416,93 @@ class DeviceAgent:
 
         self._commit(send)
 
-    def _received_weights(self, task: Task, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-        """The task's weights: as sent, or the held version plus the sent delta; None if we lack that version."""
+    def _received_weights(self, task: Task, tensors: Mapping[str, Tensor],
+                          manifest: TierManifest) -> dict[str, np.ndarray] | None:
+        """The task's weights: as sent, or the held version plus the sent delta; None if we lack that version.
+
+        TaskRefused unless every tensor is float32 of a name and shape of the tier's manifest
+        (all of them when not a delta) and the weights are finite.
+        """
+        shapes = {p.name: tuple(p.shape) for p in manifest.params}
+        for name, value in tensors.items():
+            if name not in shapes or tuple(value.shape) != shapes[name] or value.dtype != np.float32:
+                raise TaskRefused(RejectReason.BAD_TENSOR, f"tensor {name!r} ({value.dtype} {list(value.shape)}) is not "
+                                  f"a float32 parameter of tier {task.tier} (expected {list(shapes.get(name, ()))})")
         if task.delta_from is None:
-            return tensors
-        version, held = self._held.get(task.tier, (None, {}))
-        if version != task.delta_from or not set(tensors) <= set(held):
-            self._refuse("unusable_delta", f"round {task.round}: a delta against version {task.delta_from} of tier "
-                         f"{task.tier}, but we hold {version}; announcing what we hold")
-            self._held.pop(task.tier, None)
-            self._announce()
-            return None
-        return {name: held[name] + tensors[name] if name in tensors else held[name] for name in held}
+            if set(tensors) != set(shapes):
+                raise TaskRefused(RejectReason.BAD_TENSOR, f"weights lack {sorted(set(shapes) - set(tensors))[:8]}")
+            weights = {name: np.asarray(tensors[name], np.float32) for name in shapes}
+        else:
+            version, held = self._held.get(task.tier, (None, {}))
+            if version != task.delta_from or set(held) != set(shapes):
+                self._refuse(RejectReason.WRONG_VERSION, f"round {task.round}: a delta against version {task.delta_from} "
+                             f"of tier {task.tier}, but we hold {version}; announcing what we hold")
+                self._held.pop(task.tier, None)
+                self._announce()
+                return None
+            weights = {name: held[name] + np.asarray(tensors[name], np.float32) if name in tensors else held[name]
+                       for name in held}
+        if not all(np.isfinite(value).all() for value in weights.values()):
+            raise TaskRefused(RejectReason.NON_FINITE, "the received weights hold NaN or Inf")
+        return weights
 
     def _fetch_artifacts(self, task: Task) -> bool:
-        """True once the task's artifact files are all cached; False (and why, in the log) if they will not be."""
-        missing = self.cache.missing(task.artifacts)
+        """True once the task's artifact files are all cached; False (and why, in the log) if they will not be.
+
+        The manifest comes first: TaskRefused when the task's files are not the manifest's, or
+        together exceed the cache bound; then the rest is fetched.
+        """
+        if not self._fetch(task, {"manifest.json": task.manifest_sha256}):
+            return False
+        try:
+            manifest = TierManifest.model_validate_json(self.cache.read(task.manifest_sha256))
+        except ValueError as exc:
+            raise TaskRefused(RejectReason.UNKNOWN_ARTIFACT, f"manifest.json is not a tier manifest: {exc}") from None
+        listed = {name: entry.sha256 for name, entry in manifest.files.items()} | {"manifest.json": task.manifest_sha256}
+        if listed != task.artifacts:
+            raise TaskRefused(RejectReason.UNKNOWN_ARTIFACT, "the task's artifact files are not those of its manifest")
+        total = manifest.artifact_bytes
+        if self.cache.max_bytes is not None and total > self.cache.max_bytes:
+            raise TaskRefused(RejectReason.OVERSIZE, f"its artifacts take {total / 1e6:.2f} MB, more than the cache "
+                              f"bound of {self.cache.max_bytes / 1e6:.2f} MB; raise --cache-max-mb")
+        return self._fetch(task, task.artifacts)
+
+    def _fetch(self, task: Task, wanted: Mapping[str, str]) -> bool:
+        """True once `wanted` (name -> sha256) is cached; False when it will not be (deadline, newer task, stopping)."""
+        missing = self.cache.missing(wanted)
         if not missing:
             return True
         log.info("round %d: fetching %d artifact files of tier %s", task.round, len(missing), task.tier)
         self._publish(self.topics.up(self.config.device_id), Fetch(sha256=missing))
-        wanted = set(task.artifacts.values())
+        hashes = set(wanted.values())
         with self._blob_arrived:
             self._blob_arrived.wait_for(
-                lambda: self._closing.is_set() or bool(wanted & self._unstorable) or not self.cache.missing(task.artifacts),
+                lambda: self._closing.is_set() or bool(hashes & self._unstorable) or not self._tasks.empty()
+                or not self.cache.missing(wanted),
                 timeout=max(0.0, task.deadline - time.time()),
             )
-        if not self.cache.missing(task.artifacts):
+        if not self.cache.missing(wanted):
             return True
-        if wanted & self._unstorable:
-            log.error("round %d: tier %s has artifacts larger than the cache bound; skipping", task.round, task.tier)
+        if hashes & self._unstorable:
+            log.error("round %d: tier %s has artifacts that do not fit the cache bound; skipping", task.round, task.tier)
+        elif not self._tasks.empty():
+            log.info("round %d superseded by a newer task while fetching; skipping it", task.round)
         elif not self._closing.is_set():
             log.warning("round %d: artifacts did not arrive before the deadline", task.round)
         return False
+
+    def _checked_tier(self, task: Task) -> TierManifest:
+        """The tier's manifest, once its folder is laid out and every ONNX file in it passed onnx_guard."""
+        manifest = self._manifests.get(task.manifest_sha256)
+        if manifest is None:
+            folder = self.cache.tier_folder(task.artifacts, key=task.manifest_sha256)
+            try:
+                check_onnx_folder(folder)
+            except OnnxRefused as exc:
+                raise TaskRefused(RejectReason.UNKNOWN_ARTIFACT, f"refusing to load {exc}") from None
+            manifest = TierManifest.load(folder / "manifest.json")
+            self._manifests[task.manifest_sha256] = manifest
+        return manifest
 
     def _feedback_for(self, tier: str) -> ErrorFeedback | None:
         """The tier's error-feedback state; None when updates travel lossless and always."""
@@ -391,11 +512,10 @@ class DeviceAgent:
             self._feedback[tier] = ErrorFeedback(self.config.cache_dir, tier, self.config.skip_below)
         return self._feedback[tier]
 
-    def _trainer_for(self, task: Task) -> Trainer:
+    def _trainer_for(self, task: Task, manifest: TierManifest) -> Trainer:
         trainer = self._trainers.get(task.manifest_sha256)
         if trainer is None:
             folder = self.cache.tier_folder(task.artifacts, key=task.manifest_sha256)
-            manifest = TierManifest.load(folder / "manifest.json")
             trainer = open_trainer(self.config.backend, folder, manifest, threads=self.config.threads)
             self._trainers[task.manifest_sha256] = trainer
         return trainer

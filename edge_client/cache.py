@@ -4,7 +4,8 @@ Blobs live in `root/blobs/<sha256>`; a tier's folder `root/tiers/<key>/` holds h
 them under their file names. Each use of a blob renews its modification time, so when a new
 blob pushes the cache over its bound the least recently used blobs go first, together with the
 tier folders that link them (a hard link would keep the bytes on disk). Blobs marked in use
-(the current task's and tier's) are never evicted.
+(the current task's and tier's) are never evicted, and never push the cache over its bound either:
+a blob that does not fit beside them is refused (CacheFull), so a task cannot fill the disk.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ log = logging.getLogger(__name__)
 
 class ArtifactTooLarge(ValueError):
     """An artifact larger than the whole cache bound."""
+
+
+class CacheFull(ArtifactTooLarge):
+    """An artifact that does not fit beside the artifacts in use within the cache bound."""
 
 
 class ArtifactCache:
@@ -66,7 +71,8 @@ class ArtifactCache:
     def put(self, sha256: str, data: bytes) -> None:
         """Store `data` atomically after checking it hashes to `sha256`, then evict down to the bound.
 
-        ValueError if the bytes do not match the hash; ArtifactTooLarge if they alone exceed the bound.
+        ValueError if the bytes do not match the hash; ArtifactTooLarge if they alone exceed the bound;
+        CacheFull (nothing stored) if they do not fit beside the blobs in use.
         """
         actual = hashlib.sha256(data).hexdigest()
         if actual != sha256:
@@ -75,8 +81,13 @@ class ArtifactCache:
             raise ArtifactTooLarge(f"artifact {sha256[:12]} is {len(data) / 1e6:.2f} MB, more than the cache's "
                                    f"whole bound of {self.max_bytes / 1e6:.2f} MB")
         with self._lock:
+            existed = self.has(sha256)
             atomic_write(self._blobs / sha256, lambda out: out.write(data))
-            self._evict(keep=frozenset({sha256}))
+            if not self._evict(keep=frozenset({sha256})) and not existed:
+                self._remove_folders_linking(self._blobs / sha256)
+                (self._blobs / sha256).unlink(missing_ok=True)
+                raise CacheFull(f"artifact {sha256[:12]} ({len(data) / 1e6:.2f} MB) does not fit beside the "
+                                f"artifacts in use within the cache's bound of {self.max_bytes / 1e6:.2f} MB")
 
     def read(self, sha256: str) -> bytes:
         """The cached bytes of `sha256`."""
@@ -119,25 +130,26 @@ class ArtifactCache:
                     stats.append((entry.name, info.st_size, info.st_mtime))
         return stats
 
-    def _evict(self, keep: frozenset[str] = frozenset()) -> None:
-        """Delete least recently used blobs, and the tier folders linking them, until within the bound."""
+    def _evict(self, keep: frozenset[str] = frozenset()) -> bool:
+        """Delete least recently used blobs, and the tier folders linking them, until within the bound.
+
+        False when the blobs in use and `keep` alone exceed the bound.
+        """
         if self.max_bytes is None:
-            return
+            return True
         blobs = self._blob_stats()
         total = sum(size for _, size, _ in blobs)
         protected = self._in_use | keep
         for sha, size, _ in sorted(blobs, key=lambda blob: blob[2]):
             if total <= self.max_bytes:
-                return
+                return True
             if sha in protected:
                 continue
             self._remove_folders_linking(self._blobs / sha)
             (self._blobs / sha).unlink(missing_ok=True)
             total -= size
             log.info("cache: evicted artifact %s (%.2f MB), least recently used", sha[:12], size / 1e6)
-        if total > self.max_bytes:
-            log.warning("cache: the artifacts in use take %.2f MB, over the bound of %.2f MB",
-                        total / 1e6, self.max_bytes / 1e6)
+        return total <= self.max_bytes
 
     def _remove_folders_linking(self, blob: Path) -> None:
         """Remove every tier folder holding a hard link to `blob` (it would keep the bytes on disk)."""

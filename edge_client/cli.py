@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from edge_client.agent import ClientConfig, DeviceAgent
 from edge_client.backends import BACKENDS, resolve_backend
-from protocol.signing import DeviceKey, EnrolledKeys
+from protocol.signing import DeviceKey, EnrolledKeys, read_public_key
 from edge_client.data import load_dataset, train_test_split
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.mqtt_url import parse as parse_broker
@@ -76,6 +76,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "aggregator cannot substitute keys to read this device's shares (default: the roster is "
                              "taken on trust, with a warning)")
     parser.add_argument("--aggregator-id", default="aggregator", help="accept tasks only from this sender (default: %(default)s)")
+    parser.add_argument("--aggregator-key", metavar="HEX|FILE",
+                        help="the aggregator's Ed25519 public key (`tierfl aggregator --show-key`: its JSON in a file, or "
+                             "the bare hex): every task, blob, reject and secure-aggregation message must be signed by "
+                             "it (default: pin the key the aggregator announces first in the cache dir, aggregator.pub, "
+                             "trust on first use, with a warning)")
     service = parser.add_argument_group("running unattended")
     service.add_argument("--cache-max-mb", type=float, default=512.0,
                          help="bound of the artifact cache in MB; the least recently used tiers' files go first, "
@@ -134,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         connect_timeout_s=args.connect_timeout,
         stop_grace_s=args.stop_grace,
         fleet_keys=EnrolledKeys.load(args.fleet_keys).root if args.fleet_keys else None,
+        aggregator_key=read_public_key(args.aggregator_key) if args.aggregator_key else None,
     )
     agent = DeviceAgent(config, train, test)
     stop = threading.Event()

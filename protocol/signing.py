@@ -7,26 +7,38 @@ that device must carry a valid signature by that key. What is signed is the fram
 with the signature left out: it names the fleet, sender, message id, body and the payload's
 sha256, which the decoder checks against the tensor bytes.
 
+The aggregator signs what it sends the same way, with `aggregator.key` in its state folder. A
+device given its public key (`tierfl client --aggregator-key`) verifies every downlink frame
+against it; without one it pins the key of the aggregator's first key announcement (a Blob named
+`aggregator.pub` carrying the 32-byte key, signed by that key) in its cache folder: trust on first use.
+
 The `cryptography` package is imported only here and only when keys are used, so a device
 without it can still join a fleet that does not require signatures.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from pydantic import ConfigDict, Field, RootModel
 
-from protocol.messages import FrameHeader, RejectReason
+from protocol.messages import Blob, FrameHeader, RejectReason
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 KEY_FILE = "device.key"
+AGGREGATOR_KEY_FILE = "aggregator.key"
+KEY_ANNOUNCEMENT = "aggregator.pub"  # the name of the Blob that announces the aggregator's public key
 PublicKeyHex = str
+_PUBLIC_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 class SignatureError(ValueError):
@@ -41,6 +53,68 @@ class SignatureError(ValueError):
 def signed_bytes(header: FrameHeader) -> bytes:
     """The bytes a signature covers: the header's JSON without its signature."""
     return header.model_copy(update={"signature": None}).model_dump_json().encode()
+
+
+def verify_signature(header: FrameHeader, public: PublicKeyHex) -> None:
+    """Raise SignatureError(BAD_SIGNATURE) unless `header` carries a valid signature by `public`."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    if header.signature is None:
+        raise SignatureError(RejectReason.BAD_SIGNATURE, f"a frame from {header.sender} carries no signature")
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(public)).verify(bytes.fromhex(header.signature),
+                                                                          signed_bytes(header))
+    except (InvalidSignature, ValueError):
+        raise SignatureError(RejectReason.BAD_SIGNATURE,
+                             f"the signature of a frame from {header.sender} does not match its key") from None
+
+
+def parse_public_key(text: str, where: str) -> PublicKeyHex:
+    """A hex Ed25519 public key from `text`: bare hex, or JSON {"<name>": "<hex>"} as --show-key prints it."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            values = list(json.loads(text).values())
+        except (ValueError, AttributeError):
+            raise ValueError(f"{where}: not a JSON object of one key") from None
+        if len(values) != 1 or not isinstance(values[0], str):
+            raise ValueError(f"{where}: expected one entry, as `tierfl aggregator --show-key` prints")
+        text = values[0]
+    if not _PUBLIC_HEX.fullmatch(text.lower()):
+        raise ValueError(f"{where}: not 64 hex digits (an Ed25519 public key)")
+    return text.lower()
+
+
+def read_public_key(value: str) -> PublicKeyHex:
+    """--aggregator-key: 64 hex digits, or a file holding them (bare, or the JSON of --show-key)."""
+    if _PUBLIC_HEX.fullmatch(value.lower()):
+        return value.lower()
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"--aggregator-key {value!r} is neither 64 hex digits nor a file")
+    return parse_public_key(path.read_text(), str(path))
+
+
+def key_announcement(key: DeviceKey) -> tuple[Blob, dict[str, np.ndarray]]:
+    """The Blob body and tensors announcing `key`'s public half; sent signed by that same key."""
+    public = bytes.fromhex(key.public_hex)
+    return Blob(sha256=hashlib.sha256(public).hexdigest(), name=KEY_ANNOUNCEMENT), {
+        "data": np.frombuffer(public, np.uint8).copy()}
+
+
+def announced_key(header: FrameHeader, data: np.ndarray | None) -> PublicKeyHex:
+    """The public key a key announcement carries, once checked to have signed the announcement itself.
+
+    Raises SignatureError when it is not a well-formed announcement signed by the key it carries.
+    """
+    body = header.body
+    if not isinstance(body, Blob) or body.name != KEY_ANNOUNCEMENT or data is None or data.dtype != np.uint8 \
+            or data.size != 32 or hashlib.sha256(data.tobytes()).hexdigest() != body.sha256:
+        raise SignatureError(RejectReason.MALFORMED, "not a key announcement of 32 bytes matching its sha256")
+    public = data.tobytes().hex()
+    verify_signature(header, public)
+    return public
 
 
 class DeviceKey:
@@ -101,17 +175,7 @@ class SignatureCheck:
 
     def verify(self, header: FrameHeader) -> None:
         """Raise SignatureError unless `header` is signed by its sender's enrolled key."""
-        from cryptography.exceptions import InvalidSignature
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
         public = self.keys.get(header.sender)
         if public is None:
             raise SignatureError(RejectReason.NOT_ENROLLED, f"{header.sender} is not enrolled on this aggregator")
-        if header.signature is None:
-            raise SignatureError(RejectReason.BAD_SIGNATURE, f"a frame from {header.sender} carries no signature")
-        try:
-            Ed25519PublicKey.from_public_bytes(bytes.fromhex(public)).verify(
-                bytes.fromhex(header.signature), signed_bytes(header))
-        except (InvalidSignature, ValueError):
-            raise SignatureError(RejectReason.BAD_SIGNATURE,
-                                 f"the signature of a frame from {header.sender} does not match its enrolled key") from None
+        verify_signature(header, public)
