@@ -117,6 +117,13 @@ class Watcher:
         self.client.disconnect()
 
 
+def _hello_session(watcher: Watcher) -> str:
+    """The session of the device's hello: fresh per start, repeated in its statuses."""
+    sessions = {hello.session for hello in watcher.bodies(Hello)}
+    assert len(sessions) == 1 and None not in sessions, sessions
+    return sessions.pop()
+
+
 def _stop(*processes: subprocess.Popen[bytes]) -> None:
     for process in processes:
         if process.poll() is None:
@@ -148,7 +155,8 @@ def test_client_started_before_its_broker_waits_longer_each_time_then_joins(tmp_
             device.send_signal(signal.SIGTERM)
             assert device.wait(15) == 0
             _wait_for(lambda: watcher.bodies(Status), 5, "the offline status")
-            assert watcher.bodies(Status) == [Status(online=False)]
+            (offline,) = watcher.bodies(Status)
+            assert offline.online is False and offline.session == _hello_session(watcher)  # this start's session
         attempts = [int(number) for number, _ in _attempts(log)]
         delays = [delay for _, delay in _attempts(log)]
         assert attempts == list(range(1, len(attempts) + 1)) and len(attempts) >= 3
@@ -197,7 +205,7 @@ def test_sigterm_mid_task_finishes_within_the_grace_or_abandons_cleanly(
             assert updates == [] and summary[0].answered == 0
             assert not residual.exists()
         arrivals = [type(body) for topic, body in watcher.frames if topic != topics.rounds]
-        assert arrivals[-1] is Status and watcher.bodies(Status)[-1] == Status(online=False)
+        assert arrivals[-1] is Status and watcher.bodies(Status)[-1].online is False
         assert f"stopped after {int(finishes)} tasks" in _messages(log)
     finally:
         watcher.close()
