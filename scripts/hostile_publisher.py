@@ -200,20 +200,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", action="append", choices=[*CASES, "downlink", "poison", "all"], required=True)
     parser.add_argument("--victims", default="", help="downlink: comma-separated honest device ids")
     parser.add_argument("--for", dest="seconds", type=float, default=60.0, help="poison: how long to take part")
+    parser.add_argument("--repeat-for", type=float, default=0.0, metavar="S",
+                        help="send the cases again and again for S seconds (a flood; default: once)")
     args = parser.parse_args(argv)
     topics = Topics(args.fleet)
     client = connect(args.broker, f"hostile-{new_id()[:8]}")
-    cases = [*CASES, "downlink"] if "all" in args.case else args.case
-    for name in cases:
-        if name == "poison":
-            continue
-        started = time.perf_counter()
-        if name == "downlink":
-            messages = downlink(args.fleet, args.device, topics, [v for v in args.victims.split(",") if v])
-        else:
-            messages = CASES[name](args.fleet, args.device, topics)
-        count = publish_all(client, messages)
-        print(f"{name}: published {count} messages in {time.perf_counter() - started:.1f} s", flush=True)
+    cases = [*CASES, "downlink"] if "all" in args.case else [c for c in args.case if c != "poison"]
+    until = time.monotonic() + args.repeat_for
+    while cases:
+        for name in cases:
+            started = time.perf_counter()
+            if name == "downlink":
+                messages = downlink(args.fleet, args.device, topics, [v for v in args.victims.split(",") if v])
+            else:
+                messages = CASES[name](args.fleet, args.device, topics)
+            count = publish_all(client, messages)
+            print(f"{name}: published {count} messages in {time.perf_counter() - started:.1f} s", flush=True)
+        if time.monotonic() >= until:
+            break
     if "poison" in args.case:
         poisoner = Poisoner(client, args.fleet, args.device, topics)
         client.on_message = poisoner.on_message
