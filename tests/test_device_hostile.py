@@ -88,7 +88,8 @@ class Link:
         body = decode_frame(frame).body
         if isinstance(body, Fetch) and self.agent is not None:
             for sha in body.sha256:
-                self.agent._on_frame(DOWN, self.aggregator.blob(sha))
+                if self.aggregator.store.read(sha) is not None:  # the aggregator rejects unknown ones
+                    self.agent._on_frame(DOWN, self.aggregator.blob(sha))
         return len(frame)
 
     def stop(self, flush_timeout_s: float = 0.0) -> None:
