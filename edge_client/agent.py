@@ -269,7 +269,7 @@ class DeviceAgent:
             return RejectReason.UNEXPECTED, (f"{where} uses secure aggregation, which needs the cryptography package "
                                              "(pip install 'tierfl[signing]')")
         if len(task.artifacts) > MAX_TASK_ARTIFACTS:
-            return RejectReason.MALFORMED, f"{where} lists {len(task.artifacts)} artifact files, more than {MAX_TASK_ARTIFACTS}"
+            return RejectReason.MALFORMED, f"{where} lists {len(task.artifacts)} artifacts, more than {MAX_TASK_ARTIFACTS}"
         if task.artifacts.get("manifest.json") != task.manifest_sha256:
             return RejectReason.UNKNOWN_ARTIFACT, f"{where}: its manifest.json is not the task's manifest_sha256"
         odd = [name for name in task.artifacts if Path(name).name != name or name.startswith(".")]
