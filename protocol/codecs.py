@@ -44,11 +44,10 @@ from typing import Protocol
 
 import numpy as np
 
-from protocol.messages import TensorEntry
+from protocol.messages import MAX_TENSOR_DIMS, MAX_TENSOR_ELEMENTS, TensorEntry
 from protocol.quantized import QuantizedTensor, Tensor, pack_nibbles, row_grid, unpack_nibbles
 
 Meta = dict[str, float | int | str]
-MAX_SPARSE_ELEMENTS = 1 << 26  # a sparse tensor may not expand past this many elements
 _MAX_F32 = float(np.finfo(np.float32).max)
 _F32 = np.dtype("<f4")
 _F16 = np.dtype("<f2")
@@ -81,7 +80,18 @@ class Codec(Protocol):
 
 
 def _expected_count(entry: TensorEntry) -> int:
-    return math.prod(entry.shape)  # exact (no int64 wrap-around), and 1 for a scalar
+    """The element count of the entry's shape; CodecError for a shape no tensor may have (checked before any allocation).
+
+    The schema bounds shapes already; checked again so that a codec is total on any entry it is handed.
+    """
+    shape = entry.shape
+    if len(shape) > MAX_TENSOR_DIMS or any(not isinstance(d, int) or d < 0 or d > MAX_TENSOR_ELEMENTS for d in shape):
+        raise CodecError(f"tensor {entry.name!r} ({entry.codec}): shape {list(shape)[:MAX_TENSOR_DIMS + 1]} is not a "
+                         f"list of at most {MAX_TENSOR_DIMS} axes of 0 to {MAX_TENSOR_ELEMENTS}")
+    count = math.prod(shape)  # exact (no int64 wrap-around), and 1 for a scalar
+    if count > MAX_TENSOR_ELEMENTS:
+        raise CodecError(f"tensor {entry.name!r} ({entry.codec}): {count} elements exceed the limit of {MAX_TENSOR_ELEMENTS}")
+    return count
 
 
 def _check_length(entry: TensorEntry, data: memoryview, expected: int) -> None:
@@ -205,6 +215,7 @@ class Int8RowCodec:
 
     def decode(self, data: memoryview, entry: TensorEntry) -> QuantizedTensor:
         """The validated tensor q * scale of its row, of `entry.shape` (dequantised on demand)."""
+        _expected_count(entry)
         rows, columns = row_grid(entry.shape)
         _check_length(entry, data, 4 * rows + rows * columns)
         scales = np.frombuffer(data, dtype=_F32, count=rows)
@@ -278,9 +289,7 @@ class TopKCodec:
         """Dense float32 array of `entry.shape`, zero outside the kept positions."""
         where = f"tensor {entry.name!r} ({entry.codec})"
         scale = _scale_of(entry, 127) if self.quantized else np.float32(1)
-        n = _expected_count(entry)
-        if n > MAX_SPARSE_ELEMENTS:
-            raise CodecError(f"{where}: {n} elements exceed the sparse limit of {MAX_SPARSE_ELEMENTS}")
+        n = _expected_count(entry)  # bounded by MAX_TENSOR_ELEMENTS before anything is inflated
         if len(data) < _SPARSE_HEAD.size:
             raise CodecError(f"{where}: {len(data)} bytes, shorter than the {_SPARSE_HEAD.size}-byte sparse header")
         (k,) = _SPARSE_HEAD.unpack_from(data)

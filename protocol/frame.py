@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ MAGIC = b"TFL1"
 _PREFIX = struct.Struct("<4sI")
 MAX_HEADER_BYTES = 1 << 20
 DEFAULT_MAX_FRAME_BYTES = 64 << 20
+# What numpy, zlib and struct raise on inputs they refuse (zlib.error and struct.error are Exception subclasses).
+_NUMPY_ERRORS = (ArithmeticError, LookupError, MemoryError, TypeError, ValueError, zlib.error, struct.error)
 
 
 class FrameError(ValueError):
@@ -181,6 +184,9 @@ def _decode_tensors(entries: list[TensorEntry], payload: memoryview) -> dict[str
             tensors[entry.name] = codec.decode(chunk, entry)
         except CodecError as exc:
             raise FrameError(RejectReason.BAD_TENSOR, str(exc)) from None
+        except _NUMPY_ERRORS as exc:  # a case the codec's checks missed: still this tensor's fault, never the receiver's
+            raise FrameError(RejectReason.BAD_TENSOR,
+                             f"tensor {entry.name!r} ({entry.codec}) does not decode: {type(exc).__name__}: {exc}") from None
     return tensors
 
 

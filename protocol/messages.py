@@ -2,19 +2,77 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from enum import Enum
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 PROTOCOL_VERSION = 1
 
+# Bounds of every field a peer can send: far above what a real fleet reaches, low enough that no
+# count overflows SQLite's int64 or a float64 sum, and no message costs more than its bytes.
+MAX_ROUND = 10**9  # rounds, model versions, FedMut variants
+MAX_SAMPLES = 10**9  # samples one device (or one edge aggregator) claims
+MAX_DEVICES = 10**6  # devices behind one count (a round's selected/answered, an edge tier, secure rounds)
+MAX_STEPS = 10**12  # optimiser steps of one task
+MAX_TOTAL_BYTES = 1 << 50  # byte counters of a round summary
+MAX_SECONDS = 1e9  # durations (train_seconds, a round's seconds)
+MAX_UNIX_TIME = 1e11  # timestamps (sent_at, deadline): the year 5138
+MAX_LOSS = 1e12  # |loss| reported by a device
+MAX_SEED = 2**63 - 1  # |Task.seed|: an int64
+MAX_TIERS = 64  # entries of a per-tier dict (holds, seconds_per_sample, contributors, accuracy_by_tier)
+MAX_ARTIFACTS = 64  # files of one tier (Task.artifacts, Fetch.sha256)
+MAX_LIBRARIES = 64  # Hello.libraries entries
+MAX_SHORT_TEXT = 64  # Hello.backend, library names, metric and reason names
+MAX_TEXT = 256  # names: files, tensors, library versions
+MAX_DETAIL = 2048  # Reject.detail (longer details are cut, never refused)
+MAX_METRICS = 64  # RoundSummary.rejected / metrics entries
+MAX_TENSORS = 4096  # tensor entries of one frame (and tensors of a secure round)
+MAX_TENSOR_DIMS = 8  # axes of one tensor
+MAX_TENSOR_ELEMENTS = 1 << 26  # elements of one tensor, and so of any one axis
+MAX_FRAME_ELEMENTS = 1 << 26  # elements all the tensors of one frame decode to (256 MiB of float32)
+MAX_TENSOR_BYTES = 1 << 40  # TensorEntry.nbytes
+MAX_META_ENTRIES = 8  # TensorEntry.meta entries (codecs use one: "scale")
+MAX_META_INT = 2**63 - 1  # |int| in TensorEntry.meta
+MAX_DP = 1e9  # Task.dp_clip, Task.dp_noise
+MAX_SECAGG_CLIP = 1e9  # SecureAggregation.clip
+MAX_SECAGG_WEIGHT = 1e12  # SecureAggregation.weight
+
+
+def _shape_fits(shape: list[int]) -> list[int]:
+    if math.prod(shape) > MAX_TENSOR_ELEMENTS:
+        raise ValueError(f"shape {shape} has more than {MAX_TENSOR_ELEMENTS} elements")
+    return shape
+
+
+def _cut_detail(value: object) -> object:
+    return value[:MAX_DETAIL] if isinstance(value, str) else value
+
+
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
-Count = Annotated[int, Field(ge=0)]
+Count = Annotated[int, Field(ge=0, le=MAX_SAMPLES)]
+Version = Annotated[int, Field(ge=0, le=MAX_ROUND)]
+Round = Annotated[int, Field(ge=1, le=MAX_ROUND)]
+Samples = Annotated[int, Field(ge=1, le=MAX_SAMPLES)]
+Loss = Annotated[float, Field(ge=-MAX_LOSS, le=MAX_LOSS, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+ShortText = Annotated[str, Field(max_length=MAX_SHORT_TEXT)]
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
 SessionId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+TensorName = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
+Dimension = Annotated[int, Field(ge=0, le=MAX_TENSOR_ELEMENTS)]
+Shape = Annotated[list[Dimension], Field(max_length=MAX_TENSOR_DIMS), AfterValidator(_shape_fits)]
+BlockShape = Annotated[list[Annotated[int, Field(ge=1, le=MAX_TENSOR_ELEMENTS)]], Field(max_length=MAX_TENSOR_DIMS),
+                       AfterValidator(_shape_fits)]
+MetaValue = Union[
+    Annotated[int, Field(ge=-MAX_META_INT, le=MAX_META_INT)],
+    Annotated[float, Field(allow_inf_nan=False)],
+    ShortText,
+]
 
 
 class _Strict(BaseModel):
@@ -55,13 +113,14 @@ class Hello(_Strict):
     """Device -> aggregator on connect: who I am and what I hold."""
 
     kind: Literal["hello"] = "hello"
-    tier: str | None = None  # a fixed tier the device asks for; None lets the aggregator choose
+    tier: Identifier | None = None  # a fixed tier the device asks for; None lets the aggregator choose
     num_samples: Count
     num_test_samples: Count = 0
-    backend: str = "ort-training"
-    libraries: dict[str, str] = {}
-    holds: dict[Identifier, Count] = {}  # tier -> model version whose weights the device still holds
-    seconds_per_sample: dict[Identifier, Annotated[float, Field(gt=0, le=3600)]] = {}  # tier -> benchmark
+    backend: ShortText = "ort-training"
+    libraries: Annotated[dict[ShortText, Text], Field(max_length=MAX_LIBRARIES)] = {}
+    holds: Annotated[dict[Identifier, Version], Field(max_length=MAX_TIERS)] = {}  # tier -> model version whose weights the device still holds
+    seconds_per_sample: Annotated[dict[Identifier, Annotated[float, Field(gt=0, le=3600)]],
+                                  Field(max_length=MAX_TIERS)] = {}  # tier -> benchmark
     session: SessionId | None = None  # fresh per agent start: binds this device's later Status messages to this hello
 
 
@@ -77,39 +136,39 @@ class SecureAggregation(_Strict):
     """Task.secure: the round is summed by secure aggregation (protocol.secagg); answer with SecAgg messages, no Update."""
 
     session: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]  # this attempt at the round; messages of another are stale
-    threshold: Annotated[int, Field(ge=2)]  # shares that rebuild a device's secrets
-    max_devices: Annotated[int, Field(ge=2)]
+    threshold: Annotated[int, Field(ge=2, le=MAX_DEVICES)]  # shares that rebuild a device's secrets
+    max_devices: Annotated[int, Field(ge=2, le=MAX_DEVICES)]
     ring_bits: Literal[32, 64] = 32
     frac_bits: Annotated[int, Field(ge=0, le=52)]  # fixed-point fraction bits of the masked integers
-    clip: Annotated[float, Field(gt=0, allow_inf_nan=False)]  # bound on |weight * delta| per element
-    weight: Annotated[float, Field(gt=0, allow_inf_nan=False)]  # this device's public weight in the mean
-    shapes: dict[str, list[Annotated[int, Field(ge=1)]]]  # the global tensors
-    block: dict[str, list[Annotated[int, Field(ge=1)]]]  # this device's tier: the leading block of each
+    clip: Annotated[float, Field(gt=0, le=MAX_SECAGG_CLIP, allow_inf_nan=False)]  # bound on |weight * delta| per element
+    weight: Annotated[float, Field(gt=0, le=MAX_SECAGG_WEIGHT, allow_inf_nan=False)]  # this device's public weight in the mean
+    shapes: Annotated[dict[TensorName, BlockShape], Field(max_length=MAX_TENSORS)]  # the global tensors
+    block: Annotated[dict[TensorName, BlockShape], Field(max_length=MAX_TENSORS)]  # this device's tier: the leading block of each
 
 
 class Task(_Strict):
     """Aggregator -> device: train the attached weights of `tier` for one round."""
 
     kind: Literal["task"] = "task"
-    round: Annotated[int, Field(ge=1)]
-    model_version: Count
+    round: Round
+    model_version: Version
     tier: Identifier
     manifest_sha256: Sha256
-    artifacts: dict[str, Sha256]  # file name inside the tier folder -> sha256 (includes manifest.json)
+    artifacts: Annotated[dict[Text, Sha256], Field(max_length=MAX_ARTIFACTS)]  # file name inside the tier folder -> sha256 (includes manifest.json)
     epochs: Annotated[int, Field(ge=1, le=1000)]
     batch_size: Annotated[int, Field(ge=1, le=65536)]
     learning_rate: Annotated[float, Field(gt=0, le=10)]
-    deadline: float  # unix time by which the update must arrive
-    seed: int = 0
+    deadline: Annotated[float, Field(ge=0, le=MAX_UNIX_TIME, allow_inf_nan=False)]  # unix time by which the update must arrive
+    seed: Annotated[int, Field(ge=-MAX_SEED, le=MAX_SEED)] = 0
     evaluate: bool = True  # also report loss/accuracy of the received weights on the local test split
     mask_classes: bool = False  # leave the classes the device has no data for out of its softmax
     proximal_mu: Annotated[float, Field(ge=0, le=100)] = 0.0  # FedProx: mu/2 ||w - w_received||^2 added to the loss
     statistics_only: bool = False  # no training: measure batch-norm statistics of these weights, reply Statistics
-    delta_from: Count | None = None  # tensors are a delta to add to this version of the tier, which the device holds
-    variant: Count = 0  # FedMut: the weights are this device's mutation of the model version (0: the model itself)
+    delta_from: Version | None = None  # tensors are a delta to add to this version of the tier, which the device holds
+    variant: Version = 0  # FedMut: the weights are this device's mutation of the model version (0: the model itself)
     weighted: bool = True  # the aggregator weights updates by samples (False: one vote per device); edge aggregators follow it
-    dp_clip: Annotated[float, Field(ge=0)] = 0.0  # local differential privacy: clip the delta to this L2 norm ...
-    dp_noise: Annotated[float, Field(ge=0)] = 0.0  # ... and add Gaussian noise of std dp_noise * dp_clip (0: off)
+    dp_clip: Annotated[float, Field(ge=0, le=MAX_DP)] = 0.0  # local differential privacy: clip the delta to this L2 norm ...
+    dp_noise: Annotated[float, Field(ge=0, le=MAX_DP)] = 0.0  # ... and add Gaussian noise of std dp_noise * dp_clip (0: off)
     secure: SecureAggregation | None = None  # secure aggregation: mask the delta, send it as SecAgg messages
 
 
@@ -117,7 +176,7 @@ class Fetch(_Strict):
     """Device -> aggregator: send me these artifact files."""
 
     kind: Literal["fetch"] = "fetch"
-    sha256: Annotated[list[Sha256], Field(min_length=1, max_length=64)]
+    sha256: Annotated[list[Sha256], Field(min_length=1, max_length=MAX_ARTIFACTS)]
 
 
 class Blob(_Strict):
@@ -125,7 +184,7 @@ class Blob(_Strict):
 
     kind: Literal["blob"] = "blob"
     sha256: Sha256
-    name: str
+    name: Text
 
 
 class Update(_Strict):
@@ -133,26 +192,26 @@ class Update(_Strict):
 
     kind: Literal["update"] = "update"
     update_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
-    round: Annotated[int, Field(ge=1)]
-    base_version: Count
+    round: Round
+    base_version: Version
     tier: Identifier
-    num_samples: Annotated[int, Field(ge=1)]
-    steps: Count
-    train_loss: float
-    train_accuracy: Annotated[float, Field(ge=0, le=1)]
-    train_seconds: Annotated[float, Field(ge=0)]
-    eval_loss: float | None = None
-    eval_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    num_samples: Samples
+    steps: Annotated[int, Field(ge=0, le=MAX_STEPS)]
+    train_loss: Loss
+    train_accuracy: Fraction
+    train_seconds: Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
+    eval_loss: Loss | None = None
+    eval_accuracy: Fraction | None = None
     eval_samples: Count = 0
     unchanged: bool = False  # selective upload: no tensors, count me as a zero update
-    contributors: dict[Identifier, "TierShare"] | None = None  # an edge aggregator's combined update: tier -> who trained it
+    contributors: Annotated[dict[Identifier, "TierShare"], Field(max_length=MAX_TIERS)] | None = None  # an edge aggregator's combined update: tier -> who trained it
 
 
 class TierShare(_Strict):
     """The devices of one tier behind an edge aggregator's combined update."""
 
-    samples: Annotated[int, Field(ge=1)]
-    devices: Annotated[int, Field(ge=1)]
+    samples: Samples
+    devices: Annotated[int, Field(ge=1, le=MAX_DEVICES)]
 
 
 class Statistics(_Strict):
@@ -162,10 +221,10 @@ class Statistics(_Strict):
     """
 
     kind: Literal["statistics"] = "statistics"
-    round: Annotated[int, Field(ge=1)]
-    base_version: Count
+    round: Round
+    base_version: Version
     tier: Identifier
-    num_samples: Annotated[int, Field(ge=1)]
+    num_samples: Samples
 
 
 class SecAgg(_Strict):
@@ -176,12 +235,12 @@ class SecAgg(_Strict):
     """
 
     kind: Literal["secagg"] = "secagg"
-    round: Annotated[int, Field(ge=1)]
+    round: Round
     session: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]  # Task.secure.session
     phase: Literal["advertise", "roster", "share_keys", "delivery", "masked_input", "unmask_request", "unmasking"]
     payload: Annotated[str, Field(max_length=1 << 20)]
-    eval_loss: float | None = None
-    eval_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    eval_loss: Loss | None = None
+    eval_accuracy: Fraction | None = None
     eval_samples: Count = 0
 
 
@@ -190,28 +249,28 @@ class Reject(_Strict):
 
     kind: Literal["reject"] = "reject"
     reason: RejectReason
-    detail: str
-    ref_msg_id: str | None = None
-    round: int | None = None
+    detail: Annotated[str, BeforeValidator(_cut_detail), Field(max_length=MAX_DETAIL)]
+    ref_msg_id: ShortText | None = None
+    round: Annotated[int, Field(ge=0, le=MAX_ROUND)] | None = None
 
 
 class RoundSummary(_Strict):
     """Aggregator -> observers: one committed round."""
 
     kind: Literal["round"] = "round"
-    round: int
-    version: int
-    selected: int
-    answered: int
+    round: Annotated[int, Field(ge=0, le=MAX_ROUND)]
+    version: Version
+    selected: Annotated[int, Field(ge=0, le=MAX_DEVICES)]
+    answered: Annotated[int, Field(ge=0, le=MAX_DEVICES)]
     accuracy: float | None = None
     loss: float | None = None
     accuracy_source: Literal["held-out", "federated", "none"] = "none"
-    accuracy_by_tier: dict[str, float] = {}
-    bytes_up: Count = 0  # frames of the updates counted this round
-    bytes_down: Count = 0  # tasks and artifact files sent this round
+    accuracy_by_tier: Annotated[dict[ShortText, float], Field(max_length=MAX_TIERS)] = {}
+    bytes_up: Annotated[int, Field(ge=0, le=MAX_TOTAL_BYTES)] = 0  # frames of the updates counted this round
+    bytes_down: Annotated[int, Field(ge=0, le=MAX_TOTAL_BYTES)] = 0  # tasks and artifact files sent this round
     seconds: float = 0.0
-    rejected: dict[str, int] = {}
-    metrics: dict[str, float] = {}  # the strategy's own: FedBuff staleness, FedMut radius, DP epsilon...
+    rejected: Annotated[dict[ShortText, Annotated[int, Field(ge=0, le=MAX_STEPS)]], Field(max_length=MAX_METRICS)] = {}
+    metrics: Annotated[dict[ShortText, float], Field(max_length=MAX_METRICS)] = {}  # the strategy's own: FedBuff staleness, FedMut radius, DP epsilon...
     final: bool = False
 
 
@@ -224,12 +283,12 @@ Body = Annotated[
 class TensorEntry(_Strict):
     """Where one tensor sits in the frame payload and how it is encoded."""
 
-    name: Annotated[str, Field(min_length=1, max_length=256)]
+    name: TensorName
     codec: Annotated[str, Field(min_length=1, max_length=32)]
     dtype: Literal["float32", "uint8"]  # dtype after decoding
-    shape: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=8)]
-    nbytes: Count
-    meta: dict[str, float | int | str] = {}
+    shape: Shape
+    nbytes: Annotated[int, Field(ge=0, le=MAX_TENSOR_BYTES)]
+    meta: Annotated[dict[Annotated[str, Field(max_length=32)], MetaValue], Field(max_length=MAX_META_ENTRIES)] = {}
 
 
 class FrameHeader(_Strict):
@@ -239,11 +298,18 @@ class FrameHeader(_Strict):
     fleet: Identifier
     sender: Identifier
     msg_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] = Field(default_factory=lambda: uuid.uuid4().hex)
-    sent_at: float = Field(default_factory=time.time)
+    sent_at: Annotated[float, Field(ge=0, le=MAX_UNIX_TIME, allow_inf_nan=False)] = Field(default_factory=time.time)
     body: Body
-    tensors: list[TensorEntry] = []
+    tensors: Annotated[list[TensorEntry], Field(max_length=MAX_TENSORS)] = []
     payload_sha256: Sha256 | None = None
     signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")] | None = None  # Ed25519 by the sender (protocol.signing)
+
+    @model_validator(mode="after")
+    def _bounded_tensors(self) -> FrameHeader:
+        total = sum(math.prod(entry.shape) for entry in self.tensors)
+        if total > MAX_FRAME_ELEMENTS:
+            raise ValueError(f"the tensors declare {total} elements, more than the {MAX_FRAME_ELEMENTS} a frame may hold")
+        return self
 
 
 def new_id() -> str:

@@ -44,14 +44,28 @@ from enum import Enum
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from protocol.messages import MAX_DEVICES, MAX_ROUND, MAX_SECAGG_WEIGHT, MAX_TENSOR_DIMS, MAX_TENSOR_ELEMENTS, MAX_TENSORS
 from protocol.shamir import Share
+
+
+def _shape_fits(shape: tuple[int, ...]) -> tuple[int, ...]:
+    if math.prod(shape) > MAX_TENSOR_ELEMENTS:
+        raise ValueError(f"shape {list(shape)} has more than {MAX_TENSOR_ELEMENTS} elements")
+    return shape
+
 
 DeviceId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 TensorName = Annotated[str, Field(min_length=1, max_length=256)]
-Shape = Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(min_length=1, max_length=8)]
+Shape = Annotated[tuple[Annotated[int, Field(ge=1, le=MAX_TENSOR_ELEMENTS)], ...],
+                  Field(min_length=1, max_length=MAX_TENSOR_DIMS), AfterValidator(_shape_fits)]
+Shapes = Annotated[dict[TensorName, Shape], Field(max_length=MAX_TENSORS)]
 KeyHex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Round = Annotated[int, Field(ge=1, le=MAX_ROUND)]
+Devices = Annotated[list[DeviceId], Field(max_length=MAX_DEVICES)]
+# base64 of the largest masked tensor (MAX_TENSOR_ELEMENTS 64-bit ring integers), filled in locally by unwrap
+_MAX_MASKED_CHARS = 4 * math.ceil(MAX_TENSOR_ELEMENTS * 8 / 3)
 AGGREGATOR = "aggregator"  # the aggregator's name as the sender or recipient of a message
 
 
@@ -76,13 +90,13 @@ class _Strict(BaseModel):
 class SecAggParams(_Strict):
     """What every participant of one secure round agrees on beforehand."""
 
-    round: Annotated[int, Field(ge=1)]
-    threshold: Annotated[int, Field(ge=2)]  # shares needed to rebuild a secret; > half the devices is advised
-    shapes: dict[TensorName, Shape]  # the global tensors' shapes
+    round: Round
+    threshold: Annotated[int, Field(ge=2, le=MAX_DEVICES)]  # shares needed to rebuild a secret; > half the devices is advised
+    shapes: Shapes  # the global tensors' shapes
     ring_bits: Literal[32, 64] = 32
     frac_bits: Annotated[int, Field(ge=0, le=52)] = 16
-    clip: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 64.0  # bound on |weight * update| per element
-    max_devices: Annotated[int, Field(ge=2)] = 256
+    clip: Annotated[float, Field(gt=0, le=1e9, allow_inf_nan=False)] = 64.0  # bound on |weight * update| per element
+    max_devices: Annotated[int, Field(ge=2, le=MAX_DEVICES)] = 256
 
     @model_validator(mode="after")
     def _sum_never_wraps(self) -> SecAggParams:
@@ -105,11 +119,11 @@ class AdvertiseKeys(_Strict):
     """Device -> aggregator: my public keys and my tier's block shapes."""
 
     kind: Literal["secagg_advertise"] = "secagg_advertise"
-    round: int
+    round: Round
     device: DeviceId
     c_public: KeyHex  # X25519, for the keys that encrypt shares
     s_public: KeyHex  # X25519, for the pairwise mask seeds
-    shapes: dict[TensorName, Shape]
+    shapes: Shapes
     signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")] | None = None  # Ed25519 over the rest
 
 
@@ -117,8 +131,8 @@ class KeyRoster(_Strict):
     """Aggregator -> devices: every advertisement accepted for the round (U1)."""
 
     kind: Literal["secagg_roster"] = "secagg_roster"
-    round: int
-    devices: list[AdvertiseKeys]
+    round: Round
+    devices: Annotated[list[AdvertiseKeys], Field(max_length=MAX_DEVICES)]
 
 
 class EncryptedShares(_Strict):
@@ -134,47 +148,47 @@ class ShareKeys(_Strict):
     """Device -> aggregator: my encrypted shares, one entry per other device of the roster."""
 
     kind: Literal["secagg_share_keys"] = "secagg_share_keys"
-    round: int
+    round: Round
     device: DeviceId
-    shares: list[EncryptedShares]
+    shares: Annotated[list[EncryptedShares], Field(max_length=MAX_DEVICES)]
 
 
 class ShareDelivery(_Strict):
     """Aggregator -> device: the shares other devices (U2) encrypted for it."""
 
     kind: Literal["secagg_share_delivery"] = "secagg_share_delivery"
-    round: int
+    round: Round
     device: DeviceId
-    shares: list[EncryptedShares]
+    shares: Annotated[list[EncryptedShares], Field(max_length=MAX_DEVICES)]
 
 
 class MaskedInput(_Strict):
     """Device -> aggregator: the masked quantized update (base64 ring integers per tensor) and its public weight."""
 
     kind: Literal["secagg_masked_input"] = "secagg_masked_input"
-    round: int
+    round: Round
     device: DeviceId
-    weight: Annotated[float, Field(gt=0, allow_inf_nan=False)]
-    tensors: dict[TensorName, str]
+    weight: Annotated[float, Field(gt=0, le=MAX_SECAGG_WEIGHT, allow_inf_nan=False)]
+    tensors: Annotated[dict[TensorName, Annotated[str, Field(max_length=_MAX_MASKED_CHARS)]], Field(max_length=MAX_TENSORS)]
 
 
 class UnmaskRequest(_Strict):
     """Aggregator -> survivors: who sent a masked input (U3) and who dropped after sharing keys."""
 
     kind: Literal["secagg_unmask_request"] = "secagg_unmask_request"
-    round: int
-    survivors: list[DeviceId]
-    dropped: list[DeviceId]
+    round: Round
+    survivors: Devices
+    dropped: Devices
 
 
 class UnmaskResponse(_Strict):
     """Survivor -> aggregator: b-shares of the survivors, s-shares of the dropped devices."""
 
     kind: Literal["secagg_unmask_response"] = "secagg_unmask_response"
-    round: int
+    round: Round
     device: DeviceId
-    b_shares: dict[DeviceId, Share]
-    s_shares: dict[DeviceId, Share]
+    b_shares: Annotated[dict[DeviceId, Share], Field(max_length=MAX_DEVICES)]
+    s_shares: Annotated[dict[DeviceId, Share], Field(max_length=MAX_DEVICES)]
 
 
 class SharePlaintext(_Strict):

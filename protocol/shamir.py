@@ -12,11 +12,14 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
 PRIME = 2**127 - 1  # a Mersenne prime
 LIMB_BYTES = 15  # 120 bits: every limb is below PRIME, so decoding can check the range
 MAX_SECRET_BYTES = 1024
+MAX_THRESHOLD = 10**6  # shares a secret may need (protocol.messages.MAX_DEVICES)
 
 
 class ShamirError(ValueError):
@@ -29,9 +32,9 @@ class Share(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     x: int = Field(ge=1, lt=PRIME)
-    threshold: int = Field(ge=1)
+    threshold: int = Field(ge=1, le=MAX_THRESHOLD)
     length: int = Field(ge=0, le=MAX_SECRET_BYTES)  # the secret's length in bytes
-    limbs: list[int]
+    limbs: Annotated[list[Annotated[int, Field(ge=0, lt=PRIME)]], Field(max_length=-(-MAX_SECRET_BYTES // LIMB_BYTES))]
 
 
 def _limbs_of(secret: bytes) -> list[int]:

@@ -25,7 +25,7 @@ from models.export import export_all
 from models.zoo import ModelSpec
 from protocol.frame import FrameError, decode_frame, encode_frame
 from protocol.messages import (
-    Blob, Fetch, Hello, Reject, RejectReason, RoundSummary, SecAgg, Statistics, Status, Task, Update, new_id,
+    MAX_LOSS, Blob, Fetch, Hello, Reject, RejectReason, RoundSummary, SecAgg, Statistics, Status, Task, Update, new_id,
 )
 
 SHA = "ab" * 32
@@ -110,7 +110,7 @@ def test_engine_refuses_arbitrary_updates_without_changing_state(artifacts, tmp_
     update = Update(
         update_id=new_id(), round=data.draw(st.integers(1, 3)), base_version=data.draw(st.integers(0, 2)),
         tier=data.draw(st.sampled_from(["a", "c", "z"])), num_samples=data.draw(st.integers(1, 10**9)),
-        steps=data.draw(st.integers(0, 10)), train_loss=data.draw(st.floats(allow_nan=True)),
+        steps=data.draw(st.integers(0, 10)), train_loss=data.draw(st.floats(-MAX_LOSS, MAX_LOSS)),
         train_accuracy=0.5, train_seconds=data.draw(st.floats(0, 1e9)), unchanged=data.draw(st.booleans()),
     )
     device = data.draw(st.sampled_from(["d1", "d2", "stranger"]))
