@@ -134,6 +134,9 @@ class DeviceAgent:
         self._commit_lock = threading.Lock()  # a task's results go out whole, or not once abandoned
         self._abandoned = False
         self._current: Task | None = None  # the task the worker is on, until its results are committed
+        if self.trust.key is not None and self.key is None:
+            raise ValueError(f"verifying the aggregator's key (from {self.trust.source}) needs the cryptography "
+                             "package (pip install 'tierfl[signing]')")
         if config.fleet_keys is not None and (SecureClient is None or self.key is None):
             raise ValueError("--fleet-keys needs the cryptography package (pip install 'tierfl[signing]')")
         self.secure = SecureClient(config.device_id, self._send_secagg, self.key.private_key if self.key else None,
@@ -223,6 +226,10 @@ class DeviceAgent:
             return
         body = header.body
         announcement = isinstance(body, Blob) and body.name == KEY_ANNOUNCEMENT
+        if announcement and self.key is None:
+            self._refuse(RejectReason.UNEXPECTED, "the aggregator's key announcement cannot be verified without the "
+                         "cryptography package (pip install 'tierfl[signing]')")
+            return
         try:
             if not announcement:
                 self.trust.verify(header)  # before the payload is hashed or decoded
