@@ -9,6 +9,11 @@ then forwards one update: that per-element mean, plus its contributors (samples 
 tier). The parent weighs the mean back into its sum by exactly the mass those contributors
 carry, so it computes what flat aggregation over all the devices would (aggregator.strategy).
 
+Weight integrity: the edge checks its own devices' updates as the round engine does (counts
+within their hellos, norms, the float32 sums, --max-share); a combined mean holding NaN or Inf
+is not forwarded. The parent bounds the combined update's samples by what the edge announced
+(its group's total) and its contributors by those samples.
+
 Pure logic with the clock passed in, like the round engine it extends; aggregator.edge_service
 binds it to the two brokers.
 """
@@ -22,7 +27,7 @@ from dataclasses import replace
 import numpy as np
 
 from aggregator.artifacts import ArtifactStore
-from aggregator.engine import EngineConfig, Outgoing, RoundEngine, _OpenRound
+from aggregator.engine import EngineConfig, Outgoing, RoundEngine, _OpenRound, non_finite
 from aggregator.registry import DeviceInfo, DeviceRegistry
 from aggregator.state import StateRecord, StateStore
 from aggregator.strategy import Accumulator, Assignment, ClientUpdate, ElementwiseMean, FedAvg
@@ -120,7 +125,11 @@ class EdgeEngine(RoundEngine):
         if not isinstance(accumulator, CombinedMean) or accumulator.count == 0:
             log.warning("round %d: no device answered; nothing goes to the parent", current.number)
             return []
-        self._combined = (self._combined_update(current, accumulator, task, now), accumulator.mean_delta())
+        mean = accumulator.mean_delta()
+        if bad := non_finite(mean):
+            self._refuse_round(current, f"the combined update would hold NaN or Inf in {', '.join(bad)}; nothing goes to the parent")
+            return []
+        self._combined = (self._combined_update(current, accumulator, task, now), mean)
         log.info("round %d: %d/%d devices answered; forwarding one update of %d samples (%s)", current.number,
                  len(current.answered), len(current.assignments), self._combined[0].num_samples,
                  ", ".join(f"tier {t}: {p.devices} devices" for t, p in sorted(accumulator.parts.items())))

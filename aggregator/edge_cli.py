@@ -13,6 +13,7 @@ from aggregator.edge import EdgeEngine, FollowTask
 from aggregator.edge_service import EdgeService
 from aggregator.engine import EngineConfig
 from aggregator.registry import DeviceRegistry
+from aggregator.robust import add_integrity_arguments
 from aggregator.sampling import UniformSampler
 from aggregator.state import StateStore
 from aggregator.tiering import TIER_POLICIES, make_tier_policy, parse_tier_mix
@@ -63,6 +64,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     down.add_argument("--margin", type=float, default=3.0, help="seconds before the parent's deadline at which the local round closes (default: %(default)s)")
     down.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="chunk size on both brokers (default: %(default)s)")
     down.add_argument("--seed", type=int, default=0, help="seed of the group's sampling and tiers (default: %(default)s)")
+    add_integrity_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--tier-mix names tiers {', '.join(wider)} wider than --tier {args.tier} or not exported")
     policy = make_tier_policy(args.tier_policy, mix, artifacts.spec, 1, 60.0, args.seed)
     strategy = FollowTask(tiers=policy, seed=args.seed, sampler=UniformSampler(args.fraction, 1, args.seed))
-    engine = EdgeEngine(EngineConfig(fleet=args.fleet, seed=args.seed), strategy, artifacts, StateStore(args.state_dir),
+    config = EngineConfig(fleet=args.fleet, seed=args.seed, outlier_multiple=args.outlier_multiple, max_share=args.max_share)
+    engine = EdgeEngine(config, strategy, artifacts, StateStore(args.state_dir),
                         DeviceRegistry(), margin_s=args.margin)
     try:
         key: DeviceKey | None = DeviceKey(args.state_dir)

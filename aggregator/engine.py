@@ -8,6 +8,13 @@ update has gone offline; it commits if at least `min_updates` arrived.
 Batch-norm models add a statistics phase before the commit (static BN): the devices that
 answered get the new weights, measure each layer's statistics on their data and send them back;
 the pooled statistics of each tier replace the running averages that training left behind.
+
+Weight integrity: an update may claim no more samples than its device announced (too_many_samples);
+its norm must be finite and within `outlier_multiple` x its tier's recent median (non_finite,
+outlier; aggregator.robust.NormBound), and its weighted norm must leave the round's float32 sums
+finite (non_finite); with `max_share` < 1 its weight is capped (aggregator.strategy.share_caps).
+The new global model is checked before commit: a round that would commit NaN or Inf is refused
+whole (non_finite, a failed round) and the previous version stays.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import collections
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,15 +34,18 @@ from aggregator.evaluate import HeldOutEvaluator
 from aggregator.ledger import Ledger
 from aggregator.privacy import PrivacyBudget
 from aggregator.registry import DeviceRegistry
+from aggregator.robust import DEFAULT_OUTLIER_MULTIPLE, NormBound, update_norm
 from aggregator.round_spool import RoundPlan
 from aggregator.state import StateRecord, StateStore
-from aggregator.strategy import Accumulator, Assignment, ClientUpdate, Contribution, Strategy
+from aggregator.strategy import Accumulator, Assignment, ClientUpdate, Contribution, Strategy, share_caps
 from models.slicing import slice_params
 from models.zoo import init_global_params
 from protocol.messages import Body, Reject, RejectReason, RoundSummary, Statistics, Task, Update
 
 log = logging.getLogger(__name__)
 RECORDED_ON_RESTART = "recorded on restart from the open-round spool"
+# A round's weighted norms must sum below this, so no float32 sum of weight x delta can overflow.
+SUM_BOUND = float(np.finfo(np.float32).max) / 2
 
 
 class EngineConfig(BaseModel):
@@ -51,6 +61,8 @@ class EngineConfig(BaseModel):
     static_batch_norm: bool = True  # batch-norm models: a statistics phase measures BN statistics on devices
     local_dp_clip: float = Field(0.0, ge=0)  # local differential privacy: devices clip their deltas to this norm ...
     local_dp_noise: float = Field(0.0, ge=0)  # ... and add Gaussian noise of this multiple of the clip (0: off)
+    outlier_multiple: float = Field(DEFAULT_OUTLIER_MULTIPLE, ge=0)  # refuse norms over this x the tier's median (0: off)
+    max_share: float = Field(1.0, gt=0, le=1)  # cap on one device's share of a round's weight (1: no cap)
     seed: int = 0
 
 
@@ -83,6 +95,8 @@ class _OpenRound:
     trained: dict[str, np.ndarray] | None = None  # aggregated weights awaiting their statistics
     statistics: dict[str, StatisticsPool] = field(default_factory=dict)  # tier -> pool, in the statistics phase
     measured: set[str] = field(default_factory=set)
+    caps: dict[str, int] = field(default_factory=dict)  # device -> most samples its update may weigh (max_share)
+    weighted_norms: float = 0.0  # sum of weight x L2 norm of the updates folded so far (bounds the float32 sums)
 
     @property
     def owing(self) -> set[str]:
@@ -116,6 +130,7 @@ class RoundEngine:
         self.evaluator = evaluator
         self.ledger = ledger
         self.rejected: collections.Counter[str] = collections.Counter()
+        self.norms = NormBound(config.outlier_multiple)
         self._seen_update_ids: set[str] = set()
         self._open: _OpenRound | None = None
         self._resend_owed_tasks = False  # a resumed round sends its owed tasks again at the first tick
@@ -178,10 +193,15 @@ class RoundEngine:
         if problem:
             return self._refuse_update(device_id, msg_id, update, *problem)
         assert self._open is not None
+        assignment = self._open.assignments[device_id]
+        client = self._client_update(self._open, assignment, update, tensors)
+        norm = update_norm(tensors)
+        if problem := self._check_weight(self._open, client, norm, assignment.weighted):
+            return self._refuse_update(device_id, msg_id, update, *problem)
         self.store.open_round.accept(device_id, update, nbytes, dict(tensors))  # on disk before the ledger says accepted
         self._seen_update_ids.add(update.update_id)
         self._record_accepted(update.round, device_id, update, nbytes)
-        self._fold(self._open, device_id, update, tensors, nbytes)
+        self._fold(self._open, client, update, norm, nbytes)
         self.registry.answered(device_id, None if update.unchanged else update.train_loss)
         if update.train_seconds > 0 and update.steps and not update.unchanged and not update.contributors:  # per step
             samples = min(update.steps * self._open.assignments[device_id].batch_size, update.steps * update.num_samples)
@@ -212,15 +232,53 @@ class RoundEngine:
         tier = current.assignments[device_id].tier
         if body.tier != tier or body.base_version != self.record.version + 1:
             return RejectReason.WRONG_VERSION, f"statistics of {body.tier} v{body.base_version}, asked for {tier} v{self.record.version + 1}"
+        if problem := self._check_samples(device_id, current.assignments[device_id], body.num_samples):
+            return problem
         shapes = self.artifacts.tiers[tier].shapes
         if set(tensors) != set(statistic_names(shapes)):
             return RejectReason.BAD_TENSOR, f"tensors {sorted(tensors)} are not the running statistics of tier {tier}"
         for name, value in tensors.items():
             if value.dtype != np.float32 or tuple(value.shape) != shapes[name]:
                 return RejectReason.BAD_TENSOR, f"{name}: {value.dtype}{list(value.shape)}, expected float32{list(shapes[name])}"
+            if not np.isfinite(value).all():
+                return RejectReason.NON_FINITE, f"{name}: NaN or Inf"
             if name.endswith(".running_var") and (value < 0).any():
                 return RejectReason.BAD_TENSOR, f"{name}: negative variance"
         return None
+
+    def _check_samples(self, device_id: str, assignment: Assignment, claimed: int) -> tuple[RejectReason, str] | None:
+        """Why a claimed sample count is refused: more than the device announced (in its hello), or None.
+
+        The bound is the larger of the count announced when the task was given (kept in the round's
+        plan, so a resumed round needs no hello) and the device's latest hello.
+        """
+        info = self.registry.get(device_id)
+        known = [n for n in (assignment.announced_samples, info.num_samples if info else None) if n is not None]
+        if not known:
+            return RejectReason.UNKNOWN_DEVICE, f"{device_id} has announced no sample count yet"
+        if claimed > max(known):
+            return RejectReason.TOO_MANY_SAMPLES, f"claims {claimed} samples, {device_id} announced {max(known)}"
+        return None
+
+    def _check_weight(self, current: _OpenRound, client: ClientUpdate, norm: float, weighted: bool) -> tuple[RejectReason, str] | None:
+        """Why an update's delta is refused: a NaN/Inf or outlier norm, or a weighted norm overflowing the sums."""
+        if problem := self.norms.check(client.tier, norm):
+            return problem
+        weight = fold_weight(client, weighted)
+        if current.weighted_norms + weight * norm > SUM_BOUND:
+            return RejectReason.NON_FINITE, f"its delta (L2 norm {norm:.4g}) weighted by {weight:g} would overflow the round's float32 sum"
+        return None
+
+    def _client_update(self, current: _OpenRound, assignment: Assignment, update: Update, tensors: Mapping[str, np.ndarray],
+                       scale: float = 1.0) -> ClientUpdate:
+        """The accumulator's view of an accepted update: its samples capped by `max_share`, its work, its contributors."""
+        device_id = assignment.device_id
+        samples = update.num_samples if update.contributors else min(update.num_samples, current.caps.get(device_id, update.num_samples))
+        if samples < update.num_samples:
+            log.info("round %d: %s's weight capped at %d of its %d samples (--max-share %g)", current.number, device_id,
+                     samples, update.num_samples, self.config.max_share)
+        return ClientUpdate(device_id, update.tier, samples, tensors, scale=scale, work=work_done(update, assignment),
+                            contributions=contributions(update, self.artifacts))
 
     def _zero_update(self, tier: str) -> dict[str, np.ndarray]:
         """The tensors of a selective-upload "unchanged" answer: a zero delta of the tier's shapes."""
@@ -252,7 +310,7 @@ class RoundEngine:
     def _start_round(self, now: float) -> list[Outgoing]:
         number = self.record.round + 1
         available = self.registry.available(now)
-        assignments = self.strategy.configure_round(number, available)
+        assignments = self._announced(self.strategy.configure_round(number, available))
         if not assignments:
             if not self._waiting_logged:
                 log.info("round %d: waiting for devices (%d available)", number, len(self.registry.available(now)))
@@ -266,6 +324,7 @@ class RoundEngine:
             assignments={a.device_id: a for a in assignments},
             accumulator=self.strategy.start_aggregation(self.weights),
             available=len(available),
+            caps=self._share_caps(assignments),
         )
         self.store.open_round.begin(RoundPlan(round=number, base_version=self.record.version, started=now,
                                               deadline=self._open.deadline, assignments=assignments,
@@ -276,9 +335,18 @@ class RoundEngine:
                  ", ".join(f"{a.device_id} (tier {a.tier})" for a in sorted(assignments, key=lambda a: a.device_id)))
         return [self._task(a, number, self._open.deadline) for a in assignments]
 
-    def _start_statistics(self, current: _OpenRound, now: float) -> list[Outgoing]:
+    def _announced(self, assignments: list[Assignment]) -> list[Assignment]:
+        """`assignments` with each device's announced sample count, the bound on what its answers may claim."""
+        return [replace(a, announced_samples=info.num_samples) if (info := self.registry.get(a.device_id)) else a
+                for a in assignments]
+
+    def _share_caps(self, assignments: list[Assignment]) -> dict[str, int]:
+        """Each device's cap on the samples its update weighs, from `max_share` (empty: no caps)."""
+        return share_caps(assignments, {t: a.manifest.rate for t, a in self.artifacts.tiers.items()}, self.config.max_share)
+
+    def _start_statistics(self, current: _OpenRound, trained: dict[str, np.ndarray], now: float) -> list[Outgoing]:
         """Keep the aggregated weights aside and ask the devices that answered to measure them."""
-        current.trained = current.accumulator.result()
+        current.trained = trained
         current.deadline = now + self.config.round_timeout_s
         self.store.open_round.mark_measuring_statistics()
         log.info("round %d: measuring batch-norm statistics on %d devices", current.number, len(current.answered))
@@ -331,14 +399,21 @@ class RoundEngine:
     def _close_round(self, now: float) -> list[Outgoing]:
         current = self._open
         assert current is not None
-        committed = current.accumulator.count >= self.config.min_updates
-        if committed and self._measures_statistics and current.trained is None:
-            return self._start_statistics(current, now)
+        refused = None
+        if committed := current.accumulator.count >= self.config.min_updates:
+            trained = current.trained if current.trained is not None else current.accumulator.result()
+            if self._measures_statistics and current.trained is None and not non_finite(trained):
+                return self._start_statistics(current, trained, now)
+            weights, bn_statistics = self._with_statistics(current, trained)
+            if refused := non_finite(weights):
+                self._refuse_round(current, f"the new global model would hold NaN or Inf in {', '.join(refused)}")
+                committed = False
+            else:
+                self.weights, self.bn_statistics = weights, bn_statistics
         self._open = None
-        if committed:
-            self.weights = current.trained if current.trained is not None else current.accumulator.result()
-            self._apply_statistics(current)
         summary = self._summarise(current, now, committed)
+        if refused:
+            summary = summary.model_copy(update={"metrics": {**summary.metrics, RejectReason.NON_FINITE.value: 1.0}})
         if self.privacy is not None and committed:
             summary = self._charge_privacy(summary, len(current.assignments), max(current.available, len(current.assignments)))
         self.record = StateRecord(
@@ -354,7 +429,7 @@ class RoundEngine:
             self.registry.missed(device_id)
         log.info(
             "round %d %s: %d/%d answered%s; version %d; accuracy %s (%s)",
-            current.number, "committed" if committed else "FAILED (too few updates)",
+            current.number, "committed" if committed else f"FAILED ({'non_finite' if refused else 'too few updates'})",
             len(current.answered), len(current.assignments),
             f", dropped {', '.join(missing)}" if missing else "",
             self.record.version, f"{summary.accuracy:.4f}" if summary.accuracy is not None else "n/a",
@@ -362,16 +437,26 @@ class RoundEngine:
         )
         return [Outgoing(None, summary)]
 
-    def _apply_statistics(self, current: _OpenRound) -> None:
-        """Put this round's pooled BN statistics into the weights (each tier keeps its own for its slice)."""
+    def _refuse_round(self, current: _OpenRound, detail: str) -> None:
+        """Count a round refused whole (non_finite): nothing of it is committed."""
+        self.rejected[RejectReason.NON_FINITE.value] += 1
+        log.error("round %d refused: %s: %s; version %d stays", current.number, RejectReason.NON_FINITE.value, detail,
+                  self.record.version)
+        if self.ledger:
+            self.ledger.record(kind="round", accepted=False, reason=RejectReason.NON_FINITE.value, detail=detail,
+                               round_number=current.number)
+
+    def _with_statistics(self, current: _OpenRound, trained: dict[str, np.ndarray]
+                         ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+        """`trained` with this round's pooled BN statistics (each tier keeps its own for its slice), and those."""
         if not current.statistics:
-            if self._measures_statistics:
+            if self._measures_statistics and current.trained is not None:
                 log.warning("round %d: no batch-norm statistics arrived; keeping the averaged running statistics", current.number)
-            return
-        self.bn_statistics = {tier: pool.result() for tier, pool in current.statistics.items()}
-        self.weights = with_statistics(self.weights, self.bn_statistics)
+            return trained, self.bn_statistics
+        bn_statistics = {tier: pool.result() for tier, pool in current.statistics.items()}
         log.info("round %d: batch-norm statistics from %d devices (%s)", current.number, len(current.measured),
                  ", ".join(f"tier {t}: {p.samples} samples" for t, p in sorted(current.statistics.items())))
+        return with_statistics(trained, bn_statistics), bn_statistics
 
     def _charge_privacy(self, summary: RoundSummary, selected: int, available: int) -> RoundSummary:
         """One accountant step for a released model; (epsilon, delta) so far into the summary's metrics."""
@@ -430,13 +515,13 @@ class RoundEngine:
 
     # -- the open round on disk (aggregator.round_spool) ----------------------------------------
 
-    def _fold(self, current: _OpenRound, device_id: str, update: Update, tensors: Mapping[str, np.ndarray], nbytes: int) -> None:
+    def _fold(self, current: _OpenRound, client: ClientUpdate, update: Update, norm: float, nbytes: int) -> None:
         """Count one accepted update toward `current`: live, or replayed from the spool after a restart."""
-        current.answered.add(device_id)
+        current.answered.add(client.device_id)
         current.bytes_up += nbytes
-        current.accumulator.add(ClientUpdate(device_id, update.tier, update.num_samples, tensors,
-                                             work=work_done(update, current.assignments[device_id]),
-                                             contributions=contributions(update, self.artifacts)))
+        current.weighted_norms += fold_weight(client, current.assignments[client.device_id].weighted) * norm
+        self.norms.accepted(client.tier, norm)
+        current.accumulator.add(client)
         if update.eval_accuracy is not None and update.eval_loss is not None and update.eval_samples:
             current.evals.append((update.tier, update.eval_loss, update.eval_accuracy, update.eval_samples))
 
@@ -458,10 +543,12 @@ class RoundEngine:
             assignments={a.device_id: a for a in plan.assignments},
             accumulator=self.strategy.start_aggregation(self.weights),
             available=plan.available,
+            caps=self._share_caps(plan.assignments),
         )
         recorded = self.ledger.accepted_update_ids(plan.round) if self.ledger else set()
         for meta, tensors in spooled.updates:
-            self._fold(current, meta.device_id, meta.update, tensors, meta.nbytes)
+            client = self._client_update(current, current.assignments[meta.device_id], meta.update, tensors)
+            self._fold(current, client, meta.update, update_norm(tensors), meta.nbytes)
             self._seen_update_ids.add(meta.update.update_id)
             if meta.update.update_id not in recorded:  # spooled, then stopped before the ledger row
                 self._record_accepted(plan.round, meta.device_id, meta.update, meta.nbytes, RECORDED_ON_RESTART)
@@ -503,7 +590,8 @@ class RoundEngine:
             return RejectReason.UNKNOWN_TIER, f"tier {update.tier!r} but the task was for tier {assignment.tier!r}"
         if now > current.deadline:
             return RejectReason.LATE, f"arrived {now - current.deadline:.1f} s after the deadline"
-        return check_update_tensors(update, tensors, assignment.tier, self.artifacts)
+        return self._check_samples(device_id, assignment, update.num_samples) or check_update_tensors(
+            update, tensors, assignment.tier, self.artifacts)
 
 
 def check_update_tensors(update: Update, tensors: Mapping[str, np.ndarray], tier: str, artifacts: ArtifactStore) -> tuple[RejectReason, str] | None:
@@ -523,7 +611,24 @@ def check_update_tensors(update: Update, tensors: Mapping[str, np.ndarray], tier
             return RejectReason.UNKNOWN_TIER, f"contributor tier {part_tier} is wider than the task's tier {tier}"
     if (total := sum(part.samples for part in update.contributors.values())) != update.num_samples:
         return RejectReason.BAD_TENSOR, f"contributors hold {total} samples, the update says {update.num_samples}"
+    for part_tier, part in update.contributors.items():  # every device holds a sample at least
+        if part.devices > part.samples:
+            return RejectReason.TOO_MANY_SAMPLES, f"contributors of tier {part_tier}: {part.devices} devices with {part.samples} samples"
     return None
+
+
+def non_finite(weights: Mapping[str, np.ndarray]) -> list[str]:
+    """The names of the tensors that hold NaN or Inf."""
+    return [name for name, value in weights.items() if not np.isfinite(value).all()]
+
+
+def fold_weight(update: ClientUpdate, weighted: bool) -> float:
+    """The largest weight any element of `update`'s delta gets in the accumulator's sum (times |scale|)."""
+    if update.contributions:
+        weight = sum(float(part.samples if weighted else part.devices) for part in update.contributions)
+    else:
+        weight = (float(update.num_samples) if weighted else 1.0) * update.work
+    return weight * abs(update.scale)
 
 
 def work_done(update: Update, assignment: Assignment) -> float:

@@ -14,6 +14,11 @@ buffer, and `rounds` counts applied buffers (versions). Like a round, the buffer
 state directory as it fills (aggregator.round_spool), so a restart resumes it with every accepted
 update. Batch-norm models keep their averaged running statistics: there is no statistics phase
 without a barrier.
+
+Weight integrity as in the round engine: an update claims no more samples than its device
+announced, its norm is finite and within the tier's outlier bound, the buffer's float32 sums stay
+finite, and a buffer whose new global would hold NaN or Inf is refused whole (non_finite). There
+is no `max_share` cap: without a round's selection there is no set of devices to cap a share of.
 """
 
 from __future__ import annotations
@@ -26,13 +31,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from aggregator.artifacts import ArtifactStore
-from aggregator.engine import (
-    RECORDED_ON_RESTART, EngineConfig, Outgoing, RoundEngine, _OpenRound, check_update_tensors, contributions,
-)
+from aggregator.engine import RECORDED_ON_RESTART, EngineConfig, Outgoing, RoundEngine, _OpenRound, check_update_tensors
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.ledger import Ledger
 from aggregator.privacy import PrivacyBudget
 from aggregator.registry import DeviceRegistry
+from aggregator.robust import update_norm
 from aggregator.round_spool import RoundPlan
 from aggregator.state import StateStore
 from aggregator.strategy import Assignment, ClientUpdate, Strategy
@@ -122,7 +126,8 @@ class BufferedEngine(RoundEngine):
         assignments = {a.device_id: a for a in spooled.plan.assignments}
         recorded = self.ledger.accepted_update_ids(self._open.number) if self.ledger else set()
         for meta, tensors in spooled.updates:
-            self._fold_buffered(meta.device_id, assignments[meta.device_id], meta.update, tensors, meta.nbytes)
+            self._fold_buffered(meta.device_id, assignments[meta.device_id], meta.update, tensors, update_norm(tensors),
+                                meta.nbytes)
             if meta.update.update_id not in recorded:  # spooled, then stopped before the ledger row
                 self._record_accepted(self._open.number, meta.device_id, meta.update, meta.nbytes, RECORDED_ON_RESTART)
         log.info("buffer %d resumed from %s with %d updates accepted before the restart", self._open.number,
@@ -134,7 +139,7 @@ class BufferedEngine(RoundEngine):
         if not idle or room <= 0:
             return []
         self._dispatches += 1
-        assignments = self.strategy.configure_round(self._dispatches, idle)[:room]
+        assignments = self._announced(self.strategy.configure_round(self._dispatches, idle)[:room])
         assert self._open is not None
         deadline = now + self.config.round_timeout_s
         for a in assignments:
@@ -150,6 +155,10 @@ class BufferedEngine(RoundEngine):
         if update.unchanged and flight and not tensors:
             tensors = self._zero_update(flight.assignment.tier)
         problem = self._check_buffered(device_id, update, tensors, flight)
+        norm = update_norm(tensors) if problem is None else 0.0
+        if problem is None and flight is not None and self._open is not None:
+            client = self._buffered(flight.assignment, update, tensors)
+            problem = self._check_weight(self._open, client, norm, flight.assignment.weighted)
         if problem:
             refusal = self._refuse_update(device_id, msg_id, update, *problem)
             if problem[0] is not RejectReason.TOO_STALE:
@@ -163,26 +172,28 @@ class BufferedEngine(RoundEngine):
         self.store.open_round.accept(device_id, in_buffer, nbytes, dict(tensors))  # on disk before the ledger says accepted
         self._record_accepted(self._open.number, device_id, update, nbytes)
         self.registry.answered(device_id, None if update.unchanged else update.train_loss)
-        self._fold_buffered(device_id, flight.assignment, update, tensors, nbytes)
+        self._fold_buffered(device_id, flight.assignment, update, tensors, norm, nbytes)
         out: list[Outgoing] = []
         if self._open.accumulator.count >= self.buffer.buffer_size:
             out = self._close_round(now)  # commits the buffer as the next version
         return out + self.tick(now)
 
-    def _fold_buffered(self, device_id: str, assignment: Assignment, update: Update, tensors: Mapping[str, np.ndarray], nbytes: int) -> None:
-        """Count one accepted update toward the buffer, its delta scaled by its staleness."""
+    def _buffered(self, assignment: Assignment, update: Update, tensors: Mapping[str, np.ndarray]) -> ClientUpdate:
+        """The accumulator's view of an update, its delta scaled by its staleness."""
         assert self._open is not None
         staleness = self.record.version - update.base_version
+        return self._client_update(self._open, assignment, update, tensors,
+                                   scale=staleness_factor(staleness, self.buffer.staleness_exponent))
+
+    def _fold_buffered(self, device_id: str, assignment: Assignment, update: Update, tensors: Mapping[str, np.ndarray],
+                       norm: float, nbytes: int) -> None:
+        """Count one accepted update toward the buffer, its delta scaled by its staleness."""
+        assert self._open is not None
         self._seen_update_ids.add(update.update_id)
-        self._open.assignments.setdefault(device_id, assignment)
-        self._open.answered.add(device_id)
-        self._open.bytes_up += nbytes
+        staleness = self.record.version - update.base_version
         self._staleness.append(staleness)
-        self._open.accumulator.add(ClientUpdate(
-            device_id, update.tier, update.num_samples, tensors,
-            scale=staleness_factor(staleness, self.buffer.staleness_exponent),
-            contributions=contributions(update, self.artifacts),
-        ))
+        self._open.assignments.setdefault(device_id, assignment)  # a buffer learns its devices as they answer
+        self._fold(self._open, self._buffered(assignment, update, tensors), update, norm, nbytes)
         if update.eval_accuracy is not None and update.eval_loss is not None and update.eval_samples:
             self._open.evals.append((update.tier, update.eval_loss, update.eval_accuracy, update.eval_samples))
         log.info("buffer %d: update %d/%d from %s (staleness %d)", self._open.number, self._open.accumulator.count,
@@ -207,7 +218,8 @@ class BufferedEngine(RoundEngine):
             return RejectReason.TOO_STALE, f"trained on version {update.base_version}, {staleness} versions old (bound {self.buffer.max_staleness})"
         if update.tier != flight.assignment.tier:
             return RejectReason.UNKNOWN_TIER, f"tier {update.tier!r} but the task was for tier {flight.assignment.tier!r}"
-        return check_update_tensors(update, tensors, flight.assignment.tier, self.artifacts)
+        return self._check_samples(device_id, flight.assignment, update.num_samples) or check_update_tensors(
+            update, tensors, flight.assignment.tier, self.artifacts)
 
     def _round_complete(self, now: float) -> bool:
         return False  # a buffer closes on its count alone (on_update)

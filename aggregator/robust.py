@@ -23,11 +23,16 @@ each tensor is cut into cells of equal coverage and each cell is reduced in one 
 Weighting: clipping keeps FedAvg's weighting by samples (or not, `weighted=False`). Median and
 trimmed mean count every device once, as in the literature: weighting by the sample count a
 device reports would let a single attacker claim a huge count and decide every element.
+
+Whatever the accumulator, the round engine first refuses an update whose norm is NaN or Inf
+(non_finite) or over `NormBound.multiple` x the median norm of the last `NORM_WINDOW` accepted
+updates of its tier (outlier), once `MIN_KNOWN_NORMS` are known (`NormBound`, `update_norm`).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import itertools
 import math
@@ -37,10 +42,18 @@ from dataclasses import replace
 import numpy as np
 
 from aggregator.strategy import AccumulatorFactory, ClientUpdate, ElementwiseMean, Weights
+from protocol.messages import RejectReason
+from protocol.quantized import QuantizedTensor, Tensor, row_grid
 
 Reducer = Callable[[np.ndarray], np.ndarray]
 ROBUST_MODES = ("none", "clip", "median", "trimmed-mean")
 DEFAULT_TRIM_FRACTION = 0.2
+# Update norms: honest digits federations (MLP and CNN, 3 IID to 20 Dirichlet(0.5) devices, E 1-2)
+# stay within 2.8x the median of their tier's last 32 norms; 10x leaves room for data-size skew.
+DEFAULT_OUTLIER_MULTIPLE = 10.0
+NORM_WINDOW = 32  # accepted norms per tier the median is taken over
+MIN_KNOWN_NORMS = 3  # fewer known norms: no median yet, only finiteness is checked
+_ROW_BLOCK_ELEMENTS = 1 << 18  # the numpy kernel of quantized norms works in blocks of rows of about this size
 
 
 def check_clip_norm(value: float) -> float:
@@ -57,9 +70,108 @@ def check_trim_fraction(beta: float) -> float:
     return beta
 
 
-def update_norm(delta: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of all of an update's tensors taken together as one vector."""
-    return math.sqrt(sum(float(np.vdot(d, d)) for d in delta.values()))
+def update_norm(delta: Mapping[str, Tensor]) -> float:
+    """L2 norm of all of an update's tensors taken together as one vector (NaN or Inf if an element is).
+
+    Finite float32 elements never overflow it (a 3e38 delta has a finite norm); quantised tensors
+    are measured from their codes and scales, never dequantised.
+    """
+    return math.sqrt(sum(squared_norm(d) for d in delta.values()))
+
+
+def squared_norm(tensor: Tensor) -> float:
+    """The sum of squares of one tensor's elements, as a Python float."""
+    if isinstance(tensor, QuantizedTensor):
+        return _quantized_squares(tensor)
+    flat = np.asarray(tensor, np.float32).reshape(-1)
+    total = float(np.dot(flat, flat))  # BLAS in float32: as fast as one pass over the tensor
+    if math.isfinite(total) or flat.size == 0:
+        return total
+    peak = float(np.max(np.abs(flat)))  # NaN or Inf in the tensor, or squares past float32's range
+    if not math.isfinite(peak):
+        return peak
+    scaled = flat.astype(np.float64) / peak
+    return peak * peak * float(np.dot(scaled, scaled))
+
+
+def _quantized_squares(tensor: QuantizedTensor) -> float:
+    """Sum over rows of scale^2 x (sum of the row's squared codes)."""
+    rows, columns = row_grid(tensor.shape)
+    codes = tensor.codes.reshape(rows, columns)
+    kernel = _compiled_row_squares()
+    if kernel is not None:
+        per_row = kernel(codes)
+    else:
+        per_row = np.empty(rows, np.float64)
+        step = max(1, _ROW_BLOCK_ELEMENTS // max(columns, 1))
+        for start in range(0, rows, step):
+            block = codes[start : start + step].astype(np.float32)
+            per_row[start : start + step] = np.einsum("ij,ij->i", block, block)
+    scales = tensor.scales.astype(np.float64)
+    return float(np.dot(scales * scales, per_row)) if scales.size > 1 else float(scales[0] ** 2 * per_row.sum())
+
+
+@functools.cache
+def _compiled_row_squares() -> Callable[[np.ndarray], np.ndarray] | None:
+    """`_row_squares_loop` compiled by numba (one pass over the int8 codes); None without numba."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    try:
+        return numba.njit(cache=True, nogil=True)(_row_squares_loop)
+    except RuntimeError:  # no writable folder for numba's cache
+        return numba.njit(nogil=True)(_row_squares_loop)
+
+
+def _row_squares_loop(codes: np.ndarray) -> np.ndarray:
+    """Per row, the sum of the squared int8 codes, exact (for numba to compile)."""
+    out = np.zeros(codes.shape[0], np.float64)
+    for row in range(codes.shape[0]):
+        total = 0
+        for column in range(codes.shape[1]):
+            value = np.int64(codes[row, column])
+            total += value * value
+        out[row] = total
+    return out
+
+
+class NormBound:
+    """Update norms must be finite and at most `multiple` x the median norm of their tier's recent updates.
+
+    The median is over the norms of the last `window` updates of the tier accepted so far (this
+    round's and earlier rounds'; zero updates are left out), once `MIN_KNOWN_NORMS` are known:
+    the accumulator streams, so the round's own median is not known when an update arrives.
+    `multiple` 0 checks finiteness only. After a restart the history starts again from the
+    resumed round's spooled updates.
+    """
+
+    def __init__(self, multiple: float = DEFAULT_OUTLIER_MULTIPLE, window: int = NORM_WINDOW) -> None:
+        if multiple != 0 and not multiple >= 1:
+            raise ValueError(f"the outlier multiple must be 0 (off) or >= 1, got {multiple}")
+        self.multiple = multiple
+        self.window = window
+        self._known: dict[str, collections.deque[float]] = {}
+
+    def median(self, tier: str) -> float | None:
+        """The median of the tier's known norms, or None while fewer than MIN_KNOWN_NORMS are known."""
+        known = self._known.get(tier, ())
+        return float(np.median(known)) if len(known) >= MIN_KNOWN_NORMS else None
+
+    def check(self, tier: str, norm: float) -> tuple[RejectReason, str] | None:
+        """Why an update of `tier` with this L2 norm is refused, or None."""
+        if not math.isfinite(norm):
+            return RejectReason.NON_FINITE, f"the delta holds NaN or Inf (L2 norm {norm})"
+        median = self.median(tier)
+        if self.multiple and median is not None and norm > self.multiple * median:
+            return RejectReason.OUTLIER, (f"L2 norm {norm:.4g} is over {self.multiple:g} x {median:.4g}, the median of "
+                                          f"the last {len(self._known[tier])} accepted updates of tier {tier}")
+        return None
+
+    def accepted(self, tier: str, norm: float) -> None:
+        """Count an accepted update's norm toward its tier's median."""
+        if norm > 0:
+            self._known.setdefault(tier, collections.deque(maxlen=self.window)).append(norm)
 
 
 def clip_update(update: ClientUpdate, bound: float) -> ClientUpdate:
@@ -232,6 +344,20 @@ def add_robust_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trim-fraction", type=float, metavar="BETA",
                        help=f"--robust trimmed-mean: fraction in [0, 0.5) dropped from each side of every element "
                             f"(default: {DEFAULT_TRIM_FRACTION})")
+
+
+def add_integrity_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `--outlier-multiple` and `--max-share` options (bounds on any one update, whatever the accumulator)."""
+    group = parser.add_argument_group("weight integrity (bounds on any one update)")
+    group.add_argument("--outlier-multiple", type=float, default=DEFAULT_OUTLIER_MULTIPLE, metavar="M",
+                       help=f"refuse (outlier) an update whose L2 norm is over M x the median norm of the last "
+                            f"{NORM_WINDOW} accepted updates of its tier, once {MIN_KNOWN_NORMS} are known; 0: only "
+                            f"NaN/Inf is refused (default: %(default)s)")
+    group.add_argument("--max-share", type=float, default=1.0, metavar="F",
+                       help="cap on one device's share of a round's weight, in (0, 1]: on every element it holds with "
+                            "other selected devices, its weight is at most F of the announced samples of the selected "
+                            "devices holding that element (HeteroFL: those of its tier or wider); synchronous rounds "
+                            "only (default: %(default)s, no cap)")
 
 
 def accumulator_from_args(args: argparse.Namespace, weighted: bool = True) -> AccumulatorFactory:

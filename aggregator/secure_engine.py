@@ -218,11 +218,11 @@ class SecureRoundEngine(RoundEngine):
                             now + self.secure.keys_fraction * self.config.round_timeout_s, set(settings))
 
     def _public_weights(self, current: _OpenRound) -> dict[str, float]:
-        """Each device's weight in the mean: its samples over the selected devices' mean (1 when unweighted)."""
+        """Each device's weight in the mean: its announced samples (capped by --max-share) over the selected devices' mean (1 when unweighted)."""
         samples = {}
         for device, assignment in current.assignments.items():
-            info = self.registry.get(device)
-            samples[device] = max(1, info.num_samples if info else 1) if assignment.weighted else 1
+            announced = assignment.announced_samples or 1
+            samples[device] = max(1, min(announced, current.caps.get(device, announced))) if assignment.weighted else 1
         mean = sum(samples.values()) / len(samples)
         return {device: n / mean for device, n in samples.items()}
 

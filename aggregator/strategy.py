@@ -38,6 +38,7 @@ class Assignment:
     weighted: bool = True  # updates weighted by samples (False: one vote per device), for edge aggregators
     weigh_work: bool = False  # partial work (fewer steps than asked, at the deadline) weighs by the share done
     variant: int = 0  # FedMut: which mutation of the global model the device starts from (0: the global model)
+    announced_samples: int | None = None  # what the device's hello announced when it was given the task
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,29 @@ class ElementwiseMean:
     def result(self) -> Weights:
         """Global weights plus the per-element mean delta."""
         return {name: (self._global[name] + mean).astype(np.float32) for name, mean in self.mean_delta().items()}
+
+
+def share_caps(assignments: Sequence[Assignment], rates: Mapping[str, float], max_share: float) -> dict[str, int]:
+    """The most samples each device's update may weigh so that its share is at most `max_share`.
+
+    HeteroFL: an element is averaged over the devices whose tier holds it. Among the elements a
+    device holds together with at least one other selected device, the fewest other holders
+    are those of the level min(its tier, the widest other tier): the devices of that rate or
+    wider. Its weight w is capped so that w / (w + theirs) <= max_share, theirs counted in the
+    samples their hellos announced. A device alone in the round has no cap (its share is 1).
+    """
+    if max_share >= 1 or len(assignments) < 2:
+        return {}
+    announced = {a.device_id: a.announced_samples or 0 for a in assignments}
+    levels = sorted({rates[a.tier] for a in assignments}, reverse=True)
+    at_least = {level: sum(announced[a.device_id] for a in assignments if rates[a.tier] >= level) for level in levels}
+    widest = [a for a in assignments if rates[a.tier] == levels[0]]
+    caps = {}
+    for a in assignments:
+        others_widest = levels[1] if len(widest) == 1 and widest[0].device_id == a.device_id else levels[0]
+        theirs = at_least[min(rates[a.tier], others_widest)] - announced[a.device_id]
+        caps[a.device_id] = max(1, int(max_share / (1 - max_share) * theirs))
+    return caps
 
 
 class FedAvg:
