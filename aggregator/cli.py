@@ -16,7 +16,7 @@ from aggregator.evaluate import HeldOutEvaluator
 from aggregator.ledger import Ledger
 from aggregator.privacy import DpSettings, add_privacy_arguments, privacy_from_args
 from aggregator.registry import DeviceRegistry
-from aggregator.robust import accumulator_from_args, add_robust_arguments
+from aggregator.robust import accumulator_from_args, add_integrity_arguments, add_robust_arguments
 from aggregator.secure_engine import SecureRoundEngine, add_secure_arguments, secure_from_args
 from aggregator.service import AggregatorService
 from aggregator.state import StateStore
@@ -124,6 +124,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              f"(default: {DEFAULT_FEDPROX_MU} with --strategy fedprox, else 0)")
     add_algorithm_arguments(parser)
     add_robust_arguments(parser)
+    add_integrity_arguments(parser)
     add_privacy_arguments(parser)
     add_secure_arguments(parser)
 
@@ -205,7 +206,10 @@ def run(args: argparse.Namespace) -> int:
     config = EngineConfig(
         fleet=args.fleet, rounds=args.rounds, min_updates=args.min_updates,
         round_timeout_s=args.round_timeout, static_batch_norm=args.bn_statistics == "devices", seed=args.seed,
+        outlier_multiple=args.outlier_multiple, max_share=args.max_share,
     )
+    if args.strategy == "fedbuff" and args.max_share < 1:
+        raise ValueError("--max-share applies to synchronous rounds: FedBuff has no round selection to cap a share of")
     mix = parse_tier_mix(args.tier_mix or "-".join(artifacts.tiers))
     if missing := sorted(set(mix) - set(artifacts.tiers)):
         raise ValueError(f"--tier-mix names tiers {', '.join(missing)} that the export lacks (have: {', '.join(artifacts.tiers)})")
