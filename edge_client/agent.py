@@ -129,7 +129,7 @@ class DeviceAgent:
         self._feedback: dict[str, ErrorFeedback] = {}
         self._dp_rng = np.random.default_rng()  # local DP noise: seeded by the OS, never by the (public) task
         self._held: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # tier -> (version, weights received)
-        self._unstorable: set[str] = set()  # artifacts larger than the whole cache bound
+        self._unstorable: set[str] = set()  # artifacts of the current task that do not fit the cache bound
         self._closing = threading.Event()  # stopping: take no new task
         self._commit_lock = threading.Lock()  # a task's results go out whole, or not once abandoned
         self._abandoned = False
@@ -340,6 +340,7 @@ class DeviceAgent:
             log.info("round %d: deadline already passed, skipping", task.round)
             return
         self.cache.use(task.artifacts.values())  # this tier's files stay cached while it is ours
+        self._unstorable.clear()  # what did not fit beside another task's files may fit beside this one's
         if not self._fetch_artifacts(task):
             return
         manifest = self._checked_tier(task)
