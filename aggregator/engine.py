@@ -401,10 +401,11 @@ class RoundEngine:
         assert current is not None
         refused = None
         if committed := current.accumulator.count >= self.config.min_updates:
-            trained = current.trained if current.trained is not None else current.accumulator.result()
-            if self._measures_statistics and current.trained is None and not non_finite(trained):
-                return self._start_statistics(current, trained, now)
-            weights, bn_statistics = self._with_statistics(current, trained)
+            with np.errstate(over="ignore", invalid="ignore"):  # NaN and Inf are looked for below
+                trained = current.trained if current.trained is not None else current.accumulator.result()
+                if self._measures_statistics and current.trained is None and not non_finite(trained):
+                    return self._start_statistics(current, trained, now)
+                weights, bn_statistics = self._with_statistics(current, trained)
             if refused := non_finite(weights):
                 self._refuse_round(current, f"the new global model would hold NaN or Inf in {', '.join(refused)}")
                 committed = False

@@ -84,7 +84,8 @@ def squared_norm(tensor: Tensor) -> float:
     if isinstance(tensor, QuantizedTensor):
         return _quantized_squares(tensor)
     flat = np.asarray(tensor, np.float32).reshape(-1)
-    total = float(np.dot(flat, flat))  # BLAS in float32: as fast as one pass over the tensor
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is handled below
+        total = float(np.dot(flat, flat))  # BLAS in float32: as fast as one pass over the tensor
     if math.isfinite(total) or flat.size == 0:
         return total
     peak = float(np.max(np.abs(flat)))  # NaN or Inf in the tensor, or squares past float32's range
