@@ -2,9 +2,20 @@
 
     b"TFC1" | header length (uint32 LE) | ChunkHeader JSON | piece of the frame
 
-A frame at or under the limit is sent as it is. The receiver reassembles per (source,
-transfer id), bounds the bytes it holds, drops transfers that stall, and checks that the pieces
-add up to the announced length before handing the frame on.
+A frame at or under the limit is sent as it is. Every piece but the last has the same size (at
+least MIN_PIECE_BYTES), the last is no larger, and together they are `total_bytes`; the receiver
+refuses any piece that breaks this (so empty pieces cannot open transfers), reassembles per
+(source, transfer id) and checks the sum before handing the frame on.
+
+Budgets (Reassembler): each source (an MQTT topic, so one device) may hold `max_source_bytes`
+and `max_source_transfers` open transfers; a source over its budget first loses its own oldest
+transfers, and a piece that still does not fit is refused, dropping only that transfer. All
+sources together hold at most `max_pending_bytes` in `max_transfers` transfers; when a piece
+would pass the bytes (the transfers), the source holding the most bytes (the most transfers),
+never the one sending, loses its oldest transfer, until the piece fits: so a flooding sender,
+or many, lose their own transfers before another's honest upload fails. Transfers that stall
+past `timeout_s` are dropped. A chunk costs O(1) amortised (running byte counters, expiry from
+the front of a start-ordered dict), plus one scan of the sources when a global budget is full.
 
 Chunks carry no hash of their own: the frame's payload sha256, in its header (and under the
 sender's signature, protocol.signing), is what `decode_frame` checks before anything is
@@ -18,6 +29,7 @@ from __future__ import annotations
 import struct
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -29,7 +41,11 @@ from protocol.messages import RejectReason
 
 CHUNK_MAGIC = b"TFC1"
 _PREFIX = struct.Struct("<4sI")
+_HEADER_ROOM = 512  # bytes of a chunk message left for its prefix and header
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+MIN_PIECE_BYTES = 1024  # every piece but the last of a chunked frame is at least this large
+MAX_CHUNKS = 1 << 16  # pieces of one frame
+MAX_TOTAL_BYTES = 1 << 40  # ChunkHeader.total_bytes (the receiver's max_frame_bytes is the real limit)
 
 
 class ChunkHeader(BaseModel):
@@ -38,16 +54,18 @@ class ChunkHeader(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     transfer_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
-    index: Annotated[int, Field(ge=0)]
-    count: Annotated[int, Field(ge=1, le=1 << 16)]
-    total_bytes: Annotated[int, Field(ge=1)]
+    index: Annotated[int, Field(ge=0, lt=MAX_CHUNKS)]
+    count: Annotated[int, Field(ge=1, le=MAX_CHUNKS)]
+    total_bytes: Annotated[int, Field(ge=1, le=MAX_TOTAL_BYTES)]
 
 
 def split_message(frame: bytes, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[bytes]:
     """The MQTT payloads that carry `frame`: itself if small enough, else chunk messages."""
     if len(frame) <= max_message_bytes:
         return [frame]
-    piece = max(1, max_message_bytes - 512)  # room for the chunk header
+    piece = max_message_bytes - _HEADER_ROOM
+    if piece < MIN_PIECE_BYTES:
+        raise ValueError(f"messages of {max_message_bytes} bytes leave no room for a {MIN_PIECE_BYTES}-byte piece")
     count = -(-len(frame) // piece)
     transfer_id = uuid.uuid4().hex
     messages = []
@@ -61,17 +79,26 @@ def split_message(frame: bytes, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYT
 
 @dataclass
 class _Transfer:
+    source: str
     header: ChunkHeader
     started: float
+    piece_bytes: int  # the size of every piece but the last
     pieces: dict[int, bytes] = field(default_factory=dict)
+    held: int = 0
 
-    @property
-    def held(self) -> int:
-        return sum(len(p) for p in self.pieces.values())
+    def expected_size(self, index: int) -> int:
+        count, total = self.header.count, self.header.total_bytes
+        return total - (count - 1) * self.piece_bytes if index == count - 1 else self.piece_bytes
+
+
+@dataclass
+class _Source:
+    held: int = 0
+    transfers: OrderedDict[str, None] = field(default_factory=OrderedDict)  # transfer ids, oldest first
 
 
 class Reassembler:
-    """Turns incoming MQTT payloads back into whole frames."""
+    """Turns incoming MQTT payloads back into whole frames, within per-source and global budgets."""
 
     def __init__(
         self,
@@ -79,17 +106,27 @@ class Reassembler:
         max_pending_bytes: int = 256 << 20,
         timeout_s: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
+        max_source_bytes: int | None = None,
+        max_source_transfers: int = 4,
+        max_transfers: int = 1024,
     ) -> None:
+        """`max_source_bytes` defaults to one frame (`max_frame_bytes`), but never above the global budget."""
         self.max_frame_bytes = max_frame_bytes
         self.max_pending_bytes = max_pending_bytes
+        self.max_source_bytes = min(max_frame_bytes if max_source_bytes is None else max_source_bytes, max_pending_bytes)
+        self.max_source_transfers = max_source_transfers
+        self.max_transfers = max_transfers
         self.timeout_s = timeout_s
         self._clock = clock
-        self._transfers: dict[tuple[str, str], _Transfer] = {}
+        self._transfers: OrderedDict[tuple[str, str], _Transfer] = OrderedDict()  # by start time, oldest first
+        self._sources: dict[str, _Source] = {}
+        self._held = 0
 
     def feed(self, source: str, message: bytes) -> bytes | None:
         """A whole frame when `message` completes one, None while pieces are missing.
 
         The frame is not yet checked beyond its length: hand it to `decode_frame`, which checks its hash.
+        Raises FrameError (dropping only this source's transfer) for a chunk that is malformed or over budget.
         """
         if message[:4] == MAGIC:
             return message
@@ -98,30 +135,40 @@ class Reassembler:
         self._expire()
         header, piece = self._parse(message)
         key = (source, header.transfer_id)
-        transfer = self._transfers.setdefault(key, _Transfer(header, self._clock()))
-        if transfer.header.model_dump(exclude={"index"}) != header.model_dump(exclude={"index"}):
-            del self._transfers[key]
+        transfer = self._transfers.get(key)
+        if transfer is None:
+            transfer = self._open(source, header, len(piece))
+        elif transfer.header.model_dump(exclude={"index"}) != header.model_dump(exclude={"index"}):
+            self._drop(key)
             raise FrameError(RejectReason.MALFORMED, f"chunk {header.index} disagrees with its transfer's header")
-        if self._pending_bytes() + len(piece) > self.max_pending_bytes:
-            del self._transfers[key]
-            raise FrameError(RejectReason.OVERSIZE, "too many bytes pending reassembly")
+        if len(piece) != transfer.expected_size(header.index):
+            self._drop(key)
+            raise FrameError(RejectReason.MALFORMED, f"chunk {header.index} of {header.count} holds {len(piece)} bytes, "
+                                                     f"expected {transfer.expected_size(header.index)}")
+        if header.index in transfer.pieces:
+            return None  # a QoS 1 redelivery: same index, same size, nothing new to hold
+        self._make_room(source, key, len(piece))
         transfer.pieces[header.index] = piece
+        transfer.held += len(piece)
+        self._sources[source].held += len(piece)
+        self._held += len(piece)
         if len(transfer.pieces) < header.count:
             return None
-        del self._transfers[key]
-        frame = b"".join(transfer.pieces[i] for i in range(header.count))
-        if len(frame) != header.total_bytes:
-            raise FrameError(RejectReason.MALFORMED, f"reassembled {len(frame)} bytes, expected {header.total_bytes}")
-        return frame
+        self._drop(key)
+        return b"".join(transfer.pieces[i] for i in range(header.count))  # sizes checked: exactly total_bytes
 
     @property
     def pending_transfers(self) -> int:
         return len(self._transfers)
 
+    @property
+    def pending_bytes(self) -> int:
+        return self._held
+
     def _parse(self, message: bytes) -> tuple[ChunkHeader, bytes]:
         _, header_len = _PREFIX.unpack_from(message)
-        if _PREFIX.size + header_len > len(message):
-            raise FrameError(RejectReason.MALFORMED, "chunk header length exceeds the message")
+        if header_len > _HEADER_ROOM or _PREFIX.size + header_len > len(message):
+            raise FrameError(RejectReason.MALFORMED, "chunk header length exceeds the message or its bound")
         try:
             header = ChunkHeader.model_validate_json(message[_PREFIX.size : _PREFIX.size + header_len])
         except ValidationError as exc:
@@ -132,10 +179,59 @@ class Reassembler:
             raise FrameError(RejectReason.OVERSIZE, f"frame of {header.total_bytes} bytes exceeds {self.max_frame_bytes}")
         return header, message[_PREFIX.size + header_len :]
 
-    def _pending_bytes(self) -> int:
-        return sum(t.held for t in self._transfers.values())
+    def _open(self, source: str, header: ChunkHeader, size: int) -> _Transfer:
+        """A new transfer whose piece size follows from its first piece; FrameError if no piece size fits."""
+        count, total = header.count, header.total_bytes
+        if header.index < count - 1:
+            piece_bytes = size
+        elif count == 1:
+            piece_bytes = total
+        elif (total - size) % (count - 1) == 0:
+            piece_bytes = (total - size) // (count - 1)  # the last piece came first: the others are all this size
+        else:
+            piece_bytes = 0
+        if count > 1 and piece_bytes < MIN_PIECE_BYTES or not (count - 1) * piece_bytes < total <= count * piece_bytes:
+            raise FrameError(RejectReason.MALFORMED, f"a {size}-byte piece {header.index} cannot be one of {count} equal "
+                                                     f"pieces (of at least {MIN_PIECE_BYTES} bytes) of {total} bytes")
+        transfer = _Transfer(source, header, self._clock(), piece_bytes)
+        self._transfers[(source, header.transfer_id)] = transfer
+        self._sources.setdefault(source, _Source()).transfers[header.transfer_id] = None
+        return transfer
+
+    def _make_room(self, source: str, key: tuple[str, str], size: int) -> None:
+        """Evict transfers until `size` more bytes of `key` fit every budget; FrameError(OVERSIZE) if they cannot."""
+        mine = self._sources[source]
+        while (mine.held + size > self.max_source_bytes or len(mine.transfers) > self.max_source_transfers) \
+                and next(iter(mine.transfers)) != key[1]:
+            self._drop((source, next(iter(mine.transfers))))  # this source's own oldest transfer gives way first
+        if mine.held + size > self.max_source_bytes or len(mine.transfers) > self.max_source_transfers:
+            self._drop(key)
+            raise FrameError(RejectReason.OVERSIZE, f"{source} holds too many bytes or transfers pending reassembly")
+        while (over_bytes := self._held + size > self.max_pending_bytes) or len(self._transfers) > self.max_transfers:
+            others = [s for s in self._sources if s != source]  # at most max_transfers: a bounded scan, only when full
+            if not others:
+                self._drop(key)
+                raise FrameError(RejectReason.OVERSIZE, "too many bytes pending reassembly")
+            if over_bytes:  # the source holding the most bytes gives way, or the one with the most transfers
+                heaviest = max(others, key=lambda s: (self._sources[s].held, len(self._sources[s].transfers)))
+            else:
+                heaviest = max(others, key=lambda s: (len(self._sources[s].transfers), self._sources[s].held))
+            self._drop((heaviest, next(iter(self._sources[heaviest].transfers))))
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        transfer = self._transfers.pop(key)
+        source = self._sources[transfer.source]
+        del source.transfers[key[1]]
+        source.held -= transfer.held
+        self._held -= transfer.held
+        if not source.transfers:
+            del self._sources[transfer.source]
 
     def _expire(self) -> None:
+        """Drop the transfers older than timeout_s: the oldest come first, so this stops at the first young one."""
         now = self._clock()
-        for key in [k for k, t in self._transfers.items() if now - t.started > self.timeout_s]:
-            del self._transfers[key]
+        while self._transfers:
+            key, transfer = next(iter(self._transfers.items()))
+            if now - transfer.started <= self.timeout_s:
+                return
+            self._drop(key)

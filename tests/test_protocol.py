@@ -3,13 +3,14 @@
 import hashlib
 import json
 import struct
+import tracemalloc
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.chunking import Reassembler, split_message
+from protocol.chunking import CHUNK_MAGIC, MIN_PIECE_BYTES, ChunkHeader, Reassembler, split_message
 from protocol.frame import MAGIC, FrameError, decode_frame, encode_frame
 from protocol.messages import Fetch, Hello, RejectReason, Status, Update, new_id
 from protocol.topics import Topics
@@ -197,6 +198,86 @@ def test_reassembly_is_bounded_and_expires():
     now[0] = 11.0
     reassembler.feed("y", parts[1])  # a new feed drops the stalled transfer of "x"
     assert reassembler.pending_transfers == 1
+
+
+def _chunk(index: int, count: int, total: int, piece: bytes, transfer_id: str | None = None) -> bytes:
+    """A chunk message built by hand, as a hostile publisher would."""
+    header = ChunkHeader(transfer_id=transfer_id or new_id(), index=index, count=count,
+                         total_bytes=total).model_dump_json().encode()
+    return CHUNK_MAGIC + struct.pack("<I", len(header)) + header + piece
+
+
+def test_one_flooding_sender_cannot_fail_another_senders_chunked_upload():
+    """Issue 13 case 4: the pending budget was global, so a flooder made every honest chunked upload fail as oversize."""
+    frame = _update_frame({"w": np.random.default_rng(3).standard_normal(20_000).astype(np.float32)})
+    honest = split_message(frame, 8192)
+    reassembler = Reassembler(max_frame_bytes=1 << 20, max_pending_bytes=2 << 20)
+    piece = b"\0" * 4096
+    got = None
+    for step in range(4000):  # stalled transfers of 1 MiB frames from one topic and from 50 others, interleaved
+        source = "up/evil" if step % 2 else f"up/evil-{step % 50}"
+        try:
+            reassembler.feed(source, _chunk(0, 256, 256 * 4096, piece))
+        except FrameError as exc:
+            assert exc.reason is RejectReason.OVERSIZE
+        if step % 100 == 99 and step // 100 < len(honest):
+            got = reassembler.feed("up/dev-1", honest[step // 100]) or got
+        assert reassembler.pending_bytes <= 2 << 20
+    assert got == frame
+
+
+def test_empty_and_wrongly_sized_pieces_are_refused():
+    """Issue 13 case 4: zero-byte pieces opened unlimited transfers; pieces must be equal and add up to the total."""
+    reassembler = Reassembler()
+    for _ in range(10_000):
+        with pytest.raises(FrameError) as err:
+            reassembler.feed("up/evil", _chunk(0, 3, 3000, b""))
+        assert err.value.reason is RejectReason.MALFORMED
+    assert reassembler.pending_transfers == 0
+    bad = [
+        _chunk(0, 2, 3000, b"x" * 1000),  # 2 pieces of 1000 cannot make 3000
+        _chunk(1, 2, 3000, b"x" * 2000),  # the last piece larger than the others would be
+        _chunk(0, 2, 3000, b"x" * 10),  # pieces below the minimum size
+        _chunk(0, 1, 3000, b"x" * 2999),  # one piece that is not the whole frame
+    ]
+    for message in bad:
+        with pytest.raises(FrameError) as err:
+            reassembler.feed("up/evil", message)
+        assert err.value.reason is RejectReason.MALFORMED
+    tid = new_id()
+    reassembler.feed("up/evil", _chunk(0, 3, 5000, b"x" * 2000, tid))
+    with pytest.raises(FrameError, match="expected 2000"):
+        reassembler.feed("up/evil", _chunk(1, 3, 5000, b"x" * 1999, tid))
+    assert reassembler.pending_transfers == 0  # the refused piece dropped its transfer
+
+
+def test_a_chunk_flood_stays_within_the_budgets():
+    """Issue 13 case 4: tiny last pieces from many topics, under many transfer ids: transfers and bytes stay bounded."""
+    reassembler = Reassembler(max_frame_bytes=1 << 20, max_pending_bytes=1 << 20, max_transfers=256)
+    tracemalloc.start()
+    try:
+        for step in range(5000):
+            try:
+                reassembler.feed(f"up/evil-{step % 300}", _chunk(1, 2, MIN_PIECE_BYTES + 1, b"x"))
+            except FrameError as exc:
+                assert exc.reason is RejectReason.OVERSIZE
+            assert reassembler.pending_transfers <= 256
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 << 20, f"a flood of 1-byte pieces traced {peak} bytes"
+
+
+def test_a_redelivered_chunk_is_held_once():
+    """MQTT QoS 1 may deliver a piece twice: it neither counts twice nor breaks the transfer."""
+    frame = _update_frame({"w": np.ones(3000, np.float32)})
+    parts = split_message(frame, 4096)
+    reassembler = Reassembler()
+    assert reassembler.feed("d", parts[0]) is None
+    held = reassembler.pending_bytes
+    assert reassembler.feed("d", parts[0]) is None and reassembler.pending_bytes == held
+    assert [out for p in parts[1:] if (out := reassembler.feed("d", p)) is not None] == [frame]
+    assert reassembler.pending_bytes == 0
 
 
 def test_topics_and_device_parsing():
