@@ -53,7 +53,7 @@ DEFAULT_TRIM_FRACTION = 0.2
 DEFAULT_OUTLIER_MULTIPLE = 10.0
 NORM_WINDOW = 32  # accepted norms per tier the median is taken over
 MIN_KNOWN_NORMS = 3  # fewer known norms: no median yet, only finiteness is checked
-_ROW_BLOCK_ELEMENTS = 1 << 18  # the numpy kernel of quantized norms works in blocks of rows of about this size
+_ROW_BLOCK_ELEMENTS = 1 << 14  # the numpy kernel of quantized norms: float32 dots of this many codes
 
 
 def check_clip_norm(value: float) -> float:
@@ -96,20 +96,29 @@ def squared_norm(tensor: Tensor) -> float:
 
 
 def _quantized_squares(tensor: QuantizedTensor) -> float:
-    """Sum over rows of scale^2 x (sum of the row's squared codes)."""
-    rows, columns = row_grid(tensor.shape)
-    codes = tensor.codes.reshape(rows, columns)
-    kernel = _compiled_row_squares()
-    if kernel is not None:
-        per_row = kernel(codes)
-    else:
-        per_row = np.empty(rows, np.float64)
-        step = max(1, _ROW_BLOCK_ELEMENTS // max(columns, 1))
-        for start in range(0, rows, step):
-            block = codes[start : start + step].astype(np.float32)
-            per_row[start : start + step] = np.einsum("ij,ij->i", block, block)
+    """Sum over rows of scale^2 x (sum of the row's squared codes); one scale: all the codes as one row."""
     scales = tensor.scales.astype(np.float64)
-    return float(np.dot(scales * scales, per_row)) if scales.size > 1 else float(scales[0] ** 2 * per_row.sum())
+    codes = tensor.codes.reshape(row_grid(tensor.shape) if scales.size > 1 else (1, -1))
+    kernel = _compiled_row_squares()
+    per_row = kernel(codes) if kernel is not None else _row_squares_numpy(codes)
+    return float(np.dot(scales * scales, per_row))
+
+
+def _row_squares_numpy(codes: np.ndarray) -> np.ndarray:
+    """Per row, the sum of the squared codes, in float32 pieces of about _ROW_BLOCK_ELEMENTS (BLAS dots)."""
+    rows, columns = codes.shape
+    out = np.zeros(rows, np.float64)
+    if columns >= _ROW_BLOCK_ELEMENTS:  # long rows: pieces of one row
+        for row in range(rows):
+            for start in range(0, columns, _ROW_BLOCK_ELEMENTS):
+                piece = codes[row, start : start + _ROW_BLOCK_ELEMENTS].astype(np.float32)
+                out[row] += float(np.dot(piece, piece))
+        return out
+    step = _ROW_BLOCK_ELEMENTS // max(columns, 1)
+    for start in range(0, rows, step):
+        block = codes[start : start + step].astype(np.float32)
+        out[start : start + step] = np.einsum("ij,ij->i", block, block)
+    return out
 
 
 @functools.cache

@@ -177,8 +177,10 @@ def test_the_outlier_bound_is_configurable(art_dir: Path, tmp_path: Path) -> Non
 def test_norms_are_exact_for_quantized_tensors_and_finite_for_huge_finite_deltas() -> None:
     rng = np.random.default_rng(0)
     codes = rng.integers(-127, 128, size=(6, 50), dtype=np.int8)
-    for scales in (np.float32(0.01), rng.uniform(0.001, 0.1, 6).astype(np.float32)):
-        quantized = QuantizedTensor(codes.reshape(-1), scales, (6, 50))
+    long_row = rng.integers(-127, 128, size=(1 << 14) + 5, dtype=np.int8)  # the numpy kernel's pieces of one row
+    for codes, scales in ((codes, np.float32(0.01)), (codes, rng.uniform(0.001, 0.1, 6).astype(np.float32)),
+                          (long_row, np.float32(0.02))):
+        quantized = QuantizedTensor(codes.reshape(-1), scales, codes.shape)
         dense = np.asarray(quantized).astype(np.float64)
         assert update_norm({"w": quantized}) == pytest.approx(float(np.sqrt((dense**2).sum())), rel=1e-6)
         _compiled_row_squares.cache_clear()  # the numpy kernel too, whether numba is installed or not
