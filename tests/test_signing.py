@@ -11,7 +11,10 @@ import pytest
 
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import RejectReason, Update, new_id
-from protocol.signing import KEY_FILE, DeviceKey, EnrolledKeys, SignatureCheck, SignatureError
+from protocol.signing import (
+    AGGREGATOR_KEY_FILE, KEY_FILE, DeviceKey, EnrolledKeys, SignatureCheck, SignatureError, announced_key, key_announcement,
+    read_public_key, verify_signature,
+)
 
 
 def _update(samples: int = 10) -> Update:
@@ -64,3 +67,27 @@ def test_a_new_message_id_cannot_reuse_a_signature(tmp_path):
     replayed = frame.header.model_copy(update={"msg_id": new_id()})
     with pytest.raises(SignatureError):
         SignatureCheck({"alice": alice.public_hex}).verify(replayed)
+
+
+def test_the_aggregator_key_is_read_as_hex_or_from_its_show_key_file(tmp_path):
+    key = DeviceKey(tmp_path, file_name=AGGREGATOR_KEY_FILE)
+    as_json, bare = tmp_path / "agg.json", tmp_path / "agg.hex"
+    as_json.write_text(json.dumps({"aggregator": key.public_hex}))
+    bare.write_text(key.public_hex.upper() + "\n")
+    assert read_public_key(key.public_hex) == read_public_key(str(as_json)) == read_public_key(str(bare)) == key.public_hex
+    (tmp_path / "two.json").write_text(json.dumps({"a": key.public_hex, "b": key.public_hex}))
+    for bad, message in (("abc", "neither 64 hex digits nor a file"), (str(tmp_path / "two.json"), "expected one entry")):
+        with pytest.raises(ValueError, match=message):
+            read_public_key(bad)
+
+
+def test_a_key_announcement_must_be_signed_by_the_key_it_carries(tmp_path):
+    aggregator, mallory = DeviceKey(tmp_path / "agg"), DeviceKey(tmp_path / "mallory")
+    body, tensors = key_announcement(aggregator)
+    frame = decode_frame(encode_frame("f", "aggregator", body, tensors, "uint8", signer=aggregator.sign))
+    assert announced_key(frame.header, frame.tensors["data"]) == aggregator.public_hex
+    forged = decode_frame(encode_frame("f", "aggregator", body, tensors, "uint8", signer=mallory.sign))
+    with pytest.raises(SignatureError) as caught:
+        announced_key(forged.header, forged.tensors["data"])
+    assert caught.value.reason is RejectReason.BAD_SIGNATURE
+    verify_signature(frame.header, aggregator.public_hex)  # the one check the aggregator and devices share
