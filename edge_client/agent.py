@@ -10,11 +10,12 @@ own deadline, or sooner) and send its update, or is abandoned: a task's results 
 error-feedback residual on disk) are committed all together or not at all.
 
 Nothing a downlink frame holds stops the agent: frames not signed by the trusted aggregator key
-(edge_client.trust) are refused before their payload is read; a task that lists too many files,
-artifacts larger than the cache bound, ONNX files with external data or unknown operator domains
-(edge_client.onnx_guard), weights of other names, shapes or dtypes than the tier's manifest, or
-that trains into NaN/Inf is refused and abandoned with nothing of it kept, and so is a task that
-fails in any other way (logged with its traceback). Refusals are counted in `refused` by reason.
+(edge_client.trust) are refused before their payload is read; a task listing more files than one
+Fetch asks for (the schema's MAX_ARTIFACTS), files that are not its manifest's or exceed the cache
+bound, ONNX files with external data or unknown operator domains (edge_client.onnx_guard), weights
+of other names, shapes or dtypes than the tier's manifest, or training into NaN/Inf is refused and
+abandoned with nothing of it kept, and so is a task that fails in any other way (logged with its
+traceback). Refusals are counted in `refused` by reason.
 """
 
 from __future__ import annotations
@@ -58,9 +59,6 @@ except ImportError:  # no `cryptography`: this device cannot take part in secure
     SecureClient = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
-
-MAX_TASK_ARTIFACTS = 64  # files one task may list: what one Fetch asks for (a real tier has about 8)
-
 
 class TaskRefused(Exception):
     """A task the device will not carry out: the reason and a detail naming what is wrong."""
@@ -275,8 +273,6 @@ class DeviceAgent:
         if task.secure is not None and self.secure is None:
             return RejectReason.UNEXPECTED, (f"{where} uses secure aggregation, which needs the cryptography package "
                                              "(pip install 'tierfl[signing]')")
-        if len(task.artifacts) > MAX_TASK_ARTIFACTS:
-            return RejectReason.MALFORMED, f"{where} lists {len(task.artifacts)} artifacts, more than {MAX_TASK_ARTIFACTS}"
         if task.artifacts.get("manifest.json") != task.manifest_sha256:
             return RejectReason.UNKNOWN_ARTIFACT, f"{where}: its manifest.json is not the task's manifest_sha256"
         odd = [name for name in task.artifacts if Path(name).name != name or name.startswith(".")]
