@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test fuzz venv clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,13 @@ test: $(STAMP)
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; } \
 	  || echo "make: could not install chromium; the status page's browser test needs it (it fails in CI)"
 	$(PY) -m pytest $(ARGS)
+
+# Structure-aware fuzzing of the decoders (tests/test_fuzz.py): FUZZ_EXAMPLES cases for each of its three
+# structure-aware properties (frames, chunk streams, secure-aggregation payloads), counts printed per property.
+FUZZ_EXAMPLES ?= 40000
+fuzz: $(STAMP)
+	TIERFL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py \
+	  -k structure_aware --hypothesis-show-statistics $(ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-edge runs build *.egg-info .pytest_cache
