@@ -27,7 +27,7 @@ test: $(STAMP)
 
 # Structure-aware fuzzing of the decoders (tests/test_fuzz.py): FUZZ_EXAMPLES cases for each of its three
 # structure-aware properties (frames, chunk streams, secure-aggregation payloads), counts printed per property.
-FUZZ_EXAMPLES ?= 40000
+FUZZ_EXAMPLES ?= 34000
 fuzz: $(STAMP)
 	TIERFL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py \
 	  -k structure_aware --hypothesis-show-statistics $(ARGS)
