@@ -1,6 +1,7 @@
 """One MQTT connection for either side: frames out in chunks, whole frames in, reconnects by itself.
 
-paho-mqtt runs the network loop in its own thread. Incoming payloads are reassembled there and
+paho-mqtt runs the network loop in its own thread. Incoming payloads are reassembled there, per
+topic and within budgets at O(1) per chunk (protocol.chunking), and
 handed to `on_frame(topic, frame_bytes)`; keep that callback short (queue work elsewhere).
 Subscriptions are renewed on every (re)connect, so a broker restart loses nothing we asked for.
 Every failed attempt to (re)connect waits longer than the last (exponential back-off with jitter,
@@ -232,15 +233,16 @@ class MqttLink:
                         self.address.host, self.address.port, self._failures, delay)
 
     def _handle_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        """On the network thread: O(1) work per message (reassembly within its budgets), then the callbacks."""
         if not message.payload:
             return  # a retained message being cleared
         try:
-            frame = self._reassembler.feed(message.topic, message.payload)
-        except FrameError as exc:
-            self._on_bad_frame(message.topic, exc)
-            return
-        if frame is not None:
             try:
+                frame = self._reassembler.feed(message.topic, message.payload)
+            except FrameError as exc:
+                self._on_bad_frame(message.topic, exc)
+                return
+            if frame is not None:
                 self._on_frame(message.topic, frame)
-            except Exception:  # a bug in a handler must not kill the network thread
-                log.exception("frame handler failed on %s", message.topic)
+        except Exception:  # a bug in a handler must not kill the network thread
+            log.exception("frame handler failed on %s", message.topic)

@@ -46,7 +46,8 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from protocol.messages import MAX_DEVICES, MAX_ROUND, MAX_SECAGG_WEIGHT, MAX_TENSOR_DIMS, MAX_TENSOR_ELEMENTS, MAX_TENSORS
+from protocol.messages import (MAX_DEVICES, MAX_ROUND, MAX_SECAGG_CLIP, MAX_SECAGG_WEIGHT, MAX_TENSOR_DIMS,
+                               MAX_TENSOR_ELEMENTS, MAX_TENSORS)
 from protocol.shamir import Share
 
 
@@ -95,7 +96,7 @@ class SecAggParams(_Strict):
     shapes: Shapes  # the global tensors' shapes
     ring_bits: Literal[32, 64] = 32
     frac_bits: Annotated[int, Field(ge=0, le=52)] = 16
-    clip: Annotated[float, Field(gt=0, le=1e9, allow_inf_nan=False)] = 64.0  # bound on |weight * update| per element
+    clip: Annotated[float, Field(gt=0, le=MAX_SECAGG_CLIP, allow_inf_nan=False)] = 64.0  # bound on |weight * update| per element
     max_devices: Annotated[int, Field(ge=2, le=MAX_DEVICES)] = 256
 
     @model_validator(mode="after")
