@@ -62,8 +62,9 @@ def zero_dim(fleet: str, me: str, topics: Topics) -> Iterator[Message]:
         meta = {"scale": 0.1} if codec == "int4" else {}
         frame = raw_frame(fleet, me, _update(), [_entry("fc1.weight", codec, shape, 0, **meta)])
         yield topics.up(me), frame, False
-    hello = raw_frame(fleet, me, {"kind": "hello", "num_samples": 10}, [_entry("x", "float32", [0, 2**60], 0)])
-    yield topics.status(me), hello, True  # delivered again at every start of the aggregator
+    other = f"{me}-zero"  # its own device id: the poisoner keeps `me` announced
+    hello = raw_frame(fleet, other, {"kind": "hello", "num_samples": 10}, [_entry("x", "float32", [0, 2**60], 0)])
+    yield topics.status(other), hello, True  # delivered again at every start of the aggregator
 
 
 def huge_ints(fleet: str, me: str, topics: Topics) -> Iterator[Message]:
