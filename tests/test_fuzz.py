@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from aggregator.artifacts import ArtifactStore
 from aggregator.engine import EngineConfig, RoundEngine
@@ -121,8 +122,8 @@ def _mutate_json(draw: st.DrawFn, tree: dict) -> None:
             parent[draw(STRINGS)] = draw(LEAF)
         else:
             parent.insert(draw(st.integers(0, len(parent))), draw(LEAF))
-    elif isinstance(parent[key], list) and parent[key]:
-        parent[key] = parent[key] * draw(st.sampled_from([2, 3, 100, 5000]))  # duplicates, and tables past their bound
+    elif isinstance(parent[key], list) and parent[key]:  # duplicates, and tables past their bound (copies, not aliases)
+        parent[key] = json.loads(json.dumps(parent[key] * draw(st.sampled_from([2, 3, 100, 5000]))))
     else:
         parent[key] = draw(LEAF)
 
@@ -171,6 +172,7 @@ def hostile_frames(draw: st.DrawFn) -> bytes:
     frame = encode_frame("fleet", "dev", body, tensors, codec=codec, rng=np.random.default_rng(0))
     (length,) = struct.unpack_from("<I", frame, 4)
     header, payload = json.loads(frame[8 : 8 + length]), bytearray(frame[8 + length :])
+    header.update(msg_id="0" * 32, sent_at=1.7e9)  # the same header every time the draws are replayed
     for _ in range(draw(st.integers(0, 4))):
         target = draw(st.sampled_from(["header", "body", "table", "entry", "entry", "payload", "payload"]))
         if target == "body" and isinstance(header.get("body"), dict):
@@ -320,7 +322,11 @@ def test_structure_aware_secagg_payloads_parse_or_are_refused(sample, data):
         _mutate_json(data.draw, payload)
     text = _raw(payload, data.draw(RAW_JSON)).decode()
     try:
-        unwrap(SecAgg(round=1, session="0" * 32, phase=phase, payload=text), {})
+        body = SecAgg(round=1, session="0" * 32, phase=phase, payload=text)
+    except ValidationError:  # a payload past its bound: the frame carrying it is malformed
+        return
+    try:
+        unwrap(body, {})
     except SecAggError as exc:
         assert str(exc)
 
