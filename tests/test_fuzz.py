@@ -86,7 +86,8 @@ INTEGERS = st.sampled_from([0, -1, 1, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64,
                             2**40, 2**70]) | st.integers()
 STRINGS = st.sampled_from(["", "x" * 65, "x" * 257, "x" * 5000, "\x00", "\ud7ff\u2603", "../../etc/passwd", "a/b",
                            "+", "#"]) | st.text(max_size=40)
-SHAPES = st.sampled_from([[0, 2**70], [0, 2**40, 2**40], [2**40, 2**40, 0], [0, 2**63], [2**26 + 1], [2**13, 2**14]]) \
+SHAPES = st.sampled_from([(0, 2**70), (0, 2**40, 2**40), (2**40, 2**40, 0), (0, 2**63), (2**26 + 1,), (2**13, 2**14)]) \
+    .map(list) \
     | st.lists(st.sampled_from([0, 1, 2, 3, 7, 2**26, 2**26 + 1, 2**40, 2**63, 2**70, -1]), max_size=10) \
     | st.lists(st.integers(0, 12), max_size=4)
 LEAF = JSON_VALUES | INTEGERS | STRINGS | RAW_JSON.map(lambda _: MARK)
@@ -103,7 +104,10 @@ def _paths(node: object, path: tuple = ()) -> list[tuple]:
 
 
 def _mutate_json(draw: st.DrawFn, tree: dict) -> None:
-    """One structural mutation of a JSON tree in place: replace, delete, add or duplicate."""
+    """One structural mutation of a JSON tree in place: replace, delete, add or duplicate.
+
+    Every value drawn must be a fresh object (no shared constant lists): later mutations edit it in place.
+    """
     paths = _paths(tree)
     if not paths:
         tree[draw(STRINGS)] = draw(LEAF)
@@ -184,7 +188,7 @@ def hostile_frames(draw: st.DrawFn) -> bytes:
                                       "codec": draw(st.sampled_from([*CODECS, "zip", ""])),
                                       "dtype": draw(st.sampled_from(["float32", "float32", "uint8", "int64"])),
                                       "shape": draw(SHAPES), "nbytes": draw(st.just(len(extra)) | INTEGERS),
-                                      "meta": draw(st.just({"scale": 1.0}) | st.dictionaries(STRINGS, LEAF, max_size=3))})
+                                      "meta": draw(st.builds(dict, scale=st.just(1.0)) | st.dictionaries(STRINGS, LEAF, max_size=3))})
             payload += extra
         elif target == "entry" and isinstance(header.get("tensors"), list) and header["tensors"] \
                 and isinstance(header["tensors"][0], dict):
