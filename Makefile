@@ -18,11 +18,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/tierfl demo $(ARGS)
 
-# The status page's browser test needs Debian's chromium: installed here when missing (CI runs as root).
+# Debian packages the tests need, installed here when missing (CI runs as root): chromium for the status
+# page's browser test, dataset-fashion-mnist for the Fashion-MNIST loader's tests.
+TEST_DEBS := chromium:chromium dataset-fashion-mnist:/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 test: $(STAMP)
-	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; } \
-	  || echo "make: could not install chromium; the status page's browser test needs it (it fails in CI)"
+	@missing=""; for dep in $(TEST_DEBS); do pkg=$${dep%%:*}; probe=$${dep#*:}; \
+	  { command -v "$$probe" >/dev/null || [ -e "$$probe" ]; } || missing="$$missing $$pkg"; done; \
+	  [ -z "$$missing" ] || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; } \
+	  || echo "make: could not install$$missing; the tests that need them fail (in CI too)"
 	$(PY) -m pytest $(ARGS)
 
 # Structure-aware fuzzing of the decoders (tests/test_fuzz.py): FUZZ_EXAMPLES cases for each of its three
