@@ -135,7 +135,7 @@ def test_monitor_follows_an_engine_and_serves_strict_json(tmp_path):
     engine.tick(2.0)
     monitor.observe(engine, 2.0)
     assert monitor.snapshot().current is None, "no round finished and the refresh interval has not passed"
-    loss = float("nan")
+    loss = 1e12  # the largest a device may report (protocol.messages.MAX_LOSS)
     for device in ("d0", "d1"):
         update = Update(update_id=new_id(), round=1, base_version=0, tier="a", num_samples=50, steps=2, train_loss=loss,
                         train_accuracy=0.1, train_seconds=0.1, eval_loss=loss, eval_accuracy=0.25, eval_samples=10)
@@ -147,7 +147,7 @@ def test_monitor_follows_an_engine_and_serves_strict_json(tmp_path):
     status = json.loads(monitor.snapshot().json_bytes)
     assert status["round"] == status["version"] == 1 and status["current"] is None
     [round1] = status["history"]
-    assert (round1["accuracy"], round1["loss"], round1["committed"], round1["bytes_up"]) == (0.25, None, True, 2468)
+    assert (round1["accuracy"], round1["loss"], round1["committed"], round1["bytes_up"]) == (0.25, 1e12, True, 2468)
     assert [(d["device_id"], d["tier"], d["online"]) for d in status["devices"]] == [("d0", "a", True), ("d1", "a", True)]
     assert status["rejections"] == [{"time": 3.5, "device": "d9", "reason": "unknown_device",
                                      "detail": "d9 has not announced itself"}]
@@ -155,7 +155,7 @@ def test_monitor_follows_an_engine_and_serves_strict_json(tmp_path):
     assert _value(metrics, "tierfl_rounds_finished_total", outcome="committed") == 1
     assert _value(metrics, "tierfl_updates_accepted_total") == 2
     assert _value(metrics, "tierfl_rejections_total", reason="unknown_device") == 1
-    assert _value(metrics, "tierfl_accuracy") == 0.25 and np.isnan(_value(metrics, "tierfl_loss"))
+    assert _value(metrics, "tierfl_accuracy") == 0.25 and _value(metrics, "tierfl_loss") == 1e12
     assert _value(metrics, "tierfl_aggregation_seconds_sum") == pytest.approx(0.02)
     assert _value(metrics, "tierfl_strategy_metric", metric="fedmut_alpha") == 1.5
     engine.tick(5.0)
