@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import signal
 import threading
@@ -31,7 +32,7 @@ from models.zoo import ModelSpec
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.embedded_broker import EmbeddedBroker
 from protocol.mqtt_url import parse as parse_broker
-from protocol.signing import EnrolledKeys, SignatureCheck
+from protocol.signing import AGGREGATOR_KEY_FILE, DeviceKey, EnrolledKeys, SignatureCheck
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("fedavg", "fedprox", "fedmut", "fedbuff")
@@ -73,6 +74,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                      help="JSON file of device id -> Ed25519 public key (from `tierfl client --show-key`): only these "
                           "devices are accepted, and every frame must carry its device's signature "
                           "(default: an open fleet, unsigned frames accepted)")
+    net.add_argument("--show-key", action="store_true",
+                     help="print this aggregator's Ed25519 public key as JSON ({\"aggregator\": HEX}; the key is "
+                          "STATE_DIR/aggregator.key, made on first use) and exit: give it to devices as "
+                          "`tierfl client --aggregator-key`, so they act only on frames it signed")
+    net.add_argument("--max-devices", type=int, default=10_000,
+                     help="devices the registry holds; when full, a new device evicts the longest-unseen one that "
+                          "never trained, or is refused as rate_limited (default: %(default)s)")
     net.add_argument("--share-group", help="MQTT shared-subscription group, to split devices across aggregator workers")
     status = parser.add_argument_group("monitoring")
     status.add_argument("--status-port", type=int, metavar="PORT",
@@ -202,6 +210,10 @@ def open_artifacts(args: argparse.Namespace) -> ArtifactStore:
 
 def run(args: argparse.Namespace) -> int:
     """Serve rounds until --rounds are done or SIGINT/SIGTERM; 0 when done."""
+    key = DeviceKey(args.state_dir, AGGREGATOR_KEY_FILE)  # signs every frame we send
+    if args.show_key:
+        print(json.dumps({"aggregator": key.public_hex}))
+        return 0
     artifacts = open_artifacts(args)
     config = EngineConfig(
         fleet=args.fleet, rounds=args.rounds, min_updates=args.min_updates,
@@ -228,13 +240,13 @@ def run(args: argparse.Namespace) -> int:
         buffer = BufferConfig(buffer_size=args.buffer_size, max_staleness=args.max_staleness,
                               staleness_exponent=args.staleness_exponent, concurrency=args.concurrency)
         engine: RoundEngine = BufferedEngine(config, buffer, strategy, artifacts, StateStore(args.state_dir),
-                                             DeviceRegistry(), evaluator, ledger, privacy=privacy)
+                                             DeviceRegistry(max_devices=args.max_devices), evaluator, ledger, privacy=privacy)
     elif secure is not None:  # with --enrolled, advertisements that do not verify are refused at the aggregator too
-        engine = SecureRoundEngine(config, secure, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(),
+        engine = SecureRoundEngine(config, secure, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(max_devices=args.max_devices),
                                    evaluator, ledger, privacy=privacy,
                                    enrolled=EnrolledKeys.load(args.enrolled).root if args.enrolled else None)
     else:
-        engine = RoundEngine(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(), evaluator, ledger,
+        engine = RoundEngine(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(max_devices=args.max_devices), evaluator, ledger,
                              privacy=privacy)
     if engine.finished:
         log.info("all %d rounds are already done in %s (version %d)", config.rounds, args.state_dir, engine.record.version)
@@ -257,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
         service = AggregatorService(engine, broker, aggregator_id=args.aggregator_id, share_group=args.share_group,
                                    max_message_bytes=args.max_message_bytes, downlink=args.downlink,
                                    signatures=SignatureCheck(EnrolledKeys.load(args.enrolled).root) if args.enrolled else None,
-                                   monitor=monitor)
+                                   monitor=monitor, key=key)
         service.run(stop)
     log.info("stopped after round %d at version %d; rejected: %s; ledger %s: %s", engine.record.round,
              engine.record.version, dict(engine.rejected) or "none", ledger.path, ledger.counts())

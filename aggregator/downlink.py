@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from protocol.frame import decode_frame, encode_frame
-from protocol.messages import Task
+from protocol.messages import FrameHeader, Task
 
 DOWNLINK_MODES = ("float32", "float16", "int8-delta")
 
@@ -43,10 +43,11 @@ class _Reference:
 class Downlink:
     """Encodes task frames for the configured downlink mode, one encoding per tier and task."""
 
-    def __init__(self, fleet: str, sender: str, mode: str = "float32", seed: int = 0) -> None:
+    def __init__(self, fleet: str, sender: str, mode: str = "float32", seed: int = 0,
+                 signer: Callable[[FrameHeader], str] | None = None) -> None:
         if mode not in DOWNLINK_MODES:
             raise ValueError(f"unknown downlink {mode!r} (expected one of {', '.join(DOWNLINK_MODES)})")
-        self.fleet, self.sender, self.mode, self.seed = fleet, sender, mode, seed
+        self.fleet, self.sender, self.mode, self.seed, self.signer = fleet, sender, mode, seed, signer
         self._references: dict[str, _Reference] = {}
         self._frames: dict[tuple[str, str], bytes] = {}  # (kind, task JSON) -> frame, for the latest round
         self._round = -1
@@ -91,10 +92,10 @@ class Downlink:
     def _delta_frame(self, task: Task, reference: _Reference) -> bytes:
         rng = np.random.default_rng([self.seed, reference.version, zlib.crc32(task.tier.encode())])
         body = task.model_copy(update={"delta_from": reference.previous})
-        return encode_frame(self.fleet, self.sender, body, reference.delta, "int8", rng=rng)
+        return encode_frame(self.fleet, self.sender, body, reference.delta, "int8", rng=rng, signer=self.signer)
 
     def _encode(self, task: Task, tensors: Mapping[str, np.ndarray] | None, codec: str = "float32") -> bytes:
-        return encode_frame(self.fleet, self.sender, task, tensors, codec)
+        return encode_frame(self.fleet, self.sender, task, tensors, codec, signer=self.signer)
 
     def _cached(self, kind: str, task: Task, make: Callable[[], bytes]) -> bytes:
         key = (kind, task.model_dump_json())

@@ -32,7 +32,7 @@ class EdgeService(AggregatorService):
     def __init__(self, engine: EdgeEngine, local_broker: BrokerAddress, parent_broker: BrokerAddress, edge_id: str,
                  parent_fleet: str, parent_id: str = "aggregator", tier: str | None = "a", key: DeviceKey | None = None,
                  **kwargs: Any) -> None:
-        super().__init__(engine, local_broker, aggregator_id=edge_id, **kwargs)
+        super().__init__(engine, local_broker, aggregator_id=edge_id, key=key, **kwargs)  # signs toward its devices too
         self.edge: EdgeEngine = engine
         self.parent_topics = Topics(parent_fleet)
         self.parent_id, self.tier, self.key = parent_id, tier, key
@@ -41,9 +41,9 @@ class EdgeService(AggregatorService):
             parent_broker,
             client_id=f"tierfl-{parent_fleet}-{edge_id}",
             subscriptions=[self.parent_topics.down(edge_id)],
-            on_frame=lambda topic, data: self._inbox.put((topic, data)),
-            on_bad_frame=lambda topic, error: self._inbox.put((topic, error)),
-            on_connect=lambda: self._inbox.put(("", b"")),  # re-announce from the service thread
+            on_frame=self.inbox.put,
+            on_bad_frame=self.inbox.put,
+            on_connect=lambda: self.inbox.put("", b""),  # re-announce from the service thread
             will=Will(self.parent_topics.status(edge_id), self._parent_frame(Status(online=False))),
         )
 

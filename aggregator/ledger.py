@@ -32,8 +32,19 @@ CREATE INDEX IF NOT EXISTS received_update_id ON received (update_id);
 """
 
 
+_INSERT = ("INSERT INTO received (at, round, device, kind, update_id, accepted, reason, detail, num_samples, bytes) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+MAX_PENDING_REFUSALS = 1000  # refusal rows held before they are written in one transaction
+
+
 class Ledger:
-    """Append-only record of received updates in SQLite."""
+    """Append-only record of received updates in SQLite.
+
+    An accepted row is written (and committed) at once: exactly-once counting rests on it. Refusals
+    are buffered and written together, one transaction per `flush` (the service flushes every second
+    and on stop) or per MAX_PENDING_REFUSALS rows, so a flood of hostile frames costs no fsync each;
+    a crash loses at most the last second of refusals, never an acceptance. Rows keep their order.
+    """
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,20 +52,30 @@ class Ledger:
         self._db = sqlite3.connect(path, isolation_level=None)  # autocommit: each row is durable at once
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        self._pending: list[tuple[object, ...]] = []  # refusal rows not yet written
 
     def record(
         self, *, kind: str, accepted: bool, detail: str = "", round_number: int | None = None, device: str | None = None,
         update_id: str | None = None, reason: str | None = None, num_samples: int | None = None, nbytes: int = 0,
     ) -> None:
-        """Append one decision."""
-        self._db.execute(
-            "INSERT INTO received (at, round, device, kind, update_id, accepted, reason, detail, num_samples, bytes) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (time.time(), round_number, device, kind, update_id, int(accepted), reason, detail, num_samples, nbytes),
-        )
+        """Append one decision (a refusal may wait for the next flush; an acceptance never does)."""
+        row = (time.time(), round_number, device, kind, update_id, int(accepted), reason, detail, num_samples, nbytes)
+        self._pending.append(row)
+        if accepted or len(self._pending) >= MAX_PENDING_REFUSALS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every buffered row in one transaction."""
+        if not self._pending:
+            return
+        rows, self._pending = self._pending, []
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(_INSERT, rows)
 
     def accepted_update_ids(self, up_to_round: int) -> set[str]:
         """Ids of the updates accepted in rounds 1..up_to_round (those rounds are finished)."""
+        self.flush()
         rows = self._db.execute(
             "SELECT update_id FROM received WHERE accepted = 1 AND kind = 'update' AND round <= ?", (up_to_round,)
         )
@@ -62,9 +83,11 @@ class Ledger:
 
     def counts(self) -> dict[str, int]:
         """Decisions by outcome: "accepted" or the refusal reason."""
+        self.flush()
         rows = self._db.execute("SELECT COALESCE(reason, 'accepted'), COUNT(*) FROM received GROUP BY 1")
         return dict(rows.fetchall())
 
     def close(self) -> None:
-        """Close the database."""
+        """Write what is buffered and close the database."""
+        self.flush()
         self._db.close()

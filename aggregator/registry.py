@@ -25,13 +25,20 @@ class DeviceInfo:
     missed_in_a_row: int = 0
     last_asked_round: int = 0
     last_loss: float | None = None  # training loss of the device's last update
+    session: str | None = None  # Hello.session of the running agent: its Status messages must carry it
+    hello_sent_at: float | None = None  # when its registered hello was sent (an older one is a replay)
+
+
+class RegistryFull(ValueError):
+    """A new device cannot be registered: the registry holds its maximum and every device in it has trained."""
 
 
 class DeviceRegistry:
     """Devices by id, updated from hello, status and every message they send."""
 
-    def __init__(self, offline_after_s: float = 300.0) -> None:
+    def __init__(self, offline_after_s: float = 300.0, max_devices: int = 10_000) -> None:
         self.offline_after_s = offline_after_s
+        self.max_devices = max_devices  # beyond it, a new device evicts the longest-unseen one that never trained
         self._devices: dict[str, DeviceInfo] = {}
 
     def __contains__(self, device_id: str) -> bool:
@@ -44,15 +51,30 @@ class DeviceRegistry:
     def hello(
         self, device_id: str, num_samples: int, num_test_samples: int, tier: str | None, backend: str, now: float,
         holds: Mapping[str, int] | None = None, seconds_per_sample: Mapping[str, float] | None = None,
+        session: str | None = None, sent_at: float | None = None,
     ) -> DeviceInfo:
-        """Register or refresh a device from its hello."""
+        """Register or refresh a device from its hello; RegistryFull when a new one finds no room."""
+        if device_id not in self._devices and len(self._devices) >= self.max_devices:
+            self._evict_one()
         info = DeviceInfo(device_id, num_samples, num_test_samples, tier, backend, online=True, last_seen=now,
-                          holds=dict(holds or {}), seconds_per_sample=dict(seconds_per_sample or {}))
+                          holds=dict(holds or {}), seconds_per_sample=dict(seconds_per_sample or {}),
+                          session=session, hello_sent_at=sent_at)
         if old := self._devices.get(device_id):  # a reconnect keeps the participation record
             info.tasks_asked, info.tasks_answered, info.missed_in_a_row = old.tasks_asked, old.tasks_answered, old.missed_in_a_row
             info.last_asked_round, info.last_loss = old.last_asked_round, old.last_loss
         self._devices[device_id] = info
         return info
+
+    def _evict_one(self) -> None:
+        """Make room: forget the longest-unseen device that never answered a task; RegistryFull if there is none."""
+        idle = [d for d in self._devices.values() if d.tasks_answered == 0]
+        if not idle:
+            raise RegistryFull(f"the registry holds {self.max_devices} devices, every one of which has trained "
+                               "(raise --max-devices)")
+        del self._devices[min(idle, key=lambda d: d.last_seen).device_id]
+
+    def __len__(self) -> int:
+        return len(self._devices)
 
     def asked(self, device_id: str, round_number: int) -> None:
         """Note that the device was given a task in `round_number`."""

@@ -1,38 +1,48 @@
 """The aggregator service: binds the round engine to MQTT.
 
-paho's network thread only queues what arrives; one loop in `run` validates each frame
-(fleet, sender, kind), routes it (status -> registry, fetch -> artifact files, update ->
-engine), publishes what the engine returns, and ticks the engine. A single thread owns all
-state, so there are no locks.
+paho's network thread only queues what arrives, within per-sender byte budgets (aggregator.inbox).
+One loop in `run` checks each frame, cheapest first, before anything is hashed or decoded:
+size and header (protocol.frame.read_header), topic, fleet, sender, known device, signature,
+then the tensor table against the shapes that message may carry; only then the payload's
+sha256 and its tensors (decode_payload). It routes what passed (status -> registry, fetch ->
+artifact files, update -> engine), publishes what the engine returns, signed with the
+aggregator's key, and ticks the engine. Nothing refused touches the registry or the engine's
+state; refusals are logged and answered at a bounded rate per sender (aggregator.refusals). A
+single thread owns all state, so there are no locks.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from aggregator.artifacts import ArtifactStore
+from aggregator.batchnorm import statistic_names
 from aggregator.downlink import Downlink
 from aggregator.engine import Outgoing, RoundEngine, reject
-from aggregator.registry import DeviceRegistry
+from aggregator.inbox import Inbox
+from aggregator.refusals import RateLimiter, RefusalLog
+from aggregator.registry import DeviceRegistry, RegistryFull
 from aggregator.secure_engine import SecureRoundEngine
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
-from protocol.frame import FrameError, decode_frame, encode_frame
+from protocol.frame import Frame, FrameError, RawFrame, decode_payload, encode_frame, read_header
 from protocol.messages import Blob, Fetch, FrameHeader, Hello, Reject, RejectReason, SecAgg, Statistics, Status, Task, Update
 from protocol.mqtt_link import MqttLink
 from protocol.mqtt_url import BrokerAddress
-from protocol.signing import SignatureCheck, SignatureError
+from protocol.signing import DeviceKey, SignatureCheck, SignatureError, key_announcement
 from protocol.topics import Topics
 
 if TYPE_CHECKING:
     from aggregator.monitor import Monitor
 
 log = logging.getLogger(__name__)
+FETCHES_PER_MINUTE = 30  # Fetch messages one device may send per minute (a tier is one or two)
+REJECTS_PER_MINUTE = 30  # Reject messages sent back to one sender per minute; the rest are counted and logged only
 
 
 class AggregatorService:
@@ -49,6 +59,8 @@ class AggregatorService:
         downlink: str = "float32",
         signatures: SignatureCheck | None = None,
         monitor: Monitor | None = None,
+        key: DeviceKey | None = None,
+        inbox: Inbox | None = None,
     ) -> None:
         self.engine = engine
         self.registry: DeviceRegistry = engine.registry
@@ -58,14 +70,23 @@ class AggregatorService:
         self._max_update_bytes = max_update_bytes
         self._signatures = signatures  # None: an open fleet, signatures not required
         self.monitor = monitor  # metrics and the status page; fed from this service's thread
-        self.downlink = Downlink(engine.config.fleet, aggregator_id, downlink, engine.config.seed)
-        self._inbox: queue.Queue[tuple[str, bytes | FrameError]] = queue.Queue()
+        self.key = key  # signs every frame we send; devices pin or are given its public half
+        self._signer = key.sign if key else None
+        self.downlink = Downlink(engine.config.fleet, aggregator_id, downlink, engine.config.seed, signer=self._signer)
+        self._announcement = (encode_frame(engine.config.fleet, aggregator_id, *key_announcement(key), "uint8",
+                                           signer=key.sign) if key else None)
+        self._announced: set[str] = set()  # devices sent the key announcement since they said hello
+        self.inbox = inbox or Inbox()
+        self.refusals = RefusalLog()
+        self._rejects = RateLimiter(REJECTS_PER_MINUTE, 60.0)
+        self._fetches = RateLimiter(FETCHES_PER_MINUTE, 60.0)
+        self._last_flush = 0.0
         self.link = MqttLink(
             broker,
             client_id=f"tierfl-{engine.config.fleet}-{aggregator_id}",
             subscriptions=[self.topics.all_up(share_group), self.topics.all_status],
-            on_frame=lambda topic, data: self._inbox.put((topic, data)),
-            on_bad_frame=lambda topic, error: self._inbox.put((topic, error)),
+            on_frame=self.inbox.put,
+            on_bad_frame=self.inbox.put,
             max_message_bytes=max_message_bytes,
             max_frame_bytes=max_update_bytes,
         )
@@ -76,88 +97,170 @@ class AggregatorService:
         try:
             while not stop.is_set() and not self.engine.finished:
                 step_started = time.perf_counter()
-                try:
-                    topic, item = self._inbox.get(timeout=tick_s)
-                except queue.Empty:
-                    pass
-                else:
-                    self._handle(topic, item, time.time())
-                self._send(self.engine.tick(time.time()))
+                item = self.inbox.get(timeout=tick_s)
+                now = time.time()
+                if item is not None:
+                    self.handle_safely(*item, now)
+                for topic, count in self.inbox.take_dropped().items():
+                    self._refuse(self.topics.device_of(topic), RejectReason.RATE_LIMITED,
+                                 f"{count} messages on {topic} dropped: over the inbox budget")
+                self._send(self.engine.tick(now))
+                self._flush_ledger(now)
                 if self.monitor:
                     self.monitor.observe(self.engine, time.time(), time.perf_counter() - step_started)
         finally:
+            self._flush_ledger(float("inf"))
             time.sleep(0.2)  # let the last QoS 1 publishes leave
             self.link.stop()
+
+    def handle_safely(self, topic: str, item: bytes | FrameError, now: float) -> None:
+        """Handle one inbox item; a bug met on the way is logged, counted as internal_error and survived."""
+        try:
+            self._handle(topic, item, now)
+        except Exception as exc:  # the last resort: no message may stop the service
+            device = self.topics.device_of(topic)
+            if self.refusals.should_log(device, RejectReason.INTERNAL_ERROR, now):
+                log.exception("internal error while handling a message from %s on %s", device or "an unknown sender", topic)
+            self.engine.count_rejection(RejectReason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"[:500], device)
 
     def _handle(self, topic: str, item: bytes | FrameError, now: float) -> None:
         device = self.topics.device_of(topic)
         if self.monitor and isinstance(item, bytes):
             self.monitor.received(len(item))
-        if isinstance(item, FrameError):
-            self._refuse(device, item.reason, item.detail)
-            return
         try:
-            frame = decode_frame(item, self._max_update_bytes)
+            if isinstance(item, FrameError):
+                raise item
+            raw = read_header(item, self._max_update_bytes)
+            problem = self._header_problem(topic, device, raw.header)
+            if problem is not None:
+                self._refuse(device, *problem)
+                return
+            assert device is not None
+            frame = decode_payload(raw, self._expected_tensors(raw))
         except FrameError as exc:
             self._refuse(device, exc.reason, exc.detail)
             return
-        header, body = frame.header, frame.body
+        self._route(topic, device, frame, now)
+
+    def _header_problem(self, topic: str, device: str | None, header: FrameHeader) -> tuple[RejectReason, str] | None:
+        """Why a frame must be refused on its header alone (cheapest checks first), or None."""
+        body = header.body
+        fleet = self.engine.config.fleet
         if device is None:
-            self._refuse(None, RejectReason.MALFORMED, f"message on unexpected topic {topic!r}")
-        elif header.fleet != self.engine.config.fleet:
-            self._refuse(device, RejectReason.WRONG_FLEET, f"fleet {header.fleet!r}, this is {self.engine.config.fleet!r}")
-        elif header.sender != device:
-            self._refuse(device, RejectReason.SENDER_MISMATCH, f"sender {header.sender!r} on {device!r}'s topic")
-        elif problem := self._signature_problem(frame.header):
-            self._refuse(device, problem.reason, problem.detail)
-        elif topic == self.topics.status(device) and isinstance(body, Hello):
-            self._on_hello(device, body, now)
-        elif topic == self.topics.status(device) and isinstance(body, Status):
-            self.registry.set_online(device, body.online, now)
-            log.info("%s is %s", device, "online" if body.online else "offline")
-        elif topic == self.topics.up(device) and isinstance(body, Fetch):
-            self.registry.seen(device, now)
-            self._serve_files(device, body)
-        elif topic == self.topics.up(device) and isinstance(body, Update):
-            self.registry.seen(device, now)
-            self.registry.holds(device, body.tier, body.base_version)
+            return RejectReason.MALFORMED, f"message on unexpected topic {topic!r}"
+        if header.fleet != fleet:
+            return RejectReason.WRONG_FLEET, f"fleet {header.fleet!r}, this is {fleet!r}"
+        if header.sender != device:
+            return RejectReason.SENDER_MISMATCH, f"sender {header.sender!r} on {device!r}'s topic"
+        if topic == self.topics.up(device) and not self._known(device):
+            return RejectReason.UNKNOWN_DEVICE, f"{device} has not announced itself"
+        if self._signatures is not None:
+            try:
+                self._signatures.verify(header)
+            except SignatureError as exc:
+                return exc.reason, exc.detail
+        if isinstance(body, (Update, Statistics)) and body.tier not in self.artifacts.tiers:
+            return RejectReason.UNKNOWN_TIER, f"tier {body.tier!r} is not exported"
+        return None
+
+    def _known(self, device: str) -> bool:
+        """A registered device, or one of the open round's (after a restart its hello may lag behind its update)."""
+        current = self.engine.open_round
+        return device in self.registry or (current is not None and device in current.assignments)
+
+    def _expected_tensors(self, raw: RawFrame) -> Mapping[str, tuple[int, ...]] | None:
+        """The tensor names and shapes this message may carry (None: the engine checks them after decoding)."""
+        body = raw.body
+        if isinstance(body, Update):
+            return {} if body.unchanged else self.artifacts.tiers[body.tier].shapes
+        if isinstance(body, Statistics):
+            shapes = self.artifacts.tiers[body.tier].shapes
+            return {name: shapes[name] for name in statistic_names(shapes)}
+        if isinstance(body, SecAgg):
+            return None  # masked inputs: uint8 ring integers, checked by the secure engine
+        return {}  # hello, status, fetch and the rest carry no tensors
+
+    def _route(self, topic: str, device: str, frame: Frame, now: float) -> None:
+        header, body = frame.header, frame.body
+        on_status, on_up = topic == self.topics.status(device), topic == self.topics.up(device)
+        if on_status and isinstance(body, Hello):
+            self._on_hello(device, header, body, now)
+        elif on_status and isinstance(body, Status):
+            self._on_status(device, body, now)
+        elif on_up and isinstance(body, Fetch):
+            self._on_fetch(device, body, now)
+        elif on_up and isinstance(body, Update):
             outgoing = self.engine.on_update(device, header.msg_id, body, frame.tensors, frame.nbytes, now)
-            if self.monitor and not any(isinstance(m.body, Reject) for m in outgoing):
-                self.monitor.update_accepted()
+            if not _refused(outgoing, device):
+                self.registry.seen(device, now)
+                self.registry.holds(device, body.tier, body.base_version)
+                if self.monitor:
+                    self.monitor.update_accepted()
             self._send(outgoing)
-        elif topic == self.topics.up(device) and isinstance(body, SecAgg) and isinstance(self.engine, SecureRoundEngine):
-            self.registry.seen(device, now)
+        elif on_up and isinstance(body, SecAgg) and isinstance(self.engine, SecureRoundEngine):
             outgoing = self.engine.on_secagg(device, header.msg_id, body, frame.tensors, frame.nbytes, now)
-            if self.monitor and body.phase == "masked_input" and not any(isinstance(m.body, Reject) for m in outgoing):
-                self.monitor.update_accepted()
+            if not _refused(outgoing, device):
+                self.registry.seen(device, now)
+                if self.monitor and body.phase == "masked_input":
+                    self.monitor.update_accepted()
             self._send(outgoing)
-        elif topic == self.topics.up(device) and isinstance(body, Statistics):
-            self.registry.seen(device, now)
-            self.registry.holds(device, body.tier, body.base_version)
-            self._send(self.engine.on_statistics(device, header.msg_id, body, frame.tensors, now))
+        elif on_up and isinstance(body, Statistics):
+            outgoing = self.engine.on_statistics(device, header.msg_id, body, frame.tensors, now)
+            if not _refused(outgoing, device):
+                self.registry.seen(device, now)
+                self.registry.holds(device, body.tier, body.base_version)
+            self._send(outgoing)
         else:
             self._refuse(device, RejectReason.UNEXPECTED, f"a {body.kind!r} message does not belong on {topic}")
 
-    def _signature_problem(self, header: FrameHeader) -> SignatureError | None:
-        if self._signatures is None:
-            return None
-        try:
-            self._signatures.verify(header)
-        except SignatureError as exc:
-            return exc
-        return None
-
-    def _on_hello(self, device: str, hello: Hello, now: float) -> None:
+    def _on_hello(self, device: str, header: FrameHeader, hello: Hello, now: float) -> None:
         if hello.tier is not None and hello.tier not in self.artifacts.tiers:
             known = ", ".join(sorted(self.artifacts.tiers))
             self._refuse(device, RejectReason.UNKNOWN_TIER, f"tier {hello.tier!r} is not exported (have: {known})")
             return
-        self.registry.hello(device, hello.num_samples, hello.num_test_samples, hello.tier, hello.backend, now,
-                            hello.holds, hello.seconds_per_sample)
-        log.info("%s joined: %d samples, tier %s, backend %s", device, hello.num_samples, hello.tier or "any", hello.backend)
+        old = self.registry.get(device)
+        if old is not None and old.hello_sent_at is not None and header.sent_at < old.hello_sent_at:
+            self._refuse(device, RejectReason.REPLAYED, f"a hello sent at {header.sent_at:.3f}, older than the one "
+                         f"registered ({old.hello_sent_at:.3f})")
+            return
+        try:
+            self.registry.hello(device, hello.num_samples, hello.num_test_samples, hello.tier, hello.backend, now,
+                                hello.holds, hello.seconds_per_sample, session=hello.session, sent_at=header.sent_at)
+        except RegistryFull as exc:
+            self._refuse(device, RejectReason.RATE_LIMITED, str(exc))
+            return
+        if old is None or old.session != hello.session:
+            log.info("%s joined: %d samples, tier %s, backend %s", device, hello.num_samples, hello.tier or "any",
+                     hello.backend)
+            self._announced.discard(device)
+        self._announce_key(device)
 
-    def _serve_files(self, device: str, fetch: Fetch) -> None:
-        for sha in fetch.sha256:
+    def _on_status(self, device: str, status: Status, now: float) -> None:
+        info = self.registry.get(device)
+        if info is not None and info.session is not None and status.session != info.session:
+            self._refuse(device, RejectReason.REPLAYED, f"a status of session {status.session}, not of the running "
+                         f"agent's session {info.session}")
+            return
+        self.registry.set_online(device, status.online, now)
+        log.info("%s is %s", device, "online" if status.online else "offline")
+
+    def _announce_key(self, device: str) -> None:
+        """Send our public key, signed by itself, once per device session: devices without --aggregator-key pin it."""
+        if self._announcement is not None and device not in self._announced:
+            self._announced.add(device)
+            sent = self.link.publish(self.topics.down(device), self._announcement)
+            if self.monitor:
+                self.monitor.sent(sent)
+
+    def _on_fetch(self, device: str, fetch: Fetch, now: float) -> None:
+        if device not in self.registry:
+            self._refuse(device, RejectReason.UNKNOWN_DEVICE, f"{device} has not announced itself")
+            return
+        if not self._fetches.allow(device, now):
+            self._refuse(device, RejectReason.RATE_LIMITED, f"more than {FETCHES_PER_MINUTE} fetches in a minute")
+            return
+        self.registry.seen(device, now)
+        for sha in dict.fromkeys(fetch.sha256):  # each file once, however often it is listed
             found = self.artifacts.read(sha)
             if found is None:
                 self._refuse(device, RejectReason.UNKNOWN_ARTIFACT, f"no exported file has sha256 {sha}")
@@ -166,12 +269,22 @@ class AggregatorService:
             self._send([Outgoing(device, Blob(sha256=sha, name=name), {"data": np.frombuffer(data, np.uint8)})])
 
     def _refuse(self, device: str | None, reason: RejectReason, detail: str) -> None:
+        now = time.time()
         self.engine.count_rejection(reason, detail, device)
-        log.warning("rejected a message from %s: %s: %s", device or "an unknown sender", reason.value, detail)
-        if device is not None:
+        if self.refusals.should_log(device, reason, now):
+            more = self.refusals.suppressed(device, reason)
+            log.warning("rejected a message from %s: %s: %s%s", device or "an unknown sender", reason.value, detail,
+                        f" (and {more} more like it in the last {self.refusals.interval_s:.0f} s)" if more else "")
+        if device is not None and self._rejects.allow(device, now):
             self._send([reject(device, reason, detail)])  # the monitor sees it go out
         elif self.monitor:
-            self.monitor.rejected(None, reason, detail, time.time())
+            self.monitor.rejected(device, reason, detail, now)
+
+    def _flush_ledger(self, now: float) -> None:
+        """Write the refusals buffered in the ledger, at most once a second (every accepted row is written at once)."""
+        if self.engine.ledger is not None and now - self._last_flush >= 1.0:
+            self.engine.ledger.flush()
+            self._last_flush = now
 
     def _send(self, messages: list[Outgoing]) -> None:
         for message in messages:
@@ -181,6 +294,7 @@ class AggregatorService:
             if message.device_id is None:
                 sent = self.link.publish(self.topics.rounds, frame, retain=True)
             else:
+                self._announce_key(message.device_id)
                 sent = self.link.publish(self.topics.down(message.device_id), frame)
                 self.engine.note_bytes(down=sent)
             if self.monitor:
@@ -193,4 +307,9 @@ class AggregatorService:
             held = info.holds.get(body.tier) if info else None
             return self.downlink.task_frame(message.device_id, body, tensors, held)
         codec = "uint8" if isinstance(body, Blob) else "float32"
-        return encode_frame(self.engine.config.fleet, self.aggregator_id, body, tensors, codec)
+        return encode_frame(self.engine.config.fleet, self.aggregator_id, body, tensors, codec, signer=self._signer)
+
+
+def _refused(outgoing: list[Outgoing], device: str) -> bool:
+    """Whether the engine's answer to `device` is a refusal."""
+    return any(isinstance(m.body, Reject) and m.device_id == device for m in outgoing)

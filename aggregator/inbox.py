@@ -1,0 +1,78 @@
+"""The service's inbox: what paho's network thread hands over, bounded in bytes overall and per topic.
+
+One topic is one sender (`up/ID`, `status/ID`), so a device flooding its own topics fills only its
+own share; an honest device's frames still get in. When the whole inbox is full the network thread
+waits a little for the service loop (back-pressure on the broker's TCP stream), then drops. Every
+drop is counted per topic and reported to the service loop, which counts it as `rate_limited`.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+from protocol.frame import FrameError
+
+DEFAULT_MAX_BYTES = 256 << 20  # queued frame bytes, all senders
+DEFAULT_MAX_TOPIC_BYTES = 80 << 20  # queued frame bytes of one topic: a whole update and some to spare
+DEFAULT_MAX_ITEMS = 100_000  # queued messages, all senders (a refusal costs about 200 bytes)
+Item = tuple[str, bytes | FrameError]
+
+
+class Inbox:
+    """A FIFO of (topic, frame bytes or FrameError) within byte and count budgets."""
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, max_topic_bytes: int = DEFAULT_MAX_TOPIC_BYTES,
+                 max_items: int = DEFAULT_MAX_ITEMS, wait_s: float = 0.5) -> None:
+        self.max_bytes, self.max_topic_bytes, self.max_items, self.wait_s = max_bytes, max_topic_bytes, max_items, wait_s
+        self._items: collections.deque[Item] = collections.deque()
+        self._bytes = 0
+        self._topic_bytes: collections.Counter[str] = collections.Counter()
+        self._dropped: collections.Counter[str] = collections.Counter()
+        self._changed = threading.Condition()
+
+    def put(self, topic: str, item: bytes | FrameError) -> None:
+        """Queue one item (network thread); drop it if its topic's share is used up or the inbox stays full."""
+        size = _size(item)
+        with self._changed:
+            if self._topic_bytes[topic] + size > self.max_topic_bytes:
+                self._dropped[topic] += 1
+                return
+            if not self._changed.wait_for(lambda: self._fits(size), timeout=self.wait_s):
+                self._dropped[topic] += 1
+                return
+            self._items.append((topic, item))
+            self._bytes += size
+            self._topic_bytes[topic] += size
+            self._changed.notify_all()
+
+    def get(self, timeout: float) -> Item | None:
+        """The oldest item, waiting up to `timeout` seconds for one (service loop); None if there is none."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: bool(self._items), timeout=timeout):
+                return None
+            topic, item = self._items.popleft()
+            size = _size(item)
+            self._bytes -= size
+            self._topic_bytes[topic] -= size
+            if not self._topic_bytes[topic]:
+                del self._topic_bytes[topic]
+            self._changed.notify_all()
+            return topic, item
+
+    def take_dropped(self) -> dict[str, int]:
+        """Items dropped per topic since the last call."""
+        with self._changed:
+            dropped, self._dropped = dict(self._dropped), collections.Counter()
+        return dropped
+
+    def __len__(self) -> int:
+        with self._changed:
+            return len(self._items)
+
+    def _fits(self, size: int) -> bool:
+        return self._bytes + size <= self.max_bytes and len(self._items) < self.max_items
+
+
+def _size(item: bytes | FrameError) -> int:
+    return len(item) if isinstance(item, (bytes, bytearray)) else 256
