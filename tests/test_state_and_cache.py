@@ -13,7 +13,7 @@ import pytest
 from aggregator.artifacts import ArtifactStore
 from aggregator.state import KEEP_VERSIONS, StateMismatch, StateRecord, StateStore
 from protocol.atomic_file import atomic_write
-from edge_client.cache import ArtifactCache, ArtifactTooLarge
+from edge_client.cache import ArtifactCache, ArtifactTooLarge, CacheFull
 from models.export import ARTIFACT_FILES, MANIFEST_NAME, export_all
 from models.zoo import ModelSpec
 from protocol.messages import RoundSummary
@@ -236,14 +236,15 @@ def test_blob_larger_than_the_bound_is_an_error(tmp_path: Path) -> None:
         ArtifactCache(tmp_path, max_bytes=0)
 
 
-def test_files_in_use_stay_even_over_the_bound(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_files_in_use_keep_the_bound_a_blob_that_does_not_fit_is_refused(tmp_path: Path) -> None:
     cache = ArtifactCache(tmp_path, max_bytes=500)
-    tier = {name: _sha(name.encode() * 100) for name in ("w1", "w2", "w3")}  # 600 bytes, all needed at once
+    tier = {name: _sha(name.encode() * 100) for name in ("w1", "w2", "w3")}
     cache.use(tier.values())
-    for name, sha in tier.items():
-        cache.put(sha, name.encode() * 100)
-    assert cache.missing(tier) == [] and cache.size() == 600
-    assert "the artifacts in use take 0.00 MB, over the bound" in caplog.text
+    cache.put(tier["w1"], b"w1" * 100)
+    cache.put(tier["w2"], b"w2" * 100)
+    with pytest.raises(CacheFull, match="does not fit beside the"):
+        cache.put(tier["w3"], b"w3" * 100)  # 600 bytes all in use: nothing may be evicted, nothing stored
+    assert cache.missing(tier) == [tier["w3"]] and cache.size() == 400 <= cache.max_bytes
 
 
 def test_cache_keeps_its_bound_from_the_start(tmp_path: Path) -> None:
