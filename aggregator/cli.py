@@ -20,7 +20,8 @@ from aggregator.registry import DeviceRegistry
 from aggregator.robust import accumulator_from_args, add_integrity_arguments, add_robust_arguments
 from aggregator.secure_engine import SecureRoundEngine, add_secure_arguments, secure_from_args
 from aggregator.service import AggregatorService
-from aggregator.state import StateStore
+from aggregator.round_spool import SpoolError
+from aggregator.state import EXIT_NEEDS_OPERATOR, StateCorrupt, StateMismatch, StateStore, set_aside
 from aggregator.fedbuff import BufferConfig, BufferedEngine
 from aggregator.fedmut import FedMut
 from aggregator.sampling import SAMPLERS, make_sampler
@@ -47,6 +48,10 @@ EPILOG = """examples:
   tierfl aggregator --broker mqtt://127.0.0.1:1883 --tiers a,c,e --tier-policy auto --round-timeout 60
 
   # restart with the same --state-dir to resume from the last committed round.
+
+  # a state file that does not check out stops the start (exit status 2, one line naming the file);
+  # roll back to the newest kept version that verifies, then start again:
+  tierfl aggregator --recover --state-dir runs/lab --fleet lab
 """
 
 
@@ -92,6 +97,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     model = parser.add_argument_group("model and state")
     model.add_argument("--state-dir", type=Path, default=Path("runs/aggregator"), help="durable state (default: %(default)s)")
+    model.add_argument("--recover", action="store_true",
+                       help="roll STATE_DIR back to the newest kept version that verifies (state.json, state.prev.json, "
+                            "the last 3 weights files), set aside an open round that no longer fits and a ledger that "
+                            f"does not open, log what was done, and exit; a start that finds the state corrupt exits "
+                            f"{EXIT_NEEDS_OPERATOR} naming the file")
     model.add_argument("--artifacts", type=Path, help="export folder from `tierfl export` (default: STATE_DIR/artifacts, exported on first start)")
     model.add_argument("--arch", choices=["mlp", "cnn"], default="mlp", help="model to export when no --artifacts (default: %(default)s)")
     model.add_argument("--image-size", type=int, choices=[8, 28], default=8, help="input size of that model (default: %(default)s)")
@@ -208,13 +218,40 @@ def open_artifacts(args: argparse.Namespace) -> ArtifactStore:
     return store
 
 
+def recover(state_dir: Path, fleet: str, identity: str) -> int:
+    """`--recover`: roll the state back to the newest version that verifies, set aside a ledger that does not open; 0."""
+    record = StateStore(state_dir).recover(fleet, identity)
+    path = state_dir / "ledger.sqlite"
+    try:
+        Ledger(path).close()
+    except StateCorrupt as exc:
+        log.warning("recover: %s; set aside as %s, a new ledger starts (updates accepted before are no longer "
+                    "recognised as duplicates; their rounds are finished, so a replay is refused as late)",
+                    exc, set_aside(path))
+    if record is not None:
+        log.info("recover: %s is at version %d after round %d; start the aggregator as usual", state_dir,
+                 record.version, record.round)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    """Serve rounds until --rounds are done or SIGINT/SIGTERM; 0 when done."""
+    """Serve rounds until --rounds are done or SIGINT/SIGTERM; 0 when done, 2 when the state needs an operator."""
+    try:
+        return serve(args)
+    except (StateCorrupt, StateMismatch, SpoolError) as exc:
+        log.error("%s", exc)
+        return EXIT_NEEDS_OPERATOR
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Serve rounds until --rounds are done or SIGINT/SIGTERM (or, with --recover, repair the state); 0 when done."""
     key = DeviceKey(args.state_dir, AGGREGATOR_KEY_FILE)  # signs every frame we send
     if args.show_key:
         print(json.dumps({"aggregator": key.public_hex}))
         return 0
     artifacts = open_artifacts(args)
+    if args.recover:
+        return recover(args.state_dir, args.fleet, artifacts.identity)
     config = EngineConfig(
         fleet=args.fleet, rounds=args.rounds, min_updates=args.min_updates,
         round_timeout_s=args.round_timeout, static_batch_norm=args.bn_statistics == "devices", seed=args.seed,

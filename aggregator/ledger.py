@@ -14,6 +14,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from aggregator.state import StateCorrupt
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS received (
     id INTEGER PRIMARY KEY,
@@ -50,8 +52,16 @@ class Ledger:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None)  # autocommit: each row is durable at once
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(SCHEMA)
+            problem = self._db.execute("PRAGMA quick_check(1)").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            problem = str(exc)
+        if problem != "ok":
+            self._db.close()
+            raise StateCorrupt(f"{path} is not a readable ledger ({problem}); run `tierfl aggregator --recover` "
+                               "(with the service's options) to set it aside and start a new one")
         self._pending: list[tuple[object, ...]] = []  # refusal rows not yet written
 
     def record(

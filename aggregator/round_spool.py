@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -132,7 +131,6 @@ class RoundSpool:
         meta = SpooledUpdate(device_id=device_id, update=update, nbytes=nbytes, quantized=quantized)
         arrays[META] = np.frombuffer(meta.model_dump_json().encode(), np.uint8)
         atomic_write(self.folder / f"update-{self._next:06d}.npz", lambda out: np.savez(out, **arrays))
-        self._sync_folder()
         self._next += 1
 
     def load(self, committed_round: int, version: int) -> SpooledRound | None:
@@ -144,7 +142,7 @@ class RoundSpool:
         try:
             plan = RoundPlan.model_validate_json(path.read_bytes())
         except ValidationError as exc:
-            raise SpoolError(f"{path} is unreadable ({exc.error_count()} errors); {self._advice()}") from None
+            raise SpoolError(f"{path} is unreadable ({_first_problem(exc)}); {self._advice()}") from None
         if plan.round <= committed_round:  # committed, then stopped before the spool was cleared
             log.info("discarding the spool of round %d: state.json already records it", plan.round)
             self.clear()
@@ -167,16 +165,7 @@ class RoundSpool:
 
     def _write_plan(self, plan: RoundPlan) -> None:
         atomic_write(self.folder / PLAN, lambda out: out.write(plan.model_dump_json(indent=1).encode()))
-        self._sync_folder()
         self._plan = plan
-
-    def _sync_folder(self) -> None:
-        """Make the last rename durable too (a power cut must not undo an accepted update)."""
-        fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _read_update(self, file: Path, plan: RoundPlan) -> tuple[SpooledUpdate, dict[str, Tensor]]:
         try:
@@ -189,7 +178,7 @@ class RoundSpool:
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise SpoolError(f"{file} is unreadable ({META}: {problems}); {self._advice()}") from None
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
             raise SpoolError(f"{file} is unreadable ({exc}); {self._advice()}") from None
         assigned = {a.device_id for a in plan.assignments}
         if meta.update.round != plan.round or meta.device_id not in assigned:
@@ -198,7 +187,15 @@ class RoundSpool:
         return meta, tensors
 
     def _advice(self) -> str:
-        return f"delete {self.folder} to run the round again without its accepted updates"
+        return (f"run `tierfl aggregator --recover` (same options) to set {self.folder} aside and run the round "
+                "again without its accepted updates")
+
+
+def _first_problem(exc: ValidationError) -> str:
+    """The first of a validation error's problems, on one line."""
+    first = exc.errors()[0]
+    where = ".".join(map(str, first["loc"])) or "the file"
+    return f"{exc.error_count()} problems, first: {where}: {first['msg']}"
 
 
 # -- tensors <-> archive entries ----------------------------------------------------------------

@@ -3,23 +3,36 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object], mode: int = 0o644) -> None:
-    """Write `path` so readers see the old file or the whole new one, never a part (temp, fsync, rename)."""
+def sync_folder(folder: str | os.PathLike[str]) -> None:
+    """Make the renames and unlinks done in `folder` durable (a power cut must not undo them)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object], mode: int | None = None) -> None:
+    """Write `path` so readers see the old file or the whole new one, never a part (temp, fsync, rename, fsync
+    of the folder). The file gets the permissions the umask gives a new file, or `mode` exactly when given."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)  # the umask applies
     try:
         with os.fdopen(fd, "wb") as out:
             write(out)
             out.flush()
+            if mode is not None:
+                os.fchmod(out.fileno(), mode)  # exactly `mode`, whatever the umask
             os.fsync(out.fileno())
-        os.chmod(tmp, mode)  # mkstemp makes 0600
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    sync_folder(target.parent)

@@ -294,7 +294,7 @@ def test_a_spool_that_contradicts_the_state_is_a_clear_error(art: Path, tmp_path
     first.die()
     spooled = tmp_path / "state" / "open_round" / "update-000001.npz"
     spooled.write_bytes(spooled.read_bytes()[:100])  # damaged behind our back (atomic writes never do this)
-    with pytest.raises(SpoolError, match="update-000001.npz is unreadable.*delete .*open_round"):
+    with pytest.raises(SpoolError, match="update-000001.npz is unreadable.*--recover.*open_round"):
         Process(art, tmp_path / "state", now=3.0)
     plan = tmp_path / "state" / "open_round" / "plan.json"
     plan.write_text(plan.read_text().replace('"round": 1', '"round": 7'))
@@ -440,7 +440,7 @@ def test_an_inconsistent_quantized_spool_is_refused_with_a_clear_error(tmp_path:
     assert RoundSpool(tmp_path / "open_round").load(0, 0) is not None  # as written, it reads back
     tamper(meta, arrays)
     _rewrite(file, meta, arrays)
-    with pytest.raises(SpoolError, match=f"update-000001.npz is unreadable \\({reason}.*\\); delete .*open_round"):
+    with pytest.raises(SpoolError, match=f"update-000001.npz is unreadable \\({reason}.*\\); run .*--recover.*open_round"):
         RoundSpool(tmp_path / "open_round").load(0, 0)
 
 
@@ -477,5 +477,5 @@ def test_an_inconsistent_quantized_spool_stops_the_aggregator_from_starting(art:
     arrays["fc1.weight.scales"] = arrays["fc1.weight.scales"][:8]
     _rewrite(file, meta, arrays)
     with pytest.raises(SpoolError, match=r"update-000001.npz is unreadable \(tensor 'fc1.weight' \(int8-row\): scales are "
-                                         r"float32\[8\], expected float32\[16\]\); delete .*open_round"):
+                                         r"float32\[8\], expected float32\[16\]\); run .*--recover.*open_round"):
         Process(art, tmp_path / "state", now=3.0)
