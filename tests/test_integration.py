@@ -21,6 +21,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from aggregator.artifacts import ArtifactStore
 from edge_client.bench import BenchReport, BenchSettings, TierResult
 from models.tiers import TIER_RATES
 from models.zoo import ModelSpec
@@ -190,18 +191,21 @@ def test_hostile_and_misdirected_messages_are_refused_with_reasons(tmp_path, mos
     try:
         _wait_for(lambda: "waiting for devices" in (tmp_path / "aggregator.log").read_text(), 30, "aggregator start")
         # A device announces itself, then sends garbage, a frame for a round that does not exist,
-        # a frame claiming another sender, and a frame of a foreign fleet.
+        # a frame whose tensors do not fit the tier, a frame claiming another sender, and a frame of a foreign fleet.
         watcher.publish(topics.status("mallory"), encode_frame(fleet, "mallory", Hello(num_samples=10)), retain=True)
         watcher.publish(topics.up("mallory"), b"\x00garbage that is no frame")
         update = Update(update_id=new_id(), round=99, base_version=0, tier="a", num_samples=10, steps=1,
                         train_loss=1.0, train_accuracy=0.5, train_seconds=0.1)
+        shapes = ArtifactStore(tmp_path / "state" / "artifacts").tiers["a"].shapes
+        tensors = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+        watcher.publish(topics.up("mallory"), encode_frame(fleet, "mallory", update, tensors))
         watcher.publish(topics.up("mallory"), encode_frame(fleet, "mallory", update, {"fc1.weight": np.zeros((2, 2), np.float32)}))
         watcher.publish(topics.up("mallory"), encode_frame(fleet, "alice", update))
         watcher.publish(topics.up("mallory"), encode_frame("otherfleet", "mallory", update))
-        _wait_for(lambda: len(watcher.bodies("/down/mallory")) >= 4, 15, "four rejections")
+        _wait_for(lambda: len(watcher.bodies("/down/mallory")) >= 5, 15, "five rejections")
         reasons = [b.reason for b in watcher.bodies("/down/mallory") if isinstance(b, Reject)]
-        assert reasons == [RejectReason.MALFORMED, RejectReason.STALE_ROUND, RejectReason.SENDER_MISMATCH,
-                           RejectReason.WRONG_FLEET]
+        assert reasons == [RejectReason.MALFORMED, RejectReason.STALE_ROUND, RejectReason.BAD_TENSOR,
+                           RejectReason.SENDER_MISMATCH, RejectReason.WRONG_FLEET]
         assert aggregator.poll() is None, "the aggregator must survive hostile input"
         log = (tmp_path / "aggregator.log").read_text()
         assert "Traceback" not in log and "rejected a message from mallory: malformed" in log
@@ -209,7 +213,7 @@ def test_hostile_and_misdirected_messages_are_refused_with_reasons(tmp_path, mos
         aggregator.wait(10)
         ledger = sqlite3.connect(tmp_path / "state" / "ledger.sqlite")
         recorded = [row[0] for row in ledger.execute("SELECT reason FROM received WHERE device = 'mallory' ORDER BY id")]
-        assert recorded == ["malformed", "stale_round", "sender_mismatch", "wrong_fleet"]
+        assert recorded == ["malformed", "stale_round", "bad_tensor", "sender_mismatch", "wrong_fleet"]
     finally:
         watcher.publish(topics.status("mallory"), b"", retain=True)
         watcher.close()
