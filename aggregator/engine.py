@@ -133,6 +133,8 @@ class RoundEngine:
         self.norms = NormBound(config.outlier_multiple)
         self._seen_update_ids: set[str] = set()
         self._open: _OpenRound | None = None
+        # (round, tier, variant, statistics) -> (weights, BN statistics it was cut from, the task's tensors)
+        self._task_tensors_memo: dict[tuple[int, str, int, bool], tuple[object, object, dict[str, np.ndarray]]] = {}
         self._resend_owed_tasks = False  # a resumed round sends its owed tasks again at the first tick
         self._waiting_logged = False
         self.bn_statistics: dict[str, dict[str, np.ndarray]] = {}  # tier -> last pooled statistics
@@ -332,7 +334,7 @@ class RoundEngine:
         for a in assignments:
             self.registry.asked(a.device_id, number)
         log.info("round %d: %d devices selected: %s", number, len(assignments),
-                 ", ".join(f"{a.device_id} (tier {a.tier})" for a in sorted(assignments, key=lambda a: a.device_id)))
+                 _listing([f"{a.device_id} (tier {a.tier})" for a in sorted(assignments, key=lambda a: a.device_id)]))
         return [self._task(a, number, self._open.deadline) for a in assignments]
 
     def _announced(self, assignments: list[Assignment]) -> list[Assignment]:
@@ -376,9 +378,22 @@ class RoundEngine:
             dp_clip=self.config.local_dp_clip,
             dp_noise=self.config.local_dp_noise,
         )
+        return Outgoing(assignment.device_id, body, self._task_tensors(assignment, number, trained))
+
+    def _task_tensors(self, assignment: Assignment, number: int, trained: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        """The tensors of a task: one shared copy per round, tier and variant, however many devices get it."""
+        source = self.weights if trained is None else trained
+        key = (number, assignment.tier, assignment.variant if trained is None else 0, trained is not None)
+        if self._task_tensors_memo and next(iter(self._task_tensors_memo))[0] != number:
+            self._task_tensors_memo.clear()
+        known = self._task_tensors_memo.get(key)
+        if known is not None and known[0] is source and known[1] is self.bn_statistics:
+            return known[2]
         if trained is None:  # training starts from the strategy's model: the global one, or a FedMut mutation
             trained = dict(self.strategy.task_weights(assignment, self.weights))
-        return Outgoing(assignment.device_id, body, self._tier_weights(assignment.tier, trained))
+        tensors = self._tier_weights(assignment.tier, trained)
+        self._task_tensors_memo[key] = (source, self.bn_statistics, tensors)
+        return tensors
 
     def _tier_weights(self, tier: str, weights: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The tier's slice of `weights` (default: the global weights) with the tier's own BN statistics."""
@@ -432,7 +447,7 @@ class RoundEngine:
             "round %d %s: %d/%d answered%s; version %d; accuracy %s (%s)",
             current.number, "committed" if committed else f"FAILED ({'non_finite' if refused else 'too few updates'})",
             len(current.answered), len(current.assignments),
-            f", dropped {', '.join(missing)}" if missing else "",
+            f", dropped {_listing(missing)}" if missing else "",
             self.record.version, f"{summary.accuracy:.4f}" if summary.accuracy is not None else "n/a",
             summary.accuracy_source,
         )
@@ -644,3 +659,9 @@ def contributions(update: Update, artifacts: ArtifactStore) -> tuple[Contributio
     """An edge aggregator's contributors with their tiers' block shapes (empty for a device's own update)."""
     return tuple(Contribution(tier, part.samples, part.devices, artifacts.tiers[tier].shapes)
                  for tier, part in sorted((update.contributors or {}).items()))
+
+
+def _listing(names: list[str], limit: int = 20) -> str:
+    """Names for a log line: all of a few, the first `limit` of many and how many more."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"

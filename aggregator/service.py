@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 FETCHES_PER_MINUTE = 30  # Fetch messages one device may send per minute (a tier is one or two)
 REJECTS_PER_MINUTE = 30  # Reject messages sent back to one sender per minute; the rest are counted and logged only
+JOINS_LOGGED_PER_10_S = 20  # "joined" log lines per 10 s; the rest are counted in the next one
 
 
 class AggregatorService:
@@ -80,6 +81,8 @@ class AggregatorService:
         self.refusals = RefusalLog()
         self._rejects = RateLimiter(REJECTS_PER_MINUTE, 60.0)
         self._fetches = RateLimiter(FETCHES_PER_MINUTE, 60.0)
+        self._join_log = RateLimiter(JOINS_LOGGED_PER_10_S, 10.0)  # a flood of hellos is not a flood of log lines
+        self._unlogged_joins = 0
         self._last_flush = 0.0
         self.link = MqttLink(
             broker,
@@ -230,8 +233,12 @@ class AggregatorService:
             self._refuse(device, RejectReason.RATE_LIMITED, str(exc))
             return
         if old is None or old.session != hello.session:
-            log.info("%s joined: %d samples, tier %s, backend %s", device, hello.num_samples, hello.tier or "any",
-                     hello.backend)
+            if self._join_log.allow("joined", now):
+                more, self._unlogged_joins = self._unlogged_joins, 0
+                log.info("%s joined: %d samples, tier %s, backend %s%s", device, hello.num_samples, hello.tier or "any",
+                         hello.backend, f" ({more} more joined unlogged before)" if more else "")
+            else:
+                self._unlogged_joins += 1
             self._announced.discard(device)
         self._announce_key(device)
 

@@ -6,6 +6,10 @@ handed to `on_frame(topic, frame_bytes)`; keep that callback short (queue work e
 Subscriptions are renewed on every (re)connect, so a broker restart loses nothing we asked for.
 Every failed attempt to (re)connect waits longer than the last (exponential back-off with jitter,
 so a fleet does not come back in lockstep after a broker restart), and says so in the log.
+Outbound bytes the broker has not acknowledged yet are bounded (`max_unacked_bytes`): a publish
+waits for room, and after `send_wait_s` without room the frame is dropped and counted (and so is
+every frame after it until the broker acknowledges something), so a
+fleet of thousands of (perhaps invented) devices cannot make us hold a copy of the model for each.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from protocol.frame import FrameError
 from protocol.mqtt_url import BrokerAddress, BrokerUnreachable
 
 log = logging.getLogger(__name__)
+DEFAULT_MAX_UNACKED_BYTES = 64 << 20  # published, not yet acknowledged by the broker
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,8 @@ class MqttLink:
         max_frame_bytes: int = 64 << 20,
         keepalive_s: int = 30,
         backoff: Backoff = Backoff(),
+        max_unacked_bytes: int = DEFAULT_MAX_UNACKED_BYTES,
+        send_wait_s: float = 10.0,
     ) -> None:
         self.address = address
         self.backoff = backoff
@@ -87,9 +94,13 @@ class MqttLink:
         self._stopping = False
         self._failures = 0  # failed attempts since the last accepted connection
         self._rng = random.Random()
-        self._unacked_lock = threading.Lock()
-        self._published: set[int] = set()  # message ids of QoS 1 publishes ...
-        self._acknowledged: set[int] = set()  # ... and of the broker's acknowledgements
+        self._max_unacked_bytes, self._send_wait_s = max_unacked_bytes, send_wait_s
+        self._acknowledged = threading.Condition()
+        self._unacked: dict[int, int] = {}  # message id -> bytes, of QoS 1 publishes not acknowledged yet
+        self._unacked_bytes = 0
+        self._early_acks: set[int] = set()  # acknowledgements that came before publish() returned the id
+        self._congested = False  # the last wait for room timed out: drop at once until an acknowledgement
+        self.dropped_frames = 0  # frames dropped for want of outbound room
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -164,38 +175,53 @@ class MqttLink:
 
     def flush(self, timeout_s: float) -> bool:
         """True once the broker has acknowledged every message published so far; False after `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with self._unacked_lock:
-                if self._published <= self._acknowledged:
-                    return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.02)
+        with self._acknowledged:
+            return self._acknowledged.wait_for(lambda: not self._unacked, timeout=timeout_s)
 
     def publish(self, topic: str, frame: bytes, retain: bool = False) -> int:
-        """Queue `frame` for `topic` at QoS 1, chunked if large; returns the bytes queued."""
+        """Queue `frame` for `topic` at QoS 1, chunked if large; returns the bytes queued (0: dropped, no room)."""
+        if not self._wait_for_room(len(frame)):
+            self.dropped_frames += 1
+            log.warning("dropped a %d-byte frame for %s: %d bytes still unacknowledged by the broker after %.0f s",
+                        len(frame), topic, self._unacked_bytes, self._send_wait_s)
+            return 0
         sent = 0
         for message in split_message(frame, self._max_message_bytes):
-            self._track(self._client.publish(topic, message, qos=1, retain=retain).mid)
+            self._track(self._client.publish(topic, message, qos=1, retain=retain).mid, len(message))
             sent += len(message)
         return sent
 
     def clear_retained(self, topic: str) -> None:
         """Delete the retained message of `topic` (an empty retained publish, per MQTT)."""
-        self._track(self._client.publish(topic, b"", qos=1, retain=True).mid)
+        self._track(self._client.publish(topic, b"", qos=1, retain=True).mid, 0)
 
-    def _track(self, mid: int) -> None:
-        """Remember a publish until its acknowledgement (message ids are reused once acknowledged)."""
-        with self._unacked_lock:
-            done = self._published & self._acknowledged
-            self._published -= done
-            self._acknowledged -= done
-            self._published.add(mid)
+    def _wait_for_room(self, size: int) -> bool:
+        """Wait until `size` more bytes fit the unacknowledged budget (any frame fits an empty one)."""
+        def room() -> bool:
+            return not self._unacked or self._unacked_bytes + size <= self._max_unacked_bytes
+        with self._acknowledged:
+            fits = self._acknowledged.wait_for(room, timeout=0.0 if self._congested else self._send_wait_s)
+            self._congested = not fits
+            return fits
+
+    def _track(self, mid: int, size: int) -> None:
+        """Count a publish until its acknowledgement (paho reuses a message id only once it is acknowledged)."""
+        with self._acknowledged:
+            if mid in self._early_acks:
+                self._early_acks.discard(mid)
+                return
+            self._unacked[mid] = size
+            self._unacked_bytes += size
 
     def _handle_publish(self, client: mqtt.Client, userdata: object, mid: int, reason: object, props: object) -> None:
-        with self._unacked_lock:
-            self._acknowledged.add(mid)
+        with self._acknowledged:
+            size = self._unacked.pop(mid, None)
+            if size is None:
+                self._early_acks.add(mid)
+            else:
+                self._unacked_bytes -= size
+            self._congested = False
+            self._acknowledged.notify_all()
 
     def _next_attempt_in(self) -> float:
         """Count a failed attempt and make paho wait the back-off's delay before the next one."""

@@ -113,6 +113,19 @@ def test_tick_starts_round_with_one_task_per_device(art_dir: Path, tmp_path: Pat
     assert h.engine.tick(101.0) == []
 
 
+def test_devices_of_one_tier_share_one_copy_of_the_task_weights(art_dir: Path, tmp_path: Path) -> None:
+    """A round of thousands of devices (or invented ones) holds the tier's weights once, not once per task."""
+    h = Harness(art_dir, tmp_path / "state", {f"d{i}": 10 for i in range(50)})
+    out = h.engine.tick(100.0)
+    assert len(out) == 50 and len({id(o.tensors) for o in out}) == 1
+    for dev in (f"d{i}" for i in range(50)):
+        h.update(dev, _random(1), 101.0)
+    after = h.engine.tick(102.0)
+    tasks = [o for o in after if isinstance(o.body, Task)]
+    assert tasks and len({id(o.tensors) for o in tasks}) == 1
+    assert not np.array_equal(tasks[0].tensors["fc1.weight"], out[0].tensors["fc1.weight"]), "round 2 has the new weights"
+
+
 def test_no_round_with_fewer_than_min_clients(art_dir: Path, tmp_path: Path) -> None:
     h = Harness(art_dir, tmp_path / "state", {"d1": 10})
     assert h.engine.tick(1.0) == []

@@ -163,6 +163,11 @@ class Mosquitto:
             raise AssertionError(self.log.read_text()[-3000:]) from None
         return self
 
+    def freeze(self, frozen: bool) -> None:
+        """Suspend the broker (SIGSTOP: connections stay open, nothing is read or acknowledged) or resume it."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
+
     def stop(self) -> None:
         """Stop the broker (SIGTERM: it saves its sessions and retained messages first)."""
         if self._process and self._process.poll() is None:
