@@ -77,7 +77,7 @@ class AggregatorService:
         self._announcement = (encode_frame(engine.config.fleet, aggregator_id, *key_announcement(key), "uint8",
                                            signer=key.sign) if key else None)
         self._announced: set[str] = set()  # devices sent the key announcement since they said hello
-        self.inbox = inbox or Inbox()
+        self.inbox = inbox if inbox is not None else Inbox()  # an empty Inbox is falsy
         self.refusals = RefusalLog()
         self._rejects = RateLimiter(REJECTS_PER_MINUTE, 60.0)
         self._fetches = RateLimiter(FETCHES_PER_MINUTE, 60.0)
