@@ -18,7 +18,7 @@ import pytest
 
 from protocol.broker_config import mosquitto_conf
 from tierfl.cli import COMMANDS
-from tierfl.config import resolve
+from tierfl.config import parse_with_config, resolve
 
 KIT = Path(__file__).resolve().parent.parent / "scripts" / "deploy"
 UNITS = {"tierfl-client.service": "client.env", "tierfl-aggregator.service": "aggregator.env"}
@@ -26,8 +26,9 @@ GUIDES = ["INSTALL-raspberry-pi.md", "INSTALL-laptop.md", "README.md"]
 TIERFL = "/opt/tierfl/venv/bin/tierfl"
 
 
-def parse_tierfl(command: str, args: list[str]) -> argparse.Namespace | None:
-    """Parse `tierfl COMMAND ARGS` with the real parser; fail the test with the error otherwise."""
+def parse_tierfl(command: str, args: list[str], env: dict[str, str] | None = None) -> argparse.Namespace | None:
+    """Parse `tierfl COMMAND ARGS` with the real parser, over `env` as TIERFL_* variables when given;
+    fail the test with the error otherwise."""
     assert command in COMMANDS, f"unknown tierfl command {command!r}"
     parser = argparse.ArgumentParser(prog=f"tierfl {command}")
     importlib.import_module(COMMANDS[command][0]).configure_parser(parser)
@@ -36,6 +37,8 @@ def parse_tierfl(command: str, args: list[str]) -> argparse.Namespace | None:
     errors: list[str] = []
     parser.error = lambda message: errors.append(message) or (_ for _ in ()).throw(SystemExit(2))
     try:
+        if env is not None:
+            return parse_with_config(parser, command, args, env)
         return parser.parse_args(args)
     except SystemExit:
         pytest.fail(f"`tierfl {command} {shlex.join(args)}` does not parse: {'; '.join(errors)}")
@@ -141,9 +144,10 @@ def test_unit_has_the_required_settings(name):
 
 @pytest.mark.parametrize("name", UNITS)
 def test_unit_command_line_parses_with_the_current_cli(name):
-    words = expand_exec(read_unit(name)["Service"]["ExecStart"], read_env(UNITS[name]))
+    env = read_env(UNITS[name])
+    words = expand_exec(read_unit(name)["Service"]["ExecStart"], env)
     assert words[0] == TIERFL
-    options = parse_tierfl(words[1], words[2:])
+    options = parse_tierfl(words[1], words[2:], env)
     if words[1] == "client":
         assert options.broker.startswith("mqtts://") and options.data and options.device_id
         assert str(options.cache_dir).startswith("/var/lib/tierfl/")
@@ -242,7 +246,8 @@ TOML_EXAMPLES = {"aggregator.toml": "tierfl-aggregator.service", "client.toml": 
 def test_toml_example_sets_what_its_unit_sets_but_the_password(name):
     """Each config example loads with the role's validating loader and sets every option its unit's
     command line sets, to the same value, except the broker URL: its password stays in the env file."""
-    words = expand_exec(read_unit(TOML_EXAMPLES[name])["Service"]["ExecStart"], read_env(UNITS[TOML_EXAMPLES[name]]))
+    env = read_env(UNITS[TOML_EXAMPLES[name]])
+    words = expand_exec(read_unit(TOML_EXAMPLES[name])["Service"]["ExecStart"], env)
     role = words[1]
 
     def role_parser() -> argparse.ArgumentParser:
@@ -250,9 +255,24 @@ def test_toml_example_sets_what_its_unit_sets_but_the_password(name):
         importlib.import_module(COMMANDS[role][0]).configure_parser(parser)
         return parser
 
-    unit_sets = {s.option.key: s.value for s in resolve(role_parser(), role, words[2:], {}).from_sources("flag")}
+    unit = resolve(role_parser(), role, words[2:], env)
+    unit_sets = {s.option.key: s.value for s in [*unit.from_sources("flag"), *unit.from_sources("env")]}
     file_sets = {s.option.key: s.value for s in
                  resolve(role_parser(), role, ["--config", str(KIT / name)], {}).from_sources("file")}
     assert unit_sets.pop("broker").startswith("mqtts://") and "broker" not in file_sets
     assert {key: file_sets.get(key) for key in unit_sets} == unit_sets
     assert not re.search(r"mqtts?://\S*@|PASSWORD", (KIT / name).read_text())
+
+
+SECRET_URL = re.compile(r"--broker[= ]'?mqtts?://[^\s:@/]+:[^\s@/]+@")
+
+
+def test_no_password_is_put_on_a_command_line():
+    """Every local user reads command lines (ps): units, the Dockerfile and the docs pass the URL in the environment."""
+    for name in UNITS:
+        assert "--broker" not in read_unit(name)["Service"]["ExecStart"], name
+    root = KIT.parents[1]
+    for path in [*KIT.iterdir(), root / "README.md", *(root / "docs").glob("*.md")]:
+        if path.is_file():
+            found = SECRET_URL.search(path.read_text())
+            assert found is None, f"{path}: {found and found[0]}"
