@@ -135,6 +135,9 @@ persistence_location {conf_dir}/data/
 
 {listener}
 protocol mqtt
+# The MQTT client id is the user name (a listener setting): no device can take over the
+# aggregator's session, or another device's, by connecting with its client id.
+use_username_as_clientid true
 cafile {conf_dir}/ca.crt
 certfile {conf_dir}/server.crt
 keyfile {conf_dir}/server.key

@@ -240,19 +240,21 @@ class Client:
     """A plain paho MQTT 3.1.1 client that records its CONNACK, SUBACKs and messages."""
 
     def __init__(self, credentials: FleetCredentials, user: str | None, password: str | None = None,
-                 tls: bool = True) -> None:
+                 tls: bool = True, client_id: str | None = None) -> None:
         address = parse(credentials.aggregator.url)
         self.connack: list[int] = []
         self.subacks: list[list[int]] = []
         self.messages: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{user}-{time.monotonic_ns()}",
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"test-{user}-{time.monotonic_ns()}",
                                   protocol=MQTTProtocolVersion.MQTTv311)
         if user is not None:
             self.client.username_pw_set(user, credentials.user(user).password if password is None else password)
         if tls:
             self.client.tls_set(ca_certs=credentials.ca_file)
+        self.disconnects: list[int] = []
         self.client.on_connect = lambda c, u, f, reason, p: self.connack.append(reason.value)
+        self.client.on_disconnect = lambda c, u, f, reason, p: self.disconnects.append(reason.value)
         self.client.on_subscribe = lambda c, u, mid, reasons, p: self.subacks.append([r.value for r in reasons])
         self.client.on_message = self._on_message
         self.client.connect(address.host, address.port, keepalive=10)
@@ -310,15 +312,31 @@ def clients(fleet_broker) -> Iterator[Callable[..., Client]]:
 @pytest.mark.integration
 def test_device_publishes_its_update_and_status_to_the_aggregator(clients):
     aggregator = clients("aggregator")
-    worker = clients("aggregator")  # a second aggregator worker on a shared subscription
     assert aggregator.subscribe(TOPICS.all_up(), TOPICS.all_status) == [[1], [1]]
-    worker.subscribe(TOPICS.all_up(share_group="workers"))
     device = clients("dev1")
     device.publish(TOPICS.status("dev1"), b"hello")
     device.publish(TOPICS.up("dev1"), b"update")
     aggregator.wait(lambda: len(aggregator.received()) == 2, "the device's status and update")
     assert aggregator.received() == [(TOPICS.status("dev1"), b"hello"), (TOPICS.up("dev1"), b"update")]
-    worker.wait(lambda: worker.received() == [(TOPICS.up("dev1"), b"update")], "the update on the shared subscription")
+    aggregator.close()
+    worker = clients("aggregator")  # the aggregator user may read the uplink through a shared subscription
+    assert worker.subscribe(TOPICS.all_up(share_group="workers")) == [[1]]
+    device.publish(TOPICS.up("dev1"), b"second")
+    worker.wait(lambda: worker.received() == [(TOPICS.up("dev1"), b"second")], "the update on the shared subscription")
+
+
+@pytest.mark.integration
+def test_a_device_cannot_take_over_the_aggregators_session_by_its_client_id(clients):
+    """The broker uses the user name as the client id: a device's credentials never displace the aggregator."""
+    aggregator = clients("aggregator", client_id="tierfl-lab-aggregator")
+    aggregator.subscribe(TOPICS.all_up())
+    mallory = clients("dev1", client_id="tierfl-lab-aggregator")
+    mallory.publish(TOPICS.up("dev1"), b"still heard")
+    aggregator.wait(lambda: aggregator.received() == [(TOPICS.up("dev1"), b"still heard")], "the device's update")
+    assert aggregator.disconnects == [] and aggregator.client.is_connected()
+    again = clients("aggregator", client_id="something-else")  # the same user again: this one replaces the first
+    aggregator.wait(lambda: aggregator.disconnects, "the first session replaced")
+    assert again.client.is_connected()
 
 
 @pytest.mark.integration
