@@ -264,7 +264,8 @@ def test_toml_example_sets_what_its_unit_sets_but_the_password(name):
     assert not re.search(r"mqtts?://\S*@|PASSWORD", (KIT / name).read_text())
 
 
-SECRET_URL = re.compile(r"--broker[= ]'?mqtts?://[^\s:@/]+:[^\s@/]+@")
+# A URL with a password after --broker, or one substituted there from credentials.json.
+SECRET_URL = re.compile(r"--broker[= ]('?mqtts?://[^\s:@/]+:[^\s@/]+@|\"?\$\(.*credentials|\"?\$\(.*\burl\b)")
 
 
 def test_no_password_is_put_on_a_command_line():
