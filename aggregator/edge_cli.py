@@ -19,7 +19,8 @@ from aggregator.state import StateStore
 from aggregator.tiering import TIER_POLICIES, make_tier_policy, parse_tier_mix
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.mqtt_url import parse as parse_broker
-from protocol.signing import DeviceKey
+from protocol.signing import DeviceKey, read_public_key
+from protocol.trust import AggregatorTrust
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--parent-fleet", default="default", help="the parent's fleet name (default: %(default)s)")
     up.add_argument("--parent-id", default="aggregator", help="sender id of the parent aggregator (default: %(default)s)")
     up.add_argument("--id", dest="edge_id", required=True, help="this edge's id: its device id to the parent and its aggregator id to the group")
+    up.add_argument("--parent-key", metavar="HEX|FILE",
+                    help="the parent aggregator's Ed25519 public key (its `tierfl aggregator --show-key`, the JSON in a "
+                         "file or the bare hex): every task and reject from the parent must be signed by it (default: "
+                         "pin the key the parent announces first in STATE_DIR/parent/aggregator.pub, trust on first "
+                         "use, with a warning)")
     up.add_argument("--tier", default="a", help="tier to ask the parent for: the widest of the group's tiers (default: %(default)s)")
     down = parser.add_argument_group("local group")
     down.add_argument("--broker", help="mqtt://... of the group's broker (default: the parent's broker)")
@@ -88,8 +94,13 @@ def run(args: argparse.Namespace) -> int:
         key: DeviceKey | None = DeviceKey(args.state_dir)
     except ImportError:
         key = None
+    parent_key = read_public_key(args.parent_key, "--parent-key") if args.parent_key else None
+    if key is None and parent_key is not None:
+        raise ValueError("verifying --parent-key needs the cryptography package (pip install 'tierfl[signing]')")
+    trust = AggregatorTrust(args.state_dir / "parent", parent_key, option="--parent-key") if key else None
     service = EdgeService(engine, parse_broker(args.broker or args.parent), parse_broker(args.parent), args.edge_id,
-                          args.parent_fleet, args.parent_id, args.tier, key, max_message_bytes=args.max_message_bytes)
+                          args.parent_fleet, args.parent_id, args.tier, key, parent_trust=trust,
+                          max_message_bytes=args.max_message_bytes)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

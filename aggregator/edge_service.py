@@ -3,7 +3,10 @@
 One thread, like the aggregator service it extends: frames from both brokers land in the same
 inbox. A task on the edge's downlink from the parent starts a local round (aggregator.edge);
 when that round closes, its combined update goes up to the parent. The edge announces itself
-to the parent with its group's total samples, and again whenever that total changes.
+to the parent with its group's total samples, and again whenever that total changes. Frames from
+the parent are checked like a device checks its downlink: header first, then the parent's
+signature (protocol.trust: a given --parent-key, or the one pinned on first contact), only then
+the payload.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ from typing import Any
 from aggregator.edge import EdgeEngine
 from aggregator.engine import Outgoing
 from aggregator.service import AggregatorService
-from protocol.frame import FrameError, decode_frame, encode_frame
+import numpy as np
+
+from protocol.frame import FrameError, decode_payload, encode_frame, read_header
 from protocol.messages import Blob, Body, Hello, Reject, RejectReason, Status, Task
 from protocol.mqtt_link import MqttLink, Will
 from protocol.mqtt_url import BrokerAddress
-from protocol.signing import DeviceKey
+from protocol.signing import KEY_ANNOUNCEMENT, DeviceKey, SignatureError
 from protocol.topics import Topics
+from protocol.trust import AggregatorTrust
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +37,12 @@ class EdgeService(AggregatorService):
 
     def __init__(self, engine: EdgeEngine, local_broker: BrokerAddress, parent_broker: BrokerAddress, edge_id: str,
                  parent_fleet: str, parent_id: str = "aggregator", tier: str | None = "a", key: DeviceKey | None = None,
-                 **kwargs: Any) -> None:
+                 parent_trust: AggregatorTrust | None = None, **kwargs: Any) -> None:
         super().__init__(engine, local_broker, aggregator_id=edge_id, key=key, **kwargs)  # signs toward its devices too
         self.edge: EdgeEngine = engine
         self.parent_topics = Topics(parent_fleet)
         self.parent_id, self.tier, self.key = parent_id, tier, key
+        self.parent_trust = parent_trust  # None: the parent's frames are taken unverified
         self._announced_samples = -1
         self.parent = MqttLink(
             parent_broker,
@@ -76,14 +83,26 @@ class EdgeService(AggregatorService):
         try:
             if isinstance(item, FrameError):
                 raise item
-            frame = decode_frame(item)
-        except FrameError as exc:
-            log.warning("ignored a frame from the parent: %s: %s", exc.reason.value, exc.detail)
+            raw = read_header(item, self._max_update_bytes)
+            header = raw.header
+            if header.fleet != self.parent_topics.fleet or header.sender != self.parent_id:
+                log.warning("ignored a frame from %r of fleet %r on our parent downlink", header.sender, header.fleet)
+                return
+            announcement = isinstance(header.body, Blob) and header.body.name == KEY_ANNOUNCEMENT
+            if self.parent_trust is not None and not announcement:
+                self.parent_trust.verify(header)  # before the payload is hashed or decoded
+            frame = decode_payload(raw)
+            if announcement:
+                if self.parent_trust is not None:
+                    data = frame.tensors.get("data")
+                    self.parent_trust.announced(header, data if isinstance(data, np.ndarray) else None)
+                return
+        except (SignatureError, FrameError) as exc:
+            if self.refusals.should_log(f"parent {self.parent_id}", exc.reason, now):
+                log.warning("ignored a frame from the parent: %s: %s", exc.reason.value, exc.detail)
             return
         body = frame.body
-        if frame.header.fleet != self.parent_topics.fleet or frame.header.sender != self.parent_id:
-            log.warning("ignored a frame from %r of fleet %r on our parent downlink", frame.header.sender, frame.header.fleet)
-        elif isinstance(body, Task):
+        if isinstance(body, Task):
             try:
                 self._send(self.edge.start(body, frame.tensors, now))
             except ValueError as exc:

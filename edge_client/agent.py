@@ -10,7 +10,7 @@ own deadline, or sooner) and send its update, or is abandoned: a task's results 
 error-feedback residual on disk) are committed all together or not at all.
 
 Nothing a downlink frame holds stops the agent: frames not signed by the trusted aggregator key
-(edge_client.trust) are refused before their payload is read; a task listing more files than one
+(protocol.trust) are refused before their payload is read; a task listing more files than one
 Fetch asks for (the schema's MAX_ARTIFACTS), files that are not its manifest's or exceed the cache
 bound, ONNX files with external data or unknown operator domains (edge_client.onnx_guard), weights
 of other names, shapes or dtypes than the tier's manifest, or training into NaN/Inf is refused and
@@ -42,7 +42,7 @@ from edge_client.onnx_guard import OnnxRefused, check_onnx_folder
 from edge_client.privacy import privatize
 from edge_client.statistics import measure_bn_statistics
 from edge_client.trainer import Trainer
-from edge_client.trust import AggregatorTrust
+from protocol.trust import AggregatorTrust
 from models.manifest import STATISTICS_FILE, TierManifest
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.frame import Frame, FrameError, decode_frame, decode_payload, encode_frame, read_header

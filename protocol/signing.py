@@ -86,13 +86,13 @@ def parse_public_key(text: str, where: str) -> PublicKeyHex:
     return text.lower()
 
 
-def read_public_key(value: str) -> PublicKeyHex:
-    """--aggregator-key: 64 hex digits, or a file holding them (bare, or the JSON of --show-key)."""
+def read_public_key(value: str, option: str = "--aggregator-key") -> PublicKeyHex:
+    """An aggregator's key option: 64 hex digits, or a file holding them (bare, or the JSON of --show-key)."""
     if _PUBLIC_HEX.fullmatch(value.lower()):
         return value.lower()
     path = Path(value)
     if not path.is_file():
-        raise ValueError(f"--aggregator-key {value!r} is neither 64 hex digits nor a file")
+        raise ValueError(f"{option} {value!r} is neither 64 hex digits nor a file")
     return parse_public_key(path.read_text(), str(path))
 
 

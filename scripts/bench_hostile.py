@@ -5,9 +5,11 @@ MLP, FedAvg, held-out evaluation), 3 honest devices with chunked uploads, and on
 (scripts/hostile_publisher.py) sending one class of hostile input again and again for the whole
 run. Per attack: the median honest round time against the run without attack (same run order,
 one after the other), the aggregator's peak RSS (VmHWM), the broker's, what the ledger refused and
-the final accuracy. Writes benchmarks/hostile.{json,md}.
+the final accuracy. `ATTACK:SAMPLING` runs the attack against `--sampling SAMPLING` (floods of
+invented devices against `availability`, which benches devices that miss their tasks). Writes
+benchmarks/hostile.{json,md}.
 
-    .venv/bin/python scripts/bench_hostile.py --rounds 30
+    .venv/bin/python scripts/bench_hostile.py --rounds 30 --round-timeout 10
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ATTACKS = ["none", "zero-dim", "huge-ints", "sparse-bomb", "chunks", "floods", "downlink", "poison"]
+ATTACKS = ["none", "zero-dim", "huge-ints", "sparse-bomb", "chunks", "floods", "floods:availability", "downlink", "poison"]
 HONEST = ("d0", "d1", "d2")
 
 
@@ -65,8 +67,9 @@ def _tierfl(args: list[str], log: Path) -> subprocess.Popen[bytes]:
                             stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
-def run(attack: str, rounds: int, folder: Path) -> dict:
-    """One federation of `rounds` rounds with `attack` running throughout; its measurements."""
+def run(name: str, rounds: int, round_timeout: float, folder: Path) -> dict:
+    """One federation of `rounds` rounds with attack `name` (ATTACK[:SAMPLING]) running throughout; its measurements."""
+    attack, _, sampling = name.partition(":")
     folder.mkdir(parents=True)
     broker, url = _start_mosquitto(folder)
     fleet = "bench"
@@ -81,7 +84,8 @@ def run(attack: str, rounds: int, folder: Path) -> dict:
                 stderr=subprocess.STDOUT, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}))
         aggregator = _tierfl(["aggregator", "--broker", url, "--fleet", fleet, "--state-dir", str(state),
                               "--eval-data", "digits", "--min-clients", str(min_clients), "--rounds", str(rounds),
-                              "--round-timeout", "30"], folder / "aggregator.log")
+                              "--round-timeout", str(round_timeout), "--sampling", sampling or "uniform"],
+                             folder / "aggregator.log")
         processes += [_tierfl(["client", "--broker", url, "--fleet", fleet, "--device-id", name, "--data", "digits",
                                "--cache-dir", str(folder / name), "--max-message-bytes", "65536"],
                               folder / f"{name}.log") for name in HONEST]
@@ -116,7 +120,7 @@ def run(attack: str, rounds: int, folder: Path) -> dict:
     refused = dict(db.execute("SELECT reason, COUNT(*) FROM received WHERE accepted = 0 GROUP BY 1").fetchall())
     db.close()
     return {
-        "attack": attack, "exit_code": exit_code, "rounds": record["round"], "version": record["version"],
+        "attack": name, "exit_code": exit_code, "rounds": record["round"], "version": record["version"],
         "median_round_s": statistics.median(h["seconds"] for h in history), "wall_s": wall,
         "aggregator_peak_rss_mb": peak, "broker_peak_rss_mb": broker_peak,
         "final_accuracy": record["history"][-1]["accuracy"], "refused": refused,
@@ -128,17 +132,18 @@ def main() -> None:
     """Run every attack and write the JSON and the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--round-timeout", type=float, default=10.0, help="seconds a round waits for its devices")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "hostile")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         for attack in args.attacks.split(","):
-            result = run(attack, args.rounds, Path(scratch) / attack)
+            result = run(attack, args.rounds, args.round_timeout, Path(scratch) / attack.replace(":", "-"))
             results.append(result)
             print(json.dumps(result), flush=True)
     base = next((r["median_round_s"] for r in results if r["attack"] == "none"), None)
-    command = f".venv/bin/python scripts/bench_hostile.py --rounds {args.rounds}"
+    command = f".venv/bin/python scripts/bench_hostile.py --rounds {args.rounds} --round-timeout {args.round_timeout:g}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"command": command, "results": results}, indent=1))
     lines = [
