@@ -42,6 +42,33 @@ def test_edge_environment_has_only_plain_onnxruntime(edge_python):
     assert found == {"onnx": False, "onnxruntime": True, "amqtt": False, "sklearn": False, "imported_onnx": False}
 
 
+COMMANDS = ("export", "aggregator", "edge-aggregator", "client", "broker", "broker-config", "bench", "demo", "report",
+            "config")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_on_the_device_install_works_or_names_the_extra(edge_python, command):
+    """`tierfl COMMAND --help` with only tierfl[edge]: its help, or one line saying which extra to install (exit 2)."""
+    result = subprocess.run([edge_python, "-m", "tierfl.cli", command, "--help"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    if result.returncode == 0:
+        assert f"tierfl {command}" in result.stdout
+    else:
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert re.fullmatch(rf"tierfl {command}: error: this command needs the \w+ package, which is not installed "
+                            r"here: pip install 'tierfl\[(full|demo|signing|edge)\]'", lines[0]), lines[0]
+
+
+def test_show_key_without_cryptography_names_the_extra(edge_python, tmp_path):
+    result = subprocess.run([edge_python, "-m", "tierfl.cli", "client", "--device-id", "pi-1", "--cache-dir",
+                             str(tmp_path), "--fleet", "lab", "--broker", "mqtt://127.0.0.1:1883", "--show-key"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "needs the cryptography package" in result.stderr and "pip install 'tierfl[signing]'" in result.stderr
+
+
 def _client(python: Path, url: str, fleet: str, name: str, data: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
     command = [str(python), "-m", "tierfl.cli", "client", "--broker", url, "--fleet", fleet, "--device-id", name,
                "--data", str(data), "--cache-dir", str(tmp_path / name)]

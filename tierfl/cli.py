@@ -28,6 +28,12 @@ COMMANDS = {
 }
 # Errors a user can cause and fix; anything else is a bug and keeps its traceback.
 USER_ERRORS = (OSError, ValueError, RuntimeError, ImportError)  # ImportError: an optional package not installed
+# Optional packages by import name -> the extra that installs them (pyproject.toml); a device
+# install is `tierfl[edge,signing]`, everything else comes with `tierfl[full]` or `tierfl[demo]`.
+EXTRAS = {
+    "onnx": "full", "onnxruntime": "edge", "amqtt": "full", "cryptography": "signing",
+    "prometheus_client": "full", "sklearn": "demo", "matplotlib": "demo", "tqdm": "demo",
+}
 
 
 def _usage() -> str:
@@ -70,19 +76,38 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"tierfl: {exc}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    parser = argparse.ArgumentParser(prog=f"tierfl {command}")
-    module.configure_parser(parser)
-    options = config.parse_with_config(parser, command, rest) if command in config.ROLES else parser.parse_args(rest)
     try:
+        module = importlib.import_module(COMMANDS[command][0])
+        parser = argparse.ArgumentParser(prog=f"tierfl {command}")
+        module.configure_parser(parser)
+        options = config.parse_with_config(parser, command, rest) if command in config.ROLES else parser.parse_args(rest)
         return module.run(options)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:
+        if (hint := missing_extra(command, exc)) is None:
+            raise
+        print(f"tierfl {command}: error: {hint}", file=sys.stderr)
+        return 2
     except USER_ERRORS as exc:
         if os.environ.get("TIERFL_DEBUG"):
             raise
         print(f"tierfl {command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def missing_extra(command: str, exc: ModuleNotFoundError) -> str | None:
+    """One line naming the optional package `command` lacks and the pip command that installs it; None if not ours."""
+    package = (exc.name or "").split(".")[0]
+    if package not in EXTRAS:
+        return None
+    extra = EXTRAS[package]
+    if package == "cryptography" and command != "client":
+        extra = "full"  # certificates (broker-config), the aggregator's key; a device needs only signing
+    if package == "onnxruntime" and command != "client" and command != "bench":
+        extra = "full"
+    return (f"this command needs the {package} package, which is not installed here: "
+            f"pip install 'tierfl[{extra}]'")
 
 
 if __name__ == "__main__":
