@@ -110,7 +110,8 @@ class EdgeService(AggregatorService):
                 reject = Reject(reason=RejectReason.UNEXPECTED, detail=str(exc), ref_msg_id=frame.header.msg_id, round=body.round)
                 self.parent.publish(self.parent_topics.up(self.aggregator_id), self._parent_frame(reject))
         elif isinstance(body, Reject):
-            log.warning("the parent refused our message (round %s): %s: %s", body.round, body.reason.value, body.detail)
+            log.warning("the parent refused our message%s: %s: %s", f" of round {body.round}" if body.round is not None else "",
+                        body.reason.value, body.detail)
             if body.reason is RejectReason.UNKNOWN_DEVICE:
                 self._announce(force=True)
         elif not isinstance(body, Blob):

@@ -261,7 +261,8 @@ class DeviceAgent:
             self._store_blob(body, frame)
         elif isinstance(body, Reject):
             self.refused[f"by-aggregator:{body.reason.value}"] += 1
-            log.warning("aggregator refused our message (round %s): %s: %s", body.round, body.reason.value, body.detail)
+            log.warning("aggregator refused our message%s: %s: %s", f" of round {body.round}" if body.round is not None else "",
+                        body.reason.value, body.detail)
             if body.reason is RejectReason.UNKNOWN_DEVICE:
                 self._announce()
         else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -139,6 +140,10 @@ class MqttLink:
             try:
                 self._client.connect(self.address.host, self.address.port, keepalive=self._keepalive_s)
                 break
+            except ssl.SSLCertVerificationError as exc:  # retrying will not make the certificate verify
+                raise BrokerUnreachable(
+                    f"the TLS certificate of the MQTT broker at {where} does not verify: {exc.verify_message or exc}; "
+                    "check the ?ca= file of the broker URL (the fleet's ca.crt) and the host name devices use") from None
             except OSError as exc:
                 reason = exc.strerror or str(exc)
             self._failures += 1
@@ -157,8 +162,11 @@ class MqttLink:
         while not self._connected.wait(0.1):
             if self._connack_failure or (give_up_at is not None and time.monotonic() > connack_by):
                 self.stop()
-                reason = self._connack_failure or f"no CONNACK within {timeout_s:.0f} s"
-                raise BrokerUnreachable(f"MQTT broker at {where} refused the connection: {reason}")
+                if self._connack_failure:
+                    raise BrokerUnreachable(f"MQTT broker at {where} refused the connection: {self._connack_failure}")
+                raise BrokerUnreachable(f"MQTT broker at {where} accepted TCP but gave no CONNACK within {timeout_s:.0f} s "
+                                        "(is it an MQTT broker, and does the URL's scheme, mqtt:// or mqtts://, match "
+                                        "the port?)")
             if stop is not None and stop.is_set():
                 self.stop()
                 return False

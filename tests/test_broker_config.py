@@ -404,6 +404,17 @@ def test_a_client_without_tls_or_without_the_ca_cannot_connect(fleet_broker):
 
 
 @pytest.mark.integration
+def test_a_link_with_the_wrong_ca_fails_at_once_with_a_clear_error(fleet_broker):
+    """Retrying cannot make a certificate verify: the link says so instead of trying forever."""
+    address = parse(fleet_broker.devices["dev1"].url).model_copy(update={"ca_file": None})  # the system's CAs
+    link = MqttLink(address, "dev1", [], lambda *_: None, lambda *_: None)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnreachable, match="TLS certificate of the MQTT broker at .* does not verify.*check the \\?ca="):
+        link.start(timeout_s=5, retry_for_s=60)
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.integration
 def test_mqtt_links_speak_tls_with_the_generated_urls(fleet_broker):
     """The aggregator and a device connect with their mqtts:// URLs from credentials.json."""
     frames: list[tuple[str, bytes]] = []
