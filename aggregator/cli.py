@@ -273,42 +273,42 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError("--dp needs --bn-statistics averaged: measured batch-norm statistics are not privatized")
     evaluator = HeldOutEvaluator(load_dataset(args.eval_data)) if args.eval_data else None
     ledger = Ledger(args.state_dir / "ledger.sqlite")
-    if args.strategy == "fedbuff":
-        buffer = BufferConfig(buffer_size=args.buffer_size, max_staleness=args.max_staleness,
-                              staleness_exponent=args.staleness_exponent, concurrency=args.concurrency)
-        engine: RoundEngine = BufferedEngine(config, buffer, strategy, artifacts, StateStore(args.state_dir),
-                                             DeviceRegistry(max_devices=args.max_devices), evaluator, ledger, privacy=privacy)
-    elif secure is not None:  # with --enrolled, advertisements that do not verify are refused at the aggregator too
-        engine = SecureRoundEngine(config, secure, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(max_devices=args.max_devices),
-                                   evaluator, ledger, privacy=privacy,
-                                   enrolled=EnrolledKeys.load(args.enrolled).root if args.enrolled else None)
-    else:
-        engine = RoundEngine(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(max_devices=args.max_devices), evaluator, ledger,
-                             privacy=privacy)
-    if engine.finished:
-        log.info("all %d rounds are already done in %s (version %d)", config.rounds, args.state_dir, engine.record.version)
-        return 0
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    with contextlib.ExitStack() as stack:
-        if args.broker:
-            broker = parse_broker(args.broker)
+    with contextlib.closing(ledger):  # closed on every way out: no -wal and -shm files left behind
+        if args.strategy == "fedbuff":
+            buffer = BufferConfig(buffer_size=args.buffer_size, max_staleness=args.max_staleness,
+                                  staleness_exponent=args.staleness_exponent, concurrency=args.concurrency)
+            engine: RoundEngine = BufferedEngine(config, buffer, strategy, artifacts, StateStore(args.state_dir),
+                                                 DeviceRegistry(max_devices=args.max_devices), evaluator, ledger, privacy=privacy)
+        elif secure is not None:  # with --enrolled, advertisements that do not verify are refused at the aggregator too
+            engine = SecureRoundEngine(config, secure, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(max_devices=args.max_devices),
+                                       evaluator, ledger, privacy=privacy,
+                                       enrolled=EnrolledKeys.load(args.enrolled).root if args.enrolled else None)
         else:
-            embedded = stack.enter_context(EmbeddedBroker())
-            broker = parse_broker(embedded.url)
-            log.info("embedded broker listening at %s: start devices with `tierfl client --broker %s ...`", embedded.url, embedded.url)
-        monitor = None
-        if args.status_port is not None:
-            from aggregator.monitor import Monitor  # prometheus-client: only when the status page is on
+            engine = RoundEngine(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(max_devices=args.max_devices), evaluator, ledger,
+                                 privacy=privacy)
+        if engine.finished:
+            log.info("all %d rounds are already done in %s (version %d)", config.rounds, args.state_dir, engine.record.version)
+            return 0
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        with contextlib.ExitStack() as stack:
+            if args.broker:
+                broker = parse_broker(args.broker)
+            else:
+                embedded = stack.enter_context(EmbeddedBroker())
+                broker = parse_broker(embedded.url)
+                log.info("embedded broker listening at %s: start devices with `tierfl client --broker %s ...`", embedded.url, embedded.url)
+            monitor = None
+            if args.status_port is not None:
+                from aggregator.monitor import Monitor  # prometheus-client: only when the status page is on
 
-            monitor = stack.enter_context(Monitor(args.status_host, args.status_port))
-        service = AggregatorService(engine, broker, aggregator_id=args.aggregator_id, share_group=args.share_group,
-                                   max_message_bytes=args.max_message_bytes, downlink=args.downlink,
-                                   signatures=SignatureCheck(EnrolledKeys.load(args.enrolled).root) if args.enrolled else None,
-                                   monitor=monitor, key=key)
-        service.run(stop)
-    log.info("stopped after round %d at version %d; rejected: %s; ledger %s: %s", engine.record.round,
-             engine.record.version, dict(engine.rejected) or "none", ledger.path, ledger.counts())
-    ledger.close()
-    return 0
+                monitor = stack.enter_context(Monitor(args.status_host, args.status_port))
+            service = AggregatorService(engine, broker, aggregator_id=args.aggregator_id, share_group=args.share_group,
+                                       max_message_bytes=args.max_message_bytes, downlink=args.downlink,
+                                       signatures=SignatureCheck(EnrolledKeys.load(args.enrolled).root) if args.enrolled else None,
+                                       monitor=monitor, key=key)
+            service.run(stop)
+        log.info("stopped after round %d at version %d; rejected: %s; ledger %s: %s", engine.record.round,
+                 engine.record.version, dict(engine.rejected) or "none", ledger.path, ledger.counts())
+        return 0

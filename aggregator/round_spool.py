@@ -28,6 +28,7 @@ round state.json already records is a leftover of a crash in between and is disc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import zipfile
@@ -162,6 +163,8 @@ class RoundSpool:
         for file in [*self.folder.glob("update-*.npz"), *self.folder.glob(".*.tmp")]:
             file.unlink(missing_ok=True)
         (self.folder / PLAN).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty (a file of someone else's): leave it
+            self.folder.rmdir()
 
     def _write_plan(self, plan: RoundPlan) -> None:
         atomic_write(self.folder / PLAN, lambda out: out.write(plan.model_dump_json(indent=1).encode()))

@@ -135,7 +135,9 @@ def _accepted_rows(state: Path) -> list[tuple[str, int]]:
 
 
 def _spool_files(state: Path) -> list[str]:
-    return sorted(p.name for p in (state / "open_round").iterdir())
+    """Files of the open round's spool; none once no round is open (the folder goes with its last file)."""
+    folder = state / "open_round"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
 def test_a_round_cut_short_resumes_and_commits_what_an_uninterrupted_run_commits(art: Path, tmp_path: Path) -> None:
@@ -212,7 +214,7 @@ def test_a_crash_between_the_commit_and_clearing_the_spool_counts_nothing_twice(
     shutil.copytree(spool, tmp_path / "spool-before-commit")
     assert _summary(first.send("d4", *updates["d4"], 2.0)).version == 1
     first.die()
-    shutil.rmtree(spool)  # as if the process died after writing state.json, before clearing the spool
+    shutil.rmtree(spool, ignore_errors=True)  # as if the process died after writing state.json, before clearing the spool
     shutil.copytree(tmp_path / "spool-before-commit", spool)
 
     second = Process(art, tmp_path / "state", now=3.0)

@@ -276,6 +276,8 @@ def test_fedprox_with_partial_work_at_the_deadline(tmp_path, mosquitto_url, flee
         assert summaries[-1].accuracy > 0.5
         steps = [int(m) for i in range(2) for m in re.findall(r"round \d+: (\d+) steps", (tmp_path / f"p{i}.log").read_text())]
         assert steps and all(0 < s < 500 * 90 for s in steps)  # partial: far fewer than 500 epochs of ~90 batches
+        left = sorted(p.name for p in (tmp_path / "state").iterdir())
+        assert not {"ledger.sqlite-wal", "ledger.sqlite-shm", "open_round"} & set(left), left  # a clean exit tidies up
     finally:
         watcher.close()
         _stop([aggregator, *devices])
