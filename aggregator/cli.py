@@ -17,7 +17,7 @@ from aggregator.evaluate import HeldOutEvaluator
 from aggregator.ledger import Ledger
 from aggregator.privacy import DpSettings, add_privacy_arguments, privacy_from_args
 from aggregator.registry import DeviceRegistry
-from aggregator.robust import accumulator_from_args, add_integrity_arguments, add_robust_arguments
+from aggregator.robust import DEFAULT_TRIM_FRACTION, accumulator_from_args, add_integrity_arguments, add_robust_arguments
 from aggregator.secure_engine import SecureRoundEngine, add_secure_arguments, secure_from_args
 from aggregator.service import AggregatorService
 from aggregator.round_spool import SpoolError
@@ -201,6 +201,11 @@ def proximal_mu(args: argparse.Namespace) -> float:
             raise ValueError("--strategy fedprox needs --mu > 0")
         return args.mu
     return DEFAULT_FEDPROX_MU if args.strategy == "fedprox" else 0.0
+
+
+def derived_defaults(args: argparse.Namespace) -> dict[str, object]:
+    """Values a start uses for options left unset that follow from other options (`tierfl config show`)."""
+    return {"mu": proximal_mu(args), "trim_fraction": DEFAULT_TRIM_FRACTION, "artifacts": args.state_dir / "artifacts"}
 
 
 def open_artifacts(args: argparse.Namespace) -> ArtifactStore:

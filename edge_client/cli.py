@@ -109,9 +109,19 @@ def read_benchmark(path: Path) -> dict[str, float]:
     return speeds
 
 
+def default_cache_dir(args: argparse.Namespace) -> Path:
+    """--cache-dir, or ~/.cache/tierfl/FLEET/DEVICE."""
+    return args.cache_dir or Path.home() / ".cache" / "tierfl" / args.fleet / args.device_id
+
+
+def derived_defaults(args: argparse.Namespace) -> dict[str, object]:
+    """Values a start uses for options left unset that follow from other options (`tierfl config show`)."""
+    return {"cache_dir": default_cache_dir(args)} if args.device_id else {}
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve tasks until SIGINT/SIGTERM."""
-    cache_dir = args.cache_dir or Path.home() / ".cache" / "tierfl" / args.fleet / args.device_id
+    cache_dir = default_cache_dir(args)
     if args.show_key:
         print(json.dumps({args.device_id: DeviceKey(cache_dir).public_hex}))
         return 0

@@ -251,7 +251,7 @@ def test_config_show_says_where_each_value_came_from_and_masks_passwords(tmp_pat
     assert lines["epochs"] == "epochs = 3  # from TIERFL_EPOCHS"
     assert lines["lr"] == "lr = 0.3  # from --lr"
     assert lines["fleet"] == 'fleet = "default"  # default'
-    assert lines["# artifacts"] == "# artifacts = (not set)  # default"
+    assert lines["# artifacts"] == "# artifacts = (not set)  # default: STATE_DIR/artifacts, exported on first start"
     assert "hunter2" not in shown
     assert lines["broker"].startswith('broker = "mqtt://aggregator:***@broker.lan:1883"  # from TIERFL_BROKER; secret masked')
     assert shown.index("\n# rounds (FedAvg)\n") < shown.index("\nrounds = 5 ") < shown.index("\n# robust aggregation")
@@ -264,6 +264,19 @@ def test_tierfl_config_show_command(tmp_path, monkeypatch, capsys):
     assert (shown["threads"], shown["fleet"], shown["broker"]) == (2, "lab", "mqtt://pi-1:***@h:1883")
     assert main(["config", "show", "--show-secrets", "client"]) == 0
     assert tomllib.loads(capsys.readouterr().out)["broker"] == "mqtt://pi-1:pw@h:1883"
+
+
+def test_config_show_gives_the_values_a_start_would_use_for_unset_options(capsys):
+    """Unset options that follow from others show the value a start uses; the rest say what unset means."""
+    assert main(["config", "show", "aggregator", "--strategy", "fedprox"]) == 0
+    out = capsys.readouterr().out
+    assert "# mu = 0.01  # default: what this start uses" in out and "# trim-fraction = 0.2  #" in out
+    assert '# artifacts = "runs/aggregator/artifacts"  #' in out
+    assert "# broker = (not set)  # default: start an embedded broker" in out
+    assert main(["config", "show", "aggregator"]) == 0
+    assert "# mu = 0.0  #" in capsys.readouterr().out
+    assert main(["config", "show", "client", "--device-id", "pi-1", "--fleet", "lab"]) == 0
+    assert '# cache-dir = "' + str(Path.home() / ".cache/tierfl/lab/pi-1") + '"' in capsys.readouterr().out
 
 
 def test_masking():

@@ -400,8 +400,12 @@ def toml_value(value: Any) -> str:
     raise TypeError(f"no TOML form for {type(value).__name__} {value!r}")
 
 
-def render_toml(effective: EffectiveConfig, show_secrets: bool = False) -> str:
-    """The effective configuration as a TOML config file, by --help section, each key commented with its source."""
+def render_toml(effective: EffectiveConfig, show_secrets: bool = False, derived: Mapping[str, Any] | None = None) -> str:
+    """The effective configuration as a TOML config file, by --help section, each key commented with its source.
+
+    An option left unset whose value follows from others (`derived`: dest -> the value a start
+    uses) shows that value, commented out; other unset options say what unset means (their help's
+    "default: ...")."""
     lines = [f"# tierfl {effective.role}: effective configuration (flags > TIERFL_* environment > "
              f"{effective.file or 'config file'} > defaults).",
              f"# Usable as its config file: tierfl {effective.role} --config FILE"]
@@ -409,17 +413,21 @@ def render_toml(effective: EffectiveConfig, show_secrets: bool = False) -> str:
     for setting in effective.settings:
         sections.setdefault(setting.option.group, []).append(setting)
     for title, settings in sections.items():
-        lines += ["", f"# {title}", *(_toml_line(setting, show_secrets) for setting in settings)]
+        lines += ["", f"# {title}", *(_toml_line(setting, show_secrets, derived or {}) for setting in settings)]
     return "\n".join(lines) + "\n"
 
 
-def _toml_line(setting: Setting, show_secrets: bool) -> str:
+def _toml_line(setting: Setting, show_secrets: bool, derived: Mapping[str, Any]) -> str:
     option = setting.option
     comment = "default" if setting.source == "default" else f"from {setting.origin}"
     value = option.from_dest(setting.value)
+    if value is None and derived.get(option.dest) is not None:
+        return (f"# {option.key} = {toml_value(option.from_dest(derived[option.dest]))}  # default: what this start "
+                "uses, from the other options")
     if value is None:
         required = f"; required: set it here, with {option.flag} or {option.env}" if option.action.required else ""
-        return f"# {option.key} = (not set)  # {comment}{required}"
+        meaning = re.search(r"default: ([^)]*)", option.action.help or "")
+        return f"# {option.key} = (not set)  # {comment}{f': {meaning[1]}' if meaning and not required else ''}{required}"
     shown = value if show_secrets else masked(option, value)
     if shown != value:
         comment += "; secret masked (`tierfl config show --show-secrets` prints it)"
@@ -458,7 +466,12 @@ def run(args: argparse.Namespace) -> int:
         effective = resolve(parser, args.role, args.role_args, os.environ)
     except ConfigError as exc:
         _exit(parser, exc)
-    sys.stdout.write(render_toml(effective, show_secrets=args.show_secrets))
+    module = importlib.import_module(_role_commands()[args.role])
+    derived: dict[str, Any] = {}
+    if hasattr(module, "derived_defaults"):
+        with contextlib.suppress(ValueError):  # options in conflict: the start will say so
+            derived = module.derived_defaults(effective.namespace)
+    sys.stdout.write(render_toml(effective, show_secrets=args.show_secrets, derived=derived))
     if missing := effective.missing():  # printed, but the role would not start
         sys.stdout.flush()
         _exit(parser, missing)
