@@ -35,6 +35,7 @@ import argparse
 import collections
 import functools
 import itertools
+import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -46,6 +47,7 @@ from protocol.messages import RejectReason
 from protocol.quantized import QuantizedTensor, Tensor, row_grid
 
 Reducer = Callable[[np.ndarray], np.ndarray]
+log = logging.getLogger(__name__)
 ROBUST_MODES = ("none", "clip", "median", "trimmed-mean")
 DEFAULT_TRIM_FRACTION = 0.2
 # Update norms: honest digits federations (MLP and CNN, 3 IID to 20 Dirichlet(0.5) devices, E 1-2)
@@ -314,6 +316,15 @@ class TrimmedMean(CoordinateWise):
     def __init__(self, global_weights: Mapping[str, np.ndarray], beta: float = DEFAULT_TRIM_FRACTION) -> None:
         super().__init__(global_weights, functools.partial(trimmed_mean, beta=check_trim_fraction(beta)))
         self.beta = beta
+
+    def result(self) -> Weights:
+        """The trimmed mean; says so when too few updates came for anything to be trimmed (a plain mean)."""
+        count = len(self._updates)
+        if count and self.beta > 0 and int(self.beta * count) == 0:
+            log.warning("trimmed mean of %d updates with --trim-fraction %g trims nothing (floor(%g x %d) = 0): this "
+                        "round is a plain mean; it trims from %d updates on", count, self.beta, self.beta, count,
+                        math.ceil(1 / self.beta))
+        return super().result()
 
 
 def robust_accumulator(mode: str, clip_norm: float | None = None, trim_fraction: float | None = None,

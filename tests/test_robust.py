@@ -69,6 +69,18 @@ def test_median_and_trimmed_mean_of_one_tier() -> None:
     np.testing.assert_allclose(_aggregate(TrimmedMean(g, 0.0), deltas)["w"], [1 + 22.0, 2 - 22.0])
 
 
+def test_a_trimmed_mean_of_too_few_updates_says_it_trimmed_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    g = {"w": np.array([1.0, 2.0], np.float32)}
+    deltas = [{"w": [v, -v]} for v in (1.0, 2.0, 100.0)]
+    with caplog.at_level("WARNING", logger="aggregator.robust"):
+        np.testing.assert_allclose(_aggregate(TrimmedMean(g, 0.2), deltas)["w"], [1 + 103 / 3, 2 - 103 / 3], rtol=1e-6)
+    assert "trims nothing (floor(0.2 x 3) = 0): this round is a plain mean; it trims from 5 updates on" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="aggregator.robust"):
+        _aggregate(TrimmedMean(g, 0.2), [{"w": [v, -v]} for v in range(5)])
+    assert caplog.text == ""
+
+
 def test_two_tiers_combine_each_element_over_the_updates_that_hold_it() -> None:
     g = {"w": np.zeros((3, 4), np.float32), "b": np.full(5, 7.0, np.float32)}
     wide = [{"w": np.full((3, 4), v), "b": np.full(4, v)} for v in (1.0, 2.0, 9.0)]
