@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from protocol.mqtt_url import parse as parse_broker
 from protocol.signing import AGGREGATOR_KEY_FILE, DeviceKey, EnrolledKeys, SignatureCheck
 
 log = logging.getLogger(__name__)
+EXIT_USAGE = 2  # options that do not combine, like argparse's exit status for a bad flag
 STRATEGIES = ("fedavg", "fedprox", "fedmut", "fedbuff")
 DEFAULT_FEDPROX_MU = 0.01
 
@@ -239,8 +241,27 @@ def recover(state_dir: Path, fleet: str, identity: str) -> int:
     return 0
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse options that do not combine (ValueError saying why), before anything is exported or started."""
+    proximal_mu(args)
+    if args.strategy == "fedbuff" and args.max_share < 1:
+        raise ValueError("--max-share applies to synchronous rounds: FedBuff has no round selection to cap a share of")
+    make_sampler(args.sampling, args.fraction, 1 if args.strategy == "fedbuff" else args.min_clients, args.seed,
+                 args.candidates)
+    dp = privacy_from_args(args)
+    secure_from_args(args)
+    if dp.accumulator_factory() is None:
+        accumulator_from_args(args, weighted=args.aggregation == "weighted")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Serve rounds until --rounds are done or SIGINT/SIGTERM; 0 when done, 2 when the state needs an operator."""
+    """Serve rounds until --rounds are done or SIGINT/SIGTERM; 0 when done, 2 on options that do not combine or
+    when the state needs an operator."""
+    try:
+        check_options(args)
+    except ValueError as exc:  # like argparse on a bad flag: nothing was written
+        print(f"tierfl aggregator: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return serve(args)
     except (StateCorrupt, StateMismatch, SpoolError) as exc:
@@ -262,8 +283,6 @@ def serve(args: argparse.Namespace) -> int:
         round_timeout_s=args.round_timeout, static_batch_norm=args.bn_statistics == "devices", seed=args.seed,
         outlier_multiple=args.outlier_multiple, max_share=args.max_share,
     )
-    if args.strategy == "fedbuff" and args.max_share < 1:
-        raise ValueError("--max-share applies to synchronous rounds: FedBuff has no round selection to cap a share of")
     mix = parse_tier_mix(args.tier_mix or "-".join(artifacts.tiers))
     if missing := sorted(set(mix) - set(artifacts.tiers)):
         raise ValueError(f"--tier-mix names tiers {', '.join(missing)} that the export lacks (have: {', '.join(artifacts.tiers)})")

@@ -279,6 +279,21 @@ def test_config_show_gives_the_values_a_start_would_use_for_unset_options(capsys
     assert '# cache-dir = "' + str(Path.home() / ".cache/tierfl/lab/pi-1") + '"' in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("options,message", [
+    (["--secure-aggregation", "--robust", "median"], "--secure-aggregation cannot be combined with --robust median"),
+    (["--secure-aggregation", "--strategy", "fedbuff"], "--secure-aggregation cannot be combined with --strategy fedbuff"),
+    (["--secure-aggregation", "--dp", "central", "--dp-clip", "1", "--dp-noise", "1"], "cannot be combined with --dp central"),
+    (["--strategy", "fedbuff", "--max-share", "0.5"], "--max-share applies to synchronous rounds"),
+    (["--strategy", "fedprox", "--mu", "0"], "--strategy fedprox needs --mu > 0"),
+])
+def test_options_that_do_not_combine_exit_2_before_anything_is_written(tmp_path, capsys, options, message):
+    state = tmp_path / "state"
+    assert main(["aggregator", "--state-dir", str(state), *options]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tierfl aggregator: error: ") and message in err[-1], err
+    assert not state.exists(), "nothing exported, no key made"
+
+
 def test_masking():
     option = effective("client").settings[0].option
     assert masked(option, "mqtts://u:p@h:8883?ca=/x") == "mqtts://u:***@h:8883?ca=/x"
