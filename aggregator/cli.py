@@ -22,7 +22,8 @@ from aggregator.robust import DEFAULT_TRIM_FRACTION, accumulator_from_args, add_
 from aggregator.secure_engine import SecureRoundEngine, add_secure_arguments, secure_from_args
 from aggregator.service import AggregatorService
 from aggregator.round_spool import SpoolError
-from aggregator.state import EXIT_NEEDS_OPERATOR, StateCorrupt, StateMismatch, StateStore, set_aside
+from aggregator.state import (EXIT_NEEDS_OPERATOR, OptionValue, StateCorrupt, StateMismatch, StateStore, set_aside,
+                              write_run_options)
 from aggregator.fedbuff import BufferConfig, BufferedEngine
 from aggregator.fedmut import FedMut
 from aggregator.sampling import SAMPLERS, make_sampler
@@ -33,6 +34,7 @@ from models.export import export_all
 from models.zoo import ModelSpec
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.embedded_broker import EmbeddedBroker
+from protocol.mqtt_url import mask_password
 from protocol.mqtt_url import parse as parse_broker
 from protocol.signing import AGGREGATOR_KEY_FILE, DeviceKey, EnrolledKeys, SignatureCheck
 
@@ -241,6 +243,17 @@ def recover(state_dir: Path, fleet: str, identity: str) -> int:
     return 0
 
 
+def run_options(args: argparse.Namespace) -> dict[str, OptionValue]:
+    """The parsed options as plain JSON values for options.json, the broker URL's password masked."""
+    def plain(value: object) -> OptionValue:
+        if isinstance(value, (list, tuple)):
+            return [str(item) for item in value]
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        return mask_password(str(value))
+    return {name: plain(value) for name, value in sorted(vars(args).items()) if not callable(value)}
+
+
 def check_options(args: argparse.Namespace) -> None:
     """Refuse options that do not combine (ValueError saying why), before anything is exported or started."""
     proximal_mu(args)
@@ -278,6 +291,7 @@ def serve(args: argparse.Namespace) -> int:
     artifacts = open_artifacts(args)
     if args.recover:
         return recover(args.state_dir, args.fleet, artifacts.identity)
+    write_run_options(args.state_dir, run_options(args))
     config = EngineConfig(
         fleet=args.fleet, rounds=args.rounds, min_updates=args.min_updates,
         round_timeout_s=args.round_timeout, static_batch_norm=args.bn_statistics == "devices", seed=args.seed,

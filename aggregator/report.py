@@ -21,13 +21,19 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from aggregator.state import StateRecord
+from aggregator.state import RunOptions, StateRecord, read_run_options
 from protocol.atomic_file import atomic_write
 from protocol.messages import RoundSummary
 
 log = logging.getLogger(__name__)
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 MAX_DEVICES = 200  # rows of the per-device table
+# The options the report shows, in this order (the rest stay in options.json).
+RUN_OPTIONS = ("strategy", "rounds", "fraction", "min_clients", "min_updates", "epochs", "batch_size", "lr",
+               "round_timeout", "sampling", "tiers", "tier_policy", "tier_mix", "aggregation", "mu", "robust",
+               "trim_fraction", "clip_norm", "dp", "dp_clip", "dp_noise", "secure_aggregation", "downlink",
+               "bn_statistics", "outlier_multiple", "max_share", "buffer_size", "max_staleness", "fleet", "broker",
+               "enrolled", "eval_data", "seed")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +86,7 @@ class RunData:
     ledger_note: str
     artifacts: object | None  # aggregator.artifacts.ArtifactStore
     artifacts_note: str
+    options: RunOptions | None = None  # the latest start's options (options.json), if recorded
 
 
 def load_run(state_dir: Path, artifacts_dir: Path | None = None, last: int = 50) -> RunData:
@@ -98,7 +105,7 @@ def load_run(state_dir: Path, artifacts_dir: Path | None = None, last: int = 50)
                          + (f"; {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ")")) from None
     ledger, ledger_note = _read_ledger(state_dir / "ledger.sqlite", last)
     artifacts, artifacts_note = _read_artifacts(artifacts_dir or state_dir / "artifacts", record.model)
-    return RunData(state_dir, record, ledger, ledger_note, artifacts, artifacts_note)
+    return RunData(state_dir, record, ledger, ledger_note, artifacts, artifacts_note, read_run_options(state_dir))
 
 
 def _read_ledger(path: Path, last: int) -> tuple[LedgerSummary | None, str]:
@@ -314,6 +321,13 @@ def _section_configuration(data: RunData) -> str:
                  ("class mask", t.manifest.class_mask), ("FedProx", t.manifest.proximal)) if on) or "-"]
                 for tier, t in sorted(store.tiers.items())]
         body += "<h3>Tiers</h3>" + _table(["tier", "width rate", "parameters", "artifacts", "optimizer", "graph inputs"], rows)
+    if data.options is not None:
+        recorded = data.options.options
+        rows = [(f"--{name.replace('_', '-')}", _e(recorded[name])) for name in RUN_OPTIONS
+                if recorded.get(name) not in (None, False)]
+        body += f"<h3>Options of the latest start ({_e(_date(data.options.started))})</h3>" + _pairs(rows)
+    else:
+        body += '<p class="note">no options.json: the options are recorded by aggregators since the report showed them</p>'
     return '<section id="configuration"><h2>Configuration</h2>' + body + "</section>"
 
 

@@ -7,6 +7,7 @@ Layout of the state directory:
                           of every kept weights file
     state.prev.json       the state.json before the last commit
     open_round/           the round in progress: its plan and accepted updates (aggregator.round_spool)
+    options.json          the options of the latest start (broker password masked), for `tierfl report`
 
 Weights are written first, then state.json by atomic rename (each followed by an fsync of the
 folder), so a crash at any instant leaves the last committed version intact and resumes exactly
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 KEEP_VERSIONS = 3
 STATE_FILE = "state.json"
 PREVIOUS_STATE_FILE = "state.prev.json"
+OPTIONS_FILE = "options.json"
 EXIT_NEEDS_OPERATOR = 2  # exit status of `tierfl aggregator` when the state directory needs an operator
 
 
@@ -52,6 +54,33 @@ class StateRecord(BaseModel):
     round: int  # last round that finished (committed or failed)
     history: list[RoundSummary] = []
     weights_sha256: dict[int, str] = {}  # kept version -> sha256 of its weights file (empty in older state dirs)
+
+
+OptionValue = str | int | float | bool | list[str] | None
+
+
+class RunOptions(BaseModel):
+    """What options.json holds: the command line of the latest start, as its parser resolved it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    started: float  # unix time
+    options: dict[str, OptionValue]  # option dest -> value; secrets masked
+
+
+def write_run_options(root: Path, options: dict[str, OptionValue]) -> None:
+    """Record the options of this start in ROOT/options.json."""
+    record = RunOptions(started=time.time(), options=options)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write(root / OPTIONS_FILE, lambda out: out.write(record.model_dump_json(indent=1).encode()))
+
+
+def read_run_options(root: Path) -> RunOptions | None:
+    """The options of the latest start, or None if none were recorded (or the file does not read)."""
+    try:
+        return RunOptions.model_validate_json((root / OPTIONS_FILE).read_bytes())
+    except (OSError, ValidationError):
+        return None
 
 
 class StateMismatch(RuntimeError):

@@ -191,3 +191,16 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
             raise ConnectionError("closed by the server before answering")
         data += chunk
     return data
+
+
+def mask_password(text: str, mask: str = "***") -> str:
+    """`text` with the password of a URL in it replaced by `mask` (anything that is no such URL unchanged)."""
+    try:
+        parts = urlsplit(text)
+        password = parts.password
+    except ValueError:
+        return text
+    if password is None:
+        return text
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:{mask}@{host}").geturl()

@@ -278,6 +278,7 @@ def test_fedprox_with_partial_work_at_the_deadline(tmp_path, mosquitto_url, flee
         assert steps and all(0 < s < 500 * 90 for s in steps)  # partial: far fewer than 500 epochs of ~90 batches
         left = sorted(p.name for p in (tmp_path / "state").iterdir())
         assert not {"ledger.sqlite-wal", "ledger.sqlite-shm", "open_round"} & set(left), left  # a clean exit tidies up
+        assert json.loads((tmp_path / "state" / "options.json").read_text())["options"]["mu"] == 0.1
     finally:
         watcher.close()
         _stop([aggregator, *devices])

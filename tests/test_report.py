@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
 import numpy as np
 
+from aggregator import cli
 from aggregator.artifacts import ArtifactStore
 from aggregator.engine import EngineConfig, RoundEngine
 from aggregator.ledger import Ledger
 from aggregator.registry import DeviceRegistry
 from aggregator.report import load_run, render
-from aggregator.state import StateRecord, StateStore
+from aggregator.state import StateRecord, StateStore, write_run_options
 from aggregator.strategy import FedAvg
 from models.export import export_all
 from models.zoo import ModelSpec
@@ -65,6 +67,22 @@ def test_report_of_a_real_engine_run_escapes_what_came_from_the_network(tmp_path
     assert "malformed" in page and "Last 1 refused messages" in page
     assert re.search(r"<th>tier</th>.*<td>b</td><td>0\.5</td>", page)  # tiers from STATE/artifacts/index.json
     assert "federated" in page  # accuracy from the devices' evaluation
+
+
+def test_report_lists_the_options_of_the_latest_start_with_the_password_masked(tmp_path):
+    state = tmp_path / "state"
+    _engine_run(state)
+    parser = argparse.ArgumentParser()
+    cli.configure_parser(parser)
+    args = parser.parse_args(["--strategy", "fedprox", "--lr", "0.05", "--epochs", "3", "--rounds", "2",
+                              "--broker", "mqtt://aggregator:hunter2@broker.lan:1883", "--state-dir", str(state)])
+    write_run_options(state, cli.run_options(args))
+    assert main(["report", str(state)]) == 0
+    page = (state / "report.html").read_text()
+    for option, value in (("--strategy", "fedprox"), ("--lr", "0.05"), ("--epochs", "3"), ("--rounds", "2"),
+                          ("--broker", "mqtt://aggregator:***@broker.lan:1883")):
+        assert f"<tr><th>{option}</th><td>{value}</td></tr>" in page, option
+    assert "hunter2" not in page and "hunter2" not in (state / "options.json").read_text()
 
 
 def test_report_without_ledger_or_artifacts_uses_the_round_summaries(tmp_path):

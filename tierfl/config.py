@@ -36,10 +36,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
-from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 from pydantic_core import PydanticCustomError
+
+from protocol.mqtt_url import mask_password
 
 log = logging.getLogger(__name__)
 
@@ -376,14 +377,7 @@ def masked(option: Option, value: Any) -> Any:
     if SECRET_KEY.search(option.key) and value not in (None, ""):
         return MASK
     if isinstance(value, str):
-        try:
-            parts = urlsplit(value)
-            password = parts.password
-        except ValueError:
-            return value
-        if password is not None:
-            host = parts.netloc.rpartition("@")[2]
-            return parts._replace(netloc=f"{parts.username or ''}:{MASK}@{host}").geturl()
+        return mask_password(value, MASK)
     return value
 
 
