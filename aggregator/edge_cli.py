@@ -102,7 +102,13 @@ def run(args: argparse.Namespace) -> int:
                           args.parent_fleet, args.parent_id, args.tier, key, parent_trust=trust,
                           max_message_bytes=args.max_message_bytes)
     stop = threading.Event()
+
+    def on_signal(number: int, frame: object) -> None:
+        log.info("%s: stopping (telling %s we are offline)", signal.Signals(number).name, args.parent_id)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     service.run(stop)
+    log.info("stopped after forwarding %d combined updates to %s", service.forwarded, args.parent_id)
     return 0

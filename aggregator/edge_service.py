@@ -44,6 +44,7 @@ class EdgeService(AggregatorService):
         self.parent_id, self.tier, self.key = parent_id, tier, key
         self.parent_trust = parent_trust  # None: the parent's frames are taken unverified
         self._announced_samples = -1
+        self.forwarded = 0  # combined updates sent to the parent
         self.parent = MqttLink(
             parent_broker,
             client_id=f"tierfl-{parent_fleet}-{edge_id}",
@@ -76,6 +77,7 @@ class EdgeService(AggregatorService):
         if combined := self.edge.take_combined():
             update, tensors = combined
             sent = self.parent.publish(self.parent_topics.up(self.aggregator_id), self._parent_frame(update, tensors))
+            self.forwarded += 1
             log.info("forwarded round %d to %s: %d samples, %d bytes", update.round, self.parent_id, update.num_samples, sent)
         self._announce()
 

@@ -94,6 +94,10 @@ def test_edge_aggregator_forwards_its_group_as_one_update(tmp_path, mosquitto_ur
             assert time.time() < deadline, (tmp_path / "edge.log").read_text()[-2000:]
             time.sleep(0.2)
         assert "round 4" not in (tmp_path / "edge.log").read_text()
+        edge.terminate()
+        assert edge.wait(20) == 0
+        assert "SIGTERM: stopping" in (tmp_path / "edge.log").read_text()
+        assert "stopped after forwarding 3 combined updates to aggregator" in (tmp_path / "edge.log").read_text()
     finally:
         watcher.close()
         _stop([aggregator, edge, *direct, *group])
