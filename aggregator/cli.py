@@ -99,6 +99,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     status.add_argument("--status-host", default="127.0.0.1",
                         help="address the status page binds; 0.0.0.0 exposes it to the network, unauthenticated "
                              "(default: %(default)s)")
+    status.add_argument("--linger", type=float, default=0.0, metavar="S",
+                        help="keep the status page up for S seconds after the last round, to look at a short run "
+                             "(default: %(default)s)")
     model = parser.add_argument_group("model and state")
     model.add_argument("--state-dir", type=Path, default=Path("runs/aggregator"), help="durable state (default: %(default)s)")
     model.add_argument("--recover", action="store_true",
@@ -347,6 +350,9 @@ def serve(args: argparse.Namespace) -> int:
                                        signatures=SignatureCheck(EnrolledKeys.load(args.enrolled).root) if args.enrolled else None,
                                        monitor=monitor, key=key)
             service.run(stop)
+            if monitor is not None and args.linger > 0 and not stop.is_set():
+                log.info("all rounds done; the status page stays up at %s for %.0f s (--linger)", monitor.url, args.linger)
+                stop.wait(args.linger)
         log.info("stopped after round %d at version %d; rejected: %s; ledger %s: %s", engine.record.round,
                  engine.record.version, dict(engine.rejected) or "none", ledger.path, ledger.counts())
         return 0

@@ -299,3 +299,19 @@ def test_browser_chart_renders_and_grows_across_rounds(chromium, federation, tmp
     assert markers2[-1][1] < markers2[0][1]
     for color in (ACCURACY_LINE, BYTES_UP, BYTES_DOWN):
         assert _near(image2, color).sum() > _near(image1, color).sum() > 50, f"the chart in {color} must grow"
+
+
+def test_linger_keeps_the_status_page_up_after_the_last_round(tmp_path, mosquitto_url, fleet):
+    log = tmp_path / "aggregator.log"
+    aggregator = tierfl("aggregator", "--broker", mosquitto_url, "--fleet", fleet, "--state-dir", str(tmp_path / "state"),
+                        "--min-clients", "1", "--rounds", "1", "--status-port", "0", "--linger", "4", log=log)
+    device = tierfl("client", "--broker", mosquitto_url, "--fleet", fleet, "--device-id", "d0", "--data", "digits",
+                    "--cache-dir", str(tmp_path / "d0"), log=tmp_path / "d0.log")
+    try:
+        lingering = re.compile(r"the status page stays up at (http://127\.0\.0\.1:\d+/) for 4 s")
+        _wait_for(lambda: lingering.search(log.read_text()), 90, "the last round and the linger")
+        with urllib.request.urlopen(lingering.search(log.read_text()).group(1) + "status.json", timeout=10) as response:
+            assert json.loads(response.read())["version"] == 1, "the finished run is still on show"
+        assert aggregator.wait(30) == 0
+    finally:
+        _stop([aggregator, device])
