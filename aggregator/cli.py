@@ -317,7 +317,8 @@ def serve(args: argparse.Namespace) -> int:
     with contextlib.closing(ledger):  # closed on every way out: no -wal and -shm files left behind
         if args.strategy == "fedbuff":
             buffer = BufferConfig(buffer_size=args.buffer_size, max_staleness=args.max_staleness,
-                                  staleness_exponent=args.staleness_exponent, concurrency=args.concurrency)
+                                  staleness_exponent=args.staleness_exponent, concurrency=args.concurrency,
+                                  min_clients=args.min_clients)
             engine: RoundEngine = BufferedEngine(config, buffer, strategy, artifacts, StateStore(args.state_dir),
                                                  DeviceRegistry(max_devices=args.max_devices), evaluator, ledger, privacy=privacy)
         elif secure is not None:  # with --enrolled, advertisements that do not verify are refused at the aggregator too

@@ -109,6 +109,8 @@ class _OpenRound:
 class RoundEngine:
     """Runs rounds of one strategy over the registry's devices, committing each version durably."""
 
+    UNIT = "round"  # what the logs call one applied version
+
     def __init__(
         self,
         config: EngineConfig,
@@ -444,8 +446,8 @@ class RoundEngine:
         for device_id in missing:
             self.registry.missed(device_id)
         log.info(
-            "round %d %s: %d/%d answered%s; version %d; accuracy %s (%s)",
-            current.number, "committed" if committed else f"FAILED ({'non_finite' if refused else 'too few updates'})",
+            "%s %d %s: %d/%d answered%s; version %d; accuracy %s (%s)",
+            self.UNIT, current.number, "committed" if committed else f"FAILED ({'non_finite' if refused else 'too few updates'})",
             len(current.answered), len(current.assignments),
             f", dropped {_listing(missing)}" if missing else "",
             self.record.version, f"{summary.accuracy:.4f}" if summary.accuracy is not None else "n/a",

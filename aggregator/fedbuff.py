@@ -54,6 +54,7 @@ class BufferConfig(BaseModel):
     max_staleness: int = Field(10, ge=0)  # updates trained on an older version than this are refused
     staleness_exponent: float = Field(0.5, ge=0)  # s(tau) = (1 + tau) ** -exponent
     concurrency: int | None = Field(None, ge=1)  # most devices training at once (None: every idle device)
+    min_clients: int = Field(1, ge=1)  # devices available before the first tasks go out (after each start)
 
 
 def staleness_factor(staleness: int, exponent: float) -> float:
@@ -74,6 +75,8 @@ class _Flight:
 class BufferedEngine(RoundEngine):
     """Runs FedBuff over the registry's devices; same interface to the service as the round engine."""
 
+    UNIT = "buffer"  # what the logs call one applied version
+
     def __init__(
         self,
         config: EngineConfig,
@@ -90,6 +93,7 @@ class BufferedEngine(RoundEngine):
         self._flights: dict[str, _Flight] = {}
         self._dispatches = 0
         self._staleness: list[int] = []  # of the updates in the open buffer
+        self._started = False  # min_clients devices were available once since this process started
         super().__init__(config.model_copy(update={"static_batch_norm": False}), strategy, artifacts, store, registry,
                          evaluator, ledger, privacy=privacy)  # DP: each applied buffer is charged as sampling rate 1
 
@@ -134,7 +138,16 @@ class BufferedEngine(RoundEngine):
                  self.store.open_round.folder, self._open.accumulator.count)
 
     def _dispatch(self, now: float) -> list[Outgoing]:
-        idle = [d for d in self.registry.available(now) if d.device_id not in self._flights]
+        available = self.registry.available(now)
+        if not self._started:
+            if len(available) < self.buffer.min_clients:
+                if not self._waiting_logged:
+                    log.info("buffer %d: waiting for devices (%d of --min-clients %d available)",
+                             self.record.round + 1, len(available), self.buffer.min_clients)
+                    self._waiting_logged = True
+                return []
+            self._started = True
+        idle = [d for d in available if d.device_id not in self._flights]
         room = len(idle) if self.buffer.concurrency is None else self.buffer.concurrency - len(self._flights)
         if not idle or room <= 0:
             return []

@@ -177,6 +177,15 @@ def _buffered(art: Path, state: Path, devices: int, buffer: BufferConfig, rounds
                           ArtifactStore(art), StateStore(state), registry)
 
 
+def test_fedbuff_waits_for_min_clients_before_the_first_tasks(art_dir: Path, tmp_path: Path, caplog) -> None:
+    engine = _buffered(art_dir, tmp_path / "state", devices=2, buffer=BufferConfig(buffer_size=2, min_clients=3))
+    with caplog.at_level("INFO", logger="aggregator.fedbuff"):
+        assert engine.tick(0.0) == [] and engine.tick(1.0) == []
+    assert caplog.text.count("buffer 1: waiting for devices (2 of --min-clients 3 available)") == 1
+    engine.registry.hello("d2", 30, 0, None, "ort-training", now=2.0)
+    assert sorted(o.device_id for o in engine.tick(2.0)) == ["d0", "d1", "d2"]
+
+
 class _Fleet:
     """The latest task of each device, from everything the engine sent."""
 
