@@ -27,6 +27,7 @@ test: $(STAMP)
 	  [ -z "$$missing" ] || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; } \
 	  || echo "make: could not install$$missing; the tests that need them fail (in CI too)"
+	$(VENV)/bin/lint-imports --no-cache  # the import contracts of pyproject.toml: which package may import which
 	$(PY) -m pytest $(ARGS)
 
 # Structure-aware fuzzing of the decoders (tests/test_fuzz.py): FUZZ_EXAMPLES cases for each of its three

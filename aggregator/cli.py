@@ -11,31 +11,31 @@ import sys
 import threading
 from pathlib import Path
 
-from aggregator.artifacts import ArtifactStore
+from aggregator.store.artifacts import ArtifactStore
 from aggregator.downlink import DOWNLINK_MODES
-from aggregator.engine import EngineConfig, RoundEngine
+from aggregator.engines.rounds import EngineConfig, RoundEngine
 from aggregator.evaluate import HeldOutEvaluator
-from aggregator.ledger import Ledger
-from aggregator.privacy import DpSettings, add_privacy_arguments, privacy_from_args
+from aggregator.store.ledger import Ledger
+from aggregator.strategies.privacy import DpSettings, add_privacy_arguments, privacy_from_args
 from aggregator.registry import DeviceRegistry
-from aggregator.robust import DEFAULT_TRIM_FRACTION, accumulator_from_args, add_integrity_arguments, add_robust_arguments
-from aggregator.secure_engine import SecureRoundEngine, add_secure_arguments, secure_from_args
+from aggregator.strategies.robust import DEFAULT_TRIM_FRACTION, accumulator_from_args, add_integrity_arguments, add_robust_arguments
+from aggregator.engines.secure import SecureRoundEngine, add_secure_arguments, secure_from_args
 from aggregator.service import AggregatorService
-from aggregator.round_spool import SpoolError
-from aggregator.state import (EXIT_NEEDS_OPERATOR, OptionValue, StateCorrupt, StateMismatch, StateStore, set_aside,
+from aggregator.store.round_spool import SpoolError
+from aggregator.store.state import (EXIT_NEEDS_OPERATOR, OptionValue, StateCorrupt, StateMismatch, StateStore, set_aside,
                               write_run_options)
-from aggregator.fedbuff import BufferConfig, BufferedEngine
-from aggregator.fedmut import FedMut
-from aggregator.sampling import SAMPLERS, make_sampler
-from aggregator.strategy import FedAvg
-from aggregator.tiering import TIER_POLICIES, TierPolicy, make_tier_policy, parse_tier_mix
-from edge_client.data import load_dataset
+from aggregator.engines.buffered import BufferConfig, BufferedEngine
+from aggregator.strategies.fedmut import FedMut
+from aggregator.strategies.sampling import SAMPLERS, make_sampler
+from aggregator.strategies.fedavg import FedAvg
+from aggregator.strategies.tiering import TIER_POLICIES, TierPolicy, make_tier_policy, parse_tier_mix
+from models.data import load_dataset
 from models.export import export_all
 from models.zoo import ModelSpec
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
-from protocol.embedded_broker import EmbeddedBroker
-from protocol.mqtt_url import mask_password
-from protocol.mqtt_url import parse as parse_broker
+from protocol.mqtt.embedded_broker import EmbeddedBroker
+from protocol.mqtt.url import mask_password
+from protocol.mqtt.url import parse as parse_broker
 from protocol.signing import AGGREGATOR_KEY_FILE, DeviceKey, EnrolledKeys, SignatureCheck
 
 log = logging.getLogger(__name__)

@@ -8,17 +8,17 @@ import signal
 import threading
 from pathlib import Path
 
-from aggregator.artifacts import ArtifactStore
-from aggregator.edge import EdgeEngine, FollowTask
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.engines.edge import EdgeEngine, FollowTask
 from aggregator.edge_service import EdgeService
-from aggregator.engine import EngineConfig
+from aggregator.engines.rounds import EngineConfig
 from aggregator.registry import DeviceRegistry
-from aggregator.robust import add_integrity_arguments
-from aggregator.sampling import UniformSampler
-from aggregator.state import StateStore
-from aggregator.tiering import TIER_POLICIES, make_tier_policy, parse_tier_mix
+from aggregator.strategies.robust import add_integrity_arguments
+from aggregator.strategies.sampling import UniformSampler
+from aggregator.store.state import StateStore
+from aggregator.strategies.tiering import TIER_POLICIES, make_tier_policy, parse_tier_mix
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
-from protocol.mqtt_url import parse as parse_broker
+from protocol.mqtt.url import parse as parse_broker
 from protocol.signing import DeviceKey, read_public_key
 from protocol.trust import AggregatorTrust
 

@@ -1,7 +1,7 @@
 """The edge aggregator service: an aggregator to its local group, a device to its parent.
 
 One thread, like the aggregator service it extends: frames from both brokers land in the same
-inbox. A task on the edge's downlink from the parent starts a local round (aggregator.edge);
+inbox. A task on the edge's downlink from the parent starts a local round (aggregator.engines.edge);
 when that round closes, its combined update goes up to the parent. The edge announces itself
 to the parent with its group's total samples, and again whenever that total changes. Frames from
 the parent are checked like a device checks its downlink: header first, then the parent's
@@ -16,15 +16,15 @@ import threading
 import time
 from typing import Any
 
-from aggregator.edge import EdgeEngine
-from aggregator.engine import Outgoing
+from aggregator.engines.edge import EdgeEngine
+from aggregator.engines.rounds import Outgoing
 from aggregator.service import AggregatorService
 import numpy as np
 
 from protocol.frame import FrameError, decode_payload, encode_frame, read_header
 from protocol.messages import Blob, Body, Hello, Reject, RejectReason, Status, Task
-from protocol.mqtt_link import MqttLink, Will
-from protocol.mqtt_url import BrokerAddress
+from protocol.mqtt.link import MqttLink, Will
+from protocol.mqtt.url import BrokerAddress
 from protocol.signing import KEY_ANNOUNCEMENT, DeviceKey, SignatureError
 from protocol.topics import Topics
 from protocol.trust import AggregatorTrust

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnxruntime
 
-from edge_client.data import Dataset
-from edge_client.trainer import score_logits
+from models.data import Dataset
+from models.scoring import score_logits
 from models.slicing import slice_params
 from models.zoo import INPUT_NAME, ModelSpec, build_forward, init_global_params, param_shapes
 

@@ -1,9 +1,11 @@
-"""The service's inbox: what paho's network thread hands over, bounded in bytes overall and per topic.
+"""The service's inbox: what paho's network thread hands over, bounded in bytes and items, fair across topics.
 
 One topic is one sender (`up/ID`, `status/ID`), so a device flooding its own topics fills only its
-own share; an honest device's frames still get in. When the whole inbox is full the network thread
-waits a little for the service loop (back-pressure on the broker's TCP stream), then drops. Every
-drop is counted per topic and reported to the service loop, which counts it as `rate_limited`.
+own share, and the service loop takes one item from each waiting topic in turn: an honest device's
+update waits behind at most one item of each other busy topic, never behind a flood's backlog.
+When the whole inbox is full the network thread waits a little for the service loop
+(back-pressure on the broker's TCP stream), then drops. Every drop is counted per topic and
+reported to the service loop, which counts it as `rate_limited`.
 """
 
 from __future__ import annotations
@@ -16,16 +18,20 @@ from protocol.frame import FrameError
 DEFAULT_MAX_BYTES = 256 << 20  # queued frame bytes, all senders
 DEFAULT_MAX_TOPIC_BYTES = 80 << 20  # queued frame bytes of one topic: a whole update and some to spare
 DEFAULT_MAX_ITEMS = 100_000  # queued messages, all senders (a refusal costs about 200 bytes)
+DEFAULT_MAX_TOPIC_ITEMS = 10_000  # queued messages of one topic
 Item = tuple[str, bytes | FrameError]
 
 
 class Inbox:
-    """A FIFO of (topic, frame bytes or FrameError) within byte and count budgets."""
+    """Per-topic FIFOs of (topic, frame bytes or FrameError), served round-robin, within byte and count budgets."""
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, max_topic_bytes: int = DEFAULT_MAX_TOPIC_BYTES,
-                 max_items: int = DEFAULT_MAX_ITEMS, wait_s: float = 0.5) -> None:
+                 max_items: int = DEFAULT_MAX_ITEMS, wait_s: float = 0.5,
+                 max_topic_items: int = DEFAULT_MAX_TOPIC_ITEMS) -> None:
         self.max_bytes, self.max_topic_bytes, self.max_items, self.wait_s = max_bytes, max_topic_bytes, max_items, wait_s
-        self._items: collections.deque[Item] = collections.deque()
+        self.max_topic_items = max_topic_items
+        self._queues: collections.OrderedDict[str, collections.deque[bytes | FrameError]] = collections.OrderedDict()
+        self._items = 0
         self._bytes = 0
         self._topic_bytes: collections.Counter[str] = collections.Counter()
         self._dropped: collections.Counter[str] = collections.Counter()
@@ -35,24 +41,34 @@ class Inbox:
         """Queue one item (network thread); drop it if its topic's share is used up or the inbox stays full."""
         size = _size(item)
         with self._changed:
-            if self._topic_bytes[topic] + size > self.max_topic_bytes:
+            queue = self._queues.get(topic)
+            if self._topic_bytes[topic] + size > self.max_topic_bytes or (queue and len(queue) >= self.max_topic_items):
                 self._dropped[topic] += 1
                 return
             if not self._changed.wait_for(lambda: self._fits(size), timeout=self.wait_s):
                 self._dropped[topic] += 1
                 return
-            self._items.append((topic, item))
+            if topic not in self._queues:  # a topic not yet waiting joins the end of the rotation
+                self._queues[topic] = collections.deque()
+            self._queues[topic].append(item)
+            self._items += 1
             self._bytes += size
             self._topic_bytes[topic] += size
             self._changed.notify_all()
 
     def get(self, timeout: float) -> Item | None:
-        """The oldest item, waiting up to `timeout` seconds for one (service loop); None if there is none."""
+        """The oldest item of the next waiting topic in turn, waiting up to `timeout` seconds (service loop)."""
         with self._changed:
             if not self._changed.wait_for(lambda: bool(self._items), timeout=timeout):
                 return None
-            topic, item = self._items.popleft()
+            topic, queue = next(iter(self._queues.items()))
+            item = queue.popleft()
+            if queue:
+                self._queues.move_to_end(topic)  # the others go first
+            else:
+                del self._queues[topic]
             size = _size(item)
+            self._items -= 1
             self._bytes -= size
             self._topic_bytes[topic] -= size
             if not self._topic_bytes[topic]:
@@ -68,10 +84,10 @@ class Inbox:
 
     def __len__(self) -> int:
         with self._changed:
-            return len(self._items)
+            return self._items
 
     def _fits(self, size: int) -> bool:
-        return self._bytes + size <= self.max_bytes and len(self._items) < self.max_items
+        return self._bytes + size <= self.max_bytes and self._items < self.max_items
 
 
 def _size(item: bytes | FrameError) -> int:

@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from protocol.messages import RejectReason, RoundSummary
 
 if TYPE_CHECKING:
-    from aggregator.engine import RoundEngine
+    from aggregator.engines.rounds import RoundEngine
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ class DeviceInfo:
     last_seen: float
     holds: dict[str, int] = field(default_factory=dict)  # tier -> model version whose weights the device holds
     seconds_per_sample: dict[str, float] = field(default_factory=dict)  # tier -> training speed, announced or measured
-    # Participation record, for client sampling (aggregator.sampling):
+    # Participation record, for client sampling (aggregator.strategies.sampling):
     tasks_asked: int = 0
     tasks_answered: int = 0
     missed_in_a_row: int = 0

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from aggregator.state import RunOptions, StateRecord, read_run_options
+from aggregator.store.state import RunOptions, StateRecord, read_run_options
 from protocol.atomic_file import atomic_write
 from protocol.messages import RoundSummary
 
@@ -84,7 +84,7 @@ class RunData:
     record: StateRecord
     ledger: LedgerSummary | None
     ledger_note: str
-    artifacts: object | None  # aggregator.artifacts.ArtifactStore
+    artifacts: object | None  # aggregator.store.artifacts.ArtifactStore
     artifacts_note: str
     options: RunOptions | None = None  # the latest start's options (options.json), if recorded
 
@@ -134,7 +134,7 @@ def _read_ledger(path: Path, last: int) -> tuple[LedgerSummary | None, str]:
 
 
 def _read_artifacts(folder: Path, identity: str) -> tuple[object | None, str]:
-    from aggregator.artifacts import ArtifactStore
+    from aggregator.store.artifacts import ArtifactStore
 
     if not (folder / "index.json").is_file():
         return None, (f"no export index at {folder / 'index.json'}: the aggregator ran with --artifacts elsewhere "

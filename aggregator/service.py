@@ -21,19 +21,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from aggregator.artifacts import ArtifactStore
-from aggregator.batchnorm import statistic_names
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.strategies.batchnorm import statistic_names
 from aggregator.downlink import Downlink
-from aggregator.engine import Outgoing, RoundEngine, reject
+from aggregator.engines.rounds import Outgoing, RoundEngine, reject
 from aggregator.inbox import Inbox
 from aggregator.refusals import RateLimiter, RefusalLog
 from aggregator.registry import DeviceRegistry, RegistryFull
-from aggregator.secure_engine import SecureRoundEngine
+from aggregator.engines.secure import SecureRoundEngine
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.frame import Frame, FrameError, RawFrame, decode_payload, encode_frame, read_header
 from protocol.messages import Blob, Fetch, FrameHeader, Hello, Reject, RejectReason, SecAgg, Statistics, Status, Task, Update
-from protocol.mqtt_link import MqttLink
-from protocol.mqtt_url import BrokerAddress
+from protocol.mqtt.link import MqttLink
+from protocol.mqtt.url import BrokerAddress
 from protocol.signing import DeviceKey, SignatureCheck, SignatureError, key_announcement
 from protocol.topics import Topics
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from edge_client.data import Dataset, load_dataset
+from models.data import Dataset, load_dataset
 from models.manifest import ExportIndex, TierManifest
 from models.tiers import TIER_RATES, tier_rate
 from models.zoo import BN_EPSILON, BN_MOMENTUM, ModelSpec

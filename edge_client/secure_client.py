@@ -1,4 +1,4 @@
-"""The device's side of secure rounds (protocol.secagg): keys, shares, the masked delta, unmasking.
+"""The device's side of secure rounds (protocol.secagg.messages): keys, shares, the masked delta, unmasking.
 
 A secure task (Task.secure) opens a session on the network thread at once: fresh keys are
 advertised before training starts. The roster is answered with encrypted shares, the share
@@ -28,9 +28,9 @@ from pydantic import BaseModel, ValidationError
 
 from edge_client.trainer import EvalStats
 from protocol.messages import SecAgg, SecureAggregation, Task
-from protocol.secagg import KeyRoster, SecAggError, SecAggParams, ShareDelivery, UnmaskRequest
-from protocol.secagg_device import SecAggDevice
-from protocol.secagg_wire import unwrap, wrap
+from protocol.secagg.messages import KeyRoster, SecAggError, SecAggParams, ShareDelivery, UnmaskRequest
+from protocol.secagg.device import SecAggDevice
+from protocol.secagg.wire import unwrap, wrap
 
 log = logging.getLogger(__name__)
 Send = Callable[[SecAgg, Mapping[str, np.ndarray] | None], int]  # publish one message up; returns the bytes sent

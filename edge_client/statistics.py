@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from edge_client.data import Dataset
+from models.data import Dataset
 from models.spec import INPUT_NAME
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 import onnxruntime
 
-from edge_client.data import Dataset, batches
+from models.data import Dataset, batches
 from models.manifest import TierManifest
 from models.ort_training import load_training_api
 from models.spec import CLASS_MASK_NAME, GLOBAL_SUFFIX, INPUT_NAME, MU_NAME, SCALE_NAME
@@ -68,13 +68,6 @@ def run_epochs(
             correct += int((logits.argmax(axis=1) == y).sum())
     return TrainStats(steps=steps, samples_seen=seen, loss=loss_sum / max(seen, 1),
                       accuracy=correct / max(seen, 1), seconds=time.perf_counter() - start)
-
-
-def score_logits(logits: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
-    """(summed cross-entropy, number correct) of a batch of logits against integer labels."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return float(-log_probs[np.arange(len(labels)), labels].sum()), int((logits.argmax(axis=1) == labels).sum())
 
 
 def check_weights(weights: Mapping[str, np.ndarray], manifest: TierManifest) -> None:

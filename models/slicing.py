@@ -6,10 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-
-def leading_slices(shape: tuple[int, ...]) -> tuple[slice, ...]:
-    """Index that selects the leading `shape` block of a larger tensor (`global[idx]`)."""
-    return tuple(slice(0, n) for n in shape)
+from protocol.blocks import leading_slices
 
 
 def slice_params(

@@ -133,7 +133,7 @@ class Status(_Strict):
 
 
 class SecureAggregation(_Strict):
-    """Task.secure: the round is summed by secure aggregation (protocol.secagg); answer with SecAgg messages, no Update."""
+    """Task.secure: the round is summed by secure aggregation (protocol.secagg.messages); answer with SecAgg messages, no Update."""
 
     session: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]  # this attempt at the round; messages of another are stale
     threshold: Annotated[int, Field(ge=2, le=MAX_DEVICES)]  # shares that rebuild a device's secrets
@@ -228,7 +228,7 @@ class Statistics(_Strict):
 
 
 class SecAgg(_Strict):
-    """Either way in a secure round: one protocol.secagg message, its JSON in `payload`.
+    """Either way in a secure round: one protocol.secagg.messages message, its JSON in `payload`.
 
     A masked input's ring integers travel as uint8 frame tensors (one per tensor, its bytes), not
     in the payload; its eval fields are the device's federated evaluation, as in Update.

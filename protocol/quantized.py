@@ -5,7 +5,7 @@ first axis (one row below two axes), and float32 scales, one per row or one for 
 stands for the float32 array q * scale: `np.asarray(tensor)` gives that array, arithmetic with
 it gives plain arrays, and `.shape` / `.dtype` say what it stands for, so code written for
 arrays keeps working. Its parts are public: `codes` (the int8 values in order) and `scales`, so
-`QuantizedTensor(t.codes, t.scales, t.shape)` is `t` again, bit for bit (aggregator.round_spool
+`QuantizedTensor(t.codes, t.scales, t.shape)` is `t` again, bit for bit (aggregator.store.round_spool
 stores them so). `add_into(target, weight)` does `target += np.asarray(tensor) * weight`, bit for
 bit, without materialising the float32 tensor:
 

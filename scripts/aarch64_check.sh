@@ -230,7 +230,7 @@ else
         sleep 1
     }
     [ -f "$ROOT/opt/check/digits.npz" ] || "$HOSTPY" -c \
-        "from edge_client.data import load_digits, save_npz; save_npz('$ROOT/opt/check/digits.npz', load_digits())"
+        "from models.data import load_digits, save_npz; save_npz('$ROOT/opt/check/digits.npz', load_digits())"
     FLEET=aarch64-$(od -An -N4 -tx4 /dev/urandom | tr -d ' ')
     STATE=$WORK/aggregator-state
     agg_args=(--log-format text aggregator --broker "$BROKER" --fleet "$FLEET" --min-clients 1 --rounds "$ROUNDS"

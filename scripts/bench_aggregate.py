@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.strategy import ClientUpdate, ElementwiseMean
+from aggregator.strategies.fedavg import ClientUpdate, ElementwiseMean
 from protocol.codecs import get_codec
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import Update, new_id

@@ -27,17 +27,17 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.artifacts import ArtifactStore
-from aggregator.edge import EdgeEngine, FollowTask
-from aggregator.engine import EngineConfig, Outgoing, RoundEngine
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.engines.edge import EdgeEngine, FollowTask
+from aggregator.engines.rounds import EngineConfig, Outgoing, RoundEngine
 from aggregator.evaluate import HeldOutEvaluator
-from aggregator.fedbuff import BufferConfig, BufferedEngine
-from aggregator.fedmut import FedMut
+from aggregator.engines.buffered import BufferConfig, BufferedEngine
+from aggregator.strategies.fedmut import FedMut
 from aggregator.registry import DeviceRegistry
-from aggregator.sampling import UniformSampler
-from aggregator.state import StateStore
-from aggregator.strategy import FedAvg
-from edge_client.data import FASHION_MNIST_ROOT, Dataset, dirichlet_partition, load_fashion_mnist
+from aggregator.strategies.sampling import UniformSampler
+from aggregator.store.state import StateStore
+from aggregator.strategies.fedavg import FedAvg
+from models.data import FASHION_MNIST_ROOT, Dataset, dirichlet_partition, load_fashion_mnist
 from edge_client.trainer import OrtTrainer
 from models.export import export_all
 from models.manifest import TierManifest

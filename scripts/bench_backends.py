@@ -77,7 +77,7 @@ def child_prepare(request: dict) -> dict:
     """Export every model's tiers, save their starting weights (.npz) and the data with its batch order (.npy)."""
     import numpy as np
 
-    from edge_client.data import load_digits, load_fashion_mnist
+    from models.data import load_digits, load_fashion_mnist
     from models.export import export_all
     from models.slicing import slice_params
     from models.zoo import ModelSpec, init_global_params, param_shapes
@@ -217,7 +217,7 @@ class _Batches:
     def __init__(self, data_dir: str) -> None:
         import numpy as np
 
-        from edge_client.data import Dataset
+        from models.data import Dataset
 
         folder = Path(data_dir)
         self.data = Dataset(np.load(folder / "x.npy", allow_pickle=False), np.load(folder / "y.npy", allow_pickle=False))

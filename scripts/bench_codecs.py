@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.evaluate import HeldOutEvaluator
-from aggregator.strategy import ClientUpdate, ElementwiseMean
+from aggregator.strategies.fedavg import ClientUpdate, ElementwiseMean
 from edge_client.compression import ErrorFeedback
-from edge_client.data import dirichlet_partition, load_fashion_mnist
+from models.data import dirichlet_partition, load_fashion_mnist
 from edge_client.trainer import OrtTrainer
 from models.export import export_all
 from models.manifest import TierManifest

@@ -3,7 +3,7 @@
 Every device trains with the real ORT training artifacts; the attackers (a seeded 20% of the
 devices, the same in every run) then send their honest delta multiplied by -10 (sign flip) or
 +10 (scaled). The aggregator combines the round with plain FedAvg or a defence from
-aggregator.robust (adaptive norm clipping at the median norm, coordinate-wise median, trimmed
+aggregator.strategies.robust (adaptive norm clipping at the median norm, coordinate-wise median, trimmed
 mean); each defence also runs without attack. Does every defence stay within 2 points of clean
 FedAvg while plain FedAvg degrades? One process; the MQTT hop is covered by the integration
 tests. Writes benchmarks/robust.{json,md,png}.
@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_heterofl import load_data, partition  # noqa: E402  (the same seeded subsets and partitions)
 
 from aggregator.evaluate import HeldOutEvaluator  # noqa: E402
-from aggregator.robust import robust_accumulator  # noqa: E402
-from aggregator.strategy import AccumulatorFactory, ClientUpdate  # noqa: E402
-from edge_client.data import FASHION_MNIST_ROOT, Dataset  # noqa: E402
+from aggregator.strategies.robust import robust_accumulator  # noqa: E402
+from aggregator.strategies.fedavg import AccumulatorFactory, ClientUpdate  # noqa: E402
+from models.data import FASHION_MNIST_ROOT, Dataset  # noqa: E402
 from edge_client.trainer import OrtTrainer  # noqa: E402
 from models.export import export_all  # noqa: E402
 from models.manifest import TierManifest  # noqa: E402

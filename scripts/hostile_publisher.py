@@ -30,7 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from protocol.chunking import CHUNK_MAGIC
 from protocol.frame import MAGIC, decode_frame, encode_frame
 from protocol.messages import Hello, Task, Update, new_id
-from protocol.mqtt_url import parse
+from protocol.mqtt.url import parse
 from protocol.topics import Topics
 
 Message = tuple[str, bytes, bool]  # topic, payload, retain

@@ -20,7 +20,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from aggregator.artifacts import ArtifactStore
+from aggregator.store.artifacts import ArtifactStore
 from protocol.frame import encode_frame
 from protocol.messages import Task
 from protocol.signing import AGGREGATOR_KEY_FILE, DeviceKey

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.artifacts import ArtifactStore
-from aggregator.engine import EngineConfig
-from aggregator.fedbuff import BufferConfig, BufferedEngine, staleness_factor
-from aggregator.fedmut import FedMut
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.engines.rounds import EngineConfig
+from aggregator.engines.buffered import BufferConfig, BufferedEngine, staleness_factor
+from aggregator.strategies.fedmut import FedMut
 from aggregator.registry import DeviceInfo, DeviceRegistry
-from aggregator.sampling import AvailabilitySampler, PowerOfChoiceSampler, UniformSampler
-from aggregator.state import StateStore
-from aggregator.strategy import ClientUpdate, Contribution, ElementwiseMean, FedAvg
-from aggregator.tiering import FixedTiers
+from aggregator.strategies.sampling import AvailabilitySampler, PowerOfChoiceSampler, UniformSampler
+from aggregator.store.state import StateStore
+from aggregator.strategies.fedavg import ClientUpdate, Contribution, ElementwiseMean, FedAvg
+from aggregator.strategies.tiering import FixedTiers
 from models.export import export_all
 from models.zoo import ModelSpec
 from protocol.messages import Reject, RejectReason, RoundSummary, Statistics, Task, Update, new_id
@@ -179,7 +179,7 @@ def _buffered(art: Path, state: Path, devices: int, buffer: BufferConfig, rounds
 
 def test_fedbuff_waits_for_min_clients_before_the_first_tasks(art_dir: Path, tmp_path: Path, caplog) -> None:
     engine = _buffered(art_dir, tmp_path / "state", devices=2, buffer=BufferConfig(buffer_size=2, min_clients=3))
-    with caplog.at_level("INFO", logger="aggregator.fedbuff"):
+    with caplog.at_level("INFO", logger="aggregator.engines.buffered"):
         assert engine.tick(0.0) == [] and engine.tick(1.0) == []
     assert caplog.text.count("buffer 1: waiting for devices (2 of --min-clients 3 available)") == 1
     engine.registry.hello("d2", 30, 0, None, "ort-training", now=2.0)
@@ -299,8 +299,8 @@ def test_edge_then_root_equals_flat_aggregation_with_tiers(weighted: bool) -> No
 
 
 def test_partial_work_weighs_by_the_share_of_steps_done_when_asked() -> None:
-    from aggregator.engine import work_done
-    from aggregator.strategy import Assignment
+    from aggregator.engines.rounds import work_done
+    from aggregator.store.round_spool import Assignment
     update = Update(update_id=new_id(), round=1, base_version=0, tier="a", num_samples=100, steps=4, train_loss=1.0,
                     train_accuracy=0.5, train_seconds=1.0)
     asked = Assignment("d", "a", epochs=2, batch_size=32, learning_rate=0.1, weigh_work=True)  # 2 x ceil(100/32) = 8 steps
@@ -318,8 +318,8 @@ def test_partial_work_weighs_by_the_share_of_steps_done_when_asked() -> None:
 
 
 def test_privacy_books_charge_committed_rounds_and_survive_a_restart(art_dir: Path, tmp_path: Path) -> None:
-    from aggregator.engine import RoundEngine
-    from aggregator.privacy import CentralDp, PrivacyBudget
+    from aggregator.engines.rounds import RoundEngine
+    from aggregator.strategies.privacy import CentralDp, PrivacyBudget
 
     def engine() -> RoundEngine:
         registry = DeviceRegistry()
@@ -351,7 +351,7 @@ def test_privacy_books_charge_committed_rounds_and_survive_a_restart(art_dir: Pa
 
 def test_fedprox_loss_and_gradient_match_numpy(tmp_path: Path) -> None:
     """Full-batch SGD: step 2 with mu differs from step 2 without by -lr * mu * (w1 - w0), its loss by mu/2 ||w1 - w0||^2."""
-    from edge_client.data import load_digits
+    from models.data import load_digits
     from edge_client.trainer import OrtTrainer
     from models.manifest import TierManifest
     from models.zoo import init_global_params
@@ -400,7 +400,7 @@ def test_fedbuff_buffer_survives_a_restart(art_dir: Path, tmp_path: Path) -> Non
 
 
 def test_root_checks_an_edge_aggregators_contributors(tmp_path: Path) -> None:
-    from aggregator.engine import RoundEngine
+    from aggregator.engines.rounds import RoundEngine
     from protocol.messages import TierShare
 
     export_all(SPEC, ["a", "c"], tmp_path / "art")

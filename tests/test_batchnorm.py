@@ -9,14 +9,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from aggregator.artifacts import ArtifactStore
-from aggregator.batchnorm import StatisticsPool, with_statistics
-from aggregator.engine import EngineConfig, RoundEngine
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.strategies.batchnorm import StatisticsPool, with_statistics
+from aggregator.engines.rounds import EngineConfig, RoundEngine
 from aggregator.registry import DeviceRegistry
-from aggregator.state import StateStore
-from aggregator.strategy import FedAvg
-from aggregator.tiering import FixedTiers
-from edge_client.data import Dataset, load_digits
+from aggregator.store.state import StateStore
+from aggregator.strategies.fedavg import FedAvg
+from aggregator.strategies.tiering import FixedTiers
+from models.data import Dataset, load_digits
 from edge_client.statistics import measure_bn_statistics
 from models.export import export_all
 from models.manifest import STATISTICS_FILE

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_client.data import FASHION_MNIST_ROOT
+from models.data import FASHION_MNIST_ROOT
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_heterofl.py"
 

@@ -21,8 +21,8 @@ from protocol.messages import (
     MAX_DETAIL, MAX_FRAME_ELEMENTS, MAX_ROUND, MAX_SAMPLES, MAX_TENSORS, Hello, Reject, RejectReason, RoundSummary,
     SecAgg, Statistics, Status, Task, TierShare, Update, new_id,
 )
-from protocol.secagg import SecAggError
-from protocol.secagg_wire import unwrap
+from protocol.secagg.messages import SecAggError
+from protocol.secagg.wire import unwrap
 
 SHA = "ab" * 32
 CODECS = ["float32", "uint8", "float16", "int8", "int8-row", "int4", "topk", "topk+int8"]

@@ -21,12 +21,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from protocol.broker_config import (FILES, FleetCredentials, acl_text, check_password, generate, hash_password,
+from protocol.mqtt.broker_config import (FILES, FleetCredentials, acl_text, check_password, generate, hash_password,
                                     password_file_text)
 from protocol.frame import encode_frame
 from protocol.messages import Fetch
-from protocol.mqtt_link import MqttLink
-from protocol.mqtt_url import BrokerAddress, BrokerUnreachable, parse, wait_for_broker
+from protocol.mqtt.link import MqttLink
+from protocol.mqtt.url import BrokerAddress, BrokerUnreachable, parse, wait_for_broker
 from protocol.topics import Topics
 from tierfl.cli import main as tierfl_main
 
@@ -164,7 +164,7 @@ def test_help_explains_every_file(capsys):
     assert "example:" in text and all(name in text for name in FILES)
 
 
-# --- TLS addresses (protocol.mqtt_url) -----------------------------------------------------------------
+# --- TLS addresses (protocol.mqtt.url) -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("url", "expected"), [

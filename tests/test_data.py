@@ -1,4 +1,4 @@
-"""Local datasets, loaders, partitions and mini-batches of edge_client.data."""
+"""Local datasets, loaders, partitions and mini-batches of models.data."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_client.data import (
+from models.data import (
     FASHION_MNIST_ROOT,
     Dataset,
     batches,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.broker_config import mosquitto_conf
+from protocol.mqtt.broker_config import mosquitto_conf
 from tierfl.cli import COMMANDS
 from tierfl.config import parse_with_config, resolve
 

@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.artifacts import ArtifactStore
+from aggregator.store.artifacts import ArtifactStore
 from edge_client.agent import ClientConfig, DeviceAgent
 from edge_client.cache import ArtifactCache, CacheFull
-from edge_client.data import load_dataset, train_test_split
+from models.data import load_dataset, train_test_split
 from models.export import export_all
 from models.manifest import TierManifest
 from models.zoo import ModelSpec
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import Blob, Fetch, Hello, Reject, RejectReason, Status, Task, Update
-from protocol.mqtt_url import parse as parse_broker
+from protocol.mqtt.url import parse as parse_broker
 from protocol.signing import KEY_ANNOUNCEMENT, DeviceKey, key_announcement
 
 MLP = ModelSpec(arch="mlp", hidden=(16,))

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 import paho.mqtt.client as mqtt
 import pytest
 
-from protocol.embedded_broker import BrokerStartError, EmbeddedBroker, configure_parser, run
-from protocol.mqtt_url import BrokerAddress, BrokerUnreachable, parse, wait_for_broker
+from protocol.mqtt.embedded_broker import BrokerStartError, EmbeddedBroker, configure_parser, run
+from protocol.mqtt.url import BrokerAddress, BrokerUnreachable, parse, wait_for_broker
 
 pytestmark = pytest.mark.timeout(30)
 

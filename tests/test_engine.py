@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.artifacts import ArtifactStore
-from aggregator.engine import EngineConfig, Outgoing, RoundEngine
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.engines.rounds import EngineConfig, Outgoing, RoundEngine
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.registry import DeviceRegistry
-from aggregator.state import StateMismatch, StateStore
-from aggregator.strategy import FedAvg
-from edge_client.data import load_digits
+from aggregator.store.state import StateMismatch, StateStore
+from aggregator.strategies.fedavg import FedAvg
+from models.data import load_digits
 from models.export import export_all
 from models.zoo import ModelSpec, init_global_params, param_shapes
 from protocol.messages import Reject, RejectReason, RoundSummary, Task, Update, new_id

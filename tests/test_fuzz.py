@@ -27,11 +27,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from aggregator.artifacts import ArtifactStore
-from aggregator.engine import EngineConfig, RoundEngine
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.engines.rounds import EngineConfig, RoundEngine
 from aggregator.registry import DeviceRegistry
-from aggregator.state import StateStore
-from aggregator.strategy import FedAvg
+from aggregator.store.state import StateStore
+from aggregator.strategies.fedavg import FedAvg
 from models.export import export_all
 from models.zoo import ModelSpec
 from protocol.chunking import Reassembler, split_message
@@ -41,9 +41,9 @@ from protocol.messages import (
     MAX_LOSS, Blob, Fetch, Hello, Reject, RejectReason, RoundSummary, SecAgg, Statistics, Status, Task, TierShare,
     Update, new_id,
 )
-from protocol.secagg import AdvertiseKeys, SecAggError, UnmaskResponse
-from protocol.secagg_wire import unwrap
-from protocol.shamir import Share
+from protocol.secagg.messages import AdvertiseKeys, SecAggError, UnmaskResponse
+from protocol.secagg.wire import unwrap
+from protocol.secagg.shamir import Share
 
 SHA = "ab" * 32
 SAMPLES = [

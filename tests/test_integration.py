@@ -21,13 +21,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from aggregator.artifacts import ArtifactStore
+from aggregator.store.artifacts import ArtifactStore
 from edge_client.bench import BenchReport, BenchSettings, TierResult
 from models.tiers import TIER_RATES
 from models.zoo import ModelSpec
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import Hello, Reject, RejectReason, RoundSummary, Task, Update, new_id
-from protocol.mqtt_url import BrokerUnreachable, parse, wait_for_broker
+from protocol.mqtt.url import BrokerUnreachable, parse, wait_for_broker
 from protocol.signing import DeviceKey
 from protocol.topics import Topics
 from tests.conftest import tierfl

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.artifacts import ArtifactStore
-from aggregator.engine import EngineConfig, RoundEngine
-from aggregator.ledger import Ledger
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.engines.rounds import EngineConfig, RoundEngine
+from aggregator.store.ledger import Ledger
 from aggregator.registry import DeviceRegistry
-from aggregator.state import StateStore
-from aggregator.strategy import FedAvg
+from aggregator.store.state import StateStore
+from aggregator.strategies.fedavg import FedAvg
 from models.export import export_all
 from models.zoo import ModelSpec
 from protocol.messages import Reject, RejectReason, Update, new_id

@@ -10,7 +10,8 @@ import onnxruntime as ort
 import pytest
 from pydantic import ValidationError
 
-from models.slicing import leading_slices, slice_params
+from models.slicing import slice_params
+from protocol.blocks import leading_slices
 from models.tiers import TIER_RATES, scaled_width, tier_rate
 from models.zoo import (
     ModelSpec,

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from protocol.frame import FrameError
-from protocol.mqtt_link import MqttLink
-from protocol.mqtt_url import parse
+from protocol.mqtt.link import MqttLink
+from protocol.mqtt.url import parse
 from tests.test_integration import Mosquitto, own_mosquitto  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.integration

@@ -77,7 +77,7 @@ def _client(python: Path, url: str, fleet: str, name: str, data: Path, tmp_path:
 
 def _federation(tmp_path: Path, url: str, fleet: str, pythons: list[Path]) -> tuple[float, dict[str, str]]:
     """Run 8 rounds over 4 devices (one Dirichlet share each); return the final accuracy and each device's backend."""
-    from edge_client.data import dirichlet_partition, load_digits, save_npz
+    from models.data import dirichlet_partition, load_digits, save_npz
 
     tmp_path.mkdir()
     digits = load_digits()

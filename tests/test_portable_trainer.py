@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edge_client.backends import open_trainer, resolve_backend
-from edge_client.data import Dataset, load_digits
+from models.data import Dataset, load_digits
 from models.export import export_all
 from models.manifest import TierManifest
 from models.slicing import slice_params

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from aggregator.privacy import (
+from aggregator.strategies.privacy import (
     ORDERS,
     CentralDp,
     DpFedAvg,
@@ -23,9 +23,10 @@ from aggregator.privacy import (
     round_rng,
     sampled_gaussian_rdp,
 )
-from aggregator.robust import add_robust_arguments
-from aggregator.strategy import ClientUpdate, Contribution, ElementwiseMean
-from edge_client.privacy import clip_delta, delta_norm, privatize
+from aggregator.strategies.robust import add_robust_arguments
+from aggregator.strategies.fedavg import ClientUpdate, Contribution, ElementwiseMean
+from edge_client.privacy import privatize
+from protocol.clipping import clip_delta, delta_norm
 
 INTEGER_ORDERS = [float(a) for a in range(2, 257)]
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.artifacts import ArtifactStore
-from aggregator.ledger import Ledger
-from aggregator.round_spool import RoundPlan, RoundSpool
-from aggregator.state import EXIT_NEEDS_OPERATOR, PREVIOUS_STATE_FILE, StateCorrupt, StateRecord, StateStore
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.store.ledger import Ledger
+from aggregator.store.round_spool import RoundPlan, RoundSpool
+from aggregator.store.state import EXIT_NEEDS_OPERATOR, PREVIOUS_STATE_FILE, StateCorrupt, StateRecord, StateStore
 from models.export import export_all
 from models.zoo import ModelSpec, param_shapes
 from protocol import atomic_file

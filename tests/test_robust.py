@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from aggregator.cli import configure_parser
-from aggregator.robust import (
+from aggregator.strategies.robust import (
     AdaptiveClipping,
     CoordinateMedian,
     NormClipping,
@@ -26,8 +26,8 @@ from aggregator.robust import (
     robust_accumulator,
     update_norm,
 )
-from aggregator.strategy import Accumulator, ClientUpdate, ElementwiseMean, FedAvg
-from edge_client.data import FASHION_MNIST_ROOT
+from aggregator.strategies.fedavg import Accumulator, ClientUpdate, ElementwiseMean, FedAvg
+from models.data import FASHION_MNIST_ROOT
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_robust.py"
 
@@ -72,11 +72,11 @@ def test_median_and_trimmed_mean_of_one_tier() -> None:
 def test_a_trimmed_mean_of_too_few_updates_says_it_trimmed_nothing(caplog: pytest.LogCaptureFixture) -> None:
     g = {"w": np.array([1.0, 2.0], np.float32)}
     deltas = [{"w": [v, -v]} for v in (1.0, 2.0, 100.0)]
-    with caplog.at_level("WARNING", logger="aggregator.robust"):
+    with caplog.at_level("WARNING", logger="aggregator.strategies.robust"):
         np.testing.assert_allclose(_aggregate(TrimmedMean(g, 0.2), deltas)["w"], [1 + 103 / 3, 2 - 103 / 3], rtol=1e-6)
     assert "trims nothing (floor(0.2 x 3) = 0): this round is a plain mean; it trims from 5 updates on" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="aggregator.robust"):
+    with caplog.at_level("WARNING", logger="aggregator.strategies.robust"):
         _aggregate(TrimmedMean(g, 0.2), [{"w": [v, -v]} for v in range(5)])
     assert caplog.text == ""
 

@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
-from models.slicing import leading_slices
-from protocol import shamir
-from protocol.secagg import (
+from protocol.blocks import leading_slices
+from protocol.secagg import shamir
+from protocol.secagg.messages import (
     AdvertiseKeys,
     EncryptedShares,
     KeyRoster,
@@ -27,10 +27,10 @@ from protocol.secagg import (
     UnmaskRequest,
     quantize,
 )
-from protocol.secagg_device import SecAggDevice
-from protocol.secagg_driver import DeviceRound, run_secure_round
-from protocol.secagg_server import SecAggServer
-from protocol.shamir import ShamirError
+from protocol.secagg.device import SecAggDevice
+from tests.secagg_driver import DeviceRound, run_secure_round
+from protocol.secagg.server import SecAggServer
+from protocol.secagg.shamir import ShamirError
 
 GLOBAL = {"conv.weight": (8, 4, 3, 3), "conv.bias": (8,)}
 WIDTHS = {"d0": 1.0, "d1": 0.5, "d2": 0.25, "d3": 1.0, "d4": 0.5, "d5": 0.25}

@@ -13,9 +13,9 @@ import pytest
 from protocol.chunking import Reassembler
 from protocol.frame import decode_frame
 from protocol.messages import SecAgg, Update
-from protocol.secagg import AdvertiseKeys
-from protocol.secagg_device import verify_advertisement
-from protocol.secagg_wire import unwrap
+from protocol.secagg.messages import AdvertiseKeys
+from protocol.secagg.device import verify_advertisement
+from protocol.secagg.wire import unwrap
 from protocol.signing import DeviceKey
 from protocol.topics import Topics
 from tests.test_algorithms_integration import _devices, _summaries

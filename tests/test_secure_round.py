@@ -17,24 +17,24 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from aggregator.artifacts import ArtifactStore
+from aggregator.store.artifacts import ArtifactStore
 from aggregator.cli import configure_parser
-from aggregator.engine import EngineConfig, Outgoing
-from aggregator.ledger import Ledger
+from aggregator.engines.rounds import EngineConfig, Outgoing
+from aggregator.store.ledger import Ledger
 from aggregator.registry import DeviceRegistry
-from aggregator.secure_engine import SecureConfig, SecureRoundEngine, fraction_bits, secure_from_args
-from aggregator.state import StateStore
-from aggregator.strategy import FedAvg
+from aggregator.engines.secure import SecureConfig, SecureRoundEngine, fraction_bits, secure_from_args
+from aggregator.store.state import StateStore
+from aggregator.strategies.fedavg import FedAvg
 from edge_client.secure_client import SecureClient
 from models.export import export_all
-from models.slicing import leading_slices
+from protocol.blocks import leading_slices
 from models.zoo import ModelSpec
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import Reject, RejectReason, RoundSummary, SecAgg, Task, Update, new_id
-from protocol.secagg import AdvertiseKeys, KeyRoster, SecAggError
-from protocol.secagg_device import _share_aad, verify_advertisement
-from protocol.secagg_masks import agree_key, public_key_hex
-from protocol.secagg_wire import unwrap, wrap
+from protocol.secagg.messages import AdvertiseKeys, KeyRoster, SecAggError
+from protocol.secagg.device import _share_aad, verify_advertisement
+from protocol.secagg.masks import agree_key, public_key_hex
+from protocol.secagg.wire import unwrap, wrap
 from protocol.signing import DeviceKey
 
 SPEC = ModelSpec(arch="mlp", image_size=8, hidden=(16,))
@@ -164,7 +164,7 @@ def test_fraction_bits_keep_the_sum_inside_the_ring() -> None:
 
 def test_mixed_tiers_with_a_dropout_before_and_after_masking_commit_the_plain_mean(
         art_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="aggregator.secure_engine")
+    caplog.set_level(logging.INFO, logger="aggregator.engines.secure")
     fleet = Fleet(art_dir, tmp_path / "state", threshold=0.5)
     global_before = {n: v.copy() for n, v in fleet.engine.weights.items()}
     assert fleet.tick(START) == []  # tasks out, keys advertised, roster and share deliveries exchanged
@@ -260,7 +260,7 @@ def test_too_many_dropouts_fail_the_round_with_a_reason(art_dir: Path, tmp_path:
     for device in ("d1", "d2"):
         fleet.train(device, deltas[device])
     before = {n: v.copy() for n, v in fleet.engine.weights.items()}
-    with caplog.at_level(logging.WARNING, logger="aggregator.secure_engine"):
+    with caplog.at_level(logging.WARNING, logger="aggregator.engines.secure"):
         out = fleet.tick(START + TIMEOUT)
     assert [type(m.body) for m in out] == [RoundSummary] and out[0].body.version == 0
     assert (fleet.engine.record.round, fleet.engine.record.version) == (1, 0)
@@ -277,7 +277,7 @@ def test_a_round_whose_keys_never_came_fails_at_the_advertise_deadline(art_dir: 
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     fleet = Fleet(art_dir, tmp_path / "state", threshold=0.75)
     fleet.silent.update({"d2", "d3"})
-    with caplog.at_level(logging.WARNING, logger="aggregator.secure_engine"):
+    with caplog.at_level(logging.WARNING, logger="aggregator.engines.secure"):
         assert fleet.tick(START) == []
         out = fleet.tick(START + 0.2 * TIMEOUT)
     assert [type(m.body) for m in out] == [RoundSummary] and fleet.engine.record.version == 0
@@ -533,7 +533,7 @@ def test_an_aggregator_with_enrolled_keys_leaves_an_unsigned_device_out_and_comm
     keys, fleet_keys = _device_keys(tmp_path / "keys")
     clients = {**_verifying(keys, fleet_keys), "d4": {}}  # d4 advertises unsigned keys
     fleet = Fleet(art_dir, tmp_path / "state", threshold=0.5, clients=clients, enrolled=fleet_keys)
-    with caplog.at_level(logging.WARNING, logger="aggregator.secure_engine"):
+    with caplog.at_level(logging.WARNING, logger="aggregator.engines.secure"):
         out = fleet.tick(START)
     assert _reason(out, "d4") is RejectReason.BAD_SIGNATURE
     assert "the keys of d4 are not signed" in out[0].body.detail

@@ -8,18 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.artifacts import ArtifactStore
-from aggregator.engine import EngineConfig, RoundEngine
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.engines.rounds import EngineConfig, RoundEngine
 from aggregator.inbox import Inbox
 from aggregator.registry import DeviceRegistry
 from aggregator.service import FETCHES_PER_MINUTE, AggregatorService
-from aggregator.state import StateStore
-from aggregator.strategy import FedAvg
+from aggregator.store.state import StateStore
+from aggregator.strategies.fedavg import FedAvg
 from models.export import export_all
 from models.zoo import ModelSpec
 from protocol.frame import FrameError, encode_frame
 from protocol.messages import Fetch, Hello, RejectReason, Status, Update, new_id
-from protocol.mqtt_url import parse
+from protocol.mqtt.url import parse
 from protocol.topics import Topics
 
 FLEET = "f1"
@@ -114,6 +114,19 @@ def test_one_topic_cannot_fill_the_inbox() -> None:
     inbox.put("up/d1", bytes(100))
     assert len(inbox) == 5 and inbox.take_dropped() == {"up/eve": 6}
     assert inbox.take_dropped() == {}
+
+
+def test_a_flood_does_not_delay_an_honest_topic() -> None:
+    """Served round-robin by topic: the honest update comes second, not after the flood's 5,000 frames."""
+    inbox = Inbox(wait_s=0.0, max_topic_items=5000)
+    for i in range(6000):
+        inbox.put("up/eve", b"x%d" % i)
+    inbox.put("up/d1", b"update")
+    assert inbox.take_dropped() == {"up/eve": 1000}
+    first, second = inbox.get(0.0), inbox.get(0.0)
+    assert first == ("up/eve", b"x0") and second == ("up/d1", b"update")
+    assert [inbox.get(0.0)[1] for _ in range(3)] == [b"x1", b"x2", b"x3"], "each topic keeps its order"
+    assert len(inbox) == 4996
 
 
 def test_handler_fuzz_never_raises_and_refusals_never_register(art_dir: Path, tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.artifacts import ArtifactStore
-from aggregator.state import KEEP_VERSIONS, StateMismatch, StateRecord, StateStore
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.store.state import KEEP_VERSIONS, StateMismatch, StateRecord, StateStore
 from protocol.atomic_file import atomic_write
 from edge_client.cache import ArtifactCache, ArtifactTooLarge, CacheFull
 from models.export import ARTIFACT_FILES, MANIFEST_NAME, export_all

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from edge_client.data import load_digits
+from models.data import load_digits
 from models.export import export_tier
 from models.ort_training import load_training_api
 from models.slicing import slice_params

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.registry import DeviceInfo
-from aggregator.strategy import ClientUpdate, ElementwiseMean, FedAvg
-from aggregator.tiering import FixedTiers
+from aggregator.strategies.fedavg import ClientUpdate, ElementwiseMean, FedAvg
+from aggregator.strategies.tiering import FixedTiers
 
 
 def _devices(k: int, tiers: dict[int, str] | None = None) -> list[DeviceInfo]:

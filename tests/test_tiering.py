@@ -7,7 +7,7 @@ import collections
 import pytest
 
 from aggregator.registry import DeviceInfo
-from aggregator.tiering import AutoTiers, DynamicTiers, FixedTiers, make_tier_policy, parse_tier_mix
+from aggregator.strategies.tiering import AutoTiers, DynamicTiers, FixedTiers, make_tier_policy, parse_tier_mix
 from models.zoo import ModelSpec
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_client.data import Dataset, load_digits
+from models.data import Dataset, load_digits
 from edge_client.trainer import OrtTrainer
 from models.export import MANIFEST_NAME, export_all
 from models.manifest import TierManifest

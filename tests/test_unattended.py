@@ -28,11 +28,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from aggregator.artifacts import ArtifactStore
+from aggregator.store.artifacts import ArtifactStore
 from edge_client.cache import ArtifactCache
 from protocol.frame import decode_frame
 from protocol.logs import JsonFormatter
-from protocol.mqtt_link import Backoff
+from protocol.mqtt.link import Backoff
 from protocol.messages import Hello, RoundSummary, Status, Update
 from protocol.topics import Topics
 from tests.conftest import tierfl
@@ -224,7 +224,7 @@ def test_logs_are_json_lines_off_a_terminal_and_text_on_one(tmp_path):
     records = [json.loads(line) for line in lines]
     assert records and all(set(r) == {"time", "level", "logger", "message"} for r in records)
     attempt = next(r for r in records if ATTEMPT.search(r["message"]))
-    assert attempt["level"] == "WARNING" and attempt["logger"] == "protocol.mqtt_link"
+    assert attempt["level"] == "WARNING" and attempt["logger"] == "protocol.mqtt.link"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", attempt["time"])
 
     controller, terminal = pty.openpty()
@@ -236,7 +236,7 @@ def test_logs_are_json_lines_off_a_terminal_and_text_on_one(tmp_path):
     os.close(controller)
     assert process.wait(30) == 1
     text = output.decode().splitlines()
-    assert any(re.fullmatch(r"\d\d:\d\d:\d\d WARNING protocol.mqtt_link: cannot reach MQTT broker .* next in [\d.]+ s",
+    assert any(re.fullmatch(r"\d\d:\d\d:\d\d WARNING protocol.mqtt.link: cannot reach MQTT broker .* next in [\d.]+ s",
                             line.strip()) for line in text), text
     assert not any(line.startswith("{") for line in text)
 

@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.artifacts import ArtifactStore
-from aggregator.edge import EdgeEngine, FollowTask
-from aggregator.engine import EngineConfig, Outgoing, RoundEngine
-from aggregator.fedbuff import BufferConfig, BufferedEngine
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.engines.edge import EdgeEngine, FollowTask
+from aggregator.engines.rounds import EngineConfig, Outgoing, RoundEngine
+from aggregator.engines.buffered import BufferConfig, BufferedEngine
 from aggregator.registry import DeviceRegistry
-from aggregator.robust import NormClipping, _compiled_row_squares, update_norm
-from aggregator.state import StateStore
-from aggregator.strategy import Assignment, FedAvg, share_caps
-from aggregator.tiering import FixedTiers
+from aggregator.strategies.robust import NormClipping, _compiled_row_squares, update_norm
+from aggregator.store.state import StateStore
+from aggregator.store.round_spool import Assignment
+from aggregator.strategies.fedavg import FedAvg, share_caps
+from aggregator.strategies.tiering import FixedTiers
 from models.export import export_all
 from models.zoo import ModelSpec
 from protocol.messages import MAX_SAMPLES, Reject, RejectReason, RoundSummary, Statistics, Task, TierShare, Update, new_id
@@ -187,7 +188,7 @@ def test_norms_are_exact_for_quantized_tensors_and_finite_for_huge_finite_deltas
         try:
             import unittest.mock
 
-            with unittest.mock.patch("aggregator.robust._compiled_row_squares", return_value=None):
+            with unittest.mock.patch("aggregator.strategies.robust._compiled_row_squares", return_value=None):
                 assert update_norm({"w": quantized}) == pytest.approx(float(np.sqrt((dense**2).sum())), rel=1e-6)
         finally:
             _compiled_row_squares.cache_clear()

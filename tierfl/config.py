@@ -40,7 +40,7 @@ from typing import Annotated, Any, Literal, NoReturn
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 from pydantic_core import PydanticCustomError
 
-from protocol.mqtt_url import mask_password
+from protocol.mqtt.url import mask_password
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""One secure round run in process (protocol.secagg), every message passed as JSON bytes: for tests."""
+"""One secure round run in process (protocol.secagg.messages), every message passed as JSON bytes: for tests."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel
 
-from protocol.secagg import (AGGREGATOR, AdvertiseKeys, KeyRoster, MaskedInput, Phase, SecAggParams, ShareDelivery,
+from protocol.secagg.messages import (AGGREGATOR, AdvertiseKeys, KeyRoster, MaskedInput, Phase, SecAggParams, ShareDelivery,
                              ShareKeys, UnmaskRequest, UnmaskResponse)
-from protocol.secagg_device import SecAggDevice
-from protocol.secagg_server import SecAggResult, SecAggServer
+from protocol.secagg.device import SecAggDevice
+from protocol.secagg.server import SecAggResult, SecAggServer
 
 
 @dataclass(frozen=True)

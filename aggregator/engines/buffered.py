@@ -11,7 +11,7 @@ may get a new one; a late answer to a task still awaited counts, with its stalen
 
 The engine is the synchronous one with the round barrier replaced: the open "round" is the
 buffer, and `rounds` counts applied buffers (versions). Like a round, the buffer is spooled to the
-state directory as it fills (aggregator.round_spool), so a restart resumes it with every accepted
+state directory as it fills (aggregator.store.round_spool), so a restart resumes it with every accepted
 update. Batch-norm models keep their averaged running statistics: there is no statistics phase
 without a barrier.
 
@@ -30,16 +30,17 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from aggregator.artifacts import ArtifactStore
-from aggregator.engine import RECORDED_ON_RESTART, EngineConfig, Outgoing, RoundEngine, _OpenRound, check_update_tensors
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.engines.rounds import RECORDED_ON_RESTART, EngineConfig, Outgoing, RoundEngine, _OpenRound, check_update_tensors
 from aggregator.evaluate import HeldOutEvaluator
-from aggregator.ledger import Ledger
-from aggregator.privacy import PrivacyBudget
+from aggregator.store.ledger import Ledger
+from aggregator.strategies.privacy import PrivacyBudget
 from aggregator.registry import DeviceRegistry
-from aggregator.robust import update_norm
-from aggregator.round_spool import RoundPlan
-from aggregator.state import StateStore
-from aggregator.strategy import Assignment, ClientUpdate, Strategy
+from aggregator.strategies.robust import update_norm
+from aggregator.store.round_spool import RoundPlan
+from aggregator.store.state import StateStore
+from aggregator.store.round_spool import Assignment
+from aggregator.strategies.fedavg import ClientUpdate, Strategy
 from protocol.messages import RejectReason, RoundSummary, Statistics, Update
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ the parent's settings, until a deadline a margin before the parent's. Their upda
 the same element-wise mean the parent uses, weighted the way the parent's task says. The edge
 then forwards one update: that per-element mean, plus its contributors (samples and devices per
 tier). The parent weighs the mean back into its sum by exactly the mass those contributors
-carry, so it computes what flat aggregation over all the devices would (aggregator.strategy).
+carry, so it computes what flat aggregation over all the devices would (aggregator.strategies.fedavg).
 
 Weight integrity: the edge checks its own devices' updates as the round engine does (counts
 within their hellos, norms, the float32 sums, --max-share); a combined mean holding NaN or Inf
@@ -26,11 +26,12 @@ from dataclasses import replace
 
 import numpy as np
 
-from aggregator.artifacts import ArtifactStore
-from aggregator.engine import EngineConfig, Outgoing, RoundEngine, _OpenRound, non_finite
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.engines.rounds import EngineConfig, Outgoing, RoundEngine, _OpenRound, non_finite
 from aggregator.registry import DeviceInfo, DeviceRegistry
-from aggregator.state import StateRecord, StateStore
-from aggregator.strategy import Accumulator, Assignment, ClientUpdate, ElementwiseMean, FedAvg
+from aggregator.store.state import StateRecord, StateStore
+from aggregator.store.round_spool import Assignment
+from aggregator.strategies.fedavg import Accumulator, ClientUpdate, ElementwiseMean, FedAvg
 from protocol.messages import Task, TierShare, Update, new_id
 
 log = logging.getLogger(__name__)

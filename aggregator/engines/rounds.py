@@ -11,8 +11,8 @@ the pooled statistics of each tier replace the running averages that training le
 
 Weight integrity: an update may claim no more samples than its device announced (too_many_samples);
 its norm must be finite and within `outlier_multiple` x its tier's recent median (non_finite,
-outlier; aggregator.robust.NormBound), and its weighted norm must leave the round's float32 sums
-finite (non_finite); with `max_share` < 1 its weight is capped (aggregator.strategy.share_caps).
+outlier; aggregator.strategies.robust.NormBound), and its weighted norm must leave the round's float32 sums
+finite (non_finite); with `max_share` < 1 its weight is capped (aggregator.strategies.fedavg.share_caps).
 The new global model is checked before commit: a round that would commit NaN or Inf is refused
 whole (non_finite, a failed round) and the previous version stays.
 """
@@ -28,16 +28,17 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from aggregator.artifacts import ArtifactStore
-from aggregator.batchnorm import StatisticsPool, statistic_names, with_statistics
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.strategies.batchnorm import StatisticsPool, statistic_names, with_statistics
 from aggregator.evaluate import HeldOutEvaluator
-from aggregator.ledger import Ledger
-from aggregator.privacy import PrivacyBudget
+from aggregator.store.ledger import Ledger
+from aggregator.strategies.privacy import PrivacyBudget
 from aggregator.registry import DeviceRegistry
-from aggregator.robust import DEFAULT_OUTLIER_MULTIPLE, NormBound, update_norm
-from aggregator.round_spool import RoundPlan
-from aggregator.state import StateRecord, StateStore
-from aggregator.strategy import Accumulator, Assignment, ClientUpdate, Contribution, Strategy, share_caps
+from aggregator.strategies.robust import DEFAULT_OUTLIER_MULTIPLE, NormBound, update_norm
+from aggregator.store.round_spool import RoundPlan
+from aggregator.store.state import StateRecord, StateStore
+from aggregator.store.round_spool import Assignment
+from aggregator.strategies.fedavg import Accumulator, ClientUpdate, Contribution, Strategy, share_caps
 from models.slicing import slice_params
 from models.zoo import init_global_params
 from protocol.messages import Body, Reject, RejectReason, RoundSummary, Statistics, Task, Update
@@ -531,7 +532,7 @@ class RoundEngine:
             final=current.number >= self.config.rounds,
         )
 
-    # -- the open round on disk (aggregator.round_spool) ----------------------------------------
+    # -- the open round on disk (aggregator.store.round_spool) ----------------------------------------
 
     def _fold(self, current: _OpenRound, client: ClientUpdate, update: Update, norm: float, nbytes: int) -> None:
         """Count one accepted update toward `current`: live, or replayed from the spool after a restart."""

@@ -40,7 +40,6 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from aggregator.strategy import Assignment
 from protocol.atomic_file import atomic_write
 from protocol.messages import Update
 from protocol.quantized import QuantizedTensor, Tensor, pack_nibbles, row_grid, unpack_nibbles
@@ -49,6 +48,24 @@ log = logging.getLogger(__name__)
 META = "__meta__"
 PLAN = "plan.json"
 _MAX_F32 = float(np.finfo(np.float32).max)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One device's task for a round."""
+
+    device_id: str
+    tier: str
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    mask_classes: bool = False
+    proximal_mu: float = 0.0
+    weighted: bool = True  # updates weighted by samples (False: one vote per device), for edge aggregators
+    weigh_work: bool = False  # partial work (fewer steps than asked, at the deadline) weighs by the share done
+    variant: int = 0  # FedMut: which mutation of the global model the device starts from (0: the global model)
+    announced_samples: int | None = None  # what the device's hello announced when it was given the task
+
 
 
 class SpoolError(RuntimeError):

@@ -46,10 +46,10 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.batchnorm import VAR
-from aggregator.strategy import AccumulatorFactory, ClientUpdate, Weights
-from edge_client.privacy import clip_delta
-from models.slicing import leading_slices
+from aggregator.strategies.batchnorm import VAR
+from aggregator.strategies.fedavg import AccumulatorFactory, ClientUpdate, Weights
+from protocol.clipping import clip_delta
+from protocol.blocks import leading_slices
 
 DP_MODES = ("off", "central", "local")
 DEFAULT_DELTA = 1e-5

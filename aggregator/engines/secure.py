@@ -1,7 +1,7 @@
-"""Rounds summed by secure aggregation (protocol.secagg): the aggregator only ever sees masked updates.
+"""Rounds summed by secure aggregation (protocol.secagg.messages): the aggregator only ever sees masked updates.
 
 A secure round is the engine's usual round (selection, tasks, deadline, commit) with the four
-phases of Bonawitz et al. run through it, every message a SecAgg body (protocol.secagg_wire):
+phases of Bonawitz et al. run through it, every message a SecAgg body (protocol.secagg.wire):
 
     task (Task.secure) -> advertise -> roster -> share_keys -> delivery -> [training] ->
     masked_input -> unmask_request -> unmasking -> commit: global + per-element weighted mean
@@ -37,16 +37,16 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from aggregator.engine import EngineConfig, Outgoing, RoundEngine, _OpenRound, reject
-from aggregator.artifacts import ArtifactStore
+from aggregator.engines.rounds import EngineConfig, Outgoing, RoundEngine, _OpenRound, reject
+from aggregator.store.artifacts import ArtifactStore
 from aggregator.evaluate import HeldOutEvaluator
-from aggregator.ledger import Ledger
-from aggregator.privacy import PrivacyBudget
+from aggregator.store.ledger import Ledger
+from aggregator.strategies.privacy import PrivacyBudget
 from aggregator.registry import DeviceRegistry
-from aggregator.state import StateStore
-from aggregator.strategy import ClientUpdate, Strategy, Weights
+from aggregator.store.state import StateStore
+from aggregator.strategies.fedavg import ClientUpdate, Strategy, Weights
 from protocol.messages import RejectReason, SecAgg, SecureAggregation, Update, new_id
-from protocol.secagg import (
+from protocol.secagg.messages import (
     AdvertiseKeys,
     MaskedInput,
     Phase,
@@ -55,9 +55,9 @@ from protocol.secagg import (
     ShareKeys,
     UnmaskResponse,
 )
-from protocol.secagg_device import verify_advertisement
-from protocol.secagg_server import SecAggResult, SecAggServer
-from protocol.secagg_wire import DEVICE_PHASES, unwrap, wrap
+from protocol.secagg.device import verify_advertisement
+from protocol.secagg.server import SecAggResult, SecAggServer
+from protocol.secagg.wire import DEVICE_PHASES, unwrap, wrap
 
 log = logging.getLogger(__name__)
 MAX_FRACTION_BITS = 24  # float32 deltas carry 24 significant bits; more buys nothing

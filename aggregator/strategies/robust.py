@@ -42,7 +42,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from aggregator.strategy import AccumulatorFactory, ClientUpdate, ElementwiseMean, Weights
+from aggregator.strategies.fedavg import AccumulatorFactory, ClientUpdate, ElementwiseMean, Weights
 from protocol.messages import RejectReason
 from protocol.quantized import QuantizedTensor, Tensor, row_grid
 

@@ -23,10 +23,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from aggregator.batchnorm import is_statistic
+from aggregator.strategies.batchnorm import is_statistic
 from aggregator.registry import DeviceInfo
-from aggregator.strategy import Accumulator, Assignment, ClientUpdate, FedAvg, Weights
-from models.slicing import leading_slices
+from aggregator.store.round_spool import Assignment
+from aggregator.strategies.fedavg import Accumulator, ClientUpdate, FedAvg, Weights
+from protocol.blocks import leading_slices
 
 
 class FedMut(FedAvg):

@@ -1,4 +1,4 @@
-"""Key agreement and the pseudo-random masks of secure aggregation (protocol.secagg).
+"""Key agreement and the pseudo-random masks of secure aggregation (protocol.secagg.messages).
 
 Both sides derive the same keys and masks: a device adds them to its input, the aggregator
 removes what the dropouts left behind once it has rebuilt the secrets.
@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from models.slicing import leading_slices
-from protocol.secagg import SecAggError, SecAggParams, Shape
+from protocol.blocks import leading_slices
+from protocol.secagg.messages import SecAggError, SecAggParams, Shape
 
 
 def public_key_hex(key: X25519PrivateKey) -> str:

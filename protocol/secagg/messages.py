@@ -2,8 +2,8 @@
 
 The aggregator learns the sum of the devices' weighted updates and nothing else about any one
 of them, even when some devices drop out mid-round. Four phases, each a pydantic message that
-serializes to JSON (the transport is the caller's: MQTT in aggregator.secure_engine and
-edge_client.secure_client, protocol.secagg_driver.run_secure_round in process):
+serializes to JSON (the transport is the caller's: MQTT in aggregator.engines.secure and
+edge_client.secure_client, tests.secagg_driver.run_secure_round in process):
 
 1. AdvertiseKeys: each device sends two fresh X25519 public keys (c for encrypting shares, s for
    pairwise masks) and its tier's block shapes; the aggregator broadcasts the KeyRoster (U1).
@@ -32,8 +32,8 @@ variant (signed survivor lists) is not implemented, so a lying aggregator can st
 different devices different survivor sets.
 
 This module holds what both sides share: parameters, messages and fixed point in the ring.
-protocol.secagg_masks derives the keys and masks, protocol.secagg_device and
-protocol.secagg_server are the two sides of a round.
+protocol.secagg.masks derives the keys and masks, protocol.secagg.device and
+protocol.secagg.server are the two sides of a round.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from protocol.messages import (MAX_DEVICES, MAX_ROUND, MAX_SECAGG_CLIP, MAX_SECAGG_WEIGHT, MAX_TENSOR_DIMS,
                                MAX_TENSOR_ELEMENTS, MAX_TENSORS)
-from protocol.shamir import Share
+from protocol.secagg.shamir import Share
 
 
 def _shape_fits(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import pydantic
 
 from protocol.atomic_file import atomic_write
-from protocol.mqtt_url import DEFAULT_TLS_PORT
+from protocol.mqtt.url import DEFAULT_TLS_PORT
 from protocol.topics import Topics, check_id
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""A device's side of one secure round (protocol.secagg): advertise keys, share them, mask the input, unmask."""
+"""A device's side of one secure round (protocol.secagg.messages): advertise keys, share them, mask the input, unmask."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import ValidationError
 
-from protocol import shamir
-from protocol.secagg import (AdvertiseKeys, EncryptedShares, KeyRoster, MaskedInput, Phase, SecAggError, SecAggParams,
+from protocol.secagg import shamir
+from protocol.secagg.messages import (AdvertiseKeys, EncryptedShares, KeyRoster, MaskedInput, Phase, SecAggError, SecAggParams,
                              Shape, ShareDelivery, ShareKeys, SharePlaintext, UnmaskRequest, UnmaskResponse,
                              check_block_shapes, quantize, shamir_points, to_ring)
-from protocol.secagg_masks import add_mask, agree_key, block_overlap, pair_sign, public_key_hex
+from protocol.secagg.masks import add_mask, agree_key, block_overlap, pair_sign, public_key_hex
 
 
 def _advert_bytes(advert: AdvertiseKeys, session: str) -> bytes:

@@ -6,7 +6,7 @@ Layout of the state directory:
     state.json            current version and round, model identity, round history, and the sha256
                           of every kept weights file
     state.prev.json       the state.json before the last commit
-    open_round/           the round in progress: its plan and accepted updates (aggregator.round_spool)
+    open_round/           the round in progress: its plan and accepted updates (aggregator.store.round_spool)
     options.json          the options of the latest start (broker password masked), for `tierfl report`
 
 Weights are written first, then state.json by atomic rename (each followed by an fsync of the
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from aggregator.round_spool import RoundSpool, SpoolError
+from aggregator.store.round_spool import RoundSpool, SpoolError
 from protocol.atomic_file import atomic_write, sync_folder
 from protocol.messages import RoundSummary
 

@@ -3,7 +3,7 @@
 One SQLite file in the state directory (`ledger.sqlite`), appended to by the service's single
 loop thread. It is the audit trail an operator queries (`sqlite3 STATE/ledger.sqlite`), and it
 makes replays idempotent across restarts: an update id it records as accepted is a duplicate
-forever. An update is spooled to STATE/open_round before its row is written (aggregator.round_spool),
+forever. An update is spooled to STATE/open_round before its row is written (aggregator.store.round_spool),
 so a round a crash cut short resumes with every update the ledger accepted; the engine writes the
 row of one spooled just before the crash when it resumes.
 """
@@ -14,7 +14,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from aggregator.state import StateCorrupt
+from aggregator.store.state import StateCorrupt
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS received (

@@ -16,29 +16,13 @@ from typing import Protocol
 import numpy as np
 
 from aggregator.registry import DeviceInfo
-from aggregator.sampling import ClientSampler, UniformSampler
-from aggregator.tiering import FixedTiers, TierPolicy
-from models.slicing import leading_slices
+from aggregator.store.round_spool import Assignment
+from aggregator.strategies.sampling import ClientSampler, UniformSampler
+from aggregator.strategies.tiering import FixedTiers, TierPolicy
+from protocol.blocks import leading_slices
 from protocol.quantized import QuantizedTensor
 
 Weights = dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """One device's task for a round."""
-
-    device_id: str
-    tier: str
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    mask_classes: bool = False
-    proximal_mu: float = 0.0
-    weighted: bool = True  # updates weighted by samples (False: one vote per device), for edge aggregators
-    weigh_work: bool = False  # partial work (fewer steps than asked, at the deadline) weighs by the share done
-    variant: int = 0  # FedMut: which mutation of the global model the device starts from (0: the global model)
-    announced_samples: int | None = None  # what the device's hello announced when it was given the task
 
 
 @dataclass(frozen=True)
@@ -183,8 +167,8 @@ class FedAvg:
     and every element is averaged over the devices that hold it (`weighted=False`: HeteroFL's
     plain mean over those devices; `mask_classes`: devices train without the classes they lack).
     With `proximal_mu` > 0 it is FedProx: devices add mu/2 ||w - w_global||^2 to their loss.
-    `accumulator` replaces that mean, e.g. with a robust one from aggregator.robust; `sampler`
-    replaces the uniform draw of C (aggregator.sampling). `weigh_partial_work`: a device that
+    `accumulator` replaces that mean, e.g. with a robust one from aggregator.strategies.robust; `sampler`
+    replaces the uniform draw of C (aggregator.strategies.sampling). `weigh_partial_work`: a device that
     stopped at the deadline counts in proportion to the local steps it did.
     """
 

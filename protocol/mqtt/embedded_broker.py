@@ -13,7 +13,7 @@ amqtt 0.12.1 notes that shape this module:
   subscriptions, even ones it never subscribed to (and twice once it does). `_Broker` sends
   retained messages only for the client's own subscriptions, as Mosquitto does.
 - A TCP connection that closes without a CONNECT (a port probe) is logged at ERROR; we drop
-  those records. Use `protocol.mqtt_url.wait_for_broker`, which speaks MQTT, to probe.
+  those records. Use `protocol.mqtt.url.wait_for_broker`, which speaks MQTT, to probe.
 - No $SYS plugin, no persistence plugin, no packet/event logger plugins.
 """
 

@@ -1,4 +1,4 @@
-"""Secure-aggregation messages (protocol.secagg) on the wire, inside SecAgg bodies.
+"""Secure-aggregation messages (protocol.secagg.messages) on the wire, inside SecAgg bodies.
 
 Each phase's message travels as its JSON in `SecAgg.payload`, except a masked input's ring
 integers: those go as uint8 frame tensors (each tensor's little-endian bytes), so a large model
@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from protocol.messages import SecAgg
-from protocol.secagg import (
+from protocol.secagg.messages import (
     AdvertiseKeys,
     KeyRoster,
     MaskedInput,
@@ -51,7 +51,7 @@ def wrap(message: BaseModel, session: str, **evaluation: float | int | None) -> 
 
 
 def unwrap(body: SecAgg, tensors: Mapping[str, np.ndarray]) -> BaseModel:
-    """The protocol.secagg message a SecAgg body carries; SecAggError when it does not parse or fit the body."""
+    """The protocol.secagg.messages message a SecAgg body carries; SecAggError when it does not parse or fit the body."""
     try:
         message = PHASES[body.phase].model_validate_json(body.payload)
     except ValidationError as exc:

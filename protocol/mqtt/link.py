@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES, Reassembler, split_message
 from protocol.frame import FrameError
-from protocol.mqtt_url import BrokerAddress, BrokerUnreachable
+from protocol.mqtt.url import BrokerAddress, BrokerUnreachable
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_UNACKED_BYTES = 64 << 20  # published, not yet acknowledged by the broker

@@ -1,4 +1,4 @@
-"""The aggregator's side of one secure round (protocol.secagg): route shares, sum masked inputs, unmask the sum."""
+"""The aggregator's side of one secure round (protocol.secagg.messages): route shares, sum masked inputs, unmask the sum."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from models.slicing import leading_slices
-from protocol import shamir
-from protocol.secagg import (AGGREGATOR, AdvertiseKeys, EncryptedShares, KeyRoster, MaskedInput, Phase, SecAggError,
+from protocol.blocks import leading_slices
+from protocol.secagg import shamir
+from protocol.secagg.messages import (AGGREGATOR, AdvertiseKeys, EncryptedShares, KeyRoster, MaskedInput, Phase, SecAggError,
                              SecAggParams, ShareDelivery, ShareKeys, UnmaskRequest, UnmaskResponse, check_block_shapes,
                              from_ring, shamir_points)
-from protocol.secagg_masks import add_mask, agree_key, block_overlap, pair_sign, public_key_hex
-from protocol.shamir import Share, ShamirError
+from protocol.secagg.masks import add_mask, agree_key, block_overlap, pair_sign, public_key_hex
+from protocol.secagg.shamir import Share, ShamirError
 
 log = logging.getLogger(__name__)
 

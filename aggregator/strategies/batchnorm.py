@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from models.tiers import tier_rate
-from models.slicing import leading_slices
+from protocol.blocks import leading_slices
 
 MEAN, VAR = ".running_mean", ".running_var"
 

@@ -1,0 +1,1 @@
+"""MQTT: the link both roles speak over, broker URLs, the embedded broker, and Mosquitto configuration for a fleet."""
