@@ -30,12 +30,15 @@ from pydantic import ValidationError
 from aggregator.store.artifacts import ArtifactStore
 from aggregator.engines.rounds import EngineConfig, RoundEngine
 from aggregator.registry import DeviceRegistry
+from aggregator.service import AggregatorService
 from aggregator.store.state import StateStore
 from aggregator.strategies.fedavg import FedAvg
 from models.export import export_all
 from models.zoo import ModelSpec
 from protocol.chunking import Reassembler, split_message
 from protocol.codecs import CODECS
+from protocol.mqtt.url import parse as parse_broker
+from protocol.topics import Topics
 from protocol.frame import FrameError, decode_frame, encode_frame
 from protocol.messages import (
     MAX_LOSS, Blob, Fetch, Hello, Reject, RejectReason, RoundSummary, SecAgg, Statistics, Status, Task, TierShare,
@@ -406,3 +409,25 @@ def test_engine_refuses_arbitrary_updates_without_changing_state(artifacts, tmp_
         assert engine._open is not None and device not in engine._open.answered  # nothing refused was counted
     for name, value in engine.weights.items():  # a round never commits from one update of two
         np.testing.assert_array_equal(value, before[name])
+
+
+@pytest.fixture(scope="module")
+def service(artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> AggregatorService:
+    """One aggregator service (its link never started) that every example of the handler property is fed to."""
+    engine = RoundEngine(EngineConfig(fleet="fleet", rounds=3, round_timeout_s=60.0), FedAvg(min_clients=50),
+                         ArtifactStore(artifacts), StateStore(tmp_path_factory.mktemp("fuzz-state")), DeviceRegistry())
+    service = AggregatorService(engine, parse_broker("mqtt://127.0.0.1:1883"))
+    service.handle_safely(Topics("fleet").status("dev"), encode_frame("fleet", "dev", Hello(num_samples=10)), 1.0)
+    return service
+
+
+@settings(max_examples=_examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                                HealthCheck.data_too_large])
+@given(hostile_frames(), st.sampled_from(["up", "status"]))
+def test_structure_aware_frames_through_the_aggregator_handler_never_reach_its_guard(service, frame, channel):
+    """The aggregator's whole receipt path (header, sender, tensor table, payload, engine): a refusal or an
+    acceptance, never the last-resort guard (internal_error)."""
+    topics = Topics("fleet")
+    topic = topics.up("dev") if channel == "up" else topics.status("dev")
+    service.handle_safely(topic, frame, 2.0)
+    assert "internal_error" not in service.engine.rejected
