@@ -274,6 +274,9 @@ class DeviceAgent:
         if task.secure is not None and self.secure is None:
             return RejectReason.UNEXPECTED, (f"{where} uses secure aggregation, which needs the cryptography package "
                                              "(pip install 'tierfl[signing]')")
+        if (late := time.time() - task.deadline) > 0:  # a signed task is good until its deadline, not after
+            return RejectReason.REPLAYED, (f"{where}: its deadline passed {late:.0f} s ago (an old task sent again, or "
+                                           "this device's clock is wrong)")
         if task.artifacts.get("manifest.json") != task.manifest_sha256:
             return RejectReason.UNKNOWN_ARTIFACT, f"{where}: its manifest.json is not the task's manifest_sha256"
         odd = [name for name in task.artifacts if Path(name).name != name or name.startswith(".")]

@@ -202,6 +202,16 @@ def test_malformed_tasks_are_refused_and_the_agent_takes_the_next(tmp_path, expo
     assert [u.round for u in link.bodies(Update)] == [6, 8] and agent.tasks_done == 2
 
 
+def test_a_signed_task_replayed_after_its_deadline_is_refused_as_replayed(tmp_path, exported, data):
+    aggregator = Aggregator(tmp_path / "agg", exported)
+    agent, link = make_agent(tmp_path, aggregator, data)
+    with working(agent):
+        run(agent, aggregator.frame(aggregator.task(1, deadline=time.time() - 30), aggregator.weights()))
+        run(agent, aggregator.frame(aggregator.task(2), aggregator.weights()))  # honest: trains
+    assert agent.refused == {"replayed": 1}
+    assert link.bodies(Fetch)[0].sha256 and [u.round for u in link.bodies(Update)] == [2]
+
+
 def test_nan_after_training_abandons_the_round_and_keeps_the_error_feedback_state(tmp_path, exported, data):
     """A lossy codec cannot encode NaN: the round is dropped whole, the residual of the last round stays."""
     aggregator = Aggregator(tmp_path / "agg", exported)
