@@ -22,7 +22,8 @@
 # Slow (minutes): not part of `make test`. Emulated speed says nothing about a real Raspberry Pi.
 #
 # Environment: WHEELS (host wheel folder, default ROOT/../aarch64-wheels), ROUNDS (3),
-# BROKER (mqtt://127.0.0.1:1883), HOSTPY (the repo's .venv python), MIRROR, SKIP_RUN=1 (steps 1-3 only),
+# BROKER (mqtt://127.0.0.1:1883), HOSTPY (the repo's .venv python), MIRROR (default: this machine's apt
+# mirror), SKIP_RUN=1 (steps 1-3 only),
 # RUN_TIMEOUT (seconds for the whole federated run, default 600 + 900 per round).
 # Exit status: 0 all rounds committed; 1 the federated run failed; 3 the run was skipped
 # (SKIP_RUN=1, or the installed commit has no portable client); 2 usage.
@@ -32,7 +33,16 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROOT=$(realpath -m "${1:-${ROOT:-/work/aarch64-root}}")
 WHEELS=$(realpath -m "${WHEELS:-$(dirname "$ROOT")/aarch64-wheels}")
 HOSTPY=${HOSTPY:-$REPO/.venv/bin/python}
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+# The machine's own Debian mirror (its apt sources: deb822 .sources files or sources.list), so the
+# arm64 root comes from wherever this machine is allowed to fetch packages.
+apt_mirror() {
+    local uri
+    uri=$(awk '/^URIs:/ {u=$2} /^Suites:/ && u && $0 !~ /security/ {print u; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+    [ -n "$uri" ] || uri=$(awk '$1 == "deb" && $0 !~ /security/ {for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) {print $i; exit}}' \
+                           /etc/apt/sources.list 2>/dev/null || true)
+    echo "${uri:-http://deb.debian.org/debian}"
+}
+MIRROR=${MIRROR:-$(apt_mirror)}
 SUITE=bookworm
 ROUNDS=${ROUNDS:-3}
 BROKER=${BROKER:-mqtt://127.0.0.1:1883}
