@@ -248,6 +248,8 @@ class AggregatorService:
             self._refuse(device, RejectReason.REPLAYED, f"a status of session {status.session}, not of the running "
                          f"agent's session {info.session}")
             return
+        if info is None:  # a retained status of a device this run has not met (an earlier run's): nothing to say
+            return
         self.registry.set_online(device, status.online, now)
         log.info("%s is %s", device, "online" if status.online else "offline")
 

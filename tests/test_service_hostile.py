@@ -96,6 +96,14 @@ def test_a_status_of_another_session_is_refused(art_dir: Path, tmp_path: Path) -
     assert not service.registry.get("d1").online
 
 
+def test_a_retained_status_of_a_device_never_met_is_not_reported(art_dir: Path, tmp_path: Path, caplog) -> None:
+    """An earlier run's devices left their offline statuses retained: a new run says nothing of them."""
+    service, topics = _service(art_dir, tmp_path / "state"), Topics(FLEET)
+    with caplog.at_level("INFO", logger="aggregator.service"):
+        _deliver(service, topics.status("old"), encode_frame(FLEET, "old", Status(online=False)))
+    assert "old is offline" not in caplog.text and "old" not in service.registry and not service.engine.rejected
+
+
 def test_a_full_registry_refuses_new_devices_as_rate_limited(art_dir: Path, tmp_path: Path) -> None:
     registry = DeviceRegistry(max_devices=3)
     service, topics = _service(art_dir, tmp_path / "state", registry), Topics(FLEET)
