@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from edge_client.portable import PortableTrainer
-from edge_client.trainer import OrtTrainer, Trainer
-from models.manifest import TierManifest
+from typing import TYPE_CHECKING
+
 from models.ort_training import TrainingBackendUnavailable, load_training_api
+
+if TYPE_CHECKING:  # onnxruntime is imported when a trainer is opened, not to name the backends
+    from edge_client.trainer import Trainer
+    from models.manifest import TierManifest
 
 log = logging.getLogger(__name__)
 
@@ -34,5 +37,9 @@ def resolve_backend(requested: str) -> str:
 def open_trainer(backend: str, tier_dir: Path, manifest: TierManifest, threads: int = 1) -> Trainer:
     """A trainer of `backend` ("ort-training" or "portable") on one tier's artifacts."""
     if backend == "ort-training":
+        from edge_client.trainer import OrtTrainer
+
         return OrtTrainer(tier_dir, manifest, threads)
+    from edge_client.portable import PortableTrainer
+
     return PortableTrainer(tier_dir, manifest, threads)

@@ -40,10 +40,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from edge_client.backends import BACKENDS
 from models.data import Dataset, load_dataset
 from models.manifest import ExportIndex, TierManifest
 from models.tiers import TIER_RATES, tier_rate
-from models.zoo import BN_EPSILON, BN_MOMENTUM, ModelSpec
+from models.spec import BN_EPSILON, BN_MOMENTUM, ModelSpec
 from protocol.frame import encode_frame
 from protocol.messages import Update, new_id
 
@@ -58,7 +59,7 @@ UPDATE_CODECS = ("float32", "float16", "int8", "int8-row", "int4", "topk:0.1", "
 WARMUP_STEPS = 3
 LEARNING_RATE = 0.05
 MANIFEST_NAME = "manifest.json"
-_USER_ERRORS = (OSError, ValueError, RuntimeError)
+_USER_ERRORS = (OSError, ValueError, RuntimeError, ImportError)  # ImportError: an optional package missing
 _Result = TypeVar("_Result", bound=BaseModel)
 
 
@@ -77,6 +78,7 @@ class BenchSettings(_Frozen):
     epochs: int
     threads: int
     codecs: list[str]
+    backend: str = "auto"  # the training backend asked for (edge_client.backends); each tier says which ran
 
 
 class TierResult(_Frozen):
@@ -95,6 +97,7 @@ class TierResult(_Frozen):
     update_bytes: dict[str, int]  # codec -> bytes of one encoded update frame
     torch_step_p50_ms: float | None = None
     ort_over_torch: float | None = None  # step p50 ratio; > 1 means ONNX Runtime is slower
+    backend: str = "ort-training"  # the training backend that ran: ort-training or portable
 
 
 class BenchReport(_Frozen):
@@ -129,6 +132,7 @@ class _TierRequest(_Frozen):
     epochs: int
     threads: int
     codecs: list[str]
+    backend: str
 
 
 class _TierRun(_Frozen):
@@ -138,6 +142,7 @@ class _TierRun(_Frozen):
     epochs_seconds: float | None
     baseline_rss_kib: int | None
     peak_rss_kib: int | None
+    backend: str
 
 
 class _TorchRun(_Frozen):
@@ -217,13 +222,14 @@ def _update_bytes(tier: str, stats: list[TrainStats], delta: dict[str, np.ndarra
 
 def _measure_tier(request: _TierRequest) -> _TierRun:
     """Time the steps, size the update per codec and time E epochs of one tier."""
-    from edge_client.trainer import OrtTrainer
+    from edge_client.backends import open_trainer, resolve_backend
 
+    backend = resolve_backend(request.backend)
     data = _load_saved(request.data_dir)
     baseline = _peak_rss_kib()
     tier_dir = Path(request.tier_dir)
     manifest = TierManifest.load(tier_dir / MANIFEST_NAME)
-    trainer = OrtTrainer(tier_dir, manifest, request.threads)
+    trainer = open_trainer(backend, tier_dir, manifest, request.threads)
     start = trainer.get_weights()
     batches = step_batches(data, request.batch_size, request.warmup + request.steps)
     stats = time_steps(trainer, batches)[request.warmup :]
@@ -236,7 +242,7 @@ def _measure_tier(request: _TierRequest) -> _TierRun:
     return _TierRun(
         step_seconds=[s.seconds for s in stats], step_samples=[s.samples_seen for s in stats],
         update_bytes=update_bytes, epochs_seconds=epochs_seconds, baseline_rss_kib=baseline,
-        peak_rss_kib=_peak_rss_kib(),
+        peak_rss_kib=_peak_rss_kib(), backend=backend,
     )
 
 
@@ -417,15 +423,17 @@ def _tier_result(tier: _Tier, run: _TierRun, torch_run: _TorchRun | None) -> Tie
         samples_per_second=sum(run.step_samples) / sum(run.step_seconds),
         peak_rss_kib=run.peak_rss_kib, baseline_rss_kib=run.baseline_rss_kib, epochs_seconds=run.epochs_seconds,
         update_bytes=run.update_bytes, torch_step_p50_ms=torch_p50,
-        ort_over_torch=p50 / torch_p50 if torch_p50 else None,
+        ort_over_torch=p50 / torch_p50 if torch_p50 else None, backend=run.backend,
     )
 
 
 def _host(torch_version: str | None) -> dict[str, str]:
     """Where the numbers were taken: machine, CPUs, Python and runtime versions."""
     host = {"machine": platform.machine(), "cpus": str(os.cpu_count()), "python": platform.python_version()}
-    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-        host["onnxruntime"] = importlib.metadata.version("onnxruntime-training-cpu")
+    for package in ("onnxruntime-training-cpu", "onnxruntime"):  # the training wheel, or plain onnxruntime
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            host["onnxruntime"] = importlib.metadata.version(package)
+            break
     if torch_version:
         host["torch"] = torch_version
     return host
@@ -447,7 +455,7 @@ def run_bench(settings: BenchSettings, spec: ModelSpec, artifacts: Path | None, 
             for name, tier in tiers.items():
                 request = _TierRequest(tier_dir=str(tier.dir), data_dir=work, batch_size=settings.batch_size,
                                        warmup=settings.warmup_steps, steps=settings.steps, epochs=settings.epochs,
-                                       threads=settings.threads, codecs=settings.codecs)
+                                       threads=settings.threads, codecs=settings.codecs, backend=settings.backend)
                 progress.begin(f"tier {name}")
                 run = _run_child("tier", request, _TierRun, f"tier {name}")
                 progress.end()
@@ -528,7 +536,7 @@ def markdown(report: BenchReport) -> str:
         f"# tierfl bench: {report.model.name} on {s.data} ({report.samples:,} samples)",
         "",
         f"Batch {s.batch_size}, {s.steps} timed steps after {s.warmup_steps} warm-up, E = {s.epochs}, "
-        f"{s.threads} thread(s); {host}.",
+        f"{s.threads} thread(s), {', '.join(sorted({r.backend for r in report.tiers}))} backend; {host}.",
         "",
         *_table([c.header for c in columns], [[c.cell(r) for c in columns] for r in report.tiers]),
         "",
@@ -584,6 +592,9 @@ def write_outputs(report: BenchReport, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(report.model_dump_json(indent=2) + "\n")
     (out / "bench.md").write_text(markdown(report))
+    if importlib.util.find_spec("matplotlib") is None:  # a device install: the numbers, no plot
+        log.info("no bench.png: matplotlib is not installed here (pip install 'tierfl[demo]' to plot)")
+        return
     plot(report, out / "bench.png")
 
 
@@ -641,6 +652,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--artifacts", type=Path,
                         help="existing `tierfl export` folder to measure (its index.json names the model; "
                              "--arch/--image-size/--batch-norm are then ignored); default: export into a temp folder")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="training backend to measure, as `tierfl client --backend`: auto takes onnxruntime-training "
+                             "where its wheel works, else the portable step graph on plain onnxruntime (default: auto)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison even if torch is installed")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder (default: runs/bench)")
 
@@ -661,18 +675,22 @@ def run(args: argparse.Namespace) -> int:
     spec = ModelSpec(arch=args.arch, image_size=args.image_size, batch_norm=args.batch_norm)
     if args.artifacts:
         spec = _tiers_in(args.artifacts, tiers)[tiers[0]].manifest.model  # fail fast, before any child runs
+    elif importlib.util.find_spec("onnx") is None:
+        raise ValueError("without --artifacts, bench exports the tiers first, which needs the onnx package: pass "
+                         "--artifacts DIR (a copy of the aggregator's STATE_DIR/artifacts) or pip install 'tierfl[full]'")
     settings = BenchSettings(
         data=args.data or ("digits" if spec.image_size == 8 else "fashion-mnist"), tiers=tiers,
         batch_size=args.batch_size, warmup_steps=WARMUP_STEPS, steps=args.steps, epochs=args.epochs,
-        threads=args.threads, codecs=list(UPDATE_CODECS),
+        threads=args.threads, codecs=list(UPDATE_CODECS), backend=args.backend,
     )
-    torch = not args.no_torch and importlib.util.find_spec("torch") is not None
+    # PyTorch runs the tier's graph as read by onnx: both must be installed
+    torch = not args.no_torch and all(importlib.util.find_spec(m) is not None for m in ("torch", "onnx"))
     started = time.perf_counter()
     report = run_bench(settings, spec, args.artifacts, torch)
     write_outputs(report, args.out)
     print(markdown(report))
-    log.info("bench of %s done in %.1f s; wrote bench.json, bench.md and bench.png to %s",
-             spec.name, time.perf_counter() - started, args.out)
+    log.info("bench of %s (%s backend) done in %.1f s; wrote its results to %s",
+             spec.name, ", ".join(sorted({t.backend for t in report.tiers})), time.perf_counter() - started, args.out)
     return 0
 
 

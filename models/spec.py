@@ -16,6 +16,8 @@ SCALE_NAME = "scale"  # HeteroFL's scaler: hidden pre-activations times this [1]
 CLASS_MASK_NAME = "class_mask"  # [classes] added to the logits: 0 keeps a class, a large negative masks it out
 MU_NAME = "mu"  # FedProx's proximal weight, a [1] input of proximal training graphs
 GLOBAL_SUFFIX = ".global"  # FedProx's w_global: `<param>.global` inputs of proximal training graphs
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9  # ONNX convention (PyTorch momentum 0.1)
 DEFAULT_HIDDEN = {"mlp": (256, 256), "cnn": (32, 64, 128)}
 
 

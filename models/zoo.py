@@ -17,13 +17,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from models.spec import CLASS_MASK_NAME, INPUT_NAME, OUTPUT_NAME, SCALE_NAME, ModelSpec  # noqa: F401 (re-exported)
+from models.spec import (BN_EPSILON, BN_MOMENTUM, CLASS_MASK_NAME, INPUT_NAME, OUTPUT_NAME,  # noqa: F401 (re-exported)
+                         SCALE_NAME, ModelSpec)
 from models.tiers import scaled_width
 
 OPSET = 17
 IR_VERSION = 10  # onnxruntime 1.19 refuses IR 11+
-BN_EPSILON = 1e-5
-BN_MOMENTUM = 0.9  # ONNX convention (PyTorch momentum 0.1)
 _RUNNING_STATS = ("running_mean", "running_var")
 
 

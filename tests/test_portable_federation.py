@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from edge_client.bench import BenchReport
+from models.data import load_digits, save_npz
+from models.export import export_all
+from models.zoo import ModelSpec
 from tests.conftest import tierfl
 
 pytestmark = pytest.mark.integration
@@ -59,6 +63,24 @@ def test_every_command_on_the_device_install_works_or_names_the_extra(edge_pytho
         assert result.returncode == 2 and len(lines) == 1, result.stderr
         assert re.fullmatch(rf"tierfl {command}: error: this command needs the \w+ package, which is not installed "
                             r"here: pip install 'tierfl\[(full|demo|signing|edge)\]'", lines[0]), lines[0]
+
+
+def test_bench_on_the_device_install_measures_given_artifacts_with_the_portable_backend(edge_python, tmp_path):
+    """`tierfl bench --artifacts` with only tierfl[edge]: bench.json (read back by the client) and bench.md."""
+    artifacts, data, out = tmp_path / "artifacts", tmp_path / "digits.npz", tmp_path / "bench"
+    export_all(ModelSpec(arch="mlp", hidden=(16,)), ["a", "c"], artifacts)
+    save_npz(data, load_digits())
+    result = subprocess.run([edge_python, "-m", "tierfl.cli", "bench", "--artifacts", str(artifacts), "--tiers", "a,c",
+                             "--data", str(data), "--steps", "5", "--epochs", "1", "--out", str(out)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = BenchReport.model_validate_json((out / "bench.json").read_text())
+    assert [t.tier for t in report.tiers] == ["a", "c"] and {t.backend for t in report.tiers} == {"portable"}
+    assert all(t.samples_per_second > 0 and t.epochs_seconds for t in report.tiers)
+    assert "portable backend" in (out / "bench.md").read_text() and not (out / "bench.png").exists()
+    without = subprocess.run([edge_python, "-m", "tierfl.cli", "bench", "--data", str(data), "--out", str(out)],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert without.returncode == 1 and "pass --artifacts DIR" in without.stderr and "Traceback" not in without.stderr
 
 
 def test_show_key_without_cryptography_names_the_extra(edge_python, tmp_path):
