@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import threading
@@ -58,6 +59,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                          "file or the bare hex): every task and reject from the parent must be signed by it (default: "
                          "pin the key the parent announces first in STATE_DIR/parent/aggregator.pub, trust on first "
                          "use, with a warning)")
+    up.add_argument("--show-key", action="store_true",
+                    help="print this edge's Ed25519 public key as JSON ({ID: HEX}; the key is STATE_DIR/device.key, "
+                         "made on first use) and exit: add it to the parent's --enrolled file")
     up.add_argument("--tier", default="a", help="tier to ask the parent for: the widest of the group's tiers (default: %(default)s)")
     down = parser.add_argument_group("local group")
     down.add_argument("--broker", help="mqtt://... of the group's broker (default: the parent's broker)")
@@ -74,7 +78,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGINT/SIGTERM."""
+    """Serve until SIGINT/SIGTERM (or, with --show-key, print the edge's public key)."""
+    if args.show_key:
+        print(json.dumps({args.edge_id: DeviceKey(args.state_dir).public_hex}))
+        return 0
     artifacts = ArtifactStore(args.artifacts)
     if args.tier not in artifacts.tiers:
         raise ValueError(f"--tier {args.tier} is not in {args.artifacts} (have: {', '.join(artifacts.tiers)})")

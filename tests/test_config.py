@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -347,3 +349,13 @@ def test_the_aggregator_stops_at_start_on_a_bad_config_file(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f"tierfl aggregator: error: {bad}: key 'round-timeout': Input should be a valid number, unable to parse string as a number")
     assert not (tmp_path / "runs").exists(), "it stopped before touching its state directory"
+
+
+def test_edge_aggregator_show_key_prints_the_key_the_parent_enrols(tmp_path, capsys):
+    argv = ["edge-aggregator", "--parent", "mqtt://127.0.0.1:1", "--id", "site1", "--fleet", "site",
+            "--artifacts", str(tmp_path / "art"), "--state-dir", str(tmp_path / "edge"), "--show-key"]
+    assert main(argv) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert list(shown) == ["site1"] and re.fullmatch(r"[0-9a-f]{64}", shown["site1"])
+    assert (tmp_path / "edge" / "device.key").exists()
+    assert main(argv) == 0 and json.loads(capsys.readouterr().out) == shown, "the same key on every start"
