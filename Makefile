@@ -28,6 +28,7 @@ test: $(STAMP)
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; } \
 	  || echo "make: could not install$$missing; the tests that need them fail (in CI too)"
 	$(VENV)/bin/lint-imports --no-cache  # the import contracts of pyproject.toml: which package may import which
+	$(VENV)/bin/isort --check-only --quiet aggregator edge_client models protocol tierfl tests scripts  # sorted imports
 	$(PY) -m pytest --durations=15 $(ARGS)
 
 # Structure-aware fuzzing of the decoders (tests/test_fuzz.py): FUZZ_EXAMPLES cases for each of its three

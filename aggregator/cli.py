@@ -11,23 +11,26 @@ import sys
 import threading
 from pathlib import Path
 
-from aggregator.store.artifacts import ArtifactStore
 from aggregator.downlink import DOWNLINK_MODES
-from aggregator.engines.rounds import EngineConfig, RoundEngine
-from aggregator.evaluate import HeldOutEvaluator
-from aggregator.store.ledger import Ledger
-from aggregator.strategies.privacy import DpSettings, add_privacy_arguments, privacy_from_args
-from aggregator.registry import DeviceRegistry
-from aggregator.strategies.robust import DEFAULT_TRIM_FRACTION, accumulator_from_args, add_integrity_arguments, add_robust_arguments
-from aggregator.engines.secure import SecureRoundEngine, add_secure_arguments, secure_from_args
-from aggregator.service import AggregatorService
-from aggregator.store.round_spool import SpoolError
-from aggregator.store.state import (EXIT_NEEDS_OPERATOR, OptionValue, StateCorrupt, StateMismatch, StateStore, set_aside,
-                              write_run_options)
 from aggregator.engines.buffered import BufferConfig, BufferedEngine
-from aggregator.strategies.fedmut import FedMut
-from aggregator.strategies.sampling import SAMPLERS, make_sampler
+from aggregator.engines.rounds import EngineConfig, RoundEngine
+from aggregator.engines.secure import SecureRoundEngine
+from aggregator.evaluate import HeldOutEvaluator
+from aggregator.options import (DEFAULT_FEDPROX_MU, accumulator_from_args, add_integrity_arguments,
+                                add_privacy_arguments, add_robust_arguments, add_secure_arguments, check_options,
+                                privacy_from_args, proximal_mu, secure_from_args)
+from aggregator.registry import DeviceRegistry
+from aggregator.service import AggregatorService
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.store.ledger import Ledger
+from aggregator.store.round_spool import SpoolError
+from aggregator.store.state import (EXIT_NEEDS_OPERATOR, OptionValue, StateCorrupt, StateMismatch, StateStore,
+                                    set_aside, write_run_options)
 from aggregator.strategies.fedavg import FedAvg
+from aggregator.strategies.fedmut import FedMut
+from aggregator.strategies.privacy import DpSettings
+from aggregator.strategies.robust import DEFAULT_TRIM_FRACTION
+from aggregator.strategies.sampling import SAMPLERS, make_sampler
 from aggregator.strategies.tiering import TIER_POLICIES, TierPolicy, make_tier_policy, parse_tier_mix
 from models.data import load_dataset
 from models.export import export_all
@@ -41,7 +44,6 @@ from protocol.signing import AGGREGATOR_KEY_FILE, DeviceKey, EnrolledKeys, Signa
 log = logging.getLogger(__name__)
 EXIT_USAGE = 2  # options that do not combine, like argparse's exit status for a bad flag
 STRATEGIES = ("fedavg", "fedprox", "fedmut", "fedbuff")
-DEFAULT_FEDPROX_MU = 0.01
 
 EPILOG = """examples:
   # against Mosquitto, waiting for 4 devices, 20 rounds of FedAvg with C=0.5, E=2, B=16:
@@ -201,15 +203,6 @@ def make_strategy(args: argparse.Namespace, policy: TierPolicy, dp: DpSettings) 
     return FedAvg(**options)
 
 
-def proximal_mu(args: argparse.Namespace) -> float:
-    """--mu, or FedProx's default with --strategy fedprox."""
-    if args.mu is not None:
-        if args.strategy == "fedprox" and args.mu <= 0:
-            raise ValueError("--strategy fedprox needs --mu > 0")
-        return args.mu
-    return DEFAULT_FEDPROX_MU if args.strategy == "fedprox" else 0.0
-
-
 def derived_defaults(args: argparse.Namespace) -> dict[str, object]:
     """Values a start uses for options left unset that follow from other options (`tierfl config show`)."""
     return {"mu": proximal_mu(args), "trim_fraction": DEFAULT_TRIM_FRACTION, "artifacts": args.state_dir / "artifacts"}
@@ -255,19 +248,6 @@ def run_options(args: argparse.Namespace) -> dict[str, OptionValue]:
             return value
         return mask_password(str(value))
     return {name: plain(value) for name, value in sorted(vars(args).items()) if not callable(value)}
-
-
-def check_options(args: argparse.Namespace) -> None:
-    """Refuse options that do not combine (ValueError saying why), before anything is exported or started."""
-    proximal_mu(args)
-    if args.strategy == "fedbuff" and args.max_share < 1:
-        raise ValueError("--max-share applies to synchronous rounds: FedBuff has no round selection to cap a share of")
-    make_sampler(args.sampling, args.fraction, 1 if args.strategy == "fedbuff" else args.min_clients, args.seed,
-                 args.candidates)
-    dp = privacy_from_args(args)
-    secure_from_args(args)
-    if dp.accumulator_factory() is None:
-        accumulator_from_args(args, weighted=args.aggregation == "weighted")
 
 
 def run(args: argparse.Namespace) -> int:

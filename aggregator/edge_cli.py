@@ -9,14 +9,14 @@ import signal
 import threading
 from pathlib import Path
 
-from aggregator.store.artifacts import ArtifactStore
-from aggregator.engines.edge import EdgeEngine, FollowTask
 from aggregator.edge_service import EdgeService
+from aggregator.engines.edge import EdgeEngine, FollowTask
 from aggregator.engines.rounds import EngineConfig
+from aggregator.options import add_integrity_arguments
 from aggregator.registry import DeviceRegistry
-from aggregator.strategies.robust import add_integrity_arguments
-from aggregator.strategies.sampling import UniformSampler
+from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.state import StateStore
+from aggregator.strategies.sampling import UniformSampler
 from aggregator.strategies.tiering import TIER_POLICIES, make_tier_policy, parse_tier_mix
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.mqtt.url import parse as parse_broker

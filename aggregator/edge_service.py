@@ -16,11 +16,11 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
+
 from aggregator.engines.edge import EdgeEngine
 from aggregator.engines.rounds import Outgoing
 from aggregator.service import AggregatorService
-import numpy as np
-
 from protocol.frame import FrameError, decode_payload, encode_frame, read_header
 from protocol.messages import Blob, Body, Hello, Reject, RejectReason, Status, Task
 from protocol.mqtt.link import MqttLink, Will

@@ -21,17 +21,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from aggregator.store.artifacts import ArtifactStore
-from aggregator.strategies.batchnorm import statistic_names
 from aggregator.downlink import Downlink
 from aggregator.engines.rounds import Outgoing, RoundEngine, reject
+from aggregator.engines.secure import SecureRoundEngine
 from aggregator.inbox import Inbox
 from aggregator.refusals import RateLimiter, RefusalLog
 from aggregator.registry import DeviceRegistry, RegistryFull
-from aggregator.engines.secure import SecureRoundEngine
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.strategies.batchnorm import statistic_names
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.frame import Frame, FrameError, RawFrame, decode_payload, encode_frame, read_header
-from protocol.messages import Blob, Fetch, FrameHeader, Hello, Reject, RejectReason, SecAgg, Statistics, Status, Task, Update
+from protocol.messages import (Blob, Fetch, FrameHeader, Hello, Reject, RejectReason, SecAgg, Statistics, Status, Task,
+                               Update)
 from protocol.mqtt.link import MqttLink
 from protocol.mqtt.url import BrokerAddress
 from protocol.signing import DeviceKey, SignatureCheck, SignatureError, key_announcement

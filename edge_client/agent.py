@@ -37,21 +37,22 @@ from pydantic import BaseModel, ConfigDict, Field
 from edge_client.backends import open_trainer
 from edge_client.cache import ArtifactCache, ArtifactTooLarge
 from edge_client.compression import ErrorFeedback
-from models.data import Dataset
 from edge_client.onnx_guard import OnnxRefused, check_onnx_folder
 from edge_client.privacy import privatize
 from edge_client.statistics import measure_bn_statistics
 from edge_client.trainer import Trainer
-from protocol.trust import AggregatorTrust
+from models.data import Dataset
 from models.manifest import STATISTICS_FILE, TierManifest
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.frame import Frame, FrameError, decode_frame, decode_payload, encode_frame, read_header
-from protocol.messages import Blob, Body, Fetch, Hello, Reject, RejectReason, SecAgg, Statistics, Status, Task, Update, new_id
+from protocol.messages import (Blob, Body, Fetch, Hello, Reject, RejectReason, SecAgg, Statistics, Status, Task, Update,
+                               new_id)
 from protocol.mqtt.link import Backoff, MqttLink, Will
 from protocol.mqtt.url import BrokerAddress
 from protocol.quantized import Tensor
 from protocol.signing import KEY_ANNOUNCEMENT, DeviceKey, SignatureError
 from protocol.topics import Topics, check_id
+from protocol.trust import AggregatorTrust
 
 try:
     from edge_client.secure_client import SecureClient

@@ -43,8 +43,8 @@ from pydantic import BaseModel, ConfigDict
 from edge_client.backends import BACKENDS
 from models.data import Dataset, load_dataset
 from models.manifest import ExportIndex, TierManifest
-from models.tiers import TIER_RATES, tier_rate
 from models.spec import BN_EPSILON, BN_MOMENTUM, ModelSpec
+from models.tiers import TIER_RATES, tier_rate
 from protocol.frame import encode_frame
 from protocol.messages import Update, new_id
 

@@ -14,10 +14,10 @@ from pydantic import ValidationError
 
 from edge_client.agent import ClientConfig, DeviceAgent
 from edge_client.backends import BACKENDS, resolve_backend
-from protocol.signing import DeviceKey, EnrolledKeys, read_public_key
 from models.data import load_dataset, train_test_split
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.mqtt.url import parse as parse_broker
+from protocol.signing import DeviceKey, EnrolledKeys, read_public_key
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from models.data import Dataset
 from edge_client.trainer import EvalStats, TrainStats, check_weights, class_mask_for, run_epochs
-from models.scoring import score_logits
+from models.data import Dataset
 from models.manifest import FORWARD_FILE, STEP_FILE, TierManifest
+from models.scoring import score_logits
 from models.spec import CLASS_MASK_NAME, GLOBAL_SUFFIX, INPUT_NAME, MU_NAME, SCALE_NAME
 
 _NEW = ".new"

@@ -28,8 +28,8 @@ from pydantic import BaseModel, ValidationError
 
 from edge_client.trainer import EvalStats
 from protocol.messages import SecAgg, SecureAggregation, Task
-from protocol.secagg.messages import KeyRoster, SecAggError, SecAggParams, ShareDelivery, UnmaskRequest
 from protocol.secagg.device import SecAggDevice
+from protocol.secagg.messages import KeyRoster, SecAggError, SecAggParams, ShareDelivery, UnmaskRequest
 from protocol.secagg.wire import unwrap, wrap
 
 log = logging.getLogger(__name__)

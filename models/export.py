@@ -27,22 +27,13 @@ import onnx
 from onnx import helper
 
 from models.manifest import FORWARD_FILE, STATISTICS_FILE, STEP_FILE, ExportIndex, FileEntry, ParamInfo, TierManifest
-from models.step_graph import build_step_graph
 from models.ort_training import TrainingAPI, captured_native_stderr, load_training_api
 from models.slicing import slice_params
-from models.tiers import TIER_RATES, tier_rate
 from models.spec import GLOBAL_SUFFIX, MU_NAME
-from models.zoo import (
-    INPUT_NAME,
-    OUTPUT_NAME,
-    ModelSpec,
-    build_forward,
-    build_statistics_graph,
-    frozen_names,
-    init_global_params,
-    param_shapes,
-    trainable_names,
-)
+from models.step_graph import build_step_graph
+from models.tiers import TIER_RATES, tier_rate
+from models.zoo import (INPUT_NAME, OUTPUT_NAME, ModelSpec, build_forward, build_statistics_graph, frozen_names,
+                        init_global_params, param_shapes, trainable_names)
 
 log = logging.getLogger(__name__)
 

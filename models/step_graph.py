@@ -28,19 +28,8 @@ from onnx import TensorProto, helper
 from models import autodiff
 from models.autodiff import NEW_SUFFIX, GraphBuilder
 from models.spec import GLOBAL_SUFFIX, MU_NAME
-from models.zoo import (
-    CLASS_MASK_NAME,
-    INPUT_NAME,
-    IR_VERSION,
-    OPSET,
-    OUTPUT_NAME,
-    SCALE_NAME,
-    ModelSpec,
-    build_forward,
-    frozen_names,
-    param_shapes,
-    trainable_names,
-)
+from models.zoo import (CLASS_MASK_NAME, INPUT_NAME, IR_VERSION, OPSET, OUTPUT_NAME, SCALE_NAME, ModelSpec,
+                        build_forward, frozen_names, param_shapes, trainable_names)
 
 log = logging.getLogger(__name__)
 

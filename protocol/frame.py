@@ -22,8 +22,8 @@ import numpy as np
 from pydantic import ValidationError
 
 from protocol.codecs import Codec, CodecError, get_codec, parse_codec
-from protocol.quantized import Tensor
 from protocol.messages import Body, FrameHeader, RejectReason, TensorEntry
+from protocol.quantized import Tensor
 
 MAGIC = b"TFL1"
 _PREFIX = struct.Struct("<4sI")

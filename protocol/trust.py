@@ -17,7 +17,8 @@ import numpy as np
 
 from protocol.atomic_file import atomic_write
 from protocol.messages import FrameHeader, RejectReason
-from protocol.signing import KEY_ANNOUNCEMENT, PublicKeyHex, SignatureError, announced_key, parse_public_key, verify_signature
+from protocol.signing import (KEY_ANNOUNCEMENT, PublicKeyHex, SignatureError, announced_key, parse_public_key,
+                              verify_signature)
 
 log = logging.getLogger(__name__)
 

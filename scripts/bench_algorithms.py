@@ -27,18 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.store.artifacts import ArtifactStore
+from aggregator.engines.buffered import BufferConfig, BufferedEngine
 from aggregator.engines.edge import EdgeEngine, FollowTask
 from aggregator.engines.rounds import EngineConfig, Outgoing, RoundEngine
 from aggregator.evaluate import HeldOutEvaluator
-from aggregator.engines.buffered import BufferConfig, BufferedEngine
-from aggregator.strategies.fedmut import FedMut
 from aggregator.registry import DeviceRegistry
-from aggregator.strategies.sampling import UniformSampler
+from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.state import StateStore
 from aggregator.strategies.fedavg import FedAvg
-from models.data import FASHION_MNIST_ROOT, Dataset, dirichlet_partition, load_fashion_mnist
+from aggregator.strategies.fedmut import FedMut
+from aggregator.strategies.sampling import UniformSampler
 from edge_client.trainer import OrtTrainer
+from models.data import FASHION_MNIST_ROOT, Dataset, dirichlet_partition, load_fashion_mnist
 from models.export import export_all
 from models.manifest import TierManifest
 from models.zoo import ModelSpec

@@ -20,8 +20,8 @@ import numpy as np
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.strategies.fedavg import ClientUpdate, ElementwiseMean
 from edge_client.compression import ErrorFeedback
-from models.data import dirichlet_partition, load_fashion_mnist
 from edge_client.trainer import OrtTrainer
+from models.data import dirichlet_partition, load_fashion_mnist
 from models.export import export_all
 from models.manifest import TierManifest
 from models.zoo import ModelSpec, init_global_params

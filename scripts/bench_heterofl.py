@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.strategies.batchnorm import StatisticsPool, with_statistics
 from aggregator.evaluate import HeldOutEvaluator
+from aggregator.strategies.batchnorm import StatisticsPool, with_statistics
 from aggregator.strategies.fedavg import ClientUpdate, ElementwiseMean
 from aggregator.strategies.tiering import parse_tier_mix
-from models.data import FASHION_MNIST_ROOT, Dataset, dirichlet_partition, iid_partition, load_fashion_mnist
 from edge_client.statistics import measure_bn_statistics
 from edge_client.trainer import OrtTrainer
+from models.data import FASHION_MNIST_ROOT, Dataset, dirichlet_partition, iid_partition, load_fashion_mnist
 from models.export import export_all
 from models.manifest import STATISTICS_FILE, TierManifest
 from models.slicing import slice_params

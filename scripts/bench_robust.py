@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_heterofl import load_data, partition  # noqa: E402  (the same seeded subsets and partitions)
 
 from aggregator.evaluate import HeldOutEvaluator  # noqa: E402
-from aggregator.strategies.robust import robust_accumulator  # noqa: E402
 from aggregator.strategies.fedavg import AccumulatorFactory, ClientUpdate  # noqa: E402
-from models.data import FASHION_MNIST_ROOT, Dataset  # noqa: E402
+from aggregator.strategies.robust import robust_accumulator  # noqa: E402
 from edge_client.trainer import OrtTrainer  # noqa: E402
+from models.data import FASHION_MNIST_ROOT, Dataset  # noqa: E402
 from models.export import export_all  # noqa: E402
 from models.manifest import TierManifest  # noqa: E402
 from models.zoo import ModelSpec, init_global_params  # noqa: E402

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel
 
-from protocol.secagg.messages import (AGGREGATOR, AdvertiseKeys, KeyRoster, MaskedInput, Phase, SecAggParams, ShareDelivery,
-                             ShareKeys, UnmaskRequest, UnmaskResponse)
 from protocol.secagg.device import SecAggDevice
+from protocol.secagg.messages import (AGGREGATOR, AdvertiseKeys, KeyRoster, MaskedInput, Phase, SecAggParams,
+                                      ShareDelivery, ShareKeys, UnmaskRequest, UnmaskResponse)
 from protocol.secagg.server import SecAggResult, SecAggServer
 
 

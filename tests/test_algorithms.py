@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.store.artifacts import ArtifactStore
-from aggregator.engines.rounds import EngineConfig
 from aggregator.engines.buffered import BufferConfig, BufferedEngine, staleness_factor
-from aggregator.strategies.fedmut import FedMut
+from aggregator.engines.rounds import EngineConfig
 from aggregator.registry import DeviceInfo, DeviceRegistry
-from aggregator.strategies.sampling import AvailabilitySampler, PowerOfChoiceSampler, UniformSampler
+from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.state import StateStore
 from aggregator.strategies.fedavg import ClientUpdate, Contribution, ElementwiseMean, FedAvg
+from aggregator.strategies.fedmut import FedMut
+from aggregator.strategies.sampling import AvailabilitySampler, PowerOfChoiceSampler, UniformSampler
 from aggregator.strategies.tiering import FixedTiers
 from models.export import export_all
 from models.zoo import ModelSpec
@@ -351,8 +351,8 @@ def test_privacy_books_charge_committed_rounds_and_survive_a_restart(art_dir: Pa
 
 def test_fedprox_loss_and_gradient_match_numpy(tmp_path: Path) -> None:
     """Full-batch SGD: step 2 with mu differs from step 2 without by -lr * mu * (w1 - w0), its loss by mu/2 ||w1 - w0||^2."""
-    from models.data import load_digits
     from edge_client.trainer import OrtTrainer
+    from models.data import load_digits
     from models.manifest import TierManifest
     from models.zoo import init_global_params
 

@@ -9,15 +9,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from aggregator.store.artifacts import ArtifactStore
-from aggregator.strategies.batchnorm import StatisticsPool, with_statistics
 from aggregator.engines.rounds import EngineConfig, RoundEngine
 from aggregator.registry import DeviceRegistry
+from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.state import StateStore
+from aggregator.strategies.batchnorm import StatisticsPool, with_statistics
 from aggregator.strategies.fedavg import FedAvg
 from aggregator.strategies.tiering import FixedTiers
-from models.data import Dataset, load_digits
 from edge_client.statistics import measure_bn_statistics
+from models.data import Dataset, load_digits
 from models.export import export_all
 from models.manifest import STATISTICS_FILE
 from models.slicing import slice_params

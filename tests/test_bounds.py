@@ -17,10 +17,8 @@ import numpy as np
 import pytest
 
 from protocol.frame import FrameError, decode_frame, encode_frame, read_header
-from protocol.messages import (
-    MAX_DETAIL, MAX_FRAME_ELEMENTS, MAX_ROUND, MAX_SAMPLES, MAX_TENSORS, Hello, Reject, RejectReason, RoundSummary,
-    SecAgg, Statistics, Status, Task, TierShare, Update, new_id,
-)
+from protocol.messages import (MAX_DETAIL, MAX_FRAME_ELEMENTS, MAX_ROUND, MAX_SAMPLES, MAX_TENSORS, Hello, Reject,
+                               RejectReason, RoundSummary, SecAgg, Statistics, Status, Task, TierShare, Update, new_id)
 from protocol.secagg.messages import SecAggError
 from protocol.secagg.wire import unwrap
 

@@ -21,10 +21,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from protocol.mqtt.broker_config import (FILES, FleetCredentials, acl_text, check_password, generate, hash_password,
-                                    password_file_text)
 from protocol.frame import encode_frame
 from protocol.messages import Fetch
+from protocol.mqtt.broker_config import (FILES, FleetCredentials, acl_text, check_password, generate, hash_password,
+                                         password_file_text)
 from protocol.mqtt.link import MqttLink
 from protocol.mqtt.url import BrokerAddress, BrokerUnreachable, parse, wait_for_broker
 from protocol.topics import Topics

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.strategies.robust import AdaptiveClipping, CoordinateMedian, NormClipping, TrimmedMean
 from aggregator.strategies.fedavg import ClientUpdate, ElementwiseMean
+from aggregator.strategies.robust import AdaptiveClipping, CoordinateMedian, NormClipping, TrimmedMean
 from protocol.codecs import CODECS, CodecError, encode_decode, get_codec, parse_codec
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import Blob, TensorEntry, Update, new_id

@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.store.artifacts import ArtifactStore
-from aggregator.strategies.batchnorm import statistic_names
 from aggregator.engines.rounds import EngineConfig, Outgoing, RoundEngine
-from aggregator.store.ledger import Ledger
 from aggregator.registry import DeviceRegistry
-from aggregator.store.round_spool import RoundPlan, RoundSpool, SpoolError
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.store.ledger import Ledger
+from aggregator.store.round_spool import Assignment, RoundPlan, RoundSpool, SpoolError
 from aggregator.store.state import StateStore
-from aggregator.store.round_spool import Assignment
+from aggregator.strategies.batchnorm import statistic_names
 from aggregator.strategies.fedavg import FedAvg
 from models.export import export_all
 from models.zoo import ModelSpec, param_shapes

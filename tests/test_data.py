@@ -10,19 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.data import (
-    FASHION_MNIST_ROOT,
-    Dataset,
-    batches,
-    dirichlet_partition,
-    iid_partition,
-    load_dataset,
-    load_digits,
-    load_fashion_mnist,
-    load_npz,
-    save_npz,
-    train_test_split,
-)
+from models.data import (FASHION_MNIST_ROOT, Dataset, batches, dirichlet_partition, iid_partition, load_dataset,
+                         load_digits, load_fashion_mnist, load_npz, save_npz, train_test_split)
 
 
 def _toy(n: int = 12, side: int = 4, classes: int = 3) -> Dataset:

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.store.artifacts import ArtifactStore
 from aggregator.engines.rounds import EngineConfig, Outgoing, RoundEngine
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.registry import DeviceRegistry
+from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.state import StateMismatch, StateStore
 from aggregator.strategies.fedavg import FedAvg
 from models.data import load_digits

@@ -27,26 +27,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from aggregator.store.artifacts import ArtifactStore
 from aggregator.engines.rounds import EngineConfig, RoundEngine
 from aggregator.registry import DeviceRegistry
 from aggregator.service import AggregatorService
+from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.state import StateStore
 from aggregator.strategies.fedavg import FedAvg
 from models.export import export_all
 from models.zoo import ModelSpec
 from protocol.chunking import Reassembler, split_message
 from protocol.codecs import CODECS
-from protocol.mqtt.url import parse as parse_broker
-from protocol.topics import Topics
 from protocol.frame import FrameError, decode_frame, encode_frame
-from protocol.messages import (
-    MAX_LOSS, Blob, Fetch, Hello, Reject, RejectReason, RoundSummary, SecAgg, Statistics, Status, Task, TierShare,
-    Update, new_id,
-)
+from protocol.messages import (MAX_LOSS, Blob, Fetch, Hello, Reject, RejectReason, RoundSummary, SecAgg, Statistics,
+                               Status, Task, TierShare, Update, new_id)
+from protocol.mqtt.url import parse as parse_broker
 from protocol.secagg.messages import AdvertiseKeys, SecAggError, UnmaskResponse
-from protocol.secagg.wire import unwrap
 from protocol.secagg.shamir import Share
+from protocol.secagg.wire import unwrap
+from protocol.topics import Topics
 
 SHA = "ab" * 32
 SAMPLES = [

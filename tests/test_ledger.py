@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.store.artifacts import ArtifactStore
 from aggregator.engines.rounds import EngineConfig, RoundEngine
-from aggregator.store.ledger import Ledger
 from aggregator.registry import DeviceRegistry
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.store.ledger import Ledger
 from aggregator.store.state import StateStore
 from aggregator.strategies.fedavg import FedAvg
 from models.export import export_all

@@ -11,17 +11,10 @@ import pytest
 from pydantic import ValidationError
 
 from models.slicing import slice_params
-from protocol.blocks import leading_slices
 from models.tiers import TIER_RATES, scaled_width, tier_rate
-from models.zoo import (
-    ModelSpec,
-    build_forward,
-    forward_macs,
-    frozen_names,
-    init_global_params,
-    param_shapes,
-    trainable_names,
-)
+from models.zoo import (ModelSpec, build_forward, forward_macs, frozen_names, init_global_params, param_shapes,
+                        trainable_names)
+from protocol.blocks import leading_slices
 
 SPECS = [
     ModelSpec(arch="mlp"),

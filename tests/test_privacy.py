@@ -10,21 +10,10 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from aggregator.strategies.privacy import (
-    ORDERS,
-    CentralDp,
-    DpFedAvg,
-    DpSettings,
-    PrivacyBudget,
-    RdpAccountant,
-    add_privacy_arguments,
-    privacy_from_args,
-    rdp_to_epsilon,
-    round_rng,
-    sampled_gaussian_rdp,
-)
-from aggregator.strategies.robust import add_robust_arguments
+from aggregator.options import add_privacy_arguments, add_robust_arguments, privacy_from_args
 from aggregator.strategies.fedavg import ClientUpdate, Contribution, ElementwiseMean
+from aggregator.strategies.privacy import (ORDERS, CentralDp, DpFedAvg, DpSettings, PrivacyBudget, RdpAccountant,
+                                           rdp_to_epsilon, round_rng, sampled_gaussian_rdp)
 from edge_client.privacy import privatize
 from protocol.clipping import clip_delta, delta_norm
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from aggregator import cli
-from aggregator.store.artifacts import ArtifactStore
 from aggregator.engines.rounds import EngineConfig, RoundEngine
-from aggregator.store.ledger import Ledger
 from aggregator.registry import DeviceRegistry
 from aggregator.report import load_run, render
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.store.ledger import Ledger
 from aggregator.store.state import StateRecord, StateStore, write_run_options
 from aggregator.strategies.fedavg import FedAvg
 from models.export import export_all

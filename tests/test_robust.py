@@ -16,17 +16,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from aggregator.cli import configure_parser
-from aggregator.strategies.robust import (
-    AdaptiveClipping,
-    CoordinateMedian,
-    NormClipping,
-    TrimmedMean,
-    accumulator_from_args,
-    clip_update,
-    robust_accumulator,
-    update_norm,
-)
+from aggregator.options import accumulator_from_args
 from aggregator.strategies.fedavg import Accumulator, ClientUpdate, ElementwiseMean, FedAvg
+from aggregator.strategies.robust import (AdaptiveClipping, CoordinateMedian, NormClipping, TrimmedMean, clip_update,
+                                          robust_accumulator, update_norm)
 from models.data import FASHION_MNIST_ROOT
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_robust.py"

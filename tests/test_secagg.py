@@ -15,22 +15,12 @@ from pydantic import ValidationError
 
 from protocol.blocks import leading_slices
 from protocol.secagg import shamir
-from protocol.secagg.messages import (
-    AdvertiseKeys,
-    EncryptedShares,
-    KeyRoster,
-    MaskedInput,
-    Phase,
-    SecAggError,
-    SecAggParams,
-    ShareDelivery,
-    UnmaskRequest,
-    quantize,
-)
 from protocol.secagg.device import SecAggDevice
-from tests.secagg_driver import DeviceRound, run_secure_round
+from protocol.secagg.messages import (AdvertiseKeys, EncryptedShares, KeyRoster, MaskedInput, Phase, SecAggError,
+                                      SecAggParams, ShareDelivery, UnmaskRequest, quantize)
 from protocol.secagg.server import SecAggServer
 from protocol.secagg.shamir import ShamirError
+from tests.secagg_driver import DeviceRound, run_secure_round
 
 GLOBAL = {"conv.weight": (8, 4, 3, 3), "conv.bias": (8,)}
 WIDTHS = {"d0": 1.0, "d1": 0.5, "d2": 0.25, "d3": 1.0, "d4": 0.5, "d5": 0.25}

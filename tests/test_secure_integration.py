@@ -13,8 +13,8 @@ import pytest
 from protocol.chunking import Reassembler
 from protocol.frame import decode_frame
 from protocol.messages import SecAgg, Update
-from protocol.secagg.messages import AdvertiseKeys
 from protocol.secagg.device import verify_advertisement
+from protocol.secagg.messages import AdvertiseKeys
 from protocol.secagg.wire import unwrap
 from protocol.signing import DeviceKey
 from protocol.topics import Topics

@@ -17,23 +17,24 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from aggregator.store.artifacts import ArtifactStore
 from aggregator.cli import configure_parser
 from aggregator.engines.rounds import EngineConfig, Outgoing
-from aggregator.store.ledger import Ledger
+from aggregator.engines.secure import SecureConfig, SecureRoundEngine, fraction_bits
+from aggregator.options import secure_from_args
 from aggregator.registry import DeviceRegistry
-from aggregator.engines.secure import SecureConfig, SecureRoundEngine, fraction_bits, secure_from_args
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.store.ledger import Ledger
 from aggregator.store.state import StateStore
 from aggregator.strategies.fedavg import FedAvg
 from edge_client.secure_client import SecureClient
 from models.export import export_all
-from protocol.blocks import leading_slices
 from models.zoo import ModelSpec
+from protocol.blocks import leading_slices
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import Reject, RejectReason, RoundSummary, SecAgg, Task, Update, new_id
-from protocol.secagg.messages import AdvertiseKeys, KeyRoster, SecAggError
 from protocol.secagg.device import _share_aad, verify_advertisement
 from protocol.secagg.masks import agree_key, public_key_hex
+from protocol.secagg.messages import AdvertiseKeys, KeyRoster, SecAggError
 from protocol.secagg.wire import unwrap, wrap
 from protocol.signing import DeviceKey
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.store.artifacts import ArtifactStore
 from aggregator.engines.rounds import EngineConfig, RoundEngine
 from aggregator.inbox import Inbox
 from aggregator.registry import DeviceRegistry
 from aggregator.service import FETCHES_PER_MINUTE, AggregatorService
+from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.state import StateStore
 from aggregator.strategies.fedavg import FedAvg
 from models.export import export_all

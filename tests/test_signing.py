@@ -11,10 +11,8 @@ import pytest
 
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import RejectReason, Update, new_id
-from protocol.signing import (
-    AGGREGATOR_KEY_FILE, KEY_FILE, DeviceKey, EnrolledKeys, SignatureCheck, SignatureError, announced_key, key_announcement,
-    read_public_key, verify_signature,
-)
+from protocol.signing import (AGGREGATOR_KEY_FILE, KEY_FILE, DeviceKey, EnrolledKeys, SignatureCheck, SignatureError,
+                              announced_key, key_announcement, read_public_key, verify_signature)
 
 
 def _update(samples: int = 10) -> Update:

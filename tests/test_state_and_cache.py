@@ -12,10 +12,10 @@ import pytest
 
 from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.state import KEEP_VERSIONS, StateMismatch, StateRecord, StateStore
-from protocol.atomic_file import atomic_write
 from edge_client.cache import ArtifactCache, ArtifactTooLarge, CacheFull
 from models.export import ARTIFACT_FILES, MANIFEST_NAME, export_all
 from models.zoo import ModelSpec
+from protocol.atomic_file import atomic_write
 from protocol.messages import RoundSummary
 
 SPEC = ModelSpec(arch="mlp", image_size=8, hidden=(16,))

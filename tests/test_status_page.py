@@ -20,12 +20,12 @@ from matplotlib.image import imread
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator.store.artifacts import ArtifactStore
 from aggregator.engines.rounds import EngineConfig, RoundEngine
-from aggregator.strategies.fedmut import FedMut
 from aggregator.monitor import Monitor
 from aggregator.registry import DeviceRegistry
+from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.state import StateStore
+from aggregator.strategies.fedmut import FedMut
 from models.export import export_all
 from models.zoo import ModelSpec, param_shapes
 from protocol.messages import RejectReason, Update, new_id

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.data import Dataset, load_digits
 from edge_client.trainer import OrtTrainer
+from models.data import Dataset, load_digits
 from models.export import MANIFEST_NAME, export_all
 from models.manifest import TierManifest
 from models.slicing import slice_params

@@ -32,8 +32,8 @@ from aggregator.store.artifacts import ArtifactStore
 from edge_client.cache import ArtifactCache
 from protocol.frame import decode_frame
 from protocol.logs import JsonFormatter
-from protocol.mqtt.link import Backoff
 from protocol.messages import Hello, RoundSummary, Status, Update
+from protocol.mqtt.link import Backoff
 from protocol.topics import Topics
 from tests.conftest import tierfl
 

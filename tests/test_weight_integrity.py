@@ -14,19 +14,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.store.artifacts import ArtifactStore
+from aggregator.engines.buffered import BufferConfig, BufferedEngine
 from aggregator.engines.edge import EdgeEngine, FollowTask
 from aggregator.engines.rounds import EngineConfig, Outgoing, RoundEngine
-from aggregator.engines.buffered import BufferConfig, BufferedEngine
 from aggregator.registry import DeviceRegistry
-from aggregator.strategies.robust import NormClipping, _compiled_row_squares, update_norm
-from aggregator.store.state import StateStore
+from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.round_spool import Assignment
+from aggregator.store.state import StateStore
 from aggregator.strategies.fedavg import FedAvg, share_caps
+from aggregator.strategies.robust import NormClipping, _compiled_row_squares, update_norm
 from aggregator.strategies.tiering import FixedTiers
 from models.export import export_all
 from models.zoo import ModelSpec
-from protocol.messages import MAX_SAMPLES, Reject, RejectReason, RoundSummary, Statistics, Task, TierShare, Update, new_id
+from protocol.messages import (MAX_SAMPLES, Reject, RejectReason, RoundSummary, Statistics, Task, TierShare, Update,
+                               new_id)
 from protocol.quantized import QuantizedTensor
 from tests.test_engine import SHAPES, SPEC
 

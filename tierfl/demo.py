@@ -22,9 +22,9 @@ from aggregator.downlink import DOWNLINK_MODES
 from models.data import dirichlet_partition, load_digits, save_npz, train_test_split
 from models.export import export_all
 from models.zoo import ModelSpec
-from protocol.mqtt.embedded_broker import EmbeddedBroker
 from protocol.frame import FrameError, decode_frame
 from protocol.messages import RoundSummary
+from protocol.mqtt.embedded_broker import EmbeddedBroker
 from protocol.mqtt.link import MqttLink
 from protocol.mqtt.url import BrokerAddress
 from protocol.mqtt.url import parse as parse_broker

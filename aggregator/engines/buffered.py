@@ -30,17 +30,17 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from aggregator.store.artifacts import ArtifactStore
-from aggregator.engines.rounds import RECORDED_ON_RESTART, EngineConfig, Outgoing, RoundEngine, _OpenRound, check_update_tensors
+from aggregator.engines.rounds import (RECORDED_ON_RESTART, EngineConfig, Outgoing, RoundEngine, _OpenRound,
+                                       check_update_tensors)
 from aggregator.evaluate import HeldOutEvaluator
-from aggregator.store.ledger import Ledger
-from aggregator.strategies.privacy import PrivacyBudget
 from aggregator.registry import DeviceRegistry
-from aggregator.strategies.robust import update_norm
-from aggregator.store.round_spool import RoundPlan
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.store.ledger import Ledger
+from aggregator.store.round_spool import Assignment, RoundPlan
 from aggregator.store.state import StateStore
-from aggregator.store.round_spool import Assignment
 from aggregator.strategies.fedavg import ClientUpdate, Strategy
+from aggregator.strategies.privacy import PrivacyBudget
+from aggregator.strategies.robust import update_norm
 from protocol.messages import RejectReason, RoundSummary, Statistics, Update
 
 log = logging.getLogger(__name__)

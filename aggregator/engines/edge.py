@@ -26,11 +26,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from aggregator.store.artifacts import ArtifactStore
 from aggregator.engines.rounds import EngineConfig, Outgoing, RoundEngine, _OpenRound, non_finite
 from aggregator.registry import DeviceInfo, DeviceRegistry
-from aggregator.store.state import StateRecord, StateStore
+from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.round_spool import Assignment
+from aggregator.store.state import StateRecord, StateStore
 from aggregator.strategies.fedavg import Accumulator, ClientUpdate, ElementwiseMean, FedAvg
 from protocol.messages import Task, TierShare, Update, new_id
 

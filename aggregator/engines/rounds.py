@@ -28,17 +28,16 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from aggregator.store.artifacts import ArtifactStore
-from aggregator.strategies.batchnorm import StatisticsPool, statistic_names, with_statistics
 from aggregator.evaluate import HeldOutEvaluator
-from aggregator.store.ledger import Ledger
-from aggregator.strategies.privacy import PrivacyBudget
 from aggregator.registry import DeviceRegistry
-from aggregator.strategies.robust import DEFAULT_OUTLIER_MULTIPLE, NormBound, update_norm
-from aggregator.store.round_spool import RoundPlan
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.store.ledger import Ledger
+from aggregator.store.round_spool import Assignment, RoundPlan
 from aggregator.store.state import StateRecord, StateStore
-from aggregator.store.round_spool import Assignment
+from aggregator.strategies.batchnorm import StatisticsPool, statistic_names, with_statistics
 from aggregator.strategies.fedavg import Accumulator, ClientUpdate, Contribution, Strategy, share_caps
+from aggregator.strategies.privacy import PrivacyBudget
+from aggregator.strategies.robust import DEFAULT_OUTLIER_MULTIPLE, NormBound, update_norm
 from models.slicing import slice_params
 from models.zoo import init_global_params
 from protocol.messages import Body, Reject, RejectReason, RoundSummary, Statistics, Task, Update

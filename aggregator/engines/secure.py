@@ -27,7 +27,6 @@ the roster (`tierfl client --fleet-keys`) would refuse the whole roster over it.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from collections.abc import Mapping
@@ -38,24 +37,17 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from aggregator.engines.rounds import EngineConfig, Outgoing, RoundEngine, _OpenRound, reject
-from aggregator.store.artifacts import ArtifactStore
 from aggregator.evaluate import HeldOutEvaluator
-from aggregator.store.ledger import Ledger
-from aggregator.strategies.privacy import PrivacyBudget
 from aggregator.registry import DeviceRegistry
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.store.ledger import Ledger
 from aggregator.store.state import StateStore
 from aggregator.strategies.fedavg import ClientUpdate, Strategy, Weights
+from aggregator.strategies.privacy import PrivacyBudget
 from protocol.messages import RejectReason, SecAgg, SecureAggregation, Update, new_id
-from protocol.secagg.messages import (
-    AdvertiseKeys,
-    MaskedInput,
-    Phase,
-    SecAggError,
-    SecAggParams,
-    ShareKeys,
-    UnmaskResponse,
-)
 from protocol.secagg.device import verify_advertisement
+from protocol.secagg.messages import (AdvertiseKeys, MaskedInput, Phase, SecAggError, SecAggParams, ShareKeys,
+                                      UnmaskResponse)
 from protocol.secagg.server import SecAggResult, SecAggServer
 from protocol.secagg.wire import DEVICE_PHASES, unwrap, wrap
 
@@ -362,42 +354,3 @@ class SecureRoundEngine(RoundEngine):
                                detail="masked input")
         log.info("round %d: masked input %d/%d from %s", current.number, len(current.answered),
                  len(current.assignments), device_id)
-
-
-def add_secure_arguments(parser: argparse.ArgumentParser) -> None:
-    """The --secure-aggregation options."""
-    group = parser.add_argument_group("secure aggregation (the aggregator sees only masked updates)")
-    group.add_argument("--secure-aggregation", action="store_true",
-                       help="sum every round by secure aggregation (Bonawitz et al.): devices mask their weighted "
-                            "updates with pairwise and self masks that cancel in the sum, secret-share the mask seeds "
-                            "so the sum survives devices dropping out, and the aggregator unmasks only the sum. Not "
-                            "with --strategy fedmut/fedbuff, --robust, --dp central, --weigh-partial-work, or "
-                            "batch-norm statistics measured on devices; costs a few extra messages per round")
-    group.add_argument("--secagg-threshold", type=float, default=2 / 3, metavar="FRACTION",
-                       help="share of the selected devices (rounded up, at least 2) whose answers a round needs "
-                            "to the end: the threshold t of the secret sharing; up to t - 1 colluding devices learn "
-                            "nothing from it (default: 2/3)")
-    group.add_argument("--secagg-clip", type=float, default=16.0, metavar="C",
-                       help="bound on |weight x update| per element, weight = the device's samples over the mean; "
-                            "devices clip to it (default: %(default)s)")
-    group.add_argument("--secagg-ring-bits", type=int, choices=[32, 64], default=32,
-                       help="masked integers' width: 32 costs what a float32 update does, 64 twice that for "
-                            "huge fleets or clips (default: %(default)s)")
-
-
-def secure_from_args(args: argparse.Namespace) -> SecureConfig | None:
-    """The checked settings of `add_secure_arguments`, or None without --secure-aggregation (ValueError on a bad combination)."""
-    if not args.secure_aggregation:
-        return None
-    conflicts = {
-        f"--strategy {args.strategy}": args.strategy in ("fedmut", "fedbuff"),
-        f"--robust {args.robust}": args.robust != "none",
-        "--dp central": args.dp == "central",
-        "--weigh-partial-work": args.weigh_partial_work,
-    }
-    if clash := [option for option, present in conflicts.items() if present]:
-        raise ValueError(f"--secure-aggregation cannot be combined with {', '.join(clash)}: the aggregator never "
-                         "sees individual updates (fedbuff has no rounds to mask; --dp local works)")
-    if args.min_clients < 2:
-        raise ValueError("--secure-aggregation needs --min-clients 2 or more: the sum of one device is its update")
-    return SecureConfig(threshold_fraction=args.secagg_threshold, clip=args.secagg_clip, ring_bits=args.secagg_ring_bits)

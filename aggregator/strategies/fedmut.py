@@ -23,9 +23,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from aggregator.strategies.batchnorm import is_statistic
 from aggregator.registry import DeviceInfo
 from aggregator.store.round_spool import Assignment
+from aggregator.strategies.batchnorm import is_statistic
 from aggregator.strategies.fedavg import Accumulator, ClientUpdate, FedAvg, Weights
 from protocol.blocks import leading_slices
 

@@ -36,10 +36,8 @@ batch-norm statistics phase, which send values computed on local data without no
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,8 +46,8 @@ import numpy as np
 
 from aggregator.strategies.batchnorm import VAR
 from aggregator.strategies.fedavg import AccumulatorFactory, ClientUpdate, Weights
-from protocol.clipping import clip_delta
 from protocol.blocks import leading_slices
+from protocol.clipping import clip_delta
 
 DP_MODES = ("off", "central", "local")
 DEFAULT_DELTA = 1e-5
@@ -371,43 +369,3 @@ class DpSettings:
             return None
         assert self.noise_multiplier is not None
         return PrivacyBudget(self.mode, self.noise_multiplier, self.delta)
-
-
-def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `--dp`, `--dp-clip`, `--dp-noise`, `--dp-delta` and `--dp-seed` options of `tierfl aggregator`."""
-    group = parser.add_argument_group(
-        "differential privacy (DP-FedAvg, user-level)",
-        "Each device's update is clipped to L2 norm --dp-clip and Gaussian noise of std --dp-noise x --dp-clip "
-        "is added; after every round the summary reports the (epsilon, delta)-DP spent so far per device "
-        "(Renyi-DP accounting). Only the weight updates are protected: sample counts, losses and accuracies "
-        "are not, and neither are batch-norm statistics (use --bn-statistics averaged with batch-norm models).")
-    group.add_argument("--dp", choices=DP_MODES, default="off",
-                       help="central: the aggregator clips, sums with one vote per device, adds noise once to the "
-                            "sum and divides by the number of updates holding each element (devices trust the "
-                            "aggregator; replaces --aggregation and --robust); local: every device clips and noises "
-                            "its own update before sending it (trusts no one, needs far more devices for the same "
-                            "accuracy; no privacy gain from sampling). Default: %(default)s")
-    group.add_argument("--dp-clip", type=float, metavar="C",
-                       help="bound on the L2 norm of each update's delta, all tensors together; set it near the "
-                            "median update norm of a non-private run")
-    group.add_argument("--dp-noise", type=float, metavar="Z",
-                       help="noise multiplier z: the noise std on the sum is z x C, on the mean z x C / n with n "
-                            "updates; around 1 gives single-digit epsilon over hundreds of rounds at low sampling "
-                            "rates")
-    group.add_argument("--dp-delta", type=float, default=DEFAULT_DELTA, metavar="DELTA",
-                       help="the delta of the (epsilon, delta) reported; keep it below 1 / number of devices "
-                            "(default: %(default)s)")
-    group.add_argument("--dp-seed", type=int, metavar="N",
-                       help="--dp central: seed of the aggregator's noise, which must stay secret (anyone who knows it "
-                            "and the global model can remove the noise); give it to reproduce a run "
-                            "(default: fresh from the OS at start)")
-
-
-def privacy_from_args(args: argparse.Namespace) -> DpSettings:
-    """The checked settings of the options of `add_privacy_arguments` (ValueError on a bad combination)."""
-    if args.dp == "central" and getattr(args, "robust", "none") != "none":
-        raise ValueError(f"--dp central does its own clipping and mean; it cannot be combined with --robust {args.robust}")
-    if args.dp_seed is not None and args.dp != "central":
-        raise ValueError("--dp-seed seeds the aggregator's noise: it applies to --dp central only")
-    seed = args.dp_seed if args.dp_seed is not None else secrets.randbits(64)
-    return DpSettings(args.dp, args.dp_clip, args.dp_noise, args.dp_delta, seed)

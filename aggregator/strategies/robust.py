@@ -31,7 +31,6 @@ updates of its tier (outlier), once `MIN_KNOWN_NORMS` are known (`NormBound`, `u
 
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
 import itertools
@@ -347,40 +346,3 @@ def robust_accumulator(mode: str, clip_norm: float | None = None, trim_fraction:
         "median": CoordinateMedian,
     }
     return factories[mode]
-
-
-def add_robust_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `--robust`, `--clip-norm` and `--trim-fraction` options of `tierfl aggregator`."""
-    group = parser.add_argument_group("robust aggregation (against faulty or malicious updates)")
-    group.add_argument("--robust", choices=ROBUST_MODES, default="none",
-                       help="none: the mean of --aggregation; clip: every update's delta scaled to L2 norm at most "
-                            "--clip-norm, then that mean; median: coordinate-wise median of the deltas; trimmed-mean: "
-                            "coordinate-wise mean without the --trim-fraction lowest and highest values. Median and "
-                            "trimmed mean count each device once (no sample weighting) and keep the round's updates in "
-                            "memory (O(updates x model)); each element is combined over the devices whose tier holds "
-                            "it (default: %(default)s)")
-    group.add_argument("--clip-norm", type=float, metavar="C",
-                       help="--robust clip: fixed bound on each update's L2 norm (streams, memory O(model)); "
-                            "default: adaptive, the median norm of the round's updates (keeps them in memory)")
-    group.add_argument("--trim-fraction", type=float, metavar="BETA",
-                       help=f"--robust trimmed-mean: fraction in [0, 0.5) dropped from each side of every element "
-                            f"(default: {DEFAULT_TRIM_FRACTION})")
-
-
-def add_integrity_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `--outlier-multiple` and `--max-share` options (bounds on any one update, whatever the accumulator)."""
-    group = parser.add_argument_group("weight integrity (bounds on any one update)")
-    group.add_argument("--outlier-multiple", type=float, default=DEFAULT_OUTLIER_MULTIPLE, metavar="M",
-                       help=f"refuse (outlier) an update whose L2 norm is over M x the median norm of the last "
-                            f"{NORM_WINDOW} accepted updates of its tier, once {MIN_KNOWN_NORMS} are known; 0: only "
-                            f"NaN/Inf is refused (default: %(default)s)")
-    group.add_argument("--max-share", type=float, default=1.0, metavar="F",
-                       help="cap on one device's share of a round's weight, in (0, 1]: on every element it holds with "
-                            "other selected devices, its weight is at most F of the announced samples of the selected "
-                            "devices holding that element (HeteroFL: those of its tier or wider); synchronous rounds "
-                            "only (default: %(default)s, no cap)")
-
-
-def accumulator_from_args(args: argparse.Namespace, weighted: bool = True) -> AccumulatorFactory:
-    """The accumulator factory chosen by the options of `add_robust_arguments`."""
-    return robust_accumulator(args.robust, args.clip_norm, args.trim_fraction, weighted)

@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import ValidationError
 
 from protocol.secagg import shamir
-from protocol.secagg.messages import (AdvertiseKeys, EncryptedShares, KeyRoster, MaskedInput, Phase, SecAggError, SecAggParams,
-                             Shape, ShareDelivery, ShareKeys, SharePlaintext, UnmaskRequest, UnmaskResponse,
-                             check_block_shapes, quantize, shamir_points, to_ring)
 from protocol.secagg.masks import add_mask, agree_key, block_overlap, pair_sign, public_key_hex
+from protocol.secagg.messages import (AdvertiseKeys, EncryptedShares, KeyRoster, MaskedInput, Phase, SecAggError,
+                                      SecAggParams, Shape, ShareDelivery, ShareKeys, SharePlaintext, UnmaskRequest,
+                                      UnmaskResponse, check_block_shapes, quantize, shamir_points, to_ring)
 
 
 def _advert_bytes(advert: AdvertiseKeys, session: str) -> bytes:

@@ -14,11 +14,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from protocol.blocks import leading_slices
 from protocol.secagg import shamir
-from protocol.secagg.messages import (AGGREGATOR, AdvertiseKeys, EncryptedShares, KeyRoster, MaskedInput, Phase, SecAggError,
-                             SecAggParams, ShareDelivery, ShareKeys, UnmaskRequest, UnmaskResponse, check_block_shapes,
-                             from_ring, shamir_points)
 from protocol.secagg.masks import add_mask, agree_key, block_overlap, pair_sign, public_key_hex
-from protocol.secagg.shamir import Share, ShamirError
+from protocol.secagg.messages import (AGGREGATOR, AdvertiseKeys, EncryptedShares, KeyRoster, MaskedInput, Phase,
+                                      SecAggError, SecAggParams, ShareDelivery, ShareKeys, UnmaskRequest,
+                                      UnmaskResponse, check_block_shapes, from_ring, shamir_points)
+from protocol.secagg.shamir import ShamirError, Share
 
 log = logging.getLogger(__name__)
 

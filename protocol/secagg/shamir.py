@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field

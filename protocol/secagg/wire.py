@@ -15,16 +15,8 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from protocol.messages import SecAgg
-from protocol.secagg.messages import (
-    AdvertiseKeys,
-    KeyRoster,
-    MaskedInput,
-    SecAggError,
-    ShareDelivery,
-    ShareKeys,
-    UnmaskRequest,
-    UnmaskResponse,
-)
+from protocol.secagg.messages import (AdvertiseKeys, KeyRoster, MaskedInput, SecAggError, ShareDelivery, ShareKeys,
+                                      UnmaskRequest, UnmaskResponse)
 
 PHASES: dict[str, type[BaseModel]] = {
     "advertise": AdvertiseKeys,

@@ -1,0 +1,158 @@
+"""The aggregator's command-line options of algorithms, and the typed settings they become.
+
+Domain modules (strategies, engines) take typed settings; this module owns the argparse groups
+of robust aggregation, weight integrity, differential privacy and secure aggregation, turns the
+parsed options into those settings, and says which options do not combine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+
+from aggregator.engines.secure import SecureConfig
+from aggregator.strategies.fedavg import AccumulatorFactory
+from aggregator.strategies.privacy import DEFAULT_DELTA, DP_MODES, DpSettings
+from aggregator.strategies.robust import (DEFAULT_OUTLIER_MULTIPLE, DEFAULT_TRIM_FRACTION, MIN_KNOWN_NORMS, NORM_WINDOW,
+                                          ROBUST_MODES, robust_accumulator)
+from aggregator.strategies.sampling import make_sampler
+
+DEFAULT_FEDPROX_MU = 0.01
+
+
+def add_robust_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `--robust`, `--clip-norm` and `--trim-fraction` options of `tierfl aggregator`."""
+    group = parser.add_argument_group("robust aggregation (against faulty or malicious updates)")
+    group.add_argument("--robust", choices=ROBUST_MODES, default="none",
+                       help="none: the mean of --aggregation; clip: every update's delta scaled to L2 norm at most "
+                            "--clip-norm, then that mean; median: coordinate-wise median of the deltas; trimmed-mean: "
+                            "coordinate-wise mean without the --trim-fraction lowest and highest values. Median and "
+                            "trimmed mean count each device once (no sample weighting) and keep the round's updates in "
+                            "memory (O(updates x model)); each element is combined over the devices whose tier holds "
+                            "it (default: %(default)s)")
+    group.add_argument("--clip-norm", type=float, metavar="C",
+                       help="--robust clip: fixed bound on each update's L2 norm (streams, memory O(model)); "
+                            "default: adaptive, the median norm of the round's updates (keeps them in memory)")
+    group.add_argument("--trim-fraction", type=float, metavar="BETA",
+                       help=f"--robust trimmed-mean: fraction in [0, 0.5) dropped from each side of every element "
+                            f"(default: {DEFAULT_TRIM_FRACTION})")
+
+
+def add_integrity_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `--outlier-multiple` and `--max-share` options (bounds on any one update, whatever the accumulator)."""
+    group = parser.add_argument_group("weight integrity (bounds on any one update)")
+    group.add_argument("--outlier-multiple", type=float, default=DEFAULT_OUTLIER_MULTIPLE, metavar="M",
+                       help=f"refuse (outlier) an update whose L2 norm is over M x the median norm of the last "
+                            f"{NORM_WINDOW} accepted updates of its tier, once {MIN_KNOWN_NORMS} are known; 0: only "
+                            f"NaN/Inf is refused (default: %(default)s)")
+    group.add_argument("--max-share", type=float, default=1.0, metavar="F",
+                       help="cap on one device's share of a round's weight, in (0, 1]: on every element it holds with "
+                            "other selected devices, its weight is at most F of the announced samples of the selected "
+                            "devices holding that element (HeteroFL: those of its tier or wider); synchronous rounds "
+                            "only (default: %(default)s, no cap)")
+
+
+def accumulator_from_args(args: argparse.Namespace, weighted: bool = True) -> AccumulatorFactory:
+    """The accumulator factory chosen by the options of `add_robust_arguments`."""
+    return robust_accumulator(args.robust, args.clip_norm, args.trim_fraction, weighted)
+
+
+def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `--dp`, `--dp-clip`, `--dp-noise`, `--dp-delta` and `--dp-seed` options of `tierfl aggregator`."""
+    group = parser.add_argument_group(
+        "differential privacy (DP-FedAvg, user-level)",
+        "Each device's update is clipped to L2 norm --dp-clip and Gaussian noise of std --dp-noise x --dp-clip "
+        "is added; after every round the summary reports the (epsilon, delta)-DP spent so far per device "
+        "(Renyi-DP accounting). Only the weight updates are protected: sample counts, losses and accuracies "
+        "are not, and neither are batch-norm statistics (use --bn-statistics averaged with batch-norm models).")
+    group.add_argument("--dp", choices=DP_MODES, default="off",
+                       help="central: the aggregator clips, sums with one vote per device, adds noise once to the "
+                            "sum and divides by the number of updates holding each element (devices trust the "
+                            "aggregator; replaces --aggregation and --robust); local: every device clips and noises "
+                            "its own update before sending it (trusts no one, needs far more devices for the same "
+                            "accuracy; no privacy gain from sampling). Default: %(default)s")
+    group.add_argument("--dp-clip", type=float, metavar="C",
+                       help="bound on the L2 norm of each update's delta, all tensors together; set it near the "
+                            "median update norm of a non-private run")
+    group.add_argument("--dp-noise", type=float, metavar="Z",
+                       help="noise multiplier z: the noise std on the sum is z x C, on the mean z x C / n with n "
+                            "updates; around 1 gives single-digit epsilon over hundreds of rounds at low sampling "
+                            "rates")
+    group.add_argument("--dp-delta", type=float, default=DEFAULT_DELTA, metavar="DELTA",
+                       help="the delta of the (epsilon, delta) reported; keep it below 1 / number of devices "
+                            "(default: %(default)s)")
+    group.add_argument("--dp-seed", type=int, metavar="N",
+                       help="--dp central: seed of the aggregator's noise, which must stay secret (anyone who knows it "
+                            "and the global model can remove the noise); give it to reproduce a run "
+                            "(default: fresh from the OS at start)")
+
+
+def privacy_from_args(args: argparse.Namespace) -> DpSettings:
+    """The checked settings of the options of `add_privacy_arguments` (ValueError on a bad combination)."""
+    if args.dp == "central" and getattr(args, "robust", "none") != "none":
+        raise ValueError(f"--dp central does its own clipping and mean; it cannot be combined with --robust {args.robust}")
+    if args.dp_seed is not None and args.dp != "central":
+        raise ValueError("--dp-seed seeds the aggregator's noise: it applies to --dp central only")
+    seed = args.dp_seed if args.dp_seed is not None else secrets.randbits(64)
+    return DpSettings(args.dp, args.dp_clip, args.dp_noise, args.dp_delta, seed)
+
+
+def add_secure_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --secure-aggregation options."""
+    group = parser.add_argument_group("secure aggregation (the aggregator sees only masked updates)")
+    group.add_argument("--secure-aggregation", action="store_true",
+                       help="sum every round by secure aggregation (Bonawitz et al.): devices mask their weighted "
+                            "updates with pairwise and self masks that cancel in the sum, secret-share the mask seeds "
+                            "so the sum survives devices dropping out, and the aggregator unmasks only the sum. Not "
+                            "with --strategy fedmut/fedbuff, --robust, --dp central, --weigh-partial-work, or "
+                            "batch-norm statistics measured on devices; costs a few extra messages per round")
+    group.add_argument("--secagg-threshold", type=float, default=2 / 3, metavar="FRACTION",
+                       help="share of the selected devices (rounded up, at least 2) whose answers a round needs "
+                            "to the end: the threshold t of the secret sharing; up to t - 1 colluding devices learn "
+                            "nothing from it (default: 2/3)")
+    group.add_argument("--secagg-clip", type=float, default=16.0, metavar="C",
+                       help="bound on |weight x update| per element, weight = the device's samples over the mean; "
+                            "devices clip to it (default: %(default)s)")
+    group.add_argument("--secagg-ring-bits", type=int, choices=[32, 64], default=32,
+                       help="masked integers' width: 32 costs what a float32 update does, 64 twice that for "
+                            "huge fleets or clips (default: %(default)s)")
+
+
+def secure_from_args(args: argparse.Namespace) -> SecureConfig | None:
+    """The checked settings of `add_secure_arguments`, or None without --secure-aggregation (ValueError on a bad combination)."""
+    if not args.secure_aggregation:
+        return None
+    conflicts = {
+        f"--strategy {args.strategy}": args.strategy in ("fedmut", "fedbuff"),
+        f"--robust {args.robust}": args.robust != "none",
+        "--dp central": args.dp == "central",
+        "--weigh-partial-work": args.weigh_partial_work,
+    }
+    if clash := [option for option, present in conflicts.items() if present]:
+        raise ValueError(f"--secure-aggregation cannot be combined with {', '.join(clash)}: the aggregator never "
+                         "sees individual updates (fedbuff has no rounds to mask; --dp local works)")
+    if args.min_clients < 2:
+        raise ValueError("--secure-aggregation needs --min-clients 2 or more: the sum of one device is its update")
+    return SecureConfig(threshold_fraction=args.secagg_threshold, clip=args.secagg_clip, ring_bits=args.secagg_ring_bits)
+
+
+def proximal_mu(args: argparse.Namespace) -> float:
+    """--mu, or FedProx's default with --strategy fedprox."""
+    if args.mu is not None:
+        if args.strategy == "fedprox" and args.mu <= 0:
+            raise ValueError("--strategy fedprox needs --mu > 0")
+        return args.mu
+    return DEFAULT_FEDPROX_MU if args.strategy == "fedprox" else 0.0
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse options that do not combine (ValueError saying why), before anything is exported or started."""
+    proximal_mu(args)
+    if args.strategy == "fedbuff" and args.max_share < 1:
+        raise ValueError("--max-share applies to synchronous rounds: FedBuff has no round selection to cap a share of")
+    make_sampler(args.sampling, args.fraction, 1 if args.strategy == "fedbuff" else args.min_clients, args.seed,
+                 args.candidates)
+    dp = privacy_from_args(args)
+    secure_from_args(args)
+    if dp.accumulator_factory() is None:
+        accumulator_from_args(args, weighted=args.aggregation == "weighted")
