@@ -17,8 +17,9 @@ from aggregator.engines.rounds import EngineConfig, RoundEngine
 from aggregator.engines.secure import SecureRoundEngine
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.options import (DEFAULT_FEDPROX_MU, accumulator_from_args, add_integrity_arguments,
-                                add_privacy_arguments, add_robust_arguments, add_secure_arguments, check_options,
-                                privacy_from_args, proximal_mu, secure_from_args)
+                                add_privacy_arguments, add_robust_arguments, add_secure_arguments,
+                                add_server_optimizer_arguments, check_options, privacy_from_args, proximal_mu,
+                                secure_from_args, server_optimizer_from_args)
 from aggregator.registry import DeviceRegistry
 from aggregator.service import AggregatorService
 from aggregator.store.artifacts import ArtifactStore
@@ -154,6 +155,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_integrity_arguments(parser)
     add_privacy_arguments(parser)
     add_secure_arguments(parser)
+    add_server_optimizer_arguments(parser)
 
 
 def add_algorithm_arguments(parser: argparse.ArgumentParser) -> None:
@@ -279,6 +281,7 @@ def serve(args: argparse.Namespace) -> int:
         fleet=args.fleet, rounds=args.rounds, min_updates=args.min_updates,
         round_timeout_s=args.round_timeout, static_batch_norm=args.bn_statistics == "devices", seed=args.seed,
         outlier_multiple=args.outlier_multiple, max_share=args.max_share,
+        server_optimizer=server_optimizer_from_args(args),
     )
     mix = parse_tier_mix(args.tier_mix or "-".join(artifacts.tiers))
     if missing := sorted(set(mix) - set(artifacts.tiers)):

@@ -16,6 +16,7 @@ from aggregator.strategies.privacy import DEFAULT_DELTA, DP_MODES, DpSettings
 from aggregator.strategies.robust import (DEFAULT_OUTLIER_MULTIPLE, DEFAULT_TRIM_FRACTION, MIN_KNOWN_NORMS, NORM_WINDOW,
                                           ROBUST_MODES, robust_accumulator)
 from aggregator.strategies.sampling import make_sampler
+from aggregator.strategies.server_optimizer import ADAPTIVE, SERVER_OPTIMIZERS, ServerOptimizer
 
 DEFAULT_FEDPROX_MU = 0.01
 
@@ -154,5 +155,38 @@ def check_options(args: argparse.Namespace) -> None:
                  args.candidates)
     dp = privacy_from_args(args)
     secure_from_args(args)
+    server_optimizer_from_args(args)
     if dp.accumulator_factory() is None:
         accumulator_from_args(args, weighted=args.aggregation == "weighted")
+
+
+def add_server_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --server-optimizer options of `tierfl aggregator`."""
+    group = parser.add_argument_group(
+        "server optimizer (Reddi et al.: the round's mean update as a pseudo-gradient)",
+        "Every version is x + step(mean update) element by element across tiers; an element no update held "
+        "gets no step and keeps its moments. The optimizer's state is committed with each version.")
+    group.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default="fedavg",
+                       help="fedavg: the mean update itself (no server optimizer); sgd: x + lr x mean; momentum: "
+                            "FedAvgM; adam, yogi, adagrad: FedAdam, FedYogi, FedAdagrad (default: %(default)s)")
+    group.add_argument("--server-lr", type=float, metavar="ETA",
+                       help="server learning rate (default: 1 for sgd and momentum, 0.01 for adam, yogi, adagrad)")
+    group.add_argument("--server-beta1", type=float, default=0.9, metavar="B1",
+                       help="momentum, and the first moment of adam/yogi/adagrad (default: %(default)s)")
+    group.add_argument("--server-beta2", type=float, default=0.99, metavar="B2",
+                       help="second moment of adam and yogi (default: %(default)s)")
+    group.add_argument("--server-tau", type=float, default=1e-3, metavar="TAU",
+                       help="adaptivity of adam/yogi/adagrad: added to sqrt(v); v starts at tau^2 (default: %(default)s)")
+
+
+def server_optimizer_from_args(args: argparse.Namespace) -> ServerOptimizer | None:
+    """The checked server optimizer of `add_server_optimizer_arguments`, or None for plain FedAvg."""
+    if args.server_optimizer == "fedavg":
+        if args.server_lr is not None:
+            raise ValueError("--server-lr needs --server-optimizer sgd|momentum|adam|yogi|adagrad")
+        return None
+    if args.strategy == "fedmut":
+        raise ValueError("--server-optimizer cannot be combined with --strategy fedmut: FedMut makes its own global step "
+                         "(its mutations follow it)")
+    lr = args.server_lr if args.server_lr is not None else (0.01 if args.server_optimizer in ADAPTIVE else 1.0)
+    return ServerOptimizer(args.server_optimizer, lr, args.server_beta1, args.server_beta2, args.server_tau)

@@ -38,6 +38,7 @@ from aggregator.strategies.batchnorm import StatisticsPool, statistic_names, wit
 from aggregator.strategies.fedavg import Accumulator, ClientUpdate, Contribution, Strategy, share_caps
 from aggregator.strategies.privacy import PrivacyBudget
 from aggregator.strategies.robust import DEFAULT_OUTLIER_MULTIPLE, NormBound, update_norm
+from aggregator.strategies.server_optimizer import ServerOptimizer, split_state, touched_mask, with_state
 from models.slicing import slice_params
 from models.zoo import init_global_params
 from protocol.messages import Body, Reject, RejectReason, RoundSummary, Statistics, Task, Update
@@ -63,6 +64,7 @@ class EngineConfig(BaseModel):
     local_dp_noise: float = Field(0.0, ge=0)  # ... and add Gaussian noise of this multiple of the clip (0: off)
     outlier_multiple: float = Field(DEFAULT_OUTLIER_MULTIPLE, ge=0)  # refuse norms over this x the tier's median (0: off)
     max_share: float = Field(1.0, gt=0, le=1)  # cap on one device's share of a round's weight (1: no cap)
+    server_optimizer: ServerOptimizer | None = None  # None: the round's aggregate is the new model (FedAvg)
     seed: int = 0
 
 
@@ -93,6 +95,7 @@ class _OpenRound:
     bytes_up: int = 0
     bytes_down: int = 0
     trained: dict[str, np.ndarray] | None = None  # aggregated weights awaiting their statistics
+    optimizer_state: dict[str, np.ndarray] | None = None  # the server optimizer's state after `trained`
     statistics: dict[str, StatisticsPool] = field(default_factory=dict)  # tier -> pool, in the statistics phase
     measured: set[str] = field(default_factory=set)
     caps: dict[str, int] = field(default_factory=dict)  # device -> most samples its update may weigh (max_share)
@@ -141,9 +144,10 @@ class RoundEngine:
         self._waiting_logged = False
         self.bn_statistics: dict[str, dict[str, np.ndarray]] = {}  # tier -> last pooled statistics
         self._measures_statistics = config.static_batch_norm and artifacts.spec.batch_norm
+        self.optimizer_state: dict[str, np.ndarray] = {}  # the server optimizer's moments, committed with each version
         loaded = store.load(config.fleet, artifacts.identity)
         if loaded:
-            self.record, self.weights = loaded
+            self.record, (self.weights, self.optimizer_state) = loaded[0], split_state(loaded[1])
             log.info("resumed from %s at version %d after round %d", store.root, self.record.version, self.record.round)
         else:
             self.record = StateRecord(fleet=config.fleet, model=artifacts.identity, version=0, round=0)
@@ -348,6 +352,15 @@ class RoundEngine:
         """Each device's cap on the samples its update weighs, from `max_share` (empty: no caps)."""
         return share_caps(assignments, {t: a.manifest.rate for t, a in self.artifacts.tiers.items()}, self.config.max_share)
 
+    def _server_step(self, current: _OpenRound, aggregate: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+        """The round's new global model and server-optimizer state: the aggregate itself without a server optimizer."""
+        optimizer = self.config.server_optimizer
+        if optimizer is None:
+            return aggregate, None
+        blocks = [self.artifacts.tiers[current.assignments[d].tier].shapes for d in current.answered]
+        touched = touched_mask({n: w.shape for n, w in self.weights.items()}, blocks)
+        return optimizer.step(self.weights, aggregate, touched, self.optimizer_state)
+
     def _start_statistics(self, current: _OpenRound, trained: dict[str, np.ndarray], now: float) -> list[Outgoing]:
         """Keep the aggregated weights aside and ask the devices that answered to measure them."""
         current.trained = trained
@@ -419,15 +432,20 @@ class RoundEngine:
         refused = None
         if committed := current.accumulator.count >= self.config.min_updates:
             with np.errstate(over="ignore", invalid="ignore"):  # NaN and Inf are looked for below
-                trained = current.trained if current.trained is not None else current.accumulator.result()
-                if self._measures_statistics and current.trained is None and not non_finite(trained):
-                    return self._start_statistics(current, trained, now)
+                if current.trained is None:
+                    trained, current.optimizer_state = self._server_step(current, current.accumulator.result())
+                    if self._measures_statistics and not non_finite(trained):
+                        return self._start_statistics(current, trained, now)
+                else:
+                    trained = current.trained
                 weights, bn_statistics = self._with_statistics(current, trained)
             if refused := non_finite(weights):
                 self._refuse_round(current, f"the new global model would hold NaN or Inf in {', '.join(refused)}")
                 committed = False
             else:
                 self.weights, self.bn_statistics = weights, bn_statistics
+                if current.optimizer_state is not None:
+                    self.optimizer_state = current.optimizer_state
         self._open = None
         summary = self._summarise(current, now, committed)
         if refused:
@@ -441,7 +459,7 @@ class RoundEngine:
             round=current.number,
             history=[*self.record.history, summary],
         )
-        self.store.commit(self.record, self.weights if committed else None)
+        self.store.commit(self.record, with_state(self.weights, self.optimizer_state) if committed else None)
         missing = sorted(set(current.assignments) - current.answered)
         for device_id in missing:
             self.registry.missed(device_id)
