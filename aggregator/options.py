@@ -170,7 +170,7 @@ def add_server_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
                        help="fedavg: the mean update itself (no server optimizer); sgd: x + lr x mean; momentum: "
                             "FedAvgM; adam, yogi, adagrad: FedAdam, FedYogi, FedAdagrad (default: %(default)s)")
     group.add_argument("--server-lr", type=float, metavar="ETA",
-                       help="server learning rate (default: 1 for sgd and momentum, 0.01 for adam, yogi, adagrad)")
+                       help="server learning rate (default: 1 for sgd and momentum, 0.1 for adam, yogi, adagrad)")
     group.add_argument("--server-beta1", type=float, default=0.9, metavar="B1",
                        help="momentum, and the first moment of adam/yogi/adagrad (default: %(default)s)")
     group.add_argument("--server-beta2", type=float, default=0.99, metavar="B2",
@@ -188,5 +188,5 @@ def server_optimizer_from_args(args: argparse.Namespace) -> ServerOptimizer | No
     if args.strategy == "fedmut":
         raise ValueError("--server-optimizer cannot be combined with --strategy fedmut: FedMut makes its own global step "
                          "(its mutations follow it)")
-    lr = args.server_lr if args.server_lr is not None else (0.01 if args.server_optimizer in ADAPTIVE else 1.0)
+    lr = args.server_lr if args.server_lr is not None else (0.1 if args.server_optimizer in ADAPTIVE else 1.0)
     return ServerOptimizer(args.server_optimizer, lr, args.server_beta1, args.server_beta2, args.server_tau)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from protocol.frame import encode_frame
@@ -37,6 +38,24 @@ def test_fedmut_federation_trains_mutated_models(tmp_path, mosquitto_url, fleet)
         assert summaries[-1].version == 4 and summaries[-1].accuracy > 0.8
         assert summaries[0].metrics["fedmut_step_norm"] == 0.0  # nothing to mutate along before the second round
         assert all(s.metrics["fedmut_step_norm"] > 0 for s in summaries[1:])
+    finally:
+        watcher.close()
+        _stop([aggregator, *devices])
+
+
+def test_fedadam_federation_over_tiers_commits_its_moments_with_each_version(tmp_path, mosquitto_url, fleet):
+    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--server-optimizer", "adam", "--server-lr", "0.1",
+                             "--tiers", "a,c", "--tier-mix", "a-c", "--min-clients", "3", "--rounds", "4", "--lr", "0.1")
+    devices = _devices(tmp_path, mosquitto_url, fleet, 3)
+    watcher = Watcher(mosquitto_url, [Topics(fleet).rounds])
+    try:
+        assert aggregator.wait(120) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
+        summaries = _summaries(watcher)
+        assert [s.version for s in summaries] == [1, 2, 3, 4] and all(not s.rejected for s in summaries)
+        assert summaries[-1].accuracy > 0.8
+        with np.load(tmp_path / "state" / "weights" / "v000004.npz") as stored:
+            moments = [name for name in stored.files if name.startswith("server_optimizer/")]
+        assert moments and {n.split("/")[1] for n in moments} == {"m", "v"}
     finally:
         watcher.close()
         _stop([aggregator, *devices])
