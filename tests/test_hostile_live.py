@@ -53,7 +53,7 @@ def test_a_fleet_under_attack_commits_every_honest_round_and_survives_a_restart(
     url = own_mosquitto.url
     state = tmp_path / "state" / "state.json"
     options = ["aggregator", "--broker", url, "--fleet", fleet, "--state-dir", str(tmp_path / "state"),
-               "--eval-data", "digits", "--min-clients", "4", "--rounds", str(ROUNDS), "--round-timeout", "30"]
+               "--eval-data", "digits", "--min-clients", "4", "--rounds", str(ROUNDS), "--round-timeout", "15"]  # rounds holding the invented devices wait this long
     poisoner = _publisher(url, fleet, "--case", "poison", "--for", "400", log=tmp_path / "poison.log")
     first = tierfl(*options, log=tmp_path / "first.log")
     devices = [tierfl("client", "--broker", url, "--fleet", fleet, "--device-id", name, "--data", "digits",
