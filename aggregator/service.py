@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from aggregator.downlink import Downlink
-from aggregator.engines.rounds import Outgoing, RoundEngine, reject
+from aggregator.engines.rounds import Outgoing, RoundEngine
 from aggregator.engines.secure import SecureRoundEngine
 from aggregator.inbox import Inbox
 from aggregator.refusals import RateLimiter, RefusalLog
@@ -279,16 +279,22 @@ class AggregatorService:
             self._send([Outgoing(device, Blob(sha256=sha, name=name), {"data": np.frombuffer(data, np.uint8)})])
 
     def _refuse(self, device: str | None, reason: RejectReason, detail: str) -> None:
-        now = time.time()
+        """Count a refusal decided here (the engine counts its own), then log and answer it."""
         self.engine.count_rejection(reason, detail, device)
-        if self.refusals.should_log(device, reason, now):
-            more = self.refusals.suppressed(device, reason)
-            log.warning("rejected a message from %s: %s: %s%s", device or "an unknown sender", reason.value, detail,
-                        f" (and {more} more like it in the last {self.refusals.interval_s:.0f} s)" if more else "")
+        self._answer_refusal(device, Reject(reason=reason, detail=detail))
+
+    def _answer_refusal(self, device: str | None, body: Reject) -> None:
+        """Every refusal, the service's or the engine's: logged once per sender and reason per interval, shown on
+        the status page, and sent back at a bounded rate per sender."""
+        now = time.time()
+        if self.refusals.should_log(device, body.reason, now):
+            more = self.refusals.suppressed(device, body.reason)
+            log.warning("rejected a message from %s: %s: %s%s", device or "an unknown sender", body.reason.value,
+                        body.detail, f" (and {more} more like it in the last {self.refusals.interval_s:.0f} s)" if more else "")
+        if self.monitor:
+            self.monitor.rejected(device, body.reason, body.detail, now)
         if device is not None and self._rejects.allow(device, now):
-            self._send([reject(device, reason, detail)])  # the monitor sees it go out
-        elif self.monitor:
-            self.monitor.rejected(device, reason, detail, now)
+            self._publish(Outgoing(device, body))
 
     def _flush_ledger(self, now: float) -> None:
         """Write the refusals buffered in the ledger, at most once a second (every accepted row is written at once)."""
@@ -298,17 +304,22 @@ class AggregatorService:
 
     def _send(self, messages: list[Outgoing]) -> None:
         for message in messages:
-            frame = self._frame(message)
-            if self.monitor and isinstance(message.body, Reject):
-                self.monitor.rejected(message.device_id, message.body.reason, message.body.detail, time.time())
-            if message.device_id is None:
-                sent = self.link.publish(self.topics.rounds, frame, retain=True)
+            if isinstance(message.body, Reject):
+                self._answer_refusal(message.device_id, message.body)
             else:
-                self._announce_key(message.device_id)
-                sent = self.link.publish(self.topics.down(message.device_id), frame)
-                self.engine.note_bytes(down=sent)
-            if self.monitor:
-                self.monitor.sent(sent)
+                self._publish(message)
+
+    def _publish(self, message: Outgoing) -> None:
+        """Encode, sign and publish one message (to its device, or retained on the rounds topic)."""
+        frame = self._frame(message)
+        if message.device_id is None:
+            sent = self.link.publish(self.topics.rounds, frame, retain=True)
+        else:
+            self._announce_key(message.device_id)
+            sent = self.link.publish(self.topics.down(message.device_id), frame)
+            self.engine.note_bytes(down=sent)
+        if self.monitor:
+            self.monitor.sent(sent)
 
     def _frame(self, message: Outgoing) -> bytes:
         body, tensors = message.body, message.tensors

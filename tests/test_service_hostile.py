@@ -11,7 +11,7 @@ import pytest
 from aggregator.engines.rounds import EngineConfig, RoundEngine
 from aggregator.inbox import Inbox
 from aggregator.registry import DeviceRegistry
-from aggregator.service import FETCHES_PER_MINUTE, AggregatorService
+from aggregator.service import FETCHES_PER_MINUTE, REJECTS_PER_MINUTE, AggregatorService
 from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.state import StateStore
 from aggregator.strategies.fedavg import FedAvg
@@ -154,3 +154,21 @@ def test_handler_fuzz_never_raises_and_refusals_never_register(art_dir: Path, tm
         _deliver(service, topic, bytes(frame))
     assert "internal_error" not in service.engine.rejected
     assert sum(service.engine.rejected.values()) >= 2900
+
+
+def test_refusals_the_engine_decides_are_answered_at_the_bounded_rate_too(art_dir: Path, tmp_path: Path, caplog) -> None:
+    """A registered sender flooding updates for a closed round: every one counted, a few answered, one log line."""
+    service, topics = _service(art_dir, tmp_path / "state"), Topics(FLEET)
+    _deliver(service, topics.status("d1"), _hello("d1"))
+    shapes = service.artifacts.tiers["a"].shapes
+    sent: list[str] = []
+    service._publish = lambda message: sent.append(message.device_id)  # type: ignore[method-assign]  # what goes out
+    with caplog.at_level("WARNING", logger="aggregator.service"):
+        for _ in range(100):
+            update = Update(update_id=new_id(), round=7, base_version=0, tier="a", num_samples=10, steps=1,
+                            train_loss=1.0, train_accuracy=0.5, train_seconds=0.1)
+            tensors = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+            _deliver(service, topics.up("d1"), encode_frame(FLEET, "d1", update, tensors), now=200.0)
+    assert service.engine.rejected["stale_round"] == 100
+    assert sent == ["d1"] * REJECTS_PER_MINUTE
+    assert caplog.text.count("rejected a message from d1: stale_round") == 1

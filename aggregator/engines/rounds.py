@@ -299,8 +299,7 @@ class RoundEngine:
                                update_id=update.update_id, num_samples=update.num_samples, nbytes=nbytes)
 
     def _refuse_update(self, device_id: str, msg_id: str, update: Update | Statistics, reason: RejectReason, detail: str) -> list[Outgoing]:
-        self.count_rejection(reason, detail, device_id, update)
-        log.warning("rejected update from %s: %s: %s", device_id, reason.value, detail)
+        self.count_rejection(reason, detail, device_id, update)  # the service logs and answers it, at a bounded rate
         return [reject(device_id, reason, detail, msg_id, update.round)]
 
     def count_rejection(

@@ -160,9 +160,9 @@ class SecureRoundEngine(RoundEngine):
             except SecAggError as exc:
                 problem = (RejectReason.BAD_TENSOR if body.phase == "masked_input" else RejectReason.MALFORMED, str(exc))
         if problem is not None:
-            self.count_rejection(problem[0], problem[1], device_id, body)
-            log.warning("rejected a %s message from %s: %s: %s", body.phase, device_id, problem[0].value, problem[1])
-            return [reject(device_id, problem[0], problem[1], msg_id, body.round)]
+            detail = f"{body.phase}: {problem[1]}"
+            self.count_rejection(problem[0], detail, device_id, body)  # the service logs and answers it
+            return [reject(device_id, problem[0], detail, msg_id, body.round)]
         return self._advance(now)
 
     # -- phases -----------------------------------------------------------------------------
