@@ -1,7 +1,8 @@
 """The aggregator's command-line options of algorithms, and the typed settings they become.
 
 Domain modules (strategies, engines) take typed settings; this module owns the argparse groups
-of robust aggregation, weight integrity, differential privacy and secure aggregation, turns the
+of robust aggregation, weight integrity, differential privacy, secure aggregation and the server
+optimizer, turns the
 parsed options into those settings, and says which options do not combine.
 """
 
