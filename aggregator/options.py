@@ -2,8 +2,7 @@
 
 Domain modules (strategies, engines) take typed settings; this module owns the argparse groups
 of robust aggregation, weight integrity, differential privacy, secure aggregation and the server
-optimizer, turns the
-parsed options into those settings, and says which options do not combine.
+optimizer, turns the parsed options into those settings, and says which options do not combine.
 """
 
 from __future__ import annotations
