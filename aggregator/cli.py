@@ -16,10 +16,9 @@ from aggregator.engines.buffered import BufferConfig, BufferedEngine
 from aggregator.engines.rounds import EngineConfig, RoundEngine
 from aggregator.engines.secure import SecureRoundEngine
 from aggregator.evaluate import HeldOutEvaluator
-from aggregator.options import (DEFAULT_FEDPROX_MU, accumulator_from_args, add_integrity_arguments,
-                                add_privacy_arguments, add_robust_arguments, add_secure_arguments,
-                                add_server_optimizer_arguments, check_options, privacy_from_args, proximal_mu,
-                                secure_from_args, server_optimizer_from_args)
+from aggregator.options import (DEFAULT_FEDPROX_MU, AlgorithmSettings, add_integrity_arguments, add_privacy_arguments,
+                                add_robust_arguments, add_secure_arguments, add_server_optimizer_arguments, proximal_mu,
+                                resolve_options)
 from aggregator.registry import DeviceRegistry
 from aggregator.service import AggregatorService
 from aggregator.store.artifacts import ArtifactStore
@@ -29,9 +28,8 @@ from aggregator.store.state import (EXIT_NEEDS_OPERATOR, OptionValue, StateCorru
                                     set_aside, write_run_options)
 from aggregator.strategies.fedavg import FedAvg
 from aggregator.strategies.fedmut import FedMut
-from aggregator.strategies.privacy import DpSettings
 from aggregator.strategies.robust import DEFAULT_TRIM_FRACTION
-from aggregator.strategies.sampling import SAMPLERS, make_sampler
+from aggregator.strategies.sampling import SAMPLERS
 from aggregator.strategies.tiering import TIER_POLICIES, TierPolicy, make_tier_policy, parse_tier_mix
 from models.data import load_dataset
 from models.export import export_all
@@ -189,15 +187,12 @@ def add_algorithm_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--concurrency", type=int, help="FedBuff: most devices training at once (default: every idle device)")
 
 
-def make_strategy(args: argparse.Namespace, policy: TierPolicy, dp: DpSettings) -> FedAvg:
-    """The --strategy with its options, sampler, tier policy and accumulator (central DP's, robust, or the mean)."""
-    sampler = make_sampler(args.sampling, args.fraction, 1 if args.strategy == "fedbuff" else args.min_clients,
-                           args.seed, args.candidates)
+def make_strategy(args: argparse.Namespace, policy: TierPolicy, settings: AlgorithmSettings) -> FedAvg:
+    """The --strategy with its options, the resolved sampler and accumulator, and the tier policy."""
     options = dict(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, tiers=policy,
-        weighted=args.aggregation == "weighted", mask_classes=args.mask_classes, proximal_mu=proximal_mu(args),
-        seed=args.seed, sampler=sampler,
-        accumulator=dp.accumulator_factory() or accumulator_from_args(args, weighted=args.aggregation == "weighted"),
+        weighted=args.aggregation == "weighted", mask_classes=args.mask_classes, proximal_mu=settings.proximal_mu,
+        seed=args.seed, sampler=settings.sampler, accumulator=settings.accumulator,
         weigh_partial_work=args.weigh_partial_work,
     )
     if args.strategy == "fedmut":
@@ -210,16 +205,17 @@ def derived_defaults(args: argparse.Namespace) -> dict[str, object]:
     return {"mu": proximal_mu(args), "trim_fraction": DEFAULT_TRIM_FRACTION, "artifacts": args.state_dir / "artifacts"}
 
 
-def open_artifacts(args: argparse.Namespace) -> ArtifactStore:
-    """The export named by --artifacts, or STATE_DIR/artifacts exported now if missing."""
+def open_artifacts(args: argparse.Namespace, mu: float) -> ArtifactStore:
+    """The export named by --artifacts, or STATE_DIR/artifacts exported now if missing (with the FedProx term
+    when `mu` > 0)."""
     folder = args.artifacts or args.state_dir / "artifacts"
     if args.artifacts is None and not (folder / "index.json").exists():
         spec = ModelSpec(arch=args.arch, image_size=args.image_size)
         tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
         log.info("exporting %s tiers %s to %s", spec.name, ",".join(tiers), folder)
-        export_all(spec, tiers, folder, proximal=proximal_mu(args) > 0)
+        export_all(spec, tiers, folder, proximal=mu > 0)
     store = ArtifactStore(folder)
-    if (mu := proximal_mu(args)) > 0 and not all(t.manifest.proximal for t in store.tiers.values()):
+    if mu > 0 and not all(t.manifest.proximal for t in store.tiers.values()):
         raise ValueError(f"--mu {mu} needs artifacts with the FedProx term: re-export {folder} with "
                          "`tierfl export --proximal` (or let the aggregator export them: no --artifacts)")
     return store
@@ -256,24 +252,24 @@ def run(args: argparse.Namespace) -> int:
     """Serve rounds until --rounds are done or SIGINT/SIGTERM; 0 when done, 2 on options that do not combine or
     when the state needs an operator."""
     try:
-        check_options(args)
+        settings = resolve_options(args)
     except ValueError as exc:  # like argparse on a bad flag: nothing was written
         print(f"tierfl aggregator: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return serve(args)
+        return serve(args, settings)
     except (StateCorrupt, StateMismatch, SpoolError) as exc:
         log.error("%s", exc)
         return EXIT_NEEDS_OPERATOR
 
 
-def serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace, settings: AlgorithmSettings) -> int:
     """Serve rounds until --rounds are done or SIGINT/SIGTERM (or, with --recover, repair the state); 0 when done."""
     key = DeviceKey(args.state_dir, AGGREGATOR_KEY_FILE)  # signs every frame we send
     if args.show_key:
         print(json.dumps({"aggregator": key.public_hex}))
         return 0
-    artifacts = open_artifacts(args)
+    artifacts = open_artifacts(args, settings.proximal_mu)
     if args.recover:
         return recover(args.state_dir, args.fleet, artifacts.identity)
     write_run_options(args.state_dir, run_options(args))
@@ -281,15 +277,14 @@ def serve(args: argparse.Namespace) -> int:
         fleet=args.fleet, rounds=args.rounds, min_updates=args.min_updates,
         round_timeout_s=args.round_timeout, static_batch_norm=args.bn_statistics == "devices", seed=args.seed,
         outlier_multiple=args.outlier_multiple, max_share=args.max_share,
-        server_optimizer=server_optimizer_from_args(args),
+        server_optimizer=settings.server_optimizer,
     )
     mix = parse_tier_mix(args.tier_mix or "-".join(artifacts.tiers))
     if missing := sorted(set(mix) - set(artifacts.tiers)):
         raise ValueError(f"--tier-mix names tiers {', '.join(missing)} that the export lacks (have: {', '.join(artifacts.tiers)})")
     policy = make_tier_policy(args.tier_policy, mix, artifacts.spec, args.epochs, args.round_timeout, args.seed)
-    dp = privacy_from_args(args)
-    secure = secure_from_args(args)
-    strategy = make_strategy(args, policy, dp)
+    dp, secure = settings.dp, settings.secure
+    strategy = make_strategy(args, policy, settings)
     privacy = dp.budget()
     if dp.mode == "local":
         config = config.model_copy(update={"local_dp_clip": dp.clip_norm, "local_dp_noise": dp.noise_multiplier})

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import secrets
+from dataclasses import dataclass
 
 from aggregator.engines.secure import SecureConfig
 from aggregator.strategies.fedavg import AccumulatorFactory
 from aggregator.strategies.privacy import DEFAULT_DELTA, DP_MODES, DpSettings
 from aggregator.strategies.robust import (DEFAULT_OUTLIER_MULTIPLE, DEFAULT_TRIM_FRACTION, MIN_KNOWN_NORMS, NORM_WINDOW,
                                           ROBUST_MODES, robust_accumulator)
-from aggregator.strategies.sampling import make_sampler
+from aggregator.strategies.sampling import ClientSampler, make_sampler
 from aggregator.strategies.server_optimizer import ADAPTIVE, SERVER_OPTIMIZERS, ServerOptimizer
 
 DEFAULT_FEDPROX_MU = 0.01
@@ -146,18 +147,30 @@ def proximal_mu(args: argparse.Namespace) -> float:
     return DEFAULT_FEDPROX_MU if args.strategy == "fedprox" else 0.0
 
 
-def check_options(args: argparse.Namespace) -> None:
-    """Refuse options that do not combine (ValueError saying why), before anything is exported or started."""
-    proximal_mu(args)
+@dataclass(frozen=True)
+class AlgorithmSettings:
+    """What the algorithm options resolve to, checked together once, before anything is exported or started."""
+
+    proximal_mu: float
+    sampler: ClientSampler
+    dp: DpSettings
+    accumulator: AccumulatorFactory  # central DP's, a robust one, or the mean
+    secure: SecureConfig | None
+    server_optimizer: ServerOptimizer | None
+
+
+def resolve_options(args: argparse.Namespace) -> AlgorithmSettings:
+    """The algorithm settings of the parsed options; ValueError saying why when options do not combine."""
+    mu = proximal_mu(args)
     if args.strategy == "fedbuff" and args.max_share < 1:
         raise ValueError("--max-share applies to synchronous rounds: FedBuff has no round selection to cap a share of")
-    make_sampler(args.sampling, args.fraction, 1 if args.strategy == "fedbuff" else args.min_clients, args.seed,
-                 args.candidates)
+    sampler = make_sampler(args.sampling, args.fraction, 1 if args.strategy == "fedbuff" else args.min_clients,
+                           args.seed, args.candidates)
     dp = privacy_from_args(args)
-    secure_from_args(args)
-    server_optimizer_from_args(args)
-    if dp.accumulator_factory() is None:
-        accumulator_from_args(args, weighted=args.aggregation == "weighted")
+    secure = secure_from_args(args)
+    server_optimizer = server_optimizer_from_args(args)
+    accumulator = dp.accumulator_factory() or accumulator_from_args(args, weighted=args.aggregation == "weighted")
+    return AlgorithmSettings(mu, sampler, dp, accumulator, secure, server_optimizer)
 
 
 def add_server_optimizer_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,9 +31,11 @@ USER_ERRORS = (OSError, ValueError, RuntimeError, ImportError)  # ImportError: a
 # Optional packages by import name -> the extra that installs them (pyproject.toml); a device
 # install is `tierfl[edge,signing]`, everything else comes with `tierfl[full]` or `tierfl[demo]`.
 EXTRAS = {
-    "onnx": "full", "onnxruntime": "edge", "amqtt": "full", "cryptography": "signing",
+    "onnx": "full", "onnxruntime": "full", "amqtt": "full", "cryptography": "full",
     "prometheus_client": "full", "sklearn": "demo", "matplotlib": "demo", "tqdm": "demo",
 }
+DEVICE_COMMANDS = ("client", "bench")  # they run on the device install: onnxruntime from tierfl[edge], keys from [signing]
+DEVICE_EXTRAS = {"onnxruntime": "edge", "cryptography": "signing"}
 
 
 def _usage() -> str:
@@ -101,11 +103,7 @@ def missing_extra(command: str, exc: ModuleNotFoundError) -> str | None:
     package = (exc.name or "").split(".")[0]
     if package not in EXTRAS:
         return None
-    extra = EXTRAS[package]
-    if package == "cryptography" and command != "client":
-        extra = "full"  # certificates (broker-config), the aggregator's key; a device needs only signing
-    if package == "onnxruntime" and command != "client" and command != "bench":
-        extra = "full"
+    extra = DEVICE_EXTRAS.get(package, EXTRAS[package]) if command in DEVICE_COMMANDS else EXTRAS[package]
     return (f"this command needs the {package} package, which is not installed here: "
             f"pip install 'tierfl[{extra}]'")
 
