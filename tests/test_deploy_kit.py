@@ -266,14 +266,39 @@ def test_toml_example_sets_what_its_unit_sets_but_the_password(name):
 
 # A URL with a password after --broker, or one substituted there from credentials.json.
 SECRET_URL = re.compile(r"--broker[= ]('?mqtts?://[^\s:@/]+:[^\s@/]+@|\"?\$\(.*credentials|\"?\$\(.*\burl\b)")
+# A password as a client option's value: mosquitto_pub/sub/rr `-P VALUE` (also after `-u USER`), `--pw VALUE`,
+# `--password VALUE`, a `-L mqtt(s)://user:password@` URL, or `mosquitto_passwd -b` (batch mode takes the password
+# as an argument). Not `\n-P ...` inside a quoted string (a line of a client's config file, as README section 4 writes).
+SECRET_OPTION = re.compile(r"(?<![\w-])(?:-P|--pw|--password)(?:=|[ \t]+)(?=[^\s`)\-])"
+                           r"|(?<![\w-])-L[ \t]+['\"]?mqtts?://[^\s:@/]+:[^\s@/]+@"
+                           r"|\bmosquitto_passwd\b[^\n]*[ \t]-[A-Za-z]*b\b")
+
+
+@pytest.mark.parametrize("line, secret", [
+    ('mosquitto_pub -h localhost -u pi-1 -P "$P1" -t up/pi-1 -m own', True),
+    ("mosquitto_sub -u aggregator -P s3cret -t 'up/+'", True),
+    ("mosquitto_sub --pw=\"$PA\" -t x", True),
+    ("mosquitto_pub --password hunter2 -t x", True),
+    ("mosquitto_pub -L mqtts://pi-1:hunter2@broker:8883/up/pi-1 -m x", True),
+    ("sudo mosquitto_passwd -b /etc/tierfl/broker/passwd pi-3 hunter2", True),
+    ("sudo mosquitto_passwd /etc/tierfl/broker/passwd pi-3", False),
+    ("""sudo jq -r '"-u pi-1\\n-P \\(.devices."pi-1".password)"' $C > "$D/mosquitto_pub\"""", False),
+    ("XDG_CONFIG_HOME=$D mosquitto_pub -h localhost -t up/pi-1 -m own", False),
+    ("keeps the password off the command line (no `-P`)", False),
+])
+def test_the_secret_pattern_catches_passwords_given_as_options(line, secret):
+    assert bool(SECRET_OPTION.search(line)) is secret, line
 
 
 def test_no_password_is_put_on_a_command_line():
-    """Every local user reads command lines (ps): units, the Dockerfile and the docs pass the URL in the environment."""
+    """Every local user reads command lines (ps): units, the Dockerfile and the docs pass the URL in the environment,
+    and the Mosquitto clients of the docs read their password from a config file, not from `-P`."""
     for name in UNITS:
         assert "--broker" not in read_unit(name)["Service"]["ExecStart"], name
     root = KIT.parents[1]
     for path in [*KIT.iterdir(), root / "README.md", *(root / "docs").glob("*.md")]:
         if path.is_file():
-            found = SECRET_URL.search(path.read_text())
-            assert found is None, f"{path}: {found and found[0]}"
+            text = path.read_text()
+            found = [text[: match.start()].count("\n") + 1 for pattern in (SECRET_URL, SECRET_OPTION)
+                     for match in pattern.finditer(text)]
+            assert not found, f"{path}, line {found[0]}: {text.splitlines()[found[0] - 1]}"
