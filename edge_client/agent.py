@@ -10,12 +10,19 @@ own deadline, or sooner) and send its update, or is abandoned: a task's results 
 error-feedback residual on disk) are committed all together or not at all.
 
 Nothing a downlink frame holds stops the agent: frames not signed by the trusted aggregator key
-(protocol.trust) are refused before their payload is read; a task listing more files than one
+(protocol.trust; before a key is pinned, everything but its announcement) are refused before their
+payload is read, and so is a frame on any topic but this device's downlink and a task frame taken
+before (a redelivery or a replay before its deadline); a task listing more files than one
 Fetch asks for (the schema's MAX_ARTIFACTS), files that are not its manifest's or exceed the cache
 bound, ONNX files with external data or unknown operator domains (edge_client.onnx_guard), weights
 of other names, shapes or dtypes than the tier's manifest, or training into NaN/Inf is refused and
 abandoned with nothing of it kept, and so is a task that fails in any other way (logged with its
-traceback). Refusals are counted in `refused` by reason.
+traceback). Refusals are counted in `refused` by reason and logged once per sender and reason per
+10 s (protocol.refusals), the next line saying how many were left out.
+
+The offline status the broker publishes if we vanish (the MQTT last will) is signed afresh for
+each (re)connect, so its `sent_at` is newer than any will of an earlier connection: the
+aggregator can tell a replayed copy from the device's real last word.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from protocol.messages import (Blob, Body, Fetch, Hello, Reject, RejectReason, S
 from protocol.mqtt.link import Backoff, MqttLink, Will
 from protocol.mqtt.url import BrokerAddress
 from protocol.quantized import Tensor
+from protocol.refusals import RefusalLog
 from protocol.signing import KEY_ANNOUNCEMENT, DeviceKey, SignatureError
 from protocol.topics import Topics, check_id
 from protocol.trust import AggregatorTrust
@@ -60,6 +68,8 @@ except ImportError:  # no `cryptography`: this device cannot take part in secure
     SecureClient = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
+MAX_TAKEN_TASKS = 1024  # task frames remembered (until their deadline) so that a second copy is refused
+
 
 class TaskRefused(Exception):
     """A task the device will not carry out: the reason and a detail naming what is wrong."""
@@ -117,9 +127,12 @@ class DeviceAgent:
         self.topics = Topics(config.fleet)
         self.cache = ArtifactCache(config.cache_dir, max_bytes=int(config.cache_max_mb * 1e6))
         self.key = device_key(config.cache_dir)
-        self.trust = AggregatorTrust(config.cache_dir, config.aggregator_key)
+        self.trust = AggregatorTrust(config.cache_dir, config.aggregator_key, verifiable=self.key is not None)
         self.session = new_id()  # fresh per start: binds our hello and statuses, so an old one replayed differs
         self.refused: collections.Counter[str] = collections.Counter()
+        self._refusal_log = RefusalLog()  # one line per sender and reason per interval, whatever a flood does
+        self._refusal_lock = threading.Lock()  # refusals come from the network thread and the worker
+        self._taken: collections.OrderedDict[str, float] = collections.OrderedDict()  # task frame msg_id -> deadline
         self.tasks_done = 0
         self._tasks: queue.Queue[Frame] = queue.Queue()
         self._blob_arrived = threading.Condition()
@@ -133,9 +146,6 @@ class DeviceAgent:
         self._commit_lock = threading.Lock()  # a task's results go out whole, or not once abandoned
         self._abandoned = False
         self._current: Task | None = None  # the task the worker is on, until its results are committed
-        if self.trust.key is not None and self.key is None:
-            raise ValueError(f"verifying the aggregator's key (from {self.trust.source}) needs the cryptography "
-                             "package (pip install 'tierfl[signing]')")
         if config.fleet_keys is not None and (SecureClient is None or self.key is None):
             raise ValueError("--fleet-keys needs the cryptography package (pip install 'tierfl[signing]')")
         self.secure = SecureClient(config.device_id, self._send_secagg, self.key.private_key if self.key else None,
@@ -147,7 +157,7 @@ class DeviceAgent:
             on_frame=self._on_frame,
             on_bad_frame=self._on_bad_frame,
             on_connect=self._announce,
-            will=Will(self.topics.status(config.device_id), self._frame(Status(online=False, session=self.session))),
+            will=Will(self.topics.status(config.device_id), self._will),  # signed afresh at each (re)connect
             max_message_bytes=config.max_message_bytes,
             backoff=Backoff(first_s=1.0, max_s=config.reconnect_max_s),
         )
@@ -213,7 +223,14 @@ class DeviceAgent:
         self._publish(self.topics.status(me), hello, retain=True)  # retained: a restarted aggregator sees it
         log.info("announced %s: %d train / %d test samples", me, len(self.train_data), len(self.test_data))
 
+    def _will(self) -> bytes:
+        """Our offline status as the broker will publish it if we vanish: signed now, so newer than any earlier will."""
+        return self._frame(Status(online=False, session=self.session))
+
     def _on_frame(self, topic: str, data: bytes) -> None:
+        if topic != self.topics.down(self.config.device_id):
+            self._refuse(RejectReason.UNEXPECTED, f"a frame on {topic}, not on this device's downlink")
+            return
         try:
             raw = read_header(data)
         except FrameError as exc:
@@ -227,7 +244,7 @@ class DeviceAgent:
         announcement = isinstance(body, Blob) and body.name == KEY_ANNOUNCEMENT
         if announcement and self.key is None:
             self._refuse(RejectReason.UNEXPECTED, "the aggregator's key announcement cannot be verified without the "
-                         "cryptography package (pip install 'tierfl[signing]')")
+                         "cryptography package (pip install 'tierfl[signing]')", header.sender)
             return
         try:
             if not announcement:
@@ -238,19 +255,20 @@ class DeviceAgent:
                 self.trust.announced(header, data_tensor if isinstance(data_tensor, np.ndarray) else None)
                 return
         except SignatureError as exc:
-            self._refuse(exc.reason, f"{body.kind}: {exc.detail}")
+            self._refuse(exc.reason, f"{body.kind}: {exc.detail}", header.sender)
             return
         except FrameError as exc:
-            self._on_bad_frame(topic, exc)
+            self._refuse(exc.reason, exc.detail, header.sender)
             return
         self._dispatch(frame)
 
     def _dispatch(self, frame: Frame) -> None:
         """Act on a verified, decoded downlink frame."""
         body = frame.body
-        if isinstance(body, Task) and (problem := self._task_problem(body)) is not None:
-            self._refuse(*problem)
+        if isinstance(body, Task) and (problem := self._task_problem(body, frame.header.msg_id)) is not None:
+            self._refuse(*problem, frame.header.sender)
         elif isinstance(body, Task):
+            self._take(frame.header.msg_id, body.deadline)
             if body.secure is not None and self.secure is not None:
                 self.secure.on_task(body)  # keys go out at once, before training
             self._tasks.put(frame)
@@ -267,9 +285,18 @@ class DeviceAgent:
             if body.reason is RejectReason.UNKNOWN_DEVICE:
                 self._announce()
         else:
-            self._refuse(RejectReason.UNEXPECTED, f"unexpected {body.kind!r} message")
+            self._refuse(RejectReason.UNEXPECTED, f"unexpected {body.kind!r} message", frame.header.sender)
 
-    def _task_problem(self, task: Task) -> tuple[RejectReason, str] | None:
+    def _take(self, msg_id: str, deadline: float) -> None:
+        """Remember a task frame taken (until its deadline, and at most MAX_TAKEN_TASKS of them)."""
+        now = time.time()
+        for old in [m for m, until in self._taken.items() if until < now]:
+            del self._taken[old]
+        self._taken[msg_id] = deadline
+        while len(self._taken) > MAX_TAKEN_TASKS:
+            self._taken.popitem(last=False)
+
+    def _task_problem(self, task: Task, msg_id: str) -> tuple[RejectReason, str] | None:
         """Why a task cannot be taken at all, checked on receipt (no artifact is fetched for it); None if it can."""
         where = f"round {task.round} (tier {task.tier})"
         if task.secure is not None and self.secure is None:
@@ -278,6 +305,8 @@ class DeviceAgent:
         if (late := time.time() - task.deadline) > 0:  # a signed task is good until its deadline, not after
             return RejectReason.REPLAYED, (f"{where}: its deadline passed {late:.0f} s ago (an old task sent again, or "
                                            "this device's clock is wrong)")
+        if msg_id in self._taken:  # a QoS 1 redelivery, or the same signed task sent again before its deadline
+            return RejectReason.REPLAYED, f"{where}: task message {msg_id} was taken already"
         if task.artifacts.get("manifest.json") != task.manifest_sha256:
             return RejectReason.UNKNOWN_ARTIFACT, f"{where}: its manifest.json is not the task's manifest_sha256"
         odd = [name for name in task.artifacts if Path(name).name != name or name.startswith(".")]
@@ -288,9 +317,15 @@ class DeviceAgent:
     def _on_bad_frame(self, topic: str, error: FrameError) -> None:
         self._refuse(error.reason, error.detail)
 
-    def _refuse(self, reason: RejectReason, detail: str) -> None:
-        self.refused[reason.value] += 1
-        log.warning("refused a message: %s: %s", reason.value, detail)
+    def _refuse(self, reason: RejectReason, detail: str, sender: str | None = None) -> None:
+        """Count a refusal; log it unless one of the same sender and reason was logged within the interval."""
+        with self._refusal_lock:
+            self.refused[reason.value] += 1
+            logged = self._refusal_log.should_log(sender, reason, time.monotonic())
+            more = self._refusal_log.suppressed(sender, reason) if logged else 0
+        if logged:
+            log.warning("refused a message: %s: %s%s", reason.value, detail,
+                        f" (and {more} more like it unlogged since the last such line)" if more else "")
 
     def _store_blob(self, blob: Blob, frame: Frame) -> None:
         data = frame.tensors.get("data")
@@ -302,7 +337,7 @@ class DeviceAgent:
             log.error("cannot cache %s: %s; raise --cache-max-mb", blob.name, exc)
             self._unstorable.add(blob.sha256)
         except ValueError as exc:
-            self._refuse(RejectReason.BAD_HASH, f"{blob.name}: {exc}")
+            self._refuse(RejectReason.BAD_HASH, f"{blob.name}: {exc}", frame.header.sender)
             return
         with self._blob_arrived:
             self._blob_arrived.notify_all()
@@ -323,10 +358,12 @@ class DeviceAgent:
             try:
                 self._run_task(frame)
             except TaskRefused as exc:
-                self._refuse(exc.reason, f"round {task.round} (tier {task.tier}) abandoned: {exc.detail}")
+                self._refuse(exc.reason, f"round {task.round} (tier {task.tier}) abandoned: {exc.detail}",
+                             frame.header.sender)
             except Exception as exc:  # a bug or an input nothing else caught: this task only, never the agent
                 log.exception("round %d (tier %s): the task failed and is abandoned", task.round, task.tier)
-                self._refuse(RejectReason.INTERNAL_ERROR, f"round {task.round}: {type(exc).__name__}: {exc}")
+                self._refuse(RejectReason.INTERNAL_ERROR, f"round {task.round}: {type(exc).__name__}: {exc}",
+                             frame.header.sender)
             finally:
                 with self._commit_lock:
                     self._current = None
@@ -445,7 +482,8 @@ class DeviceAgent:
             version, held = self._held.get(task.tier, (None, {}))
             if version != task.delta_from or set(held) != set(shapes):
                 self._refuse(RejectReason.WRONG_VERSION, f"round {task.round}: a delta against version {task.delta_from} "
-                             f"of tier {task.tier}, but we hold {version}; announcing what we hold")
+                             f"of tier {task.tier}, but we hold {version}; announcing what we hold",
+                             self.config.aggregator_id)
                 self._held.pop(task.tier, None)
                 self._announce()
                 return None

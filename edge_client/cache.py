@@ -1,9 +1,10 @@
 """Content-addressed artifact cache on the device: files are stored and found by sha256, within a size bound.
 
 Blobs live in `root/blobs/<sha256>`; a tier's folder `root/tiers/<key>/` holds hard links to
-them under their file names. Each use of a blob renews its modification time, so when a new
-blob pushes the cache over its bound the least recently used blobs go first, together with the
-tier folders that link them (a hard link would keep the bytes on disk). Blobs marked in use
+them under their file names (renamed into place, then the folder fsynced, as for every blob).
+Each use of a blob renews its modification time, so when a new blob pushes the cache over its
+bound the least recently used blobs go first, together with the tier folders that link them (a
+hard link would keep the bytes on disk). Blobs marked in use
 (the current task's and tier's) are never evicted, and never push the cache over its bound either:
 a blob that does not fit beside them is refused (CacheFull), so a task cannot fill the disk.
 """
@@ -18,7 +19,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from protocol.atomic_file import atomic_write
+from protocol.atomic_file import atomic_write, sync_folder
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,9 @@ class ArtifactCache:
                 self._touch(sha)
             if all((folder / name).is_file() for name in files):
                 return folder
-            folder.mkdir(parents=True, exist_ok=True)
+            if not folder.is_dir():
+                folder.mkdir(parents=True)
+                sync_folder(self._tiers)  # the new folder's own entry
             for name, sha in files.items():
                 if Path(name).name != name:
                     raise ValueError(f"artifact name {name!r} is not a plain file name")
@@ -112,6 +115,7 @@ class ArtifactCache:
                 tmp.unlink(missing_ok=True)
                 os.link(self._blobs / sha, tmp)
                 os.replace(tmp, target)
+            sync_folder(folder)  # the renames survive a power cut
             return folder
 
     def _touch(self, sha256: str) -> None:

@@ -4,11 +4,15 @@ Each round the device sends u = delta + residual, where residual is what the cod
 earlier rounds (what was sent is read back from the encoded frame itself, so it is exactly what
 the aggregator decodes). An update whose relative norm is below `skip_below` is not sent at all:
 it joins the residual and a small "unchanged" message goes instead. The residual of each tier is
-kept on disk, so it survives a restart of the client.
+kept on disk, so it survives a restart of the client; a residual file that cannot be read (a full
+disk, a bad block) is lost state: the tier starts again from a zero residual, with one warning
+naming the file, and the file is replaced at once.
 """
 
 from __future__ import annotations
 
+import logging
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,6 +20,7 @@ import numpy as np
 
 from protocol.atomic_file import atomic_write
 
+log = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
 
 
@@ -27,8 +32,28 @@ class ErrorFeedback:
         self.skip_below = skip_below
         self.residual: Tensors = {}
         if self.path.exists():
-            with np.load(self.path, allow_pickle=False) as saved:
-                self.residual = {name: saved[name].astype(np.float32) for name in saved.files}
+            try:
+                self.residual = self._load()
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+                log.warning("error-feedback state %s cannot be read (%s: %s): starting tier %s from a zero residual "
+                            "and replacing the file", self.path, type(exc).__name__, exc, tier)
+                self._save()
+
+    def _load(self) -> Tensors:
+        """The residual saved in `path`: float32 arrays, all finite; ValueError (or OSError) otherwise."""
+        saved = np.load(self.path, allow_pickle=False)
+        if not isinstance(saved, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with saved:
+            residual = {name: np.asarray(saved[name], np.float32) for name in saved.files}
+        bad = [name for name, value in residual.items() if not np.isfinite(value).all()]
+        if bad:
+            raise ValueError(f"{bad[:4]} hold NaN or Inf")
+        return residual
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, lambda out: np.savez(out, **self.residual))
 
     def compensate(self, delta: Mapping[str, np.ndarray]) -> Tensors:
         """delta + residual (a residual whose shapes no longer match is dropped)."""
@@ -52,5 +77,4 @@ class ErrorFeedback:
             name: (value - sent[name] if sent is not None else value).astype(np.float32)
             for name, value in intended.items()
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, lambda out: np.savez(out, **self.residual))
+        self._save()

@@ -34,6 +34,7 @@ from models.step_graph import build_step_graph
 from models.tiers import TIER_RATES, tier_rate
 from models.zoo import (INPUT_NAME, OUTPUT_NAME, ModelSpec, build_forward, build_statistics_graph, frozen_names,
                         init_global_params, param_shapes, trainable_names)
+from protocol.atomic_file import sync_folder
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ def export_tier(
         files = {name: _sha256(stage / name) for name in names}
         for name in names:
             os.replace(stage / name, tier_dir / name)
+        sync_folder(tier_dir)  # the renames survive a power cut before the manifest names the files
     frozen = set(frozen_names(spec))
     size = spec.image_size
     manifest = TierManifest(

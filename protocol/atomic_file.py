@@ -18,9 +18,11 @@ def sync_folder(folder: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object], mode: int | None = None) -> None:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object], mode: int | None = None,
+                 exclusive: bool = False) -> None:
     """Write `path` so readers see the old file or the whole new one, never a part (temp, fsync, rename, fsync
-    of the folder). The file gets the permissions the umask gives a new file, or `mode` exactly when given."""
+    of the folder). The file gets the permissions the umask gives a new file, or `mode` exactly when given.
+    `exclusive`: never replace an existing `path` (FileExistsError, nothing written), even one made meanwhile."""
     target = Path(path)
     tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)  # the umask applies
@@ -31,8 +33,25 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
             if mode is not None:
                 os.fchmod(out.fileno(), mode)  # exactly `mode`, whatever the umask
             os.fsync(out.fileno())
-        os.replace(tmp, target)
+        if exclusive:
+            _link_new(tmp, target)
+        else:
+            os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     sync_folder(target.parent)
+
+
+def _link_new(tmp: Path, target: Path) -> None:
+    """Put `tmp` in place as `target` unless `target` exists (FileExistsError)."""
+    try:
+        os.link(tmp, target)  # atomic, and fails if `target` exists
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: check, then rename (a narrow race, only there)
+        if target.exists():
+            raise FileExistsError(f"{target} exists") from None
+        os.replace(tmp, target)
+        return
+    tmp.unlink()

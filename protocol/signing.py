@@ -1,6 +1,6 @@
 """Per-device Ed25519 signatures on frames, so a spoofed update is refused even behind a misconfigured broker.
 
-A device keeps its private key in its state folder (`device.key`, PEM, mode 0600) and signs
+A device keeps its private key in its state folder (`device.key`, PEM, mode 0600, written atomically) and signs
 every frame it sends. The operator enrols the device's public key on the aggregator (a JSON file
 of device id -> hex public key, `tierfl aggregator --enrolled FILE`); from then on a frame from
 that device must carry a valid signature by that key. What is signed is the frame header as JSON
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import ConfigDict, Field, RootModel
 
+from protocol.atomic_file import atomic_write
 from protocol.messages import Blob, FrameHeader, RejectReason
 
 if TYPE_CHECKING:
@@ -117,26 +117,33 @@ def announced_key(header: FrameHeader, data: np.ndarray | None) -> PublicKeyHex:
     return public
 
 
+class KeyFileError(ValueError):
+    """A private key file that cannot be read as an Ed25519 key: names the file and the way out."""
+
+
 class DeviceKey:
-    """An Ed25519 key pair (a device's, or the aggregator's as `aggregator.key`), created on first use and kept on disk."""
+    """An Ed25519 key pair (a device's, or the aggregator's as `aggregator.key`), created on first use and kept on disk.
+
+    A new key is written atomically with mode 0600 and never over an existing file (two processes
+    starting at once end up with the same key); a file that does not hold a key is KeyFileError.
+    """
 
     def __init__(self, folder: Path, file_name: str = KEY_FILE) -> None:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
         path = folder / file_name
-        if path.exists():
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            if not isinstance(key, Ed25519PrivateKey):
-                raise ValueError(f"{path} does not hold an Ed25519 private key")
-        else:
+        if not path.exists():
             key = Ed25519PrivateKey.generate()
             folder.mkdir(parents=True, exist_ok=True)
             pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(descriptor, "wb") as out:
-                out.write(pem)
+            try:
+                atomic_write(path, lambda out: out.write(pem), mode=0o600, exclusive=True)
+            except FileExistsError:  # another process made it meanwhile: use that one
+                key = _load_private_key(path)
+        else:
+            key = _load_private_key(path)
         self._key = key
         self.public_hex: PublicKeyHex = key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
@@ -149,6 +156,29 @@ class DeviceKey:
     def private_key(self) -> Ed25519PrivateKey:
         """The Ed25519 private key, for signing what is not a frame (secure aggregation's key advertisements)."""
         return self._key
+
+
+def _load_private_key(path: Path) -> Ed25519PrivateKey:
+    """The Ed25519 private key in `path`; KeyFileError naming the file and what to do when it holds none."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    content = path.read_bytes()
+    try:
+        key = serialization.load_pem_private_key(content, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        key = None
+    if isinstance(key, Ed25519PrivateKey):
+        return key
+    if path.name == AGGREGATOR_KEY_FILE:
+        after = ("devices that know the old key (--aggregator-key, or their pinned aggregator.pub) then refuse the "
+                 "aggregator until given the new one (`tierfl aggregator --show-key`)")
+    else:
+        after = "enrol its new public key again (`--show-key`) wherever the old one was enrolled"
+    raise KeyFileError(f"{path} does not hold an unencrypted Ed25519 private key in PEM ({len(content)} bytes: "
+                       f"truncated, changed or another kind of key); restore it from a backup, or move it aside to "
+                       f"make a new key on the next start and {after}")
 
 
 class EnrolledKeys(RootModel[dict[str, PublicKeyHex]]):

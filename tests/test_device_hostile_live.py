@@ -1,8 +1,10 @@
 """A real device agent and a real aggregator over Mosquitto, with a raw publisher attacking the device's downlink.
 
-Issue 13, case 6: the honest rounds still commit, and the device's log shows each hostile frame
-refused with its reason (an unsigned task, a task signed by another key, a task listing 100
-missing artifacts, weights of the wrong shape, garbage bytes).
+Issue 13, case 6: the honest rounds still commit, no hostile task is trained, and the device's log
+shows the hostile frames refused with their reasons (an unsigned task, a task signed by another key,
+a task listing 100 missing artifacts, weights of the wrong shape, garbage bytes). The device logs
+one line per sender and reason per 10 s: the wrongly signed task comes 0.3 s after the unsigned one
+and the garbage after the 100 artifacts, so those two are counted under the earlier line, not logged.
 """
 
 from __future__ import annotations
@@ -19,12 +21,11 @@ from tests.test_unattended import _aggregator, _client, _messages, _stop, _wait_
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
-REFUSALS = {  # case -> words of the device's log line refusing it
+CASES = ["unsigned task", "wrongly signed task", "100 missing artifacts", "wrong-shape weights", "garbage"]
+REFUSALS = {  # case -> words of the device's log line refusing it (the throttled cases have none of their own)
     "unsigned task": ("bad_signature: task: a frame from aggregator carries no signature",),
-    "wrongly signed task": ("bad_signature: task: the signature of a frame from aggregator does not match its key",),
     "100 missing artifacts": ("refused a message: malformed", "artifacts"),  # by the schema's bound, or the agent's
     "wrong-shape weights": ("bad_tensor: round 904 (tier a) abandoned: tensor 'fc1.weight' (float32 [3, 3])",),
-    "garbage": ("refused a message: malformed: header length",),
 }
 
 
@@ -42,7 +43,7 @@ def test_hostile_downlink_frames_are_refused_while_the_honest_rounds_commit(tmp_
         attack = subprocess.run([sys.executable, "-m", "tests.downlink_attacker", mosquitto_url.rsplit(":", 1)[1], fleet,
                                  "victim", str(state)], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert attack.returncode == 0, attack.stderr
-        assert attack.stdout.split("\n")[:5] == list(REFUSALS)
+        assert attack.stdout.split("\n")[:5] == CASES
         assert aggregator.wait(120) == 0, aggregator_log.read_text()[-3000:]
         messages = _messages(device_log)
         for case, words in REFUSALS.items():

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import stat
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from protocol import atomic_file
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import RejectReason, Update, new_id
-from protocol.signing import (AGGREGATOR_KEY_FILE, KEY_FILE, DeviceKey, EnrolledKeys, SignatureCheck, SignatureError,
-                              announced_key, key_announcement, read_public_key, verify_signature)
+from protocol.signing import (AGGREGATOR_KEY_FILE, KEY_FILE, DeviceKey, EnrolledKeys, KeyFileError, SignatureCheck,
+                              SignatureError, announced_key, key_announcement, read_public_key, verify_signature)
 
 
 def _update(samples: int = 10) -> Update:
@@ -89,3 +95,102 @@ def test_a_key_announcement_must_be_signed_by_the_key_it_carries(tmp_path):
         announced_key(forged.header, forged.tensors["data"])
     assert caught.value.reason is RejectReason.BAD_SIGNATURE
     verify_signature(frame.header, aggregator.public_hex)  # the one check the aggregator and devices share
+
+
+def _key_events(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What the file system sees while a key is written: file fsyncs, renames or links, folder fsyncs."""
+    events: list[str] = []
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
+
+    def fsync(fd: int) -> None:
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append(f"rename to {Path(dst).name}")
+        real_replace(src, dst)
+
+    def link(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append(f"link to {Path(dst).name}")
+        real_link(src, dst)
+
+    monkeypatch.setattr(atomic_file.os, "fsync", fsync)
+    monkeypatch.setattr(atomic_file.os, "replace", replace)
+    monkeypatch.setattr(atomic_file.os, "link", link)
+    return events
+
+
+@pytest.mark.parametrize("file_name", [KEY_FILE, AGGREGATOR_KEY_FILE])
+def test_a_new_key_is_written_atomically_with_mode_0600_whatever_the_umask(tmp_path, monkeypatch, file_name):
+    events = _key_events(monkeypatch)
+    old = os.umask(0)
+    try:
+        key = DeviceKey(tmp_path, file_name=file_name)
+    finally:
+        os.umask(old)
+    assert events == ["fsync file", f"link to {file_name}", "fsync folder"]  # complete before it has its name
+    assert stat.S_IMODE((tmp_path / file_name).stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == [file_name]  # no temporary file left
+    assert DeviceKey(tmp_path, file_name=file_name).public_hex == key.public_hex
+
+
+def test_a_key_made_meanwhile_by_another_process_is_used_not_overwritten(tmp_path, monkeypatch):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    other = DeviceKey(tmp_path / "other")
+    real_generate = Ed25519PrivateKey.generate
+
+    def racing() -> Ed25519PrivateKey:  # another process writes its key between our check and our write
+        (tmp_path / "me").mkdir()
+        shutil.copy(tmp_path / "other" / KEY_FILE, tmp_path / "me" / KEY_FILE)
+        return real_generate()
+
+    monkeypatch.setattr(Ed25519PrivateKey, "generate", staticmethod(racing))
+    assert DeviceKey(tmp_path / "me").public_hex == other.public_hex
+
+
+def _pem(tmp_path: Path) -> bytes:
+    DeviceKey(tmp_path / "source")
+    return (tmp_path / "source" / KEY_FILE).read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "encrypted", "not ed25519"])
+@pytest.mark.parametrize("file_name", [KEY_FILE, AGGREGATOR_KEY_FILE])
+def test_a_corrupt_key_file_is_one_clear_error_naming_the_file_and_the_way_out(tmp_path, damage, file_name):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder = tmp_path / "state"
+    folder.mkdir()
+    pem = _pem(tmp_path)
+    content = {
+        "empty": b"",
+        "truncated": pem[: len(pem) // 2],
+        "garbage": b"\x00\xff" * 40,
+        "encrypted": serialization.load_pem_private_key(pem, None).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret")),
+        "not ed25519": ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    }[damage]
+    (folder / file_name).write_bytes(content)
+    with pytest.raises(KeyFileError) as caught:
+        DeviceKey(folder, file_name=file_name)
+    message = str(caught.value)
+    assert str(folder / file_name) in message and f"({len(content)} bytes" in message
+    assert "restore it from a backup, or move it aside" in message
+    assert ("--aggregator-key" if file_name == AGGREGATOR_KEY_FILE else "enrol its new public key") in message
+    assert (folder / file_name).read_bytes() == content  # left as it was, for the operator
+
+
+def test_the_client_reports_a_truncated_device_key_in_one_line(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / KEY_FILE).write_bytes(_pem(tmp_path)[:40])
+    result = subprocess.run([sys.executable, "-m", "tierfl.cli", "client", "--device-id", "pi-1", "--cache-dir",
+                             str(cache), "--show-key"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TIERFL_LOG_FORMAT": "text"})
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"tierfl client: error: {cache / KEY_FILE} does not hold")

@@ -35,10 +35,10 @@ DEFAULT_MAX_UNACKED_BYTES = 64 << 20  # published, not yet acknowledged by the b
 
 @dataclass(frozen=True)
 class Will:
-    """The message the broker publishes for us if we vanish."""
+    """The message the broker publishes for us if we vanish (a callable payload is made afresh for each connect)."""
 
     topic: str
-    payload: bytes
+    payload: bytes | Callable[[], bytes]
     retain: bool = True
 
 
@@ -115,7 +115,8 @@ class MqttLink:
         if context is not None:  # mqtts://: verify the broker's certificate and host name
             self._client.tls_set_context(context)
         if will:
-            self._client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
+            self._client.on_pre_connect = lambda client, userdata: client.will_set(
+                will.topic, will.payload() if callable(will.payload) else will.payload, qos=1, retain=will.retain)
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_connect_fail = self._handle_connect_fail
