@@ -31,12 +31,13 @@ test: $(STAMP)
 	$(VENV)/bin/isort --check-only --quiet aggregator edge_client models protocol tierfl tests scripts  # sorted imports
 	$(PY) -m pytest --durations=15 $(ARGS)
 
-# Structure-aware fuzzing of the decoders (tests/test_fuzz.py): FUZZ_EXAMPLES cases for each of its three
-# structure-aware properties (frames, chunk streams, secure-aggregation payloads), counts printed per property.
+# Structure-aware fuzzing (tests/test_fuzz.py, tests/test_fuzz_device.py): FUZZ_EXAMPLES cases for each of the five
+# structure-aware properties (frames, chunk streams, secure-aggregation payloads, the aggregator's message handler,
+# the device's downlink handler), counts printed per property; `make test` runs a few hundred of each.
 FUZZ_EXAMPLES ?= 34000
 fuzz: $(STAMP)
 	TIERFL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py \
-	  -k structure_aware --hypothesis-show-statistics $(ARGS)
+	  tests/test_fuzz_device.py -k structure_aware --hypothesis-show-statistics $(ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-edge runs build *.egg-info .pytest_cache

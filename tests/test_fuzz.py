@@ -5,10 +5,13 @@ the aggregator's state. The structure-aware properties build frames, chunk strea
 secure-aggregation payloads from the real schemas and codecs, then mutate integers (huge,
 negative, 10^400 as raw JSON), strings, tensor tables (shapes with zero and huge axes, codecs,
 counts, nbytes, meta) and payloads (with the sha256 recomputed, so decoding goes past the
-hash); each case's traced memory peak stays under `_memory_bound`.
+hash); each case's traced memory peak stays under `_memory_bound`. The fourth feeds such frames
+through the aggregator's whole message handler; tests/test_fuzz_device.py does the same to the
+device's downlink handler, with `mutate_frame`.
 
 Cases per property: a few hundred in the normal suite; TIERFL_FUZZ_EXAMPLES sets them
-(`make fuzz`: 34,000 each, 102,000 in all, counts printed by --hypothesis-show-statistics).
+(`make fuzz`: 34,000 for each of the five structure-aware properties, 170,000 in all, counts
+printed by --hypothesis-show-statistics).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import struct
 import tempfile
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +137,13 @@ def _mutate_json(draw: st.DrawFn, tree: dict) -> None:
         parent[key] = draw(LEAF)
 
 
+def names_of(header: dict) -> list[str]:
+    """The tensor names of a (possibly mutated) header's table, for entries that repeat or replace one."""
+    entries = header.get("tensors")
+    return [e["name"] for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)] \
+        if isinstance(entries, list) else []
+
+
 def _raw(tree: dict, raw_text: str) -> bytes:
     return json.dumps(tree).replace(json.dumps(MARK), raw_text).encode()
 
@@ -166,6 +177,9 @@ def _check_decoded(result: object) -> None:
         assert value.dtype != np.float32 or np.isfinite(value).all()
 
 
+CODEC_SPECS = ["float32", "float16", "int8", "int8-row", "int4", "topk:0.5", "topk:0.3+int8"]
+
+
 @st.composite
 def hostile_frames(draw: st.DrawFn) -> bytes:
     """A real frame (any message kind, tensors in any codec) with its header, tensor table and payload mutated."""
@@ -173,19 +187,29 @@ def hostile_frames(draw: st.DrawFn) -> bytes:
     names = draw(st.lists(st.sampled_from(["w", "b", "fc.weight", "x" * 200]), unique=True, max_size=3))
     tensors = {name: np.random.default_rng(len(name)).standard_normal(draw(st.sampled_from([(3, 4), (5,), (), (0, 2)])))
                .astype(np.float32) for name in names}
-    codec = draw(st.sampled_from(["float32", "float16", "int8", "int8-row", "int4", "topk:0.5", "topk:0.3+int8"]))
+    codec = draw(st.sampled_from(CODEC_SPECS))
     frame = encode_frame("fleet", "dev", body, tensors, codec=codec, rng=np.random.default_rng(0))
+    return mutate_frame(draw, frame)
+
+
+def mutate_frame(draw: st.DrawFn, frame: bytes, sign: Callable[[dict, str], None] | None = None,
+                 msg_id: str = "0" * 32, mutations: st.SearchStrategy[int] = st.integers(0, 4),
+                 right_length: int = 8) -> bytes:
+    """`frame` with `mutations` (0 to 4) of its header, body, tensor table, entries and payload; the payload's sha256
+    mostly recomputed (so decoding goes past the hash), then `sign(header, raw_text)` (to sign the header again, so
+    verification goes past the signature), then a raw JSON text put in place of any MARK, and the header length
+    right `right_length` times in `right_length` + 4."""
     (length,) = struct.unpack_from("<I", frame, 4)
     header, payload = json.loads(frame[8 : 8 + length]), bytearray(frame[8 + length :])
-    header.update(msg_id="0" * 32, sent_at=1.7e9)  # the same header every time the draws are replayed
-    for _ in range(draw(st.integers(0, 4))):
+    header.update(msg_id=msg_id, sent_at=1.7e9)  # the same header every time the draws are replayed
+    for _ in range(draw(mutations)):
         target = draw(st.sampled_from(["header", "body", "table", "entry", "entry", "payload", "payload"]))
         if target == "body" and isinstance(header.get("body"), dict):
             _mutate_json(draw, header["body"])
         elif target == "table":
             header["tensors"] = header.get("tensors") if isinstance(header.get("tensors"), list) else []
             extra = draw(st.binary(max_size=64))
-            header["tensors"].append({"name": draw(st.sampled_from(["new", "w"]) | STRINGS),
+            header["tensors"].append({"name": draw(st.sampled_from(["new", "w", *names_of(header)]) | STRINGS),
                                       "codec": draw(st.sampled_from([*CODECS, "zip", ""])),
                                       "dtype": draw(st.sampled_from(["float32", "float32", "uint8", "int64"])),
                                       "shape": draw(SHAPES), "nbytes": draw(st.just(len(extra)) | INTEGERS),
@@ -211,8 +235,11 @@ def hostile_frames(draw: st.DrawFn) -> bytes:
             _mutate_json(draw, header)
     if draw(st.integers(0, 3)) and isinstance(header, dict):
         header["payload_sha256"] = hashlib.sha256(payload).hexdigest()  # mostly: so decoding goes past the hash
-    raw = _raw(header, draw(RAW_JSON))
-    length = draw(st.sampled_from([len(raw)] * 8 + [len(raw) - 1, len(raw) + 1, 2**32 - 1, 0]))
+    raw_text = draw(RAW_JSON)
+    if sign is not None:
+        sign(header, raw_text)
+    raw = _raw(header, raw_text)
+    length = draw(st.sampled_from([len(raw)] * right_length + [len(raw) - 1, len(raw) + 1, 2**32 - 1, 0]))
     return b"TFL1" + struct.pack("<I", length) + raw + bytes(payload)
 
 
