@@ -1,7 +1,17 @@
-"""Device registry: who has announced itself, with which tier and data, and who is online."""
+"""Device registry: who has announced itself, with which tier and data, and who is online.
+
+The service loop owns it and is its only writer. Which ids it holds is also kept in a small
+lock-guarded set (`knows`), so paho's network thread can ask whether a sender is known (to give
+it reassembly and inbox room) without reading the loop's live dict.
+
+When full (`max_devices`, for unenrolled fleets where anyone may announce devices), a new device
+evicts the longest-unseen device that never trained and is not waiting on a task it was given;
+with none such, the new device is refused (RegistryFull).
+"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -27,10 +37,12 @@ class DeviceInfo:
     last_loss: float | None = None  # training loss of the device's last update
     session: str | None = None  # Hello.session of the running agent: its Status messages must carry it
     hello_sent_at: float | None = None  # when its registered hello was sent (an older one is a replay)
+    status_sent_at: float | None = None  # when the last status applied was sent (one not newer is a replay)
+    awaiting_task: bool = False  # given a task it has neither answered nor missed yet: never evicted meanwhile
 
 
 class RegistryFull(ValueError):
-    """A new device cannot be registered: the registry holds its maximum and every device in it has trained."""
+    """A new device cannot be registered: the registry holds its maximum and none of them may be evicted."""
 
 
 class DeviceRegistry:
@@ -40,9 +52,16 @@ class DeviceRegistry:
         self.offline_after_s = offline_after_s
         self.max_devices = max_devices  # beyond it, a new device evicts the longest-unseen one that never trained
         self._devices: dict[str, DeviceInfo] = {}
+        self._ids: set[str] = set()  # the keys of _devices, for other threads (`knows`)
+        self._ids_lock = threading.Lock()
 
     def __contains__(self, device_id: str) -> bool:
         return device_id in self._devices
+
+    def knows(self, device_id: str) -> bool:
+        """Whether the device is registered; safe to call from any thread."""
+        with self._ids_lock:
+            return device_id in self._ids
 
     def get(self, device_id: str) -> DeviceInfo | None:
         """The device's record, or None if it never said hello."""
@@ -62,16 +81,23 @@ class DeviceRegistry:
         if old := self._devices.get(device_id):  # a reconnect keeps the participation record
             info.tasks_asked, info.tasks_answered, info.missed_in_a_row = old.tasks_asked, old.tasks_answered, old.missed_in_a_row
             info.last_asked_round, info.last_loss = old.last_asked_round, old.last_loss
+            info.awaiting_task, info.status_sent_at = old.awaiting_task, old.status_sent_at
+        else:
+            with self._ids_lock:
+                self._ids.add(device_id)
         self._devices[device_id] = info
         return info
 
     def _evict_one(self) -> None:
-        """Make room: forget the longest-unseen device that never answered a task; RegistryFull if there is none."""
-        idle = [d for d in self._devices.values() if d.tasks_answered == 0]
+        """Make room: forget the longest-unseen device that never trained and awaits no task; RegistryFull if none."""
+        idle = [d for d in self._devices.values() if d.tasks_answered == 0 and not d.awaiting_task]
         if not idle:
-            raise RegistryFull(f"the registry holds {self.max_devices} devices, every one of which has trained "
-                               "(raise --max-devices)")
-        del self._devices[min(idle, key=lambda d: d.last_seen).device_id]
+            raise RegistryFull(f"the registry holds {self.max_devices} devices, each of which has trained or awaits "
+                               "the answer to a task (raise --max-devices)")
+        evicted = min(idle, key=lambda d: d.last_seen).device_id
+        del self._devices[evicted]
+        with self._ids_lock:
+            self._ids.discard(evicted)
 
     def __len__(self) -> int:
         return len(self._devices)
@@ -81,12 +107,14 @@ class DeviceRegistry:
         if info := self._devices.get(device_id):
             info.tasks_asked += 1
             info.last_asked_round = round_number
+            info.awaiting_task = True
 
     def answered(self, device_id: str, train_loss: float | None) -> None:
         """Note that the device answered its task, with this training loss."""
         if info := self._devices.get(device_id):
             info.tasks_answered += 1
             info.missed_in_a_row = 0
+            info.awaiting_task = False
             if train_loss is not None and train_loss == train_loss:  # NaN is no ranking
                 info.last_loss = train_loss
 
@@ -94,6 +122,7 @@ class DeviceRegistry:
         """Note that the device let its task's deadline pass without an answer."""
         if info := self._devices.get(device_id):
             info.missed_in_a_row += 1
+            info.awaiting_task = False
 
     def seen(self, device_id: str, now: float) -> None:
         """Note that the device just sent something."""
@@ -110,10 +139,12 @@ class DeviceRegistry:
         if (info := self._devices.get(device_id)) and seconds_per_sample > 0:
             info.seconds_per_sample[tier] = seconds_per_sample
 
-    def set_online(self, device_id: str, online: bool, now: float) -> None:
-        """Apply a retained status message (offline is the device's last will)."""
+    def set_online(self, device_id: str, online: bool, now: float, sent_at: float | None = None) -> None:
+        """Apply a retained status message (offline is the device's last will), sent at `sent_at`."""
         if info := self._devices.get(device_id):
             info.online = online
+            if sent_at is not None:
+                info.status_sent_at = sent_at
             if online:
                 info.last_seen = now
 

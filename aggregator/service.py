@@ -1,14 +1,18 @@
 """The aggregator service: binds the round engine to MQTT.
 
-paho's network thread only queues what arrives, within per-sender byte budgets (aggregator.inbox).
+paho's network thread only reassembles chunks and queues what arrives, within per-sender byte
+budgets (protocol.chunking, aggregator.inbox); the topics of devices this service knows are
+admitted first (`_admits`: reassembly room, and inbox room ahead of unknown senders), judged from
+thread-safe snapshots only (the registry's `knows`, a frozen copy of the open round's devices).
 One loop in `run` checks each frame, cheapest first, before anything is hashed or decoded:
 size and header (protocol.frame.read_header), topic, fleet, sender, known device, signature,
-then the tensor table against the shapes that message may carry; only then the payload's
-sha256 and its tensors (decode_payload). It routes what passed (status -> registry, fetch ->
-artifact files, update -> engine), publishes what the engine returns, signed with the
-aggregator's key, and ticks the engine. Nothing refused touches the registry or the engine's
-state; refusals are logged and answered at a bounded rate per sender (aggregator.refusals). A
-single thread owns all state, so there are no locks.
+then the tensor table against the shapes that message may carry (a secure-aggregation message:
+the exact uint8 bytes of its masked tensors, or none); only then the payload's sha256 and its
+tensors (decode_payload). It routes what passed (status -> registry, fetch -> artifact files,
+update -> engine), publishes what the engine returns, signed with the aggregator's key, and
+ticks the engine. Nothing refused touches the registry or the engine's state; a status older
+than the last one applied is a replay. Refusals are logged and answered at a bounded rate per
+sender (aggregator.refusals). A single thread owns all state, so there are no locks.
 """
 
 from __future__ import annotations
@@ -79,6 +83,12 @@ class AggregatorService:
                                            signer=key.sign) if key else None)
         self._announced: set[str] = set()  # devices sent the key announcement since they said hello
         self.inbox = inbox if inbox is not None else Inbox()  # an empty Inbox is falsy
+        if self.inbox.admit is None:
+            self.inbox.admit = self._admits
+        self._device_topics = (f"{self.topics.base}/up/", f"{self.topics.base}/status/")
+        self._round_devices: frozenset[str] = frozenset()  # the open round's devices, for the network thread
+        self._round_seen: tuple[int, int] | None = None  # (number, devices) of the open round when copied
+        self._refresh_round_devices()
         self.refusals = RefusalLog()
         self._rejects = RateLimiter(REJECTS_PER_MINUTE, 60.0)
         self._fetches = RateLimiter(FETCHES_PER_MINUTE, 60.0)
@@ -93,6 +103,7 @@ class AggregatorService:
             on_bad_frame=self.inbox.put,
             max_message_bytes=max_message_bytes,
             max_frame_bytes=max_update_bytes,
+            admit_chunks=self._admits,
         )
 
     def run(self, stop: threading.Event, tick_s: float = 0.1) -> None:
@@ -109,6 +120,7 @@ class AggregatorService:
                     self._refuse(self.topics.device_of(topic), RejectReason.RATE_LIMITED,
                                  f"{count} messages on {topic} dropped: over the inbox budget")
                 self._send(self.engine.tick(now))
+                self._refresh_round_devices()
                 self._flush_ledger(now)
                 if self.monitor:
                     self.monitor.observe(self.engine, time.time(), time.perf_counter() - step_started)
@@ -140,7 +152,7 @@ class AggregatorService:
                 self._refuse(device, *problem)
                 return
             assert device is not None
-            frame = decode_payload(raw, self._expected_tensors(raw))
+            frame = decode_payload(raw, self._expected_tensors(raw, now))
         except FrameError as exc:
             self._refuse(device, exc.reason, exc.detail)
             return
@@ -172,8 +184,25 @@ class AggregatorService:
         current = self.engine.open_round
         return device in self.registry or (current is not None and device in current.assignments)
 
-    def _expected_tensors(self, raw: RawFrame) -> Mapping[str, tuple[int, ...]] | None:
-        """The tensor names and shapes this message may carry (None: the engine checks them after decoding)."""
+    def _admits(self, topic: str) -> bool:
+        """Whether a message on `topic` gets reassembly room, and inbox room ahead of unknown senders: a known
+        device's (registered, or of the open round) up or status topic, or a topic that is none of our devices'
+        (a subclass's own subscription). Called on the network thread: reads only thread-safe snapshots."""
+        if not topic.startswith(self._device_topics):
+            return True
+        device = self.topics.device_of(topic)
+        return device is not None and (self.registry.knows(device) or device in self._round_devices)
+
+    def _refresh_round_devices(self) -> None:
+        """Copy the open round's devices for `_admits` when the round (or its size) changed."""
+        current = self.engine.open_round
+        seen = None if current is None else (current.number, len(current.assignments))
+        if seen != self._round_seen:
+            self._round_devices = frozenset(current.assignments) if current is not None else frozenset()
+            self._round_seen = seen
+
+    def _expected_tensors(self, raw: RawFrame, now: float) -> Mapping[str, tuple[int, ...]]:
+        """The tensor names and shapes this message may carry; FrameError if it is refused on its kind alone."""
         body = raw.body
         if isinstance(body, Update):
             return {} if body.unchanged else self.artifacts.tiers[body.tier].shapes
@@ -181,8 +210,22 @@ class AggregatorService:
             shapes = self.artifacts.tiers[body.tier].shapes
             return {name: shapes[name] for name in statistic_names(shapes)}
         if isinstance(body, SecAgg):
-            return None  # masked inputs: uint8 ring integers, checked by the secure engine
+            return self._secagg_tensors(raw, now)
         return {}  # hello, status, fetch and the rest carry no tensors
+
+    def _secagg_tensors(self, raw: RawFrame, now: float) -> Mapping[str, tuple[int, ...]]:
+        """A secure-aggregation message's tensors: the exact uint8 bytes of the open session's masked tensors for a
+        masked input the secure engine expects, none otherwise; FrameError with the reason for any other."""
+        body = raw.body
+        assert isinstance(body, SecAgg)
+        if not isinstance(self.engine, SecureRoundEngine):
+            return {}  # no secure rounds here: the message is refused as unexpected, and may not carry tensors
+        expected = self.engine.masked_tensors(raw.header.sender, body, now)
+        for entry in raw.header.tensors:
+            if entry.dtype != "uint8" or entry.codec != "uint8":
+                raise FrameError(RejectReason.BAD_TENSOR, f"masked tensor {entry.name!r} is {entry.codec} "
+                                                          f"({entry.dtype}), not the raw uint8 bytes of ring integers")
+        return expected
 
     def _route(self, topic: str, device: str, frame: Frame, now: float) -> None:
         header, body = frame.header, frame.body
@@ -190,7 +233,7 @@ class AggregatorService:
         if on_status and isinstance(body, Hello):
             self._on_hello(device, header, body, now)
         elif on_status and isinstance(body, Status):
-            self._on_status(device, body, now)
+            self._on_status(device, header, body, now)
         elif on_up and isinstance(body, Fetch):
             self._on_fetch(device, body, now)
         elif on_up and isinstance(body, Update):
@@ -243,7 +286,7 @@ class AggregatorService:
             self._announced.discard(device)
         self._announce_key(device)
 
-    def _on_status(self, device: str, status: Status, now: float) -> None:
+    def _on_status(self, device: str, header: FrameHeader, status: Status, now: float) -> None:
         info = self.registry.get(device)
         if info is not None and info.session is not None and status.session != info.session:
             self._refuse(device, RejectReason.REPLAYED, f"a status of session {status.session}, not of the running "
@@ -251,7 +294,11 @@ class AggregatorService:
             return
         if info is None:  # a retained status of a device this run has not met (an earlier run's): nothing to say
             return
-        self.registry.set_online(device, status.online, now)
+        if info.status_sent_at is not None and header.sent_at <= info.status_sent_at:
+            self._refuse(device, RejectReason.REPLAYED, f"a status sent at {header.sent_at:.3f}, not newer than the "
+                         f"last one applied ({info.status_sent_at:.3f})")
+            return
+        self.registry.set_online(device, status.online, now, sent_at=header.sent_at)
         log.info("%s is %s", device, "online" if status.online else "offline")
 
     def _announce_key(self, device: str) -> None:

@@ -7,15 +7,27 @@ least MIN_PIECE_BYTES), the last is no larger, and together they are `total_byte
 refuses any piece that breaks this (so empty pieces cannot open transfers), reassembles per
 (source, transfer id) and checks the sum before handing the frame on.
 
-Budgets (Reassembler): each source (an MQTT topic, so one device) may hold `max_source_bytes`
-and `max_source_transfers` open transfers; a source over its budget first loses its own oldest
-transfers, and a piece that still does not fit is refused, dropping only that transfer. All
-sources together hold at most `max_pending_bytes` in `max_transfers` transfers; when a piece
-would pass the bytes (the transfers), the source holding the most bytes (the most transfers),
-never the one sending, loses its oldest transfer, until the piece fits: so a flooding sender,
-or many, lose their own transfers before another's honest upload fails. Transfers that stall
-past `timeout_s` are dropped. A chunk costs O(1) amortised (running byte counters, expiry from
-the front of a start-ordered dict), plus one scan of the sources when a global budget is full.
+Budgets (Reassembler), so that neither one flooding source nor many invented ones break an
+upload under way:
+
+- Admission: given `admit`, a chunk from a source it refuses is refused at once (UNKNOWN_DEVICE),
+  before its header is parsed and before it holds a byte. The aggregator admits only the topics
+  of devices it knows, so invented senders get no reassembly room at all.
+- Per source (an MQTT topic, so one device): at most `max_source_bytes` in
+  `max_source_transfers` open transfers; a source over its budget first loses its own oldest
+  transfers (a device that starts a new upload abandons its stalled one), and a piece that
+  still does not fit is refused, dropping only that transfer.
+- Overall: at most `max_pending_bytes` in `max_transfers` transfers. When a piece would pass
+  either, transfers give way youngest first (the most recently opened, whoever holds it), down
+  to the transfer the piece belongs to: if that one is the youngest, the piece is refused and
+  its transfer dropped. So open transfers finish in the order they started; a newcomer, or a
+  crowd of them from as many sources as it likes, waits for room and never evicts an upload
+  already under way. Holding the room costs its holder: each source is capped as above, and
+  every transfer expires `timeout_s` after it opened, so keeping newcomers out means sending
+  the whole budget again every `timeout_s` from at least max_pending/max_source admitted sources.
+
+A chunk costs O(1) amortised: running byte counters, expiry from the front and eviction from the
+back of one start-ordered dict.
 
 Chunks carry no hash of their own: the frame's payload sha256, in its header (and under the
 sender's signature, protocol.signing), is what `decode_frame` checks before anything is
@@ -109,8 +121,14 @@ class Reassembler:
         max_source_bytes: int | None = None,
         max_source_transfers: int = 4,
         max_transfers: int = 1024,
+        admit: Callable[[str], bool] | None = None,
     ) -> None:
-        """`max_source_bytes` defaults to one frame (`max_frame_bytes`), but never above the global budget."""
+        """`max_source_bytes` defaults to one frame (`max_frame_bytes`), but never above the global budget.
+
+        `admit(source)`, when given, says whether chunks from `source` may hold reassembly room; it is
+        called on the receiving (network) thread, so it must read only thread-safe state.
+        """
+        self.admit = admit
         self.max_frame_bytes = max_frame_bytes
         self.max_pending_bytes = max_pending_bytes
         self.max_source_bytes = min(max_frame_bytes if max_source_bytes is None else max_source_bytes, max_pending_bytes)
@@ -132,6 +150,9 @@ class Reassembler:
             return message
         if message[:4] != CHUNK_MAGIC or len(message) < _PREFIX.size:
             raise FrameError(RejectReason.MALFORMED, "neither a frame nor a chunk (bad magic)")
+        if self.admit is not None and not self.admit(source):
+            raise FrameError(RejectReason.UNKNOWN_DEVICE, f"chunks on {source} get no reassembly room: its sender is "
+                                                          "not known (a device's first hello travels unchunked)")
         self._expire()
         header, piece = self._parse(message)
         key = (source, header.transfer_id)
@@ -207,16 +228,12 @@ class Reassembler:
         if mine.held + size > self.max_source_bytes or len(mine.transfers) > self.max_source_transfers:
             self._drop(key)
             raise FrameError(RejectReason.OVERSIZE, f"{source} holds too many bytes or transfers pending reassembly")
-        while (over_bytes := self._held + size > self.max_pending_bytes) or len(self._transfers) > self.max_transfers:
-            others = [s for s in self._sources if s != source]  # at most max_transfers: a bounded scan, only when full
-            if not others:
+        while self._held + size > self.max_pending_bytes or len(self._transfers) > self.max_transfers:
+            youngest = next(reversed(self._transfers))  # the most recently opened transfer gives way first
+            if youngest == key:  # no transfer younger than this one is left: it waits, the older ones finish
                 self._drop(key)
-                raise FrameError(RejectReason.OVERSIZE, "too many bytes pending reassembly")
-            if over_bytes:  # the source holding the most bytes gives way, or the one with the most transfers
-                heaviest = max(others, key=lambda s: (self._sources[s].held, len(self._sources[s].transfers)))
-            else:
-                heaviest = max(others, key=lambda s: (len(self._sources[s].transfers), self._sources[s].held))
-            self._drop((heaviest, next(iter(self._sources[heaviest].transfers))))
+                raise FrameError(RejectReason.OVERSIZE, "the reassembly budget is full with transfers opened earlier")
+            self._drop(youngest)
 
     def _drop(self, key: tuple[str, str]) -> None:
         transfer = self._transfers.pop(key)

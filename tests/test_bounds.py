@@ -12,10 +12,21 @@ import struct
 import time
 import tracemalloc
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from aggregator.engines.rounds import EngineConfig, RoundEngine
+from aggregator.engines.secure import SecureConfig, SecureRoundEngine
+from aggregator.registry import DeviceRegistry
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.store.state import StateStore
+from aggregator.strategies.fedavg import FedAvg
+from aggregator.strategies.sampling import make_sampler, round_count
+from aggregator.strategies.tiering import make_tier_policy, parse_tier_mix
+from models.export import export_all
+from models.zoo import ModelSpec
 from protocol.frame import FrameError, decode_frame, encode_frame, read_header
 from protocol.messages import (MAX_DETAIL, MAX_FRAME_ELEMENTS, MAX_ROUND, MAX_SAMPLES, MAX_TENSORS, Hello, Reject,
                                RejectReason, RoundSummary, SecAgg, Statistics, Status, Task, TierShare, Update, new_id)
@@ -202,3 +213,38 @@ def test_secure_aggregation_payloads_are_bounded(payload: str) -> None:
     phase = "advertise" if "advertise" in payload else "unmasking"
     with pytest.raises(SecAggError, match="does not parse"):
         unwrap(SecAgg(round=1, session="0" * 32, phase=phase, payload=payload), {})
+
+
+SPEC = ModelSpec(arch="mlp", image_size=8, hidden=(16,))
+
+
+@pytest.fixture(scope="module")
+def tiers_abc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("art-abc")
+    export_all(SPEC, ["a", "b", "c"], out)
+    return out
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure"])
+def test_a_hello_claiming_max_samples_leaves_tick_selecting_sensibly(tiers_abc: Path, tmp_path: Path,
+                                                                     secure: bool) -> None:
+    """Case 2: a retained hello with a huge count crashed tick under secure aggregation, --sampling loss and
+    --tier-policy auto. At the bound: real engines pick a round, the claimant gets the tier its speed allows."""
+    registry = DeviceRegistry()
+    for i in range(6):
+        registry.hello(f"d{i}", 100, 10, None, "portable", now=0.0, seconds_per_sample={"c": 1e-4})
+    registry.hello("mallory", MAX_SAMPLES, MAX_SAMPLES, None, "portable", now=0.0, seconds_per_sample={"c": 1e-3})
+    strategy = FedAvg(fraction=0.5, min_clients=2, sampler=make_sampler("loss", 0.5, 2, seed=3, candidates=1.0),
+                      tiers=make_tier_policy("auto", parse_tier_mix("a1-b1-c1"), SPEC, epochs=1, deadline_s=20.0))
+    config = EngineConfig(fleet="f", rounds=2, round_timeout_s=20.0, max_share=0.5)
+    parts = (strategy, ArtifactStore(tiers_abc), StateStore(tmp_path / "state"), registry)
+    engine = SecureRoundEngine(config, SecureConfig(), *parts) if secure else RoundEngine(config, *parts)
+    tasks = {message.device_id: message.body for message in engine.tick(1.0) if isinstance(message.body, Task)}
+    assert len(tasks) == round_count(0.5, 2, 7) and engine.open_round is not None
+    assert "mallory" in tasks  # power of choice draws by announced data size: the claim does buy selection ...
+    assert tasks["mallory"].tier == "c"  # ... but 10^9 samples fit no wider tier within the deadline
+    assert all(task.tier == "a" for device, task in tasks.items() if device != "mallory")
+    if secure:
+        weights = {device: task.secure.weight for device, task in tasks.items()}
+        assert all(0 < w < len(tasks) and np.isfinite(w) for w in weights.values())
+        assert sum(weights.values()) == pytest.approx(len(tasks))  # public weights over their mean

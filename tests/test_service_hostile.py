@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+import struct
+import time
+import tracemalloc
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +25,13 @@ from aggregator.strategies.fedavg import FedAvg
 from models.export import export_all
 from models.zoo import ModelSpec
 from protocol.frame import FrameError, encode_frame
-from protocol.messages import Fetch, Hello, RejectReason, Status, Update, new_id
+from protocol.messages import Fetch, FrameHeader, Hello, RejectReason, Status, Update, new_id
 from protocol.mqtt.url import parse
+from protocol.signing import DeviceKey, SignatureCheck
 from protocol.topics import Topics
+from tests.test_secure_round import FLEET as SECURE_FLEET
+from tests.test_secure_round import START as SECURE_START
+from tests.test_secure_round import Fleet
 
 FLEET = "f1"
 SPEC = ModelSpec(arch="mlp", image_size=8, hidden=(16,))
@@ -172,3 +183,186 @@ def test_refusals_the_engine_decides_are_answered_at_the_bounded_rate_too(art_di
     assert service.engine.rejected["stale_round"] == 100
     assert sent == ["d1"] * REJECTS_PER_MINUTE
     assert caplog.text.count("rejected a message from d1: stale_round") == 1
+
+
+# -- secure-aggregation frames: their tensor table is checked before anything is hashed or decoded ----------------
+
+def _raw_frame(sender: str, body: dict, entries: list[dict], payload: bytes, sent_at: float | None = None,
+               fleet: str = FLEET) -> bytes:
+    """Frame bytes around a hand-written header, as a hostile publisher builds them."""
+    header = {"protocol": 1, "fleet": fleet, "sender": sender, "msg_id": new_id(),
+              "sent_at": time.time() if sent_at is None else sent_at, "body": body, "tensors": entries,
+              "payload_sha256": hashlib.sha256(payload).hexdigest()}
+    raw = json.dumps(header).encode()
+    return b"TFL1" + struct.pack("<I", len(raw)) + raw + payload
+
+
+def _sparse_bomb(n: int) -> tuple[dict, bytes]:
+    """One top-k tensor entry of `n` float32 elements keeping a single zero: a few KB on the wire, 4n bytes decoded."""
+    bitmap = bytearray((n + 7) // 8)
+    bitmap[0] = 0x80
+    piece = struct.pack("<I", 1) + zlib.compress(bytes(bitmap) + np.float32(0).tobytes(), 9)
+    return {"name": "fc1.weight", "codec": "topk", "dtype": "float32", "shape": [n], "nbytes": len(piece)}, piece
+
+
+def _traced_peak(action: Callable[[], None]) -> int:
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _masked_input_body(round_number: int, session: str, device: str) -> dict:
+    payload = {"kind": "secagg_masked_input", "round": round_number, "device": device, "weight": 1.0, "tensors": {}}
+    return {"kind": "secagg", "round": round_number, "session": session, "phase": "masked_input",
+            "payload": json.dumps(payload)}
+
+
+def test_a_secagg_frame_without_secure_rounds_may_carry_no_tensors(art_dir: Path, tmp_path: Path) -> None:
+    """An 8.6 KB secure-aggregation frame declaring a 2^26-element tensor decoded into 256 MiB before being refused."""
+    service, topics = _service(art_dir, tmp_path / "state"), Topics(FLEET)
+    _deliver(service, topics.status("d1"), _hello("d1"))
+    entry, piece = _sparse_bomb(1 << 26)
+    frame = _raw_frame("d1", _masked_input_body(1, "0" * 32, "d1"), [entry], piece)
+    assert len(frame) < 16_000
+    peak = _traced_peak(lambda: _deliver(service, topics.up("d1"), frame))
+    assert dict(service.engine.rejected) == {"bad_tensor": 1}, service.engine.rejected
+    assert peak < 16 << 20, f"refusing a secagg frame traced {peak} bytes"
+
+
+@pytest.fixture(scope="module")
+def secure_art(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("secure-art")
+    export_all(SPEC, ["a", "b", "c"], out)
+    return out
+
+
+@pytest.fixture()
+def secure_fleet(secure_art: Path, tmp_path: Path) -> tuple[Fleet, AggregatorService]:
+    """A secure round of four devices in its masked-input phase, its engine served by an (unstarted) service."""
+    fleet = Fleet(secure_art, tmp_path / "secure-state", threshold=0.5)
+    assert fleet.tick(SECURE_START) == []  # tasks, keys advertised, roster, shares delivered
+    service = AggregatorService(fleet.engine, parse("mqtt://127.0.0.1:1883"), inbox=Inbox())
+    service._publish = lambda message: None  # type: ignore[method-assign]  # nothing goes out
+    return fleet, service
+
+
+def test_a_masked_input_carries_exactly_its_sessions_uint8_bytes(secure_fleet: tuple[Fleet, AggregatorService]) -> None:
+    """Refused before decoding: a top-k bomb, a wrong size, float32 instead of uint8, tensors on another phase."""
+    fleet, service = secure_fleet
+    topics, engine = Topics(SECURE_FLEET), fleet.engine
+    current = engine.open_round
+    session = fleet.tasks["d1"].secure.session
+    shapes = fleet.artifacts.tiers["a"].shapes  # d1 trains tier a; a 32-bit ring: 4 bytes an element
+    exact = {name: int(np.prod(shape)) * 4 for name, shape in shapes.items()}
+
+    def send(entries: list[dict], payload: bytes, body: dict | None = None) -> None:
+        body = body or _masked_input_body(current.number, session, "d1")
+        service.handle_safely(topics.up("d1"), _raw_frame("d1", body, entries, payload, fleet=SECURE_FLEET),
+                              SECURE_START + 1)
+
+    bomb, piece = _sparse_bomb(1 << 26)
+    peak = _traced_peak(lambda: send([bomb], piece))
+    assert peak < 16 << 20, f"refusing a masked input traced {peak} bytes"
+    longer = [{"name": n, "codec": "uint8", "dtype": "uint8", "shape": [size + 4], "nbytes": size + 4}
+              for n, size in exact.items()]
+    send(longer, bytes(sum(e["nbytes"] for e in longer)))  # one ring integer too many in each tensor
+    floats = [{"name": n, "codec": "float32", "dtype": "float32", "shape": [size], "nbytes": 4 * size}
+              for n, size in exact.items()]
+    send(floats, bytes(sum(e["nbytes"] for e in floats)))  # the right sizes, at 4 bytes an element
+    advertise = {"kind": "secagg", "round": current.number, "session": session, "phase": "advertise", "payload": "{}"}
+    send(longer[:1], bytes(longer[0]["nbytes"]), advertise)  # other phases carry no tensors
+    assert dict(engine.rejected) == {"bad_tensor": 4}, engine.rejected
+    send([bomb], piece, _masked_input_body(current.number, "f" * 32, "d1"))  # another session's: refused for that
+    assert dict(engine.rejected) == {"bad_tensor": 4, "stale_round": 1} and current.answered == set()
+    fleet.clients["d1"].trained(fleet.tasks["d1"], {n: np.zeros(s, np.float32) for n, s in shapes.items()}, None)
+    ((device, honest),) = fleet.uplink
+    service.handle_safely(topics.up(device), honest, SECURE_START + 1)  # the real one, exactly its sizes: taken
+    assert current.answered == {"d1"} and sum(engine.rejected.values()) == 5, engine.rejected
+
+
+# -- signed offline statuses: a replay of an earlier one is refused ---------------------------------------------------
+
+def _signed_at(device: str, body: Status, sent_at: float, key: DeviceKey) -> bytes:
+    header = FrameHeader(fleet=FLEET, sender=device, sent_at=sent_at, body=body)
+    header = header.model_copy(update={"signature": key.sign(header)})
+    raw = header.model_dump_json().encode()
+    return b"TFL1" + struct.pack("<I", len(raw)) + raw
+
+
+def test_a_replayed_signed_offline_status_does_not_drop_the_device(art_dir: Path, tmp_path: Path) -> None:
+    """The device's last will is one signed frame: captured once, it dropped the device whenever it was sent again."""
+    key = DeviceKey(tmp_path / "device")
+    engine = RoundEngine(EngineConfig(fleet=FLEET, rounds=3, min_updates=1, round_timeout_s=60.0),
+                         FedAvg(min_clients=50, fraction=1.0), ArtifactStore(art_dir), StateStore(tmp_path / "state"),
+                         DeviceRegistry(), None)
+    service = AggregatorService(engine, parse("mqtt://127.0.0.1:1883"), inbox=Inbox(),
+                                signatures=SignatureCheck({"d1": key.public_hex}))
+    topics, session = Topics(FLEET), "b" * 32
+    hello = encode_frame(FLEET, "d1", Hello(num_samples=10, session=session), signer=key.sign)
+    _deliver(service, topics.status("d1"), hello, now=100.0)
+    will = _signed_at("d1", Status(online=False, session=session), 90.0, key)  # signed at connect, before the hello
+    _deliver(service, topics.status("d1"), will, now=200.0)  # the broker publishes it: the device went away
+    assert not service.registry.get("d1").online and not engine.rejected
+    _deliver(service, topics.status("d1"), hello, now=300.0)  # it reconnects (same agent, same session)
+    info = service.registry.get("d1")
+    assert info.online and info.last_seen == 300.0
+    _deliver(service, topics.status("d1"), will, now=400.0)  # the captured will, sent again
+    older = _signed_at("d1", Status(online=False, session=session), 80.0, key)  # an earlier connection's will
+    _deliver(service, topics.status("d1"), older, now=401.0)
+    assert dict(engine.rejected) == {"replayed": 2}, engine.rejected
+    after = service.registry.get("d1")
+    assert after.online and after.last_seen == 300.0 and after.status_sent_at == 90.0  # refused: nothing changed
+    fresh = _signed_at("d1", Status(online=False, session=session), 350.0, key)
+    _deliver(service, topics.status("d1"), fresh, now=500.0)
+    assert not service.registry.get("d1").online  # its next will, signed afresh at its reconnect, is applied
+
+
+# -- admission: known devices' topics get reassembly and inbox room first -----------------------------------------
+
+def test_the_service_admits_only_known_devices_topics_from_a_snapshot(art_dir: Path, tmp_path: Path) -> None:
+    service, topics = _service(art_dir, tmp_path / "state"), Topics(FLEET)
+    assert not service._admits(topics.up("d1")) and not service._admits(topics.status("d1"))
+    _deliver(service, topics.status("d1"), _hello("d1"))
+    assert service._admits(topics.up("d1")) and service._admits(topics.status("d1"))
+    assert not service._admits(topics.up("eve")) and not service._admits(f"{topics.base}/up/bad id")
+    assert service._admits("tierfl/v1/parent/down/edge-1")  # not one of our devices' topics (an edge's parent link)
+    reassembler = service.link._reassembler
+    assert reassembler.admit == service._admits and service.inbox.admit == service._admits
+
+
+def test_a_crowd_of_unknown_topics_cannot_fill_the_inbox_against_a_known_device() -> None:
+    """Many topics each within its own share filled the whole inbox; a known device's update was then dropped."""
+    known = {"up/d1"}
+    inbox = Inbox(max_bytes=1000, max_topic_bytes=400, wait_s=0.0, admit=known.__contains__)
+    for i in range(20):
+        inbox.put(f"up/eve-{i}", bytes(100))  # the last 10 find no room: dropped
+    inbox.put("up/d1", bytes(300))  # the 3 newest guests' items give way
+    dropped = inbox.take_dropped()
+    assert sum(dropped.values()) == 13 and "up/d1" not in dropped
+    assert {f"up/eve-{i}" for i in (7, 8, 9)} <= set(dropped)
+    out = [inbox.get(0.0) for _ in range(len(inbox))]
+    assert ("up/d1", bytes(300)) in out and len(out) == 8
+    inbox.put("up/eve-0", bytes(100))
+    inbox.put("up/eve-1", bytes(900))  # guests never displace anything, not even each other
+    assert inbox.take_dropped() == {"up/eve-1": 1}
+
+
+def test_a_flood_of_invented_hellos_evicts_only_devices_that_never_trained(art_dir: Path, tmp_path: Path) -> None:
+    """--max-devices on an unenrolled fleet: trained devices, and those with a task out, stay; invented ones churn."""
+    registry = DeviceRegistry(max_devices=10)
+    service, topics = _service(art_dir, tmp_path / "state", registry), Topics(FLEET)
+    for i, device in enumerate(["trained", "busy", "idle"]):
+        _deliver(service, topics.status(device), _hello(device), now=float(i))
+    registry.asked("trained", 1)
+    registry.answered("trained", 1.0)
+    registry.asked("busy", 2)  # its task is out: not answered, not missed yet
+    for i in range(100):
+        _deliver(service, topics.status(f"eve-{i}"), _hello(f"eve-{i}"), now=10.0 + i)
+    assert len(registry) == 10 and not service.engine.rejected
+    assert "trained" in registry and "busy" in registry and "idle" not in registry
+    assert registry.knows("busy") and not registry.knows("idle") and not registry.knows("eve-0")
+    assert {d.device_id for d in registry.devices()} == {"trained", "busy", *(f"eve-{i}" for i in range(92, 100))}
+    assert service._admits(topics.up("eve-99")) and not service._admits(topics.up("eve-0"))

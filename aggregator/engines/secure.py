@@ -44,6 +44,7 @@ from aggregator.store.ledger import Ledger
 from aggregator.store.state import StateStore
 from aggregator.strategies.fedavg import ClientUpdate, Strategy, Weights
 from aggregator.strategies.privacy import PrivacyBudget
+from protocol.frame import FrameError
 from protocol.messages import RejectReason, SecAgg, SecureAggregation, Update, new_id
 from protocol.secagg.device import verify_advertisement
 from protocol.secagg.messages import (AdvertiseKeys, MaskedInput, Phase, SecAggError, SecAggParams, ShareKeys,
@@ -164,6 +165,17 @@ class SecureRoundEngine(RoundEngine):
             self.count_rejection(problem[0], detail, device_id, body)  # the service logs and answers it
             return [reject(device_id, problem[0], detail, msg_id, body.round)]
         return self._advance(now)
+
+    def masked_tensors(self, device_id: str, body: SecAgg, now: float) -> dict[str, tuple[int, ...]]:
+        """The uint8 tensors (name -> shape) this SecAgg message must carry, known before it is decoded: a masked
+        input's ring integers as bytes, none in other phases; FrameError if the open round takes no such message."""
+        if body.phase != "masked_input":
+            return {}
+        if (problem := self._check_secagg(device_id, body, now)) is not None:
+            raise FrameError(problem[0], f"{body.phase}: {problem[1]}")
+        assert self._secure is not None
+        itemsize = self._secure.server.params.dtype.itemsize
+        return {name: (math.prod(shape) * itemsize,) for name, shape in self._secure.settings[device_id].block.items()}
 
     # -- phases -----------------------------------------------------------------------------
 

@@ -76,6 +76,7 @@ class MqttLink:
         will: Will | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_frame_bytes: int = 64 << 20,
+        admit_chunks: Callable[[str], bool] | None = None,  # which topics get reassembly room (protocol.chunking)
         keepalive_s: int = 30,
         backoff: Backoff = Backoff(),
         max_unacked_bytes: int = DEFAULT_MAX_UNACKED_BYTES,
@@ -89,7 +90,7 @@ class MqttLink:
         self._on_connect_hook = on_connect
         self._max_message_bytes = max_message_bytes
         self._keepalive_s = keepalive_s
-        self._reassembler = Reassembler(max_frame_bytes=max_frame_bytes)
+        self._reassembler = Reassembler(max_frame_bytes=max_frame_bytes, admit=admit_chunks)
         self._connected = threading.Event()
         self._connack_failure: str | None = None
         self._stopping = False
