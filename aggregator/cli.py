@@ -16,9 +16,9 @@ from aggregator.engines.buffered import BufferConfig, BufferedEngine
 from aggregator.engines.rounds import EngineConfig, RoundEngine
 from aggregator.engines.secure import SecureRoundEngine
 from aggregator.evaluate import HeldOutEvaluator
-from aggregator.options import (DEFAULT_FEDPROX_MU, AlgorithmSettings, add_integrity_arguments, add_privacy_arguments,
-                                add_robust_arguments, add_secure_arguments, add_server_optimizer_arguments, proximal_mu,
-                                resolve_options)
+from aggregator.options import (DEFAULT_FEDPROX_MU, AlgorithmSettings, ExportPlan, add_integrity_arguments,
+                                add_privacy_arguments, add_robust_arguments, add_secure_arguments,
+                                add_server_optimizer_arguments, proximal_mu, resolve_options)
 from aggregator.registry import DeviceRegistry
 from aggregator.service import AggregatorService
 from aggregator.store.artifacts import ArtifactStore
@@ -33,7 +33,6 @@ from aggregator.strategies.sampling import SAMPLERS
 from aggregator.strategies.tiering import TIER_POLICIES, TierPolicy, make_tier_policy, parse_tier_mix
 from models.data import load_dataset
 from models.export import export_all
-from models.zoo import ModelSpec
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.mqtt.embedded_broker import EmbeddedBroker
 from protocol.mqtt.url import mask_password
@@ -205,20 +204,12 @@ def derived_defaults(args: argparse.Namespace) -> dict[str, object]:
     return {"mu": proximal_mu(args), "trim_fraction": DEFAULT_TRIM_FRACTION, "artifacts": args.state_dir / "artifacts"}
 
 
-def open_artifacts(args: argparse.Namespace, mu: float) -> ArtifactStore:
-    """The export named by --artifacts, or STATE_DIR/artifacts exported now if missing (with the FedProx term
-    when `mu` > 0)."""
-    folder = args.artifacts or args.state_dir / "artifacts"
-    if args.artifacts is None and not (folder / "index.json").exists():
-        spec = ModelSpec(arch=args.arch, image_size=args.image_size)
-        tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
-        log.info("exporting %s tiers %s to %s", spec.name, ",".join(tiers), folder)
-        export_all(spec, tiers, folder, proximal=mu > 0)
-    store = ArtifactStore(folder)
-    if mu > 0 and not all(t.manifest.proximal for t in store.tiers.values()):
-        raise ValueError(f"--mu {mu} needs artifacts with the FedProx term: re-export {folder} with "
-                         "`tierfl export --proximal` (or let the aggregator export them: no --artifacts)")
-    return store
+def open_artifacts(args: argparse.Namespace, export: ExportPlan | None) -> ArtifactStore:
+    """The export named by --artifacts, or STATE_DIR/artifacts, exported now as planned if it is not there yet."""
+    if export is not None and not export.exists:
+        log.info("exporting %s tiers %s to %s", export.spec.name, ",".join(export.tiers), export.folder)
+        export_all(export.spec, list(export.tiers), export.folder, proximal=export.proximal)
+    return ArtifactStore(args.artifacts or args.state_dir / "artifacts")
 
 
 def recover(state_dir: Path, fleet: str, identity: str) -> int:
@@ -269,7 +260,7 @@ def serve(args: argparse.Namespace, settings: AlgorithmSettings) -> int:
     if args.show_key:
         print(json.dumps({"aggregator": key.public_hex}))
         return 0
-    artifacts = open_artifacts(args, settings.proximal_mu)
+    artifacts = open_artifacts(args, settings.export)
     if args.recover:
         return recover(args.state_dir, args.fleet, artifacts.identity)
     write_run_options(args.state_dir, run_options(args))
@@ -279,17 +270,13 @@ def serve(args: argparse.Namespace, settings: AlgorithmSettings) -> int:
         outlier_multiple=args.outlier_multiple, max_share=args.max_share,
         server_optimizer=settings.server_optimizer,
     )
-    mix = parse_tier_mix(args.tier_mix or "-".join(artifacts.tiers))
-    if missing := sorted(set(mix) - set(artifacts.tiers)):
-        raise ValueError(f"--tier-mix names tiers {', '.join(missing)} that the export lacks (have: {', '.join(artifacts.tiers)})")
+    mix = settings.tier_mix or parse_tier_mix("-".join(artifacts.tiers))
     policy = make_tier_policy(args.tier_policy, mix, artifacts.spec, args.epochs, args.round_timeout, args.seed)
     dp, secure = settings.dp, settings.secure
     strategy = make_strategy(args, policy, settings)
     privacy = dp.budget()
     if dp.mode == "local":
         config = config.model_copy(update={"local_dp_clip": dp.clip_norm, "local_dp_noise": dp.noise_multiplier})
-    if privacy is not None and artifacts.spec.batch_norm and args.bn_statistics == "devices":
-        raise ValueError("--dp needs --bn-statistics averaged: measured batch-norm statistics are not privatized")
     evaluator = HeldOutEvaluator(load_dataset(args.eval_data)) if args.eval_data else None
     ledger = Ledger(args.state_dir / "ledger.sqlite")
     with contextlib.closing(ledger):  # closed on every way out: no -wal and -shm files left behind

@@ -2,7 +2,9 @@
 
 Domain modules (strategies, engines) take typed settings; this module owns the argparse groups
 of robust aggregation, weight integrity, differential privacy, secure aggregation and the server
-optimizer, turns the parsed options into those settings, and says which options do not combine.
+optimizer, turns the parsed options into those settings, and says which options do not combine,
+the model and tiers of the export included (read from an existing export, or the one a start
+will write), all before anything is exported or written.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 from aggregator.engines.secure import SecureConfig
 from aggregator.strategies.fedavg import AccumulatorFactory
@@ -18,6 +21,10 @@ from aggregator.strategies.robust import (DEFAULT_OUTLIER_MULTIPLE, DEFAULT_TRIM
                                           ROBUST_MODES, robust_accumulator)
 from aggregator.strategies.sampling import ClientSampler, make_sampler
 from aggregator.strategies.server_optimizer import ADAPTIVE, SERVER_OPTIMIZERS, ServerOptimizer
+from aggregator.strategies.tiering import parse_tier_mix
+from models.manifest import ExportIndex, TierManifest
+from models.spec import ModelSpec
+from models.tiers import tier_rate
 
 DEFAULT_FEDPROX_MU = 0.01
 
@@ -148,6 +155,53 @@ def proximal_mu(args: argparse.Namespace) -> float:
 
 
 @dataclass(frozen=True)
+class ExportPlan:
+    """The export a start serves, known before anything is exported: an existing folder's, or the one it will write."""
+
+    folder: Path
+    spec: ModelSpec
+    tiers: tuple[str, ...]
+    proximal: bool  # every tier's graphs carry FedProx's proximal term
+    exists: bool  # False: the start exports it into `folder` (STATE_DIR/artifacts)
+
+
+def planned_export(args: argparse.Namespace, mu: float) -> ExportPlan | None:
+    """The export --artifacts names, else STATE_DIR/artifacts as it is or as a start will export it (--arch,
+    --image-size, --tiers, the proximal term when `mu` > 0); None when it cannot be read here (the start says why)."""
+    folder: Path = args.artifacts or args.state_dir / "artifacts"
+    index_path = folder / "index.json"
+    if index_path.is_file():
+        try:
+            index = ExportIndex.load(index_path)
+            proximal = all(TierManifest.load(folder / rel).proximal for rel in index.tiers.values())
+        except (OSError, ValueError):  # a damaged export: opening it at the start names the file
+            return None
+        return ExportPlan(folder, index.model, tuple(index.tiers), proximal, exists=True)
+    if args.artifacts is not None:
+        return None
+    tiers = tuple(dict.fromkeys(t.strip() for t in args.tiers.split(",") if t.strip()))
+    if not tiers:
+        raise ValueError("--tiers names no tier")
+    for tier in tiers:
+        tier_rate(tier)
+    return ExportPlan(folder, ModelSpec(arch=args.arch, image_size=args.image_size), tiers, mu > 0, exists=False)
+
+
+def export_problem(args: argparse.Namespace, mu: float, export: ExportPlan) -> str | None:
+    """Why the options do not fit the export's model and tiers, or None."""
+    if mu > 0 and export.exists and not export.proximal:
+        return (f"--mu {mu} needs artifacts with the FedProx term: re-export {export.folder} with "
+                "`tierfl export --proximal` (or let the aggregator export them: no --artifacts)")
+    if args.dp != "off" and export.spec.batch_norm and args.bn_statistics == "devices":
+        return (f"--dp needs --bn-statistics averaged: the batch-norm statistics of {export.spec.name} measured on "
+                "devices are not privatized")
+    if args.tier_mix and (missing := sorted(set(parse_tier_mix(args.tier_mix)) - set(export.tiers))):
+        return (f"--tier-mix names tiers {', '.join(missing)} that the export lacks (have: {', '.join(export.tiers)}"
+                f"{'' if export.exists else ', from --tiers'})")
+    return None
+
+
+@dataclass(frozen=True)
 class AlgorithmSettings:
     """What the algorithm options resolve to, checked together once, before anything is exported or started."""
 
@@ -157,10 +211,13 @@ class AlgorithmSettings:
     accumulator: AccumulatorFactory  # central DP's, a robust one, or the mean
     secure: SecureConfig | None
     server_optimizer: ServerOptimizer | None
+    export: ExportPlan | None  # None: --artifacts names a folder that cannot be read (the start says why)
+    tier_mix: dict[str, float] | None  # tier -> share; None: every exported tier, equal shares
 
 
 def resolve_options(args: argparse.Namespace) -> AlgorithmSettings:
-    """The algorithm settings of the parsed options; ValueError saying why when options do not combine."""
+    """The algorithm settings of the parsed options; ValueError saying why when options do not combine, with each
+    other or with the export's model and tiers."""
     mu = proximal_mu(args)
     if args.strategy == "fedbuff" and args.max_share < 1:
         raise ValueError("--max-share applies to synchronous rounds: FedBuff has no round selection to cap a share of")
@@ -170,7 +227,11 @@ def resolve_options(args: argparse.Namespace) -> AlgorithmSettings:
     secure = secure_from_args(args)
     server_optimizer = server_optimizer_from_args(args)
     accumulator = dp.accumulator_factory() or accumulator_from_args(args, weighted=args.aggregation == "weighted")
-    return AlgorithmSettings(mu, sampler, dp, accumulator, secure, server_optimizer)
+    mix = parse_tier_mix(args.tier_mix) if args.tier_mix else None
+    export = planned_export(args, mu)
+    if export is not None and (problem := export_problem(args, mu, export)):
+        raise ValueError(problem)
+    return AlgorithmSettings(mu, sampler, dp, accumulator, secure, server_optimizer, export, mix)
 
 
 def add_server_optimizer_arguments(parser: argparse.ArgumentParser) -> None:

@@ -359,3 +359,67 @@ def test_edge_aggregator_show_key_prints_the_key_the_parent_enrols(tmp_path, cap
     assert list(shown) == ["site1"] and re.fullmatch(r"[0-9a-f]{64}", shown["site1"])
     assert (tmp_path / "edge" / "device.key").exists()
     assert main(argv) == 0 and json.loads(capsys.readouterr().out) == shown, "the same key on every start"
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict[str, Path]:
+    """Small exports the conflict checks read: plain tiers a and c, and a batch-norm model."""
+    from models.export import export_all
+    from models.zoo import ModelSpec
+
+    root = tmp_path_factory.mktemp("exports")
+    export_all(ModelSpec(arch="mlp", hidden=(8,)), ["a", "c"], root / "plain")
+    export_all(ModelSpec(arch="mlp", hidden=(8,), batch_norm=True), ["a"], root / "bn")
+    return {"plain": root / "plain", "bn": root / "bn"}
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--dp", "central", "--dp-clip", "1", "--dp-noise", "1", "--artifacts", "{bn}"],
+     "--dp needs --bn-statistics averaged: the batch-norm statistics of mlp8-h8-bn measured on devices"),
+    (["--dp", "local", "--dp-clip", "1", "--dp-noise", "1", "--artifacts", "{bn}", "--bn-statistics", "devices"],
+     "--dp needs --bn-statistics averaged"),
+    (["--tier-mix", "a-e", "--artifacts", "{plain}"], "--tier-mix names tiers e that the export lacks (have: a, c)"),
+    (["--tier-mix", "a2-c8", "--tiers", "a,b"], "--tier-mix names tiers c that the export lacks (have: a, b, from --tiers)"),
+    (["--tier-mix", "a-x"], "unknown tier 'x'"),
+    (["--tiers", "a,z"], "unknown tier 'z'"),
+    (["--mu", "0.1", "--artifacts", "{plain}"], "--mu 0.1 needs artifacts with the FedProx term"),
+    (["--strategy", "fedprox", "--artifacts", "{plain}"], "--mu 0.01 needs artifacts with the FedProx term"),
+], ids=["dp-central-bn", "dp-local-bn", "tier-mix-artifacts", "tier-mix-tiers", "tier-mix-syntax", "tiers", "mu",
+        "fedprox"])
+def test_options_that_do_not_fit_the_export_exit_2_before_anything_is_exported(tmp_path, capsys, exports, options,
+                                                                                message):
+    """Checked against the export's model and tiers (read, or as a start would write it), not after exporting."""
+    state = tmp_path / "state"
+    argv = [option.format(**exports) for option in options]
+    assert main(["aggregator", "--state-dir", str(state), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tierfl aggregator: error: ") and message in err[0], err
+    assert not state.exists(), "nothing exported, no key made, no options.json"
+
+
+def test_mu_against_the_state_folders_own_export_is_refused_before_options_json(tmp_path, capsys, exports):
+    """A state folder exported without the FedProx term by an earlier start: --mu is refused before anything is written."""
+    import shutil
+
+    state = tmp_path / "state"
+    shutil.copytree(exports["plain"], state / "artifacts")
+    before = sorted(p.relative_to(state) for p in state.rglob("*"))
+    assert main(["aggregator", "--state-dir", str(state), "--strategy", "fedprox", "--mu", "0.05"]) == 2
+    assert "--mu 0.05 needs artifacts with the FedProx term: re-export " + str(state / "artifacts") in capsys.readouterr().err
+    assert sorted(p.relative_to(state) for p in state.rglob("*")) == before, "no options.json, no key, no ledger"
+
+
+def test_options_that_fit_the_export_resolve(tmp_path, exports):
+    """The same checks let through what combines: a proximal export planned for --mu, a mix of exported tiers."""
+    from aggregator.options import resolve_options
+
+    def settings(*argv: str):
+        return resolve_options(role_parser("aggregator").parse_args(["--state-dir", str(tmp_path / "s"), *argv]))
+
+    planned = settings("--mu", "0.1", "--tiers", "a,c", "--tier-mix", "a2-c8")
+    assert planned.export is not None and not planned.export.exists and planned.export.proximal
+    assert planned.export.tiers == ("a", "c") and planned.tier_mix == {"a": 0.2, "c": 0.8}
+    read = settings("--artifacts", str(exports["bn"]), "--dp", "central", "--dp-clip", "1", "--dp-noise", "1",
+                    "--bn-statistics", "averaged")
+    assert read.export is not None and read.export.exists and read.export.spec.batch_norm and read.tier_mix is None
+    assert settings("--artifacts", str(tmp_path / "missing")).export is None  # the start names the missing index
