@@ -1,17 +1,22 @@
 """`tierfl bench`: how fast, how large and how heavy each device tier of a model is on this device.
 
-Each tier is measured in its own fresh child process, `python -m edge_client.bench --child tier
-REQUEST_JSON`, which loads the tier's training artifacts, times training steps after a few
-warm-up steps, encodes the resulting update with every codec, trains E epochs on the data and
-prints its result as one JSON line on stdout. Its `ru_maxrss` is that tier's peak resident
-memory (KiB on Linux; macOS reports bytes and is converted).
+Each tier is measured in its own fresh child process, `python -m edge_client.bench --child tier`
+with its request as JSON on stdin, which loads the tier's training artifacts, times training
+steps after a few warm-up steps, encodes the resulting update with every codec, trains E epochs
+on the data and prints its result as one JSON line on stdout. Its `ru_maxrss` is that tier's
+peak resident memory (KiB on Linux; macOS reports bytes and is converted).
+
+The tiers come from an export folder (--artifacts), from the fleet's aggregator over MQTT as the
+client fetches them (--broker, edge_client.bench_fetch: into the device's artifact cache), or
+are exported here (needs the onnx package).
 
 The parent stays light on purpose: Linux carries the memory high-water mark of the process that
 calls exec into the new program's `ru_maxrss`, and subprocess spawns with vfork, so a heavy
-parent would show up as every child's peak. Loading the data set and exporting the artifacts
-therefore run in a `prepare` child too (the data reaches the tier children as .npy files, read
-without a transient copy), matplotlib is imported only after the last measurement, and the
-report records the parent's own peak beside the children's.
+parent would show up as every child's peak. Loading the data set, fetching or exporting the
+artifacts therefore run in a `prepare` child too (the data reaches the tier children as .npy
+files, read without a transient copy), matplotlib is imported only after the last measurement,
+and the report records the parent's own peak beside the children's. Requests travel on stdin,
+never on the command line, because a fetch request holds the broker URL with its password.
 
 When PyTorch is importable, a `torch` child runs the same graph (read from the tier's
 inference.onnx) with torch.optim.SGD for the same steps and batch size. Nothing crosses a process
@@ -41,6 +46,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from edge_client.backends import BACKENDS
+from edge_client.fleet_options import (FleetAccess, add_aggregator_arguments, add_cache_argument, add_fleet_arguments,
+                                       add_message_size_argument)
 from models.data import Dataset, load_dataset
 from models.manifest import ExportIndex, TierManifest
 from models.spec import BN_EPSILON, BN_MOMENTUM, ModelSpec
@@ -61,6 +68,9 @@ LEARNING_RATE = 0.05
 MANIFEST_NAME = "manifest.json"
 _USER_ERRORS = (OSError, ValueError, RuntimeError, ImportError)  # ImportError: an optional package missing
 _Result = TypeVar("_Result", bound=BaseModel)
+BROKER_ENV = "TIERFL_BROKER"  # the client's variable for its broker URL (with the password): a fetch reads it too
+_CHILD_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+_RELAYED = {"INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
 
 
 class _Frozen(BaseModel):
@@ -111,16 +121,26 @@ class BenchReport(_Frozen):
     tiers: list[TierResult]
 
 
+class _FetchRequest(_Frozen):
+    access: FleetAccess
+    required: bool  # the tiers were named (--tiers): one the fleet does not export is an error
+    timeout_s: float
+    cache_max_mb: float
+
+
 class _PrepareRequest(_Frozen):
     data: str
-    image_size: int
+    image_size: int | None  # None: the fetched model's
     work_dir: str
     export: ModelSpec | None  # export these tiers into work_dir/artifacts, or use existing ones
+    fetch: _FetchRequest | None = None  # or fetch them from the fleet's aggregator
     tiers: list[str]
+    backend: str = "auto"
 
 
 class _Prepared(_Frozen):
     samples: int
+    fetched: dict[str, str] = {}  # tier -> its folder in the device's artifact cache
 
 
 class _TierRequest(_Frozen):
@@ -186,9 +206,20 @@ def _peak_rss_kib() -> int | None:
 
 
 def _prepare(request: _PrepareRequest) -> _Prepared:
-    """Load the data set, check its image size, save it as .npy; export the tiers if asked."""
+    """Load the data set, fetch the tiers if asked, check the data's image size, save it as .npy; export the
+    tiers if asked."""
     data = load_dataset(request.data)
+    fetched: dict[str, str] = {}
     side = request.image_size
+    if request.fetch is not None:
+        from edge_client.backends import resolve_backend
+        from edge_client.bench_fetch import fetch_tiers
+
+        folders = fetch_tiers(request.fetch.access, request.tiers, data, required=request.fetch.required,
+                              timeout_s=request.fetch.timeout_s, backend=resolve_backend(request.backend),
+                              cache_max_mb=request.fetch.cache_max_mb)
+        fetched = {tier: str(folder) for tier, folder in folders.items()}
+        side = TierManifest.load(next(iter(folders.values())) / MANIFEST_NAME).model.image_size
     if data.x.shape[2:] != (side, side):
         height, width = data.x.shape[2:]
         raise ValueError(f"data {request.data!r} holds {height}x{width} images; the model expects {side}x{side}")
@@ -199,7 +230,7 @@ def _prepare(request: _PrepareRequest) -> _Prepared:
         from models.export import export_all
 
         export_all(request.export, request.tiers, work / "artifacts")
-    return _Prepared(samples=len(data))
+    return _Prepared(samples=len(data), fetched=fetched)
 
 
 def _load_saved(data_dir: str) -> Dataset:
@@ -323,7 +354,8 @@ _CHILD_MODES: dict[str, tuple[type[BaseModel], Callable[[Any], BaseModel]]] = {
 
 def child_main(mode: str, request_json: str) -> int:
     """Entry point of a child: run one request, print the result (or {"error": ...}) as one JSON line."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # prepare logs what a fetch does (the parent relays it at each line's level); the others only warnings
+    logging.basicConfig(level=logging.INFO if mode == "prepare" else logging.WARNING, format=_CHILD_LOG_FORMAT)
     if mode == "tier":
         # The training wheel's `import onnxruntime` imports torch whenever torch is installed (its build
         # validation loads onnxruntime.training): hide it, to measure ONNX Runtime as on a device without
@@ -339,13 +371,29 @@ def child_main(mode: str, request_json: str) -> int:
     return 0
 
 
-def _run_child(mode: str, request: BaseModel, result_type: type[_Result], what: str) -> _Result:
-    """Run one child in a fresh interpreter and parse its JSON line; RuntimeError says what failed."""
-    command = [sys.executable, "-m", "edge_client.bench", "--child", mode, request.model_dump_json()]
-    proc = subprocess.run(command, capture_output=True, text=True, check=False)
-    for line in proc.stderr.splitlines():
+def _relay(line: str, what: str, relay: bool) -> str:
+    """Log one stderr line of a child: when relayed (a `prepare` child), with its own logger and level; else at
+    debug."""
+    level, _, rest = line.partition(" ")
+    name, colon, message = rest.partition(": ")
+    if relay and level in _RELAYED and colon and " " not in name:
+        logging.getLogger(name).log(_RELAYED[level], "%s", message)
+    else:
         log.debug("%s: %s", what, line)
-    lines = proc.stdout.strip().splitlines()
+    return line
+
+
+def _run_child(mode: str, request: BaseModel, result_type: type[_Result], what: str) -> _Result:
+    """Run one child in a fresh interpreter (request on stdin) and parse its JSON line; RuntimeError says what failed."""
+    command = [sys.executable, "-m", "edge_client.bench", "--child", mode]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        proc.stdin.write(request.model_dump_json())
+        proc.stdin.close()
+        stderr = [_relay(line.rstrip("\n"), what, mode == "prepare") for line in proc.stderr]  # live, as it comes
+        stdout = proc.stdout.read()
+    lines = stdout.strip().splitlines()
     try:
         payload = json.loads(lines[-1]) if lines else {}
     except json.JSONDecodeError:
@@ -353,7 +401,7 @@ def _run_child(mode: str, request: BaseModel, result_type: type[_Result], what: 
     if "error" in payload:
         raise RuntimeError(f"{what}: {payload['error']}")
     if proc.returncode != 0 or not payload:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        tail = "\n".join(stderr[-15:])
         raise RuntimeError(f"{what} failed (exit code {proc.returncode}):\n{tail}")
     return result_type.model_validate(payload)
 
@@ -380,6 +428,13 @@ class _Progress:
         else:
             log.info("bench %d/%d: %s", self.done + 1, self.total, label)
 
+    def resize(self, total: int) -> None:
+        """Change the number of runs (fewer tiers than asked for were fetched)."""
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def end(self) -> None:
         """Count one finished run."""
         self.done += 1
@@ -400,12 +455,15 @@ class _Tier:
     manifest: TierManifest
 
 
-def _tiers_in(artifacts: Path, tiers: list[str]) -> dict[str, _Tier]:
-    """The requested tiers of an export folder; ValueError names a tier the folder lacks."""
+def _tiers_in(artifacts: Path, tiers: list[str] | None) -> dict[str, _Tier]:
+    """The requested tiers of an export folder (None: all of them, widest first); ValueError names a tier the
+    folder lacks."""
     index_path = artifacts / "index.json"
     if not index_path.is_file():
         raise FileNotFoundError(f"{index_path} not found: export the tiers first (tierfl export --out {artifacts})")
     index = ExportIndex.load(index_path)
+    if tiers is None:
+        tiers = _parse_tiers(",".join(index.tiers))
     missing = [t for t in tiers if t not in index.tiers]
     if missing:
         raise ValueError(f"tier(s) {', '.join(missing)} not in {index_path} (it has {', '.join(index.tiers)})")
@@ -439,18 +497,31 @@ def _host(torch_version: str | None) -> dict[str, str]:
     return host
 
 
-def run_bench(settings: BenchSettings, spec: ModelSpec, artifacts: Path | None, torch: bool) -> BenchReport:
-    """Measure every tier of `settings.tiers`, each in fresh child processes; see the module docstring."""
+def run_bench(settings: BenchSettings, spec: ModelSpec | None, artifacts: Path | None, torch: bool,
+              fetch: _FetchRequest | None = None) -> BenchReport:
+    """Measure every tier of `settings.tiers`, each in fresh child processes; see the module docstring.
+
+    The tiers come from `artifacts`, from the fleet (`fetch`: those of `settings.tiers` it exports),
+    or are exported here from `spec`.
+    """
     progress = _Progress(1 + len(settings.tiers) * (2 if torch else 1))
     try:
         with tempfile.TemporaryDirectory(prefix="tierfl-bench-") as work:
-            export = None if artifacts else spec
-            prepare = _PrepareRequest(data=settings.data, image_size=spec.image_size, work_dir=work,
-                                      export=export, tiers=settings.tiers)
-            progress.begin("loading data" + ("" if artifacts else " and exporting tiers"))
-            samples = _run_child("prepare", prepare, _Prepared, "preparing data and artifacts").samples
+            export = None if artifacts or fetch else spec
+            prepare = _PrepareRequest(data=settings.data, image_size=spec.image_size if spec else None, work_dir=work,
+                                      export=export, fetch=fetch, tiers=settings.tiers, backend=settings.backend)
+            progress.begin("loading data" + (" and fetching tiers" if fetch else "" if artifacts else
+                                             " and exporting tiers"))
+            prepared = _run_child("prepare", prepare, _Prepared, "preparing data and artifacts")
+            samples = prepared.samples
             progress.end()
-            tiers = _tiers_in(artifacts or Path(work) / "artifacts", settings.tiers)
+            if fetch:
+                tiers = {t: _Tier(Path(folder), TierManifest.load(Path(folder) / MANIFEST_NAME))
+                         for t, folder in prepared.fetched.items()}
+                settings = settings.model_copy(update={"tiers": list(tiers)})
+                progress.resize(1 + len(tiers) * (2 if torch else 1))
+            else:
+                tiers = _tiers_in(artifacts or Path(work) / "artifacts", settings.tiers)
             results, torch_version = [], None
             for name, tier in tiers.items():
                 request = _TierRequest(tier_dir=str(tier.dir), data_dir=work, batch_size=settings.batch_size,
@@ -604,7 +675,15 @@ EPILOG = (
     "examples:\n"
     "  tierfl bench --tiers a,c,e --steps 100 --out runs/bench/mlp8\n"
     "  tierfl bench --arch cnn --image-size 28 --data fashion-mnist --threads 2 --out runs/bench/cnn28\n"
-    "  tierfl bench --artifacts runs/artifacts/cnn8-bn --data /data/local.npz\n\n"
+    "  tierfl bench --artifacts runs/artifacts/cnn8-bn --data /data/local.npz\n"
+    "  tierfl bench --broker mqtt://192.168.1.10:1883 --fleet lab --device-id pi-1 --data /data/local.npz\n\n"
+    "On a device install (tierfl[edge]: no onnx package) bench cannot export: give it the fleet's\n"
+    "artifacts, a copy of the aggregator's STATE_DIR/artifacts (--artifacts), or let it fetch them\n"
+    "from the fleet's aggregator over MQTT as `tierfl client` does (--broker, --fleet, --device-id:\n"
+    "signed, by sha256, into the device's artifact cache). Fetching takes one task per tier: bench\n"
+    "asks for each tier in turn, takes the first task of it (sent when a round starts), fetches its\n"
+    "files, trains nothing and leaves; the aggregator stops waiting for it in that round when its\n"
+    "offline status arrives. Run it before `tierfl client`, not beside it: both are the same device.\n\n"
     "columns of bench.md:\n"
     + "\n".join(f"  {c.header:<14} {c.meaning}" for c in COLUMNS + TORCH_COLUMNS)
     + "\n\nbench.md also lists the bytes of one update frame per codec (a real encoded frame of the\n"
@@ -641,7 +720,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", choices=["mlp", "cnn"], default="mlp", help="model family (default: mlp)")
     parser.add_argument("--image-size", type=int, choices=[8, 28], default=8, help="input side in pixels (default: 8)")
     parser.add_argument("--batch-norm", action="store_true", help="add BatchNorm after each hidden layer")
-    parser.add_argument("--tiers", default=",".join(TIER_RATES), help="comma-separated tiers (default: %(default)s)")
+    parser.add_argument("--tiers", help="comma-separated tiers (default: every tier of --artifacts, every tier the "
+                                        f"fleet exports with --broker, else {','.join(TIER_RATES)})")
     parser.add_argument("--data", help="FILE.npz (keys x, y) | digits | fashion-mnist[:train|:test] "
                                        "(default: digits for 8px, fashion-mnist for 28px)")
     parser.add_argument("--epochs", type=_at_least(0), default=1, help="E, epochs timed over the data; 0 skips (default: 1)")
@@ -650,13 +730,25 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"timed steps, after {WARMUP_STEPS} warm-up steps (default: 50)")
     parser.add_argument("--threads", type=_at_least(1), default=1, help="ONNX Runtime (and PyTorch) threads (default: 1)")
     parser.add_argument("--artifacts", type=Path,
-                        help="existing `tierfl export` folder to measure (its index.json names the model; "
-                             "--arch/--image-size/--batch-norm are then ignored); default: export into a temp folder")
+                        help="existing `tierfl export` folder to measure, e.g. a copy of the aggregator's "
+                             "STATE_DIR/artifacts (its index.json names the model; --arch/--image-size/--batch-norm "
+                             "are then ignored); default: fetch them with --broker, else export into a temp folder")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="training backend to measure, as `tierfl client --backend`: auto takes onnxruntime-training "
                              "where its wheel works, else the portable step graph on plain onnxruntime (default: auto)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison even if torch is installed")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder (default: runs/bench)")
+    fleet = parser.add_argument_group(
+        "fetch the tiers from the fleet's aggregator (as `tierfl client`; needs --data, the device's own)")
+    add_fleet_arguments(fleet, broker_help=f"; default: ${BROKER_ENV}, read as the client reads it (keeps a password "
+                                            "off the command line)")
+    add_aggregator_arguments(fleet)
+    add_cache_argument(fleet)
+    add_message_size_argument(fleet)
+    fleet.add_argument("--cache-max-mb", type=float, default=512.0,
+                       help="bound of the artifact cache in MB, as `tierfl client --cache-max-mb` (default: %(default)s)")
+    fleet.add_argument("--fetch-timeout", type=float, default=600.0, metavar="S",
+                       help="seconds to wait for the broker and for each tier's task (default: %(default)s)")
 
 
 def _parse_tiers(text: str) -> list[str]:
@@ -669,34 +761,54 @@ def _parse_tiers(text: str) -> list[str]:
     return sorted(tiers, key=list(TIER_RATES).index)
 
 
+def _usage_error(message: str) -> argparse.ArgumentError:
+    """Options that cannot run as given: `tierfl` says so in one line, exit status 2, like argparse."""
+    return argparse.ArgumentError(None, message)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `tierfl bench`: measure, write bench.json/.md/.png, print the table; returns the exit code."""
-    tiers = _parse_tiers(args.tiers)
-    spec = ModelSpec(arch=args.arch, image_size=args.image_size, batch_norm=args.batch_norm)
+    tiers = _parse_tiers(args.tiers) if args.tiers else None
+    spec: ModelSpec | None = ModelSpec(arch=args.arch, image_size=args.image_size, batch_norm=args.batch_norm)
+    fetch = None
+    broker = args.broker or (os.environ.get(BROKER_ENV) if not args.artifacts else None)
+    if args.artifacts and args.broker:
+        raise _usage_error("--artifacts and --broker both name where the tiers come from: give one")
     if args.artifacts:
-        spec = _tiers_in(args.artifacts, tiers)[tiers[0]].manifest.model  # fail fast, before any child runs
+        found = _tiers_in(args.artifacts, tiers)  # fail fast, before any child runs
+        tiers, spec = list(found), next(iter(found.values())).manifest.model
+    elif broker:
+        if not args.data:
+            raise _usage_error(f"--broker (or ${BROKER_ENV}) needs --data: bench measures the tiers on the device's "
+                               "own data, as `tierfl client --data` trains on it")
+        fetch = _FetchRequest(access=FleetAccess.from_args(args, broker), required=tiers is not None,
+                              timeout_s=args.fetch_timeout, cache_max_mb=args.cache_max_mb)
+        spec = None  # the fetched tiers' model
     elif importlib.util.find_spec("onnx") is None:
-        raise ValueError("without --artifacts, bench exports the tiers first, which needs the onnx package: pass "
-                         "--artifacts DIR (a copy of the aggregator's STATE_DIR/artifacts) or pip install 'tierfl[full]'")
+        raise _usage_error("without --artifacts or --broker, bench exports the tiers itself, which needs the onnx "
+                           "package (not installed here): pass --artifacts DIR (a copy of the aggregator's "
+                           "STATE_DIR/artifacts), or --broker URL --fleet NAME --data FILE to fetch them from the "
+                           "fleet's aggregator, or pip install 'tierfl[full]'")
+    tiers = tiers or list(TIER_RATES)
     settings = BenchSettings(
-        data=args.data or ("digits" if spec.image_size == 8 else "fashion-mnist"), tiers=tiers,
+        data=args.data or ("digits" if spec is None or spec.image_size == 8 else "fashion-mnist"), tiers=tiers,
         batch_size=args.batch_size, warmup_steps=WARMUP_STEPS, steps=args.steps, epochs=args.epochs,
         threads=args.threads, codecs=list(UPDATE_CODECS), backend=args.backend,
     )
     # PyTorch runs the tier's graph as read by onnx: both must be installed
     torch = not args.no_torch and all(importlib.util.find_spec(m) is not None for m in ("torch", "onnx"))
     started = time.perf_counter()
-    report = run_bench(settings, spec, args.artifacts, torch)
+    report = run_bench(settings, spec, args.artifacts, torch, fetch)
     write_outputs(report, args.out)
     print(markdown(report))
-    log.info("bench of %s (%s backend) done in %.1f s; wrote its results to %s",
-             spec.name, ", ".join(sorted({t.backend for t in report.tiers})), time.perf_counter() - started, args.out)
+    log.info("bench of %s (%s backend) done in %.1f s; wrote its results to %s", report.model.name,
+             ", ".join(sorted({t.backend for t in report.tiers})), time.perf_counter() - started, args.out)
     return 0
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--child"] and len(sys.argv) == 4:
-        raise SystemExit(child_main(sys.argv[2], sys.argv[3]))
+    if sys.argv[1:2] == ["--child"] and len(sys.argv) == 3:
+        raise SystemExit(child_main(sys.argv[2], sys.stdin.read()))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _parser = argparse.ArgumentParser(prog="tierfl bench")
     configure_parser(_parser)

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import signal
-import socket
 import threading
 from pathlib import Path
 
@@ -14,8 +13,9 @@ from pydantic import ValidationError
 
 from edge_client.agent import ClientConfig, DeviceAgent
 from edge_client.backends import BACKENDS, resolve_backend
+from edge_client.fleet_options import (add_aggregator_arguments, add_cache_argument, add_fleet_arguments,
+                                       add_message_size_argument, default_cache_dir)
 from models.data import load_dataset, train_test_split
-from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.mqtt.url import parse as parse_broker
 from protocol.signing import DeviceKey, EnrolledKeys, read_public_key
 
@@ -41,10 +41,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--broker", help="mqtt://[user:pass@]host[:port] of the fleet's broker, or mqtts://...[?ca=FILE] for TLS (see tierfl broker-config)")
-    parser.add_argument("--device-id", default=socket.gethostname().split(".")[0],
-                        help="unique id of this device: letters, digits, _ . - (default: the host name)")
-    parser.add_argument("--fleet", default="default", help="fleet name, the topic namespace (default: %(default)s)")
+    add_fleet_arguments(parser)
     parser.add_argument("--data", help="local data: FILE.npz (keys x, y) | digits | fashion-mnist")
     parser.add_argument("--test-fraction", type=float, default=0.2,
                         help="share of local data held out to evaluate received models (default: %(default)s)")
@@ -52,14 +49,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bench", type=Path, help="bench.json from `tierfl bench` on this device (same model): "
                         "announces its training speed per tier, so an aggregator with --tier-policy auto gives it "
                         "the widest tier that fits the round deadline from the first round on")
-    parser.add_argument("--cache-dir", type=Path, help="artifact cache (default: ~/.cache/tierfl/FLEET/DEVICE)")
+    add_cache_argument(parser)
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="training backend: ort-training (the onnxruntime-training wheel), portable (a step graph "
                              "of standard operators on plain onnxruntime: Raspberry Pi, Python 3.13+), or auto: "
                              "ort-training where its wheel works, portable elsewhere (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for training (default: %(default)s)")
-    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
-                        help="frames larger than this travel in chunks, reassembled and checked against the frame's sha256 (default: %(default)s)")
+    add_message_size_argument(parser)
     parser.add_argument("--codec", default="float32",
                         help="update encoding: float32 | float16 | int8 | int8-row | int4 | topk:0.1 | topk:0.1+int8; "
                              "lossy codecs carry what they drop into the next round (error feedback) (default: %(default)s)")
@@ -75,12 +71,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "any device's keys are unsigned, signed by another key or of a device not in FILE, so an "
                              "aggregator cannot substitute keys to read this device's shares (default: the roster is "
                              "taken on trust, with a warning)")
-    parser.add_argument("--aggregator-id", default="aggregator", help="accept tasks only from this sender (default: %(default)s)")
-    parser.add_argument("--aggregator-key", metavar="HEX|FILE",
-                        help="the aggregator's Ed25519 public key (`tierfl aggregator --show-key`: its JSON in a file, or "
-                             "the bare hex): every task, blob, reject and secure-aggregation message must be signed by "
-                             "it (default: pin the key the aggregator announces first in the cache dir, aggregator.pub, "
-                             "trust on first use, with a warning)")
+    add_aggregator_arguments(parser)
     service = parser.add_argument_group("running unattended")
     service.add_argument("--cache-max-mb", type=float, default=512.0,
                          help="bound of the artifact cache in MB; the least recently used tiers' files go first, "
@@ -107,11 +98,6 @@ def read_benchmark(path: Path) -> dict[str, float]:
     log.info("announcing the speed measured by %s on %s: %s", path, report.model.name,
              ", ".join(f"tier {t} {s * 1e3:.3f} ms/sample" for t, s in speeds.items()))
     return speeds
-
-
-def default_cache_dir(args: argparse.Namespace) -> Path:
-    """--cache-dir, or ~/.cache/tierfl/FLEET/DEVICE."""
-    return args.cache_dir or Path.home() / ".cache" / "tierfl" / args.fleet / args.device_id
 
 
 def derived_defaults(args: argparse.Namespace) -> dict[str, object]:

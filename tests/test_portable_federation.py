@@ -65,22 +65,65 @@ def test_every_command_on_the_device_install_works_or_names_the_extra(edge_pytho
                             r"here: pip install 'tierfl\[(full|demo|signing|edge)\]'", lines[0]), lines[0]
 
 
-def test_bench_on_the_device_install_measures_given_artifacts_with_the_portable_backend(edge_python, tmp_path):
-    """`tierfl bench --artifacts` with only tierfl[edge]: bench.json (read back by the client) and bench.md."""
-    artifacts, data, out = tmp_path / "artifacts", tmp_path / "digits.npz", tmp_path / "bench"
+@pytest.fixture(scope="module")
+def device_bench(edge_python: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """`tierfl bench --artifacts` run on the device install: (artifacts, data, output folder)."""
+    root = tmp_path_factory.mktemp("device-bench")
+    artifacts, data, out = root / "artifacts", root / "digits.npz", root / "bench"
     export_all(ModelSpec(arch="mlp", hidden=(16,)), ["a", "c"], artifacts)
     save_npz(data, load_digits())
-    result = subprocess.run([edge_python, "-m", "tierfl.cli", "bench", "--artifacts", str(artifacts), "--tiers", "a,c",
-                             "--data", str(data), "--steps", "5", "--epochs", "1", "--out", str(out)],
+    result = subprocess.run([edge_python, "-m", "tierfl.cli", "bench", "--artifacts", str(artifacts), "--data", str(data),
+                             "--steps", "5", "--epochs", "1", "--out", str(out)],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return artifacts, data, out
+
+
+def test_bench_on_the_device_install_measures_given_artifacts_with_the_portable_backend(device_bench):
+    """`tierfl bench --artifacts` with only tierfl[edge]: every tier of the export, bench.json and bench.md."""
+    _, _, out = device_bench
     report = BenchReport.model_validate_json((out / "bench.json").read_text())
     assert [t.tier for t in report.tiers] == ["a", "c"] and {t.backend for t in report.tiers} == {"portable"}
     assert all(t.samples_per_second > 0 and t.epochs_seconds for t in report.tiers)
     assert "portable backend" in (out / "bench.md").read_text() and not (out / "bench.png").exists()
-    without = subprocess.run([edge_python, "-m", "tierfl.cli", "bench", "--data", str(data), "--out", str(out)],
-                             capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert without.returncode == 1 and "pass --artifacts DIR" in without.stderr and "Traceback" not in without.stderr
+
+
+def test_bench_without_artifacts_or_broker_on_the_device_install_says_what_to_give(edge_python, tmp_path):
+    """Without onnx bench cannot export: one line naming --artifacts, --broker and the extra, exit 2 like argparse."""
+    result = subprocess.run([edge_python, "-m", "tierfl.cli", "bench", "--data", "digits", "--out", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("tierfl bench: error: without --artifacts or --broker, bench exports the tiers itself")
+    assert "pass --artifacts DIR" in lines[0] and "--broker URL --fleet NAME" in lines[0]
+    assert "pip install 'tierfl[full]'" in lines[0] and not any(tmp_path.iterdir())
+
+
+def test_the_client_on_the_device_install_announces_the_bench_and_gets_its_tier(edge_python, device_bench, tmp_path,
+                                                                                 mosquitto_url, fleet):
+    """The README's device path: bench.json from `tierfl bench` on the device, read by `tierfl client --bench`; an
+    aggregator with --tier-policy auto gives it the widest tier from round 1 (without a speed: the narrowest, c)."""
+    artifacts, data, out = device_bench
+    aggregator = tierfl("aggregator", "--broker", mosquitto_url, "--fleet", fleet, "--artifacts", str(artifacts),
+                        "--state-dir", str(tmp_path / "state"), "--tier-policy", "auto", "--min-clients", "1",
+                        "--rounds", "1", "--round-timeout", "30", log=tmp_path / "aggregator.log")
+    device = subprocess.Popen([edge_python, "-m", "tierfl.cli", "--log-format", "text", "client", "--broker",
+                               mosquitto_url, "--fleet", fleet, "--device-id", "pi-bench", "--data", str(data),
+                               "--cache-dir", str(tmp_path / "pi"), "--bench", str(out / "bench.json")],
+                              stdout=open(tmp_path / "pi.log", "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        assert aggregator.wait(120) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
+    finally:
+        for process in (device, aggregator):
+            if process.poll() is None:
+                process.terminate()
+                process.wait(10)
+    log = (tmp_path / "aggregator.log").read_text()
+    assert "round 1: 1 devices selected: pi-bench (tier a)" in log and "round 1 committed" in log, log[-3000:]
+    device_log = (tmp_path / "pi.log").read_text()
+    assert re.search(r"announcing the speed measured by \S+bench.json on mlp8-h16: tier a [\d.]+ ms/sample, "
+                     r"tier c [\d.]+ ms/sample", device_log), device_log[-3000:]
+    assert "training backend: portable" in device_log
 
 
 def test_show_key_without_cryptography_names_the_extra(edge_python, tmp_path):

@@ -26,7 +26,8 @@ COMMANDS = {
     "report": ("aggregator.report", "write a self-contained HTML report of a run from its state directory"),
     "config": ("tierfl.config", "print a role's effective configuration: defaults, --config file, TIERFL_* variables, flags"),
 }
-# Errors a user can cause and fix; anything else is a bug and keeps its traceback.
+# Errors a user can cause and fix (exit 1; argparse.ArgumentError, options that do not combine, exits 2);
+# anything else is a bug and keeps its traceback.
 USER_ERRORS = (OSError, ValueError, RuntimeError, ImportError)  # ImportError: an optional package not installed
 # Optional packages by import name -> the extra that installs them (pyproject.toml); a device
 # install is `tierfl[edge,signing]`, everything else comes with `tierfl[full]` or `tierfl[demo]`.
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         if (hint := missing_extra(command, exc)) is None:
             raise
         print(f"tierfl {command}: error: {hint}", file=sys.stderr)
+        return 2
+    except argparse.ArgumentError as exc:  # options that cannot run as given, found after parsing: as argparse would
+        print(f"tierfl {command}: error: {exc}", file=sys.stderr)
         return 2
     except USER_ERRORS as exc:
         if os.environ.get("TIERFL_DEBUG"):
