@@ -48,10 +48,13 @@ DEVICE_MODULES = (
     "edge_client.backends",
     "edge_client.agent",
     "edge_client.cli",
+    "edge_client.fleet_options",
+    "edge_client.bench",
+    "edge_client.bench_fetch",
 )
 
-# Host-side modules (export, model zoo, bench) that need onnx: not on the device path, probed for the record.
-HOST_SIDE_MODULES = ("models.zoo", "models.export", "edge_client.bench")
+# Host-side modules (export, model zoo) that need onnx: not on the device path, probed for the record.
+HOST_SIDE_MODULES = ("models.zoo", "models.export")
 
 
 def make_model(out: str) -> None:
@@ -161,6 +164,11 @@ def report(logdir: str, state_dir: str, out: str) -> None:
     h = json.loads(host_line[len("HOST "):]) if host_line else {}
     imports_text = (logs / "imports.log").read_text() if (logs / "imports.log").is_file() else ""
     client_log = (logs / "client.log").read_text() if (logs / "client.log").is_file() else ""
+    aggregator_log = (logs / "aggregator.log").read_text() if (logs / "aggregator.log").is_file() else ""
+    bench = json.loads((logs / "bench.json").read_text()) if (logs / "bench.json").is_file() else None
+    bench_md = (logs / "bench.md").read_text() if (logs / "bench.md").is_file() else ""
+    announced = re.search(r"announcing the speed measured by \S+ on \S+: (.*)", client_log)
+    selected = re.findall(r"round (\d+): \d+ devices selected: pi-emulated \(tier (\w)\)", aggregator_log)
     rounds = re.findall(r"round (\d+): (\d+) steps in ([\d.]+) s, loss ([\d.]+), acc ([\d.]+); sent (\d+) bytes", client_log)
     state_path = Path(state_dir) / "state.json"
     history = json.loads(state_path.read_text()).get("history", []) if state_path.is_file() else []
@@ -170,8 +178,9 @@ def report(logdir: str, state_dir: str, out: str) -> None:
         "",
         "`scripts/aarch64_check.sh`: an arm64 Debian bookworm root built from Debian's packages",
         "(`debootstrap --foreign` + `dpkg-deb -x`, no binfmt_misc), run through `qemu-aarch64-static`",
-        "explicitly; the device's venv gets aarch64 wheels downloaded on the host; `tierfl client`",
-        "inside it trains against an aggregator on this machine's loopback Mosquitto.",
+        "explicitly; the device's venv gets aarch64 wheels downloaded on the host; inside it, the README's",
+        "device path: `tierfl bench --artifacts` on the aggregator's export, then `tierfl client --bench",
+        "bench.json` training against that aggregator on this machine's loopback Mosquitto.",
         "",
         "**Emulated speed says nothing about a real Raspberry Pi** (qemu-user translates every",
         "instruction on an x86_64 host with 2 cores); the numbers show that it works and where time goes.",
@@ -192,7 +201,8 @@ def report(logdir: str, state_dir: str, out: str) -> None:
                        ("install_s", "pip install tierfl[edge] from those wheels (under qemu)"),
                        ("smoke_s", "inference smoke test (under qemu)"),
                        ("imports_s", "import probe of the device modules (under qemu)"),
-                       ("run_s", "federated run: aggregator start to finish")):
+                       ("bench_s", "tierfl bench --artifacts, tiers a and c (under qemu)"),
+                       ("run_s", "federated run: client start to the last round")):
         if key in t:
             lines.append(f"| {label} | {t[key]} |")
     if s:
@@ -216,8 +226,36 @@ def report(logdir: str, state_dir: str, out: str) -> None:
         lines += [f"- {line[len('IMPORT FAIL '):]}" for line in fails]
         host_side = [line for line in imports_text.splitlines() if line.startswith("HOST-SIDE")]
         if host_side:
-            lines += ["", "Host-side modules (export, model zoo, bench; not needed by `tierfl client`):"]
+            lines += ["", "Host-side modules (export, model zoo; not needed on a device):"]
             lines += [f"- {line[len('HOST-SIDE '):]}" for line in host_side]
+    lines += ["", "## tierfl bench on the device (emulated)", ""]
+    if t.get("bench_cmd"):
+        lines += [f"`{t['bench_cmd']}`", "", f"Outcome: {t.get('bench', '?')}"]
+    else:
+        lines.append(f"Not run: {t.get('run_reason', '?')}")
+    if bench:
+        rows = [f"| {r['tier']} | {r['backend']} | {r['params']:,} | {r['step_p50_ms']:.1f} | {r['step_p95_ms']:.1f} | "
+                f"{r['samples_per_second']:,.0f} | "
+                + ("-" if r["epochs_seconds"] is None else f"{r['epochs_seconds']:.2f}") + " | "
+                + ("-" if r["peak_rss_kib"] is None else f"{r['peak_rss_kib'] / 1024:.1f}") + " |"
+                for r in bench["tiers"]]
+        lines += ["", f"{bench['model']['arch']} on the device's copy of digits ({bench['samples']:,} samples), batch "
+                      f"{bench['settings']['batch_size']}, {bench['settings']['steps']} timed steps, "
+                      f"{bench['settings']['threads']} thread; "
+                      + ", ".join(f"{k} {v}" for k, v in bench["host"].items()) + ":", "",
+                  f"| tier | backend | params | step p50 ms | step p95 ms | samples/s | {bench['settings']['epochs']} "
+                  "epoch(s) s | peak RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|", *rows]
+    if bench_md:
+        update_table = bench_md.split("Bytes of one update frame", 1)[-1].strip().splitlines()[2:]
+        if update_table:
+            lines += ["", "Bytes of one update frame per codec:", "", *update_table]
+    if announced:
+        lines += ["", f"`tierfl client --bench` announced: {announced.group(1)}"]
+    if selected:
+        lines += ["", "The aggregator (`--tier-policy auto`) gave the device "
+                  + ", ".join(f"tier {tier} in round {r}" for r, tier in selected)
+                  + " (a device with no announced speed starts on the narrowest tier, c)."]
     lines += ["", "## Federated run", ""]
     if t.get("run") == "skipped":
         lines.append(f"Not run: {t.get('run_reason', '?')}")
@@ -264,6 +302,9 @@ def report(logdir: str, state_dir: str, out: str) -> None:
         "  the host's x86 /proc/cpuinfo and the process segfaults under qemu 7.2. Unmounted, it only",
         "  warns (the warnings are filtered from the log).",
         "- The host is shared with other jobs; emulated timings vary by about 1.5x between runs.",
+        "- qemu-user without binfmt_misc cannot exec an aarch64 binary, and bench measures each tier in",
+        "  a child Python process: the device's Python runs with argv[0] (so sys.executable) set to",
+        "  `python-qemu`, a script whose `#!` interpreter is qemu itself, which the kernel runs natively.",
         "",
         "Full output: `benchmarks/aarch64.log`.",
         "",

@@ -13,10 +13,18 @@
 # 3. builds this project's committed HEAD as a pure-Python wheel on the host and installs it
 #    into that venv as `tierfl[edge]` (the device extra); an inference smoke test and an import
 #    probe of the device modules run under qemu;
-# 4. starts `tierfl aggregator` on the host (same commit) against the loopback Mosquitto, runs
-#    `tierfl client --backend portable` inside the emulated root (the chroot shares the host's
-#    network namespace, so 127.0.0.1:1883 is the host's broker), waits for ROUNDS rounds;
+# 4. starts `tierfl aggregator --tiers a,c --tier-policy auto` on the host (same commit) against the
+#    loopback Mosquitto; once it has exported its tiers, copies them into the root and runs the
+#    README's device path inside the emulated root: `tierfl bench --artifacts` (the portable
+#    backend, each tier in its own child process) and then `tierfl client --backend portable
+#    --bench bench.json` (the chroot shares the host's network namespace, so 127.0.0.1:1883 is the
+#    host's broker); waits for ROUNDS rounds;
 # 5. writes benchmarks/aarch64.log (everything printed) and benchmarks/aarch64.md (timings).
+#
+# qemu-user runs one program; without binfmt_misc the kernel cannot exec an aarch64 binary, so
+# bench's child processes (sys.executable) could not start. The device's Python therefore runs
+# with argv[0] = VENV/bin/python-qemu, a script whose #! interpreter is qemu itself (the kernel runs
+# that natively) and which starts the venv's Python under qemu again: sys.executable works.
 #
 # Idempotent: steps already done are skipped (root, wheels, venv, installs keyed by commit).
 # Slow (minutes): not part of `make test`. Emulated speed says nothing about a real Raspberry Pi.
@@ -25,7 +33,7 @@
 # BROKER (mqtt://127.0.0.1:1883), HOSTPY (the repo's .venv python), MIRROR (default: this machine's apt
 # mirror), SKIP_RUN=1 (steps 1-3 only),
 # RUN_TIMEOUT (seconds for the whole federated run, default 600 + 900 per round).
-# Exit status: 0 all rounds committed; 1 the federated run failed; 3 the run was skipped
+# Exit status: 0 bench ran and all rounds committed; 1 the bench or the federated run failed; 3 the run was skipped
 # (SKIP_RUN=1, or the installed commit has no portable client); 2 usage.
 set -euo pipefail
 
@@ -76,6 +84,11 @@ CHROOT=$(command -v chroot)
 dev() { env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root LANG=C.UTF-8 "$CHROOT" "$ROOT" "$QEMU" "$@"; }
 # The same for `dev_exec ... &`: the background job becomes qemu itself, so $! can be signalled.
 dev_exec() { exec env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root LANG=C.UTF-8 "$CHROOT" "$ROOT" "$QEMU" "$@"; }
+# The venv's Python, with sys.executable = VENV/bin/python-qemu: programs that start Python children
+# (tierfl bench) work under qemu-user (see the header).
+PYQ=$VENV/bin/python-qemu
+devpy() { dev -0 "$PYQ" "$VENV/bin/python" "$@"; }
+devpy_exec() { dev_exec -0 "$PYQ" "$VENV/bin/python" "$@"; }
 # onnxruntime's cpuinfo complains that /sys is not mounted; those lines are noise here. (Mounting
 # /proc and /sys makes it parse the host's x86 /proc/cpuinfo and segfault under qemu, so don't.)
 quiet() { grep -v -e '^Error in cpuinfo' -e 'cpuid_info warning' -e 'cpuinfo_initialize failed' || true; }
@@ -197,6 +210,9 @@ note device_wheels "$(tr '\n' ' ' < "$WORK/freeze.txt")"
 if dev "$VENV/bin/python" -c "import onnxruntime.training" >/dev/null 2>&1; then
     echo "NOTE: onnxruntime.training importable on the device: not a plain-onnxruntime install"
 fi
+printf '#!%s /bin/sh\nexec %s -0 %s %s "$@"\n' "$QEMU" "$QEMU" "$PYQ" "$VENV/bin/python" > "$ROOT$PYQ"
+chmod 755 "$ROOT$PYQ"
+echo "sys.executable under qemu: $(devpy -c 'import sys, subprocess; print(sys.executable, subprocess.run([sys.executable, "-c", "import platform; print(platform.machine())"], capture_output=True, text=True, check=True).stdout.strip(), "child ok")')"
 
 # --- 3b. smoke test and import probe ---------------------------------------------------------
 step "3b. inference smoke test under qemu"
@@ -244,17 +260,39 @@ else
     FLEET=aarch64-$(od -An -N4 -tx4 /dev/urandom | tr -d ' ')
     STATE=$WORK/aggregator-state
     agg_args=(--log-format text aggregator --broker "$BROKER" --fleet "$FLEET" --min-clients 1 --rounds "$ROUNDS"
-              --eval-data digits --state-dir "$STATE" --round-timeout 900)
+              --eval-data digits --state-dir "$STATE" --round-timeout 900 --tiers a,c --tier-policy auto)
+    bench_args=(--log-format text bench --artifacts /opt/check/artifacts --data /opt/check/digits.npz
+                --steps "${BENCH_STEPS:-20}" --epochs 1 --out /opt/check/bench)
     client_args=(--log-format text client --broker "$BROKER" --fleet "$FLEET" --device-id pi-emulated
                  --data /opt/check/digits.npz --backend portable --cache-dir /opt/check/cache)
     note aggregator_cmd "tierfl ${agg_args[*]}"
-    note client_cmd "tierfl ${client_args[*]}"
+    note bench_cmd "tierfl ${bench_args[*]}"
     t=$(now)
     # The aggregator runs the same committed source as the device, not the working tree: with
     # PYTHONSAFEPATH, `python -m` does not put the current directory (maybe the repo) first on sys.path.
     PYTHONSAFEPATH=1 PYTHONPATH=$SRC "$HOSTPY" -m tierfl.cli "${agg_args[@]}" > "$WORK/aggregator.log" 2>&1 & AGG=$!; PIDS+=($AGG)
-    rm -rf "$ROOT/opt/check/cache"
-    dev_exec "$VENV/bin/python" "$VENV/bin/tierfl" "${client_args[@]}" > "$WORK/client.raw.log" 2>&1 & CLIENT=$!; PIDS+=($CLIENT)
+    rm -rf "$ROOT/opt/check/cache" "$ROOT/opt/check/artifacts" "$ROOT/opt/check/bench"
+    # The device path of the README: the fleet's tiers (a copy of the aggregator's export), benched on the device.
+    for _ in $(seq 120); do
+        grep -q "waiting for devices" "$WORK/aggregator.log" 2>/dev/null && break
+        kill -0 "$AGG" 2>/dev/null || break
+        sleep 1
+    done
+    cp -r "$STATE/artifacts" "$ROOT/opt/check/artifacts" 2>/dev/null || true   # none: bench says so
+    tb=$(now)
+    if devpy "$VENV/bin/tierfl" "${bench_args[@]}" > "$WORK/bench.raw.log" 2>&1; then
+        note bench_s "$(since "$tb")"
+        cp "$ROOT/opt/check/bench/bench.json" "$ROOT/opt/check/bench/bench.md" "$WORK/"
+        client_args+=(--bench /opt/check/bench/bench.json)
+        note bench "bench.json written"
+    else
+        note bench "FAILED (exit $?): $(quiet < "$WORK/bench.raw.log" | grep -v '^ ' | tail -1 | cut -c1-300)"
+        BENCH_FAILED=1
+    fi
+    quiet < "$WORK/bench.raw.log" | sed 's/^/[pi-emulated bench] /'
+    note client_cmd "tierfl ${client_args[*]}"
+    t=$(now)
+    devpy_exec "$VENV/bin/tierfl" "${client_args[@]}" > "$WORK/client.raw.log" 2>&1 & CLIENT=$!; PIDS+=($CLIENT)
     tail -n +1 -f "$WORK/aggregator.log" --pid "$AGG" | sed 's/^/[aggregator] /' &
     deadline=$(( $(date +%s) + RUN_TIMEOUT ))
     why=""
@@ -288,6 +326,7 @@ else
     [ -n "$err" ] || err=$(grep -E '^[A-Za-z_.]*(Error|Exception)[A-Za-z_.]*:' "$WORK/client.log" | tail -1 | cut -c1-400 || true)
     [ -z "$err" ] || note run_error "$err"
     sed 's/^/[pi-emulated] /' "$WORK/client.log"
+    [ "${BENCH_FAILED:-0}" = 0 ] || RC=1
 fi
 
 # --- 5. outputs ----------------------------------------------------------------------------
