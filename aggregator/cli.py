@@ -12,8 +12,9 @@ import threading
 from pathlib import Path
 
 from aggregator.downlink import DOWNLINK_MODES
+from aggregator.engines.base import Engine, EngineConfig
 from aggregator.engines.buffered import BufferConfig, BufferedEngine
-from aggregator.engines.rounds import EngineConfig, RoundEngine
+from aggregator.engines.rounds import RoundEngine
 from aggregator.engines.secure import SecureRoundEngine
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.options import (DEFAULT_FEDPROX_MU, AlgorithmSettings, ExportPlan, add_integrity_arguments,
@@ -284,7 +285,7 @@ def serve(args: argparse.Namespace, settings: AlgorithmSettings) -> int:
             buffer = BufferConfig(buffer_size=args.buffer_size, max_staleness=args.max_staleness,
                                   staleness_exponent=args.staleness_exponent, concurrency=args.concurrency,
                                   min_clients=args.min_clients)
-            engine: RoundEngine = BufferedEngine(config, buffer, strategy, artifacts, StateStore(args.state_dir),
+            engine: Engine = BufferedEngine(config, buffer, strategy, artifacts, StateStore(args.state_dir),
                                                  DeviceRegistry(max_devices=args.max_devices), evaluator, ledger, privacy=privacy)
         elif secure is not None:  # with --enrolled, advertisements that do not verify are refused at the aggregator too
             engine = SecureRoundEngine(config, secure, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(max_devices=args.max_devices),

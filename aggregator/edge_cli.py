@@ -10,8 +10,8 @@ import threading
 from pathlib import Path
 
 from aggregator.edge_service import EdgeService
+from aggregator.engines.base import EngineConfig
 from aggregator.engines.edge import EdgeEngine, FollowTask
-from aggregator.engines.rounds import EngineConfig
 from aggregator.options import add_integrity_arguments
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore

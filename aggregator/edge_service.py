@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.engines.base import Outgoing
 from aggregator.engines.edge import EdgeEngine
-from aggregator.engines.rounds import Outgoing
 from aggregator.service import AggregatorService
 from protocol.frame import FrameError, decode_payload, encode_frame, read_header
 from protocol.messages import Blob, Body, Hello, Reject, RejectReason, Status, Task

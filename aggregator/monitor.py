@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from protocol.messages import RejectReason, RoundSummary
 
 if TYPE_CHECKING:
-    from aggregator.engines.rounds import RoundEngine
+    from aggregator.engines.base import Engine
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class Monitor:
         self._rejected_by_reason[reason.value] += 1
         self._metrics.rejections.labels(reason.value).inc()
 
-    def observe(self, engine: RoundEngine, now: float, step_seconds: float = 0.0) -> None:
+    def observe(self, engine: Engine, now: float, step_seconds: float = 0.0) -> None:
         """Take in the engine's state after one service step that took `step_seconds` (cheap when nothing changed)."""
         history = engine.record.history
         if self._history_seen is None:  # rounds finished before a restart set the gauges but are not counted
@@ -251,10 +251,9 @@ class Monitor:
             self._metrics.devices_online.labels(tier).set(online[tier])
         self._metrics.devices_known.set(len(devices))
 
-    def _take_snapshot(self, engine: RoundEngine, now: float) -> StatusSnapshot:
-        # The engine and registry keep the open round and the device table private; read them here only.
-        current = engine.open_round
-        assigned = {d: a.tier for d, a in current.assignments.items()} if current else {}
+    def _take_snapshot(self, engine: Engine, now: float) -> StatusSnapshot:
+        current = engine.view()
+        assigned = current.tiers if current else {}
         registry = engine.registry
         devices = tuple(
             DeviceStatus(
@@ -267,13 +266,9 @@ class Monitor:
         )
         progress = None
         if current is not None:
-            statistics = current.trained is not None
-            progress = RoundProgress(
-                number=current.number, phase="statistics" if statistics else "training",
-                selected=len(current.answered) if statistics else len(current.assignments),
-                answered=len(current.measured) if statistics else len(current.answered),
-                started=current.started, deadline=_finite(current.deadline), waiting_for=tuple(sorted(current.owing)),
-            )
+            progress = RoundProgress(number=current.number, phase=current.phase, selected=current.selected,
+                                     answered=current.answered, started=current.started,
+                                     deadline=_finite(current.deadline), waiting_for=current.waiting_for)
         return StatusSnapshot(
             taken=now, fleet=engine.config.fleet, model=engine.record.model, rounds_planned=engine.config.rounds,
             round=engine.record.round, version=engine.record.version, finished=engine.finished, current=progress,

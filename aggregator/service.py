@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from aggregator.downlink import Downlink
-from aggregator.engines.rounds import Outgoing, RoundEngine
-from aggregator.engines.secure import SecureRoundEngine
+from aggregator.engines.base import Engine, Outgoing
 from aggregator.inbox import Inbox
 from aggregator.refusals import RateLimiter, RefusalLog
 from aggregator.registry import DeviceRegistry, RegistryFull
@@ -56,7 +55,7 @@ class AggregatorService:
 
     def __init__(
         self,
-        engine: RoundEngine,
+        engine: Engine,
         broker: BrokerAddress,
         aggregator_id: str = "aggregator",
         share_group: str | None = None,
@@ -181,8 +180,8 @@ class AggregatorService:
 
     def _known(self, device: str) -> bool:
         """A registered device, or one of the open round's (after a restart its hello may lag behind its update)."""
-        current = self.engine.open_round
-        return device in self.registry or (current is not None and device in current.assignments)
+        current = self.engine.view()
+        return device in self.registry or (current is not None and device in current.tiers)
 
     def _admits(self, topic: str) -> bool:
         """Whether a message on `topic` gets reassembly room, and inbox room ahead of unknown senders: a known
@@ -195,10 +194,10 @@ class AggregatorService:
 
     def _refresh_round_devices(self) -> None:
         """Copy the open round's devices for `_admits` when the round (or its size) changed."""
-        current = self.engine.open_round
-        seen = None if current is None else (current.number, len(current.assignments))
+        current = self.engine.view()
+        seen = None if current is None else (current.number, len(current.tiers))
         if seen != self._round_seen:
-            self._round_devices = frozenset(current.assignments) if current is not None else frozenset()
+            self._round_devices = frozenset(current.tiers) if current is not None else frozenset()
             self._round_seen = seen
 
     def _expected_tensors(self, raw: RawFrame, now: float) -> Mapping[str, tuple[int, ...]]:
@@ -218,8 +217,6 @@ class AggregatorService:
         masked input the secure engine expects, none otherwise; FrameError with the reason for any other."""
         body = raw.body
         assert isinstance(body, SecAgg)
-        if not isinstance(self.engine, SecureRoundEngine):
-            return {}  # no secure rounds here: the message is refused as unexpected, and may not carry tensors
         expected = self.engine.masked_tensors(raw.header.sender, body, now)
         for entry in raw.header.tensors:
             if entry.dtype != "uint8" or entry.codec != "uint8":
@@ -244,7 +241,7 @@ class AggregatorService:
                 if self.monitor:
                     self.monitor.update_accepted()
             self._send(outgoing)
-        elif on_up and isinstance(body, SecAgg) and isinstance(self.engine, SecureRoundEngine):
+        elif on_up and isinstance(body, SecAgg):
             outgoing = self.engine.on_secagg(device, header.msg_id, body, frame.tensors, frame.nbytes, now)
             if not _refused(outgoing, device):
                 self.registry.seen(device, now)

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from aggregator.engines.base import EngineConfig, Outgoing
 from aggregator.engines.buffered import BufferConfig, BufferedEngine
 from aggregator.engines.edge import EdgeEngine, FollowTask
-from aggregator.engines.rounds import EngineConfig, Outgoing, RoundEngine
+from aggregator.engines.rounds import RoundEngine
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore

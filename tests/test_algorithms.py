@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aggregator.engines.base import EngineConfig
 from aggregator.engines.buffered import BufferConfig, BufferedEngine, staleness_factor
-from aggregator.engines.rounds import EngineConfig
 from aggregator.registry import DeviceInfo, DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.state import StateStore
@@ -389,7 +389,7 @@ def test_fedbuff_buffer_survives_a_restart(art_dir: Path, tmp_path: Path) -> Non
             engine = _buffered(art_dir, state, devices=2, buffer=BufferConfig(buffer_size=2))
             fleet = _Fleet(engine)
             fleet.tasks["d1"] = tasks["d1"]
-            assert engine.open_round is not None and engine.open_round.accumulator.count == 1
+            assert (view := engine.view()) is not None and view.updates == 1
         fleet.answer("d1", deltas[1], 2.0, 20)
         assert engine.record.version == 1
         return engine.weights

@@ -9,7 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from aggregator.engines.rounds import EngineConfig, RoundEngine
+from aggregator.engines.base import EngineConfig
+from aggregator.engines.rounds import RoundEngine
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.state import StateStore

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.engines.rounds import EngineConfig, RoundEngine
+from aggregator.engines.base import EngineConfig
+from aggregator.engines.rounds import RoundEngine
 from aggregator.engines.secure import SecureConfig, SecureRoundEngine
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
@@ -240,7 +241,7 @@ def test_a_hello_claiming_max_samples_leaves_tick_selecting_sensibly(tiers_abc: 
     parts = (strategy, ArtifactStore(tiers_abc), StateStore(tmp_path / "state"), registry)
     engine = SecureRoundEngine(config, SecureConfig(), *parts) if secure else RoundEngine(config, *parts)
     tasks = {message.device_id: message.body for message in engine.tick(1.0) if isinstance(message.body, Task)}
-    assert len(tasks) == round_count(0.5, 2, 7) and engine.open_round is not None
+    assert len(tasks) == round_count(0.5, 2, 7) and engine.view() is not None
     assert "mallory" in tasks  # power of choice draws by announced data size: the claim does buy selection ...
     assert tasks["mallory"].tier == "c"  # ... but 10^9 samples fit no wider tier within the deadline
     assert all(task.tier == "a" for device, task in tasks.items() if device != "mallory")

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.engines.rounds import EngineConfig, Outgoing, RoundEngine
+from aggregator.engines.base import EngineConfig, Outgoing
+from aggregator.engines.rounds import RoundEngine
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.ledger import Ledger

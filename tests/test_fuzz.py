@@ -31,7 +31,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from aggregator.engines.rounds import EngineConfig, RoundEngine
+from aggregator.engines.base import EngineConfig
+from aggregator.engines.rounds import RoundEngine
 from aggregator.registry import DeviceRegistry
 from aggregator.service import AggregatorService
 from aggregator.store.artifacts import ArtifactStore

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.engines.rounds import EngineConfig, RoundEngine
+from aggregator.engines.base import EngineConfig
+from aggregator.engines.rounds import RoundEngine
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.ledger import Ledger

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from aggregator import cli
-from aggregator.engines.rounds import EngineConfig, RoundEngine
+from aggregator.engines.base import EngineConfig
+from aggregator.engines.rounds import RoundEngine
 from aggregator.registry import DeviceRegistry
 from aggregator.report import load_run, render
 from aggregator.store.artifacts import ArtifactStore

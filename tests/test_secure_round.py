@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from aggregator.cli import configure_parser
-from aggregator.engines.rounds import EngineConfig, Outgoing
+from aggregator.engines.base import EngineConfig, Outgoing
 from aggregator.engines.secure import SecureConfig, SecureRoundEngine, fraction_bits
 from aggregator.options import secure_from_args
 from aggregator.registry import DeviceRegistry

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.engines.rounds import EngineConfig, RoundEngine
+from aggregator.engines.base import EngineConfig
+from aggregator.engines.rounds import RoundEngine
 from aggregator.inbox import Inbox
 from aggregator.registry import DeviceRegistry
 from aggregator.service import FETCHES_PER_MINUTE, REJECTS_PER_MINUTE, AggregatorService
@@ -253,7 +254,7 @@ def test_a_masked_input_carries_exactly_its_sessions_uint8_bytes(secure_fleet: t
     """Refused before decoding: a top-k bomb, a wrong size, float32 instead of uint8, tensors on another phase."""
     fleet, service = secure_fleet
     topics, engine = Topics(SECURE_FLEET), fleet.engine
-    current = engine.open_round
+    current = engine.view()
     session = fleet.tasks["d1"].secure.session
     shapes = fleet.artifacts.tiers["a"].shapes  # d1 trains tier a; a 32-bit ring: 4 bytes an element
     exact = {name: int(np.prod(shape)) * 4 for name, shape in shapes.items()}
@@ -276,11 +277,11 @@ def test_a_masked_input_carries_exactly_its_sessions_uint8_bytes(secure_fleet: t
     send(longer[:1], bytes(longer[0]["nbytes"]), advertise)  # other phases carry no tensors
     assert dict(engine.rejected) == {"bad_tensor": 4}, engine.rejected
     send([bomb], piece, _masked_input_body(current.number, "f" * 32, "d1"))  # another session's: refused for that
-    assert dict(engine.rejected) == {"bad_tensor": 4, "stale_round": 1} and current.answered == set()
+    assert dict(engine.rejected) == {"bad_tensor": 4, "stale_round": 1} and engine.view().answered == 0
     fleet.clients["d1"].trained(fleet.tasks["d1"], {n: np.zeros(s, np.float32) for n, s in shapes.items()}, None)
     ((device, honest),) = fleet.uplink
     service.handle_safely(topics.up(device), honest, SECURE_START + 1)  # the real one, exactly its sizes: taken
-    assert current.answered == {"d1"} and sum(engine.rejected.values()) == 5, engine.rejected
+    assert engine.view().answered == 1 and sum(engine.rejected.values()) == 5, engine.rejected
 
 
 # -- signed offline statuses: a replay of an earlier one is refused ---------------------------------------------------

@@ -20,7 +20,8 @@ from matplotlib.image import imread
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator.engines.rounds import EngineConfig, RoundEngine
+from aggregator.engines.base import EngineConfig
+from aggregator.engines.rounds import RoundEngine
 from aggregator.monitor import Monitor
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore

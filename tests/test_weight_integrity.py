@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aggregator.engines.base import EngineConfig, Outgoing
 from aggregator.engines.buffered import BufferConfig, BufferedEngine
 from aggregator.engines.edge import EdgeEngine, FollowTask
-from aggregator.engines.rounds import EngineConfig, Outgoing, RoundEngine
+from aggregator.engines.rounds import RoundEngine
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.round_spool import Assignment
@@ -282,7 +283,7 @@ def test_fedbuff_bounds_counts_norms_and_sums(art_dir: Path, tmp_path: Path) -> 
     for i, device in enumerate(("d1", "d2", "d3")):
         assert answer(device, _random(i)) == []
     assert answer("d0", _random(4, scale=10.0)) == [RejectReason.OUTLIER]
-    assert engine.record.version == 0 and engine.open_round.accumulator.count == 3
+    assert engine.record.version == 0 and engine.view().updates == 3
 
 
 def test_an_edge_checks_its_devices_and_the_root_checks_the_edge(art_dir: Path, tmp_path: Path) -> None:

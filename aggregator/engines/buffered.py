@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from aggregator.engines.rounds import (RECORDED_ON_RESTART, EngineConfig, Outgoing, RoundEngine, _OpenRound,
-                                       check_update_tensors)
+from aggregator.engines.base import EngineConfig, OpenRound, Outgoing
+from aggregator.engines.rounds import RECORDED_ON_RESTART, RoundEngine, check_update_tensors
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
@@ -117,9 +117,9 @@ class BufferedEngine(RoundEngine):
         self.store.open_round.begin(RoundPlan(round=self._open.number, base_version=self.record.version, started=now,
                                               deadline=now, assignments=[]))
 
-    def _empty_buffer(self, started: float) -> _OpenRound:
+    def _empty_buffer(self, started: float) -> OpenRound:
         self._staleness = []
-        return _OpenRound(number=self.record.round + 1, started=started, deadline=float("inf"), assignments={},
+        return OpenRound(number=self.record.round + 1, started=started, deadline=float("inf"), assignments={},
                           accumulator=self.strategy.start_aggregation(self.weights))
 
     def _resume_open_round(self, now: float) -> None:
@@ -238,7 +238,7 @@ class BufferedEngine(RoundEngine):
     def _round_complete(self, now: float) -> bool:
         return False  # a buffer closes on its count alone (on_update)
 
-    def _summarise(self, current: _OpenRound, now: float, committed: bool) -> RoundSummary:
+    def _summarise(self, current: OpenRound, now: float, committed: bool) -> RoundSummary:
         summary = super()._summarise(current, now, committed)
         staleness = {"staleness_mean": float(np.mean(self._staleness)) if self._staleness else 0.0,
                      "staleness_max": float(max(self._staleness, default=0)), "in_flight": float(len(self._flights))}

@@ -26,7 +26,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from aggregator.engines.rounds import EngineConfig, Outgoing, RoundEngine, _OpenRound, non_finite
+from aggregator.engines.base import EngineConfig, OpenRound, Outgoing
+from aggregator.engines.rounds import RoundEngine, non_finite
 from aggregator.registry import DeviceInfo, DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.round_spool import Assignment
@@ -136,7 +137,7 @@ class EdgeEngine(RoundEngine):
                  ", ".join(f"tier {t}: {p.devices} devices" for t, p in sorted(accumulator.parts.items())))
         return []
 
-    def _combined_update(self, current: _OpenRound, accumulator: CombinedMean, task: Task, now: float) -> Update:
+    def _combined_update(self, current: OpenRound, accumulator: CombinedMean, task: Task, now: float) -> Update:
         samples = sum(p.samples for p in accumulator.parts.values())
         losses = [(d.last_loss, d.num_samples) for dev in current.answered if (d := self.registry.get(dev)) and d.last_loss is not None]
         evaluated = sum(n for *_, n in current.evals)

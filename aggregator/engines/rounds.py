@@ -23,11 +23,11 @@ import collections
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
+from aggregator.engines.base import EngineConfig, OpenRound, Outgoing, RoundView, reject
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
@@ -37,76 +37,16 @@ from aggregator.store.state import StateRecord, StateStore
 from aggregator.strategies.batchnorm import StatisticsPool, statistic_names, with_statistics
 from aggregator.strategies.fedavg import Accumulator, ClientUpdate, Contribution, Strategy, share_caps
 from aggregator.strategies.privacy import PrivacyBudget
-from aggregator.strategies.robust import DEFAULT_OUTLIER_MULTIPLE, NormBound, update_norm
-from aggregator.strategies.server_optimizer import ServerOptimizer, split_state, touched_mask, with_state
+from aggregator.strategies.robust import NormBound, update_norm
+from aggregator.strategies.server_optimizer import split_state, touched_mask, with_state
 from models.slicing import slice_params
 from models.zoo import init_global_params
-from protocol.messages import Body, Reject, RejectReason, RoundSummary, Statistics, Task, Update
+from protocol.messages import RejectReason, RoundSummary, SecAgg, Statistics, Task, Update
 
 log = logging.getLogger(__name__)
 RECORDED_ON_RESTART = "recorded on restart from the open-round spool"
 # A round's weighted norms must sum below this, so no float32 sum of weight x delta can overflow.
 SUM_BOUND = float(np.finfo(np.float32).max) / 2
-
-
-class EngineConfig(BaseModel):
-    """Round settings of the aggregator."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    fleet: str = "default"
-    rounds: int = Field(20, ge=1)
-    min_updates: int = Field(1, ge=1)
-    round_timeout_s: float = Field(60.0, gt=0)
-    evaluate_on_devices: bool = True
-    static_batch_norm: bool = True  # batch-norm models: a statistics phase measures BN statistics on devices
-    local_dp_clip: float = Field(0.0, ge=0)  # local differential privacy: devices clip their deltas to this norm ...
-    local_dp_noise: float = Field(0.0, ge=0)  # ... and add Gaussian noise of this multiple of the clip (0: off)
-    outlier_multiple: float = Field(DEFAULT_OUTLIER_MULTIPLE, ge=0)  # refuse norms over this x the tier's median (0: off)
-    max_share: float = Field(1.0, gt=0, le=1)  # cap on one device's share of a round's weight (1: no cap)
-    server_optimizer: ServerOptimizer | None = None  # None: the round's aggregate is the new model (FedAvg)
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """A message for the service to publish: to one device, or to the rounds topic if device_id is None."""
-
-    device_id: str | None
-    body: Body
-    tensors: Mapping[str, np.ndarray] | None = None
-
-
-def reject(device_id: str, reason: RejectReason, detail: str, ref: str | None = None, round_number: int | None = None) -> Outgoing:
-    """A rejection addressed back to the device."""
-    return Outgoing(device_id, Reject(reason=reason, detail=detail, ref_msg_id=ref, round=round_number))
-
-
-@dataclass
-class _OpenRound:
-    number: int
-    started: float
-    deadline: float
-    assignments: dict[str, Assignment]
-    accumulator: Accumulator
-    available: int = 0  # devices the round was drawn from (differential privacy's sampling rate)
-    answered: set[str] = field(default_factory=set)
-    evals: list[tuple[str, float, float, int]] = field(default_factory=list)  # tier, loss, acc, samples
-    bytes_up: int = 0
-    bytes_down: int = 0
-    trained: dict[str, np.ndarray] | None = None  # aggregated weights awaiting their statistics
-    optimizer_state: dict[str, np.ndarray] | None = None  # the server optimizer's state after `trained`
-    statistics: dict[str, StatisticsPool] = field(default_factory=dict)  # tier -> pool, in the statistics phase
-    measured: set[str] = field(default_factory=set)
-    caps: dict[str, int] = field(default_factory=dict)  # device -> most samples its update may weigh (max_share)
-    weighted_norms: float = 0.0  # sum of weight x L2 norm of the updates folded so far (bounds the float32 sums)
-
-    @property
-    def owing(self) -> set[str]:
-        """Devices the current phase still waits for."""
-        if self.trained is None:
-            return set(self.assignments) - self.answered
-        return self.answered - self.measured
 
 
 class RoundEngine:
@@ -137,7 +77,7 @@ class RoundEngine:
         self.rejected: collections.Counter[str] = collections.Counter()
         self.norms = NormBound(config.outlier_multiple)
         self._seen_update_ids: set[str] = set()
-        self._open: _OpenRound | None = None
+        self._open: OpenRound | None = None
         # (round, tier, variant, statistics) -> (weights, BN statistics it was cut from, the task's tensors)
         self._task_tensors_memo: dict[tuple[int, str, int, bool], tuple[object, object, dict[str, np.ndarray]]] = {}
         self._resend_owed_tasks = False  # a resumed round sends its owed tasks again at the first tick
@@ -163,10 +103,9 @@ class RoundEngine:
     def finished(self) -> bool:
         return self.record.round >= self.config.rounds
 
-    @property
-    def open_round(self) -> _OpenRound | None:
-        """The round in progress (read-only use: monitoring), or None between rounds."""
-        return self._open
+    def view(self) -> RoundView | None:
+        """A frozen copy of the open round, or None between rounds."""
+        return self._open.view() if self._open else None
 
     @property
     def current_round(self) -> int | None:
@@ -218,6 +157,17 @@ class RoundEngine:
                  len(self._open.assignments), device_id, update.num_samples)
         return self.tick(now) if self._round_complete(now) else []
 
+    def on_secagg(self, device_id: str, msg_id: str, body: SecAgg, tensors: Mapping[str, np.ndarray], nbytes: int,
+                  now: float) -> list[Outgoing]:
+        """Refused: this engine's rounds are not summed by secure aggregation."""
+        detail = f"{body.phase}: this fleet does not aggregate securely (no --secure-aggregation)"
+        self.count_rejection(RejectReason.UNEXPECTED, detail, device_id, body)
+        return [reject(device_id, RejectReason.UNEXPECTED, detail, msg_id, body.round)]
+
+    def masked_tensors(self, device_id: str, body: SecAgg, now: float) -> dict[str, tuple[int, ...]]:
+        """Nothing: a secure-aggregation message may carry no tensors to an engine that refuses it."""
+        return {}
+
     def on_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray], now: float) -> list[Outgoing]:
         """Pool one device's batch-norm statistics, or reject them with a reason."""
         problem = self._check_statistics(device_id, body, tensors)
@@ -268,7 +218,7 @@ class RoundEngine:
             return RejectReason.TOO_MANY_SAMPLES, f"claims {claimed} samples, {device_id} announced {max(known)}"
         return None
 
-    def _check_weight(self, current: _OpenRound, client: ClientUpdate, norm: float, weighted: bool) -> tuple[RejectReason, str] | None:
+    def _check_weight(self, current: OpenRound, client: ClientUpdate, norm: float, weighted: bool) -> tuple[RejectReason, str] | None:
         """Why an update's delta is refused: a NaN/Inf or outlier norm, or a weighted norm overflowing the sums."""
         if problem := self.norms.check(client.tier, norm):
             return problem
@@ -277,7 +227,7 @@ class RoundEngine:
             return RejectReason.NON_FINITE, f"its delta (L2 norm {norm:.4g}) weighted by {weight:g} would overflow the round's float32 sum"
         return None
 
-    def _client_update(self, current: _OpenRound, assignment: Assignment, update: Update, tensors: Mapping[str, np.ndarray],
+    def _client_update(self, current: OpenRound, assignment: Assignment, update: Update, tensors: Mapping[str, np.ndarray],
                        scale: float = 1.0) -> ClientUpdate:
         """The accumulator's view of an accepted update: its samples capped by `max_share`, its work, its contributors."""
         device_id = assignment.device_id
@@ -303,7 +253,7 @@ class RoundEngine:
         return [reject(device_id, reason, detail, msg_id, update.round)]
 
     def count_rejection(
-        self, reason: RejectReason, detail: str = "", device_id: str | None = None, body: Update | Statistics | None = None
+        self, reason: RejectReason, detail: str = "", device_id: str | None = None, body: Update | Statistics | SecAgg | None = None
     ) -> None:
         """Count a rejection (and write it to the ledger), including those decided outside the engine."""
         self.rejected[reason.value] += 1
@@ -324,7 +274,7 @@ class RoundEngine:
                 self._waiting_logged = True
             return []
         self._waiting_logged = False
-        self._open = _OpenRound(
+        self._open = OpenRound(
             number=number,
             started=now,
             deadline=now + self.config.round_timeout_s,
@@ -351,7 +301,7 @@ class RoundEngine:
         """Each device's cap on the samples its update weighs, from `max_share` (empty: no caps)."""
         return share_caps(assignments, {t: a.manifest.rate for t, a in self.artifacts.tiers.items()}, self.config.max_share)
 
-    def _server_step(self, current: _OpenRound, aggregate: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    def _server_step(self, current: OpenRound, aggregate: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
         """The round's new global model and server-optimizer state: the aggregate itself without a server optimizer."""
         optimizer = self.config.server_optimizer
         if optimizer is None:
@@ -360,7 +310,7 @@ class RoundEngine:
         touched = touched_mask({n: w.shape for n, w in self.weights.items()}, blocks)
         return optimizer.step(self.weights, aggregate, touched, self.optimizer_state)
 
-    def _start_statistics(self, current: _OpenRound, trained: dict[str, np.ndarray], now: float) -> list[Outgoing]:
+    def _start_statistics(self, current: OpenRound, trained: dict[str, np.ndarray], now: float) -> list[Outgoing]:
         """Keep the aggregated weights aside and ask the devices that answered to measure them."""
         current.trained = trained
         current.deadline = now + self.config.round_timeout_s
@@ -472,7 +422,7 @@ class RoundEngine:
         )
         return [Outgoing(None, summary)]
 
-    def _refuse_round(self, current: _OpenRound, detail: str) -> None:
+    def _refuse_round(self, current: OpenRound, detail: str) -> None:
         """Count a round refused whole (non_finite): nothing of it is committed."""
         self.rejected[RejectReason.NON_FINITE.value] += 1
         log.error("round %d refused: %s: %s; version %d stays", current.number, RejectReason.NON_FINITE.value, detail,
@@ -481,7 +431,7 @@ class RoundEngine:
             self.ledger.record(kind="round", accepted=False, reason=RejectReason.NON_FINITE.value, detail=detail,
                                round_number=current.number)
 
-    def _with_statistics(self, current: _OpenRound, trained: dict[str, np.ndarray]
+    def _with_statistics(self, current: OpenRound, trained: dict[str, np.ndarray]
                          ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
         """`trained` with this round's pooled BN statistics (each tier keeps its own for its slice), and those."""
         if not current.statistics:
@@ -509,7 +459,7 @@ class RoundEngine:
             if "dp_selected" in summary.metrics:
                 self.privacy.record_round(int(summary.metrics["dp_selected"]), int(summary.metrics["dp_available"]))
 
-    def _summarise(self, current: _OpenRound, now: float, committed: bool) -> RoundSummary:
+    def _summarise(self, current: OpenRound, now: float, committed: bool) -> RoundSummary:
         accuracy = loss = None
         source = "none"
         by_tier: dict[str, float] = {}
@@ -550,7 +500,7 @@ class RoundEngine:
 
     # -- the open round on disk (aggregator.store.round_spool) ----------------------------------------
 
-    def _fold(self, current: _OpenRound, client: ClientUpdate, update: Update, norm: float, nbytes: int) -> None:
+    def _fold(self, current: OpenRound, client: ClientUpdate, update: Update, norm: float, nbytes: int) -> None:
         """Count one accepted update toward `current`: live, or replayed from the spool after a restart."""
         current.answered.add(client.device_id)
         current.bytes_up += nbytes
@@ -571,7 +521,7 @@ class RoundEngine:
         if spooled is None:
             return
         plan = spooled.plan
-        current = self._open = _OpenRound(
+        current = self._open = OpenRound(
             number=plan.round,
             started=plan.started,
             deadline=now if plan.measuring_statistics else max(plan.deadline, now + self.config.round_timeout_s),

@@ -36,7 +36,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from aggregator.engines.rounds import EngineConfig, Outgoing, RoundEngine, _OpenRound, reject
+from aggregator.engines.base import EngineConfig, OpenRound, Outgoing, reject
+from aggregator.engines.rounds import RoundEngine
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
@@ -197,7 +198,7 @@ class SecureRoundEngine(RoundEngine):
                  self._secure.server.params.frac_bits, self.secure.clip)
         return secured
 
-    def _begin(self, current: _OpenRound, now: float) -> _SecureRound:
+    def _begin(self, current: OpenRound, now: float) -> _SecureRound:
         devices = len(current.assignments)
         if devices < 2:
             raise ValueError(f"secure aggregation needs at least 2 devices, {devices} selected")
@@ -221,7 +222,7 @@ class SecureRoundEngine(RoundEngine):
         return _SecureRound(session, SecAggServer(params), settings, Phase.ADVERTISE,
                             now + self.secure.keys_fraction * self.config.round_timeout_s, set(settings))
 
-    def _public_weights(self, current: _OpenRound) -> dict[str, float]:
+    def _public_weights(self, current: OpenRound) -> dict[str, float]:
         """Each device's weight in the mean: its announced samples (capped by --max-share) over the selected devices' mean (1 when unweighted)."""
         samples = {}
         for device, assignment in current.assignments.items():
@@ -356,7 +357,7 @@ class SecureRoundEngine(RoundEngine):
         secure.received.add(device_id)
         current.bytes_up += nbytes
 
-    def _count_masked_input(self, current: _OpenRound, device_id: str, body: SecAgg, nbytes: int) -> None:
+    def _count_masked_input(self, current: OpenRound, device_id: str, body: SecAgg, nbytes: int) -> None:
         current.answered.add(device_id)
         self.registry.answered(device_id, None)
         if body.eval_loss is not None and body.eval_accuracy is not None and body.eval_samples:
