@@ -239,6 +239,24 @@ def _load_saved(data_dir: str) -> Dataset:
     return Dataset(np.load(folder / "x.npy", allow_pickle=False), np.load(folder / "y.npy", allow_pickle=False))
 
 
+def initial_weights(manifest: TierManifest, seed: int = 0) -> dict[str, np.ndarray]:
+    """Weights to train a tier from where the artifacts give none: the zoo's scheme from the manifest alone (weights
+    and biases U(+-1/sqrt(fan_in)), batch norm's scale and variance 1, shift and mean 0); the zoo's bounds, not its
+    values. A device always trains the weights its task sends; this is for measuring."""
+    shapes = {p.name: tuple(p.shape) for p in manifest.params}
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in shapes.items():
+        layer, kind = name.rsplit(".", 1)
+        if f"{layer}.running_var" in shapes:  # a batch-norm layer
+            weights[name] = np.full(shape, 1.0 if kind in ("weight", "running_var") else 0.0, np.float32)
+            continue
+        fan_in = int(np.prod(shapes.get(f"{layer}.weight", shape)[1:]))
+        bound = 1.0 / np.sqrt(max(fan_in, 1))
+        weights[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+    return weights
+
+
 def _update_bytes(tier: str, stats: list[TrainStats], delta: dict[str, np.ndarray], codecs: list[str]) -> dict[str, int]:
     """Bytes of the update frame a device would publish for `delta`, per codec."""
     seen = sum(s.samples_seen for s in stats)
@@ -262,6 +280,9 @@ def _measure_tier(request: _TierRequest) -> _TierRun:
     manifest = TierManifest.load(tier_dir / MANIFEST_NAME)
     trainer = open_trainer(backend, tier_dir, manifest, request.threads)
     start = trainer.get_weights()
+    if not any(value.any() for value in start.values()):  # the portable step graph holds no initial weights
+        start = initial_weights(manifest)
+        trainer.set_weights(start)
     batches = step_batches(data, request.batch_size, request.warmup + request.steps)
     stats = time_steps(trainer, batches)[request.warmup :]
     trained = trainer.get_weights()

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edge_client.bench import configure_parser
@@ -113,3 +114,37 @@ def test_help_has_an_example_and_the_columns() -> None:
     assert "tierfl bench --arch cnn --image-size 28" in text
     for column in ("step p50 ms", "samples/s", "peak RSS MiB", "artifacts KiB", "ORT/torch"):
         assert column in text
+
+
+def test_the_portable_backend_trains_from_real_initial_weights(exported: Path, tmp_path: Path) -> None:
+    """The portable step graph holds no initial weights (a task sends them): bench gives it the zoo's scheme, so its
+    delta, and the sparse codecs' bytes, are those of real training, as with onnxruntime-training."""
+    sizes = {}
+    for backend in ("ort-training", "portable"):
+        assert main(["bench", "--artifacts", str(exported), "--tiers", "a", "--backend", backend, "--steps", "5",
+                     "--epochs", "0", "--out", str(tmp_path / backend)]) == 0
+        (tier,) = _report(tmp_path / backend)["tiers"]
+        assert tier["backend"] == backend
+        sizes[backend] = tier["update_bytes"]
+    for backend, size in sizes.items():
+        assert size["topk:0.1"] > 0.05 * size["float32"], (backend, size)  # not the deflated zeros of no training
+    assert 0.5 < sizes["portable"]["topk:0.1"] / sizes["ort-training"]["topk:0.1"] < 2
+
+
+def test_initial_weights_follow_the_zoos_bounds() -> None:
+    from edge_client.bench import initial_weights
+    from models.zoo import init_global_params
+
+    spec = ModelSpec(arch="cnn", image_size=8, batch_norm=True)
+    manifest = TierManifest(model=spec, tier="a", rate=1.0, optimizer="sgd", input_name="x", input_shape=["N", 1, 8, 8],
+                            output_name="y", params=[{"name": n, "shape": list(v.shape), "trainable": True}
+                                                     for n, v in init_global_params(spec).items()],
+                            files={}, libraries={})
+    drawn, zoo = initial_weights(manifest), init_global_params(spec)
+    assert drawn.keys() == zoo.keys()
+    for name, value in zoo.items():
+        assert drawn[name].shape == value.shape and drawn[name].dtype == np.float32
+        if value.min() == value.max():  # batch norm's constants
+            assert (drawn[name] == value).all(), name
+        else:
+            assert np.abs(drawn[name]).max() <= np.abs(value).max() * 1.01 + 1e-6 and drawn[name].std() > 0, name
