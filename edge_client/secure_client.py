@@ -144,7 +144,7 @@ class SecureClient:
     def _mask_when_ready(self, session: _Session) -> None:
         if session.delivery is None or session.delta is None or session.sent:
             return
-        masked = session.device.masked_input(session.delivery, session.delta, session.settings.weight)
+        masked = session.device.mask(session.delivery, session.delta, session.settings.weight)
         sent = self._reply(session, masked, **session.evaluation)
         session.sent, session.delta = True, None
         log.info("round %d: sent the masked update (%d bytes)", session.task.round, sent)

@@ -20,6 +20,7 @@ from protocol.secagg.masks import add_mask, agree_key, block_overlap, pair_sign,
 from protocol.secagg.messages import (AdvertiseKeys, EncryptedShares, KeyRoster, MaskedInput, Phase, SecAggError,
                                       SecAggParams, Shape, ShareDelivery, ShareKeys, SharePlaintext, UnmaskRequest,
                                       UnmaskResponse, check_block_shapes, quantize, shamir_points, to_ring)
+from protocol.secagg.wire import MaskedTensors
 
 
 def _advert_bytes(advert: AdvertiseKeys, session: str) -> bytes:
@@ -167,8 +168,11 @@ class SecAggDevice:
             raise SecAggError(f"{self.device}: the shares from {sender} are addressed or parameterised wrongly")
         return shares
 
-    def masked_input(self, delivery: ShareDelivery, update: Mapping[str, np.ndarray], weight: float) -> MaskedInput:
-        """Phase 3: keep the delivered shares, then mask q(weight * update) with my self and pair masks."""
+    def mask(self, delivery: ShareDelivery, update: Mapping[str, np.ndarray], weight: float) -> MaskedTensors:
+        """Phase 3: keep the delivered shares, then mask q(weight * update) with my self and pair masks.
+
+        The masked ring integers ride beside the message as raw bytes, as a frame carries them (protocol.secagg.wire).
+        """
         self._enter(Phase.MASKED_INPUT, delivery.round)
         if delivery.device != self.device:
             raise SecAggError(f"{self.device}: a share delivery addressed to {delivery.device}")
@@ -195,8 +199,15 @@ class SecAggDevice:
             block = {n: block_overlap(s, self._roster[peer].shapes[n]) for n, s in self.shapes.items()}
             add_mask(masked, seed, block, pair_sign(self.device, peer), self.params)
         self._phase = Phase.UNMASKING
-        return MaskedInput(round=self.params.round, device=self.device, weight=weight,
-                           tensors={n: base64.b64encode(a.tobytes()).decode("ascii") for n, a in masked.items()})
+        message = MaskedInput(round=self.params.round, device=self.device, weight=weight, tensors={})
+        ring_bytes = {n: np.ascontiguousarray(a).reshape(-1).view(np.uint8) for n, a in masked.items()}
+        return MaskedTensors.carrying(message, ring_bytes)
+
+    def masked_input(self, delivery: ShareDelivery, update: Mapping[str, np.ndarray], weight: float) -> MaskedInput:
+        """Phase 3 as one JSON document: `mask`'s message with the ring integers in base64 (no frame to carry them)."""
+        masked = self.mask(delivery, update, weight)
+        return MaskedInput(round=masked.round, device=masked.device, weight=masked.weight,
+                           tensors={n: base64.b64encode(a.tobytes()).decode("ascii") for n, a in masked.ring_bytes.items()})
 
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
         """Phase 4: b-shares of the survivors and s-shares of the dropped; refuses requests that would unmask an input."""

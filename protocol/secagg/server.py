@@ -19,6 +19,7 @@ from protocol.secagg.messages import (AGGREGATOR, AdvertiseKeys, EncryptedShares
                                       SecAggError, SecAggParams, ShareDelivery, ShareKeys, UnmaskRequest,
                                       UnmaskResponse, check_block_shapes, from_ring, shamir_points)
 from protocol.secagg.shamir import ShamirError, Share
+from protocol.secagg.wire import MaskedTensors
 
 log = logging.getLogger(__name__)
 
@@ -116,26 +117,36 @@ class SecAggServer:
         return {d: ShareDelivery(round=self.params.round, device=d, shares=s) for d, s in inbox.items()}
 
     def add_masked_input(self, message: MaskedInput) -> None:
-        """Fold one masked input into the running ring sum (phase 3)."""
+        """Fold one masked input into the running ring sum (phase 3).
+
+        A MaskedTensors (what protocol.secagg.wire.unwrap returns) brings its ring integers as the frame's raw
+        bytes; a plain MaskedInput, the all-JSON form, brings them in base64.
+        """
         self._expect(Phase.MASKED_INPUT, message.round, message.device, self._shares)
         if message.device in self._weights:
             raise SecAggError(f"{message.device} sent its masked input twice")
         shapes = self._adverts[message.device].shapes
-        if set(message.tensors) != set(shapes):
-            raise SecAggError(f"{message.device}: masked tensors {sorted(message.tensors)} differ from {sorted(shapes)}")
+        carried = message.ring_bytes if isinstance(message, MaskedTensors) else message.tensors
+        if set(carried) != set(shapes):
+            raise SecAggError(f"{message.device}: masked tensors {sorted(carried)} differ from {sorted(shapes)}")
         decoded = {}
-        for name, text in message.tensors.items():
-            try:
-                raw = base64.b64decode(text, validate=True)
-            except (binascii.Error, ValueError):
-                raise SecAggError(f"{message.device}: masked tensor {name!r} is not base64") from None
-            if len(raw) != math.prod(shapes[name]) * self.params.dtype.itemsize:
-                raise SecAggError(f"{message.device}: masked tensor {name!r} has {len(raw)} bytes, "
+        for name, value in carried.items():
+            raw = value if isinstance(value, np.ndarray) else self._base64(message.device, name, value)
+            if raw.nbytes != math.prod(shapes[name]) * self.params.dtype.itemsize:
+                raise SecAggError(f"{message.device}: masked tensor {name!r} has {raw.nbytes} bytes, "
                                   f"not {math.prod(shapes[name])} x {self.params.dtype.itemsize}")
-            decoded[name] = np.frombuffer(raw, self.params.dtype).reshape(shapes[name])
+            decoded[name] = np.ascontiguousarray(raw).view(self.params.dtype).reshape(shapes[name])
         for name, values in decoded.items():
             self._sum[name][leading_slices(shapes[name])] += values
         self._weights[message.device] = message.weight
+
+    @staticmethod
+    def _base64(device: str, name: str, text: str) -> np.ndarray:
+        """The bytes of a masked tensor in the all-JSON form."""
+        try:
+            return np.frombuffer(base64.b64decode(text, validate=True), np.uint8)
+        except (binascii.Error, ValueError):
+            raise SecAggError(f"{device}: masked tensor {name!r} is not base64") from None
 
     def unmask_request(self) -> UnmaskRequest:
         """Close phase 3: survivors U3 and the devices that dropped after sharing keys."""
