@@ -198,7 +198,7 @@ def report(logdir: str, state_dir: str, out: str) -> None:
                        ("wheel_s", "build the tierfl wheel of the commit (host)"),
                        ("download_s", "pip download of aarch64 wheels (host)"),
                        ("venv_s", "venv --without-pip (under qemu)"),
-                       ("install_s", "pip install tierfl[edge] from those wheels (under qemu)"),
+                       ("install_s", "pip install tierfl[edge,signing] from those wheels (under qemu)"),
                        ("smoke_s", "inference smoke test (under qemu)"),
                        ("imports_s", "import probe of the device modules (under qemu)"),
                        ("bench_s", "tierfl bench --artifacts, tiers a and c (under qemu)"),

@@ -11,7 +11,7 @@
 #    --only-binary=:all:`), creates a venv in the root `--without-pip` and installs the wheels
 #    under qemu with pip run from Debian's own pip wheel (python3-pip-whl) as a zipapp, offline;
 # 3. builds this project's committed HEAD as a pure-Python wheel on the host and installs it
-#    into that venv as `tierfl[edge]` (the device extra); an inference smoke test and an import
+#    into that venv as `tierfl[edge,signing]` (the README's device install); an inference smoke test and an import
 #    probe of the device modules run under qemu;
 # 4. starts `tierfl aggregator --tiers a,c --tier-policy auto` on the host (same commit) against the
 #    loopback Mosquitto; once it has exported its tiers, copies them into the root and runs the
@@ -144,9 +144,13 @@ rm -f "$WHEELS"/tierfl-*.whl
 TIERFL_WHL=$(ls "$WHEELS"/tierfl-*.whl)
 echo "built $(basename "$TIERFL_WHL")"
 note wheel_s "$(since "$t")"
+EXTRAS=edge
+if unzip -p "$TIERFL_WHL" '*.dist-info/METADATA' | grep -qx 'Provides-Extra: signing'; then
+    EXTRAS=edge,signing   # the README's device install: device keys, the aggregator's signatures checked
+fi
 if unzip -p "$TIERFL_WHL" '*.dist-info/METADATA' | grep -qx 'Provides-Extra: edge'; then
-    DEVICE_REQ=("tierfl[edge]")
-    DOWNLOAD_REQ=("tierfl[edge] @ file://$TIERFL_WHL")
+    DEVICE_REQ=("tierfl[$EXTRAS]")
+    DOWNLOAD_REQ=("tierfl[$EXTRAS] @ file://$TIERFL_WHL")
     TIERFL_NODEPS=0
 else  # before the edge extra existed: its runtime pieces by name, the project itself with --no-deps
     echo "NOTE: this commit's wheel has no [edge] extra; installing onnxruntime numpy paho-mqtt pydantic by name"
