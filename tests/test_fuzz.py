@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from aggregator.engines.base import EngineConfig
+from aggregator.engines.parts import EngineParts
 from aggregator.engines.rounds import RoundEngine
 from aggregator.registry import DeviceRegistry
 from aggregator.service import AggregatorService
@@ -109,6 +110,9 @@ def _paths(node: object, path: tuple = ()) -> list[tuple]:
     return found
 
 
+GROWN_JSON_CHARS = 4 << 20  # a list grows to at most this much JSON: past the 1 MiB header bound, not to gigabytes
+
+
 def _mutate_json(draw: st.DrawFn, tree: dict) -> None:
     """One structural mutation of a JSON tree in place: replace, delete, add or duplicate.
 
@@ -133,7 +137,10 @@ def _mutate_json(draw: st.DrawFn, tree: dict) -> None:
         else:
             parent.insert(draw(st.integers(0, len(parent))), draw(LEAF))
     elif isinstance(parent[key], list) and parent[key]:  # duplicates, and tables past their bound (copies, not aliases)
-        parent[key] = json.loads(json.dumps(parent[key] * draw(st.sampled_from([2, 3, 100, 5000]))))
+        text = json.dumps(parent[key])
+        times = draw(st.sampled_from([2, 3, 100, 5000]))
+        times = max(1, min(times, GROWN_JSON_CHARS // len(text)))  # a list grown twice must not take gigabytes
+        parent[key] = json.loads(json.dumps(parent[key] * times))
     else:
         parent[key] = draw(LEAF)
 
@@ -418,7 +425,7 @@ def test_engine_refuses_arbitrary_updates_without_changing_state(artifacts, tmp_
         registry.hello(device, 10, 0, "a", "ort-training", now=0.0)
     store = ArtifactStore(artifacts)
     state = Path(tempfile.mkdtemp(dir=tmp_path))  # a fresh state directory per example: the open round persists
-    engine = RoundEngine(EngineConfig(rounds=3), FedAvg(min_clients=2), store, StateStore(state), registry)
+    engine = RoundEngine(EngineParts(EngineConfig(rounds=3), FedAvg(min_clients=2), store, StateStore(state), registry))
     engine.tick(1.0)
     before = {n: w.copy() for n, w in engine.weights.items()}
     update = Update(
@@ -432,7 +439,7 @@ def test_engine_refuses_arbitrary_updates_without_changing_state(artifacts, tmp_
     out = engine.on_update(device, new_id(), update, data.draw(_tensors(shapes)), 100, 2.0)
     refused = [o for o in out if isinstance(o.body, Reject)]
     if refused:
-        assert engine._open is not None and device not in engine._open.answered  # nothing refused was counted
+        assert engine.open_round is not None and device not in engine.open_round.answered  # nothing refused was counted
     for name, value in engine.weights.items():  # a round never commits from one update of two
         np.testing.assert_array_equal(value, before[name])
 
@@ -440,8 +447,9 @@ def test_engine_refuses_arbitrary_updates_without_changing_state(artifacts, tmp_
 @pytest.fixture(scope="module")
 def service(artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> AggregatorService:
     """One aggregator service (its link never started) that every example of the handler property is fed to."""
-    engine = RoundEngine(EngineConfig(fleet="fleet", rounds=3, round_timeout_s=60.0), FedAvg(min_clients=50),
-                         ArtifactStore(artifacts), StateStore(tmp_path_factory.mktemp("fuzz-state")), DeviceRegistry())
+    engine = RoundEngine(EngineParts(EngineConfig(fleet="fleet", rounds=3, round_timeout_s=60.0),
+                                     FedAvg(min_clients=50), ArtifactStore(artifacts),
+                                     StateStore(tmp_path_factory.mktemp("fuzz-state")), DeviceRegistry()))
     service = AggregatorService(engine, parse_broker("mqtt://127.0.0.1:1883"))
     service.handle_safely(Topics("fleet").status("dev"), encode_frame("fleet", "dev", Hello(num_samples=10)), 1.0)
     return service
