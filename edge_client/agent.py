@@ -1,24 +1,30 @@
 """The device agent: announce, fetch the tier's artifacts, train each task, publish the update.
 
-Network callbacks only decode and queue; one worker thread does the training, so the MQTT
-keep-alive never waits on ONNX Runtime. The broker session is persistent (clean_session off):
-a task published while the device was away is delivered when it comes back, and dropped here
-if its deadline has passed.
+Two threads and a queue, in the aggregator service's shape. paho's network thread reassembles
+frames, checks and decodes them (edge_client.receipt) and queues what passes in a bounded inbox
+(edge_client.inbox); that is all it does. The device loop owns everything else: it writes
+artifacts into the cache, answers the secure-aggregation phases (keys, shares, masking, unmasking:
+edge_client.secure_client), says hello at each connect, and runs each task through its stages:
+check that it is still wanted, get its files, get its weights, load the tier, evaluate, train,
+then encode and send the update (or hand the delta to the secure session). While a stage waits
+(for files, or for ONNX Runtime, which runs on a helper thread the loop lends the tier's trainer
+to) the loop keeps serving the inbox, so keys go out and shares are answered during training.
+The broker session is persistent (clean_session off): a task published while the device was
+away is delivered when it comes back, and dropped here if its deadline has passed.
 
 Stopping takes no new task; the one in training gets a grace period to finish (it ends by its
 own deadline, or sooner) and send its update, or is abandoned: a task's results (its update, the
 error-feedback residual on disk) are committed all together or not at all.
 
-Nothing a downlink frame holds stops the agent: frames not signed by the trusted aggregator key
-(protocol.trust; before a key is pinned, everything but its announcement) are refused before their
-payload is read, and so is a frame on any topic but this device's downlink and a task frame taken
-before (a redelivery or a replay before its deadline); a task listing more files than one
-Fetch asks for (the schema's MAX_ARTIFACTS), files that are not its manifest's or exceed the cache
-bound, ONNX files with external data or unknown operator domains (edge_client.onnx_guard), weights
-of other names, shapes or dtypes than the tier's manifest, or training into NaN/Inf is refused and
-abandoned with nothing of it kept, and so is a task that fails in any other way (logged with its
-traceback). Refusals are counted in `refused` by reason and logged once per sender and reason per
-10 s (protocol.refusals), the next line saying how many were left out.
+Nothing a downlink frame holds stops the agent. Frames are checked on receipt (edge_client.receipt:
+topic, sender, the trusted aggregator key, the payload, a task taken before or past its deadline);
+on the loop, a task listing more files than one Fetch asks for (the schema's MAX_ARTIFACTS), files
+that are not its manifest's or exceed the cache bound, ONNX files with external data or unknown
+operator domains (edge_client.onnx_guard), weights of other names, shapes or dtypes than the tier's
+manifest, or training into NaN/Inf is refused and abandoned with nothing of it kept, and so is a
+task that fails in any other way (logged with its traceback). Refusals are counted in `refused` by
+reason and logged once per sender and reason per 10 s (protocol.refusals), the next line saying
+how many were left out.
 
 The offline status the broker publishes if we vanish (the MQTT last will) is signed afresh for
 each (re)connect, so its `sent_at` is newer than any will of an earlier connection: the
@@ -30,13 +36,13 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import queue
 import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -44,21 +50,24 @@ from pydantic import BaseModel, ConfigDict, Field
 from edge_client.backends import open_trainer
 from edge_client.cache import ArtifactCache, ArtifactTooLarge
 from edge_client.compression import ErrorFeedback
+from edge_client.inbox import Inbox
 from edge_client.onnx_guard import OnnxRefused, check_onnx_folder
 from edge_client.privacy import privatize
+from edge_client.receipt import Receipt
 from edge_client.statistics import measure_bn_statistics
-from edge_client.trainer import Trainer
+from edge_client.trainer import EvalStats, Trainer, TrainStats
 from models.data import Dataset
 from models.manifest import STATISTICS_FILE, TierManifest
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
-from protocol.frame import Frame, FrameError, decode_frame, decode_payload, encode_frame, read_header
+from protocol.codecs import encode_decode, parse_codec
+from protocol.frame import Frame, encode_frame
 from protocol.messages import (Blob, Body, Fetch, Hello, Reject, RejectReason, SecAgg, Statistics, Status, Task, Update,
                                new_id)
 from protocol.mqtt.link import Backoff, MqttLink, Will
 from protocol.mqtt.url import BrokerAddress
 from protocol.quantized import Tensor
 from protocol.refusals import RefusalLog
-from protocol.signing import KEY_ANNOUNCEMENT, DeviceKey, SignatureError
+from protocol.signing import DeviceKey
 from protocol.topics import Topics, check_id
 from protocol.trust import AggregatorTrust
 
@@ -68,7 +77,8 @@ except ImportError:  # no `cryptography`: this device cannot take part in secure
     SecureClient = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
-MAX_TAKEN_TASKS = 1024  # task frames remembered (until their deadline) so that a second copy is refused
+SERVE_S = 0.2  # longest the device loop waits on its inbox before looking at its tasks again
+T = TypeVar("T")
 
 
 class TaskRefused(Exception):
@@ -79,6 +89,17 @@ class TaskRefused(Exception):
         self.reason = reason
         self.detail = detail
 
+
+class TaskSkipped(Exception):
+    """A task let go without a refusal (superseded, too late, files or held weights missing, stopping); logged."""
+
+
+@dataclass(frozen=True)
+class Connected:
+    """The inbox's note that the link (re)connected: the loop says hello."""
+
+
+Downlink = Frame | Connected  # what the network thread queues for the device loop
 
 class ClientConfig(BaseModel):
     """Everything a device agent needs to join a fleet."""
@@ -131,32 +152,36 @@ class DeviceAgent:
         self.session = new_id()  # fresh per start: binds our hello and statuses, so an old one replayed differs
         self.refused: collections.Counter[str] = collections.Counter()
         self._refusal_log = RefusalLog()  # one line per sender and reason per interval, whatever a flood does
-        self._refusal_lock = threading.Lock()  # refusals come from the network thread and the worker
-        self._taken: collections.OrderedDict[str, float] = collections.OrderedDict()  # task frame msg_id -> deadline
+        self._refusal_lock = threading.Lock()  # refusals come from the network thread and the device loop
         self.tasks_done = 0
-        self._tasks: queue.Queue[Frame] = queue.Queue()
-        self._blob_arrived = threading.Condition()
+        self.inbox: Inbox[Downlink] = Inbox(lambda item: item.nbytes if isinstance(item, Frame) else 0)
+        # the device loop's own state
+        self._tasks: collections.deque[Frame] = collections.deque()  # tasks taken, oldest first
         self._trainers: dict[str, Trainer] = {}
         self._manifests: dict[str, TierManifest] = {}  # manifest sha256 -> manifest, once its tier folder is checked
         self._feedback: dict[str, ErrorFeedback] = {}
         self._dp_rng = np.random.default_rng()  # local DP noise: seeded by the OS, never by the (public) task
         self._held: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # tier -> (version, weights received)
         self._unstorable: set[str] = set()  # artifacts of the current task that do not fit the cache bound
+        # shared with the thread that stops the agent
         self._closing = threading.Event()  # stopping: take no new task
         self._commit_lock = threading.Lock()  # a task's results go out whole, or not once abandoned
         self._abandoned = False
-        self._current: Task | None = None  # the task the worker is on, until its results are committed
+        self._current: Task | None = None  # the task the loop is on, until its results are committed
         if config.fleet_keys is not None and (SecureClient is None or self.key is None):
             raise ValueError("--fleet-keys needs the cryptography package (pip install 'tierfl[signing]')")
         self.secure = SecureClient(config.device_id, self._send_secagg, self.key.private_key if self.key else None,
                                    config.fleet_keys) if SecureClient else None  # secure rounds
+        self.receipt = Receipt(self.topics.down(config.device_id), config.fleet, config.aggregator_id, self.trust,
+                               verifiable=self.key is not None, secure=self.secure is not None, refuse=self._refuse,
+                               deliver=self.inbox.put)
         self.link = MqttLink(
             config.broker,
             client_id=f"tierfl-{config.fleet}-{config.device_id}",
             subscriptions=[self.topics.down(config.device_id)],
             on_frame=self._on_frame,
-            on_bad_frame=self._on_bad_frame,
-            on_connect=self._announce,
+            on_bad_frame=self.receipt.on_bad_frame,
+            on_connect=lambda: self.inbox.put(Connected()),
             will=Will(self.topics.status(config.device_id), self._will),  # signed afresh at each (re)connect
             max_message_bytes=config.max_message_bytes,
             backoff=Backoff(first_s=1.0, max_s=config.reconnect_max_s),
@@ -172,30 +197,30 @@ class DeviceAgent:
         if not self.link.start(timeout_s=min(10.0, timeout) if timeout else 10.0, retry_for_s=timeout, stop=stop):
             log.info("stopped before the broker answered")
             return
-        worker = threading.Thread(target=self._work, name="tierfl-worker", daemon=True)
-        worker.start()
+        loop = threading.Thread(target=self._loop, name="tierfl-device-loop", daemon=True)
+        loop.start()
         try:
             stop.wait()
         finally:
-            self._leave(worker)
+            self._leave(loop)
 
-    def _leave(self, worker: threading.Thread) -> None:
+    def _leave(self, loop: threading.Thread) -> None:
         """Stop taking tasks, let the current one finish within the grace period or abandon it, go offline."""
         self._closing.set()
-        with self._blob_arrived:
-            self._blob_arrived.notify_all()  # a task waiting for artifacts gives up
+        self.inbox.wake()  # a task waiting for artifacts gives up
         if (busy := self._current) is not None:
             ends_in = busy.deadline - self.config.send_margin_s - time.time()
             log.info("stopping: round %d is in progress and ends in %.0f s at the latest; %s", busy.round, ends_in,
                      "finishing it" if ends_in <= self.config.stop_grace_s else
                      f"waiting up to {self.config.stop_grace_s:.0f} s for it to finish, then abandoning it")
-        worker.join(self.config.stop_grace_s)
+        loop.join(self.config.stop_grace_s)
         with self._commit_lock:
             self._abandoned = True
             left = self._current
         if left is not None:
             log.warning("stopping: abandoned round %d (not finished within %.0f s); nothing of it was sent or saved",
                         left.round, self.config.stop_grace_s)
+        self.inbox.close()
         self._publish(self.topics.status(self.config.device_id), Status(online=False, session=self.session), retain=True)
         self.link.stop(flush_timeout_s=5.0)
 
@@ -206,116 +231,15 @@ class DeviceAgent:
                 send()
                 self._current = None
 
-    # -- network thread -------------------------------------------------------------------
-
-    def _announce(self) -> None:
-        """Publish our hello as the retained status of this device (online, tier, data sizes)."""
-        me = self.config.device_id
-        hello = Hello(
-            tier=self.config.tier,
-            num_samples=len(self.train_data),
-            num_test_samples=len(self.test_data),
-            backend=self.config.backend,
-            holds={tier: version for tier, (version, _) in list(self._held.items())},  # worker may add
-            seconds_per_sample=self.config.seconds_per_sample,
-            session=self.session,
-        )
-        self._publish(self.topics.status(me), hello, retain=True)  # retained: a restarted aggregator sees it
-        log.info("announced %s: %d train / %d test samples", me, len(self.train_data), len(self.test_data))
-
     def _will(self) -> bytes:
         """Our offline status as the broker will publish it if we vanish: signed now, so newer than any earlier will."""
         return self._frame(Status(online=False, session=self.session))
 
+    # -- network thread ---------------------------------------------------------------------
+
     def _on_frame(self, topic: str, data: bytes) -> None:
-        if topic != self.topics.down(self.config.device_id):
-            self._refuse(RejectReason.UNEXPECTED, f"a frame on {topic}, not on this device's downlink")
-            return
-        try:
-            raw = read_header(data)
-        except FrameError as exc:
-            self._on_bad_frame(topic, exc)
-            return
-        header = raw.header
-        if header.fleet != self.config.fleet or header.sender != self.config.aggregator_id:
-            self._refuse(RejectReason.SENDER_MISMATCH, f"frame from {header.sender!r} of fleet {header.fleet!r}")
-            return
-        body = header.body
-        announcement = isinstance(body, Blob) and body.name == KEY_ANNOUNCEMENT
-        if announcement and self.key is None:
-            self._refuse(RejectReason.UNEXPECTED, "the aggregator's key announcement cannot be verified without the "
-                         "cryptography package (pip install 'tierfl[signing]')", header.sender)
-            return
-        try:
-            if not announcement:
-                self.trust.verify(header)  # before the payload is hashed or decoded
-            frame = decode_payload(raw)
-            if announcement:
-                data_tensor = frame.tensors.get("data")
-                self.trust.announced(header, data_tensor if isinstance(data_tensor, np.ndarray) else None)
-                return
-        except SignatureError as exc:
-            self._refuse(exc.reason, f"{body.kind}: {exc.detail}", header.sender)
-            return
-        except FrameError as exc:
-            self._refuse(exc.reason, exc.detail, header.sender)
-            return
-        self._dispatch(frame)
-
-    def _dispatch(self, frame: Frame) -> None:
-        """Act on a verified, decoded downlink frame."""
-        body = frame.body
-        if isinstance(body, Task) and (problem := self._task_problem(body, frame.header.msg_id)) is not None:
-            self._refuse(*problem, frame.header.sender)
-        elif isinstance(body, Task):
-            self._take(frame.header.msg_id, body.deadline)
-            if body.secure is not None and self.secure is not None:
-                self.secure.on_task(body)  # keys go out at once, before training
-            self._tasks.put(frame)
-            with self._blob_arrived:
-                self._blob_arrived.notify_all()  # a task waiting for its artifacts is superseded
-        elif isinstance(body, SecAgg) and self.secure is not None:
-            self.secure.on_message(body)
-        elif isinstance(body, Blob):
-            self._store_blob(body, frame)
-        elif isinstance(body, Reject):
-            self.refused[f"by-aggregator:{body.reason.value}"] += 1
-            log.warning("aggregator refused our message%s: %s: %s", f" of round {body.round}" if body.round is not None else "",
-                        body.reason.value, body.detail)
-            if body.reason is RejectReason.UNKNOWN_DEVICE:
-                self._announce()
-        else:
-            self._refuse(RejectReason.UNEXPECTED, f"unexpected {body.kind!r} message", frame.header.sender)
-
-    def _take(self, msg_id: str, deadline: float) -> None:
-        """Remember a task frame taken (until its deadline, and at most MAX_TAKEN_TASKS of them)."""
-        now = time.time()
-        for old in [m for m, until in self._taken.items() if until < now]:
-            del self._taken[old]
-        self._taken[msg_id] = deadline
-        while len(self._taken) > MAX_TAKEN_TASKS:
-            self._taken.popitem(last=False)
-
-    def _task_problem(self, task: Task, msg_id: str) -> tuple[RejectReason, str] | None:
-        """Why a task cannot be taken at all, checked on receipt (no artifact is fetched for it); None if it can."""
-        where = f"round {task.round} (tier {task.tier})"
-        if task.secure is not None and self.secure is None:
-            return RejectReason.UNEXPECTED, (f"{where} uses secure aggregation, which needs the cryptography package "
-                                             "(pip install 'tierfl[signing]')")
-        if (late := time.time() - task.deadline) > 0:  # a signed task is good until its deadline, not after
-            return RejectReason.REPLAYED, (f"{where}: its deadline passed {late:.0f} s ago (an old task sent again, or "
-                                           "this device's clock is wrong)")
-        if msg_id in self._taken:  # a QoS 1 redelivery, or the same signed task sent again before its deadline
-            return RejectReason.REPLAYED, f"{where}: task message {msg_id} was taken already"
-        if task.artifacts.get("manifest.json") != task.manifest_sha256:
-            return RejectReason.UNKNOWN_ARTIFACT, f"{where}: its manifest.json is not the task's manifest_sha256"
-        odd = [name for name in task.artifacts if Path(name).name != name or name.startswith(".")]
-        if odd:
-            return RejectReason.MALFORMED, f"{where}: artifact names {odd[:4]} are not plain file names"
-        return None
-
-    def _on_bad_frame(self, topic: str, error: FrameError) -> None:
-        self._refuse(error.reason, error.detail)
+        """A reassembled downlink frame: checked, and queued for the device loop if it passes (edge_client.receipt)."""
+        self.receipt.on_frame(topic, data)
 
     def _refuse(self, reason: RejectReason, detail: str, sender: str | None = None) -> None:
         """Count a refusal; log it unless one of the same sender and reason was logged within the interval."""
@@ -327,7 +251,72 @@ class DeviceAgent:
             log.warning("refused a message: %s: %s%s", reason.value, detail,
                         f" (and {more} more like it unlogged since the last such line)" if more else "")
 
+    # -- device loop ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        """Serve the inbox and carry out the tasks taken, one at a time, until closing."""
+        while not self._closing.is_set():
+            if self._tasks:
+                self._carry_out_next()
+            else:
+                self._serve(SERVE_S)
+
+    def _serve(self, timeout: float) -> None:
+        """Act on the next inbox item (waiting up to `timeout` for one), then report what the inbox dropped."""
+        item = self.inbox.get(timeout)
+        if item is not None:
+            try:
+                self._handle(item)
+            except Exception as exc:  # the last resort: no message may stop the loop
+                log.exception("internal error while handling a downlink message")
+                self._refuse(RejectReason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"[:500], self.config.aggregator_id)
+        if dropped := self.inbox.take_dropped():
+            self._refuse(RejectReason.RATE_LIMITED, f"{dropped} downlink frames dropped: the device loop's inbox was full",
+                         self.config.aggregator_id)
+
+    def _serve_until(self, done: Callable[[], bool], until: float = math.inf) -> None:
+        """Serve the inbox until `done()` or the wall-clock time `until`."""
+        while not done() and (left := until - time.time()) > 0:
+            self._serve(min(SERVE_S, left))
+
+    def _handle(self, item: Downlink) -> None:
+        """Act on one checked downlink frame (or a connect)."""
+        if isinstance(item, Connected):
+            self._announce()
+            return
+        body = item.body
+        if isinstance(body, Task):
+            if body.secure is not None and self.secure is not None:
+                self.secure.on_task(body)  # keys go out at once, before training
+            self._tasks.append(item)
+        elif isinstance(body, SecAgg) and self.secure is not None:
+            self.secure.on_message(body)
+        elif isinstance(body, Blob):
+            self._store_blob(body, item)
+        elif isinstance(body, Reject):
+            self.refused[f"by-aggregator:{body.reason.value}"] += 1
+            log.warning("aggregator refused our message%s: %s: %s", f" of round {body.round}" if body.round is not None else "",
+                        body.reason.value, body.detail)
+            if body.reason is RejectReason.UNKNOWN_DEVICE:
+                self._announce()
+
+    def _announce(self) -> None:
+        """Publish our hello as the retained status of this device (online, tier, data sizes, versions held)."""
+        me = self.config.device_id
+        hello = Hello(
+            tier=self.config.tier,
+            num_samples=len(self.train_data),
+            num_test_samples=len(self.test_data),
+            backend=self.config.backend,
+            holds={tier: version for tier, (version, _) in self._held.items()},
+            seconds_per_sample=self.config.seconds_per_sample,
+            session=self.session,
+        )
+        self._publish(self.topics.status(me), hello, retain=True)  # retained: a restarted aggregator sees it
+        log.info("announced %s: %d train / %d test samples", me, len(self.train_data), len(self.test_data))
+
     def _store_blob(self, blob: Blob, frame: Frame) -> None:
+        """Cache an artifact file the aggregator sent; BAD_HASH when its bytes are not the named file's."""
         data = frame.tensors.get("data")
         try:
             if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
@@ -338,160 +327,79 @@ class DeviceAgent:
             self._unstorable.add(blob.sha256)
         except ValueError as exc:
             self._refuse(RejectReason.BAD_HASH, f"{blob.name}: {exc}", frame.header.sender)
-            return
-        with self._blob_arrived:
-            self._blob_arrived.notify_all()
 
-    # -- worker -----------------------------------------------------------------------------
+    def _off_loop(self, work: Callable[[], T]) -> T:
+        """`work()` run on a helper thread while the loop serves the inbox: its result, or its exception raised here."""
+        results: list[T] = []
+        errors: list[BaseException] = []
 
-    def _work(self) -> None:
-        """Run tasks one at a time until closing; a task that fails is logged and abandoned, the agent goes on."""
-        while not self._closing.is_set():
+        def run() -> None:
             try:
-                frame = self._tasks.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if self._closing.is_set():
-                break
-            task: Task = frame.body  # type: ignore[assignment]
-            self._current = task
-            try:
-                self._run_task(frame)
-            except TaskRefused as exc:
-                self._refuse(exc.reason, f"round {task.round} (tier {task.tier}) abandoned: {exc.detail}",
-                             frame.header.sender)
-            except Exception as exc:  # a bug or an input nothing else caught: this task only, never the agent
-                log.exception("round %d (tier %s): the task failed and is abandoned", task.round, task.tier)
-                self._refuse(RejectReason.INTERNAL_ERROR, f"round {task.round}: {type(exc).__name__}: {exc}",
-                             frame.header.sender)
-            finally:
-                with self._commit_lock:
-                    self._current = None
+                results.append(work())
+            except BaseException as exc:  # handed back to the loop, which raises it as its own
+                errors.append(exc)
+            self.inbox.wake()
+
+        threading.Thread(target=run, name="tierfl-compute", daemon=True).start()
+        self._serve_until(lambda: bool(results or errors))
+        if errors:
+            raise errors[0]
+        return results[0]
+
+    # -- the task pipeline ------------------------------------------------------------------
+
+    def _carry_out_next(self) -> None:
+        """Carry out the oldest task taken; one that fails is refused (or logged) and abandoned, the agent goes on."""
+        frame = self._tasks.popleft()
+        task: Task = frame.body  # type: ignore[assignment]
+        self._current = task
+        try:
+            self._run_task(frame)
+        except TaskSkipped:
+            pass  # the stage that let it go said why
+        except TaskRefused as exc:
+            self._refuse(exc.reason, f"round {task.round} (tier {task.tier}) abandoned: {exc.detail}", frame.header.sender)
+        except Exception as exc:  # a bug or an input nothing else caught: this task only, never the agent
+            log.exception("round %d (tier %s): the task failed and is abandoned", task.round, task.tier)
+            self._refuse(RejectReason.INTERNAL_ERROR, f"round {task.round}: {type(exc).__name__}: {exc}",
+                         frame.header.sender)
+        finally:
+            with self._commit_lock:
+                self._current = None
 
     def _run_task(self, frame: Frame) -> None:
-        """Carry out one task; TaskRefused (nothing of it kept) when it cannot be done as sent."""
+        """One task, stage by stage; TaskRefused (nothing of it kept) when it cannot be done as sent."""
         task: Task = frame.body  # type: ignore[assignment]
-        if not self._tasks.empty():
-            log.info("round %d superseded by a newer task; skipping it", task.round)
-            return
-        if time.time() > task.deadline:
-            log.info("round %d: deadline already passed, skipping", task.round)
-            return
-        self.cache.use(task.artifacts.values())  # this tier's files stay cached while it is ours
-        self._unstorable.clear()  # what did not fit beside another task's files may fit beside this one's
-        if not self._fetch_artifacts(task):
-            return
-        manifest = self._checked_tier(task)
-        start = self._received_weights(task, frame.tensors, manifest)
-        if start is None:
-            return
-        try:
-            trainer = self._trainer_for(task, manifest)
-            trainer.set_weights(start)
-        except (ValueError, OSError) as exc:
-            log.error("round %d: cannot load tier %s: %s", task.round, task.tier, exc)
-            return
-        self._held[task.tier] = (task.model_version, start)
+        self._check_wanted(task)
+        manifest = self._get_files(task)
+        start = self._get_weights(task, frame.tensors, manifest)
+        trainer = self._load_tier(task, manifest, start)
         if task.statistics_only:
             self._send_statistics(task, start)
             return
-        before = trainer.evaluate(self.test_data) if task.evaluate and len(self.test_data) else None
-        seed = task.seed ^ zlib.crc32(self.config.device_id.encode())
-        log.info("round %d: training tier %s (%d epochs, %.0f s to the deadline)",
-                 task.round, task.tier, task.epochs, task.deadline - time.time())
-        stats = trainer.train(self.train_data, task.epochs, task.batch_size, task.learning_rate, seed, task.mask_classes,
-                              proximal_mu=task.proximal_mu, stop_at=task.deadline - self.config.send_margin_s)
-        trained = trainer.get_weights()
-        delta = {name: trained[name] - start[name] for name in start}
-        if not all(np.isfinite(value).all() for value in delta.values()) or not math.isfinite(stats.loss):
-            self._trainers.pop(task.manifest_sha256, None)  # its weights and optimizer state are spoilt
-            raise TaskRefused(RejectReason.NON_FINITE, f"training diverged (loss {stats.loss}): the update holds "
-                              "NaN or Inf; nothing sent, the error-feedback state is unchanged")
-        if task.dp_noise > 0:  # local differential privacy: clip and noise before anything leaves the device
-            delta = privatize(delta, task.dp_clip, task.dp_noise, self._dp_rng)
-        if task.secure is not None and (secure := self.secure) is not None:  # masked once the shares are in
-            def hand_over() -> None:
-                secure.trained(task, delta, before)
-                self.tasks_done += 1
-            self._commit(hand_over)
+        before = self._evaluate(task, trainer)
+        delta, stats = self._train(task, trainer, start)
+        if task.secure is not None and self.secure is not None:
+            self._hand_to_secure(task, delta, before)
             return
-        feedback = self._feedback_for(task.tier)
-        intended = feedback.compensate(delta) if feedback else delta
-        unchanged = bool(feedback and feedback.insignificant(intended, start))
-        update = Update(
-            update_id=new_id(),
-            round=task.round,
-            base_version=task.model_version,
-            tier=task.tier,
-            num_samples=len(self.train_data),
-            steps=stats.steps,
-            train_loss=stats.loss,
-            train_accuracy=stats.accuracy,
-            train_seconds=stats.seconds,
-            eval_loss=before.loss if before else None,
-            eval_accuracy=before.accuracy if before else None,
-            eval_samples=before.samples if before else 0,
-            unchanged=unchanged,
-        )
-        frame = encode_frame(self.config.fleet, self.config.device_id, update, None if unchanged else intended,
-                             self.config.codec, signer=self.key.sign if self.key else None)
-        sent_tensors = None if unchanged else decode_frame(frame).tensors  # exactly what the aggregator will decode
+        self._encode_and_send(task, start, delta, stats, before)
 
-        def send() -> None:
-            if feedback:
-                feedback.remember(intended, sent_tensors)
-            sent = self.link.publish(self.topics.up(self.config.device_id), frame)
-            self.tasks_done += 1
-            log.info(
-                "round %d: %d steps in %.2f s, loss %.4f, acc %.3f; sent %d bytes%s",
-                task.round, stats.steps, stats.seconds, stats.loss, stats.accuracy, sent,
-                " (unchanged: below the upload threshold)" if unchanged else "",
-            )
+    def _check_wanted(self, task: Task) -> None:
+        """Stage 1: TaskSkipped when a newer task is waiting or the deadline has passed."""
+        if self._tasks:
+            log.info("round %d superseded by a newer task; skipping it", task.round)
+            raise TaskSkipped
+        if time.time() > task.deadline:
+            log.info("round %d: deadline already passed, skipping", task.round)
+            raise TaskSkipped
 
-        self._commit(send)
-
-    def _send_statistics(self, task: Task, weights: dict[str, np.ndarray]) -> None:
-        """Measure the batch-norm statistics of `weights` on our training data and send them."""
-        folder = self.cache.tier_folder(task.artifacts, key=task.manifest_sha256)
-        statistics = measure_bn_statistics(folder / STATISTICS_FILE, weights, self.train_data, threads=self.config.threads)
-        body = Statistics(round=task.round, base_version=task.model_version, tier=task.tier, num_samples=len(self.train_data))
-
-        def send() -> None:
-            sent = self._publish(self.topics.up(self.config.device_id), body, statistics)
-            log.info("round %d: sent batch-norm statistics of %d layers (%d bytes)", task.round, len(statistics) // 2, sent)
-
-        self._commit(send)
-
-    def _received_weights(self, task: Task, tensors: Mapping[str, Tensor],
-                          manifest: TierManifest) -> dict[str, np.ndarray] | None:
-        """The task's weights: as sent, or the held version plus the sent delta; None if we lack that version.
-
-        TaskRefused unless every tensor is float32 of a name and shape of the tier's manifest
-        (all of them when not a delta) and the weights are finite.
-        """
-        shapes = {p.name: tuple(p.shape) for p in manifest.params}
-        for name, value in tensors.items():
-            if name not in shapes or tuple(value.shape) != shapes[name] or value.dtype != np.float32:
-                raise TaskRefused(RejectReason.BAD_TENSOR, f"tensor {name!r} ({value.dtype} {list(value.shape)}) is not "
-                                  f"a float32 parameter of tier {task.tier} (expected {list(shapes.get(name, ()))})")
-        if task.delta_from is None:
-            if set(tensors) != set(shapes):
-                raise TaskRefused(RejectReason.BAD_TENSOR, f"weights lack {sorted(set(shapes) - set(tensors))[:8]}")
-            weights = {name: np.asarray(tensors[name], np.float32) for name in shapes}
-        else:
-            version, held = self._held.get(task.tier, (None, {}))
-            if version != task.delta_from or set(held) != set(shapes):
-                self._refuse(RejectReason.WRONG_VERSION, f"round {task.round}: a delta against version {task.delta_from} "
-                             f"of tier {task.tier}, but we hold {version}; announcing what we hold",
-                             self.config.aggregator_id)
-                self._held.pop(task.tier, None)
-                self._announce()
-                return None
-            weights = {name: held[name] + np.asarray(tensors[name], np.float32) if name in tensors else held[name]
-                       for name in held}
-        if not all(np.isfinite(value).all() for value in weights.values()):
-            raise TaskRefused(RejectReason.NON_FINITE, "the received weights hold NaN or Inf")
-        return weights
+    def _get_files(self, task: Task) -> TierManifest:
+        """Stage 2: the tier's manifest, once the task's artifact files are all cached and checked (onnx_guard)."""
+        self.cache.use(task.artifacts.values())  # this tier's files stay cached while it is ours
+        self._unstorable.clear()  # what did not fit beside another task's files may fit beside this one's
+        if not self._fetch_artifacts(task):
+            raise TaskSkipped
+        return self._checked_tier(task)
 
     def _fetch_artifacts(self, task: Task) -> bool:
         """True once the task's artifact files are all cached; False (and why, in the log) if they will not be.
@@ -515,24 +423,21 @@ class DeviceAgent:
         return self._fetch(task, task.artifacts)
 
     def _fetch(self, task: Task, wanted: Mapping[str, str]) -> bool:
-        """True once `wanted` (name -> sha256) is cached; False when it will not be (deadline, newer task, stopping)."""
+        """True once `wanted` (name -> sha256) is cached, serving the inbox while the blobs arrive; False when it will
+        not be (deadline, newer task, stopping, too large for the cache)."""
         missing = self.cache.missing(wanted)
         if not missing:
             return True
         log.info("round %d: fetching %d artifact files of tier %s", task.round, len(missing), task.tier)
         self._publish(self.topics.up(self.config.device_id), Fetch(sha256=missing))
         hashes = set(wanted.values())
-        with self._blob_arrived:
-            self._blob_arrived.wait_for(
-                lambda: self._closing.is_set() or bool(hashes & self._unstorable) or not self._tasks.empty()
-                or not self.cache.missing(wanted),
-                timeout=max(0.0, task.deadline - time.time()),
-            )
+        self._serve_until(lambda: self._closing.is_set() or bool(hashes & self._unstorable) or bool(self._tasks)
+                          or not self.cache.missing(wanted), until=task.deadline)
         if not self.cache.missing(wanted):
             return True
         if hashes & self._unstorable:
             log.error("round %d: tier %s has artifacts that do not fit the cache bound; skipping", task.round, task.tier)
-        elif not self._tasks.empty():
+        elif self._tasks:
             log.info("round %d superseded by a newer task while fetching; skipping it", task.round)
         elif not self._closing.is_set():
             log.warning("round %d: artifacts did not arrive before the deadline", task.round)
@@ -551,6 +456,148 @@ class DeviceAgent:
             self._manifests[task.manifest_sha256] = manifest
         return manifest
 
+    def _get_weights(self, task: Task, tensors: Mapping[str, Tensor], manifest: TierManifest) -> dict[str, np.ndarray]:
+        """Stage 3: the task's weights, as sent or as the held version plus the sent delta.
+
+        TaskRefused unless every tensor is float32 of a name and shape of the tier's manifest
+        (all of them when not a delta) and the weights are finite; TaskSkipped when the delta is
+        against a version we do not hold (the hello we send again says what we hold).
+        """
+        shapes = {p.name: tuple(p.shape) for p in manifest.params}
+        for name, value in tensors.items():
+            if name not in shapes or tuple(value.shape) != shapes[name] or value.dtype != np.float32:
+                raise TaskRefused(RejectReason.BAD_TENSOR, f"tensor {name!r} ({value.dtype} {list(value.shape)}) is not "
+                                  f"a float32 parameter of tier {task.tier} (expected {list(shapes.get(name, ()))})")
+        if task.delta_from is None:
+            if set(tensors) != set(shapes):
+                raise TaskRefused(RejectReason.BAD_TENSOR, f"weights lack {sorted(set(shapes) - set(tensors))[:8]}")
+            weights = {name: np.asarray(tensors[name], np.float32) for name in shapes}
+        else:
+            version, held = self._held.get(task.tier, (None, {}))
+            if version != task.delta_from or set(held) != set(shapes):
+                self._refuse(RejectReason.WRONG_VERSION, f"round {task.round}: a delta against version {task.delta_from} "
+                             f"of tier {task.tier}, but we hold {version}; announcing what we hold",
+                             self.config.aggregator_id)
+                self._held.pop(task.tier, None)
+                self._announce()
+                raise TaskSkipped
+            weights = {name: held[name] + np.asarray(tensors[name], np.float32) if name in tensors else held[name]
+                       for name in held}
+        if not all(np.isfinite(value).all() for value in weights.values()):
+            raise TaskRefused(RejectReason.NON_FINITE, "the received weights hold NaN or Inf")
+        return weights
+
+    def _load_tier(self, task: Task, manifest: TierManifest, start: dict[str, np.ndarray]) -> Trainer:
+        """Stage 4: the tier's trainer holding `start`, which we now hold as the task's version; TaskSkipped if the
+        tier does not load."""
+        trainer = self._trainers.get(task.manifest_sha256)
+        try:
+            if trainer is None:
+                folder = self.cache.tier_folder(task.artifacts, key=task.manifest_sha256)
+                trainer = self._off_loop(lambda: open_trainer(self.config.backend, folder, manifest,
+                                                              threads=self.config.threads))
+                self._trainers[task.manifest_sha256] = trainer
+            opened = trainer
+            self._off_loop(lambda: opened.set_weights(start))
+        except (ValueError, OSError) as exc:
+            log.error("round %d: cannot load tier %s: %s", task.round, task.tier, exc)
+            raise TaskSkipped from None
+        self._held[task.tier] = (task.model_version, start)
+        return trainer
+
+    def _evaluate(self, task: Task, trainer: Trainer) -> EvalStats | None:
+        """Stage 5: the received model on our test data, when the task asks and we have some."""
+        if not (task.evaluate and len(self.test_data)):
+            return None
+        return self._off_loop(lambda: trainer.evaluate(self.test_data))
+
+    def _train(self, task: Task, trainer: Trainer, start: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], TrainStats]:
+        """Stage 6: train until the epochs are done or the send margin is reached; the update (new - start, privatized
+        when the task asks for local DP) and the training's statistics. TaskRefused when training diverged."""
+        seed = task.seed ^ zlib.crc32(self.config.device_id.encode())
+        log.info("round %d: training tier %s (%d epochs, %.0f s to the deadline)",
+                 task.round, task.tier, task.epochs, task.deadline - time.time())
+        stats = self._off_loop(lambda: trainer.train(
+            self.train_data, task.epochs, task.batch_size, task.learning_rate, seed, task.mask_classes,
+            proximal_mu=task.proximal_mu, stop_at=task.deadline - self.config.send_margin_s))
+        trained = trainer.get_weights()
+        delta = {name: trained[name] - start[name] for name in start}
+        if not all(np.isfinite(value).all() for value in delta.values()) or not math.isfinite(stats.loss):
+            self._trainers.pop(task.manifest_sha256, None)  # its weights and optimizer state are spoilt
+            raise TaskRefused(RejectReason.NON_FINITE, f"training diverged (loss {stats.loss}): the update holds "
+                              "NaN or Inf; nothing sent, the error-feedback state is unchanged")
+        if task.dp_noise > 0:  # local differential privacy: clip and noise before anything leaves the device
+            delta = privatize(delta, task.dp_clip, task.dp_noise, self._dp_rng)
+        return delta, stats
+
+    def _hand_to_secure(self, task: Task, delta: dict[str, np.ndarray], before: EvalStats | None) -> None:
+        """Stage 7 of a secure task: the delta goes to its session, masked and sent once the shares are in."""
+        secure = self.secure
+        assert secure is not None
+
+        def hand_over() -> None:
+            secure.trained(task, delta, before)
+            self.tasks_done += 1
+
+        self._commit(hand_over)
+
+    def _encode_and_send(self, task: Task, start: Mapping[str, np.ndarray], delta: dict[str, np.ndarray],
+                         stats: TrainStats, before: EvalStats | None) -> None:
+        """Stage 7: encode the update with the configured codec (error feedback and selective upload around it) and
+        send it; the residual is saved with it."""
+        feedback = self._feedback_for(task.tier)
+        intended = feedback.compensate(delta) if feedback else delta
+        unchanged = bool(feedback and feedback.insignificant(intended, start))
+        update = Update(
+            update_id=new_id(),
+            round=task.round,
+            base_version=task.model_version,
+            tier=task.tier,
+            num_samples=len(self.train_data),
+            steps=stats.steps,
+            train_loss=stats.loss,
+            train_accuracy=stats.accuracy,
+            train_seconds=stats.seconds,
+            eval_loss=before.loss if before else None,
+            eval_accuracy=before.accuracy if before else None,
+            eval_samples=before.samples if before else 0,
+            unchanged=unchanged,
+        )
+        codec = parse_codec(self.config.codec)
+        rounding = np.random.SeedSequence()  # fresh; the frame and the feedback's copy of it draw the same rounding
+        frame = encode_frame(self.config.fleet, self.config.device_id, update, None if unchanged else intended, codec,
+                             rng=np.random.default_rng(rounding), signer=self.key.sign if self.key else None)
+        sent = None  # what the aggregator will decode: the same codec, the same rounding
+        if feedback and not unchanged:
+            rng = np.random.default_rng(rounding)
+            sent = {name: encode_decode(codec, value, rng) for name, value in intended.items()}
+
+        def send() -> None:
+            if feedback:
+                feedback.remember(intended, sent)
+            published = self.link.publish(self.topics.up(self.config.device_id), frame)
+            self.tasks_done += 1
+            log.info(
+                "round %d: %d steps in %.2f s, loss %.4f, acc %.3f; sent %d bytes%s",
+                task.round, stats.steps, stats.seconds, stats.loss, stats.accuracy, published,
+                " (unchanged: below the upload threshold)" if unchanged else "",
+            )
+
+        self._commit(send)
+
+    def _send_statistics(self, task: Task, weights: dict[str, np.ndarray]) -> None:
+        """Stage 5 of a statistics task: measure the batch-norm statistics of `weights` on our training data, send them."""
+        folder = self.cache.tier_folder(task.artifacts, key=task.manifest_sha256)
+        statistics = self._off_loop(lambda: measure_bn_statistics(folder / STATISTICS_FILE, weights, self.train_data,
+                                                                  threads=self.config.threads))
+        body = Statistics(round=task.round, base_version=task.model_version, tier=task.tier, num_samples=len(self.train_data))
+
+        def send() -> None:
+            sent = self._publish(self.topics.up(self.config.device_id), body, statistics)
+            log.info("round %d: sent batch-norm statistics of %d layers (%d bytes)", task.round, len(statistics) // 2, sent)
+
+        self._commit(send)
+
     def _feedback_for(self, tier: str) -> ErrorFeedback | None:
         """The tier's error-feedback state; None when updates travel lossless and always."""
         if self.config.codec == "float32" and self.config.skip_below == 0:
@@ -559,13 +606,7 @@ class DeviceAgent:
             self._feedback[tier] = ErrorFeedback(self.config.cache_dir, tier, self.config.skip_below)
         return self._feedback[tier]
 
-    def _trainer_for(self, task: Task, manifest: TierManifest) -> Trainer:
-        trainer = self._trainers.get(task.manifest_sha256)
-        if trainer is None:
-            folder = self.cache.tier_folder(task.artifacts, key=task.manifest_sha256)
-            trainer = open_trainer(self.config.backend, folder, manifest, threads=self.config.threads)
-            self._trainers[task.manifest_sha256] = trainer
-        return trainer
+    # -- sending ----------------------------------------------------------------------------
 
     def _send_secagg(self, body: SecAgg, tensors: Mapping[str, np.ndarray] | None) -> int:
         """Publish one secure-aggregation message (a masked input's ring integers as raw uint8 tensors)."""

@@ -1,9 +1,9 @@
 """The device's side of secure rounds (protocol.secagg.messages): keys, shares, the masked delta, unmasking.
 
-A secure task (Task.secure) opens a session on the network thread at once: fresh keys are
-advertised before training starts. The roster is answered with encrypted shares, the share
-delivery is kept; the worker hands in the trained delta, and whichever of the two comes last
-masks weight x delta (clipped to the agreed bound) and sends it. The unmask request gets the
+The agent's device loop is its one caller. A secure task (Task.secure) opens a session as soon as
+it is received: fresh keys are advertised before training starts. The roster is answered with
+encrypted shares, the share delivery is kept; the task pipeline hands in the trained delta, and
+whichever of the two comes last masks weight x delta (clipped to the agreed bound) and sends it. The unmask request gets the
 shares the protocol allows it. A refused step ends the session, and the aggregator counts the
 device as dropped. Only the newest secure task has a session; messages of another are ignored.
 
@@ -17,7 +17,6 @@ it gets none. Without them the roster is taken on trust (a warning says so once)
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -48,7 +47,7 @@ class _Session:
 
 
 class SecureClient:
-    """One device's secure sessions, fed by the agent's network thread (messages) and worker (trained deltas)."""
+    """One device's secure sessions, fed by the agent's device loop (tasks, messages and trained deltas)."""
 
     def __init__(self, device_id: str, send: Send, signing_key: Ed25519PrivateKey | None = None,
                  fleet_keys: Mapping[str, str] | None = None) -> None:
@@ -72,7 +71,6 @@ class SecureClient:
         self._signing_key = signing_key
         self._fleet_keys = dict(fleet_keys) if fleet_keys is not None else None
         self._warned_unverified = False
-        self._lock = threading.Lock()
         self._session: _Session | None = None
 
     def on_task(self, task: Task) -> None:
@@ -92,56 +90,54 @@ class SecureClient:
             log.warning("secure aggregation: the key roster is not verified (no --fleet-keys): an aggregator that "
                         "substitutes another device's keys could read the shares this device sends it")
             self._warned_unverified = True
-        with self._lock:
-            self._session = _Session(task, settings, device)
-            self._reply(self._session, device.advertise())
+        self._session = _Session(task, settings, device)
+        self._reply(self._session, device.advertise())
         log.info("round %d: secure aggregation (threshold %d of %d): keys advertised", task.round,
                  settings.threshold, settings.max_devices)
 
     def on_message(self, body: SecAgg) -> None:
         """Answer the aggregator's roster, keep its share delivery, answer its unmask request."""
-        with self._lock:
-            session = self._session
-            if session is None or body.session != session.settings.session:
-                log.info("ignored a secure-aggregation %s message of another session (round %d)", body.phase, body.round)
-                return
-            try:
-                message = unwrap(body, {})
-                if isinstance(message, KeyRoster):
-                    self._reply(session, session.device.share_keys(message))
-                    log.info("round %d: shared keys with a roster of %d devices%s", body.round, len(message.devices),
-                             ", every advertisement verified against the fleet's keys" if self._fleet_keys else "")
-                elif isinstance(message, ShareDelivery):
-                    session.delivery = message
-                    self._mask_when_ready(session)
-                elif isinstance(message, UnmaskRequest):
-                    self._reply(session, session.device.unmask(message))
-                    log.info("round %d: unmasking answered (%d survivors, %d dropped)", body.round,
-                             len(message.survivors), len(message.dropped))
-                else:
-                    raise SecAggError(f"the aggregator does not send {body.phase} messages")
-            except SecAggError as exc:
-                log.error("round %d: secure aggregation step refused, leaving the round: %s", body.round, exc)
-                self._session = None
+        session = self._session
+        if session is None or body.session != session.settings.session:
+            log.info("ignored a secure-aggregation %s message of another session (round %d)", body.phase, body.round)
+            return
+        try:
+            message = unwrap(body, {})
+            if isinstance(message, KeyRoster):
+                self._reply(session, session.device.share_keys(message))
+                log.info("round %d: shared keys with a roster of %d devices%s", body.round, len(message.devices),
+                         ", every advertisement verified against the fleet's keys" if self._fleet_keys else "")
+            elif isinstance(message, ShareDelivery):
+                session.delivery = message
+                self._mask_when_ready(session)
+            elif isinstance(message, UnmaskRequest):
+                self._reply(session, session.device.unmask(message))
+                log.info("round %d: unmasking answered (%d survivors, %d dropped)", body.round,
+                         len(message.survivors), len(message.dropped))
+            else:
+                raise SecAggError(f"the aggregator does not send {body.phase} messages")
+        except SecAggError as exc:
+            log.error("round %d: secure aggregation step refused, leaving the round: %s", body.round, exc)
+            self._session = None
 
     def trained(self, task: Task, delta: Mapping[str, np.ndarray], evaluation: EvalStats | None) -> None:
-        """The worker's delta for a secure task: masked and sent once the share delivery is in."""
-        with self._lock:
-            session = self._session
-            if session is None or task.secure is None or task.secure.session != session.settings.session:
-                log.warning("round %d: trained, but its secure session is gone; nothing sent", task.round)
-                return
-            session.delta = self._clipped(task.round, delta, session.settings)
-            if evaluation is not None:
-                session.evaluation = dict(eval_loss=evaluation.loss, eval_accuracy=evaluation.accuracy,
-                                          eval_samples=evaluation.samples)
-            try:
-                self._mask_when_ready(session)
-            except SecAggError as exc:
-                log.error("round %d: cannot mask the update, leaving the round: %s", task.round, exc)
-                self._session = None
+        """The trained delta of a secure task: masked and sent once the share delivery is in."""
+        session = self._session
+        if session is None or task.secure is None or task.secure.session != session.settings.session:
+            log.warning("round %d: trained, but its secure session is gone; nothing sent", task.round)
+            return
+        session.delta = self._clipped(task.round, delta, session.settings)
+        if evaluation is not None:
+            session.evaluation = dict(eval_loss=evaluation.loss, eval_accuracy=evaluation.accuracy,
+                                      eval_samples=evaluation.samples)
+        try:
+            self._mask_when_ready(session)
+        except SecAggError as exc:
+            log.error("round %d: cannot mask the update, leaving the round: %s", task.round, exc)
+            self._session = None
 
     def _mask_when_ready(self, session: _Session) -> None:
+        """Mask and send the delta once both it and the share delivery are in (once per session)."""
         if session.delivery is None or session.delta is None or session.sent:
             return
         masked = session.device.mask(session.delivery, session.delta, session.settings.weight)

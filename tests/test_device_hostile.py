@@ -112,8 +112,8 @@ def make_agent(tmp_path: Path, aggregator: Aggregator, data, trusted: bool = Tru
 
 @contextmanager
 def working(agent: DeviceAgent) -> Iterator[threading.Thread]:
-    """The agent's worker thread, running tasks until the block ends."""
-    worker = threading.Thread(target=agent._work, daemon=True)
+    """The agent's device loop, serving its inbox and running tasks until the block ends."""
+    worker = threading.Thread(target=agent._loop, daemon=True)
     worker.start()
     try:
         yield worker
@@ -123,15 +123,19 @@ def working(agent: DeviceAgent) -> Iterator[threading.Thread]:
 
 
 def settle(agent: DeviceAgent, timeout: float = 30) -> None:
-    """Wait until the worker has taken every queued task and finished it."""
+    """Wait until the device loop has handled everything queued and finished every task it took."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if agent._tasks.empty() and agent._current is None:
+        if idle(agent):
             time.sleep(0.05)
-            if agent._tasks.empty() and agent._current is None:
+            if idle(agent):
                 return
         time.sleep(0.02)
     raise AssertionError("the agent did not finish its tasks")
+
+
+def idle(agent: DeviceAgent) -> bool:
+    return not len(agent.inbox) and not agent._tasks and agent._current is None
 
 
 def run(agent: DeviceAgent, frame: bytes) -> None:
@@ -153,9 +157,9 @@ def test_unsigned_and_wrongly_signed_downlink_frames_are_refused_and_never_acted
         agent._on_frame(DOWN, aggregator.frame(Blob(sha256=sha, name=name), {"data": np.frombuffer(content, np.uint8)},
                                                "uint8", signer=signer, signed=signed))
     assert agent.refused == {"bad_signature": 6}
-    assert agent._tasks.empty() and not agent.cache.has(aggregator.tier.manifest_sha256) and link.published == []
+    assert not len(agent.inbox) and not agent.cache.has(aggregator.tier.manifest_sha256) and link.published == []
     agent._on_frame(DOWN, aggregator.frame(task, aggregator.weights()))  # signed by the trusted key
-    assert agent._tasks.qsize() == 1
+    assert len(agent.inbox) == 1
 
 
 def test_trust_on_first_use_pins_the_announced_key_then_refuses_any_other(tmp_path, exported, data, caplog):
@@ -172,12 +176,12 @@ def test_trust_on_first_use_pins_the_announced_key_then_refuses_any_other(tmp_pa
     agent._on_frame(DOWN, impostor.frame(body, tensors, "uint8"))  # a later announcement of another key
     agent._on_frame(DOWN, aggregator.frame(aggregator.task(1), aggregator.weights(), signed=False))
     agent._on_frame(DOWN, impostor.frame(aggregator.task(1), aggregator.weights()))
-    assert agent.refused == {"bad_signature": 3} and agent._tasks.empty()
+    assert agent.refused == {"bad_signature": 3} and not len(agent.inbox)
     assert aggregator.key.public_hex in pinned.read_text()
     again, _ = make_agent(tmp_path, aggregator, data, trusted=False)  # the next start keeps the pinned key
     again._on_frame(DOWN, impostor.frame(aggregator.task(1), aggregator.weights()))
     again._on_frame(DOWN, aggregator.frame(aggregator.task(1), aggregator.weights()))
-    assert again.refused == {"bad_signature": 1} and again._tasks.qsize() == 1
+    assert again.refused == {"bad_signature": 1} and len(again.inbox) == 1
 
 
 def test_malformed_tasks_are_refused_and_the_agent_takes_the_next(tmp_path, exported, data):
@@ -296,7 +300,7 @@ def test_hello_and_offline_status_carry_a_fresh_session_per_start(tmp_path, expo
     aggregator = Aggregator(tmp_path / "agg", exported)
     first, link = make_agent(tmp_path, aggregator, data)
     first._announce()
-    worker = threading.Thread(target=first._work)
+    worker = threading.Thread(target=first._loop)
     worker.start()
     first._leave(worker)
     (hello,), (offline,) = link.bodies(Hello), link.bodies(Status)

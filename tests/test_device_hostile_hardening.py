@@ -59,11 +59,11 @@ def test_before_a_key_is_pinned_only_the_key_announcement_is_taken(tmp_path, exp
     blob = mallory.frame(Blob(sha256=sha, name=name), {"data": np.frombuffer(content, np.uint8)}, "uint8")
     agent._on_frame(DOWN, blob)
     assert agent.refused == {"bad_signature": 4}
-    assert agent._tasks.empty() and not agent.cache.has(sha) and link.published == []
+    assert not len(agent.inbox) and not agent.cache.has(sha) and link.published == []
     assert not (tmp_path / "cache" / KEY_ANNOUNCEMENT).exists()
     agent._on_frame(DOWN, aggregator.frame(*key_announcement(aggregator.key), "uint8"))
     agent._on_frame(DOWN, aggregator.frame(aggregator.task(4), aggregator.weights()))
-    assert agent._tasks.qsize() == 1 and agent.refused == {"bad_signature": 4}
+    assert len(agent.inbox) == 1 and agent.refused == {"bad_signature": 4}
 
 
 def test_without_cryptography_unsigned_frames_are_refused_and_the_gap_is_said_once(tmp_path, exported, data, caplog,
@@ -76,7 +76,7 @@ def test_without_cryptography_unsigned_frames_are_refused_and_the_gap_is_said_on
         for round_number in (1, 2):
             agent._on_frame(DOWN, aggregator.frame(aggregator.task(round_number), aggregator.weights(), signed=False))
         agent._on_frame(DOWN, aggregator.frame(aggregator.task(3), aggregator.weights()))
-    assert agent.refused == {"bad_signature": 2} and agent._tasks.qsize() == 1
+    assert agent.refused == {"bad_signature": 2} and len(agent.inbox) == 1
     warnings = [r.getMessage() for r in caplog.records if "NOT checked against the aggregator's key" in r.getMessage()]
     assert len(warnings) == 1 and "tierfl[signing]" in warnings[0]
     with pytest.raises(ValueError, match="needs the cryptography package"):
@@ -120,7 +120,7 @@ def test_a_frame_on_another_topic_than_this_devices_downlink_is_refused(tmp_path
     agent, _ = make_agent(tmp_path, aggregator, data)
     elsewhere = f"tierfl/v1/{FLEET}/down/another-device"
     agent._on_frame(elsewhere, aggregator.frame(aggregator.task(1), aggregator.weights()))
-    assert agent.refused == {"unexpected": 1} and agent._tasks.empty()
+    assert agent.refused == {"unexpected": 1} and not len(agent.inbox)
 
 
 def test_a_corrupt_residual_file_is_lost_state_not_a_failed_tier(tmp_path, exported, data, caplog):

@@ -12,8 +12,8 @@ aggregator's key or one that pins it on first use; only its MQTT link is a stand
 Property: every frame ends in an acceptance (queued, stored, counted as the aggregator's refusal,
 a key pinned or confirmed, handed to the secure client) or in one typed refusal (`refused` grows by
 one under a RejectReason), never an exception, each within `_memory_bound` of traced memory. The
-tasks it queued go through the worker's check of received weights (a result or TaskRefused), and a
-secure session gets a trained delta to mask against the delivered shares, as the worker would.
+tasks it took go through the pipeline's check of received weights (a result, TaskRefused or TaskSkipped), and a
+secure session gets a trained delta to mask against the delivered shares, as the pipeline would.
 
 Cases: a few hundred in the normal suite; TIERFL_FUZZ_EXAMPLES sets them (`make fuzz`).
 """
@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from aggregator.store.artifacts import ArtifactStore
-from edge_client.agent import ClientConfig, DeviceAgent, TaskRefused
+from edge_client.agent import ClientConfig, DeviceAgent, TaskRefused, TaskSkipped
 from models.data import load_dataset, train_test_split
 from models.export import export_all
 from models.manifest import TierManifest
@@ -343,10 +343,17 @@ def _outcome(agent: DeviceAgent, frame: bytes, before: dict[str, int], queued: i
         return "accepted: the aggregator's refusal" if key.startswith("by-aggregator:") else f"refused:{reason}"
     body = read_header(frame).body  # nothing refused: a frame that passed every check
     if isinstance(body, Task):
-        assert agent._tasks.qsize() == queued + 1, "a task neither refused nor queued"
+        assert len(agent._tasks) == queued + 1, "a task neither refused nor taken"
     else:
         assert isinstance(body, (Blob, SecAgg)), f"a {body.kind} neither refused nor acted on"
     return f"accepted: {body.kind}"
+
+
+def _receive(agent: DeviceAgent, frame: bytes) -> None:
+    """The frame as the network thread receives it, then whatever it queued as the device loop handles it."""
+    agent._on_frame(DOWN, frame)
+    while len(agent.inbox):
+        agent._serve(0)
 
 
 def _traced(action: Callable[[], None]) -> int:
@@ -363,7 +370,7 @@ def _traced(action: Callable[[], None]) -> int:
 @given(st.data())
 def test_structure_aware_downlink_frames_end_in_acceptance_or_a_typed_refusal(downlink, data):
     """The device's whole receipt path (topic, header, sender, signature or key pinning, payload, dispatch), then the
-    worker's checks of what it took: never an exception, one typed refusal or an acceptance per frame."""
+    task pipeline's checks of what it took: never an exception, one typed refusal or an acceptance per frame."""
     trusted = data.draw(st.sampled_from([True, True, True, False]))  # else it pins the first key announced
     agent, link = downlink.agent(trusted)
     secure: Secure | None = None
@@ -371,21 +378,23 @@ def test_structure_aware_downlink_frames_end_in_acceptance_or_a_typed_refusal(do
     if not trusted and data.draw(st.booleans()):
         steps.insert(0, "announce")
     for index, step in enumerate(steps):
-        if step == "trained":  # the worker's trained delta for the secure task: masked against the delivered shares
+        if step == "trained":  # the pipeline's trained delta for the secure task: masked against the delivered shares
             if secure is not None:
                 agent.secure.trained(secure.task, {n: np.zeros_like(w) for n, w in downlink.weights.items()}, None)
             continue
         frame, secure = _frame(data.draw, downlink, step, index, secure, link)
-        before, queued = dict(agent.refused), agent._tasks.qsize()
-        peak = _traced(lambda: agent._on_frame(DOWN, frame))
+        before, queued = dict(agent.refused), len(agent._tasks)
+        peak = _traced(lambda: _receive(agent, frame))
         outcome = _outcome(agent, frame, before, queued)
         note(f"frame {index} ({step}): {outcome}")
         event(f"{step}: {outcome}")  # counted by --hypothesis-show-statistics
         assert peak < _memory_bound(frame), f"receiving a {len(frame)}-byte frame traced {peak} bytes"
-    while not agent._tasks.empty():  # what the worker checks first of a task it took: the weights it carries
-        taken = agent._tasks.get_nowait()
+    while agent._tasks:  # what the task pipeline checks first of a task it took: the weights it carries
+        taken = agent._tasks.popleft()
         if taken.body.manifest_sha256 == downlink.tier.manifest_sha256:
             try:
-                agent._received_weights(taken.body, taken.tensors, downlink.manifest)
+                agent._get_weights(taken.body, taken.tensors, downlink.manifest)
             except TaskRefused as exc:
                 assert exc.reason.value in REASONS and exc.detail
+            except TaskSkipped:  # a delta against a version it does not hold: refused as wrong_version, hello sent
+                pass
