@@ -93,8 +93,6 @@ def _parser(role: str) -> argparse.ArgumentParser:
 OTHER_COMMANDS = re.compile(r"`tierfl (client|aggregator)[^`]*`|the parent's --enrolled")
 
 
-@pytest.mark.xfail(strict=True, reason="tierfl/config.add_config_option's --config help names round-timeout and "
-                                       "TIERFL_ROUND_TIMEOUT, which tierfl edge-aggregator does not have")
 def test_edge_aggregator_help_names_only_options_it_has():
     parser = _parser("edge-aggregator")
     resolve(parser, "edge-aggregator", [], {})  # adds --config, as a start does

@@ -276,11 +276,14 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
     """Add `--config FILE` to a role's parser (once)."""
     if any(action.dest == "config" for action in parser._actions):
         return
+    example = next((a for a in parser._actions if a.option_strings and a.nargs != 0 and a.dest not in ("help", "config")
+                    and a.option_strings[-1].startswith("--")), None)
+    name = example.option_strings[-1][2:] if example else "option"
     parser.add_argument_group("configuration").add_argument(
         "--config", type=Path, metavar="FILE",
-        help=f"TOML file of these options: their long names without the dashes, e.g. round-timeout = 30 "
+        help=f"TOML file of these options: their long names without the dashes, e.g. {name} = VALUE "
              f"(default: ${CONFIG_ENV}). Every option is also read from TIERFL_ and its name in capitals, e.g. "
-             f"TIERFL_ROUND_TIMEOUT=30. Flags win over the environment, which wins over the file. "
+             f"TIERFL_{name.replace('-', '_').upper()}=VALUE. Flags win over the environment, which wins over the file. "
              f"`tierfl config show ROLE ...` prints the result")
 
 
