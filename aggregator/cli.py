@@ -14,6 +14,7 @@ from pathlib import Path
 from aggregator.downlink import DOWNLINK_MODES
 from aggregator.engines.base import Engine, EngineConfig
 from aggregator.engines.buffered import BufferConfig, BufferedEngine
+from aggregator.engines.parts import EngineParts
 from aggregator.engines.rounds import RoundEngine
 from aggregator.engines.secure import SecureRoundEngine
 from aggregator.evaluate import HeldOutEvaluator
@@ -281,19 +282,17 @@ def serve(args: argparse.Namespace, settings: AlgorithmSettings) -> int:
     evaluator = HeldOutEvaluator(load_dataset(args.eval_data)) if args.eval_data else None
     ledger = Ledger(args.state_dir / "ledger.sqlite")
     with contextlib.closing(ledger):  # closed on every way out: no -wal and -shm files left behind
+        parts = EngineParts(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(max_devices=args.max_devices),
+                            evaluator, ledger, privacy)
         if args.strategy == "fedbuff":
             buffer = BufferConfig(buffer_size=args.buffer_size, max_staleness=args.max_staleness,
                                   staleness_exponent=args.staleness_exponent, concurrency=args.concurrency,
                                   min_clients=args.min_clients)
-            engine: Engine = BufferedEngine(config, buffer, strategy, artifacts, StateStore(args.state_dir),
-                                                 DeviceRegistry(max_devices=args.max_devices), evaluator, ledger, privacy=privacy)
+            engine: Engine = BufferedEngine(parts, buffer)
         elif secure is not None:  # with --enrolled, advertisements that do not verify are refused at the aggregator too
-            engine = SecureRoundEngine(config, secure, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(max_devices=args.max_devices),
-                                       evaluator, ledger, privacy=privacy,
-                                       enrolled=EnrolledKeys.load(args.enrolled).root if args.enrolled else None)
+            engine = SecureRoundEngine(parts, secure, enrolled=EnrolledKeys.load(args.enrolled).root if args.enrolled else None)
         else:
-            engine = RoundEngine(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(max_devices=args.max_devices), evaluator, ledger,
-                                 privacy=privacy)
+            engine = RoundEngine(parts)
         if engine.finished:
             log.info("all %d rounds are already done in %s (version %d)", config.rounds, args.state_dir, engine.record.version)
             return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 from aggregator.edge_service import EdgeService
 from aggregator.engines.base import EngineConfig
 from aggregator.engines.edge import EdgeEngine, FollowTask
+from aggregator.engines.parts import EngineParts
 from aggregator.options import add_integrity_arguments
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
@@ -95,8 +96,8 @@ def run(args: argparse.Namespace) -> int:
     policy = make_tier_policy(args.tier_policy, mix, artifacts.spec, 1, 60.0, args.seed)
     strategy = FollowTask(tiers=policy, seed=args.seed, sampler=UniformSampler(args.fraction, 1, args.seed))
     config = EngineConfig(fleet=args.fleet, seed=args.seed, outlier_multiple=args.outlier_multiple, max_share=args.max_share)
-    engine = EdgeEngine(config, strategy, artifacts, StateStore(args.state_dir),
-                        DeviceRegistry(), margin_s=args.margin)
+    engine = EdgeEngine(EngineParts(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry()),
+                        margin_s=args.margin)
     try:
         key: DeviceKey | None = DeviceKey(args.state_dir)
     except ImportError:

@@ -30,6 +30,7 @@ import numpy as np
 from aggregator.engines.base import EngineConfig, Outgoing
 from aggregator.engines.buffered import BufferConfig, BufferedEngine
 from aggregator.engines.edge import EdgeEngine, FollowTask
+from aggregator.engines.parts import EngineParts
 from aggregator.engines.rounds import RoundEngine
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.registry import DeviceRegistry
@@ -136,7 +137,7 @@ class Simulation:
         update, delta, seconds = self.train(device, task, weights)
         self.at(self.now + seconds, lambda now: answer(now, update, delta))
 
-    def serve(self, engine: RoundEngine, out: list[Outgoing], devices: Mapping[str, Device]) -> None:
+    def serve(self, engine: RoundEngine | BufferedEngine, out: list[Outgoing], devices: Mapping[str, Device]) -> None:
         """Deliver what `engine` sent: tasks start training, round summaries are recorded."""
         for message in out:
             body = message.body
@@ -182,11 +183,11 @@ def run_flat(algorithm: str, fleet: Fleet, state: Path) -> Simulation:
     strategy = _strategy(algorithm, args)
     if algorithm == "fedbuff":
         buffer = BufferConfig(buffer_size=args.buffer_size, max_staleness=args.max_staleness, concurrency=args.concurrency)
-        engine: RoundEngine = BufferedEngine(_engine_config(args, 10_000), buffer, strategy, fleet.artifacts,
-                                             StateStore(state), _registry(fleet.devices), fleet.evaluator)
+        engine: RoundEngine | BufferedEngine = BufferedEngine(EngineParts(_engine_config(args, 10_000), strategy, fleet.artifacts,
+                                                         StateStore(state), _registry(fleet.devices), fleet.evaluator), buffer)
     else:
-        engine = RoundEngine(_engine_config(args, args.rounds), strategy, fleet.artifacts, StateStore(state),
-                             _registry(fleet.devices), fleet.evaluator)
+        engine = RoundEngine(EngineParts(_engine_config(args, args.rounds), strategy, fleet.artifacts,
+                                         StateStore(state), _registry(fleet.devices), fleet.evaluator))
     sim.run(args.budget, lambda now: sim.serve(engine, engine.tick(now), devices), lambda: engine.finished)
     return sim
 
@@ -198,15 +199,16 @@ def run_hierarchical(fleet: Fleet, state: Path) -> Simulation:
     edges: dict[str, tuple[EdgeEngine, dict[str, Device]]] = {}
     for i, group in enumerate(halves):
         follow = FollowTask(seed=args.seed, sampler=UniformSampler(1.0, 1, args.seed))
-        edge = EdgeEngine(EngineConfig(fleet=f"edge{i}", seed=args.seed), follow, fleet.artifacts, StateStore(state / f"edge{i}"),
-                          _registry(group), margin_s=2 * HOP_S)
+        edge = EdgeEngine(EngineParts(EngineConfig(fleet=f"edge{i}", seed=args.seed), follow, fleet.artifacts,
+                                      StateStore(state / f"edge{i}"), _registry(group)), margin_s=2 * HOP_S)
         edges[f"e{i}"] = (edge, {d.device_id: d for d in group})
     registry = DeviceRegistry(offline_after_s=float("inf"))
     for name, (_, group) in edges.items():
         registry.hello(name, sum(len(d.data) for d in group.values()), 0, "a", "edge", 0.0)
     # The root's deadline covers the extra hop and the edges' margin, so devices get flat FedAvg's training time.
     config = _engine_config(args, args.rounds).model_copy(update={"round_timeout_s": args.round_timeout + 3 * HOP_S})
-    root = RoundEngine(config, _strategy("fedavg", args), fleet.artifacts, StateStore(state / "root"), registry, fleet.evaluator)
+    root = RoundEngine(EngineParts(config, _strategy("fedavg", args), fleet.artifacts, StateStore(state / "root"),
+                                   registry, fleet.evaluator))
 
     def forward(edge_name: str, edge: EdgeEngine, out: list[Outgoing]) -> None:
         """Serve an edge's local tasks; when its round closes, its combined update goes up after one hop."""

@@ -11,6 +11,7 @@ import pytest
 
 from aggregator.engines.base import EngineConfig
 from aggregator.engines.buffered import BufferConfig, BufferedEngine, staleness_factor
+from aggregator.engines.parts import EngineParts
 from aggregator.registry import DeviceInfo, DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.state import StateStore
@@ -173,8 +174,8 @@ def _buffered(art: Path, state: Path, devices: int, buffer: BufferConfig, rounds
     registry = DeviceRegistry()
     for i in range(devices):
         registry.hello(f"d{i}", 10 * (i + 1), 0, None, "ort-training", now=0.0)
-    return BufferedEngine(EngineConfig(rounds=rounds, round_timeout_s=10.0), buffer, FedAvg(min_clients=1),
-                          ArtifactStore(art), StateStore(state), registry)
+    return BufferedEngine(EngineParts(EngineConfig(rounds=rounds, round_timeout_s=10.0), FedAvg(min_clients=1),
+                                      ArtifactStore(art), StateStore(state), registry), buffer)
 
 
 def test_fedbuff_waits_for_min_clients_before_the_first_tasks(art_dir: Path, tmp_path: Path, caplog) -> None:
@@ -299,7 +300,7 @@ def test_edge_then_root_equals_flat_aggregation_with_tiers(weighted: bool) -> No
 
 
 def test_partial_work_weighs_by_the_share_of_steps_done_when_asked() -> None:
-    from aggregator.engines.rounds import work_done
+    from aggregator.engines.intake import work_done
     from aggregator.store.round_spool import Assignment
     update = Update(update_id=new_id(), round=1, base_version=0, tier="a", num_samples=100, steps=4, train_loss=1.0,
                     train_accuracy=0.5, train_seconds=1.0)
@@ -326,8 +327,8 @@ def test_privacy_books_charge_committed_rounds_and_survive_a_restart(art_dir: Pa
         for i in range(4):
             registry.hello(f"d{i}", 10, 0, None, "ort-training", now=0.0)
         strategy = FedAvg(fraction=0.5, min_clients=1, accumulator=CentralDp(1.0, 1.0, seed=3))
-        return RoundEngine(EngineConfig(rounds=5, round_timeout_s=10.0), strategy, ArtifactStore(art_dir),
-                           StateStore(tmp_path / "state"), registry, privacy=PrivacyBudget("central", 1.0))
+        return RoundEngine(EngineParts(EngineConfig(rounds=5, round_timeout_s=10.0), strategy, ArtifactStore(art_dir),
+                                       StateStore(tmp_path / "state"), registry, privacy=PrivacyBudget("central", 1.0)))
 
     first = engine()
     for round_number in (1, 2):
@@ -407,8 +408,9 @@ def test_root_checks_an_edge_aggregators_contributors(tmp_path: Path) -> None:
     registry = DeviceRegistry()
     registry.hello("edge", 30, 0, "a", "edge", now=0.0)
     artifacts = ArtifactStore(tmp_path / "art")
-    engine = RoundEngine(EngineConfig(rounds=2, round_timeout_s=10.0), FedAvg(min_clients=1, tiers=FixedTiers({"a": 1.0})),
-                         artifacts, StateStore(tmp_path / "state"), registry)
+    engine = RoundEngine(EngineParts(EngineConfig(rounds=2, round_timeout_s=10.0),
+                                     FedAvg(min_clients=1, tiers=FixedTiers({"a": 1.0})), artifacts,
+                                     StateStore(tmp_path / "state"), registry))
     task = next(o.body for o in engine.tick(0.0) if isinstance(o.body, Task))
     tensors = _random(artifacts.tiers["a"].shapes, 0)
 

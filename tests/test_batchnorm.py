@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from aggregator.engines.base import EngineConfig
+from aggregator.engines.parts import EngineParts
 from aggregator.engines.rounds import RoundEngine
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
@@ -94,8 +95,9 @@ def test_engine_commits_only_after_the_statistics_phase(tmp_path: Path):
     artifacts, registry = ArtifactStore(tmp_path / "art"), DeviceRegistry()
     for device, tier in (("d1", "a"), ("d2", "c")):
         registry.hello(device, 100, 0, tier, "ort-training", now=0.0)
-    engine = RoundEngine(EngineConfig(rounds=2, round_timeout_s=10), FedAvg(min_clients=2, tiers=FixedTiers({"a": 1})),
-                         artifacts, StateStore(tmp_path / "state"), registry)
+    engine = RoundEngine(EngineParts(EngineConfig(rounds=2, round_timeout_s=10),
+                                     FedAvg(min_clients=2, tiers=FixedTiers({"a": 1})), artifacts,
+                                     StateStore(tmp_path / "state"), registry))
     tasks = {o.device_id: o for o in engine.tick(1.0)}
     for device, task in tasks.items():
         update = Update(update_id=new_id(), round=1, base_version=0, tier=task.body.tier, num_samples=100, steps=1,

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from aggregator.engines.base import EngineConfig
+from aggregator.engines.parts import EngineParts
 from aggregator.engines.rounds import RoundEngine
 from aggregator.engines.secure import SecureConfig, SecureRoundEngine
 from aggregator.registry import DeviceRegistry
@@ -238,8 +239,8 @@ def test_a_hello_claiming_max_samples_leaves_tick_selecting_sensibly(tiers_abc: 
     strategy = FedAvg(fraction=0.5, min_clients=2, sampler=make_sampler("loss", 0.5, 2, seed=3, candidates=1.0),
                       tiers=make_tier_policy("auto", parse_tier_mix("a1-b1-c1"), SPEC, epochs=1, deadline_s=20.0))
     config = EngineConfig(fleet="f", rounds=2, round_timeout_s=20.0, max_share=0.5)
-    parts = (strategy, ArtifactStore(tiers_abc), StateStore(tmp_path / "state"), registry)
-    engine = SecureRoundEngine(config, SecureConfig(), *parts) if secure else RoundEngine(config, *parts)
+    parts = EngineParts(config, strategy, ArtifactStore(tiers_abc), StateStore(tmp_path / "state"), registry)
+    engine = SecureRoundEngine(parts, SecureConfig()) if secure else RoundEngine(parts)
     tasks = {message.device_id: message.body for message in engine.tick(1.0) if isinstance(message.body, Task)}
     assert len(tasks) == round_count(0.5, 2, 7) and engine.view() is not None
     assert "mallory" in tasks  # power of choice draws by announced data size: the claim does buy selection ...

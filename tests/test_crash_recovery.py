@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from aggregator.engines.base import EngineConfig, Outgoing
+from aggregator.engines.parts import EngineParts
 from aggregator.engines.rounds import RoundEngine
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
@@ -65,8 +66,8 @@ class Process:
                 self.registry.hello(device, samples, 0, None, "ort-training", now=0.0)
         self.ledger = ledger(state / "ledger.sqlite")
         config = EngineConfig(rounds=3, min_updates=1, round_timeout_s=TIMEOUT)
-        self.engine = RoundEngine(config, FedAvg(min_clients=len(devices)), ArtifactStore(art), StateStore(state),
-                                  self.registry, ledger=self.ledger, now=now)
+        self.engine = RoundEngine(EngineParts(config, FedAvg(min_clients=len(devices)), ArtifactStore(art),
+                                              StateStore(state), self.registry, ledger=self.ledger), now=now)
 
     def send(self, device: str, update: Update, tensors: Mapping[str, Tensor], now: float) -> list[Outgoing]:
         return self.engine.on_update(device, new_id(), update, dict(tensors), 1000 + update.num_samples, now)

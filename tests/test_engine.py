@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from aggregator.engines.base import EngineConfig, Outgoing
+from aggregator.engines.parts import EngineParts
 from aggregator.engines.rounds import RoundEngine
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.registry import DeviceRegistry
@@ -43,8 +44,8 @@ class Harness:
         for dev, n in devices.items():
             self.registry.hello(dev, n, 0, None, "ort-training", now=0.0)
         self.config = EngineConfig(fleet=fleet, rounds=rounds, min_updates=1, round_timeout_s=TIMEOUT)
-        self.engine = RoundEngine(self.config, FedAvg(min_clients=min_clients, fraction=1.0), self.artifacts,
-                                  self.store, self.registry, evaluator)
+        self.engine = RoundEngine(EngineParts(self.config, FedAvg(min_clients=min_clients, fraction=1.0),
+                                              self.artifacts, self.store, self.registry, evaluator))
 
     def update(self, dev: str, tensors: Mapping[str, np.ndarray], now: float, *, round_number: int | None = None,
                base_version: int | None = None, tier: str = "a", num_samples: int | None = None,
@@ -272,7 +273,8 @@ def test_deadline_with_no_updates_fails_the_round(art_dir: Path, tmp_path: Path)
     tasks = h.engine.tick(TIMEOUT + 1)
     assert {t.body.round for t in tasks} == {2} and {t.body.model_version for t in tasks} == {0}
     # the failed round survives a restart too
-    again = RoundEngine(h.config, FedAvg(min_clients=2), h.artifacts, StateStore(tmp_path / "state"), h.registry)
+    again = RoundEngine(EngineParts(h.config, FedAvg(min_clients=2), h.artifacts, StateStore(tmp_path / "state"),
+                                    h.registry))
     assert (again.record.version, again.record.round) == (0, 1)
     assert [s.version for s in again.record.history] == [0]
 

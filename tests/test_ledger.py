@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.engines.base import EngineConfig
+from aggregator.engines.parts import EngineParts
 from aggregator.engines.rounds import RoundEngine
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
@@ -23,8 +24,8 @@ def _engine(art: Path, state: Path) -> RoundEngine:
     registry = DeviceRegistry()
     for device in ("d1", "d2"):
         registry.hello(device, 10, 0, None, "ort-training", now=0.0)
-    return RoundEngine(EngineConfig(rounds=3), FedAvg(min_clients=2), ArtifactStore(art), StateStore(state), registry,
-                       ledger=Ledger(state / "ledger.sqlite"))
+    return RoundEngine(EngineParts(EngineConfig(rounds=3), FedAvg(min_clients=2), ArtifactStore(art),
+                                   StateStore(state), registry, ledger=Ledger(state / "ledger.sqlite")))
 
 
 def _update(engine: RoundEngine, update_id: str, round_number: int) -> Update:

@@ -10,6 +10,7 @@ import numpy as np
 
 from aggregator import cli
 from aggregator.engines.base import EngineConfig
+from aggregator.engines.parts import EngineParts
 from aggregator.engines.rounds import RoundEngine
 from aggregator.registry import DeviceRegistry
 from aggregator.report import load_run, render
@@ -33,8 +34,8 @@ def _engine_run(state: Path) -> None:
     for device in ("d1", "d2"):
         registry.hello(device, 10, 0, None, "ort-training", now=0.0)
     ledger = Ledger(state / "ledger.sqlite")
-    engine = RoundEngine(EngineConfig(rounds=2), FedAvg(min_clients=2), ArtifactStore(state / "artifacts"),
-                         StateStore(state), registry, ledger=ledger)
+    engine = RoundEngine(EngineParts(EngineConfig(rounds=2), FedAvg(min_clients=2), ArtifactStore(state / "artifacts"),
+                                     StateStore(state), registry, ledger=ledger))
     now = 1.0
     for round_number in (1, 2):
         tasks = engine.tick(now)

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from aggregator.cli import configure_parser
 from aggregator.engines.base import EngineConfig, Outgoing
+from aggregator.engines.parts import EngineParts
 from aggregator.engines.secure import SecureConfig, SecureRoundEngine, fraction_bits
 from aggregator.options import secure_from_args
 from aggregator.registry import DeviceRegistry
@@ -71,9 +72,9 @@ class Fleet:
         for device, (tier, samples) in DEVICES.items():
             self.registry.hello(device, samples, 0, tier, "ort-training", now=0.0)
         config = EngineConfig(fleet=FLEET, rounds=2, round_timeout_s=TIMEOUT)
-        self.engine = SecureRoundEngine(config, SecureConfig(threshold_fraction=threshold), FedAvg(min_clients=2),
-                                        self.artifacts, StateStore(state), self.registry, ledger=ledger,
-                                        enrolled=enrolled)
+        self.engine = SecureRoundEngine(EngineParts(config, FedAvg(min_clients=2), self.artifacts, StateStore(state),
+                                                    self.registry, ledger=ledger),
+                                        SecureConfig(threshold_fraction=threshold), enrolled=enrolled)
         self.clients = {d: SecureClient(d, lambda body, tensors, d=d: self._up(d, body, tensors), **(clients or {}).get(d, {}))
                         for d in DEVICES}
         self.tamper = tamper
@@ -330,7 +331,7 @@ def test_plain_updates_and_malformed_or_out_of_phase_messages_are_refused(art_di
 
     fleet.silent.clear()
     out = fleet.deliver(secagg("d4", payload=advert.model_dump_json()))  # d4's own: accepted, the roster goes out
-    assert out == [] and fleet.pump() == [] and engine._secure.phase.value == "masked_input"
+    assert out == [] and fleet.pump() == [] and engine.secure_round.phase.value == "masked_input"
     assert _reason(secagg("d4", payload=advert.model_dump_json()), "d4") is RejectReason.LATE  # advertise closed
     assert engine.record.version == 0
     counts = ledger.counts()
@@ -362,10 +363,11 @@ def test_batch_norm_statistics_measured_on_devices_are_refused(tmp_path: Path) -
     export_all(spec, ["a"], tmp_path / "art")
     config = EngineConfig(fleet=FLEET, static_batch_norm=True)
     with pytest.raises(ValueError, match="use --bn-statistics averaged"):
-        SecureRoundEngine(config, SecureConfig(), FedAvg(), ArtifactStore(tmp_path / "art"), StateStore(tmp_path / "s"),
-                          DeviceRegistry())
-    averaged = SecureRoundEngine(config.model_copy(update={"static_batch_norm": False}), SecureConfig(), FedAvg(),
-                                 ArtifactStore(tmp_path / "art"), StateStore(tmp_path / "s"), DeviceRegistry())
+        SecureRoundEngine(EngineParts(config, FedAvg(), ArtifactStore(tmp_path / "art"), StateStore(tmp_path / "s"),
+                                      DeviceRegistry()), SecureConfig())
+    averaged = SecureRoundEngine(EngineParts(config.model_copy(update={"static_batch_norm": False}), FedAvg(),
+                                             ArtifactStore(tmp_path / "art"), StateStore(tmp_path / "s"),
+                                             DeviceRegistry()), SecureConfig())
     assert averaged.record.version == 0
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from aggregator.engines.base import EngineConfig
+from aggregator.engines.parts import EngineParts
 from aggregator.engines.rounds import RoundEngine
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
@@ -101,7 +102,7 @@ def _engine(art: Path, state: Path, optimizer: ServerOptimizer) -> RoundEngine:
     registry.hello("wide", 10, 0, "a", "ort-training", now=0.0)
     registry.hello("narrow", 30, 0, "c", "ort-training", now=0.0)
     config = EngineConfig(rounds=4, round_timeout_s=60.0, server_optimizer=optimizer)
-    return RoundEngine(config, FedAvg(min_clients=2), ArtifactStore(art), StateStore(state), registry)
+    return RoundEngine(EngineParts(config, FedAvg(min_clients=2), ArtifactStore(art), StateStore(state), registry))
 
 
 def _round(engine: RoundEngine, seed: int, now: float) -> None:
@@ -137,7 +138,7 @@ def test_a_restart_makes_the_same_next_version_as_no_restart(art_dir: Path, tmp_
 
 def test_without_a_server_optimizer_nothing_is_stored_beside_the_weights(art_dir: Path, tmp_path: Path) -> None:
     registry = DeviceRegistry()
-    engine = RoundEngine(EngineConfig(rounds=2), FedAvg(min_clients=1), ArtifactStore(art_dir), StateStore(tmp_path),
-                         registry)
+    engine = RoundEngine(EngineParts(EngineConfig(rounds=2), FedAvg(min_clients=1), ArtifactStore(art_dir),
+                                     StateStore(tmp_path), registry))
     with np.load(engine.store.weights_path(0)) as stored:
         assert all(not name.startswith("server_optimizer/") for name in stored.files)

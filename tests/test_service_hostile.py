@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from aggregator.engines.base import EngineConfig
+from aggregator.engines.parts import EngineParts
 from aggregator.engines.rounds import RoundEngine
 from aggregator.inbox import Inbox
 from aggregator.registry import DeviceRegistry
@@ -46,9 +47,9 @@ def art_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _service(art: Path, state: Path, registry: DeviceRegistry | None = None) -> AggregatorService:
-    engine = RoundEngine(EngineConfig(fleet=FLEET, rounds=3, min_updates=1, round_timeout_s=60.0),
-                         FedAvg(min_clients=50, fraction=1.0), ArtifactStore(art), StateStore(state),
-                         DeviceRegistry() if registry is None else registry, None)
+    engine = RoundEngine(EngineParts(EngineConfig(fleet=FLEET, rounds=3, min_updates=1, round_timeout_s=60.0),
+                                     FedAvg(min_clients=50, fraction=1.0), ArtifactStore(art), StateStore(state),
+                                     DeviceRegistry() if registry is None else registry, None))
     return AggregatorService(engine, parse("mqtt://127.0.0.1:1883"), inbox=Inbox())
 
 
@@ -296,9 +297,9 @@ def _signed_at(device: str, body: Status, sent_at: float, key: DeviceKey) -> byt
 def test_a_replayed_signed_offline_status_does_not_drop_the_device(art_dir: Path, tmp_path: Path) -> None:
     """The device's last will is one signed frame: captured once, it dropped the device whenever it was sent again."""
     key = DeviceKey(tmp_path / "device")
-    engine = RoundEngine(EngineConfig(fleet=FLEET, rounds=3, min_updates=1, round_timeout_s=60.0),
-                         FedAvg(min_clients=50, fraction=1.0), ArtifactStore(art_dir), StateStore(tmp_path / "state"),
-                         DeviceRegistry(), None)
+    engine = RoundEngine(EngineParts(EngineConfig(fleet=FLEET, rounds=3, min_updates=1, round_timeout_s=60.0),
+                                     FedAvg(min_clients=50, fraction=1.0), ArtifactStore(art_dir),
+                                     StateStore(tmp_path / "state"), DeviceRegistry(), None))
     service = AggregatorService(engine, parse("mqtt://127.0.0.1:1883"), inbox=Inbox(),
                                 signatures=SignatureCheck({"d1": key.public_hex}))
     topics, session = Topics(FLEET), "b" * 32

@@ -21,6 +21,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.engines.base import EngineConfig
+from aggregator.engines.parts import EngineParts
 from aggregator.engines.rounds import RoundEngine
 from aggregator.monitor import Monitor
 from aggregator.registry import DeviceRegistry
@@ -127,8 +128,8 @@ def test_monitor_follows_an_engine_and_serves_strict_json(tmp_path):
     for device in ("d0", "d1"):
         registry.hello(device, 50, 10, None, "portable", now=0.0)
     strategy = FedMut(min_clients=2, alpha=1.5)  # a strategy with numbers of its own, exported as tierfl_strategy_metric
-    engine = RoundEngine(EngineConfig(fleet="f", rounds=3, round_timeout_s=10), strategy,
-                         ArtifactStore(tmp_path / "art"), StateStore(tmp_path / "state"), registry)
+    engine = RoundEngine(EngineParts(EngineConfig(fleet="f", rounds=3, round_timeout_s=10), strategy,
+                                     ArtifactStore(tmp_path / "art"), StateStore(tmp_path / "state"), registry))
     zeros = {n: np.zeros(s, np.float32) for n, s in param_shapes(spec).items()}
     monitor = Monitor(refresh_s=60)  # refreshes anyway whenever a round finishes
     monitor.observe(engine, 1.0)

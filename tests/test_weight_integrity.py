@@ -17,6 +17,7 @@ import pytest
 from aggregator.engines.base import EngineConfig, Outgoing
 from aggregator.engines.buffered import BufferConfig, BufferedEngine
 from aggregator.engines.edge import EdgeEngine, FollowTask
+from aggregator.engines.parts import EngineParts
 from aggregator.engines.rounds import RoundEngine
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
@@ -62,9 +63,9 @@ def _engine(art: Path, state: Path, devices: Mapping[str, int], **config: object
     registry = DeviceRegistry()
     for device, samples in devices.items():
         registry.hello(device, samples, 0, "a", "ort-training", now=0.0)
-    return RoundEngine(EngineConfig(fleet="f", rounds=10, round_timeout_s=10.0, **config),
-                       FedAvg(min_clients=len(devices), tiers=FixedTiers({"a": 1.0})), ArtifactStore(art),
-                       StateStore(state), registry)
+    return RoundEngine(EngineParts(EngineConfig(fleet="f", rounds=10, round_timeout_s=10.0, **config),
+                                   FedAvg(min_clients=len(devices), tiers=FixedTiers({"a": 1.0})), ArtifactStore(art),
+                                   StateStore(state), registry))
 
 
 def _update(engine: RoundEngine, device: str, tensors: Mapping[str, np.ndarray], samples: int, now: float = 1.0,
@@ -104,14 +105,16 @@ def test_a_resumed_round_bounds_counts_by_its_plan_before_any_hello(art_dir: Pat
     first.tick(0.0)
     plan = json.loads((tmp_path / "state" / "open_round" / "plan.json").read_text())
     assert {a["device_id"]: a["announced_samples"] for a in plan["assignments"]} == {"d1": 10, "d2": 30}
-    resumed = RoundEngine(first.config, first.strategy, first.artifacts, StateStore(tmp_path / "state"), DeviceRegistry())
+    resumed = RoundEngine(EngineParts(first.config, first.strategy, first.artifacts, StateStore(tmp_path / "state"),
+                                      DeviceRegistry()))
     assert _reasons(_update(resumed, "d1", _random(1), 11)) == [RejectReason.TOO_MANY_SAMPLES]
     assert _update(resumed, "d1", _random(1), 10) == []
     # a plan written before announced counts were recorded still loads; its counts wait for the hello
     for a in plan["assignments"]:
         del a["announced_samples"]
     (tmp_path / "state" / "open_round" / "plan.json").write_text(json.dumps(plan))
-    legacy = RoundEngine(first.config, first.strategy, first.artifacts, StateStore(tmp_path / "state"), DeviceRegistry())
+    legacy = RoundEngine(EngineParts(first.config, first.strategy, first.artifacts, StateStore(tmp_path / "state"),
+                                     DeviceRegistry()))
     assert _reasons(_update(legacy, "d2", _random(2), 30)) == [RejectReason.UNKNOWN_DEVICE]
     legacy.registry.hello("d2", 30, 0, "a", "ort-training", now=1.0)
     assert _update(legacy, "d2", _random(2), 30, now=1.5)[0].body.kind == "round"
@@ -240,8 +243,9 @@ def test_batch_norm_statistics_are_bounded_finite_and_their_pool_checked(tmp_pat
     artifacts, registry = ArtifactStore(tmp_path / "art"), DeviceRegistry()
     for device in ("d1", "d2"):
         registry.hello(device, 100, 0, "a", "ort-training", now=0.0)
-    engine = RoundEngine(EngineConfig(rounds=3, round_timeout_s=10), FedAvg(min_clients=2, tiers=FixedTiers({"a": 1})),
-                         artifacts, StateStore(tmp_path / "state"), registry)
+    engine = RoundEngine(EngineParts(EngineConfig(rounds=3, round_timeout_s=10),
+                                     FedAvg(min_clients=2, tiers=FixedTiers({"a": 1})), artifacts,
+                                     StateStore(tmp_path / "state"), registry))
     shapes = artifacts.tiers["a"].shapes
     tasks = {o.device_id: o for o in engine.tick(1.0)}
     for device, task in tasks.items():
@@ -268,8 +272,9 @@ def test_fedbuff_bounds_counts_norms_and_sums(art_dir: Path, tmp_path: Path) -> 
     registry = DeviceRegistry()
     for device in ("d0", "d1", "d2", "d3"):
         registry.hello(device, 10, 0, None, "ort-training", now=0.0)
-    engine = BufferedEngine(EngineConfig(rounds=5, round_timeout_s=10.0), BufferConfig(buffer_size=4), FedAvg(min_clients=1),
-                            ArtifactStore(art_dir), StateStore(tmp_path / "state"), registry)
+    engine = BufferedEngine(EngineParts(EngineConfig(rounds=5, round_timeout_s=10.0), FedAvg(min_clients=1),
+                                        ArtifactStore(art_dir), StateStore(tmp_path / "state"), registry),
+                            BufferConfig(buffer_size=4))
     tasks = {o.device_id: o.body for o in engine.tick(0.0) if isinstance(o.body, Task)}
 
     def answer(device: str, tensors: dict[str, np.ndarray], samples: int = 10) -> list[RejectReason]:
@@ -290,14 +295,15 @@ def test_an_edge_checks_its_devices_and_the_root_checks_the_edge(art_dir: Path, 
     artifacts = ArtifactStore(art_dir)
     root_registry = DeviceRegistry()
     root_registry.hello("edge", 30, 0, "a", "edge", now=0.0)  # the edge announced its group's 30 samples
-    root = RoundEngine(EngineConfig(rounds=3, round_timeout_s=60.0), FedAvg(min_clients=1, tiers=FixedTiers({"a": 1.0})),
-                       artifacts, StateStore(tmp_path / "root"), root_registry)
+    root = RoundEngine(EngineParts(EngineConfig(rounds=3, round_timeout_s=60.0),
+                                   FedAvg(min_clients=1, tiers=FixedTiers({"a": 1.0})), artifacts,
+                                   StateStore(tmp_path / "root"), root_registry))
     parent_task = next(o for o in root.tick(0.0) if isinstance(o.body, Task))
     group = DeviceRegistry()
     for device, samples in (("c1", 10), ("c2", 20)):
         group.hello(device, samples, 0, "c", "ort-training", now=0.0)
-    edge = EdgeEngine(EngineConfig(fleet="site"), FollowTask(tiers=FixedTiers({"c": 1.0})), artifacts,
-                      StateStore(tmp_path / "edge"), group)
+    edge = EdgeEngine(EngineParts(EngineConfig(fleet="site"), FollowTask(tiers=FixedTiers({"c": 1.0})), artifacts,
+                                  StateStore(tmp_path / "edge"), group))
     child_tasks = {o.device_id: o.body for o in edge.start(parent_task.body, parent_task.tensors, 1.0)}
     half = artifacts.tiers["c"].shapes
 
@@ -327,8 +333,8 @@ def test_robust_clipping_weighs_no_more_samples_than_announced(art_dir: Path, tm
     for device in ("d1", "d2", "mallory"):
         registry.hello(device, 10, 0, "a", "ort-training", now=0.0)
     clipping = FedAvg(min_clients=3, tiers=FixedTiers({"a": 1.0}), accumulator=lambda g: NormClipping(g, clip_norm=1.0))
-    engine = RoundEngine(EngineConfig(rounds=2, round_timeout_s=10.0), clipping, ArtifactStore(art_dir),
-                         StateStore(tmp_path / "state"), registry)
+    engine = RoundEngine(EngineParts(EngineConfig(rounds=2, round_timeout_s=10.0), clipping, ArtifactStore(art_dir),
+                                     StateStore(tmp_path / "state"), registry))
     engine.tick(0.0)
     assert _reasons(_update(engine, "mallory", _random(5), HUGE)) == [RejectReason.TOO_MANY_SAMPLES]
     assert _reasons(_update(engine, "mallory", _filled(np.nan), 10)) == [RejectReason.NON_FINITE]

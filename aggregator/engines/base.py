@@ -106,6 +106,28 @@ class OpenRound:
         )
 
 
+@dataclass
+class RoundSlot:
+    """Where an engine keeps its open round (or FedBuff buffer), and what the interface asks of it."""
+
+    current: OpenRound | None = None
+
+    @property
+    def number(self) -> int | None:
+        """The open round's number, or None between rounds."""
+        return self.current.number if self.current else None
+
+    def view(self) -> RoundView | None:
+        """A frozen copy of the open round, or None between rounds."""
+        return self.current.view() if self.current else None
+
+    def note_bytes(self, up: int = 0, down: int = 0) -> None:
+        """Count wire bytes toward the open round."""
+        if self.current:
+            self.current.bytes_up += up
+            self.current.bytes_down += down
+
+
 @dataclass(frozen=True)
 class RoundView:
     """The open round as the service and the monitor see it (a copy: changing it changes nothing)."""

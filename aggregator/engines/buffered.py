@@ -9,9 +9,10 @@ published. Updates staler than `max_staleness` are refused (too_stale). A task w
 neither answers nor shows up by its deadline plus one more timeout is given up, and the device
 may get a new one; a late answer to a task still awaited counts, with its staleness.
 
-The engine is the synchronous one with the round barrier replaced: the open "round" is the
-buffer, and `rounds` counts applied buffers (versions). Like a round, the buffer is spooled to the
-state directory as it fills (aggregator.store.round_spool), so a restart resumes it with every accepted
+No round barrier, so no round: the open "round" is the buffer, and `rounds` counts applied
+buffers (versions). It is built from the parts the round engine uses (aggregator.engines.intake,
+.tasks, .model) with its own flights and buffer. Like a round, the buffer is spooled to the state
+directory as it fills (aggregator.store.round_spool), so a restart resumes it with every accepted
 update. Batch-norm models keep their averaged running statistics: there is no statistics phase
 without a barrier.
 
@@ -30,18 +31,16 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from aggregator.engines.base import EngineConfig, OpenRound, Outgoing
-from aggregator.engines.rounds import RECORDED_ON_RESTART, RoundEngine, check_update_tensors
-from aggregator.evaluate import HeldOutEvaluator
-from aggregator.registry import DeviceRegistry
-from aggregator.store.artifacts import ArtifactStore
-from aggregator.store.ledger import Ledger
-from aggregator.store.round_spool import Assignment, RoundPlan
-from aggregator.store.state import StateStore
-from aggregator.strategies.fedavg import ClientUpdate, Strategy
-from aggregator.strategies.privacy import PrivacyBudget
+from aggregator.engines.base import OpenRound, Outgoing, RoundSlot
+from aggregator.engines.intake import Problem, UpdateIntake
+from aggregator.engines.model import GlobalModel
+from aggregator.engines.parts import EngineParts, forwarded
+from aggregator.engines.tasks import TaskBuilder
+from aggregator.store.round_spool import Assignment, RoundPlan, SpooledUpdate
+from aggregator.strategies.fedavg import ClientUpdate
 from aggregator.strategies.robust import update_norm
 from protocol.messages import RejectReason, RoundSummary, Statistics, Update
+from protocol.quantized import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ def staleness_factor(staleness: int, exponent: float) -> float:
 
 
 @dataclass(frozen=True)
-class _Flight:
+class Flight:
     """A task out on a device."""
 
     assignment: Assignment
@@ -73,70 +72,105 @@ class _Flight:
     deadline: float
 
 
-class BufferedEngine(RoundEngine):
+class BufferedEngine:
     """Runs FedBuff over the registry's devices; same interface to the service as the round engine."""
 
     UNIT = "buffer"  # what the logs call one applied version
+    # The Engine interface (aggregator.engines.base), served by the parts:
+    config, strategy, artifacts, store, registry, ledger = forwarded(
+        "parts", "config", "strategy", "artifacts", "store", "registry", "ledger")
+    record, weights, finished = forwarded("model", "record", "weights", "finished")
+    rejected, count_rejection, on_secagg, masked_tensors = forwarded(
+        "intake", "rejected", "count_rejection", "on_secagg", "masked_tensors")
+    view, note_bytes, current_round = forwarded("slot", "view", "note_bytes", "number")
 
-    def __init__(
-        self,
-        config: EngineConfig,
-        buffer: BufferConfig,
-        strategy: Strategy,
-        artifacts: ArtifactStore,
-        store: StateStore,
-        registry: DeviceRegistry,
-        evaluator: HeldOutEvaluator | None = None,
-        ledger: Ledger | None = None,
-        privacy: PrivacyBudget | None = None,
-    ) -> None:
+    def __init__(self, parts: EngineParts, buffer: BufferConfig) -> None:
+        self.parts = parts.with_config(static_batch_norm=False)  # DP: each applied buffer is charged as sampling rate 1
         self.buffer = buffer
-        self._flights: dict[str, _Flight] = {}
+        self.model = GlobalModel.load(self.parts)
+        self.intake = UpdateIntake(self.parts, self.model.record.round)
+        self.tasks = TaskBuilder(self.parts)
+        self.slot = RoundSlot()  # the open buffer
+        self.flights: dict[str, Flight] = {}
         self._dispatches = 0
         self._staleness: list[int] = []  # of the updates in the open buffer
         self._started = False  # min_clients devices were available once since this process started
-        super().__init__(config.model_copy(update={"static_batch_norm": False}), strategy, artifacts, store, registry,
-                         evaluator, ledger, privacy=privacy)  # DP: each applied buffer is charged as sampling rate 1
+        self._waiting_logged = False
+        self._resume()
 
     def tick(self, now: float) -> list[Outgoing]:
         """Give up on overdue tasks, then send a task to every idle available device."""
         if self.finished:
             return []
-        if self._open is None:
+        if self.slot.current is None:
             self._open_buffer(now)
-        for device_id, flight in list(self._flights.items()):
+        for device_id, flight in list(self.flights.items()):
             info = self.registry.get(device_id)
             if now > flight.deadline + self.config.round_timeout_s or info is None or not info.online:
-                del self._flights[device_id]
+                del self.flights[device_id]
                 self.registry.missed(device_id)
                 log.info("gave up on %s's task of version %d", device_id, flight.base_version)
         return self._dispatch(now)
 
+    def on_update(self, device_id: str, msg_id: str, update: Update, tensors: Mapping[str, np.ndarray], nbytes: int, now: float) -> list[Outgoing]:
+        """Validate one update and fold it into the buffer (scaled by its staleness), or reject it with a reason."""
+        flight, current = self.flights.get(device_id), self.slot.current
+        if update.unchanged and flight and not tensors:
+            tensors = self.intake.zero_update(flight.assignment.tier)
+        problem = self._check(device_id, update, tensors, flight)
+        norm = update_norm(tensors) if problem is None else 0.0
+        if problem is None and flight is not None and current is not None:
+            client = self._client_update(current, flight.assignment, update, tensors)
+            problem = self.intake.check_weight(current, client, norm, flight.assignment.weighted)
+        if problem:
+            refusal = self.intake.refuse(device_id, msg_id, update, *problem)
+            if problem[0] is not RejectReason.TOO_STALE:
+                return refusal
+            del self.flights[device_id]  # its task is over: a fresh one on the newest version
+            return refusal + self.tick(now)
+        assert current is not None and flight is not None
+        del self.flights[device_id]
+        in_buffer = update.model_copy(update={"round": current.number})  # spooled with the buffer it joins
+        self.store.open_round.assign(flight.assignment)
+        self.store.open_round.accept(device_id, in_buffer, nbytes, dict(tensors))  # on disk before the ledger says accepted
+        self.intake.record_accepted(current.number, device_id, update, nbytes)
+        self.registry.answered(device_id, None if update.unchanged else update.train_loss)
+        self._fold(current, flight.assignment, update, tensors, norm, nbytes)
+        out: list[Outgoing] = []
+        if current.accumulator.count >= self.buffer.buffer_size:
+            out = self._apply(now)  # commits the buffer as the next version
+        return out + self.tick(now)
+
+    def on_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray], now: float) -> list[Outgoing]:
+        """Refused: buffered aggregation has no statistics phase."""
+        return self.intake.refuse(device_id, msg_id, body, RejectReason.UNEXPECTED, "buffered aggregation asks for no statistics")
+
+    # -- the buffer ------------------------------------------------------------------------------
+
     def _open_buffer(self, now: float) -> None:
-        self._open = self._empty_buffer(now)
-        self.store.open_round.begin(RoundPlan(round=self._open.number, base_version=self.record.version, started=now,
+        current = self.slot.current = self._empty_buffer(now)
+        self.store.open_round.begin(RoundPlan(round=current.number, base_version=self.record.version, started=now,
                                               deadline=now, assignments=[]))
 
     def _empty_buffer(self, started: float) -> OpenRound:
         self._staleness = []
         return OpenRound(number=self.record.round + 1, started=started, deadline=float("inf"), assignments={},
-                          accumulator=self.strategy.start_aggregation(self.weights))
+                         accumulator=self.strategy.start_aggregation(self.weights))
 
-    def _resume_open_round(self, now: float) -> None:
+    def _resume(self) -> None:
         """Rebuild the buffer a crash cut short from its spool, each update with its staleness as accepted."""
         spooled = self.store.open_round.load(self.record.round, self.record.version)
         if spooled is None:
             return
-        self._open = self._empty_buffer(spooled.plan.started)  # the spool stays as it is and grows from here
+        current = self.slot.current = self._empty_buffer(spooled.plan.started)  # the spool stays as it is and grows from here
         assignments = {a.device_id: a for a in spooled.plan.assignments}
-        recorded = self.ledger.accepted_update_ids(self._open.number) if self.ledger else set()
-        for meta, tensors in spooled.updates:
-            self._fold_buffered(meta.device_id, assignments[meta.device_id], meta.update, tensors, update_norm(tensors),
-                                meta.nbytes)
-            if meta.update.update_id not in recorded:  # spooled, then stopped before the ledger row
-                self._record_accepted(self._open.number, meta.device_id, meta.update, meta.nbytes, RECORDED_ON_RESTART)
-        log.info("buffer %d resumed from %s with %d updates accepted before the restart", self._open.number,
-                 self.store.open_round.folder, self._open.accumulator.count)
+
+        def fold(meta: SpooledUpdate, tensors: Mapping[str, Tensor]) -> None:
+            self._fold(current, assignments[meta.device_id], meta.update, tensors, update_norm(tensors), meta.nbytes)
+
+        self.intake.replay(current.number, spooled.updates, fold)
+        log.info("buffer %d resumed from %s with %d updates accepted before the restart", current.number,
+                 self.store.open_round.folder, current.accumulator.count)
 
     def _dispatch(self, now: float) -> list[Outgoing]:
         available = self.registry.available(now)
@@ -148,79 +182,43 @@ class BufferedEngine(RoundEngine):
                     self._waiting_logged = True
                 return []
             self._started = True
-        idle = [d for d in available if d.device_id not in self._flights]
-        room = len(idle) if self.buffer.concurrency is None else self.buffer.concurrency - len(self._flights)
+        idle = [d for d in available if d.device_id not in self.flights]
+        room = len(idle) if self.buffer.concurrency is None else self.buffer.concurrency - len(self.flights)
         if not idle or room <= 0:
             return []
         self._dispatches += 1
-        assignments = self._announced(self.strategy.configure_round(self._dispatches, idle)[:room])
-        assert self._open is not None
-        deadline = now + self.config.round_timeout_s
+        assignments = self.intake.announced(self.strategy.configure_round(self._dispatches, idle)[:room])
+        number, deadline = self.slot.number, now + self.config.round_timeout_s
+        assert number is not None
         for a in assignments:
-            self._flights[a.device_id] = _Flight(a, self._open.number, self.record.version, deadline)
-            self.registry.asked(a.device_id, self._open.number)
+            self.flights[a.device_id] = Flight(a, number, self.record.version, deadline)
+            self.registry.asked(a.device_id, number)
         if assignments:
             log.info("version %d: tasks for %s", self.record.version, ", ".join(f"{a.device_id} (tier {a.tier})" for a in assignments))
-        return [self._task(a, self._open.number, deadline) for a in assignments]
+        return [self.tasks.task(self.model, a, number, deadline) for a in assignments]
 
-    def on_update(self, device_id: str, msg_id: str, update: Update, tensors: Mapping[str, np.ndarray], nbytes: int, now: float) -> list[Outgoing]:
-        """Validate one update and fold it into the buffer (scaled by its staleness), or reject it with a reason."""
-        flight = self._flights.get(device_id)
-        if update.unchanged and flight and not tensors:
-            tensors = self._zero_update(flight.assignment.tier)
-        problem = self._check_buffered(device_id, update, tensors, flight)
-        norm = update_norm(tensors) if problem is None else 0.0
-        if problem is None and flight is not None and self._open is not None:
-            client = self._buffered(flight.assignment, update, tensors)
-            problem = self._check_weight(self._open, client, norm, flight.assignment.weighted)
-        if problem:
-            refusal = self._refuse_update(device_id, msg_id, update, *problem)
-            if problem[0] is not RejectReason.TOO_STALE:
-                return refusal
-            del self._flights[device_id]  # its task is over: a fresh one on the newest version
-            return refusal + self.tick(now)
-        assert self._open is not None and flight is not None
-        del self._flights[device_id]
-        in_buffer = update.model_copy(update={"round": self._open.number})  # spooled with the buffer it joins
-        self.store.open_round.assign(flight.assignment)
-        self.store.open_round.accept(device_id, in_buffer, nbytes, dict(tensors))  # on disk before the ledger says accepted
-        self._record_accepted(self._open.number, device_id, update, nbytes)
-        self.registry.answered(device_id, None if update.unchanged else update.train_loss)
-        self._fold_buffered(device_id, flight.assignment, update, tensors, norm, nbytes)
-        out: list[Outgoing] = []
-        if self._open.accumulator.count >= self.buffer.buffer_size:
-            out = self._close_round(now)  # commits the buffer as the next version
-        return out + self.tick(now)
-
-    def _buffered(self, assignment: Assignment, update: Update, tensors: Mapping[str, np.ndarray]) -> ClientUpdate:
+    def _client_update(self, current: OpenRound, assignment: Assignment, update: Update,
+                       tensors: Mapping[str, np.ndarray]) -> ClientUpdate:
         """The accumulator's view of an update, its delta scaled by its staleness."""
-        assert self._open is not None
         staleness = self.record.version - update.base_version
-        return self._client_update(self._open, assignment, update, tensors,
-                                   scale=staleness_factor(staleness, self.buffer.staleness_exponent))
+        return self.intake.client_update(current, assignment, update, tensors,
+                                         scale=staleness_factor(staleness, self.buffer.staleness_exponent))
 
-    def _fold_buffered(self, device_id: str, assignment: Assignment, update: Update, tensors: Mapping[str, np.ndarray],
-                       norm: float, nbytes: int) -> None:
+    def _fold(self, current: OpenRound, assignment: Assignment, update: Update, tensors: Mapping[str, np.ndarray],
+              norm: float, nbytes: int) -> None:
         """Count one accepted update toward the buffer, its delta scaled by its staleness."""
-        assert self._open is not None
-        self._seen_update_ids.add(update.update_id)
         staleness = self.record.version - update.base_version
         self._staleness.append(staleness)
-        self._open.assignments.setdefault(device_id, assignment)  # a buffer learns its devices as they answer
-        self._fold(self._open, self._buffered(assignment, update, tensors), update, norm, nbytes)
-        if update.eval_accuracy is not None and update.eval_loss is not None and update.eval_samples:
-            self._open.evals.append((update.tier, update.eval_loss, update.eval_accuracy, update.eval_samples))
-        log.info("buffer %d: update %d/%d from %s (staleness %d)", self._open.number, self._open.accumulator.count,
-                 self.buffer.buffer_size, device_id, staleness)
+        current.assignments.setdefault(assignment.device_id, assignment)  # a buffer learns its devices as they answer
+        self.intake.fold(current, self._client_update(current, assignment, update, tensors), update, norm, nbytes)
+        log.info("buffer %d: update %d/%d from %s (staleness %d)", current.number, current.accumulator.count,
+                 self.buffer.buffer_size, assignment.device_id, staleness)
 
-    def on_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray], now: float) -> list[Outgoing]:
-        """Refused: buffered aggregation has no statistics phase."""
-        return self._refuse_update(device_id, msg_id, body, RejectReason.UNEXPECTED, "buffered aggregation asks for no statistics")
-
-    def _check_buffered(self, device_id: str, update: Update, tensors: Mapping[str, np.ndarray], flight: _Flight | None) -> tuple[RejectReason, str] | None:
+    def _check(self, device_id: str, update: Update, tensors: Mapping[str, np.ndarray], flight: Flight | None) -> Problem | None:
+        """Why an update does not answer the device's awaited task (or is too stale), or None."""
         if device_id not in self.registry:
             return RejectReason.UNKNOWN_DEVICE, f"{device_id} has not announced itself"
-        if update.update_id in self._seen_update_ids:
+        if update.update_id in self.intake.seen:
             return RejectReason.DUPLICATE, f"update {update.update_id} was already counted"
         if flight is None:
             return RejectReason.NOT_SELECTED, f"{device_id} has no task awaited (given up, or never sent)"
@@ -232,15 +230,19 @@ class BufferedEngine(RoundEngine):
             return RejectReason.TOO_STALE, f"trained on version {update.base_version}, {staleness} versions old (bound {self.buffer.max_staleness})"
         if update.tier != flight.assignment.tier:
             return RejectReason.UNKNOWN_TIER, f"tier {update.tier!r} but the task was for tier {flight.assignment.tier!r}"
-        return self._check_samples(device_id, flight.assignment, update.num_samples) or check_update_tensors(
-            update, tensors, flight.assignment.tier, self.artifacts)
+        return self.intake.check_tensors(device_id, flight.assignment, update, tensors)
 
-    def _round_complete(self, now: float) -> bool:
-        return False  # a buffer closes on its count alone (on_update)
+    def _apply(self, now: float) -> list[Outgoing]:
+        """Commit the full buffer as the next version and publish its summary."""
+        current = self.slot.current
+        assert current is not None
+        self.slot.current = None
+        return [self.model.close(current, self.model.aggregate(current), now, self.intake, self.UNIT,
+                                 lambda summary: self._amend(current, summary))]
 
-    def _summarise(self, current: OpenRound, now: float, committed: bool) -> RoundSummary:
-        summary = super()._summarise(current, now, committed)
+    def _amend(self, current: OpenRound, summary: RoundSummary) -> RoundSummary:
+        """A buffer's summary: its staleness and tasks in flight, and its updates as both selected and answered."""
         staleness = {"staleness_mean": float(np.mean(self._staleness)) if self._staleness else 0.0,
-                     "staleness_max": float(max(self._staleness, default=0)), "in_flight": float(len(self._flights))}
+                     "staleness_max": float(max(self._staleness, default=0)), "in_flight": float(len(self.flights))}
         updates = current.accumulator.count  # a fast device may answer twice within one buffer
         return summary.model_copy(update={"metrics": {**summary.metrics, **staleness}, "selected": updates, "answered": updates})

@@ -14,26 +14,31 @@ within their hellos, norms, the float32 sums, --max-share); a combined mean hold
 is not forwarded. The parent bounds the combined update's samples by what the edge announced
 (its group's total) and its contributors by those samples.
 
-Pure logic with the clock passed in, like the round engine it extends; aggregator.edge_service
-binds it to the two brokers.
+Pure logic with the clock passed in, like the round engine, and built from the same parts: the
+open round (aggregator.engines.sync), the checks of updates (.intake) and the tasks (.tasks). Each
+parent task runs on a fresh model of its own (aggregator.engines.model.GlobalModel.for_task), never
+committed: the parent commits. aggregator.edge_service binds it to the two brokers.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
 
-from aggregator.engines.base import EngineConfig, OpenRound, Outgoing
-from aggregator.engines.rounds import RoundEngine, non_finite
-from aggregator.registry import DeviceInfo, DeviceRegistry
-from aggregator.store.artifacts import ArtifactStore
+from aggregator.engines.base import OpenRound, Outgoing
+from aggregator.engines.intake import UpdateIntake
+from aggregator.engines.model import GlobalModel, non_finite
+from aggregator.engines.parts import EngineParts, forwarded
+from aggregator.engines.sync import SyncRounds
+from aggregator.engines.tasks import TaskBuilder
+from aggregator.registry import DeviceInfo
 from aggregator.store.round_spool import Assignment
-from aggregator.store.state import StateRecord, StateStore
 from aggregator.strategies.fedavg import Accumulator, ClientUpdate, ElementwiseMean, FedAvg
-from protocol.messages import Task, TierShare, Update, new_id
+from protocol.messages import RejectReason, Statistics, Task, TierShare, Update, new_id
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +82,28 @@ class FollowTask(FedAvg):
         return CombinedMean(global_weights, weighted=self.task.weighted if self.task else True)
 
 
-class EdgeEngine(RoundEngine):
+class EdgeEngine:
     """Runs one local round per parent task and hands back the combined update (`take_combined`)."""
 
-    def __init__(self, config: EngineConfig, strategy: FollowTask, artifacts: ArtifactStore, store: StateStore,
-                 registry: DeviceRegistry, margin_s: float = 3.0) -> None:
-        super().__init__(config.model_copy(update={"static_batch_norm": False, "rounds": 2**31 - 1}), strategy,
-                         artifacts, store, registry)
-        self.follow = strategy
-        self.margin_s = margin_s
+    UNIT = "round"  # what the logs call one local round
+    # The Engine interface (aggregator.engines.base), served by the parts; `record` and `weights` are the current
+    # parent task's (its version, and the round before its round), `finished` never comes in practice.
+    config, artifacts, registry, ledger = forwarded("parts", "config", "artifacts", "registry", "ledger")
+    record, weights, finished = forwarded("model", "record", "weights", "finished")
+    rejected, count_rejection, on_secagg, masked_tensors = forwarded(
+        "intake", "rejected", "count_rejection", "on_secagg", "masked_tensors")
+    view, note_bytes, current_round = forwarded("rounds.slot", "view", "note_bytes", "number")
+
+    def __init__(self, parts: EngineParts, margin_s: float = 3.0) -> None:
+        """`parts.strategy` is the FollowTask that selects the group; `margin_s`: close this long before the parent's deadline."""
+        if not isinstance(parts.strategy, FollowTask):
+            raise TypeError(f"an edge aggregator selects its group with FollowTask, not {type(parts.strategy).__name__}")
+        self.parts = parts.with_config(static_batch_norm=False, rounds=2**31 - 1)
+        self.follow, self.margin_s = parts.strategy, margin_s
+        self.model = GlobalModel.load(self.parts)  # replaced by each parent task's own (`start`)
+        self.intake = UpdateIntake(self.parts, self.model.record.round)
+        self.rounds = SyncRounds(self.parts, self.intake, TaskBuilder(self.parts))
+        self.rounds.resume(self.model, time.time())
         self._combined: tuple[Update, dict[str, np.ndarray]] | None = None
 
     def start(self, task: Task, weights: Mapping[str, np.ndarray], now: float) -> list[Outgoing]:
@@ -97,22 +115,29 @@ class EdgeEngine(RoundEngine):
             raise ValueError(f"tier {task.tier} of the parent's task is not in this edge's --artifacts (export them once, copy the folder)")
         if set(weights) != set(artifacts.shapes) or any(tuple(w.shape) != artifacts.shapes[n] for n, w in weights.items()):
             raise ValueError(f"the task's weights do not fit tier {task.tier}")
-        if self._open is not None:
-            log.warning("round %d: abandoned for the parent's newer task (round %d)", self._open.number, task.round)
-            self._open = None
+        if self.rounds.slot.current is not None:
+            log.warning("round %d: abandoned for the parent's newer task (round %d)", self.rounds.slot.current.number, task.round)
+            self.rounds.slot.current = None
         self.follow.task = task
-        self.weights = {n: np.asarray(w, np.float32) for n, w in weights.items()}
-        self.record = StateRecord(fleet=self.record.fleet, model=self.record.model, version=task.model_version,
-                                  round=task.round - 1)
-        timeout = max(1.0, task.deadline - self.margin_s - now)
-        self.config = self.config.model_copy(update={"round_timeout_s": timeout})
-        return self._start_round(now)
+        self.model = GlobalModel.for_task(self.parts, task, weights)
+        return self.rounds.start(self.model, now, max(1.0, task.deadline - self.margin_s - now))
 
     def tick(self, now: float) -> list[Outgoing]:
         """Close the local round when everyone answered, the deadline passed, or the rest went offline."""
-        if self._open is not None and self._round_complete(now):
+        if self.rounds.slot.current is not None and self.rounds.complete(now):
             return self._close_round(now)
         return []
+
+    def on_update(self, device_id: str, msg_id: str, update: Update, tensors: Mapping[str, np.ndarray], nbytes: int,
+                  now: float) -> list[Outgoing]:
+        """Validate one device's update and fold it into the local round, or reject it with a reason."""
+        return self.rounds.take_update(self.model, device_id, msg_id, update, tensors, nbytes, now) or self.tick(now)
+
+    def on_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray],
+                      now: float) -> list[Outgoing]:
+        """Refused: an edge aggregator's local rounds have no statistics phase."""
+        return self.intake.refuse(device_id, msg_id, body, RejectReason.STALE_ROUND,
+                                  f"round {body.round} is not measuring statistics")
 
     def take_combined(self) -> tuple[Update, dict[str, np.ndarray]] | None:
         """The combined update of the round that just closed (once), or None."""
@@ -120,16 +145,18 @@ class EdgeEngine(RoundEngine):
         return combined
 
     def _close_round(self, now: float) -> list[Outgoing]:
-        current, task = self._open, self.follow.task
+        """End the local round: its combined update waits for `take_combined` (none if nobody answered or it is non-finite)."""
+        current, task = self.rounds.slot.current, self.follow.task
         assert current is not None and task is not None
-        self._open, self.follow.task = None, None
+        self.rounds.slot.current, self.follow.task = None, None
         accumulator = current.accumulator
         if not isinstance(accumulator, CombinedMean) or accumulator.count == 0:
             log.warning("round %d: no device answered; nothing goes to the parent", current.number)
             return []
         mean = accumulator.mean_delta()
         if bad := non_finite(mean):
-            self._refuse_round(current, f"the combined update would hold NaN or Inf in {', '.join(bad)}; nothing goes to the parent")
+            self.intake.refuse_round(current.number, f"the combined update would hold NaN or Inf in {', '.join(bad)}; "
+                                     "nothing goes to the parent", self.model.record.version)
             return []
         self._combined = (self._combined_update(current, accumulator, task, now), mean)
         log.info("round %d: %d/%d devices answered; forwarding one update of %d samples (%s)", current.number,
@@ -138,6 +165,7 @@ class EdgeEngine(RoundEngine):
         return []
 
     def _combined_update(self, current: OpenRound, accumulator: CombinedMean, task: Task, now: float) -> Update:
+        """The one update the parent gets: the group's mean delta, its contributors, its training and evaluation."""
         samples = sum(p.samples for p in accumulator.parts.values())
         losses = [(d.last_loss, d.num_samples) for dev in current.answered if (d := self.registry.get(dev)) and d.last_loss is not None]
         evaluated = sum(n for *_, n in current.evals)

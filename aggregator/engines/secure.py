@@ -1,7 +1,8 @@
 """Rounds summed by secure aggregation (protocol.secagg.messages): the aggregator only ever sees masked updates.
 
-A secure round is the engine's usual round (selection, tasks, deadline, commit) with the four
-phases of Bonawitz et al. run through it, every message a SecAgg body (protocol.secagg.wire):
+A secure round is the round engine's usual round (selection, tasks, deadline, commit: the secure
+engine holds a RoundEngine and runs its rounds through that engine's public start and close) with
+the four phases of Bonawitz et al. run through it, every message a SecAgg body (protocol.secagg.wire):
 
     task (Task.secure) -> advertise -> roster -> share_keys -> delivery -> [training] ->
     masked_input -> unmask_request -> unmasking -> commit: global + per-element weighted mean
@@ -36,17 +37,13 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from aggregator.engines.base import EngineConfig, OpenRound, Outgoing, reject
+from aggregator.engines.base import OpenRound, Outgoing, reject
+from aggregator.engines.intake import Problem
+from aggregator.engines.parts import EngineParts, forwarded
 from aggregator.engines.rounds import RoundEngine
-from aggregator.evaluate import HeldOutEvaluator
-from aggregator.registry import DeviceRegistry
-from aggregator.store.artifacts import ArtifactStore
-from aggregator.store.ledger import Ledger
-from aggregator.store.state import StateStore
-from aggregator.strategies.fedavg import ClientUpdate, Strategy, Weights
-from aggregator.strategies.privacy import PrivacyBudget
+from aggregator.strategies.fedavg import ClientUpdate, Weights
 from protocol.frame import FrameError
-from protocol.messages import RejectReason, SecAgg, SecureAggregation, Update, new_id
+from protocol.messages import RejectReason, SecAgg, SecureAggregation, Statistics, Update, new_id
 from protocol.secagg.device import verify_advertisement
 from protocol.secagg.messages import (AdvertiseKeys, MaskedInput, Phase, SecAggError, SecAggParams, ShareKeys,
                                       UnmaskResponse)
@@ -102,7 +99,9 @@ class _UnsignedKeys(SecAggError):
 
 
 @dataclass
-class _SecureRound:
+class SecureRound:
+    """The secure-aggregation state of the open round: its session, the protocol's server, the phase and who owes it."""
+
     session: str
     server: SecAggServer
     settings: dict[str, SecureAggregation]  # device -> what its task says
@@ -112,43 +111,45 @@ class _SecureRound:
     received: set[str] = field(default_factory=set)  # devices whose message of the phase was accepted
 
 
-class SecureRoundEngine(RoundEngine):
-    """The round engine with every round summed by secure aggregation."""
+class SecureRoundEngine:
+    """Rounds of the round engine, each summed by secure aggregation."""
 
-    def __init__(
-        self,
-        config: EngineConfig,
-        secure: SecureConfig,
-        strategy: Strategy,
-        artifacts: ArtifactStore,
-        store: StateStore,
-        registry: DeviceRegistry,
-        evaluator: HeldOutEvaluator | None = None,
-        ledger: Ledger | None = None,
-        now: float | None = None,
-        privacy: PrivacyBudget | None = None,
-        enrolled: Mapping[str, str] | None = None,
-    ) -> None:
+    UNIT = RoundEngine.UNIT  # what the logs call one applied version
+    # The Engine interface (aggregator.engines.base), served by the round engine that runs the rounds:
+    (config, artifacts, registry, ledger, record, weights, finished, rejected, count_rejection, view, note_bytes,
+     current_round) = forwarded("rounds", "config", "artifacts", "registry", "ledger", "record", "weights", "finished",
+                                "rejected", "count_rejection", "view", "note_bytes", "current_round")
+
+    def __init__(self, parts: EngineParts, secure: SecureConfig, now: float | None = None,
+                 enrolled: Mapping[str, str] | None = None) -> None:
         """`enrolled` (device -> Ed25519 public hex, the --enrolled file): refuse advertisements not signed by these keys."""
-        if config.static_batch_norm and artifacts.spec.batch_norm:
+        if parts.config.static_batch_norm and parts.artifacts.spec.batch_norm:
             raise ValueError("secure aggregation cannot pool batch-norm statistics measured on devices (each device's "
                              "would be in the clear): use --bn-statistics averaged")
         self.secure = secure
         self.enrolled = dict(enrolled) if enrolled is not None else None
-        self._secure: _SecureRound | None = None
-        super().__init__(config, strategy, artifacts, store, registry, evaluator, ledger, now, privacy)
+        self.secure_round: SecureRound | None = None
+        self.rounds = RoundEngine(parts, now, resume=False)
+        self._drop_cut_round()
 
     def tick(self, now: float) -> list[Outgoing]:
         """Start a round, move the open one through its phases, or close it."""
-        if self.finished or self._secure is None:
-            return super().tick(now)
+        if self.finished:
+            return []
+        if self.secure_round is None:
+            return self._start_round(now)
         return self._advance(now)
 
     def on_update(self, device_id: str, msg_id: str, update: Update, tensors: Mapping[str, np.ndarray], nbytes: int,
                   now: float) -> list[Outgoing]:
         """Refuse: in a secure fleet updates arrive masked, as SecAgg messages."""
-        return self._refuse_update(device_id, msg_id, update, RejectReason.UNEXPECTED,
-                                   "this fleet aggregates securely: plain updates are refused (send masked input)")
+        return self.rounds.intake.refuse(device_id, msg_id, update, RejectReason.UNEXPECTED,
+                                         "this fleet aggregates securely: plain updates are refused (send masked input)")
+
+    def on_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray],
+                      now: float) -> list[Outgoing]:
+        """Refused as the round engine refuses statistics outside a statistics phase (a secure round has none)."""
+        return self.rounds.on_statistics(device_id, msg_id, body, tensors, now)
 
     def on_secagg(self, device_id: str, msg_id: str, body: SecAgg, tensors: Mapping[str, np.ndarray], nbytes: int,
                   now: float) -> list[Outgoing]:
@@ -174,31 +175,41 @@ class SecureRoundEngine(RoundEngine):
             return {}
         if (problem := self._check_secagg(device_id, body, now)) is not None:
             raise FrameError(problem[0], f"{body.phase}: {problem[1]}")
-        assert self._secure is not None
-        itemsize = self._secure.server.params.dtype.itemsize
-        return {name: (math.prod(shape) * itemsize,) for name, shape in self._secure.settings[device_id].block.items()}
+        assert self.secure_round is not None
+        itemsize = self.secure_round.server.params.dtype.itemsize
+        return {name: (math.prod(shape) * itemsize,) for name, shape in self.secure_round.settings[device_id].block.items()}
+
+    def _drop_cut_round(self) -> None:
+        """A secure round cut short cannot resume (its keys and sum were in memory): drop it, to be run again."""
+        spooled = self.rounds.store.open_round.load(self.record.round, self.record.version)
+        if spooled is not None:
+            log.warning("round %d was open when the aggregator stopped; a secure round cannot resume, so it starts "
+                        "again with fresh keys", spooled.plan.round)
+            self.rounds.store.open_round.clear()
 
     # -- phases -----------------------------------------------------------------------------
 
     def _start_round(self, now: float) -> list[Outgoing]:
-        tasks = super()._start_round(now)
-        if self._open is None:
+        """Open a round through the round engine and send its tasks with each device's secure-aggregation settings."""
+        tasks = self.rounds.start_round(now)
+        current = self.rounds.open_round
+        if current is None:
             return tasks
         try:
-            self._secure = self._begin(self._open, now)
+            secure = self.secure_round = self._begin(current, now)
         except ValueError as exc:  # fewer than two devices, or a clip the ring cannot hold
             return self._fail(f"cannot start: {exc}", now)
         secured = []
         for task in tasks:
             assert task.device_id is not None
-            secured.append(Outgoing(task.device_id, task.body.model_copy(update={"secure": self._secure.settings[task.device_id]}),
+            secured.append(Outgoing(task.device_id, task.body.model_copy(update={"secure": secure.settings[task.device_id]}),
                                     task.tensors))
         log.info("round %d: secure aggregation, threshold %d of %d devices, %d-bit ring with %d fraction bits, clip %g",
-                 self._open.number, self._secure.server.params.threshold, len(tasks), self.secure.ring_bits,
-                 self._secure.server.params.frac_bits, self.secure.clip)
+                 current.number, secure.server.params.threshold, len(tasks), self.secure.ring_bits,
+                 secure.server.params.frac_bits, self.secure.clip)
         return secured
 
-    def _begin(self, current: OpenRound, now: float) -> _SecureRound:
+    def _begin(self, current: OpenRound, now: float) -> SecureRound:
         devices = len(current.assignments)
         if devices < 2:
             raise ValueError(f"secure aggregation needs at least 2 devices, {devices} selected")
@@ -219,7 +230,7 @@ class SecureRoundEngine(RoundEngine):
             )
             for device, a in current.assignments.items()
         }
-        return _SecureRound(session, SecAggServer(params), settings, Phase.ADVERTISE,
+        return SecureRound(session, SecAggServer(params), settings, Phase.ADVERTISE,
                             now + self.secure.keys_fraction * self.config.round_timeout_s, set(settings))
 
     def _public_weights(self, current: OpenRound) -> dict[str, float]:
@@ -234,21 +245,22 @@ class SecureRoundEngine(RoundEngine):
     def _advance(self, now: float) -> list[Outgoing]:
         """Close every phase that is over (several at once when the next is over already)."""
         out: list[Outgoing] = []
-        while self._secure is not None and self._phase_over(self._secure, now):
-            out += self._close_phase(self._secure, now)
+        while self.secure_round is not None and self._phase_over(self.secure_round, now):
+            out += self._close_phase(self.secure_round, now)
         return out
 
-    def _phase_over(self, secure: _SecureRound, now: float) -> bool:
+    def _phase_over(self, secure: SecureRound, now: float) -> bool:
         owing = secure.expected - secure.received
         if not owing or now >= secure.deadline:
             return True
         return all((info := self.registry.get(device)) is not None and not info.online for device in owing)
 
-    def _close_phase(self, secure: _SecureRound, now: float) -> list[Outgoing]:
-        assert self._open is not None
+    def _close_phase(self, secure: SecureRound, now: float) -> list[Outgoing]:
+        current = self.rounds.open_round
+        assert current is not None
         missing = sorted(secure.expected - secure.received)
         if missing:
-            log.warning("round %d: no %s message from %s; left out of the rest of the round", self._open.number,
+            log.warning("round %d: no %s message from %s; left out of the rest of the round", current.number,
                         _SENT_IN[secure.phase], ", ".join(missing))
         server, timeout = secure.server, self.config.round_timeout_s
         try:
@@ -258,7 +270,7 @@ class SecureRoundEngine(RoundEngine):
                 return [self._message(secure, device, roster) for device in sorted(secure.expected)]
             if secure.phase is Phase.SHARE_KEYS:
                 deliveries = server.deliveries()
-                self._enter(secure, Phase.MASKED_INPUT, set(deliveries), self._open.deadline)
+                self._enter(secure, Phase.MASKED_INPUT, set(deliveries), current.deadline)
                 return [self._message(secure, device, message) for device, message in sorted(deliveries.items())]
             if secure.phase is Phase.MASKED_INPUT:
                 request = server.unmask_request()
@@ -269,41 +281,33 @@ class SecureRoundEngine(RoundEngine):
             hint = (" (a device that verifies the roster with --fleet-keys leaves the round when the roster holds keys "
                     "it cannot verify; its log says which)") if secure.phase is Phase.SHARE_KEYS else ""
             return self._fail(f"{exc}{hint}", now)
-        self._open.accumulator = UnmaskedMean(self.weights, result)
-        log.info("round %d: unmasked the sum of %d masked inputs%s", self._open.number, len(result.included),
+        current.accumulator = UnmaskedMean(self.weights, result)
+        log.info("round %d: unmasked the sum of %d masked inputs%s", current.number, len(result.included),
                  f" ({len(result.dropped)} dropped after sharing keys: {', '.join(result.dropped)})" if result.dropped else "")
         return self._close_round(now)
 
     @staticmethod
-    def _enter(secure: _SecureRound, phase: Phase, expected: set[str], deadline: float) -> None:
+    def _enter(secure: SecureRound, phase: Phase, expected: set[str], deadline: float) -> None:
         secure.phase, secure.expected, secure.received, secure.deadline = phase, expected, set(), deadline
 
     @staticmethod
-    def _message(secure: _SecureRound, device: str, message: BaseModel) -> Outgoing:
+    def _message(secure: SecureRound, device: str, message: BaseModel) -> Outgoing:
         body, _ = wrap(message, secure.session)
         return Outgoing(device, body)
 
     def _fail(self, reason: str, now: float) -> list[Outgoing]:
-        assert self._open is not None
-        log.warning("round %d: secure aggregation failed: %s", self._open.number, reason)
+        assert self.rounds.open_round is not None
+        log.warning("round %d: secure aggregation failed: %s", self.rounds.open_round.number, reason)
         return self._close_round(now)  # the strategy's accumulator took nothing: no version is made
 
     def _close_round(self, now: float) -> list[Outgoing]:
-        self._secure = None
-        return super()._close_round(now)
-
-    def _resume_open_round(self, now: float) -> None:
-        """A secure round cut short cannot resume (its keys and sum were in memory): drop it, to be run again."""
-        spooled = self.store.open_round.load(self.record.round, self.record.version)
-        if spooled is not None:
-            log.warning("round %d was open when the aggregator stopped; a secure round cannot resume, so it starts "
-                        "again with fresh keys", spooled.plan.round)
-            self.store.open_round.clear()
+        self.secure_round = None
+        return self.rounds.close_round(now)
 
     # -- messages -----------------------------------------------------------------------------
 
-    def _check_secagg(self, device_id: str, body: SecAgg, now: float) -> tuple[RejectReason, str] | None:
-        current, secure = self._open, self._secure
+    def _check_secagg(self, device_id: str, body: SecAgg, now: float) -> Problem | None:
+        current, secure = self.rounds.open_round, self.secure_round
         if current is None or secure is None or body.round < current.number:
             return RejectReason.STALE_ROUND, f"round {body.round} is not open (current: {current.number if current else 'none'})"
         if body.round > current.number:
@@ -329,8 +333,8 @@ class SecureRoundEngine(RoundEngine):
 
     def _accept(self, device_id: str, message: BaseModel, body: SecAgg, nbytes: int) -> None:
         """Hand one parsed message to the protocol's server; SecAggError if it refuses it."""
-        assert self._open is not None and self._secure is not None
-        current, secure = self._open, self._secure
+        current, secure = self.rounds.open_round, self.secure_round
+        assert current is not None and secure is not None
         sender = getattr(message, "device", device_id)
         if sender != device_id:
             raise SecAggError(f"a message in the name of {sender} from {device_id}")
