@@ -1,4 +1,4 @@
-"""The aggregator service: binds the round engine to MQTT.
+"""The aggregator service: binds an engine (aggregator.engines) to MQTT.
 
 paho's network thread only reassembles chunks and queues what arrives, within per-sender byte
 budgets (protocol.chunking, aggregator.inbox); the topics of devices this service knows are
