@@ -1,9 +1,10 @@
 """The device agent: announce, fetch the tier's artifacts, train each task, publish the update.
 
-Two threads and a queue, in the aggregator service's shape. paho's network thread reassembles
-frames, checks and decodes them (edge_client.receipt) and queues what passes in a bounded inbox
-(edge_client.inbox); that is all it does. The device loop owns everything else: it writes
-artifacts into the cache, answers the secure-aggregation phases (keys, shares, masking, unmasking:
+In the aggregator service's shape: paho's network thread reassembles frames, checks and decodes
+them (edge_client.receipt, which also pins the aggregator's key on first use) and queues what
+passes in a bounded inbox (edge_client.inbox); besides signing the last will at each connect,
+that is all it does. One device loop owns everything else: it writes artifacts into the cache,
+answers the secure-aggregation phases (keys, shares, masking, unmasking:
 edge_client.secure_client), says hello at each connect, and runs each task through its stages:
 check that it is still wanted, get its files, get its weights, load the tier, evaluate, train,
 then encode and send the update (or hand the delta to the secure session). While a stage waits
@@ -17,14 +18,14 @@ own deadline, or sooner) and send its update, or is abandoned: a task's results 
 error-feedback residual on disk) are committed all together or not at all.
 
 Nothing a downlink frame holds stops the agent. Frames are checked on receipt (edge_client.receipt:
-topic, sender, the trusted aggregator key, the payload, a task taken before or past its deadline);
-on the loop, a task listing more files than one Fetch asks for (the schema's MAX_ARTIFACTS), files
-that are not its manifest's or exceed the cache bound, ONNX files with external data or unknown
-operator domains (edge_client.onnx_guard), weights of other names, shapes or dtypes than the tier's
-manifest, or training into NaN/Inf is refused and abandoned with nothing of it kept, and so is a
-task that fails in any other way (logged with its traceback). Refusals are counted in `refused` by
-reason and logged once per sender and reason per 10 s (protocol.refusals), the next line saying
-how many were left out.
+topic, sender, the trusted aggregator key, the payload and its schema, which refuses a task listing
+more files than one Fetch asks for; a task taken before or past its deadline); then, on the loop, a
+task whose files are not its manifest's or exceed the cache bound, ONNX files with external data or
+unknown operator domains (edge_client.onnx_guard), weights of other names, shapes or dtypes than the
+tier's manifest, or training into NaN/Inf is refused and abandoned with nothing of it kept, and so
+is a task that fails in any other way (logged with its traceback). Refusals are counted in
+`refused` by reason and logged once per sender and reason per 10 s (protocol.refusals), the next
+line saying how many were left out.
 
 The offline status the broker publishes if we vanish (the MQTT last will) is signed afresh for
 each (re)connect, so its `sent_at` is newer than any will of an earlier connection: the
@@ -294,7 +295,8 @@ class DeviceAgent:
         elif isinstance(body, Blob):
             self._store_blob(body, item)
         elif isinstance(body, Reject):
-            self.refused[f"by-aggregator:{body.reason.value}"] += 1
+            with self._refusal_lock:  # the network thread counts its refusals beside these
+                self.refused[f"by-aggregator:{body.reason.value}"] += 1
             log.warning("aggregator refused our message%s: %s: %s", f" of round {body.round}" if body.round is not None else "",
                         body.reason.value, body.detail)
             if body.reason is RejectReason.UNKNOWN_DEVICE:
