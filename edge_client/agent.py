@@ -141,9 +141,13 @@ def device_key(folder: Path) -> DeviceKey | None:
 class DeviceAgent:
     """One device of the fleet, training on its own local data."""
 
-    def __init__(self, config: ClientConfig, train: Dataset, test: Dataset) -> None:
+    def __init__(self, config: ClientConfig, train: Dataset, test: Dataset,
+                 files_only: Callable[[Task, Path], None] | None = None) -> None:
+        """`files_only` (tierfl bench --broker): called with each task's fetched and checked tier folder instead
+        of training it."""
         check_id(config.device_id, "device id")
         self.config = config
+        self.files_only = files_only
         self.train_data = train
         self.test_data = test
         self.topics = Topics(config.fleet)
@@ -374,6 +378,9 @@ class DeviceAgent:
         task: Task = frame.body  # type: ignore[assignment]
         self._check_wanted(task)
         manifest = self._get_files(task)
+        if self.files_only is not None:
+            self.files_only(task, self.cache.tier_folder(task.artifacts, key=task.manifest_sha256))
+            return
         start = self._get_weights(task, frame.tensors, manifest)
         trainer = self._load_tier(task, manifest, start)
         if task.statistics_only:

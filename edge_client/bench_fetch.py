@@ -21,31 +21,13 @@ from pathlib import Path
 from edge_client.agent import ClientConfig, DeviceAgent
 from edge_client.fleet_options import FleetAccess
 from models.data import Dataset
-from protocol.frame import Frame
-from protocol.messages import RejectReason, Task
+from protocol.messages import RejectReason
 
 log = logging.getLogger(__name__)
 
 # Refusals by the aggregator that waiting longer cannot change.
 _FINAL = (RejectReason.NOT_ENROLLED, RejectReason.BAD_SIGNATURE, RejectReason.WRONG_FLEET,
           RejectReason.SENDER_MISMATCH)
-
-
-class _FetchingAgent(DeviceAgent):
-    """The device agent with a worker that fetches and checks each task's tier and never trains."""
-
-    def __init__(self, config: ClientConfig, data: Dataset) -> None:
-        super().__init__(config, data, data.subset([]))
-        self.fetched: queue.Queue[tuple[str, Path]] = queue.Queue()
-
-    def _run_task(self, frame: Frame) -> None:
-        """The worker's step for one task (the agent's own hook): its tier folder, fetched and checked, or nothing."""
-        task: Task = frame.body  # type: ignore[assignment]
-        self.cache.use(task.artifacts.values())
-        if not self._fetch_artifacts(task):
-            return
-        self._checked_tier(task)  # onnx_guard, as before training
-        self.fetched.put((task.tier, self.cache.tier_folder(task.artifacts, key=task.manifest_sha256)))
 
 
 def fetch_tiers(access: FleetAccess, tiers: Sequence[str], data: Dataset, *, required: bool, timeout_s: float,
@@ -80,7 +62,8 @@ def _fetch_tier(config: ClientConfig, data: Dataset, timeout_s: float) -> Path |
     """The folder of tier `config.tier`, fetched as this device asking for it; None when the aggregator does not
     export it."""
     tier, fleet = config.tier, config.fleet
-    agent = _FetchingAgent(config, data)
+    fetched: queue.Queue[tuple[str, Path]] = queue.Queue()
+    agent = DeviceAgent(config, data, data.subset([]), files_only=lambda task, folder: fetched.put((task.tier, folder)))
     stop = threading.Event()
     failed: list[BaseException] = []
 
@@ -98,7 +81,7 @@ def _fetch_tier(config: ClientConfig, data: Dataset, timeout_s: float) -> Path |
     try:
         while True:
             try:
-                got, folder = agent.fetched.get(timeout=0.2)
+                got, folder = fetched.get(timeout=0.2)
             except queue.Empty:
                 if failed:
                     raise failed[0]
