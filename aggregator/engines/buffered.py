@@ -85,6 +85,7 @@ class BufferedEngine:
     view, note_bytes, current_round = forwarded("slot", "view", "note_bytes", "number")
 
     def __init__(self, parts: EngineParts, buffer: BufferConfig) -> None:
+        """FedBuff over `parts` (without a statistics phase: batch-norm models keep averaged statistics)."""
         self.parts = parts.with_config(static_batch_norm=False)  # DP: each applied buffer is charged as sampling rate 1
         self.buffer = buffer
         self.model = GlobalModel.load(self.parts)
