@@ -268,7 +268,7 @@ def serve(args: argparse.Namespace, settings: AlgorithmSettings) -> int:
     write_run_options(args.state_dir, run_options(args))
     config = EngineConfig(
         fleet=args.fleet, rounds=args.rounds, min_updates=args.min_updates,
-        round_timeout_s=args.round_timeout, static_batch_norm=args.bn_statistics == "devices", seed=args.seed,
+        round_timeout_s=args.round_timeout, bn_statistics=args.bn_statistics, seed=args.seed,
         outlier_multiple=args.outlier_multiple, max_share=args.max_share,
         server_optimizer=settings.server_optimizer,
     )

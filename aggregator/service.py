@@ -31,7 +31,7 @@ from aggregator.inbox import Inbox
 from aggregator.refusals import RateLimiter, RefusalLog
 from aggregator.registry import DeviceRegistry, RegistryFull
 from aggregator.store.artifacts import ArtifactStore
-from aggregator.strategies.batchnorm import statistic_names
+from aggregator.strategies.bn_statistics import statistic_names
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.frame import Frame, FrameError, RawFrame, decode_payload, encode_frame, read_header
 from protocol.messages import (Blob, Fetch, FrameHeader, Hello, Reject, RejectReason, SecAgg, Statistics, Status, Task,
@@ -249,7 +249,7 @@ class AggregatorService:
                     self.monitor.update_accepted()
             self._send(outgoing)
         elif on_up and isinstance(body, Statistics):
-            outgoing = self.engine.on_statistics(device, header.msg_id, body, frame.tensors, now)
+            outgoing = self.engine.on_bn_statistics(device, header.msg_id, body, frame.tensors, now)
             if not _refused(outgoing, device):
                 self.registry.seen(device, now)
                 self.registry.holds(device, body.tier, body.base_version)

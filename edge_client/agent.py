@@ -49,13 +49,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge_client.backends import open_trainer
+from edge_client.bn_statistics import measure_bn_statistics
 from edge_client.cache import ArtifactCache, ArtifactTooLarge
 from edge_client.compression import ErrorFeedback
 from edge_client.inbox import Inbox
 from edge_client.onnx_guard import OnnxRefused, check_onnx_folder
 from edge_client.privacy import privatize
 from edge_client.receipt import Receipt
-from edge_client.statistics import measure_bn_statistics
 from edge_client.trainer import EvalStats, Trainer, TrainStats
 from models.data import Dataset
 from models.manifest import STATISTICS_FILE, TierManifest

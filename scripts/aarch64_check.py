@@ -44,7 +44,7 @@ DEVICE_MODULES = (
     "edge_client.compression",
     "edge_client.trainer",
     "edge_client.portable",
-    "edge_client.statistics",
+    "edge_client.bn_statistics",
     "edge_client.backends",
     "edge_client.agent",
     "edge_client.cli",

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.evaluate import HeldOutEvaluator
-from aggregator.strategies.batchnorm import StatisticsPool, with_statistics
+from aggregator.strategies.bn_statistics import BnStatisticsPool, with_statistics
 from aggregator.strategies.fedavg import ClientUpdate, ElementwiseMean
 from aggregator.strategies.tiering import parse_tier_mix
-from edge_client.statistics import measure_bn_statistics
+from edge_client.bn_statistics import measure_bn_statistics
 from edge_client.trainer import OrtTrainer
 from models.data import FASHION_MNIST_ROOT, Dataset, dirichlet_partition, iid_partition, load_fashion_mnist
 from models.export import export_all
@@ -89,11 +89,11 @@ def measure_statistics(weights: Weights, tiers: list[str], shares: list[Dataset]
     """HeteroFL's static batch norm: each tier's statistics of `weights` pooled over its devices' data (none without BN)."""
     if not bench.spec.batch_norm:
         return {}
-    pools: dict[str, StatisticsPool] = {}
+    pools: dict[str, BnStatisticsPool] = {}
     for tier, share in zip(tiers, shares):
         sliced = slice_params(weights, param_shapes(bench.spec, TIER_RATES[tier]))
         measured = measure_bn_statistics(bench.artifacts / tier / STATISTICS_FILE, sliced, share)
-        pools.setdefault(tier, StatisticsPool()).add(len(share), measured)
+        pools.setdefault(tier, BnStatisticsPool()).add(len(share), measured)
     return {tier: pool.result() for tier, pool in pools.items()}
 
 

@@ -268,7 +268,7 @@ def test_fedbuff_refuses_unasked_and_duplicate_updates(art_dir: Path, tmp_path: 
     stranger = engine.on_update("nobody", new_id(), body.model_copy(update={"update_id": new_id()}), _random(SHAPES, 0), 10, 2.0)
     assert [o.body.reason for o in stranger if isinstance(o.body, Reject)] == [RejectReason.UNKNOWN_DEVICE]
     statistics = Statistics(round=task.round, base_version=0, tier="a", num_samples=10)
-    assert engine.on_statistics("d1", new_id(), statistics, {}, 2.0)[0].body.reason is RejectReason.UNEXPECTED
+    assert engine.on_bn_statistics("d1", new_id(), statistics, {}, 2.0)[0].body.reason is RejectReason.UNEXPECTED
 
 
 # -- hierarchical aggregation -----------------------------------------------------------------

@@ -24,7 +24,7 @@ from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.ledger import Ledger
 from aggregator.store.round_spool import Assignment, RoundPlan, RoundSpool, SpoolError
 from aggregator.store.state import StateStore
-from aggregator.strategies.batchnorm import statistic_names
+from aggregator.strategies.bn_statistics import statistic_names
 from aggregator.strategies.fedavg import FedAvg
 from models.export import export_all
 from models.zoo import ModelSpec, param_shapes
@@ -265,7 +265,7 @@ def test_a_round_measuring_batch_norm_statistics_asks_for_them_again(art_bn: Pat
 
     def measure(proc: Process, device: str, now: float) -> list[Outgoing]:
         body = Statistics(round=1, base_version=1, tier="a", num_samples=devices[device])
-        return proc.engine.on_statistics(device, new_id(), body, stats[device], now)
+        return proc.engine.on_bn_statistics(device, new_id(), body, stats[device], now)
 
     clean = Process(art_bn, tmp_path / "clean", now=0.0, devices=devices)
     asked = train(clean)

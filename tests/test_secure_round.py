@@ -361,11 +361,11 @@ def test_options_that_need_individual_updates_are_refused(extra: list[str], clas
 def test_batch_norm_statistics_measured_on_devices_are_refused(tmp_path: Path) -> None:
     spec = ModelSpec(arch="mlp", image_size=8, hidden=(16,), batch_norm=True)
     export_all(spec, ["a"], tmp_path / "art")
-    config = EngineConfig(fleet=FLEET, static_batch_norm=True)
+    config = EngineConfig(fleet=FLEET, bn_statistics="devices")
     with pytest.raises(ValueError, match="use --bn-statistics averaged"):
         SecureRoundEngine(EngineParts(config, FedAvg(), ArtifactStore(tmp_path / "art"), StateStore(tmp_path / "s"),
                                       DeviceRegistry()), SecureConfig())
-    averaged = SecureRoundEngine(EngineParts(config.model_copy(update={"static_batch_norm": False}), FedAvg(),
+    averaged = SecureRoundEngine(EngineParts(config.model_copy(update={"bn_statistics": "averaged"}), FedAvg(),
                                              ArtifactStore(tmp_path / "art"), StateStore(tmp_path / "s"),
                                              DeviceRegistry()), SecureConfig())
     assert averaged.record.version == 0

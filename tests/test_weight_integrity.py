@@ -257,7 +257,7 @@ def test_batch_norm_statistics_are_bounded_finite_and_their_pool_checked(tmp_pat
     def send(device: str, mean: float, samples: int = 100, var: float = 1.0) -> list[Outgoing]:
         tensors = {n: np.full(s, mean if n.endswith("running_mean") else var, np.float32) for n, s in shapes.items() if "running" in n}
         body = Statistics(round=1, base_version=1, tier="a", num_samples=samples)
-        return engine.on_statistics(device, new_id(), body, tensors, 3.0)
+        return engine.on_bn_statistics(device, new_id(), body, tensors, 3.0)
 
     assert _reasons(send("d1", 1.0, samples=HUGE)) == [RejectReason.TOO_MANY_SAMPLES]
     assert _reasons(send("d1", np.nan)) == [RejectReason.NON_FINITE]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,7 +27,7 @@ from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.ledger import Ledger
 from aggregator.store.round_spool import Assignment
 from aggregator.store.state import StateRecord
-from aggregator.strategies.batchnorm import StatisticsPool
+from aggregator.strategies.bn_statistics import BnStatisticsPool
 from aggregator.strategies.fedavg import Accumulator
 from aggregator.strategies.robust import DEFAULT_OUTLIER_MULTIPLE
 from aggregator.strategies.server_optimizer import ServerOptimizer
@@ -44,7 +44,7 @@ class EngineConfig(BaseModel):
     min_updates: int = Field(1, ge=1)
     round_timeout_s: float = Field(60.0, gt=0)
     evaluate_on_devices: bool = True
-    static_batch_norm: bool = True  # batch-norm models: a statistics phase measures BN statistics on devices
+    bn_statistics: Literal["devices", "averaged"] = "devices"  # batch-norm models: measured on devices, or averaged
     local_dp_clip: float = Field(0.0, ge=0)  # local differential privacy: devices clip their deltas to this norm ...
     local_dp_noise: float = Field(0.0, ge=0)  # ... and add Gaussian noise of this multiple of the clip (0: off)
     outlier_multiple: float = Field(DEFAULT_OUTLIER_MULTIPLE, ge=0)  # refuse norms over this x the tier's median (0: off)
@@ -83,7 +83,7 @@ class OpenRound:
     bytes_down: int = 0
     trained: dict[str, np.ndarray] | None = None  # aggregated weights awaiting their statistics
     optimizer_state: dict[str, np.ndarray] | None = None  # the server optimizer's state after `trained`
-    statistics: dict[str, StatisticsPool] = field(default_factory=dict)  # tier -> pool, in the statistics phase
+    statistics: dict[str, BnStatisticsPool] = field(default_factory=dict)  # tier -> pool, in the statistics phase
     measured: set[str] = field(default_factory=set)
     caps: dict[str, int] = field(default_factory=dict)  # device -> most samples its update may weigh (max_share)
     weighted_norms: float = 0.0  # sum of weight x L2 norm of the updates folded so far (bounds the float32 sums)
@@ -174,8 +174,8 @@ class Engine(Protocol):
         """Take one device's update, or refuse it with a reason."""
         ...
 
-    def on_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray],
-                      now: float) -> list[Outgoing]:
+    def on_bn_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray],
+                         now: float) -> list[Outgoing]:
         """Take one device's batch-norm statistics, or refuse them with a reason."""
         ...
 

@@ -86,7 +86,7 @@ class BufferedEngine:
 
     def __init__(self, parts: EngineParts, buffer: BufferConfig) -> None:
         """FedBuff over `parts` (without a statistics phase: batch-norm models keep averaged statistics)."""
-        self.parts = parts.with_config(static_batch_norm=False)  # DP: each applied buffer is charged as sampling rate 1
+        self.parts = parts.with_config(bn_statistics="averaged")  # DP: each applied buffer is charged as sampling rate 1
         self.buffer = buffer
         self.model = GlobalModel.load(self.parts)
         self.intake = UpdateIntake(self.parts, self.model.record.round)
@@ -142,7 +142,7 @@ class BufferedEngine:
             out = self._apply(now)  # commits the buffer as the next version
         return out + self.tick(now)
 
-    def on_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray], now: float) -> list[Outgoing]:
+    def on_bn_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray], now: float) -> list[Outgoing]:
         """Refused: buffered aggregation has no statistics phase."""
         return self.intake.refuse(device_id, msg_id, body, RejectReason.UNEXPECTED, "buffered aggregation asks for no statistics")
 

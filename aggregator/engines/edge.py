@@ -98,7 +98,7 @@ class EdgeEngine:
         """`parts.strategy` is the FollowTask that selects the group; `margin_s`: close this long before the parent's deadline."""
         if not isinstance(parts.strategy, FollowTask):
             raise TypeError(f"an edge aggregator selects its group with FollowTask, not {type(parts.strategy).__name__}")
-        self.parts = parts.with_config(static_batch_norm=False, rounds=2**31 - 1)
+        self.parts = parts.with_config(bn_statistics="averaged", rounds=2**31 - 1)
         self.follow, self.margin_s = parts.strategy, margin_s
         self.model = GlobalModel.load(self.parts)  # replaced by each parent task's own (`start`)
         self.intake = UpdateIntake(self.parts, self.model.record.round)
@@ -133,8 +133,8 @@ class EdgeEngine:
         """Validate one device's update and fold it into the local round, or reject it with a reason."""
         return self.rounds.take_update(self.model, device_id, msg_id, update, tensors, nbytes, now) or self.tick(now)
 
-    def on_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray],
-                      now: float) -> list[Outgoing]:
+    def on_bn_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray],
+                         now: float) -> list[Outgoing]:
         """Refused: an edge aggregator's local rounds have no statistics phase."""
         return self.intake.refuse(device_id, msg_id, body, RejectReason.STALE_ROUND,
                                   f"round {body.round} is not measuring statistics")

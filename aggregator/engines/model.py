@@ -19,7 +19,7 @@ from aggregator.engines.base import OpenRound, Outgoing
 from aggregator.engines.intake import UpdateIntake
 from aggregator.engines.parts import EngineParts, listing
 from aggregator.store.state import StateRecord
-from aggregator.strategies.batchnorm import with_statistics
+from aggregator.strategies.bn_statistics import with_statistics
 from aggregator.strategies.server_optimizer import split_state, touched_mask, with_state
 from models.slicing import slice_params
 from models.zoo import init_global_params

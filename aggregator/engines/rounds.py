@@ -30,7 +30,7 @@ from aggregator.engines.model import GlobalModel, Weights, non_finite
 from aggregator.engines.parts import EngineParts, forwarded
 from aggregator.engines.sync import SyncRounds
 from aggregator.engines.tasks import TaskBuilder
-from aggregator.strategies.batchnorm import StatisticsPool, statistic_names
+from aggregator.strategies.bn_statistics import BnStatisticsPool, statistic_names
 from protocol.messages import RejectReason, Statistics, Update
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class RoundEngine:
         self.model = GlobalModel.load(parts)
         self.intake = UpdateIntake(parts, self.model.record.round)
         self.rounds = SyncRounds(parts, self.intake, TaskBuilder(parts))
-        self.measures_statistics = parts.config.static_batch_norm and parts.artifacts.spec.batch_norm
+        self.measures_bn_statistics = parts.config.bn_statistics == "devices" and parts.artifacts.spec.batch_norm
         if resume:
             self.rounds.resume(self.model, time.time() if now is None else now)
 
@@ -77,8 +77,8 @@ class RoundEngine:
             return refused
         return self.tick(now) if self.round_complete(now) else []
 
-    def on_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray],
-                      now: float) -> list[Outgoing]:
+    def on_bn_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray],
+                         now: float) -> list[Outgoing]:
         """Pool one device's batch-norm statistics, or reject them with a reason."""
         if problem := self._check_statistics(device_id, body, tensors):
             return self.intake.refuse(device_id, msg_id, body, *problem)
@@ -88,7 +88,7 @@ class RoundEngine:
         if self.ledger:
             self.ledger.record(kind="statistics", accepted=True, round_number=body.round, device=device_id,
                                num_samples=body.num_samples)
-        current.statistics.setdefault(body.tier, StatisticsPool()).add(body.num_samples, tensors)
+        current.statistics.setdefault(body.tier, BnStatisticsPool()).add(body.num_samples, tensors)
         return self.tick(now) if self.round_complete(now) else []
 
     # -- the round's life, public for the secure engine ---------------------------------------
@@ -106,7 +106,7 @@ class RoundEngine:
         current = self.rounds.slot.current
         assert current is not None
         trained = current.trained if current.trained is not None else self.model.aggregate(current)
-        if trained is not None and current.trained is None and self.measures_statistics and not non_finite(trained):
+        if trained is not None and current.trained is None and self.measures_bn_statistics and not non_finite(trained):
             return self._start_statistics(current, trained, now)
         self.rounds.slot.current = None
         return [self.model.close(current, trained, now, self.intake, self.UNIT)]

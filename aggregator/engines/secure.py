@@ -123,7 +123,7 @@ class SecureRoundEngine:
     def __init__(self, parts: EngineParts, secure: SecureConfig, now: float | None = None,
                  enrolled: Mapping[str, str] | None = None) -> None:
         """`enrolled` (device -> Ed25519 public hex, the --enrolled file): refuse advertisements not signed by these keys."""
-        if parts.config.static_batch_norm and parts.artifacts.spec.batch_norm:
+        if parts.config.bn_statistics == "devices" and parts.artifacts.spec.batch_norm:
             raise ValueError("secure aggregation cannot pool batch-norm statistics measured on devices (each device's "
                              "would be in the clear): use --bn-statistics averaged")
         self.secure = secure
@@ -146,10 +146,10 @@ class SecureRoundEngine:
         return self.rounds.intake.refuse(device_id, msg_id, update, RejectReason.UNEXPECTED,
                                          "this fleet aggregates securely: plain updates are refused (send masked input)")
 
-    def on_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray],
-                      now: float) -> list[Outgoing]:
+    def on_bn_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray],
+                         now: float) -> list[Outgoing]:
         """Refused as the round engine refuses statistics outside a statistics phase (a secure round has none)."""
-        return self.rounds.on_statistics(device_id, msg_id, body, tensors, now)
+        return self.rounds.on_bn_statistics(device_id, msg_id, body, tensors, now)
 
     def on_secagg(self, device_id: str, msg_id: str, body: SecAgg, tensors: Mapping[str, np.ndarray], nbytes: int,
                   now: float) -> list[Outgoing]:

@@ -25,7 +25,7 @@ import numpy as np
 
 from aggregator.registry import DeviceInfo
 from aggregator.store.round_spool import Assignment
-from aggregator.strategies.batchnorm import is_statistic
+from aggregator.strategies.bn_statistics import is_statistic
 from aggregator.strategies.fedavg import Accumulator, ClientUpdate, FedAvg, Weights
 from protocol.blocks import leading_slices
 

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.strategies.batchnorm import VAR
+from aggregator.strategies.bn_statistics import VAR
 from aggregator.strategies.fedavg import AccumulatorFactory, ClientUpdate, Weights
 from protocol.blocks import leading_slices
 from protocol.clipping import clip_delta

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aggregator.strategies.batchnorm import is_statistic
+from aggregator.strategies.bn_statistics import is_statistic
 from protocol.blocks import leading_slices
 
 SERVER_OPTIMIZERS = ("fedavg", "sgd", "momentum", "adam", "yogi", "adagrad")  # fedavg: no server optimizer

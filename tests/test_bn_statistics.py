@@ -15,10 +15,10 @@ from aggregator.engines.rounds import RoundEngine
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.state import StateStore
-from aggregator.strategies.batchnorm import StatisticsPool, with_statistics
+from aggregator.strategies.bn_statistics import BnStatisticsPool, with_statistics
 from aggregator.strategies.fedavg import FedAvg
 from aggregator.strategies.tiering import FixedTiers
-from edge_client.statistics import measure_bn_statistics
+from edge_client.bn_statistics import measure_bn_statistics
 from models.data import Dataset, load_digits
 from models.export import export_all
 from models.manifest import STATISTICS_FILE
@@ -77,7 +77,7 @@ def test_device_measurement_pools_batches_exactly(tmp_path: Path):
 def test_pool_equals_statistics_of_the_union_and_widest_tier_wins():
     rng = np.random.default_rng(1)
     parts = [rng.normal(loc, 2.0, size=(n, 4)) for loc, n in ((0.0, 30), (3.0, 70))]
-    pool = StatisticsPool()
+    pool = BnStatisticsPool()
     for part in parts:
         pool.add(len(part), {"bn1.running_mean": part.mean(0).astype(np.float32), "bn1.running_var": part.var(0).astype(np.float32)})
     union = np.concatenate(parts)
@@ -113,7 +113,7 @@ def test_engine_commits_only_after_the_statistics_phase(tmp_path: Path):
 
     def send(device: str, tensors: dict[str, np.ndarray], tier: str) -> list:
         body = Statistics(round=1, base_version=1, tier=tier, num_samples=100)
-        return engine.on_statistics(device, new_id(), body, tensors, 3.0)
+        return engine.on_bn_statistics(device, new_id(), body, tensors, 3.0)
 
     bad = send("d1", {**measured("d1", 1.0), "bn1.running_var": -np.ones(16, np.float32)}, "a")
     assert isinstance(bad[0].body, Reject) and bad[0].body.reason is RejectReason.BAD_TENSOR

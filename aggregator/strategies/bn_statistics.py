@@ -29,7 +29,7 @@ def statistic_names(shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
     return [name for name in shapes if is_statistic(name)]
 
 
-class StatisticsPool:
+class BnStatisticsPool:
     """Sample-weighted pooling of one tier's per-device batch-norm statistics."""
 
     def __init__(self) -> None:
