@@ -33,10 +33,11 @@ test: $(STAMP)
 
 # Structure-aware fuzzing (tests/test_fuzz.py, tests/test_fuzz_device.py): FUZZ_EXAMPLES cases for each of the five
 # structure-aware properties (frames, chunk streams, secure-aggregation payloads, the aggregator's message handler,
-# the device's downlink handler), counts printed per property; `make test` runs a few hundred of each.
+# the device's downlink handler), counts printed per property; `make test` runs a few hundred of each. A property
+# runs 3 to 10 minutes here, past the suite's 300 s per test: the timeout is an hour.
 FUZZ_EXAMPLES ?= 34000
 fuzz: $(STAMP)
-	TIERFL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py \
+	TIERFL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider --timeout 3600 tests/test_fuzz.py \
 	  tests/test_fuzz_device.py -k structure_aware --hypothesis-show-statistics $(ARGS)
 
 clean:
