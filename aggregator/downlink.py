@@ -12,7 +12,7 @@ encoded with a generator seeded by (tier, version): every frame of that step car
 bytes, and decoding its own frame gives the aggregator R_v bit for bit as the devices compute it.
 A device gets a delta only against a version it says it holds (hello, last update) AND that this
 process sent it, so a copy from before an aggregator restart is never patched by a new chain.
-A FedMut task (`variant` > 0) carries the device's own mutated weights: they go out whole, and
+A FedMut task (`weights.variant` > 0) carries the device's own mutated weights: they go out whole, and
 the device's next task is a full copy again, since what it holds is no tier reference.
 """
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aggregator.engines.tasks import with_delta
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import FrameHeader, Task
 
@@ -58,7 +59,7 @@ class Downlink:
         if task.round != self._round:
             self._frames.clear()
             self._round = task.round
-        if task.variant:  # a FedMut mutation is this device's alone: encode it once, chain nothing onto it
+        if task.weights.variant:  # a FedMut mutation is this device's alone: encode it once, chain nothing onto it
             self._sent.pop((device_id, task.tier), None)
             return self._encode(task, weights, "float16" if self.mode == "float16" else "float32")
         if self.mode != "int8-delta":
@@ -70,7 +71,7 @@ class Downlink:
         sent.intersection_update({reference.previous})
         sent.add(reference.version)
         if held == reference.version:  # nothing changed since: train on what you hold
-            return self._cached("same", task, lambda: self._encode(task.model_copy(update={"delta_from": held}), None))
+            return self._cached("same", task, lambda: self._encode(with_delta(task, held), None))
         if held is not None and held == reference.previous:
             return self._cached("delta", task, lambda: self._delta_frame(task, reference))
         return self._cached("full", task, lambda: self._encode(task, reference.weights, "float32"))
@@ -91,7 +92,7 @@ class Downlink:
 
     def _delta_frame(self, task: Task, reference: _Reference) -> bytes:
         rng = np.random.default_rng([self.seed, reference.version, zlib.crc32(task.tier.encode())])
-        body = task.model_copy(update={"delta_from": reference.previous})
+        body = with_delta(task, reference.previous)
         return encode_frame(self.fleet, self.sender, body, reference.delta, "int8", rng=rng, signer=self.signer)
 
     def _encode(self, task: Task, tensors: Mapping[str, np.ndarray] | None, codec: str = "float32") -> bytes:

@@ -34,8 +34,8 @@ from aggregator.store.artifacts import ArtifactStore
 from aggregator.strategies.bn_statistics import statistic_names
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.frame import Frame, FrameError, RawFrame, decode_payload, encode_frame, read_header
-from protocol.messages import (Blob, Fetch, FrameHeader, Hello, Reject, RejectReason, SecAgg, Statistics, Status, Task,
-                               Update)
+from protocol.messages import (Blob, BnStatistics, Fetch, FrameHeader, Hello, Reject, RejectReason, SecAgg, Status,
+                               Task, Update)
 from protocol.mqtt.link import MqttLink
 from protocol.mqtt.url import BrokerAddress
 from protocol.signing import DeviceKey, SignatureCheck, SignatureError, key_announcement
@@ -174,7 +174,7 @@ class AggregatorService:
                 self._signatures.verify(header)
             except SignatureError as exc:
                 return exc.reason, exc.detail
-        if isinstance(body, (Update, Statistics)) and body.tier not in self.artifacts.tiers:
+        if isinstance(body, (Update, BnStatistics)) and body.tier not in self.artifacts.tiers:
             return RejectReason.UNKNOWN_TIER, f"tier {body.tier!r} is not exported"
         return None
 
@@ -205,7 +205,7 @@ class AggregatorService:
         body = raw.body
         if isinstance(body, Update):
             return {} if body.unchanged else self.artifacts.tiers[body.tier].shapes
-        if isinstance(body, Statistics):
+        if isinstance(body, BnStatistics):
             shapes = self.artifacts.tiers[body.tier].shapes
             return {name: shapes[name] for name in statistic_names(shapes)}
         if isinstance(body, SecAgg):
@@ -248,7 +248,7 @@ class AggregatorService:
                 if self.monitor and body.phase == "masked_input":
                     self.monitor.update_accepted()
             self._send(outgoing)
-        elif on_up and isinstance(body, Statistics):
+        elif on_up and isinstance(body, BnStatistics):
             outgoing = self.engine.on_bn_statistics(device, header.msg_id, body, frame.tensors, now)
             if not _refused(outgoing, device):
                 self.registry.seen(device, now)

@@ -62,8 +62,8 @@ from models.manifest import STATISTICS_FILE, TierManifest
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.codecs import encode_decode, parse_codec
 from protocol.frame import Frame, encode_frame
-from protocol.messages import (Blob, Body, Fetch, Hello, Reject, RejectReason, SecAgg, Statistics, Status, Task, Update,
-                               new_id)
+from protocol.messages import (Blob, BnStatistics, Body, Fetch, Hello, MeasureBnStatistics, Reject, RejectReason,
+                               SecAgg, Status, Task, TrainTask, Update, new_id)
 from protocol.mqtt.link import Backoff, MqttLink, Will
 from protocol.mqtt.url import BrokerAddress
 from protocol.quantized import Tensor
@@ -291,7 +291,7 @@ class DeviceAgent:
             return
         body = item.body
         if isinstance(body, Task):
-            if body.secure is not None and self.secure is not None:
+            if isinstance(body, TrainTask) and body.secure is not None and self.secure is not None:
                 self.secure.on_task(body)  # keys go out at once, before training
             self._tasks.append(item)
         elif isinstance(body, SecAgg) and self.secure is not None:
@@ -383,8 +383,8 @@ class DeviceAgent:
             return
         start = self._get_weights(task, frame.tensors, manifest)
         trainer = self._load_tier(task, manifest, start)
-        if task.statistics_only:
-            self._send_statistics(task, start)
+        if isinstance(task, MeasureBnStatistics):
+            self._send_bn_statistics(task, start)
             return
         before = self._evaluate(task, trainer)
         delta, stats = self._train(task, trainer, start)
@@ -477,14 +477,14 @@ class DeviceAgent:
             if name not in shapes or tuple(value.shape) != shapes[name] or value.dtype != np.float32:
                 raise TaskRefused(RejectReason.BAD_TENSOR, f"tensor {name!r} ({value.dtype} {list(value.shape)}) is not "
                                   f"a float32 parameter of tier {task.tier} (expected {list(shapes.get(name, ()))})")
-        if task.delta_from is None:
+        if task.weights.delta_from is None:
             if set(tensors) != set(shapes):
                 raise TaskRefused(RejectReason.BAD_TENSOR, f"weights lack {sorted(set(shapes) - set(tensors))[:8]}")
             weights = {name: np.asarray(tensors[name], np.float32) for name in shapes}
         else:
             version, held = self._held.get(task.tier, (None, {}))
-            if version != task.delta_from or set(held) != set(shapes):
-                self._refuse(RejectReason.WRONG_VERSION, f"round {task.round}: a delta against version {task.delta_from} "
+            if version != task.weights.delta_from or set(held) != set(shapes):
+                self._refuse(RejectReason.WRONG_VERSION, f"round {task.round}: a delta against version {task.weights.delta_from} "
                              f"of tier {task.tier}, but we hold {version}; announcing what we hold",
                              self.config.aggregator_id)
                 self._held.pop(task.tier, None)
@@ -514,13 +514,13 @@ class DeviceAgent:
         self._held[task.tier] = (task.model_version, start)
         return trainer
 
-    def _evaluate(self, task: Task, trainer: Trainer) -> EvalStats | None:
+    def _evaluate(self, task: TrainTask, trainer: Trainer) -> EvalStats | None:
         """Stage 5: the received model on our test data, when the task asks and we have some."""
         if not (task.evaluate and len(self.test_data)):
             return None
         return self._off_loop(lambda: trainer.evaluate(self.test_data))
 
-    def _train(self, task: Task, trainer: Trainer, start: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], TrainStats]:
+    def _train(self, task: TrainTask, trainer: Trainer, start: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], TrainStats]:
         """Stage 6: train until the epochs are done or the send margin is reached; the update (new - start, privatized
         when the task asks for local DP) and the training's statistics. TaskRefused when training diverged."""
         seed = task.seed ^ zlib.crc32(self.config.device_id.encode())
@@ -539,7 +539,7 @@ class DeviceAgent:
             delta = privatize(delta, task.dp_clip, task.dp_noise, self._dp_rng)
         return delta, stats
 
-    def _hand_to_secure(self, task: Task, delta: dict[str, np.ndarray], before: EvalStats | None) -> None:
+    def _hand_to_secure(self, task: TrainTask, delta: dict[str, np.ndarray], before: EvalStats | None) -> None:
         """Stage 7 of a secure task: the delta goes to its session, masked and sent once the shares are in."""
         secure = self.secure
         assert secure is not None
@@ -550,7 +550,7 @@ class DeviceAgent:
 
         self._commit(hand_over)
 
-    def _encode_and_send(self, task: Task, start: Mapping[str, np.ndarray], delta: dict[str, np.ndarray],
+    def _encode_and_send(self, task: TrainTask, start: Mapping[str, np.ndarray], delta: dict[str, np.ndarray],
                          stats: TrainStats, before: EvalStats | None) -> None:
         """Stage 7: encode the update with the configured codec (error feedback and selective upload around it) and
         send it; the residual is saved with it."""
@@ -594,12 +594,12 @@ class DeviceAgent:
 
         self._commit(send)
 
-    def _send_statistics(self, task: Task, weights: dict[str, np.ndarray]) -> None:
+    def _send_bn_statistics(self, task: MeasureBnStatistics, weights: dict[str, np.ndarray]) -> None:
         """Stage 5 of a statistics task: measure the batch-norm statistics of `weights` on our training data, send them."""
         folder = self.cache.tier_folder(task.artifacts, key=task.manifest_sha256)
         statistics = self._off_loop(lambda: measure_bn_statistics(folder / STATISTICS_FILE, weights, self.train_data,
                                                                   threads=self.config.threads))
-        body = Statistics(round=task.round, base_version=task.model_version, tier=task.tier, num_samples=len(self.train_data))
+        body = BnStatistics(round=task.round, base_version=task.model_version, tier=task.tier, num_samples=len(self.train_data))
 
         def send() -> None:
             sent = self._publish(self.topics.up(self.config.device_id), body, statistics)

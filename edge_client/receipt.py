@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from protocol.frame import Frame, FrameError, decode_payload, read_header
-from protocol.messages import Blob, Reject, RejectReason, SecAgg, Task
+from protocol.messages import Blob, Reject, RejectReason, SecAgg, Task, TrainTask
 from protocol.signing import KEY_ANNOUNCEMENT, SignatureError
 from protocol.trust import AggregatorTrust
 
@@ -106,7 +106,7 @@ class Receipt:
     def _task_problem(self, task: Task, msg_id: str) -> tuple[RejectReason, str] | None:
         """Why a task cannot be taken at all, checked on receipt (no artifact is fetched for it); None if it can."""
         where = f"round {task.round} (tier {task.tier})"
-        if task.secure is not None and not self.secure:
+        if isinstance(task, TrainTask) and task.secure is not None and not self.secure:
             return RejectReason.UNEXPECTED, (f"{where} uses secure aggregation, which needs the cryptography package "
                                              "(pip install 'tierfl[signing]')")
         if (late := time.time() - task.deadline) > 0:  # a signed task is good until its deadline, not after

@@ -1,6 +1,6 @@
 """The device's side of secure rounds (protocol.secagg.messages): keys, shares, the masked delta, unmasking.
 
-The agent's device loop is its one caller. A secure task (Task.secure) opens a session as soon as
+The agent's device loop is its one caller. A secure task (TrainTask.secure) opens a session as soon as
 it is received: fresh keys are advertised before training starts. The roster is answered with
 encrypted shares, the share delivery is kept; the task pipeline hands in the trained delta, and
 whichever of the two comes last masks weight x delta (clipped to the agreed bound) and sends it. The unmask request gets the
@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ValidationError
 
 from edge_client.trainer import EvalStats
-from protocol.messages import SecAgg, SecureAggregation, Task
+from protocol.messages import SecAgg, SecureAggregation, TrainTask
 from protocol.secagg.device import SecAggDevice
 from protocol.secagg.messages import KeyRoster, SecAggError, SecAggParams, ShareDelivery, UnmaskRequest
 from protocol.secagg.wire import unwrap, wrap
@@ -37,7 +37,7 @@ Send = Callable[[SecAgg, Mapping[str, np.ndarray] | None], int]  # publish one m
 
 @dataclass
 class _Session:
-    task: Task
+    task: TrainTask
     settings: SecureAggregation
     device: SecAggDevice
     delivery: ShareDelivery | None = None
@@ -73,7 +73,7 @@ class SecureClient:
         self._warned_unverified = False
         self._session: _Session | None = None
 
-    def on_task(self, task: Task) -> None:
+    def on_task(self, task: TrainTask) -> None:
         """Open the session of a secure task and advertise its fresh keys."""
         settings = task.secure
         assert settings is not None
@@ -120,7 +120,7 @@ class SecureClient:
             log.error("round %d: secure aggregation step refused, leaving the round: %s", body.round, exc)
             self._session = None
 
-    def trained(self, task: Task, delta: Mapping[str, np.ndarray], evaluation: EvalStats | None) -> None:
+    def trained(self, task: TrainTask, delta: Mapping[str, np.ndarray], evaluation: EvalStats | None) -> None:
         """The trained delta of a secure task: masked and sent once the share delivery is in."""
         session = self._session
         if session is None or task.secure is None or task.secure.session != session.settings.session:

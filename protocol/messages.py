@@ -22,9 +22,9 @@ MAX_TOTAL_BYTES = 1 << 50  # byte counters of a round summary
 MAX_SECONDS = 1e9  # durations (train_seconds, a round's seconds)
 MAX_UNIX_TIME = 1e13  # timestamps (sent_at, deadline): 300,000 years from 1970
 MAX_LOSS = 1e12  # |loss| reported by a device
-MAX_SEED = 2**63 - 1  # |Task.seed|: an int64
+MAX_SEED = 2**63 - 1  # |TrainTask.seed|: an int64
 MAX_TIERS = 64  # entries of a per-tier dict (holds, seconds_per_sample, contributors, accuracy_by_tier)
-MAX_ARTIFACTS = 64  # files of one tier (Task.artifacts, Fetch.sha256)
+MAX_ARTIFACTS = 64  # files of one tier (TaskScope.artifacts, Fetch.sha256)
 MAX_LIBRARIES = 64  # Hello.libraries entries
 MAX_SHORT_TEXT = 64  # Hello.backend, library names, metric and reason names
 MAX_TEXT = 256  # names: files, tensors, library versions
@@ -37,7 +37,7 @@ MAX_FRAME_ELEMENTS = 1 << 26  # elements all the tensors of one frame decode to 
 MAX_TENSOR_BYTES = 1 << 40  # TensorEntry.nbytes
 MAX_META_ENTRIES = 8  # TensorEntry.meta entries (codecs use one: "scale")
 MAX_META_INT = 2**63 - 1  # |int| in TensorEntry.meta
-MAX_DP = 1e9  # Task.dp_clip, Task.dp_noise
+MAX_DP = 1e9  # TrainTask.dp_clip, TrainTask.dp_noise
 MAX_SECAGG_CLIP = 1e9  # SecureAggregation.clip
 MAX_SECAGG_WEIGHT = 1e12  # SecureAggregation.weight
 
@@ -133,7 +133,7 @@ class Status(_Strict):
 
 
 class SecureAggregation(_Strict):
-    """Task.secure: the round is summed by secure aggregation (protocol.secagg.messages); answer with SecAgg messages, no Update."""
+    """TrainTask.secure: the round is summed by secure aggregation (protocol.secagg.messages); answer with SecAgg messages, no Update."""
 
     session: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]  # this attempt at the round; messages of another are stale
     threshold: Annotated[int, Field(ge=2, le=MAX_DEVICES)]  # shares that rebuild a device's secrets
@@ -146,30 +146,49 @@ class SecureAggregation(_Strict):
     block: Annotated[dict[TensorName, BlockShape], Field(max_length=MAX_TENSORS)]  # this device's tier: the leading block of each
 
 
-class Task(_Strict):
-    """Aggregator -> device: train the attached weights of `tier` for one round."""
+class AttachedWeights(_Strict):
+    """How a task's attached weights are encoded."""
 
-    kind: Literal["task"] = "task"
+    delta_from: Version | None = None  # a delta to add to this version of the tier, held by the device (None: whole)
+    variant: Version = 0  # FedMut: this device's mutation of the model version (0: the model itself, and to measure)
+
+
+class TaskScope(_Strict):
+    """What every task carries: the round, the tier's weights at a model version, the tier's files, the deadline."""
+
     round: Round
     model_version: Version
     tier: Identifier
     manifest_sha256: Sha256
     artifacts: Annotated[dict[Text, Sha256], Field(max_length=MAX_ARTIFACTS)]  # file name inside the tier folder -> sha256 (includes manifest.json)
+    deadline: Annotated[float, Field(ge=0, le=MAX_UNIX_TIME, allow_inf_nan=False)]  # unix time by which the answer must arrive
+    weights: AttachedWeights = AttachedWeights()
+
+
+class TrainTask(TaskScope):
+    """Aggregator -> device: train the attached weights of `tier` for one round, reply Update (SecAgg when `secure`)."""
+
+    kind: Literal["train"] = "train"
     epochs: Annotated[int, Field(ge=1, le=1000)]
     batch_size: Annotated[int, Field(ge=1, le=65536)]
     learning_rate: Annotated[float, Field(gt=0, le=10)]
-    deadline: Annotated[float, Field(ge=0, le=MAX_UNIX_TIME, allow_inf_nan=False)]  # unix time by which the update must arrive
     seed: Annotated[int, Field(ge=-MAX_SEED, le=MAX_SEED)] = 0
     evaluate: bool = True  # also report loss/accuracy of the received weights on the local test split
     mask_classes: bool = False  # leave the classes the device has no data for out of its softmax
     proximal_mu: Annotated[float, Field(ge=0, le=100)] = 0.0  # FedProx: mu/2 ||w - w_received||^2 added to the loss
-    statistics_only: bool = False  # no training: measure batch-norm statistics of these weights, reply Statistics
-    delta_from: Version | None = None  # tensors are a delta to add to this version of the tier, which the device holds
-    variant: Version = 0  # FedMut: the weights are this device's mutation of the model version (0: the model itself)
     weighted: bool = True  # the aggregator weights updates by samples (False: one vote per device); edge aggregators follow it
     dp_clip: Annotated[float, Field(ge=0, le=MAX_DP)] = 0.0  # local differential privacy: clip the delta to this L2 norm ...
     dp_noise: Annotated[float, Field(ge=0, le=MAX_DP)] = 0.0  # ... and add Gaussian noise of std dp_noise * dp_clip (0: off)
     secure: SecureAggregation | None = None  # secure aggregation: mask the delta, send it as SecAgg messages
+
+
+class MeasureBnStatistics(TaskScope):
+    """Aggregator -> device: no training; measure the batch-norm statistics of the attached weights, reply BnStatistics."""
+
+    kind: Literal["measure_bn_statistics"] = "measure_bn_statistics"
+
+
+Task = TrainTask | MeasureBnStatistics  # any task a device carries out
 
 
 class Fetch(_Strict):
@@ -214,13 +233,13 @@ class TierShare(_Strict):
     devices: Annotated[int, Field(ge=1, le=MAX_DEVICES)]
 
 
-class Statistics(_Strict):
+class BnStatistics(_Strict):
     """Device -> aggregator: batch-norm statistics of the task's weights on the device's training data.
 
     Tensors `<bn>.running_mean` and `<bn>.running_var` (population variance), one pair per layer.
     """
 
-    kind: Literal["statistics"] = "statistics"
+    kind: Literal["bn_statistics"] = "bn_statistics"
     round: Round
     base_version: Version
     tier: Identifier
@@ -236,7 +255,7 @@ class SecAgg(_Strict):
 
     kind: Literal["secagg"] = "secagg"
     round: Round
-    session: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]  # Task.secure.session
+    session: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]  # TrainTask.secure.session
     phase: Literal["advertise", "roster", "share_keys", "delivery", "masked_input", "unmask_request", "unmasking"]
     payload: Annotated[str, Field(max_length=1 << 20)]
     eval_loss: Loss | None = None
@@ -275,7 +294,7 @@ class RoundSummary(_Strict):
 
 
 Body = Annotated[
-    Union[Hello, Status, Task, Fetch, Blob, Update, Statistics, SecAgg, Reject, RoundSummary],
+    Union[Hello, Status, TrainTask, MeasureBnStatistics, Fetch, Blob, Update, BnStatistics, SecAgg, Reject, RoundSummary],
     Field(discriminator="kind"),
 ]
 

@@ -29,7 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from protocol.chunking import CHUNK_MAGIC
 from protocol.frame import MAGIC, decode_frame, encode_frame
-from protocol.messages import Hello, Task, Update, new_id
+from protocol.messages import Hello, TrainTask, Update, new_id
 from protocol.mqtt.url import parse
 from protocol.topics import Topics
 
@@ -119,7 +119,7 @@ def floods(fleet: str, me: str, topics: Topics) -> Iterator[Message]:
 def downlink(fleet: str, me: str, topics: Topics, devices: list[str]) -> Iterator[Message]:
     """Case 6: frames on honest devices' downlink claiming to be the aggregator: unsigned tasks of every bad kind."""
     for device in devices:
-        task = {"kind": "task", "round": 1, "model_version": 0, "tier": "a", "manifest_sha256": SHA,
+        task = {"kind": "train", "round": 1, "model_version": 0, "tier": "a", "manifest_sha256": SHA,
                 "artifacts": {f"f{i}.onnx": f"{i:064x}" for i in range(100)}, "epochs": 1, "batch_size": 8,
                 "learning_rate": 0.1, "deadline": time.time() + 600}
         yield topics.down(device), raw_frame(fleet, "aggregator", task), False
@@ -151,7 +151,7 @@ class Poisoner:
         except ValueError:
             return
         task = frame.body
-        if not isinstance(task, Task) or task.statistics_only or task.secure is not None:
+        if not isinstance(task, TrainTask) or task.secure is not None:
             return
         with self.lock:
             if frame.header.msg_id in self._seen:

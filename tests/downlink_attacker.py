@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from aggregator.store.artifacts import ArtifactStore
 from protocol.frame import encode_frame
-from protocol.messages import Task
+from protocol.messages import TrainTask
 from protocol.signing import AGGREGATOR_KEY_FILE, DeviceKey
 from protocol.topics import Topics
 
@@ -33,10 +33,10 @@ def main(port: int, fleet: str, device: str, state_dir: Path) -> None:
     mallory = DeviceKey(Path(tempfile.mkdtemp()), file_name="mallory.key")
     tier = ArtifactStore(state_dir / "artifacts").tiers["a"]
 
-    def task(round_number: int, **changes: object) -> Task:
+    def task(round_number: int, **changes: object) -> TrainTask:
         fields = dict(round=round_number, model_version=0, tier="a", manifest_sha256=tier.manifest_sha256,
                       artifacts=tier.files, epochs=1, batch_size=16, learning_rate=0.1, deadline=time.time() + 30)
-        return Task.model_construct(**(fields | changes))  # unchecked: may break the schema's bounds
+        return TrainTask.model_construct(**(fields | changes))  # unchecked: may break the schema's bounds
 
     weights = {n: np.zeros(s, np.float32) for n, s in tier.shapes.items()}
     wrong = weights | {"fc1.weight": np.zeros((3, 3), np.float32)}

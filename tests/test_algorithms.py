@@ -21,7 +21,7 @@ from aggregator.strategies.sampling import AvailabilitySampler, PowerOfChoiceSam
 from aggregator.strategies.tiering import FixedTiers
 from models.export import export_all
 from models.zoo import ModelSpec
-from protocol.messages import Reject, RejectReason, RoundSummary, Statistics, Task, Update, new_id
+from protocol.messages import BnStatistics, Reject, RejectReason, RoundSummary, Task, Update, new_id
 
 SPEC = ModelSpec(arch="mlp", image_size=8, hidden=(16,))
 SHAPES = {"fc1.weight": (16, 64), "fc1.bias": (16,), "fc2.weight": (10, 16), "fc2.bias": (10,)}
@@ -267,7 +267,7 @@ def test_fedbuff_refuses_unasked_and_duplicate_updates(art_dir: Path, tmp_path: 
     assert [o.body.reason for o in again if isinstance(o.body, Reject)] == [RejectReason.DUPLICATE]
     stranger = engine.on_update("nobody", new_id(), body.model_copy(update={"update_id": new_id()}), _random(SHAPES, 0), 10, 2.0)
     assert [o.body.reason for o in stranger if isinstance(o.body, Reject)] == [RejectReason.UNKNOWN_DEVICE]
-    statistics = Statistics(round=task.round, base_version=0, tier="a", num_samples=10)
+    statistics = BnStatistics(round=task.round, base_version=0, tier="a", num_samples=10)
     assert engine.on_bn_statistics("d1", new_id(), statistics, {}, 2.0)[0].body.reason is RejectReason.UNEXPECTED
 
 

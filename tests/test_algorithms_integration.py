@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from protocol.frame import encode_frame
-from protocol.messages import RoundSummary, Task
+from protocol.messages import RoundSummary, TrainTask
 from protocol.topics import Topics
 from tests.conftest import tierfl
 from tests.test_integration import Watcher, _aggregator, _stop
@@ -105,8 +105,8 @@ def test_edge_aggregator_forwards_its_group_as_one_update(tmp_path, mosquitto_ur
         assert edge_log.count("forwarding one update") == 3 and "tier a: 1 devices, tier c: 1 devices" in edge_log
         assert "TRUST ON FIRST USE: pinned aggregator key" in edge_log, "the edge pins its parent's key"
         # A task forged in the parent's name, unsigned, on the edge's parent downlink: ignored, no local round.
-        forged = Task(round=4, model_version=3, tier="a", manifest_sha256="0" * 64, artifacts={}, epochs=1,
-                      batch_size=8, learning_rate=0.1, deadline=time.time() + 60)
+        forged = TrainTask(round=4, model_version=3, tier="a", manifest_sha256="0" * 64, artifacts={}, epochs=1,
+                           batch_size=8, learning_rate=0.1, deadline=time.time() + 60)
         watcher.publish(Topics(fleet).down("site1"), encode_frame(fleet, "aggregator", forged))
         deadline = time.time() + 15
         while "ignored a frame from the parent: bad_signature" not in (tmp_path / "edge.log").read_text():

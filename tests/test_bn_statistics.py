@@ -24,7 +24,8 @@ from models.export import export_all
 from models.manifest import STATISTICS_FILE
 from models.slicing import slice_params
 from models.zoo import ModelSpec, build_statistics_graph, init_global_params, param_shapes
-from protocol.messages import Reject, RejectReason, RoundSummary, Statistics, Task, Update, new_id
+from protocol.messages import (BnStatistics, MeasureBnStatistics, Reject, RejectReason, RoundSummary, Task, Update,
+                               new_id)
 
 MLP_BN = ModelSpec(arch="mlp", hidden=(32, 16), batch_norm=True)
 
@@ -105,14 +106,14 @@ def test_engine_commits_only_after_the_statistics_phase(tmp_path: Path):
         out = engine.on_update(device, new_id(), update, {n: np.full_like(v, 0.01) for n, v in task.tensors.items()}, 100, 2.0)
     statistics_tasks = {o.device_id: o for o in out}
     assert set(statistics_tasks) == {"d1", "d2"} and engine.record.version == 0  # not committed yet
-    assert all(isinstance(o.body, Task) and o.body.statistics_only and o.body.model_version == 1 for o in out)
+    assert all(isinstance(o.body, MeasureBnStatistics) and o.body.model_version == 1 for o in out)
 
     def measured(device: str, scale: float) -> dict[str, np.ndarray]:
         shapes = artifacts.tiers[statistics_tasks[device].body.tier].shapes
         return {n: np.full(s, scale, np.float32) for n, s in shapes.items() if "running" in n}
 
     def send(device: str, tensors: dict[str, np.ndarray], tier: str) -> list:
-        body = Statistics(round=1, base_version=1, tier=tier, num_samples=100)
+        body = BnStatistics(round=1, base_version=1, tier=tier, num_samples=100)
         return engine.on_bn_statistics(device, new_id(), body, tensors, 3.0)
 
     bad = send("d1", {**measured("d1", 1.0), "bn1.running_var": -np.ones(16, np.float32)}, "a")

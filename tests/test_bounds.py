@@ -30,8 +30,9 @@ from aggregator.strategies.tiering import make_tier_policy, parse_tier_mix
 from models.export import export_all
 from models.zoo import ModelSpec
 from protocol.frame import FrameError, decode_frame, encode_frame, read_header
-from protocol.messages import (MAX_DETAIL, MAX_FRAME_ELEMENTS, MAX_ROUND, MAX_SAMPLES, MAX_TENSORS, Hello, Reject,
-                               RejectReason, RoundSummary, SecAgg, Statistics, Status, Task, TierShare, Update, new_id)
+from protocol.messages import (MAX_DETAIL, MAX_FRAME_ELEMENTS, MAX_ROUND, MAX_SAMPLES, MAX_TENSORS, BnStatistics, Hello,
+                               Reject, RejectReason, RoundSummary, SecAgg, Status, Task, TierShare, TrainTask, Update,
+                               new_id)
 from protocol.secagg.messages import SecAggError
 from protocol.secagg.wire import unwrap
 
@@ -112,11 +113,14 @@ BODIES = {
     "update": ({"kind": "update", "update_id": new_id(), "round": 1, "base_version": 0, "tier": "a", "num_samples": 5,
                 "steps": 1, "train_loss": 1.0, "train_accuracy": 0.5, "train_seconds": 0.1},
                ["round", "base_version", "num_samples", "eval_samples"]),
-    "statistics": ({"kind": "statistics", "round": 1, "base_version": 0, "tier": "a", "num_samples": 5},
+    "bn_statistics": ({"kind": "bn_statistics", "round": 1, "base_version": 0, "tier": "a", "num_samples": 5},
                    ["round", "base_version", "num_samples"]),
-    "task": ({"kind": "task", "round": 1, "model_version": 0, "tier": "a", "manifest_sha256": SHA,
-              "artifacts": {"m": SHA}, "epochs": 1, "batch_size": 8, "learning_rate": 0.1, "deadline": 1e9},
-             ["round", "model_version", "delta_from", "variant"]),
+    "train": ({"kind": "train", "round": 1, "model_version": 0, "tier": "a", "manifest_sha256": SHA,
+               "artifacts": {"m": SHA}, "epochs": 1, "batch_size": 8, "learning_rate": 0.1, "deadline": 1e9},
+              ["round", "model_version", "weights.delta_from", "weights.variant"]),
+    "measure_bn_statistics": ({"kind": "measure_bn_statistics", "round": 1, "model_version": 0, "tier": "a",
+                               "manifest_sha256": SHA, "artifacts": {"m": SHA}, "deadline": 1e9},
+                              ["round", "model_version", "weights.delta_from"]),
     "secagg": ({"kind": "secagg", "round": 1, "session": "0" * 32, "phase": "advertise", "payload": "{}"},
                ["round", "eval_samples"]),
     "reject": ({"kind": "reject", "reason": "late", "detail": "x"}, ["round"]),
@@ -130,7 +134,11 @@ BODIES = {
 def test_out_of_bound_integers_are_malformed(kind: str, field: str, value: int) -> None:
     """Case 2: round, num_samples, eval_samples, ... took 2^63 and 10^400 before (and crashed the ledger)."""
     body = dict(BODIES[kind][0])
-    body[field] = 2**63 if field == "bytes_up" and value == MAX_ROUND + 1 else value  # bytes are bounded at 2^50
+    *outer, name = field.split(".")  # "weights.delta_from": a field of a nested model
+    into = body
+    for part in outer:
+        into = into.setdefault(part, {})
+    into[name] = 2**63 if field == "bytes_up" and value == MAX_ROUND + 1 else value  # bytes are bounded at 2^50
     with pytest.raises(FrameError) as caught:
         decode_frame(_frame({"body": body}))
     assert caught.value.reason is RejectReason.MALFORMED
@@ -147,8 +155,8 @@ def test_out_of_bound_integers_are_malformed(kind: str, field: str, value: int) 
 ])
 def test_out_of_bound_floats_strings_and_dicts_are_malformed(where: str, value: str) -> None:
     """Case 2: floats finite and bounded, strings and dicts of bounded size, in the body, the header and the tensor table."""
-    body = {"update": BODIES["update"][0], "task": BODIES["task"][0], "hello": BODIES["hello"][0]}
-    kind = {"deadline": "task", "seed": "task", "libraries": "hello", "backend": "hello", "tier": "hello",
+    body = {"update": BODIES["update"][0], "train": BODIES["train"][0], "hello": BODIES["hello"][0]}
+    kind = {"deadline": "train", "seed": "train", "libraries": "hello", "backend": "hello", "tier": "hello",
             "holds": "hello"}.get(where, "update")
     header = {"body": dict(body[kind]), "tensors": [
         {"name": "w", "codec": "int8", "dtype": "float32", "shape": [1], "nbytes": 1, "meta": {"scale": 1.0}}]}
@@ -174,12 +182,12 @@ def test_honest_messages_as_really_sent_still_validate() -> None:
     bodies = [
         Hello(tier="a", num_samples=1797, num_test_samples=200, backend="ort-training", holds={"a": 12, "c": 3},
               seconds_per_sample={"a": 0.0004}, session=new_id(), libraries={"onnxruntime": "1.19.2"}),
-        Task(round=10**6, model_version=10**6, tier="a", manifest_sha256=SHA, artifacts={"manifest.json": SHA},
-             epochs=1, batch_size=32, learning_rate=0.05, deadline=now + 3600, seed=(2**31 - 1) * 100_003 + 10**6),
+        TrainTask(round=10**6, model_version=10**6, tier="a", manifest_sha256=SHA, artifacts={"manifest.json": SHA},
+                  epochs=1, batch_size=32, learning_rate=0.05, deadline=now + 3600, seed=(2**31 - 1) * 100_003 + 10**6),
         Update(update_id=new_id(), round=7, base_version=6, tier="a", num_samples=MAX_SAMPLES, steps=57,
                train_loss=2.3, train_accuracy=0.1, train_seconds=1.5, eval_loss=2.2, eval_accuracy=0.2,
                eval_samples=200, contributors={"a": TierShare(samples=5000, devices=30)}),
-        Statistics(round=3, base_version=3, tier="c", num_samples=300),
+        BnStatistics(round=3, base_version=3, tier="c", num_samples=300),
         RoundSummary(round=5, version=5, selected=3, answered=3, accuracy=0.9, loss=0.3, accuracy_source="held-out",
                      accuracy_by_tier={"a": 0.9}, bytes_up=10**9, bytes_down=10**9, seconds=12.5,
                      rejected={"late": 2, "bad_tensor": 1}, metrics={"dp_epsilon": 3.2, "fedmut_alpha": 0.5}),

@@ -29,7 +29,8 @@ from aggregator.strategies.fedavg import FedAvg
 from models.export import export_all
 from models.zoo import ModelSpec, param_shapes
 from protocol.frame import decode_frame, encode_frame
-from protocol.messages import Reject, RejectReason, RoundSummary, Statistics, Task, Update, new_id
+from protocol.messages import (BnStatistics, MeasureBnStatistics, Reject, RejectReason, RoundSummary, Task, Update,
+                               new_id)
 from protocol.quantized import QuantizedTensor, Tensor
 
 MLP = ModelSpec(arch="mlp", hidden=(16,))
@@ -264,7 +265,7 @@ def test_a_round_measuring_batch_norm_statistics_asks_for_them_again(art_bn: Pat
         return out
 
     def measure(proc: Process, device: str, now: float) -> list[Outgoing]:
-        body = Statistics(round=1, base_version=1, tier="a", num_samples=devices[device])
+        body = BnStatistics(round=1, base_version=1, tier="a", num_samples=devices[device])
         return proc.engine.on_bn_statistics(device, new_id(), body, stats[device], now)
 
     clean = Process(art_bn, tmp_path / "clean", now=0.0, devices=devices)
@@ -282,7 +283,7 @@ def test_a_round_measuring_batch_norm_statistics_asks_for_them_again(art_bn: Pat
     again = second.engine.tick(4.0)  # the training phase is over: the same statistics tasks again
     assert [o.device_id for o in again] == ["d1", "d2"]
     for before, now in zip(asked, again):
-        assert isinstance(now.body, Task) and now.body.statistics_only and now.body.model_version == 1
+        assert isinstance(now.body, MeasureBnStatistics) and now.body.model_version == 1
         _assert_same_weights(now.tensors, before.tensors)
     measure(second, "d1", 5.0)
     assert _summary(measure(second, "d2", 5.0)).version == 1

@@ -19,7 +19,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.messages import Blob, Reject, RejectReason, SecAgg, Update
+from protocol.messages import AttachedWeights, Blob, Reject, RejectReason, SecAgg, Update
 from protocol.signing import DeviceKey, key_announcement
 from tests.test_device_hostile import DOWN, Aggregator, data, exported, make_agent, settle, working  # noqa: F401
 
@@ -67,7 +67,7 @@ def downlink_frames(draw: st.DrawFn, aggregator: Aggregator, mallory: DeviceKey)
         body = aggregator.task(draw(st.integers(1, 10**6)), artifacts=files,
                                deadline=time.time() + draw(st.sampled_from([-5.0, 0.5, 2.0])),
                                epochs=draw(st.integers(1, 2)), learning_rate=draw(st.sampled_from([0.1, 10.0])),
-                               delta_from=draw(st.integers(0, 3)) if kind == "delta" else None)
+                               weights=AttachedWeights(delta_from=draw(st.integers(0, 3)) if kind == "delta" else None))
         names = list(tier.shapes)
         tensors = aggregator.weights() if draw(st.booleans()) else _tensors(draw, names, tier.shapes)
         codec = draw(st.sampled_from(CODECS))
@@ -90,7 +90,7 @@ def downlink_frames(draw: st.DrawFn, aggregator: Aggregator, mallory: DeviceKey)
     frame = aggregator.frame(body, tensors, codec, signer=signer, signed=signer is not None)
     mutation = draw(st.sampled_from(["none", "none", "header", "bytes", "truncate"]))
     if mutation == "header":
-        path = draw(st.sampled_from([["body", "round"], ["body", "model_version"], ["body", "delta_from"],
+        path = draw(st.sampled_from([["body", "round"], ["body", "model_version"], ["body", "weights", "delta_from"],
                                      ["body", "epochs"], ["body", "deadline"], ["tensors"], ["body", "artifacts"]]))
         value = draw(HUGE | st.lists(st.dictionaries(st.sampled_from(["name", "codec", "shape", "nbytes", "dtype"]),
                                                      HUGE | SHAPES | st.sampled_from(CODECS), max_size=5), max_size=3))

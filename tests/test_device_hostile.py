@@ -27,7 +27,7 @@ from models.export import export_all
 from models.manifest import TierManifest
 from models.zoo import ModelSpec
 from protocol.frame import decode_frame, encode_frame
-from protocol.messages import Blob, Fetch, Hello, Reject, RejectReason, Status, Task, Update
+from protocol.messages import AttachedWeights, Blob, Fetch, Hello, Reject, RejectReason, Status, Task, TrainTask, Update
 from protocol.mqtt.url import parse as parse_broker
 from protocol.signing import KEY_ANNOUNCEMENT, DeviceKey, key_announcement
 
@@ -64,7 +64,7 @@ class Aggregator:
         fields = dict(round=round_number, model_version=round_number - 1, tier="a",
                       manifest_sha256=self.tier.manifest_sha256, artifacts=self.tier.files, epochs=1, batch_size=32,
                       learning_rate=0.1, deadline=time.time() + 60, evaluate=False)
-        return Task.model_construct(**(fields | changes))  # unchecked: hostile tasks may break the schema's bounds
+        return TrainTask.model_construct(**(fields | changes))  # unchecked: hostile tasks may break the schema's bounds
 
     def weights(self, scale: float = 1.0) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(0)
@@ -199,8 +199,8 @@ def test_malformed_tasks_are_refused_and_the_agent_takes_the_next(tmp_path, expo
         run(agent, aggregator.frame(aggregator.task(4), {n: v.view(np.uint8) for n, v in good.items()}, "uint8"))
         run(agent, aggregator.frame(aggregator.task(5), good | {name: np.full_like(good[name], np.nan)}))
         run(agent, aggregator.frame(aggregator.task(6), good))  # honest: trains, holds version 5
-        run(agent, aggregator.frame(aggregator.task(7, delta_from=5), {name: np.zeros(7, np.float32)}))
-        run(agent, aggregator.frame(aggregator.task(8, delta_from=5), {name: np.zeros_like(good[name])}))  # honest
+        run(agent, aggregator.frame(aggregator.task(7, weights=AttachedWeights(delta_from=5)), {name: np.zeros(7, np.float32)}))
+        run(agent, aggregator.frame(aggregator.task(8, weights=AttachedWeights(delta_from=5)), {name: np.zeros_like(good[name])}))  # honest
         assert worker.is_alive()
     assert agent.refused == {"malformed": 1, "bad_tensor": 5}  # too many artifacts: malformed (schema or agent)  # NaN weights: the float32 decoder refuses them
     assert [u.round for u in link.bodies(Update)] == [6, 8] and agent.tasks_done == 2

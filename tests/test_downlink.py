@@ -7,14 +7,14 @@ import pytest
 
 from aggregator.downlink import Downlink
 from protocol.frame import decode_frame
-from protocol.messages import Task
+from protocol.messages import Task, TrainTask
 
 SHA = "0" * 64
 
 
 def _task(round_number: int, version: int, tier: str = "a") -> Task:
-    return Task(round=round_number, model_version=version, tier=tier, manifest_sha256=SHA, artifacts={"manifest.json": SHA},
-                epochs=1, batch_size=8, learning_rate=0.1, deadline=1e12)
+    return TrainTask(round=round_number, model_version=version, tier=tier, manifest_sha256=SHA, artifacts={"manifest.json": SHA},
+                     epochs=1, batch_size=8, learning_rate=0.1, deadline=1e12)
 
 
 class Device:
@@ -28,10 +28,10 @@ class Device:
     def receive(self, frame: bytes) -> int:
         decoded = decode_frame(frame)
         task: Task = decoded.body  # type: ignore[assignment]
-        if task.delta_from is None:
+        if task.weights.delta_from is None:
             self.weights = decoded.tensors
         else:
-            assert task.delta_from == self.version, "a delta against a version the device does not hold"
+            assert task.weights.delta_from == self.version, "a delta against a version the device does not hold"
             self.weights = {n: w + decoded.tensors[n] if n in decoded.tensors else w for n, w in self.weights.items()}
         self.version = task.model_version
         return len(frame)
@@ -80,9 +80,9 @@ def test_same_version_sends_no_tensors_and_a_claim_not_backed_by_this_process_ge
     device = Device("d1")
     device.receive(downlink.task_frame("d1", _task(1, 0), weights, None))
     again = decode_frame(downlink.task_frame("d1", _task(2, 0), weights, 0))  # round 1 failed: same version
-    assert again.tensors == {} and again.body.delta_from == 0
+    assert again.tensors == {} and again.body.weights.delta_from == 0
     stranger = decode_frame(downlink.task_frame("d2", _task(2, 0), weights, 0))  # says it holds 0, never sent by us
-    assert stranger.body.delta_from is None
+    assert stranger.body.weights.delta_from is None
     np.testing.assert_array_equal(stranger.tensors["w"], weights["w"])
 
 
@@ -93,7 +93,7 @@ def test_frames_are_encoded_once_per_task_and_float_modes_send_full_weights():
         first = downlink.task_frame("d1", _task(1, 0), weights, None)
         assert downlink.task_frame("d2", _task(1, 0), weights, 0) is first
         decoded = decode_frame(first)
-        assert decoded.body.delta_from is None
+        assert decoded.body.weights.delta_from is None
         assert sum(e.nbytes for e in decoded.header.tensors) == nbytes * 2080
     with pytest.raises(ValueError, match="unknown downlink"):
         Downlink("f", "agg", "int4")

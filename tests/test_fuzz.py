@@ -44,8 +44,8 @@ from models.zoo import ModelSpec
 from protocol.chunking import Reassembler, split_message
 from protocol.codecs import CODECS
 from protocol.frame import FrameError, decode_frame, encode_frame
-from protocol.messages import (MAX_LOSS, Blob, Fetch, Hello, Reject, RejectReason, RoundSummary, SecAgg, Statistics,
-                               Status, Task, TierShare, Update, new_id)
+from protocol.messages import (MAX_LOSS, AttachedWeights, Blob, BnStatistics, Fetch, Hello, MeasureBnStatistics, Reject,
+                               RejectReason, RoundSummary, SecAgg, Status, Task, TierShare, TrainTask, Update, new_id)
 from protocol.mqtt.url import parse as parse_broker
 from protocol.secagg.messages import AdvertiseKeys, SecAggError, UnmaskResponse
 from protocol.secagg.shamir import Share
@@ -56,13 +56,15 @@ SHA = "ab" * 32
 SAMPLES = [
     Hello(num_samples=10, tier="a", holds={"a": 3}, seconds_per_sample={"a": 0.01}),
     Status(online=True),
-    Task(round=1, model_version=0, tier="a", manifest_sha256=SHA, artifacts={"m": SHA}, epochs=1, batch_size=8,
-         learning_rate=0.1, deadline=1e10),
+    TrainTask(round=1, model_version=0, tier="a", manifest_sha256=SHA, artifacts={"m": SHA}, epochs=1, batch_size=8,
+              learning_rate=0.1, deadline=1e10),
+    MeasureBnStatistics(round=1, model_version=1, tier="a", manifest_sha256=SHA, artifacts={"m": SHA}, deadline=1e10,
+                        weights=AttachedWeights(delta_from=0)),
     Fetch(sha256=[SHA]),
     Blob(sha256=SHA, name="checkpoint"),
     Update(update_id=new_id(), round=1, base_version=0, tier="a", num_samples=5, steps=1, train_loss=1.0,
            train_accuracy=0.5, train_seconds=0.1),
-    Statistics(round=1, base_version=1, tier="a", num_samples=5),
+    BnStatistics(round=1, base_version=1, tier="a", num_samples=5),
     Reject(reason=RejectReason.LATE, detail="x"),
     RoundSummary(round=1, version=1, selected=1, answered=1),
     SecAgg(round=1, session="0" * 32, phase="advertise", payload="{}"),
@@ -380,7 +382,7 @@ def _with_header(frame: bytes, header: dict) -> bytes:
 @settings(max_examples=400, deadline=None)
 @given(st.sampled_from(SAMPLES), st.data())
 def test_mutated_headers_of_every_message_kind_are_refused_or_valid(body, data):
-    tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)} if isinstance(body, (Update, Statistics)) else None
+    tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)} if isinstance(body, (Update, BnStatistics)) else None
     frame = encode_frame("fleet", "dev", body, tensors)
     (length,) = struct.unpack_from("<I", frame, 4)
     header = json.loads(frame[8 : 8 + length])

@@ -40,8 +40,9 @@ from models.export import export_all
 from models.manifest import TierManifest
 from models.zoo import ModelSpec
 from protocol.frame import decode_frame, encode_frame, read_header
-from protocol.messages import (Blob, FrameHeader, Hello, Reject, RejectReason, RoundSummary, SecAgg, SecureAggregation,
-                               Statistics, Status, Task, Update)
+from protocol.messages import (AttachedWeights, Blob, BnStatistics, FrameHeader, Hello, MeasureBnStatistics, Reject,
+                               RejectReason, RoundSummary, SecAgg, SecureAggregation, Status, Task, TaskScope,
+                               TrainTask, Update)
 from protocol.mqtt.url import parse as parse_broker
 from protocol.secagg.device import SecAggDevice
 from protocol.secagg.messages import (AdvertiseKeys, EncryptedShares, KeyRoster, SecAggParams, ShareDelivery,
@@ -58,7 +59,7 @@ REASONS = {reason.value for reason in RejectReason}
 STEPS = ["task", "task", "delta", "stale", "secure", "roster", "delivery", "unmask", "trained", "blob", "announce",
          "impostor", "reject", "uplink"]
 MUTATIONS = st.sampled_from([0, 0, 0, 1, 1, 1, 2, 3, 4])  # mostly few: more frames get past the header to the checks behind
-UPLINK = [Hello(num_samples=10), Status(online=True), Statistics(round=1, base_version=0, tier="a", num_samples=5),
+UPLINK = [Hello(num_samples=10), Status(online=True), BnStatistics(round=1, base_version=0, tier="a", num_samples=5),
           Update(update_id="0" * 32, round=1, base_version=0, tier="a", num_samples=5, steps=1, train_loss=1.0,
                  train_accuracy=0.5, train_seconds=0.1), RoundSummary(round=1, version=1, selected=1, answered=1)]
 
@@ -114,11 +115,11 @@ def downlink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Downlink]:
         logging.disable(logging.NOTSET)
 
 
-def _task(downlink: Downlink, round_number: int, **changes: object) -> Task:
+def _task(downlink: Downlink, round_number: int, **changes: object) -> TrainTask:
     fields = dict(round=round_number, model_version=round_number - 1, tier="a", epochs=1, batch_size=16,
                   manifest_sha256=downlink.tier.manifest_sha256, artifacts=downlink.tier.files, learning_rate=0.1,
                   deadline=FAR, evaluate=False)
-    return Task(**(fields | changes))
+    return TrainTask(**(fields | changes))
 
 
 class Secure:
@@ -177,20 +178,23 @@ def _signer(draw: st.DrawFn, key: DeviceKey, impostor: DeviceKey) -> Callable[[d
 
 
 OTHER_SHA = "cd" * 32
-TASK_FIELDS = {  # every field of a Task, varied within its schema bounds
-    "round": st.integers(1, 10**9), "model_version": st.integers(0, 10**9), "variant": st.integers(0, 10**9),
-    "delta_from": st.none() | st.integers(0, 10**9), "tier": st.sampled_from(["b", "A" * 64, ".", ".."]),
+TASK_FIELDS = {  # every field of a task (and its kind: "measure"), varied within its schema bounds
+    "round": st.integers(1, 10**9), "model_version": st.integers(0, 10**9),
+    "weights": st.builds(AttachedWeights, delta_from=st.none() | st.integers(0, 10**9), variant=st.integers(0, 10**9)),
+    "tier": st.sampled_from(["b", "A" * 64, ".", ".."]),
     "manifest_sha256": st.just(OTHER_SHA), "epochs": st.integers(1, 1000), "batch_size": st.integers(1, 65536),
     "learning_rate": st.floats(0, 10, exclude_min=True), "proximal_mu": st.floats(0, 100), "dp_clip": st.floats(0, 1e9),
     "dp_noise": st.floats(0, 1e9), "seed": st.integers(-(2**63 - 1), 2**63 - 1), "deadline": st.floats(0, 1e13),
-    "evaluate": st.booleans(), "mask_classes": st.booleans(), "statistics_only": st.booleans(), "weighted": st.booleans(),
+    "evaluate": st.booleans(), "mask_classes": st.booleans(), "measure": st.booleans(), "weighted": st.booleans(),
 }
 ODD_NAMES = ["../escape.onnx", ".hidden", "a/b", "manifest.json", "x" * 256, "aggregator.pub", "device.key"]
 
 
-def _in_bounds_task(draw: st.DrawFn, downlink: Downlink, task: Task) -> Task:
-    """`task` with some fields, its artifacts or its secure settings changed to other values the schema allows."""
+def _in_bounds_task(draw: st.DrawFn, downlink: Downlink, task: TrainTask) -> Task:
+    """`task` with some fields, its artifacts or its secure settings changed to other values the schema allows, or made
+    a batch-norm statistics task of the same scope."""
     changes = {name: draw(TASK_FIELDS[name]) for name in draw(st.lists(st.sampled_from(sorted(TASK_FIELDS)), max_size=3))}
+    measure = changes.pop("measure", False)
     files = dict(downlink.tier.files)
     how = draw(st.sampled_from(["same", "same", "drop", "retarget", "odd", "many"]))
     if how == "drop":
@@ -211,7 +215,10 @@ def _in_bounds_task(draw: st.DrawFn, downlink: Downlink, task: Task) -> Task:
             "ring_bits": draw(st.sampled_from([32, 64])), "frac_bits": draw(st.integers(0, 52)),
             "clip": draw(st.floats(1e-9, 1e9)), "weight": draw(st.floats(1e-9, 1e12)),
             "block": block, "shapes": draw(st.sampled_from([shapes, block, shapes | {"extra": [1 << 26]}]))})
-    return Task.model_validate(task.model_dump() | {"artifacts": files} | changes)
+    fields = task.model_dump() | {"artifacts": files} | changes
+    if measure:
+        return MeasureBnStatistics.model_validate({k: v for k, v in fields.items() if k in TaskScope.model_fields})
+    return TrainTask.model_validate(fields)
 
 
 def _in_bounds_weights(draw: st.DrawFn, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -283,7 +290,7 @@ def _frame(draw: st.DrawFn, downlink: Downlink, step: str, index: int, secure: S
             secure = secure or Secure(downlink, round_number)
             body = secure.task
         else:
-            changes = {"delta_from": round_number - 1} if step == "delta" else {"deadline": 1.0e9} if step == "stale" else {}
+            changes = {"weights": AttachedWeights(delta_from=round_number - 1)} if step == "delta" else {"deadline": 1.0e9} if step == "stale" else {}
             body = _task(downlink, round_number, **changes)
         names = draw(st.lists(st.sampled_from(sorted(downlink.weights)), unique=True, min_size=1)) if step == "delta" \
             else sorted(downlink.weights)

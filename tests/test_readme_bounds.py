@@ -79,7 +79,7 @@ def test_the_bounded_fields_are_what_the_schemas_say():
     update = bounded_fields(protocol.messages.Update)
     assert {"contributors", "num_samples", "eval_loss", "update_id"} <= set(update)
     assert "unchanged" not in update and "kind" not in update
-    assert "secure" not in bounded_fields(protocol.messages.Task)  # a model: its own row
+    assert "secure" not in bounded_fields(protocol.messages.TrainTask)  # a model: its own row
     assert "seconds" not in bounded_fields(protocol.messages.RoundSummary)  # a plain float
 
 

@@ -28,7 +28,7 @@ from aggregator.strategies.robust import NormClipping, _compiled_row_squares, up
 from aggregator.strategies.tiering import FixedTiers
 from models.export import export_all
 from models.zoo import ModelSpec
-from protocol.messages import (MAX_SAMPLES, Reject, RejectReason, RoundSummary, Statistics, Task, TierShare, Update,
+from protocol.messages import (MAX_SAMPLES, BnStatistics, Reject, RejectReason, RoundSummary, Task, TierShare, Update,
                                new_id)
 from protocol.quantized import QuantizedTensor
 from tests.test_engine import SHAPES, SPEC
@@ -256,7 +256,7 @@ def test_batch_norm_statistics_are_bounded_finite_and_their_pool_checked(tmp_pat
 
     def send(device: str, mean: float, samples: int = 100, var: float = 1.0) -> list[Outgoing]:
         tensors = {n: np.full(s, mean if n.endswith("running_mean") else var, np.float32) for n, s in shapes.items() if "running" in n}
-        body = Statistics(round=1, base_version=1, tier="a", num_samples=samples)
+        body = BnStatistics(round=1, base_version=1, tier="a", num_samples=samples)
         return engine.on_bn_statistics(device, new_id(), body, tensors, 3.0)
 
     assert _reasons(send("d1", 1.0, samples=HUGE)) == [RejectReason.TOO_MANY_SAMPLES]

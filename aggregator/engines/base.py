@@ -31,7 +31,7 @@ from aggregator.strategies.bn_statistics import BnStatisticsPool
 from aggregator.strategies.fedavg import Accumulator
 from aggregator.strategies.robust import DEFAULT_OUTLIER_MULTIPLE
 from aggregator.strategies.server_optimizer import ServerOptimizer
-from protocol.messages import Body, Reject, RejectReason, SecAgg, Statistics, Update
+from protocol.messages import BnStatistics, Body, Reject, RejectReason, SecAgg, Update
 
 
 class EngineConfig(BaseModel):
@@ -174,7 +174,7 @@ class Engine(Protocol):
         """Take one device's update, or refuse it with a reason."""
         ...
 
-    def on_bn_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray],
+    def on_bn_statistics(self, device_id: str, msg_id: str, body: BnStatistics, tensors: Mapping[str, np.ndarray],
                          now: float) -> list[Outgoing]:
         """Take one device's batch-norm statistics, or refuse them with a reason."""
         ...
@@ -189,7 +189,7 @@ class Engine(Protocol):
         ...
 
     def count_rejection(self, reason: RejectReason, detail: str = "", device_id: str | None = None,
-                        body: Update | Statistics | SecAgg | None = None) -> None:
+                        body: Update | BnStatistics | SecAgg | None = None) -> None:
         """Count (and record) a refusal decided outside the engine."""
         ...
 

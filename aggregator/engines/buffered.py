@@ -39,7 +39,7 @@ from aggregator.engines.tasks import TaskBuilder
 from aggregator.store.round_spool import Assignment, RoundPlan, SpooledUpdate
 from aggregator.strategies.fedavg import ClientUpdate
 from aggregator.strategies.robust import update_norm
-from protocol.messages import RejectReason, RoundSummary, Statistics, Update
+from protocol.messages import BnStatistics, RejectReason, RoundSummary, Update
 from protocol.quantized import Tensor
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class BufferedEngine:
             out = self._apply(now)  # commits the buffer as the next version
         return out + self.tick(now)
 
-    def on_bn_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray], now: float) -> list[Outgoing]:
+    def on_bn_statistics(self, device_id: str, msg_id: str, body: BnStatistics, tensors: Mapping[str, np.ndarray], now: float) -> list[Outgoing]:
         """Refused: buffered aggregation has no statistics phase."""
         return self.intake.refuse(device_id, msg_id, body, RejectReason.UNEXPECTED, "buffered aggregation asks for no statistics")
 

@@ -34,11 +34,12 @@ from aggregator.engines.intake import UpdateIntake
 from aggregator.engines.model import GlobalModel, non_finite
 from aggregator.engines.parts import EngineParts, forwarded
 from aggregator.engines.sync import SyncRounds
-from aggregator.engines.tasks import TaskBuilder
+from aggregator.engines.tasks import TaskBuilder, settings_of
 from aggregator.registry import DeviceInfo
 from aggregator.store.round_spool import Assignment
 from aggregator.strategies.fedavg import Accumulator, ClientUpdate, ElementwiseMean, FedAvg
-from protocol.messages import RejectReason, Statistics, Task, TierShare, Update, new_id
+from protocol.messages import (BnStatistics, MeasureBnStatistics, RejectReason, Task, TierShare, TrainTask, Update,
+                               new_id)
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class FollowTask(FedAvg):
 
     name = "edge"
 
-    def __init__(self, task: Task | None = None, **kwargs: object) -> None:
+    def __init__(self, task: TrainTask | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.task = task
 
@@ -73,9 +74,7 @@ class FollowTask(FedAvg):
         task = self.task
         if task is None:
             return []
-        return [replace(a, epochs=task.epochs, batch_size=task.batch_size, learning_rate=task.learning_rate,
-                        mask_classes=task.mask_classes, proximal_mu=task.proximal_mu, weighted=task.weighted)
-                for a in super().configure_round(round_number, available)]
+        return [replace(a, **settings_of(task)) for a in super().configure_round(round_number, available)]
 
     def start_aggregation(self, global_weights: Mapping[str, np.ndarray]) -> Accumulator:
         """The parent's mean, counting contributors."""
@@ -108,7 +107,7 @@ class EdgeEngine:
 
     def start(self, task: Task, weights: Mapping[str, np.ndarray], now: float) -> list[Outgoing]:
         """Begin the local round of a parent task (ValueError, with the reason, for a task the edge cannot serve)."""
-        if task.statistics_only:
+        if isinstance(task, MeasureBnStatistics):
             raise ValueError("an edge aggregator measures no batch-norm statistics: run the parent with --bn-statistics averaged")
         artifacts = self.artifacts.tiers.get(task.tier)
         if artifacts is None or artifacts.manifest_sha256 != task.manifest_sha256:
@@ -133,7 +132,7 @@ class EdgeEngine:
         """Validate one device's update and fold it into the local round, or reject it with a reason."""
         return self.rounds.take_update(self.model, device_id, msg_id, update, tensors, nbytes, now) or self.tick(now)
 
-    def on_bn_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray],
+    def on_bn_statistics(self, device_id: str, msg_id: str, body: BnStatistics, tensors: Mapping[str, np.ndarray],
                          now: float) -> list[Outgoing]:
         """Refused: an edge aggregator's local rounds have no statistics phase."""
         return self.intake.refuse(device_id, msg_id, body, RejectReason.STALE_ROUND,
@@ -164,7 +163,7 @@ class EdgeEngine:
                  ", ".join(f"tier {t}: {p.devices} devices" for t, p in sorted(accumulator.parts.items())))
         return []
 
-    def _combined_update(self, current: OpenRound, accumulator: CombinedMean, task: Task, now: float) -> Update:
+    def _combined_update(self, current: OpenRound, accumulator: CombinedMean, task: TrainTask, now: float) -> Update:
         """The one update the parent gets: the group's mean delta, its contributors, its training and evaluation."""
         samples = sum(p.samples for p in accumulator.parts.values())
         losses = [(d.last_loss, d.num_samples) for dev in current.answered if (d := self.registry.get(dev)) and d.last_loss is not None]

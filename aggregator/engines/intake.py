@@ -24,7 +24,7 @@ from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.round_spool import Assignment, SpooledUpdate
 from aggregator.strategies.fedavg import ClientUpdate, Contribution, share_caps
 from aggregator.strategies.robust import NormBound
-from protocol.messages import RejectReason, SecAgg, Statistics, Update
+from protocol.messages import BnStatistics, RejectReason, SecAgg, Update
 from protocol.quantized import Tensor
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class UpdateIntake:
             self.ledger.record(kind="update", accepted=True, round_number=round_number, device=device_id, detail=detail,
                                update_id=update.update_id, num_samples=update.num_samples, nbytes=nbytes)
 
-    def refuse(self, device_id: str, msg_id: str, body: Update | Statistics | SecAgg, reason: RejectReason,
+    def refuse(self, device_id: str, msg_id: str, body: Update | BnStatistics | SecAgg, reason: RejectReason,
                detail: str) -> list[Outgoing]:
         """Count and record a refusal decided by an engine, and the rejection to send back."""
         self.count_rejection(reason, detail, device_id, body)  # the service logs and answers it, at a bounded rate
@@ -148,7 +148,7 @@ class UpdateIntake:
         return {}
 
     def count_rejection(self, reason: RejectReason, detail: str = "", device_id: str | None = None,
-                        body: Update | Statistics | SecAgg | None = None) -> None:
+                        body: Update | BnStatistics | SecAgg | None = None) -> None:
         """Count a rejection (and write it to the ledger), including those decided outside the engine."""
         self.rejected[reason.value] += 1
         if self.ledger:

@@ -31,7 +31,7 @@ from aggregator.engines.parts import EngineParts, forwarded
 from aggregator.engines.sync import SyncRounds
 from aggregator.engines.tasks import TaskBuilder
 from aggregator.strategies.bn_statistics import BnStatisticsPool, statistic_names
-from protocol.messages import RejectReason, Statistics, Update
+from protocol.messages import BnStatistics, RejectReason, Update
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class RoundEngine:
             return refused
         return self.tick(now) if self.round_complete(now) else []
 
-    def on_bn_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray],
+    def on_bn_statistics(self, device_id: str, msg_id: str, body: BnStatistics, tensors: Mapping[str, np.ndarray],
                          now: float) -> list[Outgoing]:
         """Pool one device's batch-norm statistics, or reject them with a reason."""
         if problem := self._check_statistics(device_id, body, tensors):
@@ -120,7 +120,7 @@ class RoundEngine:
         return [self.rounds.tasks.task(self.model, current.assignments[d], current.number, current.deadline, current.trained)
                 for d in sorted(current.answered)]
 
-    def _check_statistics(self, device_id: str, body: Statistics, tensors: Mapping[str, np.ndarray]) -> Problem | None:
+    def _check_statistics(self, device_id: str, body: BnStatistics, tensors: Mapping[str, np.ndarray]) -> Problem | None:
         """Why a device's statistics are refused (phase, round, owed, version, samples, tensors), or None."""
         current = self.rounds.slot.current
         if current is None or current.trained is None or body.round != current.number:

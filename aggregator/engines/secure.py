@@ -4,7 +4,7 @@ A secure round is the round engine's usual round (selection, tasks, deadline, co
 engine holds a RoundEngine and runs its rounds through that engine's public start and close) with
 the four phases of Bonawitz et al. run through it, every message a SecAgg body (protocol.secagg.wire):
 
-    task (Task.secure) -> advertise -> roster -> share_keys -> delivery -> [training] ->
+    task (TrainTask.secure) -> advertise -> roster -> share_keys -> delivery -> [training] ->
     masked_input -> unmask_request -> unmasking -> commit: global + per-element weighted mean
 
 A phase closes once every device it waits for has answered, once all those still owing are
@@ -41,9 +41,10 @@ from aggregator.engines.base import OpenRound, Outgoing, reject
 from aggregator.engines.intake import Problem
 from aggregator.engines.parts import EngineParts, forwarded
 from aggregator.engines.rounds import RoundEngine
+from aggregator.engines.tasks import with_secure
 from aggregator.strategies.fedavg import ClientUpdate, Weights
 from protocol.frame import FrameError
-from protocol.messages import RejectReason, SecAgg, SecureAggregation, Statistics, Update, new_id
+from protocol.messages import BnStatistics, RejectReason, SecAgg, SecureAggregation, TrainTask, Update, new_id
 from protocol.secagg.device import verify_advertisement
 from protocol.secagg.messages import (AdvertiseKeys, MaskedInput, Phase, SecAggError, SecAggParams, ShareKeys,
                                       UnmaskResponse)
@@ -146,7 +147,7 @@ class SecureRoundEngine:
         return self.rounds.intake.refuse(device_id, msg_id, update, RejectReason.UNEXPECTED,
                                          "this fleet aggregates securely: plain updates are refused (send masked input)")
 
-    def on_bn_statistics(self, device_id: str, msg_id: str, body: Statistics, tensors: Mapping[str, np.ndarray],
+    def on_bn_statistics(self, device_id: str, msg_id: str, body: BnStatistics, tensors: Mapping[str, np.ndarray],
                          now: float) -> list[Outgoing]:
         """Refused as the round engine refuses statistics outside a statistics phase (a secure round has none)."""
         return self.rounds.on_bn_statistics(device_id, msg_id, body, tensors, now)
@@ -202,7 +203,8 @@ class SecureRoundEngine:
         secured = []
         for task in tasks:
             assert task.device_id is not None
-            secured.append(Outgoing(task.device_id, task.body.model_copy(update={"secure": secure.settings[task.device_id]}),
+            assert isinstance(task.body, TrainTask)
+            secured.append(Outgoing(task.device_id, with_secure(task.body, secure.settings[task.device_id]),
                                     task.tensors))
         log.info("round %d: secure aggregation, threshold %d of %d devices, %d-bit ring with %d fraction bits, clip %g",
                  current.number, secure.server.params.threshold, len(tasks), self.secure.ring_bits,

@@ -1,6 +1,12 @@
-"""Building tasks: the message that asks a device to train (or to measure statistics), with its tier's weights.
+"""Tasks: the messages that ask a device to train (or to measure batch-norm statistics), with its tier's weights.
 
-`TaskBuilder` turns an assignment into a Task on a model's current version, its tensors the
+This module owns the mapping between an assignment (aggregator.store.round_spool) and its
+training task both ways: `task_for` writes the task, `settings_of` reads back the training
+settings an assignment takes (an edge aggregator's group follows its parent's task), and
+`with_delta` and `with_secure` are the only later changes a task gets (the downlink's encoding,
+secure aggregation's settings).
+
+`TaskBuilder` turns an assignment into a task on a model's current version, its tensors the
 tier's slice of the weights the strategy starts that device from (the global ones, or a FedMut
 mutation) with the tier's own batch-norm statistics. The tensors are shared: one copy per round,
 tier and variant however many devices get it.
@@ -9,16 +15,46 @@ tier and variant however many devices get it.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TypeVar
 
 import numpy as np
 
-from aggregator.engines.base import Outgoing
+from aggregator.engines.base import EngineConfig, Outgoing
 from aggregator.engines.model import GlobalModel
 from aggregator.engines.parts import EngineParts
 from aggregator.store.round_spool import Assignment
-from protocol.messages import Task
+from protocol.messages import AttachedWeights, MeasureBnStatistics, SecureAggregation, Task, TaskScope, TrainTask
 
 MemoKey = tuple[int, str, int, bool]  # round, tier, variant, statistics
+TRAINING_SETTINGS = ("epochs", "batch_size", "learning_rate", "mask_classes", "proximal_mu", "weighted")  # both say
+AnyTask = TypeVar("AnyTask", TrainTask, MeasureBnStatistics)
+
+
+def task_for(assignment: Assignment, scope: TaskScope, config: EngineConfig) -> TrainTask:
+    """The training task of `assignment` in `scope`: its settings and variant, the fleet's seed, evaluation, local DP."""
+    return TrainTask(
+        **dict(scope) | {"weights": AttachedWeights(variant=assignment.variant)},
+        **settings_of(assignment),
+        seed=config.seed * 100_003 + scope.round,
+        evaluate=config.evaluate_on_devices,
+        dp_clip=config.local_dp_clip,
+        dp_noise=config.local_dp_noise,
+    )
+
+
+def settings_of(source: Assignment | TrainTask) -> dict[str, object]:
+    """The training settings an assignment and its task share (TRAINING_SETTINGS), read from either."""
+    return {name: getattr(source, name) for name in TRAINING_SETTINGS}
+
+
+def with_delta(task: AnyTask, delta_from: int | None) -> AnyTask:
+    """`task` whose attached weights are a delta from version `delta_from` of its tier (None: whole weights)."""
+    return task.model_copy(update={"weights": task.weights.model_copy(update={"delta_from": delta_from})})
+
+
+def with_secure(task: TrainTask, settings: SecureAggregation) -> TrainTask:
+    """`task` summed by secure aggregation with this device's `settings`."""
+    return task.model_copy(update={"secure": settings})
 
 
 class TaskBuilder:
@@ -31,29 +67,14 @@ class TaskBuilder:
 
     def task(self, model: GlobalModel, assignment: Assignment, number: int, deadline: float,
              trained: Mapping[str, np.ndarray] | None = None) -> Outgoing:
-        """A training task on `model`'s weights, or with `trained` a statistics task on those (its next version)."""
-        config = self.parts.config
+        """A training task on `model`'s weights, or with `trained` a batch-norm statistics task on those (next version)."""
         tier = self.parts.artifacts.tiers[assignment.tier]
-        body = Task(
-            round=number,
-            model_version=model.record.version + (trained is not None),
-            tier=assignment.tier,
-            manifest_sha256=tier.manifest_sha256,
-            artifacts=tier.files,
-            epochs=assignment.epochs,
-            batch_size=assignment.batch_size,
-            learning_rate=assignment.learning_rate,
-            mask_classes=assignment.mask_classes,
-            proximal_mu=assignment.proximal_mu,
-            deadline=deadline,
-            seed=config.seed * 100_003 + number,
-            evaluate=config.evaluate_on_devices,
-            statistics_only=trained is not None,
-            variant=0 if trained is not None else assignment.variant,
-            weighted=assignment.weighted,
-            dp_clip=config.local_dp_clip,
-            dp_noise=config.local_dp_noise,
-        )
+        scope = TaskScope(round=number, model_version=model.record.version + (trained is not None),
+                          tier=assignment.tier, manifest_sha256=tier.manifest_sha256, artifacts=tier.files, deadline=deadline)
+        if trained is None:
+            body: Task = task_for(assignment, scope, self.parts.config)
+        else:
+            body = MeasureBnStatistics(**dict(scope))
         return Outgoing(assignment.device_id, body, self._tensors(model, assignment, number, trained))
 
     def _tensors(self, model: GlobalModel, assignment: Assignment, number: int,
