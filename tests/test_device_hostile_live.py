@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ["unsigned task", "wrongly signed task", "100 missing artifacts", "wrong-shape weights", "garbage"]
 REFUSALS = {  # case -> words of the device's log line refusing it (the throttled cases have none of their own)
-    "unsigned task": ("bad_signature: task: a frame from aggregator carries no signature",),
+    "unsigned task": ("bad_signature: train: a frame from aggregator carries no signature",),
     "100 missing artifacts": ("refused a message: malformed", "artifacts"),  # by the schema's bound, or the agent's
     "wrong-shape weights": ("bad_tensor: round 904 (tier a) abandoned: tensor 'fc1.weight' (float32 [3, 3])",),
 }
