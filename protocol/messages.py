@@ -15,8 +15,8 @@ PROTOCOL_VERSION = 1
 # Bounds of every field a peer can send: far above what a real fleet reaches, low enough that no
 # count overflows SQLite's int64 or a float64 sum, and no message costs more than its bytes.
 MAX_ROUND = 10**9  # rounds, model versions, FedMut variants
-MAX_SAMPLES = 10**9  # samples one device (or one edge aggregator) claims
-MAX_DEVICES = 10**6  # devices behind one count (a round's selected/answered, an edge tier, secure rounds)
+MAX_SAMPLES = 10**9  # samples one device (or one relay) claims
+MAX_DEVICES = 10**6  # devices behind one count (a round's selected/answered, a relay's tier, secure rounds)
 MAX_STEPS = 10**12  # optimiser steps of one task
 MAX_TOTAL_BYTES = 1 << 50  # byte counters of a round summary
 MAX_SECONDS = 1e9  # durations (train_seconds, a round's seconds)
@@ -176,7 +176,7 @@ class TrainTask(TaskScope):
     evaluate: bool = True  # also report loss/accuracy of the received weights on the local test split
     mask_classes: bool = False  # leave the classes the device has no data for out of its softmax
     proximal_mu: Annotated[float, Field(ge=0, le=100)] = 0.0  # FedProx: mu/2 ||w - w_received||^2 added to the loss
-    weighted: bool = True  # the aggregator weights updates by samples (False: one vote per device); edge aggregators follow it
+    weighted: bool = True  # the aggregator weights updates by samples (False: one vote per device); relays follow it
     dp_clip: Annotated[float, Field(ge=0, le=MAX_DP)] = 0.0  # local differential privacy: clip the delta to this L2 norm ...
     dp_noise: Annotated[float, Field(ge=0, le=MAX_DP)] = 0.0  # ... and add Gaussian noise of std dp_noise * dp_clip (0: off)
     secure: SecureAggregation | None = None  # secure aggregation: mask the delta, send it as SecAgg messages
@@ -223,11 +223,11 @@ class Update(_Strict):
     eval_accuracy: Fraction | None = None
     eval_samples: Count = 0
     unchanged: bool = False  # selective upload: no tensors, count me as a zero update
-    contributors: Annotated[dict[Identifier, "TierShare"], Field(max_length=MAX_TIERS)] | None = None  # an edge aggregator's combined update: tier -> who trained it
+    contributors: Annotated[dict[Identifier, "TierShare"], Field(max_length=MAX_TIERS)] | None = None  # a relay's combined update: tier -> who trained it
 
 
 class TierShare(_Strict):
-    """The devices of one tier behind an edge aggregator's combined update."""
+    """The devices of one tier behind a relay's combined update."""
 
     samples: Samples
     devices: Annotated[int, Field(ge=1, le=MAX_DEVICES)]

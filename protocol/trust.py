@@ -1,4 +1,4 @@
-"""Which aggregator key a device (or an edge aggregator, toward its parent) trusts: the one it was
+"""Which aggregator key a device (or a relay, toward its parent) trusts: the one it was
 given, or the one it pinned on first contact.
 
 With `--aggregator-key` every downlink frame must be signed by that key. Without it the key

@@ -1,12 +1,12 @@
 """FedAvg, FedProx, FedMut, FedBuff and hierarchical FedAvg on a fleet of mixed speeds, same budget.
 
 Fashion-MNIST, Dirichlet(0.1) label skew over 20 devices; a quarter of them are 5x slower. Every
-algorithm runs in the aggregator's real engines (RoundEngine, BufferedEngine, EdgeEngine under a
+algorithm runs in the aggregator's real engines (RoundEngine, BufferedEngine, RelayEngine under a
 root RoundEngine) with real ONNX Runtime training of every task; only the clock is simulated: a
 device takes (samples x epochs x its seconds per sample) plus a network hop to answer, and stops
 at the deadline with the work it did (partial work) when it is too slow. The same simulated wall
 clock budget for everyone; accuracy on the Fashion-MNIST test set after every new version,
-against versions and against simulated seconds. Hierarchical FedAvg (two edge aggregators of ten
+against versions and against simulated seconds. Hierarchical FedAvg (two relays of ten
 devices each) must match flat FedAvg. Writes benchmarks/algorithms.{json,md,png}.
 
     .venv/bin/python scripts/bench_algorithms.py
@@ -29,8 +29,8 @@ import numpy as np
 
 from aggregator.engines.base import EngineConfig, Outgoing
 from aggregator.engines.buffered import BufferConfig, BufferedEngine
-from aggregator.engines.edge import EdgeEngine, FollowTask
 from aggregator.engines.parts import EngineParts
+from aggregator.engines.relay import FollowTask, RelayEngine
 from aggregator.engines.rounds import RoundEngine
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.registry import DeviceRegistry
@@ -193,47 +193,47 @@ def run_flat(algorithm: str, fleet: Fleet, state: Path) -> Simulation:
 
 
 def run_hierarchical(fleet: Fleet, state: Path) -> Simulation:
-    """Two edge aggregators of half the devices each under a root FedAvg aggregator (every device, every round)."""
+    """Two relays of half the devices each under a root FedAvg aggregator (every device, every round)."""
     args, sim = fleet.args, Simulation(fleet)
     halves = [fleet.devices[: len(fleet.devices) // 2], fleet.devices[len(fleet.devices) // 2:]]
-    edges: dict[str, tuple[EdgeEngine, dict[str, Device]]] = {}
+    relays: dict[str, tuple[RelayEngine, dict[str, Device]]] = {}
     for i, group in enumerate(halves):
         follow = FollowTask(seed=args.seed, sampler=UniformSampler(1.0, 1, args.seed))
-        edge = EdgeEngine(EngineParts(EngineConfig(fleet=f"edge{i}", seed=args.seed), follow, fleet.artifacts,
-                                      StateStore(state / f"edge{i}"), _registry(group)), margin_s=2 * HOP_S)
-        edges[f"e{i}"] = (edge, {d.device_id: d for d in group})
+        relay = RelayEngine(EngineParts(EngineConfig(fleet=f"relay{i}", seed=args.seed), follow, fleet.artifacts,
+                                        StateStore(state / f"relay{i}"), _registry(group)), margin_s=2 * HOP_S)
+        relays[f"r{i}"] = (relay, {d.device_id: d for d in group})
     registry = DeviceRegistry(offline_after_s=float("inf"))
-    for name, (_, group) in edges.items():
-        registry.hello(name, sum(len(d.data) for d in group.values()), 0, "a", "edge", 0.0)
-    # The root's deadline covers the extra hop and the edges' margin, so devices get flat FedAvg's training time.
+    for name, (_, group) in relays.items():
+        registry.hello(name, sum(len(d.data) for d in group.values()), 0, "a", "relay", 0.0)
+    # The root's deadline covers the extra hop and the relays' margin, so devices get flat FedAvg's training time.
     config = _engine_config(args, args.rounds).model_copy(update={"round_timeout_s": args.round_timeout + 3 * HOP_S})
     root = RoundEngine(EngineParts(config, _strategy("fedavg", args), fleet.artifacts, StateStore(state / "root"),
                                    registry, fleet.evaluator))
 
-    def forward(edge_name: str, edge: EdgeEngine, out: list[Outgoing]) -> None:
-        """Serve an edge's local tasks; when its round closes, its combined update goes up after one hop."""
-        group = edges[edge_name][1]
+    def forward(relay_name: str, relay: RelayEngine, out: list[Outgoing]) -> None:
+        """Serve a relay's local tasks; when its round closes, its combined update goes up after one hop."""
+        group = relays[relay_name][1]
         for message in out:
             if isinstance(message.body, Task) and message.tensors is not None:
                 sim.run_task(group[message.device_id], message.body, message.tensors, lambda now, u, t, d=message.device_id:
-                             forward(edge_name, edge, edge.on_update(d, new_id(), u, t, 0, now)))
-        if combined := edge.take_combined():
+                             forward(relay_name, relay, relay.on_update(d, new_id(), u, t, 0, now)))
+        if combined := relay.take_combined():
             update, tensors = combined
-            sim.at(sim.now + HOP_S, lambda now: serve_root(root.on_update(edge_name, new_id(), update, tensors, 0, now)))
+            sim.at(sim.now + HOP_S, lambda now: serve_root(root.on_update(relay_name, new_id(), update, tensors, 0, now)))
 
     def serve_root(out: list[Outgoing]) -> None:
         for message in out:
-            if isinstance(message.body, Task) and message.device_id in edges and message.tensors is not None:
-                edge = edges[message.device_id][0]
+            if isinstance(message.body, Task) and message.device_id in relays and message.tensors is not None:
+                relay = relays[message.device_id][0]
                 task, weights = message.body, message.tensors
-                sim.at(sim.now + HOP_S, lambda now, e=edge, n=message.device_id, t=task, w=weights:
-                       forward(n, e, e.start(t, w, now)))
+                sim.at(sim.now + HOP_S, lambda now, r=relay, n=message.device_id, t=task, w=weights:
+                       forward(n, r, r.start(t, w, now)))
         sim.serve(root, [m for m in out if isinstance(m.body, RoundSummary)], {})
 
     def tick(now: float) -> None:
         serve_root(root.tick(now))
-        for name, (edge, _) in edges.items():
-            forward(name, edge, edge.tick(now))
+        for name, (relay, _) in relays.items():
+            forward(name, relay, relay.tick(now))
 
     sim.run(args.budget, tick, lambda: root.finished)
     return sim
@@ -359,7 +359,7 @@ def write_report(args: argparse.Namespace, fleet: Fleet, results: list[dict], se
     if flat and tree:
         gaps = [abs(a["accuracy"] - b["accuracy"]) for a, b in zip(flat["history"], tree["history"])]
         lines += ["", f"Hierarchical vs flat FedAvg: the global weights of version 1 differ by at most "
-                      f"{comparison['version_1_max_weight_difference']:.2e} (float32 rounding: the edges sum in another "
+                      f"{comparison['version_1_max_weight_difference']:.2e} (float32 rounding: the relays sum in another "
                       f"order); version by version the accuracy differs by at most {max(gaps):.4f} over {len(gaps)} "
                       f"versions, as rounding differences grow through training. Final: flat {flat['final_accuracy']:.4f}, "
                       f"hierarchical {tree['final_accuracy']:.4f}."]

@@ -1,5 +1,5 @@
 """Strategies beyond FedAvg on hand-made updates with known results: client sampling, FedMut,
-FedBuff's staleness weights and bound, and hierarchical (edge) aggregation equal to flat."""
+FedBuff's staleness weights and bound, and hierarchical aggregation (through a relay) equal to flat."""
 
 from __future__ import annotations
 
@@ -278,18 +278,18 @@ QUARTER = {"fc1.weight": (4, 64), "fc1.bias": (4,), "fc2.weight": (10, 4), "fc2.
 
 
 @pytest.mark.parametrize("weighted", [True, False])
-def test_edge_then_root_equals_flat_aggregation_with_tiers(weighted: bool) -> None:
+def test_relay_then_root_equals_flat_aggregation_with_tiers(weighted: bool) -> None:
     g = _random(SHAPES, 0)
     devices = [("a", SHAPES, 30), ("c", HALF, 10), ("e", QUARTER, 25), ("a", SHAPES, 5), ("e", QUARTER, 40)]
     updates = [ClientUpdate(f"dev{i}", tier, n, _random(shapes, 100 + i)) for i, (tier, shapes, n) in enumerate(devices)]
     flat = ElementwiseMean(g, weighted=weighted)
     for u in updates:
         flat.add(u)
-    # an edge aggregator serves devices 1, 2 and 4 (tiers c, e, e) and forwards one combined update
-    edge = ElementwiseMean(g, weighted=weighted)
+    # a relay serves devices 1, 2 and 4 (tiers c, e, e) and forwards one combined update
+    relay = ElementwiseMean(g, weighted=weighted)
     for u in (updates[1], updates[2], updates[4]):
-        edge.add(u)
-    combined = ClientUpdate("edge", "a", 75, edge.mean_delta(), contributions=(
+        relay.add(u)
+    combined = ClientUpdate("relay", "a", 75, relay.mean_delta(), contributions=(
         Contribution("c", 10, 1, HALF), Contribution("e", 65, 2, QUARTER)))
     root = ElementwiseMean(g, weighted=weighted)
     for u in (updates[0], combined, updates[3]):
@@ -400,13 +400,13 @@ def test_fedbuff_buffer_survives_a_restart(art_dir: Path, tmp_path: Path) -> Non
         np.testing.assert_array_equal(resumed[n], uninterrupted[n])
 
 
-def test_root_checks_an_edge_aggregators_contributors(tmp_path: Path) -> None:
+def test_root_checks_a_relays_contributors(tmp_path: Path) -> None:
     from aggregator.engines.rounds import RoundEngine
     from protocol.messages import TierShare
 
     export_all(SPEC, ["a", "c"], tmp_path / "art")
     registry = DeviceRegistry()
-    registry.hello("edge", 30, 0, "a", "edge", now=0.0)
+    registry.hello("relay", 30, 0, "a", "relay", now=0.0)
     artifacts = ArtifactStore(tmp_path / "art")
     engine = RoundEngine(EngineParts(EngineConfig(rounds=2, round_timeout_s=10.0),
                                      FedAvg(min_clients=1, tiers=FixedTiers({"a": 1.0})), artifacts,
@@ -417,7 +417,7 @@ def test_root_checks_an_edge_aggregators_contributors(tmp_path: Path) -> None:
     def send(contributors: dict, samples: int = 30) -> list:
         body = Update(update_id=new_id(), round=task.round, base_version=0, tier="a", num_samples=samples, steps=2,
                       train_loss=1.0, train_accuracy=0.0, train_seconds=1.0, contributors=contributors)
-        return [o.body.reason for o in engine.on_update("edge", new_id(), body, tensors, 100, 1.0) if isinstance(o.body, Reject)]
+        return [o.body.reason for o in engine.on_update("relay", new_id(), body, tensors, 100, 1.0) if isinstance(o.body, Reject)]
 
     assert send({"z": TierShare(samples=30, devices=1)}) == [RejectReason.UNKNOWN_TIER]
     assert send({"c": TierShare(samples=10, devices=1)}) == [RejectReason.BAD_TENSOR]  # 10 samples, the update says 30

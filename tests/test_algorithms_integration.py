@@ -79,8 +79,8 @@ def test_fedbuff_federation_applies_buffers_without_rounds(tmp_path, mosquitto_u
         _stop([aggregator, *devices])
 
 
-def test_edge_aggregator_forwards_its_group_as_one_update(tmp_path, mosquitto_url, fleet):
-    """Root with one direct device and one edge aggregator serving two devices of tiers a and c on its own fleet."""
+def test_relay_forwards_its_group_as_one_update(tmp_path, mosquitto_url, fleet):
+    """Root with one direct device and one relay serving two devices of tiers a and c on its own fleet."""
     site = f"{fleet}-site"
     aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--tiers", "a,c", "--tier-policy", "fixed", "--tier-mix", "a",
                              "--min-clients", "2", "--rounds", "3", "--lr", "0.1", "--bn-statistics", "averaged")
@@ -88,9 +88,9 @@ def test_edge_aggregator_forwards_its_group_as_one_update(tmp_path, mosquitto_ur
     deadline = time.time() + 60
     while not (artifacts / "index.json").exists() and time.time() < deadline:  # the root exports on first start
         time.sleep(0.2)
-    edge = tierfl("edge-aggregator", "--parent", mosquitto_url, "--parent-fleet", fleet, "--id", "site1",
-                  "--fleet", site, "--artifacts", str(artifacts), "--state-dir", str(tmp_path / "edge"),
-                  "--tier-mix", "a-c", log=tmp_path / "edge.log")
+    relay = tierfl("relay", "--parent", mosquitto_url, "--parent-fleet", fleet, "--id", "site1",
+                   "--fleet", site, "--artifacts", str(artifacts), "--state-dir", str(tmp_path / "relay"),
+                   "--tier-mix", "a-c", log=tmp_path / "relay.log")
     direct = _devices(tmp_path, mosquitto_url, fleet, 1)
     group = [tierfl("client", "--broker", mosquitto_url, "--fleet", site, "--aggregator-id", "site1", "--device-id", f"g{i}",
                     "--data", "digits", "--cache-dir", str(tmp_path / f"g{i}"), log=tmp_path / f"g{i}.log") for i in range(2)]
@@ -99,27 +99,27 @@ def test_edge_aggregator_forwards_its_group_as_one_update(tmp_path, mosquitto_ur
         assert aggregator.wait(150) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
         summaries = _summaries(watcher)
         assert [s.version for s in summaries] == [1, 2, 3]
-        assert all(s.answered == 2 and not s.rejected for s in summaries)  # the direct device and the edge
+        assert all(s.answered == 2 and not s.rejected for s in summaries)  # the direct device and the relay
         assert summaries[-1].accuracy > 0.8
-        edge_log = (tmp_path / "edge.log").read_text()
-        assert edge_log.count("forwarding one update") == 3 and "tier a: 1 devices, tier c: 1 devices" in edge_log
-        assert "TRUST ON FIRST USE: pinned aggregator key" in edge_log, "the edge pins its parent's key"
-        # A task forged in the parent's name, unsigned, on the edge's parent downlink: ignored, no local round.
+        relay_log = (tmp_path / "relay.log").read_text()
+        assert relay_log.count("forwarding one update") == 3 and "tier a: 1 devices, tier c: 1 devices" in relay_log
+        assert "TRUST ON FIRST USE: pinned aggregator key" in relay_log, "the relay pins its parent's key"
+        # A task forged in the parent's name, unsigned, on the relay's parent downlink: ignored, no local round.
         forged = TrainTask(round=4, model_version=3, tier="a", manifest_sha256="0" * 64, artifacts={}, epochs=1,
                            batch_size=8, learning_rate=0.1, deadline=time.time() + 60)
         watcher.publish(Topics(fleet).down("site1"), encode_frame(fleet, "aggregator", forged))
         deadline = time.time() + 15
-        while "ignored a frame from the parent: bad_signature" not in (tmp_path / "edge.log").read_text():
-            assert time.time() < deadline, (tmp_path / "edge.log").read_text()[-2000:]
+        while "ignored a frame from the parent: bad_signature" not in (tmp_path / "relay.log").read_text():
+            assert time.time() < deadline, (tmp_path / "relay.log").read_text()[-2000:]
             time.sleep(0.2)
-        assert "round 4" not in (tmp_path / "edge.log").read_text()
-        edge.terminate()
-        assert edge.wait(20) == 0
-        assert "SIGTERM: stopping" in (tmp_path / "edge.log").read_text()
-        assert "stopped after forwarding 3 combined updates to aggregator" in (tmp_path / "edge.log").read_text()
+        assert "round 4" not in (tmp_path / "relay.log").read_text()
+        relay.terminate()
+        assert relay.wait(20) == 0
+        assert "SIGTERM: stopping" in (tmp_path / "relay.log").read_text()
+        assert "stopped after forwarding 3 combined updates to aggregator" in (tmp_path / "relay.log").read_text()
     finally:
         watcher.close()
-        _stop([aggregator, edge, *direct, *group])
+        _stop([aggregator, relay, *direct, *group])
 
 
 @pytest.mark.parametrize("mode", ["central", "local"])

@@ -63,8 +63,8 @@ LAYERS = [
     ("client", "show-key", "true", "no", ["--show-key"], (True, False, True)),
     ("client", "cache-dir", '"/var/cache/f"', "/var/cache/e", ["--cache-dir", "/var/cache/x"],
      (Path("/var/cache/f"), Path("/var/cache/e"), Path("/var/cache/x"))),
-    ("edge-aggregator", "margin", "5", "4.5", ["--margin", "2"], (5.0, 4.5, 2.0)),
-    ("edge-aggregator", "id", '"site-f"', "site-e", ["--id", "site-x"], ("site-f", "site-e", "site-x")),
+    ("relay", "margin", "5", "4.5", ["--margin", "2"], (5.0, 4.5, 2.0)),
+    ("relay", "id", '"site-f"', "site-e", ["--id", "site-x"], ("site-f", "site-e", "site-x")),
 ]
 
 
@@ -89,7 +89,8 @@ def test_flag_beats_env_beats_file_beats_default(tmp_path, role, key, toml, env_
 
 def test_keys_take_dashes_or_underscores_and_the_role_table_wins(tmp_path):
     file = write(tmp_path, 'round_timeout = 5\nid = "top"\n[aggregator]\nround-timeout = 9\n'
-                           '[client]\nnot-an-aggregator-option = 1\n[edge-aggregator]\nwhatever = true\n')
+                           '[client]\nnot-an-aggregator-option = 1\n[relay]\nwhatever = true\n'
+                           '[edge-aggregator]\nwhatever = true\n')  # the relay's table under its old name: skipped too
     namespace = effective("aggregator", ["--config", str(file)]).namespace
     assert namespace.round_timeout == 9.0 and namespace.aggregator_id == "top"
     by_dest = write(tmp_path, 'aggregator-id = "by-dest"\n', "dest.toml")  # --id's dest is a key too
@@ -195,19 +196,32 @@ def test_parse_with_config_reads_os_environ_and_exits_2_on_a_bad_file(tmp_path, 
 
 
 def test_required_options_may_come_from_any_source(tmp_path, capsys):
-    file = write(tmp_path, '[edge-aggregator]\nparent = "mqtt://root:1883"\nartifacts = "exports/lab"\n')
-    env = {"TIERFL_EDGE_ID": "site1"}
-    namespace = parse_with_config(role_parser("edge-aggregator"), "edge-aggregator",
-                                  ["--config", str(file), "--fleet", "site1"], env)
-    assert (namespace.parent, namespace.edge_id, namespace.fleet, namespace.artifacts) == (
+    file = write(tmp_path, '[relay]\nparent = "mqtt://root:1883"\nartifacts = "exports/lab"\n')
+    env = {"TIERFL_RELAY_ID": "site1"}
+    namespace = parse_with_config(role_parser("relay"), "relay", ["--config", str(file), "--fleet", "site1"], env)
+    assert (namespace.parent, namespace.relay_id, namespace.fleet, namespace.artifacts) == (
         "mqtt://root:1883", "site1", "site1", Path("exports/lab"))
     with pytest.raises(SystemExit) as done:
-        parse_with_config(role_parser("edge-aggregator"), "edge-aggregator", ["--config", str(file)], {})
+        parse_with_config(role_parser("relay"), "relay", ["--config", str(file)], {})
     assert done.value.code == 2 and capsys.readouterr().err == (
-        "tierfl edge-aggregator: error: the following options are required: --id, --fleet "
-        "(as flags, keys of the --config file or TIERFL_EDGE_ID, TIERFL_FLEET)\n")
-    shown = render_toml(effective("edge-aggregator", ["--config", str(file)]))
-    assert "# id = (not set)  # default; required: set it here, with --id or TIERFL_EDGE_ID\n" in shown
+        "tierfl relay: error: the following options are required: --id, --fleet "
+        "(as flags, keys of the --config file or TIERFL_RELAY_ID, TIERFL_FLEET)\n")
+    shown = render_toml(effective("relay", ["--config", str(file)]))
+    assert "# id = (not set)  # default; required: set it here, with --id or TIERFL_RELAY_ID\n" in shown
+
+
+def test_the_relay_reads_its_old_table_and_variable(tmp_path, capsys):
+    """Configurations written for `tierfl edge-aggregator` still start `tierfl relay`: [edge-aggregator], TIERFL_EDGE_ID."""
+    old = write(tmp_path, '[edge-aggregator]\nparent = "mqtt://root:1883"\nfleet = "site1"\n', "old.toml")
+    namespace = effective("relay", ["--config", str(old)], {"TIERFL_EDGE_ID": "site1"}).namespace
+    assert (namespace.parent, namespace.fleet, namespace.relay_id) == ("mqtt://root:1883", "site1", "site1")
+    both = {"TIERFL_EDGE_ID": "old", "TIERFL_RELAY_ID": "new"}
+    assert effective("relay", [], both).namespace.relay_id == "new", "the new variable wins"
+    twice = write(tmp_path, '[relay]\nfleet = "a"\n[edge-aggregator]\nfleet = "b"\n', "twice.toml")
+    with pytest.raises(ConfigError, match=r"tables \[relay\], \[edge-aggregator\] are the same role: keep \[relay\]"):
+        effective("relay", ["--config", str(twice)])
+    assert main(["config", "show", "edge-aggregator", "--config", str(old), "--id", "site1", "--artifacts", "art"]) == 0
+    assert capsys.readouterr().out.startswith("# tierfl relay: effective configuration")
 
 
 def test_the_parser_keeps_its_defaults_after_resolving():
@@ -216,17 +230,17 @@ def test_the_parser_keeps_its_defaults_after_resolving():
     resolve(parser, "client", ["--threads", "2"], {"TIERFL_FLEET": "x"})
     assert {a.dest: a.default for a in parser._actions if a.dest in before} == before
     assert parser.parse_args([]).threads == 1
-    edge = role_parser("edge-aggregator")
-    resolve(edge, "edge-aggregator", [], {})
-    assert {a.dest for a in edge._actions if a.required} == {"parent", "edge_id", "fleet", "artifacts"}
+    relay = role_parser("relay")
+    resolve(relay, "relay", [], {})
+    assert {a.dest for a in relay._actions if a.required} == {"parent", "relay_id", "fleet", "artifacts"}
 
 
 ROUND_TRIP = {
     "aggregator": ('fleet = "lab"\nrounds = 50\nmask-classes = true\n[aggregator]\ntier-mix = "a2-e8"\n',
                    {"TIERFL_BROKER": "mqtts://aggregator:s3cr%40t@broker.lan:8883?ca=/etc/tierfl/ca.crt", "TIERFL_LR": "0.2"},
                    ["--image-size", "28", "--state-dir", "runs/x y", "--downlink", "float16"]),
-    "edge-aggregator": ('[edge-aggregator]\nparent = "mqtt://site1:pw@root.lan:1883"\nid = "site1"\nfleet = "site1"\n',
-                        {"TIERFL_ARTIFACTS": "/srv/artifacts", "TIERFL_MARGIN": "1.5"}, ["--tier-policy", "auto"]),
+    "relay": ('[relay]\nparent = "mqtt://site1:pw@root.lan:1883"\nid = "site1"\nfleet = "site1"\n',
+              {"TIERFL_ARTIFACTS": "/srv/artifacts", "TIERFL_MARGIN": "1.5"}, ["--tier-policy", "auto"]),
     "client": ('device-id = "pi-1"\ncodec = "topk:0.1+int8"\n',
                {"TIERFL_BROKER": "mqtt://pi-1:pw@10.0.0.2:1883", "TIERFL_SHOW_KEY": "true"},
                ["--cache-dir", "/var/lib/tierfl/cache", "--data", 'we"ird\\name.npz', "--threads", "3"]),
@@ -311,13 +325,13 @@ def test_toml_values_read_back(value):
 
 
 def test_any_parser_is_configurable_generically(tmp_path):
-    """What the edge aggregator or any later role may use: lists, counts, inverted switches, type functions."""
+    """What the relay or any later role may use: lists, counts, inverted switches, type functions."""
     def port(text: str) -> int:
         if not 0 < int(text) < 65536:
             raise argparse.ArgumentTypeError(f"port {text} out of range")
         return int(text)
 
-    parser = argparse.ArgumentParser(prog="tierfl edge-aggregator")
+    parser = argparse.ArgumentParser(prog="tierfl relay")
     parser.add_argument("--upstream", action="append", default=[])
     parser.add_argument("--tiers", nargs="+", choices=["a", "b", "c"], default=["a"])
     parser.add_argument("-v", "--verbose", action="count", default=0)
@@ -326,17 +340,17 @@ def test_any_parser_is_configurable_generically(tmp_path):
     parser.add_argument("--sync", action=argparse.BooleanOptionalAction, default=True)
     file = write(tmp_path, 'upstream = ["mqtt://a", "mqtt://b"]\ntiers = ["b", "c"]\nverbose = 2\n'
                            'no-cache = true\nport = 8883\nsync = false\n')
-    config = resolve(parser, "edge-aggregator", ["--config", str(file), "--upstream", "mqtt://c"], {"TIERFL_TIERS": "a c"})
+    config = resolve(parser, "relay", ["--config", str(file), "--upstream", "mqtt://c"], {"TIERFL_TIERS": "a c"})
     assert vars(config.namespace) | {"config": None} == {
         "upstream": ["mqtt://c"], "tiers": ["a", "c"], "verbose": 2, "cache": False, "port": 8883, "sync": False, "config": None}
     assert tomllib.loads(render_toml(config))["no-cache"] is True
     with pytest.raises(ConfigError, match=r"key 'port': Value error, port 70000 out of range"):
-        resolve(parser, "edge-aggregator", ["--config", str(write(tmp_path, "port = 70000\n", "p.toml"))], {})
+        resolve(parser, "relay", ["--config", str(write(tmp_path, "port = 70000\n", "p.toml"))], {})
     with pytest.raises(ConfigError, match=r"environment TIERFL_TIERS item 0: Input should be one of 'a', 'b', 'c'"):
-        resolve(parser, "edge-aggregator", [], {"TIERFL_TIERS": "d"})
+        resolve(parser, "relay", [], {"TIERFL_TIERS": "d"})
     with pytest.raises(ConfigError, match=r"unknown key 'no-sync' \(did you mean 'sync'\?\)"):  # not sync = true
-        resolve(parser, "edge-aggregator", ["--config", str(write(tmp_path, "no-sync = true\n", "n.toml"))], {})
-    shown = render_toml(resolve(parser, "edge-aggregator", ["--upstream", "mqtt://u:pw@a", "--upstream", "mqtt://b"], {}))
+        resolve(parser, "relay", ["--config", str(write(tmp_path, "no-sync = true\n", "n.toml"))], {})
+    shown = render_toml(resolve(parser, "relay", ["--upstream", "mqtt://u:pw@a", "--upstream", "mqtt://b"], {}))
     assert 'upstream = ["mqtt://u:***@a", "mqtt://b"]' in shown
 
 
@@ -351,13 +365,14 @@ def test_the_aggregator_stops_at_start_on_a_bad_config_file(tmp_path):
     assert not (tmp_path / "runs").exists(), "it stopped before touching its state directory"
 
 
-def test_edge_aggregator_show_key_prints_the_key_the_parent_enrols(tmp_path, capsys):
-    argv = ["edge-aggregator", "--parent", "mqtt://127.0.0.1:1", "--id", "site1", "--fleet", "site",
-            "--artifacts", str(tmp_path / "art"), "--state-dir", str(tmp_path / "edge"), "--show-key"]
+@pytest.mark.parametrize("command", ["relay", "edge-aggregator"])  # the old name runs the same command
+def test_relay_show_key_prints_the_key_the_parent_enrols(tmp_path, capsys, command):
+    argv = [command, "--parent", "mqtt://127.0.0.1:1", "--id", "site1", "--fleet", "site",
+            "--artifacts", str(tmp_path / "art"), "--state-dir", str(tmp_path / "relay"), "--show-key"]
     assert main(argv) == 0
     shown = json.loads(capsys.readouterr().out)
     assert list(shown) == ["site1"] and re.fullmatch(r"[0-9a-f]{64}", shown["site1"])
-    assert (tmp_path / "edge" / "device.key").exists()
+    assert (tmp_path / "relay" / "device.key").exists()
     assert main(argv) == 0 and json.loads(capsys.readouterr().out) == shown, "the same key on every start"
 
 

@@ -1,4 +1,4 @@
-"""What a person meets in the device's log and the edge aggregator's help: plain, true words (issue 19)."""
+"""What a person meets in the device's log and the relay's help: plain, true words (issue 19)."""
 
 from __future__ import annotations
 
@@ -89,38 +89,38 @@ def _parser(role: str) -> argparse.ArgumentParser:
     return parser
 
 
-# `--flag`s the edge aggregator's help may name without having them: another command's, in an example of it
+# `--flag`s the relay's help may name without having them: another command's, in an example of it
 OTHER_COMMANDS = re.compile(r"`tierfl (client|aggregator)[^`]*`|the parent's --enrolled")
 
 
-def test_edge_aggregator_help_names_only_options_it_has():
-    parser = _parser("edge-aggregator")
-    resolve(parser, "edge-aggregator", [], {})  # adds --config, as a start does
+def test_relay_help_names_only_options_it_has():
+    parser = _parser("relay")
+    resolve(parser, "relay", [], {})  # adds --config, as a start does
     text = OTHER_COMMANDS.sub("", " ".join(parser.format_help().split()))
     options = {s for action in parser._actions for s in action.option_strings}
     dests = {action.dest.upper() for action in parser._actions}
     named = set(re.findall(r"(--[a-z][a-z-]*)", text))
-    assert named - options == set(), "flags the edge aggregator does not have"
+    assert named - options == set(), "flags the relay does not have"
     variables = set(re.findall(r"TIERFL_([A-Z_]+)", text)) - {"CONFIG"}
     assert variables <= dests, f"variables of options it does not have: {sorted(variables - dests)}"
     keys = set(re.findall(r"\b([a-z][a-z-]+) = ", text))
     assert keys <= {o.lstrip("-") for o in options}, f"file keys it does not have: {sorted(keys)}"
 
 
-def test_edge_aggregator_variables_follow_the_other_roles():
+def test_relay_variables_follow_the_other_roles():
     """TIERFL_ + the option's dest in capitals, as for `tierfl aggregator` and `tierfl client`: an option both
-    aggregators have is the same variable for both; the edge's own --id is TIERFL_EDGE_ID."""
+    aggregators have is the same variable for both; the relay's own --id is TIERFL_RELAY_ID."""
     shared = {"--broker": "mqtt://b:1883", "--fleet": "site1", "--state-dir": "runs/e", "--seed": "3",
               "--fraction": "0.5", "--tier-policy": "dynamic", "--tier-mix": "c-e", "--max-message-bytes": "65536",
               "--outlier-multiple": "4", "--max-share": "0.5"}
-    required = {"TIERFL_PARENT": "mqtt://p:1883", "TIERFL_EDGE_ID": "site1", "TIERFL_ARTIFACTS": "art"}
+    required = {"TIERFL_PARENT": "mqtt://p:1883", "TIERFL_RELAY_ID": "site1", "TIERFL_ARTIFACTS": "art"}
     env = {"TIERFL_" + flag.lstrip("-").replace("-", "_").upper(): value for flag, value in shared.items()}
-    edge = resolve(_parser("edge-aggregator"), "edge-aggregator", [], env | required).namespace
+    relay = resolve(_parser("relay"), "relay", [], env | required).namespace
     root = resolve(_parser("aggregator"), "aggregator", [], env).namespace
     for flag in shared:
         dest = flag.lstrip("-").replace("-", "_")
-        assert getattr(edge, dest) == getattr(root, dest) != _parser("aggregator").get_default(dest), flag
-    assert (edge.parent, edge.edge_id, edge.artifacts) == ("mqtt://p:1883", "site1", Path("art"))
-    variables = {o.key: o.env for o in Schema(_parser("edge-aggregator"), "edge-aggregator").options}
-    assert variables["id"] == "TIERFL_EDGE_ID" and variables["parent-key"] == "TIERFL_PARENT_KEY"
+        assert getattr(relay, dest) == getattr(root, dest) != _parser("aggregator").get_default(dest), flag
+    assert (relay.parent, relay.relay_id, relay.artifacts) == ("mqtt://p:1883", "site1", Path("art"))
+    variables = {o.key: o.env for o in Schema(_parser("relay"), "relay").options}
+    assert variables["id"] == "TIERFL_RELAY_ID" and variables["parent-key"] == "TIERFL_PARENT_KEY"
     assert all(re.fullmatch(r"TIERFL_[A-Z_]+", env) for env in variables.values()), variables

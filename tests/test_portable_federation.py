@@ -18,6 +18,7 @@ from models.data import load_digits, save_npz
 from models.export import export_all
 from models.zoo import ModelSpec
 from tests.conftest import tierfl
+from tierfl.cli import ALIASES
 
 pytestmark = pytest.mark.integration
 
@@ -46,22 +47,24 @@ def test_edge_environment_has_only_plain_onnxruntime(edge_python):
     assert found == {"onnx": False, "onnxruntime": True, "amqtt": False, "sklearn": False, "imported_onnx": False}
 
 
-COMMANDS = ("export", "aggregator", "edge-aggregator", "client", "broker", "broker-config", "bench", "demo", "report",
+COMMANDS = ("export", "aggregator", "relay", "edge-aggregator", "client", "broker", "broker-config", "bench", "demo", "report",
             "config")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_on_the_device_install_works_or_names_the_extra(edge_python, command):
-    """`tierfl COMMAND --help` with only tierfl[edge]: its help, or one line saying which extra to install (exit 2)."""
+    """`tierfl COMMAND --help` with only tierfl[edge]: its help, or one line saying which extra to install (exit 2).
+    An old name (`edge-aggregator`) runs, and is named as, its command (`relay`)."""
+    name = ALIASES.get(command, command)
     result = subprocess.run([edge_python, "-m", "tierfl.cli", command, "--help"], capture_output=True, text=True,
                             cwd=ROOT, timeout=120)
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     if result.returncode == 0:
-        assert f"tierfl {command}" in result.stdout
+        assert f"tierfl {name}" in result.stdout
     else:
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, result.stderr
-        assert re.fullmatch(rf"tierfl {command}: error: this command needs the \w+ package, which is not installed "
+        assert re.fullmatch(rf"tierfl {name}: error: this command needs the \w+ package, which is not installed "
                             r"here: pip install 'tierfl\[(full|demo|signing|edge)\]'", lines[0]), lines[0]
 
 

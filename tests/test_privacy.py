@@ -325,9 +325,9 @@ def test_noise_is_reproducible_per_seed_and_round() -> None:
 
 def test_central_dp_refuses_combined_updates_and_unknown_tensors() -> None:
     accumulator = _dp({"w": np.zeros(4, np.float32)}, 1.0, 1.0)
-    combined = ClientUpdate("edge", "a", 20, {"w": np.ones(4, np.float32)},
+    combined = ClientUpdate("relay", "a", 20, {"w": np.ones(4, np.float32)},
                             contributions=(Contribution("a", 20, 2, {"w": (4,)}),))
-    with pytest.raises(ValueError, match="edge aggregator"):
+    with pytest.raises(ValueError, match="relay's combined update"):
         accumulator.add(combined)
     with pytest.raises(ValueError, match="not in the global model"):
         accumulator.add(_update(0, {"x": np.ones(4)}))

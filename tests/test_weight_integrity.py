@@ -16,8 +16,8 @@ import pytest
 
 from aggregator.engines.base import EngineConfig, Outgoing
 from aggregator.engines.buffered import BufferConfig, BufferedEngine
-from aggregator.engines.edge import EdgeEngine, FollowTask
 from aggregator.engines.parts import EngineParts
+from aggregator.engines.relay import FollowTask, RelayEngine
 from aggregator.engines.rounds import RoundEngine
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
@@ -235,7 +235,7 @@ def test_a_round_that_would_commit_inf_is_refused_whole_and_the_next_goes_on(art
     assert (engine.record.round, engine.record.version) == (4, 3)
 
 
-# -- 5. batch-norm statistics, FedBuff, edge aggregators, robust aggregation ------------------
+# -- 5. batch-norm statistics, FedBuff, relays, robust aggregation ------------------
 
 
 def test_batch_norm_statistics_are_bounded_finite_and_their_pool_checked(tmp_path: Path) -> None:
@@ -291,10 +291,10 @@ def test_fedbuff_bounds_counts_norms_and_sums(art_dir: Path, tmp_path: Path) -> 
     assert engine.record.version == 0 and engine.view().updates == 3
 
 
-def test_an_edge_checks_its_devices_and_the_root_checks_the_edge(art_dir: Path, tmp_path: Path) -> None:
+def test_a_relay_checks_its_devices_and_the_root_checks_the_relay(art_dir: Path, tmp_path: Path) -> None:
     artifacts = ArtifactStore(art_dir)
     root_registry = DeviceRegistry()
-    root_registry.hello("edge", 30, 0, "a", "edge", now=0.0)  # the edge announced its group's 30 samples
+    root_registry.hello("relay", 30, 0, "a", "relay", now=0.0)  # the relay announced its group's 30 samples
     root = RoundEngine(EngineParts(EngineConfig(rounds=3, round_timeout_s=60.0),
                                    FedAvg(min_clients=1, tiers=FixedTiers({"a": 1.0})), artifacts,
                                    StateStore(tmp_path / "root"), root_registry))
@@ -302,26 +302,26 @@ def test_an_edge_checks_its_devices_and_the_root_checks_the_edge(art_dir: Path, 
     group = DeviceRegistry()
     for device, samples in (("c1", 10), ("c2", 20)):
         group.hello(device, samples, 0, "c", "ort-training", now=0.0)
-    edge = EdgeEngine(EngineParts(EngineConfig(fleet="site"), FollowTask(tiers=FixedTiers({"c": 1.0})), artifacts,
-                                  StateStore(tmp_path / "edge"), group))
-    child_tasks = {o.device_id: o.body for o in edge.start(parent_task.body, parent_task.tensors, 1.0)}
+    relay = RelayEngine(EngineParts(EngineConfig(fleet="site"), FollowTask(tiers=FixedTiers({"c": 1.0})), artifacts,
+                                    StateStore(tmp_path / "relay"), group))
+    child_tasks = {o.device_id: o.body for o in relay.start(parent_task.body, parent_task.tensors, 1.0)}
     half = artifacts.tiers["c"].shapes
 
     def child(device: str, samples: int, tensors: dict[str, np.ndarray]) -> list[RejectReason]:
         task = child_tasks[device]
         body = Update(update_id=new_id(), round=task.round, base_version=task.model_version, tier="c",
                       num_samples=samples, steps=1, train_loss=1.0, train_accuracy=0.5, train_seconds=0.1)
-        return _reasons(edge.on_update(device, new_id(), body, tensors, 100, 2.0))
+        return _reasons(relay.on_update(device, new_id(), body, tensors, 100, 2.0))
 
     assert child("c1", HUGE, _random(1, shapes=half)) == [RejectReason.TOO_MANY_SAMPLES]
     assert child("c1", 10, _random(1, shapes=half)) == []
     assert child("c2", 20, _random(2, shapes=half)) == []
-    combined, tensors = edge.take_combined()
+    combined, tensors = relay.take_combined()
     assert combined.num_samples == 30
 
     def forward(**fields: object) -> list[RejectReason]:
         body = combined.model_copy(update={"update_id": new_id(), **fields})
-        return _reasons(root.on_update("edge", new_id(), body, tensors, 100, 3.0))
+        return _reasons(root.on_update("relay", new_id(), body, tensors, 100, 3.0))
 
     assert forward(num_samples=3000, contributors={"c": TierShare(samples=3000, devices=2)}) == [RejectReason.TOO_MANY_SAMPLES]
     assert forward(contributors={"c": TierShare(samples=30, devices=31)}) == [RejectReason.TOO_MANY_SAMPLES]

@@ -17,7 +17,7 @@ from tierfl import config
 COMMANDS = {
     "export": ("models.cli", "export per-tier ONNX Runtime training artifacts of a model"),
     "aggregator": ("aggregator.cli", "run the aggregator service (FedAvg rounds over MQTT)"),
-    "edge-aggregator": ("aggregator.edge_cli", "aggregate a local group of devices, forward one update to the parent"),
+    "relay": ("aggregator.relay_cli", "hierarchical FL: aggregate a local group of devices, forward one update to the parent"),
     "client": ("edge_client.cli", "run a device: train tasks on local data, publish updates"),
     "broker": ("protocol.mqtt.embedded_broker", "run the embedded pure-Python MQTT broker (for laptops and demos)"),
     "broker-config": ("protocol.mqtt.broker_config", "write a Mosquitto config for a fleet: TLS, passwords, per-device ACL"),
@@ -26,6 +26,8 @@ COMMANDS = {
     "report": ("aggregator.report", "write a self-contained HTML report of a run from its state directory"),
     "config": ("tierfl.config", "print a role's effective configuration: defaults, --config file, TIERFL_* variables, flags"),
 }
+# Old command names that still run their command: `tierfl edge-aggregator` is `tierfl relay`
+ALIASES = config.OLD_ROLE_NAMES
 # Errors a user can cause and fix (exit 1; argparse.ArgumentError, options that do not combine, exits 2);
 # anything else is a bug and keeps its traceback.
 USER_ERRORS = (OSError, ValueError, RuntimeError, ImportError)  # ImportError: an optional package not installed
@@ -46,6 +48,7 @@ def _usage() -> str:
         "usage: tierfl [--log-level LEVEL] [--log-format auto|text|json] COMMAND [options]\n\n"
         "TierFL: federated training on edge devices with ONNX Runtime and MQTT.\n\ncommands:\n"
         + "\n".join(lines)
+        + "\n\nold names, still accepted: " + ", ".join(f"{old} (now {new})" for old, new in ALIASES.items())
         + "\n\nRun `tierfl COMMAND --help` for the options of one command."
     )
 
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(_usage())
         return 0
-    command, rest = args[0], args[1:]
+    command, rest = ALIASES.get(args[0], args[0]), args[1:]
     if command not in COMMANDS:
         print(f"tierfl: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2

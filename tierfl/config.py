@@ -1,4 +1,4 @@
-"""Configuration of the role commands (`tierfl aggregator`, `client`, `edge-aggregator`): a TOML file,
+"""Configuration of the role commands (`tierfl aggregator`, `client`, `relay`): a TOML file,
 TIERFL_* environment variables and command-line flags over the command's defaults.
 
 Precedence: flags > environment > file > defaults. The options are those of the command's argparse
@@ -7,11 +7,13 @@ parser, so a new flag is configurable with no change here:
 - file (`--config FILE`, else $TIERFL_CONFIG): the option's long name without the dashes, with `-`
   or `_` (`round-timeout = 30`), at the top level or in a table named after the role
   (`[aggregator]`), which wins over the top level. Other roles' tables are skipped, so one file
-  can serve several roles. Relative paths are relative to the working directory, as on the
+  can serve several roles; a table under a role's old name (`[edge-aggregator]` for `[relay]`) is
+  read as the role's. Relative paths are relative to the working directory, as on the
   command line. A switch such as `--mask-classes` is `mask-classes = true`.
 - environment: TIERFL_ and the option's dest in capitals (TIERFL_ROUND_TIMEOUT=30,
   TIERFL_MASK_CLASSES=1), read like the flag's text; a list option is split like a shell line.
-  Empty variables and TIERFL_* names that are no option of the role are ignored.
+  Empty variables and TIERFL_* names that are no option of the role are ignored. A renamed variable
+  is still read under its old name when the new one is not set (TIERFL_EDGE_ID for TIERFL_RELAY_ID).
 
 Each source is validated by a pydantic model derived from the parser. An unknown key or an invalid
 value stops the command before it starts, naming the file or variable, the key and the reason,
@@ -44,7 +46,9 @@ from protocol.mqtt.url import mask_password
 
 log = logging.getLogger(__name__)
 
-ROLES = ("aggregator", "client", "edge-aggregator")
+ROLES = ("aggregator", "client", "relay")
+OLD_ROLE_NAMES = {"edge-aggregator": "relay"}  # old name -> role: the command and its file table still work
+OLD_ENV_NAMES = {"TIERFL_RELAY_ID": ("TIERFL_EDGE_ID",)}  # variable -> its old names, read when it is unset
 ENV_PREFIX = "TIERFL_"
 CONFIG_ENV = "TIERFL_CONFIG"
 Source = Literal["default", "file", "env", "flag"]
@@ -204,10 +208,15 @@ def read_file(path: Path, schema: Schema) -> dict[str, Any]:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    own = document.get(schema.role, {})
+    names = [schema.role, *(old for old, role in OLD_ROLE_NAMES.items() if role == schema.role)]
+    if len(tables := [name for name in names if name in document]) > 1:
+        raise ConfigError(f"{path}: tables {', '.join(f'[{t}]' for t in tables)} are the same role: keep [{schema.role}]")
+    table_name = tables[0] if tables else schema.role
+    own = document.get(table_name, {})
     if not isinstance(own, dict):
-        raise ConfigError(f"{path}: key {schema.role!r}: should be a table of {schema.role} options, [{schema.role}]")
-    sections = [("", {k: v for k, v in document.items() if k not in ROLES}), (f"{schema.role}.", own)]
+        raise ConfigError(f"{path}: key {table_name!r}: should be a table of {schema.role} options, [{schema.role}]")
+    roles = {*ROLES, *OLD_ROLE_NAMES}
+    sections = [("", {k: v for k, v in document.items() if k not in roles}), (f"{table_name}.", own)]
     values: dict[str, Any] = {}
     labels: dict[str, str] = {}
     errors: list[str] = []
@@ -239,8 +248,12 @@ def _suggestion(key: str, schema: Schema, table: bool) -> str:
 
 def read_env(environ: Mapping[str, str], schema: Schema) -> dict[str, Any]:
     """dest -> namespace value of every option set by a non-empty TIERFL_* variable."""
-    values = {o.dest: environ[o.env] for o in schema.options if environ.get(o.env, "") != ""}
-    return schema.validate(values, {o.dest: f"environment {o.env}" for o in schema.options})
+    values: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    for option in schema.options:
+        if name := next((n for n in (option.env, *OLD_ENV_NAMES.get(option.env, ())) if environ.get(n, "") != ""), None):
+            values[option.dest], labels[option.dest] = environ[name], f"environment {name}"
+    return schema.validate(values, labels)
 
 
 @contextlib.contextmanager
@@ -450,13 +463,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["show"], help="show: print the effective configuration")
     parser.add_argument("--show-secrets", action="store_true",
                         help="print passwords (in broker URLs and keys that name one) instead of *** (before ROLE)")
-    parser.add_argument("role", choices=list(_role_commands()), help="the role command")
+    parser.add_argument("role", choices=[*_role_commands(), *OLD_ROLE_NAMES], help="the role command")
     parser.add_argument("role_args", nargs=argparse.REMAINDER, metavar="OPTIONS",
                         help="the role's options, --config FILE among them")
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the role's effective configuration; 0, or exit 2 if the role would not start with it."""
+    args.role = OLD_ROLE_NAMES.get(args.role, args.role)
     parser = argparse.ArgumentParser(prog=f"tierfl {args.role}")
     importlib.import_module(_role_commands()[args.role]).configure_parser(parser)
     try:

@@ -1,1 +1,1 @@
-"""Engines: how rounds run (synchronous, buffered FedBuff, secure, an edge aggregator's local rounds)."""
+"""Engines: how rounds run (synchronous, buffered FedBuff, secure, a relay's local rounds)."""

@@ -7,7 +7,7 @@ Neither looks at an engine's private state or asks which engine it is: an engine
 secure-aggregation messages refuses them through the same `on_secagg`.
 
 Four engines implement it: aggregator.engines.rounds (synchronous rounds), .buffered (FedBuff),
-.secure (rounds summed by secure aggregation) and .edge (an edge aggregator's local rounds), each
+.secure (rounds summed by secure aggregation) and .relay (a relay's local rounds), each
 composing the shared parts (.parts, .model, .intake, .tasks, .sync) and keeping its open round in a
 `RoundSlot`.
 """

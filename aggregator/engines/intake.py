@@ -166,7 +166,7 @@ class UpdateIntake:
 
 
 def check_update_tensors(update: Update, tensors: Mapping[str, np.ndarray], tier: str, artifacts: ArtifactStore) -> Problem | None:
-    """Why an update's tensors (and an edge aggregator's contributors) do not fit `tier`, or None."""
+    """Why an update's tensors (and a relay's contributors) do not fit `tier`, or None."""
     shapes = artifacts.tiers[tier].shapes
     if set(tensors) != set(shapes):
         return RejectReason.BAD_TENSOR, f"tensors {sorted(set(tensors) ^ set(shapes))} do not match tier {tier}"
@@ -206,6 +206,6 @@ def work_done(update: Update, assignment: Assignment) -> float:
 
 
 def contributions(update: Update, artifacts: ArtifactStore) -> tuple[Contribution, ...]:
-    """An edge aggregator's contributors with their tiers' block shapes (empty for a device's own update)."""
+    """A relay's contributors with their tiers' block shapes (empty for a device's own update)."""
     return tuple(Contribution(tier, part.samples, part.devices, artifacts.tiers[tier].shapes)
                  for tier, part in sorted((update.contributors or {}).items()))

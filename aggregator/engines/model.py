@@ -71,7 +71,7 @@ class GlobalModel:
 
     @classmethod
     def for_task(cls, parts: EngineParts, task: Task, weights: Mapping[str, np.ndarray]) -> GlobalModel:
-        """An edge aggregator's model for one parent task: the task's weights at its version, never committed."""
+        """A relay's model for one parent task: the task's weights at its version, never committed."""
         record = StateRecord(fleet=parts.config.fleet, model=parts.artifacts.identity, version=task.model_version,
                              round=task.round - 1)
         return cls(parts, record, {n: np.asarray(w, np.float32) for n, w in weights.items()})

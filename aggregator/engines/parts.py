@@ -1,6 +1,6 @@
 """What every engine is built from: one bundle of the settings, strategy, storage and devices it serves.
 
-The CLIs (aggregator.cli, aggregator.edge_cli) and the tests build an `EngineParts` once and hand it
+The CLIs (aggregator.cli, aggregator.relay_cli) and the tests build an `EngineParts` once and hand it
 to whichever engine runs; the engines hand it on to their components (aggregator.engines.model,
 .tasks, .intake, .sync).
 """

@@ -8,8 +8,8 @@ deadline passed, or every device still owing has gone offline. After a restart i
 round a crash cut short from its spool and sends the owed tasks again once.
 
 What happens at the close is the engine's: the round engine commits a version
-(aggregator.engines.rounds), an edge aggregator forwards a combined update (aggregator.engines.edge).
-The model a round runs on is passed in, so an edge aggregator can run each parent task on its own.
+(aggregator.engines.rounds), a relay forwards a combined update (aggregator.engines.relay).
+The model a round runs on is passed in, so a relay can run each parent task on its own.
 """
 
 from __future__ import annotations

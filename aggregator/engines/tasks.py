@@ -2,7 +2,7 @@
 
 This module owns the mapping between an assignment (aggregator.store.round_spool) and its
 training task both ways: `task_for` writes the task, `settings_of` reads back the training
-settings an assignment takes (an edge aggregator's group follows its parent's task), and
+settings an assignment takes (a relay's group follows its parent's task), and
 `with_delta` and `with_secure` are the only later changes a task gets (the downlink's encoding,
 secure aggregation's settings).
 

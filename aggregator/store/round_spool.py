@@ -61,7 +61,7 @@ class Assignment:
     learning_rate: float
     mask_classes: bool = False
     proximal_mu: float = 0.0
-    weighted: bool = True  # updates weighted by samples (False: one vote per device), for edge aggregators
+    weighted: bool = True  # updates weighted by samples (False: one vote per device), for relays
     weigh_work: bool = False  # partial work (fewer steps than asked, at the deadline) weighs by the share done
     variant: int = 0  # FedMut: which mutation of the global model the device starts from (0: the global model)
     announced_samples: int | None = None  # what the device's hello announced when it was given the task

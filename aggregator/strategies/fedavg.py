@@ -27,7 +27,7 @@ Weights = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class Contribution:
-    """The devices of one tier behind an edge aggregator's combined update, and the block shapes they trained."""
+    """The devices of one tier behind a relay's combined update, and the block shapes they trained."""
 
     tier: str
     samples: int
@@ -41,7 +41,7 @@ class ClientUpdate:
 
     `work` (the share of the asked local steps the device did, partial work at a deadline)
     multiplies its weight; `scale` multiplies the delta but not its weight in the mean (FedBuff's
-    staleness factor). With `contributions` the delta is an edge aggregator's per-element mean.
+    staleness factor). With `contributions` the delta is a relay's per-element mean.
     """
 
     device_id: str
@@ -109,7 +109,7 @@ class ElementwiseMean:
         self.count += 1
 
     def _add_combined(self, update: ClientUpdate) -> None:
-        """An edge aggregator's per-element mean: weigh it back into a sum by its contributors' mass."""
+        """A relay's per-element mean: weigh it back into a sum by its contributors' mass."""
         for name, mean in update.delta.items():
             mass = np.zeros(mean.shape, np.float32)
             shapes = self._mass_by_shape[name]

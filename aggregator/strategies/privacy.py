@@ -217,8 +217,8 @@ class DpFedAvg:
         if self._result is not None:
             raise RuntimeError("this round's noisy result has been released; no update can be added")
         if update.contributions:
-            raise ValueError(f"{update.device_id} sent an edge aggregator's combined update: central DP needs each "
-                             "device's own update to bound its influence (use --dp local with edge aggregators)")
+            raise ValueError(f"{update.device_id} sent a relay's combined update: central DP needs each "
+                             "device's own update to bound its influence (use --dp local with relays)")
         if unknown := sorted(set(update.delta) - set(self._sums)):
             raise ValueError(f"{update.device_id}: tensors {', '.join(unknown)} are not in the global model")
         scaled = update.delta if update.scale == 1.0 else {n: d * np.float32(update.scale) for n, d in update.delta.items()}

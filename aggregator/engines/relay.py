@@ -1,23 +1,23 @@
-"""Hierarchical aggregation, the local side of an edge aggregator: one local round per upstream task.
+"""Hierarchical aggregation, the local side of a relay: one local round per upstream task.
 
-The edge aggregator is a device to its parent and an aggregator to its own group. A task from the
-parent (round r, version v, the parent's weights for the edge's tier, E, B, lr, mu, deadline)
+A relay is a device to its parent and an aggregator to its own group. A task from the
+parent (round r, version v, the parent's weights for the relay's tier, E, B, lr, mu, deadline)
 starts one local round: the group's devices train their tiers' slices of those weights, with
 the parent's settings, until a deadline a margin before the parent's. Their updates fold into
-the same element-wise mean the parent uses, weighted the way the parent's task says. The edge
+the same element-wise mean the parent uses, weighted the way the parent's task says. The relay
 then forwards one update: that per-element mean, plus its contributors (samples and devices per
 tier). The parent weighs the mean back into its sum by exactly the mass those contributors
 carry, so it computes what flat aggregation over all the devices would (aggregator.strategies.fedavg).
 
-Weight integrity: the edge checks its own devices' updates as the round engine does (counts
+Weight integrity: the relay checks its own devices' updates as the round engine does (counts
 within their hellos, norms, the float32 sums, --max-share); a combined mean holding NaN or Inf
-is not forwarded. The parent bounds the combined update's samples by what the edge announced
+is not forwarded. The parent bounds the combined update's samples by what the relay announced
 (its group's total) and its contributors by those samples.
 
 Pure logic with the clock passed in, like the round engine, and built from the same parts: the
 open round (aggregator.engines.sync), the checks of updates (.intake) and the tasks (.tasks). Each
 parent task runs on a fresh model of its own (aggregator.engines.model.GlobalModel.for_task), never
-committed: the parent commits. aggregator.edge_service binds it to the two brokers.
+committed: the parent commits. aggregator.relay_service binds it to the two brokers.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class CombinedMean(ElementwiseMean):
         self.parts: dict[str, TierShare] = {}
 
     def add(self, update: ClientUpdate) -> None:
-        """Fold one update (a device's, or a lower edge's combined one) and count its contributors."""
+        """Fold one update (a device's, or a lower relay's combined one) and count its contributors."""
         super().add(update)
         shares = [(c.tier, c.samples, c.devices) for c in update.contributions] or [(update.tier, update.num_samples, 1)]
         for tier, samples, devices in shares:
@@ -63,7 +63,7 @@ class CombinedMean(ElementwiseMean):
 class FollowTask(FedAvg):
     """Selects the group's devices like FedAvg, with the settings of the parent's current task."""
 
-    name = "edge"
+    name = "relay"
 
     def __init__(self, task: TrainTask | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
@@ -81,7 +81,7 @@ class FollowTask(FedAvg):
         return CombinedMean(global_weights, weighted=self.task.weighted if self.task else True)
 
 
-class EdgeEngine:
+class RelayEngine:
     """Runs one local round per parent task and hands back the combined update (`take_combined`)."""
 
     UNIT = "round"  # what the logs call one local round
@@ -96,7 +96,7 @@ class EdgeEngine:
     def __init__(self, parts: EngineParts, margin_s: float = 3.0) -> None:
         """`parts.strategy` is the FollowTask that selects the group; `margin_s`: close this long before the parent's deadline."""
         if not isinstance(parts.strategy, FollowTask):
-            raise TypeError(f"an edge aggregator selects its group with FollowTask, not {type(parts.strategy).__name__}")
+            raise TypeError(f"a relay selects its group with FollowTask, not {type(parts.strategy).__name__}")
         self.parts = parts.with_config(bn_statistics="averaged", rounds=2**31 - 1)
         self.follow, self.margin_s = parts.strategy, margin_s
         self.model = GlobalModel.load(self.parts)  # replaced by each parent task's own (`start`)
@@ -106,12 +106,12 @@ class EdgeEngine:
         self._combined: tuple[Update, dict[str, np.ndarray]] | None = None
 
     def start(self, task: Task, weights: Mapping[str, np.ndarray], now: float) -> list[Outgoing]:
-        """Begin the local round of a parent task (ValueError, with the reason, for a task the edge cannot serve)."""
+        """Begin the local round of a parent task (ValueError, with the reason, for a task the relay cannot serve)."""
         if isinstance(task, MeasureBnStatistics):
-            raise ValueError("an edge aggregator measures no batch-norm statistics: run the parent with --bn-statistics averaged")
+            raise ValueError("a relay measures no batch-norm statistics: run the parent with --bn-statistics averaged")
         artifacts = self.artifacts.tiers.get(task.tier)
         if artifacts is None or artifacts.manifest_sha256 != task.manifest_sha256:
-            raise ValueError(f"tier {task.tier} of the parent's task is not in this edge's --artifacts (export them once, copy the folder)")
+            raise ValueError(f"tier {task.tier} of the parent's task is not in this relay's --artifacts (export them once, copy the folder)")
         if set(weights) != set(artifacts.shapes) or any(tuple(w.shape) != artifacts.shapes[n] for n, w in weights.items()):
             raise ValueError(f"the task's weights do not fit tier {task.tier}")
         if self.rounds.slot.current is not None:
@@ -134,7 +134,7 @@ class EdgeEngine:
 
     def on_bn_statistics(self, device_id: str, msg_id: str, body: BnStatistics, tensors: Mapping[str, np.ndarray],
                          now: float) -> list[Outgoing]:
-        """Refused: an edge aggregator's local rounds have no statistics phase."""
+        """Refused: a relay's local rounds have no statistics phase."""
         return self.intake.refuse(device_id, msg_id, body, RejectReason.STALE_ROUND,
                                   f"round {body.round} is not measuring statistics")
 

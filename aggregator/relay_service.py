@@ -1,8 +1,8 @@
-"""The edge aggregator service: an aggregator to its local group, a device to its parent.
+"""The relay service (the middle tier of hierarchical FL): an aggregator to its local group, a device to its parent.
 
 One thread, like the aggregator service it extends: frames from both brokers land in the same
-inbox. A task on the edge's downlink from the parent starts a local round (aggregator.engines.edge);
-when that round closes, its combined update goes up to the parent. The edge announces itself
+inbox. A task on the relay's downlink from the parent starts a local round (aggregator.engines.relay);
+when that round closes, its combined update goes up to the parent. The relay announces itself
 to the parent with its group's total samples, and again whenever that total changes. Frames from
 the parent are checked like a device checks its downlink: header first, then the parent's
 signature (protocol.trust: a given --parent-key, or the one pinned on first contact), only then
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from aggregator.engines.base import Outgoing
-from aggregator.engines.edge import EdgeEngine
+from aggregator.engines.relay import RelayEngine
 from aggregator.service import AggregatorService
 from protocol.frame import FrameError, decode_payload, encode_frame, read_header
 from protocol.messages import Blob, Body, Hello, Reject, RejectReason, Status, Task
@@ -30,16 +30,17 @@ from protocol.topics import Topics
 from protocol.trust import AggregatorTrust
 
 log = logging.getLogger(__name__)
+RELAY_BACKEND = "relay"  # the backend a relay's hello announces; releases before the rename said "edge"
 
 
-class EdgeService(AggregatorService):
+class RelayService(AggregatorService):
     """Serves a local group with `engine` and forwards its combined updates to the parent fleet."""
 
-    def __init__(self, engine: EdgeEngine, local_broker: BrokerAddress, parent_broker: BrokerAddress, edge_id: str,
+    def __init__(self, engine: RelayEngine, local_broker: BrokerAddress, parent_broker: BrokerAddress, relay_id: str,
                  parent_fleet: str, parent_id: str = "aggregator", tier: str | None = "a", key: DeviceKey | None = None,
                  parent_trust: AggregatorTrust | None = None, **kwargs: Any) -> None:
-        super().__init__(engine, local_broker, aggregator_id=edge_id, key=key, **kwargs)  # signs toward its devices too
-        self.edge: EdgeEngine = engine
+        super().__init__(engine, local_broker, aggregator_id=relay_id, key=key, **kwargs)  # signs toward its devices too
+        self.relay: RelayEngine = engine
         self.parent_topics = Topics(parent_fleet)
         self.parent_id, self.tier, self.key = parent_id, tier, key
         self.parent_trust = parent_trust  # None: the parent's frames are taken unverified
@@ -47,12 +48,12 @@ class EdgeService(AggregatorService):
         self.forwarded = 0  # combined updates sent to the parent
         self.parent = MqttLink(
             parent_broker,
-            client_id=f"tierfl-{parent_fleet}-{edge_id}",
-            subscriptions=[self.parent_topics.down(edge_id)],
+            client_id=f"tierfl-{parent_fleet}-{relay_id}",
+            subscriptions=[self.parent_topics.down(relay_id)],
             on_frame=self.inbox.put,
             on_bad_frame=self.inbox.put,
             on_connect=lambda: self.inbox.put("", b""),  # re-announce from the service thread
-            will=Will(self.parent_topics.status(edge_id), self._parent_frame(Status(online=False))),
+            will=Will(self.parent_topics.status(relay_id), self._will),  # signed afresh at each (re)connect
         )
 
     def run(self, stop: threading.Event, tick_s: float = 0.1) -> None:
@@ -74,7 +75,7 @@ class EdgeService(AggregatorService):
 
     def _send(self, messages: list[Outgoing]) -> None:
         super()._send(messages)
-        if combined := self.edge.take_combined():
+        if combined := self.relay.take_combined():
             update, tensors = combined
             sent = self.parent.publish(self.parent_topics.up(self.aggregator_id), self._parent_frame(update, tensors))
             self.forwarded += 1
@@ -106,7 +107,7 @@ class EdgeService(AggregatorService):
         body = frame.body
         if isinstance(body, Task):
             try:
-                self._send(self.edge.start(body, frame.tensors, now))
+                self._send(self.relay.start(body, frame.tensors, now))
             except ValueError as exc:
                 log.warning("refused the parent's task of round %d: %s", body.round, exc)
                 reject = Reject(reason=RejectReason.UNEXPECTED, detail=str(exc), ref_msg_id=frame.header.msg_id, round=body.round)
@@ -120,15 +121,19 @@ class EdgeService(AggregatorService):
             log.warning("ignored an unexpected %r message from the parent", body.kind)
 
     def _announce(self, force: bool = False) -> None:
-        """Publish the edge's hello to the parent: the group's samples, when they changed (or `force`)."""
+        """Publish the relay's hello to the parent: the group's samples, when they changed (or `force`)."""
         group = self.registry.available(time.time())
         samples = sum(d.num_samples for d in group)
         if samples == 0 or (samples == self._announced_samples and not force):
             return
-        hello = Hello(tier=self.tier, num_samples=samples, num_test_samples=sum(d.num_test_samples for d in group), backend="edge")
+        hello = Hello(tier=self.tier, num_samples=samples, num_test_samples=sum(d.num_test_samples for d in group), backend=RELAY_BACKEND)
         self.parent.publish(self.parent_topics.status(self.aggregator_id), self._parent_frame(hello), retain=True)
         self._announced_samples = samples
         log.info("announced to %s: %d devices, %d samples", self.parent_id, len(group), samples)
+
+    def _will(self) -> bytes:
+        """Our offline status as the parent's broker will publish it if we vanish: signed now, at each connect."""
+        return self._parent_frame(Status(online=False))
 
     def _parent_frame(self, body: Body, tensors: dict | None = None) -> bytes:
         return encode_frame(self.parent_topics.fleet, self.aggregator_id, body, tensors,
