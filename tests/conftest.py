@@ -6,7 +6,9 @@ import os
 import socket
 import subprocess
 import sys
+import tracemalloc
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,3 +38,13 @@ def tierfl(*args: str, log: Path | None = None) -> subprocess.Popen[bytes]:
     out = open(log, "wb") if log else subprocess.PIPE
     env = {"TIERFL_LOG_FORMAT": "text", **os.environ, "PYTHONUNBUFFERED": "1"}  # tests read the logs as text
     return subprocess.Popen([sys.executable, "-m", "tierfl.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def peak_traced_bytes(action: Callable[[], object]) -> int:
+    """The peak of Python-traced memory (numpy buffers included) while `action` runs."""
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

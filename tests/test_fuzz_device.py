@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -50,6 +49,7 @@ from protocol.secagg.messages import (AdvertiseKeys, EncryptedShares, KeyRoster,
 from protocol.secagg.wire import unwrap, wrap
 from protocol.signing import KEY_ANNOUNCEMENT, DeviceKey, key_announcement
 from protocol.topics import Topics
+from tests.conftest import peak_traced_bytes
 from tests.test_fuzz import CODEC_SPECS, RAW_JSON, _examples, _memory_bound, _mutate_json, _raw, mutate_frame
 
 FLEET, DEVICE, AGGREGATOR, SESSION = "f", "dev", "aggregator", "5e" * 16
@@ -363,15 +363,6 @@ def _receive(agent: DeviceAgent, frame: bytes) -> None:
         agent._serve(0)
 
 
-def _traced(action: Callable[[], None]) -> int:
-    tracemalloc.start()
-    try:
-        action()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 @settings(max_examples=_examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                                 HealthCheck.data_too_large])
 @given(st.data())
@@ -391,7 +382,7 @@ def test_structure_aware_downlink_frames_end_in_acceptance_or_a_typed_refusal(do
             continue
         frame, secure = _frame(data.draw, downlink, step, index, secure, link)
         before, queued = dict(agent.refused), len(agent._tasks)
-        peak = _traced(lambda: _receive(agent, frame))
+        peak = peak_traced_bytes(lambda: _receive(agent, frame))
         outcome = _outcome(agent, frame, before, queued)
         note(f"frame {index} ({step}): {outcome}")
         event(f"{step}: {outcome}")  # counted by --hypothesis-show-statistics

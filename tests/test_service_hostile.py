@@ -7,9 +7,7 @@ import json
 import random
 import struct
 import time
-import tracemalloc
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ from protocol.messages import Fetch, FrameHeader, Hello, RejectReason, Status, U
 from protocol.mqtt.url import parse
 from protocol.signing import DeviceKey, SignatureCheck
 from protocol.topics import Topics
+from tests.conftest import peak_traced_bytes
 from tests.test_secure_round import FLEET as SECURE_FLEET
 from tests.test_secure_round import START as SECURE_START
 from tests.test_secure_round import Fleet
@@ -207,15 +206,6 @@ def _sparse_bomb(n: int) -> tuple[dict, bytes]:
     return {"name": "fc1.weight", "codec": "topk", "dtype": "float32", "shape": [n], "nbytes": len(piece)}, piece
 
 
-def _traced_peak(action: Callable[[], None]) -> int:
-    tracemalloc.start()
-    try:
-        action()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def _masked_input_body(round_number: int, session: str, device: str) -> dict:
     payload = {"kind": "secagg_masked_input", "round": round_number, "device": device, "weight": 1.0, "tensors": {}}
     return {"kind": "secagg", "round": round_number, "session": session, "phase": "masked_input",
@@ -229,7 +219,7 @@ def test_a_secagg_frame_without_secure_rounds_may_carry_no_tensors(art_dir: Path
     entry, piece = _sparse_bomb(1 << 26)
     frame = _raw_frame("d1", _masked_input_body(1, "0" * 32, "d1"), [entry], piece)
     assert len(frame) < 16_000
-    peak = _traced_peak(lambda: _deliver(service, topics.up("d1"), frame))
+    peak = peak_traced_bytes(lambda: _deliver(service, topics.up("d1"), frame))
     assert dict(service.engine.rejected) == {"bad_tensor": 1}, service.engine.rejected
     assert peak < 16 << 20, f"refusing a secagg frame traced {peak} bytes"
 
@@ -266,7 +256,7 @@ def test_a_masked_input_carries_exactly_its_sessions_uint8_bytes(secure_fleet: t
                               SECURE_START + 1)
 
     bomb, piece = _sparse_bomb(1 << 26)
-    peak = _traced_peak(lambda: send([bomb], piece))
+    peak = peak_traced_bytes(lambda: send([bomb], piece))
     assert peak < 16 << 20, f"refusing a masked input traced {peak} bytes"
     longer = [{"name": n, "codec": "uint8", "dtype": "uint8", "shape": [size + 4], "nbytes": size + 4}
               for n, size in exact.items()]
