@@ -176,7 +176,8 @@ class DeviceAgent:
         if config.fleet_keys is not None and (SecureClient is None or self.key is None):
             raise ValueError("--fleet-keys needs the cryptography package (pip install 'tierfl[signing]')")
         self.secure = SecureClient(config.device_id, self._send_secagg, self.key.private_key if self.key else None,
-                                   config.fleet_keys) if SecureClient else None  # secure rounds
+                                   config.fleet_keys, refuse=lambda reason, detail: self._refuse(
+                                       reason, detail, config.aggregator_id)) if SecureClient else None  # secure rounds
         self.receipt = Receipt(self.topics.down(config.device_id), config.fleet, config.aggregator_id, self.trust,
                                verifiable=self.key is not None, secure=self.secure is not None, refuse=self._refuse,
                                deliver=self.inbox.put)
@@ -292,7 +293,8 @@ class DeviceAgent:
         body = item.body
         if isinstance(body, Task):
             if isinstance(body, TrainTask) and body.secure is not None and self.secure is not None:
-                self.secure.on_task(body)  # keys go out at once, before training
+                if not self.secure.on_task(body):  # settings checked, keys out at once; refused: never queued, not trained
+                    return
             self._tasks.append(item)
         elif isinstance(body, SecAgg) and self.secure is not None:
             self.secure.on_message(body)

@@ -7,6 +7,13 @@ whichever of the two comes last masks weight x delta (clipped to the agreed boun
 shares the protocol allows it. A refused step ends the session, and the aggregator counts the
 device as dropped. Only the newest secure task has a session; messages of another are ignored.
 
+A secure task's settings are checked as this device will use them (`secure_params`) when it is
+handed in: `on_task` refuses one that fails (`malformed`), and the agent then neither queues nor
+trains it. Every refusal (settings `malformed`, a message whose payload does not parse `malformed`,
+a step the protocol does not allow or a roster that does not verify `unexpected`) goes to the
+`refuse` callback with its reason: the agent counts it in `refused` and logs it through its
+throttled refusal path, like any other (without a callback it is logged here).
+
 The device signs its advertisement with its Ed25519 device key (bound to the round attempt's
 session). Given the fleet's keys (device id -> public key, `tierfl client --fleet-keys`), it
 refuses a roster holding an advertisement that is unsigned, signed by another key or from a
@@ -26,13 +33,33 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ValidationError
 
 from edge_client.trainer import EvalStats
-from protocol.messages import SecAgg, SecureAggregation, TrainTask
+from protocol.messages import RejectReason, SecAgg, SecureAggregation, TrainTask
 from protocol.secagg.device import SecAggDevice
-from protocol.secagg.messages import KeyRoster, SecAggError, SecAggParams, ShareDelivery, UnmaskRequest
+from protocol.secagg.messages import (KeyRoster, SecAggError, SecAggParams, ShareDelivery, UnmaskRequest,
+                                      check_block_shapes)
 from protocol.secagg.wire import unwrap, wrap
 
 log = logging.getLogger(__name__)
 Send = Callable[[SecAgg, Mapping[str, np.ndarray] | None], int]  # publish one message up; returns the bytes sent
+Refuse = Callable[[RejectReason, str], None]  # a refusal's reason and detail, counted by the agent
+
+
+def secure_params(task: TrainTask) -> SecAggParams:
+    """The secure task's parameters, checked as the device uses them (the ring holds the sum, the tier's blocks fit
+    the round's shapes); SecAggError naming what fails."""
+    settings = task.secure
+    if settings is None:
+        raise SecAggError(f"round {task.round}: not a secure task")
+    try:
+        params = SecAggParams(round=task.round, threshold=settings.threshold, max_devices=settings.max_devices,
+                              ring_bits=settings.ring_bits, frac_bits=settings.frac_bits, clip=settings.clip,
+                              shapes={n: tuple(s) for n, s in settings.shapes.items()})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()[:4])
+        raise SecAggError(f"round {task.round}: its secure-aggregation settings fail: {problems}") from None
+    check_block_shapes({n: tuple(int(x) for x in s) for n, s in settings.block.items()}, params,
+                       f"round {task.round}: secure-aggregation settings")
+    return params
 
 
 @dataclass
@@ -50,8 +77,9 @@ class SecureClient:
     """One device's secure sessions, fed by the agent's device loop (tasks, messages and trained deltas)."""
 
     def __init__(self, device_id: str, send: Send, signing_key: Ed25519PrivateKey | None = None,
-                 fleet_keys: Mapping[str, str] | None = None) -> None:
-        """Sign advertisements with `signing_key`; with `fleet_keys` (device -> Ed25519 public hex) verify every roster.
+                 fleet_keys: Mapping[str, str] | None = None, refuse: Refuse | None = None) -> None:
+        """Sign advertisements with `signing_key`; with `fleet_keys` (device -> Ed25519 public hex) verify every roster;
+        every refusal goes to `refuse` (else it is logged).
 
         ValueError when `fleet_keys` does not list `signing_key` for this device: every roster would be refused.
         """
@@ -72,20 +100,24 @@ class SecureClient:
         self._fleet_keys = dict(fleet_keys) if fleet_keys is not None else None
         self._warned_unverified = False
         self._session: _Session | None = None
+        self._refuse = refuse
 
-    def on_task(self, task: TrainTask) -> None:
-        """Open the session of a secure task and advertise its fresh keys."""
+    def _refused(self, reason: RejectReason, detail: str) -> None:
+        if self._refuse is not None:
+            self._refuse(reason, detail)
+        else:
+            log.error("%s: %s", reason.value, detail)
+
+    def on_task(self, task: TrainTask) -> bool:
+        """Open the session of a secure task and advertise its fresh keys; False (refused) if its settings fail."""
         settings = task.secure
         assert settings is not None
         try:
-            params = SecAggParams(round=task.round, threshold=settings.threshold, max_devices=settings.max_devices,
-                                  ring_bits=settings.ring_bits, frac_bits=settings.frac_bits, clip=settings.clip,
-                                  shapes={n: tuple(s) for n, s in settings.shapes.items()})
-            device = SecAggDevice(self.device_id, params, settings.block, signing_key=self._signing_key,
+            device = SecAggDevice(self.device_id, secure_params(task), settings.block, signing_key=self._signing_key,
                                   enrolled=self._fleet_keys, session=settings.session)
-        except (ValidationError, SecAggError) as exc:
-            log.error("round %d: refusing the secure task: %s", task.round, exc)
-            return
+        except SecAggError as exc:
+            self._refused(RejectReason.MALFORMED, f"refusing the secure task: {exc}")
+            return False
         if self._fleet_keys is None and not self._warned_unverified:
             log.warning("secure aggregation: the key roster is not verified (no --fleet-keys): an aggregator that "
                         "substitutes another device's keys could read the shares this device sends it")
@@ -94,6 +126,7 @@ class SecureClient:
         self._reply(self._session, device.advertise())
         log.info("round %d: secure aggregation (threshold %d of %d): keys advertised", task.round,
                  settings.threshold, settings.max_devices)
+        return True
 
     def on_message(self, body: SecAgg) -> None:
         """Answer the aggregator's roster, keep its share delivery, answer its unmask request."""
@@ -103,6 +136,12 @@ class SecureClient:
             return
         try:
             message = unwrap(body, {})
+        except SecAggError as exc:
+            self._refused(RejectReason.MALFORMED, f"round {body.round}: secure aggregation message refused, leaving "
+                          f"the round: {exc}")
+            self._session = None
+            return
+        try:
             if isinstance(message, KeyRoster):
                 self._reply(session, session.device.share_keys(message))
                 log.info("round %d: shared keys with a roster of %d devices%s", body.round, len(message.devices),
@@ -117,7 +156,8 @@ class SecureClient:
             else:
                 raise SecAggError(f"the aggregator does not send {body.phase} messages")
         except SecAggError as exc:
-            log.error("round %d: secure aggregation step refused, leaving the round: %s", body.round, exc)
+            self._refused(RejectReason.UNEXPECTED, f"round {body.round}: secure aggregation step refused, leaving the "
+                          f"round: {exc}")
             self._session = None
 
     def trained(self, task: TrainTask, delta: Mapping[str, np.ndarray], evaluation: EvalStats | None) -> None:
@@ -133,7 +173,7 @@ class SecureClient:
         try:
             self._mask_when_ready(session)
         except SecAggError as exc:
-            log.error("round %d: cannot mask the update, leaving the round: %s", task.round, exc)
+            self._refused(RejectReason.UNEXPECTED, f"round {task.round}: cannot mask the update, leaving the round: {exc}")
             self._session = None
 
     def _mask_when_ready(self, session: _Session) -> None:
