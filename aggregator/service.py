@@ -295,6 +295,12 @@ class AggregatorService:
             self._refuse(device, RejectReason.REPLAYED, f"a status sent at {header.sent_at:.3f}, not newer than the "
                          f"last one applied ({info.status_sent_at:.3f})")
             return
+        if info.session is not None and info.hello_sent_at is not None and header.sent_at < info.hello_sent_at:
+            # an agent stamps every hello of a connection just before signing that connection's will, so a will older
+            # than the registered hello is an earlier connection's: this bound holds after a restart of ours too
+            self._refuse(device, RejectReason.REPLAYED, f"a status sent at {header.sent_at:.3f}, older than the "
+                         f"device's current hello ({info.hello_sent_at:.3f}): an earlier connection's")
+            return
         self.registry.set_online(device, status.online, now, sent_at=header.sent_at)
         log.info("%s is %s", device, "online" if status.online else "offline")
 

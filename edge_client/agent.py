@@ -29,7 +29,10 @@ line saying how many were left out.
 
 The offline status the broker publishes if we vanish (the MQTT last will) is signed afresh for
 each (re)connect, so its `sent_at` is newer than any will of an earlier connection: the
-aggregator can tell a replayed copy from the device's real last word.
+aggregator can tell a replayed copy from the device's real last word. Every hello of a connection
+is stamped with the time taken just before that connection's will is signed: no later than its
+will, and later than any earlier connection's, so the aggregator refuses a status older than the
+hello it holds (even one it received after a restart of its own) as a replay.
 """
 
 from __future__ import annotations
@@ -155,6 +158,7 @@ class DeviceAgent:
         self.key = device_key(config.cache_dir)
         self.trust = AggregatorTrust(config.cache_dir, config.aggregator_key, verifiable=self.key is not None)
         self.session = new_id()  # fresh per start: binds our hello and statuses, so an old one replayed differs
+        self._hello_at: float | None = None  # this connection's hello stamp, taken just before its will was signed
         self.refused: collections.Counter[str] = collections.Counter()
         self._refusal_log = RefusalLog()  # one line per sender and reason per interval, whatever a flood does
         self._refusal_lock = threading.Lock()  # refusals come from the network thread and the device loop
@@ -238,7 +242,9 @@ class DeviceAgent:
                 self._current = None
 
     def _will(self) -> bytes:
-        """Our offline status as the broker will publish it if we vanish: signed now, so newer than any earlier will."""
+        """Our offline status as the broker will publish it if we vanish: signed now, so newer than any earlier will
+        (and than this connection's hellos, stamped just before)."""
+        self._hello_at = time.time()
         return self._frame(Status(online=False, session=self.session))
 
     # -- network thread ---------------------------------------------------------------------
@@ -320,7 +326,9 @@ class DeviceAgent:
             seconds_per_sample=self.config.seconds_per_sample,
             session=self.session,
         )
-        self._publish(self.topics.status(me), hello, retain=True)  # retained: a restarted aggregator sees it
+        frame = encode_frame(self.config.fleet, me, hello, signer=self.key.sign if self.key else None,
+                             sent_at=self._hello_at)  # no later than this connection's will
+        self.link.publish(self.topics.status(me), frame, retain=True)  # retained: a restarted aggregator sees it
         log.info("announced %s: %d train / %d test samples", me, len(self.train_data), len(self.test_data))
 
     def _store_blob(self, blob: Blob, frame: Frame) -> None:

@@ -63,11 +63,13 @@ def encode_frame(
     codec: str | Codec = "float32",
     rng: np.random.Generator | None = None,
     signer: Callable[[FrameHeader], str] | None = None,
+    sent_at: float | None = None,
 ) -> bytes:
     """Serialise one message and its tensors (all with `codec`, a Codec or a parse_codec spec) into frame bytes.
 
     A stochastic codec draws from `rng` (fresh entropy when None); a seeded generator makes the
     bytes reproducible. `signer` (protocol.signing.DeviceKey.sign) adds the sender's signature.
+    `sent_at` stamps the header (now when None).
     """
     coder = parse_codec(codec) if isinstance(codec, str) else codec
     if rng is None and getattr(coder, "stochastic", False):
@@ -82,7 +84,8 @@ def encode_frame(
         parts.append(data)
     payload = b"".join(parts)
     header = FrameHeader(
-        fleet=fleet, sender=sender, body=body, tensors=entries, payload_sha256=hashlib.sha256(payload).hexdigest()
+        fleet=fleet, sender=sender, body=body, tensors=entries, payload_sha256=hashlib.sha256(payload).hexdigest(),
+        **({} if sent_at is None else {"sent_at": sent_at}),
     )
     if signer is not None:
         header = header.model_copy(update={"signature": signer(header)})

@@ -293,9 +293,9 @@ def test_a_replayed_signed_offline_status_does_not_drop_the_device(art_dir: Path
     service = AggregatorService(engine, parse("mqtt://127.0.0.1:1883"), inbox=Inbox(),
                                 signatures=SignatureCheck({"d1": key.public_hex}))
     topics, session = Topics(FLEET), "b" * 32
-    hello = encode_frame(FLEET, "d1", Hello(num_samples=10, session=session), signer=key.sign)
-    _deliver(service, topics.status("d1"), hello, now=100.0)
-    will = _signed_at("d1", Status(online=False, session=session), 90.0, key)  # signed at connect, before the hello
+    hello = encode_frame(FLEET, "d1", Hello(num_samples=10, session=session), signer=key.sign, sent_at=85.0)
+    _deliver(service, topics.status("d1"), hello, now=100.0)  # stamped at connect, just before the will is signed
+    will = _signed_at("d1", Status(online=False, session=session), 90.0, key)  # signed at connect
     _deliver(service, topics.status("d1"), will, now=200.0)  # the broker publishes it: the device went away
     assert not service.registry.get("d1").online and not engine.rejected
     _deliver(service, topics.status("d1"), hello, now=300.0)  # it reconnects (same agent, same session)
