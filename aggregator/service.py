@@ -9,7 +9,7 @@ size and header (protocol.frame.read_header), topic, fleet, sender, known device
 then the tensor table against the shapes that message may carry (a secure-aggregation message:
 the exact uint8 bytes of its masked tensors, or none); only then the payload's sha256 and its
 tensors (decode_payload). It routes what passed (status -> registry, fetch -> artifact files,
-update -> engine), publishes what the engine returns, signed with the aggregator's key, and
+catalogue request -> a tier's file list, update -> engine), publishes what the engine returns, signed with the aggregator's key, and
 ticks the engine. Nothing refused touches the registry or the engine's state; a status older
 than the last one applied is a replay. Refusals are logged and answered at a bounded rate per
 sender (aggregator.refusals). A single thread owns all state, so there are no locks.
@@ -34,8 +34,8 @@ from aggregator.store.artifacts import ArtifactStore
 from aggregator.strategies.bn_statistics import statistic_names
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.frame import Frame, FrameError, RawFrame, decode_payload, encode_frame, read_header
-from protocol.messages import (Blob, BnStatistics, Fetch, FrameHeader, Hello, Reject, RejectReason, SecAgg, Status,
-                               Task, Update)
+from protocol.messages import (Blob, BnStatistics, Catalogue, CatalogueRequest, Fetch, FrameHeader, Hello, Reject,
+                               RejectReason, SecAgg, Status, Task, Update)
 from protocol.mqtt.link import MqttLink
 from protocol.mqtt.url import BrokerAddress
 from protocol.signing import DeviceKey, SignatureCheck, SignatureError, key_announcement
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from aggregator.monitor import Monitor
 
 log = logging.getLogger(__name__)
-FETCHES_PER_MINUTE = 30  # Fetch messages one device may send per minute (a tier is one or two)
+FETCHES_PER_MINUTE = 30  # Fetch and CatalogueRequest messages one device may send per minute (a tier is two or three)
 REJECTS_PER_MINUTE = 30  # Reject messages sent back to one sender per minute; the rest are counted and logged only
 JOINS_LOGGED_PER_10_S = 20  # "joined" log lines per 10 s; the rest are counted in the next one
 
@@ -233,6 +233,8 @@ class AggregatorService:
             self._on_status(device, header, body, now)
         elif on_up and isinstance(body, Fetch):
             self._on_fetch(device, body, now)
+        elif on_up and isinstance(body, CatalogueRequest):
+            self._on_catalogue_request(device, header.msg_id, body, now)
         elif on_up and isinstance(body, Update):
             outgoing = self.engine.on_update(device, header.msg_id, body, frame.tensors, frame.nbytes, now)
             if not _refused(outgoing, device):
@@ -328,10 +330,31 @@ class AggregatorService:
             name, data = found
             self._send([Outgoing(device, Blob(sha256=sha, name=name), {"data": np.frombuffer(data, np.uint8)})])
 
-    def _refuse(self, device: str | None, reason: RejectReason, detail: str) -> None:
-        """Count a refusal decided here (the engine counts its own), then log and answer it."""
+    def _on_catalogue_request(self, device: str, msg_id: str, request: CatalogueRequest, now: float) -> None:
+        """A registered device asks for a tier's files: answered with what a task of that tier would name (signed,
+        bound to the request's msg_id), within the device's fetch budget; refusals name the request."""
+        if device not in self.registry:
+            self._refuse(device, RejectReason.UNKNOWN_DEVICE, f"{device} has not announced itself", ref=msg_id)
+            return
+        if not self._fetches.allow(device, now):
+            self._refuse(device, RejectReason.RATE_LIMITED, f"more than {FETCHES_PER_MINUTE} fetches in a minute",
+                         ref=msg_id)
+            return
+        self.registry.seen(device, now)
+        tier = self.artifacts.tiers.get(request.tier)
+        if tier is None:
+            known = ", ".join(sorted(self.artifacts.tiers))
+            self._refuse(device, RejectReason.UNKNOWN_TIER, f"tier {request.tier!r} is not exported (have: {known})",
+                         ref=msg_id)
+            return
+        self._send([Outgoing(device, Catalogue(tier=request.tier, manifest_sha256=tier.manifest_sha256,
+                                               artifacts=tier.files, request=msg_id))])
+
+    def _refuse(self, device: str | None, reason: RejectReason, detail: str, ref: str | None = None) -> None:
+        """Count a refusal decided here (the engine counts its own), then log and answer it (naming the message
+        refused, `ref`, when the sender waits for an answer to it)."""
         self.engine.count_rejection(reason, detail, device)
-        self._answer_refusal(device, Reject(reason=reason, detail=detail))
+        self._answer_refusal(device, Reject(reason=reason, detail=detail, ref_msg_id=ref))
 
     def _answer_refusal(self, device: str | None, body: Reject) -> None:
         """Every refusal, the service's or the engine's: logged once per sender and reason per interval, shown on

@@ -17,6 +17,10 @@ Stopping takes no new task; the one in training gets a grace period to finish (i
 own deadline, or sooner) and send its update, or is abandoned: a task's results (its update, the
 error-feedback residual on disk) are committed all together or not at all.
 
+`ask_tier` (tierfl bench --broker) gets a tier's files without a task: the loop asks the aggregator
+for the tier's catalogue (CatalogueRequest, once this device said hello), takes the signed answer
+bound to that request, and fetches and checks the files through the same stages as a task's.
+
 Nothing a downlink frame holds stops the agent. Frames are checked on receipt (edge_client.receipt:
 topic, sender, the trusted aggregator key, the payload and its schema, which refuses a task listing
 more files than one Fetch asks for; a task taken before or past its deadline); then, on the loop, a
@@ -40,11 +44,13 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import queue
 import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
@@ -64,9 +70,9 @@ from models.data import Dataset
 from models.manifest import STATISTICS_FILE, TierManifest
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.codecs import encode_decode, parse_codec
-from protocol.frame import Frame, encode_frame
-from protocol.messages import (Blob, BnStatistics, Body, Fetch, Hello, MeasureBnStatistics, Reject, RejectReason,
-                               SecAgg, Status, Task, TrainTask, Update, new_id)
+from protocol.frame import Frame, encode_frame, read_header
+from protocol.messages import (Blob, BnStatistics, Body, Catalogue, CatalogueRequest, Fetch, Hello, MeasureBnStatistics,
+                               Reject, RejectReason, SecAgg, Status, Task, TierFiles, TrainTask, Update, new_id)
 from protocol.mqtt.link import Backoff, MqttLink, Will
 from protocol.mqtt.url import BrokerAddress
 from protocol.quantized import Tensor
@@ -104,6 +110,18 @@ class Connected:
 
 
 Downlink = Frame | Connected  # what the network thread queues for the device loop
+MAX_ASK_TRIES = 3  # a catalogue request is sent again (after a new hello) when the aggregator did not know us yet
+
+
+@dataclass
+class _Ask:
+    """A tier asked for by `ask_tier`: its checked folder, or the refusal, goes into `result`."""
+
+    tier: str
+    until: float  # wall-clock time after which the loop gives up on it
+    result: Future[Path] = field(default_factory=Future)
+    tries: int = 0
+
 
 class ClientConfig(BaseModel):
     """Everything a device agent needs to join a fleet."""
@@ -144,13 +162,11 @@ def device_key(folder: Path) -> DeviceKey | None:
 class DeviceAgent:
     """One device of the fleet, training on its own local data."""
 
-    def __init__(self, config: ClientConfig, train: Dataset, test: Dataset,
-                 files_only: Callable[[Task, Path], None] | None = None) -> None:
-        """`files_only` (tierfl bench --broker): called with each task's fetched and checked tier folder instead
-        of training it."""
+    def __init__(self, config: ClientConfig, train: Dataset, test: Dataset, trains: bool = True) -> None:
+        """`trains=False` (tierfl bench --broker): tasks are let go unanswered; only `ask_tier` fetches files."""
         check_id(config.device_id, "device id")
         self.config = config
-        self.files_only = files_only
+        self.trains = trains
         self.train_data = train
         self.test_data = test
         self.topics = Topics(config.fleet)
@@ -172,6 +188,10 @@ class DeviceAgent:
         self._dp_rng = np.random.default_rng()  # local DP noise: seeded by the OS, never by the (public) task
         self._held: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # tier -> (version, weights received)
         self._unstorable: set[str] = set()  # artifacts of the current task that do not fit the cache bound
+        self._new_asks: queue.SimpleQueue[_Ask] = queue.SimpleQueue()  # from ask_tier's callers, for the loop
+        self._asked: dict[str, _Ask] = {}  # the loop's: catalogue request msg_id -> its ask, until answered
+        self._answered: collections.deque[tuple[_Ask, Catalogue]] = collections.deque()
+        self._said_hello = False
         # shared with the thread that stops the agent
         self._closing = threading.Event()  # stopping: take no new task
         self._commit_lock = threading.Lock()  # a task's results go out whole, or not once abandoned
@@ -231,6 +251,10 @@ class DeviceAgent:
             log.warning("stopping: abandoned round %d (not finished within %.0f s); nothing of it was sent or saved",
                         left.round, self.config.stop_grace_s)
         self.inbox.close()
+        for ask in [*self._asked.values(), *(ask for ask, _ in self._answered)]:
+            ask.result.cancel()
+        while not self._new_asks.empty():
+            self._new_asks.get().result.cancel()
         self._publish(self.topics.status(self.config.device_id), Status(online=False, session=self.session), retain=True)
         self.link.stop(flush_timeout_s=5.0)
 
@@ -265,13 +289,79 @@ class DeviceAgent:
 
     # -- device loop ------------------------------------------------------------------------
 
+    def ask_tier(self, tier: str, timeout_s: float) -> Future[Path]:
+        """From any thread while `run` serves: the folder of tier `tier` in the cache, fetched and checked as a task's
+        files are (its files named by the aggregator's signed Catalogue); fails with TaskRefused when refused (by the
+        aggregator, e.g. unknown_tier, or here), TaskSkipped when the files did not arrive within `timeout_s`."""
+        ask = _Ask(tier, time.time() + timeout_s)
+        self._new_asks.put(ask)
+        self.inbox.wake()
+        return ask.result
+
     def _loop(self) -> None:
         """Serve the inbox and carry out the tasks taken, one at a time, until closing."""
         while not self._closing.is_set():
+            self._send_asks()
             if self._tasks:
                 self._carry_out_next()
+            elif self._answered:
+                self._fetch_answered()
             else:
                 self._serve(SERVE_S)
+
+    def _send_asks(self) -> None:
+        """Send the catalogue requests asked for (once we said hello); give up those past their time."""
+        now = time.time()
+        for msg_id, ask in list(self._asked.items()):
+            if now > ask.until:
+                del self._asked[msg_id]
+                _settle(ask.result, TaskSkipped(f"no catalogue of tier {ask.tier} arrived in time"))
+        while self._said_hello and not self._new_asks.empty():
+            self._ask(self._new_asks.get())
+
+    def _ask(self, ask: _Ask) -> None:
+        """Publish one catalogue request; its answer (or refusal) names the request's msg_id."""
+        ask.tries += 1
+        frame = self._frame(CatalogueRequest(tier=ask.tier))
+        self._asked[read_header(frame).header.msg_id] = ask
+        self.link.publish(self.topics.up(self.config.device_id), frame)
+        log.info("asked the aggregator for the files of tier %s", ask.tier)
+
+    def _on_catalogue(self, catalogue: Catalogue, sender: str) -> None:
+        """A checked catalogue: queued for fetching if it answers a request of ours (for that tier), else refused."""
+        ask = self._asked.get(catalogue.request)
+        if ask is None or ask.tier != catalogue.tier:
+            self._refuse(RejectReason.REPLAYED, f"a catalogue of tier {catalogue.tier} answering no request of ours "
+                         f"({catalogue.request})", sender)
+            return
+        del self._asked[catalogue.request]
+        self._answered.append((ask, catalogue))
+
+    def _on_refused_ask(self, reject: Reject) -> None:
+        """The aggregator refused a catalogue request of ours: asked again after a hello when it did not know us
+        yet, else the ask fails with the refusal."""
+        ask = self._asked.pop(reject.ref_msg_id or "", None)
+        if ask is None:
+            return
+        if reject.reason is RejectReason.UNKNOWN_DEVICE and ask.tries < MAX_ASK_TRIES:
+            self._ask(ask)  # after the hello _handle sends
+        else:
+            _settle(ask.result, TaskRefused(reject.reason, reject.detail))
+
+    def _fetch_answered(self) -> None:
+        """Fetch and check the files of the oldest catalogue answered, through the task's stages."""
+        ask, catalogue = self._answered.popleft()
+        what = f"tier {catalogue.tier}"
+        try:
+            self._get_files(catalogue, ask.until, what)
+            folder = self.cache.tier_folder(catalogue.artifacts, key=catalogue.manifest_sha256)
+        except TaskRefused as exc:
+            self._refuse(exc.reason, f"the catalogue of {what}: {exc.detail}", self.config.aggregator_id)
+            _settle(ask.result, exc)
+        except Exception as exc:  # TaskSkipped (said why), or a bug: the ask fails, never the agent
+            _settle(ask.result, exc)
+        else:
+            _settle(ask.result, folder)
 
     def _serve(self, timeout: float) -> None:
         """Act on the next inbox item (waiting up to `timeout` for one), then report what the inbox dropped."""
@@ -297,7 +387,9 @@ class DeviceAgent:
             self._announce()
             return
         body = item.body
-        if isinstance(body, Task):
+        if isinstance(body, Task) and not self.trains:
+            log.info("round %d (tier %s): not training (this agent only fetches files)", body.round, body.tier)
+        elif isinstance(body, Task):
             if isinstance(body, TrainTask) and body.secure is not None and self.secure is not None:
                 if not self.secure.on_task(body):  # settings checked, keys out at once; refused: never queued, not trained
                     return
@@ -306,6 +398,8 @@ class DeviceAgent:
             self.secure.on_message(body)
         elif isinstance(body, Blob):
             self._store_blob(body, item)
+        elif isinstance(body, Catalogue):
+            self._on_catalogue(body, item.header.sender)
         elif isinstance(body, Reject):
             with self._refusal_lock:  # the network thread counts its refusals beside these
                 self.refused[f"by-aggregator:{body.reason.value}"] += 1
@@ -313,6 +407,7 @@ class DeviceAgent:
                         body.reason.value, body.detail)
             if body.reason is RejectReason.UNKNOWN_DEVICE:
                 self._announce()
+            self._on_refused_ask(body)
 
     def _announce(self) -> None:
         """Publish our hello as the retained status of this device (online, tier, data sizes, versions held)."""
@@ -329,6 +424,7 @@ class DeviceAgent:
         frame = encode_frame(self.config.fleet, me, hello, signer=self.key.sign if self.key else None,
                              sent_at=self._hello_at)  # no later than this connection's will
         self.link.publish(self.topics.status(me), frame, retain=True)  # retained: a restarted aggregator sees it
+        self._said_hello = True
         log.info("announced %s: %d train / %d test samples", me, len(self.train_data), len(self.test_data))
 
     def _store_blob(self, blob: Blob, frame: Frame) -> None:
@@ -387,10 +483,7 @@ class DeviceAgent:
         """One task, stage by stage; TaskRefused (nothing of it kept) when it cannot be done as sent."""
         task: Task = frame.body  # type: ignore[assignment]
         self._check_wanted(task)
-        manifest = self._get_files(task)
-        if self.files_only is not None:
-            self.files_only(task, self.cache.tier_folder(task.artifacts, key=task.manifest_sha256))
-            return
+        manifest = self._get_files(task, task.deadline, f"round {task.round}")
         start = self._get_weights(task, frame.tensors, manifest)
         trainer = self._load_tier(task, manifest, start)
         if isinstance(task, MeasureBnStatistics):
@@ -412,21 +505,22 @@ class DeviceAgent:
             log.info("round %d: deadline already passed, skipping", task.round)
             raise TaskSkipped
 
-    def _get_files(self, task: Task) -> TierManifest:
-        """Stage 2: the tier's manifest, once the task's artifact files are all cached and checked (onnx_guard)."""
+    def _get_files(self, task: TierFiles, until: float, what: str) -> TierManifest:
+        """Stage 2: the tier's manifest, once the artifact files a task (or a catalogue) names are all cached, by
+        `until`, and checked (onnx_guard); `what` names the task in the log."""
         self.cache.use(task.artifacts.values())  # this tier's files stay cached while it is ours
         self._unstorable.clear()  # what did not fit beside another task's files may fit beside this one's
-        if not self._fetch_artifacts(task):
+        if not self._fetch_artifacts(task, until, what):
             raise TaskSkipped
         return self._checked_tier(task)
 
-    def _fetch_artifacts(self, task: Task) -> bool:
+    def _fetch_artifacts(self, task: TierFiles, until: float, what: str) -> bool:
         """True once the task's artifact files are all cached; False (and why, in the log) if they will not be.
 
         The manifest comes first: TaskRefused when the task's files are not the manifest's, or
         together exceed the cache bound; then the rest is fetched.
         """
-        if not self._fetch(task, {"manifest.json": task.manifest_sha256}):
+        if not self._fetch(task, {"manifest.json": task.manifest_sha256}, until, what):
             return False
         try:
             manifest = TierManifest.model_validate_json(self.cache.read(task.manifest_sha256))
@@ -439,30 +533,30 @@ class DeviceAgent:
         if self.cache.max_bytes is not None and total > self.cache.max_bytes:
             raise TaskRefused(RejectReason.OVERSIZE, f"its artifacts take {total / 1e6:.2f} MB, more than the cache "
                               f"bound of {self.cache.max_bytes / 1e6:.2f} MB; raise --cache-max-mb")
-        return self._fetch(task, task.artifacts)
+        return self._fetch(task, task.artifacts, until, what)
 
-    def _fetch(self, task: Task, wanted: Mapping[str, str]) -> bool:
+    def _fetch(self, task: TierFiles, wanted: Mapping[str, str], until: float, what: str) -> bool:
         """True once `wanted` (name -> sha256) is cached, serving the inbox while the blobs arrive; False when it will
-        not be (deadline, newer task, stopping, too large for the cache)."""
+        not be (`until` passed, newer task, stopping, too large for the cache)."""
         missing = self.cache.missing(wanted)
         if not missing:
             return True
-        log.info("round %d: fetching %d artifact files of tier %s", task.round, len(missing), task.tier)
+        log.info("%s: fetching %d artifact files of tier %s", what, len(missing), task.tier)
         self._publish(self.topics.up(self.config.device_id), Fetch(sha256=missing))
         hashes = set(wanted.values())
         self._serve_until(lambda: self._closing.is_set() or bool(hashes & self._unstorable) or bool(self._tasks)
-                          or not self.cache.missing(wanted), until=task.deadline)
+                          or not self.cache.missing(wanted), until=until)
         if not self.cache.missing(wanted):
             return True
         if hashes & self._unstorable:
-            log.error("round %d: tier %s has artifacts that do not fit the cache bound; skipping", task.round, task.tier)
+            log.error("%s: tier %s has artifacts that do not fit the cache bound; skipping", what, task.tier)
         elif self._tasks:
-            log.info("round %d superseded by a newer task while fetching; skipping it", task.round)
+            log.info("%s superseded by a newer task while fetching; skipping it", what)
         elif not self._closing.is_set():
-            log.warning("round %d: artifacts did not arrive before the deadline", task.round)
+            log.warning("%s: artifacts did not arrive in time", what)
         return False
 
-    def _checked_tier(self, task: Task) -> TierManifest:
+    def _checked_tier(self, task: TierFiles) -> TierManifest:
         """The tier's manifest, once its folder is laid out and every ONNX file in it passed onnx_guard."""
         manifest = self._manifests.get(task.manifest_sha256)
         if manifest is None:
@@ -638,3 +732,12 @@ class DeviceAgent:
 
     def _publish(self, topic: str, body: Body, tensors: dict[str, np.ndarray] | None = None, retain: bool = False) -> int:
         return self.link.publish(topic, self._frame(body, tensors), retain=retain)
+
+
+def _settle(result: Future[Path], outcome: Path | BaseException) -> None:
+    """Settle an ask's future, unless its caller gave up on it (cancelled) already."""
+    if result.set_running_or_notify_cancel():
+        if isinstance(outcome, BaseException):
+            result.set_exception(outcome)
+        else:
+            result.set_result(outcome)

@@ -701,10 +701,10 @@ EPILOG = (
     "On a device install (tierfl[edge]: no onnx package) bench cannot export: give it the fleet's\n"
     "artifacts, a copy of the aggregator's STATE_DIR/artifacts (--artifacts), or let it fetch them\n"
     "from the fleet's aggregator over MQTT as `tierfl client` does (--broker, --fleet, --device-id:\n"
-    "signed, by sha256, into the device's artifact cache). Fetching takes one task per tier: bench\n"
-    "asks for each tier in turn, takes the first task of it (sent when a round starts), fetches its\n"
-    "files, trains nothing and leaves; the aggregator stops waiting for it in that round when its\n"
-    "offline status arrives. Run it before `tierfl client`, not beside it: both are the same device.\n\n"
+    "signed, by sha256, into the device's artifact cache). Bench says hello and asks for each tier's\n"
+    "catalogue (its files by sha256, as a task names them), fetches and checks the files, trains\n"
+    "nothing and leaves: no round is joined or waited for. Run it before `tierfl client`, not\n"
+    "beside it: both are the same device.\n\n"
     "columns of bench.md:\n"
     + "\n".join(f"  {c.header:<14} {c.meaning}" for c in COLUMNS + TORCH_COLUMNS)
     + "\n\nbench.md also lists the bytes of one update frame per codec (a real encoded frame of the\n"
@@ -769,7 +769,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     fleet.add_argument("--cache-max-mb", type=float, default=512.0,
                        help="bound of the artifact cache in MB, as `tierfl client --cache-max-mb` (default: %(default)s)")
     fleet.add_argument("--fetch-timeout", type=float, default=600.0, metavar="S",
-                       help="seconds to wait for the broker and for each tier's task (default: %(default)s)")
+                       help="seconds to wait for the broker and for each tier's files (default: %(default)s)")
 
 
 def _parse_tiers(text: str) -> list[str]:

@@ -1,24 +1,25 @@
 """`tierfl bench --broker`: the tiers' artifacts, fetched from the fleet's aggregator the way the device agent fetches them.
 
-The protocol names a tier's files only in a task, so for each tier the device's own agent
-(edge_client.agent.DeviceAgent: its key, its pinned aggregator key, its artifact cache) says hello
-asking for that tier and takes the first task of it: the manifest and then the files arrive as
-signed blobs, checked against their sha256 into the cache and laid out as a tier folder whose ONNX
-files pass onnx_guard, exactly as before training. It trains nothing and leaves at once (its
-offline status tells the aggregator to stop waiting for it in that round), then asks for the next
-tier. A tier the aggregator does not export is refused on the hello (unknown_tier).
+The device's own agent (edge_client.agent.DeviceAgent: its key, its pinned aggregator key, its
+artifact cache) says hello and asks the aggregator for each tier's catalogue (DeviceAgent.ask_tier):
+the signed answer names the tier's manifest and files by sha256, exactly as a task of it would; the
+files then arrive as signed blobs, checked against their sha256 into the cache and laid out as a
+tier folder whose ONNX files pass onnx_guard, exactly as before training. No round is joined or
+waited for, and nothing is trained (a task that comes anyway is let go). A tier the aggregator does
+not export is refused (unknown_tier).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
-from edge_client.agent import ClientConfig, DeviceAgent
+from edge_client.agent import ClientConfig, DeviceAgent, TaskRefused, TaskSkipped
 from edge_client.fleet_options import FleetAccess
 from models.data import Dataset
 from protocol.messages import RejectReason
@@ -34,36 +35,12 @@ def fetch_tiers(access: FleetAccess, tiers: Sequence[str], data: Dataset, *, req
                 backend: str, cache_max_mb: float) -> dict[str, Path]:
     """tier -> its checked folder in the device's artifact cache, each fetched as this device (announcing `data`'s
     size and `backend`); a tier the fleet does not export is left out, or a ValueError when `required`."""
-    found: dict[str, Path] = {}
-    skipped: list[str] = []
-    for tier in tiers:
-        config = ClientConfig(
-            broker=access.broker, device_id=access.device_id, fleet=access.fleet, aggregator_id=access.aggregator_id,
-            tier=tier, cache_dir=access.cache_dir, max_message_bytes=access.max_message_bytes, backend=backend,
-            cache_max_mb=cache_max_mb, aggregator_key=access.aggregator_key, connect_timeout_s=timeout_s,
-            stop_grace_s=1.0,
-        )
-        folder = _fetch_tier(config, data, timeout_s)
-        if folder is None and required:
-            raise ValueError(f"the aggregator of fleet {access.fleet!r} does not export tier {tier} (its refusal "
-                             "above names the tiers it has)")
-        if folder is None:
-            skipped.append(tier)
-        else:
-            found[tier] = folder
-    if skipped:
-        log.info("the fleet's aggregator does not export tier(s) %s: not measured", ", ".join(skipped))
-    if not found:
-        raise ValueError(f"the aggregator of fleet {access.fleet!r} exports none of tiers {', '.join(tiers)}")
-    return found
-
-
-def _fetch_tier(config: ClientConfig, data: Dataset, timeout_s: float) -> Path | None:
-    """The folder of tier `config.tier`, fetched as this device asking for it; None when the aggregator does not
-    export it."""
-    tier, fleet = config.tier, config.fleet
-    fetched: queue.Queue[tuple[str, Path]] = queue.Queue()
-    agent = DeviceAgent(config, data, data.subset([]), files_only=lambda task, folder: fetched.put((task.tier, folder)))
+    config = ClientConfig(
+        broker=access.broker, device_id=access.device_id, fleet=access.fleet, aggregator_id=access.aggregator_id,
+        cache_dir=access.cache_dir, max_message_bytes=access.max_message_bytes, backend=backend,
+        cache_max_mb=cache_max_mb, aggregator_key=access.aggregator_key, connect_timeout_s=timeout_s, stop_grace_s=1.0,
+    )
+    agent = DeviceAgent(config, data, data.subset([]), trains=False)
     stop = threading.Event()
     failed: list[BaseException] = []
 
@@ -73,30 +50,61 @@ def _fetch_tier(config: ClientConfig, data: Dataset, timeout_s: float) -> Path |
         except Exception as exc:  # raised again below, in the caller's thread
             failed.append(exc)
 
-    log.info("asking the aggregator of fleet %r at %s for a task of tier %s (it comes when a round starts)",
-             fleet, config.broker.url, tier)
-    started = time.monotonic()
-    thread = threading.Thread(target=serve, name=f"tierfl-bench-fetch-{tier}", daemon=True)
+    thread = threading.Thread(target=serve, name="tierfl-bench-fetch", daemon=True)
     thread.start()
+    found: dict[str, Path] = {}
+    skipped: list[str] = []
     try:
-        while True:
-            try:
-                got, folder = fetched.get(timeout=0.2)
-            except queue.Empty:
-                if failed:
-                    raise failed[0]
-                if agent.refused[f"by-aggregator:{RejectReason.UNKNOWN_TIER.value}"]:
-                    return None
-                if final := [r.value for r in _FINAL if agent.refused[f"by-aggregator:{r.value}"]]:
-                    raise ValueError(f"the aggregator refused this device ({', '.join(final)}; see the log above)")
-                if time.monotonic() - started > timeout_s:
-                    raise TimeoutError(f"no task of tier {tier} from the aggregator of fleet {fleet!r} within "
-                                       f"{timeout_s:.0f} s: it sends one when a round starts (once "
-                                       "--min-clients devices are online); raise --fetch-timeout to wait longer")
-                continue
-            if got == tier:  # a task of another tier may linger from an earlier session
-                log.info("tier %s: fetched and checked its artifacts in %.1f s", tier, time.monotonic() - started)
-                return folder
+        for tier in tiers:
+            folder = _fetch_tier(agent, tier, failed, timeout_s)
+            if folder is None and required:
+                raise ValueError(f"the aggregator of fleet {access.fleet!r} does not export tier {tier} (its refusal "
+                                 "above names the tiers it has)")
+            if folder is None:
+                skipped.append(tier)
+            else:
+                found[tier] = folder
     finally:
         stop.set()
         thread.join()
+    if skipped:
+        log.info("the fleet's aggregator does not export tier(s) %s: not measured", ", ".join(skipped))
+    if not found:
+        raise ValueError(f"the aggregator of fleet {access.fleet!r} exports none of tiers {', '.join(tiers)}")
+    return found
+
+
+def _fetch_tier(agent: DeviceAgent, tier: str, failed: list[BaseException], timeout_s: float) -> Path | None:
+    """The checked folder of `tier`, asked for by `agent` (running); None when the aggregator does not export it."""
+    fleet = agent.config.fleet
+    log.info("asking the aggregator of fleet %r at %s for the files of tier %s", fleet, agent.config.broker.url, tier)
+    started = time.monotonic()
+    asked = agent.ask_tier(tier, timeout_s)
+    while True:
+        try:
+            folder = asked.result(timeout=0.2)
+        except FutureTimeout:
+            if failed:
+                raise failed[0] from None
+            if final := [r.value for r in _FINAL if agent.refused[f"by-aggregator:{r.value}"]]:
+                raise ValueError(f"the aggregator refused this device ({', '.join(final)}; see the log above)") from None
+            if time.monotonic() - started > timeout_s + 1.0:  # the agent gives up at timeout_s
+                raise _timeout(agent, tier, timeout_s) from None
+            continue
+        except TaskRefused as exc:
+            if exc.reason is RejectReason.UNKNOWN_TIER:
+                return None
+            raise ValueError(f"tier {tier}: refused ({exc.reason.value}: {exc.detail})") from None
+        except (TaskSkipped, CancelledError):
+            raise _timeout(agent, tier, timeout_s) from None
+        log.info("tier %s: fetched and checked its artifacts in %.1f s", tier, time.monotonic() - started)
+        return folder
+
+
+def _timeout(agent: DeviceAgent, tier: str, timeout_s: float) -> TimeoutError:
+    """Why bench gives up on a tier, with what this device refused of the aggregator's (a wrong key: bad_signature)."""
+    here = ", ".join(f"{reason} ({count})" for reason, count in sorted(agent.refused.items())
+                     if not reason.startswith("by-aggregator:"))
+    return TimeoutError(f"the files of tier {tier} did not come from the aggregator of fleet {agent.config.fleet!r} "
+                        f"within {timeout_s:.0f} s{f'; refused here: {here}' if here else ''} (see the log above); "
+                        "raise --fetch-timeout to wait longer")

@@ -6,7 +6,9 @@ header alone (protocol.frame.read_header); one not signed by the trusted aggrega
 payload is hashed or decoded. The key announcement pins the key on first use (or confirms it) and
 goes no further. A task frame is refused on receipt when it was taken before (a QoS 1 redelivery,
 or a replay before its deadline), its deadline has passed, it lists files that are not plain names
-or a manifest that is not its own, or it is secure and this device cannot be; a message of a kind
+or a manifest that is not its own, or it is secure and this device cannot be; a catalogue (a tier's
+files, answering our request: the device loop refuses one that answers no request of ours) when its
+files are not plain names or its manifest is not its own; a message of a kind
 the device does not take is refused too. What passes goes to `deliver` (the device loop's inbox);
 every refusal goes to `refuse`. The state this needs (the pinned key, the task frames taken) is
 this thread's alone; acting on a frame is the device loop's work.
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from protocol.frame import Frame, FrameError, decode_payload, read_header
-from protocol.messages import Blob, Reject, RejectReason, SecAgg, Task, TrainTask
+from protocol.messages import Blob, Catalogue, Reject, RejectReason, SecAgg, Task, TierFiles, TrainTask
 from protocol.signing import KEY_ANNOUNCEMENT, SignatureError
 from protocol.trust import AggregatorTrust
 
@@ -99,6 +101,8 @@ class Receipt:
         body = frame.body
         if isinstance(body, Task):
             return self._task_problem(body, frame.header.msg_id)
+        if isinstance(body, Catalogue):
+            return _files_problem(body, f"the catalogue of tier {body.tier}")
         if isinstance(body, (Blob, Reject)) or (isinstance(body, SecAgg) and self.secure):
             return None
         return RejectReason.UNEXPECTED, f"unexpected {body.kind!r} message"
@@ -114,12 +118,7 @@ class Receipt:
                                            "this device's clock is wrong)")
         if msg_id in self._taken:  # a QoS 1 redelivery, or the same signed task sent again before its deadline
             return RejectReason.REPLAYED, f"{where}: task message {msg_id} was taken already"
-        if task.artifacts.get("manifest.json") != task.manifest_sha256:
-            return RejectReason.UNKNOWN_ARTIFACT, f"{where}: its manifest.json is not the task's manifest_sha256"
-        odd = [name for name in task.artifacts if Path(name).name != name or name.startswith(".")]
-        if odd:
-            return RejectReason.MALFORMED, f"{where}: artifact names {odd[:4]} are not plain file names"
-        return None
+        return _files_problem(task, where)
 
     def _take(self, msg_id: str, deadline: float) -> None:
         """Remember a task frame taken (until its deadline, and at most MAX_TAKEN_TASKS of them)."""
@@ -129,3 +128,14 @@ class Receipt:
         self._taken[msg_id] = deadline
         while len(self._taken) > MAX_TAKEN_TASKS:
             self._taken.popitem(last=False)
+
+
+def _files_problem(files: TierFiles, where: str) -> tuple[RejectReason, str] | None:
+    """Why the files a task or a catalogue names cannot be fetched (a manifest not its own, names that are not plain
+    file names); None if they can."""
+    if files.artifacts.get("manifest.json") != files.manifest_sha256:
+        return RejectReason.UNKNOWN_ARTIFACT, f"{where}: its manifest.json is not its manifest_sha256"
+    odd = [name for name in files.artifacts if Path(name).name != name or name.startswith(".")]
+    if odd:
+        return RejectReason.MALFORMED, f"{where}: artifact names {odd[:4]} are not plain file names"
+    return None

@@ -24,7 +24,7 @@ MAX_UNIX_TIME = 1e13  # timestamps (sent_at, deadline): 300,000 years from 1970
 MAX_LOSS = 1e12  # |loss| reported by a device
 MAX_SEED = 2**63 - 1  # |TrainTask.seed|: an int64
 MAX_TIERS = 64  # entries of a per-tier dict (holds, seconds_per_sample, contributors, accuracy_by_tier)
-MAX_ARTIFACTS = 64  # files of one tier (TaskScope.artifacts, Fetch.sha256)
+MAX_ARTIFACTS = 64  # files of one tier (TierFiles.artifacts, Fetch.sha256)
 MAX_LIBRARIES = 64  # Hello.libraries entries
 MAX_SHORT_TEXT = 64  # Hello.backend, library names, metric and reason names
 MAX_TEXT = 256  # names: files, tensors, library versions
@@ -153,14 +153,19 @@ class AttachedWeights(_Strict):
     variant: Version = 0  # FedMut: this device's mutation of the model version (0: the model itself, and to measure)
 
 
-class TaskScope(_Strict):
+class TierFiles(_Strict):
+    """A tier's files: its manifest's sha256 and every file of its folder by name, as a task or a Catalogue names them."""
+
+    tier: Identifier
+    manifest_sha256: Sha256
+    artifacts: Annotated[dict[Text, Sha256], Field(max_length=MAX_ARTIFACTS)]  # file name inside the tier folder -> sha256 (includes manifest.json)
+
+
+class TaskScope(TierFiles):
     """What every task carries: the round, the tier's weights at a model version, the tier's files, the deadline."""
 
     round: Round
     model_version: Version
-    tier: Identifier
-    manifest_sha256: Sha256
-    artifacts: Annotated[dict[Text, Sha256], Field(max_length=MAX_ARTIFACTS)]  # file name inside the tier folder -> sha256 (includes manifest.json)
     deadline: Annotated[float, Field(ge=0, le=MAX_UNIX_TIME, allow_inf_nan=False)]  # unix time by which the answer must arrive
     weights: AttachedWeights = AttachedWeights()
 
@@ -196,6 +201,20 @@ class Fetch(_Strict):
 
     kind: Literal["fetch"] = "fetch"
     sha256: Annotated[list[Sha256], Field(min_length=1, max_length=MAX_ARTIFACTS)]
+
+
+class CatalogueRequest(_Strict):
+    """Device -> aggregator: name me the files of this tier (answered by Catalogue, or refused unknown_tier)."""
+
+    kind: Literal["catalogue_request"] = "catalogue_request"
+    tier: Identifier
+
+
+class Catalogue(TierFiles):
+    """Aggregator -> device: the files of a tier, as a task of it would name them, answering one CatalogueRequest."""
+
+    kind: Literal["catalogue"] = "catalogue"
+    request: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]  # the msg_id of the CatalogueRequest answered
 
 
 class Blob(_Strict):
@@ -294,7 +313,8 @@ class RoundSummary(_Strict):
 
 
 Body = Annotated[
-    Union[Hello, Status, TrainTask, MeasureBnStatistics, Fetch, Blob, Update, BnStatistics, SecAgg, Reject, RoundSummary],
+    Union[Hello, Status, TrainTask, MeasureBnStatistics, Fetch, CatalogueRequest, Catalogue, Blob, Update, BnStatistics,
+          SecAgg, Reject, RoundSummary],
     Field(discriminator="kind"),
 ]
 

@@ -1,11 +1,13 @@
 """`tierfl bench --broker`: the tiers fetched from a real aggregator process over Mosquitto, as the client fetches
-them (hello, task, fetch, signed blobs into the device's cache, the same checks), then measured."""
+them (hello, the tier's signed catalogue, fetch, signed blobs into the device's cache, the same checks), then
+measured, while the aggregator waits for more devices than there are: no round is ever run."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from aggregator.store.state import STATE_FILE, StateRecord
 from edge_client.bench import BenchReport
 from models.manifest import ExportIndex
 from tests.conftest import tierfl
@@ -30,24 +33,25 @@ def _bench(*args: str, timeout: float = 240, env: dict[str, str] | None = None) 
 
 @pytest.fixture(scope="module")
 def aggregator(mosquitto_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """An aggregator exporting tiers a and c that starts a round as soon as one device is online: (fleet, state dir)."""
+    """An aggregator exporting tiers a and c that waits for 3 devices before a round, more than the tests bring:
+    (fleet, state dir, its log)."""
     fleet, state = f"t{uuid.uuid4().hex[:10]}", tmp_path_factory.mktemp("aggregator") / "state"
     log = state.parent / "aggregator.log"
     process = tierfl("aggregator", "--broker", mosquitto_url, "--fleet", fleet, "--state-dir", str(state),
-                     "--tiers", "a,c", "--min-clients", "1", "--rounds", "1000", "--round-timeout", "30", log=log)
+                     "--tiers", "a,c", "--min-clients", "3", "--rounds", "1000", "--round-timeout", "30", log=log)
     deadline = time.time() + 60
     while "waiting for devices" not in log.read_text():
         assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
     try:
-        yield fleet, state
+        yield fleet, state, log
     finally:
         process.terminate()
         process.wait(10)
 
 
 def test_bench_fetches_the_fleets_tiers_like_the_client_and_measures_them(tmp_path, mosquitto_url, aggregator):
-    fleet, state = aggregator
+    fleet, state, log = aggregator
     cache, out = tmp_path / "cache", tmp_path / "bench"
     result = _bench("--fleet", fleet, "--device-id", "bench-pi", "--cache-dir", str(cache), "--data", "digits",
                     "--backend", "portable", "--steps", "5", "--epochs", "1", "--out", str(out),
@@ -74,21 +78,36 @@ def test_bench_fetches_the_fleets_tiers_like_the_client_and_measures_them(tmp_pa
 
     assert set(read_benchmark(out / "bench.json")) == {"a", "c"}
 
+    # fetched without a round: the aggregator (waiting for 3 devices) never started one
+    _assert_no_round(state, log.read_text())
+
+
+def _assert_no_round(state: Path, log: str) -> None:
+    rounds = [line for line in log.splitlines() if re.search(r"\bround \d+", line)]
+    assert "bench-pi joined" in log and all("waiting for devices" in line for line in rounds), log[-3000:]
+    if (state / STATE_FILE).exists():
+        record = StateRecord.model_validate_json((state / STATE_FILE).read_text())
+        assert record.round == 0 and record.history == []
+    assert not [p for p in (state / "open_round").rglob("*") if p.is_file()]
+
 
 def test_bench_checks_the_aggregators_signature_like_the_client(tmp_path, mosquitto_url, aggregator):
-    """With another aggregator key, every task is refused as the client refuses it: nothing is fetched."""
-    fleet, _ = aggregator
+    """With another aggregator key, the catalogue is refused as the client refuses a task: nothing is fetched."""
+    fleet, _, _ = aggregator
     result = _bench("--broker", mosquitto_url, "--fleet", fleet, "--device-id", "bench-wrong-key", "--cache-dir",
                     str(tmp_path / "cache"), "--data", "digits", "--tiers", "a", "--aggregator-key", "ab" * 32,
                     "--fetch-timeout", "6", "--out", str(tmp_path / "bench"))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "refused a message: bad_signature" in result.stderr
-    assert "no task of tier a from the aggregator of fleet" in result.stderr.splitlines()[-1]
+    last = result.stderr.splitlines()[-1]
+    assert "the files of tier a did not come from the aggregator of fleet" in last
+    refused = re.search(r"refused here: bad_signature \((\d+)\)", last)
+    assert refused and int(refused[1]) >= 2, last  # the key announcement, then the catalogue
     assert not (tmp_path / "bench").exists() and not list((tmp_path / "cache" / "blobs").iterdir())
 
 
 def test_bench_names_a_tier_the_fleet_does_not_export(tmp_path, mosquitto_url, aggregator):
-    fleet, _ = aggregator
+    fleet, _, _ = aggregator
     result = _bench("--broker", mosquitto_url, "--fleet", fleet, "--device-id", "bench-e", "--cache-dir",
                     str(tmp_path / "cache"), "--data", "digits", "--tiers", "a,e", "--out", str(tmp_path / "bench"))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]

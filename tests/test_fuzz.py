@@ -44,8 +44,9 @@ from models.zoo import ModelSpec
 from protocol.chunking import Reassembler, split_message
 from protocol.codecs import CODECS
 from protocol.frame import FrameError, decode_frame, encode_frame
-from protocol.messages import (MAX_LOSS, AttachedWeights, Blob, BnStatistics, Fetch, Hello, MeasureBnStatistics, Reject,
-                               RejectReason, RoundSummary, SecAgg, Status, Task, TierShare, TrainTask, Update, new_id)
+from protocol.messages import (MAX_LOSS, AttachedWeights, Blob, BnStatistics, Catalogue, CatalogueRequest, Fetch, Hello,
+                               MeasureBnStatistics, Reject, RejectReason, RoundSummary, SecAgg, Status, Task, TierShare,
+                               TrainTask, Update, new_id)
 from protocol.mqtt.url import parse as parse_broker
 from protocol.secagg.messages import AdvertiseKeys, SecAggError, UnmaskResponse
 from protocol.secagg.shamir import Share
@@ -61,6 +62,8 @@ SAMPLES = [
     MeasureBnStatistics(round=1, model_version=1, tier="a", manifest_sha256=SHA, artifacts={"m": SHA}, deadline=1e10,
                         weights=AttachedWeights(delta_from=0)),
     Fetch(sha256=[SHA]),
+    CatalogueRequest(tier="a"),
+    Catalogue(tier="a", manifest_sha256=SHA, artifacts={"manifest.json": SHA}, request="0" * 32),
     Blob(sha256=SHA, name="checkpoint"),
     Update(update_id=new_id(), round=1, base_version=0, tier="a", num_samples=5, steps=1, train_loss=1.0,
            train_accuracy=0.5, train_seconds=0.1),

@@ -39,9 +39,9 @@ from models.export import export_all
 from models.manifest import TierManifest
 from models.zoo import ModelSpec
 from protocol.frame import decode_frame, encode_frame, read_header
-from protocol.messages import (AttachedWeights, Blob, BnStatistics, FrameHeader, Hello, MeasureBnStatistics, Reject,
-                               RejectReason, RoundSummary, SecAgg, SecureAggregation, Status, Task, TaskScope,
-                               TrainTask, Update)
+from protocol.messages import (AttachedWeights, Blob, BnStatistics, Catalogue, CatalogueRequest, FrameHeader, Hello,
+                               MeasureBnStatistics, Reject, RejectReason, RoundSummary, SecAgg, SecureAggregation,
+                               Status, Task, TaskScope, TrainTask, Update)
 from protocol.mqtt.url import parse as parse_broker
 from protocol.secagg.device import SecAggDevice
 from protocol.secagg.messages import (AdvertiseKeys, EncryptedShares, KeyRoster, SecAggParams, ShareDelivery,
@@ -56,10 +56,10 @@ FLEET, DEVICE, AGGREGATOR, SESSION = "f", "dev", "aggregator", "5e" * 16
 DOWN = Topics(FLEET).down(DEVICE)
 FAR = 4.0e9  # a deadline in 2096: the same frame bytes at every replay of an example
 REASONS = {reason.value for reason in RejectReason}
-STEPS = ["task", "task", "delta", "stale", "secure", "roster", "delivery", "unmask", "trained", "blob", "announce",
+STEPS = ["task", "task", "delta", "stale", "secure", "roster", "delivery", "unmask", "trained", "blob", "catalogue", "announce",
          "impostor", "reject", "uplink"]
 MUTATIONS = st.sampled_from([0, 0, 0, 1, 1, 1, 2, 3, 4])  # mostly few: more frames get past the header to the checks behind
-UPLINK = [Hello(num_samples=10), Status(online=True), BnStatistics(round=1, base_version=0, tier="a", num_samples=5),
+UPLINK = [Hello(num_samples=10), Status(online=True), CatalogueRequest(tier="a"), BnStatistics(round=1, base_version=0, tier="a", num_samples=5),
           Update(update_id="0" * 32, round=1, base_version=0, tier="a", num_samples=5, steps=1, train_loss=1.0,
                  train_accuracy=0.5, train_seconds=0.1), RoundSummary(round=1, version=1, selected=1, answered=1)]
 
@@ -318,6 +318,13 @@ def _frame(draw: st.DrawFn, downlink: Downlink, step: str, index: int, secure: S
             sha = draw(st.sampled_from([sha, OTHER_SHA, hashlib.sha256(content[:-1]).hexdigest()]))
             content = draw(st.sampled_from([content, content[:-1], b"", content * 2]))
         body, tensors, codec = Blob(sha256=sha, name=name), {"data": np.frombuffer(content, np.uint8)}, "uint8"
+    elif step == "catalogue":  # answers no request of this agent's: refused on receipt or by the loop, never acted on
+        files = dict(downlink.tier.files)
+        if hostile:
+            files = draw(st.dictionaries(st.sampled_from([*files, *ODD_NAMES]), st.sampled_from([*files.values(), OTHER_SHA]),
+                                         max_size=6))
+        body = Catalogue(tier=draw(st.sampled_from(["a", "b"])), manifest_sha256=downlink.tier.manifest_sha256,
+                         artifacts=files, request=draw(st.sampled_from(["0" * 32, f"{index + 1:032x}"])))
     elif step in ("announce", "impostor"):
         key = downlink.key if step == "announce" else downlink.impostor  # an announcement is signed by the key it carries
         (body, tensors), codec = key_announcement(key), "uint8"
