@@ -1,18 +1,16 @@
-"""Bounded reactions to refusals: log lines once per sender and reason per interval, replies at a rate per sender.
+"""Replies to refusals at a bounded rate per sender.
 
 A hostile sender can make the aggregator refuse thousands of messages a second; each is still
-counted (metrics, ledger), but it writes one log line per (sender, reason) per interval, the next
-one saying how many were left out (protocol.refusals.RefusalLog, which devices use too), and gets
-at most a few Reject messages back per minute.
+counted (metrics, ledger) and logged once per sender and reason per interval
+(protocol.refusals.RefusalLog, which devices use too), but it gets at most a few Reject messages
+back per minute.
 """
 
 from __future__ import annotations
 
 import collections
 
-from protocol.refusals import MAX_TRACKED, RefusalLog
-
-__all__ = ["MAX_TRACKED", "RateLimiter", "RefusalLog"]
+from protocol.refusals import MAX_TRACKED
 
 
 class RateLimiter:

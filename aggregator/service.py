@@ -12,7 +12,7 @@ tensors (decode_payload). It routes what passed (status -> registry, fetch -> ar
 catalogue request -> a tier's file list, update -> engine), publishes what the engine returns, signed with the aggregator's key, and
 ticks the engine. Nothing refused touches the registry or the engine's state; a status older
 than the last one applied is a replay. Refusals are logged and answered at a bounded rate per
-sender (aggregator.refusals). A single thread owns all state, so there are no locks.
+sender (protocol.refusals, aggregator.refusals). A single thread owns all state, so there are no locks.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 from aggregator.downlink import Downlink
 from aggregator.engines.base import Engine, Outgoing
 from aggregator.inbox import Inbox
-from aggregator.refusals import RateLimiter, RefusalLog
+from aggregator.refusals import RateLimiter
 from aggregator.registry import DeviceRegistry, RegistryFull
 from aggregator.store.artifacts import ArtifactStore
 from aggregator.strategies.bn_statistics import statistic_names
@@ -38,6 +38,7 @@ from protocol.messages import (Blob, BnStatistics, Catalogue, CatalogueRequest, 
                                RejectReason, SecAgg, Status, Task, Update)
 from protocol.mqtt.link import MqttLink
 from protocol.mqtt.url import BrokerAddress
+from protocol.refusals import RefusalLog
 from protocol.signing import DeviceKey, SignatureCheck, SignatureError, key_announcement
 from protocol.topics import Topics
 
