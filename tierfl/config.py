@@ -291,12 +291,12 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
         return
     example = next((a for a in parser._actions if a.option_strings and a.nargs != 0 and a.dest not in ("help", "config")
                     and a.option_strings[-1].startswith("--")), None)
-    name = example.option_strings[-1][2:] if example else "option"
+    name, dest = (example.option_strings[-1][2:], example.dest) if example else ("option", "option")
     parser.add_argument_group("configuration").add_argument(
         "--config", type=Path, metavar="FILE",
         help=f"TOML file of these options: their long names without the dashes, e.g. {name} = VALUE "
              f"(default: ${CONFIG_ENV}). Every option is also read from TIERFL_ and its name in capitals, e.g. "
-             f"TIERFL_{name.replace('-', '_').upper()}=VALUE. Flags win over the environment, which wins over the file. "
+             f"{ENV_PREFIX}{dest.upper()}=VALUE. Flags win over the environment, which wins over the file. "
              f"`tierfl config show ROLE ...` prints the result")
 
 
