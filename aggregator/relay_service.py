@@ -53,7 +53,7 @@ class RelayService(AggregatorService):
             on_frame=self.inbox.put,
             on_bad_frame=self.inbox.put,
             on_connect=lambda: self.inbox.put("", b""),  # re-announce from the service thread
-            will=Will(self.parent_topics.status(relay_id), self._will),  # signed afresh at each (re)connect
+            will=Will(self.parent_topics.status(relay_id), self._offline_status),  # signed afresh at each (re)connect
         )
 
     def run(self, stop: threading.Event, tick_s: float = 0.1) -> None:
@@ -62,7 +62,7 @@ class RelayService(AggregatorService):
         try:
             super().run(stop, tick_s)
         finally:
-            self.parent.publish(self.parent_topics.status(self.aggregator_id), self._parent_frame(Status(online=False)), retain=True)
+            self.parent.publish(self.parent_topics.status(self.aggregator_id), self._offline_status(), retain=True)
             self.parent.stop()
 
     def _handle(self, topic: str, item: bytes | FrameError, now: float) -> None:
@@ -131,8 +131,9 @@ class RelayService(AggregatorService):
         self._announced_samples = samples
         log.info("announced to %s: %d devices, %d samples", self.parent_id, len(group), samples)
 
-    def _will(self) -> bytes:
-        """Our offline status as the parent's broker will publish it if we vanish: signed now, at each connect."""
+    def _offline_status(self) -> bytes:
+        """Our offline status, signed now: the will at each connect (the parent's broker publishes it if we vanish)
+        and the last word of a clean stop."""
         return self._parent_frame(Status(online=False))
 
     def _parent_frame(self, body: Body, tensors: dict | None = None) -> bytes:

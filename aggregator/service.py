@@ -181,8 +181,7 @@ class AggregatorService:
 
     def _known(self, device: str) -> bool:
         """A registered device, or one of the open round's (after a restart its hello may lag behind its update)."""
-        current = self.engine.view()
-        return device in self.registry or (current is not None and device in current.tiers)
+        return device in self.registry or self.engine.asked(device)
 
     def _admits(self, topic: str) -> bool:
         """Whether a message on `topic` gets reassembly room, and inbox room ahead of unknown senders: a known
@@ -195,9 +194,9 @@ class AggregatorService:
 
     def _refresh_round_devices(self) -> None:
         """Copy the open round's devices for `_admits` when the round (or its size) changed."""
-        current = self.engine.view()
-        seen = None if current is None else (current.number, len(current.tiers))
+        seen = self.engine.round_key()
         if seen != self._round_seen:
+            current = self.engine.view()
             self._round_devices = frozenset(current.tiers) if current is not None else frozenset()
             self._round_seen = seen
 

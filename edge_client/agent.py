@@ -203,7 +203,7 @@ class DeviceAgent:
                                    config.fleet_keys, refuse=lambda reason, detail: self._refuse(
                                        reason, detail, config.aggregator_id)) if SecureClient else None  # secure rounds
         self.receipt = Receipt(self.topics.down(config.device_id), config.fleet, config.aggregator_id, self.trust,
-                               verifiable=self.key is not None, secure=self.secure is not None, refuse=self._refuse,
+                               secure=self.secure is not None, refuse=self._refuse,
                                deliver=self.inbox.put)
         self.link = MqttLink(
             config.broker,

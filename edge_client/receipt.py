@@ -37,15 +37,13 @@ Refuse = Callable[[RejectReason, str, str | None], None]  # reason, detail, send
 class Receipt:
     """Checks each downlink frame of one device and delivers those that pass."""
 
-    def __init__(self, topic: str, fleet: str, aggregator_id: str, trust: AggregatorTrust, verifiable: bool,
+    def __init__(self, topic: str, fleet: str, aggregator_id: str, trust: AggregatorTrust,
                  secure: bool, refuse: Refuse, deliver: Callable[[Frame], object]) -> None:
-        """`topic`: this device's downlink; `verifiable`: this device can check signatures (has `cryptography`);
-        `secure`: it can take part in secure aggregation."""
+        """`topic`: this device's downlink; `secure`: it can take part in secure aggregation."""
         self.topic = topic
         self.fleet = fleet
         self.aggregator_id = aggregator_id
         self.trust = trust
-        self.verifiable = verifiable
         self.secure = secure
         self._refuse = refuse
         self._deliver = deliver
@@ -67,7 +65,7 @@ class Receipt:
             return
         body = header.body
         announcement = isinstance(body, Blob) and body.name == KEY_ANNOUNCEMENT
-        if announcement and not self.verifiable:
+        if announcement and not self.trust.verifiable:
             self._refuse(RejectReason.UNEXPECTED, "the aggregator's key announcement cannot be verified without the "
                          "cryptography package (pip install 'tierfl[signing]')", header.sender)
             return

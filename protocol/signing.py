@@ -86,6 +86,18 @@ def parse_public_key(text: str, where: str) -> PublicKeyHex:
     return text.lower()
 
 
+MAX_KEY_FILE_BYTES = 4096  # a PEM private key or a public key's hex or JSON is a few hundred bytes
+
+
+def read_key_file(path: Path) -> bytes:
+    """The bytes of a key file, read only up to MAX_KEY_FILE_BYTES; KeyFileError naming a larger file."""
+    with open(path, "rb") as file:
+        content = file.read(MAX_KEY_FILE_BYTES + 1)
+    if len(content) > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"{path}: over {MAX_KEY_FILE_BYTES} bytes, so no key file: point the option at the key")
+    return content
+
+
 def read_public_key(value: str, option: str = "--aggregator-key") -> PublicKeyHex:
     """An aggregator's key option: 64 hex digits, or a file holding them (bare, or the JSON of --show-key)."""
     if _PUBLIC_HEX.fullmatch(value.lower()):
@@ -93,7 +105,7 @@ def read_public_key(value: str, option: str = "--aggregator-key") -> PublicKeyHe
     path = Path(value)
     if not path.is_file():
         raise ValueError(f"{option} {value!r} is neither 64 hex digits nor a file")
-    return parse_public_key(path.read_text(), str(path))
+    return parse_public_key(read_key_file(path).decode(errors="replace"), str(path))
 
 
 def key_announcement(key: DeviceKey) -> tuple[Blob, dict[str, np.ndarray]]:
@@ -164,7 +176,7 @@ def _load_private_key(path: Path) -> Ed25519PrivateKey:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    content = path.read_bytes()
+    content = read_key_file(path)
     try:
         key = serialization.load_pem_private_key(content, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):

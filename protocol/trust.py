@@ -22,7 +22,7 @@ import numpy as np
 from protocol.atomic_file import atomic_write
 from protocol.messages import FrameHeader, RejectReason
 from protocol.signing import (KEY_ANNOUNCEMENT, PublicKeyHex, SignatureError, announced_key, parse_public_key,
-                              verify_signature)
+                              read_key_file, verify_signature)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class AggregatorTrust:
         self.source = option if configured else str(self.pin_path)
         self.verifiable = verifiable  # False: no `cryptography` here, signatures cannot be checked
         if configured is None and self.pin_path.is_file():
-            self.key = parse_public_key(self.pin_path.read_text(), str(self.pin_path))
+            self.key = parse_public_key(read_key_file(self.pin_path).decode(errors="replace"), str(self.pin_path))
         if not verifiable and self.key is not None:
             raise ValueError(f"verifying the aggregator's key (from {self.source}) needs the cryptography package "
                              "(pip install 'tierfl[signing]')")

@@ -194,3 +194,12 @@ def test_the_client_reports_a_truncated_device_key_in_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith(f"tierfl client: error: {cache / KEY_FILE} does not hold")
+
+
+def test_a_key_option_pointing_at_a_large_file_is_refused_without_reading_it_whole(tmp_path):
+    from protocol.signing import MAX_KEY_FILE_BYTES, KeyFileError, read_public_key
+
+    big = tmp_path / "not-a-key.bin"
+    big.write_bytes(b"0" * (MAX_KEY_FILE_BYTES * 1000))
+    with pytest.raises(KeyFileError, match="not-a-key.bin: over 4096 bytes"):
+        read_public_key(str(big))

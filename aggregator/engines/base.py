@@ -123,6 +123,14 @@ class RoundSlot:
         """A frozen copy of the open round, or None between rounds."""
         return self.current.view() if self.current else None
 
+    def asked(self, device_id: str) -> bool:
+        """Whether the open round (or buffer) asked `device_id` (O(1), for every received message)."""
+        return self.current is not None and device_id in self.current.assignments
+
+    def round_key(self) -> tuple[int, int] | None:
+        """(number, devices asked) of the open round, None between rounds: changes whenever its devices do."""
+        return (self.current.number, len(self.current.assignments)) if self.current else None
+
     def note_bytes(self, up: int = 0, down: int = 0) -> None:
         """Count wire bytes toward the open round."""
         if self.current:
@@ -163,6 +171,14 @@ class Engine(Protocol):
 
     def view(self) -> RoundView | None:
         """A frozen copy of the open round, or None between rounds."""
+        ...
+
+    def asked(self, device_id: str) -> bool:
+        """Whether the open round (or buffer) asked `device_id`."""
+        ...
+
+    def round_key(self) -> tuple[int, int] | None:
+        """(number, devices asked) of the open round, None between rounds."""
         ...
 
     def tick(self, now: float) -> list[Outgoing]:

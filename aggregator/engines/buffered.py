@@ -82,7 +82,7 @@ class BufferedEngine:
     record, weights, finished = forwarded("model", "record", "weights", "finished")
     rejected, count_rejection, on_secagg, masked_tensors = forwarded(
         "intake", "rejected", "count_rejection", "on_secagg", "masked_tensors")
-    view, note_bytes, current_round = forwarded("slot", "view", "note_bytes", "number")
+    view, asked, round_key, note_bytes, current_round = forwarded("slot", "view", "asked", "round_key", "note_bytes", "number")
 
     def __init__(self, parts: EngineParts, buffer: BufferConfig) -> None:
         """FedBuff over `parts` (without a statistics phase: batch-norm models keep averaged statistics)."""

@@ -91,7 +91,8 @@ class RelayEngine:
     record, weights, finished = forwarded("model", "record", "weights", "finished")
     rejected, count_rejection, on_secagg, masked_tensors = forwarded(
         "intake", "rejected", "count_rejection", "on_secagg", "masked_tensors")
-    view, note_bytes, current_round = forwarded("rounds.slot", "view", "note_bytes", "number")
+    view, asked, round_key, note_bytes, current_round = forwarded("rounds.slot", "view", "asked", "round_key", "note_bytes",
+                                                                  "number")
 
     def __init__(self, parts: EngineParts, margin_s: float = 3.0) -> None:
         """`parts.strategy` is the FollowTask that selects the group; `margin_s`: close this long before the parent's deadline."""

@@ -47,8 +47,8 @@ class RoundEngine:
         "model", "record", "weights", "finished", "bn_statistics", "optimizer_state")
     rejected, count_rejection, on_secagg, masked_tensors = forwarded(
         "intake", "rejected", "count_rejection", "on_secagg", "masked_tensors")
-    view, note_bytes, current_round, open_round = forwarded(
-        "rounds.slot", "view", "note_bytes", "number", "current")
+    view, asked, round_key, note_bytes, current_round, open_round = forwarded(
+        "rounds.slot", "view", "asked", "round_key", "note_bytes", "number", "current")
 
     def __init__(self, parts: EngineParts, now: float | None = None, *, resume: bool = True) -> None:
         """`resume`: rebuild a round a crash cut short from its spool (False: the spool is the caller's to handle)."""

@@ -37,7 +37,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from aggregator.engines.base import OpenRound, Outgoing, reject
+from aggregator.engines.base import OpenRound, Outgoing
 from aggregator.engines.intake import Problem
 from aggregator.engines.parts import EngineParts, forwarded
 from aggregator.engines.rounds import RoundEngine
@@ -117,9 +117,10 @@ class SecureRoundEngine:
 
     UNIT = RoundEngine.UNIT  # what the logs call one applied version
     # The Engine interface (aggregator.engines.base), served by the round engine that runs the rounds:
-    (config, artifacts, registry, ledger, record, weights, finished, rejected, count_rejection, view, note_bytes,
-     current_round) = forwarded("rounds", "config", "artifacts", "registry", "ledger", "record", "weights", "finished",
-                                "rejected", "count_rejection", "view", "note_bytes", "current_round")
+    (config, artifacts, registry, ledger, record, weights, finished, rejected, count_rejection, view, asked, round_key,
+     note_bytes, current_round) = forwarded("rounds", "config", "artifacts", "registry", "ledger", "record", "weights",
+                                            "finished", "rejected", "count_rejection", "view", "asked", "round_key",
+                                            "note_bytes", "current_round")
 
     def __init__(self, parts: EngineParts, secure: SecureConfig, now: float | None = None,
                  enrolled: Mapping[str, str] | None = None) -> None:
@@ -164,9 +165,7 @@ class SecureRoundEngine:
             except SecAggError as exc:
                 problem = (RejectReason.BAD_TENSOR if body.phase == "masked_input" else RejectReason.MALFORMED, str(exc))
         if problem is not None:
-            detail = f"{body.phase}: {problem[1]}"
-            self.count_rejection(problem[0], detail, device_id, body)  # the service logs and answers it
-            return [reject(device_id, problem[0], detail, msg_id, body.round)]
+            return self.rounds.intake.refuse(device_id, msg_id, body, problem[0], f"{body.phase}: {problem[1]}")
         return self._advance(now)
 
     def masked_tensors(self, device_id: str, body: SecAgg, now: float) -> dict[str, tuple[int, ...]]:
