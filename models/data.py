@@ -1,12 +1,30 @@
-"""Local data for devices and simulations: datasets as plain numpy, loaders, partitions, mini-batches."""
+"""Local data for devices and simulations: datasets as plain numpy, loaders, partitions, mini-batches.
+
+A dataset holds N samples of any shape, x float32 [N, *sample] and labels y int64 [N]. A model
+takes one sample shape (its card's `input_shape`, without the batch axis) and a number of
+classes; `fit_to_model` shapes the data for it or says why it cannot. A sample fits when:
+
+1. it has the model's shape;
+2. it has it once axes of size 1 are left out: a single channel added or dropped
+   ([28, 28] -> [1, 28, 28], [1, 40, 49] -> [40, 49]);
+3. the model takes flat samples [F] and the sample holds F values: flattened row-major
+   ([3, 4] -> [12], [1, 8, 8] -> [64]);
+4. the model takes single-channel images [1, H, W] and the sample is flat with H*W values:
+   reshaped row by row ([784] -> [1, 28, 28]).
+
+Nothing else is mapped: values are never transposed, cropped, resized or picked by channel, so
+[3, 32, 32] data for a [1, 28, 28] model, or [100, 3] windows for a [3, 100] model, are refused.
+Every label must be below the model's number of classes.
+"""
 
 from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +40,12 @@ _FASHION_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 _IDX_UBYTE = 0x08
+_MAX_LABEL = 2**62  # float labels beyond this are not taken for class numbers (and would not fit int64)
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Images x float32 [N, 1, H, W] in [0, 1] and labels y int64 [N]."""
+    """Samples x float32 [N, *sample] (any sample shape, e.g. [1, H, W], [C, T], [F]) and labels y int64 [N]."""
 
     x: np.ndarray
     y: np.ndarray
@@ -34,8 +53,8 @@ class Dataset:
     def __post_init__(self) -> None:
         if not isinstance(self.x, np.ndarray) or self.x.dtype != np.float32:
             raise ValueError(f"Dataset.x must be a float32 array, got {getattr(self.x, 'dtype', type(self.x))}")
-        if self.x.ndim != 4 or self.x.shape[1] != 1:
-            raise ValueError(f"Dataset.x must have shape [N, 1, H, W], got {list(self.x.shape)}")
+        if self.x.ndim < 2:
+            raise ValueError(f"Dataset.x must have shape [N, *sample] (2 or more axes), got {list(self.x.shape)}")
         if not isinstance(self.y, np.ndarray) or self.y.dtype != np.int64:
             raise ValueError(f"Dataset.y must be an int64 array, got {getattr(self.y, 'dtype', type(self.y))}")
         if self.y.ndim != 1:
@@ -47,6 +66,11 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One sample's shape: x's shape without the batch axis."""
+        return tuple(self.x.shape[1:])
 
     @property
     def num_classes(self) -> int:
@@ -70,34 +94,78 @@ def load_digits() -> Dataset:
     return Dataset(x, np.asarray(bunch.target, dtype=np.int64))
 
 
-def _as_images(x: np.ndarray, source: str) -> np.ndarray:
-    """[N,H,W], [N,1,H,W] or square [N,H*W] pixels (uint8 or float) -> float32 [N,1,H,W] in [0, 1]."""
-    if x.ndim == 2:
-        side = int(round(np.sqrt(x.shape[1])))
-        if side * side != x.shape[1]:
-            raise ValueError(f"{source}: flat x of shape {list(x.shape)} is not square images "
-                             f"({x.shape[1]} is not a perfect square)")
-        x = x.reshape(len(x), side, side)
+def _as_samples(x: np.ndarray, source: str) -> np.ndarray:
+    """x [N, *sample] -> float32; single-channel images as ever: [N,H,W] and square flat [N,H*W] -> [N,1,H,W]."""
+    if x.ndim < 2:
+        raise ValueError(f"{source}: x must hold one sample per row, [N, *sample], got shape {list(x.shape)}; "
+                         "for one value per sample save x.reshape(-1, 1)")
+    if 0 in x.shape[1:]:
+        raise ValueError(f"{source}: x's samples hold no values (shape {list(x.shape)})")
+    if x.ndim == 2 and math.isqrt(x.shape[1]) ** 2 == x.shape[1]:
+        x = x.reshape(len(x), math.isqrt(x.shape[1]), math.isqrt(x.shape[1]))
     if x.ndim == 3:
-        x = x[:, None, :, :]
-    if x.ndim != 4 or x.shape[1] != 1:
-        raise ValueError(f"{source}: x must be [N,H,W], [N,1,H,W] or [N,H*W], got {list(x.shape)}")
+        x = x[:, None]
+    return _as_float(x, source)
+
+
+def _as_float(x: np.ndarray, source: str) -> np.ndarray:
+    """uint8 -> float32 / 255; float16/32/64 -> float32 as is, refused if any value is NaN, infinite or too large."""
     if x.dtype == np.uint8:
         return x.astype(np.float32) / np.float32(255.0)
     if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"{source}: x must be uint8 (0-255) or float (0-1), got {x.dtype}")
-    return x.astype(np.float32, copy=False)
+        raise ValueError(f"{source}: x must be uint8 (0-255, scaled to 0-1) or float (taken as is), got {x.dtype}; "
+                         "save it as float32 scaled as the model expects")
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, counted below
+        values = x.astype(np.float32, copy=False)
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad_samples = int(np.count_nonzero(~finite.reshape(len(finite), -1).all(axis=1)))
+        too_large = " or beyond float32's range" if x.dtype.itemsize > 4 else ""
+        raise ValueError(f"{source}: x holds {int(np.count_nonzero(~finite))} NaN or infinite values{too_large} "
+                         f"(in {bad_samples} of {len(x)} samples); drop or repair those samples")
+    return values
 
 
 def _as_labels(y: np.ndarray, source: str) -> np.ndarray:
-    """Integer labels [N] -> int64."""
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{source}: y must be a 1-D integer array, got {y.dtype} {list(y.shape)}")
-    return y.astype(np.int64, copy=False)
+    """Class labels [N] of any integer dtype, or floats that are whole numbers -> int64 (>= 0)."""
+    if y.ndim != 1:
+        raise ValueError(f"{source}: y must be 1-D, one class label per sample, got shape {list(y.shape)}")
+    if np.issubdtype(y.dtype, np.floating):
+        whole = np.isfinite(y) & (np.abs(y) < _MAX_LABEL)
+        whole[whole] = np.floor(y[whole]) == y[whole]
+        if not whole.all():
+            raise ValueError(f"{source}: y must hold class labels, but {int(np.count_nonzero(~whole))} of its "
+                             f"{y.dtype} values are not whole numbers (first: {y[~whole][0]}); save y as integers")
+    elif not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{source}: y must hold integer class labels, got {y.dtype}; save y as integers 0, 1, ...")
+    elif len(y) and np.issubdtype(y.dtype, np.unsignedinteger) and y.max() >= _MAX_LABEL:
+        raise ValueError(f"{source}: y holds label {y.max()}, too large for a class label")
+    labels = y.astype(np.int64)
+    if len(labels) and labels.min() < 0:
+        raise ValueError(f"{source}: y holds {int(np.count_nonzero(labels < 0))} negative labels (smallest "
+                         f"{labels.min()}); class labels count from 0")
+    return labels
+
+
+def _read_array(data: np.lib.npyio.NpzFile, key: str, source: str) -> np.ndarray:
+    """One array of an open .npz (never unpickled)."""
+    try:
+        return data[key]
+    except ValueError as exc:
+        if "allow_pickle" not in str(exc):
+            raise
+        raise ValueError(f"{source}: {key!r} is an array of Python objects (dtype=object), which is never loaded "
+                         f"(unpickling can run code); save {key} as a numeric array, e.g. np.asarray({key}, "
+                         f"{'np.float32' if key == 'x' else 'np.int64'})") from None
 
 
 def load_npz(path: str | os.PathLike[str]) -> Dataset:
-    """Load an .npz holding `x` ([N,H,W], [N,1,H,W] or square [N,H*W]; uint8 or float) and integer `y`."""
+    """Load an .npz holding `x` [N, *sample] (uint8 scaled to 0-1, float as is) and class labels `y` [N].
+
+    x keeps its shape, except single-channel images as ever: [N, H, W] and flat [N, H*W] with H == W
+    are read as [N, 1, H, W] (`fit_to_model` maps them back for a model that takes other shapes).
+    Labels may be of any integer dtype, or floats that are whole numbers.
+    """
     source = str(path)
     if not Path(path).is_file():
         raise FileNotFoundError(f"dataset file not found: {source}")
@@ -109,11 +177,86 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
             missing = [key for key in ("x", "y") if key not in data.files]
             if missing:
                 raise ValueError(f"missing array(s) {missing}; found {sorted(data.files)}, "
-                                 "expected 'x' (images) and 'y' (labels)")
-            x, y = data["x"], data["y"]
+                                 "expected 'x' (samples) and 'y' (labels)")
+            x, y = _read_array(data, "x", source), _read_array(data, "y", source)
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        if str(exc).startswith(source):
+            raise
         raise ValueError(f"{source}: not a usable dataset .npz: {exc}") from exc
-    return Dataset(_as_images(x, source), _as_labels(y, source))
+    samples, labels = _as_samples(x, source), _as_labels(y, source)
+    if len(samples) != len(labels):
+        raise ValueError(f"{source}: x holds {len(samples)} samples but y {len(labels)} labels")
+    return Dataset(samples, labels)
+
+
+def _fits(sample: tuple[int, ...], model: tuple[int, ...]) -> bool:
+    """Whether samples of shape `sample` may be reshaped to `model` (the module's rules 1-4)."""
+    if sample == model:
+        return True
+    if [d for d in sample if d != 1] == [d for d in model if d != 1]:
+        return True
+    if len(model) == 1:
+        return math.prod(sample) == model[0]
+    return len(model) == 3 and model[0] == 1 and len(sample) == 1 and sample[0] == model[1] * model[2]
+
+
+def fit_to_model(data: Dataset, input_shape: Sequence[int], num_classes: int, source: str) -> Dataset:
+    """`data` shaped for a model taking samples of `input_shape` into `num_classes` classes (module docstring's rules).
+
+    ValueError naming `source` when a sample does not fit the model's input or a label is out of range.
+    """
+    model = _check_model(input_shape, num_classes)
+    _check_labels(data.y, num_classes, source)
+    return _reshaped(data, model, source)
+
+
+def fit_split(train: Dataset, test: Dataset, input_shape: Sequence[int], num_classes: int,
+              source: str) -> tuple[Dataset, Dataset]:
+    """`fit_to_model` of both parts of a train/test split, labels counted over both."""
+    model = _check_model(input_shape, num_classes)
+    _check_labels(np.concatenate([train.y, test.y]), num_classes, source)
+    return _reshaped(train, model, source), _reshaped(test, model, source)
+
+
+def _check_model(input_shape: Sequence[int], num_classes: int) -> tuple[int, ...]:
+    """The model's sample shape as a tuple; ValueError when it or its class count is not usable."""
+    model = tuple(input_shape)
+    if not model or not all(isinstance(d, (int, np.integer)) and d >= 1 for d in model):
+        raise ValueError(f"the model's input shape {list(model)} is not one sample's shape of sizes >= 1")
+    if num_classes < 1:
+        raise ValueError(f"the model's class count must be >= 1, got {num_classes}")
+    return tuple(int(d) for d in model)
+
+
+def _check_labels(y: np.ndarray, num_classes: int, source: str) -> None:
+    """ValueError naming the labels out of range and how many samples carry them."""
+    out = y >= num_classes
+    if not out.any():
+        return
+    bad = np.unique(y[out])
+    named = ", ".join(str(label) for label in bad[:5]) + (f", ... ({len(bad)} distinct)" if len(bad) > 5 else "")
+    raise ValueError(f"{source}: label{'s' if len(bad) > 1 else ''} {named} out of range: "
+                     f"{int(np.count_nonzero(out))} of {len(y)} samples have labels >= {num_classes}, but the model "
+                     f"has {num_classes} classes (labels 0 to {num_classes - 1}); relabel the data or train a model "
+                     "with more classes")
+
+
+def _reshaped(data: Dataset, model: tuple[int, ...], source: str) -> Dataset:
+    """`data` with samples of shape `model`, or ValueError naming both shapes."""
+    sample = data.sample_shape
+    if sample == model:
+        return data
+    if not _fits(sample, model):
+        note = ""
+        if source.endswith(".npz") and len(sample) == 3 and sample[0] == 1:
+            _, height, width = sample
+            flat = f", or flat [N, {height * width}]," if height == width else ""
+            note = (f" (an .npz x of shape [N, {height}, {width}]{flat} is read as single-channel images "
+                    f"[N, 1, {height}, {width}])")
+        wanted = ", ".join(map(str, model))
+        raise ValueError(f"{source}: x holds samples of shape {list(sample)} but the model takes {list(model)}{note}; "
+                         f"give this device x of shape [N, {wanted}] (N samples of the model's input)")
+    return Dataset(data.x.reshape(len(data), *model), data.y)
 
 
 def save_npz(path: str | os.PathLike[str], dataset: Dataset) -> None:
@@ -155,7 +298,7 @@ def load_fashion_mnist(root: str | os.PathLike[str] = FASHION_MNIST_ROOT, split:
     labels = _read_idx(folder / labels_name, ndim=1)
     if len(images) != len(labels):
         raise ValueError(f"{folder}: {len(images)} images but {len(labels)} labels in the {split} split")
-    return Dataset(_as_images(images, str(folder)), labels.astype(np.int64))
+    return Dataset(_as_samples(images, str(folder)), labels.astype(np.int64))
 
 
 def load_dataset(spec: str) -> Dataset:
