@@ -1,16 +1,19 @@
-"""`tierfl export`: write per-tier ONNX Runtime training artifacts for one model."""
+"""`tierfl export`: write per-tier ONNX Runtime training artifacts for one model (a user's ONNX file or a zoo model)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import textwrap
 import time
+from pathlib import Path
 
 from pydantic import ValidationError
 
-from models.export import export_all
-from models.manifest import TierManifest
+from models.export import export_all, export_model
+from models.manifest import ModelCard, TierManifest
+from models.onnx_import import UnsupportedModel, import_forward
 from models.ort_training import TrainingBackendUnavailable
 from models.tiers import TIER_RATES, tier_rate
 from models.zoo import ModelSpec
@@ -18,13 +21,16 @@ from models.zoo import ModelSpec
 log = logging.getLogger(__name__)
 
 DESCRIPTION = textwrap.fill(
-    "Export the ONNX Runtime training artifacts of one model for each device tier "
+    "Export the ONNX Runtime training artifacts of one model for each device tier: your own classifier "
+    "(--model, an ONNX file as torch.onnx.export writes it) or a zoo model (--arch). The width analysis finds "
+    "the channels that must be cut together; a tier keeps the leading channels of each "
     "(HeteroFL width rates " + ", ".join(f"{t}={r:g}" for t, r in TIER_RATES.items()) + "). "
     "Each tier folder holds training/eval/optimizer models, a checkpoint with the tier's slice of "
     "the seeded global weights, an inference model and a manifest with sha256 of every file.",
     width=88,
 )
-EPILOG = """example:
+EPILOG = """examples:
+  tierfl export --model my_model.onnx --tiers a,b,c,d,e --out runs/artifacts/my_model
   tierfl export --arch cnn --image-size 8 --batch-norm --tiers a,c,e --out runs/artifacts/cnn8-bn
 
 The export is deterministic: the same options and seed give byte-identical files."""
@@ -59,7 +65,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--arch", choices=["mlp", "cnn"], default="mlp", help="model family (default: mlp)")
+    parser.add_argument("--model", default=None, metavar="FILE.onnx",
+                        help="your own classifier as an ONNX forward graph: one float input, one logits output, "
+                             "weights as initializers, exported in eval mode (see the README's \"Your own model\"); "
+                             "replaces --arch/--image-size/--batch-norm/--hidden/--seed")
+    parser.add_argument("--name", default=None, help="the model's name in reports (default: the --model file's stem)")
+    parser.add_argument("--arch", choices=["mlp", "cnn"], default="mlp", help="zoo model family (default: mlp)")
     parser.add_argument("--image-size", type=int, choices=[8, 28], default=8,
                         help="input side in pixels: 8 for sklearn digits, 28 for Fashion-MNIST (default: 8)")
     parser.add_argument("--batch-norm", action="store_true", help="add BatchNorm after each hidden layer")
@@ -78,32 +89,63 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _summary(manifest: TierManifest) -> str:
-    """One line per tier: tier, rate, params, artifact bytes."""
-    return (
-        f"tier {manifest.tier}  rate {manifest.rate:<7g} params {manifest.param_count:>9,d}  "
-        f"artifact bytes {manifest.artifact_bytes:>11,d}"
-    )
+    """One table row per tier: tier, rate, parameters, multiply-accumulates per sample, artifact bytes."""
+    return (f"{manifest.tier:<4} {manifest.rate:<7g} {manifest.param_count:>12,d} {manifest.macs:>14,d} "
+            f"{manifest.artifact_bytes:>14,d}")
+
+
+def _card_name(args: argparse.Namespace) -> str:
+    """The model's name: --name, else the file's stem with characters a name may not hold replaced."""
+    raw = args.name or Path(args.model).stem
+    name = re.sub(r"[^A-Za-z0-9._+-]", "-", raw).lstrip("._+-")[:80]
+    return name or "model"
+
+
+def _export_file(args: argparse.Namespace) -> tuple[str, list[str]] | None:
+    """Import and export --model; returns (name, exported tiers) or None after logging why it cannot."""
+    try:
+        imported = import_forward(args.model)
+        card = ModelCard(name=_card_name(args), input_shape=imported.input_shape, num_classes=imported.num_classes,
+                         batch_norm=any(n.op_type == "BatchNormalization" for n in imported.forward.graph.node),
+                         source_sha256=imported.source_sha256)
+        for note in imported.notes:
+            print(f"note: {note}")
+        index = export_model(imported.forward, card, args.tiers, args.out, args.optimizer,
+                             scaler=args.scaler == "on", proximal=args.proximal)
+    except (UnsupportedModel, ValidationError) as exc:
+        log.error("%s cannot be exported: %s", args.model, exc)
+        return None
+    return card.name, list(index.tiers)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `tierfl export`; returns the process exit code."""
-    try:
-        spec = ModelSpec(
-            arch=args.arch, image_size=args.image_size, hidden=args.hidden, batch_norm=args.batch_norm, seed=args.seed
-        )
-    except ValidationError as exc:
-        log.error("invalid model options: %s", exc)
-        return 2
     started = time.perf_counter()
     try:
-        index = export_all(spec, args.tiers, args.out, args.optimizer, scaler=args.scaler == "on", proximal=args.proximal)
+        if args.model is not None:
+            if not Path(args.model).is_file():
+                log.error("--model %s: no such file", args.model)
+                return 2
+            exported = _export_file(args)
+            if exported is None:
+                return 2
+            name, tiers = exported
+        else:
+            try:
+                spec = ModelSpec(arch=args.arch, image_size=args.image_size, hidden=args.hidden,
+                                 batch_norm=args.batch_norm, seed=args.seed)
+            except ValidationError as exc:
+                log.error("invalid model options: %s", exc)
+                return 2
+            name, tiers = spec.name, list(export_all(spec, args.tiers, args.out, args.optimizer,
+                                                     scaler=args.scaler == "on", proximal=args.proximal).tiers)
     except TrainingBackendUnavailable as exc:
         log.error("%s", exc)
         return 1
-    for tier, rel in index.tiers.items():
-        print(_summary(TierManifest.load(f"{args.out}/{rel}")))
-    print(f"exported {spec.name} tiers {','.join(index.tiers)} to {args.out}/index.json "
-          f"in {time.perf_counter() - started:.2f}s")
+    print(f"{'tier':<4} {'rate':<7} {'parameters':>12} {'MACs/sample':>14} {'artifact bytes':>14}")
+    for tier in tiers:
+        print(_summary(TierManifest.load(Path(args.out) / tier / "manifest.json")))
+    print(f"exported {name} tiers {','.join(tiers)} to {args.out}/index.json in {time.perf_counter() - started:.2f}s")
     return 0
 
 

@@ -1,6 +1,11 @@
 """Export per-tier ONNX Runtime training artifacts plus a content-addressed manifest.
 
-Layout of `out_dir`: `index.json`, and per tier `<tier>/` with `training_model.onnx`,
+One path for every model: a normalized full-width forward graph (a user's ONNX file through
+models.onnx_import, or a zoo model built at rate 1), its width plan (models.widths), and per tier
+the graphs cut from it (models.tier_graph).
+
+Layout of `out_dir`: `index.json`, `model.onnx` (the rate-1 forward graph with the initial
+global weights), and per tier `<tier>/` with `training_model.onnx`,
 `eval_model.onnx` (returns loss, logits), `optimizer_model.onnx`, `checkpoint` (the tier's
 starting weights), `inference.onnx` (forward graph with those weights), `step_model.onnx` and
 `forward.onnx` (the portable backend's training step and evaluation, standard operators only,
@@ -26,14 +31,16 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from models.manifest import FORWARD_FILE, STATISTICS_FILE, STEP_FILE, ExportIndex, FileEntry, ParamInfo, TierManifest
+from models.manifest import (FORWARD_FILE, GLOBAL_MODEL_FILE, STATISTICS_FILE, STEP_FILE, ExportIndex, FileEntry,
+                             ModelCard, ParamInfo, TierManifest, WidthGroup)
+from models.onnx_import import normalize
 from models.ort_training import TrainingAPI, captured_native_stderr, load_training_api
-from models.slicing import slice_params
-from models.spec import GLOBAL_SUFFIX, MU_NAME
+from models.spec import GLOBAL_SUFFIX, INPUT_NAME, MU_NAME, OUTPUT_NAME, ModelSpec
 from models.step_graph import build_step_graph
+from models.tier_graph import cut_forward, forward_macs, statistics_graph
 from models.tiers import TIER_RATES, tier_rate
-from models.zoo import (INPUT_NAME, OUTPUT_NAME, ModelSpec, build_forward, build_statistics_graph, frozen_names,
-                        init_global_params, param_shapes, trainable_names)
+from models.widths import WidthPlan, analyse
+from models.zoo import build_forward, init_global_params
 from protocol.atomic_file import sync_folder
 
 log = logging.getLogger(__name__)
@@ -113,21 +120,19 @@ def _proximal_cross_entropy(training: TrainingAPI, shapes: dict[str, tuple[int, 
 
 
 def _generate(
-    training: TrainingAPI, spec: ModelSpec, forward: onnx.ModelProto, optimizer: Optimizer, where: Path, proximal: bool,
-    rate: float,
+    training: TrainingAPI, forward: onnx.ModelProto, trainable: list[str], frozen: list[str],
+    shapes: dict[str, tuple[int, ...]], optimizer: Optimizer, where: Path, proximal: bool,
 ) -> None:
     """Run generate_artifacts into `where`, its native INFO flood captured."""
     artifacts = training.artifacts
     optim = {"sgd": artifacts.OptimType.SGD, "adamw": artifacts.OptimType.AdamW}[optimizer]
-    trainable = trainable_names(spec)
-    shapes = param_shapes(spec, rate)
     loss = (_proximal_cross_entropy(training, {n: shapes[n] for n in trainable}) if proximal
             else artifacts.LossType.CrossEntropyLoss)
     with captured_native_stderr(log), _fresh_graph_names(training):
         artifacts.generate_artifacts(
             forward,
             requires_grad=trainable,
-            frozen_params=frozen_names(spec) or None,
+            frozen_params=frozen or None,
             loss=loss,
             optimizer=optim,
             artifact_directory=where,
@@ -140,15 +145,70 @@ def _libraries(training: TrainingAPI) -> dict[str, str]:
     return {"onnx": onnx.__version__, "onnxruntime": training.version, "numpy": np.__version__}
 
 
-def export_tier(
-    spec: ModelSpec,
-    tier: str,
+def _write_tier(
+    forward: onnx.ModelProto, plan: WidthPlan, card: ModelCard, tier: str, out: Path, optimizer: Optimizer,
+    scaler: bool, proximal: bool, training: TrainingAPI,
+) -> TierManifest:
+    """Write one tier's training artifacts, inference and portable graphs, and manifest into `out/<tier>/`."""
+    rate = tier_rate(tier)
+    started = time.perf_counter()
+    trainable, frozen = list(plan.trainable), list(plan.frozen)
+    shapes = plan.param_shapes(rate)
+    inference = cut_forward(forward, plan, rate)
+    tier_dir = out / tier
+    tier_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tier_dir, prefix=".staging-") as staging:
+        stage = Path(staging)
+        training_forward = cut_forward(forward, plan, rate, class_mask=True, scaler=scaler)
+        _generate(training, training_forward, trainable, frozen, shapes, optimizer, stage, proximal)
+        onnx.save(inference, stage / "inference.onnx")
+        step_forward = cut_forward(forward, plan, rate, class_mask=True, scaler=scaler, params_as_inputs=True)
+        step = build_step_graph(step_forward, trainable, frozen, optimizer, proximal=proximal, momentum=False)
+        onnx.save(step, stage / STEP_FILE)
+        evaluation = cut_forward(forward, plan, rate, params_as_inputs=True)
+        onnx.save(evaluation, stage / FORWARD_FILE)
+        names = [*ARTIFACT_FILES, *([STATISTICS_FILE] if card.batch_norm else [])]
+        if card.batch_norm:
+            onnx.save(statistics_graph(evaluation), stage / STATISTICS_FILE)
+        files = {name: _sha256(stage / name) for name in names}
+        for name in names:
+            os.replace(stage / name, tier_dir / name)
+        sync_folder(tier_dir)  # the renames survive a power cut before the manifest names the files
+    manifest = TierManifest(
+        model=card,
+        tier=tier,
+        rate=rate,
+        macs=forward_macs(inference),
+        optimizer=optimizer,
+        input_name=INPUT_NAME,
+        input_shape=["N", *card.input_shape],
+        scaler=scaler,
+        class_mask=True,
+        proximal=proximal,
+        output_name=OUTPUT_NAME,
+        params=[ParamInfo(name=n, shape=list(s), trainable=n not in plan.frozen, cuts=list(plan.cuts[n]))
+                for n, s in shapes.items()],
+        files=files,
+        libraries=_libraries(training),
+    )
+    manifest.save(tier_dir / MANIFEST_NAME)  # last: a manifest only ever describes files in place
+    log.info(
+        "exported %s tier %s (rate %g): %d params, %d artifact bytes in %.2fs",
+        card.name, tier, rate, manifest.param_count, manifest.artifact_bytes, time.perf_counter() - started,
+    )
+    return manifest
+
+
+def export_model(
+    forward: onnx.ModelProto,
+    card: ModelCard,
+    tiers: Iterable[str],
     out_dir: str | os.PathLike[str],
     optimizer: Optimizer = "sgd",
     scaler: bool = False,
     proximal: bool = False,
-) -> TierManifest:
-    """Write one tier's training artifacts, inference model and manifest into `out_dir/<tier>/`.
+) -> ExportIndex:
+    """Export a normalized full-width forward graph (models.onnx_import) as tiers, and write `out_dir/index.json`.
 
     `proximal` makes the loss FedProx's cross-entropy + mu/2 ||w - w_global||^2, with `mu` and
     `<param>.global` as inputs of the training graph (set each round, no re-export).
@@ -156,52 +216,36 @@ def export_tier(
     training with batch statistics cancels it exactly (forward and gradients), while the running
     averages it leaves behind come out 1/rate too large; without batch norm it inflates the
     narrow tiers' activations and destabilises training at usual learning rates.
+    A model whose widths cannot be cut is exported as tier a only (plain FedAvg), with a warning
+    naming what blocks it.
     """
-    rate = tier_rate(tier)
+    tiers = list(dict.fromkeys(tiers))
+    for tier in tiers:
+        tier_rate(tier)  # fail on an unknown tier before writing anything
+    plan = analyse(forward)
+    if not plan.cuttable and tiers != ["a"]:
+        log.warning("%s: no width can be cut, so it is exported as one tier (a): %s", card.name,
+                    "; ".join(plan.blockers()) or "every channel group is fixed")
+        tiers = ["a"]
     training = load_training_api()
-    started = time.perf_counter()
-    shapes = param_shapes(spec, rate)
-    params = slice_params(init_global_params(spec), shapes)
-    forward = build_forward(spec, rate, params, scaler=scaler, class_mask=True)
-    tier_dir = Path(out_dir) / tier
-    tier_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=tier_dir, prefix=".staging-") as staging:
-        stage = Path(staging)
-        _generate(training, spec, forward, optimizer, stage, proximal, rate)
-        onnx.save(build_forward(spec, rate, params), stage / "inference.onnx")
-        step = build_step_graph(spec, rate, optimizer, scaler=scaler, class_mask=True, proximal=proximal, momentum=False)
-        onnx.save(step, stage / STEP_FILE)
-        onnx.save(build_forward(spec, rate, params, params_as_inputs=True), stage / FORWARD_FILE)
-        names = [*ARTIFACT_FILES, *([STATISTICS_FILE] if spec.batch_norm else [])]
-        if spec.batch_norm:
-            onnx.save(build_statistics_graph(spec, rate), stage / STATISTICS_FILE)
-        files = {name: _sha256(stage / name) for name in names}
-        for name in names:
-            os.replace(stage / name, tier_dir / name)
-        sync_folder(tier_dir)  # the renames survive a power cut before the manifest names the files
-    frozen = set(frozen_names(spec))
-    size = spec.image_size
-    manifest = TierManifest(
-        model=spec,
-        tier=tier,
-        rate=rate,
-        optimizer=optimizer,
-        input_name=INPUT_NAME,
-        input_shape=["N", 1, size, size],
-        scaler=scaler,
-        class_mask=True,
-        proximal=proximal,
-        output_name=OUTPUT_NAME,
-        params=[ParamInfo(name=n, shape=list(s), trainable=n not in frozen) for n, s in shapes.items()],
-        files=files,
-        libraries=_libraries(training),
-    )
-    manifest.save(tier_dir / MANIFEST_NAME)  # last: a manifest only ever describes files in place
-    log.info(
-        "exported %s tier %s (rate %g): %d params, %d artifact bytes in %.2fs",
-        spec.name, tier, rate, manifest.param_count, manifest.artifact_bytes, time.perf_counter() - started,
-    )
-    return manifest
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx.save(cut_forward(forward, plan, 1.0), out / GLOBAL_MODEL_FILE)
+    global_model = _sha256(out / GLOBAL_MODEL_FILE)
+    manifests = {tier: _write_tier(forward, plan, card, tier, out, optimizer, scaler, proximal, training)
+                 for tier in tiers}
+    ordered = sorted(manifests, key=list(TIER_RATES).index)
+    groups = {name: WidthGroup(size=size, pinned=why) for name, (size, why) in plan.groups.items()}
+    index = ExportIndex(model=card, tiers={t: f"{t}/{MANIFEST_NAME}" for t in ordered}, global_model=global_model,
+                        groups=groups)
+    index.save(out / INDEX_NAME)
+    return index
+
+
+def zoo_card(spec: ModelSpec) -> ModelCard:
+    """The card of a zoo model."""
+    return ModelCard(name=spec.name, input_shape=[1, spec.image_size, spec.image_size], num_classes=spec.num_classes,
+                     batch_norm=spec.batch_norm, recipe=spec)
 
 
 def export_all(
@@ -212,13 +256,6 @@ def export_all(
     scaler: bool = False,
     proximal: bool = False,
 ) -> ExportIndex:
-    """Export every tier in `tiers` and write `out_dir/index.json`."""
-    tiers = list(dict.fromkeys(tiers))
-    for tier in tiers:
-        tier_rate(tier)  # fail on an unknown tier before writing anything
-    out = Path(out_dir)
-    manifests = {tier: export_tier(spec, tier, out, optimizer, scaler, proximal) for tier in tiers}
-    ordered = sorted(manifests, key=list(TIER_RATES).index)
-    index = ExportIndex(model=spec, tiers={t: f"{t}/{MANIFEST_NAME}" for t in ordered})
-    index.save(out / INDEX_NAME)
-    return index
+    """Export a zoo model's tiers through the same path as a user's model (its full-width graph, then `export_model`)."""
+    forward, _ = normalize(build_forward(spec, 1.0, init_global_params(spec)))
+    return export_model(forward, zoo_card(spec), tiers, out_dir, optimizer, scaler, proximal)

@@ -1,4 +1,10 @@
-"""On-disk description of exported training artifacts: one manifest per tier plus an index."""
+"""On-disk description of exported training artifacts: one manifest per tier plus an index.
+
+An export is made from one full-width forward graph (`model.onnx` beside `index.json`, holding the
+initial global weights). Its width analysis (models.widths) names the channel groups that are cut
+together; a tier keeps the leading ceil(rate x size) channels of every cut group, so each tier's
+parameter is the leading block of the global parameter of the same name.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.spec import ModelSpec
 from protocol.atomic_file import atomic_write
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: any ONNX classifier (ModelCard, width groups, model.onnx); 1 held a zoo ModelSpec
+GLOBAL_MODEL_FILE = "model.onnx"  # beside index.json: the full-width forward graph with the initial global weights
 STATISTICS_FILE = "statistics.onnx"  # batch-norm models only: measures static BN statistics on the device
 STEP_FILE = "step_model.onnx"  # the portable backend's training step, standard ONNX operators only
 FORWARD_FILE = "forward.onnx"  # forward pass with the parameters as inputs (portable evaluation)
@@ -43,22 +50,46 @@ class FileEntry(BaseModel):
 
 
 class ParamInfo(BaseModel):
-    """One model parameter at the tier's width."""
+    """One model parameter at the tier's width, and which width group cuts each of its axes."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
     shape: list[int]
     trainable: bool
+    cuts: list[str | None] = []  # per axis: the width group that cuts it (its leading block), None: kept whole
+
+
+class WidthGroup(BaseModel):
+    """Channels that must be cut together (a layer's outputs, its BatchNorm, its consumers' inputs, ...)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    size: int = Field(ge=1)  # channels at rate 1
+    pinned: str | None = None  # why the group stays whole (names the node), None: cut at every tier
+
+
+class ModelCard(BaseModel):
+    """What was exported, told without building it: name, one sample's shape, classes, batch norm, origin."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,79}$")
+    input_shape: list[int] = Field(min_length=1, max_length=4)  # one sample: [C, H, W], [C, T] or [F]
+    num_classes: int = Field(ge=2)
+    batch_norm: bool = False  # has BatchNormalization layers (running statistics)
+    recipe: ModelSpec | None = None  # the zoo recipe it was built from; None for a user's ONNX file
+    source_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # sha256 of the user's ONNX file
 
 
 class TierManifest(_JsonFile):
     """Everything a device needs to know about one tier's artifacts."""
 
-    format_version: int = FORMAT_VERSION
-    model: ModelSpec
+    format_version: Literal[2] = FORMAT_VERSION
+    model: ModelCard
     tier: str
     rate: float = Field(gt=0, le=1)
+    macs: int = Field(0, ge=0)  # multiply-accumulates of one sample's forward pass at this tier
     optimizer: Literal["sgd", "adamw"]
     input_name: str
     input_shape: list[int | Literal["N"]]
@@ -84,6 +115,8 @@ class TierManifest(_JsonFile):
 class ExportIndex(_JsonFile):
     """The exported tiers of one model: tier -> manifest path relative to the index file."""
 
-    format_version: int = FORMAT_VERSION
-    model: ModelSpec
+    format_version: Literal[2] = FORMAT_VERSION
+    model: ModelCard
     tiers: dict[str, str]
+    global_model: FileEntry  # GLOBAL_MODEL_FILE: the rate-1 forward graph and the initial global weights
+    groups: dict[str, WidthGroup] = {}  # width group -> size and whether it is cut

@@ -1,14 +1,13 @@
 """PyTorch classifiers of the shapes users bring, for the bring-your-own-model tests and docs.
 
-Every model takes ``rate``: each hidden channel count C becomes ``scaled_width(C, rate)`` (the
-leading channels a tier keeps); input channels and the class count stay whole. ``narrowed`` gives
+Every model takes ``rate``: each hidden channel count C becomes ``scaled_width(C, rate)`` =
+max(1, ceil(rate * C)), the leading channels a tier keeps; input channels and the class count stay whole. ``narrowed`` gives
 the model a tier at a rate should compute, ``export_onnx`` is the export recipe the docs give users.
 PyTorch is a test-only dependency: nothing outside tests/ imports this module.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import onnx
@@ -199,8 +198,10 @@ def export_onnx(model: nn.Module, path: str | Path, sample_shape: tuple[int, ...
     """
     model.eval()
     sample = torch.randn(batch, *sample_shape)
+    # dynamo=False: torch >= 2.9 defaults to the dynamo exporter, which needs onnxscript and folds BatchNorm;
+    # do_constant_folding=False keeps a BatchNorm that follows a Conv (docs/notes/torch-export.md)
     torch.onnx.export(model, (sample,), str(path), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["logits"], do_constant_folding=False)
+                      input_names=["input"], output_names=["logits"], do_constant_folding=False, keep_initializers_as_inputs=True)
     proto = onnx.load(str(path))
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
