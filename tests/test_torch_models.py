@@ -97,14 +97,30 @@ def test_narrowed_keeps_leading_blocks(name: str) -> None:
         assert half(sample(name)).shape == (4, full.config["num_classes"])
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Scalable, Path, onnx.ModelProto]]:
+    """Return a function giving the named model (as ``build`` makes it), its ONNX file and proto, exported once."""
+    folder = tmp_path_factory.mktemp("torch_export")
+    done: dict[str, tuple[Scalable, Path, onnx.ModelProto]] = {}
+
+    def export(name: str) -> tuple[Scalable, Path, onnx.ModelProto]:
+        if name not in done:
+            model, path = build(name), folder / f"{name}.onnx"
+            done[name] = (model, path, export_onnx(model, path, MODELS[name][1]))
+        return done[name]
+    return export
+
+
 @pytest.mark.parametrize("name", MODELS)
-def test_export_matches_pytorch_in_onnxruntime(name: str, tmp_path: Path) -> None:
-    model = build(name)
-    proto = export_onnx(model, tmp_path / "model.onnx", MODELS[name][1])
+def test_export_matches_pytorch_in_onnxruntime(name: str, exported: Callable) -> None:
+    model, path, proto = exported(name)
     assert proto.ir_version <= 10 and proto.opset_import[0].version == 17
-    assert [i.name for i in proto.graph.input] == ["input"]
+    weights = {t.name for t in proto.graph.initializer}
+    assert [i.name for i in proto.graph.input if i.name not in weights] == ["input"]
     assert [o.name for o in proto.graph.output] == ["logits"]
-    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # not the warning per weight listed as a graph input
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     x = sample(name)
     with torch.no_grad():
         expected = model(x).numpy()
@@ -113,9 +129,9 @@ def test_export_matches_pytorch_in_onnxruntime(name: str, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_export_keeps_every_batchnorm_and_parameter_name(name: str, tmp_path: Path) -> None:
-    model = build(name)
-    graph = export_onnx(model, tmp_path / "model.onnx", MODELS[name][1]).graph
+def test_export_keeps_every_batchnorm_and_parameter_name(name: str, exported: Callable) -> None:
+    model, _, proto = exported(name)
+    graph = proto.graph
     bns = [n for n in graph.node if n.op_type == "BatchNormalization"]
     assert len(bns) == sum(isinstance(m, BN_TYPES) for m in model.modules())
     assert all(len(n.output) == 1 and not any(a.name == "training_mode" and a.i for a in n.attribute) for n in bns)
@@ -124,9 +140,22 @@ def test_export_keeps_every_batchnorm_and_parameter_name(name: str, tmp_path: Pa
     assert {k for k in model.state_dict() if not k.endswith("num_batches_tracked")} == names
 
 
-def test_untrained_model_export_shares_equal_initializers(tmp_path: Path) -> None:
-    """Eval export deduplicates equal-valued tensors: a fresh BN's running_var is an Identity of its weight."""
-    graph = export_onnx(MLP(batch_norm=True).eval(), tmp_path / "model.onnx", (64,)).graph
+@pytest.mark.parametrize("name", ["preresnet", "transformer"])
+def test_untrained_model_keeps_equal_tensors_apart(name: str, tmp_path: Path) -> None:
+    """A fresh model's equal tensors (BN weight and running_var: ones) stay separate initializers."""
+    torch.manual_seed(0)
+    model = MODELS[name][0](1.0).eval()
+    graph = export_onnx(model, tmp_path / "model.onnx", MODELS[name][1]).graph
+    assert not [n for n in graph.node if n.op_type == "Identity"]
+    names = {i.name for i in graph.initializer}
+    assert {k for k in model.state_dict() if not k.endswith("num_batches_tracked")} == names
+
+
+def test_default_export_merges_equal_tensors(tmp_path: Path) -> None:
+    """Why the recipe keeps initializers as inputs: without it, equal tensors become one initializer + Identity."""
+    torch.onnx.export(MLP(batch_norm=True).eval(), (torch.randn(4, 64),), str(tmp_path / "model.onnx"),
+                      dynamo=False, opset_version=17, do_constant_folding=False)
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
     identities = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
     assert identities["body.1.running_var"] == "body.1.weight"
     assert "body.1.running_var" not in {i.name for i in graph.initializer}

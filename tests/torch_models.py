@@ -1,8 +1,9 @@
 """PyTorch classifiers of the shapes users bring, for the bring-your-own-model tests and docs.
 
 Every model takes ``rate``: each hidden channel count C becomes ``scaled_width(C, rate)`` =
-max(1, ceil(rate * C)), the leading channels a tier keeps; input channels and the class count stay whole. ``narrowed`` gives
-the model a tier at a rate should compute, ``export_onnx`` is the export recipe the docs give users.
+max(1, ceil(rate * C)), the leading channels a tier keeps; input channels and the class count stay
+whole. ``narrowed`` gives the model a tier at a rate should compute, ``export_onnx`` is the export
+recipe the docs give users.
 PyTorch is a test-only dependency: nothing outside tests/ imports this module.
 """
 
@@ -193,15 +194,18 @@ def narrowed(model_full: Scalable, rate: float) -> Scalable:
 def export_onnx(model: nn.Module, path: str | Path, sample_shape: tuple[int, ...], batch: int = 4) -> onnx.ModelProto:
     """Export ``model`` as users are told to: eval, opset 17, static shapes, every BatchNorm kept, IR <= 10.
 
-    The file has one float input ``input`` [batch, *sample_shape], one output ``logits`` and the
-    weights as initializers under their PyTorch names; returns the saved model.
+    The file has one float data input ``input`` [batch, *sample_shape], one output ``logits``, and every
+    weight and BN statistic as its own initializer under its PyTorch name, also listed as a graph input
+    (the importer drops those); returns the saved model.
     """
     model.eval()
     sample = torch.randn(batch, *sample_shape)
     # dynamo=False: torch >= 2.9 defaults to the dynamo exporter, which needs onnxscript and folds BatchNorm;
-    # do_constant_folding=False keeps a BatchNorm that follows a Conv (docs/notes/torch-export.md)
+    # do_constant_folding=False keeps a BatchNorm that follows a Conv; keep_initializers_as_inputs=True stops
+    # the merging of equal-valued tensors (a fresh BN's weight and running_var) (docs/notes/torch-export.md)
     torch.onnx.export(model, (sample,), str(path), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["logits"], do_constant_folding=False, keep_initializers_as_inputs=True)
+                      input_names=["input"], output_names=["logits"], do_constant_folding=False,
+                      keep_initializers_as_inputs=True)
     proto = onnx.load(str(path))
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
