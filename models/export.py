@@ -34,6 +34,7 @@ from onnx import helper
 from models.manifest import (FORWARD_FILE, GLOBAL_MODEL_FILE, STATISTICS_FILE, STEP_FILE, ExportIndex, FileEntry,
                              ModelCard, ParamInfo, TierManifest, WidthGroup)
 from models.onnx_import import normalize
+from models.ort_lowering import for_ort_training
 from models.ort_training import TrainingAPI, captured_native_stderr, load_training_api
 from models.spec import GLOBAL_SUFFIX, INPUT_NAME, MU_NAME, OUTPUT_NAME, ModelSpec
 from models.step_graph import build_step_graph
@@ -159,7 +160,7 @@ def _write_tier(
     tier_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tier_dir, prefix=".staging-") as staging:
         stage = Path(staging)
-        training_forward = cut_forward(forward, plan, rate, class_mask=True, scaler=scaler)
+        training_forward = for_ort_training(cut_forward(forward, plan, rate, class_mask=True, scaler=scaler))
         _generate(training, training_forward, trainable, frozen, shapes, optimizer, stage, proximal)
         onnx.save(inference, stage / "inference.onnx")
         step_forward = cut_forward(forward, plan, rate, class_mask=True, scaler=scaler, params_as_inputs=True)
