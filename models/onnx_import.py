@@ -184,9 +184,22 @@ def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
 
 
 def _drop_pass_through(graph: onnx.GraphProto, notes: list[str]) -> None:
-    """Remove Identity and Dropout nodes, and a Softmax/LogSoftmax that writes the graph output."""
+    """Remove Identity and Dropout nodes, and a Softmax/LogSoftmax that writes the graph output.
+
+    An Identity of an initializer is how torch.onnx.export merges equal tensors (a fresh model's
+    BatchNorm weights, say): it becomes a copy of the initializer under its own name, so the tensors
+    train apart as they did in PyTorch.
+    """
     output = graph.output[0].name
+    initializers = {t.name: t for t in graph.initializer}
     for node in list(graph.node):
+        if node.op_type == "Identity" and node.input[0] in initializers:  # an exporter's merge of equal tensors
+            graph.node.remove(node)
+            copy = onnx.TensorProto()
+            copy.CopyFrom(initializers[node.input[0]])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+            continue
         final = node.op_type in _FINAL and node.output[0] == output
         if node.op_type not in _DROPPED and not final:
             continue
@@ -258,6 +271,9 @@ def _name_running_statistics(graph: onnx.GraphProto) -> None:
         if len(node.output) > 1 or any(a.name == "training_mode" and a.i for a in node.attribute):
             raise UnsupportedModel(f"{_describe(node)} is in training mode; export in eval mode "
                                    "(see the README's \"Your own model\")")
+        kept = [a for a in node.attribute if a.name != "training_mode"]  # onnxruntime-training wants none
+        del node.attribute[:]
+        node.attribute.extend(kept)
         scale = node.input[1]
         layer = scale.removesuffix(".weight") if scale.endswith(".weight") else (node.name or scale)
         for source, suffix in ((node.input[3], ".running_mean"), (node.input[4], ".running_var")):
