@@ -6,10 +6,12 @@ passes in a bounded inbox (edge_client.inbox); besides signing the last will at 
 that is all it does. One device loop owns everything else: it writes artifacts into the cache,
 answers the secure-aggregation phases (keys, shares, masking, unmasking:
 edge_client.secure_client), says hello at each connect, and runs each task through its stages:
-check that it is still wanted, get its files, get its weights, load the tier, evaluate, train,
-then encode and send the update (or hand the delta to the secure session). While a stage waits
-(for files, or for ONNX Runtime, which runs on a helper thread the loop lends the tier's trainer
-to) the loop keeps serving the inbox, so keys go out and shares are answered during training.
+check that it is still wanted, get its files, fit the local data to the tier's model (skipped, the
+reason logged once per model, when it does not fit: models.data.fit_split), get its weights, load
+the tier, evaluate, train, then encode and send the update (or hand the delta to the secure
+session). While a stage waits (for files, or for ONNX Runtime, which runs on a helper thread the
+loop lends the tier's trainer to) the loop keeps serving the inbox, so keys go out and shares are
+answered during training.
 The broker session is persistent (clean_session off): a task published while the device was
 away is delivered when it comes back, and dropped here if its deadline has passed.
 
@@ -66,7 +68,7 @@ from edge_client.onnx_guard import OnnxRefused, check_onnx_folder
 from edge_client.privacy import privatize
 from edge_client.receipt import Receipt
 from edge_client.trainer import EvalStats, Trainer, TrainStats
-from models.data import Dataset
+from models.data import Dataset, fit_split
 from models.manifest import STATISTICS_FILE, TierManifest
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.codecs import encode_decode, parse_codec
@@ -162,13 +164,16 @@ def device_key(folder: Path) -> DeviceKey | None:
 class DeviceAgent:
     """One device of the fleet, training on its own local data."""
 
-    def __init__(self, config: ClientConfig, train: Dataset, test: Dataset, trains: bool = True) -> None:
-        """`trains=False` (tierfl bench --broker): tasks are let go unanswered; only `ask_tier` fetches files."""
+    def __init__(self, config: ClientConfig, train: Dataset, test: Dataset, trains: bool = True,
+                 data_name: str = "the local data") -> None:
+        """`trains=False` (tierfl bench --broker): tasks are let go unanswered; only `ask_tier` fetches files.
+        `data_name` (the --data value) names the data in the error when it does not fit a task's model."""
         check_id(config.device_id, "device id")
         self.config = config
         self.trains = trains
         self.train_data = train
         self.test_data = test
+        self.data_name = data_name
         self.topics = Topics(config.fleet)
         self.cache = ArtifactCache(config.cache_dir, max_bytes=int(config.cache_max_mb * 1e6))
         self.key = device_key(config.cache_dir)
@@ -185,6 +190,7 @@ class DeviceAgent:
         self._trainers: dict[str, Trainer] = {}
         self._manifests: dict[str, TierManifest] = {}  # manifest sha256 -> manifest, once its tier folder is checked
         self._feedback: dict[str, ErrorFeedback] = {}
+        self._fitted: tuple[tuple[object, ...], tuple[Dataset, Dataset] | str] | None = None  # last model: data/why not
         self._dp_rng = np.random.default_rng()  # local DP noise: seeded by the OS, never by the (public) task
         self._held: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # tier -> (version, weights received)
         self._unstorable: set[str] = set()  # artifacts of the current task that do not fit the cache bound
@@ -484,13 +490,14 @@ class DeviceAgent:
         task: Task = frame.body  # type: ignore[assignment]
         self._check_wanted(task)
         manifest = self._get_files(task, task.deadline, f"round {task.round}")
+        train, test = self._fit_data(task, manifest)
         start = self._get_weights(task, frame.tensors, manifest)
         trainer = self._load_tier(task, manifest, start)
         if isinstance(task, MeasureBnStatistics):
-            self._send_bn_statistics(task, start)
+            self._send_bn_statistics(task, start, train)
             return
-        before = self._evaluate(task, trainer)
-        delta, stats = self._train(task, trainer, start)
+        before = self._evaluate(task, trainer, test)
+        delta, stats = self._train(task, trainer, start, train)
         if task.secure is not None and self.secure is not None:
             self._hand_to_secure(task, delta, before)
             return
@@ -569,6 +576,28 @@ class DeviceAgent:
             self._manifests[task.manifest_sha256] = manifest
         return manifest
 
+    def _fit_data(self, task: Task, manifest: TierManifest) -> tuple[Dataset, Dataset]:
+        """Stage 2b: our train and test data shaped for the tier's model (models.data.fit_split); TaskSkipped when
+        they do not fit its input or classes, the reason logged once per model (each later task in one line)."""
+        model = manifest.model
+        key = (model.name, tuple(model.input_shape), model.num_classes)
+        if self._fitted is None or self._fitted[0] != key:
+            try:
+                fitted: tuple[Dataset, Dataset] | str = fit_split(self.train_data, self.test_data, model.input_shape,
+                                                                  model.num_classes, self.data_name)
+            except ValueError as exc:
+                fitted = str(exc)
+                log.error("round %d (tier %s): skipped, this device's data does not fit model %s: %s",
+                          task.round, task.tier, model.name, exc)
+            self._fitted = (key, fitted)
+        elif isinstance(self._fitted[1], str):
+            log.info("round %d (tier %s): skipped, this device's data does not fit model %s (said above)",
+                     task.round, task.tier, model.name)
+        fitted = self._fitted[1]
+        if isinstance(fitted, str):
+            raise TaskSkipped(fitted)
+        return fitted
+
     def _get_weights(self, task: Task, tensors: Mapping[str, Tensor], manifest: TierManifest) -> dict[str, np.ndarray]:
         """Stage 3: the task's weights, as sent or as the held version plus the sent delta.
 
@@ -618,20 +647,22 @@ class DeviceAgent:
         self._held[task.tier] = (task.model_version, start)
         return trainer
 
-    def _evaluate(self, task: TrainTask, trainer: Trainer) -> EvalStats | None:
-        """Stage 5: the received model on our test data, when the task asks and we have some."""
-        if not (task.evaluate and len(self.test_data)):
+    def _evaluate(self, task: TrainTask, trainer: Trainer, test: Dataset) -> EvalStats | None:
+        """Stage 5: the received model on our test data (`test`, fitted to it), when the task asks and we have some."""
+        if not (task.evaluate and len(test)):
             return None
-        return self._off_loop(lambda: trainer.evaluate(self.test_data))
+        return self._off_loop(lambda: trainer.evaluate(test))
 
-    def _train(self, task: TrainTask, trainer: Trainer, start: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], TrainStats]:
-        """Stage 6: train until the epochs are done or the send margin is reached; the update (new - start, privatized
-        when the task asks for local DP) and the training's statistics. TaskRefused when training diverged."""
+    def _train(self, task: TrainTask, trainer: Trainer, start: Mapping[str, np.ndarray],
+               train: Dataset) -> tuple[dict[str, np.ndarray], TrainStats]:
+        """Stage 6: train on `train` (fitted to the model) until the epochs are done or the send margin is reached;
+        the update (new - start, privatized when the task asks for local DP) and the training's statistics.
+        TaskRefused when training diverged."""
         seed = task.seed ^ zlib.crc32(self.config.device_id.encode())
         log.info("round %d: training tier %s (%d epochs, %.0f s to the deadline)",
                  task.round, task.tier, task.epochs, task.deadline - time.time())
         stats = self._off_loop(lambda: trainer.train(
-            self.train_data, task.epochs, task.batch_size, task.learning_rate, seed, task.mask_classes,
+            train, task.epochs, task.batch_size, task.learning_rate, seed, task.mask_classes,
             proximal_mu=task.proximal_mu, stop_at=task.deadline - self.config.send_margin_s))
         trained = trainer.get_weights()
         delta = {name: trained[name] - start[name] for name in start}
@@ -698,10 +729,11 @@ class DeviceAgent:
 
         self._commit(send)
 
-    def _send_bn_statistics(self, task: MeasureBnStatistics, weights: dict[str, np.ndarray]) -> None:
-        """Stage 5 of a statistics task: measure the batch-norm statistics of `weights` on our training data, send them."""
+    def _send_bn_statistics(self, task: MeasureBnStatistics, weights: dict[str, np.ndarray], train: Dataset) -> None:
+        """Stage 5 of a statistics task: measure the batch-norm statistics of `weights` on our training data (`train`,
+        fitted to the model), send them."""
         folder = self.cache.tier_folder(task.artifacts, key=task.manifest_sha256)
-        statistics = self._off_loop(lambda: measure_bn_statistics(folder / STATISTICS_FILE, weights, self.train_data,
+        statistics = self._off_loop(lambda: measure_bn_statistics(folder / STATISTICS_FILE, weights, train,
                                                                   threads=self.config.threads))
         body = BnStatistics(round=task.round, base_version=task.model_version, tier=task.tier, num_samples=len(self.train_data))
 

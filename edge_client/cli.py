@@ -42,7 +42,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_fleet_arguments(parser)
-    parser.add_argument("--data", help="local data: FILE.npz (keys x, y) | digits | fashion-mnist")
+    parser.add_argument("--data", help="local data: FILE.npz | digits | fashion-mnist[:train|:test]. FILE.npz holds x, "
+                        "N samples of the model's input shape ([N, C, H, W], [N, C, T] or [N, F]; uint8 is scaled to "
+                        "0-1, float taken as is, NaN/Inf refused) and y, N integer labels from 0 to classes-1. Checked "
+                        "against the model when its first task comes (a task it does not fit is skipped, the reason "
+                        "logged): [N, H, W] and flat [N, H*W] also fit a [1, H, W] model, size-1 axes may be missing "
+                        "or extra, and a model of flat [F] samples takes any samples of F values, flattened")
     parser.add_argument("--test-fraction", type=float, default=0.2,
                         help="share of local data held out to evaluate received models (default: %(default)s)")
     parser.add_argument("--tier", help="ask for a fixed tier (a-e); default: the aggregator decides")
@@ -116,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     backend = resolve_backend(args.backend)  # fail now, with the fix spelled out, if a forced backend cannot work
     log.info("training backend: %s", backend)
     data = load_dataset(args.data)
+    log.info("local data %s: %d samples of shape %s, labels 0 to %d", args.data, len(data), list(data.sample_shape),
+             data.num_classes - 1)
     train, test = train_test_split(data, args.test_fraction, seed=0) if args.test_fraction > 0 else (data, data.subset([]))
     config = ClientConfig(
         broker=parse_broker(args.broker),
@@ -137,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         fleet_keys=EnrolledKeys.load(args.fleet_keys).root if args.fleet_keys else None,
         aggregator_key=read_public_key(args.aggregator_key) if args.aggregator_key else None,
     )
-    agent = DeviceAgent(config, train, test)
+    agent = DeviceAgent(config, train, test, data_name=args.data)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
