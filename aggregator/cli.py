@@ -208,9 +208,9 @@ def derived_defaults(args: argparse.Namespace) -> dict[str, object]:
 
 def open_artifacts(args: argparse.Namespace, export: ExportPlan | None) -> ArtifactStore:
     """The export named by --artifacts, or STATE_DIR/artifacts, exported now as planned if it is not there yet."""
-    if export is not None and not export.exists:
-        log.info("exporting %s tiers %s to %s", export.spec.name, ",".join(export.tiers), export.folder)
-        export_all(export.spec, list(export.tiers), export.folder, proximal=export.proximal)
+    if export is not None and export.recipe is not None:
+        log.info("exporting %s tiers %s to %s", export.card.name, ",".join(export.tiers), export.folder)
+        export_all(export.recipe, list(export.tiers), export.folder, proximal=export.proximal)
     return ArtifactStore(args.artifacts or args.state_dir / "artifacts")
 
 
@@ -273,13 +273,15 @@ def serve(args: argparse.Namespace, settings: AlgorithmSettings) -> int:
         server_optimizer=settings.server_optimizer,
     )
     mix = settings.tier_mix or parse_tier_mix("-".join(artifacts.tiers))
-    policy = make_tier_policy(args.tier_policy, mix, artifacts.spec, args.epochs, args.round_timeout, args.seed)
+    policy = make_tier_policy(args.tier_policy, mix, artifacts.macs, args.epochs, args.round_timeout, args.seed)
     dp, secure = settings.dp, settings.secure
     strategy = make_strategy(args, policy, settings)
     privacy = dp.budget()
     if dp.mode == "local":
         config = config.model_copy(update={"local_dp_clip": dp.clip_norm, "local_dp_noise": dp.noise_multiplier})
-    evaluator = HeldOutEvaluator(load_dataset(args.eval_data)) if args.eval_data else None
+    evaluator = None
+    if args.eval_data:  # fitted to the model's input here: a mismatch stops the start, naming the data
+        evaluator = HeldOutEvaluator(load_dataset(args.eval_data), artifacts, source=args.eval_data)
     ledger = Ledger(args.state_dir / "ledger.sqlite")
     with contextlib.closing(ledger):  # closed on every way out: no -wal and -shm files left behind
         parts = EngineParts(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(max_devices=args.max_devices),

@@ -22,7 +22,8 @@ from aggregator.strategies.robust import (DEFAULT_OUTLIER_MULTIPLE, DEFAULT_TRIM
 from aggregator.strategies.sampling import ClientSampler, make_sampler
 from aggregator.strategies.server_optimizer import ADAPTIVE, SERVER_OPTIMIZERS, ServerOptimizer
 from aggregator.strategies.tiering import parse_tier_mix
-from models.manifest import ExportIndex, TierManifest
+from models.export import zoo_card
+from models.manifest import ExportIndex, ModelCard, TierManifest
 from models.spec import ModelSpec
 from models.tiers import tier_rate
 
@@ -159,10 +160,15 @@ class ExportPlan:
     """The export a start serves, known before anything is exported: an existing folder's, or the one it will write."""
 
     folder: Path
-    spec: ModelSpec
+    card: ModelCard
     tiers: tuple[str, ...]
     proximal: bool  # every tier's graphs carry FedProx's proximal term
-    exists: bool  # False: the start exports it into `folder` (STATE_DIR/artifacts)
+    recipe: ModelSpec | None = None  # the zoo model the start exports into `folder` (STATE_DIR/artifacts); None: exists
+
+    @property
+    def exists(self) -> bool:
+        """True when `folder` holds the export already; False when the start exports `recipe` into it."""
+        return self.recipe is None
 
 
 def planned_export(args: argparse.Namespace, mu: float) -> ExportPlan | None:
@@ -176,7 +182,7 @@ def planned_export(args: argparse.Namespace, mu: float) -> ExportPlan | None:
             proximal = all(TierManifest.load(folder / rel).proximal for rel in index.tiers.values())
         except (OSError, ValueError):  # a damaged export: opening it at the start names the file
             return None
-        return ExportPlan(folder, index.model, tuple(index.tiers), proximal, exists=True)
+        return ExportPlan(folder, index.model, tuple(index.tiers), proximal)
     if args.artifacts is not None:
         return None
     tiers = tuple(dict.fromkeys(t.strip() for t in args.tiers.split(",") if t.strip()))
@@ -184,7 +190,8 @@ def planned_export(args: argparse.Namespace, mu: float) -> ExportPlan | None:
         raise ValueError("--tiers names no tier")
     for tier in tiers:
         tier_rate(tier)
-    return ExportPlan(folder, ModelSpec(arch=args.arch, image_size=args.image_size), tiers, mu > 0, exists=False)
+    recipe = ModelSpec(arch=args.arch, image_size=args.image_size)
+    return ExportPlan(folder, zoo_card(recipe), tiers, mu > 0, recipe)
 
 
 def export_problem(args: argparse.Namespace, mu: float, export: ExportPlan) -> str | None:
@@ -192,8 +199,8 @@ def export_problem(args: argparse.Namespace, mu: float, export: ExportPlan) -> s
     if mu > 0 and export.exists and not export.proximal:
         return (f"--mu {mu} needs artifacts with the FedProx term: re-export {export.folder} with "
                 "`tierfl export --proximal` (or let the aggregator export them: no --artifacts)")
-    if args.dp != "off" and export.spec.batch_norm and args.bn_statistics == "devices":
-        return (f"--dp needs --bn-statistics averaged: the batch-norm statistics of {export.spec.name} measured on "
+    if args.dp != "off" and export.card.batch_norm and args.bn_statistics == "devices":
+        return (f"--dp needs --bn-statistics averaged: the batch-norm statistics of {export.card.name} measured on "
                 "devices are not privatized")
     if args.tier_mix and (missing := sorted(set(parse_tier_mix(args.tier_mix)) - set(export.tiers))):
         return (f"--tier-mix names tiers {', '.join(missing)} that the export lacks (have: {', '.join(export.tiers)}"

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     mix = parse_tier_mix(args.tier_mix or "-".join(local_tiers))
     if wider := sorted(set(mix) - set(local_tiers)):
         raise ValueError(f"--tier-mix names tiers {', '.join(wider)} wider than --tier {args.tier} or not exported")
-    policy = make_tier_policy(args.tier_policy, mix, artifacts.spec, 1, 60.0, args.seed)
+    policy = make_tier_policy(args.tier_policy, mix, artifacts.macs, 1, 60.0, args.seed)
     strategy = FollowTask(tiers=policy, seed=args.seed, sampler=UniformSampler(args.fraction, 1, args.seed))
     config = EngineConfig(fleet=args.fleet, seed=args.seed, outlier_multiple=args.outlier_multiple, max_share=args.max_share)
     engine = RelayEngine(EngineParts(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry()),

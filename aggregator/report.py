@@ -18,12 +18,17 @@ import math
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from aggregator.store.state import RunOptions, StateRecord, read_run_options
+from models.manifest import ModelCard
 from protocol.atomic_file import atomic_write
 from protocol.messages import RoundSummary
+
+if TYPE_CHECKING:  # read only when an export is there (it imports onnx)
+    from aggregator.store.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
@@ -84,7 +89,7 @@ class RunData:
     record: StateRecord
     ledger: LedgerSummary | None
     ledger_note: str
-    artifacts: object | None  # aggregator.store.artifacts.ArtifactStore
+    artifacts: ArtifactStore | None
     artifacts_note: str
     options: RunOptions | None = None  # the latest start's options (options.json), if recorded
 
@@ -133,7 +138,8 @@ def _read_ledger(path: Path, last: int) -> tuple[LedgerSummary | None, str]:
     return summary, ""
 
 
-def _read_artifacts(folder: Path, identity: str) -> tuple[object | None, str]:
+def _read_artifacts(folder: Path, identity: str) -> tuple[ArtifactStore | None, str]:
+    """The export at `folder` and a note for the page (why it is missing, unreadable or another run's)."""
     from aggregator.store.artifacts import ArtifactStore
 
     if not (folder / "index.json").is_file():
@@ -307,20 +313,38 @@ def _section_run(data: RunData) -> str:
     return '<section id="run"><h2>Run</h2>' + _pairs(rows) + "</section>"
 
 
+def _macs(macs: int) -> str:
+    """Multiply-accumulates in M or G (n/a when the manifest records none)."""
+    if not macs:
+        return "n/a"
+    return f"{macs / 1e9:.2f} G" if macs >= 1e9 else f"{macs / 1e6:.2f} M" if macs >= 1e6 else f"{macs:,}"
+
+
+def _model_rows(card: ModelCard) -> list[tuple[str, str]]:
+    """The model card as (label, HTML) rows: what was exported, and its recipe or its source file's sha256."""
+    rows = [("model", _e(card.name)), ("input", _e(" x ".join(map(str, card.input_shape)))),
+            ("classes", _e(card.num_classes)), ("batch norm", "yes" if card.batch_norm else "no")]
+    if card.recipe is not None:
+        recipe = card.recipe
+        rows += [("origin", "TierFL model zoo"), ("architecture", _e(recipe.arch)),
+                 ("hidden widths", _e(", ".join(map(str, recipe.widths)))), ("init seed", _e(recipe.seed))]
+    else:
+        rows += [("origin", "ONNX file"), ("source sha256", f"<code>{_e(card.source_sha256 or 'n/a')}</code>")]
+    return rows
+
+
 def _section_configuration(data: RunData) -> str:
     body = f'<p class="note">{_e(data.artifacts_note)}</p>' if data.artifacts_note else ""
     store = data.artifacts
     if store is not None:
-        spec = store.spec
-        body += _pairs([("model", _e(spec.name)), ("architecture", _e(spec.arch)), ("input", f"{spec.image_size}x{spec.image_size}"),
-                        ("classes", _e(spec.num_classes)), ("hidden widths", _e(", ".join(map(str, spec.widths)))),
-                        ("batch norm", "yes" if spec.batch_norm else "no"), ("init seed", _e(spec.seed)),
-                        ("export identity", _e(store.identity))])
-        rows = [[_e(tier), f"{t.manifest.rate:g}", f"{t.manifest.param_count:,}", _e(_bytes(t.manifest.artifact_bytes)),
-                 _e(t.manifest.optimizer), ", ".join(n for n, on in (("scaler", t.manifest.scaler),
-                 ("class mask", t.manifest.class_mask), ("FedProx", t.manifest.proximal)) if on) or "-"]
+        body += _pairs(_model_rows(store.card) + [("export identity", _e(store.identity))])
+        rows = [[_e(tier), f"{t.manifest.rate:g}", f"{t.manifest.param_count:,}", _e(_macs(t.manifest.macs)),
+                 _e(_bytes(t.manifest.artifact_bytes)), _e(t.manifest.optimizer),
+                 ", ".join(n for n, on in (("scaler", t.manifest.scaler), ("class mask", t.manifest.class_mask),
+                                           ("FedProx", t.manifest.proximal)) if on) or "-"]
                 for tier, t in sorted(store.tiers.items())]
-        body += "<h3>Tiers</h3>" + _table(["tier", "width rate", "parameters", "artifacts", "optimizer", "graph inputs"], rows)
+        head = ["tier", "width rate", "parameters", "MACs per sample", "artifacts", "optimizer", "graph inputs"]
+        body += "<h3>Tiers</h3>" + _table(head, rows)
     if data.options is not None:
         recorded = data.options.options
         rows = [(f"--{name.replace('_', '-')}", _e(recorded[name])) for name in RUN_OPTIONS

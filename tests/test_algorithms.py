@@ -354,15 +354,13 @@ def test_fedprox_loss_and_gradient_match_numpy(tmp_path: Path) -> None:
     """Full-batch SGD: step 2 with mu differs from step 2 without by -lr * mu * (w1 - w0), its loss by mu/2 ||w1 - w0||^2."""
     from edge_client.trainer import OrtTrainer
     from models.data import load_digits
-    from models.manifest import TierManifest
-    from models.zoo import init_global_params
 
-    spec = ModelSpec(arch="mlp", image_size=8, hidden=(16,))
-    export_all(spec, ["a"], tmp_path, proximal=True)
-    trainer = OrtTrainer(tmp_path / "a", TierManifest.load(tmp_path / "a" / "manifest.json"))
+    export_all(ModelSpec(arch="mlp", image_size=8, hidden=(16,)), ["a"], tmp_path, proximal=True)
+    artifacts = ArtifactStore(tmp_path)
+    trainer = OrtTrainer(tmp_path / "a", artifacts.tiers["a"].manifest)
     data = load_digits()
     data = data.subset(np.arange(64))
-    w0, lr, mu = init_global_params(spec), 0.1, 0.5
+    w0, lr, mu = artifacts.global_weights(), 0.1, 0.5
 
     def train(epochs: int, proximal_mu: float) -> tuple[dict[str, np.ndarray], float]:
         trainer.set_weights(w0)  # w_global of the proximal term = w0

@@ -244,10 +244,12 @@ def test_a_hello_claiming_max_samples_leaves_tick_selecting_sensibly(tiers_abc: 
     for i in range(6):
         registry.hello(f"d{i}", 100, 10, None, "portable", now=0.0, seconds_per_sample={"c": 1e-4})
     registry.hello("mallory", MAX_SAMPLES, MAX_SAMPLES, None, "portable", now=0.0, seconds_per_sample={"c": 1e-3})
+    artifacts = ArtifactStore(tiers_abc)
     strategy = FedAvg(fraction=0.5, min_clients=2, sampler=make_sampler("loss", 0.5, 2, seed=3, candidates=1.0),
-                      tiers=make_tier_policy("auto", parse_tier_mix("a1-b1-c1"), SPEC, epochs=1, deadline_s=20.0))
+                      tiers=make_tier_policy("auto", parse_tier_mix("a1-b1-c1"), artifacts.macs, epochs=1,
+                                             deadline_s=20.0))
     config = EngineConfig(fleet="f", rounds=2, round_timeout_s=20.0, max_share=0.5)
-    parts = EngineParts(config, strategy, ArtifactStore(tiers_abc), StateStore(tmp_path / "state"), registry)
+    parts = EngineParts(config, strategy, artifacts, StateStore(tmp_path / "state"), registry)
     engine = SecureRoundEngine(parts, SecureConfig()) if secure else RoundEngine(parts)
     tasks = {message.device_id: message.body for message in engine.tick(1.0) if isinstance(message.body, Task)}
     assert len(tasks) == round_count(0.5, 2, 7) and engine.view() is not None

@@ -380,7 +380,7 @@ def test_relay_show_key_prints_the_key_the_parent_enrols(tmp_path, capsys, comma
 def exports(tmp_path_factory) -> dict[str, Path]:
     """Small exports the conflict checks read: plain tiers a and c, and a batch-norm model."""
     from models.export import export_all
-    from models.zoo import ModelSpec
+    from models.spec import ModelSpec
 
     root = tmp_path_factory.mktemp("exports")
     export_all(ModelSpec(arch="mlp", hidden=(8,)), ["a", "c"], root / "plain")
@@ -427,14 +427,17 @@ def test_mu_against_the_state_folders_own_export_is_refused_before_options_json(
 def test_options_that_fit_the_export_resolve(tmp_path, exports):
     """The same checks let through what combines: a proximal export planned for --mu, a mix of exported tiers."""
     from aggregator.options import resolve_options
+    from models.export import zoo_card
 
     def settings(*argv: str):
         return resolve_options(role_parser("aggregator").parse_args(["--state-dir", str(tmp_path / "s"), *argv]))
 
     planned = settings("--mu", "0.1", "--tiers", "a,c", "--tier-mix", "a2-c8")
     assert planned.export is not None and not planned.export.exists and planned.export.proximal
+    assert planned.export.recipe is not None and planned.export.card == zoo_card(planned.export.recipe)
     assert planned.export.tiers == ("a", "c") and planned.tier_mix == {"a": 0.2, "c": 0.8}
     read = settings("--artifacts", str(exports["bn"]), "--dp", "central", "--dp-clip", "1", "--dp-noise", "1",
                     "--bn-statistics", "averaged")
-    assert read.export is not None and read.export.exists and read.export.spec.batch_norm and read.tier_mix is None
+    assert read.export is not None and read.export.exists and read.export.card.batch_norm and read.tier_mix is None
+    assert read.export.recipe is None and read.export.card.name == "mlp8-h8-bn"
     assert settings("--artifacts", str(tmp_path / "missing")).export is None  # the start names the missing index

@@ -27,13 +27,14 @@ from aggregator.store.state import StateStore
 from aggregator.strategies.bn_statistics import statistic_names
 from aggregator.strategies.fedavg import FedAvg
 from models.export import export_all
-from models.zoo import ModelSpec, param_shapes
+from models.spec import ModelSpec
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import (BnStatistics, MeasureBnStatistics, Reject, RejectReason, RoundSummary, Task, Update,
                                new_id)
 from protocol.quantized import QuantizedTensor, Tensor
 
 MLP = ModelSpec(arch="mlp", hidden=(16,))
+SHAPES = {"fc1.weight": (16, 64), "fc1.bias": (16,), "fc2.weight": (10, 16), "fc2.bias": (10,)}  # MLP's, tier a
 MLP_BN = ModelSpec(arch="mlp", hidden=(8,), batch_norm=True)
 DEVICES = {"d1": 10, "d2": 30, "d3": 7, "d4": 21}  # unequal sample counts: the weighted sum depends on every update
 TIMEOUT = 10.0
@@ -81,6 +82,7 @@ class Process:
 def art(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("art")
     export_all(MLP, ["a"], out)
+    assert ArtifactStore(out).tiers["a"].shapes == SHAPES
     return out
 
 
@@ -99,7 +101,7 @@ def _updates(round_number: int = 1, version: int = 0) -> dict[str, tuple[Update,
         body = Update(update_id=new_id(), round=round_number, base_version=version, tier="a", num_samples=samples,
                       steps=3, train_loss=1.0, train_accuracy=0.5, train_seconds=0.1, eval_loss=0.5 + seed,
                       eval_accuracy=0.1 * seed, eval_samples=5)
-        out[device] = body, {n: rng.normal(0, 0.1, s).astype(np.float32) for n, s in param_shapes(MLP).items()}
+        out[device] = body, {n: rng.normal(0, 0.1, s).astype(np.float32) for n, s in SHAPES.items()}
     return out
 
 
@@ -347,7 +349,7 @@ def test_a_round_of_quantized_updates_resumes_bit_identical_from_a_quantized_spo
     kinds = [_entries(spool / f"update-00000{i}.npz")[0]["quantized"] for i in (1, 2, 3)]
     assert [{how["kind"] for how in k.values()} for k in kinds] == [{"int8"}, {"int8-row", "int8"}, {"int4"}]  # biases: one row
     _, arrays = _entries(spool / "update-000003.npz")
-    assert set(arrays) == {f"{n}.{part}" for n in param_shapes(MLP) for part in ("codes", "scales")}
+    assert set(arrays) == {f"{n}.{part}" for n in SHAPES for part in ("codes", "scales")}
     assert arrays["fc1.weight.codes"].dtype == np.uint8 and arrays["fc1.weight.codes"].size == 16 * 64 // 2
 
     second = Process(art, tmp_path / "state", now=3.0)
@@ -396,9 +398,9 @@ def test_the_spool_gives_back_the_same_codes_scales_and_float32_arrays(tmp_path:
 
 
 def test_an_int8_update_is_spooled_at_a_quarter_of_its_float32_size(tmp_path: Path) -> None:
-    spec = ModelSpec(arch="mlp", hidden=(1350,))  # 101,260 parameters
+    shapes = {"fc1.weight": (1350, 64), "fc1.bias": (1350,), "fc2.weight": (10, 1350), "fc2.bias": (10,)}  # 101,260
     rng = np.random.default_rng(3)
-    deltas = {n: rng.normal(0, 0.01, s).astype(np.float32) for n, s in param_shapes(spec).items()}
+    deltas = {n: rng.normal(0, 0.01, s).astype(np.float32) for n, s in shapes.items()}
     assert 100_000 <= sum(d.size for d in deltas.values()) <= 102_000
     sizes = {}
     for codec in ("float32", "int8", "int4"):

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from aggregator.engines.base import EngineConfig, Outgoing
@@ -16,9 +17,11 @@ from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.state import StateMismatch, StateStore
 from aggregator.strategies.fedavg import FedAvg
-from models.data import load_digits
+from models.data import Dataset, load_digits
 from models.export import export_all
-from models.zoo import ModelSpec, init_global_params, param_shapes
+from models.manifest import GLOBAL_MODEL_FILE
+from models.spec import ModelSpec
+from models.tier_graph import initializer_arrays
 from protocol.messages import Reject, RejectReason, RoundSummary, Task, Update, new_id
 
 SPEC = ModelSpec(arch="mlp", image_size=8, hidden=(16,))
@@ -90,8 +93,8 @@ def _reason(out: list[Outgoing], dev: str) -> RejectReason:
     return out[0].body.reason
 
 
-def test_param_shapes_are_what_the_tests_assume() -> None:
-    assert param_shapes(SPEC) == SHAPES
+def test_param_shapes_are_what_the_tests_assume(art_dir: Path) -> None:
+    assert ArtifactStore(art_dir).tiers["a"].shapes == SHAPES
 
 
 def test_tick_starts_round_with_one_task_per_device(art_dir: Path, tmp_path: Path) -> None:
@@ -100,7 +103,7 @@ def test_tick_starts_round_with_one_task_per_device(art_dir: Path, tmp_path: Pat
     out = h.engine.tick(100.0)
     assert sorted(o.device_id for o in out) == ["d1", "d2", "d3"]
     assert h.engine.current_round == 1
-    init = init_global_params(SPEC)
+    init = initializer_arrays(onnx.load(art_dir / GLOBAL_MODEL_FILE))  # the export's initial global weights
     tier = h.artifacts.tiers["a"]
     for o in out:
         task = o.body
@@ -289,7 +292,8 @@ def _numpy_accuracy(weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndar
 
 def test_held_out_evaluator_scores_the_new_global_model(art_dir: Path, tmp_path: Path) -> None:
     test = load_digits().subset(np.arange(200))
-    h = Harness(art_dir, tmp_path / "state", {"d1": 10, "d2": 30}, evaluator=HeldOutEvaluator(test))
+    h = Harness(art_dir, tmp_path / "state", {"d1": 10, "d2": 30},
+                evaluator=HeldOutEvaluator(test, ArtifactStore(art_dir)))
     h.engine.tick(0.0)
     h.update("d1", _random(1, 0.3), 1.0)
     summary = _summary(h.update("d2", _random(2, 0.3), 1.0))
@@ -299,6 +303,34 @@ def test_held_out_evaluator_scores_the_new_global_model(art_dir: Path, tmp_path:
     assert summary.loss == pytest.approx(loss, rel=1e-4)
     assert 0.0 <= summary.accuracy <= 1.0
     assert summary.accuracy_by_tier == {"a": pytest.approx(accuracy, abs=1e-9)}
+
+
+def test_held_out_evaluator_runs_each_tier_s_own_forward_graph(tmp_path: Path) -> None:
+    export_all(SPEC, ["a", "c"], tmp_path / "art")
+    artifacts = ArtifactStore(tmp_path / "art")
+    test = load_digits().subset(np.arange(300))
+    evaluator = HeldOutEvaluator(test, artifacts)
+    weights = {n: w + np.float32(0.2) * np.sign(w) for n, w in artifacts.global_weights().items()}
+    narrow = {n: w[tuple(slice(0, d) for d in artifacts.tiers["c"].shapes[n])] for n, w in weights.items()}
+    assert narrow["fc1.weight"].shape == (4, 64)
+    for rate, tier_weights in ((1.0, weights), (0.25, narrow)):
+        loss, accuracy = evaluator.evaluate(tier_weights, rate)
+        expected_loss, expected_accuracy = _numpy_accuracy(tier_weights, test.x, test.y)
+        assert (loss, accuracy) == (pytest.approx(expected_loss, rel=1e-4), pytest.approx(expected_accuracy, abs=1e-9))
+    with pytest.raises(ValueError, match="no exported tier has width rate 0.5"):
+        evaluator.evaluate(weights, 0.5)
+
+
+def test_held_out_evaluator_takes_data_shaped_for_the_card_only(art_dir: Path) -> None:
+    digits = load_digits().subset(np.arange(50))
+    flat = Dataset(digits.x.reshape(50, 64), digits.y)  # [64] fits a [1, 8, 8] model: reshaped row by row
+    artifacts = ArtifactStore(art_dir)
+    weights = artifacts.global_weights()
+    assert HeldOutEvaluator(flat, artifacts).evaluate(weights) == HeldOutEvaluator(digits, artifacts).evaluate(weights)
+    wide = Dataset(np.zeros((5, 3, 8, 8), np.float32), np.zeros(5, np.int64))
+    with pytest.raises(ValueError, match=r"held-out.npz: x holds samples of shape \[3, 8, 8\] but the model takes "
+                                         r"\[1, 8, 8\]"):
+        HeldOutEvaluator(wide, artifacts, source="held-out.npz")
 
 
 def test_resume_continues_at_same_version_round_and_weights(art_dir: Path, tmp_path: Path) -> None:

@@ -25,12 +25,13 @@ from aggregator.store.ledger import Ledger
 from aggregator.store.round_spool import RoundPlan, RoundSpool
 from aggregator.store.state import EXIT_NEEDS_OPERATOR, PREVIOUS_STATE_FILE, StateCorrupt, StateRecord, StateStore
 from models.export import export_all
-from models.zoo import ModelSpec, param_shapes
+from models.spec import ModelSpec
 from protocol import atomic_file
 from protocol.atomic_file import atomic_write
 from protocol.messages import RoundSummary
 
 MLP = ModelSpec(arch="mlp", hidden=(16,))
+SHAPES = {"fc1.weight": (16, 64), "fc1.bias": (16,), "fc2.weight": (10, 16), "fc2.bias": (10,)}  # MLP's, tier a
 FLEET = "default"
 ROUNDS = 3  # versions 1..3 kept, one per round
 
@@ -39,12 +40,13 @@ ROUNDS = 3  # versions 1..3 kept, one per round
 def art(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("art")
     export_all(MLP, ["a"], out)
+    assert ArtifactStore(out).tiers["a"].shapes == SHAPES
     return out
 
 
 def _weights(version: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(version)
-    return {name: rng.normal(size=shape).astype(np.float32) for name, shape in param_shapes(MLP).items()}
+    return {name: rng.normal(size=shape).astype(np.float32) for name, shape in SHAPES.items()}
 
 
 def _state(art: Path, root: Path) -> StateStore:

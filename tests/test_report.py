@@ -19,7 +19,7 @@ from aggregator.store.ledger import Ledger
 from aggregator.store.state import StateRecord, StateStore, write_run_options
 from aggregator.strategies.fedavg import FedAvg
 from models.export import export_all
-from models.zoo import ModelSpec
+from models.spec import ModelSpec
 from protocol.messages import RejectReason, RoundSummary, Update, new_id
 from tierfl.cli import main
 
@@ -68,6 +68,12 @@ def test_report_of_a_real_engine_run_escapes_what_came_from_the_network(tmp_path
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "d&lt;b&gt;9" in page
     assert "malformed" in page and "Last 1 refused messages" in page
     assert re.search(r"<th>tier</th>.*<td>b</td><td>0\.5</td>", page)  # tiers from STATE/artifacts/index.json
+    for label, value in (("model", "mlp8-h4"), ("input", "1 x 8 x 8"), ("classes", "10"), ("batch norm", "no"),
+                         ("origin", "TierFL model zoo"), ("architecture", "mlp"), ("hidden widths", "4")):
+        assert f"<tr><th>{label}</th><td>{value}</td></tr>" in page, label  # the export's card and its recipe
+    assert "source sha256" not in page
+    macs = {t: a.manifest.macs for t, a in ArtifactStore(state / "artifacts").tiers.items()}
+    assert re.search(rf"<th>MACs per sample</th>.*<td>a</td><td>1</td><td>[0-9,]+</td><td>{macs['a']:,}</td>", page)
     assert "federated" in page  # accuracy from the devices' evaluation
 
 
@@ -105,6 +111,16 @@ def test_report_without_ledger_or_artifacts_uses_the_round_summaries(tmp_path):
     assert "<td>late</td><td>3</td>" in page and "<td>duplicate</td><td>2</td>" in page
     assert "Failed rounds (too few updates, no new version): 2." in page
     assert "no export index" in page and "no ledger" in page
+
+
+def test_an_export_of_the_older_format_is_a_note_naming_the_way_out(tmp_path):
+    state = tmp_path / "state"
+    _engine_run(state)
+    index = state / "artifacts" / "index.json"
+    index.write_text(index.read_text().replace('"format_version": 2', '"format_version": 1'))
+    page = render(load_run(state))
+    assert "exported by an older TierFL" in page and f"re-run tierfl export --out {state / 'artifacts'}" in page
+    assert "<h3>Tiers</h3>" not in page
 
 
 def test_missing_foreign_or_corrupt_state_directories_are_one_line_errors(tmp_path, capsys):

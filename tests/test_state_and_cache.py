@@ -8,13 +8,16 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.state import KEEP_VERSIONS, StateMismatch, StateRecord, StateStore
 from edge_client.cache import ArtifactCache, ArtifactTooLarge, CacheFull
-from models.export import ARTIFACT_FILES, MANIFEST_NAME, export_all
-from models.zoo import ModelSpec
+from models.export import ARTIFACT_FILES, MANIFEST_NAME, export_all, zoo_card
+from models.manifest import GLOBAL_MODEL_FILE
+from models.spec import ModelSpec
+from models.tier_graph import initializer_arrays
 from protocol.atomic_file import atomic_write
 from protocol.messages import RoundSummary
 
@@ -305,3 +308,38 @@ def test_artifact_store_read_raises_if_file_changed_on_disk(exported: Path) -> N
 def test_artifact_store_needs_an_index(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="index.json"):
         ArtifactStore(tmp_path)
+
+
+def test_artifact_store_reads_the_card_and_the_global_weights_of_model_onnx(exported: Path) -> None:
+    store = ArtifactStore(exported)
+    assert store.card == zoo_card(SPEC) and store.card.input_shape == [1, 8, 8]
+    assert store.param_names == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    weights = store.global_weights()
+    assert list(weights) == store.param_names
+    in_file = initializer_arrays(onnx.load(exported / GLOBAL_MODEL_FILE))
+    for name, value in weights.items():
+        assert value.dtype == np.float32 and value.flags.writeable
+        np.testing.assert_array_equal(value, in_file[name], err_msg=name)
+    assert weights["fc1.weight"].shape == (16, 64)  # full width, though the widest manifest is read for the order
+    assert store.macs == {"a": store.tiers["a"].manifest.macs, "c": store.tiers["c"].manifest.macs}
+    assert store.macs["a"] > store.macs["c"] > 0
+
+
+def test_artifact_store_global_weights_name_model_onnx_and_the_way_out(exported: Path) -> None:
+    store = ArtifactStore(exported)
+    path = exported / GLOBAL_MODEL_FILE
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(RuntimeError, match=f"{GLOBAL_MODEL_FILE} changed on disk.*re-run `tierfl export --out"):
+        store.global_weights()
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{GLOBAL_MODEL_FILE} not found.*re-run `tierfl export --out"):
+        store.global_weights()
+
+
+def test_artifact_store_refuses_an_export_of_the_older_format(exported: Path) -> None:
+    index = json.loads((exported / "index.json").read_text())
+    index.update(format_version=1, model=SPEC.model_dump(mode="json"))
+    del index["global_model"]
+    (exported / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"exported by an older TierFL .*: re-run tierfl export --out {exported}"):
+        ArtifactStore(exported)

@@ -29,7 +29,7 @@ from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.state import StateStore
 from aggregator.strategies.fedmut import FedMut
 from models.export import export_all
-from models.zoo import ModelSpec, param_shapes
+from models.spec import ModelSpec
 from protocol.messages import RejectReason, Update, new_id
 from protocol.topics import Topics
 from tests.conftest import tierfl
@@ -122,15 +122,15 @@ def _parse(metrics_text: bytes) -> dict[tuple[str, frozenset], float]:
 
 def test_monitor_follows_an_engine_and_serves_strict_json(tmp_path):
     """A real engine driven with a fake clock: rounds, rejections and a diverged loss (NaN: null in JSON)."""
-    spec = ModelSpec(arch="mlp", image_size=8, hidden=(8,))
-    export_all(spec, ["a"], tmp_path / "art")
+    export_all(ModelSpec(arch="mlp", image_size=8, hidden=(8,)), ["a"], tmp_path / "art")
+    artifacts = ArtifactStore(tmp_path / "art")
     registry = DeviceRegistry()
     for device in ("d0", "d1"):
         registry.hello(device, 50, 10, None, "portable", now=0.0)
     strategy = FedMut(min_clients=2, alpha=1.5)  # a strategy with numbers of its own, exported as tierfl_strategy_metric
     engine = RoundEngine(EngineParts(EngineConfig(fleet="f", rounds=3, round_timeout_s=10), strategy,
-                                     ArtifactStore(tmp_path / "art"), StateStore(tmp_path / "state"), registry))
-    zeros = {n: np.zeros(s, np.float32) for n, s in param_shapes(spec).items()}
+                                     artifacts, StateStore(tmp_path / "state"), registry))
+    zeros = {n: np.zeros(s, np.float32) for n, s in artifacts.tiers["a"].shapes.items()}
     monitor = Monitor(refresh_s=60)  # refreshes anyway whenever a round finishes
     monitor.observe(engine, 1.0)
     assert json.loads(monitor.snapshot().json_bytes)["current"] is None

@@ -8,7 +8,6 @@ import pytest
 
 from aggregator.registry import DeviceInfo
 from aggregator.strategies.tiering import AutoTiers, DynamicTiers, FixedTiers, make_tier_policy, parse_tier_mix
-from models.zoo import ModelSpec
 
 
 def _device(name: str, tier: str | None = None, samples: int = 100, speed: dict[str, float] | None = None) -> DeviceInfo:
@@ -50,9 +49,11 @@ def test_dynamic_tiers_are_redrawn_each_round_reproducibly():
     assert {t for r in rounds for t in r.values()} == set("abcde")
 
 
+CNN28_MACS = {"a": 4_241_152, "c": 307_648, "e": 29_872}  # forward MACs per sample of the zoo's cnn28 tiers
+
+
 def test_auto_tiers_give_the_widest_tier_that_fits_the_deadline():
-    spec = ModelSpec(arch="cnn", image_size=28)
-    policy = AutoTiers(spec, ["a", "c", "e"], epochs=2, deadline_s=10.0, budget=1.0)
+    policy = AutoTiers(CNN28_MACS, ["a", "c", "e"], epochs=2, deadline_s=10.0, budget=1.0)
     # 1,000 samples x 2 epochs in 10 s: at most 5 ms per sample.
     assert policy.fitting_tier(_device("fast", samples=1000, speed={"a": 0.004})) == "a"
     assert policy.fitting_tier(_device("slow", samples=1000, speed={"a": 0.04})) == "c"  # c costs ~14x less than a
@@ -63,8 +64,15 @@ def test_auto_tiers_give_the_widest_tier_that_fits_the_deadline():
     assert policy.assign(1, [_device("asks", "a", speed={"a": 10.0})]) == {"asks": "a"}
 
 
+def test_auto_tiers_need_every_tier_s_forward_cost():
+    with pytest.raises(ValueError, match="tier\\(s\\) c does not give: re-run tierfl export"):
+        AutoTiers({"a": 1000, "c": 0}, ["a", "c"], epochs=1, deadline_s=10.0)
+    with pytest.raises(ValueError, match="tier\\(s\\) e does not"):
+        AutoTiers({"a": 1000}, ["a", "e"], epochs=1, deadline_s=10.0)
+
+
 def test_make_tier_policy_names():
-    spec, mix = ModelSpec(arch="mlp"), {"a": 1.0}
-    assert [make_tier_policy(n, mix, spec, 1, 10.0).name for n in ("fixed", "dynamic", "auto")] == ["fixed", "dynamic", "auto"]
+    macs, mix = {"a": 1000}, {"a": 1.0}
+    assert [make_tier_policy(n, mix, macs, 1, 10.0).name for n in ("fixed", "dynamic", "auto")] == ["fixed", "dynamic", "auto"]
     with pytest.raises(ValueError, match="unknown tier policy"):
-        make_tier_policy("random", mix, spec, 1, 10.0)
+        make_tier_policy("random", mix, macs, 1, 10.0)

@@ -22,7 +22,6 @@ from aggregator.store.state import StateRecord
 from aggregator.strategies.bn_statistics import with_statistics
 from aggregator.strategies.server_optimizer import split_state, touched_mask, with_state
 from models.slicing import slice_params
-from models.zoo import init_global_params
 from protocol.messages import RejectReason, RoundSummary, Task
 
 log = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ class GlobalModel:
             log.info("resumed from %s at version %d after round %d", store.root, model.record.version, model.record.round)
         else:
             model = cls(parts, StateRecord(fleet=config.fleet, model=parts.artifacts.identity, version=0, round=0),
-                        init_global_params(parts.artifacts.spec))
+                        parts.artifacts.global_weights())
             store.commit(model.record, model.weights)
         if parts.privacy is not None:  # rebuild the books from the history (each charged round kept its sampling)
             for summary in model.record.history:
@@ -143,11 +142,11 @@ class GlobalModel:
         by_tier: dict[str, float] = {}
         evaluator, artifacts = self.parts.evaluator, self.parts.artifacts
         if evaluator is not None:
-            by_rate = {1.0: evaluator.evaluate(self.weights, artifacts.spec, 1.0)}
+            by_rate = {1.0: evaluator.evaluate(self.weights, 1.0)}
             for tier in sorted({a.tier for a in current.assignments.values()}):
                 rate = artifacts.tiers[tier].manifest.rate
                 if rate not in by_rate:  # each width once; full width is the global weights (widest statistics)
-                    by_rate[rate] = evaluator.evaluate(self.tier_weights(tier), artifacts.spec, rate)
+                    by_rate[rate] = evaluator.evaluate(self.tier_weights(tier), rate)
                 by_tier[tier] = by_rate[rate][1]
             loss, accuracy = by_rate[1.0]
             source = "held-out"

@@ -56,7 +56,7 @@ class RoundEngine:
         self.model = GlobalModel.load(parts)
         self.intake = UpdateIntake(parts, self.model.record.round)
         self.rounds = SyncRounds(parts, self.intake, TaskBuilder(parts))
-        self.measures_bn_statistics = parts.config.bn_statistics == "devices" and parts.artifacts.spec.batch_norm
+        self.measures_bn_statistics = parts.config.bn_statistics == "devices" and parts.artifacts.card.batch_norm
         if resume:
             self.rounds.resume(self.model, time.time() if now is None else now)
 

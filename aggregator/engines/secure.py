@@ -125,7 +125,7 @@ class SecureRoundEngine:
     def __init__(self, parts: EngineParts, secure: SecureConfig, now: float | None = None,
                  enrolled: Mapping[str, str] | None = None) -> None:
         """`enrolled` (device -> Ed25519 public hex, the --enrolled file): refuse advertisements not signed by these keys."""
-        if parts.config.bn_statistics == "devices" and parts.artifacts.spec.batch_norm:
+        if parts.config.bn_statistics == "devices" and parts.artifacts.card.batch_norm:
             raise ValueError("secure aggregation cannot pool batch-norm statistics measured on devices (each device's "
                              "would be in the clear): use --bn-statistics averaged")
         self.secure = secure

@@ -14,8 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from aggregator.registry import DeviceInfo
-from models.tiers import TIER_RATES, tier_rate
-from models.zoo import ModelSpec, forward_macs
+from models.tiers import tier_rate
 
 TIER_POLICIES = ("fixed", "dynamic", "auto")
 _PART = re.compile(r"^([a-z])(\d+(?:\.\d+)?)?$")
@@ -97,16 +96,22 @@ class AutoTiers:
 
     A device's speed is its seconds per training sample on some tier: announced from a benchmark
     in its hello, or measured from its last update. Other tiers are estimated by their forward
-    multiply-accumulates. A device with no speed yet gets the narrowest tier, which measures it.
+    multiply-accumulates (each tier manifest's `macs`). A device with no speed yet gets the narrowest
+    tier, which measures it.
     """
 
     name = "auto"
 
-    def __init__(self, spec: ModelSpec, tiers: Sequence[str], epochs: int, deadline_s: float, budget: float = 0.7) -> None:
+    def __init__(self, macs: Mapping[str, int], tiers: Sequence[str], epochs: int, deadline_s: float,
+                 budget: float = 0.7) -> None:
+        """`macs`: tier -> multiply-accumulates of one sample's forward pass, for every tier of `tiers`."""
         if not tiers:
             raise ValueError("automatic tier assignment needs at least one exported tier")
+        if unknown := [t for t in tiers if macs.get(t, 0) <= 0]:
+            raise ValueError(f"automatic tier assignment needs each tier's forward cost, which the manifest of tier(s) "
+                             f"{', '.join(unknown)} does not give: re-run tierfl export")
         self.tiers = sorted(tiers, key=tier_rate, reverse=True)  # widest first
-        self.macs = {t: forward_macs(spec, TIER_RATES[t]) for t in self.tiers}
+        self.macs = {t: macs[t] for t in self.tiers}
         self.epochs, self.seconds = epochs, deadline_s * budget
 
     def assign(self, round_number: int, devices: Sequence[DeviceInfo]) -> dict[str, str]:
@@ -126,13 +131,13 @@ class AutoTiers:
 
 
 def make_tier_policy(
-    name: str, mix: Mapping[str, float], spec: ModelSpec, epochs: int, deadline_s: float, seed: int = 0
+    name: str, mix: Mapping[str, float], macs: Mapping[str, int], epochs: int, deadline_s: float, seed: int = 0
 ) -> TierPolicy:
-    """The policy called `name` over `mix` (whose tiers must all be exported)."""
+    """The policy called `name` over `mix` (whose tiers must all be exported; `macs`: tier -> forward MACs per sample)."""
     if name == "fixed":
         return FixedTiers(mix, seed)
     if name == "dynamic":
         return DynamicTiers(mix, seed)
     if name == "auto":
-        return AutoTiers(spec, list(mix), epochs, deadline_s)
+        return AutoTiers(macs, list(mix), epochs, deadline_s)
     raise ValueError(f"unknown tier policy {name!r} (expected one of {', '.join(TIER_POLICIES)})")
