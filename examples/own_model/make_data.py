@@ -3,7 +3,7 @@
     python examples/own_model/make_data.py runs/own/data --devices 5
 
 Writes `device-0.npz` ... (x uint8 [N, 3, 32, 32], y int64 [N]; a Dirichlet(0.5) split of the
-labels) and `test.npz` (held out, for `tierfl aggregator --eval-data`). Your own data goes in
+labels by default) and `test.npz` (held out, for `tierfl aggregator --eval-data`). Your own data goes in
 the same form: `x` of the model's input shape, integer `y`.
 """
 
@@ -28,12 +28,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="folder for device-N.npz and test.npz")
     parser.add_argument("--devices", type=int, default=5)
+    parser.add_argument("--alpha", type=float, default=0.5,
+                        help="Dirichlet concentration of the label split: small is skewed, large is IID (default: 0.5)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     train, test = train_test_split(load_digits(), 0.2, args.seed)
     np.savez(args.out / "test.npz", x=as_rgb32(test.x), y=test.y)
-    for i, part in enumerate(dirichlet_partition(train.y, args.devices, 0.5, args.seed)):
+    for i, part in enumerate(dirichlet_partition(train.y, args.devices, args.alpha, args.seed)):
         np.savez(args.out / f"device-{i}.npz", x=as_rgb32(train.x[part]), y=train.y[part])
     print(f"wrote {args.devices} device files and test.npz to {args.out}")
 

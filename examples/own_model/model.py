@@ -33,13 +33,14 @@ class Block(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """Stem, three stages (16, 32, 64 channels), BN-ReLU, global average pool, linear head."""
+    """Stem, three stages (8, 16, 32 channels), BN-ReLU, global average pool, linear head."""
 
-    def __init__(self, classes: int = 10) -> None:
+    def __init__(self, classes: int = 10, widths: tuple[int, int, int] = (8, 16, 32)) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.stages = nn.Sequential(Block(16, 16, 1), Block(16, 32, 2), Block(32, 64, 2))
-        self.bn, self.fc = nn.BatchNorm2d(64), nn.Linear(64, classes)
+        w1, w2, w3 = widths
+        self.stem = nn.Conv2d(3, w1, 3, 1, 1, bias=False)
+        self.stages = nn.Sequential(Block(w1, w1, 1), Block(w1, w2, 2), Block(w2, w3, 2))
+        self.bn, self.fc = nn.BatchNorm2d(w3), nn.Linear(w3, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn(self.stages(self.stem(x))))
