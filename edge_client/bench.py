@@ -18,8 +18,9 @@ files, read without a transient copy), matplotlib is imported only after the las
 and the report records the parent's own peak beside the children's. Requests travel on stdin,
 never on the command line, because a fetch request holds the broker URL with its password.
 
-When PyTorch is importable, a `torch` child runs the same graph (read from the tier's
-inference.onnx) with torch.optim.SGD for the same steps and batch size. Nothing crosses a process
+When PyTorch is importable and the model is a zoo model (the graphs `_torch_op` reads), a `torch`
+child runs the same graph (read from the tier's inference.onnx) with torch.optim.SGD for the same
+steps and batch size. The data is shaped for the model's card (models.data.fit_to_model). Nothing crosses a process
 boundary but JSON and .npy files.
 """
 
@@ -48,8 +49,8 @@ from pydantic import BaseModel, ConfigDict
 from edge_client.backends import BACKENDS
 from edge_client.fleet_options import (FleetAccess, add_aggregator_arguments, add_cache_argument, add_fleet_arguments,
                                        add_message_size_argument)
-from models.data import Dataset, load_dataset
-from models.manifest import ExportIndex, TierManifest
+from models.data import Dataset, fit_to_model, load_dataset
+from models.manifest import ExportIndex, ModelCard, TierManifest
 from models.spec import BN_EPSILON, BN_MOMENTUM, ModelSpec
 from models.tiers import TIER_RATES, tier_rate
 from protocol.frame import encode_frame
@@ -69,6 +70,7 @@ MANIFEST_NAME = "manifest.json"
 _USER_ERRORS = (OSError, ValueError, RuntimeError, ImportError)  # ImportError: an optional package missing
 _Result = TypeVar("_Result", bound=BaseModel)
 BROKER_ENV = "TIERFL_BROKER"  # the client's variable for its broker URL (with the password): a fetch reads it too
+DEFAULT_DATA = {(1, 8, 8): "digits", (1, 28, 28): "fashion-mnist"}  # a model's sample shape -> the built-in data set
 _CHILD_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 _RELAYED = {"INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
 
@@ -111,9 +113,9 @@ class TierResult(_Frozen):
 
 
 class BenchReport(_Frozen):
-    """bench.json: the model, the settings, the host and one result per tier."""
+    """bench.json: the model's card, the settings, the host and one result per tier."""
 
-    model: ModelSpec
+    model: ModelCard
     settings: BenchSettings
     samples: int
     host: dict[str, str]
@@ -130,7 +132,7 @@ class _FetchRequest(_Frozen):
 
 class _PrepareRequest(_Frozen):
     data: str
-    image_size: int | None  # None: the fetched model's
+    model: ModelCard | None  # what the data must fit; None: the exported or fetched tiers' card
     work_dir: str
     export: ModelSpec | None  # export these tiers into work_dir/artifacts, or use existing ones
     fetch: _FetchRequest | None = None  # or fetch them from the fleet's aggregator
@@ -206,11 +208,15 @@ def _peak_rss_kib() -> int | None:
 
 
 def _prepare(request: _PrepareRequest) -> _Prepared:
-    """Load the data set, fetch the tiers if asked, check the data's image size, save it as .npy; export the
-    tiers if asked."""
+    """Load the data set, fetch the tiers if asked, shape the data for the model's card (models.data.fit_to_model)
+    and save it as .npy; export the tiers if asked."""
     data = load_dataset(request.data)
     fetched: dict[str, str] = {}
-    side = request.image_size
+    model = request.model
+    if request.export is not None:
+        from models.export import zoo_card
+
+        model = zoo_card(request.export)
     if request.fetch is not None:
         from edge_client.backends import resolve_backend
         from edge_client.bench_fetch import fetch_tiers
@@ -219,10 +225,11 @@ def _prepare(request: _PrepareRequest) -> _Prepared:
                               timeout_s=request.fetch.timeout_s, backend=resolve_backend(request.backend),
                               cache_max_mb=request.fetch.cache_max_mb)
         fetched = {tier: str(folder) for tier, folder in folders.items()}
-        side = TierManifest.load(next(iter(folders.values())) / MANIFEST_NAME).model.image_size
-    if data.x.shape[2:] != (side, side):
-        height, width = data.x.shape[2:]
-        raise ValueError(f"data {request.data!r} holds {height}x{width} images; the model expects {side}x{side}")
+        model = TierManifest.load(next(iter(folders.values())) / MANIFEST_NAME).model
+    if model is None:
+        raise ValueError("no model to shape the data for: give the bench an export, a fleet to fetch from, or a model "
+                         "to export")
+    data = fit_to_model(data, model.input_shape, model.num_classes, request.data)  # before a slow export
     work = Path(request.work_dir)
     np.save(work / "x.npy", data.x, allow_pickle=False)
     np.save(work / "y.npy", data.y, allow_pickle=False)
@@ -518,31 +525,47 @@ def _host(torch_version: str | None) -> dict[str, str]:
     return host
 
 
+def _torch_runs(model: ModelCard, torch: bool) -> bool:
+    """Whether PyTorch times the tiers too: asked for, and a zoo model (the only graphs `_torch_op` reads)."""
+    if torch and model.recipe is None:
+        log.info("no PyTorch comparison for %s: it reads only the model zoo's graphs", model.name)
+    return torch and model.recipe is not None
+
+
 def run_bench(settings: BenchSettings, spec: ModelSpec | None, artifacts: Path | None, torch: bool,
               fetch: _FetchRequest | None = None) -> BenchReport:
     """Measure every tier of `settings.tiers`, each in fresh child processes; see the module docstring.
 
     The tiers come from `artifacts`, from the fleet (`fetch`: those of `settings.tiers` it exports),
-    or are exported here from `spec`.
+    or are exported here from the zoo model `spec`.
     """
+    found = _tiers_in(artifacts, settings.tiers) if artifacts else None
+    model = next(iter(found.values())).manifest.model if found else None
+    if model is not None:
+        torch = _torch_runs(model, torch)
     progress = _Progress(1 + len(settings.tiers) * (2 if torch else 1))
     try:
         with tempfile.TemporaryDirectory(prefix="tierfl-bench-") as work:
             export = None if artifacts or fetch else spec
-            prepare = _PrepareRequest(data=settings.data, image_size=spec.image_size if spec else None, work_dir=work,
-                                      export=export, fetch=fetch, tiers=settings.tiers, backend=settings.backend)
+            prepare = _PrepareRequest(data=settings.data, model=model, work_dir=work, export=export, fetch=fetch,
+                                      tiers=settings.tiers, backend=settings.backend)
             progress.begin("loading data" + (" and fetching tiers" if fetch else "" if artifacts else
                                              " and exporting tiers"))
             prepared = _run_child("prepare", prepare, _Prepared, "preparing data and artifacts")
             samples = prepared.samples
             progress.end()
-            if fetch:
+            if found:
+                tiers = found
+            elif fetch:
                 tiers = {t: _Tier(Path(folder), TierManifest.load(Path(folder) / MANIFEST_NAME))
                          for t, folder in prepared.fetched.items()}
                 settings = settings.model_copy(update={"tiers": list(tiers)})
-                progress.resize(1 + len(tiers) * (2 if torch else 1))
             else:
-                tiers = _tiers_in(artifacts or Path(work) / "artifacts", settings.tiers)
+                tiers = _tiers_in(Path(work) / "artifacts", settings.tiers)
+            if model is None:  # the fetched or exported tiers'
+                model = next(iter(tiers.values())).manifest.model
+                torch = _torch_runs(model, torch)
+                progress.resize(1 + len(tiers) * (2 if torch else 1))
             results, torch_version = [], None
             for name, tier in tiers.items():
                 request = _TierRequest(tier_dir=str(tier.dir), data_dir=work, batch_size=settings.batch_size,
@@ -564,7 +587,6 @@ def run_bench(settings: BenchSettings, spec: ModelSpec | None, artifacts: Path |
     if parent_peak and any(r.peak_rss_kib and r.peak_rss_kib <= parent_peak for r in results):
         log.warning("a tier's peak RSS is not above this process's (%d KiB): it may be inherited, not its own",
                     parent_peak)
-    model = tiers[settings.tiers[0]].manifest.model
     return BenchReport(model=model, settings=settings, samples=samples, host=_host(torch_version),
                        parent_peak_rss_kib=parent_peak, tiers=results)
 
@@ -733,8 +755,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Benchmark every device tier of a model on this device: training step latency, throughput, "
         "peak memory, artifact bytes, update bytes per codec and the time of E epochs on local data. "
-        "Writes bench.json, bench.md and bench.png. If PyTorch is installed, the same graph is also "
-        "timed in PyTorch CPU."
+        "Writes bench.json, bench.md and bench.png. If PyTorch is installed, a zoo model's graph is "
+        "also timed in PyTorch CPU."
     )
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -744,7 +766,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiers", help="comma-separated tiers (default: every tier of --artifacts, every tier the "
                                         f"fleet exports with --broker, else {','.join(TIER_RATES)})")
     parser.add_argument("--data", help="FILE.npz (keys x, y) | digits | fashion-mnist[:train|:test] "
-                                       "(default: digits for 8px, fashion-mnist for 28px)")
+                                       "(default: digits for a model of 1x8x8 samples, fashion-mnist for 1x28x28; "
+                                       "other models need --data)")
     parser.add_argument("--epochs", type=_at_least(0), default=1, help="E, epochs timed over the data; 0 skips (default: 1)")
     parser.add_argument("--batch-size", type=_at_least(1), default=32, help="samples per step (default: 32)")
     parser.add_argument("--steps", type=_at_least(1), default=50,
@@ -790,29 +813,36 @@ def _usage_error(message: str) -> argparse.ArgumentError:
 def run(args: argparse.Namespace) -> int:
     """Run `tierfl bench`: measure, write bench.json/.md/.png, print the table; returns the exit code."""
     tiers = _parse_tiers(args.tiers) if args.tiers else None
-    spec: ModelSpec | None = ModelSpec(arch=args.arch, image_size=args.image_size, batch_norm=args.batch_norm)
+    spec: ModelSpec | None = None  # the zoo model to export here
     fetch = None
     broker = args.broker or (os.environ.get(BROKER_ENV) if not args.artifacts else None)
     if args.artifacts and args.broker:
         raise _usage_error("--artifacts and --broker both name where the tiers come from: give one")
     if args.artifacts:
         found = _tiers_in(args.artifacts, tiers)  # fail fast, before any child runs
-        tiers, spec = list(found), next(iter(found.values())).manifest.model
+        tiers, input_shape = list(found), next(iter(found.values())).manifest.model.input_shape
     elif broker:
         if not args.data:
             raise _usage_error(f"--broker (or ${BROKER_ENV}) needs --data: bench measures the tiers on the device's "
                                "own data, as `tierfl client --data` trains on it")
         fetch = _FetchRequest(access=FleetAccess.from_args(args, broker), required=tiers is not None,
                               timeout_s=args.fetch_timeout, cache_max_mb=args.cache_max_mb)
-        spec = None  # the fetched tiers' model
+        input_shape = []  # the fetched tiers' model: --data is given
     elif importlib.util.find_spec("onnx") is None:
         raise _usage_error("without --artifacts or --broker, bench exports the tiers itself, which needs the onnx "
                            "package (not installed here): pass --artifacts DIR (a copy of the aggregator's "
                            "STATE_DIR/artifacts), or --broker URL --fleet NAME --data FILE to fetch them from the "
                            "fleet's aggregator, or pip install 'tierfl[full]'")
+    else:
+        spec = ModelSpec(arch=args.arch, image_size=args.image_size, batch_norm=args.batch_norm)
+        input_shape = [1, spec.image_size, spec.image_size]
+    data = args.data or DEFAULT_DATA.get(tuple(input_shape))
+    if data is None:
+        raise _usage_error(f"the model takes samples of shape {input_shape}, which no built-in data set holds "
+                           f"(digits: [1, 8, 8], fashion-mnist: [1, 28, 28]): give --data FILE.npz")
     tiers = tiers or list(TIER_RATES)
     settings = BenchSettings(
-        data=args.data or ("digits" if spec is None or spec.image_size == 8 else "fashion-mnist"), tiers=tiers,
+        data=data, tiers=tiers,
         batch_size=args.batch_size, warmup_steps=WARMUP_STEPS, steps=args.steps, epochs=args.epochs,
         threads=args.threads, codecs=list(UPDATE_CODECS), backend=args.backend,
     )

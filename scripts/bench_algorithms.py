@@ -42,8 +42,7 @@ from aggregator.strategies.sampling import UniformSampler
 from edge_client.trainer import OrtTrainer
 from models.data import FASHION_MNIST_ROOT, Dataset, dirichlet_partition, load_fashion_mnist
 from models.export import export_all
-from models.manifest import TierManifest
-from models.zoo import ModelSpec
+from models.spec import ModelSpec
 from protocol.messages import RoundSummary, Task, Update, new_id
 
 ALGORITHMS = ["fedavg", "fedprox", "fedmut", "fedbuff", "hierarchical"]
@@ -65,7 +64,6 @@ class Device:
 class Fleet:
     """What every run shares."""
 
-    spec: ModelSpec
     artifacts: ArtifactStore
     trainer: OrtTrainer
     evaluator: HeldOutEvaluator
@@ -284,11 +282,10 @@ def make_fleet(args: argparse.Namespace, folder: Path) -> Fleet:
     slow = set(rng.permutation(args.devices)[: round(args.slow_share * args.devices)].tolist())
     devices = [Device(f"d{i:02d}", train.subset(idx), args.ms_per_sample / 1000 * (args.slowdown if i in slow else 1.0))
                for i, idx in enumerate(shares)]
-    spec = ModelSpec(arch=args.arch, image_size=28)
-    export_all(spec, ["a"], folder, proximal=True)
+    export_all(ModelSpec(arch=args.arch, image_size=28), ["a"], folder, proximal=True)
     artifacts = ArtifactStore(folder)
-    manifest = TierManifest.model_validate_json((folder / "a" / "manifest.json").read_bytes())
-    return Fleet(spec, artifacts, OrtTrainer(folder / "a", manifest), HeldOutEvaluator(test), devices, args)
+    return Fleet(artifacts, OrtTrainer(folder / "a", artifacts.tiers["a"].manifest), HeldOutEvaluator(test, artifacts),
+                 devices, args)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -336,7 +333,7 @@ def write_report(args: argparse.Namespace, fleet: Fleet, results: list[dict], se
         "# Algorithms on a fleet of mixed speeds",
         "",
         f"Fashion-MNIST ({args.train_samples} training samples over {args.devices} devices, Dirichlet {args.alpha}; "
-        f"{args.test_samples} test samples), {fleet.spec.name}, E={args.epochs}, B={args.batch_size}, lr {args.lr}. "
+        f"{args.test_samples} test samples), {fleet.artifacts.card.name}, E={args.epochs}, B={args.batch_size}, lr {args.lr}. "
         f"{slow} of {args.devices} devices are {args.slowdown:g}x slower ({args.ms_per_sample:g} vs "
         f"{args.ms_per_sample * args.slowdown:g} ms per sample, simulated); synchronous rounds have a {args.round_timeout:g} s "
         f"deadline, at which slow devices send the work they did. Same simulated budget for all: {args.budget:g} s. "

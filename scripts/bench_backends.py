@@ -77,10 +77,11 @@ def child_prepare(request: dict) -> dict:
     """Export every model's tiers, save their starting weights (.npz) and the data with its batch order (.npy)."""
     import numpy as np
 
+    from aggregator.store.artifacts import ArtifactStore
     from models.data import load_digits, load_fashion_mnist
     from models.export import export_all
     from models.slicing import slice_params
-    from models.zoo import ModelSpec, init_global_params, param_shapes
+    from models.spec import ModelSpec
 
     work = Path(request["work"])
     batch, count, seed = request["batch_size"], request["batches"], request["seed"]
@@ -106,15 +107,15 @@ def child_prepare(request: dict) -> dict:
         spec = ModelSpec(**_parse_model(model), seed=seed)
         tiers = request["tiers"][model]
         export_all(spec, tiers, work / "artifacts" / model)
+        store = ArtifactStore(work / "artifacts" / model)
+        global_weights = store.global_weights()
         models[model] = {}
         for tier in tiers:
-            tier_dir = work / "artifacts" / model / tier
-            manifest = json.loads((tier_dir / "manifest.json").read_text())
-            weights = slice_params(init_global_params(spec), param_shapes(spec, manifest["rate"]))
-            np.savez(tier_dir / "bench_weights.npz", **weights)
+            tier_dir = store.root / tier
+            manifest = store.tiers[tier].manifest
+            np.savez(tier_dir / "bench_weights.npz", **slice_params(global_weights, store.tiers[tier].shapes))
             models[model][tier] = {
-                "dir": str(tier_dir), "rate": manifest["rate"],
-                "params": sum(math.prod(p["shape"]) for p in manifest["params"]),
+                "dir": str(tier_dir), "rate": manifest.rate, "params": manifest.param_count,
                 "data": data_dirs[spec.image_size]["name"], "data_dir": data_dirs[spec.image_size]["dir"],
             }
     return {"models": models, "data": {v["name"]: v["samples"] for v in data_dirs.values()}}
@@ -152,15 +153,14 @@ class _GraphStep:
         carried = [name for name in inputs if name + ".new" in outputs]
         weights = _start_weights(tier_dir)
         state = {n: weights[n] if n in weights else np.zeros(inputs[n].shape, np.float32) for n in carried}
-        side = inputs["input"].shape[2]
-        classes = manifest["model"].get("num_classes", 10)
+        sample, classes = manifest["model"]["input_shape"], manifest["model"]["num_classes"]
         # OrtValues made from numpy borrow its memory: self._arrays keeps every such array alive.
         self._arrays = {"learning_rate": np.array([lr], np.float32), "momentum": np.zeros(1, np.float32),
                         "scale": np.array([1.0 / manifest["rate"]], np.float32),
                         "class_mask": np.zeros(classes, np.float32)}
         self._arrays = {k: v for k, v in self._arrays.items() if k in inputs}
         new = onnxruntime.OrtValue.ortvalue_from_shape_and_type
-        self.x = new([batch_size, 1, side, side], np.float32)
+        self.x = new([batch_size, *sample], np.float32)
         self.y = new([batch_size], np.int64)
         self.loss = new([], np.float32)
         self.logits = new([batch_size, classes], np.float32)
@@ -434,9 +434,9 @@ def _torch(tier: dict, args: argparse.Namespace) -> float:
     """Step p50 (ms) of the tier in PyTorch CPU through `tierfl bench`'s torch child (its graph reader and SGD)."""
     request = {"tier_dir": tier["dir"], "data_dir": tier["data_dir"], "batch_size": args.batch_size,
                "warmup": args.warmup, "steps": args.block * args.rounds, "epochs": 0, "threads": args.threads,
-               "codecs": []}
-    proc = subprocess.run([sys.executable, "-m", "edge_client.bench", "--child", "torch", json.dumps(request)],
-                          capture_output=True, text=True, check=False, cwd=ROOT)
+               "codecs": [], "backend": "ort-training"}
+    proc = subprocess.run([sys.executable, "-m", "edge_client.bench", "--child", "torch"], input=json.dumps(request),
+                          capture_output=True, text=True, check=False, cwd=ROOT)  # the bench reads requests on stdin
     payload = _last_json(proc.stdout)
     if proc.returncode != 0 or "step_seconds" not in payload:
         raise RuntimeError(payload.get("error") or proc.stderr.strip()[-500:])

@@ -18,24 +18,24 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.evaluate import HeldOutEvaluator
+from aggregator.store.artifacts import ArtifactStore
 from aggregator.strategies.fedavg import ClientUpdate, ElementwiseMean
 from edge_client.compression import ErrorFeedback
 from edge_client.trainer import OrtTrainer
 from models.data import dirichlet_partition, load_fashion_mnist
 from models.export import export_all
-from models.manifest import TierManifest
-from models.zoo import ModelSpec, init_global_params
+from models.spec import ModelSpec
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import Update, new_id
 
 CODECS = ["float32", "float16", "int8", "int8-row", "int4", "topk:0.1", "topk:0.1+int8"]
 
 
-def simulate(codec: str, args: argparse.Namespace, tier_dir: Path, manifest: TierManifest, shares, test) -> dict:
-    """One federation with `codec`; returns accuracy and bytes per round."""
-    trainer = OrtTrainer(tier_dir, manifest)
-    evaluator = HeldOutEvaluator(test)
-    weights = init_global_params(manifest.model)
+def simulate(codec: str, args: argparse.Namespace, artifacts: ArtifactStore, shares, test) -> dict:
+    """One federation of tier a with `codec`; returns accuracy and bytes per round."""
+    trainer = OrtTrainer(artifacts.root / "a", artifacts.tiers["a"].manifest)
+    evaluator = HeldOutEvaluator(test, artifacts)
+    weights = artifacts.global_weights()
     with tempfile.TemporaryDirectory() as residuals:
         feedback = [ErrorFeedback(Path(residuals) / str(i), "a") for i in range(len(shares))]
         history = []
@@ -55,7 +55,7 @@ def simulate(codec: str, args: argparse.Namespace, tier_dir: Path, manifest: Tie
                 feedback[i].remember(intended, sent)
                 accumulator.add(ClientUpdate(f"d{i}", "a", len(share), sent))
             weights = accumulator.result()
-            loss, accuracy = evaluator.evaluate(weights, manifest.model)
+            loss, accuracy = evaluator.evaluate(weights)
             history.append({"round": round_number, "accuracy": accuracy, "loss": loss, "bytes_up": bytes_up,
                             "seconds": time.perf_counter() - started})
             print(f"{codec:>14} round {round_number:2d}: accuracy {accuracy:.4f}, {bytes_up / 1e6:.2f} MB up", flush=True)
@@ -83,9 +83,8 @@ def main() -> None:
     spec = ModelSpec(arch="mlp", image_size=28, seed=args.seed)
     with tempfile.TemporaryDirectory() as folder:
         export_all(spec, ["a"], folder)
-        tier_dir = Path(folder) / "a"
-        manifest = TierManifest.load(tier_dir / "manifest.json")
-        results = [simulate(c, args, tier_dir, manifest, shares, test) for c in args.codecs.split(",")]
+        artifacts = ArtifactStore(Path(folder))
+        results = [simulate(c, args, artifacts, shares, test) for c in args.codecs.split(",")]
     write_report(args, spec, results)
 
 

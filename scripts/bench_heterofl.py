@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.evaluate import HeldOutEvaluator
+from aggregator.store.artifacts import ArtifactStore
 from aggregator.strategies.bn_statistics import BnStatisticsPool, with_statistics
 from aggregator.strategies.fedavg import ClientUpdate, ElementwiseMean
 from aggregator.strategies.tiering import parse_tier_mix
@@ -30,10 +31,10 @@ from edge_client.bn_statistics import measure_bn_statistics
 from edge_client.trainer import OrtTrainer
 from models.data import FASHION_MNIST_ROOT, Dataset, dirichlet_partition, iid_partition, load_fashion_mnist
 from models.export import export_all
-from models.manifest import STATISTICS_FILE, TierManifest
+from models.manifest import STATISTICS_FILE
 from models.slicing import slice_params
+from models.spec import ModelSpec
 from models.tiers import TIER_RATES
-from models.zoo import ModelSpec, forward_macs, init_global_params, param_shapes
 
 MIXES = ["a", "e", "a-e", "a-b-c-d-e"]
 PARTITIONS = ["iid", "dirichlet"]
@@ -57,18 +58,17 @@ def partition(train: Dataset, kind: str, args: argparse.Namespace) -> list[Datas
 
 @dataclass(frozen=True)
 class Bench:
-    """What every federation shares: the model, its exported tiers with one trainer each, the test set, the options."""
+    """What every federation shares: the export, one trainer per tier, the test set's evaluator, the options."""
 
-    spec: ModelSpec
-    artifacts: Path
+    artifacts: ArtifactStore
     trainers: dict[str, OrtTrainer]
     evaluator: HeldOutEvaluator
     args: argparse.Namespace
 
 
-def tier_weights(weights: Weights, tier: str, statistics: dict[str, Weights], spec: ModelSpec) -> Weights:
+def tier_weights(weights: Weights, tier: str, statistics: dict[str, Weights], artifacts: ArtifactStore) -> Weights:
     """The tier's slice of the global weights, with the tier's own batch-norm statistics once measured."""
-    sliced = slice_params(weights, param_shapes(spec, TIER_RATES[tier]))
+    sliced = slice_params(weights, artifacts.tiers[tier].shapes)
     return with_statistics(sliced, {tier: statistics[tier]}) if tier in statistics else sliced
 
 
@@ -77,7 +77,7 @@ def train_round(weights: Weights, statistics: dict[str, Weights], round_number: 
     """Every device trains its tier's slice; the new global is the element-wise mean of the deltas."""
     args, accumulator = bench.args, ElementwiseMean(weights)
     for i, (tier, share) in enumerate(zip(tiers, shares)):
-        start = tier_weights(weights, tier, statistics, bench.spec)
+        start = tier_weights(weights, tier, statistics, bench.artifacts)
         bench.trainers[tier].set_weights(start)
         bench.trainers[tier].train(share, args.epochs, args.batch_size, args.lr, seed=args.seed * 1000 + round_number * 100 + i)
         trained = bench.trainers[tier].get_weights()
@@ -87,25 +87,27 @@ def train_round(weights: Weights, statistics: dict[str, Weights], round_number: 
 
 def measure_statistics(weights: Weights, tiers: list[str], shares: list[Dataset], bench: Bench) -> dict[str, Weights]:
     """HeteroFL's static batch norm: each tier's statistics of `weights` pooled over its devices' data (none without BN)."""
-    if not bench.spec.batch_norm:
+    if not bench.artifacts.card.batch_norm:
         return {}
     pools: dict[str, BnStatisticsPool] = {}
     for tier, share in zip(tiers, shares):
-        sliced = slice_params(weights, param_shapes(bench.spec, TIER_RATES[tier]))
-        measured = measure_bn_statistics(bench.artifacts / tier / STATISTICS_FILE, sliced, share)
+        sliced = slice_params(weights, bench.artifacts.tiers[tier].shapes)
+        measured = measure_bn_statistics(bench.artifacts.root / tier / STATISTICS_FILE, sliced, share)
         pools.setdefault(tier, BnStatisticsPool()).add(len(share), measured)
     return {tier: pool.result() for tier, pool in pools.items()}
 
 
 def submodel_accuracies(weights: Weights, statistics: dict[str, Weights], mix: dict[str, float], bench: Bench) -> dict[str, float]:
     """Held-out accuracy of the global weights sliced at each tier of the mix."""
-    return {tier: bench.evaluator.evaluate(tier_weights(weights, tier, statistics, bench.spec), bench.spec, TIER_RATES[tier])[1]
+    artifacts = bench.artifacts
+    return {tier: bench.evaluator.evaluate(tier_weights(weights, tier, statistics, artifacts),
+                                           artifacts.tiers[tier].manifest.rate)[1]
             for tier in mix}
 
 
-def training_macs(tiers: list[str], shares: list[Dataset], spec: ModelSpec) -> int:
+def training_macs(tiers: list[str], shares: list[Dataset], artifacts: ArtifactStore) -> int:
     """Forward multiply-accumulates of one epoch over the fleet (a cost unit to compare mixes)."""
-    return sum(forward_macs(spec, TIER_RATES[t]) * len(s) for t, s in zip(tiers, shares))
+    return sum(artifacts.macs[t] * len(s) for t, s in zip(tiers, shares))
 
 
 def simulate(mix_text: str, kind: str, shares: list[Dataset], bench: Bench) -> dict:
@@ -113,7 +115,7 @@ def simulate(mix_text: str, kind: str, shares: list[Dataset], bench: Bench) -> d
     mix = parse_tier_mix(mix_text)
     tiers = assign_tiers(mix, len(shares))
     model_tier = max(set(tiers), key=TIER_RATES.__getitem__)  # the widest trained block is what a device deploys
-    weights, statistics, history = init_global_params(bench.spec), {}, []
+    weights, statistics, history = bench.artifacts.global_weights(), {}, []
     for round_number in range(1, bench.args.rounds + 1):
         started = time.perf_counter()
         weights = train_round(weights, statistics, round_number, tiers, shares, bench)
@@ -124,7 +126,7 @@ def simulate(mix_text: str, kind: str, shares: list[Dataset], bench: Bench) -> d
         print(f"{kind:>9} {mix_text:>9} round {round_number:2d}: model ({model_tier}) {accuracies[model_tier]:.4f}, "
               + ", ".join(f"{t} {a:.4f}" for t, a in accuracies.items()), flush=True)
     return {"partition": kind, "mix": mix_text, "devices_per_tier": {t: tiers.count(t) for t in mix},
-            "model_tier": model_tier, "training_macs": training_macs(tiers, shares, bench.spec), "rounds": history,
+            "model_tier": model_tier, "training_macs": training_macs(tiers, shares, bench.artifacts), "rounds": history,
             "final_accuracy": history[-1]["accuracy"], "final_tiers": history[-1]["tiers"]}
 
 
@@ -173,10 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     tiers = sorted({t for m in mixes for t in parse_tier_mix(m)}, key=list(TIER_RATES).index)
     started, results = time.perf_counter(), []
     with tempfile.TemporaryDirectory() as folder:
-        artifacts = Path(folder)
-        export_all(spec, tiers, artifacts, scaler=args.scaler)
-        trainers = {t: OrtTrainer(artifacts / t, TierManifest.load(artifacts / t / "manifest.json")) for t in tiers}
-        bench = Bench(spec, artifacts, trainers, HeldOutEvaluator(test), args)
+        export_all(spec, tiers, folder, scaler=args.scaler)
+        artifacts = ArtifactStore(Path(folder))
+        trainers = {t: OrtTrainer(artifacts.root / t, artifacts.tiers[t].manifest) for t in tiers}
+        bench = Bench(artifacts, trainers, HeldOutEvaluator(test, artifacts), args)
         for kind in args.partitions.split(","):
             shares = partition(train, kind, args)
             results += [simulate(m, kind, shares, bench) for m in mixes]

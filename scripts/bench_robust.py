@@ -27,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_heterofl import load_data, partition  # noqa: E402  (the same seeded subsets and partitions)
 
 from aggregator.evaluate import HeldOutEvaluator  # noqa: E402
+from aggregator.store.artifacts import ArtifactStore  # noqa: E402
 from aggregator.strategies.fedavg import AccumulatorFactory, ClientUpdate  # noqa: E402
 from aggregator.strategies.robust import robust_accumulator  # noqa: E402
 from edge_client.trainer import OrtTrainer  # noqa: E402
 from models.data import FASHION_MNIST_ROOT, Dataset  # noqa: E402
 from models.export import export_all  # noqa: E402
-from models.manifest import TierManifest  # noqa: E402
-from models.zoo import ModelSpec, init_global_params  # noqa: E402
+from models.spec import ModelSpec  # noqa: E402
 
 ATTACKS = {"clean": 1.0, "sign-flip": -10.0, "scale": 10.0}  # factor on the attackers' deltas
 DEFENCES = ["fedavg", "clip", "median", "trimmed-mean"]
@@ -42,9 +42,9 @@ Weights = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class Bench:
-    """What every federation shares: the model, one trainer, the evaluator, the devices and attackers."""
+    """What every federation shares: the export, one trainer, the evaluator, the devices and attackers."""
 
-    spec: ModelSpec
+    artifacts: ArtifactStore
     trainer: OrtTrainer
     evaluator: HeldOutEvaluator
     shares: list[Dataset]
@@ -80,11 +80,11 @@ def train_round(weights: Weights, round_number: int, factor: float, accumulate: 
 def simulate(defence: str, attack: str, bench: Bench) -> dict:
     """One federation of `defence` under `attack`; accuracy per round."""
     accumulate = defence_factory(defence, bench.args.trim_fraction)
-    weights, history = init_global_params(bench.spec), []
+    weights, history = bench.artifacts.global_weights(), []
     for round_number in range(1, bench.args.rounds + 1):
         started = time.perf_counter()
         weights, aggregating = train_round(weights, round_number, ATTACKS[attack], accumulate, bench)
-        loss, accuracy = bench.evaluator.evaluate(weights, bench.spec)
+        loss, accuracy = bench.evaluator.evaluate(weights)
         history.append({"round": round_number, "accuracy": accuracy, "loss": loss, "aggregate_seconds": aggregating,
                         "seconds": time.perf_counter() - started})
         print(f"{attack:>9} {defence:>12} round {round_number:2d}: accuracy {accuracy:.4f}", flush=True)
@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     started, results = time.perf_counter(), []
     with tempfile.TemporaryDirectory() as folder:
         export_all(spec, ["a"], folder)
-        trainer = OrtTrainer(Path(folder) / "a", TierManifest.load(Path(folder) / "a" / "manifest.json"))
-        bench = Bench(spec, trainer, HeldOutEvaluator(test), shares, attackers, args)
+        artifacts = ArtifactStore(Path(folder))
+        trainer = OrtTrainer(Path(folder) / "a", artifacts.tiers["a"].manifest)
+        bench = Bench(artifacts, trainer, HeldOutEvaluator(test, artifacts), shares, attackers, args)
         for attack in args.attacks.split(","):
             results += [simulate(d, attack, bench) for d in args.defences.split(",")]
     write_report(args, spec, sorted(attackers), results, time.perf_counter() - started)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,12 +12,13 @@ import numpy as np
 import pytest
 
 from edge_client.bench import configure_parser
-from models.export import export_all
+from models.export import export_all, zoo_card
 from models.manifest import ExportIndex, TierManifest
-from models.zoo import ModelSpec
+from models.spec import ModelSpec
 from tierfl.cli import main
 
 MLP = ModelSpec(arch="mlp", image_size=8)
+TORCH = importlib.util.find_spec("torch")
 FAST = ["--steps", "5", "--threads", "1"]
 
 
@@ -46,7 +48,8 @@ def _manifest(artifacts: Path, tier: str) -> TierManifest:
 
 def test_report_fields_per_tier(bench_out: Path) -> None:
     report = _report(bench_out)
-    assert report["model"]["arch"] == "mlp" and report["settings"]["data"] == "digits"
+    assert report["model"]["name"] == "mlp8" and report["model"]["input_shape"] == [1, 8, 8]
+    assert report["model"]["recipe"]["arch"] == "mlp" and report["settings"]["data"] == "digits"
     assert [t["tier"] for t in report["tiers"]] == ["a", "d"]
     for tier in report["tiers"]:
         assert 0 < tier["step_p50_ms"] <= tier["step_p95_ms"]
@@ -55,7 +58,7 @@ def test_report_fields_per_tier(bench_out: Path) -> None:
         assert tier["epochs_seconds"] > 0
         assert set(tier["update_bytes"]) == set(report["settings"]["codecs"])
         assert tier["update_bytes"]["int8"] < tier["update_bytes"]["float32"]
-        assert tier["torch_step_p50_ms"] is None  # torch is not installed here
+        assert (tier["torch_step_p50_ms"] is None) == (TORCH is None)  # a zoo model: timed in PyTorch when it is here
 
 
 def test_artifact_bytes_are_the_manifest_sizes(bench_out: Path, exported: Path) -> None:
@@ -93,7 +96,8 @@ def test_existing_artifacts_and_no_epochs(exported: Path, tmp_path: Path) -> Non
     [
         (["--tiers", "a,x"], "unknown tier 'x'; known tiers: a=1"),
         (["--data", "/nonexistent/local.npz"], "dataset file not found: /nonexistent/local.npz"),
-        (["--image-size", "28", "--data", "digits"], "holds 8x8 images; the model expects 28x28"),
+        (["--image-size", "28", "--data", "digits"],
+         "digits: x holds samples of shape [1, 8, 8] but the model takes [1, 28, 28]"),
     ],
 )
 def test_user_errors(options: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -136,7 +140,7 @@ def test_initial_weights_follow_the_zoos_bounds() -> None:
     from models.zoo import init_global_params
 
     spec = ModelSpec(arch="cnn", image_size=8, batch_norm=True)
-    manifest = TierManifest(model=spec, tier="a", rate=1.0, optimizer="sgd", input_name="x", input_shape=["N", 1, 8, 8],
+    manifest = TierManifest(model=zoo_card(spec), tier="a", rate=1.0, optimizer="sgd", input_name="x", input_shape=["N", 1, 8, 8],
                             output_name="y", params=[{"name": n, "shape": list(v.shape), "trainable": True}
                                                      for n, v in init_global_params(spec).items()],
                             files={}, libraries={})

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from aggregator.downlink import DOWNLINK_MODES
-from models.data import dirichlet_partition, load_digits, save_npz, train_test_split
+from models.data import dirichlet_partition, fit_split, load_digits, save_npz, train_test_split
 from models.export import export_all
-from models.zoo import ModelSpec
+from models.spec import ModelSpec
 from protocol.frame import FrameError, decode_frame
 from protocol.messages import RoundSummary
 from protocol.mqtt.embedded_broker import EmbeddedBroker
@@ -69,16 +69,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def prepare(out: Path, clients: int, alpha: float, spec: ModelSpec, tiers: list[str]) -> None:
-    """Write the held-out set, one non-IID share per device, and the model's artifacts under `out`."""
+    """Write the model's artifacts, then the held-out set and one non-IID share per device shaped for its card, under
+    `out`."""
     for sub in ("state", "data", "devices", "logs", "artifacts"):
         shutil.rmtree(out / sub, ignore_errors=True)
     (out / "data").mkdir(parents=True)
     (out / "logs").mkdir()
+    card = export_all(spec, tiers, out / "artifacts").model
     train, held_out = train_test_split(load_digits(), 0.2, spec.seed)
+    train, held_out = fit_split(train, held_out, card.input_shape, card.num_classes, "digits")
     save_npz(out / "data" / "held-out.npz", held_out)
     for i, part in enumerate(dirichlet_partition(train.y, clients, alpha, spec.seed)):
         save_npz(out / "data" / f"device-{i}.npz", train.subset(part))
-    export_all(spec, tiers, out / "artifacts")
 
 
 def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
