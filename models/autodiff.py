@@ -1,38 +1,52 @@
-"""Reverse-mode differentiation of the model zoo's graphs, in standard ONNX operators only.
+"""Reverse-mode differentiation of a forward graph, in standard ONNX operators only.
 
-Convention. A backward rule is `rule(g, node, dy, wants) -> {input name: gradient name}`.
-Given a forward `node`, the name `dy` of the loss gradient with respect to the node's (first)
-output and the set `wants` of tensor names that need a gradient, it appends nodes to the builder
-`g` and returns a gradient tensor for each input of `node` that is in `wants` (only those). A
-gradient has the shape of its forward tensor. Rules read forward tensors by name -- the node's
-inputs and outputs, and what `lower_for_training` saved for the node as `saved(output, what)` --
-so the forward and backward nodes live in one graph and nothing is recomputed.
+`backward` walks the forward nodes in reverse and asks, node by node, who writes its backward:
 
-`lower_for_training` emits the training-mode forward of one node: the node itself, except
-MaxPool (also outputs the argmax Indices the backward unpools into) and BatchNormalization
-(normalises with the batch's statistics, from standard operators, and writes its running
-statistics' new values to `<running stat>.new`, biased batch variance, as onnxruntime-training
-does). `softmax_cross_entropy` is the loss and its gradient (softmax - onehot) / N, and
-`backward` walks the forward nodes in reverse, applying the rules and summing the gradients of
-tensors that several nodes read.
+- our own rules for what onnx-ad lacks: BatchNormalization in training mode (batch statistics,
+  `_batchnorm`; `lower_for_training` emits its forward and the running-statistics update) and
+  the weight gradient of a grouped (e.g. depthwise) Conv, which onnx-ad refuses;
+- fast hand rules (`HAND_RULES`) for the zoo's operators, where their conditions hold: Gemm
+  (transB=1), stride-1 "same" 2-D Conv, Relu, non-overlapping MaxPool, Flatten/Reshape, and
+  Mul/Add where the input that needs a gradient has the output's shape;
+- onnx-ad (the `onnx-ad` package, imported lazily) for every other node: `_onnx_ad_rule`
+  differentiates a one-node model of the node and splices its adjoint nodes into ours.
 
-Only the zoo's operators have rules: Gemm (transB=1), Conv ("same" padding, stride 1), Relu,
-MaxPool (kernel = stride, no padding), Flatten, Reshape, BatchNormalization, and Mul/Add where
-the input that needs a gradient has the output's shape (the scaler and the class mask).
+Convention. A rule is `rule(g, node, dy, wants) -> {input name: gradient name}`: given a
+forward `node`, the name `dy` of the loss gradient with respect to its (first) output and the
+set `wants` of tensor names that need a gradient, it appends nodes to the builder `g` and
+returns a gradient for each input of `node` that is in `wants` (only those), shaped like that
+input. Rules read forward tensors by name -- the node's inputs and outputs, and what
+`lower_for_training` saved as `saved(output, what)` -- so forward and backward share one graph.
+
+Variable batch size. onnx-ad needs fully known shapes (its Conv, pooling and broadcasting rules
+read them) and bakes them into constants (Reshape and Expand targets). So each one-node model is
+differentiated twice, with the symbolic batch dimension set to two stand-in sizes
+(`STAND_IN_BATCHES`); the two results have the same nodes, and a constant that differs between
+them is an affine function of the batch size, `slope * N + offset`, which the spliced graph
+computes from the batch's actual size (`GraphBuilder.batch_linear`). Nothing else may differ.
+
+onnx-ad carries a trailing seed axis on every gradient; the splice adds it to the incoming
+gradient (Unsqueeze) and removes it from the results (Squeeze).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 NEW_SUFFIX = ".new"  # an updated state tensor `x` is written to `x.new`
+STAND_IN_BATCHES = (9973, 10007)  # primes no real dimension is likely to equal (see the module docstring)
+FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16})
+ONNX_AD_VERSION = "0.3.0"
+_SEED = "adj_"  # onnx-ad's names: seed `adj_<output>` in, gradient `adj_<input>` out
+_TO_END = 2**62  # a Slice end past any dimension
 
 
 def saved(tensor: str, what: str) -> str:
@@ -40,21 +54,203 @@ def saved(tensor: str, what: str) -> str:
     return f"{tensor}.{what}"
 
 
+def require_onnx_ad() -> types.ModuleType:
+    """The onnx-ad module, or an ImportError that says how to install it."""
+    try:
+        return importlib.import_module("onnx_ad")
+    except ImportError as error:
+        raise ImportError(
+            f"building a training-step graph needs onnx-ad: pip install 'tierfl[full]' (or onnx-ad=={ONNX_AD_VERSION}); "
+            "it is only needed where models are exported, never on a device"
+        ) from error
+
+
+# ---- shapes ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorTypes:
+    """Element type and shape of every tensor of a forward graph whose batch dimension is symbolic.
+
+    `shapes[b]` holds every shape with the batch set to the stand-in size `b` (each of
+    STAND_IN_BATCHES); a dimension that differs between the two depends on the batch.
+    """
+
+    elem_types: Mapping[str, int]
+    shapes: Mapping[int, Mapping[str, tuple[int, ...]]]
+
+    def at(self, name: str, batch: int) -> tuple[int, ...]:
+        """The shape of `name` with the batch set to the stand-in size `batch`."""
+        return self.shapes[batch][name]
+
+    def shape(self, name: str) -> tuple[int | None, ...]:
+        """The shape of `name`, None for every batch-dependent dimension."""
+        first, second = (self.shapes[b][name] for b in STAND_IN_BATCHES)
+        return tuple(d if d == e else None for d, e in zip(first, second))
+
+    def rank(self, name: str) -> int:
+        """The rank of `name`."""
+        return len(self.shapes[STAND_IN_BATCHES[0]][name])
+
+    def is_float(self, name: str) -> bool:
+        """Whether `name` is a floating-point tensor (one that can carry a gradient)."""
+        return self.elem_types.get(name) in FLOAT_TYPES
+
+    def with_tensor(self, name: str, elem_type: int, like: str) -> TensorTypes:
+        """These types and one more tensor, `name`, of `elem_type` and shaped like `like`."""
+        shapes = {b: types.MappingProxyType({**known, name: known[like]}) for b, known in self.shapes.items()}
+        return TensorTypes(types.MappingProxyType({**self.elem_types, name: elem_type}), types.MappingProxyType(shapes))
+
+
+def _inferred(model: onnx.ModelProto, batch_dim: str, batch: int) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Shape inference of `model` with `batch_dim` set to `batch`: name -> (element type, shape)."""
+    concrete = onnx.ModelProto()
+    concrete.CopyFrom(model)
+    for value in concrete.graph.input:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param == batch_dim:
+                dim.dim_value = batch
+            elif not dim.HasField("dim_value"):
+                raise ValueError(f"input {value.name!r}: only the batch dimension {batch_dim!r} may be symbolic")
+    concrete.graph.ClearField("value_info")
+    for value in concrete.graph.output:
+        value.type.tensor_type.ClearField("shape")
+    graph = onnx.shape_inference.infer_shapes(concrete, strict_mode=True, data_prop=True).graph
+    known = {t.name: (t.data_type, tuple(t.dims)) for t in graph.initializer}
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        tensor = value.type.tensor_type
+        if tensor.HasField("shape") and all(d.HasField("dim_value") for d in tensor.shape.dim):
+            known[value.name] = (tensor.elem_type, tuple(d.dim_value for d in tensor.shape.dim))
+    return known
+
+
+def tensor_types(model: onnx.ModelProto, batch_dim: str) -> TensorTypes:
+    """Infer the type and shape of every tensor of `model` (graph inputs declare them; only `batch_dim` is symbolic)."""
+    inferred = {batch: _inferred(model, batch_dim, batch) for batch in STAND_IN_BATCHES}
+    for node in model.graph.node:
+        for name in (*node.input, *node.output):
+            if name and any(name not in known for known in inferred.values()):
+                raise ValueError(f"{node.op_type} {node.name or node.output[0]}: shape inference cannot tell the shape of {name!r}")
+    first = inferred[STAND_IN_BATCHES[0]]
+    return TensorTypes(
+        elem_types=types.MappingProxyType({name: kind for name, (kind, _) in first.items()}),
+        shapes=types.MappingProxyType({
+            batch: types.MappingProxyType({name: shape for name, (_, shape) in known.items()})
+            for batch, known in inferred.items()
+        }),
+    )
+
+
+def _window_geometry(node: onnx.NodeProto, sizes: Sequence[int], kernel: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Per spatial axis of a Conv/AveragePool: begin pad, end pad and r, the input tail no window reads."""
+    attrs, spatial = _attrs(node), len(sizes)
+    strides, dilations = attrs.get("strides", [1] * spatial), attrs.get("dilations", [1] * spatial)
+    pads = attrs.get("pads", [0] * 2 * spatial)
+    geometry = []
+    for axis, size in enumerate(sizes):
+        begin, end, reach = pads[axis], pads[spatial + axis], (kernel[axis] - 1) * dilations[axis] + 1
+        geometry.append((begin, end, (size + begin + end - reach) % strides[axis]))
+    return geometry
+
+
+def explicit_padding(model: onnx.ModelProto, batch_dim: str) -> onnx.ModelProto:
+    """`model` with every Conv/AveragePool whose padding onnx-ad's adjoint gets wrong rewritten as Pad, Slice and the op unpadded.
+
+    onnx-ad's adjoint of a Conv or AveragePool is a ConvTranspose given `output_shape`, and with
+    an output shape ONNX ignores the pads: the runtime splits the padding evenly (odd ones at the
+    start). That is right only when, on every axis, the pads are equal and the input tail no
+    window reads is shorter than 2 (measured over kernels 1-3, strides 1-3, dilations 1-2, pads
+    0-2). Other nodes get the pads as an explicit Pad and the unread tail cut off by a Slice, so
+    the op itself reads exactly its input, which onnx-ad differentiates right.
+    """
+    shapes = tensor_types(model, batch_dim)
+    taken = {n for node in model.graph.node for n in (*node.input, *node.output)} | {v.name for v in model.graph.input}
+    taken |= {t.name for t in model.graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    constants: list[onnx.TensorProto] = []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "AveragePool") or _attrs(node).get("auto_pad", "NOTSET") != "NOTSET":
+            nodes.append(node)
+            continue
+        sizes = shapes.shape(node.input[0])[2:]
+        kernel = _attrs(node).get("kernel_shape", shapes.shape(node.input[1])[2:] if node.op_type == "Conv" else [])
+        geometry = _window_geometry(node, sizes, kernel)
+        if all(begin == end and tail < 2 for begin, end, tail in geometry):
+            nodes.append(node)
+            continue
+        if node.op_type == "AveragePool" and not _attrs(node).get("count_include_pad", 0) and any(b or e for b, e, _ in geometry):
+            raise NotImplementedError(f"AveragePool {node.name}: uneven padding with count_include_pad=0 has no exact adjoint here")
+        rewritten, more = _explicitly_padded(node, sizes, geometry, taken)
+        nodes += rewritten
+        constants += more
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    result.graph.ClearField("node")
+    result.graph.node.extend(nodes)
+    result.graph.initializer.extend(constants)
+    return result
+
+
+def _explicitly_padded(
+    node: onnx.NodeProto, sizes: Sequence[int], geometry: Sequence[tuple[int, int, int]], taken: set[str]
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Pad (when padded) and Slice (when a tail is unread) in front of a copy of `node` without pads; their constants."""
+    def fresh(what: str) -> str:
+        name, n = f"{node.output[0]}.{what}", 0
+        while name in taken:
+            n += 1
+            name = f"{node.output[0]}.{what}_{n}"
+        taken.add(name)
+        return name
+
+    def constant(what: str, values: Iterable[int]) -> str:
+        constants.append(numpy_helper.from_array(np.array(list(values), np.int64), fresh(what)))
+        return constants[-1].name
+
+    spatial, x = len(sizes), node.input[0]
+    nodes: list[onnx.NodeProto] = []
+    constants: list[onnx.TensorProto] = []
+    begins, ends = [b for b, _, _ in geometry], [e for _, e, _ in geometry]
+    if any(begins) or any(ends):
+        nodes.append(helper.make_node("Pad", [x, constant("pads", [0, 0, *begins, 0, 0, *ends])], [fresh("padded")]))
+        x = nodes[-1].output[0]
+    if any(tail for _, _, tail in geometry):
+        kept = [size + b + e - tail for size, (b, e, tail) in zip(sizes, geometry)]
+        bounds = [constant("starts", [0] * spatial), constant("ends", kept), constant("axes", range(2, 2 + spatial))]
+        nodes.append(helper.make_node("Slice", [x, *bounds], [fresh("cropped")]))
+        x = nodes[-1].output[0]
+    unpadded = onnx.NodeProto()
+    unpadded.CopyFrom(node)
+    unpadded.input[0] = x
+    for attribute in unpadded.attribute:
+        if attribute.name == "pads":
+            attribute.ints[:] = [0] * 2 * spatial
+    return [*nodes, unpadded], constants
+
+
+# ---- the builder ----------------------------------------------------------------------------
+
+
 @dataclasses.dataclass
 class GraphBuilder:
     """Nodes and constant initializers of one graph under construction, with unique names.
 
-    `taken` holds every name already in use (graph inputs, outputs, forward tensors); `ranks`
-    maps forward tensor names to their rank (from shape inference), which some rules need.
-    `im2col` picks the Conv weight-gradient form (see _conv).
+    `taken` holds every name already in use (graph inputs, outputs, forward tensors); `types`
+    the forward tensors' types and shapes; `constants` the forward's constant tensors (onnx-ad
+    reads axes, shapes and bounds from them); the batch size is the first dimension of
+    `batch_source`. `im2col` picks the Conv weight-gradient form (see _conv).
     """
 
     taken: set[str]
-    ranks: Mapping[str, int]
+    types: TensorTypes
+    constants: Mapping[str, np.ndarray]
+    batch_source: str
     im2col: bool = False
     nodes: list[onnx.NodeProto] = dataclasses.field(default_factory=list)
     initializers: list[onnx.TensorProto] = dataclasses.field(default_factory=list)
     _constants: dict[tuple[str, tuple[int, ...], bytes], str] = dataclasses.field(default_factory=dict)
+    _batch_terms: dict[tuple[bytes, bytes, tuple[int, ...]], str] = dataclasses.field(default_factory=dict)
+    _batch_size: str = ""
 
     def fresh(self, hint: str) -> str:
         """A new unique tensor name starting with `hint`."""
@@ -78,7 +274,7 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, list(inputs), names, name=self.fresh(f"{op_type}_{names[0]}"), **attrs))
         return names[0]
 
-    def const(self, value: float | Sequence[float] | Sequence[int], dtype: type = np.float32) -> str:
+    def const(self, value: float | Sequence[float] | Sequence[int] | np.ndarray, dtype: type = np.float32) -> str:
         """A constant initializer (shared between equal uses); scalars stay 0-d."""
         array = np.asarray(value, dtype=dtype)
         key = (array.dtype.str, array.shape, array.tobytes())
@@ -91,23 +287,33 @@ class GraphBuilder:
         """A constant int64 vector (axes, shapes)."""
         return self.const(list(values), np.int64)
 
+    def rank(self, name: str) -> int:
+        """The rank of a forward tensor."""
+        return self.types.rank(name)
 
-_TO_END = 2**62  # a Slice end past any dimension
+    def declare(self, name: str, elem_type: int, like: str) -> None:
+        """Record the type of a tensor the training forward adds (shaped like the forward tensor `like`)."""
+        self.types = self.types.with_tensor(name, elem_type, like)
+
+    def batch_linear(self, slope: np.ndarray, offset: np.ndarray) -> str:
+        """An int64 tensor `slope * N + offset` shaped like `slope`, N the batch size of the run."""
+        key = (slope.tobytes(), offset.tobytes(), slope.shape)
+        if key not in self._batch_terms:
+            if not self._batch_size:
+                self._batch_size = self.op("Shape", [self.batch_source], "batch_size", start=0, end=1)
+            scaled = self.op("Mul", [self._batch_size, self.const(slope, np.int64)])
+            value = self.op("Add", [scaled, self.const(offset, np.int64)], "batch_shape")
+            self._batch_terms[key] = value if slope.ndim else self.op("Squeeze", [value, self.ints([0])], "batch_scalar")
+        return self._batch_terms[key]
+
 
 Rule = Callable[[GraphBuilder, onnx.NodeProto, str, frozenset[str]], dict[str, str]]
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    """The node's attributes as plain Python values."""
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _require(node: onnx.NodeProto, **expected: Any) -> None:
-    """Raise NotImplementedError unless the node's attributes (name=(value, default)) are as expected."""
-    attrs = _attrs(node)
-    for name, (value, default) in expected.items():
-        if attrs.get(name, default) != value:
-            raise NotImplementedError(f"{node.op_type} {node.name}: no backward rule for {name}={attrs.get(name, default)}")
+    """The node's attributes as plain Python values (strings decoded)."""
+    values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in values.items()}
 
 
 def _channel_view(g: GraphBuilder, vector: str, rank: int) -> str:
@@ -126,7 +332,7 @@ def _stat_axes(rank: int) -> list[int]:
 def _batchnorm_forward(g: GraphBuilder, node: onnx.NodeProto) -> None:
     """BatchNormalization with batch statistics; saves xhat and inv_std, updates running stats."""
     x, gamma, beta, running_mean, running_var = node.input
-    y, attrs, rank = node.output[0], _attrs(node), g.ranks[x]
+    y, attrs, rank = node.output[0], _attrs(node), g.rank(node.input[0])
     axes, momentum = _stat_axes(rank), attrs.get("momentum", 0.9)
     mean = g.op("ReduceMean", [x], f"{y}.mean", axes=axes, keepdims=1)
     centered = g.op("Sub", [x, mean])
@@ -143,11 +349,17 @@ def _batchnorm_forward(g: GraphBuilder, node: onnx.NodeProto) -> None:
 
 
 def lower_for_training(g: GraphBuilder, node: onnx.NodeProto) -> None:
-    """Append the training-mode forward of `node` (see the module docstring)."""
+    """Append the training-mode forward of `node`: itself, except BatchNormalization and MaxPool.
+
+    BatchNormalization normalises with the batch's statistics (from standard operators) and
+    writes its running statistics' new values to `<running stat>.new` (biased batch variance,
+    as onnxruntime-training does); MaxPool also outputs the argmax Indices its backward reads.
+    """
     if node.op_type == "BatchNormalization":
         _batchnorm_forward(g, node)
     elif node.op_type == "MaxPool":
         outputs = [node.output[0], g.claim(saved(node.output[0], "indices"))]
+        g.declare(outputs[1], TensorProto.INT64, like=outputs[0])
         g.op("MaxPool", node.input, outputs=outputs, **_attrs(node))
     else:
         g.nodes.append(node)
@@ -163,12 +375,90 @@ def softmax_cross_entropy(g: GraphBuilder, logits: str, labels: str, loss: str) 
     return g.op("Mul", [g.op("Sub", [g.op("Exp", [log_prob], "softmax"), onehot]), inv_n], f"{logits}.grad")
 
 
-# ---- backward rules -------------------------------------------------------------------------
+# ---- our own rules: what onnx-ad lacks ------------------------------------------------------
+
+
+def _batchnorm(g: GraphBuilder, node: onnx.NodeProto, dy: str, wants: frozenset[str]) -> dict[str, str]:
+    """Batch-statistics BN: dgamma = sum dY xhat, dbeta = sum dY, dX = gamma inv_std (dY - mean dY - xhat mean dY xhat)."""
+    x, gamma, beta = node.input[:3]
+    rank, y = g.rank(x), node.output[0]
+    axes, xhat = _stat_axes(rank), saved(y, "xhat")
+    dy_xhat = g.op("Mul", [dy, xhat])
+    grads = {}
+    if gamma in wants:
+        grads[gamma] = g.op("ReduceSum", [dy_xhat, g.ints(axes)], f"{gamma}.grad", keepdims=0)
+    if beta in wants:
+        grads[beta] = g.op("ReduceSum", [dy, g.ints(axes)], f"{beta}.grad", keepdims=0)
+    if x in wants:
+        mean_dy = g.op("ReduceMean", [dy], axes=axes, keepdims=1)
+        mean_dy_xhat = g.op("ReduceMean", [dy_xhat], axes=axes, keepdims=1)
+        centered = g.op("Sub", [g.op("Sub", [dy, mean_dy]), g.op("Mul", [xhat, mean_dy_xhat])])
+        factor = g.op("Mul", [_channel_view(g, gamma, rank), saved(y, "inv_std")])
+        grads[x] = g.op("Mul", [centered, factor], f"{x}.grad")
+    return grads
+
+
+def _conv_geometry(g: GraphBuilder, node: onnx.NodeProto) -> dict[str, list[int]]:
+    """Kernel, strides, dilations and begin+end pads of a Conv, defaults filled in."""
+    attrs = _attrs(node)
+    spatial = g.rank(node.input[0]) - 2
+    kernel = list(attrs.get("kernel_shape", g.types.shape(node.input[1])[2:]))
+    return {"kernel": kernel, "strides": list(attrs.get("strides", [1] * spatial)),
+            "dilations": list(attrs.get("dilations", [1] * spatial)), "pads": list(attrs.get("pads", [0] * 2 * spatial))}
+
+
+def _grouped_conv_weight(g: GraphBuilder, node: onnx.NodeProto, dy: str) -> str:
+    """dW of a grouped Conv (any groups, strides, dilations, explicit pads; 1-D or 2-D) as one grouped Conv.
+
+    With batch and channels swapped, the padded input as [C/G, G*N, ...] convolved in G groups,
+    strides and dilations exchanged, with dY as the filters [O, N, ...] is dW^T [C/G, O, ...].
+    """
+    if _attrs(node).get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise NotImplementedError(f"Conv {node.name}: auto_pad={_attrs(node)['auto_pad']}; export with explicit pads")
+    x, w = node.input[:2]
+    geometry, groups = _conv_geometry(g, node), _attrs(node).get("group", 1)
+    kernel, pads = geometry["kernel"], geometry["pads"]
+    spatial = len(kernel)
+    outputs, per_group = g.types.shape(w)[:2]
+    padded = g.op("Pad", [x, g.ints([0, 0, *pads[:spatial], 0, 0, *pads[spatial:]])]) if any(pads) else x
+    sizes = [d + b + e for d, b, e in zip(g.types.shape(x)[2:], pads[:spatial], pads[spatial:])]
+    grouped = g.op("Reshape", [padded, g.ints([0, groups, per_group, *sizes])])  # [N, G, C/G, ...]
+    swapped = g.op("Transpose", [grouped], perm=[2, 1, 0, *range(3, 3 + spatial)])  # [C/G, G, N, ...]
+    images = g.op("Reshape", [swapped, g.ints([per_group, -1, *sizes])])  # [C/G, G*N, ...]
+    out_sizes = g.types.shape(node.output[0])[2:]
+    split = g.op("Reshape", [dy, g.ints([0, groups, outputs // groups, *out_sizes])])  # [N, G, O/G, ...]
+    moved = g.op("Transpose", [split], perm=[1, 2, 0, *range(3, 3 + spatial)])  # [G, O/G, N, ...]
+    filters = g.op("Reshape", [moved, g.ints([outputs, -1, *out_sizes])])  # [O, N, ...]
+    product = g.op("Conv", [images, filters], group=groups, strides=geometry["dilations"], dilations=geometry["strides"])
+    cropped = g.op("Slice", [product, g.ints([0] * spatial), g.ints(kernel), g.ints(range(2, 2 + spatial))])
+    return g.op("Transpose", [cropped], f"{w}.grad", perm=[1, 0, *range(2, 2 + spatial)])
+
+
+# ---- hand rules: fast forms of the zoo's operators --------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class HandRule:
+    """A fast backward rule for the nodes `applies(g, node, wanted)` accepts; onnx-ad takes the others."""
+
+    applies: Callable[[GraphBuilder, onnx.NodeProto, Sequence[str]], bool]
+    gradients: Rule
+
+
+def _always(g: GraphBuilder, node: onnx.NodeProto, wanted: Sequence[str]) -> bool:
+    return True
+
+
+def _gemm_applies(g: GraphBuilder, node: onnx.NodeProto, wanted: Sequence[str]) -> bool:
+    """Y = X W^T + b with a [out] bias (what a Linear layer exports to)."""
+    attrs = _attrs(node)
+    plain = [attrs.get("transA", 0), attrs.get("transB", 0), attrs.get("alpha", 1.0), attrs.get("beta", 1.0)] == [0, 1, 1, 1]
+    bias = node.input[2] if len(node.input) > 2 else ""
+    return plain and (not bias or g.types.shape(bias) == g.types.shape(node.output[0])[1:])
 
 
 def _gemm(g: GraphBuilder, node: onnx.NodeProto, dy: str, wants: frozenset[str]) -> dict[str, str]:
     """Y = X W^T + b: dX = dY W, dW = dY^T X, db = sum_n dY."""
-    _require(node, transA=(0, 0), transB=(1, 0), alpha=(1.0, 1.0), beta=(1.0, 1.0))
     x, w, *bias = node.input
     grads = {}
     if x in wants:
@@ -178,6 +468,16 @@ def _gemm(g: GraphBuilder, node: onnx.NodeProto, dy: str, wants: frozenset[str])
     if bias and bias[0] in wants:
         grads[bias[0]] = g.op("ReduceSum", [dy, g.ints([0])], f"{bias[0]}.grad", keepdims=0)
     return grads
+
+
+def _conv_applies(g: GraphBuilder, node: onnx.NodeProto, wanted: Sequence[str]) -> bool:
+    """A 2-D, stride-1, ungrouped Conv with explicit "same" padding."""
+    attrs = _attrs(node)
+    if g.rank(node.input[0]) != 4 or attrs.get("group", 1) != 1 or attrs.get("auto_pad", "NOTSET") != "NOTSET":
+        return False
+    geometry = _conv_geometry(g, node)
+    same = [(k - 1) // 2 for k in geometry["kernel"]] * 2
+    return geometry["pads"] == same and geometry["strides"] == [1, 1] and geometry["dilations"] == [1, 1]
 
 
 def _conv_weight_grad(g: GraphBuilder, x: str, dy: str, w: str, kernel: Sequence[int], pads: Sequence[int]) -> str:
@@ -207,9 +507,8 @@ def _conv(g: GraphBuilder, node: onnx.NodeProto, dy: str, wants: frozenset[str])
     Measured on onnxruntime's CPU: im2col (_conv_weight_grad) is 10-20% faster per step on 28x28
     inputs and slower on 8x8 ones, where its nine slices cost more than the H x W Conv kernel.
     """
-    kernel = _attrs(node)["kernel_shape"]
+    kernel = _conv_geometry(g, node)["kernel"]
     pads = [(k - 1) // 2 for k in kernel] * 2
-    _require(node, pads=(pads, [0] * 4), strides=([1, 1], [1, 1]), dilations=([1, 1], [1, 1]), group=(1, 1))
     x, w, *bias = node.input
     grads = {}
     if x in wants:
@@ -231,15 +530,23 @@ def _relu(g: GraphBuilder, node: onnx.NodeProto, dy: str, wants: frozenset[str])
     return {node.input[0]: g.op("Mul", [dy, positive], f"{node.input[0]}.grad")}
 
 
+def _maxpool_applies(g: GraphBuilder, node: onnx.NodeProto, wanted: Sequence[str]) -> bool:
+    """Windows that neither overlap nor pad (kernel = stride), dilation 1, floor mode."""
+    attrs = _attrs(node)
+    kernel = list(attrs["kernel_shape"])
+    spatial = len(kernel)
+    return (list(attrs.get("strides", [1] * spatial)) == kernel and not any(attrs.get("pads", []))
+            and list(attrs.get("dilations", [1] * spatial)) == [1] * spatial and attrs.get("ceil_mode", 0) == 0
+            and attrs.get("storage_order", 0) == 0 and attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID"))
+
+
 def _maxpool(g: GraphBuilder, node: onnx.NodeProto, dy: str, wants: frozenset[str]) -> dict[str, str]:
     """MaxPool: MaxUnpool puts dY at the argmax positions the forward saved, zeros elsewhere.
 
     Exact (one position per window, like onnxruntime-training's MaxPoolGrad) when windows do not
     overlap; several times faster than ConstantOfShape + ScatterElements on onnxruntime's CPU.
     """
-    attrs = _attrs(node)
-    kernel = attrs["kernel_shape"]
-    _require(node, strides=(kernel, [1] * len(kernel)), pads=([0] * 2 * len(kernel), [0] * 2 * len(kernel)))
+    kernel = _attrs(node)["kernel_shape"]
     x = node.input[0]
     indices, shape = saved(node.output[0], "indices"), g.op("Shape", [x])
     return {x: g.op("MaxUnpool", [dy, indices, shape], f"{x}.grad", kernel_shape=kernel, strides=kernel)}
@@ -251,56 +558,221 @@ def _reshape(g: GraphBuilder, node: onnx.NodeProto, dy: str, wants: frozenset[st
     return {x: g.op("Reshape", [dy, g.op("Shape", [x])], f"{x}.grad")}
 
 
+def _unbroadcast_applies(g: GraphBuilder, node: onnx.NodeProto, wanted: Sequence[str]) -> bool:
+    """Two distinct inputs, and every one that needs a gradient has the output's shape."""
+    output = g.types.shape(node.output[0])
+    return len(set(node.input)) == 2 and all(g.types.shape(x) == output for x in wanted)
+
+
 def _mul(g: GraphBuilder, node: onnx.NodeProto, dy: str, wants: frozenset[str]) -> dict[str, str]:
-    """Y = A * B: dA = dY * B (an input that needs a gradient must have Y's shape)."""
+    """Y = A * B: dA = dY * B (an input that needs a gradient has Y's shape)."""
     a, b = node.input
     return {x: g.op("Mul", [dy, other], f"{x}.grad") for x, other in ((a, b), (b, a)) if x in wants}
 
 
 def _add(g: GraphBuilder, node: onnx.NodeProto, dy: str, wants: frozenset[str]) -> dict[str, str]:
-    """Y = A + B: dA = dY (an input that needs a gradient must have Y's shape)."""
+    """Y = A + B: dA = dY (an input that needs a gradient has Y's shape)."""
     return {x: dy for x in node.input if x in wants}
 
 
-def _batchnorm(g: GraphBuilder, node: onnx.NodeProto, dy: str, wants: frozenset[str]) -> dict[str, str]:
-    """Batch-statistics BN: dgamma = sum dY xhat, dbeta = sum dY, dX = gamma inv_std (dY - mean dY - xhat mean dY xhat)."""
-    x, gamma, beta = node.input[:3]
-    rank, y = g.ranks[x], node.output[0]
-    axes, xhat = _stat_axes(rank), saved(y, "xhat")
-    dy_xhat = g.op("Mul", [dy, xhat])
-    grads = {}
-    if gamma in wants:
-        grads[gamma] = g.op("ReduceSum", [dy_xhat, g.ints(axes)], f"{gamma}.grad", keepdims=0)
-    if beta in wants:
-        grads[beta] = g.op("ReduceSum", [dy, g.ints(axes)], f"{beta}.grad", keepdims=0)
-    if x in wants:
-        mean_dy = g.op("ReduceMean", [dy], axes=axes, keepdims=1)
-        mean_dy_xhat = g.op("ReduceMean", [dy_xhat], axes=axes, keepdims=1)
-        centered = g.op("Sub", [g.op("Sub", [dy, mean_dy]), g.op("Mul", [xhat, mean_dy_xhat])])
-        factor = g.op("Mul", [_channel_view(g, gamma, rank), saved(y, "inv_std")])
-        grads[x] = g.op("Mul", [centered, factor], f"{x}.grad")
-    return grads
-
-
-RULES: Mapping[str, Rule] = types.MappingProxyType({
-    "Gemm": _gemm,
-    "Conv": _conv,
-    "Relu": _relu,
-    "MaxPool": _maxpool,
-    "Flatten": _reshape,
-    "Reshape": _reshape,
-    "Mul": _mul,
-    "Add": _add,
-    "BatchNormalization": _batchnorm,
+HAND_RULES: Mapping[str, HandRule] = types.MappingProxyType({
+    "Gemm": HandRule(_gemm_applies, _gemm),
+    "Conv": HandRule(_conv_applies, _conv),
+    "Relu": HandRule(_always, _relu),
+    "MaxPool": HandRule(_maxpool_applies, _maxpool),
+    "Flatten": HandRule(_always, _reshape),
+    "Reshape": HandRule(_always, _reshape),
+    "Mul": HandRule(_unbroadcast_applies, _mul),
+    "Add": HandRule(_unbroadcast_applies, _add),
 })
 
 
-def _dependents(nodes: Sequence[onnx.NodeProto], wrt: Iterable[str]) -> frozenset[str]:
-    """Every tensor that depends on a tensor in `wrt` (those included)."""
+# ---- onnx-ad, one node at a time ------------------------------------------------------------
+
+
+def _one_node_model(g: GraphBuilder, node: onnx.NodeProto, batch: int) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """`node` alone as a model under local names, shapes at the stand-in `batch`; also forward name -> local name."""
+    local: dict[str, str] = {}
+    for i, name in enumerate(n for n in (*node.input, *node.output) if n):
+        local.setdefault(name, f"t{i}")
+    inputs, initializers = [], []
+    for name in dict.fromkeys(n for n in node.input if n):
+        if name in g.constants:
+            initializers.append(numpy_helper.from_array(g.constants[name], local[name]))
+        else:
+            inputs.append(helper.make_tensor_value_info(local[name], g.types.elem_types[name], g.types.at(name, batch)))
+    outputs = [helper.make_tensor_value_info(local[n], g.types.elem_types[n], g.types.at(n, batch)) for n in node.output if n]
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.ClearField("input")
+    copy.input.extend(local.get(n, "") for n in node.input)
+    copy.ClearField("output")
+    copy.output.extend(local.get(n, "") for n in node.output)
+    graph = helper.make_graph([copy], "node", inputs, outputs, initializer=initializers)
+    opset = [helper.make_opsetid("", 17)]
+    return helper.make_model(graph, opset_imports=opset, ir_version=10), local
+
+
+def _with_saved_indices(node: onnx.NodeProto) -> onnx.NodeProto:
+    """A MaxPool node with the Indices output `lower_for_training` gave it (onnx-ad's rule reads it)."""
+    if node.op_type != "MaxPool" or len(node.output) > 1:
+        return node
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.output.append(saved(node.output[0], "indices"))
+    return copy
+
+
+def _without_seed_moves(adjoint: onnx.ModelProto) -> onnx.ModelProto:
+    """`adjoint` with its copies that only move size-1 axes gone: such a Transpose becomes a Reshape, such an Expand an Identity.
+
+    onnx-ad moves its seed axis (size 1 here: one seed) to the front and back around Gemm, MatMul,
+    Conv and pooling, and widens gradients to their full shape; on onnxruntime each of those is a
+    copy of the tensor. Shapes come from shape inference with the seed count set to 1.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(adjoint)
+    for value in model.graph.input:
+        if value.name.startswith(_SEED):
+            value.type.tensor_type.shape.dim[-1].dim_value = 1
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for value in (*inferred.input, *inferred.value_info, *inferred.output):
+        dims = value.type.tensor_type.shape.dim
+        if value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = tuple(d.dim_value for d in dims)
+    nodes = []
+    for node in model.graph.node:
+        source, target = shapes.get(node.input[0]) if node.input else None, shapes.get(node.output[0])
+        if source is None or target is None:
+            nodes.append(node)
+        elif node.op_type == "Expand" and source == target:
+            nodes.append(helper.make_node("Identity", [node.input[0]], [node.output[0]]))
+        elif node.op_type == "Transpose" and _moves_only_unit_axes(source, _attrs(node).get("perm")):
+            target_name = f"{node.output[0]}_as_reshape"
+            model.graph.initializer.append(numpy_helper.from_array(np.array(target, np.int64), target_name))
+            nodes.append(helper.make_node("Reshape", [node.input[0], target_name], [node.output[0]]))
+        else:
+            nodes.append(node)
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    return model
+
+
+def _moves_only_unit_axes(shape: Sequence[int], perm: Sequence[int] | None) -> bool:
+    """Whether a Transpose by `perm` keeps the order of every axis longer than 1 (so it is a Reshape)."""
+    order = list(reversed(range(len(shape)))) if perm is None else list(perm)
+    moved = [axis for axis in order if shape[axis] != 1]
+    return moved == sorted(moved)
+
+
+def _structure(node: onnx.NodeProto) -> tuple[str, tuple[str, ...], tuple[str, ...], tuple[bytes, ...]]:
+    """What must agree between the two stand-in builds: op, names and attributes (a Constant's value aside)."""
+    attrs = () if node.op_type == "Constant" else tuple(a.SerializeToString() for a in node.attribute)
+    return node.op_type, tuple(node.input), tuple(node.output), attrs
+
+
+def constant_value(node: onnx.NodeProto) -> np.ndarray:
+    """The value of a Constant node, in any of its spellings."""
+    attribute = node.attribute[0]
+    value = helper.get_attribute_value(attribute)
+    if attribute.name == "value":
+        return numpy_helper.to_array(value)
+    return np.asarray(value, np.float32 if attribute.name.startswith("value_float") else np.int64)
+
+
+def _spliced_constant(g: GraphBuilder, first: np.ndarray, second: np.ndarray, where: str) -> str:
+    """A constant of the adjoint: as it is, or, where it differs between the stand-in builds, `slope * N + offset`."""
+    if first.shape == second.shape and first.dtype == second.dtype and np.array_equal(first, second):
+        return g.const(first, first.dtype)
+    if first.dtype != np.int64 or second.dtype != np.int64 or first.shape != second.shape:
+        raise NotImplementedError(f"{where}: onnx-ad baked the batch size into a {first.dtype} constant")
+    high, low = STAND_IN_BATCHES
+    slope, rest = np.divmod(first - second, high - low)
+    if np.any(rest):
+        raise NotImplementedError(f"{where}: onnx-ad baked the batch size into a constant that is not affine in it")
+    return g.batch_linear(slope, first - slope * high)
+
+
+def _onnx_ad_rule(g: GraphBuilder, node: onnx.NodeProto, dys: Mapping[str, str], wanted: Sequence[str]) -> dict[str, str]:
+    """Gradients of `wanted` inputs of `node` given the gradients `dys` of its outputs, from onnx-ad."""
+    onnx_ad = require_onnx_ad()
+    node = _with_saved_indices(node)
+    where = f"{node.op_type} {node.name or node.output[0]}"
+    builds = []
+    for batch in STAND_IN_BATCHES:
+        model, local = _one_node_model(g, node, batch)
+        try:
+            adjoint = onnx_ad.reverse(model, inputs=[local[x] for x in wanted], outputs=[local[y] for y in dys],
+                                      prefix=_SEED, layout="onnx")
+        except onnx_ad.UnsupportedOperator as error:
+            raise NotImplementedError(f"{where}: {error}") from error
+        builds.append(_without_seed_moves(adjoint))
+    first, second = (b.graph for b in builds)
+    if [_structure(n) for n in first.node] != [_structure(n) for n in second.node]:
+        raise NotImplementedError(f"{where}: onnx-ad's adjoint depends on the batch size beyond its constants")
+    names = {v: k for k, v in local.items()}  # local -> ours
+    names |= {_SEED + local[y]: g.op("Unsqueeze", [dy, g.ints([-1])], f"{dy}.seed") for y, dy in dys.items()}
+    others = {t.name: numpy_helper.to_array(t) for t in second.initializer}
+    for tensor in first.initializer:
+        if tensor.name not in names:
+            names[tensor.name] = _spliced_constant(g, numpy_helper.to_array(tensor), others[tensor.name], where)
+    hint = node.output[0]
+    primal = [i for i, n in enumerate(first.node) if tuple(n.output) == tuple(local.get(o, "") for o in node.output)]
+    if len(primal) != 1 or first.node[primal[0]].op_type != node.op_type:
+        raise NotImplementedError(f"{where}: onnx-ad rewrote the forward node")
+    for index, (one, other) in enumerate(zip(first.node, second.node)):
+        if index == primal[0]:
+            continue
+        if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in one.attribute):
+            raise NotImplementedError(f"{where}: onnx-ad's adjoint has a subgraph")
+        if one.op_type == "Constant":
+            pair = [constant_value(n) for n in (one, other)]
+            names[one.output[0]] = _spliced_constant(g, *pair, where)
+            continue
+        _splice(g, one, names, hint)
+    return {x: g.op("Squeeze", [names[_SEED + local[x]], g.ints([-1])], f"{x}.grad") for x in wanted}
+
+
+def _splice(g: GraphBuilder, node: onnx.NodeProto, names: dict[str, str], hint: str) -> None:
+    """Append an adjoint node of onnx-ad under our names; its outputs get fresh ones (recorded in `names`)."""
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.ClearField("input")
+    copy.input.extend(names[n] if n else "" for n in node.input)
+    for name in node.output:
+        if name:
+            names[name] = g.fresh(f"{hint}.{name}")
+    copy.ClearField("output")
+    copy.output.extend(names[n] if n else "" for n in node.output)
+    copy.name = g.fresh(f"{node.op_type}_{copy.output[0]}")
+    g.nodes.append(copy)
+
+
+# ---- the backward walk ----------------------------------------------------------------------
+
+
+def _node_gradients(g: GraphBuilder, node: onnx.NodeProto, dys: Mapping[str, str], wanted: Sequence[str]) -> dict[str, str]:
+    """Gradients of the `wanted` inputs of `node`: our rule, a hand rule or onnx-ad (see the module docstring)."""
+    wants, dy = frozenset(wanted), dys.get(node.output[0], "")
+    if node.op_type == "BatchNormalization":
+        return _batchnorm(g, node, dy, wants)
+    hand = HAND_RULES.get(node.op_type)
+    if hand is not None and dy and len(dys) == 1 and hand.applies(g, node, wanted):
+        return hand.gradients(g, node, dy, wants)
+    if node.op_type == "Conv" and _attrs(node).get("group", 1) != 1 and node.input[1] in wants:
+        rest = [x for x in wanted if x != node.input[1]]
+        grads = _onnx_ad_rule(g, node, dys, rest) if rest else {}
+        return grads | {node.input[1]: _grouped_conv_weight(g, node, dy)}
+    return _onnx_ad_rule(g, node, dys, wanted)
+
+
+def _dependents(g: GraphBuilder, nodes: Sequence[onnx.NodeProto], wrt: Iterable[str]) -> frozenset[str]:
+    """Every floating-point tensor that depends on a tensor in `wrt` (those included)."""
     found = set(wrt)
     for node in nodes:  # nodes are in topological order
         if any(i in found for i in node.input):
-            found.update(node.output)
+            found.update(o for o in node.output if o and g.types.is_float(o))
     return frozenset(found)
 
 
@@ -317,13 +789,14 @@ def backward(
 
     Returns {name: gradient tensor} for every name in `wrt` that the seeds depend on.
     """
-    wants = _dependents(nodes, wrt)
+    wants = _dependents(g, nodes, wrt)
     contributions: dict[str, list[str]] = {t: [dt] for t, dt in seeds.items()}
     for node in reversed(nodes):
-        if node.output[0] not in contributions or not any(i in wants for i in node.input):
+        wanted = [x for x in dict.fromkeys(node.input) if x in wants]
+        reached = [y for y in node.output if y in contributions]
+        if not wanted or not reached:
             continue
-        if node.op_type not in RULES:
-            raise NotImplementedError(f"no backward rule for {node.op_type} ({node.name})")
-        for x, dx in RULES[node.op_type](g, node, _total(g, node.output[0], contributions), wants).items():
+        dys = {y: _total(g, y, contributions) for y in reached}
+        for x, dx in _node_gradients(g, node, dys, wanted).items():
             contributions.setdefault(x, []).append(dx)
     return {w: _total(g, w, contributions) for w in wrt if w in contributions}

@@ -1,7 +1,11 @@
-"""Portable training-step graphs: standard ONNX only, equal to onnxruntime-training, correct gradients."""
+"""Portable training-step graphs of the zoo: standard ONNX only, equal to onnxruntime-training, correct gradients.
+
+tests/test_step_graph_ops.py covers forward graphs of every other operator a user's model may hold.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,9 +15,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from models import autodiff
 from models.data import load_digits
-from models.export import export_tier
-from models.ort_training import load_training_api
+from models.ort_training import captured_native_stderr, load_training_api
 from models.slicing import slice_params
 from models.step_graph import StepGraphIO, build_step_graph, step_graph_io
 from models.tiers import tier_rate
@@ -26,11 +30,25 @@ SMALL_MLP_BN = ModelSpec(arch="mlp", hidden=(8,), batch_norm=True)
 SMALL_CNN_BN = ModelSpec(arch="cnn", hidden=(4, 4, 8), batch_norm=True)
 
 
-class Stepper:
-    """A step graph in a 1-thread onnxruntime InferenceSession, run with named feeds."""
+def _forward(spec: ModelSpec, rate: float, scaler: bool = False, class_mask: bool = False) -> onnx.ModelProto:
+    """The zoo's forward graph at `rate`, parameters as inputs (what build_step_graph takes)."""
+    zeros = {n: np.zeros(s, np.float32) for n, s in param_shapes(spec, rate).items()}
+    return build_forward(spec, rate, zeros, params_as_inputs=True, scaler=scaler, class_mask=class_mask)
 
-    def __init__(self, spec: ModelSpec, rate: float, weight_decay: float = 0.0, **options: object) -> None:
-        model = build_step_graph(spec, rate, weight_decay=weight_decay, **options)  # type: ignore[arg-type]
+
+def _step_graph(
+    spec: ModelSpec, rate: float, scaler: bool = False, class_mask: bool = False, **options: object
+) -> onnx.ModelProto:
+    """build_step_graph of the zoo's forward graph at `rate`."""
+    forward = _forward(spec, rate, scaler, class_mask)
+    return build_step_graph(forward, trainable_names(spec), frozen_names(spec), **options)  # type: ignore[arg-type]
+
+
+class Stepper:
+    """A zoo model's step graph in a 1-thread onnxruntime InferenceSession, run with named feeds."""
+
+    def __init__(self, spec: ModelSpec, rate: float, **options: object) -> None:
+        model = _step_graph(spec, rate, **options)  # type: ignore[arg-type]
         self.io: StepGraphIO = step_graph_io(model)
         settings = ort.SessionOptions()
         settings.intra_op_num_threads = settings.inter_op_num_threads = 1
@@ -73,7 +91,7 @@ def test_every_step_graph_is_standard_onnx(spec: ModelSpec):
     for tier in ("a", "e"):
         for optimizer in ("sgd", "adamw"):
             for scaler in (False, True) if spec.batch_norm else (False,):
-                model = build_step_graph(spec, tier_rate(tier), optimizer, scaler=scaler, class_mask=True)
+                model = _step_graph(spec, tier_rate(tier), scaler, class_mask=True, optimizer=optimizer)
                 assert {node.domain for node in model.graph.node} == {""}
                 assert [(o.domain, o.version) for o in model.opset_import] == [("", 17)] and model.ir_version == 10
                 onnx.checker.check_model(model, full_check=True)
@@ -83,7 +101,7 @@ def test_every_step_graph_is_standard_onnx(spec: ModelSpec):
 
 
 def test_names_follow_the_contract():
-    model = build_step_graph(MLP8_BN, 1.0, "adamw", scaler=True, class_mask=True, proximal=True, with_gradients=True)
+    model = _step_graph(MLP8_BN, 1.0, scaler=True, class_mask=True, optimizer="adamw", proximal=True, with_gradients=True)
     io = step_graph_io(model)
     assert io.inputs[:7] == ("input", "scale", "class_mask", "labels", "learning_rate", "mu", "fc1.weight")
     assert {"bn1.running_mean", "fc1.weight.exp_avg", "fc1.weight.exp_avg_sq", "step", "fc1.weight.global"} <= set(io.inputs)
@@ -92,25 +110,64 @@ def test_names_follow_the_contract():
     assert io.state_shapes["step"] == (1,) and io.state_shapes["fc1.weight.exp_avg"] == (256, 64)
     assert io.gradients["fc1.weight"] == "fc1.weight.grad"
     assert io.running_stats == ("bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var")
-    sgd = step_graph_io(build_step_graph(MLP8, 1.0))
+    sgd = step_graph_io(_step_graph(MLP8, 1.0))
     assert sgd.inputs[:4] == ("input", "labels", "learning_rate", "momentum")
     assert sgd.updates["fc1.weight.momentum"] == "fc1.weight.momentum.new" and not sgd.gradients
     assert sgd.initial_optimizer_state()["fc2.bias.momentum"].shape == (256,)
     with pytest.raises(ValueError, match="unknown optimizer"):
-        build_step_graph(MLP8, 1.0, "adam")  # type: ignore[arg-type]
+        _step_graph(MLP8, 1.0, optimizer="adam")
     with pytest.raises(ValueError, match="AdamW only"):
-        build_step_graph(MLP8, 1.0, "sgd", weight_decay=0.01)
+        _step_graph(MLP8, 1.0, optimizer="sgd", weight_decay=0.01)
+
+
+def test_shapes_come_from_the_forward_graph():
+    """Every declared shape is the forward's: parameters, their state and gradients, the batch symbol of data and labels."""
+    forward = _forward(CNN8_BN, 0.5, scaler=True, class_mask=True)
+    for value in (forward.graph.input[0], forward.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    model = build_step_graph(forward, trainable_names(CNN8_BN), frozen_names(CNN8_BN), "adamw", with_gradients=True)
+    declared = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in (*model.graph.input, *model.graph.output)}
+    for name, shape in param_shapes(CNN8_BN, 0.5).items():
+        assert declared[name] == declared[f"{name}.new"] == list(shape), name
+    assert declared["conv1.weight.exp_avg"] == declared["conv1.weight.grad"] == list(param_shapes(CNN8_BN, 0.5)["conv1.weight"])
+    assert declared["input"] == ["batch", 1, 8, 8] and declared["labels"] == ["batch"] and declared["logits"] == ["batch", 10]
+    assert declared["scale"] == [1] and declared["class_mask"] == [10] and declared["loss"] == []
+
+
+def test_forward_graphs_the_step_cannot_take_are_refused(monkeypatch: pytest.MonkeyPatch):
+    trainable, frozen = trainable_names(MLP8_BN), frozen_names(MLP8_BN)
+    with pytest.raises(ValueError, match="running statistics"):
+        build_step_graph(_forward(MLP8_BN, 1.0), trainable, frozen[:1])
+    with pytest.raises(ValueError, match="distinct graph inputs"):
+        build_step_graph(_forward(MLP8_BN, 1.0), [*trainable, "fc9.weight"], frozen)
+    fixed = _forward(MLP8, 1.0)
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 32
+    with pytest.raises(ValueError, match="symbolic batch"):
+        build_step_graph(fixed, trainable_names(MLP8))
+    monkeypatch.setitem(sys.modules, "onnx_ad", None)  # as if onnx-ad were not installed
+    with pytest.raises(ImportError, match=r"tierfl\[full\]"):
+        build_step_graph(_forward(MLP8, 1.0), trainable_names(MLP8))
 
 
 class OrtTraining:
-    """One tier's onnxruntime-training artifacts (scaler on with batch norm), loaded with given weights."""
+    """onnxruntime-training artifacts of a zoo model at a tier (class mask; scaler with batch norm), loaded with weights."""
 
     def __init__(self, spec: ModelSpec, tier: str, out: Path, optimizer: str, weights: Mapping[str, np.ndarray]) -> None:
-        api = load_training_api().api
-        export_tier(spec, tier, out, optimizer=optimizer, scaler=spec.batch_norm)  # type: ignore[arg-type]
-        self.state = api.CheckpointState.load_checkpoint(str(out / tier / "checkpoint"))
-        self.module = api.Module(str(out / tier / "training_model.onnx"), self.state, str(out / tier / "eval_model.onnx"))
-        self.optimizer = api.Optimizer(str(out / tier / "optimizer_model.onnx"), self.module)
+        training = load_training_api()
+        rate = tier_rate(tier)
+        forward = build_forward(spec, rate, dict(weights), scaler=spec.batch_norm, class_mask=True)
+        kinds = {"sgd": training.artifacts.OptimType.SGD, "adamw": training.artifacts.OptimType.AdamW}
+        with captured_native_stderr():
+            training.artifacts.generate_artifacts(
+                forward, requires_grad=trainable_names(spec), frozen_params=frozen_names(spec) or None,
+                loss=training.artifacts.LossType.CrossEntropyLoss, optimizer=kinds[optimizer], artifact_directory=out,
+                additional_output_names=["logits"],
+            )
+        api = training.api
+        self.state = api.CheckpointState.load_checkpoint(str(out / "checkpoint"))
+        self.module = api.Module(str(out / "training_model.onnx"), self.state, str(out / "eval_model.onnx"))
+        self.optimizer = api.Optimizer(str(out / "optimizer_model.onnx"), self.module)
         for name, value in weights.items():
             self.state.parameters[name].data = value
         self.module.train()
@@ -228,9 +285,9 @@ def _loss_model(spec: ModelSpec, n: int) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("spec", [MLP8, CNN8], ids=lambda s: s.name)
-def test_gradients_match_onnx_ad(spec: ModelSpec):
-    """onnx-ad (independent source-transformation AD) needs a fixed batch and no training-mode BN."""
-    onnx_ad = pytest.importorskip("onnx_ad", reason="onnx-ad is a dev extra: pip install onnx-ad==0.3.0")
+def test_gradients_match_onnx_ad_on_the_whole_graph(spec: ModelSpec):
+    """onnx-ad's reverse of the whole forward + loss at a fixed batch (no BN: it has no training mode) gives our gradients."""
+    onnx_ad = autodiff.require_onnx_ad()
     n, trainable = 16, list(param_shapes(spec))
     adjoint = onnx_ad.reverse(_loss_model(spec, n), inputs=trainable, outputs=["loss"], layout="onnx")
     session = ort.InferenceSession(adjoint.SerializeToString())
@@ -241,6 +298,23 @@ def test_gradients_match_onnx_ad(spec: ModelSpec):
     ours = stepper(_feeds(stepper.io, spec, weights, x, y))
     for name, expected in zip(trainable, theirs):
         np.testing.assert_allclose(ours[f"{name}.grad"], expected[..., 0], rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("spec", ZOO, ids=lambda s: s.name)
+def test_hand_rules_equal_onnx_ad(spec: ModelSpec, monkeypatch: pytest.MonkeyPatch):
+    """The zoo's hand-written rules (what it trains with) against onnx-ad for every node but BatchNorm, at batches 1, 7, 32."""
+    rate = tier_rate("b")
+    options = dict(scaler=spec.batch_norm, class_mask=True, proximal=True, with_gradients=True)
+    hand = Stepper(spec, rate, **options)
+    monkeypatch.setattr(autodiff, "HAND_RULES", {})
+    alone = Stepper(spec, rate, **options)
+    assert hand.io == alone.io
+    weights = _weights(spec, rate)
+    for n in (1, 7, 32):
+        feeds = _feeds(hand.io, spec, weights, *_batch(spec, n, seed=n), scale=2.0, mu=0.1, momentum=0.9)
+        ours, theirs = hand(feeds), alone(feeds)
+        for name in hand.io.outputs:
+            np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-5, err_msg=f"{name} at batch {n}")
 
 
 @pytest.mark.parametrize("spec", [MLP8_BN, CNN8_BN], ids=lambda s: s.name)
