@@ -134,7 +134,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                        help="devices leave the classes they have no data for out of their softmax (HeteroFL's "
                             "masking for label-split non-IID data)")
     model.add_argument("--eval-data", help="held-out set for global accuracy: digits | fashion-mnist:test | FILE.npz "
-                       "(default: federated evaluation on the devices' local test splits)")
+                       "(x of the model's input shape, as `tierfl client --data`; default: federated evaluation on "
+                       "the devices' local test splits)")
     rounds = parser.add_argument_group("rounds (FedAvg)")
     rounds.add_argument("--rounds", type=int, default=20, help="total rounds, counting rounds done before a restart (default: %(default)s)")
     rounds.add_argument("--min-clients", type=int, default=2, help="devices that must be available before a round starts (default: %(default)s)")
