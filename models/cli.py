@@ -15,6 +15,7 @@ from models.export import export_all, export_model
 from models.manifest import ModelCard, TierManifest
 from models.onnx_import import UnsupportedModel, import_forward
 from models.ort_training import TrainingBackendUnavailable
+from models.spec import ARCH_DEFAULTS
 from models.tiers import TIER_RATES, tier_rate
 from models.zoo import ModelSpec
 
@@ -32,6 +33,8 @@ DESCRIPTION = textwrap.fill(
 EPILOG = """examples:
   tierfl export --model my_model.onnx --tiers a,b,c,d,e --out runs/artifacts/my_model
   tierfl export --arch cnn --image-size 8 --batch-norm --tiers a,c,e --out runs/artifacts/cnn8-bn
+  tierfl export --arch preresnet --tiers a,b,c,d,e --out runs/artifacts/preresnet32
+  tierfl export --arch conv1d --channels 6 --length 128 --out runs/artifacts/imu
 
 The export is deterministic: the same options and seed give byte-identical files."""
 
@@ -68,14 +71,29 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="FILE.onnx",
                         help="your own classifier as an ONNX forward graph: one float input, one logits output, "
                              "weights as initializers, exported in eval mode (see the README's \"Your own model\"); "
-                             "replaces --arch/--image-size/--batch-norm/--hidden/--seed")
+                             "replaces --arch/--image-size/--channels/--length/--batch-norm/--hidden/--seed")
     parser.add_argument("--name", default=None, help="the model's name in reports (default: the --model file's stem)")
-    parser.add_argument("--arch", choices=["mlp", "cnn"], default="mlp", help="zoo model family (default: mlp)")
-    parser.add_argument("--image-size", type=int, choices=[8, 28], default=8,
-                        help="input side in pixels: 8 for sklearn digits, 28 for Fashion-MNIST (default: 8)")
-    parser.add_argument("--batch-norm", action="store_true", help="add BatchNorm after each hidden layer")
+    parser.add_argument("--arch", choices=list(ARCH_DEFAULTS), default="mlp",
+                        help="zoo model family, with one sample's shape: mlp, cnn: 1x8x8 images (1xSxS, S = "
+                             "--image-size); preresnet (HeteroFL's CIFAR PreResNet), mobilenet (depthwise-separable, "
+                             "ReLU6, squeeze-excitation): 3x32x32 images; conv1d: 40x49 time series, channels x length "
+                             "(MFCC frames, IMU windows); transformer: 16x16, tokens x features (default: mlp)")
+    parser.add_argument("--image-size", type=int, choices=[8, 28, 32], default=None,
+                        help="image side in pixels: 8 for sklearn digits, 28 for Fashion-MNIST, 32 for CIFAR "
+                             "(default: 8 for mlp and cnn, 32 for preresnet and mobilenet)")
+    parser.add_argument("--channels", type=int, default=None,
+                        help="image channels, or a sequence's features per step (MFCC coefficients, IMU axes); "
+                             "default: the arch's (see --arch)")
+    parser.add_argument("--length", type=int, default=None,
+                        help="conv1d time steps or transformer tokens (default: 49 for conv1d, 16 for transformer)")
+    parser.add_argument("--batch-norm", action="store_true",
+                        help="add BatchNorm after each hidden layer of an mlp or cnn (preresnet, mobilenet and conv1d "
+                             "always have it)")
     parser.add_argument("--hidden", type=_int_list, default=None,
-                        help="widths at rate 1; mlp default 256,256; cnn: conv channels then fc width, default 32,64,128")
+                        help="widths at rate 1; mlp default 256,256; cnn: conv channels then fc width, default "
+                             "32,64,128; preresnet: stages, default 16,32,64; mobilenet: stem then blocks, default "
+                             "16,32,64,128; conv1d: conv channels, default 32,64,64; transformer: token width then "
+                             "MLP width, default 32,64")
     parser.add_argument("--seed", type=int, default=0, help="seed of the global initial weights (default: 0)")
     parser.add_argument("--tiers", type=_tier_list, default=list(TIER_RATES),
                         help="comma-separated tiers to export (default: " + ",".join(TIER_RATES) + ")")
@@ -132,8 +150,9 @@ def run(args: argparse.Namespace) -> int:
             name, tiers = exported
         else:
             try:
-                spec = ModelSpec(arch=args.arch, image_size=args.image_size, hidden=args.hidden,
-                                 batch_norm=args.batch_norm, seed=args.seed)
+                spec = ModelSpec(arch=args.arch, image_size=args.image_size, channels=args.channels,
+                                 length=args.length, hidden=args.hidden, batch_norm=args.batch_norm or None,
+                                 seed=args.seed)
             except ValidationError as exc:
                 log.error("invalid model options: %s", exc)
                 return 2

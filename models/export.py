@@ -249,7 +249,7 @@ def export_model(
 
 def zoo_card(spec: ModelSpec) -> ModelCard:
     """The card of a zoo model."""
-    return ModelCard(name=spec.name, input_shape=[1, spec.image_size, spec.image_size], num_classes=spec.num_classes,
+    return ModelCard(name=spec.name, input_shape=list(spec.input_shape), num_classes=spec.num_classes,
                      batch_norm=spec.batch_norm, recipe=spec)
 
 

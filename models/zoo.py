@@ -1,10 +1,15 @@
-"""Model zoo written directly as ONNX graphs (no PyTorch), each buildable at any HeteroFL width rate.
+"""Model zoo written directly as ONNX graphs (no PyTorch): full-width forward graphs that TierFL cuts into tiers.
 
-A model is a flat list of layer steps (`_plan`); parameter shapes and the ONNX graph are both read
-off that one list, so they cannot disagree. Parameter names are PyTorch-style (`fc1.weight` is
-[out, in], `conv1.weight` is [out, in, kh, kw]) and identical across tiers: a tier keeps the
-leading ceil(rate * C) channels of every hidden width, all inputs of the first layer and all
-classes of the last.
+Every model is a classifier `input` [N, *spec.input_shape] -> `logits` [N, classes] with
+PyTorch-style parameter names (`fc1.weight` is [out, in], `conv1.weight` is [out, in, kh, kw],
+`stage1.bn1.running_mean`) and PyTorch's default init, deterministic from the seed. Tiers are cut
+from the rate-1 graph (models.widths, models.tier_graph): a tier keeps the leading channels of
+every hidden width, all inputs of the first layer and all classes of the last.
+
+- mlp, cnn: small models for 8x8 / 28x28 images (1 channel by default), laid out as a flat list of
+  layer steps (`_plan`); they can also be built at any width rate directly.
+- preresnet, mobilenet, conv1d, transformer: the models edge users need (3x32x32 images, a
+  depthwise-separable CNN, 1-D time series, tokens), written top to bottom by `_Graph` at rate 1.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -19,11 +26,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from models.spec import (BN_EPSILON, BN_MOMENTUM, CLASS_MASK_NAME, INPUT_NAME, OUTPUT_NAME,  # noqa: F401 (re-exported)
                          SCALE_NAME, ModelSpec)
+from models.tier_graph import forward_macs as graph_macs
+from models.tier_graph import statistics_graph
 from models.tiers import scaled_width
 
 OPSET = 17
 IR_VERSION = 10  # onnxruntime 1.19 refuses IR 11+
 _RUNNING_STATS = ("running_mean", "running_var")
+_PLANNED = ("mlp", "cnn")  # built by `_plan` at any rate; the other archs are written at rate 1 by `_Graph`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +56,7 @@ def _plan(spec: ModelSpec, rate: float) -> list[_Step]:
     widths = [scaled_width(w, rate) for w in spec.widths]
     if spec.arch == "mlp":
         steps.append(_Step("flatten"))
-        fan_in = spec.image_size**2
+        fan_in = spec.channels * spec.image_size**2
         for i, width in enumerate(widths, start=1):
             steps.append(_Step("fc", f"fc{i}", fan_in, width, bias=not spec.batch_norm))
             if spec.batch_norm:
@@ -55,7 +65,7 @@ def _plan(spec: ModelSpec, rate: float) -> list[_Step]:
             fan_in = width
         steps.append(_Step("fc", f"fc{len(widths) + 1}", fan_in, spec.num_classes))
         return steps
-    channels, side = 1, spec.image_size
+    channels, side = spec.channels, spec.image_size
     for i, width in enumerate(widths[:-1], start=1):
         steps.append(_Step("conv", f"conv{i}", channels, width, bias=not spec.batch_norm))
         if spec.batch_norm:
@@ -81,6 +91,8 @@ def _step_shapes(step: _Step) -> dict[str, tuple[int, ...]]:
 
 def param_shapes(spec: ModelSpec, rate: float = 1.0) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape at `rate`, in ONNX initializer order."""
+    if spec.arch not in _PLANNED:
+        return {name: param.shape for name, param in _written(spec, rate).params.items()}
     shapes: dict[str, tuple[int, ...]] = {}
     for step in _plan(spec, rate):
         shapes.update(_step_shapes(step))
@@ -89,6 +101,8 @@ def param_shapes(spec: ModelSpec, rate: float = 1.0) -> dict[str, tuple[int, ...
 
 def forward_macs(spec: ModelSpec, rate: float = 1.0) -> int:
     """Multiply-accumulates of one sample's forward pass at `rate` (a device-independent cost unit)."""
+    if spec.arch not in _PLANNED:
+        return graph_macs(build_forward(spec, rate, init_global_params(spec)))
     macs, side = 0, spec.image_size
     for step in _plan(spec, rate):
         if step.op == "fc":
@@ -111,8 +125,21 @@ def trainable_names(spec: ModelSpec) -> list[str]:
     return [n for n in param_shapes(spec) if n not in frozen]
 
 
+def _uniform(seed: int, name: str, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+    """PyTorch's default init of a weight or bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), float32.
+
+    kaiming_uniform(a=sqrt(5)) for weights and U(+-1/sqrt(fan_in)) for biases both reduce to it,
+    fan_in = in * kh * kw. One stream per (seed, name): a tensor's values do not depend on the other layers.
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    return rng.uniform(-bound, bound, size=shape).astype(np.float32)
+
+
 def init_global_params(spec: ModelSpec) -> dict[str, np.ndarray]:
     """Rate-1 float32 weights, PyTorch-like Kaiming-uniform, deterministic from `spec.seed`."""
+    if spec.arch not in _PLANNED:
+        return {name: param.initial(spec.seed, name) for name, param in _written(spec, 1.0).params.items()}
     params: dict[str, np.ndarray] = {}
     for step in _plan(spec, 1.0):
         for name, shape in _step_shapes(step).items():
@@ -121,13 +148,7 @@ def init_global_params(spec: ModelSpec) -> dict[str, np.ndarray]:
                 fill = 1.0 if kind in ("weight", "running_var") else 0.0
                 params[name] = np.full(shape, fill, dtype=np.float32)
                 continue
-            # PyTorch default: kaiming_uniform(a=sqrt(5)) for weights and U(+-1/sqrt(fan_in)) for
-            # bias both reduce to U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in * kh * kw.
-            fan_in = step.fan_in * (9 if step.op == "conv" else 1)
-            bound = 1.0 / math.sqrt(fan_in)
-            # One stream per (seed, name): a tensor's values do not depend on the other layers.
-            rng = np.random.default_rng([spec.seed, zlib.crc32(name.encode())])
-            params[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+            params[name] = _uniform(spec.seed, name, shape, step.fan_in * (9 if step.op == "conv" else 1))
     return params
 
 
@@ -160,12 +181,13 @@ def build_forward(
     scaler: bool = False,
     class_mask: bool = False,
 ) -> onnx.ModelProto:
-    """Forward graph `input` [N,1,H,W] -> `logits` [N,classes] with `params` as initializers or inputs.
+    """Forward graph `input` [N, *spec.input_shape] -> `logits` [N,classes] with `params` as initializers or inputs.
 
-    With `scaler`, an input `scale` [1] multiplies the output of every hidden fc/conv layer
-    (HeteroFL's scaler: the trainer feeds 1/rate while training and 1 when evaluating). With
+    With `scaler` (mlp and cnn), an input `scale` [1] multiplies the output of every hidden fc/conv
+    layer (HeteroFL's scaler: the trainer feeds 1/rate while training and 1 when evaluating). With
     `class_mask`, an input `class_mask` [classes] is added to the logits (label-split training
-    masks the classes a device has no data for).
+    masks the classes a device has no data for). The archs other than mlp and cnn are built at
+    rate 1 only: their tiers (and scaler) come from models.tier_graph.cut_forward.
     """
     shapes = param_shapes(spec, rate)
     if set(params) != set(shapes):
@@ -174,6 +196,10 @@ def build_forward(
     for name, shape in shapes.items():
         if tuple(params[name].shape) != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(params[name].shape)}")
+    if spec.arch not in _PLANNED:
+        if scaler:
+            raise ValueError(f"{spec.name} has no built-in scaler: models.tier_graph.cut_forward adds it to a tier")
+        return _written(spec, rate).model(params, params_as_inputs, class_mask)
     steps = _plan(spec, rate)
     nodes: list[onnx.NodeProto] = []
     x = INPUT_NAME
@@ -187,8 +213,7 @@ def build_forward(
         x = y
     if class_mask:
         nodes.append(helper.make_node("Add", [x, CLASS_MASK_NAME], [OUTPUT_NAME], name="class_mask"))
-    size = spec.image_size
-    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 1, size, size])]
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", *spec.input_shape])]
     if scaler:
         inputs.append(helper.make_tensor_value_info(SCALE_NAME, TensorProto.FLOAT, [1]))
     if class_mask:
@@ -202,7 +227,6 @@ def build_forward(
     return helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tierfl", ir_version=IR_VERSION
     )
-
 
 
 def _batch_stats_nodes(step: _Step, x: str, y: str, axes: list[int]) -> list[onnx.NodeProto]:
@@ -240,6 +264,8 @@ def build_statistics_graph(spec: ModelSpec, rate: float) -> onnx.ModelProto:
     """
     if not spec.batch_norm:
         raise ValueError(f"{spec.name} has no batch norm: there are no statistics to measure")
+    if spec.arch not in _PLANNED:
+        return statistics_graph(build_forward(spec, rate, init_global_params(spec), params_as_inputs=True))
     nodes: list[onnx.NodeProto] = []
     constants: list[onnx.TensorProto] = []
     outputs: list[onnx.ValueInfoProto] = []
@@ -259,11 +285,222 @@ def build_statistics_graph(spec: ModelSpec, rate: float) -> onnx.ModelProto:
             ]
             outputs += [helper.make_tensor_value_info(f"{step.name}.batch_{s}", TensorProto.FLOAT, [step.out]) for s in ("mean", "var")]
         x = y
-    size = spec.image_size
     shapes = param_shapes(spec, rate)
-    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 1, size, size])]
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", *spec.input_shape])]
     inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in shapes.items()]
     graph = helper.make_graph(nodes, f"{spec.name}_r{rate:g}_statistics", inputs, outputs, initializer=constants)
     return helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tierfl", ir_version=IR_VERSION
     )
+
+
+# ---- preresnet, mobilenet, conv1d, transformer: written at rate 1, top to bottom -----------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Param:
+    """A parameter's shape and init: U(+-1/sqrt(fan_in)) when fan_in > 0, else filled with `fill`."""
+
+    shape: tuple[int, ...]
+    fan_in: int = 0
+    fill: float = 0.0
+
+    def initial(self, seed: int, name: str) -> np.ndarray:
+        """The parameter's initial value."""
+        if self.fan_in:
+            return _uniform(seed, name, self.shape, self.fan_in)
+        return np.full(self.shape, self.fill, np.float32)
+
+
+class _Graph:
+    """A rate-1 forward graph being written: its nodes in order, its parameters and its constants.
+
+    Each layer method adds its nodes and parameters and returns the name of the tensor it writes
+    (named after the layer, so `stage1.bn1` writes the tensor `stage1.bn1`).
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.nodes: list[onnx.NodeProto] = []
+        self.params: dict[str, _Param] = {}
+        self.constants: dict[str, np.ndarray] = {}
+
+    def node(self, op: str, inputs: Sequence[str], name: str, **attrs: Any) -> str:
+        """Add node `name` writing the tensor `name`."""
+        self.nodes.append(helper.make_node(op, list(inputs), [name], name=name, **attrs))
+        return name
+
+    def param(self, name: str, shape: tuple[int, ...], fan_in: int = 0, fill: float = 0.0) -> str:
+        """Declare a parameter."""
+        self.params[name] = _Param(shape, fan_in, fill)
+        return name
+
+    def const(self, name: str, value: float) -> str:
+        """A float32 scalar constant (shared by every node that names it)."""
+        self.constants[name] = np.array(value, np.float32)
+        return name
+
+    def conv(self, x: str, name: str, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1,
+             bias: bool = False, dims: int = 2) -> str:
+        """Conv `kernel`^dims with 'same' padding; groups=cin is depthwise. No bias by default (a BatchNorm follows)."""
+        fan_in = cin // groups * kernel**dims
+        weight = self.param(f"{name}.weight", (cout, cin // groups, *[kernel] * dims), fan_in)
+        inputs = [x, weight, *([self.param(f"{name}.bias", (cout,), fan_in)] if bias else [])]
+        return self.node("Conv", inputs, name, kernel_shape=[kernel] * dims, strides=[stride] * dims,
+                         pads=[kernel // 2] * 2 * dims, group=groups)
+
+    def batch_norm(self, x: str, name: str, channels: int) -> str:
+        """BatchNorm in inference form (no training_mode): ORT training and the tier cutter take it so."""
+        fills = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
+        inputs = [x, *(self.param(f"{name}.{p}", (channels,), fill=v) for p, v in fills.items())]
+        return self.node("BatchNormalization", inputs, name, epsilon=BN_EPSILON, momentum=BN_MOMENTUM)
+
+    def layer_norm(self, x: str, name: str, width: int) -> str:
+        """LayerNorm over the last axis."""
+        scale, shift = self.param(f"{name}.weight", (width,), fill=1.0), self.param(f"{name}.bias", (width,))
+        return self.node("LayerNormalization", [x, scale, shift], name, axis=-1, epsilon=BN_EPSILON)  # PyTorch's 1e-5
+
+    def linear(self, x: str, name: str, fan_in: int, out: int) -> str:
+        """Fully connected layer on [N, fan_in]."""
+        weight, bias = self.param(f"{name}.weight", (out, fan_in), fan_in), self.param(f"{name}.bias", (out,), fan_in)
+        return self.node("Gemm", [x, weight, bias], name, transB=1)
+
+    def token_linear(self, x: str, name: str, fan_in: int, out: int) -> str:
+        """Fully connected layer on every token of [N, T, fan_in] (x @ weight^T + bias, weight [out, in] as PyTorch)."""
+        weight, bias = self.param(f"{name}.weight", (out, fan_in), fan_in), self.param(f"{name}.bias", (out,), fan_in)
+        product = self.node("MatMul", [x, self.node("Transpose", [weight], f"{name}.weight_t", perm=[1, 0])],
+                            f"{name}.product")
+        return self.node("Add", [product, bias], name)
+
+    def relu(self, x: str) -> str:
+        """max(x, 0)."""
+        return self.node("Relu", [x], f"{x}.relu")
+
+    def relu6(self, x: str) -> str:
+        """min(max(x, 0), 6)."""
+        return self.node("Clip", [x, self.const("relu6.min", 0.0), self.const("relu6.max", 6.0)], f"{x}.relu6")
+
+    def gelu(self, x: str) -> str:
+        """x/2 (1 + erf(x / sqrt 2)), the exact GELU (opset 17 has no Gelu operator)."""
+        erf = self.node("Erf", [self.node("Div", [x, self.const("gelu.sqrt2", math.sqrt(2))], f"{x}.div")], f"{x}.erf")
+        gate = self.node("Mul", [self.node("Add", [erf, self.const("gelu.one", 1.0)], f"{x}.erf1"),
+                                 self.const("gelu.half", 0.5)], f"{x}.gate")
+        return self.node("Mul", [x, gate], f"{x}.gelu")
+
+    def global_pool(self, x: str, name: str) -> str:
+        """Mean over every axis after the channels: [N, C, ...] -> [N, C]."""
+        return self.node("Flatten", [self.node("GlobalAveragePool", [x], f"{name}.mean")], name, axis=1)
+
+    def model(self, params: dict[str, np.ndarray], params_as_inputs: bool, class_mask: bool) -> onnx.ModelProto:
+        """The ONNX model: `input` [N, *input_shape] -> `logits` [N, classes], `params` as initializers or inputs."""
+        spec = self.spec
+        nodes = [onnx.NodeProto.FromString(node.SerializeToString()) for node in self.nodes]
+        inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", *spec.input_shape])]
+        if class_mask:
+            nodes.append(helper.make_node("Add", [nodes[-1].output[0], CLASS_MASK_NAME], [OUTPUT_NAME],
+                                          name="class_mask"))
+            inputs.append(helper.make_tensor_value_info(CLASS_MASK_NAME, TensorProto.FLOAT, [spec.num_classes]))
+        else:
+            nodes[-1].output[0] = OUTPUT_NAME
+        weights = [numpy_helper.from_array(np.ascontiguousarray(params[n], np.float32), n) for n in self.params]
+        if params_as_inputs:
+            inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(p.shape))
+                       for n, p in self.params.items()]
+            weights = []
+        constants = [numpy_helper.from_array(value, name) for name, value in self.constants.items()]
+        output = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", spec.num_classes])
+        graph = helper.make_graph(nodes, spec.name, inputs, [output], initializer=[*weights, *constants])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tierfl",
+                                 ir_version=IR_VERSION)
+
+
+def _preresnet(g: _Graph, spec: ModelSpec) -> str:
+    """HeteroFL's CIFAR PreResNet: 3x3 stem, one pre-activation block per stage (stride 2 from stage 2),
+    BN-ReLU, mean, fc."""
+    widths = spec.widths
+    x, cin = g.conv(INPUT_NAME, "stem", spec.channels, widths[0]), widths[0]
+    for i, width in enumerate(widths, start=1):
+        x, cin = _preact_block(g, x, f"stage{i}", cin, width, stride=1 if i == 1 else 2), width
+    x = g.relu(g.batch_norm(x, "bn", cin))
+    return g.linear(g.global_pool(x, "pool"), "fc", cin, spec.num_classes)
+
+
+def _preact_block(g: _Graph, x: str, name: str, cin: int, cout: int, stride: int) -> str:
+    """a = relu(bn1(x)); conv2(relu(bn2(conv1(a)))) + x, or + a strided 1x1 conv of a when the shape changes."""
+    a = g.relu(g.batch_norm(x, f"{name}.bn1", cin))
+    h = g.conv(a, f"{name}.conv1", cin, cout, stride=stride)
+    h = g.conv(g.relu(g.batch_norm(h, f"{name}.bn2", cout)), f"{name}.conv2", cout, cout)
+    skip = x if stride == 1 and cin == cout else g.conv(a, f"{name}.shortcut", cin, cout, kernel=1, stride=stride)
+    return g.node("Add", [h, skip], name)
+
+
+def _mobilenet(g: _Graph, spec: ModelSpec) -> str:
+    """MobileNet-style: stride-2 3x3 stem, depthwise-separable blocks with squeeze-excitation (stride 2 from
+    the second block), ReLU6 throughout, mean, fc."""
+    stem, *widths = spec.widths
+    x = g.relu6(g.batch_norm(g.conv(INPUT_NAME, "stem.conv", spec.channels, stem, stride=2), "stem.bn", stem))
+    cin = stem
+    for i, width in enumerate(widths, start=1):
+        x, cin = _separable_block(g, x, f"block{i}", cin, width, stride=1 if i == 1 else 2), width
+    return g.linear(g.global_pool(x, "pool"), "fc", cin, spec.num_classes)
+
+
+def _separable_block(g: _Graph, x: str, name: str, cin: int, cout: int, stride: int) -> str:
+    """Depthwise 3x3 (stride), BN, ReLU6, squeeze-excitation, pointwise 1x1, BN, ReLU6."""
+    h = g.relu6(g.batch_norm(g.conv(x, f"{name}.depthwise", cin, cin, stride=stride, groups=cin), f"{name}.bn1", cin))
+    h = _squeeze_excite(g, h, f"{name}.se", cin)
+    return g.relu6(g.batch_norm(g.conv(h, f"{name}.pointwise", cin, cout, kernel=1), f"{name}.bn2", cout))
+
+
+def _squeeze_excite(g: _Graph, x: str, name: str, channels: int) -> str:
+    """x times a per-channel gate hardsigmoid(expand(relu(reduce(mean of x)))), reducing to channels / 4."""
+    hidden = max(2, channels // 4)
+    s = g.relu(g.conv(g.node("GlobalAveragePool", [x], f"{name}.mean"), f"{name}.reduce", channels, hidden,
+                      kernel=1, bias=True))
+    expand = g.conv(s, f"{name}.expand", hidden, channels, kernel=1, bias=True)
+    gate = g.node("HardSigmoid", [expand], f"{name}.gate", alpha=1.0 / 6.0, beta=0.5)  # PyTorch's hardsigmoid
+    return g.node("Mul", [x, gate], name)
+
+
+def _conv1d(g: _Graph, spec: ModelSpec) -> str:
+    """1-D CNN over [channels, length]: (conv k=3, BN, ReLU, 2x max pool) per width, mean over time, fc."""
+    x, cin = INPUT_NAME, spec.channels
+    for i, width in enumerate(spec.widths, start=1):
+        x = g.relu(g.batch_norm(g.conv(x, f"conv{i}", cin, width, dims=1), f"bn{i}", width))
+        x, cin = g.node("MaxPool", [x], f"pool{i}", kernel_shape=[2], strides=[2]), width
+    return g.linear(g.global_pool(x, "pool"), "fc", cin, spec.num_classes)
+
+
+def _transformer(g: _Graph, spec: ModelSpec) -> str:
+    """One pre-norm single-head transformer layer over [length, channels] tokens, then LayerNorm, mean, fc.
+
+    Embedding plus learned positions; attention scaled by 1/sqrt(width) of the full width, a
+    constant every tier keeps; a GELU MLP.
+    """
+    dim, mlp = spec.widths
+    x = g.token_linear(INPUT_NAME, "embed", spec.channels, dim)
+    x = g.node("Add", [x, g.param("pos.weight", (spec.length, dim), fan_in=dim)], "embed.pos")
+    h = g.layer_norm(x, "norm1", dim)
+    q, k, v = (g.token_linear(h, f"attn.{p}", dim, dim) for p in "qkv")
+    scores = g.node("MatMul", [q, g.node("Transpose", [k], "attn.k_t", perm=[0, 2, 1])], "attn.qk")
+    scores = g.node("Mul", [scores, g.const("attn.scale", 1.0 / math.sqrt(dim))], "attn.scores")
+    attention = g.node("Softmax", [scores], "attn.weights", axis=-1)
+    mixed = g.node("MatMul", [attention, v], "attn.mix")
+    x = g.node("Add", [x, g.token_linear(mixed, "attn.out", dim, dim)], "attn.residual")
+    h = g.gelu(g.token_linear(g.layer_norm(x, "norm2", dim), "mlp.fc1", dim, mlp))
+    x = g.node("Add", [x, g.token_linear(h, "mlp.fc2", mlp, dim)], "mlp.residual")
+    x = g.node("ReduceMean", [g.layer_norm(x, "norm", dim)], "mean", axes=[1], keepdims=0)
+    return g.linear(x, "fc", dim, spec.num_classes)
+
+
+_WRITERS = {"preresnet": _preresnet, "mobilenet": _mobilenet, "conv1d": _conv1d, "transformer": _transformer}
+
+
+def _written(spec: ModelSpec, rate: float) -> _Graph:
+    """The model of a non-planned arch written at rate 1 (its tiers are cut from it, models.tier_graph)."""
+    if rate != 1.0:
+        raise ValueError(f"{spec.name} is built at rate 1 only: its tiers are cut from that graph "
+                         "(models.widths.analyse, models.tier_graph.cut_forward)")
+    g = _Graph(spec)
+    _WRITERS[spec.arch](g, spec)
+    return g
