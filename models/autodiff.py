@@ -26,7 +26,10 @@ them is an affine function of the batch size, `slope * N + offset`, which the sp
 computes from the batch's actual size (`GraphBuilder.batch_linear`). Nothing else may differ.
 
 onnx-ad carries a trailing seed axis on every gradient; the splice adds it to the incoming
-gradient (Unsqueeze) and removes it from the results (Squeeze).
+gradient (Unsqueeze) and removes it from the results (Squeeze), and turns the adjoint's copies
+that only move that size-1 axis into Reshapes (`_without_seed_moves`). Conv and AveragePool
+geometries whose onnx-ad adjoint is wrong (uneven pads; see `explicit_padding`, which the step
+graph applies to the forward first) are differentiated as an explicit Pad/Slice and the op.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
+
+from models.zoo import IR_VERSION, OPSET
 
 NEW_SUFFIX = ".new"  # an updated state tensor `x` is written to `x.new`
 STAND_IN_BATCHES = (9973, 10007)  # primes no real dimension is likely to equal (see the module docstring)
@@ -157,11 +162,11 @@ def explicit_padding(model: onnx.ModelProto, batch_dim: str) -> onnx.ModelProto:
     """`model` with every Conv/AveragePool whose padding onnx-ad's adjoint gets wrong rewritten as Pad, Slice and the op unpadded.
 
     onnx-ad's adjoint of a Conv or AveragePool is a ConvTranspose given `output_shape`, and with
-    an output shape ONNX ignores the pads: the runtime splits the padding evenly (odd ones at the
-    start). That is right only when, on every axis, the pads are equal and the input tail no
-    window reads is shorter than 2 (measured over kernels 1-3, strides 1-3, dilations 1-2, pads
-    0-2). Other nodes get the pads as an explicit Pad and the unread tail cut off by a Slice, so
-    the op itself reads exactly its input, which onnx-ad differentiates right.
+    an output shape ONNX ignores the pads: the runtime derives its own split of the padding. On
+    onnxruntime that is right only when, on every axis, the pads are equal and the input tail no
+    window reads is shorter than 2 (measured against PyTorch over kernels 1-3, strides 1-3,
+    dilations 1-2, pads 0-2 and lengths 7-9). Other nodes get the pads as an explicit Pad and the
+    unread tail cut off by a Slice, so the op reads exactly its input and onnx-ad is right again.
     """
     shapes = tensor_types(model, batch_dim)
     taken = {n for node in model.graph.node for n in (*node.input, *node.output)} | {v.name for v in model.graph.input}
@@ -609,8 +614,7 @@ def _one_node_model(g: GraphBuilder, node: onnx.NodeProto, batch: int) -> tuple[
     copy.ClearField("output")
     copy.output.extend(local.get(n, "") for n in node.output)
     graph = helper.make_graph([copy], "node", inputs, outputs, initializer=initializers)
-    opset = [helper.make_opsetid("", 17)]
-    return helper.make_model(graph, opset_imports=opset, ir_version=10), local
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION), local
 
 
 def _with_saved_indices(node: onnx.NodeProto) -> onnx.NodeProto:
@@ -641,17 +645,22 @@ def _without_seed_moves(adjoint: onnx.ModelProto) -> onnx.ModelProto:
         dims = value.type.tensor_type.shape.dim
         if value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
             shapes[value.name] = tuple(d.dim_value for d in dims)
+    primal = {v.name for v in model.graph.output if not v.name.startswith(_SEED)}
+    taken = {*shapes, *(n for node in model.graph.node for n in (*node.input, *node.output))}
     nodes = []
     for node in model.graph.node:
         source, target = shapes.get(node.input[0]) if node.input else None, shapes.get(node.output[0])
-        if source is None or target is None:
+        if source is None or target is None or node.output[0] in primal:
             nodes.append(node)
         elif node.op_type == "Expand" and source == target:
             nodes.append(helper.make_node("Identity", [node.input[0]], [node.output[0]]))
         elif node.op_type == "Transpose" and _moves_only_unit_axes(source, _attrs(node).get("perm")):
-            target_name = f"{node.output[0]}_as_reshape"
-            model.graph.initializer.append(numpy_helper.from_array(np.array(target, np.int64), target_name))
-            nodes.append(helper.make_node("Reshape", [node.input[0], target_name], [node.output[0]]))
+            shape = f"{node.output[0]}_shape"
+            while shape in taken:
+                shape += "_"
+            taken.add(shape)
+            model.graph.initializer.append(numpy_helper.from_array(np.array(target, np.int64), shape))
+            nodes.append(helper.make_node("Reshape", [node.input[0], shape], [node.output[0]]))
         else:
             nodes.append(node)
     model.graph.ClearField("node")

@@ -9,6 +9,7 @@ gradient of a batch of 32 is also the size-weighted mean of the gradients of its
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -168,8 +169,11 @@ def shape_ops() -> Net:
     net = Net((2, 4, 4))
     y = net.op("Reshape", ["input", net.const([0, 2, 16], np.int64)])  # [N, 2, 16]
     y = net.op("Transpose", [net.op("Mul", [y, net.param("gain", [2, 1], 1.0)])], perm=[0, 2, 1])  # [N, 16, 2]
-    y = net.op("Squeeze", [net.op("Unsqueeze", [y, net.const([1], np.int64)]), net.const([1], np.int64)])
-    shifted = net.op("Sub", [net.op("Tanh", [y]), net.const(0.25)])
+    y = net.op("Unsqueeze", [y, net.const([1], np.int64)])  # [N, 1, 16, 2]
+    y = net.op("Transpose", [y], perm=[0, 2, 1, 3])  # [N, 16, 1, 2]: moves a unit axis only
+    y = net.op("Squeeze", [y, net.const([2], np.int64)])
+    quarter = net.op("Constant", [], value=numpy_helper.from_array(np.array(0.25, np.float32)))  # becomes a constant
+    shifted = net.op("Sub", [net.op("Tanh", [y]), quarter])
     y = net.op("Concat", [y, shifted], axis=2)  # [N, 16, 4]
     y = net.op("Reshape", [y, net.const([-1, 64], np.int64)])
     y = net.op("Mul", [net.op("Identity", [y]), net.data_input("scale", [1])])
@@ -182,11 +186,11 @@ def shape_ops() -> Net:
 
 
 def batch_norm_features() -> Net:
-    """Flatten, MatMul + Add, BatchNorm over [N, C] features, Relu, Gemm."""
+    """Flatten, MatMul + Add, BatchNorm over [N, C] features, Relu, Dropout (the identity in the step), Gemm."""
     net = Net((1, 4, 4))
     y = net.op("MatMul", [net.op("Flatten", ["input"]), net.param("fc1.weight", [16, 8])])
     y = net.op("Relu", [net.batch_norm(net.op("Add", [y, net.param("fc1.bias", [8])]), "bn1", 8)])
-    _linear_gemm(net, y, 8)
+    _linear_gemm(net, net.op("Dropout", [y, net.const(0.5)]), 8)
     return net
 
 
@@ -295,3 +299,18 @@ def test_onnx_ad_alone_gives_the_hybrid_gradients(step: Step, monkeypatch: pytes
     ours, theirs = step(x, y), alone(x, y)
     for name in step.net.trainable:
         np.testing.assert_allclose(ours[f"{name}.grad"], theirs[f"{name}.grad"], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_dropout_is_the_identity():
+    """A step graph trains as if Dropout were not there (exported eval graphs have none; a kept one does nothing)."""
+    net = batch_norm_features()
+    dropout = next(n for n in net.nodes if n.op_type == "Dropout")
+    nodes = [copy.deepcopy(n) for n in net.nodes if n is not dropout]
+    for node in nodes:
+        node.input[:] = [dropout.input[0] if name == dropout.output[0] else name for name in node.input]
+    without = Net(net.input_shape, nodes=nodes, params=net.params, frozen=net.frozen, constants=net.constants)
+    assert "Dropout" in {n.op_type for n in net.model().graph.node} - {n.op_type for n in without.model().graph.node}
+    x, y = _batch(net, 6, seed=2)
+    ours, theirs = Step(net)(x, y), Step(without)(x, y)
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
