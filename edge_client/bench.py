@@ -835,7 +835,7 @@ def run(args: argparse.Namespace) -> int:
                            "fleet's aggregator, or pip install 'tierfl[full]'")
     else:
         spec = ModelSpec(arch=args.arch, image_size=args.image_size, batch_norm=args.batch_norm)
-        input_shape = [1, spec.image_size, spec.image_size]
+        input_shape = list(spec.input_shape)
     data = args.data or DEFAULT_DATA.get(tuple(input_shape))
     if data is None:
         raise _usage_error(f"the model takes samples of shape {input_shape}, which no built-in data set holds "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,8 +80,15 @@ def test_markdown_and_chart(bench_out: Path) -> None:
     assert (bench_out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_torch_never_imported(bench_out: Path) -> None:
-    assert "torch" not in sys.modules
+def test_the_parent_process_never_imports_a_runtime(exported: Path, tmp_path: Path) -> None:
+    """The bench's own process stays light (its peak would be every child's): onnx, onnxruntime and torch load in the
+    children only. A fresh interpreter: this one imported onnxruntime to export (which imports torch where it is)."""
+    argv = ["bench", "--artifacts", str(exported), "--tiers", "d", "--steps", "1", "--epochs", "0", "--out", str(tmp_path)]
+    code = (f"import sys\nfrom tierfl.cli import main\nassert main({argv!r}) == 0\n"
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'torch') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_existing_artifacts_and_no_epochs(exported: Path, tmp_path: Path) -> None:
