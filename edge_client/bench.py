@@ -18,10 +18,10 @@ files, read without a transient copy), matplotlib is imported only after the las
 and the report records the parent's own peak beside the children's. Requests travel on stdin,
 never on the command line, because a fetch request holds the broker URL with its password.
 
-When PyTorch is importable and the model is a zoo model (the graphs `_torch_op` reads), a `torch`
-child runs the same graph (read from the tier's inference.onnx) with torch.optim.SGD for the same
-steps and batch size. The data is shaped for the model's card (models.data.fit_to_model). Nothing crosses a process
-boundary but JSON and .npy files.
+When PyTorch is importable and the model is a zoo mlp or cnn (the graphs `_torch_op` reads), a
+`torch` child runs the same graph (read from the tier's inference.onnx) with torch.optim.SGD for
+the same steps and batch size. The data is shaped for the model's card (models.data.fit_to_model).
+Nothing crosses a process boundary but JSON and .npy files.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ MANIFEST_NAME = "manifest.json"
 _USER_ERRORS = (OSError, ValueError, RuntimeError, ImportError)  # ImportError: an optional package missing
 _Result = TypeVar("_Result", bound=BaseModel)
 BROKER_ENV = "TIERFL_BROKER"  # the client's variable for its broker URL (with the password): a fetch reads it too
+TORCH_ARCHS = ("mlp", "cnn")  # the zoo archs whose graphs `_torch_op` reads
 DEFAULT_DATA = {(1, 8, 8): "digits", (1, 28, 28): "fashion-mnist"}  # a model's sample shape -> the built-in data set
 _CHILD_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 _RELAYED = {"INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
@@ -526,10 +527,11 @@ def _host(torch_version: str | None) -> dict[str, str]:
 
 
 def _torch_runs(model: ModelCard, torch: bool) -> bool:
-    """Whether PyTorch times the tiers too: asked for, and a zoo model (the only graphs `_torch_op` reads)."""
-    if torch and model.recipe is None:
-        log.info("no PyTorch comparison for %s: it reads only the model zoo's graphs", model.name)
-    return torch and model.recipe is not None
+    """Whether PyTorch times the tiers too: asked for, and a zoo mlp or cnn (the only graphs `_torch_op` reads)."""
+    readable = model.recipe is not None and model.recipe.arch in TORCH_ARCHS
+    if torch and not readable:
+        log.info("no PyTorch comparison for %s: it reads only the zoo's %s graphs", model.name, " and ".join(TORCH_ARCHS))
+    return torch and readable
 
 
 def run_bench(settings: BenchSettings, spec: ModelSpec | None, artifacts: Path | None, torch: bool,
@@ -755,7 +757,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Benchmark every device tier of a model on this device: training step latency, throughput, "
         "peak memory, artifact bytes, update bytes per codec and the time of E epochs on local data. "
-        "Writes bench.json, bench.md and bench.png. If PyTorch is installed, a zoo model's graph is "
+        "Writes bench.json, bench.md and bench.png. If PyTorch is installed, a zoo mlp's or cnn's graph is "
         "also timed in PyTorch CPU."
     )
     parser.epilog = EPILOG
@@ -838,8 +840,9 @@ def run(args: argparse.Namespace) -> int:
         input_shape = list(spec.input_shape)
     data = args.data or DEFAULT_DATA.get(tuple(input_shape))
     if data is None:
+        built_in = ", ".join(f"{name}: {list(shape)}" for shape, name in DEFAULT_DATA.items())
         raise _usage_error(f"the model takes samples of shape {input_shape}, which no built-in data set holds "
-                           f"(digits: [1, 8, 8], fashion-mnist: [1, 28, 28]): give --data FILE.npz")
+                           f"({built_in}): give --data FILE.npz")
     tiers = tiers or list(TIER_RATES)
     settings = BenchSettings(
         data=data, tiers=tiers,
