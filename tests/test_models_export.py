@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import logging
 import os
+import re
 import stat
 import sys
 from pathlib import Path
@@ -18,8 +19,8 @@ from sklearn.datasets import load_digits
 
 from models import ort_training
 from models.cli import configure_parser, run
-from models.export import ARTIFACT_FILES, INDEX_NAME, MANIFEST_NAME, export_all, export_tier
-from models.manifest import ExportIndex, TierManifest
+from models.export import ARTIFACT_FILES, INDEX_NAME, MANIFEST_NAME, export_all
+from models.manifest import GLOBAL_MODEL_FILE, ExportIndex, TierManifest
 from models.ort_training import TrainingBackendUnavailable, captured_native_stderr, load_training_api
 from models.slicing import slice_params
 from models.tiers import TIER_RATES, tier_rate
@@ -86,7 +87,8 @@ def _train_accuracy(tier_dir: Path, digits: tuple, epochs: int, lr: float, batch
 
 def test_layout_and_manifest_hashes(exported: Path) -> None:
     index = ExportIndex.load(exported / INDEX_NAME)
-    assert index.model == MLP and list(index.tiers) == list(TIER_RATES)
+    assert index.model.recipe == MLP and index.model.input_shape == [1, 8, 8] and list(index.tiers) == list(TIER_RATES)
+    assert hashlib.sha256((exported / GLOBAL_MODEL_FILE).read_bytes()).hexdigest() == index.global_model.sha256
     for tier, rel in index.tiers.items():
         manifest = TierManifest.load(exported / rel)
         assert (manifest.tier, manifest.rate, manifest.optimizer) == (tier, tier_rate(tier), "sgd")
@@ -164,7 +166,7 @@ def test_mlp_tier_a_trains_on_digits(exported: Path, digits: tuple) -> None:
 
 @pytest.mark.parametrize("spec", [CNN, CNN_BN], ids=lambda s: s.name)
 def test_cnn_trains_on_digits(spec: ModelSpec, digits: tuple, tmp_path: Path) -> None:
-    export_tier(spec, "a", tmp_path)
+    export_all(spec, ["a"], tmp_path)
     assert _train_accuracy(tmp_path / "a", digits, epochs=8, lr=0.2) > 0.9
 
 
@@ -175,7 +177,7 @@ def test_narrowest_sliced_tier_learns(exported: Path, digits: tuple) -> None:
 
 def test_bn_running_stats_move_although_frozen(digits: tuple, tmp_path: Path) -> None:
     """ORT training updates frozen BN running stats in the state; devices must send them back."""
-    export_tier(CNN_BN, "c", tmp_path)
+    export_all(CNN_BN, ["c"], tmp_path)
     state, module, optimizer = _session(tmp_path / "c")
     module.train()
     _call(module, digits[0][:64], digits[1][:64], 4.0)
@@ -186,7 +188,8 @@ def test_bn_running_stats_move_although_frozen(digits: tuple, tmp_path: Path) ->
 
 
 def test_small_tier_with_adamw_learns(digits: tuple, tmp_path: Path) -> None:
-    manifest = export_tier(MLP, "e", tmp_path, optimizer="adamw")
+    export_all(MLP, ["e"], tmp_path, optimizer="adamw")
+    manifest = TierManifest.load(tmp_path / "e" / MANIFEST_NAME)
     assert manifest.optimizer == "adamw"
     assert _train_accuracy(tmp_path / "e", digits, epochs=3, lr=0.01) > 0.8
 
@@ -233,7 +236,8 @@ def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = parser.parse_args(["--arch", "cnn", "--hidden", "8,16,32", "--tiers", "a,e", "--out", str(tmp_path)])
     assert run(args) == 0
     out = capsys.readouterr().out
-    assert "tier a" in out and "tier e" in out and "cnn8-h8x16x32" in out
-    assert ExportIndex.load(tmp_path / INDEX_NAME).model.hidden == (8, 16, 32)
+    assert re.search(r"^a\s+1\s+3,658\s+25,408\s+[\d,]+$", out, re.M) and re.search(r"^e\s+0.0625\s", out, re.M), out
+    assert "exported cnn8-h8x16x32 tiers a,e" in out
+    assert ExportIndex.load(tmp_path / INDEX_NAME).model.recipe.hidden == (8, 16, 32)
     with pytest.raises(SystemExit):
         parser.parse_args(["--tiers", "a,z"])

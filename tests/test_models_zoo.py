@@ -511,14 +511,7 @@ def test_edge_statistics_graph_measures_every_batch_norm(spec: ModelSpec) -> Non
     np.testing.assert_allclose(outputs[0], first.mean(axis=tuple(i for i in range(first.ndim) if i != 1)), atol=1e-5)
 
 
-# models/export_check (2b3891a) feeds every initializer of a tier's inference graph to the step graph, also the
-# constants that are no parameters (ReLU6's Clip bounds, GELU's and attention's scalars), which the step graph
-# does not take: "Invalid input name: relu6.min". A user's PyTorch model with ReLU6 fails the same way.
-_CONSTANTS_FED = pytest.mark.xfail(strict=True, reason="export_check feeds constant initializers to the step graph")
-
-
-@pytest.fixture(scope="module", params=[pytest.param(s, marks=_CONSTANTS_FED) if s.arch in ("mobilenet", "transformer")
-                                        else s for s in EDGE], ids=lambda s: s.name)
+@pytest.fixture(scope="module", params=EDGE, ids=lambda s: s.name)
 def edge_export(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelSpec, Path]:
     """Tiers a and e of each edge model, exported as the zoo exports (the generic path)."""
     spec = request.param
