@@ -268,7 +268,7 @@ def test_toml_example_sets_what_its_unit_sets_but_the_password(name):
 SECRET_URL = re.compile(r"--broker[= ]('?mqtts?://[^\s:@/]+:[^\s@/]+@|\"?\$\(.*credentials|\"?\$\(.*\burl\b)")
 # A password as a client option's value: mosquitto_pub/sub/rr `-P VALUE` (also after `-u USER`), `--pw VALUE`,
 # `--password VALUE`, a `-L mqtt(s)://user:password@` URL, or `mosquitto_passwd -b` (batch mode takes the password
-# as an argument). Not `\n-P ...` inside a quoted string (a line of a client's config file, as README section 4 writes).
+# as an argument). Not `\n-P ...` inside a quoted string (a line of a client's config file, as README section 5 writes).
 SECRET_OPTION = re.compile(r"(?<![\w-])(?:-P|--pw|--password)(?:=|[ \t]+)(?=[^\s`)\-])"
                            r"|(?<![\w-])-L[ \t]+['\"]?mqtts?://[^\s:@/]+:[^\s@/]+@"
                            r"|\bmosquitto_passwd\b[^\n]*[ \t]-[A-Za-z]*b\b")

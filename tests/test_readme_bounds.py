@@ -1,4 +1,4 @@
-"""README section 4 keeps up with the schemas: every bounded field of every message has its row in the
+"""README section 5 keeps up with the schemas: every bounded field of every message has its row in the
 bounds table, and every refusal reason its row in the reasons table (so neither can drift silently)."""
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def test_the_bounded_fields_are_what_the_schemas_say():
 @pytest.mark.parametrize("name", sorted(schemas()))
 def test_every_bounded_field_is_in_the_readme_bounds_table(name):
     rows = [row for names, row in _bounds_rows() if name in names]
-    assert rows, f"README section 4's bounds table has no row for `{name}`"
+    assert rows, f"README section 5's bounds table has no row for `{name}`"
     listed = set(re.findall(r"`(\w+)`", " ".join(rows)))
     missing = [field for field in bounded_fields(schemas()[name]) if field not in listed]
     assert not missing, f"the bounds table's `{name}` row does not list {missing}"
