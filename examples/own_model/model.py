@@ -11,6 +11,7 @@ one float input, logits out, eval mode, static shapes, BatchNorm kept.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -49,6 +50,7 @@ class SmallResNet(nn.Module):
 
 def export(path: str) -> None:
     """Write the untrained model to `path` as TierFL takes it."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = SmallResNet().eval()                    # eval mode: BatchNorm uses its running statistics
     torch.onnx.export(
