@@ -43,7 +43,7 @@ from models.tier_graph import cut_forward, forward_macs, statistics_graph
 from models.tiers import TIER_RATES, tier_rate
 from models.widths import WidthPlan, analyse
 from models.zoo import build_forward, init_global_params
-from protocol.atomic_file import sync_folder
+from protocol.atomic_file import atomic_write, sync_folder
 
 log = logging.getLogger(__name__)
 
@@ -236,10 +236,11 @@ def export_model(
     training = load_training_api()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    onnx.save(cut_forward(forward, plan, 1.0), out / GLOBAL_MODEL_FILE)
-    global_model = _sha256(out / GLOBAL_MODEL_FILE)
+    (out / INDEX_NAME).unlink(missing_ok=True)  # an export that fails half-way leaves no index to serve
     manifests = {tier: _write_tier(forward, plan, card, tier, out, optimizer, scaler, proximal, training)
                  for tier in tiers}
+    atomic_write(out / GLOBAL_MODEL_FILE, lambda file: file.write(cut_forward(forward, plan, 1.0).SerializeToString()))
+    global_model = _sha256(out / GLOBAL_MODEL_FILE)
     ordered = sorted(manifests, key=list(TIER_RATES).index)
     groups = {name: WidthGroup(size=size, pinned=why) for name, (size, why) in plan.groups.items()}
     index = ExportIndex(model=card, tiers={t: f"{t}/{MANIFEST_NAME}" for t in ordered}, global_model=global_model,
