@@ -11,13 +11,18 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.spec import ModelSpec
 from protocol.atomic_file import atomic_write
 
+MAX_RANK = 8  # axes of a parameter
+MAX_ELEMENTS = 1 << 26  # of one axis (as protocol.messages bounds a tensor)
+MAX_PARAMS = 4096  # parameters of a model (as protocol.messages.MAX_TENSORS)
+Name = Annotated[str, Field(min_length=1, max_length=220)]  # a parameter's (<= 200) or a group's name, a file's
+Tier = Annotated[str, Field(pattern=r"^[a-z]$")]
 FORMAT_VERSION = 2  # 2: any ONNX classifier (ModelCard, width groups, model.onnx); 1 held a zoo ModelSpec
 GLOBAL_MODEL_FILE = "model.onnx"  # beside index.json: the full-width forward graph with the initial global weights
 STATISTICS_FILE = "statistics.onnx"  # batch-norm models only: measures static BN statistics on the device
@@ -54,10 +59,10 @@ class ParamInfo(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str
-    shape: list[int]
+    name: Name
+    shape: Annotated[list[Annotated[int, Field(ge=1, le=MAX_ELEMENTS)]], Field(max_length=MAX_RANK)]
     trainable: bool
-    cuts: list[str | None] = []  # per axis: the width group that cuts it (its leading block), None: kept whole
+    cuts: Annotated[list[Name | None], Field(max_length=MAX_RANK)] = []  # per axis: the width group cutting it, None: whole
 
 
 class WidthGroup(BaseModel):
@@ -65,8 +70,8 @@ class WidthGroup(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    size: int = Field(ge=1)  # channels at rate 1
-    pinned: str | None = None  # why the group stays whole (names the node), None: cut at every tier
+    size: int = Field(ge=1, le=MAX_ELEMENTS)  # channels at rate 1
+    pinned: str | None = Field(None, max_length=1000)  # why the group stays whole (names the node), None: cut
 
 
 class ModelCard(BaseModel):
@@ -75,8 +80,9 @@ class ModelCard(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,79}$")
-    input_shape: list[int] = Field(min_length=1, max_length=4)  # one sample: [C, H, W], [C, T] or [F]
-    num_classes: int = Field(ge=2)
+    input_shape: Annotated[list[Annotated[int, Field(ge=1, le=MAX_ELEMENTS)]],
+                           Field(min_length=1, max_length=3)]  # one sample: [C, H, W], [C, T] or [F]
+    num_classes: int = Field(ge=2, le=MAX_ELEMENTS)
     batch_norm: bool = False  # has BatchNormalization layers (running statistics)
     recipe: ModelSpec | None = None  # the zoo recipe it was built from; None for a user's ONNX file
     source_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # sha256 of the user's ONNX file
@@ -87,19 +93,19 @@ class TierManifest(_JsonFile):
 
     format_version: Literal[2] = FORMAT_VERSION
     model: ModelCard
-    tier: str
+    tier: Tier
     rate: float = Field(gt=0, le=1)
-    macs: int = Field(0, ge=0)  # multiply-accumulates of one sample's forward pass at this tier
+    macs: int = Field(0, ge=0, le=10**15)  # multiply-accumulates of one sample's forward pass at this tier
     optimizer: Literal["sgd", "adamw"]
-    input_name: str
-    input_shape: list[int | Literal["N"]]
+    input_name: Name
+    input_shape: Annotated[list[Annotated[int, Field(ge=1, le=MAX_ELEMENTS)] | Literal["N"]], Field(max_length=4)]
     scaler: bool = False  # training/eval graphs take a `scale` [1] input: 1/rate to train, 1 to evaluate
     class_mask: bool = False  # training/eval graphs take a `class_mask` [classes] input added to the logits
     proximal: bool = False  # training/eval graphs take FedProx's `mu` [1] and `<param>.global` inputs
-    output_name: str
-    params: list[ParamInfo]
-    files: dict[str, FileEntry]
-    libraries: dict[str, str]
+    output_name: Name
+    params: Annotated[list[ParamInfo], Field(max_length=MAX_PARAMS)]
+    files: Annotated[dict[Name, FileEntry], Field(max_length=16)]
+    libraries: Annotated[dict[Name, Name], Field(max_length=16)]
 
     @property
     def param_count(self) -> int:
@@ -117,6 +123,6 @@ class ExportIndex(_JsonFile):
 
     format_version: Literal[2] = FORMAT_VERSION
     model: ModelCard
-    tiers: dict[str, str]
+    tiers: Annotated[dict[Tier, Name], Field(max_length=8)]
     global_model: FileEntry  # GLOBAL_MODEL_FILE: the rate-1 forward graph and the initial global weights
-    groups: dict[str, WidthGroup] = {}  # width group -> size and whether it is cut
+    groups: Annotated[dict[Name, WidthGroup], Field(max_length=MAX_PARAMS * MAX_RANK)] = {}  # width group -> size, cut or not
