@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
 import sys
 import tracemalloc
 import uuid
+import venv
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 MOSQUITTO = ("127.0.0.1", 1883)
+ROOT = Path(__file__).resolve().parent.parent
+TORCH_VENV = ROOT / ".venv-torch"
+# PyTorch never enters the main venv (onnxruntime-training's import of onnxruntime would import it): the tests that
+# need it run tests/torch_models.py in this venv. Changing the list rebuilds the venv.
+TORCH_REQUIREMENTS = ("torch==2.13.0", "onnx==1.17.0", "numpy>=2,<3")
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +32,33 @@ def mosquitto_url() -> str:
         pytest.fail(f"Mosquitto is not answering on {MOSQUITTO[0]}:{MOSQUITTO[1]} ({exc}); "
                     "start it with `mosquitto -d` (.ci/run does this)")
     return f"mqtt://{MOSQUITTO[0]}:{MOSQUITTO[1]}"
+
+
+@pytest.fixture(scope="session")
+def torch_python() -> Path:
+    """Python of the virtualenv .venv-torch: PyTorch, onnx and numpy, with the repository importable (built once)."""
+    python = TORCH_VENV / "bin" / "python"
+    stamp = TORCH_VENV / ".installed"
+    key = hashlib.sha256(repr((TORCH_REQUIREMENTS, str(ROOT), sys.version)).encode()).hexdigest()
+    if python.exists() and stamp.exists() and stamp.read_text() == key:
+        return python
+    try:
+        venv.create(TORCH_VENV, with_pip=True, clear=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.fail(f"could not create {TORCH_VENV}: {exc}")
+    command = [str(python), "-m", "pip", "install", "--quiet", "--only-binary=:all:", *TORCH_REQUIREMENTS]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=280)  # the suite's timeout is 300 s
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"could not build {TORCH_VENV}: `{' '.join(command)}` took over 280 s", pytrace=False)
+    if result.returncode != 0:
+        pytest.fail(f"could not build {TORCH_VENV}: `{' '.join(command)}` exited {result.returncode}:\n"
+                    f"{(result.stdout + result.stderr)[-3000:]}", pytrace=False)
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / "tierfl-checkout.pth").write_text(f"{ROOT}\n")  # tests/torch_models.py imports models.tiers
+    stamp.write_text(key)
+    return python
 
 
 @pytest.fixture

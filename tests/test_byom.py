@@ -1,7 +1,13 @@
-"""Bring your own model: import, width analysis and tier graphs of models exported from PyTorch and hand-made graphs."""
+"""Bring your own model: import, width analysis and tier graphs of models exported from PyTorch and hand-made graphs.
+
+PyTorch runs in .venv-torch (tests/torch_models.py's command line, one process for the module): it exports the
+models, and computes what the narrowed models output and one SGD step of them; this process compares.
+"""
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -10,75 +16,92 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from models.export import MANIFEST_NAME, export_model
+from models.manifest import STEP_FILE, ModelCard, TierManifest
 from models.onnx_import import UnsupportedModel, import_forward, normalize
 from models.ort_lowering import for_ort_training
-from models.tier_graph import cut_forward, forward_macs
+from models.ort_training import load_training_api
+from models.step_graph import step_graph_io
+from models.tier_graph import cut_forward, forward_macs, initializer_arrays
 from models.widths import analyse
 
-torch = pytest.importorskip("torch", reason="PyTorch is a dev extra: pip install torch==2.13.0")
-import torch_models as tm  # noqa: E402  (needs torch)
-
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tests" / "torch_models.py"
 RATES = (1.0, 0.5, 0.25, 0.0625)
-MODELS = {
-    "preresnet": (lambda: tm.PreResNet(1.0), (3, 32, 32)),
-    "mobilenet": (lambda: tm.MobileNetStyle(1.0), (3, 32, 32)),
-    "conv1d": (lambda: tm.Conv1dNet(1.0), (40, 49)),
-    "mlp-bn": (lambda: tm.MLP(1.0, batch_norm=True, dropout=0.2), (64,)),
-    "transformer": (lambda: tm.TinyTransformer(1.0), (16, 6)),
-}
+# name (tests/torch_models.py's MODELS) -> one sample's shape
+MODELS = {"preresnet": (3, 32, 32), "mobilenet": (3, 32, 32), "conv1d": (40, 49), "mlp_bn": (64,), "transformer": (16, 6)}
+# one SGD step of tiers a and c of every model on both backends against PyTorch autograd
+STEP_TIERS = {"a": 1.0, "c": 0.25}
+STEP_BATCH, STEP_LR, STEP_TOLERANCE = 8, 0.1, 1e-4
 
 
-def _randomized(model: torch.nn.Module) -> torch.nn.Module:
-    """The model in eval mode with BatchNorm statistics and affine parameters away from their defaults."""
-    generator = torch.Generator().manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-            module.running_mean.copy_(torch.rand(module.num_features, generator=generator) - 0.5)
-            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-            module.bias.data.copy_(torch.rand(module.num_features, generator=generator) - 0.5)
-    return model.eval()
+def run_torch(python: Path, folder: Path, commands: list[list[str]]) -> None:
+    """Run command lines of tests/torch_models.py in one process of the torch venv; fail with its stderr."""
+    (folder / "commands.json").write_text(json.dumps(commands))
+    result = subprocess.run([str(python), str(SCRIPT), "batch", str(folder / "commands.json")], capture_output=True,
+                            text=True, cwd=ROOT, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def torch_side(torch_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of what PyTorch made, per model NAME: NAME/model.onnx with the default export options (BatchNorm
+    statistics and affine parameters randomized) and its state NAME/state.npz; the narrowed models' outputs and states
+    on x.npy at RATES (NAME/reference.npz); one SGD step on step_x.npy, step_y.npy at the STEP_TIERS' rates
+    (NAME/step.npz)."""
+    root = tmp_path_factory.mktemp("byom")
+    commands = []
+    for name, shape in MODELS.items():
+        folder = root / name
+        folder.mkdir()
+        state = str(folder / "state.npz")
+        np.save(folder / "x.npy", np.random.default_rng(1).standard_normal((3, *shape), np.float32))
+        np.save(folder / "step_x.npy", np.random.default_rng(2).random((STEP_BATCH, *shape), np.float32))
+        np.save(folder / "step_y.npy", np.arange(STEP_BATCH, dtype=np.int64) % 5)  # every model has 5 classes or more
+        commands += [
+            ["export", name, str(folder / "model.onnx"), "--recipe", "merged", "--randomize", "bn", "--state", state,
+             "--options", json.dumps({"input_names": ["x"], "output_names": ["y"]})],
+            ["reference", name, "--state", state, "--x", str(folder / "x.npy"), "--rates", ",".join(map(str, RATES)),
+             "--states", "--out", str(folder / "reference.npz")],
+            ["step", name, "--state", state, "--x", str(folder / "step_x.npy"), "--y", str(folder / "step_y.npy"),
+             "--rates", ",".join(map(str, STEP_TIERS.values())), "--lr", str(STEP_LR), "--out", str(folder / "step.npz")]]
+    run_torch(torch_python, root, commands)
+    return root
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
-def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    """(name, PyTorch model, sample shape, the exported file) per model, default export options."""
-    torch.manual_seed(0)
-    build, shape = MODELS[request.param]
-    model = _randomized(build())
-    path = tmp_path_factory.mktemp(request.param) / "model.onnx"
-    with torch.no_grad():
-        torch.onnx.export(model, (torch.randn(4, *shape),), str(path), dynamo=False, opset_version=17,
-                          input_names=["x"], output_names=["y"], do_constant_folding=False)
-    return request.param, model, shape, path
+def exported(request: pytest.FixtureRequest, torch_side: Path) -> tuple[str, tuple[int, ...], Path]:
+    """(name, sample shape, the folder of its export and PyTorch's files) per model."""
+    return request.param, MODELS[request.param], torch_side / request.param
 
 
 def test_every_tier_computes_what_the_narrowed_pytorch_model_computes(exported):
-    name, model, shape, path = exported
-    imported = import_forward(path)
+    name, shape, folder = exported
+    imported = import_forward(folder / "model.onnx")
     plan = analyse(imported.forward)
     assert plan.cuttable and not plan.blockers(), plan.blockers()
     assert imported.input_shape == list(shape)
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    assert set(plan.trainable) | set(plan.frozen) == set(state)  # merged equal tensors came apart again
-    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1))
+    with np.load(folder / "state.npz") as saved:
+        state = {k for k in saved.files if not k.endswith("num_batches_tracked")}
+    assert set(plan.trainable) | set(plan.frozen) == state  # merged equal tensors came apart again
+    reference = np.load(folder / "reference.npz")
+    x = np.load(folder / "x.npy")
     for rate in RATES:
         tier = cut_forward(imported.forward, plan, rate)
-        narrow = tm.narrowed(model, rate).eval()
-        with torch.no_grad():
-            expected = narrow(x).numpy()
-        (got,) = ort.InferenceSession(tier.SerializeToString()).run(None, {"input": x.numpy()})
-        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=f"{name} at rate {rate}")
+        (got,) = ort.InferenceSession(tier.SerializeToString()).run(None, {"input": x})
+        np.testing.assert_allclose(got, reference[f"{rate}/logits"], atol=1e-5, err_msg=f"{name} at rate {rate}")
         shapes = plan.param_shapes(rate)
-        assert {k: tuple(v.shape) for k, v in narrow.state_dict().items() if k in shapes} == shapes
+        narrow = {k.removeprefix(f"{rate}/state/"): reference[k].shape for k in reference.files
+                  if k.startswith(f"{rate}/state/")}
+        assert {k: v for k, v in narrow.items() if k in shapes} == shapes
         lowered = for_ort_training(tier)  # what onnxruntime-training differentiates computes the same
-        (same,) = ort.InferenceSession(lowered.SerializeToString()).run(["logits"], {"input": x.numpy()})
+        (same,) = ort.InferenceSession(lowered.SerializeToString()).run(["logits"], {"input": x})
         np.testing.assert_allclose(same, got, atol=1e-6)
 
 
 def test_narrower_tiers_cost_less(exported):
-    _, _, _, path = exported
-    imported = import_forward(path)
+    _, _, folder = exported
+    imported = import_forward(folder / "model.onnx")
     plan = analyse(imported.forward)
     macs = [forward_macs(cut_forward(imported.forward, plan, rate)) for rate in RATES]
     params = [sum(int(np.prod(s)) for s in plan.param_shapes(rate).values()) for rate in RATES]
@@ -87,13 +110,67 @@ def test_narrower_tiers_cost_less(exported):
 
 
 def test_the_batch_is_dynamic_after_cutting(exported):
-    _, _, shape, path = exported
-    imported = import_forward(path)
+    _, shape, folder = exported
+    imported = import_forward(folder / "model.onnx")
     plan = analyse(imported.forward)
     session = ort.InferenceSession(cut_forward(imported.forward, plan, 0.5).SerializeToString())
     for n in (1, 7):
         (logits,) = session.run(None, {"input": np.random.default_rng(n).random((n, *shape), np.float32)})
         assert logits.shape[0] == n
+
+
+# ---- one training step on each backend matches PyTorch autograd ------------------------------------
+
+
+def _ort_training_step(tier: Path, x: np.ndarray, y: np.ndarray, classes: int) -> dict[str, np.ndarray]:
+    """Trainable weights after one onnxruntime-training SGD step from the tier's checkpoint."""
+    api = load_training_api().api
+    state = api.CheckpointState.load_checkpoint(str(tier / "checkpoint"))
+    module = api.Module(str(tier / "training_model.onnx"), state, str(tier / "eval_model.onnx"))
+    optimizer = api.Optimizer(str(tier / "optimizer_model.onnx"), module)
+    feeds = {"input": x, "labels": y, "class_mask": np.zeros(classes, np.float32)}
+    optimizer.set_learning_rate(STEP_LR)
+    module.train()
+    module(*(feeds[name] for name in module.input_names()))
+    optimizer.step()
+    return {name: np.array(p.data) for name, p in state.parameters if p.requires_grad}
+
+
+def _portable_step(tier: Path, x: np.ndarray, y: np.ndarray, classes: int) -> dict[str, np.ndarray]:
+    """Trainable weights after one step of the portable step graph from the tier's weights."""
+    graph = onnx.load(str(tier / STEP_FILE))
+    io = step_graph_io(graph)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"input": x, "labels": y, "class_mask": np.zeros(classes, np.float32),
+             "learning_rate": np.array([STEP_LR], np.float32), **io.initial_optimizer_state(),
+             **initializer_arrays(onnx.load(str(tier / "inference.onnx")))}
+    outputs = dict(zip(io.outputs, session.run(None, {name: feeds[name] for name in io.inputs})))
+    trainable = [p.name for p in TierManifest.load(tier / MANIFEST_NAME).params if p.trainable]
+    return {name: outputs[io.updates[name]] for name in trainable}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_one_training_step_on_each_backend_matches_pytorch_autograd(name: str, torch_side: Path, tmp_path: Path):
+    """Tiers a and c, plain SGD, BatchNorm on batch statistics: every trainable weight within 1e-4 of PyTorch's.
+    (Running statistics are not compared: PyTorch updates running_var with the unbiased variance, ORT the biased.)"""
+    folder = torch_side / name
+    imported = import_forward(folder / "model.onnx")
+    card = ModelCard(name=name, input_shape=imported.input_shape, num_classes=imported.num_classes,
+                     batch_norm=any(n.op_type == "BatchNormalization" for n in imported.forward.graph.node))
+    export_model(imported.forward, card, list(STEP_TIERS), tmp_path)
+    x, y, expected = np.load(folder / "step_x.npy"), np.load(folder / "step_y.npy"), np.load(folder / "step.npz")
+    gaps = {}
+    for tier, rate in STEP_TIERS.items():
+        torch_new = {k.removeprefix(f"{rate}/"): expected[k] for k in expected.files
+                     if k.startswith(f"{rate}/") and k != f"{rate}/loss"}
+        for backend, step in (("ort-training", _ort_training_step), ("portable", _portable_step)):
+            new = step(tmp_path / tier, x, y, card.num_classes)
+            assert set(new) == set(torch_new), (tier, backend)
+            gaps[tier, backend] = max(float(np.abs(new[k] - torch_new[k]).max()) for k in new)
+            moved = max(float(np.abs(torch_new[k] - v).max()) for k, v in initializer_arrays(
+                onnx.load(str(tmp_path / tier / "inference.onnx"))).items() if k in torch_new)
+            assert moved > 100 * STEP_TOLERANCE, (tier, moved)  # the step moved the weights well past the tolerance
+    assert max(gaps.values()) <= STEP_TOLERANCE, gaps
 
 
 # ---- hand-made graphs: what is refused, what is pinned --------------------------------------

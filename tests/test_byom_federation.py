@@ -1,5 +1,6 @@
 """The README's "Your own model", end to end: a PyTorch ResNet exported to ONNX, `tierfl export --model`, tiers a, c
-and e trained over Mosquitto by separate device processes on both backends, from .npz files of 3x32x32 images."""
+and e trained over Mosquitto by separate device processes on both backends, from .npz files of 3x32x32 images.
+The model is exported where PyTorch is, .venv-torch (tests/conftest.py's torch_python): never next to TierFL."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from models.manifest import ExportIndex, TierManifest
 from tests.conftest import tierfl
 
 pytestmark = pytest.mark.integration
-pytest.importorskip("torch", reason="PyTorch is a dev extra: pip install torch==2.13.0")
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "own_model"
@@ -31,10 +31,10 @@ def _run(*args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The example's model.onnx, its tiers a, c, e, and the example's data, in one folder."""
+def exported(torch_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example's model.onnx (exported in the torch venv), its tiers a, c, e, and the example's data, in one folder."""
     root = tmp_path_factory.mktemp("own")
-    _run(sys.executable, str(EXAMPLE / "model.py"), str(root / "model.onnx"))
+    _run(str(torch_python), str(EXAMPLE / "model.py"), str(root / "model.onnx"))
     table = _run(sys.executable, "-m", "tierfl.cli", "export", "--model", str(root / "model.onnx"), "--tiers", "a,c,e",
                  "--out", str(root / "artifacts"))
     assert re.search(r"^a\s+1\s+[\d,]+\s+[\d,]+\s+[\d,]+$", table, re.M), table

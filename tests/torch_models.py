@@ -4,13 +4,31 @@ Every model takes ``rate``: each hidden channel count C becomes ``scaled_width(C
 max(1, ceil(rate * C)), the leading channels a tier keeps; input channels and the class count stay
 whole. ``narrowed`` gives the model a tier at a rate should compute, ``export_onnx`` is the export
 recipe the docs give users.
-PyTorch is a test-only dependency: nothing outside tests/ imports this module.
+
+PyTorch never enters the main venv: this file runs in .venv-torch (tests/conftest.py's
+``torch_python``) as a command line, and the tests compare its files with numpy and onnxruntime.
+Everything crosses the process boundary as ONNX, .npy/.npz of numpy arrays, or JSON:
+
+    python tests/torch_models.py export NAME OUT.onnx [--seed S] [--randomize none|bn|norms]
+                                        [--recipe default|merged] [--options JSON] [--state STATE.npz]
+    python tests/torch_models.py reference NAME --state STATE.npz --x X.npy --rates 1,0.5 --out REF.npz [--states]
+    python tests/torch_models.py step NAME --state STATE.npz --x X.npy --y Y.npy --rates 1,0.25 --lr LR --out STEP.npz
+    python tests/torch_models.py describe NAME --rates 1,0.5 --out SHAPES.json
+    python tests/torch_models.py batch COMMANDS.json     # a JSON list of the command lines above, one process
+
+Every command also takes ``--config JSON`` (constructor arguments over the named model's).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -191,23 +209,204 @@ def narrowed(model_full: Scalable, rate: float) -> Scalable:
     return small.train(model_full.training)
 
 
-def export_onnx(model: nn.Module, path: str | Path, sample_shape: tuple[int, ...], batch: int = 4) -> onnx.ModelProto:
+# torch.onnx.export keyword arguments. "default" is the recipe the docs give users. dynamo=False: torch >= 2.9
+# defaults to the dynamo exporter, which needs onnxscript and folds BatchNorm; do_constant_folding=False keeps a
+# BatchNorm that follows a Conv; keep_initializers_as_inputs=True stops the merging of equal-valued tensors (a fresh
+# BN's weight and running_var) (docs/notes/torch-export.md). "merged" is what users get without that last option:
+# equal tensors become one initializer plus Identity nodes, and torch's own input and output names.
+RECIPES: dict[str, dict[str, object]] = {
+    "default": {"dynamo": False, "opset_version": 17, "input_names": ["input"], "output_names": ["logits"],
+                "do_constant_folding": False, "keep_initializers_as_inputs": True},
+    "merged": {"dynamo": False, "opset_version": 17, "do_constant_folding": False},
+}
+
+
+def export_onnx(model: nn.Module, path: str | Path, sample_shape: tuple[int, ...], batch: int = 4,
+                recipe: str = "default", **options: object) -> onnx.ModelProto:
     """Export ``model`` as users are told to: eval, opset 17, static shapes, every BatchNorm kept, IR <= 10.
 
-    The file has one float data input ``input`` [batch, *sample_shape], one output ``logits``, and every
-    weight and BN statistic as its own initializer under its PyTorch name, also listed as a graph input
-    (the importer drops those); returns the saved model.
+    With the default recipe the file has one float data input ``input`` [batch, *sample_shape], one
+    output ``logits``, and every weight and BN statistic as its own initializer under its PyTorch name,
+    also listed as a graph input (the importer drops those). ``options`` override the recipe's
+    torch.onnx.export arguments. Returns the saved model.
     """
     model.eval()
     sample = torch.randn(batch, *sample_shape)
-    # dynamo=False: torch >= 2.9 defaults to the dynamo exporter, which needs onnxscript and folds BatchNorm;
-    # do_constant_folding=False keeps a BatchNorm that follows a Conv; keep_initializers_as_inputs=True stops
-    # the merging of equal-valued tensors (a fresh BN's weight and running_var) (docs/notes/torch-export.md)
-    torch.onnx.export(model, (sample,), str(path), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["logits"], do_constant_folding=False,
-                      keep_initializers_as_inputs=True)
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated, and chosen on purpose (see above)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (sample,), str(path), **{**RECIPES[recipe], **options})
     proto = onnx.load(str(path))
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
         onnx.save(proto, str(path))
     return proto
+
+
+# ---- the command line run in .venv-torch ---------------------------------------------------------------------
+
+# name -> (class, constructor arguments, one sample's shape)
+MODELS: dict[str, tuple[type[Scalable], dict[str, object], tuple[int, ...]]] = {
+    "preresnet": (PreResNet, {}, (3, 32, 32)),
+    "mobilenet": (MobileNetStyle, {}, (3, 32, 32)),
+    "mobilenet_mnist": (MobileNetStyle, {"in_channels": 1}, (1, 28, 28)),
+    "conv1d": (Conv1dNet, {}, (40, 49)),
+    "conv1d_imu": (Conv1dNet, {"in_channels": 6, "num_classes": 6}, (6, 128)),
+    "mlp": (MLP, {}, (64,)),
+    "mlp_bn": (MLP, {"batch_norm": True, "dropout": 0.2}, (64,)),
+    "transformer": (TinyTransformer, {}, (16, 6)),
+}
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def build(name: str, rate: float = 1.0, seed: int = 0, config: dict[str, object] | None = None,
+          randomize: str = "none") -> Scalable:
+    """Return the named model at ``rate`` in eval mode, initialized from ``seed``.
+
+    ``randomize`` moves norm layers away from their defaults (a fresh model's equal-valued tensors, e.g. every
+    BN weight of ones, share one initializer on a "merged" export): "bn" sets BatchNorm statistics and affine
+    parameters at random, "norms" also LayerNorm's affine parameters.
+    """
+    cls, arguments, _ = MODELS[name]
+    torch.manual_seed(seed)
+    model = cls(rate, **{**arguments, **(config or {})})
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if randomize != "none" and isinstance(module, BATCH_NORMS):
+                module.running_mean.copy_(torch.rand(module.num_features, generator=generator) - 0.5)
+                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            if (randomize != "none" and isinstance(module, BATCH_NORMS)
+                    or randomize == "norms" and isinstance(module, nn.LayerNorm)):
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                module.bias.copy_(torch.rand(module.bias.shape, generator=generator) - 0.5)
+    return model.eval()
+
+
+def save_state(model: nn.Module, path: str | Path) -> None:
+    """Write the model's state_dict as an .npz of numpy arrays under its PyTorch names."""
+    np.savez(path, **{name: t.detach().numpy() for name, t in model.state_dict().items()})
+
+
+def load_state(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load an .npz written by ``save_state`` into the model; returns the model."""
+    with np.load(path) as saved:
+        model.load_state_dict({name: torch.from_numpy(saved[name]) for name in saved.files})
+    return model
+
+
+def _rates(text: str) -> list[float]:
+    """Parse "1,0.5,0.0625"."""
+    return [float(r) for r in text.split(",")]
+
+
+def _loaded(args: argparse.Namespace) -> Scalable:
+    """The command's full-width model holding its --state."""
+    return load_state(build(args.name, config=args.config), args.state)
+
+
+def _export(args: argparse.Namespace) -> None:
+    model = build(args.name, seed=args.seed, config=args.config, randomize=args.randomize)
+    export_onnx(model, args.out, MODELS[args.name][2], args.batch, args.recipe, **args.options)
+    if args.state:
+        save_state(model, args.state)
+
+
+def _reference(args: argparse.Namespace) -> None:
+    model = _loaded(args)
+    x = torch.from_numpy(np.load(args.x))
+    with torch.no_grad():
+        out = {"full": model(x).numpy()}
+        for rate in args.rates:
+            narrow = narrowed(model, rate)
+            out[f"{rate}/logits"] = narrow(x).numpy()
+            out[f"{rate}/training"] = np.array(narrow.training)
+            if args.states:
+                out |= {f"{rate}/state/{k}": t.numpy() for k, t in narrow.state_dict().items()}
+    np.savez(args.out, **out)
+
+
+def _step(args: argparse.Namespace) -> None:
+    """One plain SGD step on the mean cross-entropy per rate, in train mode (BatchNorm on batch statistics).
+
+    Dropout stays off: the exported eval graph has none, so no tier trains with it.
+    """
+    model = _loaded(args)
+    x, y = torch.from_numpy(np.load(args.x)), torch.from_numpy(np.load(args.y))
+    out = {}
+    for rate in args.rates:
+        narrow = narrowed(model, rate).train()
+        for module in narrow.modules():
+            if isinstance(module, nn.Dropout):
+                module.eval()
+        loss = F.cross_entropy(narrow(x), y)
+        loss.backward()
+        torch.optim.SGD(narrow.parameters(), lr=args.lr).step()
+        out[f"{rate}/loss"] = np.array(loss.item(), np.float32)
+        out |= {f"{rate}/{name}": p.detach().numpy() for name, p in narrow.named_parameters()}
+    np.savez(args.out, **out)
+
+
+def _describe(args: argparse.Namespace) -> None:
+    described = {}
+    for rate in args.rates:
+        model = build(args.name, rate, config=args.config)
+        described[str(rate)] = {
+            "shapes": {k: list(t.shape) for k, t in model.state_dict().items()},
+            "groups": {k: m.groups for k, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))},
+            "num_classes": model.config["num_classes"]}
+    Path(args.out).write_text(json.dumps(described))
+
+
+def _batch(args: argparse.Namespace) -> None:
+    for command in json.loads(Path(args.commands).read_text()):
+        main(command)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torch_models.py", description="\n\n".join(__doc__.split("\n\n")[2:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, run: Callable[[argparse.Namespace], None], summary: str, state: bool = True) -> argparse.ArgumentParser:
+        """Add a subcommand running `run`; the model commands take NAME and --config, and most --state."""
+        sub = commands.add_parser(name, help=summary)
+        sub.set_defaults(run=run)
+        if name != "batch":
+            sub.add_argument("name", choices=sorted(MODELS))
+            sub.add_argument("--config", type=json.loads, default={}, help="constructor arguments (JSON object)")
+        if state:
+            sub.add_argument("--state", required=True, help=".npz written by export --state")
+        return sub
+
+    export = command("export", _export, "export a model to ONNX", state=False)
+    export.add_argument("out")
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--randomize", choices=["none", "bn", "norms"], default="none")
+    export.add_argument("--recipe", choices=sorted(RECIPES), default="default")
+    export.add_argument("--options", type=json.loads, default={}, help="torch.onnx.export arguments (JSON object)")
+    export.add_argument("--batch", type=int, default=4)
+    export.add_argument("--state", help="also write the model's state_dict here (.npz)")
+    reference = command("reference", _reference, "eval outputs of the narrowed models")
+    step = command("step", _step, "one SGD step of the narrowed models in train mode")
+    for sub in (reference, step):
+        sub.add_argument("--x", required=True, help="input batch (.npy)")
+        sub.add_argument("--rates", "--rate", type=_rates, required=True, help="width rates, e.g. 1,0.5")
+        sub.add_argument("--out", required=True, help=".npz of arrays keyed RATE/...")
+    reference.add_argument("--states", action="store_true", help="also write each narrowed state_dict")
+    step.add_argument("--y", required=True, help="int64 labels (.npy)")
+    step.add_argument("--lr", type=float, required=True)
+    describe = command("describe", _describe, "tensor shapes and conv groups of fresh models per rate", state=False)
+    describe.add_argument("--rates", type=_rates, required=True)
+    describe.add_argument("--out", required=True, help="JSON file")
+    command("batch", _batch, "run a JSON list of command lines in this process", state=False).add_argument("commands")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run one command line (see the module docstring)."""
+    args = _parser().parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
