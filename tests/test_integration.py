@@ -23,8 +23,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from aggregator.store.artifacts import ArtifactStore
 from edge_client.bench import BenchReport, BenchSettings, TierResult
+from models.export import zoo_card
+from models.spec import ModelSpec
 from models.tiers import TIER_RATES
-from models.zoo import ModelSpec
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import Hello, Reject, RejectReason, RoundSummary, Task, Update, new_id
 from protocol.mqtt.url import BrokerUnreachable, parse, wait_for_broker
@@ -232,7 +233,7 @@ def _bench_report(path: Path, ms_per_sample: dict[str, float]) -> Path:
                         update_bytes={}) for t, ms in ms_per_sample.items()]
     settings = BenchSettings(data="digits", tiers=list(ms_per_sample), batch_size=32, warmup_steps=3, steps=10,
                              epochs=0, threads=1, codecs=[])
-    report = BenchReport(model=ModelSpec(arch="mlp"), settings=settings, samples=100, host={}, parent_peak_rss_kib=None,
+    report = BenchReport(model=zoo_card(ModelSpec(arch="mlp")), settings=settings, samples=100, host={}, parent_peak_rss_kib=None,
                          tiers=tiers)
     path.write_text(report.model_dump_json())
     return path
