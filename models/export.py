@@ -264,5 +264,5 @@ def export_all(
     proximal: bool = False,
 ) -> ExportIndex:
     """Export a zoo model's tiers through the same path as a user's model (its full-width graph, then `export_model`)."""
-    forward, _ = normalize(build_forward(spec, 1.0, init_global_params(spec)))
+    forward, _ = normalize(build_forward(spec, init_global_params(spec)))
     return export_model(forward, zoo_card(spec), tiers, out_dir, optimizer, scaler, proximal)

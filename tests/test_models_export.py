@@ -22,9 +22,9 @@ from models.cli import configure_parser, run
 from models.export import ARTIFACT_FILES, INDEX_NAME, MANIFEST_NAME, export_all
 from models.manifest import GLOBAL_MODEL_FILE, ExportIndex, TierManifest
 from models.ort_training import TrainingBackendUnavailable, captured_native_stderr, load_training_api
-from models.slicing import slice_params
-from models.tiers import TIER_RATES, tier_rate
-from models.zoo import ModelSpec, build_forward, frozen_names, init_global_params, param_shapes
+from models.tiers import TIER_RATES, scaled_width, tier_rate
+from models.zoo import ModelSpec, build_forward
+from tests.tiers import zoo_plan, zoo_shapes, zoo_weights
 
 MLP = ModelSpec(arch="mlp")
 CNN = ModelSpec(arch="cnn")
@@ -97,7 +97,9 @@ def test_layout_and_manifest_hashes(exported: Path) -> None:
         for name, entry in manifest.files.items():
             data = (exported / tier / name).read_bytes()
             assert entry.bytes == len(data) and entry.sha256 == hashlib.sha256(data).hexdigest()
-        shapes = param_shapes(MLP, tier_rate(tier))
+        w = scaled_width(256, tier_rate(tier))  # mlp8: 64 -> 256 -> 256 -> 10, hidden widths cut
+        shapes = {"fc1.weight": (w, 64), "fc1.bias": (w,), "fc2.weight": (w, w), "fc2.bias": (w,),
+                  "fc3.weight": (10, w), "fc3.bias": (10,)}
         assert [(p.name, tuple(p.shape)) for p in manifest.params] == list(shapes.items())
         assert set(manifest.libraries) == {"onnx", "onnxruntime", "numpy"}
         assert stat.S_IMODE(os.stat(exported / rel).st_mode) == 0o644
@@ -135,7 +137,7 @@ def test_export_is_deterministic(exported: Path, tmp_path: Path) -> None:
 
 def test_checkpoint_holds_sliced_global_and_eval_matches_inference(exported: Path, digits: tuple) -> None:
     state, module, _ = _session(exported / "b")
-    expected = slice_params(init_global_params(MLP), param_shapes(MLP, 0.5))
+    expected = zoo_weights(MLP, 0.5)
     for name, arr in expected.items():
         np.testing.assert_array_equal(state.parameters[name].data, arr)
     x = digits[2][:50]
@@ -151,12 +153,12 @@ def test_set_weights_by_name_changes_eval(exported: Path, digits: tuple) -> None
     module.eval()
     _, before = _call(module, x, y)
     rng = np.random.default_rng(7)
-    new = {n: rng.normal(size=s).astype(np.float32) * 0.1 for n, s in param_shapes(MLP).items()}
+    new = {n: rng.normal(size=s).astype(np.float32) * 0.1 for n, s in zoo_shapes(MLP).items()}
     for name, arr in new.items():
         state.parameters[name].data = arr
     _, after = _call(module, x, y)
     assert not np.allclose(before, after)
-    reference = ort.InferenceSession(build_forward(MLP, 1.0, new).SerializeToString()).run(None, {"input": x})[0]
+    reference = ort.InferenceSession(build_forward(MLP, new).SerializeToString()).run(None, {"input": x})[0]
     np.testing.assert_allclose(after, reference, atol=1e-5)
 
 
@@ -182,7 +184,7 @@ def test_bn_running_stats_move_although_frozen(digits: tuple, tmp_path: Path) ->
     module.train()
     _call(module, digits[0][:64], digits[1][:64], 4.0)
     optimizer.step()
-    for name in frozen_names(CNN_BN):
+    for name in zoo_plan(CNN_BN).frozen:
         initial = 0.0 if name.endswith("running_mean") else 1.0
         assert not np.allclose(state.parameters[name].data, initial), name
 

@@ -1,4 +1,7 @@
-"""Model zoo, tier catalog and HeteroFL slicing: shapes, names, init, graphs, the edge zoo's tiers and export."""
+"""Model zoo, tier catalog and HeteroFL slicing: shapes, names, init, graphs, the edge zoo's tiers and export.
+
+The zoo builds full-width graphs; every tier here is cut from them the one way (tests/tiers.py).
+"""
 
 from __future__ import annotations
 
@@ -17,18 +20,15 @@ from pydantic import ValidationError
 from models.cli import configure_parser, run
 from models.export import INDEX_NAME, MANIFEST_NAME, export_all, zoo_card
 from models.manifest import STATISTICS_FILE, STEP_FILE, ExportIndex, TierManifest
-from models.onnx_import import SUPPORTED_OPS, normalize
+from models.onnx_import import SUPPORTED_OPS
 from models.ort_training import captured_native_stderr, load_training_api
 from models.slicing import slice_params
 from models.step_graph import step_graph_io
-from models.tier_graph import cut_forward
-from models.tier_graph import forward_macs as graph_macs
-from models.tier_graph import initializer_arrays
+from models.tier_graph import cut_forward, forward_macs, initializer_arrays
 from models.tiers import TIER_RATES, scaled_width, tier_rate
-from models.widths import WidthPlan, analyse
-from models.zoo import (ModelSpec, build_forward, build_statistics_graph, forward_macs, frozen_names,
-                        init_global_params, param_shapes, trainable_names)
+from models.zoo import ModelSpec, build_forward, init_global_params
 from protocol.blocks import leading_slices
+from tests.tiers import zoo_forward, zoo_plan, zoo_shapes, zoo_statistics, zoo_tier, zoo_weights
 
 SPECS = [
     ModelSpec(arch="mlp"),
@@ -41,7 +41,7 @@ SPECS = [
 
 
 def _expected_shapes(spec: ModelSpec, rate: float) -> dict[str, tuple[int, ...]]:
-    """The HeteroFL shapes written out by hand, independent of the zoo's layer plan."""
+    """The HeteroFL shapes written out by hand, in graph order, independent of the zoo and the width analysis."""
     w = [max(1, math.ceil(rate * c)) for c in spec.widths]
     k, bn = spec.num_classes, spec.batch_norm
     shapes: dict[str, tuple[int, ...]] = {}
@@ -97,27 +97,38 @@ def test_scaled_width(width: int, rate: float, expected: int) -> None:
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 @pytest.mark.parametrize("tier", list(TIER_RATES))
 def test_param_shapes_per_tier(spec: ModelSpec, tier: str) -> None:
-    shapes = param_shapes(spec, tier_rate(tier))
+    shapes = zoo_shapes(spec, tier_rate(tier))
     assert shapes == _expected_shapes(spec, tier_rate(tier))
-    assert list(shapes) == list(param_shapes(spec))  # same names, same order on every tier
+    assert list(shapes) == list(zoo_shapes(spec))  # same names, same order on every tier
 
 
 def test_concrete_shapes() -> None:
-    assert param_shapes(ModelSpec(arch="cnn", image_size=28), 0.125) == {
+    assert zoo_shapes(ModelSpec(arch="cnn", image_size=28), 0.125) == {
         "conv1.weight": (4, 1, 3, 3), "conv1.bias": (4,),
         "conv2.weight": (8, 4, 3, 3), "conv2.bias": (8,),
         "fc1.weight": (16, 8 * 7 * 7), "fc1.bias": (16,),
         "fc2.weight": (10, 16), "fc2.bias": (10,),
     }  # fmt: skip
-    assert param_shapes(ModelSpec(arch="mlp"), 0.0625)["fc1.weight"] == (16, 64)
+    mlp = ModelSpec(arch="mlp")  # 64 -> 256 -> 256 -> 10
+    assert zoo_shapes(mlp, 1.0) == {
+        "fc1.weight": (256, 64), "fc1.bias": (256,),
+        "fc2.weight": (256, 256), "fc2.bias": (256,),
+        "fc3.weight": (10, 256), "fc3.bias": (10,),
+    }  # fmt: skip
+    assert zoo_shapes(mlp, 0.0625) == {
+        "fc1.weight": (16, 64), "fc1.bias": (16,),
+        "fc2.weight": (16, 16), "fc2.bias": (16,),
+        "fc3.weight": (10, 16), "fc3.bias": (10,),
+    }  # fmt: skip
 
 
 def test_trainable_and_frozen_names() -> None:
     bn = ModelSpec(arch="cnn", batch_norm=True)
-    assert frozen_names(bn) == ["bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var"]
-    assert trainable_names(bn) + frozen_names(bn) != list(param_shapes(bn))  # interleaved in ONNX order
-    assert sorted(trainable_names(bn) + frozen_names(bn)) == sorted(param_shapes(bn))
-    assert frozen_names(ModelSpec(arch="mlp")) == []
+    plan = zoo_plan(bn)
+    assert plan.frozen == ("bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var")
+    assert [*plan.trainable, *plan.frozen] != list(init_global_params(bn))  # the graph interleaves them
+    assert sorted([*plan.trainable, *plan.frozen]) == sorted(init_global_params(bn))
+    assert zoo_plan(ModelSpec(arch="mlp")).frozen == ()
 
 
 def test_spec_names_and_validation() -> None:
@@ -136,9 +147,9 @@ def test_spec_names_and_validation() -> None:
 def test_init_is_deterministic_pytorch_like(spec: ModelSpec) -> None:
     a, b = init_global_params(spec), init_global_params(spec)
     other = init_global_params(spec.model_copy(update={"seed": 1}))
-    assert list(a) == list(param_shapes(spec))
+    assert list(a) == list(_expected_shapes(spec, 1.0))  # graph order
     for name, arr in a.items():
-        assert arr.dtype == np.float32 and arr.shape == param_shapes(spec)[name]
+        assert arr.dtype == np.float32 and arr.shape == _expected_shapes(spec, 1.0)[name]
         np.testing.assert_array_equal(arr, b[name])
     w = a["fc1.weight"]
     assert np.abs(w).max() <= 1 / math.sqrt(w.shape[1]) and not np.array_equal(w, other["fc1.weight"])
@@ -150,7 +161,7 @@ def test_init_is_deterministic_pytorch_like(spec: ModelSpec) -> None:
 def test_slicing_round_trip() -> None:
     spec = ModelSpec(arch="cnn", batch_norm=True)
     glob = init_global_params(spec)
-    shapes = param_shapes(spec, 0.25)
+    shapes = zoo_shapes(spec, 0.25)
     tier = slice_params(glob, shapes)
     restored = {n: a.copy() for n, a in glob.items()}
     for name, arr in tier.items():
@@ -174,19 +185,22 @@ def test_slicing_rejects_bad_shapes() -> None:
 @pytest.mark.parametrize("tier", ["a", "e"])
 def test_forward_graph_valid_and_runs(spec: ModelSpec, tier: str) -> None:
     rate = tier_rate(tier)
-    params = slice_params(init_global_params(spec), param_shapes(spec, rate))
-    model = build_forward(spec, rate, params)
+    params = zoo_weights(spec, rate)
+    model = zoo_tier(spec, rate)
     onnx.checker.check_model(model, full_check=True)
     assert model.ir_version == 10 and model.opset_import[0].version == 17
-    assert [t.name for t in model.graph.initializer] == list(param_shapes(spec, rate))
+    assert [t.name for t in model.graph.initializer] == list(zoo_shapes(spec, rate))
     x = np.random.default_rng(0).random((3, 1, spec.image_size, spec.image_size), dtype=np.float32)
     (logits,) = ort.InferenceSession(model.SerializeToString()).run(None, {"input": x})
     assert logits.shape == (3, spec.num_classes) and logits.dtype == np.float32
+    if rate == 1.0:  # tier a computes the zoo's full-width graph
+        full = build_forward(spec, init_global_params(spec))
+        np.testing.assert_array_equal(ort.InferenceSession(full.SerializeToString()).run(None, {"input": x})[0], logits)
 
-    as_inputs = build_forward(spec, rate, params, params_as_inputs=True)
+    as_inputs = zoo_tier(spec, rate, params_as_inputs=True)
     onnx.checker.check_model(as_inputs, full_check=True)
     assert len(as_inputs.graph.initializer) == 0
-    assert [i.name for i in as_inputs.graph.input] == ["input", *param_shapes(spec, rate)]
+    assert [i.name for i in as_inputs.graph.input] == ["input", *zoo_shapes(spec, rate)]
     (fed,) = ort.InferenceSession(as_inputs.SerializeToString()).run(None, {"input": x, **params})
     np.testing.assert_allclose(fed, logits, rtol=1e-6, atol=1e-6)
 
@@ -194,8 +208,7 @@ def test_forward_graph_valid_and_runs(spec: ModelSpec, tier: str) -> None:
 @pytest.mark.parametrize("spec,hidden_layers", [(SPECS[0], 2), (SPECS[2], 3), (SPECS[4], 3), (SPECS[5], 2)], ids=lambda s: str(s))
 def test_scaler_input_multiplies_every_hidden_layer(spec: ModelSpec, hidden_layers: int) -> None:
     rate = 0.25
-    params = slice_params(init_global_params(spec), param_shapes(spec, rate))
-    plain, scaled = build_forward(spec, rate, params), build_forward(spec, rate, params, scaler=True)
+    plain, scaled = zoo_tier(spec, rate), zoo_tier(spec, rate, scaler=True)
     onnx.checker.check_model(scaled, full_check=True)
     assert sum(node.op_type == "Mul" for node in scaled.graph.node) == hidden_layers
     x = np.random.default_rng(0).random((4, 1, spec.image_size, spec.image_size), dtype=np.float32)
@@ -208,20 +221,24 @@ def test_scaler_input_multiplies_every_hidden_layer(spec: ModelSpec, hidden_laye
 
 
 def test_forward_macs_shrink_with_the_tier() -> None:
-    spec = ModelSpec(arch="mlp")
-    assert forward_macs(spec) == 64 * 256 + 256 * 256 + 256 * 10
-    macs = [forward_macs(ModelSpec(arch="cnn", image_size=28), r) for r in TIER_RATES.values()]
+    mlp = ModelSpec(arch="mlp")
+    assert forward_macs(zoo_tier(mlp, 1.0)) == 64 * 256 + 256 * 256 + 256 * 10
+    assert forward_macs(zoo_tier(mlp, 0.0625)) == 64 * 16 + 16 * 16 + 16 * 10
+    cnn = ModelSpec(arch="cnn", image_size=28)
+    macs = [forward_macs(zoo_tier(cnn, r)) for r in TIER_RATES.values()]
+    # conv1 1->32 at 28x28, conv2 32->64 at 14x14 (3x3 kernels), fc1 64*7*7 -> 128, fc2 128 -> 10
+    assert macs[0] == 32 * 9 * 28 * 28 + 32 * 64 * 9 * 14 * 14 + 64 * 7 * 7 * 128 + 128 * 10
     assert macs == sorted(macs, reverse=True) and macs[0] > 100 * macs[-1]
 
 
 def test_forward_rejects_wrong_params() -> None:
     spec = ModelSpec(arch="mlp")
-    params = init_global_params(spec)
     with pytest.raises(ValueError, match="expected shape"):
-        build_forward(spec, 0.5, params)
+        build_forward(spec, zoo_weights(spec, 0.5))  # a tier's weights are not the full-width model's
+    params = init_global_params(spec)
     del params["fc3.bias"]
     with pytest.raises(ValueError, match="missing"):
-        build_forward(spec, 1.0, params)
+        build_forward(spec, params)
 
 
 # ---- the edge zoo: preresnet, mobilenet, conv1d, transformer (written at rate 1, tiers cut generically) --------
@@ -347,11 +364,6 @@ def _randomized(params: dict[str, np.ndarray], seed: int = 3) -> dict[str, np.nd
     return out
 
 
-def _analysed(spec: ModelSpec) -> tuple[onnx.ModelProto, WidthPlan]:
-    forward, _ = normalize(build_forward(spec, 1.0, init_global_params(spec)))
-    return forward, analyse(forward)
-
-
 def test_edge_specs_defaults_shapes_and_names() -> None:
     assert [(s.name, s.input_shape, s.batch_norm) for s in EDGE] == [
         ("preresnet32", (3, 32, 32), True), ("mobilenet32", (3, 32, 32), True),
@@ -390,11 +402,11 @@ def test_edge_spec_refuses_what_the_arch_does_not_take(fields: dict, message: st
 @pytest.mark.parametrize("spec", EDGE + EDGE_VARIANTS, ids=lambda s: s.name)
 def test_edge_forward_graph_is_a_plain_onnx_classifier(spec: ModelSpec) -> None:
     params = init_global_params(spec)
-    model = build_forward(spec, 1.0, params)
+    model = build_forward(spec, params)
     onnx.checker.check_model(model, full_check=True)
     assert model.ir_version == 10 and [(o.domain, o.version) for o in model.opset_import] == [("", 17)]
     assert {node.op_type for node in model.graph.node} <= SUPPORTED_OPS
-    assert [t.name for t in model.graph.initializer][: len(params)] == list(param_shapes(spec))
+    assert [t.name for t in model.graph.initializer][: len(params)] == list(params)
     assert all(re.fullmatch(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*\.(weight|bias|running_mean|running_var)", n)
                for n in params), list(params)
     for node in model.graph.node:
@@ -403,14 +415,12 @@ def test_edge_forward_graph_is_a_plain_onnx_classifier(spec: ModelSpec) -> None:
             layer = node.input[1].removesuffix(".weight")
             assert list(node.input[3:]) == [f"{layer}.running_mean", f"{layer}.running_var"]
     assert spec.batch_norm == any(n.op_type == "BatchNormalization" for n in model.graph.node)
-    assert frozen_names(spec) == [n for n in params if n.endswith(("running_mean", "running_var"))]
-    assert sorted(trainable_names(spec) + frozen_names(spec)) == sorted(params)
     x = np.random.default_rng(0).random((3, *spec.input_shape), dtype=np.float32)
     session = ort.InferenceSession(model.SerializeToString())
     (logits,) = session.run(None, {"input": x})
     assert logits.shape == (3, spec.num_classes) and np.isfinite(logits).all()
     np.testing.assert_array_equal(session.run(None, {"input": x})[0], logits)  # deterministic
-    fed = build_forward(spec, 1.0, params, params_as_inputs=True, class_mask=True)
+    fed = zoo_tier(spec, 1.0, params_as_inputs=True, class_mask=True)
     mask = np.zeros(spec.num_classes, np.float32)
     mask[0] = -1e4
     (masked,) = ort.InferenceSession(fed.SerializeToString()).run(None, {"input": x, "class_mask": mask, **params})
@@ -421,7 +431,7 @@ def test_edge_forward_graph_is_a_plain_onnx_classifier(spec: ModelSpec) -> None:
 def test_edge_init_is_deterministic_pytorch_like(spec: ModelSpec) -> None:
     a, b = init_global_params(spec), init_global_params(spec)
     other = init_global_params(spec.model_copy(update={"seed": 1}))
-    assert list(a) == list(param_shapes(spec)) and all(v.dtype == np.float32 for v in a.values())
+    assert {n: v.shape for n, v in a.items()} == zoo_shapes(spec) and all(v.dtype == np.float32 for v in a.values())
     for name, value in a.items():
         np.testing.assert_array_equal(value, b[name])
         layer, kind = name.rsplit(".", 1) if "." in name else (name, "")
@@ -435,26 +445,20 @@ def test_edge_init_is_deterministic_pytorch_like(spec: ModelSpec) -> None:
             assert not np.array_equal(value, other[name]), name
 
 
-def test_edge_archs_are_built_at_rate_one_only() -> None:
-    spec = ModelSpec(arch="conv1d")
-    with pytest.raises(ValueError, match="rate 1 only"):
-        param_shapes(spec, 0.5)
-    with pytest.raises(ValueError, match="cut_forward adds it"):
-        build_forward(spec, 1.0, init_global_params(spec), scaler=True)
-
-
 @pytest.mark.parametrize("spec", EDGE + EDGE_VARIANTS, ids=lambda s: s.name)
 def test_edge_width_analysis_cuts_every_hidden_width(spec: ModelSpec) -> None:
-    forward, plan = _analysed(spec)
+    forward, plan = zoo_forward(spec)
     assert plan.blockers() == [] and plan.cuttable
-    assert set(plan.trainable) == set(trainable_names(spec)) and set(plan.frozen) == set(frozen_names(spec))
+    params = init_global_params(spec)
+    assert list(plan.frozen) == [n for n in params if n.endswith(("running_mean", "running_var"))]
+    assert sorted([*plan.trainable, *plan.frozen]) == sorted(params)
     cut = {name: size for name, (size, pinned) in plan.groups.items() if pinned is None}
     pinned = {name: pinned for name, (_, pinned) in plan.groups.items() if pinned is not None}
     assert pinned == {"fc.weight[0]": "fixed: the classes"}
     if spec.name in EXPECTED_GROUPS:
         assert cut == EXPECTED_GROUPS[spec.name]
-    for name, shape in param_shapes(spec).items():  # the input's channels and the classes stay whole
-        assert plan.param_shape(name, 1.0) == shape
+    for name, value in params.items():  # the input's channels and the classes stay whole
+        assert plan.param_shape(name, 1.0) == value.shape
     assert plan.param_shapes(0.0625)["fc.weight"][0] == spec.num_classes
 
 
@@ -462,7 +466,7 @@ def test_edge_width_analysis_cuts_every_hidden_width(spec: ModelSpec) -> None:
 @pytest.mark.parametrize("spec", EDGE + EDGE_VARIANTS, ids=lambda s: s.name)
 def test_edge_tier_computes_the_narrowed_model(spec: ModelSpec, tier: str) -> None:
     """A tier cut from the full graph computes the model at its width from the leading blocks of the global weights."""
-    forward, plan = _analysed(spec)
+    forward, plan = zoo_forward(spec)
     rate = tier_rate(tier)
     weights = _randomized(init_global_params(spec))
     model = cut_forward(forward, plan, rate, weights)
@@ -490,20 +494,21 @@ def test_edge_macs() -> None:
     # stem, stage 1 (two 16->16 convs at 32x32), stages 2 and 3 (stride 2: conv1, conv2, 1x1 shortcut), fc
     by_hand = (3 * 16 * 9 * 32 * 32 + 2 * 16 * 16 * 9 * 32 * 32 + (16 * 32 * 9 + 32 * 32 * 9 + 16 * 32) * 16 * 16
                + (32 * 64 * 9 + 64 * 64 * 9 + 32 * 64) * 8 * 8 + 64 * 10)
-    assert forward_macs(spec) == by_hand == 12_501_632
+    assert forward_macs(zoo_tier(spec, 1.0)) == by_hand == 12_501_632
     for spec in EDGE:
-        forward, plan = _analysed(spec)
-        macs = [graph_macs(cut_forward(forward, plan, rate)) for rate in TIER_RATES.values()]
-        assert macs[0] == forward_macs(spec) and macs == sorted(macs, reverse=True) and macs[0] > 20 * macs[-1]
+        forward, plan = zoo_forward(spec)
+        macs = [forward_macs(cut_forward(forward, plan, rate)) for rate in TIER_RATES.values()]
+        full = forward_macs(build_forward(spec, init_global_params(spec)))
+        assert macs[0] == full and macs == sorted(macs, reverse=True) and macs[0] > 20 * macs[-1]
 
 
 @pytest.mark.parametrize("spec", [s for s in EDGE if s.batch_norm], ids=lambda s: s.name)
 def test_edge_statistics_graph_measures_every_batch_norm(spec: ModelSpec) -> None:
     params = init_global_params(spec)
-    model = build_statistics_graph(spec, 1.0)
+    model = zoo_statistics(spec, 1.0)
     x = np.random.default_rng(0).random((6, *spec.input_shape), dtype=np.float32)
     outputs = ort.InferenceSession(model.SerializeToString()).run(None, {"input": x, **params})
-    layers = [n.removesuffix(".running_mean") for n in frozen_names(spec) if n.endswith("running_mean")]
+    layers = [n.removesuffix(".running_mean") for n in zoo_plan(spec).frozen if n.endswith("running_mean")]
     assert [o.name for o in model.graph.output] == [f"{n}.batch_{s}" for n in layers for s in ("mean", "var")]
     assert all(np.isfinite(o).all() for o in outputs)
     first = _conv(x.astype(np.float64), params[[n for n in params if n.endswith(".weight")][0]].astype(np.float64),
@@ -527,11 +532,11 @@ def test_edge_export_layout(edge_export: tuple[ModelSpec, Path]) -> None:
     assert index.model.input_shape == list(spec.input_shape) and index.model.batch_norm == spec.batch_norm
     cut = {name: group.size for name, group in index.groups.items() if group.pinned is None}
     assert cut == EXPECTED_GROUPS[spec.name]
-    forward, plan = _analysed(spec)
+    forward, plan = zoo_forward(spec)
     x = np.random.default_rng(0).random((4, *spec.input_shape), dtype=np.float32)
     (full,) = ort.InferenceSession(str(out / "model.onnx")).run(None, {"input": x})
-    (built,) = ort.InferenceSession(build_forward(spec, 1.0, init_global_params(spec)).SerializeToString()).run(
-        None, {"input": x})
+    built_model = build_forward(spec, init_global_params(spec))
+    (built,) = ort.InferenceSession(built_model.SerializeToString()).run(None, {"input": x})
     np.testing.assert_allclose(full, built, rtol=1e-5, atol=1e-6)
     for tier in index.tiers:
         manifest = TierManifest.load(out / tier / MANIFEST_NAME)
@@ -541,7 +546,7 @@ def test_edge_export_layout(edge_export: tuple[ModelSpec, Path]) -> None:
         (logits,) = ort.InferenceSession(str(out / tier / "inference.onnx")).run(None, {"input": x})
         assert logits.shape == (4, spec.num_classes) and np.isfinite(logits).all()
     macs = {t: TierManifest.load(out / t / MANIFEST_NAME).macs for t in index.tiers}
-    assert macs["a"] == forward_macs(spec) and macs["a"] > 20 * macs["e"]
+    assert macs["a"] == forward_macs(built_model) and macs["a"] > 20 * macs["e"]
 
 
 @pytest.mark.parametrize("tier", ["a", "e"])
@@ -562,11 +567,12 @@ def test_edge_export_trains_one_step_on_both_backends(edge_export: tuple[ModelSp
     loss, _ = module(*(feeds[name] for name in module.input_names()))
     optimizer.step()
     after = {name: np.array(p.data) for name, p in state.parameters}
-    assert np.isfinite(loss) and set(after) == set(trainable_names(spec)) | set(frozen_names(spec))
-    moved = [name for name in trainable_names(spec) if not np.array_equal(after[name], before[name])]
+    plan = zoo_plan(spec)
+    assert np.isfinite(loss) and set(after) == {*plan.trainable, *plan.frozen}
+    moved = [name for name in plan.trainable if not np.array_equal(after[name], before[name])]
     # most weights move; some have no gradient here (attention's key bias never has one; at tier e a
     # 1-wide squeeze-excitation ReLU can be dead, or tokens normalized over 2 channels alike)
-    assert "fc.weight" in moved and len(moved) > 0.75 * len(trainable_names(spec))
+    assert "fc.weight" in moved and len(moved) > 0.75 * len(plan.trainable)
 
     step = onnx.load(out / tier / STEP_FILE)
     io = step_graph_io(step)
@@ -575,7 +581,7 @@ def test_edge_export_trains_one_step_on_both_backends(edge_export: tuple[ModelSp
     outputs = dict(zip(io.outputs, ort.InferenceSession(step.SerializeToString()).run(
         None, {name: given[name] for name in io.inputs})))
     np.testing.assert_allclose(outputs["loss"], loss, rtol=1e-5)
-    for name in trainable_names(spec):
+    for name in plan.trainable:
         np.testing.assert_allclose(outputs[io.updates[name]], after[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 

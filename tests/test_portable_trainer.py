@@ -11,8 +11,8 @@ from edge_client.backends import open_trainer, resolve_backend
 from models.data import Dataset, load_digits
 from models.export import export_all
 from models.manifest import TierManifest
-from models.slicing import slice_params
-from models.zoo import ModelSpec, init_global_params, param_shapes
+from models.zoo import ModelSpec, init_global_params
+from tests.tiers import zoo_weights
 
 SPECS = [ModelSpec(arch="mlp"), ModelSpec(arch="mlp", batch_norm=True), ModelSpec(arch="cnn", batch_norm=True)]
 
@@ -36,7 +36,7 @@ def test_portable_training_matches_ort_training(exported, digits, tier):
     spec, out = exported
     train, test = digits
     manifest = TierManifest.load(out / tier / "manifest.json")
-    start = slice_params(init_global_params(spec), param_shapes(spec, manifest.rate))
+    start = zoo_weights(spec, manifest.rate)
     results = {}
     for backend in ("ort-training", "portable"):
         trainer = open_trainer(backend, out / tier, manifest)

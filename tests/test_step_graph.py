@@ -18,10 +18,10 @@ from onnx import TensorProto, helper
 from models import autodiff
 from models.data import load_digits
 from models.ort_training import captured_native_stderr, load_training_api
-from models.slicing import slice_params
 from models.step_graph import StepGraphIO, build_step_graph, step_graph_io
 from models.tiers import tier_rate
-from models.zoo import ModelSpec, build_forward, frozen_names, init_global_params, param_shapes, trainable_names
+from models.zoo import ModelSpec
+from tests.tiers import zoo_plan, zoo_tier, zoo_weights
 
 ZOO = [ModelSpec(arch=a, image_size=s, batch_norm=bn) for a in ("mlp", "cnn") for s in (8, 28) for bn in (False, True)]
 MLP8, CNN8 = ModelSpec(arch="mlp"), ModelSpec(arch="cnn")
@@ -31,17 +31,16 @@ SMALL_CNN_BN = ModelSpec(arch="cnn", hidden=(4, 4, 8), batch_norm=True)
 
 
 def _forward(spec: ModelSpec, rate: float, scaler: bool = False, class_mask: bool = False) -> onnx.ModelProto:
-    """The zoo's forward graph at `rate`, parameters as inputs (what build_step_graph takes)."""
-    zeros = {n: np.zeros(s, np.float32) for n, s in param_shapes(spec, rate).items()}
-    return build_forward(spec, rate, zeros, params_as_inputs=True, scaler=scaler, class_mask=class_mask)
+    """The zoo's tier forward graph at `rate`, parameters as inputs (what build_step_graph takes)."""
+    return zoo_tier(spec, rate, class_mask=class_mask, scaler=scaler, params_as_inputs=True)
 
 
 def _step_graph(
     spec: ModelSpec, rate: float, scaler: bool = False, class_mask: bool = False, **options: object
 ) -> onnx.ModelProto:
     """build_step_graph of the zoo's forward graph at `rate`."""
-    forward = _forward(spec, rate, scaler, class_mask)
-    return build_step_graph(forward, trainable_names(spec), frozen_names(spec), **options)  # type: ignore[arg-type]
+    forward, plan = _forward(spec, rate, scaler, class_mask), zoo_plan(spec)
+    return build_step_graph(forward, plan.trainable, plan.frozen, **options)  # type: ignore[arg-type]
 
 
 class Stepper:
@@ -62,8 +61,7 @@ class Stepper:
 def _weights(spec: ModelSpec, rate: float, seed: int = 0) -> dict[str, np.ndarray]:
     """The tier's initial weights, perturbed so BN's gamma/beta and running stats are not trivial."""
     rng = np.random.default_rng(seed)
-    params = slice_params(init_global_params(spec), param_shapes(spec, rate))
-    noisy = {n: w + rng.normal(0, 0.1, w.shape) for n, w in params.items()}
+    noisy = {n: w + rng.normal(0, 0.1, w.shape) for n, w in zoo_weights(spec, rate).items()}
     noisy |= {n: np.abs(w) + 0.5 for n, w in noisy.items() if n.endswith("running_var")}
     return {n: w.astype(np.float32) for n, w in noisy.items()}
 
@@ -96,7 +94,8 @@ def test_every_step_graph_is_standard_onnx(spec: ModelSpec):
                 assert [(o.domain, o.version) for o in model.opset_import] == [("", 17)] and model.ir_version == 10
                 onnx.checker.check_model(model, full_check=True)
                 io = step_graph_io(model)
-                assert set(io.trainable) == set(trainable_names(spec)) and set(io.running_stats) == set(frozen_names(spec))
+                plan = zoo_plan(spec)
+                assert set(io.trainable) == set(plan.trainable) and set(io.running_stats) == set(plan.frozen)
                 assert set(io.updates.values()) == set(io.outputs) - {"loss", "logits"}
 
 
@@ -125,18 +124,22 @@ def test_shapes_come_from_the_forward_graph():
     forward = _forward(CNN8_BN, 0.5, scaler=True, class_mask=True)
     for value in (forward.graph.input[0], forward.graph.output[0]):
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
-    model = build_step_graph(forward, trainable_names(CNN8_BN), frozen_names(CNN8_BN), "adamw", with_gradients=True)
+    plan = zoo_plan(CNN8_BN)
+    model = build_step_graph(forward, plan.trainable, plan.frozen, "adamw", with_gradients=True)
     declared = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
                 for v in (*model.graph.input, *model.graph.output)}
-    for name, shape in param_shapes(CNN8_BN, 0.5).items():
+    shapes = plan.param_shapes(0.5)
+    for name, shape in shapes.items():
         assert declared[name] == declared[f"{name}.new"] == list(shape), name
-    assert declared["conv1.weight.exp_avg"] == declared["conv1.weight.grad"] == list(param_shapes(CNN8_BN, 0.5)["conv1.weight"])
+    assert declared["conv1.weight.exp_avg"] == declared["conv1.weight.grad"] == list(shapes["conv1.weight"])
+    assert shapes["conv1.weight"] == (16, 1, 3, 3)  # half of cnn8's 32 channels
     assert declared["input"] == ["batch", 1, 8, 8] and declared["labels"] == ["batch"] and declared["logits"] == ["batch", 10]
     assert declared["scale"] == [1] and declared["class_mask"] == [10] and declared["loss"] == []
 
 
 def test_forward_graphs_the_step_cannot_take_are_refused(monkeypatch: pytest.MonkeyPatch):
-    trainable, frozen = trainable_names(MLP8_BN), frozen_names(MLP8_BN)
+    plan = zoo_plan(MLP8_BN)
+    trainable, frozen = plan.trainable, plan.frozen
     with pytest.raises(ValueError, match="running statistics"):
         build_step_graph(_forward(MLP8_BN, 1.0), trainable, frozen[:1])
     with pytest.raises(ValueError, match="distinct graph inputs"):
@@ -144,10 +147,10 @@ def test_forward_graphs_the_step_cannot_take_are_refused(monkeypatch: pytest.Mon
     fixed = _forward(MLP8, 1.0)
     fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 32
     with pytest.raises(ValueError, match="symbolic batch"):
-        build_step_graph(fixed, trainable_names(MLP8))
+        build_step_graph(fixed, zoo_plan(MLP8).trainable)
     monkeypatch.setitem(sys.modules, "onnx_ad", None)  # as if onnx-ad were not installed
     with pytest.raises(ImportError, match=r"tierfl\[full\]"):
-        build_step_graph(_forward(MLP8, 1.0), trainable_names(MLP8))
+        build_step_graph(_forward(MLP8, 1.0), zoo_plan(MLP8).trainable)
 
 
 class OrtTraining:
@@ -156,11 +159,11 @@ class OrtTraining:
     def __init__(self, spec: ModelSpec, tier: str, out: Path, optimizer: str, weights: Mapping[str, np.ndarray]) -> None:
         training = load_training_api()
         rate = tier_rate(tier)
-        forward = build_forward(spec, rate, dict(weights), scaler=spec.batch_norm, class_mask=True)
+        forward, plan = zoo_tier(spec, rate, class_mask=True, scaler=spec.batch_norm), zoo_plan(spec)
         kinds = {"sgd": training.artifacts.OptimType.SGD, "adamw": training.artifacts.OptimType.AdamW}
         with captured_native_stderr():
             training.artifacts.generate_artifacts(
-                forward, requires_grad=trainable_names(spec), frozen_params=frozen_names(spec) or None,
+                forward, requires_grad=list(plan.trainable), frozen_params=list(plan.frozen) or None,
                 loss=training.artifacts.LossType.CrossEntropyLoss, optimizer=kinds[optimizer], artifact_directory=out,
                 additional_output_names=["logits"],
             )
@@ -274,7 +277,7 @@ def test_gradients_match_central_differences(spec: ModelSpec):
 
 def _loss_model(spec: ModelSpec, n: int) -> onnx.ModelProto:
     """Forward graph (params as inputs, fixed batch `n`) followed by the mean cross-entropy loss."""
-    model = build_forward(spec, 1.0, _weights(spec, 1.0), params_as_inputs=True)
+    model = zoo_tier(spec, 1.0, params_as_inputs=True)
     size = spec.image_size
     model.graph.input[0].CopyFrom(helper.make_tensor_value_info("input", TensorProto.FLOAT, [n, 1, size, size]))
     model.graph.input.append(helper.make_tensor_value_info("labels", TensorProto.INT64, [n]))
@@ -288,7 +291,7 @@ def _loss_model(spec: ModelSpec, n: int) -> onnx.ModelProto:
 def test_gradients_match_onnx_ad_on_the_whole_graph(spec: ModelSpec):
     """onnx-ad's reverse of the whole forward + loss at a fixed batch (no BN: it has no training mode) gives our gradients."""
     onnx_ad = autodiff.require_onnx_ad()
-    n, trainable = 16, list(param_shapes(spec))
+    n, trainable = 16, list(zoo_plan(spec).trainable)
     adjoint = onnx_ad.reverse(_loss_model(spec, n), inputs=trainable, outputs=["loss"], layout="onnx")
     session = ort.InferenceSession(adjoint.SerializeToString())
     weights, (x, y) = _weights(spec, 1.0), _batch(spec, n)
@@ -333,7 +336,7 @@ def test_training_on_digits_with_plain_onnxruntime_reaches_90_percent():
     order = rng.permutation(len(digits))
     train, test = digits.subset(order[:1400]), digits.subset(order[1400:])
     stepper = Stepper(MLP8, 1.0)
-    state = {**slice_params(init_global_params(MLP8), param_shapes(MLP8)), **stepper.io.initial_optimizer_state()}
+    state = {**zoo_weights(MLP8), **stepper.io.initial_optimizer_state()}
     for _ in range(4):
         shuffled = rng.permutation(len(train))
         for start in range(0, len(train), 32):

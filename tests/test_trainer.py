@@ -13,8 +13,8 @@ from edge_client.trainer import OrtTrainer
 from models.data import Dataset, load_digits
 from models.export import MANIFEST_NAME, export_all
 from models.manifest import TierManifest
-from models.slicing import slice_params
-from models.zoo import ModelSpec, init_global_params, param_shapes
+from models.zoo import ModelSpec
+from tests.tiers import zoo_weights
 
 SPEC = ModelSpec(arch="mlp", image_size=8)  # mlp8: 64 -> 256 -> 256 -> 10
 TIERS = ("a", "c")
@@ -60,7 +60,7 @@ def _random_weights(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[st
 def test_checkpoint_holds_the_leading_block_of_the_global_init(exported: Path, tier: str) -> None:
     trainer = _trainer(exported, tier)
     rate = {"a": 1.0, "c": 0.25}[tier]
-    expected = slice_params(init_global_params(SPEC), param_shapes(SPEC, rate))
+    expected = zoo_weights(SPEC, rate)
     got = trainer.get_weights()
     assert {n: v.shape for n, v in got.items()} == {n: v.shape for n, v in expected.items()}
     for n in expected:
@@ -188,7 +188,7 @@ def test_class_masking_leaves_absent_classes_untouched(exported: Path, digits: t
     train, _ = digits
     two_classes = train.subset(np.flatnonzero(train.y < 2))
     trainer = _trainer(exported, tier)
-    start = slice_params(init_global_params(SPEC), param_shapes(SPEC, trainer.manifest.rate))
+    start = zoo_weights(SPEC, trainer.manifest.rate)
     moved = {}
     for masked in (True, False):
         trainer.set_weights(start)
