@@ -179,6 +179,7 @@ def statistics_graph(tier_forward: onnx.ModelProto) -> onnx.ModelProto:
     """
     inferred = onnx.shape_inference.infer_shapes(tier_forward)
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*inferred.graph.input, *inferred.graph.value_info)}
+    channels = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in tier_forward.graph.input}
     nodes: list[onnx.NodeProto] = []
     constants: list[onnx.TensorProto] = []
     outputs: list[onnx.ValueInfoProto] = []
@@ -188,7 +189,8 @@ def statistics_graph(tier_forward: onnx.ModelProto) -> onnx.ModelProto:
             continue
         nodes += _batch_statistics(node, ranks[node.input[0]], constants)
         layer = node.input[3].removesuffix(".running_mean")
-        outputs += [helper.make_tensor_value_info(f"{layer}.batch_{s}", TensorProto.FLOAT, None) for s in ("mean", "var")]
+        outputs += [helper.make_tensor_value_info(f"{layer}.batch_{s}", TensorProto.FLOAT, channels[node.input[3]])
+                    for s in ("mean", "var")]
     if not outputs:
         raise ValueError("the model has no BatchNormalization: there are no statistics to measure")
     graph = helper.make_graph(nodes, f"{tier_forward.graph.name}_statistics", list(tier_forward.graph.input), outputs,
