@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from edge_client.cache import ArtifactCache
-from models.export import export_tier
-from models.zoo import ModelSpec
+from models.export import export_all
+from models.spec import ModelSpec
 from protocol import atomic_file
 
 
@@ -49,7 +49,7 @@ def test_a_tier_folder_is_fsynced_after_its_files_are_renamed_into_place(tmp_pat
 
 def test_an_exported_tier_folder_is_fsynced_after_its_artifacts_are_renamed_into_place(tmp_path, monkeypatch):
     events = record_renames_and_folder_syncs(monkeypatch)
-    export_tier(ModelSpec(arch="mlp", hidden=(8,)), "a", tmp_path)
+    export_all(ModelSpec(arch="mlp", hidden=(8,)), ["a"], tmp_path)
     tier_dir = str(tmp_path / "a")
     renames = [i for i, (event, where) in enumerate(events) if event == "rename" and where == tier_dir]
     assert len(renames) >= 5  # the artifacts, then the manifest (an atomic write of its own)
