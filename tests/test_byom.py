@@ -169,7 +169,7 @@ def test_one_training_step_on_each_backend_matches_pytorch_autograd(name: str, t
             gaps[tier, backend] = max(float(np.abs(new[k] - torch_new[k]).max()) for k in new)
             moved = max(float(np.abs(torch_new[k] - v).max()) for k, v in initializer_arrays(
                 onnx.load(str(tmp_path / tier / "inference.onnx"))).items() if k in torch_new)
-            assert moved > 100 * STEP_TOLERANCE, (tier, moved)  # the step moved the weights well past the tolerance
+            assert moved > 10 * STEP_TOLERANCE, (tier, moved)  # the step moves weights well past the tolerance (1e-2 here)
     assert max(gaps.values()) <= STEP_TOLERANCE, gaps
 
 
