@@ -1,19 +1,26 @@
-"""HeteroFL tier mixes: Fashion-MNIST, the 28x28 CNN, IID and Dirichlet partitions, same seed.
+"""HeteroFL tier mixes: Fashion-MNIST, a zoo model, IID and Dirichlet partitions, same seed.
 
 Does a fleet with weak devices beat training on the weakest tier alone, and come close to a
 fleet of tier a devices? Each device trains its tier's leading block of the global weights with
 the real ORT training artifacts, and the aggregator's element-wise mean folds the deltas (one
 process; the MQTT hop is covered by the integration tests). Tiers go to devices in contiguous
-blocks by their share of the mix (`a-e`: the first half a, the rest e). Writes
-benchmarks/heterofl.{json,md,png}.
+blocks by their share of the mix (`a-e`: the first half a, the rest e).
+
+The model is the 28x28 CNN (`--arch cnn`, the default), which writes
+benchmarks/heterofl.{json,md,png}, or a 3x32x32 zoo model (`--arch preresnet`, `mobilenet`):
+Fashion-MNIST is then zero-padded to 32x32 and repeated to 3 channels, and the run writes the
+HeteroFL section of benchmarks/models.{json,md} (with scripts/bench_models.py's step times) and
+benchmarks/models.png.
 
     .venv/bin/python scripts/bench_heterofl.py
+    .venv/bin/python scripts/bench_heterofl.py --arch preresnet
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -21,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from bench_models import write_section
 
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.store.artifacts import ArtifactStore
@@ -37,6 +45,7 @@ from models.spec import ModelSpec
 from models.tiers import TIER_RATES
 
 MIXES = ["a", "e", "a-e", "a-b-c-d-e"]
+ARCHS = ("cnn", "preresnet", "mobilenet")  # cnn: 1x28x28 images; the others 3x32x32
 PARTITIONS = ["iid", "dirichlet"]
 Weights = dict[str, np.ndarray]
 
@@ -140,8 +149,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--train-samples", type=int, default=20000, help="seeded subset of the 60k training images")
     parser.add_argument("--test-samples", type=int, default=10000, help="seeded subset of the 10k test images")
+    parser.add_argument("--arch", choices=ARCHS, default="cnn",
+                        help="the zoo model; the 3x32x32 ones get Fashion-MNIST padded to 32x32 in 3 channels")
     parser.add_argument("--batch-norm", action="store_true",
-                        help="CNN with batch norm: static BN (per-tier statistics measured each round)")
+                        help="CNN with batch norm: static BN (per-tier statistics measured each round; "
+                        "preresnet and mobilenet always have it)")
     parser.add_argument("--scaler", action="store_true", help="export with HeteroFL's scaler (off by default)")
     parser.add_argument("--mixes", default=",".join(MIXES), help="HeteroFL tier mixes, e.g. a,e,a2-e8")
     parser.add_argument("--partitions", default=",".join(PARTITIONS), help="iid and/or dirichlet")
@@ -153,24 +165,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.partitions.split(",")) - set(PARTITIONS)
     if unknown:
         parser.error(f"unknown partition(s) {sorted(unknown)}; expected {', '.join(PARTITIONS)}")
+    if args.batch_norm and args.arch != "cnn":
+        parser.error(f"--batch-norm is the cnn's option: {args.arch} always has batch norm")
     return args
 
 
-def load_data(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
-    """Seeded train and test subsets; a missing dataset ends the run with the install hint."""
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    """The zoo model trained: the 28x28 CNN, or a 3x32x32 arch at its defaults."""
+    if args.arch == "cnn":
+        return ModelSpec(arch="cnn", image_size=28, batch_norm=args.batch_norm, seed=args.seed)
+    return ModelSpec(arch=args.arch, seed=args.seed)
+
+
+def fit_images(data: Dataset, shape: tuple[int, ...]) -> Dataset:
+    """[N, 1, 28, 28] images for a [C, S, S] model (S >= 28): zero-padded around to S x S, repeated to C channels."""
+    channels, side = shape[0], shape[-1]
+    before = (side - data.x.shape[-1]) // 2
+    after = side - data.x.shape[-1] - before
+    padded = np.pad(data.x, ((0, 0), (0, 0), (before, after), (before, after)))
+    return Dataset(np.ascontiguousarray(np.repeat(padded, channels, axis=1)), data.y)
+
+
+def load_data(args: argparse.Namespace, shape: tuple[int, ...]) -> tuple[Dataset, Dataset]:
+    """Seeded train and test subsets fitted to the model's input `shape`; a missing dataset ends the run with the
+    install hint."""
     try:
         train, test = load_fashion_mnist(args.data, split="train"), load_fashion_mnist(args.data, split="test")
     except FileNotFoundError as exc:
         sys.exit(f"error: {exc}")
     rng = np.random.default_rng(args.seed)
-    return (train.subset(rng.permutation(len(train))[: args.train_samples]),
-            test.subset(np.sort(rng.permutation(len(test))[: args.test_samples])))
+    train = train.subset(rng.permutation(len(train))[: args.train_samples])
+    test = test.subset(np.sort(rng.permutation(len(test))[: args.test_samples]))
+    return fit_images(train, shape), fit_images(test, shape)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    train, test = load_data(args)
-    spec = ModelSpec(arch="cnn", image_size=28, batch_norm=args.batch_norm, seed=args.seed)
+    spec = model_spec(args)
+    train, test = load_data(args, spec.input_shape)
+    load_start = load_average()
     mixes = args.mixes.split(",")
     tiers = sorted({t for m in mixes for t in parse_tier_mix(m)}, key=list(TIER_RATES).index)
     started, results = time.perf_counter(), []
@@ -182,7 +215,12 @@ def main(argv: list[str] | None = None) -> None:
         for kind in args.partitions.split(","):
             shares = partition(train, kind, args)
             results += [simulate(m, kind, shares, bench) for m in mixes]
-    write_report(args, spec, results, time.perf_counter() - started)
+    write_report(args, spec, results, time.perf_counter() - started, f"{load_start}, at end {load_average()}")
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages."""
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def claims(results: list[dict], tolerance: float) -> list[dict]:
@@ -209,26 +247,38 @@ def command_line(args: argparse.Namespace) -> str:
     return "python scripts/bench_heterofl.py " + " ".join(options)
 
 
-def write_report(args: argparse.Namespace, spec: ModelSpec, results: list[dict], seconds: float) -> None:
-    """benchmarks/heterofl.json, .md and .png."""
+def write_report(args: argparse.Namespace, spec: ModelSpec, results: list[dict], seconds: float, load: str) -> None:
+    """benchmarks/heterofl.{json,md,png} for the cnn; the HeteroFL section of models.{json,md} and models.png else."""
     args.out.mkdir(parents=True, exist_ok=True)
     verdicts = claims(results, args.tolerance)
     report = {"model": spec.model_dump(), "config": vars(args),
-              "command": command_line(args), "seconds": seconds, "test_samples": args.test_samples,
-              "claims": verdicts, "results": results}
-    (args.out / "heterofl.json").write_text(json.dumps(report, indent=1, default=str))
-    lines = markdown(args, spec, results, verdicts, seconds)
-    (args.out / "heterofl.md").write_text("\n".join(lines) + "\n")
-    plot(args, results)
+              "command": command_line(args), "seconds": seconds, "load_average": load,
+              "test_samples": args.test_samples, "claims": verdicts, "results": results}
+    lines = markdown(args, spec, results, verdicts, seconds, load)
+    if args.arch == "cnn":
+        (args.out / "heterofl.json").write_text(json.dumps(report, indent=1, default=str))
+        (args.out / "heterofl.md").write_text("\n".join(lines) + "\n")
+        plot(args, results, args.out / "heterofl.png")
+    else:
+        write_section(args.out, "heterofl", json.loads(json.dumps(report, default=str)) | {"markdown": lines})
+        plot(args, results, args.out / "models.png")
     print("\n".join(lines))
 
 
-def markdown(args: argparse.Namespace, spec: ModelSpec, results: list[dict], verdicts: list[dict], seconds: float) -> list[str]:
+def markdown(args: argparse.Namespace, spec: ModelSpec, results: list[dict], verdicts: list[dict], seconds: float,
+             load: str) -> list[str]:
     """The table (mix x partition) and one line per claim."""
+    if args.arch == "cnn":
+        title, data = f"# HeteroFL tier mixes: {spec.name} on Fashion-MNIST", "Fashion-MNIST"
+    else:  # a section of models.md
+        title = f"## HeteroFL tier mixes: {spec.name} on Fashion-MNIST (32x32, 3 channels)"
+        data = ("Fashion-MNIST zero-padded from 28x28 to 32x32 and repeated to 3 channels (no CIFAR download is "
+                "possible here)")
     lines = [
-        f"# HeteroFL tier mixes: {spec.name} on Fashion-MNIST, {args.devices} devices, {args.rounds} rounds",
-        "", f"Reproduce: `{command_line(args)}` ({seconds / 60:.0f} min on a shared 2-core machine)", "",
-        f"{args.train_samples} training images, {args.epochs} local epoch(s) of batch {args.batch_size} at lr {args.lr} "
+        f"{title}, {args.devices} devices, {args.rounds} rounds",
+        "", f"Reproduce: `{command_line(args)}` ({seconds / 60:.0f} min on a shared 2-core machine; load average "
+        f"(1, 5, 15 min) at start {load})", "",
+        f"{data}: {args.train_samples} training images, {args.epochs} local epoch(s) of batch {args.batch_size} at lr {args.lr} "
         f"per round; accuracy after the last round on {args.test_samples} held-out test images. Non-IID is "
         f"Dirichlet({args.alpha}), the same partition for every mix. The model accuracy is the widest trained "
         "width of the mix (the model its strongest device deploys: rate 1 with tier a, the e block for 'e' "
@@ -252,7 +302,7 @@ def markdown(args: argparse.Namespace, spec: ModelSpec, results: list[dict], ver
     return lines
 
 
-def plot(args: argparse.Namespace, results: list[dict]) -> None:
+def plot(args: argparse.Namespace, results: list[dict], path: Path) -> None:
     """Model accuracy per round of each mix, one panel per partition."""
     import matplotlib
 
@@ -270,7 +320,7 @@ def plot(args: argparse.Namespace, results: list[dict]) -> None:
         ax.legend(title="mix")
     axes[0][0].set_ylabel("held-out accuracy (widest trained width)")
     fig.tight_layout()
-    fig.savefig(args.out / "heterofl.png", dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
