@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "torch_models.py"
 RATES = (1.0, 0.5, 0.25, 0.0625)
 # name (tests/torch_models.py's MODELS) -> one sample's shape
-MODELS = {"preresnet": (3, 32, 32), "mobilenet": (3, 32, 32), "conv1d": (40, 49), "mlp_bn": (64,), "transformer": (16, 6)}
+MODELS = {"preresnet": (3, 32, 32), "mobilenet": (3, 32, 32), "conv1d": (40, 49), "mlp_bn": (64,),
+          "transformer": (16, 6)}
 # one SGD step of tiers a and c of every model on both backends against PyTorch autograd
 STEP_TIERS = {"a": 1.0, "c": 0.25}
 STEP_BATCH, STEP_LR, STEP_TOLERANCE = 8, 0.1, 1e-4
@@ -64,7 +65,8 @@ def torch_side(torch_python: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             ["reference", name, "--state", state, "--x", str(folder / "x.npy"), "--rates", ",".join(map(str, RATES)),
              "--states", "--out", str(folder / "reference.npz")],
             ["step", name, "--state", state, "--x", str(folder / "step_x.npy"), "--y", str(folder / "step_y.npy"),
-             "--rates", ",".join(map(str, STEP_TIERS.values())), "--lr", str(STEP_LR), "--out", str(folder / "step.npz")]]
+             "--rates", ",".join(map(str, STEP_TIERS.values())), "--lr", str(STEP_LR),
+             "--out", str(folder / "step.npz")]]
     run_torch(torch_python, root, commands)
     return root
 
@@ -169,7 +171,7 @@ def test_one_training_step_on_each_backend_matches_pytorch_autograd(name: str, t
             gaps[tier, backend] = max(float(np.abs(new[k] - torch_new[k]).max()) for k in new)
             moved = max(float(np.abs(torch_new[k] - v).max()) for k, v in initializer_arrays(
                 onnx.load(str(tmp_path / tier / "inference.onnx"))).items() if k in torch_new)
-            assert moved > 10 * STEP_TOLERANCE, (tier, moved)  # the step moves weights well past the tolerance (1e-2 here)
+            assert moved > 10 * STEP_TOLERANCE, (tier, moved)  # the step moves weights past the tolerance (1e-2 here)
     assert max(gaps.values()) <= STEP_TOLERANCE, gaps
 
 

@@ -32,7 +32,7 @@ def _run(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def exported(torch_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The example's model.onnx (exported in the torch venv), its tiers a, c, e, and the example's data, in one folder."""
+    """The example's model.onnx (exported in the torch venv), its tiers a, c, e and the example's data, in a folder."""
     root = tmp_path_factory.mktemp("own")
     _run(str(torch_python), str(EXAMPLE / "model.py"), str(root / "model.onnx"))
     table = _run(sys.executable, "-m", "tierfl.cli", "export", "--model", str(root / "model.onnx"), "--tiers", "a,c,e",

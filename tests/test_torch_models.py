@@ -53,7 +53,8 @@ def torch_side(torch_python: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     commands += [["export", name, str(folder / f"{name}.fresh.onnx"), "--state", str(folder / f"{name}.fresh.npz")]
                  for name in UNTRAINED]
     commands += [["export", "mlp_bn", str(folder / "merged.onnx"), "--recipe", "merged", "--config", '{"dropout": 0}'],
-                 ["describe", "mlp", "--config", '{"hidden": [30]}', "--rates", "0.5", "--out", str(folder / "mlp30.json")]]
+                 ["describe", "mlp", "--config", '{"hidden": [30]}', "--rates", "0.5",
+                  "--out", str(folder / "mlp30.json")]]
     run_torch(torch_python, folder, commands)
     return folder
 

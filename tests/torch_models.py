@@ -367,7 +367,8 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, run: Callable[[argparse.Namespace], None], summary: str, state: bool = True) -> argparse.ArgumentParser:
+    def command(name: str, run: Callable[[argparse.Namespace], None], summary: str,
+                state: bool = True) -> argparse.ArgumentParser:
         """Add a subcommand running `run`; the model commands take NAME and --config, and most --state."""
         sub = commands.add_parser(name, help=summary)
         sub.set_defaults(run=run)
