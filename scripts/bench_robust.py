@@ -120,8 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    train, test = load_data(args)
     spec = ModelSpec(arch="mlp", image_size=28, seed=args.seed)
+    train, test = load_data(args, spec.input_shape)
     shares = partition(train, args.partition, args)
     count = round(args.attacker_fraction * args.devices)
     attackers = frozenset(int(i) for i in np.random.default_rng(args.seed).choice(args.devices, count, replace=False))
