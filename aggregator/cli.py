@@ -35,6 +35,7 @@ from aggregator.strategies.sampling import SAMPLERS
 from aggregator.strategies.tiering import TIER_POLICIES, TierPolicy, make_tier_policy, parse_tier_mix
 from models.data import load_dataset
 from models.export import export_all
+from models.spec import ARCH_DEFAULTS
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.mqtt.embedded_broker import EmbeddedBroker
 from protocol.mqtt.url import mask_password
@@ -112,8 +113,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                             f"does not open, log what was done, and exit; a start that finds the state corrupt exits "
                             f"{EXIT_NEEDS_OPERATOR} naming the file")
     model.add_argument("--artifacts", type=Path, help="export folder from `tierfl export` (default: STATE_DIR/artifacts, exported on first start)")
-    model.add_argument("--arch", choices=["mlp", "cnn"], default="mlp", help="model to export when no --artifacts (default: %(default)s)")
-    model.add_argument("--image-size", type=int, choices=[8, 28], default=8, help="input size of that model (default: %(default)s)")
+    model.add_argument("--arch", choices=list(ARCH_DEFAULTS), default="mlp",
+                       help="zoo model to export when no --artifacts (default: %(default)s; your own model: "
+                            "`tierfl export --model FILE.onnx --out DIR`, then --artifacts DIR)")
+    model.add_argument("--image-size", type=int, choices=[8, 28, 32], default=None,
+                       help="input side of an image model (default: the arch's: 8 for mlp/cnn, 32 for preresnet/mobilenet)")
     model.add_argument("--tiers", default="a", help="tiers to export when no --artifacts, e.g. a,b,c (default: %(default)s)")
     tiers = parser.add_argument_group("device tiers (HeteroFL)")
     tiers.add_argument("--tier-policy", choices=TIER_POLICIES, default="fixed",

@@ -110,7 +110,7 @@ BAD_VALUES = [
     ("[aggregator]\nrounds = 2.5",
      "key 'aggregator.rounds': Input should be a valid integer, got a number with a fractional part"),
     ('downlink = "int4"', "key 'downlink': Input should be one of 'float32', 'float16', 'int8-delta'"),
-    ("image-size = 12", "key 'image-size': Input should be one of 8, 28"),
+    ("image-size = 12", "key 'image-size': Input should be one of 8, 28, 32"),
     ("fleet = 5", "key 'fleet': Input should be a valid string"),
     ('mask-classes = "maybe"', "key 'mask-classes': Input should be a valid boolean, unable to interpret input"),
     ("state-dir = 3", "key 'state-dir': Input is not a valid path for <class 'pathlib.Path'>"),
