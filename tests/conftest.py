@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 MOSQUITTO = ("127.0.0.1", 1883)
 ROOT = Path(__file__).resolve().parent.parent
 TORCH_VENV = ROOT / ".venv-torch"
+TORCH_MODELS = ROOT / "tests" / "torch_models.py"  # run by run_torch in the torch venv
 # PyTorch never enters the main venv (onnxruntime-training's import of onnxruntime would import it): the tests that
 # need it run tests/torch_models.py in this venv. Changing the list rebuilds the venv.
 TORCH_REQUIREMENTS = ("torch==2.13.0", "onnx==1.17.0", "numpy>=2,<3")
@@ -32,6 +34,14 @@ def mosquitto_url() -> str:
         pytest.fail(f"Mosquitto is not answering on {MOSQUITTO[0]}:{MOSQUITTO[1]} ({exc}); "
                     "start it with `mosquitto -d` (.ci/run does this)")
     return f"mqtt://{MOSQUITTO[0]}:{MOSQUITTO[1]}"
+
+
+def run_torch(python: Path, folder: Path, commands: list[list[str]]) -> None:
+    """Run command lines of tests/torch_models.py in one process of the torch venv; fail with its stderr."""
+    (folder / "commands.json").write_text(json.dumps(commands))
+    result = subprocess.run([str(python), str(TORCH_MODELS), "batch", str(folder / "commands.json")], capture_output=True,
+                            text=True, cwd=ROOT, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ models, and computes what the narrowed models output and one SGD step of them; t
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +23,8 @@ from models.ort_training import load_training_api
 from models.step_graph import step_graph_io
 from models.tier_graph import cut_forward, forward_macs, initializer_arrays
 from models.widths import analyse
+from tests.conftest import run_torch
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "tests" / "torch_models.py"
 RATES = (1.0, 0.5, 0.25, 0.0625)
 # name (tests/torch_models.py's MODELS) -> one sample's shape
 MODELS = {"preresnet": (3, 32, 32), "mobilenet": (3, 32, 32), "conv1d": (40, 49), "mlp_bn": (64,),
@@ -34,14 +32,6 @@ MODELS = {"preresnet": (3, 32, 32), "mobilenet": (3, 32, 32), "conv1d": (40, 49)
 # one SGD step of tiers a and c of every model on both backends against PyTorch autograd
 STEP_TIERS = {"a": 1.0, "c": 0.25}
 STEP_BATCH, STEP_LR, STEP_TOLERANCE = 8, 0.1, 1e-4
-
-
-def run_torch(python: Path, folder: Path, commands: list[list[str]]) -> None:
-    """Run command lines of tests/torch_models.py in one process of the torch venv; fail with its stderr."""
-    (folder / "commands.json").write_text(json.dumps(commands))
-    result = subprocess.run([str(python), str(SCRIPT), "batch", str(folder / "commands.json")], capture_output=True,
-                            text=True, cwd=ROOT, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

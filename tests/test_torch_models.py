@@ -7,7 +7,6 @@ reads what it wrote with numpy, onnx and onnxruntime.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "tests" / "torch_models.py"
+from tests.conftest import run_torch
+
 # name (tests/torch_models.py's MODELS) -> one sample's shape
 SHAPES: dict[str, tuple[int, ...]] = {
     "preresnet": (3, 32, 32), "mobilenet": (3, 32, 32), "mobilenet_mnist": (1, 28, 28), "conv1d": (40, 49),
@@ -24,14 +23,6 @@ SHAPES: dict[str, tuple[int, ...]] = {
 }
 RATES = (1.0, 0.5, 0.0625)
 UNTRAINED = ("preresnet", "transformer")
-
-
-def run_torch(python: Path, folder: Path, commands: list[list[str]]) -> None:
-    """Run command lines of tests/torch_models.py in one process of the torch venv; fail with its stderr."""
-    (folder / "commands.json").write_text(json.dumps(commands))
-    result = subprocess.run([str(python), str(SCRIPT), "batch", str(folder / "commands.json")], capture_output=True,
-                            text=True, cwd=ROOT, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
