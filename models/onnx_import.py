@@ -248,6 +248,9 @@ def _static_batch(graph: onnx.GraphProto) -> int:
     if not dims[0].HasField("dim_value") or dims[0].dim_value < 1:
         dims[0].Clear()
         dims[0].dim_value = 2
+    if dims[0].dim_value == 1:  # the batch axis could not be told from a constant 1 in the file's shapes
+        raise UnsupportedModel("the model was exported with a batch of 1; export it with a sample batch of 2 or "
+                               "more (e.g. torch.randn(4, ...)): TierFL makes the batch dynamic itself")
     return dims[0].dim_value
 
 

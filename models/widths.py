@@ -95,12 +95,11 @@ class WidthPlan:
 
     `groups` maps a group's name (its first parameter axis, e.g. `conv1.weight[0]`) to its size
     and, for a pinned group, the reason; `cuts` maps each parameter to the group name cutting each
-    of its axes (None: kept whole) and `inner` to the elements per channel of each axis.
+    of its axes (None: kept whole).
     """
 
     groups: Mapping[str, tuple[int, str | None]]
     cuts: Mapping[str, tuple[str | None, ...]]
-    inner: Mapping[str, tuple[int, ...]]
     trainable: tuple[str, ...]
     frozen: tuple[str, ...]
     labels: Mapping[str, tuple[Axis, ...]]  # every tensor: its axes' labels (groups by representative id)
@@ -494,13 +493,11 @@ def analyse(model: onnx.ModelProto) -> WidthPlan:
     labels = {t: tuple(a if a.group in (BATCH, FIXED) else Axis(groups.find(a.group), a.inner) for a in axes)
               for t, axes in resolved.items()}
     cuts: dict[str, tuple[str | None, ...]] = {}
-    inner: dict[str, tuple[int, ...]] = {}
     for name in (*trainable, *frozen):
         roots = [a.group for a in labels[name]]
         cuts[name] = tuple(names[r] if r in names and plan_groups[names[r]][1] is None else None for r in roots)
-        inner[name] = tuple(a.inner for a in labels[name])
     return WidthPlan(
-        groups=plan_groups, cuts=cuts, inner=inner, trainable=tuple(trainable), frozen=tuple(frozen),
+        groups=plan_groups, cuts=cuts, trainable=tuple(trainable), frozen=tuple(frozen),
         labels=labels, group_names=names,
         shapes={t: tuple(s) for t, s in walk.shapes.items()},
     )

@@ -267,3 +267,11 @@ def test_a_single_layer_has_nothing_to_cut():
     plan = analyse(model)
     assert not plan.cuttable
     assert plan.param_shapes(0.0625) == plan.param_shapes(1.0)
+
+
+def test_a_batch_of_one_is_refused_with_the_way_out():
+    model = _model([helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], {"w": _weights(3, 4)}, [4], 3)
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    with pytest.raises(UnsupportedModel, match="batch of 1; export it with a sample batch of 2 or more"):
+        normalize(model)
