@@ -245,12 +245,9 @@ def _static_batch(graph: onnx.GraphProto) -> int:
         if not dim.HasField("dim_value") or dim.dim_value < 1:
             raise UnsupportedModel(f"input axis {i} has no fixed size ({dim.dim_param or '?'}); "
                                    "export with a fixed sample shape")
-    if not dims[0].HasField("dim_value") or dims[0].dim_value < 1:
+    if not dims[0].HasField("dim_value") or dims[0].dim_value <= 1:  # symbolic, or 1: the analysis takes 2
         dims[0].Clear()
         dims[0].dim_value = 2
-    if dims[0].dim_value == 1:  # the batch axis could not be told from a constant 1 in the file's shapes
-        raise UnsupportedModel("the model was exported with a batch of 1; export it with a sample batch of 2 or "
-                               "more (e.g. torch.randn(4, ...)): TierFL makes the batch dynamic itself")
     return dims[0].dim_value
 
 
@@ -352,6 +349,8 @@ def normalize(model: onnx.ModelProto, notes: list[str] | None = None) -> tuple[o
     _one_input_one_output(graph)
     _fold_constants(graph)
     _drop_pass_through(graph, notes)
+    first = graph.input[0].type.tensor_type.shape.dim
+    exported_batch = first[0].dim_value if first and first[0].HasField("dim_value") else 0
     _static_batch(graph)
     _fold_constant_nodes(model)
     _check_ops(graph)
@@ -362,6 +361,9 @@ def normalize(model: onnx.ModelProto, notes: list[str] | None = None) -> tuple[o
     graph.output[0].type.tensor_type.ClearField("shape")  # re-inferred below, with the static batch
     shapes = infer_shapes(model)
     logits = shapes[OUTPUT_NAME]
+    if len(logits) == 2 and logits[0] != batch and exported_batch == 1:  # a reshape to [1, ...] fixes the batch
+        raise UnsupportedModel("the model was exported with a batch of 1 that its reshapes keep; export it with a "
+                               "sample batch of 2 or more (e.g. torch.randn(4, ...)): TierFL makes the batch dynamic")
     if len(logits) != 2 or logits[0] != batch or logits[1] < 2:
         raise UnsupportedModel(f"the output has shape {logits}; a classifier's logits are [N, classes>=2]")
     graph.output[0].CopyFrom(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, logits))

@@ -269,9 +269,18 @@ def test_a_single_layer_has_nothing_to_cut():
     assert plan.param_shapes(0.0625) == plan.param_shapes(1.0)
 
 
-def test_a_batch_of_one_is_refused_with_the_way_out():
-    model = _model([helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], {"w": _weights(3, 4)}, [4], 3)
+def test_a_batch_of_one_is_taken_unless_a_reshape_keeps_it():
+    model = _model([helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)],
+                   {"w": _weights(3, 4)}, [4], 3)
     for value in (model.graph.input[0], model.graph.output[0]):
         value.type.tensor_type.shape.dim[0].dim_value = 1
-    with pytest.raises(UnsupportedModel, match="batch of 1; export it with a sample batch of 2 or more"):
-        normalize(model)
+    normalized, batch = normalize(model)
+    assert batch == 2
+    tier = cut_forward(normalized, analyse(normalized), 1.0)
+    assert ort.InferenceSession(tier.SerializeToString()).run(None, {"input": np.ones((5, 4), np.float32)})[0].shape == (5, 3)
+    kept = _model([helper.make_node("Reshape", ["x", "shape"], ["f"]), helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)],
+                  {"w": _weights(3, 4), "shape": np.array([1, 4], np.int64)}, [4], 3)
+    for value in (kept.graph.input[0], kept.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    with pytest.raises(UnsupportedModel, match="batch of 1 that its reshapes keep; export it with a sample batch of 2"):
+        normalize(kept)
