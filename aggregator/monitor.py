@@ -17,6 +17,7 @@ import logging
 import math
 import socket
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +31,7 @@ from protocol.messages import RejectReason, RoundSummary
 
 if TYPE_CHECKING:
     from aggregator.engines.base import Engine
+    from aggregator.store.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ class StatusSnapshot:
     taken: float
     fleet: str
     model: str
+    model_card: Mapping[str, object]  # what was exported: name, one sample's shape, classes, batch norm, tiers
     rounds_planned: int
     round: int  # last finished round
     version: int
@@ -108,7 +111,8 @@ class StatusSnapshot:
             })
             before = s.version
         document = {
-            "now": self.taken, "fleet": self.fleet, "model": self.model, "rounds_planned": self.rounds_planned,
+            "now": self.taken, "fleet": self.fleet, "model": self.model, "model_card": dict(self.model_card),
+            "rounds_planned": self.rounds_planned,
             "round": self.round, "version": self.version, "finished": self.finished,
             "current": dataclasses.asdict(self.current) if self.current else None,
             "devices": [dataclasses.asdict(d) for d in self.devices],
@@ -119,6 +123,15 @@ class StatusSnapshot:
                        "updates_accepted": self.updates_accepted},
         }
         return json.dumps(document, allow_nan=False).encode()
+
+
+def _model_card(artifacts: ArtifactStore) -> dict[str, object]:
+    """The export's model as the status page shows it: its card and, per tier, parameters and MACs per sample."""
+    card = artifacts.card
+    return {"name": card.name, "input_shape": list(card.input_shape), "num_classes": card.num_classes,
+            "batch_norm": card.batch_norm, "origin": card.recipe.arch if card.recipe else "onnx file",
+            "tiers": {t: {"rate": a.manifest.rate, "params": a.manifest.param_count, "macs": a.manifest.macs}
+                      for t, a in artifacts.tiers.items()}}
 
 
 def _finite(value: float | None) -> float | None:
@@ -270,7 +283,8 @@ class Monitor:
                                      answered=current.answered, started=current.started,
                                      deadline=_finite(current.deadline), waiting_for=current.waiting_for)
         return StatusSnapshot(
-            taken=now, fleet=engine.config.fleet, model=engine.record.model, rounds_planned=engine.config.rounds,
+            taken=now, fleet=engine.config.fleet, model=engine.record.model, model_card=_model_card(engine.artifacts),
+            rounds_planned=engine.config.rounds,
             round=engine.record.round, version=engine.record.version, finished=engine.finished, current=progress,
             devices=devices, history=tuple(engine.record.history), rejections=tuple(self._rejections),
             rejected_by_reason=tuple(sorted(self._rejected_by_reason.items())),

@@ -148,6 +148,8 @@ def test_monitor_follows_an_engine_and_serves_strict_json(tmp_path):
     monitor.observe(engine, 4.0, step_seconds=0.02)
     status = json.loads(monitor.snapshot().json_bytes)
     assert status["round"] == status["version"] == 1 and status["current"] is None
+    assert status["model_card"] == {"name": "mlp8-h8", "input_shape": [1, 8, 8], "num_classes": 10, "batch_norm": False,
+                                    "origin": "mlp", "tiers": {"a": {"rate": 1.0, "params": 610, "macs": 592}}}
     [round1] = status["history"]
     assert (round1["accuracy"], round1["loss"], round1["committed"], round1["bytes_up"]) == (0.25, 1e12, True, 2468)
     assert [(d["device_id"], d["tier"], d["online"]) for d in status["devices"]] == [("d0", "a", True), ("d1", "a", True)]
