@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
-from models.zoo import IR_VERSION, OPSET
+from models.spec import IR_VERSION, OPSET
 
 NEW_SUFFIX = ".new"  # an updated state tensor `x` is written to `x.new`
 STAND_IN_BATCHES = (9973, 10007)  # primes no real dimension is likely to equal (see the module docstring)

@@ -30,12 +30,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from models.spec import INPUT_NAME, OUTPUT_NAME
+from models.spec import INPUT_NAME, IR_VERSION, OPSET, OUTPUT_NAME
 
 log = logging.getLogger(__name__)
 
-OPSET = 17
-IR_VERSION = 10  # onnxruntime 1.19 refuses IR 11+
 MAX_MODEL_BYTES = 1 << 31  # protobuf's own limit: a bigger model cannot be one file
 MAX_NAME = 200  # characters of a parameter name (it travels in every frame)
 SUPPORTED_OPS = frozenset({

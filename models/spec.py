@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+OPSET = 17  # every graph TierFL writes
+IR_VERSION = 10  # onnxruntime 1.19 refuses IR 11+
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 SCALE_NAME = "scale"  # HeteroFL's scaler: hidden pre-activations times this [1] input (1/rate in training, 1 otherwise)

@@ -48,8 +48,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from models import autodiff
 from models.autodiff import NEW_SUFFIX, GraphBuilder
-from models.spec import GLOBAL_SUFFIX, INPUT_NAME, MU_NAME, OUTPUT_NAME
-from models.zoo import IR_VERSION, OPSET
+from models.spec import GLOBAL_SUFFIX, INPUT_NAME, IR_VERSION, MU_NAME, OPSET, OUTPUT_NAME
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from models.onnx_import import IR_VERSION, OPSET
 from models.slicing import slice_params
-from models.spec import BN_EPSILON, CLASS_MASK_NAME, INPUT_NAME, OUTPUT_NAME, SCALE_NAME
+from models.spec import BN_EPSILON, CLASS_MASK_NAME, INPUT_NAME, IR_VERSION, OPSET, OUTPUT_NAME, SCALE_NAME
 from models.widths import WidthPlan
 
 _PARAMETRIC = {"Conv": 1, "Gemm": 1, "MatMul": -1}  # op -> its output's channel axis

@@ -26,10 +26,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from models.spec import BN_EPSILON, BN_MOMENTUM, INPUT_NAME, OUTPUT_NAME, ModelSpec  # noqa: F401 (re-exported)
-
-OPSET = 17
-IR_VERSION = 10  # onnxruntime 1.19 refuses IR 11+
+from models.spec import (BN_EPSILON, BN_MOMENTUM, INPUT_NAME, IR_VERSION, OPSET,  # noqa: F401 (re-exported)
+                         OUTPUT_NAME, ModelSpec)
 
 
 def init_global_params(spec: ModelSpec) -> dict[str, np.ndarray]:
