@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from models.export import export_all, export_model
+from models.export_check import ExportCheckFailed
 from models.manifest import ModelCard, TierManifest
 from models.onnx_import import UnsupportedModel, import_forward
 from models.ort_training import TrainingBackendUnavailable
@@ -130,7 +131,7 @@ def _export_file(args: argparse.Namespace) -> tuple[str, list[str]] | None:
             print(f"note: {note}")
         index = export_model(imported.forward, card, args.tiers, args.out, args.optimizer,
                              scaler=args.scaler == "on", proximal=args.proximal)
-    except (UnsupportedModel, ValidationError) as exc:
+    except (UnsupportedModel, ValidationError, ExportCheckFailed, NotImplementedError) as exc:
         log.error("%s cannot be exported: %s", args.model, exc)
         return None
     return card.name, list(index.tiers)

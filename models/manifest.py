@@ -15,7 +15,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.spec import ModelSpec
+from models.spec import MAX_CLASSES, ModelSpec
 from protocol.atomic_file import atomic_write
 
 MAX_RANK = 8  # axes of a parameter
@@ -82,7 +82,7 @@ class ModelCard(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,79}$")
     input_shape: Annotated[list[Annotated[int, Field(ge=1, le=MAX_ELEMENTS)]],
                            Field(min_length=1, max_length=3)]  # one sample: [C, H, W], [C, T] or [F]
-    num_classes: int = Field(ge=2, le=MAX_ELEMENTS)
+    num_classes: int = Field(ge=2, le=MAX_CLASSES)
     batch_norm: bool = False  # has BatchNormalization layers (running statistics)
     recipe: ModelSpec | None = None  # the zoo recipe it was built from; None for a user's ONNX file
     source_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # sha256 of the user's ONNX file

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
@@ -38,7 +39,7 @@ MAX_MODEL_BYTES = 1 << 31  # protobuf's own limit: a bigger model cannot be one 
 MAX_NAME = 200  # characters of a parameter name (it travels in every frame)
 SUPPORTED_OPS = frozenset({
     "Conv", "Gemm", "MatMul", "BatchNormalization", "LayerNormalization",
-    "Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Erf", "Tanh", "Gelu",
+    "Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Erf", "Tanh",
     "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean",
     "Add", "Sub", "Mul", "Div", "Sqrt", "Pow", "Softmax",
     "Concat", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
@@ -112,8 +113,10 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return shapes
 
 
-def _fold_constant_nodes(model: onnx.ModelProto) -> None:
+def _fold_constant_nodes(model: onnx.ModelProto) -> bool:
     """Replace every node computable at export time (constant inputs, or a Shape of a static tensor) by its value.
+
+    Returns whether anything was folded (a folded Shape can make a later one static: call again until not).
 
     Exporters write shape arithmetic (Shape, Gather, Unsqueeze, Concat) and casts of constants;
     with static shapes these are constants, and the width analysis needs them as such.
@@ -139,8 +142,10 @@ def _fold_constant_nodes(model: onnx.ModelProto) -> None:
         for name, value in zip(node.output, values):
             constants[name] = np.asarray(value)
             graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    folded = len(kept) < len(graph.node)
     del graph.node[:]
     graph.node.extend(kept)
+    return folded
 
 
 def _is_parameter(value: np.ndarray) -> bool:
@@ -188,10 +193,16 @@ def _drop_pass_through(graph: onnx.GraphProto, notes: list[str]) -> None:
     BatchNorm weights, say): it becomes a copy of the initializer under its own name, so the tensors
     train apart as they did in PyTorch.
     """
+    for finals in (False, True):  # pass-through nodes first: a Softmax before an Identity is still the final one
+        _drop_nodes(graph, notes, finals)
+
+
+def _drop_nodes(graph: onnx.GraphProto, notes: list[str], finals: bool) -> None:
+    """One pass of `_drop_pass_through`: Identity and Dropout nodes, or the final Softmax/LogSoftmax."""
     output = graph.output[0].name
     initializers = {t.name: t for t in graph.initializer}
     for node in list(graph.node):
-        if node.op_type == "Identity" and node.input[0] in initializers:  # an exporter's merge of equal tensors
+        if not finals and node.op_type == "Identity" and node.input[0] in initializers:  # an exporter's merge
             graph.node.remove(node)
             copy = onnx.TensorProto()
             copy.CopyFrom(initializers[node.input[0]])
@@ -199,7 +210,7 @@ def _drop_pass_through(graph: onnx.GraphProto, notes: list[str]) -> None:
             graph.initializer.append(copy)
             continue
         final = node.op_type in _FINAL and node.output[0] == output
-        if node.op_type not in _DROPPED and not final:
+        if not (final if finals else node.op_type in _DROPPED):
             continue
         if node.op_type == "Dropout" and len(node.input) > 2:
             raise UnsupportedModel(f"{_describe(node)}: a Dropout with a training_mode input; export in eval mode")
@@ -296,7 +307,8 @@ def _check_initializers(graph: onnx.GraphProto) -> None:
             raise UnsupportedModel(f"initializer name of {len(tensor.name)} characters (at most {MAX_NAME}): "
                                    f"{tensor.name[:60]}...")
         if tensor.data_location == TensorProto.EXTERNAL:
-            raise UnsupportedModel(f"initializer {tensor.name!r} is stored outside the file; save the model as one file")
+            raise UnsupportedModel(f"initializer {tensor.name!r} is stored outside the file; "
+                                   "save the model as one file")
         if tensor.data_type in (TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16):
             raise UnsupportedModel(f"initializer {tensor.name!r} is {TensorProto.DataType.Name(tensor.data_type)}; "
                                    "export in float32")
@@ -308,15 +320,50 @@ def _to_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     if opset is None:
         raise UnsupportedModel("the model imports no standard ONNX opset")
     if opset != OPSET:
+        _constants_as_nodes(model.graph)  # the converter reads attributes such as ReduceMean's axes only from nodes
         try:
             model = onnx.version_converter.convert_version(model, OPSET)
         except Exception as exc:  # the converter raises bare RuntimeErrors from C++
+            unknown = [_describe(n) for n in model.graph.node
+                       if n.op_type not in SUPPORTED_OPS | _DROPPED | _FINAL | {"Constant"}]
             raise UnsupportedModel(f"the model is at opset {opset} and could not be converted to {OPSET} ({exc}); "
-                                   f"export with opset_version={OPSET}") from exc
+                                   f"export with opset_version={OPSET}"
+                                   + (f"; operators it may need folded or cannot have: {', '.join(unknown[:5])}"
+                                      if unknown else "")) from exc
     del model.opset_import[:]
     model.opset_import.append(helper.make_opsetid("", OPSET))
     model.ir_version = IR_VERSION
     return model
+
+
+def _constants_as_nodes(graph: onnx.GraphProto) -> None:
+    """Integer initializers (axes, shapes, pads) become Constant nodes, as exporters at opset 17 write them."""
+    kept, nodes = [], []
+    for tensor in graph.initializer:
+        if tensor.data_type in (TensorProto.INT64, TensorProto.INT32):
+            nodes.append(helper.make_node("Constant", [], [tensor.name], value=tensor))
+        else:
+            kept.append(tensor)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    original = list(graph.node)
+    del graph.node[:]
+    graph.node.extend([*nodes, *original])
+
+
+def _explicit_squeeze_axes(model: onnx.ModelProto) -> None:
+    """Give every Squeeze without axes the size-1 axes of its static input, so a tier's size-1 channels stay."""
+    shapes = _static_shapes(model)
+    for node in model.graph.node:
+        if node.op_type == "Squeeze" and (len(node.input) < 2 or not node.input[1]):
+            shape = shapes.get(node.input[0])
+            if shape is None:
+                raise UnsupportedModel(f"{_describe(node)}: a Squeeze of a tensor whose shape is not static")
+            axes = [i for i, size in enumerate(shape) if size == 1 and i != 0]  # never the batch
+            name = f"{node.output[0]}.axes"
+            model.graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), name))
+            del node.input[1:]
+            node.input.append(name)
 
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -350,8 +397,10 @@ def normalize(model: onnx.ModelProto, notes: list[str] | None = None) -> tuple[o
     first = graph.input[0].type.tensor_type.shape.dim
     exported_batch = first[0].dim_value if first and first[0].HasField("dim_value") else 0
     _static_batch(graph)
-    _fold_constant_nodes(model)
+    while _fold_constant_nodes(model):  # a folded Shape can make the next one static
+        pass
     _check_ops(graph)
+    _explicit_squeeze_axes(model)
     _name_running_statistics(graph)
     _check_initializers(graph)
     _shared_parameters(graph, notes)
@@ -366,6 +415,31 @@ def normalize(model: onnx.ModelProto, notes: list[str] | None = None) -> tuple[o
         raise UnsupportedModel(f"the output has shape {logits}; a classifier's logits are [N, classes>=2]")
     graph.output[0].CopyFrom(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, logits))
     return model, batch
+
+
+def _check_same_function(original: onnx.ModelProto, forward: onnx.ModelProto, batch: int, notes: list[str]) -> None:
+    """Run the file as written and as normalized on one seeded batch; UnsupportedModel if they disagree."""
+    copy = onnx.ModelProto.FromString(original.SerializeToString())
+    copy.ir_version = min(copy.ir_version, IR_VERSION)
+    initializers = {t.name for t in copy.graph.initializer}
+    data = next(i for i in copy.graph.input if i.name not in initializers)
+    shape = [batch, *(d.dim_value for d in data.type.tensor_type.shape.dim[1:])]
+    x = np.random.default_rng(0).random(shape, np.float32)
+    try:
+        (written,) = onnxruntime.InferenceSession(copy.SerializeToString()).run(None, {data.name: x})[:1]
+    except Exception as exc:  # onnxruntime cannot run the file as written (opset, batch baked in): nothing to compare
+        log.info("the file as written does not run at batch %d here (%s); not compared", batch, exc)
+        return
+    (ours,) = onnxruntime.InferenceSession(forward.SerializeToString()).run(None, {INPUT_NAME: x})
+    final = next((n.split()[2] for n in notes if n.startswith("removed the final ")), None)
+    if final in ("Softmax", "LogSoftmax"):
+        shifted = ours - ours.max(axis=1, keepdims=True)
+        log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        ours = np.exp(log_p) if final == "Softmax" else log_p
+    gap = float(np.abs(np.asarray(written, np.float32) - ours).max())
+    if not np.isfinite(gap) or gap > 1e-4 * (1 + float(np.abs(written).max())):
+        raise UnsupportedModel(f"the normalized model computes something else than the file (max difference {gap:.3g} "
+                               "on a random batch); please report this model")
 
 
 def import_forward(path: str | os.PathLike[str], notes: Sequence[str] = ()) -> ImportedModel:
@@ -383,6 +457,7 @@ def import_forward(path: str | os.PathLike[str], notes: Sequence[str] = ()) -> I
         raise UnsupportedModel(f"{path} holds no graph (is it an ONNX model?)")
     found = list(notes)
     forward, batch = normalize(model, found)
+    _check_same_function(model, forward, batch, found)
     for note in found:
         log.info("%s: %s", path.name, note)
     return ImportedModel(forward, batch, hashlib.sha256(data).hexdigest(), tuple(found))

@@ -6,10 +6,11 @@ read manifests and name its inputs without the model-building stack.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+MAX_CLASSES = 100_000  # a device holds batch x classes logits: bounded where a manifest says how many
 OPSET = 17  # every graph TierFL writes
 IR_VERSION = 10  # onnxruntime 1.19 refuses IR 11+
 INPUT_NAME = "input"
@@ -57,10 +58,10 @@ class ModelSpec(BaseModel):
     image_size: Literal[8, 28, 32] | None = None  # images only: the side in pixels
     channels: int | None = Field(None, ge=1, le=4096)  # image channels; a sequence's features per step
     length: int | None = Field(None, ge=1, le=65536)  # sequences only: time steps (conv1d) or tokens (transformer)
-    num_classes: int = Field(10, ge=2)
-    hidden: tuple[int, ...] | None = None
+    num_classes: int = Field(10, ge=2, le=MAX_CLASSES)
+    hidden: tuple[Annotated[int, Field(ge=1, le=1 << 16)], ...] | None = Field(None, max_length=16)
     batch_norm: bool = False
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
 
     @model_validator(mode="before")
     @classmethod

@@ -47,9 +47,13 @@ def _rewrite_nodes(graph: onnx.GraphProto, plan: WidthPlan, rate: float) -> None
             node.input[1] = name
         elif node.op_type == "Conv":
             for attr in node.attribute:
-                if attr.name == "group" and attr.i > 1:
+                if attr.name == "group" and 1 < attr.i == plan.shapes[node.input[0]][1]:
                     attr.i = _rate_shape(plan, node.input[0], rate)[1]  # depthwise: one group per kept channel
     graph.initializer.extend(extra)
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]  # a Reshape's shape at rate 1 is no longer read
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def _add_scaler(graph: onnx.GraphProto, plan: WidthPlan) -> None:

@@ -37,7 +37,7 @@ RUNNING_STATISTICS = (".running_mean", ".running_var")
 
 @dataclasses.dataclass(frozen=True)
 class Axis:
-    """One axis's label: BATCH, FIXED, or a width group (`group` >= 1) of which it holds `inner` elements per channel."""
+    """One axis's label: BATCH, FIXED, or a width group (`group` >= 1), `inner` elements per channel."""
 
     group: int
     inner: int = 1
@@ -109,7 +109,7 @@ class WidthPlan:
     @property
     def cuttable(self) -> bool:
         """True when at least one group is cut at narrower tiers."""
-        return any(pinned is None for _, pinned in self.groups.values())
+        return any(pinned is None and size > 1 for size, pinned in self.groups.values())
 
     def kept(self, axis: Axis, full: int, rate: float) -> int:
         """Elements a tier at `rate` keeps of an axis of `full` elements (-1 for the batch)."""
@@ -176,8 +176,9 @@ class _Walk:
         a, b = self.resolve(a), self.resolve(b)
         if a.inner != b.inner:  # a fresh parameter axis takes a merged axis's label (Flatten -> Gemm)
             for fresh, other in ((a, b), (b, a)):
+                other_size = self.groups.size[self.groups.find(other.group)] * other.inner if other.group > 0 else 0
                 if fresh.group in self.fresh and other.group not in (BATCH, FIXED) and fresh.inner == 1 \
-                        and self.groups.size[fresh.group] == self.groups.size[self.groups.find(other.group)] * other.inner:
+                        and self.groups.size[fresh.group] == other_size:
                     self.fresh.discard(fresh.group)
                     self.alias[fresh.group] = other
                     return other
@@ -196,9 +197,10 @@ class _Walk:
             self.fix(a, why)
             self.fix(b, why)
             return b if a.group == FIXED else a
-        if a.inner != b.inner:
-            self.fix(a, why)
-            self.fix(b, why)
+        if a.inner != b.inner:  # one group's channels against another's blocks: both stay whole
+            self.fix(a, f"{why}: channels of different sizes meet")
+            self.fix(b, f"{why}: channels of different sizes meet")
+            return _FIXED
         return Axis(self.groups.join(a.group, b.group, why), a.inner)
 
     def fix(self, axis: Axis, why: str) -> None:
@@ -212,7 +214,8 @@ class _Walk:
 
     def set(self, name: str, labels: Sequence[Axis]) -> None:
         """Label a node output (a size-1 axis is always fixed)."""
-        self.labels[name] = [_FIXED if size == 1 and a.group != BATCH else a for a, size in zip(labels, self.shapes[name])]
+        sizes = self.shapes[name]
+        self.labels[name] = [_FIXED if size == 1 and a.group != BATCH else a for a, size in zip(labels, sizes)]
 
     def broadcast(self, node: onnx.NodeProto, why: str) -> None:
         """Elementwise with numpy broadcasting: the inputs' axes spanning an output axis get one label."""

@@ -168,7 +168,8 @@ def test_one_training_step_on_each_backend_matches_pytorch_autograd(name: str, t
 # ---- hand-made graphs: what is refused, what is pinned --------------------------------------
 
 
-def _model(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray], shape: list[int], classes: int) -> onnx.ModelProto:
+def _model(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray], shape: list[int],
+           classes: int) -> onnx.ModelProto:
     """A forward graph x [2, *shape] -> y [2, classes] of `nodes`."""
     graph = helper.make_graph(
         nodes, "hand", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, *shape])],
@@ -277,10 +278,69 @@ def test_a_batch_of_one_is_taken_unless_a_reshape_keeps_it():
     normalized, batch = normalize(model)
     assert batch == 2
     tier = cut_forward(normalized, analyse(normalized), 1.0)
-    assert ort.InferenceSession(tier.SerializeToString()).run(None, {"input": np.ones((5, 4), np.float32)})[0].shape == (5, 3)
-    kept = _model([helper.make_node("Reshape", ["x", "shape"], ["f"]), helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)],
+    session = ort.InferenceSession(tier.SerializeToString())
+    assert session.run(None, {"input": np.ones((5, 4), np.float32)})[0].shape == (5, 3)
+    kept = _model([helper.make_node("Reshape", ["x", "shape"], ["f"]),
+                   helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)],
                   {"w": _weights(3, 4), "shape": np.array([1, 4], np.int64)}, [4], 3)
     for value in (kept.graph.input[0], kept.graph.output[0]):
         value.type.tensor_type.shape.dim[0].dim_value = 1
     with pytest.raises(UnsupportedModel, match="batch of 1 that its reshapes keep; export it with a sample batch of 2"):
         normalize(kept)
+
+
+def _runs(model: onnx.ModelProto, rates: tuple[float, ...], x: np.ndarray) -> list[tuple[int, ...]]:
+    """The logits' shape of every tier of a normalized model on `x`."""
+    plan = analyse(model)
+    return [ort.InferenceSession(cut_forward(model, plan, r).SerializeToString()).run(None, {"input": x})[0].shape
+            for r in rates]
+
+
+def test_a_grouped_convolution_runs_at_every_rate():
+    nodes = [helper.make_node("Conv", ["x", "stem.weight"], ["s"], name="stem", kernel_shape=[1, 1]),
+             helper.make_node("Conv", ["s", "g.weight"], ["g"], name="grouped", kernel_shape=[1, 1], group=2)]
+    head, head_inits = _conv_head("g", 8, 4)
+    model, _ = normalize(_model(nodes + head, {"stem.weight": _weights(8, 3, 1, 1), "g.weight": _weights(8, 4, 1, 1)}
+                                | head_inits, [3, 4, 4], 3))
+    assert _runs(model, RATES, np.ones((2, 3, 4, 4), np.float32)) == [(2, 3)] * len(RATES)
+
+
+def test_a_squeeze_without_axes_keeps_a_tier_s_single_channel_and_the_batch():
+    nodes = [helper.make_node("Conv", ["x", "c.weight"], ["c"], kernel_shape=[1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"]), helper.make_node("Squeeze", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc.weight"], ["y"], transB=1)]
+    model, _ = normalize(_model(nodes, {"c.weight": _weights(16, 3, 1, 1), "fc.weight": _weights(3, 16)}, [3, 4, 4], 3))
+    assert _runs(model, (1.0, 0.0625), np.ones((1, 3, 4, 4), np.float32)) == [(1, 3), (1, 3)]
+
+
+def test_a_final_softmax_behind_an_identity_is_removed():
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], transB=1), helper.make_node("Softmax", ["h"], ["p"], axis=1),
+             helper.make_node("Identity", ["p"], ["y"])]
+    model, _ = normalize(_model(nodes, {"w": _weights(3, 4)}, [4], 3))
+    assert [n.op_type for n in model.graph.node] == ["Gemm"]
+
+
+def test_a_flattened_tensor_added_to_a_layer_s_output_stays_whole_and_runs():
+    nodes = [helper.make_node("Conv", ["x", "c.weight"], ["c"], kernel_shape=[1, 1]),
+             helper.make_node("Flatten", ["c"], ["h"]), helper.make_node("Gemm", ["h", "fc.weight"], ["f"], transB=1),
+             helper.make_node("Add", ["h", "f"], ["a"], name="a"),
+             helper.make_node("Gemm", ["a", "out.weight"], ["y"], transB=1)]
+    model, _ = normalize(_model(nodes, {"c.weight": _weights(8, 3, 1, 1), "fc.weight": _weights(128, 128),
+                                        "out.weight": _weights(3, 128)}, [3, 4, 4], 3))
+    assert any("'a' (Add): channels of different sizes meet" in why for why in analyse(model).blockers())
+    assert _runs(model, (0.5,), np.ones((2, 3, 4, 4), np.float32)) == [(2, 3)]
+
+
+def test_an_opset_18_model_with_initializer_axes_computes_the_same_after_import(tmp_path: Path):
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], transB=1),
+             helper.make_node("ReduceMean", ["h", "axes"], ["m"]),
+             helper.make_node("Sub", ["h", "m"], ["c"]), helper.make_node("Gemm", ["c", "w2"], ["y"], transB=1)]
+    model = _model(nodes, {"w": _weights(8, 4), "w2": _weights(3, 8), "axes": np.array([-1], np.int64)}, [4], 3)
+    model.opset_import[0].version = 18
+    onnx.save(model, tmp_path / "m.onnx")
+    imported = import_forward(tmp_path / "m.onnx")  # compares the file and the import on a batch itself
+    x = np.random.default_rng(0).random((2, 4), np.float32)
+    (expected,) = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    tier = cut_forward(imported.forward, analyse(imported.forward), 1.0)
+    (got,) = ort.InferenceSession(tier.SerializeToString()).run(None, {"input": x})
+    np.testing.assert_allclose(got, expected, atol=1e-6)
