@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import tracemalloc
 import uuid
 import venv
@@ -18,7 +20,6 @@ import pytest
 
 MOSQUITTO = ("127.0.0.1", 1883)
 ROOT = Path(__file__).resolve().parent.parent
-TORCH_VENV = ROOT / ".venv-torch"
 TORCH_MODELS = ROOT / "tests" / "torch_models.py"  # run by run_torch in the torch venv
 # PyTorch never enters the main venv (onnxruntime-training's import of onnxruntime would import it): the tests that
 # need it run tests/torch_models.py in this venv. Changing the list rebuilds the venv.
@@ -40,34 +41,44 @@ def run_torch(python: Path, folder: Path, commands: list[list[str]]) -> None:
     """Run command lines of tests/torch_models.py in one process of the torch venv; fail with its stderr."""
     (folder / "commands.json").write_text(json.dumps(commands))
     result = subprocess.run([str(python), str(TORCH_MODELS), "batch", str(folder / "commands.json")], capture_output=True,
-                            text=True, cwd=ROOT, timeout=240)
+                            text=True, cwd=ROOT, timeout=240, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="session")
 def torch_python() -> Path:
-    """Python of the virtualenv .venv-torch: PyTorch, onnx and numpy, with the repository importable (built once)."""
-    python = TORCH_VENV / "bin" / "python"
-    stamp = TORCH_VENV / ".installed"
-    key = hashlib.sha256(repr((TORCH_REQUIREMENTS, str(ROOT), sys.version)).encode()).hexdigest()
-    if python.exists() and stamp.exists() and stamp.read_text() == key:
+    """Python of a virtualenv with PyTorch, onnx and numpy, built once per machine in the user's cache.
+
+    Outside the checkout, so a fresh clone (CI) reuses it; keyed by the requirements and this Python, built in a
+    temporary folder and renamed into place, so two runs never see half a venv. The repository is not installed in
+    it: `run_torch` puts the checkout on PYTHONPATH.
+    """
+    key = hashlib.sha256(repr((TORCH_REQUIREMENTS, sys.version)).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tierfl-tests"
+    final = cache / f"venv-torch-{key}"
+    python = final / "bin" / "python"
+    if (final / ".installed").exists():
         return python
+    cache.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f"venv-torch-{key}.", dir=cache))
     try:
-        venv.create(TORCH_VENV, with_pip=True, clear=True)
+        venv.create(building, with_pip=True, clear=True)
     except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.fail(f"could not create {TORCH_VENV}: {exc}")
-    command = [str(python), "-m", "pip", "install", "--quiet", "--only-binary=:all:", *TORCH_REQUIREMENTS]
+        pytest.fail(f"could not create a torch venv in {building}: {exc}")
+    command = [str(building / "bin" / "python"), "-m", "pip", "install", "--quiet", "--only-binary=:all:",
+               *TORCH_REQUIREMENTS]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=280)  # the suite's timeout is 300 s
     except subprocess.TimeoutExpired:
-        pytest.fail(f"could not build {TORCH_VENV}: `{' '.join(command)}` took over 280 s", pytrace=False)
+        pytest.fail(f"could not build the torch venv: `{' '.join(command)}` took over 280 s", pytrace=False)
     if result.returncode != 0:
-        pytest.fail(f"could not build {TORCH_VENV}: `{' '.join(command)}` exited {result.returncode}:\n"
+        pytest.fail(f"could not build the torch venv: `{' '.join(command)}` exited {result.returncode}:\n"
                     f"{(result.stdout + result.stderr)[-3000:]}", pytrace=False)
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    (Path(site) / "tierfl-checkout.pth").write_text(f"{ROOT}\n")  # tests/torch_models.py imports models.tiers
-    stamp.write_text(key)
+    (building / ".installed").write_text(repr(TORCH_REQUIREMENTS))
+    try:
+        building.rename(final)
+    except OSError:  # another run finished first: use its venv
+        shutil.rmtree(building, ignore_errors=True)
     return python
 
 

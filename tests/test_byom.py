@@ -1,6 +1,6 @@
 """Bring your own model: import, width analysis and tier graphs of models exported from PyTorch and hand-made graphs.
 
-PyTorch runs in .venv-torch (tests/torch_models.py's command line, one process for the module): it exports the
+PyTorch runs in the torch venv (conftest.torch_python; tests/torch_models.py's command line, one process for the module): it exports the
 models, and computes what the narrowed models output and one SGD step of them; this process compares.
 """
 

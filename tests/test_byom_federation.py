@@ -1,6 +1,6 @@
 """The README's "Your own model", end to end: a PyTorch ResNet exported to ONNX, `tierfl export --model`, tiers a, c
 and e trained over Mosquitto by separate device processes on both backends, from .npz files of 3x32x32 images.
-The model is exported where PyTorch is, .venv-torch (tests/conftest.py's torch_python): never next to TierFL."""
+The model is exported where PyTorch is, the torch venv (tests/conftest.py's torch_python): never next to TierFL."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The PyTorch models of the bring-your-own-model tests: widths per rate, narrowing, and the export recipe.
 
-PyTorch runs in .venv-torch (tests/torch_models.py's command line, one process for the module); this process
+PyTorch runs in the torch venv (conftest.torch_python; tests/torch_models.py's command line, one process for the module); this process
 reads what it wrote with numpy, onnx and onnxruntime.
 """
 

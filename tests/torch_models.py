@@ -5,7 +5,7 @@ max(1, ceil(rate * C)), the leading channels a tier keeps; input channels and th
 whole. ``narrowed`` gives the model a tier at a rate should compute, ``export_onnx`` is the export
 recipe the docs give users.
 
-PyTorch never enters the main venv: this file runs in .venv-torch (tests/conftest.py's
+PyTorch never enters the main venv: this file runs in the torch venv (tests/conftest.py's
 ``torch_python``) as a command line, and the tests compare its files with numpy and onnxruntime.
 Everything crosses the process boundary as ONNX, .npy/.npz of numpy arrays, or JSON:
 
@@ -242,7 +242,7 @@ def export_onnx(model: nn.Module, path: str | Path, sample_shape: tuple[int, ...
     return proto
 
 
-# ---- the command line run in .venv-torch ---------------------------------------------------------------------
+# ---- the command line run in the torch venv --------------------------------------------------------------------
 
 # name -> (class, constructor arguments, one sample's shape)
 MODELS: dict[str, tuple[type[Scalable], dict[str, object], tuple[int, ...]]] = {
