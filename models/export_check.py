@@ -3,12 +3,13 @@
 Run on the staged files of every tier before its manifest is written: a seeded batch of inputs in
 [0, 1) and labels 0, 1, 2, ... goes through one plain-SGD step of the onnxruntime-training
 artifacts and one of the portable step graph, from the tier's initial weights. The updates must
-agree (both backends train the same function), and the portable step's gradient must agree with
-central finite differences of its loss along a few random directions through the output layer's
-parameters. Only there: upstream, at float32 and a batch's thousands of ReLU kinks, differences of
-the loss stray 5-15% from any gradient (measured on a ResNet at steps 1e-2 to 1e-4), while two
-independent gradients (onnxruntime-training's and ours) agreeing to 1e-7 check the whole graph. A failure names the tier, the
-parameter and both numbers: that tier cannot be trained correctly, so nothing is published.
+agree within 1e-3 of the largest update (2e-2 for AdamW; measured 1e-8 to 1e-6 on the zoo), and
+the portable step's gradient must agree with central finite differences of its loss along a few
+random directions through the output layer's parameters (within 1e-2; measured 1e-4 to 1.5e-3).
+Only there: upstream, at float32 and a batch's thousands of ReLU kinks, differences of the loss
+stray 5-15% from any gradient (measured on a ResNet at steps 1e-2 to 1e-4), while two independent
+gradients (onnxruntime-training's and ours) agreeing checks the whole graph. A failure names the
+tier, the parameter and both numbers: that tier cannot be trained correctly, so nothing is published.
 """
 
 from __future__ import annotations
