@@ -150,6 +150,7 @@ class Monitor:
         self.registry = CollectorRegistry()
         self._lock = threading.Lock()
         self._snapshot: StatusSnapshot | None = None
+        self._card: tuple[ArtifactStore, dict[str, object]] | None = None  # the export never changes: made once
         self._server: _StatusServer | None = None
         # Owned by the service thread:
         self._rejections: collections.deque[Rejection] = collections.deque(maxlen=REJECTIONS_KEPT)
@@ -264,6 +265,12 @@ class Monitor:
             self._metrics.devices_online.labels(tier).set(online[tier])
         self._metrics.devices_known.set(len(devices))
 
+    def _model_card(self, artifacts: ArtifactStore) -> dict[str, object]:
+        """The export's description for the status page, made on the first snapshot."""
+        if self._card is None or self._card[0] is not artifacts:
+            self._card = (artifacts, _model_card(artifacts))
+        return self._card[1]
+
     def _take_snapshot(self, engine: Engine, now: float) -> StatusSnapshot:
         current = engine.view()
         assigned = current.tiers if current else {}
@@ -283,7 +290,7 @@ class Monitor:
                                      answered=current.answered, started=current.started,
                                      deadline=_finite(current.deadline), waiting_for=current.waiting_for)
         return StatusSnapshot(
-            taken=now, fleet=engine.config.fleet, model=engine.record.model, model_card=_model_card(engine.artifacts),
+            taken=now, fleet=engine.config.fleet, model=engine.record.model, model_card=self._model_card(engine.artifacts),
             rounds_planned=engine.config.rounds,
             round=engine.record.round, version=engine.record.version, finished=engine.finished, current=progress,
             devices=devices, history=tuple(engine.record.history), rejections=tuple(self._rejections),

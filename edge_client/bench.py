@@ -50,7 +50,7 @@ from edge_client.backends import BACKENDS
 from edge_client.fleet_options import (FleetAccess, add_aggregator_arguments, add_cache_argument, add_fleet_arguments,
                                        add_message_size_argument)
 from models.data import Dataset, fit_to_model, load_dataset
-from models.manifest import ExportIndex, ModelCard, TierManifest
+from models.manifest import MANIFEST_NAME, ExportIndex, ModelCard, TierManifest
 from models.spec import BN_EPSILON, BN_MOMENTUM, ModelSpec
 from models.tiers import TIER_RATES, tier_rate
 from protocol.frame import encode_frame
@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 UPDATE_CODECS = ("float32", "float16", "int8", "int8-row", "int4", "topk:0.1", "topk:0.1+int8")
 WARMUP_STEPS = 3
 LEARNING_RATE = 0.05
-MANIFEST_NAME = "manifest.json"
 _USER_ERRORS = (OSError, ValueError, RuntimeError, ImportError)  # ImportError: an optional package missing
 _Result = TypeVar("_Result", bound=BaseModel)
 BROKER_ENV = "TIERFL_BROKER"  # the client's variable for its broker URL (with the password): a fetch reads it too

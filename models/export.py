@@ -32,8 +32,8 @@ import onnx
 from onnx import helper
 
 from models.export_check import check_tier
-from models.manifest import (FORWARD_FILE, GLOBAL_MODEL_FILE, STATISTICS_FILE, STEP_FILE, ExportIndex, FileEntry,
-                             ModelCard, ParamInfo, TierManifest, WidthGroup)
+from models.manifest import (FORWARD_FILE, GLOBAL_MODEL_FILE, INDEX_NAME, MANIFEST_NAME, STATISTICS_FILE, STEP_FILE,
+                             ExportIndex, FileEntry, ModelCard, ParamInfo, TierManifest, WidthGroup)
 from models.onnx_import import normalize
 from models.ort_lowering import for_ort_training
 from models.ort_training import TrainingAPI, captured_native_stderr, load_training_api
@@ -50,8 +50,6 @@ log = logging.getLogger(__name__)
 Optimizer = Literal["sgd", "adamw"]
 ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "inference.onnx",
                   STEP_FILE, FORWARD_FILE)
-MANIFEST_NAME = "manifest.json"
-INDEX_NAME = "index.json"
 
 
 def _sha256(path: Path) -> FileEntry:

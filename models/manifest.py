@@ -24,6 +24,8 @@ MAX_PARAMS = 4096  # parameters of a model (as protocol.messages.MAX_TENSORS)
 Name = Annotated[str, Field(min_length=1, max_length=220)]  # a parameter's (<= 200) or a group's name, a file's
 Tier = Annotated[str, Field(pattern=r"^[a-z]$")]
 FORMAT_VERSION = 2  # 2: any ONNX classifier (ModelCard, width groups, model.onnx); 1 held a zoo ModelSpec
+INDEX_NAME = "index.json"  # an export's index, in its folder
+MANIFEST_NAME = "manifest.json"  # a tier's manifest, in the tier's folder
 GLOBAL_MODEL_FILE = "model.onnx"  # beside index.json: the full-width forward graph with the initial global weights
 STATISTICS_FILE = "statistics.onnx"  # batch-norm models only: measures static BN statistics on the device
 STEP_FILE = "step_model.onnx"  # the portable backend's training step, standard ONNX operators only
@@ -51,7 +53,7 @@ class FileEntry(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    bytes: int = Field(ge=0)
+    bytes: int = Field(ge=0, le=1 << 40)
 
 
 class ParamInfo(BaseModel):

@@ -31,7 +31,7 @@ import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from models.spec import INPUT_NAME, IR_VERSION, OPSET, OUTPUT_NAME
+from models.spec import INPUT_NAME, IR_VERSION, OPSET, OUTPUT_NAME, RUNNING_MEAN, RUNNING_VAR
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def _name_running_statistics(graph: onnx.GraphProto) -> None:
         node.attribute.extend(kept)
         scale = node.input[1]
         layer = scale.removesuffix(".weight") if scale.endswith(".weight") else (node.name or scale)
-        for source, suffix in ((node.input[3], ".running_mean"), (node.input[4], ".running_var")):
+        for source, suffix in ((node.input[3], RUNNING_MEAN), (node.input[4], RUNNING_VAR)):
             target = layer + suffix
             if source == target:
                 continue

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+RUNNING_MEAN, RUNNING_VAR = ".running_mean", ".running_var"  # a BatchNorm layer's statistics: <layer> + suffix
+RUNNING_STATISTICS = (RUNNING_MEAN, RUNNING_VAR)
 MAX_CLASSES = 100_000  # a device holds batch x classes logits: bounded where a manifest says how many
 OPSET = 17  # every graph TierFL writes
 IR_VERSION = 10  # onnxruntime 1.19 refuses IR 11+

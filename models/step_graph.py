@@ -49,6 +49,7 @@ from onnx import TensorProto, helper, numpy_helper
 from models import autodiff
 from models.autodiff import NEW_SUFFIX, GraphBuilder
 from models.spec import GLOBAL_SUFFIX, INPUT_NAME, IR_VERSION, MU_NAME, OPSET, OUTPUT_NAME
+from models.tier_graph import live
 
 log = logging.getLogger(__name__)
 
@@ -270,18 +271,6 @@ def _builder(
     )
 
 
-def _live(
-    nodes: Sequence[onnx.NodeProto], constants: Sequence[onnx.TensorProto], outputs: Sequence[str]
-) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """The nodes and constants some graph output depends on (onnx-ad's rules may emit some for unwanted gradients)."""
-    needed, kept = set(outputs), []
-    for node in reversed(nodes):
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(node.input)
-    return kept[::-1], [c for c in constants if c.name in needed]
-
-
 def build_step_graph(
     forward: onnx.ModelProto,
     trainable: Sequence[str],
@@ -324,7 +313,7 @@ def build_step_graph(
         g.op("Identity", [grads[p]], outputs=[p + GRAD_SUFFIX])
     (_OPTIMIZERS[optimizer] if optimizer != "sgd" or momentum else _plain_sgd)(g, grads, weight_decay)
     name = f"{forward.graph.name or 'model'}_{optimizer}_step"
-    nodes, constants = _live(g.nodes, [*forward.graph.initializer, *g.initializers], [v.name for v in outputs])
+    nodes, constants = live(g.nodes, [*forward.graph.initializer, *g.initializers], [v.name for v in outputs])
     graph = helper.make_graph(nodes, name, inputs, outputs, initializer=constants)
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tierfl", ir_version=IR_VERSION

@@ -12,14 +12,15 @@ that measures BatchNorm statistics on a device; `forward_macs` the cost of one s
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from models.slicing import slice_params
-from models.spec import BN_EPSILON, CLASS_MASK_NAME, INPUT_NAME, IR_VERSION, OPSET, OUTPUT_NAME, SCALE_NAME
+from models.spec import (BN_EPSILON, CLASS_MASK_NAME, INPUT_NAME, IR_VERSION, OPSET, OUTPUT_NAME, RUNNING_MEAN,
+                         SCALE_NAME)
 from models.widths import WidthPlan
 
 _PARAMETRIC = {"Conv": 1, "Gemm": 1, "MatMul": -1}  # op -> its output's channel axis
@@ -145,7 +146,7 @@ def _batch_statistics(node: onnx.NodeProto, rank: int, constants: list[onnx.Tens
     """BatchNorm with the batch's own statistics, exposing them as `<layer>.batch_mean` / `<layer>.batch_var`."""
     x, gamma, beta, running_mean = node.input[:4]
     y = node.output[0]
-    layer = running_mean.removesuffix(".running_mean")
+    layer = running_mean.removesuffix(RUNNING_MEAN)
     axes = [0, *range(2, rank)]
     view = f"{layer}.channel_view"
     eps = next((a.f for a in node.attribute if a.name == "epsilon"), BN_EPSILON)
@@ -191,7 +192,7 @@ def statistics_graph(tier_forward: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(node)
             continue
         nodes += _batch_statistics(node, ranks[node.input[0]], constants)
-        layer = node.input[3].removesuffix(".running_mean")
+        layer = node.input[3].removesuffix(RUNNING_MEAN)
         outputs += [helper.make_tensor_value_info(f"{layer}.batch_{s}", TensorProto.FLOAT, channels[node.input[3]])
                     for s in ("mean", "var")]
     if not outputs:
@@ -203,20 +204,26 @@ def statistics_graph(tier_forward: onnx.ModelProto) -> onnx.ModelProto:
     return _prune(model)
 
 
-def _prune(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop nodes (and initializers) that no graph output needs."""
-    graph = model.graph
-    needed = {o.name for o in graph.output}
-    kept = []
-    for node in reversed(graph.node):
+def live(
+    nodes: Sequence[onnx.NodeProto], constants: Sequence[onnx.TensorProto], outputs: Sequence[str]
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The nodes (in order) and constants that the named outputs depend on."""
+    needed, kept = set(outputs), []
+    for node in reversed(nodes):
         if any(o in needed for o in node.output):
             kept.append(node)
             needed.update(node.input)
+    return kept[::-1], [c for c in constants if c.name in needed]
+
+
+def _prune(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop nodes (and initializers) that no graph output needs."""
+    graph = model.graph
+    nodes, constants = live(graph.node, graph.initializer, [o.name for o in graph.output])
     del graph.node[:]
-    graph.node.extend(reversed(kept))
-    used = [t for t in graph.initializer if t.name in needed]
+    graph.node.extend(nodes)
     del graph.initializer[:]
-    graph.initializer.extend(used)
+    graph.initializer.extend(constants)
     return model
 
 

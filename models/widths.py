@@ -27,12 +27,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from models.onnx_import import UnsupportedModel, infer_shapes
-from models.spec import INPUT_NAME, OUTPUT_NAME
+from models.spec import INPUT_NAME, OUTPUT_NAME, RUNNING_STATISTICS
 from models.tiers import scaled_width
 
 BATCH = -1  # the label of the batch axis
 FIXED = 0  # the label of an axis kept whole that belongs to no group (spatial, time, input features)
-RUNNING_STATISTICS = (".running_mean", ".running_var")
 
 
 @dataclasses.dataclass(frozen=True)

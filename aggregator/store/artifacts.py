@@ -11,14 +11,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx
+from pydantic import BaseModel, ValidationError
 
-from models.manifest import FORMAT_VERSION, GLOBAL_MODEL_FILE, ExportIndex, ModelCard, TierManifest
+from models.manifest import FORMAT_VERSION, GLOBAL_MODEL_FILE, INDEX_NAME, ExportIndex, ModelCard, TierManifest
 from models.tier_graph import initializer_arrays
 
-INDEX_FILE = "index.json"
+Model = TypeVar("Model", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,17 @@ class TierArtifacts:
         return {p.name: tuple(p.shape) for p in self.manifest.params}
 
 
+def _validated(schema: type[Model], raw: bytes, path: Path, root: Path) -> Model:
+    """`raw` read as `schema`; a ValueError naming the file, its first problem and the way out otherwise."""
+    try:
+        return schema.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "the file"
+        raise ValueError(f"{path} is not a valid {schema.__name__} ({exc.error_count()} problems; {where}: "
+                         f"{first['msg']}): re-run `tierfl export --out {root}`") from None
+
+
 def _load_index(index_path: Path, root: Path) -> ExportIndex:
     """The export's index; ValueError naming the way out when an older TierFL wrote it."""
     raw = index_path.read_bytes()
@@ -45,14 +58,14 @@ def _load_index(index_path: Path, root: Path) -> ExportIndex:
     if isinstance(version, int) and version < FORMAT_VERSION:
         raise ValueError(f"{index_path}: exported by an older TierFL (format {version}, this one reads "
                          f"{FORMAT_VERSION}): re-run tierfl export --out {root}")
-    return ExportIndex.model_validate_json(raw)
+    return _validated(ExportIndex, raw, index_path, root)
 
 
 class ArtifactStore:
     """Read-only index of an export directory written by `tierfl export`."""
 
     def __init__(self, root: Path) -> None:
-        index_path = root / INDEX_FILE
+        index_path = root / INDEX_NAME
         if not index_path.exists():
             raise FileNotFoundError(f"{index_path} not found: run `tierfl export --out {root}` first")
         self.root = root
@@ -62,7 +75,7 @@ class ArtifactStore:
         for tier, rel in self.index.tiers.items():
             manifest_path = root / rel
             manifest_bytes = manifest_path.read_bytes()
-            manifest = TierManifest.model_validate_json(manifest_bytes)
+            manifest = _validated(TierManifest, manifest_bytes, manifest_path, root)
             manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
             files = {name: entry.sha256 for name, entry in manifest.files.items()}
             files["manifest.json"] = manifest_sha

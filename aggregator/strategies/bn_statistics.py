@@ -13,15 +13,14 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from models.spec import RUNNING_MEAN, RUNNING_STATISTICS, RUNNING_VAR
 from models.tiers import tier_rate
 from protocol.blocks import leading_slices
-
-MEAN, VAR = ".running_mean", ".running_var"
 
 
 def is_statistic(name: str) -> bool:
     """True for a batch-norm running-statistics tensor (not a trained parameter)."""
-    return name.endswith((MEAN, VAR))
+    return name.endswith(RUNNING_STATISTICS)
 
 
 def statistic_names(shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
@@ -39,8 +38,8 @@ class BnStatisticsPool:
     def add(self, num_samples: int, statistics: Mapping[str, np.ndarray]) -> None:
         """Fold one device's statistics (means and variances by running-stat name) into the pool."""
         for name, mean in statistics.items():
-            if name.endswith(MEAN):
-                var = statistics[name.removesuffix(MEAN) + VAR].astype(np.float64)
+            if name.endswith(RUNNING_MEAN):
+                var = statistics[name.removesuffix(RUNNING_MEAN) + RUNNING_VAR].astype(np.float64)
                 mean = mean.astype(np.float64)
                 self._sums[name] = self._sums.get(name, 0) + num_samples * mean
                 self._sums[name + "^2"] = self._sums.get(name + "^2", 0) + num_samples * (var + mean * mean)
@@ -52,7 +51,7 @@ class BnStatisticsPool:
         for name in [n for n in self._sums if not n.endswith("^2")]:
             mean = self._sums[name] / self.samples
             pooled[name] = mean.astype(np.float32)
-            pooled[name.removesuffix(MEAN) + VAR] = np.maximum(self._sums[name + "^2"] / self.samples - mean * mean, 0).astype(np.float32)
+            pooled[name.removesuffix(RUNNING_MEAN) + RUNNING_VAR] = np.maximum(self._sums[name + "^2"] / self.samples - mean * mean, 0).astype(np.float32)
         return pooled
 
 

@@ -44,8 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.strategies.bn_statistics import VAR
 from aggregator.strategies.fedavg import AccumulatorFactory, ClientUpdate, Weights
+from models.spec import RUNNING_VAR
 from protocol.blocks import leading_slices
 from protocol.clipping import clip_delta
 
@@ -250,7 +250,7 @@ class DpFedAvg:
             self._result = {name: (current + self._noisy_mean(name, noise[name])).astype(np.float32)
                             for name, current in self._global.items()}
             for name in self._result:  # noise must not leave a batch-norm variance negative (post-processing)
-                if name.endswith(VAR):
+                if name.endswith(RUNNING_VAR):
                     np.maximum(self._result[name], 0, out=self._result[name])
         return self._result
 
