@@ -67,14 +67,15 @@ from edge_client.inbox import Inbox
 from edge_client.onnx_guard import OnnxRefused, check_onnx_folder
 from edge_client.privacy import privatize
 from edge_client.receipt import Receipt
+from edge_client.stages import (NotHeld, TaskRefused, TaskSkipped, check_manifest, encode_update, task_weights,
+                                trained_delta)
 from edge_client.trainer import EvalStats, Trainer, TrainStats
 from models.data import Dataset, fit_split
 from models.manifest import STATISTICS_FILE, TierManifest
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
-from protocol.codecs import encode_decode, parse_codec
 from protocol.frame import Frame, encode_frame, read_header
 from protocol.messages import (Blob, BnStatistics, Body, Catalogue, CatalogueRequest, Fetch, Hello, MeasureBnStatistics,
-                               Reject, RejectReason, SecAgg, Status, Task, TierFiles, TrainTask, Update, new_id)
+                               Reject, RejectReason, SecAgg, Status, Task, TierFiles, TrainTask, new_id)
 from protocol.mqtt.link import Backoff, MqttLink, Will
 from protocol.mqtt.url import BrokerAddress
 from protocol.quantized import Tensor
@@ -91,19 +92,6 @@ except ImportError:  # no `cryptography`: this device cannot take part in secure
 log = logging.getLogger(__name__)
 SERVE_S = 0.2  # longest the device loop waits on its inbox before looking at its tasks again
 T = TypeVar("T")
-
-
-class TaskRefused(Exception):
-    """A task the device will not carry out: the reason and a detail naming what is wrong."""
-
-    def __init__(self, reason: RejectReason, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
-class TaskSkipped(Exception):
-    """A task let go without a refusal (superseded, too late, files or held weights missing, stopping); logged."""
 
 
 @dataclass(frozen=True)
@@ -529,17 +517,7 @@ class DeviceAgent:
         """
         if not self._fetch(task, {"manifest.json": task.manifest_sha256}, until, what):
             return False
-        try:
-            manifest = TierManifest.model_validate_json(self.cache.read(task.manifest_sha256))
-        except ValueError as exc:
-            raise TaskRefused(RejectReason.UNKNOWN_ARTIFACT, f"manifest.json is not a tier manifest: {exc}") from None
-        listed = {name: entry.sha256 for name, entry in manifest.files.items()} | {"manifest.json": task.manifest_sha256}
-        if listed != task.artifacts:
-            raise TaskRefused(RejectReason.UNKNOWN_ARTIFACT, "the task's artifact files are not those of its manifest")
-        total = manifest.artifact_bytes
-        if self.cache.max_bytes is not None and total > self.cache.max_bytes:
-            raise TaskRefused(RejectReason.OVERSIZE, f"its artifacts take {total / 1e6:.2f} MB, more than the cache "
-                              f"bound of {self.cache.max_bytes / 1e6:.2f} MB; raise --cache-max-mb")
+        check_manifest(task, self.cache.read(task.manifest_sha256), self.cache.max_bytes)
         return self._fetch(task, task.artifacts, until, what)
 
     def _fetch(self, task: TierFiles, wanted: Mapping[str, str], until: float, what: str) -> bool:
@@ -605,29 +583,13 @@ class DeviceAgent:
         (all of them when not a delta) and the weights are finite; TaskSkipped when the delta is
         against a version we do not hold (the hello we send again says what we hold).
         """
-        shapes = {p.name: tuple(p.shape) for p in manifest.params}
-        for name, value in tensors.items():
-            if name not in shapes or tuple(value.shape) != shapes[name] or value.dtype != np.float32:
-                raise TaskRefused(RejectReason.BAD_TENSOR, f"tensor {name!r} ({value.dtype} {list(value.shape)}) is not "
-                                  f"a float32 parameter of tier {task.tier} (expected {list(shapes.get(name, ()))})")
-        if task.weights.delta_from is None:
-            if set(tensors) != set(shapes):
-                raise TaskRefused(RejectReason.BAD_TENSOR, f"weights lack {sorted(set(shapes) - set(tensors))[:8]}")
-            weights = {name: np.asarray(tensors[name], np.float32) for name in shapes}
-        else:
-            version, held = self._held.get(task.tier, (None, {}))
-            if version != task.weights.delta_from or set(held) != set(shapes):
-                self._refuse(RejectReason.WRONG_VERSION, f"round {task.round}: a delta against version {task.weights.delta_from} "
-                             f"of tier {task.tier}, but we hold {version}; announcing what we hold",
-                             self.config.aggregator_id)
-                self._held.pop(task.tier, None)
-                self._announce()
-                raise TaskSkipped
-            weights = {name: held[name] + np.asarray(tensors[name], np.float32) if name in tensors else held[name]
-                       for name in held}
-        if not all(np.isfinite(value).all() for value in weights.values()):
-            raise TaskRefused(RejectReason.NON_FINITE, "the received weights hold NaN or Inf")
-        return weights
+        try:
+            return task_weights(task, tensors, manifest, self._held.get(task.tier))
+        except NotHeld as exc:
+            self._refuse(RejectReason.WRONG_VERSION, str(exc), self.config.aggregator_id)
+            self._held.pop(task.tier, None)
+            self._announce()
+            raise TaskSkipped from None
 
     def _load_tier(self, task: Task, manifest: TierManifest, start: dict[str, np.ndarray]) -> Trainer:
         """Stage 4: the tier's trainer holding `start`, which we now hold as the task's version; TaskSkipped if the
@@ -664,12 +626,11 @@ class DeviceAgent:
         stats = self._off_loop(lambda: trainer.train(
             train, task.epochs, task.batch_size, task.learning_rate, seed, task.mask_classes,
             proximal_mu=task.proximal_mu, stop_at=task.deadline - self.config.send_margin_s))
-        trained = trainer.get_weights()
-        delta = {name: trained[name] - start[name] for name in start}
-        if not all(np.isfinite(value).all() for value in delta.values()) or not math.isfinite(stats.loss):
+        try:
+            delta = trained_delta(trainer.get_weights(), start, stats.loss)
+        except TaskRefused:
             self._trainers.pop(task.manifest_sha256, None)  # its weights and optimizer state are spoilt
-            raise TaskRefused(RejectReason.NON_FINITE, f"training diverged (loss {stats.loss}): the update holds "
-                              "NaN or Inf; nothing sent, the error-feedback state is unchanged")
+            raise
         if task.dp_noise > 0:  # local differential privacy: clip and noise before anything leaves the device
             delta = privatize(delta, task.dp_clip, task.dp_noise, self._dp_rng)
         return delta, stats
@@ -689,37 +650,14 @@ class DeviceAgent:
                          stats: TrainStats, before: EvalStats | None) -> None:
         """Stage 7: encode the update with the configured codec (error feedback and selective upload around it) and
         send it; the residual is saved with it."""
-        feedback = self._feedback_for(task.tier)
-        intended = feedback.compensate(delta) if feedback else delta
-        unchanged = bool(feedback and feedback.insignificant(intended, start))
-        update = Update(
-            update_id=new_id(),
-            round=task.round,
-            base_version=task.model_version,
-            tier=task.tier,
-            num_samples=len(self.train_data),
-            steps=stats.steps,
-            train_loss=stats.loss,
-            train_accuracy=stats.accuracy,
-            train_seconds=stats.seconds,
-            eval_loss=before.loss if before else None,
-            eval_accuracy=before.accuracy if before else None,
-            eval_samples=before.samples if before else 0,
-            unchanged=unchanged,
-        )
-        codec = parse_codec(self.config.codec)
-        rounding = np.random.SeedSequence()  # fresh; the frame and the feedback's copy of it draw the same rounding
-        frame = encode_frame(self.config.fleet, self.config.device_id, update, None if unchanged else intended, codec,
-                             rng=np.random.default_rng(rounding), signer=self.key.sign if self.key else None)
-        sent = None  # what the aggregator will decode: the same codec, the same rounding
-        if feedback and not unchanged:
-            rng = np.random.default_rng(rounding)
-            sent = {name: encode_decode(codec, value, rng) for name, value in intended.items()}
+        encoded = encode_update(self.config.fleet, self.config.device_id, task, delta, start, stats, before,
+                                len(self.train_data), self.config.codec, self._feedback_for(task.tier),
+                                self.key.sign if self.key else None)
+        unchanged = encoded.unchanged
 
         def send() -> None:
-            if feedback:
-                feedback.remember(intended, sent)
-            published = self.link.publish(self.topics.up(self.config.device_id), frame)
+            encoded.sent()
+            published = self.link.publish(self.topics.up(self.config.device_id), encoded.frame)
             self.tasks_done += 1
             log.info(
                 "round %d: %d steps in %.2f s, loss %.4f, acc %.3f; sent %d bytes%s",
