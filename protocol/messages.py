@@ -40,6 +40,11 @@ MAX_META_INT = 2**63 - 1  # |int| in TensorEntry.meta
 MAX_DP = 1e9  # TrainTask.dp_clip, TrainTask.dp_noise
 MAX_SECAGG_CLIP = 1e9  # SecureAggregation.clip
 MAX_SECAGG_WEIGHT = 1e12  # SecureAggregation.weight
+MAX_BINS = 4096  # Query.bins: fixed bins of a quantile sketch
+MAX_CLASSES = 100_000  # Query.classes (as ModelCard bounds them)
+MAX_VALUE_RANGE = 1e6  # |Query.low|, |Query.high|: the stated range of input values
+MAX_LOSS_CLIP = 1e4  # Query.loss_clip
+MAX_FINETUNE_STEPS = 100_000  # TrainTask.finetune_steps: local steps of the personalization fine-tune
 
 
 def _shape_fits(shape: list[int]) -> list[int]:
@@ -185,6 +190,8 @@ class TrainTask(TaskScope):
     dp_clip: Annotated[float, Field(ge=0, le=MAX_DP)] = 0.0  # local differential privacy: clip the delta to this L2 norm ...
     dp_noise: Annotated[float, Field(ge=0, le=MAX_DP)] = 0.0  # ... and add Gaussian noise of std dp_noise * dp_clip (0: off)
     secure: SecureAggregation | None = None  # secure aggregation: mask the delta, send it as SecAgg messages
+    personal_layers: Annotated[list[TensorName], Field(max_length=MAX_TENSORS)] = []  # FedPer: kept on the device, never sent
+    finetune_steps: Annotated[int, Field(ge=0, le=MAX_FINETUNE_STEPS)] = 0  # >0: report accuracy after this many local steps
 
 
 class MeasureBnStatistics(TaskScope):
@@ -194,6 +201,47 @@ class MeasureBnStatistics(TaskScope):
 
 
 Task = TrainTask | MeasureBnStatistics  # any task a device carries out
+
+Computation = Literal["label_histogram", "sample_count", "feature_moments", "quantile_sketch", "model_metrics"]
+
+
+class Query(_Strict):
+    """Aggregator -> device: compute one federated-analytics answer on local data (models.analytics), reply Answer
+    (or, when `secure`, the answer masked as SecAgg messages whose round is `number`). Not a task: it never
+    supersedes or delays a training task beyond the one in progress."""
+
+    kind: Literal["query"] = "query"
+    query: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    number: Round  # the aggregator's count of queries; a secure query's SecAgg messages carry it as their round
+    computation: Computation
+    split: Literal["train", "test"] = "train"
+    deadline: Annotated[float, Field(ge=0, le=MAX_UNIX_TIME, allow_inf_nan=False)]
+    input_shape: Annotated[BlockShape, Field(min_length=1)]  # one sample's shape, as the model card says
+    classes: Annotated[int, Field(ge=1, le=MAX_CLASSES)]
+    low: Annotated[float, Field(ge=-MAX_VALUE_RANGE, le=MAX_VALUE_RANGE, allow_inf_nan=False)] = 0.0
+    high: Annotated[float, Field(ge=-MAX_VALUE_RANGE, le=MAX_VALUE_RANGE, allow_inf_nan=False)] = 1.0
+    bins: Annotated[int, Field(ge=1, le=MAX_BINS)] = 32
+    loss_clip: Annotated[float, Field(gt=0, le=MAX_LOSS_CLIP, allow_inf_nan=False)] = 20.0
+    files: TierFiles | None = None  # model_metrics: the tier whose forward graph scores the attached weights
+    model_version: Version | None = None  # model_metrics: the version of the attached weights
+    secure: SecureAggregation | None = None  # sum the answer by secure aggregation
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Query:
+        if not self.low < self.high:
+            raise ValueError(f"low {self.low} must be below high {self.high}")
+        if (self.computation == "model_metrics") != (self.files is not None):
+            raise ValueError("a model_metrics query, and only one, names a tier's files")
+        return self
+
+
+class Answer(_Strict):
+    """Device -> aggregator: one Query's answer on the device's data; tensors as models.analytics names them."""
+
+    kind: Literal["answer"] = "answer"
+    query: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    tier: Identifier | None = None  # model_metrics: the tier that scored
+    num_samples: Count  # samples of the split the answer covers
 
 
 class Fetch(_Strict):
@@ -242,6 +290,8 @@ class Update(_Strict):
     eval_accuracy: Fraction | None = None
     eval_samples: Count = 0
     unchanged: bool = False  # selective upload: no tensors, count me as a zero update
+    personal_loss: Loss | None = None  # TrainTask.finetune_steps: the fine-tuned model on the local test split
+    personal_accuracy: Fraction | None = None
     contributors: Annotated[dict[Identifier, "TierShare"], Field(max_length=MAX_TIERS)] | None = None  # a relay's combined update: tier -> who trained it
 
 
@@ -314,7 +364,7 @@ class RoundSummary(_Strict):
 
 Body = Annotated[
     Union[Hello, Status, TrainTask, MeasureBnStatistics, Fetch, CatalogueRequest, Catalogue, Blob, Update, BnStatistics,
-          SecAgg, Reject, RoundSummary],
+          SecAgg, Reject, RoundSummary, Query, Answer],
     Field(discriminator="kind"),
 ]
 
