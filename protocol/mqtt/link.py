@@ -73,6 +73,7 @@ class MqttLink:
         on_frame: Callable[[str, bytes], None],
         on_bad_frame: Callable[[str, FrameError], None],
         on_connect: Callable[[], None] | None = None,
+        on_disconnect: Callable[[float | None], None] | None = None,  # the back-off delay, None when stopping
         will: Will | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_frame_bytes: int = 64 << 20,
@@ -88,6 +89,7 @@ class MqttLink:
         self._on_frame = on_frame
         self._on_bad_frame = on_bad_frame
         self._on_connect_hook = on_connect
+        self._on_disconnect_hook = on_disconnect
         self._max_message_bytes = max_message_bytes
         self._keepalive_s = keepalive_s
         self._reassembler = Reassembler(max_frame_bytes=max_frame_bytes, admit=admit_chunks)
@@ -127,6 +129,29 @@ class MqttLink:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def client(self) -> mqtt.Client:
+        """The paho client, for a network loop of its own that drives many links (edge_client.fleet)."""
+        return self._client
+
+    def open(self) -> None:
+        """Connect without a network thread: the caller's loop drives `client` (loop_read, loop_write, loop_misc, and
+        reconnect after `on_disconnect`'s delay). OSError when the broker cannot be reached."""
+        self._stopping = False
+        self._client.connect(self.address.host, self.address.port, keepalive=self._keepalive_s)
+
+    def reopen(self) -> None:
+        """Connect again after a disconnect, driven by the caller's loop as after `open`; OSError if unreachable."""
+        self._stopping = False
+        self._client.reconnect()
+
+    def vanish(self) -> None:
+        """Drop the connection without a DISCONNECT, as a device that lost power: the broker publishes our will."""
+        self._stopping = True
+        sock = self._client.socket()
+        if sock is not None:
+            sock.shutdown(2)  # socket.SHUT_RDWR: the caller's loop reads the end and lets paho close the socket
 
     def start(self, timeout_s: float = 10.0, retry_for_s: float | None = 0.0, stop: threading.Event | None = None) -> bool:
         """Connect and start the network thread; True once the broker accepted us, False if `stop` was set first.
@@ -254,6 +279,7 @@ class MqttLink:
             self._on_connect_hook()
 
     def _handle_disconnect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
+        delay = None
         if not self._stopping:
             delay = self._next_attempt_in()
             if self._connected.is_set():
@@ -261,6 +287,8 @@ class MqttLink:
             else:
                 log.warning("connection to broker ended (%s): attempt %d failed, next in %.1f s", reason, self._failures, delay)
         self._connected.clear()
+        if self._on_disconnect_hook:
+            self._on_disconnect_hook(delay)
 
     def _handle_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         if not self._stopping:
