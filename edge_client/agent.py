@@ -65,6 +65,7 @@ from edge_client.cache import ArtifactCache, ArtifactTooLarge
 from edge_client.compression import ErrorFeedback
 from edge_client.inbox import Inbox
 from edge_client.onnx_guard import OnnxRefused, check_onnx_folder
+from edge_client.personal import PersonalLayers, finetune
 from edge_client.privacy import privatize
 from edge_client.receipt import Receipt
 from edge_client.stages import (NotHeld, TaskRefused, TaskSkipped, check_manifest, encode_update, task_weights,
@@ -181,6 +182,7 @@ class DeviceAgent:
         self._fitted: tuple[tuple[object, ...], tuple[Dataset, Dataset] | str] | None = None  # last model: data/why not
         self._dp_rng = np.random.default_rng()  # local DP noise: seeded by the OS, never by the (public) task
         self._held: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # tier -> (version, weights received)
+        self.personal = PersonalLayers(config.cache_dir)  # FedPer's own layers; a file that does not load stops us here
         self._unstorable: set[str] = set()  # artifacts of the current task that do not fit the cache bound
         self._new_asks: queue.SimpleQueue[_Ask] = queue.SimpleQueue()  # from ask_tier's callers, for the loop
         self._asked: dict[str, _Ask] = {}  # the loop's: catalogue request msg_id -> its ask, until answered
@@ -479,17 +481,21 @@ class DeviceAgent:
         self._check_wanted(task)
         manifest = self._get_files(task, task.deadline, f"round {task.round}")
         train, test = self._fit_data(task, manifest)
-        start = self._get_weights(task, frame.tensors, manifest)
-        trainer = self._load_tier(task, manifest, start)
+        received = self._get_weights(task, frame.tensors, manifest)
         if isinstance(task, MeasureBnStatistics):
-            self._send_bn_statistics(task, start, train)
+            self._load_tier(task, manifest, received, received)
+            self._send_bn_statistics(task, received, train)
             return
+        start = self._personal_start(task, manifest, received)
+        trainer = self._load_tier(task, manifest, start, received)
         before = self._evaluate(task, trainer, test)
         delta, stats = self._train(task, trainer, start, train)
+        kept = self._personal_trained(task, manifest, trainer)
+        after = self._finetune(task, trainer, start, train, test)
         if task.secure is not None and self.secure is not None:
             self._hand_to_secure(task, delta, before)
             return
-        self._encode_and_send(task, start, delta, stats, before)
+        self._encode_and_send(task, start, delta, stats, before, after, (manifest.model.name, kept))
 
     def _check_wanted(self, task: Task) -> None:
         """Stage 1: TaskSkipped when a newer task is waiting or the deadline has passed."""
@@ -591,9 +597,20 @@ class DeviceAgent:
             self._announce()
             raise TaskSkipped from None
 
-    def _load_tier(self, task: Task, manifest: TierManifest, start: dict[str, np.ndarray]) -> Trainer:
-        """Stage 4: the tier's trainer holding `start`, which we now hold as the task's version; TaskSkipped if the
-        tier does not load."""
+    def _personal_start(self, task: TrainTask, manifest: TierManifest, received: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Stage 3b: the weights to train, `received` with our own copy of the task's personal layers (FedPer; fitted
+        to this tier, from the global values the first time: edge_client.personal); TaskRefused when the task names a
+        layer the tier does not have."""
+        if not task.personal_layers:
+            return received
+        if unknown := sorted(set(task.personal_layers) - set(received)):
+            raise TaskRefused(RejectReason.BAD_TENSOR, f"personal layers {unknown[:8]} are not parameters of tier {task.tier}")
+        return self.personal.start(manifest.model.name, task.personal_layers, received)
+
+    def _load_tier(self, task: Task, manifest: TierManifest, start: dict[str, np.ndarray],
+                   received: dict[str, np.ndarray]) -> Trainer:
+        """Stage 4: the tier's trainer holding `start`; we now hold `received` as the task's version (a later task's
+        delta applies to it); TaskSkipped if the tier does not load."""
         trainer = self._trainers.get(task.manifest_sha256)
         try:
             if trainer is None:
@@ -606,7 +623,7 @@ class DeviceAgent:
         except (ValueError, OSError) as exc:
             log.error("round %d: cannot load tier %s: %s", task.round, task.tier, exc)
             raise TaskSkipped from None
-        self._held[task.tier] = (task.model_version, start)
+        self._held[task.tier] = (task.model_version, received)
         return trainer
 
     def _evaluate(self, task: TrainTask, trainer: Trainer, test: Dataset) -> EvalStats | None:
@@ -618,8 +635,8 @@ class DeviceAgent:
     def _train(self, task: TrainTask, trainer: Trainer, start: Mapping[str, np.ndarray],
                train: Dataset) -> tuple[dict[str, np.ndarray], TrainStats]:
         """Stage 6: train on `train` (fitted to the model) until the epochs are done or the send margin is reached;
-        the update (new - start, privatized when the task asks for local DP) and the training's statistics.
-        TaskRefused when training diverged."""
+        the update (new - start of every parameter but the personal layers, privatized when the task asks for local
+        DP) and the training's statistics. TaskRefused when training diverged."""
         seed = task.seed ^ zlib.crc32(self.config.device_id.encode())
         log.info("round %d: training tier %s (%d epochs, %.0f s to the deadline)",
                  task.round, task.tier, task.epochs, task.deadline - time.time())
@@ -628,12 +645,35 @@ class DeviceAgent:
             proximal_mu=task.proximal_mu, stop_at=task.deadline - self.config.send_margin_s))
         try:
             delta = trained_delta(trainer.get_weights(), start, stats.loss)
+            delta = {name: value for name, value in delta.items() if name not in task.personal_layers}  # never sent
         except TaskRefused:
             self._trainers.pop(task.manifest_sha256, None)  # its weights and optimizer state are spoilt
             raise
         if task.dp_noise > 0:  # local differential privacy: clip and noise before anything leaves the device
             delta = privatize(delta, task.dp_clip, task.dp_noise, self._dp_rng)
         return delta, stats
+
+    def _personal_trained(self, task: TrainTask, manifest: TierManifest, trainer: Trainer) -> dict[str, np.ndarray]:
+        """Stage 6b: our new copy of the personal layers as training left them (saved when the update is sent)."""
+        if not task.personal_layers:
+            return {}
+        trained = {name: value for name, value in trainer.get_weights().items() if name in task.personal_layers}
+        return self.personal.trained(manifest.model.name, trained)  # finite: trained_delta checked every parameter
+
+    def _finetune(self, task: TrainTask, trainer: Trainer, start: Mapping[str, np.ndarray], train: Dataset,
+                  test: Dataset) -> EvalStats | None:
+        """Stage 6c (--personalize finetune:K): our test split after K local steps from the round's starting weights
+        (the model `before` measured), once the update is taken from the trainer; never sent. None when not asked or
+        without test data."""
+        if not (task.finetune_steps and len(test)):
+            return None
+        seed = task.seed ^ zlib.crc32(self.config.device_id.encode())
+        after = self._off_loop(lambda: finetune(trainer, start, train, test, task.finetune_steps, task.batch_size,
+                                                task.learning_rate, seed, task.mask_classes,
+                                                stop_at=task.deadline - self.config.send_margin_s))
+        log.info("round %d: after %d fine-tuning steps, accuracy %.3f on %d local test samples", task.round,
+                 task.finetune_steps, after.accuracy, after.samples)
+        return after
 
     def _hand_to_secure(self, task: TrainTask, delta: dict[str, np.ndarray], before: EvalStats | None) -> None:
         """Stage 7 of a secure task: the delta goes to its session, masked and sent once the shares are in."""
@@ -647,16 +687,21 @@ class DeviceAgent:
         self._commit(hand_over)
 
     def _encode_and_send(self, task: TrainTask, start: Mapping[str, np.ndarray], delta: dict[str, np.ndarray],
-                         stats: TrainStats, before: EvalStats | None) -> None:
+                         stats: TrainStats, before: EvalStats | None, after: EvalStats | None = None,
+                         personal: tuple[str, dict[str, np.ndarray]] = ("", {})) -> None:
         """Stage 7: encode the update with the configured codec (error feedback and selective upload around it) and
-        send it; the residual is saved with it."""
-        encoded = encode_update(self.config.fleet, self.config.device_id, task, delta, start, stats, before,
+        send it; the residual and our personal layers (`personal`: model name, layers) are saved with it."""
+        shared = {name: value for name, value in start.items() if name in delta}
+        encoded = encode_update(self.config.fleet, self.config.device_id, task, delta, shared, stats, before,
                                 len(self.train_data), self.config.codec, self._feedback_for(task.tier),
-                                self.key.sign if self.key else None)
+                                self.key.sign if self.key else None, after=after)
         unchanged = encoded.unchanged
+        model, layers = personal
 
         def send() -> None:
             encoded.sent()
+            if layers:
+                self.personal.save(model, layers)
             published = self.link.publish(self.topics.up(self.config.device_id), encoded.frame)
             self.tasks_done += 1
             log.info(

@@ -81,7 +81,7 @@ class PortableTrainer:
 
     def train(
         self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int, mask_classes: bool = False,
-        *, proximal_mu: float = 0.0, stop_at: float | None = None,
+        *, proximal_mu: float = 0.0, stop_at: float | None = None, max_steps: int | None = None,
     ) -> TrainStats:
         """Run `epochs` passes of shuffled mini-batches through the step graph (options as OrtTrainer.train)."""
         inputs = {i.name for i in self._step.get_inputs()}
@@ -97,7 +97,7 @@ class PortableTrainer:
         for name, value in self._bound.items():
             for binding in self._bindings:
                 binding.bind_cpu_input(name, value)
-        return run_epochs(data, epochs, batch_size, seed, self._run_step, stop_at)
+        return run_epochs(data, epochs, batch_size, seed, self._run_step, stop_at, max_steps)
 
     @property
     def _values(self) -> dict[str, onnxruntime.OrtValue]:

@@ -121,8 +121,10 @@ class EncodedUpdate:
 
 def encode_update(fleet: str, device_id: str, task: TrainTask, delta: dict[str, np.ndarray],
                   start: Mapping[str, np.ndarray], stats: TrainStats, before: EvalStats | None, num_samples: int,
-                  codec_name: str, feedback: ErrorFeedback | None, signer: Signer | None) -> EncodedUpdate:
-    """The update frame of a trained task, encoded with `codec_name`, error feedback and selective upload around it."""
+                  codec_name: str, feedback: ErrorFeedback | None, signer: Signer | None,
+                  after: EvalStats | None = None) -> EncodedUpdate:
+    """The update frame of a trained task, encoded with `codec_name`, error feedback and selective upload around it;
+    `after`: the fine-tuned model's test-split measurement (--personalize), reported beside `before`'s."""
     intended = feedback.compensate(delta) if feedback else delta
     unchanged = bool(feedback and feedback.insignificant(intended, start))
     update = Update(
@@ -139,6 +141,8 @@ def encode_update(fleet: str, device_id: str, task: TrainTask, delta: dict[str, 
         eval_accuracy=before.accuracy if before else None,
         eval_samples=before.samples if before else 0,
         unchanged=unchanged,
+        personal_loss=after.loss if after else None,
+        personal_accuracy=after.accuracy if after else None,
     )
     codec = parse_codec(codec_name)
     rounding = np.random.SeedSequence()  # fresh; the frame and the feedback's copy of it draw the same rounding

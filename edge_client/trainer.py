@@ -46,12 +46,13 @@ class EvalStats:
 
 def run_epochs(
     data: Dataset, epochs: int, batch_size: int, seed: int, step: Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray]],
-    stop_at: float | None = None,
+    stop_at: float | None = None, max_steps: int | None = None,
 ) -> TrainStats:
     """Feed `epochs` passes of shuffled mini-batches to `step` (one training step: loss, logits) and tally them.
 
     With `stop_at` (unix time) training ends early when that time comes: partial work, whose
-    step count the stats report (at least one step is always taken).
+    step count the stats report (at least one step is always taken). `max_steps` ends it after
+    that many steps.
     """
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
@@ -59,7 +60,7 @@ def run_epochs(
     loss_sum = 0.0
     for _ in range(epochs):
         for x, y in batches(data, batch_size, rng):
-            if stop_at is not None and steps and time.time() >= stop_at:
+            if (stop_at is not None and steps and time.time() >= stop_at) or (max_steps is not None and steps >= max_steps):
                 break
             loss, logits = step(x, y)
             steps += 1
@@ -95,7 +96,7 @@ class Trainer(Protocol):
     def get_weights(self) -> dict[str, np.ndarray]: ...
     def train(
         self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int, mask_classes: bool = False,
-        *, proximal_mu: float = 0.0, stop_at: float | None = None,
+        *, proximal_mu: float = 0.0, stop_at: float | None = None, max_steps: int | None = None,
     ) -> TrainStats: ...
     def evaluate(self, data: Dataset, batch_size: int = 512) -> EvalStats: ...
 
@@ -143,9 +144,9 @@ class OrtTrainer:
 
     def train(
         self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int, mask_classes: bool = False,
-        *, proximal_mu: float = 0.0, stop_at: float | None = None,
+        *, proximal_mu: float = 0.0, stop_at: float | None = None, max_steps: int | None = None,
     ) -> TrainStats:
-        """Run `epochs` passes of shuffled mini-batches of SGD at `learning_rate`.
+        """Run `epochs` passes of shuffled mini-batches of SGD at `learning_rate` (at most `max_steps` steps).
 
         `mask_classes` leaves the classes absent from `data` out of the softmax (label-split
         non-IID), when the artifacts have a class mask input. `proximal_mu` > 0 adds FedProx's
@@ -166,7 +167,7 @@ class OrtTrainer:
             self._module.lazy_reset_grad()
             return float(loss), logits
 
-        return run_epochs(data, epochs, batch_size, seed, step, stop_at)
+        return run_epochs(data, epochs, batch_size, seed, step, stop_at, max_steps)
 
     def evaluate(self, data: Dataset, batch_size: int = 512) -> EvalStats:
         """Mean loss and accuracy over `data` with the eval graph (no weight change)."""
