@@ -362,9 +362,70 @@ class RoundSummary(_Strict):
     final: bool = False
 
 
+
+# -- between a coordinator and its aggregator workers (aggregator.worker_service, aggregator.coordinator_service) --
+
+
+class WorkerClaim(_Strict):
+    """Aggregator worker -> its coordinator: a device's update the worker checked and holds, to be granted (folded
+    into the worker's partial sum) or refused; or, with `refused`, a refusal the worker decided, to be counted and
+    answered to the device by the coordinator (workers cannot sign for the aggregator)."""
+
+    kind: Literal["worker_claim"] = "worker_claim"
+    session: SessionId  # the worker process's session: a restarted worker's claims are another session's
+    device: Identifier
+    ref_msg_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] | None = None  # the device frame's msg_id
+    update: Update | None = None  # the device's update header (None: a refusal before its header was read)
+    norm: Annotated[float, Field(ge=0, le=3.5e38, allow_inf_nan=False)] = 0.0  # L2 norm of its delta
+    nbytes: Annotated[int, Field(ge=0, le=MAX_TOTAL_BYTES)] = 0  # the device frame's bytes
+    refused: RejectReason | None = None
+    detail: Annotated[str, BeforeValidator(_cut_detail), Field(max_length=MAX_DETAIL)] = ""
+
+
+class WorkerGrant(_Strict):
+    """Coordinator -> worker: fold a claimed update with this weight (`granted`), or drop it (refused, and answered to
+    the device by the coordinator)."""
+
+    kind: Literal["worker_grant"] = "worker_grant"
+    session: SessionId  # the claiming worker's session
+    round: Round
+    device: Identifier
+    update_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    granted: bool
+    samples: Count = 0  # the samples the update weighs (capped by --max-share)
+    work: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 1.0  # share of the asked steps done (--weigh-partial-work)
+    weighted: bool = True  # the round's mean is weighted by samples (False: one vote per device)
+
+
+class WorkerFlush(_Strict):
+    """Coordinator -> worker: send the partial sum of `round`'s granted updates now."""
+
+    kind: Literal["worker_flush"] = "worker_flush"
+    round: Round
+
+
+class PartialSum(_Strict):
+    """Worker -> coordinator: the element-wise sum of weight x delta over the granted updates named, one tensor per
+    global tensor (float32, the global shapes); the coordinator adds each update's weight from its own grants."""
+
+    kind: Literal["partial_sum"] = "partial_sum"
+    session: SessionId
+    round: Round
+    update_ids: Annotated[list[Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]], Field(max_length=MAX_DEVICES)]
+
+
+class WorkerForward(_Strict):
+    """Worker -> coordinator: a device's uplink frame that is not an update (a fetch, a catalogue request, batch-norm
+    statistics), passed on whole as the uint8 tensor `frame` (checked by the coordinator as if received directly)."""
+
+    kind: Literal["worker_forward"] = "worker_forward"
+    device: Identifier
+
+
 Body = Annotated[
     Union[Hello, Status, TrainTask, MeasureBnStatistics, Fetch, CatalogueRequest, Catalogue, Blob, Update, BnStatistics,
-          SecAgg, Reject, RoundSummary, Query, Answer],
+          SecAgg, Reject, RoundSummary, Query, Answer,
+          WorkerClaim, WorkerGrant, WorkerFlush, PartialSum, WorkerForward],
     Field(discriminator="kind"),
 ]
 
