@@ -156,6 +156,7 @@ class AttachedWeights(_Strict):
 
     delta_from: Version | None = None  # a delta to add to this version of the tier, held by the device (None: whole)
     variant: Version = 0  # FedMut: this device's mutation of the model version (0: the model itself, and to measure)
+    control: bool = False  # SCAFFOLD: the server's control variate rides along as scaffold/<param> (protocol.control)
 
 
 class TierFiles(_Strict):
