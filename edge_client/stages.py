@@ -18,14 +18,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_client.compression import ErrorFeedback
+from edge_client.scaffold import variate_shapes
 from edge_client.trainer import EvalStats, TrainStats
 from models.manifest import TierManifest
 from protocol.codecs import encode_decode, parse_codec
+from protocol.control import split_control, with_control
 from protocol.frame import encode_frame
-from protocol.messages import RejectReason, Task, TierFiles, TrainTask, Update, new_id
+from protocol.messages import FrameHeader, RejectReason, Task, TierFiles, TrainTask, Update, new_id
 from protocol.quantized import Tensor
 
-Signer = Callable[[bytes], str]
+Signer = Callable[[FrameHeader], str]
 Held = tuple[int, dict[str, np.ndarray]]  # (model version, weights) of one tier
 
 
@@ -69,10 +71,13 @@ def task_weights(task: Task, tensors: Mapping[str, Tensor], manifest: TierManife
     """The task's weights, as sent or as the `held` version plus the sent delta.
 
     TaskRefused unless every tensor is float32 of a name and shape of the tier's manifest (all of
-    them when not a delta) and the weights are finite; NotHeld when the delta is against a version
-    other than the one held.
+    them when not a delta; with `task.weights.control` the server's SCAFFOLD variate too, as
+    scaffold/<param> tensors) and the weights are finite; NotHeld when the delta is against a
+    version other than the one held.
     """
     shapes = {p.name: tuple(p.shape) for p in manifest.params}
+    if task.weights.control:  # SCAFFOLD: the server's c rides along, held with the weights (deltas apply to it too)
+        shapes |= with_control({}, variate_shapes(manifest))
     for name, value in tensors.items():
         if name not in shapes or tuple(value.shape) != shapes[name] or value.dtype != np.float32:
             raise TaskRefused(RejectReason.BAD_TENSOR, f"tensor {name!r} ({value.dtype} {list(value.shape)}) is not "
@@ -126,7 +131,7 @@ def encode_update(fleet: str, device_id: str, task: TrainTask, delta: dict[str, 
     """The update frame of a trained task, encoded with `codec_name`, error feedback and selective upload around it;
     `after`: the fine-tuned model's test-split measurement (--personalize), reported beside `before`'s."""
     intended = feedback.compensate(delta) if feedback else delta
-    unchanged = bool(feedback and feedback.insignificant(intended, start))
+    unchanged = bool(feedback and feedback.insignificant(split_control(intended)[0], start))
     update = Update(
         update_id=new_id(),
         round=task.round,

@@ -19,6 +19,7 @@ COMMANDS = {
     "aggregator": ("aggregator.cli", "run the aggregator service (FedAvg rounds over MQTT)"),
     "relay": ("aggregator.relay_cli", "hierarchical FL: aggregate a local group of devices, forward one update to the parent"),
     "client": ("edge_client.cli", "run a device: train tasks on local data, publish updates"),
+    "fleet": ("edge_client.fleet", "many virtual devices in one process against a real broker (testing at scale)"),
     "broker": ("protocol.mqtt.embedded_broker", "run the embedded pure-Python MQTT broker (for laptops and demos)"),
     "broker-config": ("protocol.mqtt.broker_config", "write a Mosquitto config for a fleet: TLS, passwords, per-device ACL"),
     "bench": ("edge_client.bench", "benchmark each device tier here: step latency, memory, artifact and update bytes"),
