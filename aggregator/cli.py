@@ -19,8 +19,8 @@ from aggregator.engines.rounds import RoundEngine
 from aggregator.engines.secure import SecureRoundEngine
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.options import (DEFAULT_FEDPROX_MU, AlgorithmSettings, ExportPlan, add_integrity_arguments,
-                                add_privacy_arguments, add_robust_arguments, add_secure_arguments,
-                                add_server_optimizer_arguments, proximal_mu, resolve_options)
+                                add_personalization_arguments, add_privacy_arguments, add_robust_arguments,
+                                add_secure_arguments, add_server_optimizer_arguments, proximal_mu, resolve_options)
 from aggregator.registry import DeviceRegistry
 from aggregator.service import AggregatorService
 from aggregator.store.artifacts import ArtifactStore
@@ -35,6 +35,7 @@ from aggregator.strategies.sampling import SAMPLERS
 from aggregator.strategies.tiering import TIER_POLICIES, TierPolicy, make_tier_policy, parse_tier_mix
 from models.data import load_dataset
 from models.export import export_all
+from models.personal import personal_names
 from models.spec import ARCH_DEFAULTS
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.mqtt.embedded_broker import EmbeddedBroker
@@ -160,6 +161,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_privacy_arguments(parser)
     add_secure_arguments(parser)
     add_server_optimizer_arguments(parser)
+    add_personalization_arguments(parser)
 
 
 def add_algorithm_arguments(parser: argparse.ArgumentParser) -> None:
@@ -219,6 +221,12 @@ def open_artifacts(args: argparse.Namespace, export: ExportPlan | None) -> Artif
     return ArtifactStore(args.artifacts or args.state_dir / "artifacts")
 
 
+def resolved_personal_layers(settings: AlgorithmSettings, artifacts: ArtifactStore) -> tuple[str, ...]:
+    """--personal-layers resolved against the open export's parameter names (ValueError naming what it has)."""
+    patterns = settings.personalization.personal_layers
+    return personal_names(patterns, list(next(iter(artifacts.tiers.values())).shapes)) if patterns else ()
+
+
 def recover(state_dir: Path, fleet: str, identity: str) -> int:
     """`--recover`: roll the state back to the newest version that verifies, set aside a ledger that does not open; 0."""
     record = StateStore(state_dir).recover(fleet, identity)
@@ -276,6 +284,8 @@ def serve(args: argparse.Namespace, settings: AlgorithmSettings) -> int:
         round_timeout_s=args.round_timeout, bn_statistics=args.bn_statistics, seed=args.seed,
         outlier_multiple=args.outlier_multiple, max_share=args.max_share,
         server_optimizer=settings.server_optimizer,
+        finetune_steps=settings.personalization.finetune_steps,
+        personal_layers=resolved_personal_layers(settings, artifacts),
     )
     mix = settings.tier_mix or parse_tier_mix("-".join(artifacts.tiers))
     policy = make_tier_policy(args.tier_policy, mix, artifacts.macs, args.epochs, args.round_timeout, args.seed)

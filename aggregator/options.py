@@ -24,8 +24,11 @@ from aggregator.strategies.server_optimizer import ADAPTIVE, SERVER_OPTIMIZERS, 
 from aggregator.strategies.tiering import parse_tier_mix
 from models.export import zoo_card
 from models.manifest import ExportIndex, ModelCard, TierManifest
+from models.personal import personal_names
 from models.spec import ModelSpec
 from models.tiers import tier_rate
+from models.zoo import init_global_params
+from protocol.messages import MAX_FINETUNE_STEPS
 
 DEFAULT_FEDPROX_MU = 0.01
 
@@ -164,6 +167,7 @@ class ExportPlan:
     tiers: tuple[str, ...]
     proximal: bool  # every tier's graphs carry FedProx's proximal term
     recipe: ModelSpec | None = None  # the zoo model the start exports into `folder` (STATE_DIR/artifacts); None: exists
+    parameters: tuple[str, ...] = ()  # the model's parameter names
 
     @property
     def exists(self) -> bool:
@@ -179,10 +183,11 @@ def planned_export(args: argparse.Namespace, mu: float) -> ExportPlan | None:
     if index_path.is_file():
         try:
             index = ExportIndex.load(index_path)
-            proximal = all(TierManifest.load(folder / rel).proximal for rel in index.tiers.values())
+            manifests = [TierManifest.load(folder / rel) for rel in index.tiers.values()]
         except (OSError, ValueError):  # a damaged export: opening it at the start names the file
             return None
-        return ExportPlan(folder, index.model, tuple(index.tiers), proximal)
+        return ExportPlan(folder, index.model, tuple(index.tiers), all(m.proximal for m in manifests),
+                          parameters=tuple(p.name for p in manifests[0].params) if manifests else ())
     if args.artifacts is not None:
         return None
     tiers = tuple(dict.fromkeys(t.strip() for t in args.tiers.split(",") if t.strip()))
@@ -191,7 +196,7 @@ def planned_export(args: argparse.Namespace, mu: float) -> ExportPlan | None:
     for tier in tiers:
         tier_rate(tier)
     recipe = ModelSpec(arch=args.arch, **({} if args.image_size is None else {"image_size": args.image_size}))
-    return ExportPlan(folder, zoo_card(recipe), tiers, mu > 0, recipe)
+    return ExportPlan(folder, zoo_card(recipe), tiers, mu > 0, recipe, tuple(init_global_params(recipe)))
 
 
 def export_problem(args: argparse.Namespace, mu: float, export: ExportPlan) -> str | None:
@@ -220,6 +225,7 @@ class AlgorithmSettings:
     server_optimizer: ServerOptimizer | None
     export: ExportPlan | None  # None: --artifacts names a folder that cannot be read (the start says why)
     tier_mix: dict[str, float] | None  # tier -> share; None: every exported tier, equal shares
+    personalization: Personalization
 
 
 def resolve_options(args: argparse.Namespace) -> AlgorithmSettings:
@@ -238,7 +244,65 @@ def resolve_options(args: argparse.Namespace) -> AlgorithmSettings:
     export = planned_export(args, mu)
     if export is not None and (problem := export_problem(args, mu, export)):
         raise ValueError(problem)
-    return AlgorithmSettings(mu, sampler, dp, accumulator, secure, server_optimizer, export, mix)
+    personalization = personalization_from_args(args, export.parameters if export is not None else None)
+    return AlgorithmSettings(mu, sampler, dp, accumulator, secure, server_optimizer, export, mix, personalization)
+
+
+def add_personalization_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --personalize and --personal-layers options of `tierfl aggregator`."""
+    group = parser.add_argument_group(
+        "personalization (one model per device under non-IID data)",
+        "Each round's summary, the status page and the report then give the devices' own accuracies, unweighted "
+        "across devices: the mean and the mean of the worst 10% of devices.")
+    group.add_argument("--personalize", default="off", metavar="finetune:K",
+                       help="finetune:K: every device also measures a personalized model: K local steps (batch "
+                            "--batch-size, --lr) on its training split from the round's starting weights, the same "
+                            "model it evaluates as the global one, then its test split; reported beside the global "
+                            "accuracy (acc_finetuned_* beside acc_global_*). Done after the update is taken: the "
+                            f"fine-tuned weights are never sent and never change the update. K in 1..{MAX_FINETUNE_STEPS} "
+                            "(default: %(default)s)")
+    group.add_argument("--personal-layers", metavar="NAME,...",
+                       help="FedPer/FedRep: parameters (names or shell patterns: fc3.*) that stay on each device: "
+                            "never sent, never aggregated (an update carrying one is refused, bad_tensor); each "
+                            "device trains its own copy, starting from the global model's, and keeps it across "
+                            "restarts (CACHE_DIR/personal-layers-MODEL.npz). When a device's tier changes, its copy "
+                            "keeps the shared leading block and takes the global values where the tier is wider. "
+                            "Accuracy then comes from the devices (not with --eval-data), each with its own layers")
+
+
+@dataclass(frozen=True)
+class Personalization:
+    """What --personalize and --personal-layers resolve to: the fine-tune's steps (0: off) and the personal layers."""
+
+    finetune_steps: int = 0
+    personal_layers: tuple[str, ...] = ()
+
+
+def personalization_from_args(args: argparse.Namespace, parameters: tuple[str, ...] | None) -> Personalization:
+    """The checked settings of `add_personalization_arguments`; the layer patterns resolved against the model's
+    `parameters` when known (None: resolved once the export is open). ValueError on a bad value or combination."""
+    kind, _, steps = str(args.personalize).partition(":")
+    finetune = 0
+    if kind != "off" or steps:
+        if kind != "finetune" or not steps.isdigit() or not 1 <= int(steps) <= MAX_FINETUNE_STEPS:
+            raise ValueError(f"--personalize {args.personalize}: expected finetune:K with K a number of local steps in "
+                             f"1..{MAX_FINETUNE_STEPS}, or off")
+        finetune = int(steps)
+    patterns = [p.strip() for p in (args.personal_layers or "").split(",") if p.strip()]
+    if args.personal_layers is not None and not patterns:
+        raise ValueError("--personal-layers names no parameter")
+    conflicts = {
+        "--secure-aggregation": args.secure_aggregation,
+        "--dp central (its noise covers every element, personal layers included)": args.dp == "central",
+        "--eval-data (the aggregator's copy of the personal layers is never trained)": bool(args.eval_data),
+    }
+    if patterns and (clash := [option for option, present in conflicts.items() if present]):
+        raise ValueError(f"--personal-layers cannot be combined with {', '.join(clash)}")
+    if finetune and args.secure_aggregation:
+        raise ValueError("--personalize cannot be combined with --secure-aggregation: a masked answer carries no "
+                         "personalized accuracy")
+    layers = personal_names(patterns, parameters) if patterns and parameters else tuple(patterns)
+    return Personalization(finetune, layers)
 
 
 def add_server_optimizer_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 
 from aggregator.downlink import Downlink
 from aggregator.engines.base import Engine, Outgoing
+from aggregator.engines.personal import carried_personal, update_shapes
 from aggregator.inbox import Inbox
 from aggregator.refusals import RateLimiter
 from aggregator.registry import DeviceRegistry, RegistryFull
@@ -204,7 +205,10 @@ class AggregatorService:
         """The tensor names and shapes this message may carry; FrameError if it is refused on its kind alone."""
         body = raw.body
         if isinstance(body, Update):
-            return {} if body.unchanged else self.artifacts.tiers[body.tier].shapes
+            personal = self.engine.config.personal_layers  # FedPer: never sent, so refused by name when they are
+            if problem := carried_personal((entry.name for entry in raw.header.tensors), personal):
+                raise FrameError(*problem)
+            return {} if body.unchanged else update_shapes(self.artifacts.tiers[body.tier].shapes, personal)
         if isinstance(body, BnStatistics):
             shapes = self.artifacts.tiers[body.tier].shapes
             return {name: shapes[name] for name in statistic_names(shapes)}

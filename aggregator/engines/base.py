@@ -31,7 +31,7 @@ from aggregator.strategies.bn_statistics import BnStatisticsPool
 from aggregator.strategies.fedavg import Accumulator
 from aggregator.strategies.robust import DEFAULT_OUTLIER_MULTIPLE
 from aggregator.strategies.server_optimizer import ServerOptimizer
-from protocol.messages import BnStatistics, Body, Reject, RejectReason, SecAgg, Update
+from protocol.messages import MAX_FINETUNE_STEPS, BnStatistics, Body, Reject, RejectReason, SecAgg, Update
 
 
 class EngineConfig(BaseModel):
@@ -50,6 +50,8 @@ class EngineConfig(BaseModel):
     outlier_multiple: float = Field(DEFAULT_OUTLIER_MULTIPLE, ge=0)  # refuse norms over this x the tier's median (0: off)
     max_share: float = Field(1.0, gt=0, le=1)  # cap on one device's share of a round's weight (1: no cap)
     server_optimizer: ServerOptimizer | None = None  # None: the round's aggregate is the new model (FedAvg)
+    personal_layers: tuple[str, ...] = ()  # FedPer: parameters that stay on the devices, never sent or aggregated
+    finetune_steps: int = Field(0, ge=0, le=MAX_FINETUNE_STEPS)  # --personalize finetune:K (0: off)
     seed: int = 0
 
 
@@ -79,6 +81,7 @@ class OpenRound:
     available: int = 0  # devices the round was drawn from (differential privacy's sampling rate)
     answered: set[str] = field(default_factory=set)
     evals: list[tuple[str, float, float, int]] = field(default_factory=list)  # tier, loss, acc, samples
+    device_accuracies: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)  # global, fine-tuned
     bytes_up: int = 0
     bytes_down: int = 0
     trained: dict[str, np.ndarray] | None = None  # aggregated weights awaiting their statistics

@@ -20,6 +20,7 @@ import numpy as np
 
 from aggregator.engines.base import OpenRound, Outgoing, reject
 from aggregator.engines.parts import EngineParts
+from aggregator.engines.personal import carried_personal, update_shapes
 from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.round_spool import Assignment, SpooledUpdate
 from aggregator.strategies.fedavg import ClientUpdate, Contribution, share_caps
@@ -41,6 +42,7 @@ class UpdateIntake:
         """`committed_round`: the last committed round, whose ledger's accepted update ids stay duplicates."""
         self.registry, self.artifacts, self.ledger = parts.registry, parts.artifacts, parts.ledger
         self.max_share = parts.config.max_share
+        self.personal = parts.config.personal_layers
         self.rejected: collections.Counter[str] = collections.Counter()
         self.norms = NormBound(parts.config.outlier_multiple)
         # update ids counted so far: replays of updates counted before a restart stay duplicates
@@ -75,7 +77,7 @@ class UpdateIntake:
                       tensors: Mapping[str, np.ndarray]) -> Problem | None:
         """Why an update's samples or tensors are refused for its task (`assignment`), or None."""
         return self.check_samples(device_id, assignment, update.num_samples) or check_update_tensors(
-            update, tensors, assignment.tier, self.artifacts)
+            update, tensors, assignment.tier, self.artifacts, self.personal)
 
     def check_weight(self, current: OpenRound, client: ClientUpdate, norm: float, weighted: bool) -> Problem | None:
         """Why an update's delta is refused: a NaN/Inf or outlier norm, or a weighted norm overflowing the sums."""
@@ -101,7 +103,7 @@ class UpdateIntake:
 
     def zero_update(self, tier: str) -> dict[str, np.ndarray]:
         """The tensors of a selective-upload "unchanged" answer: a zero delta of the tier's shapes."""
-        return {n: np.zeros(s, np.float32) for n, s in self.artifacts.tiers[tier].shapes.items()}
+        return {n: np.zeros(s, np.float32) for n, s in update_shapes(self.artifacts.tiers[tier].shapes, self.personal).items()}
 
     def fold(self, current: OpenRound, client: ClientUpdate, update: Update, norm: float, nbytes: int) -> None:
         """Count one accepted update toward `current`: live, or replayed from the spool after a restart."""
@@ -113,6 +115,8 @@ class UpdateIntake:
         current.accumulator.add(client)
         if update.eval_accuracy is not None and update.eval_loss is not None and update.eval_samples:
             current.evals.append((update.tier, update.eval_loss, update.eval_accuracy, update.eval_samples))
+        if update.eval_accuracy is not None or update.personal_accuracy is not None:
+            current.device_accuracies[client.device_id] = (update.eval_accuracy, update.personal_accuracy)
 
     def replay(self, round_number: int, spooled: Sequence[tuple[SpooledUpdate, Mapping[str, Tensor]]],
                fold: Callable[[SpooledUpdate, Mapping[str, Tensor]], None]) -> None:
@@ -165,9 +169,12 @@ class UpdateIntake:
                                round_number=round_number)
 
 
-def check_update_tensors(update: Update, tensors: Mapping[str, np.ndarray], tier: str, artifacts: ArtifactStore) -> Problem | None:
-    """Why an update's tensors (and a relay's contributors) do not fit `tier`, or None."""
-    shapes = artifacts.tiers[tier].shapes
+def check_update_tensors(update: Update, tensors: Mapping[str, np.ndarray], tier: str, artifacts: ArtifactStore,
+                         personal: tuple[str, ...] = ()) -> Problem | None:
+    """Why an update's tensors (and a relay's contributors) do not fit `tier` (less the `personal` layers), or None."""
+    if problem := carried_personal(tensors, personal):
+        return problem
+    shapes = update_shapes(artifacts.tiers[tier].shapes, personal)
     if set(tensors) != set(shapes):
         return RejectReason.BAD_TENSOR, f"tensors {sorted(set(tensors) ^ set(shapes))} do not match tier {tier}"
     for name, value in tensors.items():

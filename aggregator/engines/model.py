@@ -18,6 +18,7 @@ import numpy as np
 from aggregator.engines.base import OpenRound, Outgoing
 from aggregator.engines.intake import UpdateIntake
 from aggregator.engines.parts import EngineParts, listing
+from aggregator.engines.personal import device_metrics, update_shapes
 from aggregator.store.state import StateRecord
 from aggregator.strategies.bn_statistics import with_statistics
 from aggregator.strategies.server_optimizer import split_state, touched_mask, with_state
@@ -93,7 +94,8 @@ class GlobalModel:
             optimizer = self.parts.config.server_optimizer
             if optimizer is None:
                 return aggregate
-            blocks = [self.parts.artifacts.tiers[current.assignments[d].tier].shapes for d in current.answered]
+            blocks = [update_shapes(self.parts.artifacts.tiers[current.assignments[d].tier].shapes,
+                                    self.parts.config.personal_layers) for d in current.answered]
             touched = touched_mask({n: w.shape for n, w in self.weights.items()}, blocks)
             trained, current.optimizer_state = optimizer.step(self.weights, aggregate, touched, self.optimizer_state)
         return trained
@@ -162,7 +164,8 @@ class GlobalModel:
             round=current.number, version=self.record.version + int(committed), selected=len(current.assignments),
             answered=len(current.answered), accuracy=accuracy, loss=loss, accuracy_source=source,
             accuracy_by_tier=by_tier, bytes_up=current.bytes_up, bytes_down=current.bytes_down,
-            seconds=now - current.started, rejected=rejected, metrics=self.parts.strategy.metrics(),
+            seconds=now - current.started, rejected=rejected,
+            metrics={**self.parts.strategy.metrics(), **device_metrics(current.device_accuracies)},
             final=current.number >= self.parts.config.rounds,
         )
 

@@ -39,6 +39,8 @@ def task_for(assignment: Assignment, scope: TaskScope, config: EngineConfig) -> 
         evaluate=config.evaluate_on_devices,
         dp_clip=config.local_dp_clip,
         dp_noise=config.local_dp_noise,
+        personal_layers=list(config.personal_layers),
+        finetune_steps=config.finetune_steps,
     )
 
 
