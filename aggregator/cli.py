@@ -97,8 +97,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--share-group", help="MQTT shared-subscription group, to split devices across aggregator workers")
     status = parser.add_argument_group("monitoring")
     status.add_argument("--status-port", type=int, metavar="PORT",
-                        help="serve the live status page (/), its data (/status.json) and Prometheus metrics "
-                             "(/metrics) over HTTP on this port; 0 picks a free port (the URL is logged) "
+                        help="serve the live status page (/), its data (/status.json), Prometheus metrics "
+                             "(/metrics) and operators' analytics queries (tierfl analytics: POST /analytics with the "
+                             "token in STATE_DIR/analytics.token)"
+                             " over HTTP on this port; 0 picks a free port (the URL is logged) "
                              "(default: off)")
     status.add_argument("--status-host", default="127.0.0.1",
                         help="address the status page binds; 0.0.0.0 exposes it to the network, unauthenticated "
@@ -323,15 +325,22 @@ def serve(args: argparse.Namespace, settings: AlgorithmSettings) -> int:
                 embedded = stack.enter_context(EmbeddedBroker())
                 broker = parse_broker(embedded.url)
                 log.info("embedded broker listening at %s: start devices with `tierfl client --broker %s ...`", embedded.url, embedded.url)
-            monitor = None
+            monitor, analytics = None, None
             if args.status_port is not None:
                 from aggregator.monitor import Monitor  # prometheus-client: only when the status page is on
 
-                monitor = stack.enter_context(Monitor(args.status_host, args.status_port))
+                from aggregator.analytics import AnalyticsDesk, analytics_token, tier_slicer
+
+                monitor = stack.enter_context(Monitor(args.status_host, args.status_port,
+                                                      analytics_token=analytics_token(args.state_dir)))
+                analytics = AnalyticsDesk(engine.registry, engine.artifacts,
+                                          tier_slicer(lambda: engine.weights, lambda: engine.record.version,
+                                                      engine.artifacts),
+                                          engine.count_rejection, folder=args.state_dir)
             service = AggregatorService(engine, broker, aggregator_id=args.aggregator_id, share_group=args.share_group,
                                        max_message_bytes=args.max_message_bytes, downlink=args.downlink,
                                        signatures=SignatureCheck(EnrolledKeys.load(args.enrolled).root) if args.enrolled else None,
-                                       monitor=monitor, key=key)
+                                       monitor=monitor, key=key, analytics=analytics)
             service.run(stop)
             if monitor is not None and args.linger > 0 and not stop.is_set():
                 log.info("all rounds done; the status page stays up at %s for %.0f s (--linger)", monitor.url, args.linger)

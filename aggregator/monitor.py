@@ -6,12 +6,19 @@ after every step of its loop, calls `observe`, which copies what the page needs 
 that snapshot and the monitor's own metrics registry (prometheus-client metrics are thread-safe).
 
 Routes: `/metrics` (Prometheus text format), `/status.json` (the latest snapshot), `/` (the page).
+With an analytics token (aggregator.analytics): `POST /analytics` queues an operator's query (a JSON
+AnalyticsRequest of at most 4 KiB, with `Authorization: Bearer TOKEN`, the token of
+STATE_DIR/analytics.token; anything else is refused 401/400/413 and never queued), answered 202 with
+the query's id; `GET /analytics/ID` serves its result (or status), `GET /analytics` the newest results.
+The handler only validates and queues: the service thread takes the queue (`take_queries`) and
+hands back results (`show_analytics`), which the page and /status.json also show.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import hmac
 import json
 import logging
 import math
@@ -27,9 +34,10 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from protocol.messages import RejectReason, RoundSummary
+from protocol.messages import RejectReason, RoundSummary, new_id
 
 if TYPE_CHECKING:
+    from aggregator.analytics import AnalyticsRequest
     from aggregator.engines.base import Engine
     from aggregator.store.artifacts import ArtifactStore
 
@@ -37,6 +45,9 @@ log = logging.getLogger(__name__)
 
 REJECTIONS_KEPT = 50  # the status page lists this many recent rejections
 HISTORY_SHOWN = 1000  # rounds in /status.json (the newest)
+MAX_QUERY_BYTES = 4096  # a POST /analytics body
+MAX_QUERIES_WAITING = 16  # posted queries the service has not taken yet; more are refused 429
+ANALYTICS_SHOWN = 10  # results in /status.json (the newest)
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 
 
@@ -95,6 +106,7 @@ class StatusSnapshot:
     bytes_received: int
     bytes_sent: int
     updates_accepted: int
+    analytics: tuple[Mapping[str, object], ...] = ()  # the newest analytics results, oldest first
 
     @cached_property
     def json_bytes(self) -> bytes:
@@ -121,6 +133,7 @@ class StatusSnapshot:
             "rejected_by_reason": dict(self.rejected_by_reason),
             "totals": {"bytes_received": self.bytes_received, "bytes_sent": self.bytes_sent,
                        "updates_accepted": self.updates_accepted},
+            "analytics": list(self.analytics[-ANALYTICS_SHOWN:]),
         }
         return json.dumps(document, allow_nan=False).encode()
 
@@ -142,7 +155,9 @@ def _finite(value: float | None) -> float | None:
 class Monitor:
     """Metrics and status of one aggregator, served over HTTP on `host:port` (port 0: any free port)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, refresh_s: float = 0.25) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, refresh_s: float = 0.25,
+                 analytics_token: str | None = None) -> None:
+        """`analytics_token`: accept operators' queries (POST /analytics) bearing it; None: analytics is off."""
         if not 0 <= port <= 65535:
             raise ValueError(f"status port {port} is not a TCP port (0-65535; 0 picks a free one)")
         self.host, self.port = host, port
@@ -161,6 +176,9 @@ class Monitor:
         self._tiers_seen: set[str] = set()
         self._last_refresh = 0.0
         self._metrics = _Metrics(self.registry)
+        self.analytics_token = analytics_token
+        self._queries: collections.deque[tuple[str, AnalyticsRequest]] = collections.deque()  # posted, not taken
+        self._analytics: tuple[Mapping[str, object], ...] = ()  # the service's copy of the desk's results
 
     # -- the HTTP server ----------------------------------------------------------------------
 
@@ -198,6 +216,45 @@ class Monitor:
         """The latest snapshot (any thread), None before the service's first step."""
         with self._lock:
             return self._snapshot
+
+    # -- analytics: queries in (HTTP threads), results out (service thread) ------------------------
+
+    def post_query(self, request: AnalyticsRequest) -> str | None:
+        """Queue an operator's checked query for the service (any thread); its id, None when the queue is full."""
+        with self._lock:
+            if len(self._queries) >= MAX_QUERIES_WAITING:
+                return None
+            query_id = new_id()
+            self._queries.append((query_id, request))
+            self._analytics = (*self._analytics, {"id": query_id, "status": "posted",
+                                                  "computation": request.computation})
+            return query_id
+
+    def take_queries(self) -> list[tuple[str, AnalyticsRequest]]:
+        """The queries posted since the last call (service thread)."""
+        with self._lock:
+            taken = list(self._queries)
+            self._queries.clear()
+            return taken
+
+    def show_analytics(self, results: list[Mapping[str, object]]) -> None:
+        """The desk's results, oldest first, for /analytics and the page (service thread)."""
+        with self._lock:
+            posted = tuple(r for r in self._analytics if r.get("status") == "posted"
+                           and r["id"] not in {x["id"] for x in results})
+            self._analytics = (*results, *posted)
+            if self._snapshot is not None:
+                self._snapshot = dataclasses.replace(self._snapshot, analytics=self._analytics)
+
+    def analytics_result(self, query_id: str) -> Mapping[str, object] | None:
+        """One query's result or status (any thread)."""
+        with self._lock:
+            return next((r for r in self._analytics if r.get("id") == query_id), None)
+
+    def analytics_results(self) -> tuple[Mapping[str, object], ...]:
+        """The newest results, oldest first (any thread)."""
+        with self._lock:
+            return self._analytics
 
     # -- events, from the service thread ------------------------------------------------------
 
@@ -242,7 +299,7 @@ class Monitor:
         snapshot = self._take_snapshot(engine, now)
         self._count_devices(snapshot.devices)
         with self._lock:
-            self._snapshot = snapshot
+            self._snapshot = dataclasses.replace(snapshot, analytics=self._analytics)
 
     def _show_round(self, summary: RoundSummary) -> None:
         """Set the gauges from the last finished round."""
@@ -364,8 +421,50 @@ class _StatusHandler(BaseHTTPRequestHandler):
                 self._reply(200, "application/json", snapshot.json_bytes)
         elif path in ("/", "/index.html"):
             self._reply(200, "text/html; charset=utf-8", self.server.page)
+        elif path == "/analytics":
+            self._json(200, {"results": list(monitor.analytics_results())})
+        elif path.startswith("/analytics/"):
+            found = monitor.analytics_result(path.removeprefix("/analytics/"))
+            self._json(200, dict(found)) if found is not None else self._json(404, {"error": "no such query"})
         else:
             self._reply(404, "text/plain; charset=utf-8", f"no such page: {path}\n".encode())
+
+    def do_POST(self) -> None:
+        """POST /analytics: check the token, the size and the query, then queue it (202 with its id)."""
+        from aggregator.analytics import AnalyticsRequest  # pydantic: the request's schema, every field bounded
+
+        monitor = self.server.monitor
+        if urlsplit(self.path).path != "/analytics":
+            self._json(404, {"error": f"nothing to post to at {urlsplit(self.path).path}"})
+            return
+        if monitor.analytics_token is None:
+            self._json(404, {"error": "this aggregator takes no analytics queries"})
+            return
+        offered = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(offered.encode(), f"Bearer {monitor.analytics_token}".encode()):
+            self._json(401, {"error": "a query needs the operator's token: Authorization: Bearer <the contents of "
+                                      "STATE_DIR/analytics.token>"})
+            return
+        try:
+            length = int(self.headers.get("Content-Length", "-1"))
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_QUERY_BYTES:
+            self._json(413, {"error": f"a query is a JSON object of at most {MAX_QUERY_BYTES} bytes"})
+            return
+        try:
+            request = AnalyticsRequest.model_validate_json(self.rfile.read(length))
+        except ValueError as exc:
+            self._json(400, {"error": f"not a query: {str(exc)[:1000]}"})
+            return
+        query_id = monitor.post_query(request)
+        if query_id is None:
+            self._json(429, {"error": f"{MAX_QUERIES_WAITING} queries are waiting already"})
+        else:
+            self._json(202, {"id": query_id, "result": f"/analytics/{query_id}"})
+
+    def _json(self, status: int, document: Mapping[str, object]) -> None:
+        self._reply(status, "application/json", json.dumps(document, allow_nan=False).encode())
 
     def _reply(self, status: int, content_type: str, body: bytes) -> None:
         self.send_response(status)

@@ -35,8 +35,8 @@ from aggregator.store.artifacts import ArtifactStore
 from aggregator.strategies.bn_statistics import statistic_names
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.frame import Frame, FrameError, RawFrame, decode_payload, encode_frame, read_header
-from protocol.messages import (Blob, BnStatistics, Catalogue, CatalogueRequest, Fetch, FrameHeader, Hello, Reject,
-                               RejectReason, SecAgg, Status, Task, Update)
+from protocol.messages import (Answer, Blob, BnStatistics, Catalogue, CatalogueRequest, Fetch, FrameHeader, Hello,
+                               Reject, RejectReason, SecAgg, Status, Task, Update)
 from protocol.mqtt.link import MqttLink
 from protocol.mqtt.url import BrokerAddress
 from protocol.refusals import RefusalLog
@@ -44,6 +44,7 @@ from protocol.signing import DeviceKey, SignatureCheck, SignatureError, key_anno
 from protocol.topics import Topics
 
 if TYPE_CHECKING:
+    from aggregator.analytics import AnalyticsDesk
     from aggregator.monitor import Monitor
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,12 @@ class AggregatorService:
         monitor: Monitor | None = None,
         key: DeviceKey | None = None,
         inbox: Inbox | None = None,
+        analytics: AnalyticsDesk | None = None,
     ) -> None:
+        """`analytics`: answers operators' queries (aggregator.analytics), posted to `monitor`'s status server."""
         self.engine = engine
+        self.analytics = analytics
+        self._analytics_seen = -1  # the desk's change count last copied to the status page
         self.registry: DeviceRegistry = engine.registry
         self.artifacts: ArtifactStore = engine.artifacts
         self.aggregator_id = aggregator_id
@@ -121,6 +126,7 @@ class AggregatorService:
                     self._refuse(self.topics.device_of(topic), RejectReason.RATE_LIMITED,
                                  f"{count} messages on {topic} dropped: over the inbox budget")
                 self._send(self.engine.tick(now))
+                self._serve_analytics(now)
                 self._refresh_round_devices()
                 self._flush_ledger(now)
                 if self.monitor:
@@ -129,6 +135,18 @@ class AggregatorService:
             self._flush_ledger(float("inf"))
             time.sleep(0.2)  # let the last QoS 1 publishes leave
             self.link.stop()
+
+    def _serve_analytics(self, now: float) -> None:
+        """Take the queries posted to the status server, run the desk, copy its results to the status page."""
+        if self.analytics is None:
+            return
+        if self.monitor:
+            for query_id, request in self.monitor.take_queries():
+                self.analytics.submit(request, now, query_id)
+        self._send(self.analytics.tick(now))
+        if self.monitor and self.analytics.changes != self._analytics_seen:
+            self._analytics_seen = self.analytics.changes
+            self.monitor.show_analytics(list(self.analytics.results.values()))
 
     def handle_safely(self, topic: str, item: bytes | FrameError, now: float) -> None:
         """Handle one inbox item; a bug met on the way is logged, counted as internal_error and survived."""
@@ -214,6 +232,10 @@ class AggregatorService:
             return {name: shapes[name] for name in statistic_names(shapes)}
         if isinstance(body, SecAgg):
             return self._secagg_tensors(raw, now)
+        if isinstance(body, Answer):
+            if self.analytics is None:
+                raise FrameError(RejectReason.UNEXPECTED, "this aggregator runs no analytics queries")
+            return self.analytics.expected_tensors(raw.header.sender, body, now)
         return {}  # hello, status, fetch and the rest carry no tensors
 
     def _secagg_tensors(self, raw: RawFrame, now: float) -> Mapping[str, tuple[int, ...]]:
@@ -254,6 +276,8 @@ class AggregatorService:
                 if self.monitor and body.phase == "masked_input":
                     self.monitor.update_accepted()
             self._send(outgoing)
+        elif on_up and isinstance(body, Answer) and self.analytics is not None:
+            self._send(self.analytics.on_answer(device, header.msg_id, body, frame.tensors, now))
         elif on_up and isinstance(body, BnStatistics):
             outgoing = self.engine.on_bn_statistics(device, header.msg_id, body, frame.tensors, now)
             if not _refused(outgoing, device):

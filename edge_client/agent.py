@@ -59,6 +59,7 @@ from typing import Annotated, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from edge_client.analytics import checked_weights, data_answer, model_answer
 from edge_client.backends import open_trainer
 from edge_client.bn_statistics import measure_bn_statistics
 from edge_client.cache import ArtifactCache, ArtifactTooLarge
@@ -75,8 +76,9 @@ from models.data import Dataset, fit_split
 from models.manifest import STATISTICS_FILE, TierManifest
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.frame import Frame, encode_frame, read_header
-from protocol.messages import (Blob, BnStatistics, Body, Catalogue, CatalogueRequest, Fetch, Hello, MeasureBnStatistics,
-                               Reject, RejectReason, SecAgg, Status, Task, TierFiles, TrainTask, new_id)
+from protocol.messages import (Answer, Blob, BnStatistics, Body, Catalogue, CatalogueRequest, Fetch, Hello,
+                               MeasureBnStatistics, Query, Reject, RejectReason, SecAgg, Status, Task, TierFiles,
+                               TrainTask, new_id)
 from protocol.mqtt.link import Backoff, MqttLink, Will
 from protocol.mqtt.url import BrokerAddress
 from protocol.quantized import Tensor
@@ -176,6 +178,7 @@ class DeviceAgent:
         self.inbox: Inbox[Downlink] = Inbox(lambda item: item.nbytes if isinstance(item, Frame) else 0)
         # the device loop's own state
         self._tasks: collections.deque[Frame] = collections.deque()  # tasks taken, oldest first
+        self._queries: collections.deque[Frame] = collections.deque()  # analytics queries taken, answered between tasks
         self._trainers: dict[str, Trainer] = {}
         self._manifests: dict[str, TierManifest] = {}  # manifest sha256 -> manifest, once its tier folder is checked
         self._feedback: dict[str, ErrorFeedback] = {}
@@ -298,7 +301,9 @@ class DeviceAgent:
         """Serve the inbox and carry out the tasks taken, one at a time, until closing."""
         while not self._closing.is_set():
             self._send_asks()
-            if self._tasks:
+            if self._queries:
+                self._answer_next_query()
+            elif self._tasks:
                 self._carry_out_next()
             elif self._answered:
                 self._fetch_answered()
@@ -390,6 +395,8 @@ class DeviceAgent:
                 if not self.secure.on_task(body):  # settings checked, keys out at once; refused: never queued, not trained
                     return
             self._tasks.append(item)
+        elif isinstance(body, Query):
+            self._queries.append(item)
         elif isinstance(body, SecAgg) and self.secure is not None:
             self.secure.on_message(body)
         elif isinstance(body, Blob):
@@ -453,6 +460,49 @@ class DeviceAgent:
         if errors:
             raise errors[0]
         return results[0]
+
+    # -- analytics queries ------------------------------------------------------------------
+
+    def _answer_next_query(self) -> None:
+        """Answer the oldest analytics query taken (edge_client.analytics); one that cannot be answered is refused
+        (or, past its deadline or while stopping, let go) and the agent goes on."""
+        frame = self._queries.popleft()
+        query: Query = frame.body  # type: ignore[assignment]
+        what = f"query {query.number} ({query.computation})"
+        try:
+            if time.time() > query.deadline:
+                raise TaskSkipped(f"{what}: deadline passed before it was answered")
+            data = self.train_data if query.split == "train" else self.test_data
+            tier = None
+            if query.files is None:
+                tensors = data_answer(query, data, self.data_name)
+            else:
+                manifest = self._get_files(query.files, query.deadline, what)
+                weights = checked_weights(frame.tensors, manifest)
+                folder = self.cache.tier_folder(query.files.artifacts, key=query.files.manifest_sha256)
+                tensors = self._off_loop(lambda: model_answer(query, folder, weights, data, self.data_name,
+                                                              self.config.threads))
+                tier = query.files.tier
+        except TaskSkipped as exc:
+            log.info("%s let go: %s", what, exc or "see above")
+            return
+        except TaskRefused as exc:
+            self._refuse(exc.reason, f"{what}: {exc.detail}", frame.header.sender)
+            return
+        except ValueError as exc:  # data that does not fit the model, weights that are not the tier's
+            self._refuse(RejectReason.BAD_TENSOR, f"{what}: {exc}", frame.header.sender)
+            return
+        except Exception as exc:  # a bug: this query only, never the agent
+            log.exception("%s failed", what)
+            self._refuse(RejectReason.INTERNAL_ERROR, f"{what}: {type(exc).__name__}: {exc}", frame.header.sender)
+            return
+        self._send_answer(query, Answer(query=query.query, tier=tier, num_samples=len(data)), tensors)
+
+    def _send_answer(self, query: Query, body: Answer, tensors: dict[str, np.ndarray]) -> None:
+        """Publish one query's answer."""
+        sent = self._publish(self.topics.up(self.config.device_id), body, tensors)
+        log.info("query %d (%s): answered on %d samples (%d bytes)", query.number, query.computation,
+                 body.num_samples, sent)
 
     # -- the task pipeline ------------------------------------------------------------------
 

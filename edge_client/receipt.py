@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from protocol.frame import Frame, FrameError, decode_payload, read_header
-from protocol.messages import Blob, Catalogue, Reject, RejectReason, SecAgg, Task, TierFiles, TrainTask
+from protocol.messages import Blob, Catalogue, Query, Reject, RejectReason, SecAgg, Task, TierFiles, TrainTask
 from protocol.signing import KEY_ANNOUNCEMENT, SignatureError
 from protocol.trust import AggregatorTrust
 
@@ -101,6 +101,8 @@ class Receipt:
             return self._task_problem(body, frame.header.msg_id)
         if isinstance(body, Catalogue):
             return _files_problem(body, f"the catalogue of tier {body.tier}")
+        if isinstance(body, Query):
+            return self._query_problem(body, frame.header.msg_id)
         if isinstance(body, (Blob, Reject)) or (isinstance(body, SecAgg) and self.secure):
             return None
         return RejectReason.UNEXPECTED, f"unexpected {body.kind!r} message"
@@ -117,6 +119,22 @@ class Receipt:
         if msg_id in self._taken:  # a QoS 1 redelivery, or the same signed task sent again before its deadline
             return RejectReason.REPLAYED, f"{where}: task message {msg_id} was taken already"
         return _files_problem(task, where)
+
+    def _query_problem(self, query: Query, msg_id: str) -> tuple[RejectReason, str] | None:
+        """Why an analytics query cannot be taken (secure without the means, past its deadline, taken already, files
+        not its manifest's); None if it can (and it is remembered as taken)."""
+        where = f"query {query.number} ({query.computation})"
+        if query.secure is not None and not self.secure:
+            return RejectReason.UNEXPECTED, (f"{where} uses secure aggregation, which needs the cryptography package "
+                                             "(pip install 'tierfl[signing]')")
+        if (late := time.time() - query.deadline) > 0:
+            return RejectReason.REPLAYED, f"{where}: its deadline passed {late:.0f} s ago"
+        if msg_id in self._taken:
+            return RejectReason.REPLAYED, f"{where}: query message {msg_id} was taken already"
+        if query.files is not None and (problem := _files_problem(query.files, where)) is not None:
+            return problem
+        self._take(msg_id, query.deadline)
+        return None
 
     def _take(self, msg_id: str, deadline: float) -> None:
         """Remember a task frame taken (until its deadline, and at most MAX_TAKEN_TASKS of them)."""

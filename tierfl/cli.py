@@ -24,6 +24,8 @@ COMMANDS = {
     "broker-config": ("protocol.mqtt.broker_config", "write a Mosquitto config for a fleet: TLS, passwords, per-device ACL"),
     "bench": ("edge_client.bench", "benchmark each device tier here: step latency, memory, artifact and update bytes"),
     "demo": ("tierfl.demo", "a whole federation on this machine: broker, aggregator, 8 devices"),
+    "analytics": ("aggregator.analytics_cli", "ask a running aggregator's fleet a question (label mix, feature statistics, "
+                  "model metrics); get one aggregate as JSON"),
     "report": ("aggregator.report", "write a self-contained HTML report of a run from its state directory"),
     "config": ("tierfl.config", "print a role's effective configuration: defaults, --config file, TIERFL_* variables, flags"),
 }

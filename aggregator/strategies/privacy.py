@@ -174,6 +174,44 @@ class RdpAccountant:
         return rdp_to_epsilon(self.orders, self.rdp, delta)
 
 
+class DpEventAccountant:
+    """The books of a sequence of (sampled) Gaussian mechanisms, kept by the maintained `dp-accounting` package.
+
+    Its RDP accountant composes the events and converts to (epsilon, delta); the books are the list
+    of events (noise multiplier, sampling rate, count), so they persist as plain JSON and restore by
+    composing them again. ImportError naming the package when it is not installed.
+    """
+
+    def __init__(self, events: Sequence[Sequence[float]] = ()) -> None:
+        import dp_accounting  # the aggregator's host: tierfl[full]
+        from dp_accounting.rdp import RdpAccountant as _Rdp
+
+        self._dp = dp_accounting
+        self._accountant = _Rdp()
+        self.events: list[tuple[float, float, int]] = []
+        for z, q, count in events:
+            self.step(float(z), float(q), int(count))
+
+    def step(self, noise_multiplier: float, sampling_rate: float = 1.0, count: int = 1) -> None:
+        """Compose `count` more Gaussian mechanisms of this noise multiplier on Poisson samples of this rate."""
+        if not noise_multiplier > 0:
+            raise ValueError(f"the noise multiplier must be > 0, got {noise_multiplier}")
+        if not 0 < sampling_rate <= 1 or count < 1:
+            raise ValueError(f"need a sampling rate in (0, 1] and a count >= 1, got {sampling_rate}, {count}")
+        event = self._dp.GaussianDpEvent(noise_multiplier)
+        if sampling_rate < 1:
+            event = self._dp.PoissonSampledDpEvent(sampling_rate, event)
+        self._accountant.compose(event, count)
+        self.events.append((noise_multiplier, sampling_rate, count))
+
+    def epsilon(self, delta: float) -> tuple[float, float]:
+        """(epsilon, the RDP order that gives it) of everything composed so far, at this delta (0 with no events)."""
+        if not self.events:
+            return 0.0, math.nan
+        epsilon, order = self._accountant.get_epsilon_and_optimal_order(delta)
+        return float(epsilon), float(order)
+
+
 # -- the central DP-FedAvg accumulator ---------------------------------------------------------
 
 

@@ -1,0 +1,135 @@
+"""`tierfl analytics`: ask a running aggregator's fleet one question, print the aggregate as JSON.
+
+The query travels to the aggregator over its status server (`tierfl aggregator --status-port`):
+POST /analytics with the operator's token from STATE_DIR/analytics.token, then GET
+/analytics/ID until the aggregator released the answer or refused it. The aggregator sends the
+query to its online devices beside the rounds (aggregator.analytics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from aggregator.analytics import MIN_DEVICES_FLOOR, TOKEN_FILE, AnalyticsRequest
+from models.analytics import COMPUTATIONS
+
+EXIT_REFUSED = 3  # the aggregator refused to release an answer (the JSON says why)
+POLL_S = 0.25
+
+EXAMPLES = """\
+menu (every answer is a sum over the devices that answered; nothing per device is released):
+  label_histogram   samples per label
+  sample_count      samples
+  feature_moments   per channel (per feature for flat samples) mean and variance of values clipped to [low, high]
+  quantile_sketch   per channel fixed-bin histogram over [low, high] with --bins bins and the quantiles
+                    p10/p25/p50/p75/p90 read off it: within one bin width, (high - low) / bins, of the true ones
+  model_metrics     the committed global model's loss (per sample, clipped to --loss-clip), accuracy and
+                    confusion matrix on the devices' data, overall and per tier
+
+examples:
+  # the fleet's label mix, exact, from at least 3 devices
+  tierfl analytics label_histogram --url http://127.0.0.1:8080 --state-dir runs/lab
+  # with differential privacy: Gaussian noise of std 2 x the sensitivity, epsilon printed with the answer
+  tierfl analytics label_histogram --url http://127.0.0.1:8080 --state-dir runs/lab --dp-noise 2
+  # the global model on the devices' test splits, per tier
+  tierfl analytics model_metrics --split test --url http://127.0.0.1:8080 --state-dir runs/lab
+
+exit status: 0 answered, 3 refused (too few devices answered, ...: "reason" says why), 1 other errors."""
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Options of `tierfl analytics`."""
+    parser.description = (
+        "Run one federated-analytics query against a live fleet through its aggregator and print the aggregate "
+        "as JSON. The aggregator must serve its status page (tierfl aggregator --status-port PORT): the query is "
+        "posted there with the operator's token, which the aggregator writes to STATE_DIR/analytics.token "
+        "(readable by its owner only), and the answer read back.")
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("computation", choices=COMPUTATIONS, help="what each device computes (see the menu below)")
+    parser.add_argument("--url", required=True, help="the aggregator's status page, e.g. http://127.0.0.1:8080")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--state-dir", type=Path, default=Path("runs/aggregator"),
+                       help=f"the aggregator's --state-dir, holding {TOKEN_FILE} (default: %(default)s)")
+    where.add_argument("--token-file", type=Path, help="the token file, when it is not in a state dir here")
+    parser.add_argument("--split", choices=("train", "test"), default="train",
+                        help="which of each device's splits to compute on (default: %(default)s)")
+    parser.add_argument("--min-devices", type=int, default=MIN_DEVICES_FLOOR, metavar="N",
+                        help="release nothing unless at least N devices answered (the aggregator never goes below "
+                             f"{MIN_DEVICES_FLOOR}; default: %(default)s)")
+    parser.add_argument("--max-devices", type=int, metavar="N", help="ask N online devices drawn at random "
+                        "(default: every online device)")
+    parser.add_argument("--tier", help="model_metrics: score every device with this tier (default: each device's "
+                        "requested tier, else the one it last trained, else the widest)")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                        help="how long the devices have to answer (default: %(default)s)")
+    parser.add_argument("--low", type=float, default=0.0, help="feature_moments, quantile_sketch: values are "
+                        "clipped to [low, high] (default: %(default)s)")
+    parser.add_argument("--high", type=float, default=1.0, help="(default: %(default)s)")
+    parser.add_argument("--bins", type=int, default=32, help="quantile_sketch: bins over [low, high] "
+                        "(default: %(default)s)")
+    parser.add_argument("--loss-clip", type=float, default=20.0, help="model_metrics: each sample's loss is "
+                        "clipped to this (default: %(default)s)")
+    parser.add_argument("--dp-noise", type=float, default=0.0, metavar="Z",
+                        help="differential privacy (one sample is the unit): add Gaussian noise of std Z x the "
+                             "computation's sensitivity to every released sum, charged to the aggregator's analytics "
+                             "books (dp-accounting); the answer shows this query's epsilon, the total and the error "
+                             "bound. 0: the exact sum (default: %(default)s)")
+    parser.add_argument("--dp-delta", type=float, default=1e-5, help="delta of the epsilon shown (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Post the query, wait for its answer, print it as JSON; 0 answered, 3 refused."""
+    request = AnalyticsRequest(computation=args.computation, split=args.split, min_devices=args.min_devices,
+                               max_devices=args.max_devices, tier=args.tier, timeout_s=args.timeout, low=args.low,
+                               high=args.high, bins=args.bins, loss_clip=args.loss_clip, dp_noise=args.dp_noise,
+                               dp_delta=args.dp_delta)
+    token_file = args.token_file or args.state_dir / TOKEN_FILE
+    try:
+        token = token_file.read_text(encoding="ascii").strip()
+    except OSError as exc:
+        raise OSError(f"cannot read the operator's token {token_file} ({exc.strerror or exc}): the aggregator writes "
+                      "it to its --state-dir when it serves --status-port; give that --state-dir or --token-file") from None
+    result = ask(args.url, token, request, wait_s=args.timeout + 30)
+    json.dump(result, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0 if result.get("status") == "answered" else EXIT_REFUSED
+
+
+def ask(url: str, token: str, request: AnalyticsRequest, wait_s: float) -> dict[str, object]:
+    """Post `request` to the aggregator at `url` and poll until it is answered or refused (RuntimeError after
+    `wait_s`); the result document."""
+    base = url.rstrip("/")
+    post = urllib.request.Request(f"{base}/analytics", data=request.model_dump_json().encode(), method="POST",
+                                  headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    posted = _open(post)
+    query_id = posted["id"]
+    until = time.monotonic() + wait_s
+    while time.monotonic() < until:
+        result = _open(urllib.request.Request(f"{base}/analytics/{query_id}"))
+        if result.get("status") in ("answered", "refused"):
+            return result
+        time.sleep(POLL_S)
+    raise RuntimeError(f"query {query_id} had no answer after {wait_s:.0f} s (is the aggregator still running?)")
+
+
+def _open(request: urllib.request.Request) -> dict[str, object]:
+    """One HTTP exchange with the aggregator: its JSON document, or RuntimeError with its error."""
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("error", "")
+        except ValueError:
+            detail = ""
+        raise RuntimeError(f"the aggregator answered {exc.code}: {detail or exc.reason}") from None
+    except urllib.error.URLError as exc:
+        raise RuntimeError(f"cannot reach the aggregator at {request.full_url}: {exc.reason} (is it running with "
+                           "--status-port?)") from None
