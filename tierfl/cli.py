@@ -38,7 +38,7 @@ USER_ERRORS = (OSError, ValueError, RuntimeError, ImportError)  # ImportError: a
 # install is `tierfl[edge,signing]`, everything else comes with `tierfl[full]` or `tierfl[demo]`.
 EXTRAS = {
     "onnx": "full", "onnxruntime": "full", "amqtt": "full", "cryptography": "full",
-    "prometheus_client": "full", "sklearn": "demo", "matplotlib": "demo", "tqdm": "demo",
+    "prometheus_client": "full", "dp_accounting": "full", "sklearn": "demo", "matplotlib": "demo", "tqdm": "demo",
 }
 DEVICE_COMMANDS = ("client", "bench")  # they run on the device install: onnxruntime from tierfl[edge], keys from [signing]
 DEVICE_EXTRAS = {"onnxruntime": "edge", "cryptography": "signing"}
