@@ -1,0 +1,192 @@
+"""Federated analytics in-process: the menu against numpy on the raw data, the desk's checks of hostile answers
+and its minimum-devices rule, DP noise within its stated bound and charged to dp-accounting's books, and the
+status server's POST /analytics (token, size, schema). The fleet over Mosquitto: test_analytics_integration."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+
+import dp_accounting
+import numpy as np
+import pytest
+
+from aggregator.analytics import BOOKS_FILE, RESULTS_FILE, AnalyticsDesk, AnalyticsRequest
+from aggregator.monitor import Monitor
+from aggregator.registry import DeviceRegistry
+from models.analytics import QuerySpec, compute, finish, gaussian_bound, score, true_answer
+from models.data import Dataset
+from protocol.frame import FrameError
+from protocol.messages import Answer, Query, Reject, RejectReason
+
+SHAPE, CLASSES = (2, 3, 3), 4  # two channels of 9 values
+
+
+def _data(n: int, seed: int) -> Dataset:
+    rng = np.random.default_rng(seed)
+    return Dataset(rng.uniform(-0.5, 1.5, (n, *SHAPE)).astype(np.float32), rng.integers(0, CLASSES, n).astype(np.int64))
+
+
+def test_menu_matches_numpy_and_merges_by_addition():
+    shards = [_data(50, 1), _data(70, 2)]
+    whole = Dataset(np.concatenate([s.x for s in shards]), np.concatenate([s.y for s in shards]))
+    clipped = np.clip(whole.x, 0, 1).transpose(1, 0, 2, 3).reshape(2, -1)  # per channel, all values
+    for computation in ("label_histogram", "sample_count", "feature_moments", "quantile_sketch"):
+        spec = QuerySpec(computation, SHAPE, CLASSES, bins=20)
+        merged = true_answer(spec, shards)
+        for name, value in compute(spec, whole).items():
+            np.testing.assert_allclose(merged[name], value, rtol=1e-6)
+        assert spec.problem(compute(spec, shards[0]), len(shards[0])) is None
+    moments = finish(QuerySpec("feature_moments", SHAPE, CLASSES), true_answer(QuerySpec("feature_moments", SHAPE,
+                                                                                          CLASSES), shards))
+    np.testing.assert_allclose(moments["mean"], clipped.mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(moments["variance"], clipped.var(axis=1), rtol=1e-4)
+    sketch = QuerySpec("quantile_sketch", SHAPE, CLASSES, bins=20)
+    read = finish(sketch, true_answer(sketch, shards))
+    assert read["quantile_error"] == pytest.approx(1 / 20)
+    for q in (10, 50, 90):  # the stated error: one bin width
+        assert np.abs(np.array(read["quantiles"][f"p{q}"]) - np.quantile(clipped, q / 100, axis=1)).max() <= 1 / 20
+
+
+def test_model_metrics_from_logits():
+    spec = QuerySpec("model_metrics", SHAPE, 3, loss_clip=5.0)
+    logits = np.array([[9.0, 0, 0], [0, 9, 0], [0, 0, 9], [100, 0, -100]])
+    labels = np.array([0, 1, 1, 2])
+    answer = score(spec, logits, labels)
+    assert spec.problem(answer, 4) is None
+    result = finish(spec, answer)
+    assert result["accuracy"] == 0.5 and np.array(result["confusion"]).sum() == 4
+    assert answer["loss_sum"][0] <= 4 * 5.0 and np.isclose(answer["loss_sum"][0], 5.0 + 5.0 + 2 * 2.5e-4, atol=1e-4)  # two clipped
+
+
+class Fleet:
+    """A desk over three registered devices (d0..d2, 30 train samples each) and a card of SHAPE and CLASSES."""
+
+    def __init__(self, tmp_path, seed: int = 0) -> None:
+        self.registry = DeviceRegistry()
+        for i in range(3):
+            self.registry.hello(f"d{i}", 30, 10, None, "portable", now=0.0)
+        self.counted: list[tuple[RejectReason, str | None]] = []
+        artifacts = SimpleNamespace(card=SimpleNamespace(input_shape=list(SHAPE), num_classes=CLASSES), tiers={})
+        self.desk = AnalyticsDesk(self.registry, artifacts, lambda tier: (0, {}),  # type: ignore[arg-type]
+                                  lambda reason, detail, device: self.counted.append((reason, device)),
+                                  folder=tmp_path, seed=seed)
+        self.data = {f"d{i}": _data(30, 10 + i) for i in range(3)}
+
+    def start(self, **request) -> tuple[str, Query]:
+        query_id = self.desk.submit(AnalyticsRequest(**request), now=1.0)
+        sent = self.desk.tick(1.0)
+        assert sorted(m.device_id for m in sent) == ["d0", "d1", "d2"]
+        return query_id, sent[0].body
+
+    def answer(self, device: str, query: Query, tensors=None, samples: int = 30, query_id: str | None = None):
+        body = Answer(query=query_id or query.query, num_samples=samples)
+        if tensors is None:
+            tensors = compute(QuerySpec(query.computation, SHAPE, CLASSES), self.data[device])
+        try:
+            self.desk.expected_tensors(device, body, 2.0)
+        except FrameError as exc:
+            return exc.reason
+        out = self.desk.on_answer(device, "m" * 32, body, tensors, 2.0)
+        return out[0].body.reason if out and isinstance(out[0].body, Reject) else None
+
+
+def test_hostile_answers_are_refused_counted_and_never_summed(tmp_path):
+    fleet = Fleet(tmp_path)
+    query_id, query = fleet.start(computation="label_histogram")
+    good = compute(QuerySpec("label_histogram", SHAPE, CLASSES), fleet.data["d1"])
+    assert fleet.answer("d0", query) is None
+    hostile = {
+        "nan": ({"counts": np.full(CLASSES, np.nan, np.float32)}, 30, RejectReason.NON_FINITE),
+        "not adding up": ({"counts": good["counts"] + 1}, 30, RejectReason.BAD_TENSOR),
+        "negative": ({"counts": good["counts"] * np.array([-1, 1, 1, 1], np.float32)}, 30, RejectReason.BAD_TENSOR),
+        "fractions": ({"counts": good["counts"] / 2}, 15, RejectReason.BAD_TENSOR),
+        "wrong tensor": ({"hist": good["counts"]}, 30, RejectReason.BAD_TENSOR),
+        "more samples than announced": ({"counts": good["counts"] * 2}, 60, RejectReason.TOO_MANY_SAMPLES),
+    }
+    for name, (tensors, samples, reason) in hostile.items():
+        assert fleet.answer("d1", query, tensors, samples) is reason, name
+    assert fleet.answer("d0", query) is RejectReason.DUPLICATE
+    assert fleet.answer("d1", query, query_id="f" * 32) is RejectReason.STALE_ROUND
+    fleet.registry.hello("outsider", 30, 10, None, "portable", now=0.0)
+    assert fleet.answer("outsider", query, good) is RejectReason.NOT_SELECTED
+    assert fleet.answer("d1", query) is None and fleet.answer("d2", query) is None
+    fleet.desk.tick(3.0)
+    result = fleet.desk.result(query_id)
+    assert result["status"] == "answered" and result["answered"] == 3
+    assert result["answer"]["counts"] == true_answer(QuerySpec("label_histogram", SHAPE, CLASSES),
+                                                     list(fleet.data.values()))["counts"].tolist()
+    assert sum(result["refused_answers"].values()) == 9
+    # refused after decoding: counted where the engine counts refusals (before decoding, FrameError: the service's)
+    assert len([c for c in fleet.counted if c[1] == "d1"]) == 5
+    assert json.loads((tmp_path / RESULTS_FILE).read_text().splitlines()[-1])["id"] == query_id
+
+
+def test_too_few_devices_release_nothing(tmp_path):
+    fleet = Fleet(tmp_path)
+    query_id, query = fleet.start(computation="sample_count", min_devices=3)
+    assert fleet.answer("d0", query) is None and fleet.answer("d1", query) is None
+    fleet.desk.tick(100.0)  # the deadline passed with two answers
+    result = fleet.desk.result(query_id)
+    assert result["status"] == "refused" and "answer" not in result and "fewer than the 3" in result["reason"]
+    asked_too_many = fleet.desk.submit(AnalyticsRequest(computation="sample_count", min_devices=4), now=101.0)
+    fleet.desk.tick(101.0)
+    assert "only 3 devices are online" in fleet.desk.result(asked_too_many)["reason"]
+    assert fleet.desk.submit(AnalyticsRequest(computation="sample_count", min_devices=1), 102.0)
+    fleet.desk.tick(102.0)
+    assert fleet.desk.open is not None and fleet.desk.open.request.min_devices == 1
+    assert fleet.desk.result(fleet.desk.open.id)["min_devices"] == 3  # the floor holds
+
+
+def test_dp_noise_stays_within_the_stated_bound_and_is_charged(tmp_path):
+    fleet = Fleet(tmp_path, seed=7)
+    truth = true_answer(QuerySpec("label_histogram", SHAPE, CLASSES), list(fleet.data.values()))["counts"]
+    within, epsilons = 0, []
+    trials = 40
+    for _ in range(trials):
+        query_id, query = fleet.start(computation="label_histogram", dp_noise=1.5)
+        for device in fleet.data:
+            assert fleet.answer(device, query) is None
+        fleet.desk.tick(3.0)
+        result = fleet.desk.result(query_id)
+        privacy = result["privacy"]
+        error = np.abs(np.array(result["answer"]["counts"]) - truth).max()
+        within += error <= privacy["error_bound"]
+        epsilons.append(privacy["epsilon_total"])
+        assert "diagnostics" not in result  # nothing per device under DP
+    assert privacy["std"] == 1.5 and privacy["error_bound"] == pytest.approx(gaussian_bound(1.5, CLASSES))
+    assert within >= 0.9 * trials  # 95 % for all elements at once, by construction
+    single = dp_accounting.rdp.RdpAccountant()
+    single.compose(dp_accounting.GaussianDpEvent(1.5))
+    assert privacy["epsilon"] == pytest.approx(single.get_epsilon(1e-5))
+    assert epsilons == sorted(epsilons) and epsilons[-1] > epsilons[0]
+    again = Fleet(tmp_path)  # the books survive a restart
+    assert len(again.desk.books.events) == trials
+    assert json.loads((tmp_path / BOOKS_FILE).read_text())["unit"] == "one sample"
+
+
+def test_status_server_takes_queries_with_the_token_only():
+    with Monitor(analytics_token="t" * 32) as monitor:
+        url = f"{monitor.url}analytics"
+
+        def post(body: bytes, token: str | None = "t" * 32) -> int:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, body, headers, method="POST"), timeout=5) as r:
+                    return r.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        good = AnalyticsRequest(computation="label_histogram").model_dump_json().encode()
+        assert post(good, token=None) == 401 and post(good, token="u" * 32) == 401
+        assert post(b'{"computation": "raw_samples"}') == 400
+        assert post(b'{"computation": "label_histogram", "min_devices": -1}') == 400
+        assert post(b" " * 5000) == 413
+        assert monitor.take_queries() == []
+        assert post(good) == 202
+        taken = monitor.take_queries()
+        assert [request.computation for _, request in taken] == ["label_histogram"]
+        with urllib.request.urlopen(f"{url}/{taken[0][0]}", timeout=5) as response:
+            assert json.loads(response.read())["status"] == "posted"
