@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from aggregator.engines.personal import PERSONAL_METRICS
 from protocol.messages import RejectReason, RoundSummary, new_id
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ class StatusSnapshot:
                 "answered": s.answered, "accuracy": _finite(s.accuracy), "loss": _finite(s.loss),
                 "accuracy_source": s.accuracy_source, "seconds": s.seconds, "bytes_up": s.bytes_up,
                 "bytes_down": s.bytes_down, "accuracy_by_tier": {t: _finite(a) for t, a in s.accuracy_by_tier.items()},
+                "personal": {k: _finite(v) for k, v in s.metrics.items() if k.startswith(PERSONAL_METRICS)},
             })
             before = s.version
         document = {

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from aggregator.engines.personal import WORST_FRACTION
 from aggregator.store.state import RunOptions, StateRecord, read_run_options
 from models.manifest import ModelCard
 from protocol.atomic_file import atomic_write
@@ -38,7 +39,7 @@ RUN_OPTIONS = ("strategy", "rounds", "fraction", "min_clients", "min_updates", "
                "round_timeout", "sampling", "tiers", "tier_policy", "tier_mix", "aggregation", "mu", "robust",
                "trim_fraction", "clip_norm", "dp", "dp_clip", "dp_noise", "secure_aggregation", "downlink",
                "bn_statistics", "outlier_multiple", "max_share", "buffer_size", "max_staleness", "fleet", "broker",
-               "enrolled", "eval_data", "seed")
+               "enrolled", "eval_data", "personal_layers", "seed")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -369,6 +370,27 @@ def _section_curves(history: list[RoundSummary]) -> str:
             + "</section>")
 
 
+PERSONAL_SERIES = (("acc_global_mean", "received model, mean"), ("acc_global_worst10", "received model, worst 10%"),
+                   ("acc_finetuned_mean", "fine-tuned, mean"), ("acc_finetuned_worst10", "fine-tuned, worst 10%"))
+
+
+def _section_personalization(history: list[RoundSummary]) -> str:
+    """The devices' own accuracies per round (--personalize, --personal-layers), or nothing when none were reported."""
+    shown = [(key, label) for key, label in PERSONAL_SERIES if any(key in s.metrics for s in history)]
+    if not shown:
+        return ""
+    rounds = [s.round for s in history]
+    series = [Series(label, [s.metrics.get(key) for s in history], dashed=key.endswith("worst10")) for key, label in shown]
+    last = next(s for s in reversed(history) if any(key in s.metrics for key, _ in shown))
+    rows = [(f"{label} (round {last.round})", _num(last.metrics.get(key))) for key, label in shown]
+    return ('<section id="personalization"><h2>Personalization</h2>'
+            "<p>Each device's accuracy on its own test split, unweighted across devices: the model it received (with "
+            "--personal-layers, its own copy of those in place), and with --personalize finetune:K after K local steps "
+            f"from it; worst 10%: the mean of the lowest {WORST_FRACTION:.0%} of the devices that answered.</p>"
+            + svg_chart("Accuracy on the devices' own data", rounds, series, y_max=1.0, y_label="accuracy")
+            + _pairs(rows) + "</section>")
+
+
 def _section_bytes(history: list[RoundSummary]) -> str:
     rounds = [s.round for s in history]
     series = [Series("up (updates)", [s.bytes_up for s in history]), Series("down (tasks, artifacts)", [s.bytes_down for s in history])]
@@ -438,7 +460,8 @@ def render(data: RunData) -> str:
     title = f"TierFL run report: fleet {data.record.fleet}"
     sections = [_section_run(data), _section_configuration(data)]
     if history:
-        sections += [_section_curves(history), _section_bytes(history), _section_participation(data)]
+        sections += [_section_curves(history), _section_personalization(history), _section_bytes(history),
+                     _section_participation(data)]
     else:
         sections.append("<p>No round has finished yet.</p>")
     sections.append(_section_rejections(data))

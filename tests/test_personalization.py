@@ -11,6 +11,7 @@ plain subscriber, and every update frame on it is decoded and checked for person
 from __future__ import annotations
 
 import argparse
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -28,11 +29,13 @@ from aggregator.engines.parts import EngineParts
 from aggregator.engines.personal import device_metrics, worst_mean
 from aggregator.engines.rounds import RoundEngine
 from aggregator.inbox import Inbox
+from aggregator.monitor import Monitor
 from aggregator.options import resolve_options
 from aggregator.registry import DeviceRegistry
+from aggregator.report import load_run, render
 from aggregator.service import AggregatorService
 from aggregator.store.artifacts import ArtifactStore
-from aggregator.store.state import StateStore
+from aggregator.store.state import StateRecord, StateStore
 from aggregator.strategies.fedavg import FedAvg
 from aggregator.strategies.tiering import DynamicTiers, FixedTiers
 from edge_client.agent import ClientConfig, DeviceAgent
@@ -156,6 +159,32 @@ def test_the_aggregator_refuses_an_update_that_carries_a_personal_layer_naming_i
     service.handle_safely(topics.up("d0"), encode_frame("f1", "d0", update.model_copy(update={"update_id": new_id()}),
                                                          shared), now)
     assert engine.rejected == {"bad_tensor": 1} and engine.record.version == 1  # the shared layers alone: committed
+
+
+def test_the_status_page_and_the_report_show_the_devices_accuracies(art, tmp_path):
+    registry = DeviceRegistry()
+    for device in ("d0", "d1"):
+        registry.hello(device, 50, 10, "a", "portable", now=0.0)
+    engine = RoundEngine(EngineParts(EngineConfig(fleet="f", rounds=2, round_timeout_s=10, finetune_steps=5),
+                                     FedAvg(min_clients=2), ArtifactStore(art), StateStore(tmp_path / "state"), registry))
+    zeros = {n: np.zeros(s, np.float32) for n, s in ArtifactStore(art).tiers["a"].shapes.items()}
+    monitor = Monitor(refresh_s=60)
+    engine.tick(1.0)
+    for device, (before, after) in {"d0": (0.25, 0.75), "d1": (0.5, 0.5)}.items():
+        update = Update(update_id=new_id(), round=1, base_version=0, tier="a", num_samples=50, steps=2, train_loss=1.0,
+                        train_accuracy=0.1, train_seconds=0.1, eval_loss=1.0, eval_accuracy=before, eval_samples=10,
+                        personal_loss=0.5, personal_accuracy=after)
+        engine.on_update(device, new_id(), update, zeros, 1000, 2.0)
+    monitor.observe(engine, 3.0)
+    [round1] = json.loads(monitor.snapshot().json_bytes)["history"]
+    assert round1["personal"] == {"acc_global_mean": 0.375, "acc_global_worst10": 0.25, "acc_global_devices": 2.0,
+                                  "acc_finetuned_mean": 0.625, "acc_finetuned_worst10": 0.5, "acc_finetuned_devices": 2.0}
+    page = render(load_run(tmp_path / "state"))
+    assert '<section id="personalization">' in page and "<th>fine-tuned, mean (round 1)</th><td>0.6250</td>" in page
+    bare = tmp_path / "bare"
+    StateStore(bare).commit(StateRecord(fleet="f", model="m", version=1, round=1, history=[
+        RoundSummary(round=1, version=1, selected=1, answered=1, accuracy=0.5)]), None)
+    assert 'id="personalization"' not in render(load_run(bare))  # nothing personal reported: no section
 
 
 def _resolve(*options: str) -> None:

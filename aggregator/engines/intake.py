@@ -43,6 +43,7 @@ class UpdateIntake:
         self.registry, self.artifacts, self.ledger = parts.registry, parts.artifacts, parts.ledger
         self.max_share = parts.config.max_share
         self.personal = parts.config.personal_layers
+        self.personalized = bool(self.personal or parts.config.finetune_steps)  # per-device accuracies in the summary
         self.rejected: collections.Counter[str] = collections.Counter()
         self.norms = NormBound(parts.config.outlier_multiple)
         # update ids counted so far: replays of updates counted before a restart stay duplicates
@@ -115,7 +116,7 @@ class UpdateIntake:
         current.accumulator.add(client)
         if update.eval_accuracy is not None and update.eval_loss is not None and update.eval_samples:
             current.evals.append((update.tier, update.eval_loss, update.eval_accuracy, update.eval_samples))
-        if update.eval_accuracy is not None or update.personal_accuracy is not None:
+        if self.personalized and (update.eval_accuracy is not None or update.personal_accuracy is not None):
             current.device_accuracies[client.device_id] = (update.eval_accuracy, update.personal_accuracy)
 
     def replay(self, round_number: int, spooled: Sequence[tuple[SpooledUpdate, Mapping[str, Tensor]]],

@@ -18,6 +18,7 @@ import numpy as np
 from protocol.messages import RejectReason
 
 WORST_FRACTION = 0.1  # "worst 10%": the mean of the lowest ceil(10%) of the devices' accuracies
+PERSONAL_METRICS = ("acc_global_", "acc_finetuned_")  # the prefixes of `device_metrics`' names in a round summary
 Problem = tuple[RejectReason, str]
 
 
