@@ -11,9 +11,11 @@ import sys
 import threading
 from pathlib import Path
 
+from aggregator.coordinator_service import CoordinatorService
 from aggregator.downlink import DOWNLINK_MODES
 from aggregator.engines.base import Engine, EngineConfig
 from aggregator.engines.buffered import BufferConfig, BufferedEngine
+from aggregator.engines.coordinated import CoordinatedEngine
 from aggregator.engines.parts import EngineParts
 from aggregator.engines.rounds import RoundEngine
 from aggregator.engines.secure import SecureRoundEngine
@@ -33,6 +35,7 @@ from aggregator.strategies.fedmut import FedMut
 from aggregator.strategies.robust import DEFAULT_TRIM_FRACTION
 from aggregator.strategies.sampling import SAMPLERS
 from aggregator.strategies.tiering import TIER_POLICIES, TierPolicy, make_tier_policy, parse_tier_mix
+from aggregator.worker_cli import add_worker_arguments, check_worker_options, load_workers, serve_worker
 from models.data import load_dataset
 from models.export import export_all
 from models.personal import personal_names
@@ -94,7 +97,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--max-devices", type=int, default=10_000,
                      help="devices the registry holds; when full, a new device evicts the longest-unseen one that "
                           "never trained, or is refused as rate_limited (default: %(default)s)")
-    net.add_argument("--share-group", help="MQTT shared-subscription group, to split devices across aggregator workers")
     status = parser.add_argument_group("monitoring")
     status.add_argument("--status-port", type=int, metavar="PORT",
                         help="serve the live status page (/), its data (/status.json), Prometheus metrics "
@@ -163,6 +165,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_privacy_arguments(parser)
     add_secure_arguments(parser)
     add_server_optimizer_arguments(parser)
+    add_worker_arguments(parser)
     add_personalization_arguments(parser)
 
 
@@ -261,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
     when the state needs an operator."""
     try:
         settings = resolve_options(args)
+        check_worker_options(args)
     except ValueError as exc:  # like argparse on a bad flag: nothing was written
         print(f"tierfl aggregator: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -278,6 +282,8 @@ def serve(args: argparse.Namespace, settings: AlgorithmSettings) -> int:
         print(json.dumps({"aggregator": key.public_hex}))
         return 0
     artifacts = open_artifacts(args, settings.export)
+    if args.worker_of:
+        return serve_worker(args, key, artifacts)
     if args.recover:
         return recover(args.state_dir, args.fleet, artifacts.identity)
     write_run_options(args.state_dir, run_options(args))
@@ -310,6 +316,8 @@ def serve(args: argparse.Namespace, settings: AlgorithmSettings) -> int:
             engine: Engine = BufferedEngine(parts, buffer)
         elif secure is not None:  # with --enrolled, advertisements that do not verify are refused at the aggregator too
             engine = SecureRoundEngine(parts, secure, enrolled=EnrolledKeys.load(args.enrolled).root if args.enrolled else None)
+        elif args.workers:
+            engine = CoordinatedEngine(parts, load_workers(args.workers), args.flush_wait)
         else:
             engine = RoundEngine(parts)
         if engine.finished:
@@ -327,9 +335,8 @@ def serve(args: argparse.Namespace, settings: AlgorithmSettings) -> int:
                 log.info("embedded broker listening at %s: start devices with `tierfl client --broker %s ...`", embedded.url, embedded.url)
             monitor, analytics = None, None
             if args.status_port is not None:
-                from aggregator.monitor import Monitor  # prometheus-client: only when the status page is on
-
                 from aggregator.analytics import AnalyticsDesk, analytics_token, tier_slicer
+                from aggregator.monitor import Monitor  # prometheus-client: only when the status page is on
 
                 monitor = stack.enter_context(Monitor(args.status_host, args.status_port,
                                                       analytics_token=analytics_token(args.state_dir)))
@@ -337,7 +344,11 @@ def serve(args: argparse.Namespace, settings: AlgorithmSettings) -> int:
                                           tier_slicer(lambda: engine.weights, lambda: engine.record.version,
                                                       engine.artifacts),
                                           engine.count_rejection, folder=args.state_dir)
-            service = AggregatorService(engine, broker, aggregator_id=args.aggregator_id, share_group=args.share_group,
+            service_class = AggregatorService
+            extra: dict[str, object] = {}
+            if isinstance(engine, CoordinatedEngine):
+                service_class, extra = CoordinatorService, {"workers": load_workers(args.workers)}
+            service = service_class(engine, broker, aggregator_id=args.aggregator_id, **extra,  # type: ignore[arg-type]
                                        max_message_bytes=args.max_message_bytes, downlink=args.downlink,
                                        signatures=SignatureCheck(EnrolledKeys.load(args.enrolled).root) if args.enrolled else None,
                                        monitor=monitor, key=key, analytics=analytics)

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -104,13 +104,23 @@ class AggregatorService:
         self.link = MqttLink(
             broker,
             client_id=f"tierfl-{engine.config.fleet}-{aggregator_id}",
-            subscriptions=[self.topics.all_up(share_group), self.topics.all_status],
+            subscriptions=self.subscriptions(share_group),
             on_frame=self.inbox.put,
             on_bad_frame=self.inbox.put,
             max_message_bytes=max_message_bytes,
             max_frame_bytes=max_update_bytes,
             admit_chunks=self._admits,
+            **self.link_options(),
         )
+
+    def subscriptions(self, share_group: str | None) -> list[str]:
+        """What the link subscribes to: every device's uplink (through `share_group`'s shared subscription if given)
+        and status; a subclass (a coordinator of workers, a worker) changes it."""
+        return [self.topics.all_up(share_group), self.topics.all_status]
+
+    def link_options(self) -> dict[str, Any]:
+        """More MqttLink options of a subclass (a worker's last will, MQTT 5); none here."""
+        return {}
 
     def run(self, stop: threading.Event, tick_s: float = 0.1) -> None:
         """Serve until every round is done or `stop` is set."""

@@ -4,6 +4,9 @@
     down/{device}    aggregator -> device: task, blob, reject     (QoS 1)
     status/{device}  retained: the device's hello while online, Status(offline) as its last will
     rounds           aggregator -> observers: one summary per committed round (retained)
+    workers/{worker}/up      aggregator worker -> coordinator: claims, partial sums, forwarded frames (QoS 1)
+    workers/{worker}/down    coordinator -> aggregator worker: grants, flush requests (QoS 1)
+    workers/{worker}/status  retained: the worker's Status, offline as its last will
 """
 
 from __future__ import annotations
@@ -52,6 +55,23 @@ class Topics:
         """Wildcard for every device's uplink; with a share group, a shared subscription."""
         topic = f"{self.base}/up/+"
         return f"$share/{share_group}/{topic}" if share_group else topic
+
+    def worker(self, worker: str, direction: str) -> str:
+        """An aggregator worker's topic: "up" (to its coordinator), "down" (from it) or "status" (its liveness)."""
+        if direction not in ("up", "down", "status"):
+            raise ValueError(f"no worker topic {direction!r}")
+        return f"{self.base}/workers/{check_id(worker, 'worker id')}/{direction}"
+
+    def all_workers(self, direction: str) -> str:
+        """Wildcard for every worker's `direction` topic."""
+        return f"{self.base}/workers/+/{direction}"
+
+    def worker_of(self, topic: str) -> tuple[str, str] | None:
+        """(worker id, direction) of a worker topic of this fleet, or None."""
+        parts = topic.split("/")
+        if len(parts) != 6 or "/".join(parts[:3]) != self.base or parts[3] != "workers" or parts[5] not in ("up", "down", "status"):
+            return None
+        return (parts[4], parts[5]) if _ID.fullmatch(parts[4]) else None
 
     @property
     def all_status(self) -> str:

@@ -153,6 +153,14 @@ class SyncRounds:
     def _check(self, model: GlobalModel, device_id: str, update: Update, tensors: Mapping[str, np.ndarray],
                now: float) -> Problem | None:
         """Why an update does not fit the open round (round, selection, version, tier, deadline, then the shared checks)."""
+        if problem := self.check_round(model, device_id, update, now):
+            return problem
+        assert self.slot.current is not None
+        return self.intake.check_tensors(device_id, self.slot.current.assignments[device_id], update, tensors)
+
+    def check_round(self, model: GlobalModel, device_id: str, update: Update, now: float) -> Problem | None:
+        """Why an update's header does not fit the open round (known, duplicate, round, selection, version, tier,
+        deadline), or None; its samples and tensors are checked apart (an aggregator worker checks the tensors)."""
         current = self.slot.current
         if device_id not in self.parts.registry and not (current and device_id in current.assignments):  # resumed: hello may lag
             return RejectReason.UNKNOWN_DEVICE, f"{device_id} has not announced itself"
@@ -173,4 +181,4 @@ class SyncRounds:
             return RejectReason.UNKNOWN_TIER, f"tier {update.tier!r} but the task was for tier {assignment.tier!r}"
         if now > current.deadline:
             return RejectReason.LATE, f"arrived {now - current.deadline:.1f} s after the deadline"
-        return self.intake.check_tensors(device_id, assignment, update, tensors)
+        return None

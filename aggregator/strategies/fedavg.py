@@ -96,7 +96,7 @@ class ElementwiseMean:
         if update.contributions:
             self._add_combined(update)
             return
-        weight = (float(update.num_samples) if self._weighted else 1.0) * update.work
+        weight = self._weight(update)
         scaled = np.float32(weight * update.scale)
         for name, delta in update.delta.items():
             target = self._sums[name][leading_slices(delta.shape)]
@@ -104,9 +104,40 @@ class ElementwiseMean:
                 delta.add_into(target, scaled)
             else:
                 target += delta * scaled
-            shapes = self._mass_by_shape[name]
-            shapes[delta.shape] = shapes.get(delta.shape, 0.0) + weight
+        self._add_mass(update)
         self.count += 1
+
+    @property
+    def weighted(self) -> bool:
+        """Whether updates weigh by their samples (False: one vote per device)."""
+        return self._weighted
+
+    def sums(self) -> Weights:
+        """The running element-wise sums of weight x delta (an aggregator worker's partial sum)."""
+        return self._sums
+
+    def merge(self, sums: Mapping[str, np.ndarray], folded: Sequence[ClientUpdate]) -> None:
+        """Fold a partial sum: `sums` (another accumulator's `sums()` over the updates `folded`) added as they are,
+        and each of `folded`'s mass as `add` counts it; `folded`'s deltas are read for their shapes only."""
+        for name, value in sums.items():
+            self._sums[name] += value
+        for update in folded:
+            self._add_mass(update)
+        self.count += len(folded)
+
+    def _weight(self, update: ClientUpdate) -> float:
+        return (float(update.num_samples) if self._weighted else 1.0) * update.work
+
+    def _add_mass(self, update: ClientUpdate) -> None:
+        """Count an update's weight toward the elements it holds: its delta's leading blocks, or its contributors'."""
+        for name, delta in update.delta.items():
+            shapes = self._mass_by_shape[name]
+            if update.contributions:
+                for part in update.contributions:
+                    block = part.shapes[name]
+                    shapes[block] = shapes.get(block, 0.0) + float(part.samples if self._weighted else part.devices)
+            else:
+                shapes[delta.shape] = shapes.get(delta.shape, 0.0) + self._weight(update)
 
     def _add_combined(self, update: ClientUpdate) -> None:
         """A relay's per-element mean: weigh it back into a sum by its contributors' mass."""
@@ -114,11 +145,9 @@ class ElementwiseMean:
             mass = np.zeros(mean.shape, np.float32)
             shapes = self._mass_by_shape[name]
             for part in update.contributions:
-                weight = float(part.samples if self._weighted else part.devices)
-                block = part.shapes[name]
-                mass[leading_slices(block)] += weight
-                shapes[block] = shapes.get(block, 0.0) + weight
+                mass[leading_slices(part.shapes[name])] += float(part.samples if self._weighted else part.devices)
             self._sums[name][leading_slices(mean.shape)] += np.asarray(mean, np.float32) * mass * np.float32(update.scale)
+        self._add_mass(update)
         self.count += 1
 
     def mean_delta(self) -> Weights:

@@ -82,8 +82,13 @@ class MqttLink:
         backoff: Backoff = Backoff(),
         max_unacked_bytes: int = DEFAULT_MAX_UNACKED_BYTES,
         send_wait_s: float = 10.0,
+        mqtt5: bool = False,
     ) -> None:
+        """`mqtt5`: speak MQTT 5 with a clean start and no session kept (an aggregator worker on a shared
+        subscription: messages the broker assigned to it die with it instead of waiting for its return);
+        otherwise MQTT 3.1.1 with a persistent session (the broker keeps our QoS 1 messages while we are away)."""
         self.address = address
+        self._mqtt5 = mqtt5
         self.backoff = backoff
         self._subscriptions = list(subscriptions)
         self._on_frame = on_frame
@@ -105,12 +110,16 @@ class MqttLink:
         self._early_acks: set[int] = set()  # acknowledgements that came before publish() returned the id
         self._congested = False  # the last wait for room timed out: drop at once until an acknowledgement
         self.dropped_frames = 0  # frames dropped for want of outbound room
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            clean_session=False,  # the broker keeps our QoS 1 messages while we are away
-            protocol=MQTTProtocolVersion.MQTTv311,
-        )
+        if mqtt5:
+            self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                       protocol=MQTTProtocolVersion.MQTTv5)
+        else:
+            self._client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                clean_session=False,  # the broker keeps our QoS 1 messages while we are away
+                protocol=MQTTProtocolVersion.MQTTv311,
+            )
         self._client.max_queued_messages_set(0)
         if address.username:
             self._client.username_pw_set(address.username, address.password)
@@ -165,7 +174,10 @@ class MqttLink:
         give_up_at = None if retry_for_s is None else time.monotonic() + retry_for_s
         while True:
             try:
-                self._client.connect(self.address.host, self.address.port, keepalive=self._keepalive_s)
+                if self._mqtt5:  # session expiry 0: the broker forgets the session when the connection ends
+                    self._client.connect(self.address.host, self.address.port, keepalive=self._keepalive_s, clean_start=True)
+                else:
+                    self._client.connect(self.address.host, self.address.port, keepalive=self._keepalive_s)
                 break
             except ssl.SSLCertVerificationError as exc:  # retrying will not make the certificate verify
                 raise BrokerUnreachable(

@@ -1,0 +1,267 @@
+"""Aggregator workers (issue 16): a coordinator and two worker processes sharing the uplink over an MQTT 5 shared
+subscription on the real Mosquitto, real devices (`tierfl client`, HeteroFL tiers a and c), one worker SIGKILLed
+mid-round.
+
+Every version the coordinator commits equals what one aggregator (the in-process RoundEngine, the code a single
+`tierfl aggregator` runs) commits given the same updates, the ones the coordinator's ledger counted, within 1e-6
+(absolute and relative): the workers' float32 sums add the same terms in another order. The killed worker's
+granted updates are never counted; their devices are asked again and counted once, with their new updates.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.engines.base import EngineConfig
+from aggregator.engines.coordinated import CoordinatedEngine
+from aggregator.engines.parts import EngineParts
+from aggregator.engines.rounds import RoundEngine
+from aggregator.registry import DeviceRegistry
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.store.state import StateStore
+from aggregator.strategies.fedavg import FedAvg
+from aggregator.strategies.robust import update_norm
+from aggregator.strategies.tiering import FixedTiers
+from models.export import export_all
+from models.spec import ModelSpec
+from protocol.frame import Frame, decode_frame, encode_frame
+from protocol.messages import Hello, PartialSum, Reject, RejectReason, Task, Update, WorkerClaim, WorkerGrant, new_id
+from protocol.mqtt.link import MqttLink
+from protocol.mqtt.url import parse
+from protocol.signing import AGGREGATOR_KEY_FILE, DeviceKey
+from protocol.topics import Topics
+from tests.conftest import tierfl
+
+TOLERANCE = 1e-6  # float32 sums of the same updates in another order
+SAMPLES = 1438  # what `tierfl client --data digits` announces
+TIERS = {"d1": "a", "d2": "c", "d3": "c", "d4": "a"}  # d4 is scripted here: it answers "unchanged"
+
+
+class Recorder:
+    """A plain (not shared) subscriber: every frame on the given topics, decoded, in order of arrival."""
+
+    def __init__(self, url: str, topics: list[str], name: str, on_frame: Callable[[str, Frame], None] | None = None) -> None:
+        self.frames: list[tuple[str, Frame]] = []
+        self._lock = threading.Lock()
+        self._hook = on_frame
+        self.link = MqttLink(parse(url), client_id=f"{name}-{new_id()[:8]}", subscriptions=topics,
+                             on_frame=self._put, on_bad_frame=lambda topic, exc: None)
+        self.link.start()
+
+    def _put(self, topic: str, data: bytes) -> None:
+        frame = decode_frame(data)
+        with self._lock:
+            self.frames.append((topic, frame))
+        if self._hook:
+            self._hook(topic, frame)
+
+    def bodies(self, kind: type) -> list[tuple[str, Frame]]:
+        with self._lock:
+            return [(t, f) for t, f in self.frames if isinstance(f.body, kind)]
+
+    def close(self) -> None:
+        self.link.stop()
+
+
+class ScriptedDevice:
+    """d4: a device of tier a that answers every task with an "unchanged" update, except the one `hold` names."""
+
+    def __init__(self, url: str, fleet: str, hold: int) -> None:
+        self.topics, self.fleet, self.hold = Topics(fleet), fleet, hold
+        self.tasks: list[Task] = []
+        self.link = MqttLink(parse(url), client_id=f"{fleet}-d4", subscriptions=[self.topics.down("d4")],
+                             on_frame=self._on_frame, on_bad_frame=lambda topic, exc: None)
+        self.link.start()
+        self.link.publish(self.topics.status("d4"), encode_frame(fleet, "d4", Hello(tier="a", num_samples=SAMPLES)),
+                          retain=True)
+
+    def _on_frame(self, topic: str, data: bytes) -> None:
+        task = decode_frame(data).body
+        if not isinstance(task, Task):
+            return
+        self.tasks.append(task)
+        if task.round == self.hold and sum(t.round == self.hold for t in self.tasks) == 1:
+            return  # the first task of the held round waits: the round stays open
+        update = Update(update_id=new_id(), round=task.round, base_version=task.model_version, tier=task.tier,
+                        num_samples=SAMPLES, steps=0, train_loss=1.0, train_accuracy=0.1, train_seconds=0.0,
+                        unchanged=True)
+        self.link.publish(self.topics.up("d4"), encode_frame(self.fleet, "d4", update))
+
+    def close(self) -> None:
+        self.link.clear_retained(self.topics.status("d4"))
+        self.link.stop(flush_timeout_s=2)
+
+
+def _wait_for(predicate: Callable[[], object], timeout: float, what: str, logs: list[Path]) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"== {p.name}\n{p.read_text()[-1500:]}" for p in logs if p.exists())
+            raise AssertionError(f"timed out waiting for {what}\n{tails}")
+        time.sleep(0.05)
+
+
+def _counted(state: Path) -> dict[int, list[tuple[str, str]]]:
+    """round -> [(device, update id)] the coordinator's ledger accepted, in order."""
+    with sqlite3.connect(state / "ledger.sqlite") as db:
+        rows = db.execute("SELECT round, device, update_id FROM received WHERE accepted = 1 AND kind = 'update' "
+                          "ORDER BY id").fetchall()
+    counted: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for number, device, update_id in rows:
+        counted[number].append((device, update_id))
+    return counted
+
+
+def _one_aggregator(art: Path, state: Path, fleet: str, updates: dict[str, Frame],
+                    counted: dict[int, list[tuple[str, str]]]) -> list[dict[str, np.ndarray]]:
+    """The versions one aggregator (RoundEngine) commits given, round by round, the updates the ledger counted."""
+    registry = DeviceRegistry()
+    for device, tier in TIERS.items():
+        registry.hello(device, SAMPLES, 0, tier, "ort-training", now=0.0)
+    engine = RoundEngine(EngineParts(EngineConfig(fleet=fleet, rounds=len(counted), round_timeout_s=1e6),
+                                     FedAvg(min_clients=4, tiers=FixedTiers({"a": 1.0, "c": 1.0})), ArtifactStore(art),
+                                     StateStore(state), registry))
+    versions = []
+    for number in sorted(counted):
+        engine.tick(1.0)
+        assert engine.current_round == number
+        for device, update_id in counted[number]:
+            frame = updates[update_id]
+            out = engine.on_update(device, frame.header.msg_id, frame.body, frame.tensors, 1000, 1.0)
+            assert not [o.body for o in out if isinstance(o.body, Reject)], (device, out)
+        assert engine.record.round == number, f"round {number} did not close on its counted updates"
+        versions.append({n: np.array(w) for n, w in engine.weights.items()})
+    return versions
+
+
+@pytest.fixture(scope="module")
+def art_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("art")
+    export_all(ModelSpec(arch="mlp"), ["a", "c"], out)
+    return out
+
+
+def test_two_workers_commit_what_one_aggregator_does_and_a_killed_worker_loses_and_doubles_nothing(
+        art_dir, tmp_path, mosquitto_url, fleet):
+    art = art_dir
+    keys = {name: DeviceKey(tmp_path / name, AGGREGATOR_KEY_FILE).public_hex for name in ("coord", "w1", "w2")}
+    (tmp_path / "workers.json").write_text(json.dumps({"w1": keys["w1"], "w2": keys["w2"]}))
+    topics = Topics(fleet)
+    recorder = Recorder(mosquitto_url, [topics.all_up(), topics.all_workers("down")], "recorder")
+    logs = [tmp_path / f"{name}.log" for name in ("coord", "w1", "w2", "d1", "d2", "d3")]
+    common = ("--broker", mosquitto_url, "--fleet", fleet, "--artifacts", str(art))
+    coordinator = tierfl("aggregator", *common, "--state-dir", str(tmp_path / "coord"), "--workers",
+                         str(tmp_path / "workers.json"), "--min-clients", "4", "--rounds", "3", "--round-timeout", "60",
+                         log=logs[0])
+    workers = {w: tierfl("aggregator", *common, "--state-dir", str(tmp_path / w), "--id", w, "--worker-of", "aggregator",
+                         "--coordinator-key", keys["coord"], log=tmp_path / f"{w}.log") for w in ("w1", "w2")}
+    _wait_for(lambda: all(f"aggregator worker {w} joined" in logs[0].read_text() for w in workers), 30, "both workers",
+              logs)
+    devices = [tierfl("client", "--broker", mosquitto_url, "--fleet", fleet, "--device-id", d, "--tier", TIERS[d],
+                      "--data", "digits", "--cache-dir", str(tmp_path / d), log=tmp_path / f"{d}.log")
+               for d in ("d1", "d2", "d3")]
+    scripted = ScriptedDevice(mosquitto_url, fleet, hold=2)
+    processes = [coordinator, *workers.values(), *devices]
+    try:
+        def grants(number: int) -> list[tuple[str, WorkerGrant]]:
+            return [(topics.worker_of(t)[0], f.body) for t, f in recorder.bodies(WorkerGrant)  # type: ignore[index]
+                    if f.body.round == number and f.body.granted]
+
+        # Round 2: d4 holds its first task, so the workers keep the three real devices' granted updates unflushed.
+        _wait_for(lambda: len(grants(2)) == 3, 60, "three grants in round 2", logs)
+        held: dict[str, list[str]] = defaultdict(list)
+        for worker, grant in grants(2):
+            held[worker].append(grant.update_id)
+        victim = max(held, key=lambda w: len(held[w]))
+        workers[victim].send_signal(signal.SIGKILL)
+        survivor = next(w for w in workers if w != victim)
+        assert coordinator.wait(90) == 0, logs[0].read_text()[-3000:]
+
+        counted = _counted(tmp_path / "coord")
+        assert sorted(counted) == [1, 2, 3]
+        for number, rows in counted.items():  # every selected device counted once a round
+            assert sorted(d for d, _ in rows) == ["d1", "d2", "d3", "d4"], (number, rows)
+        ids_2 = {u for _, u in counted[2]}
+        assert not ids_2 & set(held[victim]), "an update of the killed worker was counted"
+        assert set(held.get(survivor, [])) <= ids_2, "an update the surviving worker held was lost"
+        assert sum(t.round == 2 for t in scripted.tasks) == 2, "d4 was not asked again after the worker died"
+        assert f"updates held by worker {victim} are void" in logs[0].read_text()
+
+        # The same updates, one aggregator: the same versions, within float32 reordering.
+        updates = {f.body.update_id: f for _, f in recorder.bodies(Update)}
+        expected = _one_aggregator(art, tmp_path / "reference", fleet, updates, counted)
+        store = StateStore(tmp_path / "coord")
+        for version, weights in enumerate(expected, start=1):
+            with np.load(store.weights_path(version)) as got:
+                for name, value in weights.items():
+                    np.testing.assert_allclose(got[name], value, rtol=TOLERANCE, atol=TOLERANCE, err_msg=f"v{version} {name}")
+        state = json.loads((tmp_path / "coord" / "state.json").read_text())
+        assert [(s["round"], s["selected"], s["answered"]) for s in state["history"]] == [(1, 4, 4), (2, 4, 4), (3, 4, 4)]
+    finally:
+        scripted.close()
+        recorder.close()
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            process.wait(10)
+
+
+# -- the coordinator's decisions, in process ----------------------------------------------------
+
+
+def test_a_partial_sum_counts_whole_or_not_at_all(art_dir, tmp_path):
+    registry = DeviceRegistry()
+    for device in ("d1", "d2"):
+        registry.hello(device, 10, 0, "a", "ort-training", now=0.0)
+    engine = CoordinatedEngine(EngineParts(EngineConfig(fleet="f", rounds=3, round_timeout_s=10.0),
+                                           FedAvg(min_clients=2, tiers=FixedTiers({"a": 1.0})), ArtifactStore(art_dir),
+                                           StateStore(tmp_path / "state"), registry), ["w1", "w2"], now=0.0)
+    assert len(engine.tick(0.0)) == 2
+    shapes = ArtifactStore(art_dir).tiers["a"].shapes
+    rng = np.random.default_rng(0)
+    deltas = {d: {n: rng.normal(0, 0.01, s).astype(np.float32) for n, s in shapes.items()} for d in ("d1", "d2")}
+    sessions = {"w1": new_id(), "w2": new_id()}
+
+    def claim(worker: str, device: str) -> tuple[Update, list]:
+        update = Update(update_id=new_id(), round=1, base_version=0, tier="a", num_samples=10, steps=1, train_loss=1.0,
+                        train_accuracy=0.5, train_seconds=0.1)
+        out = engine.on_claim(worker, WorkerClaim(session=sessions[worker], device=device, update=update,
+                                                  norm=update_norm(deltas[device]), nbytes=100), 1.0)
+        return update, out
+
+    first, _ = claim("w1", "d1")
+    second, out = claim("w2", "d1")  # d1 again, through the other worker: refused, never folded
+    assert [o.body.reason for o in out] == [RejectReason.DUPLICATE]
+    assert [m.body.granted for m in engine.take_worker_messages()] == [True, False]
+    other, _ = claim("w2", "d2")
+    engine.take_worker_messages()
+    # w1 dies: its grant of d1 is void and d1 is asked again; its late partial sum is refused whole.
+    again = engine.on_worker_status("w1", sessions["w1"], False, 2.0)
+    assert [o.device_id for o in again] == ["d1"] and isinstance(again[0].body, Task)
+    refused = engine.on_partial("w1", PartialSum(session=sessions["w1"], round=1, update_ids=[first.update_id]),
+                                {n: np.zeros_like(w) for n, w in engine.weights.items()}, 100, 2.0)
+    assert refused == [] and engine.open_round.answered == set()
+    start = {n: np.array(w) for n, w in engine.weights.items()}
+    retrained, _ = claim("w2", "d1")
+    engine.take_worker_messages()
+    sums = {n: np.zeros_like(w) for n, w in start.items()}
+    for device in ("d2", "d1"):
+        for n, d in deltas[device].items():
+            sums[n][tuple(slice(0, k) for k in d.shape)] += d * np.float32(10)
+    done = engine.on_partial("w2", PartialSum(session=sessions["w2"], round=1,
+                                              update_ids=[other.update_id, retrained.update_id]), sums, 100, 3.0)
+    assert engine.record.round == 1 and any(o.device_id is None for o in done)  # committed: the round's summary
+    for name, value in engine.weights.items():
+        np.testing.assert_allclose(value, start[name] + (deltas["d1"][name] + deltas["d2"][name]) / 2, atol=1e-7)
+    assert engine.voided == 1 and engine.asked_again == 1
