@@ -22,7 +22,8 @@ from aggregator.engines.secure import SecureRoundEngine
 from aggregator.evaluate import HeldOutEvaluator
 from aggregator.options import (DEFAULT_FEDPROX_MU, AlgorithmSettings, ExportPlan, add_integrity_arguments,
                                 add_personalization_arguments, add_privacy_arguments, add_robust_arguments,
-                                add_secure_arguments, add_server_optimizer_arguments, proximal_mu, resolve_options)
+                                add_scaffold_arguments, add_secure_arguments, add_server_optimizer_arguments,
+                                proximal_mu, resolve_options)
 from aggregator.registry import DeviceRegistry
 from aggregator.service import AggregatorService
 from aggregator.store.artifacts import ArtifactStore
@@ -48,7 +49,7 @@ from protocol.signing import AGGREGATOR_KEY_FILE, DeviceKey, EnrolledKeys, Signa
 
 log = logging.getLogger(__name__)
 EXIT_USAGE = 2  # options that do not combine, like argparse's exit status for a bad flag
-STRATEGIES = ("fedavg", "fedprox", "fedmut", "fedbuff")
+STRATEGIES = ("fedavg", "fedprox", "fedmut", "fedbuff", "scaffold")
 
 EPILOG = """examples:
   # against Mosquitto, waiting for 4 devices, 20 rounds of FedAvg with C=0.5, E=2, B=16:
@@ -167,6 +168,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_server_optimizer_arguments(parser)
     add_worker_arguments(parser)
     add_personalization_arguments(parser)
+    add_scaffold_arguments(parser)
 
 
 def add_algorithm_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,7 +179,8 @@ def add_algorithm_arguments(parser: argparse.ArgumentParser) -> None:
                             "the proximal term (--mu); fedmut: each selected device trains its own mutation of the "
                             "global model, w + alpha * (+/-) (w - w_previous), signs balanced in pairs; fedbuff: no "
                             "rounds, devices train whenever idle and every --buffer-size updates make a new version, "
-                            "each weighted by its staleness; --rounds then counts versions (default: %(default)s)")
+                            "each weighted by its staleness; --rounds then counts versions; scaffold: fedavg with "
+                            "control variates against client drift (see SCAFFOLD below) (default: %(default)s)")
     group.add_argument("--sampling", choices=SAMPLERS, default="uniform",
                        help="which C of the available devices train a round: uniform (seeded draw); availability "
                             "(weighted by each device's record of answering, devices that missed 2 tasks in a row sit "
@@ -291,7 +294,7 @@ def serve(args: argparse.Namespace, settings: AlgorithmSettings) -> int:
         fleet=args.fleet, rounds=args.rounds, min_updates=args.min_updates,
         round_timeout_s=args.round_timeout, bn_statistics=args.bn_statistics, seed=args.seed,
         outlier_multiple=args.outlier_multiple, max_share=args.max_share,
-        server_optimizer=settings.server_optimizer,
+        server_optimizer=settings.server_optimizer, scaffold=settings.scaffold,
         finetune_steps=settings.personalization.finetune_steps,
         personal_layers=resolved_personal_layers(settings, artifacts),
     )

@@ -20,6 +20,7 @@ from aggregator.strategies.privacy import DEFAULT_DELTA, DP_MODES, DpSettings
 from aggregator.strategies.robust import (DEFAULT_OUTLIER_MULTIPLE, DEFAULT_TRIM_FRACTION, MIN_KNOWN_NORMS, NORM_WINDOW,
                                           ROBUST_MODES, robust_accumulator)
 from aggregator.strategies.sampling import ClientSampler, make_sampler
+from aggregator.strategies.scaffold import Scaffold
 from aggregator.strategies.server_optimizer import ADAPTIVE, SERVER_OPTIMIZERS, ServerOptimizer
 from aggregator.strategies.tiering import parse_tier_mix
 from models.export import zoo_card
@@ -226,6 +227,7 @@ class AlgorithmSettings:
     export: ExportPlan | None  # None: --artifacts names a folder that cannot be read (the start says why)
     tier_mix: dict[str, float] | None  # tier -> share; None: every exported tier, equal shares
     personalization: Personalization
+    scaffold: Scaffold | None = None  # --strategy scaffold's settings
 
 
 def resolve_options(args: argparse.Namespace) -> AlgorithmSettings:
@@ -245,7 +247,8 @@ def resolve_options(args: argparse.Namespace) -> AlgorithmSettings:
     if export is not None and (problem := export_problem(args, mu, export)):
         raise ValueError(problem)
     personalization = personalization_from_args(args, export.parameters if export is not None else None)
-    return AlgorithmSettings(mu, sampler, dp, accumulator, secure, server_optimizer, export, mix, personalization)
+    return AlgorithmSettings(mu, sampler, dp, accumulator, secure, server_optimizer, export, mix, personalization,
+                             scaffold=scaffold_from_args(args, export))
 
 
 def add_personalization_arguments(parser: argparse.ArgumentParser) -> None:
@@ -335,3 +338,57 @@ def server_optimizer_from_args(args: argparse.Namespace) -> ServerOptimizer | No
                          "(its mutations follow it)")
     lr = args.server_lr if args.server_lr is not None else (0.1 if args.server_optimizer in ADAPTIVE else 1.0)
     return ServerOptimizer(args.server_optimizer, lr, args.server_beta1, args.server_beta2, args.server_tau)
+
+
+def add_scaffold_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `--strategy scaffold` (SCAFFOLD's control variates)."""
+    group = parser.add_argument_group(
+        "SCAFFOLD (--strategy scaffold: control variates against client drift, Karimireddy et al., option II)",
+        "The aggregator keeps a control variate c (zero at first, one tensor per trained parameter) and sends each "
+        "selected device its tier's slice of c with the weights, through the same --downlink. Each device keeps its "
+        "own c_i per tier (CACHE_DIR/scaffold-<tier>.npz, surviving a restart), corrects every local SGD step by "
+        "c - c_i, and sends c_i's change beside its update, through the same codec; the aggregator checks it like "
+        "the update (names, shapes, finite, bounded). The weights move as with fedavg (or --server-optimizer); c "
+        "moves by |S|/N x the mean change over the S devices that answered, element by element across tiers, and is "
+        "committed with each version. Works with --fraction < 1, tiers, --server-optimizer, --downlink, update "
+        "codecs, --weigh-partial-work and --max-share. Refused with --secure-aggregation (the changes of c_i would "
+        "travel unmasked), --dp (they are per-device mean gradients, neither clipped nor noised), --robust (c would "
+        "take a plain mean of what the weights' robust mean distrusts), --personal-layers (no shared variate for a "
+        "personal layer), --workers (their partial sums carry no variates), and artifacts exported with AdamW "
+        "(the correction is exact for plain SGD); fedprox, fedmut and fedbuff (no rounds, so no |S|/N) are other "
+        "strategies; a relay refuses SCAFFOLD tasks.")
+    group.add_argument("--scaffold-fleet-size", type=int, metavar="N",
+                       help="N, the devices of the fleet, in c's step |S|/N (default: the devices available when each "
+                            "round was drawn, kept in the round's plan; never less than the devices that answered)")
+
+
+def scaffold_from_args(args: argparse.Namespace, export: ExportPlan | None) -> Scaffold | None:
+    """The checked settings of `add_scaffold_arguments`, or None without --strategy scaffold (ValueError saying which
+    options do not combine with it, and why)."""
+    if args.strategy != "scaffold":
+        if args.scaffold_fleet_size is not None:
+            raise ValueError("--scaffold-fleet-size needs --strategy scaffold")
+        return None
+    conflicts = {
+        "--secure-aggregation (the changes of the devices' control variates would travel unmasked)": args.secure_aggregation,
+        f"--dp {args.dp} (the changes of the control variates are per-device mean gradients, neither clipped nor "
+        "noised)": args.dp != "off",
+        f"--robust {args.robust} (c would take a plain mean of the updates the robust mean distrusts)": args.robust != "none",
+        "--personal-layers (a personal layer has no shared control variate)": bool(getattr(args, "personal_layers", None)),
+        "--workers (their partial sums carry no control variates)": bool(getattr(args, "workers", None)),
+    }
+    if clash := [option for option, present in conflicts.items() if present]:
+        raise ValueError(f"--strategy scaffold cannot be combined with {'; '.join(clash)}")
+    if export is not None and export.exists and (optimizers := sorted(_export_optimizers(export.folder) - {"sgd"})):
+        raise ValueError(f"--strategy scaffold needs artifacts trained with plain SGD (its per-step correction is exact "
+                         f"for SGD); {export.folder} was exported with {', '.join(optimizers)}")
+    return Scaffold(args.scaffold_fleet_size)
+
+
+def _export_optimizers(folder: Path) -> set[str]:
+    """The optimizers the tiers of an existing export train with (empty when it cannot be read: the start says why)."""
+    try:
+        index = ExportIndex.load(folder / "index.json")
+        return {TierManifest.load(folder / rel).optimizer for rel in index.tiers.values()}
+    except (OSError, ValueError):
+        return set()

@@ -69,12 +69,14 @@ from edge_client.onnx_guard import OnnxRefused, check_onnx_folder
 from edge_client.personal import PersonalLayers, finetune
 from edge_client.privacy import privatize
 from edge_client.receipt import Receipt
+from edge_client.scaffold import ControlVariate, Variate
 from edge_client.stages import (NotHeld, TaskRefused, TaskSkipped, check_manifest, encode_update, task_weights,
                                 trained_delta)
 from edge_client.trainer import EvalStats, Trainer, TrainStats
 from models.data import Dataset, fit_split
 from models.manifest import STATISTICS_FILE, TierManifest
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
+from protocol.control import split_control, with_control
 from protocol.frame import Frame, encode_frame, read_header
 from protocol.messages import (Answer, Blob, BnStatistics, Body, Catalogue, CatalogueRequest, Fetch, Hello,
                                MeasureBnStatistics, Query, Reject, RejectReason, SecAgg, Status, Task, TierFiles,
@@ -182,6 +184,7 @@ class DeviceAgent:
         self._trainers: dict[str, Trainer] = {}
         self._manifests: dict[str, TierManifest] = {}  # manifest sha256 -> manifest, once its tier folder is checked
         self._feedback: dict[str, ErrorFeedback] = {}
+        self._variates: dict[str, ControlVariate] = {}  # manifest sha256 -> SCAFFOLD's c_i of that tier
         self._fitted: tuple[tuple[object, ...], tuple[Dataset, Dataset] | str] | None = None  # last model: data/why not
         self._dp_rng = np.random.default_rng()  # local DP noise: seeded by the OS, never by the (public) task
         self._held: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # tier -> (version, weights received)
@@ -531,21 +534,23 @@ class DeviceAgent:
         self._check_wanted(task)
         manifest = self._get_files(task, task.deadline, f"round {task.round}")
         train, test = self._fit_data(task, manifest)
-        received = self._get_weights(task, frame.tensors, manifest)
+        held = self._get_weights(task, frame.tensors, manifest)
+        received, control = split_control(held)  # SCAFFOLD: the server's c, when the task carries it
         if isinstance(task, MeasureBnStatistics):
-            self._load_tier(task, manifest, received, received)
+            self._load_tier(task, manifest, received, held)
             self._send_bn_statistics(task, received, train)
             return
         start = self._personal_start(task, manifest, received)
-        trainer = self._load_tier(task, manifest, start, received)
+        trainer = self._load_tier(task, manifest, start, held)
         before = self._evaluate(task, trainer, test)
-        delta, stats = self._train(task, trainer, start, train)
+        variate = self._variate(task, manifest, control)
+        delta, stats = self._train(task, trainer, start, train, variate)
         kept = self._personal_trained(task, manifest, trainer)
         after = self._finetune(task, trainer, start, train, test)
         if task.secure is not None and self.secure is not None:
             self._hand_to_secure(task, delta, before)
             return
-        self._encode_and_send(task, start, delta, stats, before, after, (manifest.model.name, kept))
+        self._encode_and_send(task, start, delta, stats, before, after, (manifest.model.name, kept), variate)
 
     def _check_wanted(self, task: Task) -> None:
         """Stage 1: TaskSkipped when a newer task is waiting or the deadline has passed."""
@@ -682,26 +687,41 @@ class DeviceAgent:
             return None
         return self._off_loop(lambda: trainer.evaluate(test))
 
+    def _variate(self, task: TrainTask, manifest: TierManifest, control: dict[str, np.ndarray]) -> Variate | None:
+        """Stage 5b (SCAFFOLD, a task that carries the server's c): this tier's c_i with that c; None otherwise.
+        TaskRefused when the tier trains with another optimizer than plain SGD (the correction is exact for SGD)."""
+        if not task.weights.control:
+            return None
+        if manifest.optimizer != "sgd":
+            raise TaskRefused(RejectReason.UNEXPECTED, f"SCAFFOLD needs plain SGD; tier {task.tier} was exported with "
+                              f"{manifest.optimizer}")
+        if task.manifest_sha256 not in self._variates:
+            self._variates[task.manifest_sha256] = ControlVariate(self.config.cache_dir, manifest)
+        return Variate(self._variates[task.manifest_sha256], control)
+
     def _train(self, task: TrainTask, trainer: Trainer, start: Mapping[str, np.ndarray],
-               train: Dataset) -> tuple[dict[str, np.ndarray], TrainStats]:
+               train: Dataset, variate: Variate | None = None) -> tuple[dict[str, np.ndarray], TrainStats]:
         """Stage 6: train on `train` (fitted to the model) until the epochs are done or the send margin is reached;
         the update (new - start of every parameter but the personal layers, privatized when the task asks for local
-        DP) and the training's statistics. TaskRefused when training diverged."""
+        DP; with SCAFFOLD's `variate`, each step corrected by c - c_i and delta c_i beside it as scaffold/<param>)
+        and the training's statistics. TaskRefused when training diverged."""
         seed = task.seed ^ zlib.crc32(self.config.device_id.encode())
         log.info("round %d: training tier %s (%d epochs, %.0f s to the deadline)",
                  task.round, task.tier, task.epochs, task.deadline - time.time())
         stats = self._off_loop(lambda: trainer.train(
             train, task.epochs, task.batch_size, task.learning_rate, seed, task.mask_classes,
-            proximal_mu=task.proximal_mu, stop_at=task.deadline - self.config.send_margin_s))
+            proximal_mu=task.proximal_mu, stop_at=task.deadline - self.config.send_margin_s,
+            correction=variate.correction() if variate else None))
         try:
             delta = trained_delta(trainer.get_weights(), start, stats.loss)
+            change = variate.change(delta, stats.steps, task.learning_rate) if variate else {}
             delta = {name: value for name, value in delta.items() if name not in task.personal_layers}  # never sent
         except TaskRefused:
             self._trainers.pop(task.manifest_sha256, None)  # its weights and optimizer state are spoilt
             raise
         if task.dp_noise > 0:  # local differential privacy: clip and noise before anything leaves the device
             delta = privatize(delta, task.dp_clip, task.dp_noise, self._dp_rng)
-        return delta, stats
+        return with_control(delta, change), stats
 
     def _personal_trained(self, task: TrainTask, manifest: TierManifest, trainer: Trainer) -> dict[str, np.ndarray]:
         """Stage 6b: our new copy of the personal layers as training left them (saved when the update is sent)."""
@@ -738,9 +758,10 @@ class DeviceAgent:
 
     def _encode_and_send(self, task: TrainTask, start: Mapping[str, np.ndarray], delta: dict[str, np.ndarray],
                          stats: TrainStats, before: EvalStats | None, after: EvalStats | None = None,
-                         personal: tuple[str, dict[str, np.ndarray]] = ("", {})) -> None:
+                         personal: tuple[str, dict[str, np.ndarray]] = ("", {}), variate: Variate | None = None) -> None:
         """Stage 7: encode the update with the configured codec (error feedback and selective upload around it) and
-        send it; the residual and our personal layers (`personal`: model name, layers) are saved with it."""
+        send it; the residual, our personal layers (`personal`: model name, layers) and SCAFFOLD's c_i + delta c_i
+        (`variate`) are saved with it."""
         shared = {name: value for name, value in start.items() if name in delta}
         encoded = encode_update(self.config.fleet, self.config.device_id, task, delta, shared, stats, before,
                                 len(self.train_data), self.config.codec, self._feedback_for(task.tier),
@@ -752,6 +773,8 @@ class DeviceAgent:
             encoded.sent()
             if layers:
                 self.personal.save(model, layers)
+            if variate:
+                variate.commit(split_control(delta)[1])
             published = self.link.publish(self.topics.up(self.config.device_id), encoded.frame)
             self.tasks_done += 1
             log.info(

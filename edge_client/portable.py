@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from edge_client.trainer import EvalStats, TrainStats, check_weights, class_mask_for, run_epochs
+from edge_client.trainer import EvalStats, TrainStats, check_weights, class_mask_for, run_epochs, step_shifts
 from models.data import Dataset
 from models.manifest import FORWARD_FILE, STEP_FILE, TierManifest
 from models.scoring import score_logits
@@ -46,7 +46,9 @@ class PortableTrainer:
         # Everything the step both reads and rewrites: parameters, running statistics, optimizer state.
         outputs = {o.name for o in self._step.get_outputs()}
         self._carried = [i.name for i in self._step.get_inputs() if i.name + _NEW in outputs]
-        buffers = [{name: _ort(np.zeros(self._carried_shape(name), np.float32)) for name in self._carried} for _ in "AB"]
+        # numpy arrays the OrtValues share their memory with (CPU): SCAFFOLD's correction is applied to them in place
+        self._arrays = [{name: np.zeros(self._carried_shape(name), np.float32) for name in self._carried} for _ in "AB"]
+        buffers = [{name: _ort(arrays[name]) for name in self._carried} for arrays in self._arrays]
         self._buffers = buffers
         self._bindings = [self._step.io_binding(), self._step.io_binding()]
         for binding, (read, write) in zip(self._bindings, [(buffers[0], buffers[1]), (buffers[1], buffers[0])]):
@@ -82,8 +84,10 @@ class PortableTrainer:
     def train(
         self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int, mask_classes: bool = False,
         *, proximal_mu: float = 0.0, stop_at: float | None = None, max_steps: int | None = None,
+        correction: Mapping[str, np.ndarray] | None = None,
     ) -> TrainStats:
-        """Run `epochs` passes of shuffled mini-batches through the step graph (options as OrtTrainer.train)."""
+        """Run `epochs` passes of shuffled mini-batches through the step graph (options as OrtTrainer.train; the
+        SCAFFOLD `correction` is subtracted in place from the buffers the step just wrote)."""
         inputs = {i.name for i in self._step.get_inputs()}
         if mask_classes and CLASS_MASK_NAME not in inputs:
             raise ValueError(f"tier {self.manifest.tier}: the step graph has no class mask input; re-export it")
@@ -97,7 +101,18 @@ class PortableTrainer:
         for name, value in self._bound.items():
             for binding in self._bindings:
                 binding.bind_cpu_input(name, value)
-        return run_epochs(data, epochs, batch_size, seed, self._run_step, stop_at, max_steps)
+        shifts = step_shifts(correction, learning_rate)
+        if not shifts:
+            return run_epochs(data, epochs, batch_size, seed, self._run_step, stop_at, max_steps)
+        corrected = [[(arrays[name], shift) for name, shift in shifts.items()] for arrays in self._arrays]
+
+        def step(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+            result = self._run_step(x, y)
+            for array, shift in corrected[self._current]:  # SCAFFOLD: the step's g - c_i + c
+                np.subtract(array, shift, out=array)
+            return result
+
+        return run_epochs(data, epochs, batch_size, seed, step, stop_at, max_steps)
 
     @property
     def _values(self) -> dict[str, onnxruntime.OrtValue]:

@@ -89,6 +89,12 @@ def class_mask_for(data: Dataset, num_classes: int, mask_classes: bool) -> np.nd
     return np.where(np.bincount(data.y, minlength=num_classes) > 0, 0.0, MASKED_LOGIT).astype(np.float32)
 
 
+def step_shifts(correction: Mapping[str, np.ndarray] | None, learning_rate: float) -> dict[str, np.ndarray]:
+    """What each SGD step subtracts beside its gradient step: learning_rate * correction (none without one)."""
+    return {name: np.ascontiguousarray(np.float32(learning_rate) * np.asarray(value, np.float32))
+            for name, value in (correction or {}).items()}
+
+
 class Trainer(Protocol):
     """What the agent needs from any training backend."""
 
@@ -97,6 +103,7 @@ class Trainer(Protocol):
     def train(
         self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int, mask_classes: bool = False,
         *, proximal_mu: float = 0.0, stop_at: float | None = None, max_steps: int | None = None,
+        correction: Mapping[str, np.ndarray] | None = None,
     ) -> TrainStats: ...
     def evaluate(self, data: Dataset, batch_size: int = 512) -> EvalStats: ...
 
@@ -145,6 +152,7 @@ class OrtTrainer:
     def train(
         self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int, mask_classes: bool = False,
         *, proximal_mu: float = 0.0, stop_at: float | None = None, max_steps: int | None = None,
+        correction: Mapping[str, np.ndarray] | None = None,
     ) -> TrainStats:
         """Run `epochs` passes of shuffled mini-batches of SGD at `learning_rate` (at most `max_steps` steps).
 
@@ -152,6 +160,8 @@ class OrtTrainer:
         non-IID), when the artifacts have a class mask input. `proximal_mu` > 0 adds FedProx's
         mu/2 ||w - w_global||^2 (w_global: the weights of the last set_weights); it needs
         artifacts exported with the proximal term. `stop_at` ends training early (partial work).
+        `correction` (SCAFFOLD's c - c_i, by trainable parameter) makes every step use g + correction: after
+        each optimizer step w <- w - learning_rate * correction, exact for plain SGD.
         """
         if proximal_mu and MU_NAME not in self._input_names:
             raise ValueError(f"tier {self.manifest.tier}: these artifacts have no FedProx term; export them with proximal")
@@ -161,10 +171,15 @@ class OrtTrainer:
         self._optimizer.set_learning_rate(learning_rate)
         self._module.train()
 
+        shifts = step_shifts(correction, learning_rate)
+        parameters = [(self._parameters[name], shift) for name, shift in shifts.items()]
+
         def step(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
             loss, logits = self._run(x, y, 1.0 / self.manifest.rate, class_mask, proximal_mu)
             self._optimizer.step()
             self._module.lazy_reset_grad()
+            for parameter, shift in parameters:  # SCAFFOLD: the step's g - c_i + c
+                parameter.data = parameter.data - shift
             return float(loss), logits
 
         return run_epochs(data, epochs, batch_size, seed, step, stop_at, max_steps)

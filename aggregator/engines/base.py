@@ -30,6 +30,7 @@ from aggregator.store.state import StateRecord
 from aggregator.strategies.bn_statistics import BnStatisticsPool
 from aggregator.strategies.fedavg import Accumulator
 from aggregator.strategies.robust import DEFAULT_OUTLIER_MULTIPLE
+from aggregator.strategies.scaffold import Scaffold, VariateMean
 from aggregator.strategies.server_optimizer import ServerOptimizer
 from protocol.messages import MAX_FINETUNE_STEPS, BnStatistics, Body, Reject, RejectReason, SecAgg, Update
 
@@ -52,6 +53,7 @@ class EngineConfig(BaseModel):
     server_optimizer: ServerOptimizer | None = None  # None: the round's aggregate is the new model (FedAvg)
     personal_layers: tuple[str, ...] = ()  # FedPer: parameters that stay on the devices, never sent or aggregated
     finetune_steps: int = Field(0, ge=0, le=MAX_FINETUNE_STEPS)  # --personalize finetune:K (0: off)
+    scaffold: Scaffold | None = None  # SCAFFOLD's control variates travel with tasks and updates (None: off)
     seed: int = 0
 
 
@@ -86,6 +88,8 @@ class OpenRound:
     bytes_down: int = 0
     trained: dict[str, np.ndarray] | None = None  # aggregated weights awaiting their statistics
     optimizer_state: dict[str, np.ndarray] | None = None  # the server optimizer's state after `trained`
+    variates: VariateMean | None = None  # SCAFFOLD: the round's delta c_i, folded as they are accepted
+    control: dict[str, np.ndarray] | None = None  # SCAFFOLD: the server's c after `trained`, until the commit
     statistics: dict[str, BnStatisticsPool] = field(default_factory=dict)  # tier -> pool, in the statistics phase
     measured: set[str] = field(default_factory=set)
     caps: dict[str, int] = field(default_factory=dict)  # device -> most samples its update may weigh (max_share)

@@ -21,8 +21,10 @@ from aggregator.engines.parts import EngineParts, listing
 from aggregator.engines.personal import device_metrics, update_shapes
 from aggregator.store.state import StateRecord
 from aggregator.strategies.bn_statistics import with_statistics
+from aggregator.strategies.scaffold import global_control_shapes, initial_control
 from aggregator.strategies.server_optimizer import split_state, touched_mask, with_state
 from models.slicing import slice_params
+from protocol.control import split_control, with_control
 from protocol.messages import RejectReason, RoundSummary, Task
 
 log = logging.getLogger(__name__)
@@ -39,11 +41,14 @@ class GlobalModel:
     """The committed global model: weights, record, server-optimizer state and BN statistics, and their commits."""
 
     def __init__(self, parts: EngineParts, record: StateRecord, weights: Weights,
-                 optimizer_state: Weights | None = None) -> None:
+                 optimizer_state: Weights | None = None, control: Weights | None = None) -> None:
         self.parts = parts
         self.record = record
         self.weights = weights
         self.optimizer_state: Weights = optimizer_state or {}  # the server optimizer's moments, committed with each version
+        self.control: Weights = control or {}  # SCAFFOLD's server variate c, committed with each version
+        if parts.config.scaffold is not None and not self.control:  # c starts at zero
+            self.control = initial_control(global_control_shapes(parts.artifacts, weights))
         self.bn_statistics: dict[str, Weights] = {}  # tier -> last pooled statistics
 
     @property
@@ -57,7 +62,8 @@ class GlobalModel:
         config, store = parts.config, parts.store
         loaded = store.load(config.fleet, parts.artifacts.identity)
         if loaded:
-            model = cls(parts, loaded[0], *split_state(loaded[1]))
+            stored, control = split_control(loaded[1])
+            model = cls(parts, loaded[0], *split_state(stored), control=control)
             log.info("resumed from %s at version %d after round %d", store.root, model.record.version, model.record.round)
         else:
             model = cls(parts, StateRecord(fleet=config.fleet, model=parts.artifacts.identity, version=0, round=0),
@@ -85,12 +91,16 @@ class GlobalModel:
     def aggregate(self, current: OpenRound) -> Weights | None:
         """The round's new global model (a server optimizer's step from its aggregate), or None with too few updates.
 
-        The server optimizer's new state waits in `current.optimizer_state` until the commit.
+        The server optimizer's new state waits in `current.optimizer_state` until the commit, and
+        SCAFFOLD's new c in `current.control`.
         """
         if current.accumulator.count < self.parts.config.min_updates:
             return None
         with np.errstate(over="ignore", invalid="ignore"):  # NaN and Inf are looked for before the commit
             aggregate = current.accumulator.result()
+            if (scaffold := self.parts.config.scaffold) is not None and current.variates is not None:
+                population = scaffold.population(current.available, len(current.answered))
+                current.control = current.variates.step(self.control, population)
             optimizer = self.parts.config.server_optimizer
             if optimizer is None:
                 return aggregate
@@ -108,7 +118,7 @@ class GlobalModel:
         if trained is not None:
             with np.errstate(over="ignore", invalid="ignore"):
                 weights, bn_statistics = self._with_statistics(current, trained)
-            if refused := non_finite(weights):
+            if refused := non_finite(weights) + non_finite(with_control({}, current.control or {})):
                 intake.refuse_round(current.number, f"the new global model would hold NaN or Inf in {', '.join(refused)}",
                                     self.record.version)
                 committed = False
@@ -116,6 +126,8 @@ class GlobalModel:
                 self.weights, self.bn_statistics = weights, bn_statistics
                 if current.optimizer_state is not None:
                     self.optimizer_state = current.optimizer_state
+                if current.control is not None:
+                    self.control = current.control
         summary = self.summarise(current, now, committed, dict(intake.rejected))
         if amend is not None:
             summary = amend(summary)
@@ -125,7 +137,8 @@ class GlobalModel:
             summary = self._charge_privacy(summary, len(current.assignments), max(current.available, len(current.assignments)))
         self.record = StateRecord(fleet=self.record.fleet, model=self.record.model, version=self.record.version + int(committed),
                                   round=current.number, history=[*self.record.history, summary])
-        self.parts.store.commit(self.record, with_state(self.weights, self.optimizer_state) if committed else None)
+        self.parts.store.commit(self.record, with_control(with_state(self.weights, self.optimizer_state), self.control)
+                                if committed else None)
         missing = sorted(set(current.assignments) - current.answered)
         for device_id in missing:
             self.parts.registry.missed(device_id)

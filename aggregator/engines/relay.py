@@ -110,6 +110,9 @@ class RelayEngine:
         """Begin the local round of a parent task (ValueError, with the reason, for a task the relay cannot serve)."""
         if isinstance(task, MeasureBnStatistics):
             raise ValueError("a relay measures no batch-norm statistics: run the parent with --bn-statistics averaged")
+        if task.weights.control:
+            raise ValueError("a relay does not forward SCAFFOLD's control variates: run the parent without "
+                             "--strategy scaffold, or connect its devices to it directly")
         artifacts = self.artifacts.tiers.get(task.tier)
         if artifacts is None or artifacts.manifest_sha256 != task.manifest_sha256:
             raise ValueError(f"tier {task.tier} of the parent's task is not in this relay's --artifacts (export them once, copy the folder)")

@@ -43,8 +43,8 @@ class RoundEngine:
     # The Engine interface (aggregator.engines.base) and the rest of what callers read, served by the parts:
     config, strategy, artifacts, store, registry, ledger, privacy = forwarded(
         "parts", "config", "strategy", "artifacts", "store", "registry", "ledger", "privacy")
-    record, weights, finished, bn_statistics, optimizer_state = forwarded(
-        "model", "record", "weights", "finished", "bn_statistics", "optimizer_state")
+    record, weights, finished, bn_statistics, optimizer_state, control = forwarded(
+        "model", "record", "weights", "finished", "bn_statistics", "optimizer_state", "control")
     rejected, count_rejection, on_secagg, masked_tensors = forwarded(
         "intake", "rejected", "count_rejection", "on_secagg", "masked_tensors")
     view, asked, round_key, note_bytes, current_round, open_round = forwarded(
@@ -117,7 +117,8 @@ class RoundEngine:
         current.deadline = now + self.config.round_timeout_s
         self.parts.store.open_round.mark_measuring_statistics()
         log.info("round %d: measuring batch-norm statistics on %d devices", current.number, len(current.answered))
-        return [self.rounds.tasks.task(self.model, current.assignments[d], current.number, current.deadline, current.trained)
+        return [self.rounds.tasks.task(self.model, current.assignments[d], current.number, current.deadline, current.trained,
+                                         current.control)
                 for d in sorted(current.answered)]
 
     def _check_statistics(self, device_id: str, body: BnStatistics, tensors: Mapping[str, np.ndarray]) -> Problem | None:

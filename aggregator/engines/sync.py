@@ -26,6 +26,7 @@ from aggregator.engines.parts import EngineParts, listing
 from aggregator.engines.tasks import TaskBuilder
 from aggregator.store.round_spool import RoundPlan, SpooledUpdate
 from aggregator.strategies.robust import update_norm
+from protocol.control import split_control
 from protocol.messages import RejectReason, Update
 from protocol.quantized import Tensor
 
@@ -56,7 +57,7 @@ class SyncRounds:
         current = self.slot.current = OpenRound(
             number=number, started=now, deadline=now + timeout_s, assignments={a.device_id: a for a in assignments},
             accumulator=strategy.start_aggregation(model.weights), available=len(available),
-            caps=self.intake.share_caps(assignments),
+            caps=self.intake.share_caps(assignments), variates=self.intake.variate_mean(model.control),
         )
         self.parts.store.open_round.begin(RoundPlan(round=number, base_version=model.record.version, started=now,
                                                     deadline=current.deadline, assignments=assignments,
@@ -93,13 +94,14 @@ class SyncRounds:
             return self.intake.refuse(device_id, msg_id, update, *problem)
         assert current is not None
         assignment = current.assignments[device_id]
-        client = self.intake.client_update(current, assignment, update, tensors)
-        norm = update_norm(tensors)
+        weights, variates = split_control(tensors)  # SCAFFOLD's delta c_i rides beside the delta (checked above)
+        client = self.intake.client_update(current, assignment, update, weights)
+        norm = update_norm(weights)
         if problem := self.intake.check_weight(current, client, norm, assignment.weighted):
             return self.intake.refuse(device_id, msg_id, update, *problem)
         self.parts.store.open_round.accept(device_id, update, nbytes, dict(tensors))  # on disk before the ledger says accepted
         self.intake.record_accepted(update.round, device_id, update, nbytes)
-        self.intake.fold(current, client, update, norm, nbytes)
+        self.intake.fold(current, client, update, norm, nbytes, variates)
         self.parts.registry.answered(device_id, None if update.unchanged else update.train_loss)
         if update.train_seconds > 0 and update.steps and not update.unchanged and not update.contributors:  # per step
             samples = min(update.steps * assignment.batch_size, update.steps * update.num_samples)
@@ -125,12 +127,13 @@ class SyncRounds:
             deadline=now if plan.measuring_statistics else max(plan.deadline, now + self.parts.config.round_timeout_s),
             assignments={a.device_id: a for a in plan.assignments},
             accumulator=self.parts.strategy.start_aggregation(model.weights), available=plan.available,
-            caps=self.intake.share_caps(plan.assignments),
+            caps=self.intake.share_caps(plan.assignments), variates=self.intake.variate_mean(model.control),
         )
 
         def fold(meta: SpooledUpdate, tensors: Mapping[str, Tensor]) -> None:
-            client = self.intake.client_update(current, current.assignments[meta.device_id], meta.update, tensors)
-            self.intake.fold(current, client, meta.update, update_norm(tensors), meta.nbytes)
+            weights, variates = split_control(tensors)
+            client = self.intake.client_update(current, current.assignments[meta.device_id], meta.update, weights)
+            self.intake.fold(current, client, meta.update, update_norm(weights), meta.nbytes, variates)
 
         self.intake.replay(plan.round, spooled.updates, fold)
         self._resend_owed_tasks = not plan.measuring_statistics

@@ -23,6 +23,9 @@ from aggregator.engines.base import EngineConfig, Outgoing
 from aggregator.engines.model import GlobalModel
 from aggregator.engines.parts import EngineParts
 from aggregator.store.round_spool import Assignment
+from aggregator.strategies.scaffold import tier_control_shapes
+from models.slicing import slice_params
+from protocol.control import with_control
 from protocol.messages import AttachedWeights, MeasureBnStatistics, SecureAggregation, Task, TaskScope, TrainTask
 
 MemoKey = tuple[int, str, int, bool]  # round, tier, variant, statistics
@@ -33,7 +36,7 @@ AnyTask = TypeVar("AnyTask", TrainTask, MeasureBnStatistics)
 def task_for(assignment: Assignment, scope: TaskScope, config: EngineConfig) -> TrainTask:
     """The training task of `assignment` in `scope`: its settings and variant, the fleet's seed, evaluation, local DP."""
     return TrainTask(
-        **dict(scope) | {"weights": AttachedWeights(variant=assignment.variant)},
+        **dict(scope) | {"weights": AttachedWeights(variant=assignment.variant, control=config.scaffold is not None)},
         **settings_of(assignment),
         seed=config.seed * 100_003 + scope.round,
         evaluate=config.evaluate_on_devices,
@@ -68,19 +71,22 @@ class TaskBuilder:
         self._memo: dict[MemoKey, tuple[object, object, dict[str, np.ndarray]]] = {}
 
     def task(self, model: GlobalModel, assignment: Assignment, number: int, deadline: float,
-             trained: Mapping[str, np.ndarray] | None = None) -> Outgoing:
-        """A training task on `model`'s weights, or with `trained` a batch-norm statistics task on those (next version)."""
+             trained: Mapping[str, np.ndarray] | None = None, control: Mapping[str, np.ndarray] | None = None) -> Outgoing:
+        """A training task on `model`'s weights, or with `trained` a batch-norm statistics task on those (next version,
+        whose SCAFFOLD variate is `control`). With SCAFFOLD every task carries the tier's slice of c beside the weights,
+        so what a device holds of a version (and a downlink delta against it) is the same for every task."""
         tier = self.parts.artifacts.tiers[assignment.tier]
         scope = TaskScope(round=number, model_version=model.record.version + (trained is not None),
-                          tier=assignment.tier, manifest_sha256=tier.manifest_sha256, artifacts=tier.files, deadline=deadline)
+                          tier=assignment.tier, manifest_sha256=tier.manifest_sha256, artifacts=tier.files, deadline=deadline,
+                          weights=AttachedWeights(control=self.parts.config.scaffold is not None))
         if trained is None:
             body: Task = task_for(assignment, scope, self.parts.config)
         else:
             body = MeasureBnStatistics(**dict(scope))
-        return Outgoing(assignment.device_id, body, self._tensors(model, assignment, number, trained))
+        return Outgoing(assignment.device_id, body, self._tensors(model, assignment, number, trained, control))
 
-    def _tensors(self, model: GlobalModel, assignment: Assignment, number: int,
-                 trained: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    def _tensors(self, model: GlobalModel, assignment: Assignment, number: int, trained: Mapping[str, np.ndarray] | None,
+                 control: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
         """The tensors of a task: one shared copy per round, tier and variant, however many devices get it."""
         source = model.weights if trained is None else trained
         key = (number, assignment.tier, assignment.variant if trained is None else 0, trained is not None)
@@ -92,5 +98,8 @@ class TaskBuilder:
         if trained is None:  # training starts from the strategy's model: the global one, or a FedMut mutation
             trained = dict(self.parts.strategy.task_weights(assignment, model.weights))
         tensors = model.tier_weights(assignment.tier, trained)
+        if self.parts.config.scaffold is not None:  # c changes with the weights: the memo's check holds for it too
+            variate = model.control if control is None else control  # a statistics task: the next version's c
+            tensors = with_control(tensors, slice_params(variate, tier_control_shapes(self.parts.artifacts.tiers[assignment.tier])))
         self._memo[key] = (source, model.bn_statistics, tensors)
         return tensors

@@ -1,0 +1,108 @@
+"""SCAFFOLD on the device: its control variate c_i per tier, kept durably in the cache folder.
+
+A task with `weights.control` carries the server's variate c (sliced to the tier) beside the
+weights. Each local SGD step then uses g - c_i + c: the trainers apply it after every optimizer
+step as w <- w - lr (c - c_i), exact for plain SGD. After K steps at learning rate lr from x to y
+
+    c_i+ = c_i - c + (x - y) / (K lr)          delta c_i = c_i+ - c_i = -c + (x - y) / (K lr)
+
+and delta c_i goes back with the update. c_i starts at zero. It is saved (atomically) when the
+update is sent, in `scaffold-<tier>.npz` beside the tier's model identity, so it survives a
+restart of the device. A file that cannot be read, holds NaN/Inf or does not fit the tier's
+trainable parameters is named in a warning and the tier starts again from c_i = 0 (the way out
+is automatic: the file is replaced with the next update; delete it to reset by hand).
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from models.manifest import TierManifest
+from protocol.atomic_file import atomic_write
+from protocol.control import control_shapes
+
+log = logging.getLogger(__name__)
+Tensors = dict[str, np.ndarray]
+MODEL_KEY = "__model__"  # the tier's model name and shapes, so a variate of another export is not applied
+
+
+def variate_shapes(manifest: TierManifest) -> dict[str, tuple[int, ...]]:
+    """The tier's variate tensors: its trainable parameters' shapes."""
+    return control_shapes((p.name, tuple(p.shape), p.trainable) for p in manifest.params)
+
+
+def _identity(manifest: TierManifest, shapes: Mapping[str, tuple[int, ...]]) -> np.ndarray:
+    text = manifest.model.name + "|" + ";".join(f"{n}:{list(s)}" for n, s in sorted(shapes.items()))
+    return np.frombuffer(text.encode(), np.uint8)
+
+
+class ControlVariate:
+    """c_i of one tier, persisted under `folder`."""
+
+    def __init__(self, folder: Path, manifest: TierManifest) -> None:
+        self.path = folder / f"scaffold-{manifest.tier}.npz"
+        self.shapes = variate_shapes(manifest)
+        self._identity = _identity(manifest, self.shapes)
+        self.value: Tensors = {name: np.zeros(shape, np.float32) for name, shape in self.shapes.items()}
+        if self.path.exists():
+            try:
+                self.value = self._load()
+            except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+                log.warning("SCAFFOLD control variate %s cannot be used (%s: %s): tier %s starts again from c_i = 0; "
+                            "the file is replaced with the next update", self.path, type(exc).__name__, exc, manifest.tier)
+
+    def _load(self) -> Tensors:
+        """The saved c_i: float32 arrays of the tier's trainable shapes, all finite; ValueError otherwise."""
+        saved = np.load(self.path, allow_pickle=False)
+        if not isinstance(saved, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with saved:
+            if MODEL_KEY not in saved.files or not np.array_equal(saved[MODEL_KEY], self._identity):
+                raise ValueError("it belongs to another model or export of this tier")
+            value = {name: np.asarray(saved[name], np.float32) for name in saved.files if name != MODEL_KEY}
+        if set(value) != set(self.shapes) or any(value[n].shape != self.shapes[n] for n in value):
+            raise ValueError("its tensors are not the tier's trainable parameters")
+        if bad := [name for name, array in value.items() if not np.isfinite(array).all()]:
+            raise ValueError(f"{bad[:4]} hold NaN or Inf")
+        return value
+
+    def correction(self, control: Mapping[str, np.ndarray]) -> Tensors:
+        """c - c_i, what every local step subtracts (times lr) beside the gradient."""
+        return {name: (np.asarray(control[name], np.float32) - c_i).astype(np.float32) for name, c_i in self.value.items()}
+
+    def change(self, control: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], steps: int,
+               learning_rate: float) -> Tensors:
+        """delta c_i = c_i+ - c_i = -c + (x - y) / (K lr) for `delta` = y - x after K = `steps` steps."""
+        scale = np.float32(1.0 / (max(steps, 1) * learning_rate))
+        return {name: (-np.asarray(control[name], np.float32) - np.asarray(delta[name], np.float32) * scale).astype(np.float32)
+                for name in self.value}
+
+    def commit(self, change: Mapping[str, np.ndarray]) -> None:
+        """c_i <- c_i + delta c_i, saved atomically (call it with the update's publication)."""
+        self.value = {name: (c_i + change[name]).astype(np.float32) for name, c_i in self.value.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, lambda out: np.savez(out, **self.value, **{MODEL_KEY: self._identity}))
+
+
+class Variate:
+    """One task's SCAFFOLD: the tier's c_i and the server's c sent with the task."""
+
+    def __init__(self, own: ControlVariate, control: Mapping[str, np.ndarray]) -> None:
+        self.own, self.control = own, control
+
+    def correction(self) -> Tensors:
+        """c - c_i (what the trainers apply at every step)."""
+        return self.own.correction(self.control)
+
+    def change(self, delta: Mapping[str, np.ndarray], steps: int, learning_rate: float) -> Tensors:
+        """delta c_i after `steps` steps that moved the weights by `delta`."""
+        return self.own.change(self.control, delta, steps, learning_rate)
+
+    def commit(self, change: Mapping[str, np.ndarray]) -> None:
+        """c_i <- c_i + `change`, saved."""
+        self.own.commit(change)

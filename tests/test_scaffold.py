@@ -1,0 +1,304 @@
+"""SCAFFOLD (option II): the variates against the paper's rules on hand-made numbers, the per-step correction on both
+training backends, the device's c_i on disk, the server's c across a restart, and hostile delta c_i refused."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.cli import configure_parser
+from aggregator.engines.base import EngineConfig
+from aggregator.engines.parts import EngineParts
+from aggregator.engines.rounds import RoundEngine
+from aggregator.options import resolve_options
+from aggregator.registry import DeviceRegistry
+from aggregator.store.artifacts import ArtifactStore
+from aggregator.store.state import StateStore
+from aggregator.strategies.fedavg import FedAvg
+from aggregator.strategies.scaffold import Scaffold, VariateMean
+from edge_client.backends import open_trainer
+from edge_client.scaffold import ControlVariate, variate_shapes
+from models.data import Dataset
+from models.export import export_all
+from models.manifest import TierManifest
+from models.zoo import ModelSpec
+from protocol.control import CONTROL_PREFIX, split_control, with_control
+from protocol.messages import RejectReason, Update, new_id
+
+SPEC = ModelSpec(arch="mlp", image_size=8, hidden=(8,))
+
+
+# -- the server's rule, element by element ----------------------------------------------------------------------
+
+def test_server_variate_follows_the_rule_element_by_element_across_tiers() -> None:
+    """c <- c + (|S|/N) mean over the answering devices holding each element; an element nobody holds keeps c."""
+    c = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+    wide = np.full((4, 3), 1.0, np.float32)  # a full-width device
+    narrow = np.array([[3.0, -1.0], [0.5, 2.0]], np.float32)  # a tier holding the leading 2 x 2 block
+    bias_wide, bias_narrow = np.array([2.0, 4.0, 6.0], np.float32), np.array([-2.0, 0.0], np.float32)
+    mean = VariateMean({"w": (4, 3), "b": (3,), "untouched": (2,)})
+    mean.add({"w": wide, "b": bias_wide})
+    mean.add({"w": narrow, "b": bias_narrow})
+    control = {"w": c, "b": np.zeros(3, np.float32), "untouched": np.array([7.0, 8.0], np.float32)}
+    new = mean.step(control, population=5)  # N = 5, |S| = 2
+    expected_w = c.astype(np.float64).copy()
+    for i in range(4):
+        for j in range(3):
+            holders = [wide[i, j]] + ([narrow[i, j]] if i < 2 and j < 2 else [])
+            expected_w[i, j] += 2 / 5 * sum(holders) / len(holders)
+    np.testing.assert_allclose(new["w"], expected_w, rtol=1e-6)
+    np.testing.assert_allclose(new["b"], [2 / 5 * 0.0, 2 / 5 * 2.0, 2 / 5 * 6.0], rtol=1e-6)
+    np.testing.assert_array_equal(new["untouched"], [7.0, 8.0])  # held by no device: unchanged
+    np.testing.assert_array_equal(control["w"], c)  # the input is not changed
+    assert Scaffold().population(available=1, answered=2) == 2 and Scaffold(10).population(3, 2) == 10
+
+
+# -- the device's rule and its file -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def art_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("art")
+    export_all(SPEC, ["a", "c"], out)
+    return out
+
+
+def _manifest(art: Path, tier: str = "a") -> TierManifest:
+    return TierManifest.load(art / tier / "manifest.json")
+
+
+def test_device_variate_follows_the_rule_and_survives_a_restart(art_dir: Path, tmp_path: Path) -> None:
+    """c_i+ = c_i - c + (x - y) / (K lr); delta c_i = c_i+ - c_i is sent; c_i is on disk for the next start."""
+    manifest = _manifest(art_dir)
+    shapes = variate_shapes(manifest)
+    assert set(shapes) == {p.name for p in manifest.params if p.trainable}
+    rng = np.random.default_rng(0)
+    own = ControlVariate(tmp_path, manifest)
+    assert all(not v.any() for v in own.value.values())  # c_i starts at zero
+    own.commit({n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()})  # some earlier round
+    c_i = {n: v.copy() for n, v in own.value.items()}
+    c = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
+    x = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
+    y = {n: (x[n] + 0.1 * rng.normal(size=s)).astype(np.float32) for n, s in shapes.items()}
+    steps, lr = 7, 0.05
+    change = own.change(c, {n: y[n] - x[n] for n in x}, steps, lr)
+    for name in shapes:
+        c_plus = c_i[name].astype(np.float64) - c[name] + (x[name].astype(np.float64) - y[name]) / (steps * lr)
+        np.testing.assert_allclose(change[name], c_plus - c_i[name], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(own.correction(c)[name], c[name] - c_i[name], rtol=1e-6)
+    own.commit(change)
+    again = ControlVariate(tmp_path, manifest)  # a restarted device
+    for name in shapes:
+        np.testing.assert_array_equal(again.value[name], c_i[name] + change[name])
+
+
+def test_a_corrupt_or_foreign_variate_file_is_named_and_reset_to_zero(art_dir: Path, tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    own = ControlVariate(tmp_path, _manifest(art_dir))
+    own.commit({n: np.ones(s, np.float32) for n, s in own.shapes.items()})
+    own.path.write_bytes(b"PK\x03\x04 not really a zip")
+    with caplog.at_level(logging.WARNING):
+        reset = ControlVariate(tmp_path, _manifest(art_dir))
+    assert str(own.path) in caplog.text and "starts again from c_i = 0" in caplog.text
+    assert all(not v.any() for v in reset.value.values())
+    reset.commit({n: np.ones(s, np.float32) for n, s in reset.shapes.items()})
+    caplog.clear()
+    other = ControlVariate(tmp_path, _manifest(art_dir).model_copy(update={"model": _manifest(art_dir).model.model_copy(
+        update={"name": "another"})}))  # the same tier of another export
+    assert "another model" in caplog.text and all(not v.any() for v in other.value.values())
+
+
+# -- the per-step correction on both backends -------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["ort-training", "portable"])
+def test_one_corrected_step_is_the_plain_step_minus_lr_times_the_correction(art_dir: Path, backend: str) -> None:
+    manifest = _manifest(art_dir)
+    rng = np.random.default_rng(1)
+    data = Dataset(rng.normal(size=(32, 1, 8, 8)).astype(np.float32), rng.integers(0, 10, 32))
+    correction = {n: rng.normal(size=s).astype(np.float32) for n, s in variate_shapes(manifest).items()}
+    trainer = open_trainer(backend, art_dir / "a", manifest)
+    start = trainer.get_weights()
+    trainer.train(data, 1, 32, 0.1, 0)
+    plain = trainer.get_weights()
+    trainer.set_weights(start)
+    stats = trainer.train(data, 1, 32, 0.1, 0, correction=correction)
+    corrected = trainer.get_weights()
+    assert stats.steps == 1
+    for name, value in plain.items():
+        expected = value - 0.1 * correction[name] if name in correction else value
+        np.testing.assert_allclose(corrected[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+    trainer.set_weights(start)  # several steps: the backends agree with each other
+    trainer.train(Dataset(np.tile(data.x, (3, 1, 1, 1)), np.tile(data.y, 3)), 1, 32, 0.1, 0, correction=correction)
+    other = open_trainer("portable" if backend == "ort-training" else "ort-training", art_dir / "a", manifest)
+    other.set_weights(start)
+    other.train(Dataset(np.tile(data.x, (3, 1, 1, 1)), np.tile(data.y, 3)), 1, 32, 0.1, 0, correction=correction)
+    for name, value in trainer.get_weights().items():
+        np.testing.assert_allclose(other.get_weights()[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+# -- the server's c in rounds: restart, hostile input -----------------------------------------------------------
+
+def _engine(art: Path, state: Path, fleet_size: int | None = 4) -> RoundEngine:
+    registry = DeviceRegistry()
+    registry.hello("wide", 10, 0, "a", "ort-training", now=0.0)
+    registry.hello("narrow", 30, 0, "c", "ort-training", now=0.0)
+    config = EngineConfig(rounds=4, round_timeout_s=60.0, scaffold=Scaffold(fleet_size))
+    return RoundEngine(EngineParts(config, FedAvg(min_clients=2), ArtifactStore(art), StateStore(state), registry))
+
+
+def _answer(engine: RoundEngine, out, seed: int, now: float, **change: object) -> list:
+    """An update of seeded random delta and delta c_i of the task's tensors (`change` replaces some of them)."""
+    rng = np.random.default_rng([seed, 0 if out.device_id == "wide" else 1])
+    tensors = {n: (0.05 * rng.normal(size=v.shape)).astype(np.float32) for n, v in sorted(out.tensors.items())}
+    tensors.update(change)
+    body = Update(update_id=new_id(), round=out.body.round, base_version=out.body.model_version, tier=out.body.tier,
+                  num_samples=10 if out.device_id == "wide" else 30, steps=1, train_loss=1.0, train_accuracy=0.5,
+                  train_seconds=0.1)
+    return engine.on_update(out.device_id, new_id(), body, {n: v for n, v in tensors.items() if v is not None}, 100, now)
+
+
+def _round(engine: RoundEngine, seed: int, now: float, stop_after: int | None = None) -> list:
+    tasks = engine.tick(now)
+    for out in tasks[:stop_after]:
+        assert out.body.weights.control and any(n.startswith(CONTROL_PREFIX) for n in out.tensors)
+        assert _answer(engine, out, seed, now + 1) == [] or engine.current_round is None
+    return tasks
+
+
+def test_tasks_carry_c_sliced_to_the_tier_and_c_moves_by_the_rule(art_dir: Path, tmp_path: Path) -> None:
+    engine = _engine(art_dir, tmp_path)
+    tasks = engine.tick(0.0)
+    variates = {}
+    for out in tasks:
+        weights, control = split_control(out.tensors)
+        assert control and {n: v.shape for n, v in control.items()} == variate_shapes(engine.artifacts.tiers[out.body.tier].manifest)
+        assert all(not v.any() for v in control.values())  # c = 0 at first
+        rng = np.random.default_rng(5)
+        variates[out.device_id] = {n: rng.normal(size=v.shape).astype(np.float32) for n, v in control.items()}
+        deltas = {n: np.zeros_like(v) for n, v in weights.items()}
+        body = Update(update_id=new_id(), round=1, base_version=0, tier=out.body.tier, num_samples=10, steps=1,
+                      train_loss=1.0, train_accuracy=0.5, train_seconds=0.1)
+        answer = engine.on_update(out.device_id, new_id(), body, with_control(deltas, variates[out.device_id]), 10, 1.0)
+        assert all(o.body.kind != "reject" for o in answer)
+    assert engine.record.version == 1
+    reference = VariateMean({n: c.shape for n, c in engine.control.items()})
+    for v in variates.values():
+        reference.add(v)
+    expected = reference.step({n: np.zeros_like(c) for n, c in engine.control.items()}, 4)
+    for name, value in engine.control.items():
+        np.testing.assert_array_equal(value, expected[name])
+        assert value.any()
+    second = engine.tick(10.0)  # the next tasks carry the new c, sliced
+    for out in second:
+        _, control = split_control(out.tensors)
+        for name, value in control.items():
+            np.testing.assert_array_equal(value, engine.control[name][tuple(slice(0, s) for s in value.shape)])
+
+
+def test_a_restart_gives_the_same_next_version_and_c_as_no_restart(art_dir: Path, tmp_path: Path) -> None:
+    straight = _engine(art_dir, tmp_path / "straight")
+    for r in range(3):
+        _round(straight, r, 10.0 * r)
+    first = _engine(art_dir, tmp_path / "restarted")
+    _round(first, 0, 0.0)
+    _round(first, 1, 10.0, stop_after=1)  # one of two answers spooled, then the process dies
+    second = _engine(art_dir, tmp_path / "restarted")  # a new process on the same state folder
+    assert second.record.version == 1 and second.current_round == 2
+    for name, value in first.control.items():
+        np.testing.assert_array_equal(second.control[name], value)  # c of version 1, as committed
+    owed = second.tick(11.0)
+    assert len(owed) == 1  # the device that had not answered
+    _answer(second, owed[0], 1, 12.0)
+    assert second.record.version == 2
+    third = _engine(art_dir, tmp_path / "restarted")  # and once more between rounds
+    _round(third, 2, 20.0)
+    assert third.record.version == straight.record.version == 3
+    for name, value in straight.weights.items():
+        np.testing.assert_array_equal(third.weights[name], value, err_msg=name)
+    for name, value in straight.control.items():
+        np.testing.assert_array_equal(third.control[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("case", ["missing", "extra", "shape", "dtype", "nan", "huge"])
+def test_hostile_variates_are_refused_with_a_reason_and_change_nothing(art_dir: Path, tmp_path: Path, case: str) -> None:
+    engine = _engine(art_dir, tmp_path)
+    tasks = engine.tick(0.0)
+    out = next(o for o in tasks if o.device_id == "narrow")
+    name = next(n for n in out.tensors if n.startswith(CONTROL_PREFIX))
+    shape = out.tensors[name].shape
+    change = {
+        "missing": {name: None},
+        "extra": {CONTROL_PREFIX + "not_a_param": np.zeros(3, np.float32)},
+        "shape": {name: np.zeros((shape[0] + 1, *shape[1:]), np.float32)},
+        "dtype": {name: np.zeros(shape, np.float64)},
+        "nan": {name: np.full(shape, np.nan, np.float32)},
+        "huge": {name: np.full(shape, 1e9, np.float32)},
+    }[case]
+    refused = _answer(engine, out, 0, 1.0, **change)
+    assert len(refused) == 1 and refused[0].body.kind == "reject"
+    reason = {"nan": RejectReason.NON_FINITE, "huge": RejectReason.OUTLIER}.get(case, RejectReason.BAD_TENSOR)
+    assert refused[0].body.reason is reason and "control variate" in refused[0].body.detail
+    current = engine.open_round
+    assert current is not None and not current.answered and current.variates.devices == 0
+    assert engine.rejected[reason.value] == 1
+    for o in tasks:  # the honest answers still make the version, c from them alone
+        _answer(engine, o, 0, 2.0)
+    assert engine.record.version == 1 and all(np.isfinite(v).all() and np.abs(v).max() < 10 for v in engine.control.values())
+
+
+# -- which options compose --------------------------------------------------------------------------------------
+
+def _resolve(tmp_path: Path, *argv: str) -> object:
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    return resolve_options(parser.parse_args(["--state-dir", str(tmp_path), "--strategy", "scaffold", *argv]))
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--secure-aggregation", "--min-clients", "3"], "--secure-aggregation"),
+    (["--dp", "local", "--dp-clip", "1", "--dp-noise", "1"], "--dp local"),
+    (["--robust", "median"], "--robust median"),
+])
+def test_combinations_that_do_not_compose_are_refused_saying_why(tmp_path: Path, argv: list[str], says: str) -> None:
+    with pytest.raises(ValueError, match="--strategy scaffold cannot be combined with") as refused:
+        _resolve(tmp_path, *argv)
+    assert says in str(refused.value)
+    settings = _resolve(tmp_path, "--server-optimizer", "momentum", "--fraction", "0.5", "--scaffold-fleet-size", "20")
+    assert settings.scaffold == Scaffold(20) and settings.server_optimizer is not None
+
+
+# -- a federation over Mosquitto --------------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_scaffold_federation_with_partial_participation_improves_and_keeps_its_variates(tmp_path, mosquitto_url, fleet):
+    from protocol.messages import RoundSummary
+    from protocol.topics import Topics
+    from tests.conftest import tierfl
+    from tests.test_integration import Watcher, _aggregator, _stop
+
+    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--strategy", "scaffold", "--min-clients", "2",
+                             "--fraction", "0.5", "--rounds", "3", "--lr", "0.1", "--tiers", "a,c", "--tier-mix", "a-c",
+                             "--downlink", "int8-delta")
+    devices = [tierfl("client", "--broker", mosquitto_url, "--fleet", fleet, "--device-id", f"d{i}", "--data", "digits",
+                      "--cache-dir", str(tmp_path / f"d{i}"), "--tier", "c" if i == 2 else "a",
+                      *(("--codec", "int8") if i == 0 else ()),
+                      log=tmp_path / f"d{i}.log") for i in range(3)]
+    watcher = Watcher(mosquitto_url, [Topics(fleet).rounds])
+    try:
+        assert aggregator.wait(120) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
+        summaries = [b for b in watcher.bodies("/rounds") if isinstance(b, RoundSummary)]
+        assert [s.version for s in summaries] == [1, 2, 3] and all(not s.rejected for s in summaries)
+        assert all(s.selected == 2 for s in summaries)  # C = 0.5 of 3 devices, at least --min-clients 2
+        assert summaries[-1].accuracy > 0.7 and summaries[-1].accuracy > summaries[0].accuracy
+        with np.load(tmp_path / "state" / "weights" / "v000003.npz") as stored:
+            control = {n: stored[n] for n in stored.files if n.startswith(CONTROL_PREFIX)}
+        assert control and all(np.isfinite(v).all() for v in control.values()) and any(v.any() for v in control.values())
+        kept = sorted(p.name for p in tmp_path.glob("d*/scaffold-*.npz"))
+        trained = [d for d in range(3) if "; sent " in (tmp_path / f"d{d}.log").read_text()]
+        assert len(kept) == len(trained) >= 2, kept  # every device that trained keeps its c_i
+    finally:
+        watcher.close()
+        _stop([aggregator, *devices])
