@@ -105,6 +105,9 @@ def test_acl_binds_devices_to_their_user_name_and_lists_none():
         "topic read tierfl/v1/lab/status/+",
         "topic write tierfl/v1/lab/down/+",
         "topic readwrite tierfl/v1/lab/rounds",
+        "topic read tierfl/v1/lab/workers/+/up",  # the coordinator of aggregator workers
+        "topic read tierfl/v1/lab/workers/+/status",
+        "topic write tierfl/v1/lab/workers/+/down",
     ]
 
 

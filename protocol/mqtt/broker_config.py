@@ -76,10 +76,14 @@ class FleetCredentials(pydantic.BaseModel, frozen=True):
     ca_file: str
     aggregator: UserCredentials
     devices: dict[str, UserCredentials]
+    workers: dict[str, UserCredentials] = {}  # aggregator workers (tierfl aggregator --worker-of)
+    bridges: dict[str, UserCredentials] = {}  # site brokers bridged to this one
 
     def user(self, name: str) -> UserCredentials:
-        """The aggregator's or one device's credentials; KeyError for an unknown name."""
-        return self.aggregator if name == self.aggregator.username else self.devices[name]
+        """The aggregator's, a worker's, a bridge's or one device's credentials; KeyError for an unknown name."""
+        if name == self.aggregator.username:
+            return self.aggregator
+        return self.workers.get(name) or self.bridges.get(name) or self.devices[name]
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FleetCredentials:
@@ -87,10 +91,31 @@ class FleetCredentials(pydantic.BaseModel, frozen=True):
         return cls.model_validate_json(Path(path).read_text())
 
 
-def acl_text(fleet: str, aggregator_user: str = AGGREGATOR_USER) -> str:
-    """The Mosquitto ACL file of a fleet: devices by pattern (%u = user name = device id), the aggregator by name."""
+def acl_text(fleet: str, aggregator_user: str = AGGREGATOR_USER, workers: Sequence[str] = (),
+             bridges: Sequence[str] = ()) -> str:
+    """The Mosquitto ACL file of a fleet: devices by pattern (%u = user name = device id), the aggregator, its
+    workers and the bridges of site brokers by name."""
     topics = Topics(fleet)
     base = topics.base
+    blocks = "".join(f"""
+# Aggregator worker {worker!r}: its share of the uplink (the shared subscription
+# $share/{aggregator_user}/{base}/up/+), the devices' status, and its own topics to the coordinator.
+user {worker}
+topic read {topics.all_up()}
+topic read {topics.all_status}
+topic write {topics.worker(worker, "up")}
+topic write {topics.worker(worker, "status")}
+topic read {topics.worker(worker, "down")}
+""" for worker in workers)
+    blocks += "".join(f"""
+# The bridge of site broker {bridge!r}: it publishes its devices' uplink and status here and carries
+# their downlink and the round summaries back (its own broker's ACL binds each device to its topics).
+user {bridge}
+topic write {base}/up/+
+topic write {base}/status/+
+topic read {base}/down/+
+topic read {topics.rounds}
+""" for bridge in bridges)
     return f"""\
 # Mosquitto ACL of TierFL fleet {fleet!r}, written by `tierfl broker-config`.
 # Nothing is allowed unless a line below allows it.
@@ -100,7 +125,8 @@ pattern write {base}/up/%u
 pattern write {base}/status/%u
 pattern read {base}/down/%u
 
-# The aggregator (any number of workers may share this user). Mosquitto checks each message
+# The aggregator (the coordinator, with aggregator workers: each worker is a user of its own, the
+# client id being the user name). Mosquitto checks each message
 # against the topic it was published on, when it arrives (write) and before it is delivered
 # (read), not the subscription's filter: a shared subscription $share/GROUP/{base}/up/+
 # needs no line of its own, and a device subscribing to another's topic receives nothing.
@@ -109,6 +135,38 @@ topic read {topics.all_up()}
 topic read {topics.all_status}
 topic write {base}/down/+
 topic readwrite {topics.rounds}
+topic read {topics.all_workers("up")}
+topic read {topics.all_workers("status")}
+topic write {topics.all_workers("down")}
+""" + blocks
+
+
+def bridge_conf(fleet: str, remote: UserCredentials, remote_ca: str, name: str | None = None) -> str:
+    """The `connection` section of a site broker's mosquitto.conf that bridges fleet `fleet` to a central broker,
+    as the bridge user `remote` (its mqtts:// URL and password, from the central broker's credentials.json)
+    whose certificate `remote_ca` verifies: devices' uplink and status out, their downlink and the round summaries in."""
+    from protocol.mqtt.url import parse as parse_url  # the URL parser; here to keep this module's imports light
+
+    address = parse_url(remote.url)
+    base = Topics(fleet).base
+    return f"""
+# Bridge of fleet {fleet!r} to the central broker {address.host}:{address.port}, written by `tierfl broker-config
+# --bridge-to`: this broker's devices reach an aggregator connected there.
+connection {name or remote.username}
+address {address.host}:{address.port}
+bridge_protocol_version mqttv311
+remote_clientid {remote.username}
+remote_username {remote.username}
+remote_password {remote.password}
+bridge_cafile {remote_ca}
+bridge_insecure false
+cleansession false
+try_private true
+notifications false
+topic {base}/up/# out 1
+topic {base}/status/# out 1
+topic {base}/down/# in 1
+topic {base}/rounds in 1
 """
 
 
@@ -271,6 +329,9 @@ def generate(
     days: int = 3650,
     force: bool = False,
     mosquitto_passwd: str | None = None,
+    workers: Sequence[str] = (),
+    bridges: Sequence[str] = (),
+    bridge_to: tuple[UserCredentials, str] | None = None,
 ) -> FleetCredentials:
     """Write a fleet's broker configuration into `out` (see FILES); return the generated credentials.
 
@@ -279,6 +340,9 @@ def generate(
     (default: `out`). `broker_user`: the account Mosquitto runs as when started as root; run as root,
     this gives it the files the broker reads. `mosquitto_passwd`: path of the tool to hash the
     passwords with, or None to hash them here. Refuses to replace existing files unless `force`.
+    `workers`: users of aggregator workers (`tierfl aggregator --worker-of`); `bridges`: users of site brokers
+    bridged to this one; `bridge_to`: this is a site broker, bridged to a central one as (its bridge user's
+    credentials there, the central CA file).
     """
     check_id(fleet, "fleet")
     check_id(aggregator_user, "aggregator user")
@@ -287,6 +351,13 @@ def generate(
         raise ValueError("no devices: give at least one device id")
     if aggregator_user in devices:
         raise ValueError(f"device id {aggregator_user!r} is the aggregator's user name; pick another")
+    workers = _unique(check_id(w, "worker user") for w in workers)
+    bridges = _unique(check_id(b, "bridge user") for b in bridges)
+    names = [aggregator_user, *devices, *workers, *bridges]
+    if len(set(names)) != len(names):
+        clash = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"user names {', '.join(clash)} are given twice (aggregator, devices, workers and bridges "
+                         "each need their own)")
     if days < 1:
         raise ValueError(f"certificate lifetime must be at least 1 day, got {days}")
     if not 1 <= port <= 65535:
@@ -299,7 +370,7 @@ def generate(
                          "passwords that devices may be using (--force replaces them all)")
     read_dir = Path(conf_dir) if conf_dir is not None else out_dir.resolve()
 
-    passwords = {user: secrets.token_urlsafe(32) for user in [aggregator_user, *devices]}
+    passwords = {user: secrets.token_urlsafe(32) for user in names}
     broker = f"mqtts://{hosts[0] if ':' not in hosts[0] else f'[{hosts[0]}]'}:{port}"
     ca_file = str(read_dir / "ca.crt")
 
@@ -308,19 +379,24 @@ def generate(
         return UserCredentials(username=name, password=passwords[name], url=url)
 
     credentials = FleetCredentials(fleet=fleet, broker=broker, ca_file=ca_file, aggregator=user(aggregator_user),
-                                   devices={d: user(d) for d in devices})
+                                   devices={d: user(d) for d in devices}, workers={w: user(w) for w in workers},
+                                   bridges={b: user(b) for b in bridges})
+    conf = mosquitto_conf(fleet, read_dir, port, bind, broker_user)
+    if bridge_to is not None:
+        conf += bridge_conf(fleet, *bridge_to)
     contents = {
         **_certificates(hosts, fleet, days),
-        "mosquitto.conf": mosquitto_conf(fleet, read_dir, port, bind, broker_user).encode(),
+        "mosquitto.conf": conf.encode(),
         "passwd": password_file_text(passwords, mosquitto_passwd).encode(),
-        "acl": acl_text(fleet, aggregator_user).encode(),
+        "acl": acl_text(fleet, aggregator_user, workers, bridges).encode(),
         "credentials.json": (credentials.model_dump_json(indent=2) + "\n").encode(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "data").mkdir(exist_ok=True)
+    secret = {"mosquitto.conf"} if bridge_to is not None else set()  # it holds the bridge user's password
     for name, (mode, _) in FILES.items():
-        atomic_write(out_dir / name, lambda f, data=contents[name]: f.write(data), mode=mode)
-    _hand_to(broker_user, [out_dir / name for name in ("server.key", "passwd", "acl", "data")])
+        atomic_write(out_dir / name, lambda f, data=contents[name]: f.write(data), mode=SECRET if name in secret else mode)
+    _hand_to(broker_user, [out_dir / name for name in ("server.key", "passwd", "acl", "data", *secret)])
     log.info("wrote the Mosquitto configuration of fleet %r for %d devices to %s", fleet, len(devices), out_dir)
     return credentials
 
@@ -368,6 +444,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "gives it server.key, passwd, acl and data/ (default: %(default)s)")
     parser.add_argument("--days", type=int, default=3650, help="certificate lifetime in days (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace existing keys, certificates and passwords in DIR")
+    parser.add_argument("--worker-user", action="append", default=[], metavar="NAME",
+                        help="an MQTT user for an aggregator worker (`tierfl aggregator --worker-of`, its --id NAME): "
+                             "it reads the uplink through the shared subscription and the devices' status, and only "
+                             "its own workers/NAME/ topics; repeat for more")
+    parser.add_argument("--bridge-user", action="append", default=[], metavar="NAME",
+                        help="an MQTT user for a site broker bridged to this (central) one: it publishes the fleet's "
+                             "up/ and status/ topics and reads down/ and rounds; repeat for more sites")
+    parser.add_argument("--bridge-to", metavar="CREDENTIALS.json:USER",
+                        help="make this a site broker bridged to a central one: the central broker's credentials.json "
+                             "and the --bridge-user it was given there; mosquitto.conf gets a `connection` section "
+                             "(devices' up/ and status/ out, their down/ and rounds in, over TLS verified with the "
+                             "central CA)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -376,9 +464,18 @@ def run(args: argparse.Namespace) -> int:
     if tool is None:
         log.info("mosquitto_passwd is not on PATH; hashing the passwords here (PBKDF2-SHA512)")
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    bridge_to = None
+    if args.bridge_to:
+        path, _, user = args.bridge_to.rpartition(":")
+        central = FleetCredentials.load(path)
+        if user not in central.bridges:
+            raise ValueError(f"{path} has no bridge user {user!r} (it has: {', '.join(central.bridges) or 'none'}); "
+                             "write the central broker's files with --bridge-user")
+        bridge_to = (central.bridges[user], central.ca_file)
     credentials = generate(args.out, args.fleet, devices, hosts=args.host, port=args.port, bind=args.bind,
                            aggregator_user=args.aggregator_user, conf_dir=args.conf_dir, broker_user=args.broker_user,
-                           days=args.days, force=args.force, mosquitto_passwd=tool)
+                           days=args.days, force=args.force, mosquitto_passwd=tool, workers=args.worker_user,
+                           bridges=args.bridge_user, bridge_to=bridge_to)
     conf = Path(credentials.ca_file).with_name("mosquitto.conf")
     print(f"wrote the broker configuration of fleet {credentials.fleet!r} ({len(credentials.devices)} devices) "
           f"to {args.out}\nstart the broker:  mosquitto -c {conf}\n"
