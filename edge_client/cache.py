@@ -35,11 +35,13 @@ class CacheFull(ArtifactTooLarge):
 class ArtifactCache:
     """Stores artifact files under `root/blobs/<sha256>` and lays out tier folders from them."""
 
-    def __init__(self, root: Path, max_bytes: int | None = None) -> None:
+    def __init__(self, root: Path, max_bytes: int | None = None, durable: bool = True) -> None:
+        """`durable=False`: no fsyncs (still atomic for readers): for the virtual devices of `tierfl fleet`."""
         if max_bytes is not None and max_bytes <= 0:
             raise ValueError(f"cache bound must be positive, not {max_bytes} bytes")
         self.root = root
         self.max_bytes = max_bytes
+        self.durable = durable
         self._blobs = root / "blobs"
         self._tiers = root / "tiers"
         self._blobs.mkdir(parents=True, exist_ok=True)
@@ -83,7 +85,7 @@ class ArtifactCache:
                                    f"whole bound of {self.max_bytes / 1e6:.2f} MB")
         with self._lock:
             existed = self.has(sha256)
-            atomic_write(self._blobs / sha256, lambda out: out.write(data))
+            atomic_write(self._blobs / sha256, lambda out: out.write(data), durable=self.durable)
             if not self._evict(keep=frozenset({sha256})) and not existed:
                 self._remove_folders_linking(self._blobs / sha256)
                 (self._blobs / sha256).unlink(missing_ok=True)
@@ -106,7 +108,8 @@ class ArtifactCache:
                 return folder
             if not folder.is_dir():
                 folder.mkdir(parents=True)
-                sync_folder(self._tiers)  # the new folder's own entry
+                if self.durable:
+                    sync_folder(self._tiers)  # the new folder's own entry
             for name, sha in files.items():
                 if Path(name).name != name:
                     raise ValueError(f"artifact name {name!r} is not a plain file name")
@@ -115,7 +118,8 @@ class ArtifactCache:
                 tmp.unlink(missing_ok=True)
                 os.link(self._blobs / sha, tmp)
                 os.replace(tmp, target)
-            sync_folder(folder)  # the renames survive a power cut
+            if self.durable:
+                sync_folder(folder)  # the renames survive a power cut
             return folder
 
     def _touch(self, sha256: str) -> None:

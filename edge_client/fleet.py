@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import hashlib
 import json
 import logging
 import resource
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -113,6 +115,12 @@ class SharedTrainers:
         return measure_bn_statistics(folder / STATISTICS_FILE, weights, data, threads=self.threads)
 
 
+class _Weights(dict[str, np.ndarray]):
+    """A weights dict that can be weakly referenced (FleetRuntime.intern)."""
+
+    __slots__ = ("__weakref__",)
+
+
 class FleetRuntime:
     """What the virtual devices share: settings, the network loop, the workers, the trainers, counters, events."""
 
@@ -126,6 +134,21 @@ class FleetRuntime:
         self._lock = threading.Lock()
         self._refusal_log = RefusalLog()
         self._events = events
+        self._interned: weakref.WeakValueDictionary[bytes, _Weights] = weakref.WeakValueDictionary()
+
+    def intern(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One shared copy of equal weights (a version's tier weights, held by every device that trained it): the
+        fleet's memory grows with the versions held, not with the devices. Callers never change the arrays."""
+        digest = hashlib.blake2b(digest_size=20)
+        for name in sorted(weights):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(weights[name]).data)
+        key = digest.digest()
+        with self._lock:
+            held = self._interned.get(key)
+            if held is None:
+                held = self._interned[key] = _Weights(weights)
+            return held
 
     def count(self, what: str, n: int = 1) -> None:
         """Add to one of the fleet's counters."""
@@ -182,10 +205,10 @@ class Fleet:
         from edge_client.agent import device_key
 
         self.runtime = FleetRuntime(settings, events)
-        self.devices = []
-        for behaviour, (train, test) in zip(devices, shards(data, len(devices), per_device, test_fraction, settings.seed)):
-            key = device_key(settings.cache_root / behaviour.id)
-            self.devices.append(VirtualDevice(self.runtime, behaviour, train, test, key))
+        with ThreadPoolExecutor(16) as pool:  # a new key is written with two fsyncs: in parallel
+            keys = list(pool.map(lambda behaviour: device_key(settings.cache_root / behaviour.id), devices))
+        self.devices = [VirtualDevice(self.runtime, behaviour, train, test, key) for behaviour, key, (train, test)
+                        in zip(devices, keys, shards(data, len(devices), per_device, test_fraction, settings.seed))]
 
     def start(self) -> None:
         """Start the network loop and connect the devices online now, `connect_rate` a second; schedule the rest."""

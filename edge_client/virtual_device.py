@@ -74,7 +74,7 @@ class VirtualDevice:
         settings = runtime.settings
         self.topics = Topics(settings.fleet)
         self.cache_dir = settings.cache_root / self.id
-        self.cache = ArtifactCache(self.cache_dir, max_bytes=int(settings.cache_max_mb * 1e6))
+        self.cache = ArtifactCache(self.cache_dir, max_bytes=int(settings.cache_max_mb * 1e6), durable=False)
         self.key = key
         self.trust = AggregatorTrust(self.cache_dir, settings.aggregator_key, verifiable=key is not None)
         self.session = new_id()
@@ -310,6 +310,7 @@ class VirtualDevice:
             self._held.pop(task.tier, None)
             self._announce()
             return
+        start = self.runtime.intern(start)  # devices given the same weights hold one copy
         self._held[task.tier] = (task.model_version, start)
         began = max(time.monotonic(), self._busy_until)  # the simulated device trains one task at a time
         settings = self.runtime.settings

@@ -19,10 +19,11 @@ def sync_folder(folder: str | os.PathLike[str]) -> None:
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object], mode: int | None = None,
-                 exclusive: bool = False) -> None:
+                 exclusive: bool = False, durable: bool = True) -> None:
     """Write `path` so readers see the old file or the whole new one, never a part (temp, fsync, rename, fsync
     of the folder). The file gets the permissions the umask gives a new file, or `mode` exactly when given.
-    `exclusive`: never replace an existing `path` (FileExistsError, nothing written), even one made meanwhile."""
+    `exclusive`: never replace an existing `path` (FileExistsError, nothing written), even one made meanwhile.
+    `durable=False` skips both fsyncs: still atomic for readers, not across a power cut (a simulated device's cache)."""
     target = Path(path)
     tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)  # the umask applies
@@ -32,7 +33,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
             out.flush()
             if mode is not None:
                 os.fchmod(out.fileno(), mode)  # exactly `mode`, whatever the umask
-            os.fsync(out.fileno())
+            if durable:
+                os.fsync(out.fileno())
         if exclusive:
             _link_new(tmp, target)
         else:
@@ -40,7 +42,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    sync_folder(target.parent)
+    if durable:
+        sync_folder(target.parent)
 
 
 def _link_new(tmp: Path, target: Path) -> None:
