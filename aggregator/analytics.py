@@ -45,6 +45,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from aggregator.analytics_secure import SecureSum
 from aggregator.engines.base import Outgoing
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
@@ -54,7 +55,7 @@ from models.slicing import slice_params
 from protocol.atomic_file import atomic_write
 from protocol.frame import FrameError
 from protocol.messages import (MAX_BINS, MAX_DEVICES, MAX_LOSS_CLIP, MAX_VALUE_RANGE, Answer, Computation, Identifier,
-                               Query, Reject, RejectReason, TierFiles, new_id)
+                               Query, Reject, RejectReason, SecAgg, TierFiles, new_id)
 
 log = logging.getLogger(__name__)
 RESULTS_KEPT = 50  # results the status page and GET /analytics/ID serve
@@ -83,6 +84,7 @@ class AnalyticsRequest(BaseModel):
     loss_clip: Annotated[float, Field(gt=0, le=MAX_LOSS_CLIP, allow_inf_nan=False)] = 20.0
     dp_noise: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] = 0.0  # z: noise std z x sensitivity; 0 off
     dp_delta: Annotated[float, Field(gt=0, lt=1)] = DEFAULT_DELTA
+    secure: bool = False  # sum the answers by secure aggregation (aggregator.analytics_secure)
 
     @model_validator(mode="after")
     def _range(self) -> AnalyticsRequest:
@@ -107,6 +109,7 @@ class OpenQuery:
     answered: dict[str, int] = field(default_factory=dict)  # device -> samples its accepted answer covers
     per_device: list[np.ndarray] = field(default_factory=list)  # label histograms of plain queries (diagnostics)
     refused: collections.Counter[str] = field(default_factory=collections.Counter)
+    secure: SecureSum | None = None  # the secure-aggregation state of a secure query
 
 
 class AnalyticsDesk:
@@ -162,9 +165,11 @@ class AnalyticsDesk:
     def tick(self, now: float) -> list[Outgoing]:
         """Close the open query when it is over; start the next queued one."""
         out: list[Outgoing] = []
-        if self.open is not None and (now >= self.open.deadline or set(self.open.answered) >= set(self.open.asked)
-                                      or self._all_gone(self.open, now)):
-            self._close(self.open, now)
+        if (query := self.open) is not None and query.secure is not None:
+            out += query.secure.advance(now, {d.device_id for d in self.registry.available(now)})
+        if query is not None and (query.secure.done if query.secure is not None else (
+                now >= query.deadline or set(query.answered) >= set(query.asked) or self._all_gone(query, now))):
+            self._close(query, now)
             self.open = None
         while self.open is None and self._queue:
             query_id, request, _ = self._queue.popleft()
@@ -199,7 +204,17 @@ class AnalyticsDesk:
         asked = {d.device_id: self._scoring_tier(d.device_id, request) if spec.computation == "model_metrics" else None
                  for d in devices}
         announced = {d.device_id: d.num_samples if request.split == "train" else d.num_test_samples for d in devices}
-        query = self.open = OpenQuery(query_id, self.number, request, spec, now, now + request.timeout_s, asked, announced)
+        secure = None
+        if request.secure:
+            try:  # every element of a true answer is within the computation's limit x the device's samples
+                clip = spec.element_limit() * max(1, *announced.values())
+                secure = SecureSum(self.number, sorted(asked), spec.shapes(), clip, now, request.timeout_s)
+                secure.settings()
+            except ValueError as exc:
+                self._refuse_query(query_id, request, now, f"cannot sum securely: {exc}")
+                return []
+        query = self.open = OpenQuery(query_id, self.number, request, spec, now, now + request.timeout_s, asked, announced,
+                                      secure=secure)
         self._keep(query_id, self._status(query, "running"))
         log.info("query %d (%s): asking %d devices, %.0f s to answer", query.number, spec.computation, len(asked),
                  request.timeout_s)
@@ -226,9 +241,10 @@ class AnalyticsDesk:
             files = TierFiles(tier=tier, manifest_sha256=exported.manifest_sha256, artifacts=exported.files)
             version, weights = self._tier_weights(tier)
             tensors = dict(weights)
-        body = Query(query=query.id, number=query.number, computation=spec.computation, split=request.split,  # type: ignore[arg-type]
+        body = Query(query=query.id, round=query.number, computation=spec.computation, split=request.split,  # type: ignore[arg-type]
                      deadline=query.deadline, input_shape=list(spec.input_shape), classes=spec.classes, low=spec.low,
-                     high=spec.high, bins=spec.bins, loss_clip=spec.loss_clip, files=files, model_version=version)
+                     high=spec.high, bins=spec.bins, loss_clip=spec.loss_clip, files=files, model_version=version,
+                     secure=query.secure.settings() if query.secure is not None else None)
         return Outgoing(device, body, tensors)
 
     # -- answers -------------------------------------------------------------------------------
@@ -244,6 +260,8 @@ class AnalyticsDesk:
             return RejectReason.DUPLICATE, f"{device} answered query {query.number} already"
         if now > query.deadline:
             return RejectReason.LATE, f"query {query.number} closed {now - query.deadline:.1f} s ago"
+        if query.secure is not None:
+            return RejectReason.UNEXPECTED, f"query {query.number} is summed securely: send the masked answer"
         if answer.tier != query.asked[device]:
             return RejectReason.UNKNOWN_TIER, f"an answer of tier {answer.tier}, asked of tier {query.asked[device]}"
         if answer.num_samples > query.announced[device]:
@@ -284,6 +302,32 @@ class AnalyticsDesk:
         log.info("query %d: answer %d/%d from %s", query.number, len(query.answered), len(query.asked), device)
         return []
 
+    def owns(self, session: str) -> bool:
+        """Whether a SecAgg message of `session` belongs to the open (secure) query."""
+        return self.open is not None and self.open.secure is not None and self.open.secure.session == session
+
+    def masked_tensors(self, device: str, body: SecAgg, now: float) -> dict[str, tuple[int, ...]]:
+        """The uint8 tensors a secure query's SecAgg message must carry; FrameError (counted) if it is refused."""
+        assert self.open is not None and self.open.secure is not None
+        try:
+            return self.open.secure.masked_tensors(device, body, now)
+        except FrameError as exc:
+            self._count(exc.reason)
+            raise
+
+    def on_secagg(self, device: str, msg_id: str, body: SecAgg, tensors: Mapping[str, np.ndarray],
+                  now: float) -> list[Outgoing]:
+        """One device's message of the open secure query, or a Reject (counted) with the reason."""
+        assert self.open is not None and self.open.secure is not None
+        out = self.open.secure.on_message(device, msg_id, body, tensors, now)
+        for message in out:
+            if isinstance(message.body, Reject):
+                self._count(message.body.reason)
+                self._count_rejection(message.body.reason, message.body.detail, device)
+        if not out:
+            self.registry.seen(device, now)
+        return out
+
     def _count(self, reason: RejectReason) -> None:
         if self.open is not None:
             self.open.refused[reason.value] += 1
@@ -292,6 +336,13 @@ class AnalyticsDesk:
 
     def _close(self, query: OpenQuery, now: float) -> None:
         minimum = max(query.request.min_devices, self.min_devices_floor)
+        if query.secure is not None:
+            if query.secure.result is None:
+                self._finish(query, self._status(query, "refused", reason=query.secure.failed), now)
+                return
+            included = query.secure.result.included
+            query.answered = {device: query.announced[device] for device in included}
+            query.sums = {"all": {n: np.asarray(v, np.float64) for n, v in query.secure.result.weighted_sum.items()}}
         if len(query.answered) < minimum:
             self._finish(query, self._status(query, "refused", reason=(
                 f"only {len(query.answered)} of {len(query.asked)} devices answered, fewer than the {minimum} an "
@@ -345,7 +396,8 @@ class AnalyticsDesk:
                 "computation": query.spec.computation, "request": query.request.model_dump(),
                 "started": query.started, "asked": len(query.asked), "answered": len(query.answered),
                 "samples": sum(query.answered.values()), "refused_answers": dict(query.refused),
-                "min_devices": max(query.request.min_devices, self.min_devices_floor)}
+                "min_devices": max(query.request.min_devices, self.min_devices_floor),
+                "secure": query.secure is not None}
 
     def _refuse_query(self, query_id: str, request: AnalyticsRequest, now: float, reason: str) -> None:
         log.warning("query %d (%s) refused: %s", self.number, request.computation, reason)

@@ -37,6 +37,8 @@ examples:
   tierfl analytics label_histogram --url http://127.0.0.1:8080 --state-dir runs/lab
   # with differential privacy: Gaussian noise of std 2 x the sensitivity, epsilon printed with the answer
   tierfl analytics label_histogram --url http://127.0.0.1:8080 --state-dir runs/lab --dp-noise 2
+  # the label mix summed by secure aggregation: no single device's answer is ever seen
+  tierfl analytics label_histogram --secure --url http://127.0.0.1:8080 --state-dir runs/lab
   # the global model on the devices' test splits, per tier
   tierfl analytics model_metrics --split test --url http://127.0.0.1:8080 --state-dir runs/lab
 
@@ -82,6 +84,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "books (dp-accounting); the answer shows this query's epsilon, the total and the error "
                              "bound. 0: the exact sum (default: %(default)s)")
     parser.add_argument("--dp-delta", type=float, default=1e-5, help="delta of the epsilon shown (default: %(default)s)")
+    parser.add_argument("--secure", action="store_true",
+                        help="sum the answers by secure aggregation (the masking of secure rounds): the aggregator "
+                             "sees only the sum of the devices that answered, never one device's answer; a device "
+                             "that drops out after sharing its keys is unmasked out of the sum. Needs 2 or more "
+                             "devices with the cryptography package; model_metrics then has no per-tier split")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     request = AnalyticsRequest(computation=args.computation, split=args.split, min_devices=args.min_devices,
                                max_devices=args.max_devices, tier=args.tier, timeout_s=args.timeout, low=args.low,
                                high=args.high, bins=args.bins, loss_clip=args.loss_clip, dp_noise=args.dp_noise,
-                               dp_delta=args.dp_delta)
+                               dp_delta=args.dp_delta, secure=args.secure)
     token_file = args.token_file or args.state_dir / TOKEN_FILE
     try:
         token = token_file.read_text(encoding="ascii").strip()

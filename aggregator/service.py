@@ -260,7 +260,10 @@ class AggregatorService:
         masked input the secure engine expects, none otherwise; FrameError with the reason for any other."""
         body = raw.body
         assert isinstance(body, SecAgg)
-        expected = self.engine.masked_tensors(raw.header.sender, body, now)
+        if self.analytics is not None and self.analytics.owns(body.session):  # a secure analytics query's
+            expected = self.analytics.masked_tensors(raw.header.sender, body, now)
+        else:
+            expected = self.engine.masked_tensors(raw.header.sender, body, now)
         for entry in raw.header.tensors:
             if entry.dtype != "uint8" or entry.codec != "uint8":
                 raise FrameError(RejectReason.BAD_TENSOR, f"masked tensor {entry.name!r} is {entry.codec} "
@@ -286,6 +289,8 @@ class AggregatorService:
                 if self.monitor:
                     self.monitor.update_accepted()
             self._send(outgoing)
+        elif on_up and isinstance(body, SecAgg) and self.analytics is not None and self.analytics.owns(body.session):
+            self._send(self.analytics.on_secagg(device, header.msg_id, body, frame.tensors, now))
         elif on_up and isinstance(body, SecAgg):
             outgoing = self.engine.on_secagg(device, header.msg_id, body, frame.tensors, frame.nbytes, now)
             if not _refused(outgoing, device):

@@ -204,6 +204,9 @@ class DeviceAgent:
         self.secure = SecureClient(config.device_id, self._send_secagg, self.key.private_key if self.key else None,
                                    config.fleet_keys, refuse=lambda reason, detail: self._refuse(
                                        reason, detail, config.aggregator_id)) if SecureClient else None  # secure rounds
+        self.secure_queries = SecureClient(  # secure analytics queries: their own sessions, beside a secure round's
+            config.device_id, self._send_secagg, self.key.private_key if self.key else None, config.fleet_keys,
+            refuse=lambda reason, detail: self._refuse(reason, detail, config.aggregator_id)) if SecureClient else None
         self.receipt = Receipt(self.topics.down(config.device_id), config.fleet, config.aggregator_id, self.trust,
                                secure=self.secure is not None, refuse=self._refuse,
                                deliver=self.inbox.put)
@@ -399,7 +402,11 @@ class DeviceAgent:
                     return
             self._tasks.append(item)
         elif isinstance(body, Query):
+            if body.secure is not None and (self.secure_queries is None or not self.secure_queries.on_task(body)):
+                return  # its settings were refused (said why): not answered
             self._queries.append(item)
+        elif isinstance(body, SecAgg) and self.secure_queries is not None and self.secure_queries.owns(body.session):
+            self.secure_queries.on_message(body)
         elif isinstance(body, SecAgg) and self.secure is not None:
             self.secure.on_message(body)
         elif isinstance(body, Blob):
@@ -471,7 +478,7 @@ class DeviceAgent:
         (or, past its deadline or while stopping, let go) and the agent goes on."""
         frame = self._queries.popleft()
         query: Query = frame.body  # type: ignore[assignment]
-        what = f"query {query.number} ({query.computation})"
+        what = f"query {query.round} ({query.computation})"
         try:
             if time.time() > query.deadline:
                 raise TaskSkipped(f"{what}: deadline passed before it was answered")
@@ -499,12 +506,15 @@ class DeviceAgent:
             log.exception("%s failed", what)
             self._refuse(RejectReason.INTERNAL_ERROR, f"{what}: {type(exc).__name__}: {exc}", frame.header.sender)
             return
+        if query.secure is not None and self.secure_queries is not None:
+            self.secure_queries.trained(query, tensors, None)  # masked and sent once the share delivery is in
+            return
         self._send_answer(query, Answer(query=query.query, tier=tier, num_samples=len(data)), tensors)
 
     def _send_answer(self, query: Query, body: Answer, tensors: dict[str, np.ndarray]) -> None:
         """Publish one query's answer."""
         sent = self._publish(self.topics.up(self.config.device_id), body, tensors)
-        log.info("query %d (%s): answered on %d samples (%d bytes)", query.number, query.computation,
+        log.info("query %d (%s): answered on %d samples (%d bytes)", query.round, query.computation,
                  body.num_samples, sent)
 
     # -- the task pipeline ------------------------------------------------------------------

@@ -123,7 +123,7 @@ class Receipt:
     def _query_problem(self, query: Query, msg_id: str) -> tuple[RejectReason, str] | None:
         """Why an analytics query cannot be taken (secure without the means, past its deadline, taken already, files
         not its manifest's); None if it can (and it is remembered as taken)."""
-        where = f"query {query.number} ({query.computation})"
+        where = f"query {query.round} ({query.computation})"
         if query.secure is not None and not self.secure:
             return RejectReason.UNEXPECTED, (f"{where} uses secure aggregation, which needs the cryptography package "
                                              "(pip install 'tierfl[signing]')")

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ValidationError
 
 from edge_client.trainer import EvalStats
-from protocol.messages import RejectReason, SecAgg, SecureAggregation, TrainTask
+from protocol.messages import Query, RejectReason, SecAgg, SecureAggregation, TrainTask
 from protocol.secagg.device import SecAggDevice
 from protocol.secagg.messages import (KeyRoster, SecAggError, SecAggParams, ShareDelivery, UnmaskRequest,
                                       check_block_shapes)
@@ -44,7 +44,7 @@ Send = Callable[[SecAgg, Mapping[str, np.ndarray] | None], int]  # publish one m
 Refuse = Callable[[RejectReason, str], None]  # a refusal's reason and detail, counted by the agent
 
 
-def secure_params(task: TrainTask) -> SecAggParams:
+def secure_params(task: TrainTask | Query) -> SecAggParams:
     """The secure task's parameters, checked as the device uses them (the ring holds the sum, the tier's blocks fit
     the round's shapes); SecAggError naming what fails."""
     settings = task.secure
@@ -64,7 +64,7 @@ def secure_params(task: TrainTask) -> SecAggParams:
 
 @dataclass
 class _Session:
-    task: TrainTask
+    task: TrainTask | Query
     settings: SecureAggregation
     device: SecAggDevice
     delivery: ShareDelivery | None = None
@@ -108,8 +108,9 @@ class SecureClient:
         else:
             log.error("%s: %s", reason.value, detail)
 
-    def on_task(self, task: TrainTask) -> bool:
-        """Open the session of a secure task and advertise its fresh keys; False (refused) if its settings fail."""
+    def on_task(self, task: TrainTask | Query) -> bool:
+        """Open the session of a secure task (or analytics query) and advertise its fresh keys; False (refused) if its
+        settings fail."""
         settings = task.secure
         assert settings is not None
         try:
@@ -160,8 +161,13 @@ class SecureClient:
                           f"round: {exc}")
             self._session = None
 
-    def trained(self, task: TrainTask, delta: Mapping[str, np.ndarray], evaluation: EvalStats | None) -> None:
-        """The trained delta of a secure task: masked and sent once the share delivery is in."""
+    def owns(self, session: str) -> bool:
+        """Whether `session` is this client's current session (the agent routes SecAgg messages by it)."""
+        return self._session is not None and self._session.settings.session == session
+
+    def trained(self, task: TrainTask | Query, delta: Mapping[str, np.ndarray], evaluation: EvalStats | None) -> None:
+        """The trained delta of a secure task (or a secure query's answer): masked and sent once the share delivery
+        is in."""
         session = self._session
         if session is None or task.secure is None or task.secure.session != session.settings.session:
             log.warning("round %d: trained, but its secure session is gone; nothing sent", task.round)

@@ -213,7 +213,7 @@ class Query(_Strict):
 
     kind: Literal["query"] = "query"
     query: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
-    number: Round  # the aggregator's count of queries; a secure query's SecAgg messages carry it as their round
+    round: Round  # the aggregator's count of queries; a secure query's SecAgg messages carry it as their round
     computation: Computation
     split: Literal["train", "test"] = "train"
     deadline: Annotated[float, Field(ge=0, le=MAX_UNIX_TIME, allow_inf_nan=False)]

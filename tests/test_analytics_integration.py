@@ -1,12 +1,12 @@
 """Federated analytics on a live fleet: an aggregator (mlp8) training rounds and three device processes on
-Dirichlet shards of digits over Mosquitto; `tierfl analytics`' queries checked against the shards themselves."""
+Dirichlet shards of digits over Mosquitto; `tierfl analytics`' queries checked against the shards themselves,
+then a label histogram summed by secure aggregation with a fourth device dropping out after sharing its keys."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -14,9 +14,17 @@ import numpy as np
 import pytest
 
 from aggregator.analytics import TOKEN_FILE, AnalyticsRequest
-from aggregator.analytics_cli import ask
+from aggregator.analytics_cli import EXIT_REFUSED, ask, configure_parser, run
+from edge_client.secure_client import secure_params
 from models.analytics import QuerySpec, true_answer
 from models.data import Dataset, dirichlet_partition, load_digits, save_npz, train_test_split
+from protocol.frame import decode_frame, encode_frame
+from protocol.messages import Hello, Query, SecAgg, Status, new_id
+from protocol.mqtt.link import MqttLink
+from protocol.mqtt.url import parse as parse_broker
+from protocol.secagg.device import SecAggDevice
+from protocol.secagg.wire import unwrap, wrap
+from protocol.topics import Topics
 from tests.conftest import tierfl
 from tests.test_integration import _stop, _wait_for
 
@@ -36,7 +44,37 @@ def _shards(folder: Path) -> list[tuple[Dataset, Dataset]]:
     return splits
 
 
-def test_queries_answered_from_the_fleet(tmp_path, mosquitto_url, fleet):
+class DroppingDevice:
+    """A device of 100 samples that takes part in a secure query up to sharing its keys, then goes offline."""
+
+    def __init__(self, url: str, fleet: str, device_id: str) -> None:
+        self.fleet, self.device_id, self.topics = fleet, device_id, Topics(fleet)
+        self.session, self.shared, self.secagg = new_id(), False, None
+        self.link = MqttLink(parse_broker(url), f"tierfl-{fleet}-{device_id}", [self.topics.down(device_id)],
+                             self._on_frame, lambda topic, error: None)
+        assert self.link.start(timeout_s=10)
+        self._publish(self.topics.status(device_id), Hello(num_samples=100, session=self.session), retain=True)
+
+    def _publish(self, topic: str, body, tensors=None, retain: bool = False) -> None:
+        self.link.publish(topic, encode_frame(self.fleet, self.device_id, body, tensors, "uint8"), retain=retain)
+
+    def _on_frame(self, topic: str, data: bytes) -> None:
+        body = decode_frame(data).body
+        if isinstance(body, Query) and body.secure is not None:
+            self.secagg = (SecAggDevice(self.device_id, secure_params(body), body.secure.block,
+                                        session=body.secure.session), body.secure.session)
+            self._publish(self.topics.up(self.device_id), *wrap(self.secagg[0].advertise(), self.secagg[1]))
+        elif isinstance(body, SecAgg) and body.phase == "roster" and self.secagg is not None:
+            shares = self.secagg[0].share_keys(unwrap(body, {}))
+            self._publish(self.topics.up(self.device_id), *wrap(shares, self.secagg[1]))
+            self._publish(self.topics.status(self.device_id), Status(online=False, session=self.session), retain=True)
+            self.shared = True  # and silent from here on: no masked input
+
+    def stop(self) -> None:
+        self.link.stop(flush_timeout_s=2)
+
+
+def test_queries_answered_from_the_fleet(tmp_path, mosquitto_url, fleet, capsys):
     splits = _shards(tmp_path)
     log = tmp_path / "aggregator.log"
     state = tmp_path / "state"
@@ -55,8 +93,7 @@ def test_queries_answered_from_the_fleet(tmp_path, mosquitto_url, fleet):
             with urllib.request.urlopen(url + "status.json", timeout=10) as response:
                 return json.loads(response.read())
 
-        _wait_for(lambda: log.read_text().count("joined") >= DEVICES and status()["round"] >= 1, 60,
-                  "three devices and a finished round")
+        _wait_for(lambda: log.read_text().count("joined") >= DEVICES, 60, "three devices")
         token = (state / TOKEN_FILE).read_text().strip()
         card = status()["model_card"]
         trains = [train for train, _ in splits]
@@ -96,16 +133,31 @@ def test_queries_answered_from_the_fleet(tmp_path, mosquitto_url, fleet):
         assert "diagnostics" not in noisy
 
         # too few devices: refused with the reason, nothing released
-        refused = subprocess.run([sys.executable, "-m", "tierfl.cli", "analytics", "sample_count", "--url", url,
-                                  "--state-dir", str(state), "--min-devices", str(DEVICES + 1)],
-                                 capture_output=True, text=True, timeout=60)
-        assert refused.returncode == 3, refused.stderr
-        document = json.loads(refused.stdout)
+        parser = argparse.ArgumentParser()
+        configure_parser(parser)
+        code = run(parser.parse_args(["sample_count", "--url", url, "--state-dir", str(state),
+                                      "--min-devices", str(DEVICES + 1)]))
+        assert code == EXIT_REFUSED
+        document = json.loads(capsys.readouterr().out)
         assert document["status"] == "refused" and "min_devices" in document["reason"] and "answer" not in document
 
         # rounds went on meanwhile; the page's data shows the results; the report file holds them
-        assert status()["round"] >= 2
+        assert status()["round"] >= 1
         assert [r["computation"] for r in status()["analytics"]][-1] == "sample_count"
         assert len((state / "analytics.jsonl").read_text().splitlines()) == 6
+
+        # secure aggregation: a fourth device shares its keys, then drops out; the three others' sum is unmasked
+        dropping = DroppingDevice(mosquitto_url, fleet, "d3")
+        try:
+            _wait_for(lambda: any(d["device_id"] == "d3" for d in status()["devices"]), 30, "d3 to join")
+            secure = ask(url, token, AnalyticsRequest(computation="label_histogram", secure=True, timeout_s=10),
+                         wait_s=60)
+        finally:
+            dropping.stop()
+        assert dropping.shared, "d3 shared its keys before it dropped out"
+        assert secure["status"] == "answered" and secure["secure"] and secure["answered"] == DEVICES, secure
+        assert secure["answer"]["counts"] == histogram["answer"]["counts"]
+        assert "diagnostics" not in secure
+        assert "(1 dropped after sharing keys: d3)" in log.read_text()
     finally:
         _stop(processes)
