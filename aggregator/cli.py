@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from aggregator.coordinator_service import CoordinatorService
-from aggregator.downlink import DOWNLINK_MODES
+from aggregator.downlink import DEFAULT_TOLERANCE, DEFAULT_VERSIONS, DOWNLINK_MODES
 from aggregator.engines.base import Engine, EngineConfig
 from aggregator.engines.buffered import BufferConfig, BufferedEngine
 from aggregator.engines.coordinated import CoordinatedEngine
@@ -85,8 +85,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                      help="frames larger than this travel in chunks, reassembled and checked against the frame's sha256 (default: %(default)s)")
     net.add_argument("--downlink", choices=DOWNLINK_MODES, default="float32",
                      help="encoding of the weights sent with each task: float32, float16, or int8-delta (int8 of "
-                          "the change since the version the device holds, exact float32 otherwise); devices train "
-                          "from exactly what they decoded (default: %(default)s)")
+                          "the change from whichever of the last --downlink-versions versions the device holds, a "
+                          "float16 full copy otherwise); devices train from exactly what they decoded "
+                          "(default: %(default)s)")
+    net.add_argument("--downlink-versions", type=int, default=DEFAULT_VERSIONS, metavar="K",
+                     help="int8-delta: versions kept per tier to send deltas from; memory K x the tier's weights in "
+                          "float32 (default: %(default)s)")
+    net.add_argument("--downlink-tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="T",
+                     help="int8-delta: how far a device's weights may drift from the aggregator's after deltas from "
+                          "older versions, as a fraction of the tier's largest weight, before it gets a full copy "
+                          "(default: 1/127, one int8 quantum of the tier's largest weight)")
     net.add_argument("--enrolled", type=Path,
                      help="JSON file of device id -> Ed25519 public key (from `tierfl client --show-key`): only these "
                           "devices are accepted, and every frame must carry its device's signature "
@@ -353,6 +361,7 @@ def serve(args: argparse.Namespace, settings: AlgorithmSettings) -> int:
                 service_class, extra = CoordinatorService, {"workers": load_workers(args.workers)}
             service = service_class(engine, broker, aggregator_id=args.aggregator_id, **extra,  # type: ignore[arg-type]
                                        max_message_bytes=args.max_message_bytes, downlink=args.downlink,
+                                       downlink_versions=args.downlink_versions, downlink_tolerance=args.downlink_tolerance,
                                        signatures=SignatureCheck(EnrolledKeys.load(args.enrolled).root) if args.enrolled else None,
                                        monitor=monitor, key=key, analytics=analytics)
             service.run(stop)

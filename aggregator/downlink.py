@@ -1,58 +1,111 @@
 """The downlink: how the weights of a task are put on the wire.
 
-    float32     the exact weights
+    float32     the exact weights, 4 bytes a parameter (only when asked: `--downlink float32`)
     float16     half precision; devices train from, and take deltas against, what they decoded
-    int8-delta  int8 of (new weights - the weights the device already holds), a quarter of float32;
-                an exact float32 copy for a device that holds nothing usable
+    int8-delta  int8 of (new weights - a reference of the version the device holds), 1 byte a parameter, from
+                any of the tier's last K versions (`--downlink-versions`); a float16 full copy (2 bytes a
+                parameter, relative error at most 2^-11 per element) for a device that holds none of them
 
-int8-delta keeps one reference per tier: R_v, the weights every device of that tier holds after
-receiving version v. R_v = R_u + decode(int8(W_v - R_u)) where u is the tier's previous version; the
-rounding error of one step is part of the next step's delta, so it never accumulates. The step is
-encoded with a generator seeded by (tier, version): every frame of that step carries the same
-bytes, and decoding its own frame gives the aggregator R_v bit for bit as the devices compute it.
+int8-delta keeps, per tier, the references R_v of its last K versions: R_v is what a device that
+follows the tier version by version holds, starting from the float16 copy of the tier's first
+version the process sends (R_first = F_first), then R_v = R_u + D(u, v) with u the tier's previous version and
+D(b, v) = decode(int8(W_v - R_b)) encoded with a generator seeded by (tier, v, b): every frame of
+that step carries the same bytes, so the aggregator decodes R_v bit for bit as devices compute it,
+and the rounding of one step is part of the next step's delta (a device on the chain never drifts
+from R_v; |R_v - W_v| is below one int8 quantum of the step, max|W_v - R_u| / 127, per tensor, or the
+float16 rounding for the first).
+Memory: K x the tier's weights in float32 per tier (K = 8 by default: 13.5 MB for a 421,642-parameter
+tier), plus the frames of the current round.
+
+A device that missed versions holds R_b + e for an older b in the window; it gets D(b, v) and ends
+at R_b + D(b, v) + e, off the chain by j(b, v) = max|R_b + D(b, v) - R_v| (below two quanta, computed
+once per (b, v)) more than before. A full copy F_v = float16(W_v) leaves it off by max|F_v - R_v|.
+So, per device and tier, the aggregator keeps O(tensors) numbers: for each version it sent the
+device, a bound E[t] of max|H_t - R_v,t| per tensor t, H being what the device holds:
+
+    invariant   for every device, tier and version v this process sent it:
+                max|H_t - R_v,t| <= E[t] <= max(tolerance x max|R_v|, max|F_v,t - R_v,t|)
+
+(max|R_v| is the tier's largest weight over all its tensors: a small tensor such as a bias moves by
+as much as the others and gets the same absolute bound).
+
+Chain steps add nothing, a jump adds j(b, v) (plus one float32 ulp of the tensor's magnitude
+when E > 0: the device adds in another order); when the sum would pass the limit, the device gets
+a full copy instead, which resets E to the copy's own error. Against the exact float32 weights a
+device therefore holds |H - W_v| <= E + |R_v - W_v|: at most tolerance x the tier's largest weight
+(or the float16 copy's own error when that is larger) plus one int8 quantum of the chain's step. It
+never grows with the rounds. The default tolerance, 1/127, is one int8 quantum of the whole tier: the
+error a full int8 copy with a single scale would have.
+
 A device gets a delta only against a version it says it holds (hello, last update) AND that this
-process sent it, so a copy from before an aggregator restart is never patched by a new chain.
-A FedMut task (`weights.variant` > 0) carries the device's own mutated weights: they go out whole, and
-the device's next task is a full copy again, since what it holds is no tier reference.
+process sent it, so a copy from before an aggregator restart is never patched by a new chain: after a
+restart every device gets a full copy first. A FedMut task (`weights.variant` > 0) carries the
+device's own mutated weights: they go out whole (float32 only with `--downlink float32`), and the
+device's next task is a full copy again, since what it holds is no tier reference.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from aggregator.engines.tasks import with_delta
+from protocol.codecs import encode_decode, get_codec
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import FrameHeader, Task
 
 DOWNLINK_MODES = ("float32", "float16", "int8-delta")
+DEFAULT_VERSIONS = 8  # references kept per tier by int8-delta
+DEFAULT_TOLERANCE = 1 / 127  # a device's drift from the references, as a fraction of the tier's largest weight
+FULL_COPY = "float16"  # int8-delta's full copy
+Bounds = dict[str, float]  # tensor -> an element-wise bound
 
 
 @dataclass
 class _Reference:
-    """What devices of one tier hold after version `version`."""
+    """R_version: what a device of the tier that followed the chain holds after `version`."""
 
     version: int
-    weights: dict[str, np.ndarray]  # R_version
-    previous: int | None = None  # the version the delta starts from; None for a first, exact copy
-    delta: dict[str, np.ndarray] | None = None  # W_version - R_previous, before quantisation
+    weights: dict[str, np.ndarray]
+    chain_error: Bounds  # max|R_v - W_v| per tensor
+    limit: Bounds = field(default_factory=dict)  # the largest E a device may hold of this version, per tensor
+    full_error: Bounds = field(default_factory=dict)  # max|F_v - R_v| of the float16 full copy
+
+
+@dataclass
+class _Tier:
+    """One tier's references, oldest first, and the jumps between them measured so far."""
+
+    references: dict[int, _Reference] = field(default_factory=dict)
+    jumps: dict[tuple[int, int], Bounds] = field(default_factory=dict)  # (b, v) -> j(b, v)
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max()) if a.size else 0.0
 
 
 class Downlink:
     """Encodes task frames for the configured downlink mode, one encoding per tier and task."""
 
     def __init__(self, fleet: str, sender: str, mode: str = "float32", seed: int = 0,
-                 signer: Callable[[FrameHeader], str] | None = None) -> None:
+                 signer: Callable[[FrameHeader], str] | None = None, versions: int = DEFAULT_VERSIONS,
+                 tolerance: float = DEFAULT_TOLERANCE) -> None:
         if mode not in DOWNLINK_MODES:
             raise ValueError(f"unknown downlink {mode!r} (expected one of {', '.join(DOWNLINK_MODES)})")
+        if not 1 <= versions <= 1000:
+            raise ValueError(f"--downlink-versions must be in 1..1000, got {versions}")
+        if not 0 <= tolerance <= 1:
+            raise ValueError(f"--downlink-tolerance must be in [0, 1], got {tolerance}")
         self.fleet, self.sender, self.mode, self.seed, self.signer = fleet, sender, mode, seed, signer
-        self._references: dict[str, _Reference] = {}
-        self._frames: dict[tuple[str, str], bytes] = {}  # (kind, task JSON) -> frame, for the latest round
+        self.versions, self.tolerance = versions, tolerance
+        self._tiers: dict[str, _Tier] = {}
+        self._frames: dict[tuple, bytes] = {}  # (kind, base, task JSON) -> frame, for the latest round
         self._round = -1
-        self._sent: dict[tuple[str, str], set[int]] = {}  # (device, tier) -> versions sent to it, int8-delta only
+        # (device, tier) -> {version this process sent it: E, the device's bound if it holds that version}
+        self._sent: dict[tuple[str, str], dict[int, Bounds]] = {}
 
     def task_frame(self, device_id: str, task: Task, weights: Mapping[str, np.ndarray], held: int | None) -> bytes:
         """The frame of `task` with the tier's `weights`, for a device that says it holds version `held` of the tier."""
@@ -61,45 +114,110 @@ class Downlink:
             self._round = task.round
         if task.weights.variant:  # a FedMut mutation is this device's alone: encode it once, chain nothing onto it
             self._sent.pop((device_id, task.tier), None)
-            return self._encode(task, weights, "float16" if self.mode == "float16" else "float32")
+            return self._encode(task, weights, "float32" if self.mode == "float32" else "float16")
         if self.mode != "int8-delta":
-            return self._cached("full", task, lambda: self._encode(task, weights, self.mode))
-        reference = self._reference(task, weights)
-        sent = self._sent.setdefault((device_id, task.tier), set())
-        if held not in sent:
-            held = None
-        sent.intersection_update({reference.previous})
-        sent.add(reference.version)
-        if held == reference.version:  # nothing changed since: train on what you hold
-            return self._cached("same", task, lambda: self._encode(with_delta(task, held), None))
-        if held is not None and held == reference.previous:
-            return self._cached("delta", task, lambda: self._delta_frame(task, reference))
-        return self._cached("full", task, lambda: self._encode(task, reference.weights, "float32"))
+            return self._cached(("full", None), task, lambda: self._encode(task, weights, self.mode))
+        tier = self._tiers.setdefault(task.tier, _Tier())
+        reference = self._reference(tier, task, weights)
+        sent = self._sent.setdefault((device_id, task.tier), {})
+        for version in [v for v in sent if v not in tier.references]:
+            del sent[version]
+        bound = sent.get(held) if held is not None else None
+        if bound is not None and held == reference.version:  # nothing changed since: train on what you hold
+            return self._cached(("same", held), task, lambda: self._encode(with_delta(task, held), None))
+        if bound is not None and held is not None and held < reference.version:
+            jump, frame = self._jump(tier, task, weights, held)
+            ulp = float(np.spacing(np.float32(2 * self._magnitude(reference))))  # the device adds in another order
+            moved = {n: bound[n] + jump[n] + (ulp if bound[n] > 0 else 0.0) for n in bound}
+            limit = self._limit(reference, weights)
+            if all(moved[n] <= limit[n] for n in moved):
+                self._note(sent, reference.version, moved)
+                return frame
+        self._limit(reference, weights)
+        self._note(sent, reference.version, dict(reference.full_error))
+        return self._cached(("full", None), task, lambda: self._encode(task, weights, FULL_COPY))
 
-    def _reference(self, task: Task, weights: Mapping[str, np.ndarray]) -> _Reference:
-        """The tier's reference at the task's version, advancing it one step when the version moved on."""
-        last = self._references.get(task.tier)
-        if last is not None and last.version == task.model_version:
-            return last
-        if last is None or last.version > task.model_version:
-            reference = _Reference(task.model_version, {n: np.array(w, np.float32) for n, w in weights.items()})
+    def bound(self, device_id: str, tier: str, version: int) -> Bounds | None:
+        """E: per tensor, how far the weights of `version` this process sent the device may be from R_version."""
+        bounds = self._sent.get((device_id, tier), {}).get(version)
+        return dict(bounds) if bounds is not None else None
+
+    def reference(self, tier: str, version: int) -> dict[str, np.ndarray] | None:
+        """R_version of `tier`, while it is among the kept versions."""
+        found = self._tiers.get(tier, _Tier()).references.get(version)
+        return found.weights if found is not None else None
+
+    @staticmethod
+    def _note(sent: dict[int, Bounds], version: int, bounds: Bounds) -> None:
+        """Remember `bounds` for `version`; two sends of one version (a round run again) keep the larger bound."""
+        old = sent.get(version)
+        sent[version] = bounds if old is None else {n: max(old[n], bounds[n]) for n in bounds}
+
+    @staticmethod
+    def _magnitude(reference: _Reference) -> float:
+        """max|R_v| over the tier's tensors."""
+        return max((float(np.abs(a).max()) for a in reference.weights.values() if a.size), default=0.0)
+
+    def _limit(self, reference: _Reference, weights: Mapping[str, np.ndarray]) -> Bounds:
+        """The version's limit on E per tensor (and its full copy's error), computed once."""
+        if not reference.limit:
+            codec = get_codec(FULL_COPY)
+            reference.full_error = {n: _max_abs(encode_decode(codec, np.asarray(weights[n], np.float32)), r)
+                                    for n, r in reference.weights.items()}
+            allowed = self.tolerance * self._magnitude(reference)
+            reference.limit = {n: max(allowed, reference.full_error[n]) for n in reference.weights}
+        return reference.limit
+
+    def _reference(self, tier: _Tier, task: Task, weights: Mapping[str, np.ndarray]) -> _Reference:
+        """The tier's reference at the task's version, advancing the chain one step when the version moved on."""
+        version = task.model_version
+        if version in tier.references:
+            return tier.references[version]
+        newest = max(tier.references, default=None)
+        if newest is None or newest > version:  # a first version, or one older than the window: start afresh
+            tier.references.clear()
+            tier.jumps.clear()
+            codec = get_codec(FULL_COPY)  # from the full copy its first devices get: they start on the chain
+            start = {n: encode_decode(codec, np.asarray(w, np.float32)) for n, w in weights.items()}
+            reference = _Reference(version, start, {n: _max_abs(start[n], np.asarray(weights[n])) for n in weights})
         else:
-            reference = _Reference(task.model_version, {}, last.version, {n: weights[n] - last.weights[n] for n in weights})
-            step = decode_frame(self._cached("delta", task, lambda: self._delta_frame(task, reference))).tensors
-            reference.weights = {n: last.weights[n] + step[n] for n in weights}
-        self._references[task.tier] = reference
+            last = tier.references[newest]
+            step = self._decoded_delta(task, weights, last)
+            moved = {n: last.weights[n] + step[n] for n in weights}
+            reference = _Reference(version, moved, {n: _max_abs(moved[n], np.asarray(weights[n])) for n in weights})
+        tier.references[version] = reference
+        while len(tier.references) > self.versions:
+            oldest = next(iter(tier.references))
+            del tier.references[oldest]
+        tier.jumps = {key: jump for key, jump in tier.jumps.items() if key[0] in tier.references and key[1] == version}
         return reference
 
-    def _delta_frame(self, task: Task, reference: _Reference) -> bytes:
-        rng = np.random.default_rng([self.seed, reference.version, zlib.crc32(task.tier.encode())])
-        body = with_delta(task, reference.previous)
-        return encode_frame(self.fleet, self.sender, body, reference.delta, "int8", rng=rng, signer=self.signer)
+    def _decoded_delta(self, task: Task, weights: Mapping[str, np.ndarray], base: _Reference) -> dict[str, np.ndarray]:
+        """D(base, task's version), decoded from the frame as a device decodes and applies it."""
+        frame = self._cached(("delta", base.version), task, lambda: self._delta_frame(task, weights, base))
+        return {n: np.asarray(t, np.float32) for n, t in decode_frame(frame).tensors.items()}
+
+    def _jump(self, tier: _Tier, task: Task, weights: Mapping[str, np.ndarray], base: int) -> tuple[Bounds, bytes]:
+        """j(base, v) per tensor and the delta frame from `base` to the task's version."""
+        reference, start = tier.references[task.model_version], tier.references[base]
+        frame = self._cached(("delta", base), task, lambda: self._delta_frame(task, weights, start))
+        key = (base, reference.version)
+        if key not in tier.jumps:
+            step = self._decoded_delta(task, weights, start)
+            tier.jumps[key] = {n: _max_abs(start.weights[n] + step[n], reference.weights[n]) for n in reference.weights}
+        return tier.jumps[key], frame
+
+    def _delta_frame(self, task: Task, weights: Mapping[str, np.ndarray], base: _Reference) -> bytes:
+        rng = np.random.default_rng([self.seed, task.model_version, zlib.crc32(task.tier.encode()), base.version])
+        delta = {n: np.asarray(weights[n], np.float32) - base.weights[n] for n in weights}
+        return encode_frame(self.fleet, self.sender, with_delta(task, base.version), delta, "int8", rng=rng,
+                            signer=self.signer)
 
     def _encode(self, task: Task, tensors: Mapping[str, np.ndarray] | None, codec: str = "float32") -> bytes:
         return encode_frame(self.fleet, self.sender, task, tensors, codec, signer=self.signer)
 
-    def _cached(self, kind: str, task: Task, make: Callable[[], bytes]) -> bytes:
-        key = (kind, task.model_dump_json())
+    def _cached(self, kind: tuple, task: Task, make: Callable[[], bytes]) -> bytes:
+        key = (*kind, task.model_dump_json())
         if key not in self._frames:
             self._frames[key] = make()
         return self._frames[key]

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aggregator.downlink import Downlink
+from aggregator.downlink import DEFAULT_TOLERANCE, DEFAULT_VERSIONS, Downlink
 from aggregator.engines.base import Engine, Outgoing
 from aggregator.engines.personal import carried_personal, update_shapes
 from aggregator.inbox import Inbox
@@ -67,6 +67,8 @@ class AggregatorService:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_update_bytes: int = 64 << 20,
         downlink: str = "float32",
+        downlink_versions: int = DEFAULT_VERSIONS,
+        downlink_tolerance: float = DEFAULT_TOLERANCE,
         signatures: SignatureCheck | None = None,
         monitor: Monitor | None = None,
         key: DeviceKey | None = None,
@@ -86,7 +88,8 @@ class AggregatorService:
         self.monitor = monitor  # metrics and the status page; fed from this service's thread
         self.key = key  # signs every frame we send; devices pin or are given its public half
         self._signer = key.sign if key else None
-        self.downlink = Downlink(engine.config.fleet, aggregator_id, downlink, engine.config.seed, signer=self._signer)
+        self.downlink = Downlink(engine.config.fleet, aggregator_id, downlink, engine.config.seed, signer=self._signer,
+                                 versions=downlink_versions, tolerance=downlink_tolerance)
         self._announcement = (encode_frame(engine.config.fleet, aggregator_id, *key_announcement(key), "uint8",
                                            signer=key.sign) if key else None)
         self._announced: set[str] = set()  # devices sent the key announcement since they said hello
