@@ -83,6 +83,9 @@ class PersonalLayers:
 def _load(path: Path) -> Tensors:
     """The personal layers saved in `path`: float32 arrays, all finite; PersonalLayersCorrupt otherwise."""
     try:
+        with path.open("rb") as file:
+            if file.read(4) != b"PK\x03\x04":  # numpy would read other bytes as a .npy, or ask for pickle
+                raise ValueError("not an .npz archive")
         with np.load(path, allow_pickle=False) as saved:
             layers = {name: np.asarray(saved[name], np.float32) for name in saved.files}
         if bad := [name for name, value in layers.items() if not np.isfinite(value).all()]:

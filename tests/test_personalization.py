@@ -110,6 +110,9 @@ def test_the_devices_copy_persists_starts_from_global_once_and_a_corrupt_file_na
     layers.path("mlp8").write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(PersonalLayersCorrupt, match=r"personal-layers-mlp8\.npz cannot be read .*delete the file"):
         PersonalLayers(tmp_path)
+    layers.path("mlp8").write_bytes(b"garbage")
+    with pytest.raises(PersonalLayersCorrupt, match=r"\(ValueError: not an \.npz archive\); .*delete the file"):
+        PersonalLayers(tmp_path)
 
 
 # -- the aggregator ----------------------------------------------------------------------------------------------------
