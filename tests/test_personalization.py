@@ -319,7 +319,9 @@ def test_personal_layers_never_leave_the_device_and_survive_its_restart(art, sha
     initial = ArtifactStore(art).global_weights()
     for name in HEAD:  # never aggregated: the global copy keeps its first values
         assert np.array_equal(committed_head[name], initial[name])
-    for i, held in enumerate(saved):
+    widths = {tier: ArtifactStore(art).tiers[tier].shapes["fc2.weight"] for tier in ("a", "c")}
+    for i, held in enumerate(saved):  # each device's copy is as wide as the widest tier it trained
+        assert held["fc2.weight"].shape == widths["a" if "a" in tiers_of[f"d{i}"] else "c"]
         assert set(held) == set(HEAD) and not np.array_equal(held["fc2.weight"][:, :8], initial["fc2.weight"][:, :8])
         restarted = DeviceAgent(ClientConfig(broker=parse_broker(mosquitto_url), device_id=f"d{i}", fleet=fleet,
                                              cache_dir=caches / f"d{i}"), *shards[i])  # the device started again
