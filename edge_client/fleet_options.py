@@ -31,7 +31,9 @@ def add_fleet_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
 
 def add_cache_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--cache-dir: the device's artifact cache, which also holds its key and the pinned aggregator key."""
-    parser.add_argument("--cache-dir", type=Path, help="artifact cache (default: ~/.cache/tierfl/FLEET/DEVICE)")
+    parser.add_argument("--cache-dir", type=Path, help="the device's folder: artifact cache, keys, error-feedback "
+                        "residuals and its own personal layers (--personal-layers of the aggregator), kept across restarts "
+                        "(default: ~/.cache/tierfl/FLEET/DEVICE)")
 
 
 def add_message_size_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
