@@ -27,6 +27,7 @@ from aggregator.cli import configure_parser
 from aggregator.engines.base import EngineConfig
 from aggregator.engines.parts import EngineParts
 from aggregator.engines.personal import device_metrics, worst_mean
+from aggregator.engines.relay import FollowTask, RelayEngine
 from aggregator.engines.rounds import RoundEngine
 from aggregator.inbox import Inbox
 from aggregator.monitor import Monitor
@@ -45,7 +46,7 @@ from models.export import export_all
 from models.personal import fit_personal, merge_personal, personal_names
 from models.spec import ModelSpec
 from protocol.frame import encode_frame, read_header
-from protocol.messages import Hello, Reject, RejectReason, RoundSummary, Update, new_id
+from protocol.messages import Hello, Reject, RejectReason, RoundSummary, TrainTask, Update, new_id
 from protocol.mqtt.url import parse as parse_broker
 from protocol.signing import DeviceKey
 from protocol.topics import Topics
@@ -188,6 +189,19 @@ def test_the_status_page_and_the_report_show_the_devices_accuracies(art, tmp_pat
     StateStore(bare).commit(StateRecord(fleet="f", model="m", version=1, round=1, history=[
         RoundSummary(round=1, version=1, selected=1, answered=1, accuracy=0.5)]), None)
     assert 'id="personalization"' not in render(load_run(bare))  # nothing personal reported: no section
+
+
+def test_a_relay_refuses_a_personalized_task_saying_why(art, tmp_path):
+    store = ArtifactStore(art)
+    relay = RelayEngine(EngineParts(EngineConfig(fleet="site1"), FollowTask(), store, StateStore(tmp_path / "s"),
+                                    DeviceRegistry()))
+    tier = store.tiers["a"]
+    task = TrainTask(round=1, model_version=0, tier="a", manifest_sha256=tier.manifest_sha256, artifacts=tier.files,
+                     deadline=time.time() + 60, epochs=1, batch_size=16, learning_rate=0.1, personal_layers=list(HEAD))
+    weights = {n: np.zeros(s, np.float32) for n, s in tier.shapes.items()}
+    for personalized in (task, task.model_copy(update={"personal_layers": [], "finetune_steps": 5})):
+        with pytest.raises(ValueError, match="a relay does not forward personalization"):
+            relay.start(personalized, weights, time.time())
 
 
 def _resolve(*options: str) -> None:

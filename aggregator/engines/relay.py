@@ -113,6 +113,9 @@ class RelayEngine:
         if task.weights.control:
             raise ValueError("a relay does not forward SCAFFOLD's control variates: run the parent without "
                              "--strategy scaffold, or connect its devices to it directly")
+        if task.personal_layers or task.finetune_steps:
+            raise ValueError("a relay does not forward personalization (--personal-layers, --personalize): run the "
+                             "parent without them, or connect its devices to it directly")
         artifacts = self.artifacts.tiers.get(task.tier)
         if artifacts is None or artifacts.manifest_sha256 != task.manifest_sha256:
             raise ValueError(f"tier {task.tier} of the parent's task is not in this relay's --artifacts (export them once, copy the folder)")
