@@ -22,12 +22,13 @@ from aggregator.strategies.fedavg import FedAvg
 from aggregator.strategies.scaffold import Scaffold, VariateMean
 from edge_client.backends import open_trainer
 from edge_client.scaffold import ControlVariate, variate_shapes
+from edge_client.stages import TaskRefused, task_weights
 from models.data import Dataset
 from models.export import export_all
 from models.manifest import TierManifest
 from models.zoo import ModelSpec
 from protocol.control import CONTROL_PREFIX, split_control, with_control
-from protocol.messages import RejectReason, Update, new_id
+from protocol.messages import AttachedWeights, RejectReason, TrainTask, Update, new_id
 
 SPEC = ModelSpec(arch="mlp", image_size=8, hidden=(8,))
 
@@ -109,6 +110,30 @@ def test_a_corrupt_or_foreign_variate_file_is_named_and_reset_to_zero(art_dir: P
     other = ControlVariate(tmp_path, _manifest(art_dir).model_copy(update={"model": _manifest(art_dir).model.model_copy(
         update={"name": "another"})}))  # the same tier of another export
     assert "another model" in caplog.text and all(not v.any() for v in other.value.values())
+
+
+def test_a_device_takes_c_beside_the_weights_only_whole_finite_and_of_the_tier(art_dir: Path) -> None:
+    """stages.task_weights: a SCAFFOLD task's c must be every trainable parameter's, finite; a delta applies to it."""
+    manifest = _manifest(art_dir, "c")
+    weights = {p.name: np.zeros(p.shape, np.float32) for p in manifest.params}
+    control = {n: np.full(s, 0.5, np.float32) for n, s in variate_shapes(manifest).items()}
+    task = TrainTask(round=1, model_version=3, tier="c", manifest_sha256="0" * 64, artifacts={}, deadline=1e10, epochs=1,
+                     batch_size=8, learning_rate=0.1, weights=AttachedWeights(control=True))
+    held = task_weights(task, with_control(weights, control), manifest, None)
+    assert split_control(held)[1].keys() == control.keys()
+    name = next(iter(control))
+    for bad, reason in [({k: v for k, v in control.items() if k != name}, RejectReason.BAD_TENSOR),
+                        ({**control, name: np.full(control[name].shape, np.inf, np.float32)}, RejectReason.NON_FINITE),
+                        ({**control, name: np.zeros((1, *control[name].shape), np.float32)}, RejectReason.BAD_TENSOR)]:
+        with pytest.raises(TaskRefused) as refused:
+            task_weights(task, with_control(weights, bad), manifest, None)
+        assert refused.value.reason is reason
+    plain = task.model_copy(update={"weights": AttachedWeights()})
+    with pytest.raises(TaskRefused, match="not a float32 parameter"):  # c where the task says none rides along
+        task_weights(plain, with_control(weights, control), manifest, None)
+    delta_task = task.model_copy(update={"model_version": 4, "weights": AttachedWeights(control=True, delta_from=3)})
+    moved = task_weights(delta_task, with_control({}, {name: np.ones_like(control[name])}), manifest, (3, held))
+    np.testing.assert_array_equal(split_control(moved)[1][name], control[name] + 1)
 
 
 # -- the per-step correction on both backends -------------------------------------------------------------------
