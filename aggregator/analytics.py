@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from aggregator.analytics_secure import SecureSum
 from aggregator.engines.base import Outgoing
+from aggregator.fleet_record import FleetRecord
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
 from aggregator.strategies.privacy import DEFAULT_DELTA, DpEventAccountant
@@ -133,6 +134,7 @@ class AnalyticsDesk:
         self.number = 0
         self.changes = 0  # bumped whenever a result changes: the service copies results to the status page then
         self.books = DpEventAccountant(self._load_books())
+        self.fleet = FleetRecord(registry, folder)  # system heterogeneity for tierfl report: STATE_DIR/fleet.json
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -165,6 +167,7 @@ class AnalyticsDesk:
     def tick(self, now: float) -> list[Outgoing]:
         """Close the open query when it is over; start the next queued one."""
         out: list[Outgoing] = []
+        self.fleet.sample(now)
         if (query := self.open) is not None and query.secure is not None:
             out += query.secure.advance(now, {d.device_id for d in self.registry.available(now)})
         if query is not None and (query.secure.done if query.secure is not None else (
@@ -409,6 +412,7 @@ class AnalyticsDesk:
 
     def _finish(self, query: OpenQuery, result: dict[str, object], now: float) -> None:
         result["finished"] = now
+        self.fleet.query(list(query.asked), list(query.answered))
         if result["status"] == "refused":
             log.warning("query %d (%s) refused: %s", query.number, query.spec.computation, result["reason"])
         else:

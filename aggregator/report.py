@@ -205,8 +205,9 @@ class Series:
 
 
 def svg_chart(title: str, rounds: list[int], series: list[Series], *, bars: bool = False, y_max: float | None = None,
-              y_format=lambda v: f"{v:g}", y_label: str = "") -> str:
-    """A line or grouped-bar chart over rounds as inline SVG (no external references)."""
+              y_format=lambda v: f"{v:g}", y_label: str = "", x_label: str = "round") -> str:
+    """A line or grouped-bar chart over rounds (or any labels, named by `x_label`) as inline SVG (no external
+    references)."""
     width, height, left, right, top, bottom = 760, 300, 64, 16, 44, 40
     plot_w, plot_h = width - left - right, height - top - bottom
     finite = [v for s in series for v in s.values if v is not None and math.isfinite(v)]
@@ -237,7 +238,7 @@ def svg_chart(title: str, rounds: list[int], series: list[Series], *, bars: bool
     for i, number in enumerate(rounds):
         if i % every == 0 or i == n - 1:
             parts.append(f'<text x="{x_of(i):.1f}" y="{top + plot_h + 16}" class="xtick">{number}</text>')
-    parts.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 4}" class="axis">round</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 4}" class="axis">{_e(x_label)}</text>')
     parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" class="frame"/>')
     slot = band * 0.8 / max(len(series), 1)
     for k, s in enumerate(series):
@@ -464,6 +465,9 @@ def render(data: RunData) -> str:
                      _section_participation(data)]
     else:
         sections.append("<p>No round has finished yet.</p>")
+    from aggregator.report_fleet import section_fleet  # it draws with this module's charts
+
+    sections.append(section_fleet(data.state_dir))
     sections.append(_section_rejections(data))
     if history:
         sections.append(_section_rounds(history))

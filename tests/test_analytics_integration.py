@@ -15,6 +15,7 @@ import pytest
 
 from aggregator.analytics import TOKEN_FILE, AnalyticsRequest
 from aggregator.analytics_cli import EXIT_REFUSED, ask, configure_parser, run
+from aggregator.report import load_run, render
 from edge_client.secure_client import secure_params
 from models.analytics import QuerySpec, true_answer
 from models.data import Dataset, dirichlet_partition, load_digits, save_npz, train_test_split
@@ -161,3 +162,8 @@ def test_queries_answered_from_the_fleet(tmp_path, mosquitto_url, fleet, capsys)
         assert "(1 dropped after sharing keys: d3)" in log.read_text()
     finally:
         _stop(processes)
+    # tierfl report's fleet diagnostics: skew from the plain label histogram, the rest from the aggregator's records
+    page = render(load_run(state))
+    for drawn in ("Quantity skew: samples per device", "Label skew", "Availability and answer rates per device",
+                  "Training speed per tier", "model_metrics"):
+        assert drawn in page, drawn
