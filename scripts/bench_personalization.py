@@ -52,6 +52,8 @@ from protocol.topics import Topics  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "personalization"
 HEAD = "fc3.*"  # the zoo MLP's classifier: fc3.weight, fc3.bias
+# Everything below this line of the .md is the federated-analytics section (benchmarks/analytics.md), kept as it is
+# when this script rewrites the table above it.
 ANALYTICS_MARK = "<!-- analytics section: written by the federated-analytics bench, see benchmarks/analytics.md -->"
 
 
@@ -213,10 +215,13 @@ def write(results: list[dict], args: argparse.Namespace, sizes: list[int], comma
                       f"{row['finetuned']:.3f}" if row.get("finetuned") is not None else "-"]
         samples = results[0]["per_device"][device]["test_samples"]
         lines.append(f"| {device} | {samples} | " + " | ".join(cells) + " |")
-    lines += ["", "## Federated analytics", "", ANALYTICS_MARK, "",
-              "The analytics section (label histogram answers against the true counts, without and with noise) is "
-              "in [analytics.md](analytics.md).", ""]
-    OUT.with_suffix(".md").write_text("\n".join(lines))
+    analytics = ("\n\nThe analytics section (label histogram answers against the true counts, without and with noise) is "
+                 "in [analytics.md](analytics.md).\n")
+    previous = OUT.with_suffix(".md").read_text() if OUT.with_suffix(".md").exists() else ""
+    if ANALYTICS_MARK in previous:  # what the analytics bench wrote below the mark stays
+        analytics = previous.split(ANALYTICS_MARK, 1)[1]
+    lines += ["", "## Federated analytics", "", ANALYTICS_MARK]
+    OUT.with_suffix(".md").write_text("\n".join(lines) + analytics)
     print("\n".join(lines))
 
 
