@@ -4,7 +4,8 @@ DP-FedAvg's two steps (McMahan et al., 2018) done before the update leaves the d
 aggregator only ever sees a noisy update: every tensor of the delta together, as one vector, is
 scaled to L2 norm at most `clip`, then N(0, (noise_multiplier x clip)^2) is added to every element.
 Each round the device takes part in is then the Gaussian mechanism with sensitivity `clip`
-(its RDP is alpha / (2 z^2), aggregator.strategies.privacy.RdpAccountant with sampling rate 1).
+(its RDP is alpha / (2 z^2): the aggregator's books, aggregator.strategies.privacy.DpEventAccountant, count it
+with sampling rate 1).
 
 The generator must be secret: seeded from the OS (`np.random.default_rng()`), never from the
 task's public seed, or anyone knowing that seed can subtract the noise. Only the weight delta is

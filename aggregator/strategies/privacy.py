@@ -26,9 +26,9 @@ rate q = selected / available devices (RDP per Mironov, Talwar and Zhang, 2019, 
 sampling: TierFL draws a fixed-size sample, which this treats as Poisson with the same rate, the
 usual approximation). Local DP gains nothing from sampling against the aggregator, which knows
 who was asked: each round counts with q = 1 (the bound for a device selected every round).
-RDP is converted to (epsilon, delta) with the improved conversion of Balle et al. (2020,
-"Hypothesis Testing Interpretations and Renyi Differential Privacy", Theorem 21), the one of
-Canonne, Kamath and Steinke (2020), which is tighter than epsilon = rdp + log(1/delta)/(alpha-1).
+The books are kept by Google's maintained `dp-accounting` package (its RDP accountant composes
+the events and converts RDP to (epsilon, delta)); `DpEventAccountant` is the one accountant, for
+training rounds and for analytics queries (aggregator.analytics) alike: not ours to keep right.
 
 Not covered: what devices report beside the delta (sample counts, losses, accuracies) and the
 batch-norm statistics phase, which send values computed on local data without noise.
@@ -51,127 +51,10 @@ from protocol.clipping import clip_delta
 
 DP_MODES = ("off", "central", "local")
 DEFAULT_DELTA = 1e-5
-FRACTIONAL_ORDERS = (1.1, 1.25, 1.5, 1.75, 2.25, 2.5, 2.75, 3.5, 4.5, 5.5, 6.5, 8.5, 10.5, 12.5)
-ORDERS: tuple[float, ...] = tuple(sorted((*FRACTIONAL_ORDERS, *map(float, range(2, 257)))))
-_SERIES_CUTOFF = -30.0  # log of a term small enough to end the fractional-order series (A >= 1)
-_SERIES_MAX_TERMS = 1 << 24
+MIN_ORDER = 2.0  # the smallest RDP order the accountant uses (DpEventAccountant)
 
 
-# -- RDP of the sampled Gaussian mechanism -----------------------------------------------------
-
-
-def _log_erfc(x: np.ndarray) -> np.ndarray:
-    """log(erfc(x)) element-wise, finite far into the tail where erfc(x) underflows."""
-    x = np.asarray(x, np.float64)
-    out = np.empty_like(x)
-    near = x < 20.0
-    out[near] = np.log([math.erfc(v) for v in x[near]])
-    far = x[~near]
-    inv = 1.0 / (far * far)  # asymptotic series of erfc; at x >= 20 its relative error is below 1e-11
-    series = 1.0 - inv / 2 + 3 * inv**2 / 4 - 15 * inv**3 / 8 + 105 * inv**4 / 16
-    out[~near] = -far * far - np.log(far) - 0.5 * math.log(math.pi) + np.log(series)
-    return out
-
-
-def _log_sum(log_terms: np.ndarray) -> float:
-    """log(sum(exp(log_terms))) without overflow; -inf for no terms."""
-    if log_terms.size == 0:
-        return -math.inf
-    top = float(log_terms.max())
-    return top + math.log(float(np.exp(log_terms - top).sum()))
-
-
-def _log_a_integer(q: float, sigma: float, alpha: int) -> float:
-    """log A_alpha for integer alpha: the binomial expansion (Mironov et al. 2019, Section 3.3)."""
-    k = np.arange(alpha + 1, dtype=np.float64)
-    log_binom = np.array([math.lgamma(alpha + 1) - math.lgamma(i + 1) - math.lgamma(alpha - i + 1) for i in range(alpha + 1)])
-    return _log_sum(log_binom + k * math.log(q) + (alpha - k) * math.log1p(-q) + (k * k - k) / (2 * sigma**2))
-
-
-def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
-    """log A_alpha for real alpha: the two erfc-weighted series of Mironov et al. 2019, Section 3.3.
-
-    Past k = alpha the generalised binomial coefficients alternate in sign and shrink, so the
-    terms are summed until the second half of them is below exp(_SERIES_CUTOFF) (A >= 1).
-    """
-    z0 = sigma**2 * math.log(1 / q - 1) + 0.5
-    n = 256
-    while True:
-        k = np.arange(n, dtype=np.float64)
-        factors = (alpha - k[1:] + 1) / k[1:]  # binom(alpha, k) = binom(alpha, k - 1) * factor
-        log_coef = np.concatenate(([0.0], np.cumsum(np.log(np.abs(factors)))))
-        sign = np.concatenate(([1.0], np.cumprod(np.sign(factors))))
-        j = alpha - k
-        s0 = (log_coef + k * math.log(q) + j * math.log1p(-q) + (k * k - k) / (2 * sigma**2)
-              + math.log(0.5) + _log_erfc((k - z0) / (math.sqrt(2) * sigma)))
-        s1 = (log_coef + j * math.log(q) + k * math.log1p(-q) + (j * j - j) / (2 * sigma**2)
-              + math.log(0.5) + _log_erfc((z0 - j) / (math.sqrt(2) * sigma)))
-        terms = np.logaddexp(s0, s1)
-        if n // 2 > alpha and terms[n // 2:].max() < _SERIES_CUTOFF:
-            break
-        if n >= _SERIES_MAX_TERMS or np.isnan(terms).any():
-            raise ArithmeticError(f"the RDP series does not converge for q={q}, sigma={sigma}, alpha={alpha}")
-        n *= 2
-    positive, negative = _log_sum(terms[sign > 0]), _log_sum(terms[sign < 0])
-    return positive + math.log1p(-math.exp(negative - positive)) if negative > -math.inf else positive
-
-
-def sampled_gaussian_rdp(q: float, noise_multiplier: float, alpha: float) -> float:
-    """RDP at order `alpha` of one step of the Gaussian mechanism (std z x sensitivity) on a Poisson sample of rate q."""
-    if not 0 <= q <= 1:
-        raise ValueError(f"the sampling rate must be in [0, 1], got {q}")
-    if not noise_multiplier >= 0:
-        raise ValueError(f"the noise multiplier must be >= 0, got {noise_multiplier}")
-    if not alpha > 1:
-        raise ValueError(f"RDP orders must be > 1, got {alpha}")
-    if q == 0:
-        return 0.0
-    if noise_multiplier == 0:
-        return math.inf
-    if q == 1:
-        return alpha / (2 * noise_multiplier**2)
-    if float(alpha).is_integer():
-        log_a = _log_a_integer(q, noise_multiplier, int(alpha))
-    else:
-        log_a = _log_a_fractional(q, noise_multiplier, alpha)
-    return log_a / (alpha - 1)
-
-
-def rdp_to_epsilon(orders: Sequence[float], rdp: Sequence[float], delta: float) -> tuple[float, float]:
-    """Smallest epsilon over the orders for this delta (Balle et al. 2020, Thm. 21), and the order giving it."""
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
-    alphas = np.asarray(orders, np.float64)
-    with np.errstate(invalid="ignore"):  # inf - finite stays inf
-        eps = np.asarray(rdp, np.float64) + np.log1p(-1 / alphas) - (math.log(delta) + np.log(alphas)) / (alphas - 1)
-    if not np.isfinite(eps).any():
-        return math.inf, math.nan
-    best = int(np.nanargmin(eps))
-    return max(float(eps[best]), 0.0), float(alphas[best])
-
-
-class RdpAccountant:
-    """Renyi-DP of a sequence of sampled Gaussian steps, composed by adding RDP order by order."""
-
-    def __init__(self, orders: Sequence[float] = ORDERS, rdp: Sequence[float] | None = None) -> None:
-        self.orders = tuple(float(a) for a in orders)
-        if not self.orders or min(self.orders) <= 1:
-            raise ValueError("RDP orders must be a non-empty list of numbers > 1")
-        if rdp is not None and len(rdp) != len(self.orders):
-            raise ValueError(f"{len(rdp)} RDP values for {len(self.orders)} orders")
-        self.rdp = np.zeros(len(self.orders)) if rdp is None else np.array(rdp, np.float64)
-
-    def step(self, noise_multiplier: float, sampling_rate: float, steps: int = 1) -> None:
-        """Compose `steps` more steps of the Gaussian mechanism with this noise on samples of this rate."""
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
-        one = np.array([sampled_gaussian_rdp(sampling_rate, noise_multiplier, a) for a in self.orders])
-        if steps:
-            self.rdp = self.rdp + steps * one
-
-    def epsilon(self, delta: float) -> tuple[float, float]:
-        """(epsilon, the RDP order that gives it) of everything composed so far, at this delta."""
-        return rdp_to_epsilon(self.orders, self.rdp, delta)
+# -- the accountant: the maintained dp-accounting package ---------------------------------------
 
 
 class DpEventAccountant:
@@ -180,14 +63,19 @@ class DpEventAccountant:
     Its RDP accountant composes the events and converts to (epsilon, delta); the books are the list
     of events (noise multiplier, sampling rate, count), so they persist as plain JSON and restore by
     composing them again. ImportError naming the package when it is not installed.
+
+    Orders: the package's defaults from 2 up. Below 2 its series for a sampled Gaussian may not
+    converge (it then warns on every call and drops the order); they only matter for epsilons far
+    past any useful guarantee.
     """
 
     def __init__(self, events: Sequence[Sequence[float]] = ()) -> None:
         import dp_accounting  # the aggregator's host: tierfl[full]
         from dp_accounting.rdp import RdpAccountant as _Rdp
+        from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
 
         self._dp = dp_accounting
-        self._accountant = _Rdp()
+        self._accountant = _Rdp([order for order in DEFAULT_RDP_ORDERS if order >= MIN_ORDER])
         self.events: list[tuple[float, float, int]] = []
         for z, q, count in events:
             self.step(float(z), float(q), int(count))
@@ -327,7 +215,7 @@ class PrivacyBudget:
     """Keeps the books of one fleet's DP training: one accountant step per round that released a model."""
 
     def __init__(self, mode: str, noise_multiplier: float, delta: float = DEFAULT_DELTA,
-                 accountant: RdpAccountant | None = None, rounds: int = 0) -> None:
+                 accountant: DpEventAccountant | None = None, rounds: int = 0) -> None:
         if mode not in ("central", "local"):
             raise ValueError(f"a privacy budget needs --dp central or local, got {mode!r}")
         if not 0 < delta < 1:
@@ -335,7 +223,7 @@ class PrivacyBudget:
         self.mode = mode
         self.noise_multiplier = noise_multiplier
         self.delta = delta
-        self.accountant = accountant if accountant is not None else RdpAccountant()
+        self.accountant = accountant if accountant is not None else DpEventAccountant()
         self.rounds = rounds
 
     def record_round(self, selected: int, available: int) -> PrivacySpent:
@@ -355,12 +243,12 @@ class PrivacyBudget:
     def state(self) -> dict[str, Any]:
         """JSON-ready books, for the state directory (`restore` reads them back after a restart)."""
         return {"mode": self.mode, "noise_multiplier": self.noise_multiplier, "delta": self.delta,
-                "rounds": self.rounds, "orders": list(self.accountant.orders), "rdp": self.accountant.rdp.tolist()}
+                "rounds": self.rounds, "events": [list(event) for event in self.accountant.events]}
 
     @classmethod
     def restore(cls, state: Mapping[str, Any]) -> PrivacyBudget:
         """The budget whose `state()` this is."""
-        accountant = RdpAccountant(state["orders"], state["rdp"])
+        accountant = DpEventAccountant(state["events"])
         return cls(state["mode"], state["noise_multiplier"], state["delta"], accountant, int(state["rounds"]))
 
 
