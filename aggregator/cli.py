@@ -318,7 +318,9 @@ def serve(args: argparse.Namespace, settings: AlgorithmSettings) -> int:
         evaluator = HeldOutEvaluator(load_dataset(args.eval_data), artifacts, source=args.eval_data)
     ledger = Ledger(args.state_dir / "ledger.sqlite")
     with contextlib.closing(ledger):  # closed on every way out: no -wal and -shm files left behind
-        parts = EngineParts(config, strategy, artifacts, StateStore(args.state_dir), DeviceRegistry(max_devices=args.max_devices),
+        store = StateStore(args.state_dir)
+        ledger.group_commit(store.open_round)  # acceptances synced in batches (aggregator.store.ledger)
+        parts = EngineParts(config, strategy, artifacts, store, DeviceRegistry(max_devices=args.max_devices),
                             evaluator, ledger, privacy)
         if args.strategy == "fedbuff":
             buffer = BufferConfig(buffer_size=args.buffer_size, max_staleness=args.max_staleness,

@@ -5,6 +5,12 @@ after every step of its loop, calls `observe`, which copies what the page needs 
 `StatusSnapshot` and swaps it in under a lock. The HTTP server runs in daemon threads and only reads
 that snapshot and the monitor's own metrics registry (prometheus-client metrics are thread-safe).
 
+Everything shown is bounded at any fleet size: the device table lists at most DEVICES_LISTED devices
+(the open round's first, then the most recently seen) beside the counts of all of them, a round's
+waiting list at most WAITING_LISTED names, and no metric has a per-device label. Counting the
+devices is the one pass over the registry; it runs at most every devices / DEVICE_PASS_RATE seconds
+(a thousand devices: every refresh; a million: every 100 s), so it costs a bounded share of the loop.
+
 Routes: `/metrics` (Prometheus text format), `/status.json` (the latest snapshot), `/` (the page).
 With an analytics token (aggregator.analytics): `POST /analytics` queues an operator's query (a JSON
 AnalyticsRequest of at most 4 KiB, with `Authorization: Bearer TOKEN`, the token of
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import heapq
 import hmac
 import json
 import logging
@@ -40,6 +47,7 @@ from protocol.messages import RejectReason, RoundSummary, new_id
 if TYPE_CHECKING:
     from aggregator.analytics import AnalyticsRequest
     from aggregator.engines.base import Engine
+    from aggregator.registry import DeviceInfo
     from aggregator.store.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,9 @@ HISTORY_SHOWN = 1000  # rounds in /status.json (the newest)
 MAX_QUERY_BYTES = 4096  # a POST /analytics body
 MAX_QUERIES_WAITING = 16  # posted queries the service has not taken yet; more are refused 429
 ANALYTICS_SHOWN = 10  # results in /status.json (the newest)
+DEVICES_LISTED = 50  # rows of the device table in /status.json: the open round's devices, then the latest seen
+WAITING_LISTED = 20  # names in a round's waiting list (its count is `selected - answered`)
+DEVICE_PASS_RATE = 10_000.0  # devices counted per second of interval: N devices are counted every N / this seconds
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 
 
@@ -65,6 +76,15 @@ class DeviceStatus:
 
 
 @dataclass(frozen=True)
+class DeviceCounts:
+    """Every registered device, counted (the table lists only some)."""
+
+    known: int
+    online: int
+    online_by_tier: tuple[tuple[str, int], ...]  # tier (or "none") -> devices online
+
+
+@dataclass(frozen=True)
 class RoundProgress:
     """The open round: how many of the selected devices have answered the current phase."""
 
@@ -74,7 +94,7 @@ class RoundProgress:
     answered: int
     started: float
     deadline: float | None  # None: no deadline (FedBuff's buffer)
-    waiting_for: tuple[str, ...]  # devices that owe this phase an answer
+    waiting_for: tuple[str, ...]  # devices that owe this phase an answer (the first WAITING_LISTED, by id)
 
 
 @dataclass(frozen=True)
@@ -100,7 +120,8 @@ class StatusSnapshot:
     version: int
     finished: bool
     current: RoundProgress | None
-    devices: tuple[DeviceStatus, ...]
+    devices: tuple[DeviceStatus, ...]  # at most DEVICES_LISTED
+    device_counts: DeviceCounts
     history: tuple[RoundSummary, ...]
     rejections: tuple[Rejection, ...]  # newest first
     rejected_by_reason: tuple[tuple[str, int], ...]
@@ -130,6 +151,8 @@ class StatusSnapshot:
             "round": self.round, "version": self.version, "finished": self.finished,
             "current": dataclasses.asdict(self.current) if self.current else None,
             "devices": [dataclasses.asdict(d) for d in self.devices],
+            "device_counts": {"known": self.device_counts.known, "online": self.device_counts.online,
+                              "online_by_tier": dict(self.device_counts.online_by_tier), "listed": len(self.devices)},
             "history": rounds,
             "rejections": [dataclasses.asdict(r) for r in self.rejections],
             "rejected_by_reason": dict(self.rejected_by_reason),
@@ -177,6 +200,8 @@ class Monitor:
         self._version = 0
         self._tiers_seen: set[str] = set()
         self._last_refresh = 0.0
+        self._devices: tuple[tuple[DeviceStatus, ...], DeviceCounts] | None = None  # the last pass over the registry
+        self._last_device_pass = -math.inf
         self._metrics = _Metrics(self.registry)
         self.analytics_token = analytics_token
         self._queries: collections.deque[tuple[str, AnalyticsRequest]] = collections.deque()  # posted, not taken
@@ -299,7 +324,6 @@ class Monitor:
             return
         self._last_refresh = now
         snapshot = self._take_snapshot(engine, now)
-        self._count_devices(snapshot.devices)
         with self._lock:
             self._snapshot = dataclasses.replace(snapshot, analytics=self._analytics)
 
@@ -317,12 +341,41 @@ class Monitor:
         for name, value in summary.metrics.items():  # the strategy's: DP epsilon, FedBuff staleness, FedMut radius
             self._metrics.strategy.labels(name).set(value)
 
-    def _count_devices(self, devices: tuple[DeviceStatus, ...]) -> None:
-        online = collections.Counter(d.tier or "none" for d in devices if d.online)
+    def _device_pass(self, engine: Engine, now: float) -> tuple[tuple[DeviceStatus, ...], DeviceCounts]:
+        """The listed devices and the counts of all: one pass over the registry, at most every
+        devices / DEVICE_PASS_RATE seconds (the last pass is reused in between)."""
+        registry = engine.registry
+        if self._devices is not None and now - self._last_device_pass < len(registry) / DEVICE_PASS_RATE:
+            return self._devices
+        self._last_device_pass = now
+        current = engine.view()
+        assigned = current.tiers if current else {}
+        online: collections.Counter[str] = collections.Counter()
+
+        def status(info: DeviceInfo) -> DeviceStatus:
+            return DeviceStatus(
+                device_id=info.device_id,
+                tier=assigned.get(info.device_id) or _last_trained_tier(info.holds) or info.requested_tier,
+                online=info.online and now - info.last_seen <= registry.offline_after_s,
+                last_seen=info.last_seen, backend=info.backend, num_samples=info.num_samples)
+
+        for info in registry.iter_devices():
+            if info.online and now - info.last_seen <= registry.offline_after_s:
+                online[assigned.get(info.device_id) or _last_trained_tier(info.holds) or info.requested_tier or "none"] += 1
+        in_round = sorted(assigned)[:DEVICES_LISTED]
+        listed = [info for d in in_round if (info := registry.get(d)) is not None]
+        if len(listed) < DEVICES_LISTED:
+            chosen = set(in_round)
+            listed += heapq.nlargest(DEVICES_LISTED - len(listed),
+                                     (i for i in registry.iter_devices() if i.device_id not in chosen),
+                                     key=lambda i: (i.last_seen, i.device_id))
+        counts = DeviceCounts(known=len(registry), online=sum(online.values()), online_by_tier=tuple(sorted(online.items())))
         self._tiers_seen |= set(online)
         for tier in self._tiers_seen:
             self._metrics.devices_online.labels(tier).set(online[tier])
-        self._metrics.devices_known.set(len(devices))
+        self._metrics.devices_known.set(len(registry))
+        self._devices = (tuple(sorted((status(i) for i in listed), key=lambda d: d.device_id)), counts)
+        return self._devices
 
     def _model_card(self, artifacts: ArtifactStore) -> dict[str, object]:
         """The export's description for the status page, made on the first snapshot."""
@@ -332,27 +385,17 @@ class Monitor:
 
     def _take_snapshot(self, engine: Engine, now: float) -> StatusSnapshot:
         current = engine.view()
-        assigned = current.tiers if current else {}
-        registry = engine.registry
-        devices = tuple(
-            DeviceStatus(
-                device_id=info.device_id,
-                tier=assigned.get(info.device_id) or _last_trained_tier(info.holds) or info.requested_tier,
-                online=info.online and now - info.last_seen <= registry.offline_after_s,
-                last_seen=info.last_seen, backend=info.backend, num_samples=info.num_samples,
-            )
-            for info in registry.devices()
-        )
+        devices, counts = self._device_pass(engine, now)
         progress = None
         if current is not None:
             progress = RoundProgress(number=current.number, phase=current.phase, selected=current.selected,
                                      answered=current.answered, started=current.started,
-                                     deadline=_finite(current.deadline), waiting_for=current.waiting_for)
+                                     deadline=_finite(current.deadline), waiting_for=current.waiting_for[:WAITING_LISTED])
         return StatusSnapshot(
             taken=now, fleet=engine.config.fleet, model=engine.record.model, model_card=self._model_card(engine.artifacts),
             rounds_planned=engine.config.rounds,
             round=engine.record.round, version=engine.record.version, finished=engine.finished, current=progress,
-            devices=devices, history=tuple(engine.record.history), rejections=tuple(self._rejections),
+            devices=devices, device_counts=counts, history=tuple(engine.record.history), rejections=tuple(self._rejections),
             rejected_by_reason=tuple(sorted(self._rejected_by_reason.items())),
             bytes_received=self._bytes_received, bytes_sent=self._bytes_sent, updates_accepted=self._updates_accepted,
         )

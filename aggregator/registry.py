@@ -12,7 +12,7 @@ with none such, the new device is refused (RegistryFull).
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 
@@ -54,6 +54,7 @@ class DeviceRegistry:
         self._devices: dict[str, DeviceInfo] = {}
         self._ids: set[str] = set()  # the keys of _devices, for other threads (`knows`)
         self._ids_lock = threading.Lock()
+        self.online_count = 0  # devices whose last word was online (stale or not): kept as they change, read in O(1)
 
     def __contains__(self, device_id: str) -> bool:
         return device_id in self._devices
@@ -78,7 +79,9 @@ class DeviceRegistry:
         info = DeviceInfo(device_id, num_samples, num_test_samples, tier, backend, online=True, last_seen=now,
                           holds=dict(holds or {}), seconds_per_sample=dict(seconds_per_sample or {}),
                           session=session, hello_sent_at=sent_at)
-        if old := self._devices.get(device_id):  # a reconnect keeps the participation record
+        old = self._devices.get(device_id)
+        self.online_count += 1 - int(old is not None and old.online)
+        if old:  # a reconnect keeps the participation record
             info.tasks_asked, info.tasks_answered, info.missed_in_a_row = old.tasks_asked, old.tasks_answered, old.missed_in_a_row
             info.last_asked_round, info.last_loss = old.last_asked_round, old.last_loss
             info.awaiting_task, info.status_sent_at = old.awaiting_task, old.status_sent_at
@@ -95,6 +98,7 @@ class DeviceRegistry:
             raise RegistryFull(f"the registry holds {self.max_devices} devices, each of which has trained or awaits "
                                "the answer to a task (raise --max-devices)")
         evicted = min(idle, key=lambda d: d.last_seen).device_id
+        self.online_count -= int(self._devices[evicted].online)
         del self._devices[evicted]
         with self._ids_lock:
             self._ids.discard(evicted)
@@ -127,6 +131,7 @@ class DeviceRegistry:
     def seen(self, device_id: str, now: float) -> None:
         """Note that the device just sent something."""
         if info := self._devices.get(device_id):
+            self.online_count += int(not info.online)
             info.online, info.last_seen = True, now
 
     def holds(self, device_id: str, tier: str, version: int) -> None:
@@ -142,11 +147,16 @@ class DeviceRegistry:
     def set_online(self, device_id: str, online: bool, now: float, sent_at: float | None = None) -> None:
         """Apply a retained status message (offline is the device's last will), sent at `sent_at`."""
         if info := self._devices.get(device_id):
+            self.online_count += int(online) - int(info.online)
             info.online = online
             if sent_at is not None:
                 info.status_sent_at = sent_at
             if online:
                 info.last_seen = now
+
+    def iter_devices(self) -> Iterator[DeviceInfo]:
+        """Every device that announced itself, in no order (no sort, no copy: do not change the registry meanwhile)."""
+        return iter(self._devices.values())
 
     def devices(self) -> list[DeviceInfo]:
         """Every device that announced itself, sorted by id."""

@@ -423,8 +423,11 @@ class AggregatorService:
             self._publish(Outgoing(device, body))
 
     def _flush_ledger(self, now: float) -> None:
-        """Write the refusals buffered in the ledger, at most once a second (every accepted row is written at once)."""
-        if self.engine.ledger is not None and now - self._last_flush >= 1.0:
+        """Write the rows buffered in the ledger: refusals at most once a second; acceptances (group commit,
+        aggregator.store.ledger) within 0.2 s, so many updates share one sync."""
+        ledger = self.engine.ledger
+        if ledger is not None and (now - self._last_flush >= 1.0
+                                   or (ledger.pending_acceptances and now - self._last_flush >= 0.2)):
             self.engine.ledger.flush()
             self._last_flush = now
 

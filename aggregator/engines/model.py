@@ -137,6 +137,8 @@ class GlobalModel:
             summary = self._charge_privacy(summary, len(current.assignments), max(current.available, len(current.assignments)))
         self.record = StateRecord(fleet=self.record.fleet, model=self.record.model, version=self.record.version + int(committed),
                                   round=current.number, history=[*self.record.history, summary])
+        if self.parts.ledger is not None:  # group commit: every acceptance of the round on disk before the version
+            self.parts.ledger.flush()
         self.parts.store.commit(self.record, with_control(with_state(self.weights, self.optimizer_state), self.control)
                                 if committed else None)
         missing = sorted(set(current.assignments) - current.answered)

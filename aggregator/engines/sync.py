@@ -41,13 +41,21 @@ class SyncRounds:
         self.slot = RoundSlot()  # the open round, or None
         self._resend_owed_tasks = False  # a resumed round sends its owed tasks again at the first tick
         self._waiting_logged = False
+        self._short: tuple[int, float] | None = None  # (devices online, time) when a round last could not start
 
     def start(self, model: GlobalModel, now: float, timeout_s: float) -> list[Outgoing]:
-        """Open the next round on `model` with the strategy's devices and send their tasks (none: keep waiting)."""
+        """Open the next round on `model` with the strategy's devices and send their tasks (none: keep waiting).
+
+        Drawing scans the registry, O(devices): after a draw that found too few, the next one waits for more
+        devices online or a second to pass, so a fleet saying hello (a message each) costs O(devices), not
+        O(devices^2)."""
         registry, strategy = self.parts.registry, self.parts.strategy
+        if self._short is not None and registry.online_count <= self._short[0] and 0 <= now - self._short[1] < 1.0:
+            return []
         number = model.record.round + 1
         available = registry.available(now)
         assignments = self.intake.announced(strategy.configure_round(number, available))
+        self._short = None if assignments else (registry.online_count, now)
         if not assignments:
             if not self._waiting_logged:
                 log.info("round %d: waiting for devices (%d available)", number, len(registry.available(now)))

@@ -5,7 +5,15 @@ loop thread. It is the audit trail an operator queries (`sqlite3 STATE/ledger.sq
 makes replays idempotent across restarts: an update id it records as accepted is a duplicate
 forever. An update is spooled to STATE/open_round before its row is written (aggregator.store.round_spool),
 so a round a crash cut short resumes with every update the ledger accepted; the engine writes the
-row of one spooled just before the crash when it resumes.
+rows of those spooled just before the crash when it resumes.
+
+The running service turns on group commit (`group_commit`): accepted rows then wait for the next
+`flush` like refusals, and each flush first makes the spooled updates durable (RoundSpool.sync)
+and then writes all rows in one transaction: one parallel batch of fsyncs and one SQLite commit per
+flush instead of three fsyncs per update. The service flushes within 0.2 s of an acceptance and
+every commit of a version flushes first, so a committed version never counts an update the ledger
+lacks; a crash loses at most the acceptances since the last flush, which were recorded nowhere
+(neither spooled nor in the ledger) and so count nowhere: nothing is ever counted twice.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from aggregator.store.round_spool import RoundSpool
 from aggregator.store.state import StateCorrupt
 
 SCHEMA = """
@@ -62,7 +71,19 @@ class Ledger:
             self._db.close()
             raise StateCorrupt(f"{path} is not a readable ledger ({problem}); run `tierfl aggregator --recover` "
                                "(with the service's options) to set it aside and start a new one")
-        self._pending: list[tuple[object, ...]] = []  # refusal rows not yet written
+        self._pending: list[tuple[object, ...]] = []  # rows not yet written (refusals; acceptances in group commit)
+        self._pending_accepted = 0
+        self._spool: RoundSpool | None = None  # group commit: synced before the rows are written
+
+    def group_commit(self, spool: RoundSpool) -> None:
+        """From now on acceptances wait for `flush` too, and each flush syncs `spool` first (module docstring)."""
+        spool.group_commit = True
+        self._spool = spool
+
+    @property
+    def pending_acceptances(self) -> int:
+        """Accepted rows waiting for the next flush (group commit)."""
+        return self._pending_accepted
 
     def record(
         self, *, kind: str, accepted: bool, detail: str = "", round_number: int | None = None, device: str | None = None,
@@ -71,14 +92,17 @@ class Ledger:
         """Append one decision (a refusal may wait for the next flush; an acceptance never does)."""
         row = (time.time(), round_number, device, kind, update_id, int(accepted), reason, detail, num_samples, nbytes)
         self._pending.append(row)
-        if accepted or len(self._pending) >= MAX_PENDING_REFUSALS:
+        self._pending_accepted += int(accepted)
+        if (accepted and self._spool is None) or len(self._pending) >= MAX_PENDING_REFUSALS:
             self.flush()
 
     def flush(self) -> None:
         """Write every buffered row in one transaction."""
+        if self._spool is not None:
+            self._spool.sync()  # the updates on disk before their rows say accepted
         if not self._pending:
             return
-        rows, self._pending = self._pending, []
+        rows, self._pending, self._pending_accepted = self._pending, [], 0
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany(_INSERT, rows)

@@ -20,7 +20,13 @@ np.savez archives read with allow_pickle=False, checked entry by entry (kinds, d
 and scale ranges): a spool that does not check out stops the start with a SpoolError naming the file.
 
 Every file is written atomically (temp, fsync, rename, fsync of the folder), and an update is
-spooled before the ledger records it as accepted, so "accepted" always means "durably spooled". After a crash the
+spooled before the ledger records it as accepted, so "accepted" always means "durably spooled".
+With group commit (`group_commit`, turned on by Ledger.group_commit for the running service) an
+accepted update is first written as a hidden `.update-NNNNNN.npz.pending` file without fsync;
+`sync` then makes every pending file durable at once (their fsyncs in parallel, which the file
+system's journal commits together, then the renames and one fsync of the folder) before the
+ledger writes their rows. A crash before `sync` leaves only pending files, which are never read
+and are deleted: those updates were never recorded as accepted, and count nowhere. After a crash the
 engine re-adds the spooled updates in their order to a fresh accumulator, which gives exactly the
 sum it had. The spool is cleared once state.json records the round as finished; a spool whose
 round state.json already records is a leftover of a crash in between and is discarded.
@@ -31,8 +37,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import zipfile
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -40,13 +48,15 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from protocol.atomic_file import atomic_write
+from protocol.atomic_file import atomic_write, sync_folder
 from protocol.messages import Update
 from protocol.quantized import QuantizedTensor, Tensor, pack_nibbles, row_grid, unpack_nibbles
 
 log = logging.getLogger(__name__)
 META = "__meta__"
 PLAN = "plan.json"
+PENDING = ".pending"  # suffix of an update written but not yet made durable (group commit)
+SYNC_THREADS = 16  # parallel fsyncs of one group commit
 _MAX_F32 = float(np.finfo(np.float32).max)
 
 
@@ -121,6 +131,9 @@ class RoundSpool:
         self.folder = folder
         self._plan: RoundPlan | None = None
         self._next = 1
+        self.group_commit = False  # accept writes pending files; `sync` makes them durable together
+        self._pending: list[tuple[Path, Path]] = []  # (pending file, final name), in order of acceptance
+        self._syncer: ThreadPoolExecutor | None = None
 
     def begin(self, plan: RoundPlan) -> None:
         """Start spooling a new open round (whatever was spooled before is dropped)."""
@@ -148,8 +161,32 @@ class RoundSpool:
         arrays, quantized = _entries(tensors)
         meta = SpooledUpdate(device_id=device_id, update=update, nbytes=nbytes, quantized=quantized)
         arrays[META] = np.frombuffer(meta.model_dump_json().encode(), np.uint8)
-        atomic_write(self.folder / f"update-{self._next:06d}.npz", lambda out: np.savez(out, **arrays))
+        path = self.folder / f"update-{self._next:06d}.npz"
+        if self.group_commit:
+            pending = self.folder / f".{path.name}{PENDING}"
+            with open(pending, "wb") as out:
+                np.savez(out, **arrays)
+            self._pending.append((pending, path))
+        else:
+            atomic_write(path, lambda out: np.savez(out, **arrays))
         self._next += 1
+
+    @property
+    def unsynced(self) -> int:
+        """Updates accepted since the last `sync` (group commit), not durable yet."""
+        return len(self._pending)
+
+    def sync(self) -> None:
+        """Make every pending update durable, in order of acceptance: one group commit (see the module docstring)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="tierfl-spool-sync")
+        list(self._syncer.map(_fsync, [file for file, _ in pending]))
+        for file, path in pending:
+            os.replace(file, path)
+        sync_folder(self.folder)
 
     def load(self, committed_round: int, version: int) -> SpooledRound | None:
         """The round that was open when the process stopped, or None (a stale spool is discarded)."""
@@ -168,16 +205,18 @@ class RoundSpool:
         if plan.round != committed_round + 1 or plan.base_version != version:
             raise SpoolError(f"{self.folder} holds round {plan.round} on version {plan.base_version}, but the "
                              f"state is at round {committed_round}, version {version}; {self._advice()}")
+        for leftover in self.folder.glob(f".update-*{PENDING}"):  # written, never made durable: never accepted
+            leftover.unlink(missing_ok=True)
         updates = [self._read_update(file, plan) for file in sorted(self.folder.glob("update-*.npz"))]
         self._plan, self._next = plan, len(updates) + 1
         return SpooledRound(plan, updates)
 
     def clear(self) -> None:
         """Delete the spool (the round it held is finished, or about to be replaced)."""
-        self._plan, self._next = None, 1
+        self._plan, self._next, self._pending = None, 1, []
         if not self.folder.exists():
             return
-        for file in [*self.folder.glob("update-*.npz"), *self.folder.glob(".*.tmp")]:
+        for file in [*self.folder.glob("update-*.npz"), *self.folder.glob(".*.tmp"), *self.folder.glob(f".*{PENDING}")]:
             file.unlink(missing_ok=True)
         (self.folder / PLAN).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # not empty (a file of someone else's): leave it
@@ -209,6 +248,14 @@ class RoundSpool:
     def _advice(self) -> str:
         return (f"run `tierfl aggregator --recover` (same options) to set {self.folder} aside and run the round "
                 "again without its accepted updates")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _first_problem(exc: ValidationError) -> str:
