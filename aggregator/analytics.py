@@ -131,7 +131,7 @@ class AnalyticsDesk:
         self._queue: collections.deque[tuple[str, AnalyticsRequest, float]] = collections.deque()
         self.open: OpenQuery | None = None
         self.results: collections.OrderedDict[str, dict[str, object]] = collections.OrderedDict()
-        self.number = 0
+        self.number = _lines(folder / RESULTS_FILE) if folder is not None else 0  # queries numbered across restarts
         self.changes = 0  # bumped whenever a result changes: the service copies results to the status page then
         self.books = DpEventAccountant(self._load_books())
         self.fleet = FleetRecord(registry, folder)  # system heterogeneity for tierfl report: STATE_DIR/fleet.json
@@ -446,6 +446,15 @@ def _label_skew(histograms: list[np.ndarray]) -> dict[str, object]:
     rows = sorted(((float(h.sum()), float(0.5 * np.abs(h / max(h.sum(), 1.0) - fleet).sum())) for h in histograms),
                   reverse=True)
     return {"samples_per_device": [r[0] for r in rows], "label_distance": [r[1] for r in rows]}
+
+
+def _lines(path: Path) -> int:
+    """Lines of a file, 0 when it is missing."""
+    try:
+        with open(path, "rb") as lines:
+            return sum(1 for _ in lines)
+    except FileNotFoundError:
+        return 0
 
 
 def _nan_free(value: object) -> object:

@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from aggregator.engines.base import Outgoing
-from aggregator.engines.secure import fraction_bits
+from aggregator.engines.secure import fraction_bits, phase_problem
 from protocol.frame import FrameError
 from protocol.messages import Reject, RejectReason, SecAgg, SecureAggregation, new_id
 from protocol.secagg.messages import (AdvertiseKeys, MaskedInput, Phase, SecAggError, SecAggParams, ShareKeys,
@@ -84,20 +84,8 @@ class SecureSum:
             return RejectReason.LATE, f"query {self.params.round} is no longer summing"
         if body.round != self.params.round:
             return RejectReason.STALE_ROUND, f"round {body.round}, this query's is {self.params.round}"
-        if body.phase not in DEVICE_PHASES:
-            return RejectReason.UNEXPECTED, f"devices do not send {body.phase} messages"
-        current = _SENT_IN[self.phase]
-        if DEVICE_PHASES.index(body.phase) < DEVICE_PHASES.index(current):
-            return RejectReason.LATE, f"the {body.phase} phase of query {self.params.round} has closed"
-        if body.phase != current:
-            return RejectReason.UNEXPECTED, f"a {body.phase} message while the query is in {current}"
-        if device not in self.expected:
-            return RejectReason.NOT_SELECTED, f"{device} takes no part in the {current} phase"
-        if device in self.received:
-            return RejectReason.DUPLICATE, f"{device} already sent its {current} message"
-        if now > self.deadline:
-            return RejectReason.LATE, f"arrived {now - self.deadline:.1f} s after the {current} deadline"
-        return None
+        return phase_problem(device, body.phase, self.phase, self.expected, self.received, self.deadline, now,
+                             f"query {self.params.round}")
 
     def masked_tensors(self, device: str, body: SecAgg, now: float) -> dict[str, tuple[int, ...]]:
         """The uint8 tensors a message must carry (a masked input's ring bytes, else none); FrameError if refused."""

@@ -78,6 +78,26 @@ def fraction_bits(devices: int, clip: float, ring_bits: int) -> int:
                      f"{ring_bits}-bit ring: lower the clip or use 64 ring bits")
 
 
+def phase_problem(device: str, sent: str, phase: Phase, expected: set[str], received: set[str], deadline: float,
+                  now: float, what: str) -> Problem | None:
+    """Why a device's message of phase `sent` is refused while the protocol of `what` ("round 3", "query 2") is in
+    `phase`, expecting `expected` and having `received` by `deadline`; None if it is the one awaited."""
+    if sent not in DEVICE_PHASES:
+        return RejectReason.UNEXPECTED, f"devices do not send {sent} messages"
+    now_phase = _SENT_IN[phase]
+    if DEVICE_PHASES.index(sent) < DEVICE_PHASES.index(now_phase):
+        return RejectReason.LATE, f"the {sent} phase of {what} has closed"
+    if sent != now_phase:
+        return RejectReason.UNEXPECTED, f"a {sent} message while {what} is in {now_phase}"
+    if device not in expected:
+        return RejectReason.NOT_SELECTED, f"{device} takes no part in the {now_phase} phase (it missed an earlier one)"
+    if device in received:
+        return RejectReason.DUPLICATE, f"{device} already sent its {now_phase} message"
+    if now > deadline:
+        return RejectReason.LATE, f"arrived {now - deadline:.1f} s after the {now_phase} deadline"
+    return None
+
+
 class UnmaskedMean:
     """A secure round's accumulator: the global weights plus the unmasked per-element weighted mean."""
 
@@ -317,20 +337,8 @@ class SecureRoundEngine:
             return RejectReason.STALE_ROUND, f"session {body.session} is an earlier attempt at round {current.number}"
         if device_id not in current.assignments:
             return RejectReason.NOT_SELECTED, f"{device_id} was not selected for round {current.number}"
-        if body.phase not in DEVICE_PHASES:
-            return RejectReason.UNEXPECTED, f"devices do not send {body.phase} messages"
-        now_phase = _SENT_IN[secure.phase]
-        if DEVICE_PHASES.index(body.phase) < DEVICE_PHASES.index(now_phase):
-            return RejectReason.LATE, f"the {body.phase} phase of round {current.number} has closed"
-        if body.phase != now_phase:
-            return RejectReason.UNEXPECTED, f"a {body.phase} message while round {current.number} is in {now_phase}"
-        if device_id not in secure.expected:
-            return RejectReason.NOT_SELECTED, f"{device_id} takes no part in the {now_phase} phase (it missed an earlier one)"
-        if device_id in secure.received:
-            return RejectReason.DUPLICATE, f"{device_id} already sent its {now_phase} message"
-        if now > secure.deadline:
-            return RejectReason.LATE, f"arrived {now - secure.deadline:.1f} s after the {now_phase} deadline"
-        return None
+        return phase_problem(device_id, body.phase, secure.phase, secure.expected, secure.received, secure.deadline,
+                             now, f"round {current.number}")
 
     def _accept(self, device_id: str, message: BaseModel, body: SecAgg, nbytes: int) -> None:
         """Hand one parsed message to the protocol's server; SecAggError if it refuses it."""
