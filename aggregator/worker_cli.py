@@ -45,9 +45,10 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                        help="run as an aggregator worker of the coordinator whose --id is COORDINATOR_ID, with this "
                             "process's own --id, --state-dir (its key) and the coordinator's --fleet, --broker, "
                             "--artifacts and --enrolled; needs --coordinator-key")
-    group.add_argument("--coordinator-key", metavar="HEX",
-                       help="a worker takes grants only when signed by this key: the coordinator's public key, from "
-                            "`tierfl aggregator --show-key` with the coordinator's --state-dir")
+    group.add_argument("--coordinator-key", metavar="HEX|FILE",
+                       help="a worker takes grants only when signed by this key: the coordinator's public key, as "
+                            "`tierfl aggregator --show-key --state-dir COORDINATOR_STATE` prints it (the JSON in a "
+                            "file, or the bare hex)")
     group.add_argument("--flush-wait", type=float, default=10.0, metavar="S",
                        help="coordinator: seconds past a round's deadline the workers get to send their partial sums; "
                             "updates still unsent then are not counted (default: %(default)s)")

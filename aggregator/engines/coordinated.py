@@ -154,10 +154,10 @@ class CoordinatedEngine(RoundEngine):
         if problem is not None:
             log.warning("refused a partial sum from worker %s: %s: %s", worker, problem[0].value, problem[1])
             self.intake.count_rejection(*problem)
-            if problem[0] is RejectReason.NON_FINITE:  # its updates cannot be counted: voided, their devices asked again
-                named = {by_id[u] for u in body.update_ids}
-                return [*out, *self._void(worker, body.session, now, ask_again=True, only=named)]
-            return out
+            # The live grants it names cannot be counted any more (their sums are in a refused partial): voided, and
+            # their devices asked again (a coordinator restarted mid-round meets partials mixing old and new grants).
+            named = {by_id[u] for u in body.update_ids if u in by_id and self.grants[by_id[u]].session == body.session}
+            return [*out, *(self._void(worker, body.session, now, ask_again=True, only=named) if named else [])]
         assert current is not None and isinstance(current.accumulator, ElementwiseMean)
         counted = [self.grants.pop(by_id[u]) for u in body.update_ids]
         current.accumulator.merge(sums, [g.client for g in counted])
