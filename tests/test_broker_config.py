@@ -215,7 +215,7 @@ def _mosquitto(out: Path, mosquitto_passwd: str | None) -> Iterator[FleetCredent
     assert os.access(binary, os.X_OK), "Mosquitto is not installed (`sudo apt-get install mosquitto`)"
     # Mosquitto started as root drops to --broker-user: run it as ourselves, whoever that is.
     credentials = _generate(out, port=_free_port(), bind="127.0.0.1", broker_user=getpass.getuser(),
-                            mosquitto_passwd=mosquitto_passwd)
+                            mosquitto_passwd=mosquitto_passwd, workers=["w1", "w2"])
     with open(out / "mosquitto.log", "wb") as log:
         broker = subprocess.Popen([binary, "-c", str(out / "mosquitto.conf"), "-v"], stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -326,6 +326,22 @@ def test_device_publishes_its_update_and_status_to_the_aggregator(clients):
     assert worker.subscribe(TOPICS.all_up(share_group="workers")) == [[1]]
     device.publish(TOPICS.up("dev1"), b"second")
     worker.wait(lambda: worker.received() == [(TOPICS.up("dev1"), b"second")], "the update on the shared subscription")
+
+
+@pytest.mark.integration
+def test_an_aggregator_worker_reads_its_share_of_the_uplink_and_writes_only_its_own_topics(clients):
+    coordinator, worker = clients("aggregator"), clients("w1")
+    assert coordinator.subscribe(TOPICS.all_workers("up")) == [[1]]
+    worker.subscribe(TOPICS.all_up(share_group="aggregator"), TOPICS.worker("w2", "down"), TOPICS.worker("w1", "down"))
+    clients("dev1").publish(TOPICS.up("dev1"), b"update")
+    coordinator.publish(TOPICS.worker("w2", "down"), b"grant for w2")  # the ACL keeps it from w1
+    coordinator.publish(TOPICS.worker("w1", "down"), b"grant for w1")
+    worker.wait(lambda: len(worker.received()) == 2, "the update and w1's grant")
+    worker.publish(TOPICS.worker("w2", "up"), b"posing as w2")  # dropped by the broker
+    worker.publish(TOPICS.worker("w1", "up"), b"claim")
+    coordinator.wait(lambda: coordinator.received(), "w1's claim")
+    assert sorted(worker.received()) == [(TOPICS.up("dev1"), b"update"), (TOPICS.worker("w1", "down"), b"grant for w1")]
+    assert coordinator.received() == [(TOPICS.worker("w1", "up"), b"claim")]
 
 
 @pytest.mark.integration
