@@ -413,6 +413,7 @@ class AnalyticsDesk:
     def _finish(self, query: OpenQuery, result: dict[str, object], now: float) -> None:
         result["finished"] = now
         self.fleet.query(list(query.asked), list(query.answered))
+        self.fleet.sample(now, force=True)  # the record is current whenever a result is
         if result["status"] == "refused":
             log.warning("query %d (%s) refused: %s", query.number, query.spec.computation, result["reason"])
         else:

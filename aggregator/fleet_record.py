@@ -1,10 +1,10 @@
 """The fleet's system heterogeneity as the aggregator itself sees it, for `tierfl report`: STATE_DIR/fleet.json.
 
-Sampled from the device registry every SAMPLE_S seconds (by the analytics desk's tick, so while the
-status server runs): per device its tier, announced samples, training speed per tier (seconds per
-sample: announced by its benchmark, or measured from its updates), training tasks asked and
-answered, analytics queries asked and answered, and availability: the fraction of samples, since
-the device was first seen, in which it was online. Nothing a device computed on its data is here.
+Sampled from the device registry every SAMPLE_S seconds and whenever a query finishes (by the
+analytics desk, so while the status server runs): per device its tier, announced samples, training
+speed per tier (seconds per sample: announced by its benchmark, or measured from its updates),
+training tasks asked and answered, analytics queries asked and answered, and availability: the
+fraction of samples, since the device was first seen, in which it was online. Nothing a device computed on its data is here.
 The file is rewritten atomically; a restart continues the counts it finds.
 """
 
