@@ -38,6 +38,8 @@ import contextlib
 import logging
 import math
 import os
+import secrets
+import threading
 import zipfile
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +57,8 @@ from protocol.quantized import QuantizedTensor, Tensor, pack_nibbles, row_grid, 
 log = logging.getLogger(__name__)
 META = "__meta__"
 PLAN = "plan.json"
-PENDING = ".pending"  # suffix of an update written but not yet made durable (group commit)
+PENDING = ".pending"
+CLEARED = ".cleared-"  # a spool folder set aside by `clear`, being deleted  # suffix of an update written but not yet made durable (group commit)
 SYNC_THREADS = 16  # parallel fsyncs of one group commit
 _MAX_F32 = float(np.finfo(np.float32).max)
 
@@ -134,6 +137,7 @@ class RoundSpool:
         self.group_commit = False  # accept writes pending files; `sync` makes them durable together
         self._pending: list[tuple[Path, Path]] = []  # (pending file, final name), in order of acceptance
         self._syncer: ThreadPoolExecutor | None = None
+        self._remove_cleared()
 
     def begin(self, plan: RoundPlan) -> None:
         """Start spooling a new open round (whatever was spooled before is dropped)."""
@@ -212,15 +216,26 @@ class RoundSpool:
         return SpooledRound(plan, updates)
 
     def clear(self) -> None:
-        """Delete the spool (the round it held is finished, or about to be replaced)."""
+        """Delete the spool (the round it held is finished, or about to be replaced).
+
+        The folder is renamed aside at once (atomic: from then on no spool is open) and its files are
+        deleted on a helper thread, off the round's critical path; a leftover of a crash in between
+        is deleted at the next start."""
         self._plan, self._next, self._pending = None, 1, []
         if not self.folder.exists():
             return
-        for file in [*self.folder.glob("update-*.npz"), *self.folder.glob(".*.tmp"), *self.folder.glob(f".*{PENDING}")]:
-            file.unlink(missing_ok=True)
-        (self.folder / PLAN).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # not empty (a file of someone else's): leave it
-            self.folder.rmdir()
+        aside = self.folder.with_name(f".{self.folder.name}{CLEARED}{secrets.token_hex(4)}")
+        try:
+            os.rename(self.folder, aside)
+        except OSError:
+            return
+        threading.Thread(target=_remove_spool, args=(aside,), name="tierfl-spool-clear", daemon=True).start()
+
+    def _remove_cleared(self) -> None:
+        """Delete spools set aside by an earlier `clear` whose deletion a crash cut short (a deletion still running
+        in this process does no harm: both skip what the other removed)."""
+        for leftover in self.folder.parent.glob(f".{self.folder.name}{CLEARED}*"):
+            _remove_spool(leftover)
 
     def _write_plan(self, plan: RoundPlan) -> None:
         atomic_write(self.folder / PLAN, lambda out: out.write(plan.model_dump_json(indent=1).encode()))
@@ -248,6 +263,14 @@ class RoundSpool:
     def _advice(self) -> str:
         return (f"run `tierfl aggregator --recover` (same options) to set {self.folder} aside and run the round "
                 "again without its accepted updates")
+
+
+def _remove_spool(folder: Path) -> None:
+    """Delete a spool folder set aside by `clear`: its known files, then the folder (left if not empty)."""
+    for file in [*folder.glob("update-*.npz"), *folder.glob(".*.tmp"), *folder.glob(f".*{PENDING}"), folder / PLAN]:
+        file.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty (a file of someone else's): leave it
+        folder.rmdir()
 
 
 def _fsync(path: Path) -> None:
