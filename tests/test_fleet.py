@@ -17,6 +17,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_client.fleet import Fleet, configure_parser, settings_from
 from edge_client.fleet_trace import DeviceTrace, Distributions, behaviours, read_trace
 from models.data import load_dataset
+from models.export import export_all
+from models.zoo import ModelSpec
 from protocol.frame import decode_frame
 from protocol.messages import Update
 from protocol.topics import Topics
@@ -98,7 +100,7 @@ def test_virtual_fleet_completes_rounds_with_its_dropouts_and_commits_the_mean_o
     rows = []
     for i in range(DEVICES):
         device = {"id": f"d-{i:03d}"}
-        drops = [{"round": r, "after": 0.5, "away_s": 10.0 if r == 1 else 120.0} for r, ids in DROPS.items() if device["id"] in ids]
+        drops = [{"round": r, "after": 0.5, "away_s": 3.0 if r == 1 else 120.0} for r, ids in DROPS.items() if device["id"] in ids]
         if drops:
             device["dropouts"] = drops
         rows.append(json.dumps(device))
@@ -108,6 +110,8 @@ def test_virtual_fleet_completes_rounds_with_its_dropouts_and_commits_the_mean_o
     args = parser.parse_args(["--broker", mosquitto_url, "--fleet", fleet, "--trace", str(trace), "--cache-root",
                               str(tmp_path / "fleet"), "--samples-per-device", "16", "--seconds-per-sample", "a=0.01"])
     settings, devices = settings_from(args)
+    art = tmp_path / "art"
+    export_all(ModelSpec(arch="mlp", hidden=(16,)), ["a"], art)  # digits' 8x8 MLP, small: 1,210 parameters
     capture = _UplinkCapture(1883, fleet)
     virtual = Fleet(settings, devices, load_dataset("digits"), per_device=16)
     virtual.start()
@@ -119,7 +123,7 @@ def test_virtual_fleet_completes_rounds_with_its_dropouts_and_commits_the_mean_o
             time.sleep(0.05)
         assert virtual.connected() == DEVICES
         aggregator = tierfl("aggregator", "--broker", mosquitto_url, "--fleet", fleet, "--state-dir", str(state),
-                            "--arch", "mlp", "--image-size", "8", "--tiers", "a", "--rounds", "2", "--min-clients",
+                            "--artifacts", str(art), "--rounds", "2", "--min-clients",
                             str(DEVICES), "--round-timeout", "30", log=tmp_path / "aggregator.log")
         assert aggregator.wait(timeout=120) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
     finally:
