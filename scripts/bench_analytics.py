@@ -219,6 +219,12 @@ def markdown(results: dict, command: str) -> str:
                      f"{row['within_bound']:.1%} | {row['largest_error']:.2f} | {row['mean_abs_error']:.2f} | "
                      f"{row['smallest_count']:.0f} | {row['epsilon_per_query']:.3f} | {row['epsilon_total_after']:.2f} | "
                      f"{row['seconds_per_query']:.2f} |")
+    trials = sum(row["trials"] for row in results["noise"])
+    within = sum(round(row["within_bound"] * row["trials"]) for row in results["noise"])
+    lines += ["", f"Over all {trials} noisy answers, {within} ({within / trials:.1%}) stayed within the bound stated at "
+              f"95 % (all 10 labels at once); the {trials - within} misses ({(trials - within) / trials:.1%}) are within the "
+              "5 % the bound allows, the largest of them "
+              f"{max(row['largest_error'] / row['error_bound'] for row in results['noise']):.2f} times the bound."]
     if skew:
         lines += ["", "## Fleet diagnostics from the exact label histogram", "",
                   "Per device (sorted by size, no ids): samples, and the total variation distance of its label mix "
