@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from aggregator.coordinator_service import CoordinatorService
-from aggregator.downlink import DEFAULT_TOLERANCE, DEFAULT_VERSIONS, DOWNLINK_MODES
+from aggregator.downlink import DEFAULT_TOLERANCE, DEFAULT_VERSIONS, DOWNLINK_MODES, FULL_COPIES
 from aggregator.engines.base import Engine, EngineConfig
 from aggregator.engines.buffered import BufferConfig, BufferedEngine
 from aggregator.engines.coordinated import CoordinatedEngine
@@ -95,6 +95,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                      help="int8-delta: how far a device's weights may drift from the aggregator's after deltas from "
                           "older versions, as a fraction of the tier's largest weight, before it gets a full copy "
                           "(default: 1/127, one int8 quantum of the tier's largest weight)")
+    net.add_argument("--downlink-full", choices=FULL_COPIES, default="float16",
+                     help="int8-delta: the full copy for a device that holds none of the kept versions: float16 "
+                          "(relative error at most 2^-11) or int8-row (1 byte a weight, error below max|row| / 127) "
+                          "(default: %(default)s)")
     net.add_argument("--enrolled", type=Path,
                      help="JSON file of device id -> Ed25519 public key (from `tierfl client --show-key`): only these "
                           "devices are accepted, and every frame must carry its device's signature "
@@ -364,6 +368,7 @@ def serve(args: argparse.Namespace, settings: AlgorithmSettings) -> int:
             service = service_class(engine, broker, aggregator_id=args.aggregator_id, **extra,  # type: ignore[arg-type]
                                        max_message_bytes=args.max_message_bytes, downlink=args.downlink,
                                        downlink_versions=args.downlink_versions, downlink_tolerance=args.downlink_tolerance,
+                                       downlink_full=args.downlink_full,
                                        signatures=SignatureCheck(EnrolledKeys.load(args.enrolled).root) if args.enrolled else None,
                                        monitor=monitor, key=key, analytics=analytics)
             service.run(stop)

@@ -2,24 +2,26 @@
 
     float32     the exact weights, 4 bytes a parameter (only when asked: `--downlink float32`)
     float16     half precision; devices train from, and take deltas against, what they decoded
-    int8-delta  int8 of (new weights - a reference of the version the device holds), 1 byte a parameter, from
-                any of the tier's last K versions (`--downlink-versions`); a float16 full copy (2 bytes a
-                parameter, relative error at most 2^-11 per element) for a device that holds none of them
+    int8-delta  int8 of (new weights - a reference of the version the device holds), 1 byte a parameter,
+                from any of the tier's last K versions (`--downlink-versions`); a full copy for a device
+                that holds none of them (`--downlink-full`): float16 (2 bytes a parameter, relative error
+                at most 2^-11 per element) or int8-row (1 byte, error below max|row| / 127 per element)
 
 int8-delta keeps, per tier, the references R_v of its last K versions: R_v is what a device that
-follows the tier version by version holds, starting from the float16 copy of the tier's first
-version the process sends (R_first = F_first), then R_v = R_u + D(u, v) with u the tier's previous version and
-D(b, v) = decode(int8(W_v - R_b)) encoded with a generator seeded by (tier, v, b): every frame of
-that step carries the same bytes, so the aggregator decodes R_v bit for bit as devices compute it,
-and the rounding of one step is part of the next step's delta (a device on the chain never drifts
-from R_v; |R_v - W_v| is below one int8 quantum of the step, max|W_v - R_u| / 127, per tensor, or the
-float16 rounding for the first).
+follows the tier version by version holds, starting from the full copy of the tier's first version
+the process sends (R_first = F_first, the full copy as decoded), then R_v = R_u + D(u, v) with u the
+tier's previous version and D(b, v) = decode(int8(W_v - R_b)) encoded with a generator seeded by
+(tier, v, b): every frame of that step carries the same bytes, so the aggregator decodes R_v bit for
+bit as devices compute it, and the rounding of one step is part of the next step's delta (a device
+on the chain never drifts from R_v; |R_v - W_v| is below one int8 quantum of the step,
+max|W_v - R_u| / 127, per tensor, or the full copy's rounding for the first).
 Memory: K x the tier's weights in float32 per tier (K = 8 by default: 13.5 MB for a 421,642-parameter
 tier), plus the frames of the current round.
 
 A device that missed versions holds R_b + e for an older b in the window; it gets D(b, v) and ends
 at R_b + D(b, v) + e, off the chain by j(b, v) = max|R_b + D(b, v) - R_v| (below two quanta, computed
-once per (b, v)) more than before. A full copy F_v = float16(W_v) leaves it off by max|F_v - R_v|.
+once per (b, v)) more than before. A full copy F_v (W_v in the full copy's codec, its rounding seeded
+by (tier, v) like the deltas) leaves it off by max|F_v - R_v|.
 So, per device and tier, the aggregator keeps O(tensors) numbers: for each version it sent the
 device, a bound E[t] of max|H_t - R_v,t| per tensor t, H being what the device holds:
 
@@ -33,9 +35,9 @@ Chain steps add nothing, a jump adds j(b, v) (plus one float32 ulp of the tensor
 when E > 0: the device adds in another order); when the sum would pass the limit, the device gets
 a full copy instead, which resets E to the copy's own error. Against the exact float32 weights a
 device therefore holds |H - W_v| <= E + |R_v - W_v|: at most tolerance x the tier's largest weight
-(or the float16 copy's own error when that is larger) plus one int8 quantum of the chain's step. It
+(or the full copy's own error when that is larger) plus one int8 quantum of the chain's step. It
 never grows with the rounds. The default tolerance, 1/127, is one int8 quantum of the whole tier: the
-error a full int8 copy with a single scale would have.
+error a full int8 copy with a single scale would have, and above what an int8-row full copy has.
 
 A device gets a delta only against a version it says it holds (hello, last update) AND that this
 process sent it, so a copy from before an aggregator restart is never patched by a new chain: after a
@@ -53,14 +55,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from aggregator.engines.tasks import with_delta
-from protocol.codecs import encode_decode, get_codec
 from protocol.frame import decode_frame, encode_frame
 from protocol.messages import FrameHeader, Task
 
 DOWNLINK_MODES = ("float32", "float16", "int8-delta")
 DEFAULT_VERSIONS = 8  # references kept per tier by int8-delta
 DEFAULT_TOLERANCE = 1 / 127  # a device's drift from the references, as a fraction of the tier's largest weight
-FULL_COPY = "float16"  # int8-delta's full copy
+FULL_COPIES = ("float16", "int8-row")  # int8-delta's full copy
 Bounds = dict[str, float]  # tensor -> an element-wise bound
 
 
@@ -72,7 +73,7 @@ class _Reference:
     weights: dict[str, np.ndarray]
     chain_error: Bounds  # max|R_v - W_v| per tensor
     limit: Bounds = field(default_factory=dict)  # the largest E a device may hold of this version, per tensor
-    full_error: Bounds = field(default_factory=dict)  # max|F_v - R_v| of the float16 full copy
+    full_error: Bounds = field(default_factory=dict)  # max|F_v - R_v| of the full copy
 
 
 @dataclass
@@ -92,15 +93,17 @@ class Downlink:
 
     def __init__(self, fleet: str, sender: str, mode: str = "float32", seed: int = 0,
                  signer: Callable[[FrameHeader], str] | None = None, versions: int = DEFAULT_VERSIONS,
-                 tolerance: float = DEFAULT_TOLERANCE) -> None:
+                 tolerance: float = DEFAULT_TOLERANCE, full: str = "float16") -> None:
         if mode not in DOWNLINK_MODES:
             raise ValueError(f"unknown downlink {mode!r} (expected one of {', '.join(DOWNLINK_MODES)})")
         if not 1 <= versions <= 1000:
             raise ValueError(f"--downlink-versions must be in 1..1000, got {versions}")
         if not 0 <= tolerance <= 1:
             raise ValueError(f"--downlink-tolerance must be in [0, 1], got {tolerance}")
+        if full not in FULL_COPIES:
+            raise ValueError(f"unknown --downlink-full {full!r} (expected one of {', '.join(FULL_COPIES)})")
         self.fleet, self.sender, self.mode, self.seed, self.signer = fleet, sender, mode, seed, signer
-        self.versions, self.tolerance = versions, tolerance
+        self.versions, self.tolerance, self.full = versions, tolerance, full
         self._tiers: dict[str, _Tier] = {}
         self._frames: dict[tuple, bytes] = {}  # (kind, base, task JSON) -> frame, for the latest round
         self._round = -1
@@ -129,18 +132,23 @@ class Downlink:
             jump, frame = self._jump(tier, task, weights, held)
             ulp = float(np.spacing(np.float32(2 * self._magnitude(reference))))  # the device adds in another order
             moved = {n: bound[n] + jump[n] + (ulp if bound[n] > 0 else 0.0) for n in bound}
-            limit = self._limit(reference, weights)
+            limit = self._limit(reference, task, weights)
             if all(moved[n] <= limit[n] for n in moved):
                 self._note(sent, reference.version, moved)
                 return frame
-        self._limit(reference, weights)
+        self._limit(reference, task, weights)
         self._note(sent, reference.version, dict(reference.full_error))
-        return self._cached(("full", None), task, lambda: self._encode(task, weights, FULL_COPY))
+        return self._full_frame(task, weights)
 
     def bound(self, device_id: str, tier: str, version: int) -> Bounds | None:
         """E: per tensor, how far the weights of `version` this process sent the device may be from R_version."""
         bounds = self._sent.get((device_id, tier), {}).get(version)
         return dict(bounds) if bounds is not None else None
+
+    def limit(self, tier: str, version: int) -> Bounds | None:
+        """The largest E per tensor a device may hold of `version`, once a device was sent it."""
+        found = self._tiers.get(tier, _Tier()).references.get(version)
+        return dict(found.limit) if found is not None and found.limit else None
 
     def reference(self, tier: str, version: int) -> dict[str, np.ndarray] | None:
         """R_version of `tier`, while it is among the kept versions."""
@@ -158,12 +166,11 @@ class Downlink:
         """max|R_v| over the tier's tensors."""
         return max((float(np.abs(a).max()) for a in reference.weights.values() if a.size), default=0.0)
 
-    def _limit(self, reference: _Reference, weights: Mapping[str, np.ndarray]) -> Bounds:
+    def _limit(self, reference: _Reference, task: Task, weights: Mapping[str, np.ndarray]) -> Bounds:
         """The version's limit on E per tensor (and its full copy's error), computed once."""
         if not reference.limit:
-            codec = get_codec(FULL_COPY)
-            reference.full_error = {n: _max_abs(encode_decode(codec, np.asarray(weights[n], np.float32)), r)
-                                    for n, r in reference.weights.items()}
+            copy = self._full_copy(task, weights)
+            reference.full_error = {n: _max_abs(copy[n], r) for n, r in reference.weights.items()}
             allowed = self.tolerance * self._magnitude(reference)
             reference.limit = {n: max(allowed, reference.full_error[n]) for n in reference.weights}
         return reference.limit
@@ -177,8 +184,7 @@ class Downlink:
         if newest is None or newest > version:  # a first version, or one older than the window: start afresh
             tier.references.clear()
             tier.jumps.clear()
-            codec = get_codec(FULL_COPY)  # from the full copy its first devices get: they start on the chain
-            start = {n: encode_decode(codec, np.asarray(w, np.float32)) for n, w in weights.items()}
+            start = self._full_copy(task, weights)  # what its first devices get: they start on the chain
             reference = _Reference(version, start, {n: _max_abs(start[n], np.asarray(weights[n])) for n in weights})
         else:
             last = tier.references[newest]
@@ -206,6 +212,17 @@ class Downlink:
             step = self._decoded_delta(task, weights, start)
             tier.jumps[key] = {n: _max_abs(start.weights[n] + step[n], reference.weights[n]) for n in reference.weights}
         return tier.jumps[key], frame
+
+    def _full_frame(self, task: Task, weights: Mapping[str, np.ndarray]) -> bytes:
+        """The task with the whole weights in the full copy's codec (rounding seeded by tier and version)."""
+        def make() -> bytes:
+            rng = np.random.default_rng([self.seed, task.model_version, zlib.crc32(task.tier.encode()), 1 << 31])
+            return encode_frame(self.fleet, self.sender, task, weights, self.full, rng=rng, signer=self.signer)
+        return self._cached(("full", None), task, make)
+
+    def _full_copy(self, task: Task, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """F_v: the full copy's weights as a device decodes them."""
+        return {n: np.asarray(t, np.float32) for n, t in decode_frame(self._full_frame(task, weights)).tensors.items()}
 
     def _delta_frame(self, task: Task, weights: Mapping[str, np.ndarray], base: _Reference) -> bytes:
         rng = np.random.default_rng([self.seed, task.model_version, zlib.crc32(task.tier.encode()), base.version])

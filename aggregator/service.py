@@ -69,6 +69,7 @@ class AggregatorService:
         downlink: str = "float32",
         downlink_versions: int = DEFAULT_VERSIONS,
         downlink_tolerance: float = DEFAULT_TOLERANCE,
+        downlink_full: str = "float16",
         signatures: SignatureCheck | None = None,
         monitor: Monitor | None = None,
         key: DeviceKey | None = None,
@@ -89,7 +90,7 @@ class AggregatorService:
         self.key = key  # signs every frame we send; devices pin or are given its public half
         self._signer = key.sign if key else None
         self.downlink = Downlink(engine.config.fleet, aggregator_id, downlink, engine.config.seed, signer=self._signer,
-                                 versions=downlink_versions, tolerance=downlink_tolerance)
+                                 versions=downlink_versions, tolerance=downlink_tolerance, full=downlink_full)
         self._announcement = (encode_frame(engine.config.fleet, aggregator_id, *key_announcement(key), "uint8",
                                            signer=key.sign) if key else None)
         self._announced: set[str] = set()  # devices sent the key announcement since they said hello

@@ -114,11 +114,13 @@ def test_after_a_restart_every_device_gets_a_full_copy_first():
     assert frame.body.weights.delta_from is None and {e.codec for e in frame.header.tensors} == {"float16"}
 
 
-@pytest.mark.parametrize("tolerance,versions", [(1 / 127, 4), (1e-3, 2)])
-def test_error_bound_holds_over_many_rounds_of_random_participation(tolerance, versions):
+@pytest.mark.parametrize("tolerance,versions,full", [(1 / 127, 4, "float16"), (1e-3, 2, "float16"),
+                                                     (1 / 127, 4, "int8-row")])
+def test_error_bound_holds_over_many_rounds_of_random_participation(tolerance, versions, full):
     """Every device, every round, against the exact float32 weights: |H - W_v| <= E + |R_v - W_v|, E <= the limit."""
     rng, walk = np.random.default_rng(1), _versions(80, seed=2)
-    downlink = Downlink("f", "agg", "int8-delta", versions=versions, tolerance=tolerance)
+    downlink = Downlink("f", "agg", "int8-delta", versions=versions, tolerance=tolerance, full=full)
+    copy_error = (lambda w: 2 ** -11 * w) if full == "float16" else (lambda w: w / 127)  # per element, of max|W_t|
     devices = [Device(f"d{i}") for i in range(20)]
     for version, weights in enumerate(walk):
         reference = downlink.reference  # R_v once the round's first task made it
@@ -130,15 +132,15 @@ def test_error_bound_holds_over_many_rounds_of_random_participation(tolerance, v
             for name, exact in weights.items():
                 off_chain = float(np.abs(device.weights[name] - kept[name]).max())
                 assert off_chain <= bound[name]  # the invariant
-                full_error = float(np.abs(exact.astype(np.float16).astype(np.float32) - kept[name]).max())
-                assert bound[name] <= max(tolerance * magnitude, full_error)
                 chain_error = float(np.abs(kept[name] - exact).max())
+                full_error = copy_error(float(np.abs(exact).max())) + chain_error
+                assert bound[name] <= downlink.limit("a", version)[name] <= max(tolerance * magnitude, full_error)
                 assert float(np.abs(device.weights[name] - exact).max()) <= bound[name] + chain_error
     bases = [(b, i) for d in devices for i, b in enumerate(d.bases)]
     jumps = sum(1 for d in devices for prev, b in zip(d.bases, d.bases[1:]) if b is not None)
     resyncs = sum(1 for d in devices for b in d.bases[1:] if b is None)
     assert jumps > 100 and resyncs > 10 and len(bases) == 800
-    assert set().union(*(d.codecs for d in devices)) == {"int8", "float16"}  # never float32
+    assert set().union(*(d.codecs for d in devices)) == {"int8", full}  # never float32
 
 
 def test_bytes_per_round_with_half_the_fleet_against_float32():
@@ -168,6 +170,8 @@ def test_frames_are_encoded_once_per_task_and_float_modes_send_full_weights():
         Downlink("f", "agg", "int4")
     with pytest.raises(ValueError, match="--downlink-versions"):
         Downlink("f", "agg", "int8-delta", versions=0)
+    with pytest.raises(ValueError, match="--downlink-full"):
+        Downlink("f", "agg", "int8-delta", full="int4")
 
 
 def test_the_device_agent_applies_deltas_from_any_kept_version_as_the_simulation_does(tmp_path):
@@ -175,7 +179,8 @@ def test_the_device_agent_applies_deltas_from_any_kept_version_as_the_simulation
     export_all(ModelSpec(arch="mlp", hidden=(16,)), ["a"], tmp_path / "art")
     tier = ArtifactStore(tmp_path / "art").tiers["a"]
     data = train_test_split(load_dataset("digits").subset(list(range(50))), 0.2, seed=0)
-    config = ClientConfig(broker=parse_broker("mqtt://127.0.0.1:1"), device_id="d1", fleet="f", cache_dir=tmp_path / "c")
+    config = ClientConfig(broker=parse_broker("mqtt://127.0.0.1:1"), device_id="d1", fleet="f",
+                          cache_dir=tmp_path / "c")
     agent, twin = DeviceAgent(config, *data), Device("d1")
     rng = np.random.default_rng(0)
     weights = {n: rng.normal(0, 0.1, s).astype(np.float32) for n, s in tier.shapes.items()}

@@ -38,8 +38,8 @@ def test_half_the_fleet_per_round_gets_int8_deltas_from_the_version_each_device_
     watcher.subscribe([(f"{topics.base}/down/+", 0), (topics.all_status, 0)])
     watcher.loop_start()
     common = ["--broker", mosquitto_url, "--fleet", fleet]
-    clients = [tierfl("client", *common, "--device-id", f"d{i}", "--data", "digits", "--cache-dir", str(tmp_path / f"d{i}"),
-                      "--codec", "int8", log=tmp_path / f"d{i}.log") for i in range(DEVICES)]
+    clients = [tierfl("client", *common, "--device-id", f"d{i}", "--data", "digits", "--cache-dir",
+                      str(tmp_path / f"d{i}"), "--codec", "int8", log=tmp_path / f"d{i}.log") for i in range(DEVICES)]
     try:
         assert ready.wait(60), "the devices did not say hello"  # all four available: the seeded draw is fixed
         aggregator = tierfl("aggregator", *common, "--state-dir", str(tmp_path / "state"), "--eval-data", "digits",
