@@ -1,6 +1,6 @@
 """Aggregator workers (issue 16): a coordinator and two worker processes sharing the uplink over an MQTT 5 shared
-subscription on the real Mosquitto, real devices (`tierfl client`, HeteroFL tiers a and c), one worker SIGKILLed
-mid-round.
+subscription on the real Mosquitto, real devices (`tierfl fleet`: three virtual devices training HeteroFL tiers a and c
+on ONNX Runtime), one worker SIGKILLed mid-round.
 
 Every version the coordinator commits equals what one aggregator (the in-process RoundEngine, the code a single
 `tierfl aggregator` runs) commits given the same updates, the ones the coordinator's ledger counted, within 1e-6
@@ -43,7 +43,7 @@ from protocol.topics import Topics
 from tests.conftest import tierfl
 
 TOLERANCE = 1e-6  # float32 sums of the same updates in another order
-SAMPLES = 1438  # what `tierfl client --data digits` announces
+SAMPLES = 51  # what the scripted device announces
 TIERS = {"d1": "a", "d2": "c", "d3": "c", "d4": "a"}  # d4 is scripted here: it answers "unchanged"
 
 
@@ -127,7 +127,7 @@ def _one_aggregator(art: Path, state: Path, fleet: str, updates: dict[str, Frame
     """The versions one aggregator (RoundEngine) commits given, round by round, the updates the ledger counted."""
     registry = DeviceRegistry()
     for device, tier in TIERS.items():
-        registry.hello(device, SAMPLES, 0, tier, "ort-training", now=0.0)
+        registry.hello(device, 10**6, 0, tier, "ort-training", now=0.0)  # announced: no bound on the updates
     engine = RoundEngine(EngineParts(EngineConfig(fleet=fleet, rounds=len(counted), round_timeout_s=1e6),
                                      FedAvg(min_clients=4, tiers=FixedTiers({"a": 1.0, "c": 1.0})), ArtifactStore(art),
                                      StateStore(state), registry))
@@ -158,7 +158,7 @@ def test_two_workers_commit_what_one_aggregator_does_and_a_killed_worker_loses_a
     (tmp_path / "workers.json").write_text(json.dumps({"w1": keys["w1"], "w2": keys["w2"]}))
     topics = Topics(fleet)
     recorder = Recorder(mosquitto_url, [topics.all_up(), topics.all_workers("down")], "recorder")
-    logs = [tmp_path / f"{name}.log" for name in ("coord", "w1", "w2", "d1", "d2", "d3")]
+    logs = [tmp_path / f"{name}.log" for name in ("coord", "w1", "w2", "fleet")]
     common = ("--broker", mosquitto_url, "--fleet", fleet, "--artifacts", str(art))
     coordinator = tierfl("aggregator", *common, "--state-dir", str(tmp_path / "coord"), "--workers",
                          str(tmp_path / "workers.json"), "--min-clients", "4", "--rounds", "3", "--round-timeout", "60",
@@ -167,9 +167,10 @@ def test_two_workers_commit_what_one_aggregator_does_and_a_killed_worker_loses_a
                          "--coordinator-key", keys["coord"], log=tmp_path / f"{w}.log") for w in ("w1", "w2")}
     _wait_for(lambda: all(f"aggregator worker {w} joined" in logs[0].read_text() for w in workers), 30, "both workers",
               logs)
-    devices = [tierfl("client", "--broker", mosquitto_url, "--fleet", fleet, "--device-id", d, "--tier", TIERS[d],
-                      "--data", "digits", "--cache-dir", str(tmp_path / d), log=tmp_path / f"{d}.log")
-               for d in ("d1", "d2", "d3")]
+    trace = tmp_path / "trace.json"  # three real devices in one `tierfl fleet` process, each training its tier
+    trace.write_text(json.dumps({"devices": [{"id": d, "tier": TIERS[d]} for d in ("d1", "d2", "d3")]}))
+    devices = [tierfl("fleet", "--broker", mosquitto_url, "--fleet", fleet, "--trace", str(trace), "--data", "digits",
+                      "--cache-root", str(tmp_path / "fleet"), log=tmp_path / "fleet.log")]
     scripted = ScriptedDevice(mosquitto_url, fleet, hold=2)
     processes = [coordinator, *workers.values(), *devices]
     try:
