@@ -16,10 +16,13 @@ import pytest
 from aggregator.analytics import BOOKS_FILE, RESULTS_FILE, AnalyticsDesk, AnalyticsRequest
 from aggregator.monitor import Monitor
 from aggregator.registry import DeviceRegistry
+from edge_client.secure_client import secure_params
 from models.analytics import QuerySpec, compute, finish, gaussian_bound, score, true_answer
 from models.data import Dataset
 from protocol.frame import FrameError
 from protocol.messages import Answer, Query, Reject, RejectReason
+from protocol.secagg.device import SecAggDevice
+from protocol.secagg.wire import unwrap, wrap
 
 SHAPE, CLASSES = (2, 3, 3), 4  # two channels of 9 values
 
@@ -190,3 +193,47 @@ def test_status_server_takes_queries_with_the_token_only():
         assert [request.computation for _, request in taken] == ["label_histogram"]
         with urllib.request.urlopen(f"{url}/{taken[0][0]}", timeout=5) as response:
             assert json.loads(response.read())["status"] == "posted"
+
+
+def test_a_secure_query_sums_masked_answers_and_refuses_the_hostile_ones(tmp_path):
+    fleet = Fleet(tmp_path)
+    fleet.registry.hello("d3", 30, 10, None, "portable", now=0.0)
+    fleet.data["d3"] = _data(30, 13)
+    query_id = fleet.desk.submit(AnalyticsRequest(computation="label_histogram", secure=True), now=1.0)
+    queries = {m.device_id: m.body for m in fleet.desk.tick(1.0)}
+    devices = {d: SecAggDevice(d, secure_params(q), q.secure.block, session=q.secure.session) for d, q in queries.items()}
+    session = queries["d0"].secure.session
+    assert fleet.desk.owns(session) and not fleet.desk.owns("0" * 32)
+
+    def send(device: str, message, now: float = 2.0):
+        body, tensors = wrap(message, session)
+        try:
+            fleet.desk.masked_tensors(device, body, now)
+        except FrameError as exc:
+            return exc.reason
+        out = fleet.desk.on_secagg(device, "m" * 32, body, tensors or {}, now)
+        return out[0].body.reason if out else None
+
+    adverts = {d: device.advertise() for d, device in devices.items()}
+    assert all(send(d, advert) is None for d, advert in adverts.items())
+    assert send("d0", adverts["d0"]) is RejectReason.DUPLICATE
+    rosters = {m.device_id: unwrap(m.body, {}) for m in fleet.desk.tick(2.0)}
+    assert sorted(rosters) == ["d0", "d1", "d2", "d3"]
+    assert all(send(d, devices[d].share_keys(rosters[d])) is None for d in devices)
+    deliveries = {m.device_id: unwrap(m.body, {}) for m in fleet.desk.tick(2.0)}
+    answers = {d: compute(QuerySpec("label_histogram", SHAPE, CLASSES), fleet.data[d]) for d in devices}
+    masked = {d: devices[d].mask(deliveries[d], answers[d], 1.0) for d in ("d0", "d1", "d2")}  # d3 drops out
+    assert send("d0", masked["d0"].model_copy(update={"weight": 2.0})) is RejectReason.BAD_TENSOR  # each weighs 1
+    for d in masked:
+        assert send(d, masked[d]) is None
+    assert send("d1", adverts["d1"]) is RejectReason.LATE  # its phase closed
+    requests = {m.device_id: unwrap(m.body, {}) for m in fleet.desk.tick(100.0)}  # the masked-input deadline passed
+    assert sorted(requests) == ["d0", "d1", "d2"]
+    assert all(send(d, devices[d].unmask(requests[d]), now=100.0) is None for d in requests)
+    fleet.desk.tick(100.0)
+    result = fleet.desk.result(query_id)
+    assert result["status"] == "answered" and result["secure"] and result["answered"] == 3
+    truth = true_answer(QuerySpec("label_histogram", SHAPE, CLASSES), [fleet.data[d] for d in ("d0", "d1", "d2")])
+    assert result["answer"]["counts"] == truth["counts"].tolist()
+    assert result["refused_answers"] == {"duplicate": 1, "bad_tensor": 1, "late": 1}
+    assert "diagnostics" not in result
