@@ -73,7 +73,10 @@ class CoordinatorService(AggregatorService):
             elif direction == "up" and isinstance(body, PartialSum):
                 shapes = {name: tuple(value.shape) for name, value in self.coordinated.weights.items()}
                 frame = decode_payload(raw, shapes)
+                before = self.coordinated.counted
                 self._send(self.coordinated.on_partial(worker, body, frame.tensors, len(item), now))
+                for _ in range(self.coordinated.counted - before if self.monitor else 0):
+                    self.monitor.update_accepted()  # type: ignore[union-attr]
             elif direction == "up" and isinstance(body, WorkerForward):
                 entries = raw.header.tensors
                 if len(entries) != 1 or entries[0].name != "frame" or entries[0].dtype != "uint8" or len(entries[0].shape) != 1:

@@ -82,6 +82,7 @@ class CoordinatedEngine(RoundEngine):
         self.grants: dict[str, Grant] = {}  # device -> its granted, uncounted update in the open round
         self._flush_asked: dict[str, float] = {}  # worker -> when it was last asked for its partial sum
         self._to_workers: list[ToWorker] = []
+        self.counted = 0  # updates counted through partial sums
         self.voided = 0  # grants voided (their worker died, or never flushed)
         self.asked_again = 0  # tasks sent again after a worker died
 
@@ -96,12 +97,10 @@ class CoordinatedEngine(RoundEngine):
         """A worker's retained status: online registers its session; offline (its last will) voids its grants."""
         if online and session is not None:
             return self._session(worker, session, now)
-        if session is not None and self.sessions.get(worker) not in (None, session):
-            return []  # an earlier session's will, after its successor registered
-        gone = self.sessions.pop(worker, session)
+        if worker not in self.sessions or (session is not None and self.sessions[worker] != session):
+            return []  # a worker we never met (an earlier run's retained will), or an earlier session's will
+        gone = self.sessions.pop(worker)
         self._flush_asked.pop(worker, None)
-        if gone is None:
-            return []
         log.warning("aggregator worker %s is gone (session %s)", worker, gone[:8])
         return self._void(worker, gone, now, ask_again=True)
 
@@ -161,6 +160,7 @@ class CoordinatedEngine(RoundEngine):
         assert current is not None and isinstance(current.accumulator, ElementwiseMean)
         counted = [self.grants.pop(by_id[u]) for u in body.update_ids]
         current.accumulator.merge(sums, [g.client for g in counted])
+        self.counted += len(counted)
         for grant in counted:
             update, device = grant.update, grant.client.device_id
             self.intake.record_accepted(update.round, device, update, grant.nbytes, f"partial sum of worker {worker}")
