@@ -46,7 +46,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from aggregator.analytics_secure import SecureSum
-from aggregator.engines.base import Outgoing
+from aggregator.engines.base import Engine, Outgoing
+from aggregator.engines.model import GlobalModel
 from aggregator.fleet_record import FleetRecord
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
@@ -474,7 +475,17 @@ def analytics_token(folder: Path) -> str:
     return text
 
 
-def tier_slicer(weights: Callable[[], Mapping[str, np.ndarray]], version: Callable[[], int],
-                artifacts: ArtifactStore) -> TierWeights:
-    """`tier_weights` for a desk: the committed weights' leading block for a tier's shapes."""
-    return lambda tier: (version(), slice_params(weights(), artifacts.tiers[tier].shapes))
+def tier_weights_of(engine: Engine) -> TierWeights:
+    """`tier_weights` for a desk from a running engine: the committed version and the tier's slice of its weights as a
+    task of that tier gets them (engines.model.GlobalModel.tier_weights: with the tier's own batch-norm statistics);
+    an engine without a GlobalModel gives the leading block of its weights."""
+
+    def tier_weights(tier: str) -> tuple[int, Mapping[str, np.ndarray]]:
+        for holder in (engine, getattr(engine, "rounds", None)):  # a secure engine runs its rounds through .rounds
+            model = getattr(holder, "model", None)
+            if isinstance(model, GlobalModel):
+                return engine.record.version, model.tier_weights(tier)
+        weights: Mapping[str, np.ndarray] = getattr(engine, "weights")
+        return engine.record.version, slice_params(weights, engine.artifacts.tiers[tier].shapes)
+
+    return tier_weights

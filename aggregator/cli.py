@@ -352,14 +352,12 @@ def serve(args: argparse.Namespace, settings: AlgorithmSettings) -> int:
                 log.info("embedded broker listening at %s: start devices with `tierfl client --broker %s ...`", embedded.url, embedded.url)
             monitor, analytics = None, None
             if args.status_port is not None:
-                from aggregator.analytics import AnalyticsDesk, analytics_token, tier_slicer
+                from aggregator.analytics import AnalyticsDesk, analytics_token, tier_weights_of
                 from aggregator.monitor import Monitor  # prometheus-client: only when the status page is on
 
                 monitor = stack.enter_context(Monitor(args.status_host, args.status_port,
                                                       analytics_token=analytics_token(args.state_dir)))
-                analytics = AnalyticsDesk(engine.registry, engine.artifacts,
-                                          tier_slicer(lambda: engine.weights, lambda: engine.record.version,
-                                                      engine.artifacts),
+                analytics = AnalyticsDesk(engine.registry, engine.artifacts, tier_weights_of(engine),
                                           engine.count_rejection, folder=args.state_dir)
             service_class = AggregatorService
             extra: dict[str, object] = {}

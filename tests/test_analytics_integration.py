@@ -81,6 +81,7 @@ def test_queries_answered_from_the_fleet(tmp_path, mosquitto_url, fleet, capsys)
     state = tmp_path / "state"
     processes = [tierfl("aggregator", "--broker", mosquitto_url, "--fleet", fleet, "--state-dir", str(state),
                         "--min-clients", str(DEVICES), "--rounds", "200", "--round-timeout", "30", "--epochs", "1",
+                        "--tiers", "a,b", "--tier-mix", "a-b",
                         "--status-port", "0", log=log)]
     processes += [tierfl("client", "--broker", mosquitto_url, "--fleet", fleet, "--device-id", f"d{i}", "--data",
                          str(tmp_path / f"shard{i}.npz"), "--cache-dir", str(tmp_path / f"d{i}"),
@@ -127,6 +128,8 @@ def test_queries_answered_from_the_fleet(tmp_path, mosquitto_url, fleet, capsys)
         assert confusion.sum() == sum(len(test) for _, test in splits)
         assert confusion.sum(axis=1).tolist() == true_answer(spec("label_histogram"), [t for _, t in splits])["counts"].tolist()
         assert 0 <= metrics["answer"]["accuracy"] <= 1 and metrics["answer"]["by_tier"]
+        narrow = ask(url, token, AnalyticsRequest(computation="model_metrics", split="test", tier="b"), wait_s=60)
+        assert list(narrow["answer"]["by_tier"]) == ["b"] and narrow["answer"]["count"] == confusion.sum()
 
         # with DP: noisy, charged to the books, epsilon shown
         noisy = ask(url, token, AnalyticsRequest(computation="label_histogram", dp_noise=2.0), wait_s=60)
@@ -145,7 +148,7 @@ def test_queries_answered_from_the_fleet(tmp_path, mosquitto_url, fleet, capsys)
         # rounds went on meanwhile; the page's data shows the results; the report file holds them
         assert status()["round"] >= 1
         assert [r["computation"] for r in status()["analytics"]][-1] == "sample_count"
-        assert len((state / "analytics.jsonl").read_text().splitlines()) == 6
+        assert len((state / "analytics.jsonl").read_text().splitlines()) == 7
 
         # secure aggregation: a fourth device shares its keys, then drops out; the three others' sum is unmasked
         dropping = DroppingDevice(mosquitto_url, fleet, "d3")
