@@ -76,7 +76,7 @@ class VirtualDevice:
         self.cache_dir = settings.cache_root / self.id
         self.cache = ArtifactCache(self.cache_dir, max_bytes=int(settings.cache_max_mb * 1e6), durable=False)
         self.key = key
-        self.trust = AggregatorTrust(self.cache_dir, settings.aggregator_key, verifiable=key is not None)
+        self.trust = AggregatorTrust(self.cache_dir, settings.aggregator_key, verifiable=key is not None, durable=False)
         self.session = new_id()
         self._hello_at: float | None = None
         self._rng = np.random.default_rng([settings.seed, zlib.crc32(self.id.encode())])

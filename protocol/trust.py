@@ -31,12 +31,14 @@ class AggregatorTrust:
     """Verifies downlink frames against the aggregator's public key, pinning it on first use."""
 
     def __init__(self, folder: Path, configured: PublicKeyHex | None, option: str = "--aggregator-key",
-                 verifiable: bool = True) -> None:
+                 verifiable: bool = True, durable: bool = True) -> None:
+        """`durable=False`: the pinned key is written without fsync (a virtual device of `tierfl fleet`)."""
         self.pin_path = folder / KEY_ANNOUNCEMENT
         self.key: PublicKeyHex | None = configured
         self.option = option  # how the key is given explicitly, for the messages
         self.source = option if configured else str(self.pin_path)
         self.verifiable = verifiable  # False: no `cryptography` here, signatures cannot be checked
+        self.durable = durable
         if configured is None and self.pin_path.is_file():
             self.key = parse_public_key(read_key_file(self.pin_path).decode(errors="replace"), str(self.pin_path))
         if not verifiable and self.key is not None:
@@ -75,7 +77,8 @@ class AggregatorTrust:
                                      f"the new one with {self.option}")
             return
         self.pin_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.pin_path, lambda out: out.write(f'{{"aggregator": "{public}"}}\n'.encode()))
+        atomic_write(self.pin_path, lambda out: out.write(f'{{"aggregator": "{public}"}}\n'.encode()),
+                     durable=self.durable)
         self.key, self.source = public, str(self.pin_path)
         log.warning("TRUST ON FIRST USE: pinned aggregator key %s in %s; from now on only frames signed by it are "
                     "accepted. Check it against `tierfl aggregator --show-key`, and pass it explicitly with "
