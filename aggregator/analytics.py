@@ -14,7 +14,7 @@ answer to the open query from a device it asked, not answered yet, shapes of the
 then `on_answer` checks the claimed sample count against the device's hello and the tensors'
 bounds (models.analytics.QuerySpec.problem). A refused answer is counted, answered with a
 Reject and never summed. Nothing is released unless at least `min_devices` (never below the
-desk's floor) answered; a refusal says why.
+desk's floor) answered with data (an answer of no samples hides no one); a refusal says why.
 
 Differential privacy (record-level: the unit is one sample): Gaussian noise of std
 z x sensitivity (models.analytics) on every summed element, charged to the analytics books, a
@@ -347,9 +347,10 @@ class AnalyticsDesk:
             included = query.secure.result.included
             query.answered = {device: query.announced[device] for device in included}
             query.sums = {"all": {n: np.asarray(v, np.float64) for n, v in query.secure.result.weighted_sum.items()}}
-        if len(query.answered) < minimum:
+        holding = sum(1 for samples in query.answered.values() if samples > 0)  # an empty answer hides no one
+        if holding < minimum:
             self._finish(query, self._status(query, "refused", reason=(
-                f"only {len(query.answered)} of {len(query.asked)} devices answered, fewer than the {minimum} an "
+                f"only {holding} of {len(query.asked)} devices answered with data, fewer than the {minimum} an "
                 "answer needs (min_devices): nothing is released")), now)
             return
         result = self._status(query, "answered")

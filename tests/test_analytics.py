@@ -134,6 +134,12 @@ def test_too_few_devices_release_nothing(tmp_path):
     fleet.desk.tick(100.0)  # the deadline passed with two answers
     result = fleet.desk.result(query_id)
     assert result["status"] == "refused" and "answer" not in result and "fewer than the 3" in result["reason"]
+    query_id, query = fleet.start(computation="sample_count")  # three answers, one of them of no data
+    empty = {"count": np.zeros(1, np.float32)}
+    assert fleet.answer("d0", query) is None and fleet.answer("d1", query) is None
+    assert fleet.answer("d2", query, empty, samples=0) is None
+    fleet.desk.tick(3.0)
+    assert "only 2 of 3 devices answered with data" in fleet.desk.result(query_id)["reason"]
     asked_too_many = fleet.desk.submit(AnalyticsRequest(computation="sample_count", min_devices=4), now=101.0)
     fleet.desk.tick(101.0)
     assert "only 3 devices are online" in fleet.desk.result(asked_too_many)["reason"]
