@@ -222,7 +222,8 @@ class AnalyticsDesk:
         self._keep(query_id, self._status(query, "running"))
         log.info("query %d (%s): asking %d devices, %.0f s to answer", query.number, spec.computation, len(asked),
                  request.timeout_s)
-        return [self._message(query, device, tier) for device, tier in asked.items()]
+        weights = {tier: self._tier_weights(tier) for tier in set(asked.values()) if tier is not None}  # once a tier
+        return [self._message(query, device, tier, weights.get(tier) if tier else None) for device, tier in asked.items()]
 
     def _scoring_tier(self, device: str, request: AnalyticsRequest) -> str:
         """The tier that scores a device's data: the request's, else the one it asked for, else the one it last
@@ -236,16 +237,16 @@ class AnalyticsDesk:
             return max(held, key=info.holds.__getitem__)
         return max(self.artifacts.tiers, key=lambda t: self.artifacts.tiers[t].manifest.rate)
 
-    def _message(self, query: OpenQuery, device: str, tier: str | None) -> Outgoing:
-        """The Query for one device (with the tier's files and weights for model_metrics)."""
+    def _message(self, query: OpenQuery, device: str, tier: str | None,
+                 weights: tuple[int, Mapping[str, np.ndarray]] | None) -> Outgoing:
+        """The Query for one device (with the tier's files and `weights`, its version and tensors, for model_metrics)."""
         spec, request = query.spec, query.request
         files, version, tensors = None, None, None
-        if tier is not None:
+        if tier is not None and weights is not None:
             exported = self.artifacts.tiers[tier]
             files = TierFiles(tier=tier, manifest_sha256=exported.manifest_sha256, artifacts=exported.files)
-            version, weights = self._tier_weights(tier)
-            tensors = dict(weights)
-        body = Query(query=query.id, round=query.number, computation=spec.computation, split=request.split,  # type: ignore[arg-type]
+            version, tensors = weights[0], dict(weights[1])
+        body = Query(query=query.id, round=query.number, computation=request.computation, split=request.split,
                      deadline=query.deadline, input_shape=list(spec.input_shape), classes=spec.classes, low=spec.low,
                      high=spec.high, bins=spec.bins, loss_clip=spec.loss_clip, files=files, model_version=version,
                      secure=query.secure.settings() if query.secure is not None else None)
