@@ -402,6 +402,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{len(devices)} devices need as many open files, but this process may open only {limit} "
                          "(raise `ulimit -n`)")
     logging.getLogger("protocol.mqtt.link").setLevel(max(logging.WARNING, logging.getLogger().level))
+    if settings.aggregator_key is None:  # said once here, not once per device
+        logging.getLogger("protocol.trust").setLevel(max(logging.ERROR, logging.getLogger().level))
+        log.warning("no --aggregator-key: every device pins the key the aggregator announces first (trust on first "
+                    "use), in its cache folder")
     data = load_dataset(args.data)
     events = open(args.events, "a", buffering=1) if args.events else None
     try:
