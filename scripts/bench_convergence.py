@@ -1,0 +1,327 @@
+"""Rounds to accuracy: FedAvg, server optimizers, FedProx (and SCAFFOLD) on Fashion-MNIST, real processes.
+
+Fashion-MNIST (all 60,000 training images over 20 devices, Dirichlet 0.3; the 10,000 test images
+held out by the aggregator), the 28x28 CNN (hidden widths 32, 64, 128: 421,642 parameters), 10 of the
+20 devices per round, E=1, B=32, SGD lr 0.05. Every run is real: a Mosquitto of the script's own,
+`tierfl aggregator` and 20 `tierfl client` processes (ONNX Runtime training, 1 thread each); the
+devices start with the tier's artifacts in their cache (as after `tierfl bench --artifacts`), so the
+bytes down are the task frames alone. Rounds, accuracy and bytes come from the aggregator's
+committed history (state.json); seconds are wall time of the rounds on a shared machine.
+
+`--search` runs each algorithm's small grid of server settings (SEARCH) for `--rounds` rounds
+and writes benchmarks/convergence-search.{json,md}; the full run takes the settings of ALGORITHMS
+(the search's winners) and writes benchmarks/convergence.{json,md}.
+
+    nice -n 19 .venv/bin/python scripts/bench_convergence.py --search --rounds 10
+    nice -n 19 .venv/bin/python scripts/bench_convergence.py --rounds 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_hostile import _start_mosquitto  # noqa: E402  (a Mosquitto of the script's own on a free port)
+
+from aggregator.store.artifacts import ArtifactStore  # noqa: E402
+from edge_client.cache import ArtifactCache  # noqa: E402
+from models.data import dirichlet_partition, load_fashion_mnist, save_npz  # noqa: E402
+from models.export import export_all  # noqa: E402
+from models.spec import ModelSpec  # noqa: E402
+from protocol.frame import FrameError, decode_frame  # noqa: E402
+from protocol.messages import Hello  # noqa: E402
+from protocol.mqtt.link import MqttLink  # noqa: E402
+from protocol.mqtt.url import parse as parse_broker  # noqa: E402
+from protocol.topics import Topics  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> the aggregator options that make it (tuned settings: see SEARCH and benchmarks/convergence-search.md).
+ALGORITHMS: dict[str, list[str]] = {
+    "FedAvg": [],
+    "FedAvgM": ["--server-optimizer", "momentum", "--server-lr", "1.0", "--server-beta1", "0.5"],
+    "FedAdam": ["--server-optimizer", "adam", "--server-lr", "0.03"],
+    "FedYogi": ["--server-optimizer", "yogi", "--server-lr", "0.03"],  # not searched: FedAdam's best
+    "FedProx": ["--strategy", "fedprox", "--mu", "0.01"],
+    "SCAFFOLD": ["--strategy", "scaffold"],
+}
+# name -> the settings tried by --search (each a list of aggregator options).
+SEARCH: dict[str, list[list[str]]] = {
+    "FedAvgM": [["--server-optimizer", "momentum", "--server-lr", "1.0", "--server-beta1", b] for b in ("0.5", "0.7")],
+    "FedAdam": [["--server-optimizer", "adam", "--server-lr", lr] for lr in ("0.003", "0.01", "0.03")],
+    "FedYogi": [["--server-optimizer", "yogi", "--server-lr", lr] for lr in ("0.003", "0.01", "0.03")],
+}
+FLEET = "bench"
+
+
+def _tierfl(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TIERFL_LOG_FORMAT": "text", "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "tierfl.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=env, cwd=ROOT)
+
+
+def prepare(folder: Path, args: argparse.Namespace) -> dict[str, Path]:
+    """The devices' data shares, the held-out set and two exports (plain, and with FedProx's proximal term)."""
+    train, test = load_fashion_mnist(split="train"), load_fashion_mnist(split="test")
+    (folder / "data").mkdir(parents=True)
+    save_npz(folder / "data" / "test.npz", test)
+    sizes = []
+    for i, part in enumerate(dirichlet_partition(train.y, args.devices, args.alpha, args.seed)):
+        save_npz(folder / "data" / f"device-{i}.npz", train.subset(part))
+        sizes.append(len(part))
+    print(f"shares: {sizes}", flush=True)
+    spec = ModelSpec(arch="cnn", image_size=28, seed=args.seed)
+    exports = {"plain": folder / "export-plain", "proximal": folder / "export-proximal"}
+    for kind, out in exports.items():
+        export_all(spec, ["a"], out, proximal=kind == "proximal")
+    return exports
+
+
+def _prewarm(cache_dir: Path, artifacts: Path) -> None:
+    """Put tier a's files into a device's artifact cache, as `tierfl bench --artifacts` leaves them."""
+    store = ArtifactStore(artifacts)
+    cache = ArtifactCache(cache_dir)
+    for sha in store.tiers["a"].files.values():
+        found = store.read(sha)
+        assert found is not None
+        cache.put(sha, found[1])
+
+
+def _wait_for_hellos(url: str, devices: int, timeout: float = 300.0) -> None:
+    """Return once `devices` devices have their hello retained on the broker."""
+    topics, seen = Topics(FLEET), set()
+    ready = threading.Event()
+
+    def on_frame(topic: str, data: bytes) -> None:
+        with contextlib.suppress(FrameError):
+            if isinstance(decode_frame(data).body, Hello):
+                seen.add(topic)
+                if len(seen) >= devices:
+                    ready.set()
+
+    link = MqttLink(parse_broker(url), f"bench-watch-{time.time_ns()}", [topics.all_status], on_frame, lambda *_: None)
+    link.start()
+    try:
+        if not ready.wait(timeout):
+            raise SystemExit(f"only {len(seen)} of {devices} devices said hello within {timeout:.0f} s")
+    finally:
+        link.stop()
+
+
+def run(name: str, options: list[str], args: argparse.Namespace, folder: Path, exports: dict[str, Path]) -> dict:
+    """One federation with the aggregator `options`; its per-round history and the times to the targets."""
+    folder.mkdir(parents=True)
+    artifacts = exports["proximal" if "fedprox" in options else "plain"]
+    broker, url = _start_mosquitto(folder)
+    common = ["--broker", url, "--fleet", FLEET]
+    processes: list[subprocess.Popen[bytes]] = []
+    started = time.monotonic()
+    try:
+        for i in range(args.devices):  # devices first: the aggregator sees all their retained hellos at its start
+            cache = folder / f"device-{i}"
+            _prewarm(cache, artifacts)
+            processes.append(_tierfl(
+                ["client", *common, "--device-id", f"device-{i}",
+                 "--data", str(folder.parent / "data" / f"device-{i}.npz"),
+                 "--test-fraction", "0", "--cache-dir", str(cache), "--codec", args.codec, "--tier", "a",
+                 "--threads", "1"], folder / f"device-{i}.log"))
+        _wait_for_hellos(url, args.devices)
+        aggregator = _tierfl(
+            ["aggregator", *common, "--state-dir", str(folder / "state"), "--artifacts", str(artifacts),
+             "--eval-data", str(folder.parent / "data" / "test.npz"), "--rounds", str(args.rounds),
+             "--min-clients", str(args.per_round), "--fraction", str(args.per_round / args.devices),
+             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+             "--round-timeout", str(args.round_timeout), "--seed", str(args.seed), "--downlink", args.downlink,
+             *(["--downlink-full", args.downlink_full] if args.downlink == "int8-delta" else []), *options],
+            folder / "aggregator.log")
+        processes.append(aggregator)
+        exit_code = aggregator.wait(timeout=args.rounds * args.round_timeout + 600)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        broker.terminate()
+        broker.wait(10)
+    record = json.loads((folder / "state" / "state.json").read_text())
+    history = [{"round": h["round"], "accuracy": h["accuracy"], "answered": h["answered"], "selected": h["selected"],
+                "bytes_up": h["bytes_up"], "bytes_down": h["bytes_down"], "seconds": h["seconds"]}
+               for h in record["history"] if h["round"] >= 1]
+    result = {"algorithm": name, "options": options, "exit_code": exit_code, "wall_s": time.monotonic() - started,
+              "history": history}
+    result.update(summarise(history, args.targets))
+    return result
+
+
+def summarise(history: list[dict], targets: list[float]) -> dict:
+    """Rounds and seconds to each target accuracy, accuracy after 20 and 50 rounds, mean bytes per round."""
+    summary: dict = {"to": {}}
+    elapsed = 0.0
+    for target in targets:
+        summary["to"][f"{target:.2f}"] = None
+    for h in history:
+        elapsed += h["seconds"]
+        for target in targets:
+            key = f"{target:.2f}"
+            if summary["to"][key] is None and (h["accuracy"] or 0) >= target:
+                summary["to"][key] = {"round": h["round"], "seconds": round(elapsed, 1)}
+    by_round = {h["round"]: h["accuracy"] for h in history}
+    summary["accuracy_at"] = {str(r): by_round.get(r) for r in sorted({10, 20, 50, *by_round})}
+    summary["final_accuracy"] = history[-1]["accuracy"] if history else None
+    summary["best_accuracy"] = max((h["accuracy"] or 0 for h in history), default=None)
+    summary["bytes_up_per_round"] = int(np.mean([h["bytes_up"] for h in history])) if history else 0
+    summary["bytes_down_per_round"] = int(np.mean([h["bytes_down"] for h in history])) if history else 0
+    summary["bytes_down_max_round"] = max((h["bytes_down"] for h in history), default=0)
+    return summary
+
+
+def _cell_to(result: dict, target: str) -> str:
+    hit = result["to"].get(target)
+    return f"{hit['round']} ({hit['seconds']:.0f} s)" if hit else "-"
+
+
+def _acc(value: float | None) -> str:
+    return f"{value:.4f}" if value is not None else "-"
+
+
+def table(results: list[dict], targets: list[float], rounds: int) -> list[str]:
+    """The markdown table of `results`."""
+    keys = [f"{t:.2f}" for t in targets]
+    marks = sorted({r for r in (10, 20, 50) if r <= rounds} | {20, 50, rounds})
+    lines = ["| algorithm | server settings | " + " | ".join(f"rounds (s) to {k}" for k in keys) + " | "
+             + " | ".join(f"acc @ {r}" for r in marks) + " | best | MB up / round | MB down / round (max) |",
+             "|---|---|" + "---|" * (len(keys) + len(marks) + 3)]
+    for r in results:
+        settings = " ".join(r["options"]) or "-"
+        lines.append(f"| {r['algorithm']} | `{settings}` | " + " | ".join(_cell_to(r, k) for k in keys) + " | "
+                     + " | ".join(_acc(r["accuracy_at"].get(str(m))) if m <= rounds else "not run" for m in marks)
+                     + f" | {_acc(r['best_accuracy'])} | "
+                     f"{r['bytes_up_per_round'] / 1e6:.2f} | {r['bytes_down_per_round'] / 1e6:.2f} "
+                     f"({r['bytes_down_max_round'] / 1e6:.2f}) |")
+    return lines
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run."""
+    parts = ["nice -n 19 .venv/bin/python scripts/bench_convergence.py"]
+    if args.search:
+        parts.append("--search")
+    if args.merge:
+        parts.append("--merge")
+    parts += [f"--rounds {args.rounds}", f"--algorithms {','.join(args.algorithms)}", f"--codec {args.codec}",
+              f"--downlink {args.downlink}", f"--downlink-full {args.downlink_full}", f"--seed {args.seed}"]
+    return " ".join(parts)
+
+
+def write_report(args: argparse.Namespace, results: list[dict], started: float) -> None:
+    """benchmarks/convergence[-search].{json,md}."""
+    out: Path = args.out.with_name(args.out.name + ("-search" if args.search else ""))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = command_line(args)
+    minutes = (time.time() - started) / 60
+    load = os.getloadavg()
+    commands = [command]
+    if args.merge and out.with_suffix(".json").exists():  # keep an earlier run's rows that this one did not run again
+        earlier = json.loads(out.with_suffix(".json").read_text())
+        ran = {(r["algorithm"], tuple(r["options"])) for r in results}
+        results = [r for r in earlier["results"] if (r["algorithm"], tuple(r["options"])) not in ran] + results
+        commands = [c for c in earlier.get("commands", [earlier["command"]]) if c != command] + commands
+    meta = {"command": command, "commands": commands, "minutes": round(minutes, 1), "load_average_end": load,
+            "devices": args.devices, "per_round": args.per_round, "alpha": args.alpha, "epochs": args.epochs,
+            "batch_size": args.batch_size, "lr": args.lr, "codec": args.codec, "downlink": args.downlink,
+            "downlink_full": args.downlink_full,
+            "rounds": args.rounds}
+    out.with_suffix(".json").write_text(json.dumps({**meta, "results": results}, indent=1))
+    title = "Server settings search" if args.search else "Rounds to accuracy"
+    lines = [
+        f"# {title}: CNN on Fashion-MNIST, {args.devices} devices (Dirichlet {args.alpha}), {args.per_round} per round",
+        "",
+        "Reproduce: " + ", then ".join(f"`{c}`" for c in commands) + f" (the last: {minutes:.0f} min; load average at "
+        f"its end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, on a shared 2-core machine, run under `nice -n 19`).",
+        "",
+        f"All 60,000 Fashion-MNIST training images over {args.devices} devices (Dirichlet {args.alpha}); accuracy of each "
+        "committed version on the 10,000 test images, held out by the aggregator. The 28x28 CNN (conv 32, conv 64, "
+        f"fc 128: 421,642 parameters), {args.per_round} of {args.devices} devices per round (uniform), E={args.epochs}, "
+        f"B={args.batch_size}, SGD lr {args.lr}. Real processes: a Mosquitto of the script's own, `tierfl aggregator` and "
+        f"{args.devices} `tierfl client` processes (ONNX Runtime training, 1 thread each). Uplink: `--codec {args.codec}`; "
+        f"downlink: `--downlink {args.downlink} --downlink-full {args.downlink_full}`. The devices start with the "
+        "tier's artifacts cached (as after "
+        "`tierfl bench --artifacts`), so bytes down are task frames only; bytes are per round, averaged over the run "
+        "(the largest round in brackets: round 1 sends every device a full copy).",
+        "",
+        "Rounds and bytes do not depend on the machine; **seconds do**: other jobs shared the 2 cores while this ran "
+        "under `nice -n 19`, so they are wall time on a loaded machine and only comparable within this table.",
+        "",
+        *table(results, args.targets, args.rounds),
+        "",
+    ]
+    if args.search:
+        lines.insert(-1, "")
+        lines.insert(-1, "Settings not shown keep their defaults (`--server-beta1 0.9 --server-beta2 0.99 "
+                         "--server-tau 0.001`). The full run takes each algorithm's best setting by accuracy after the "
+                         "last round.")
+    out.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines), flush=True)
+
+
+def main() -> None:
+    """Run the algorithms (or the search) and write the report."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--devices", type=int, default=20)
+    parser.add_argument("--per-round", type=int, default=10, help="devices per round (the fraction C x devices)")
+    parser.add_argument("--alpha", type=float, default=0.3)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--codec", default="int8", help="the devices' update codec")
+    parser.add_argument("--downlink", default="int8-delta", help="the aggregator's downlink")
+    parser.add_argument("--downlink-full", default="int8-row", help="int8-delta's full copy")
+    parser.add_argument("--round-timeout", type=float, default=300.0)
+    parser.add_argument("--algorithms", type=lambda s: s.split(","), default=None,
+                        help="names of ALGORITHMS (or of SEARCH with --search); default: all")
+    parser.add_argument("--targets", type=lambda s: [float(t) for t in s.split(",")], default=[0.80, 0.85])
+    parser.add_argument("--search", action="store_true", help="run SEARCH's settings instead of ALGORITHMS'")
+    parser.add_argument("--merge", action="store_true", help="keep the rows of an earlier run's report that this run "
+                        "does not run again")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "convergence")
+    args = parser.parse_args()
+    catalogue = SEARCH if args.search else {name: [options] for name, options in ALGORITHMS.items()}
+    args.algorithms = args.algorithms or list(catalogue)
+    unknown = [a for a in args.algorithms if a not in catalogue]
+    if unknown:
+        parser.error(f"unknown algorithms {unknown}; known: {', '.join(catalogue)}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the federation's processes on the way out
+    started = time.time()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-convergence-") as scratch:
+        exports = prepare(Path(scratch), args)
+        for name in args.algorithms:
+            for i, options in enumerate(catalogue[name]):
+                result = run(name, options, args, Path(scratch) / f"{name}-{i}", exports)
+                results.append(result)
+                print(json.dumps({k: v for k, v in result.items() if k != "history"}), flush=True)
+                write_report(args, results, started)  # partial results survive an interrupted run
+
+
+if __name__ == "__main__":
+    main()
