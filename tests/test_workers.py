@@ -210,6 +210,9 @@ def test_two_workers_commit_what_one_aggregator_does_and_a_killed_worker_loses_a
         assert [(s["round"], s["selected"], s["answered"]) for s in state["history"]] == [(1, 4, 4), (2, 4, 4), (3, 4, 4)]
     finally:
         scripted.close()
+        for worker in workers:  # the workers' retained statuses would outlive the test on the shared broker
+            recorder.link.clear_retained(topics.worker(worker, "status"))
+        recorder.link.flush(2)
         recorder.close()
         for process in processes:
             if process.poll() is None:
