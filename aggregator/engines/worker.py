@@ -129,6 +129,7 @@ class WorkerEngine:
             return
         if grant.session != self.session or not grant.granted:
             return
+        self._drop_before(grant.round)
         partial = self._partials.get(grant.round)
         if partial is None:
             partial = self._partials[grant.round] = Partial(ElementwiseMean(self._zeros, weighted=grant.weighted), [])
@@ -140,10 +141,7 @@ class WorkerEngine:
 
     def on_flush(self, flush: WorkerFlush) -> None:
         """Send the partial sum of the round asked for (if we hold one); partial sums of earlier rounds are dropped."""
-        for number in [r for r in self._partials if r < flush.round]:
-            dropped = self._partials.pop(number)
-            log.warning("dropped the partial sum of round %d (%d updates): the coordinator has moved on", number,
-                        len(dropped.update_ids))
+        self._drop_before(flush.round)
         partial = self._partials.pop(flush.round, None)
         if partial is None:
             return
@@ -151,6 +149,13 @@ class WorkerEngine:
                              partial.sums.sums()))
         self.flushed += 1
         log.info("round %d: partial sum of %d updates sent", flush.round, len(partial.update_ids))
+
+    def _drop_before(self, number: int) -> None:
+        """Drop the partial sums of rounds before `number`: the coordinator has moved on (it voided them)."""
+        for earlier in [r for r in self._partials if r < number]:
+            dropped = self._partials.pop(earlier)
+            log.warning("dropped the partial sum of round %d (%d updates): the coordinator has moved on", earlier,
+                        len(dropped.update_ids))
 
     def count_rejection(self, reason: RejectReason, detail: str = "", device_id: str | None = None,
                         body: Update | BnStatistics | SecAgg | None = None) -> None:
