@@ -26,6 +26,7 @@ from aggregator.engines.base import EngineConfig
 from aggregator.engines.coordinated import CoordinatedEngine
 from aggregator.engines.parts import EngineParts
 from aggregator.engines.rounds import RoundEngine
+from aggregator.engines.worker import WorkerEngine
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.state import StateStore
@@ -35,7 +36,8 @@ from aggregator.strategies.tiering import FixedTiers
 from models.export import export_all
 from models.spec import ModelSpec
 from protocol.frame import Frame, decode_frame, encode_frame
-from protocol.messages import Hello, PartialSum, Reject, RejectReason, Task, Update, WorkerClaim, WorkerGrant, new_id
+from protocol.messages import (Hello, PartialSum, Reject, RejectReason, Task, Update, WorkerClaim, WorkerFlush,
+                               WorkerGrant, new_id)
 from protocol.mqtt.link import MqttLink
 from protocol.mqtt.url import parse
 from protocol.signing import AGGREGATOR_KEY_FILE, DeviceKey
@@ -269,3 +271,33 @@ def test_a_partial_sum_counts_whole_or_not_at_all(art_dir, tmp_path):
     for name, value in engine.weights.items():
         np.testing.assert_allclose(value, start[name] + (deltas["d1"][name] + deltas["d2"][name]) / 2, atol=1e-7)
     assert engine.voided == 1 and engine.asked_again == 1
+
+
+def test_a_worker_claims_checked_updates_and_sends_the_granted_ones_summed(art_dir):
+    artifacts = ArtifactStore(art_dir)
+    worker = WorkerEngine(EngineConfig(fleet="f"), artifacts, DeviceRegistry())
+    shapes = artifacts.tiers["c"].shapes
+    delta = {n: np.full(s, 0.5, np.float32) for n, s in shapes.items()}
+
+    def update(tier: str = "c") -> Update:
+        return Update(update_id=new_id(), round=1, base_version=0, tier=tier, num_samples=10, steps=1, train_loss=1.0,
+                      train_accuracy=0.5, train_seconds=0.1)
+
+    wrong = worker.on_update("d1", new_id(), update("a"), delta, 100, 0.0)  # tier c's tensors for a tier-a update
+    assert [o.body.reason for o in wrong] == [RejectReason.BAD_TENSOR] and worker.take_outbox() == []
+    kept, dropped = update(), update()
+    assert worker.on_update("d1", new_id(), kept, delta, 100, 0.0) == []
+    assert worker.on_update("d2", new_id(), dropped, delta, 100, 0.0) == []
+    claims = [body for body, _ in worker.take_outbox()]
+    assert [(c.device, c.update.update_id) for c in claims] == [("d1", kept.update_id), ("d2", dropped.update_id)]
+    assert claims[0].norm == pytest.approx(float(np.sqrt(sum(0.25 * v.size for v in delta.values()))), rel=1e-6)
+    session = worker.session
+    worker.on_grant(WorkerGrant(session=session, round=1, device="d1", update_id=kept.update_id, granted=True,
+                                samples=10, work=0.5))
+    worker.on_grant(WorkerGrant(session=session, round=1, device="d2", update_id=dropped.update_id, granted=False))
+    worker.on_flush(WorkerFlush(round=1))
+    [(partial, sums)] = worker.take_outbox()
+    assert isinstance(partial, PartialSum) and partial.update_ids == [kept.update_id]
+    for name, value in sums.items():  # weight 10 samples x 0.5 of the work, on tier c's leading block only
+        block = tuple(slice(0, k) for k in shapes[name])
+        assert np.all(value[block] == 2.5) and value.sum() == pytest.approx(2.5 * np.prod(shapes[name]))
