@@ -249,8 +249,9 @@ class Fleet:
 
         self.runtime.loop.call_soon(leave_all)
         done.wait(30.0)
-        self.runtime.loop.call_later(0.5, lambda: None)  # let the DISCONNECTs go out
-        time.sleep(0.6)
+        until = time.monotonic() + 5.0 + len(self.devices) / 500  # the offline statuses and DISCONNECTs go out
+        while self.connected() and time.monotonic() < until:
+            time.sleep(0.1)
         self.runtime.loop.stop()
         self.runtime.workers.shutdown(wait=False, cancel_futures=True)
 

@@ -2,8 +2,9 @@
 
 paho-mqtt's `loop_start` gives every client a thread of its own; a virtual fleet of thousands of
 devices (edge_client.fleet) instead attaches every client to one `NetLoop`, which waits on all
-their sockets at once (selectors: epoll on Linux) and calls paho's `loop_read`, `loop_write` and,
-once a second for every client, `loop_misc` (keep-alive pings). paho tells the loop when a socket
+their sockets at once (selectors: epoll on Linux) and calls paho's `loop_read`, `loop_write` and
+`loop_misc` (keep-alive pings): a tenth of the clients each second, so every client every 10 s,
+well within the 30 s keep-alive, at a cost that does not jump with the fleet's size. paho tells the loop when a socket
 opens, closes or has bytes to write through its socket callbacks.
 
 Everything that touches a paho client runs on the loop's thread: connecting, publishing,
@@ -26,7 +27,8 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 
 log = logging.getLogger(__name__)
-MISC_EVERY_S = 1.0  # loop_misc (keep-alive) for every client this often
+MISC_EVERY_S = 1.0  # loop_misc (keep-alive) for a share of the clients this often
+MISC_SHARE = 10  # ... a 1/MISC_SHARE share: each client every MISC_SHARE x MISC_EVERY_S seconds
 
 
 class NetLoop:
@@ -38,7 +40,8 @@ class NetLoop:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._clients: set[mqtt.Client] = set()
+        self._clients: dict[mqtt.Client, None] = {}  # in order of attachment (a set of them, ordered)
+        self._misc_turn = 0
         self._lock = threading.Lock()  # guards _timers and _woken (call_soon/call_at come from any thread)
         self._timers: list[tuple[float, int, Callable[[], object]]] = []  # (monotonic time, seq, call)
         self._seq = itertools.count()
@@ -92,11 +95,11 @@ class NetLoop:
         client.on_socket_close = self._socket_close
         client.on_socket_register_write = self._want_write
         client.on_socket_unregister_write = self._written
-        self._clients.add(client)
+        self._clients[client] = None
 
     def detach(self, client: mqtt.Client) -> None:
         """Stop driving `client` (after its socket closed)."""
-        self._clients.discard(client)
+        self._clients.pop(client, None)
 
     def _socket_open(self, client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
         self._selector.register(sock, selectors.EVENT_READ, client)
@@ -139,8 +142,10 @@ class NetLoop:
             self._run_due()
             if (now := time.monotonic()) >= next_misc:
                 next_misc = now + MISC_EVERY_S
-                for client in list(self._clients):
+                clients = list(self._clients)
+                for client in clients[self._misc_turn % MISC_SHARE::MISC_SHARE]:
                     self._guarded(client.loop_misc)
+                self._misc_turn += 1
             self.busy_s += time.perf_counter() - began
         self._selector.close()
 

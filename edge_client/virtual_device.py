@@ -8,9 +8,11 @@ against the version it holds), its update trained on its own shard and encoded w
 error feedback and signature of edge_client.stages.
 
 What differs is how it runs. Its network side is driven by the fleet's one network loop
-(edge_client.netloop): the link's callbacks, the receipt's checks and every publish run on that
-thread. Everything else runs as an actor on the fleet's bounded pool of workers: the items the
-receipt delivers go into a bounded mailbox, and at most one worker at a time takes them, in order.
+(edge_client.netloop): the link's callbacks (chunk reassembly within its budgets) and every publish
+run on that thread. Everything else runs as an actor on the fleet's bounded pool of workers: each
+reassembled frame goes into a bounded mailbox (items and bytes), and at most one worker at a time
+takes them, in order, running the receipt's checks (signature, payload hash, decoding) and then the
+device's work; so the network thread stays free for sockets however many frames arrive.
 Training borrows the fleet's shared ONNX Runtime session of the tier (weights loaded per task). The
 time a device of its speed would take is simulated around the real training: the update is sent when
 the device would have finished and its bytes crossed its uplink, and a device that drops out
@@ -55,11 +57,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAILBOX_ITEMS = 256  # downlink items waiting for the device's worker; more are dropped and counted (rate_limited)
+MAILBOX_BYTES = 8 << 20  # and their bytes (any one frame fits an empty mailbox)
 
 
 @dataclass(frozen=True)
 class _Connected:
     """The link (re)connected: say hello."""
+
+
+@dataclass(frozen=True)
+class _Received:
+    """A reassembled downlink frame, not checked yet."""
+
+    topic: str
+    data: bytes
 
 
 class VirtualDevice:
@@ -82,15 +93,16 @@ class VirtualDevice:
         self._rng = np.random.default_rng([settings.seed, zlib.crc32(self.id.encode())])
         self._dp_rng = np.random.default_rng()  # local DP noise: never seeded by anything public
         self.receipt = Receipt(self.topics.down(self.id), settings.fleet, settings.aggregator_id, self.trust,
-                               secure=False, refuse=self._refuse, deliver=self._deliver)
+                               secure=False, refuse=self._refuse, deliver=self._handle)
         self.link = MqttLink(
             settings.broker, client_id=f"tierfl-{settings.fleet}-{self.id}", subscriptions=[self.topics.down(self.id)],
-            on_frame=self.receipt.on_frame, on_bad_frame=self.receipt.on_bad_frame,
+            on_frame=lambda topic, data: self._deliver(_Received(topic, data)), on_bad_frame=self.receipt.on_bad_frame,
             on_connect=lambda: self._deliver(_Connected()), on_disconnect=self._on_disconnect,
             will=Will(self.topics.status(self.id), self._will), max_message_bytes=settings.max_message_bytes,
             backoff=Backoff(first_s=1.0, max_s=settings.reconnect_max_s), send_wait_s=0.0)
         # the actor's state (one worker at a time)
-        self._mailbox: collections.deque[Frame | _Connected] = collections.deque()
+        self._mailbox: collections.deque[_Received | _Connected] = collections.deque()
+        self._mail_bytes = 0
         self._mail_lock = threading.Lock()
         self._scheduled = False
         self._task: Frame | None = None  # the task waiting for its files
@@ -170,17 +182,19 @@ class VirtualDevice:
         self.runtime.loop.call_soon(lambda: self._publish(topic, frame, retain))
         return len(frame)
 
-    # -- receipt (loop's thread) -> actor (a worker) -------------------------------------------
+    # -- the loop's thread hands over, the actor (a worker) checks and acts ----------------------
 
-    def _deliver(self, item: Frame | _Connected) -> None:
-        """Queue a checked downlink frame (or a connect) for the device's worker."""
+    def _deliver(self, item: _Received | _Connected) -> None:
+        """Queue a reassembled downlink frame (or a connect) for the device's worker, within the mailbox's bounds."""
         self.runtime.count("messages_in")
+        size = len(item.data) if isinstance(item, _Received) else 0
         with self._mail_lock:
-            if len(self._mailbox) >= MAILBOX_ITEMS:
+            if self._mailbox and (len(self._mailbox) >= MAILBOX_ITEMS or self._mail_bytes + size > MAILBOX_BYTES):
                 dropped = True
             else:
                 dropped = False
                 self._mailbox.append(item)
+                self._mail_bytes += size
                 if self._scheduled:
                     return
                 self._scheduled = True
@@ -196,8 +210,12 @@ class VirtualDevice:
                     self._scheduled = False
                     return
                 item = self._mailbox.popleft()
+                self._mail_bytes -= len(item.data) if isinstance(item, _Received) else 0
             try:
-                self._handle(item)
+                if isinstance(item, _Received):
+                    self.receipt.on_frame(item.topic, item.data)  # checked here, on the actor; passes go to _handle
+                else:
+                    self._announce()
             except Exception as exc:  # the last resort: nothing a frame holds stops the device
                 log.exception("%s: internal error while handling a downlink message", self.id)
                 self._refuse(RejectReason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"[:500],
@@ -208,10 +226,8 @@ class VirtualDevice:
 
     # -- the actor -----------------------------------------------------------------------------------
 
-    def _handle(self, item: Frame | _Connected) -> None:
-        if isinstance(item, _Connected):
-            self._announce()
-            return
+    def _handle(self, item: Frame) -> None:
+        """Act on one checked downlink frame (the receipt's delivery)."""
         body = item.body
         if isinstance(body, Task):
             self.runtime.count("tasks_taken")
