@@ -64,6 +64,9 @@ def check_worker_options(args: argparse.Namespace) -> None:
     if args.workers and (args.strategy in ("fedbuff", "fedmut") or args.secure_aggregation or args.robust != "none"):
         raise ValueError("--workers runs synchronous rounds of the element-wise mean: not with --strategy fedbuff or "
                          "fedmut, --secure-aggregation or --robust")
+    if args.workers and getattr(args, "personal_layers", None):
+        raise ValueError("--workers with --personal-layers: the workers check updates against the whole tier, "
+                         "personal layers included")
     if args.flush_wait <= 0:
         raise ValueError(f"--flush-wait must be positive, got {args.flush_wait}")
 

@@ -43,6 +43,7 @@ from protocol.mqtt.url import parse
 from protocol.signing import AGGREGATOR_KEY_FILE, DeviceKey
 from protocol.topics import Topics
 from tests.conftest import tierfl
+from tierfl.cli import main as tierfl_main
 
 TOLERANCE = 1e-6  # float32 sums of the same updates in another order
 SAMPLES = 51  # what the scripted device announces
@@ -301,3 +302,18 @@ def test_a_worker_claims_checked_updates_and_sends_the_granted_ones_summed(art_d
     for name, value in sums.items():  # weight 10 samples x 0.5 of the work, on tier c's leading block only
         block = tuple(slice(0, k) for k in shapes[name])
         assert np.all(value[block] == 2.5) and value.sum() == pytest.approx(2.5 * np.prod(shapes[name]))
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--workers", "w.json", "--strategy", "fedbuff"], "--workers runs synchronous rounds of the element-wise mean"),
+    (["--workers", "w.json", "--robust", "median"], "--workers runs synchronous rounds of the element-wise mean"),
+    (["--workers", "w.json", "--personal-layers", "fc3.*"], "--workers with --personal-layers"),
+    (["--workers", "w.json", "--worker-of", "aggregator"], "exclude each other"),
+    (["--worker-of", "aggregator"], "--worker-of needs --coordinator-key"),
+])
+def test_worker_options_that_do_not_combine_exit_2_before_anything_is_written(tmp_path, capsys, options, message):
+    state = tmp_path / "state"
+    assert tierfl_main(["aggregator", "--state-dir", str(state), *options]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tierfl aggregator: error: ") and message in err[-1], err
+    assert not state.exists()
