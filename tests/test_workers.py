@@ -53,10 +53,9 @@ TIERS = {"d1": "a", "d2": "c", "d3": "c", "d4": "a"}  # d4 is scripted here: it 
 class Recorder:
     """A plain (not shared) subscriber: every frame on the given topics, decoded, in order of arrival."""
 
-    def __init__(self, url: str, topics: list[str], name: str, on_frame: Callable[[str, Frame], None] | None = None) -> None:
+    def __init__(self, url: str, topics: list[str], name: str) -> None:
         self.frames: list[tuple[str, Frame]] = []
         self._lock = threading.Lock()
-        self._hook = on_frame
         self.link = MqttLink(parse(url), client_id=f"{name}-{new_id()[:8]}", subscriptions=topics,
                              on_frame=self._put, on_bad_frame=lambda topic, exc: None)
         self.link.start()
@@ -65,8 +64,6 @@ class Recorder:
         frame = decode_frame(data)
         with self._lock:
             self.frames.append((topic, frame))
-        if self._hook:
-            self._hook(topic, frame)
 
     def bodies(self, kind: type) -> list[tuple[str, Frame]]:
         with self._lock:
