@@ -416,6 +416,13 @@ ACL: a device (MQTT user name = device id) may publish only tierfl/v1/FLEET/up/I
 status/ID and receive only down/ID; the aggregator user receives every up/ and status/ topic
 (shared subscriptions too) and publishes every down/ topic and rounds. Anonymous clients,
 wrong passwords and clients without TLS are refused.
+
+past one machine (docs/scaling.md):
+  # aggregator workers get users of their own; a site broker bridges to this central one as site-1
+  tierfl broker-config --fleet lab --devices pi-1,pi-2 --worker-user w1 --worker-user w2 --bridge-user site-1 \
+      --host central.lan --out /etc/tierfl/central
+  tierfl broker-config --fleet lab --devices pi-1,pi-2 --host site1.lan --out /etc/tierfl/site1 \
+      --bridge-to /etc/tierfl/central/credentials.json:site-1
 """
 
 
