@@ -419,9 +419,9 @@ wrong passwords and clients without TLS are refused.
 
 past one machine (docs/scaling.md):
   # aggregator workers get users of their own; a site broker bridges to this central one as site-1
-  tierfl broker-config --fleet lab --devices pi-1,pi-2 --worker-user w1 --worker-user w2 --bridge-user site-1 \
+  tierfl broker-config --fleet lab --devices pi-1,pi-2 --worker-user w1 --worker-user w2 --bridge-user site-1 \\
       --host central.lan --out /etc/tierfl/central
-  tierfl broker-config --fleet lab --devices pi-1,pi-2 --host site1.lan --out /etc/tierfl/site1 \
+  tierfl broker-config --fleet lab --devices pi-1,pi-2 --host site1.lan --out /etc/tierfl/site1 \\
       --bridge-to /etc/tierfl/central/credentials.json:site-1
 """
 
