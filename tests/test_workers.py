@@ -314,3 +314,36 @@ def test_worker_options_that_do_not_combine_exit_2_before_anything_is_written(tm
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("tierfl aggregator: error: ") and message in err[-1], err
     assert not state.exists()
+
+
+def test_a_restarted_coordinator_asks_the_round_again_and_refuses_partial_sums_of_its_old_grants(art_dir, tmp_path):
+    def coordinator() -> CoordinatedEngine:
+        registry = DeviceRegistry()
+        for device in ("d1", "d2"):
+            registry.hello(device, 10, 0, "a", "ort-training", now=0.0)
+        return CoordinatedEngine(EngineParts(EngineConfig(fleet="f", rounds=3, round_timeout_s=10.0),
+                                             FedAvg(min_clients=2, tiers=FixedTiers({"a": 1.0})), ArtifactStore(art_dir),
+                                             StateStore(tmp_path / "state"), registry), ["w1"], now=0.0)
+
+    def update() -> Update:
+        return Update(update_id=new_id(), round=1, base_version=0, tier="a", num_samples=10, steps=1, train_loss=1.0,
+                      train_accuracy=0.5, train_seconds=0.1)
+
+    session = new_id()
+    old = coordinator()
+    old.tick(0.0)
+    before = update()
+    old.on_claim("w1", WorkerClaim(session=session, device="d1", update=before, norm=1.0), 1.0)
+    # The coordinator dies here; the worker folded d1's update and keeps it. The new process resumes round 1 from its
+    # plan with nothing counted and asks both devices again.
+    new = coordinator()
+    assert new.open_round is not None and new.open_round.number == 1
+    assert sorted(o.device_id for o in new.tick(2.0)) == ["d1", "d2"]
+    after = update()
+    new.on_claim("w1", WorkerClaim(session=session, device="d2", update=after, norm=1.0), 2.0)
+    new.take_worker_messages()
+    zeros = {n: np.zeros_like(w) for n, w in new.weights.items()}
+    out = new.on_partial("w1", PartialSum(session=session, round=1, update_ids=[before.update_id, after.update_id]),
+                         zeros, 100, 3.0)  # one grant of the old process, one of the new: refused whole
+    assert sorted(o.device_id for o in out) == ["d1", "d2"]  # d2's grant is void too: both asked again
+    assert new.grants == {} and new.open_round.answered == set() and new.voided == 1
