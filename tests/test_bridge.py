@@ -14,15 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from models.export import export_all
-from models.spec import ModelSpec
 from protocol.mqtt.broker_config import FleetCredentials, generate
 from protocol.mqtt.url import BrokerUnreachable, parse, wait_for_broker
 from tests.conftest import tierfl
 from tests.test_broker_config import _free_port
 
 FLEET = "site"
-DEVICES = ["d1", "d2"]
+DEVICES = ["d1", "d2"]  # both have users on both brokers; d1 runs (one device process keeps the test short)
 
 
 @contextlib.contextmanager
@@ -61,20 +59,18 @@ def test_a_site_broker_bridged_to_the_central_one_carries_a_federation(tmp_path)
     conf = (site_dir / "mosquitto.conf").read_text()
     assert "connection site-1" in conf and f"topic tierfl/v1/{FLEET}/up/# out 1" in conf
     assert (site_dir / "mosquitto.conf").stat().st_mode & 0o077 == 0, "the bridge's password is in it"
-    art = tmp_path / "art"
-    export_all(ModelSpec(arch="mlp"), ["a"], art)
     processes: list[subprocess.Popen[bytes]] = []
     with _broker(central_dir), _broker(site_dir):
         _start(central, central_dir, "aggregator")
         _start(site, site_dir, "d1")
         try:
-            aggregator = tierfl("aggregator", "--broker", central.aggregator.url, "--fleet", FLEET, "--artifacts",
-                                str(art), "--state-dir", str(tmp_path / "state"), "--min-clients", "2", "--rounds", "2",
+            aggregator = tierfl("aggregator", "--broker", central.aggregator.url, "--fleet", FLEET,  # exports the MLP
+                                "--state-dir", str(tmp_path / "state"), "--min-clients", "1", "--rounds", "2",
                                 "--round-timeout", "30", log=tmp_path / "aggregator.log")
             processes.append(aggregator)
             processes += [tierfl("client", "--broker", site.devices[d].url, "--fleet", FLEET, "--device-id", d,
                                  "--data", "digits", "--cache-dir", str(tmp_path / d), log=tmp_path / f"{d}.log")
-                          for d in DEVICES]
+                          for d in DEVICES[:1]]
             assert aggregator.wait(90) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
         finally:
             for process in processes:
@@ -83,7 +79,7 @@ def test_a_site_broker_bridged_to_the_central_one_carries_a_federation(tmp_path)
             for process in processes:
                 process.wait(10)
     history = json.loads((tmp_path / "state" / "state.json").read_text())["history"]
-    assert [(s["round"], s["selected"], s["answered"]) for s in history] == [(1, 2, 2), (2, 2, 2)]
+    assert [(s["round"], s["selected"], s["answered"]) for s in history] == [(1, 1, 1), (2, 1, 1)]
     assert "Connecting bridge (step 2) site-1" in (site_dir / "mosquitto.log").read_text()
-    for device in DEVICES:  # the devices pinned the aggregator's key, which came over the bridge, and trained
+    for device in DEVICES[:1]:  # the device pinned the aggregator's key, which came over the bridge, and trained
         assert "round 2:" in (tmp_path / f"{device}.log").read_text()
