@@ -70,8 +70,8 @@ from edge_client.personal import PersonalLayers, finetune
 from edge_client.privacy import privatize
 from edge_client.receipt import Receipt
 from edge_client.scaffold import ControlVariate, Variate
-from edge_client.stages import (NotHeld, TaskRefused, TaskSkipped, check_manifest, encode_update, task_weights,
-                                trained_delta)
+from edge_client.stages import (NotHeld, TaskRefused, TaskSkipped, check_manifest, encode_update, task_variate,
+                                task_weights, trained_delta)
 from edge_client.trainer import EvalStats, Trainer, TrainStats
 from models.data import Dataset, fit_split
 from models.manifest import STATISTICS_FILE, TierManifest
@@ -699,15 +699,8 @@ class DeviceAgent:
 
     def _variate(self, task: TrainTask, manifest: TierManifest, control: dict[str, np.ndarray]) -> Variate | None:
         """Stage 5b (SCAFFOLD, a task that carries the server's c): this tier's c_i with that c; None otherwise.
-        TaskRefused when the tier trains with another optimizer than plain SGD (the correction is exact for SGD)."""
-        if not task.weights.control:
-            return None
-        if manifest.optimizer != "sgd":
-            raise TaskRefused(RejectReason.UNEXPECTED, f"SCAFFOLD needs plain SGD; tier {task.tier} was exported with "
-                              f"{manifest.optimizer}")
-        if task.manifest_sha256 not in self._variates:
-            self._variates[task.manifest_sha256] = ControlVariate(self.config.cache_dir, manifest)
-        return Variate(self._variates[task.manifest_sha256], control)
+        TaskRefused when the tier trains with another optimizer than plain SGD."""
+        return task_variate(task, manifest, control, self.config.cache_dir, self._variates)
 
     def _train(self, task: TrainTask, trainer: Trainer, start: Mapping[str, np.ndarray],
                train: Dataset, variate: Variate | None = None) -> tuple[dict[str, np.ndarray], TrainStats]:

@@ -44,8 +44,10 @@ def _identity(manifest: TierManifest, shapes: Mapping[str, tuple[int, ...]]) -> 
 class ControlVariate:
     """c_i of one tier, persisted under `folder`."""
 
-    def __init__(self, folder: Path, manifest: TierManifest) -> None:
+    def __init__(self, folder: Path, manifest: TierManifest, durable: bool = True) -> None:
+        """`durable` False: written atomically for readers but without fsync (a virtual device of `tierfl fleet`)."""
         self.path = folder / f"scaffold-{manifest.tier}.npz"
+        self.durable = durable
         self.shapes = variate_shapes(manifest)
         self._identity = _identity(manifest, self.shapes)
         self.value: Tensors = {name: np.zeros(shape, np.float32) for name, shape in self.shapes.items()}
@@ -73,20 +75,21 @@ class ControlVariate:
 
     def correction(self, control: Mapping[str, np.ndarray]) -> Tensors:
         """c - c_i, what every local step subtracts (times lr) beside the gradient."""
-        return {name: (np.asarray(control[name], np.float32) - c_i).astype(np.float32) for name, c_i in self.value.items()}
+        return {name: np.asarray(control[name], np.float32) - c_i for name, c_i in self.value.items()}
 
     def change(self, control: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], steps: int,
                learning_rate: float) -> Tensors:
         """delta c_i = c_i+ - c_i = -c + (x - y) / (K lr) for `delta` = y - x after K = `steps` steps."""
         scale = np.float32(1.0 / (max(steps, 1) * learning_rate))
-        return {name: (-np.asarray(control[name], np.float32) - np.asarray(delta[name], np.float32) * scale).astype(np.float32)
+        return {name: -np.asarray(control[name], np.float32) - np.asarray(delta[name], np.float32) * scale
                 for name in self.value}
 
     def commit(self, change: Mapping[str, np.ndarray]) -> None:
         """c_i <- c_i + delta c_i, saved atomically (call it with the update's publication)."""
         self.value = {name: (c_i + change[name]).astype(np.float32) for name, c_i in self.value.items()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, lambda out: np.savez(out, **self.value, **{MODEL_KEY: self._identity}))
+        atomic_write(self.path, lambda out: np.savez(out, **self.value, **{MODEL_KEY: self._identity}),
+                     durable=self.durable)
 
 
 class Variate:

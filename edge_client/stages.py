@@ -14,11 +14,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from edge_client.compression import ErrorFeedback
-from edge_client.scaffold import variate_shapes
+from edge_client.scaffold import ControlVariate, Variate, variate_shapes
 from edge_client.trainer import EvalStats, TrainStats
 from models.manifest import TierManifest
 from protocol.codecs import encode_decode, parse_codec
@@ -96,6 +97,21 @@ def task_weights(task: Task, tensors: Mapping[str, Tensor], manifest: TierManife
     if not all(np.isfinite(value).all() for value in weights.values()):
         raise TaskRefused(RejectReason.NON_FINITE, "the received weights hold NaN or Inf")
     return weights
+
+
+def task_variate(task: TrainTask, manifest: TierManifest, control: Mapping[str, np.ndarray], folder: Path,
+                 kept: dict[str, ControlVariate], durable: bool = True) -> Variate | None:
+    """SCAFFOLD: the tier's c_i (kept in `kept` by manifest sha256, on disk in `folder`) with the server's `control`
+    sent with the task; None for a task that carries no c. TaskRefused when the tier trains with another optimizer
+    than plain SGD (the per-step correction is exact for SGD)."""
+    if not task.weights.control:
+        return None
+    if manifest.optimizer != "sgd":
+        raise TaskRefused(RejectReason.UNEXPECTED, f"SCAFFOLD needs plain SGD; tier {task.tier} was exported with "
+                          f"{manifest.optimizer}")
+    if task.manifest_sha256 not in kept:
+        kept[task.manifest_sha256] = ControlVariate(folder, manifest, durable)
+    return Variate(kept[task.manifest_sha256], control)
 
 
 def trained_delta(trained: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray],

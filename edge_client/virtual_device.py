@@ -40,10 +40,12 @@ from edge_client.compression import ErrorFeedback
 from edge_client.fleet_trace import Behaviour, Dropout
 from edge_client.privacy import privatize
 from edge_client.receipt import Receipt
-from edge_client.stages import (NotHeld, TaskRefused, TaskSkipped, check_manifest, encode_update, task_weights,
-                                trained_delta)
+from edge_client.scaffold import ControlVariate
+from edge_client.stages import (NotHeld, TaskRefused, TaskSkipped, check_manifest, encode_update, task_variate,
+                                task_weights, trained_delta)
 from models.data import Dataset, fit_split
 from models.manifest import TierManifest
+from protocol.control import split_control, with_control
 from protocol.frame import Frame, encode_frame
 from protocol.messages import (Blob, BnStatistics, Body, Catalogue, Fetch, Hello, MeasureBnStatistics, Reject,
                                RejectReason, Status, Task, TrainTask, new_id)
@@ -109,6 +111,7 @@ class VirtualDevice:
         self._asked: set[str] = set()  # artifact hashes fetched for that task
         self._held: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
         self._feedback: dict[str, ErrorFeedback] = {}
+        self._variates: dict[str, ControlVariate] = {}  # manifest sha256 -> SCAFFOLD's c_i of that tier
         self._fitted: tuple[tuple[object, ...], tuple[Dataset, Dataset] | str] | None = None
         self._busy_until = 0.0  # monotonic time the simulated device finishes the training it is doing
         # the network loop's state
@@ -320,14 +323,15 @@ class VirtualDevice:
         manifest = self.runtime.trainers.checked(task.manifest_sha256, folder)
         train, test = self._fit(task, manifest)
         try:
-            start = task_weights(task, frame.tensors, manifest, self._held.get(task.tier))
+            received = task_weights(task, frame.tensors, manifest, self._held.get(task.tier))
         except NotHeld as exc:
             self._refuse(RejectReason.WRONG_VERSION, str(exc), self.runtime.settings.aggregator_id)
             self._held.pop(task.tier, None)
             self._announce()
             return
-        start = self.runtime.intern(start)  # devices given the same weights hold one copy
-        self._held[task.tier] = (task.model_version, start)
+        received = self.runtime.intern(received)  # devices given the same weights hold one copy
+        self._held[task.tier] = (task.model_version, received)
+        start, control = split_control(received)  # SCAFFOLD: the server's c, when the task carries it
         began = max(time.monotonic(), self._busy_until)  # the simulated device trains one task at a time
         settings = self.runtime.settings
         if isinstance(task, MeasureBnStatistics):
@@ -339,19 +343,27 @@ class VirtualDevice:
             return
         assert isinstance(task, TrainTask)
         seed = task.seed ^ zlib.crc32(self.id.encode())
+        variate = task_variate(task, manifest, control, self.cache_dir, self._variates, durable=False)
         with self.runtime.trainers.lease(task.manifest_sha256, folder, manifest) as trainer:
             trainer.set_weights(start)
             before = trainer.evaluate(test) if task.evaluate and len(test) else None
             stats = trainer.train(train, task.epochs, task.batch_size, task.learning_rate, seed, task.mask_classes,
-                                  proximal_mu=task.proximal_mu)
+                                  proximal_mu=task.proximal_mu, correction=variate.correction() if variate else None)
             trained = trainer.get_weights()
         delta = trained_delta(trained, start, stats.loss)
+        change = variate.change(delta, stats.steps, task.learning_rate) if variate else {}
         if task.dp_noise > 0:
             delta = privatize(delta, task.dp_clip, task.dp_noise, self._dp_rng)
-        encoded = encode_update(settings.fleet, self.id, task, delta, start, stats, before, len(self.train_data),
-                                settings.codec, self._feedback_for(task.tier), self._signer)
+        encoded = encode_update(settings.fleet, self.id, task, with_control(delta, change), start, stats, before,
+                                len(self.train_data), settings.codec, self._feedback_for(task.tier), self._signer)
         training_s = self.behaviour.training_s(task.tier, stats.samples_seen) or stats.seconds
-        self._schedule(task, encoded.frame, began, training_s, encoded.sent)
+
+        def sent() -> None:
+            encoded.sent()
+            if variate:
+                variate.commit(change)
+
+        self._schedule(task, encoded.frame, began, training_s, sent)
 
     def _schedule(self, task: Task, frame: bytes, began: float, training_s: float,
                   sent: Callable[[], None] | None) -> None:
