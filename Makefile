@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/tierfl demo $(ARGS)
 
+# Two pytest-xdist workers: much of the suite waits on brokers and device processes, so a second worker uses the
+# idle core. Every test owns its fleet name, state folder and ports, so tests may run side by side.
+TEST_WORKERS ?= 2
+
 # Debian packages the tests need, installed here when missing (CI runs as root): chromium for the status
 # page's browser test, dataset-fashion-mnist for the Fashion-MNIST loader's tests.
 TEST_DEBS := chromium:chromium dataset-fashion-mnist:/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
@@ -29,7 +33,7 @@ test: $(STAMP)
 	  || echo "make: could not install$$missing; the tests that need them fail (in CI too)"
 	$(VENV)/bin/lint-imports --no-cache  # the import contracts of pyproject.toml: which package may import which
 	$(VENV)/bin/isort --check-only --quiet aggregator edge_client models protocol tierfl tests scripts  # sorted imports
-	$(PY) -m pytest --durations=15 $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --durations=15 $(ARGS)
 
 # Structure-aware fuzzing (tests/test_fuzz.py, tests/test_fuzz_device.py): FUZZ_EXAMPLES cases for each of the five
 # structure-aware properties (frames, chunk streams, secure-aggregation payloads, the aggregator's message handler,

@@ -200,7 +200,9 @@ def test_sigterm_mid_task_finishes_within_the_grace_or_abandons_cleanly(
             with np.load(residual) as saved:
                 assert saved.files
         else:
-            assert took < grace + 2, f"took {took:.1f} s"
+            # The deadline is 58 s away, so an exit near the grace is the abandonment; the process's own exit took up
+            # to 4.9 s on a machine at load 30, hence the margin.
+            assert took < grace + 8, f"took {took:.1f} s"
             assert "stopping: abandoned round 1 (not finished within 2 s); nothing of it was sent or saved" in _messages(log)
             assert updates == [] and summary[0].answered == 0
             assert not residual.exists()
