@@ -9,6 +9,7 @@ import getpass
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +49,34 @@ def _start(credentials: FleetCredentials, folder: Path, user: str) -> None:
         raise AssertionError((folder / "mosquitto.log").read_text()[-3000:]) from None
 
 
+def _wait_for_bridge(central_log: Path) -> None:
+    """Until the central broker has accepted the site broker's bridge connection."""
+    deadline = time.monotonic() + 30
+    while "New bridge connected" not in central_log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, central_log.read_text(errors="replace")[-3000:]
+        time.sleep(0.05)
+
+
+def _federation(site: FleetCredentials, central: FleetCredentials, tmp_path: Path) -> None:
+    """The aggregator on the central broker, one device on the site broker, two rounds; every process stopped."""
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        aggregator = tierfl("aggregator", "--broker", central.aggregator.url, "--fleet", FLEET,  # exports the MLP
+                            "--state-dir", str(tmp_path / "state"), "--min-clients", "1", "--rounds", "2",
+                            "--round-timeout", "30", log=tmp_path / "aggregator.log")
+        processes.append(aggregator)
+        processes += [tierfl("client", "--broker", site.devices[d].url, "--fleet", FLEET, "--device-id", d,
+                             "--data", "digits", "--cache-dir", str(tmp_path / d), log=tmp_path / f"{d}.log")
+                      for d in DEVICES[:1]]
+        assert aggregator.wait(90) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            process.wait(10)
+
+
 @pytest.mark.integration
 def test_a_site_broker_bridged_to_the_central_one_carries_a_federation(tmp_path):
     me = getpass.getuser()  # Mosquitto started as root drops to --broker-user: run it as ourselves
@@ -59,25 +88,12 @@ def test_a_site_broker_bridged_to_the_central_one_carries_a_federation(tmp_path)
     conf = (site_dir / "mosquitto.conf").read_text()
     assert "connection site-1" in conf and f"topic tierfl/v1/{FLEET}/up/# out 1" in conf
     assert (site_dir / "mosquitto.conf").stat().st_mode & 0o077 == 0, "the bridge's password is in it"
-    processes: list[subprocess.Popen[bytes]] = []
-    with _broker(central_dir), _broker(site_dir):
+    with _broker(central_dir):
         _start(central, central_dir, "aggregator")
-        _start(site, site_dir, "d1")
-        try:
-            aggregator = tierfl("aggregator", "--broker", central.aggregator.url, "--fleet", FLEET,  # exports the MLP
-                                "--state-dir", str(tmp_path / "state"), "--min-clients", "1", "--rounds", "2",
-                                "--round-timeout", "30", log=tmp_path / "aggregator.log")
-            processes.append(aggregator)
-            processes += [tierfl("client", "--broker", site.devices[d].url, "--fleet", FLEET, "--device-id", d,
-                                 "--data", "digits", "--cache-dir", str(tmp_path / d), log=tmp_path / f"{d}.log")
-                          for d in DEVICES[:1]]
-            assert aggregator.wait(90) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
-        finally:
-            for process in processes:
-                if process.poll() is None:
-                    process.terminate()
-            for process in processes:
-                process.wait(10)
+        with _broker(site_dir):  # after the central one: the bridge connects at once, not after a retry's back-off
+            _start(site, site_dir, "d1")
+            _wait_for_bridge(central_dir / "mosquitto.log")  # the device's hello then crosses it as it is sent
+            _federation(site, central, tmp_path)
     history = json.loads((tmp_path / "state" / "state.json").read_text())["history"]
     assert [(s["round"], s["selected"], s["answered"]) for s in history] == [(1, 1, 1), (2, 1, 1)]
     assert "Connecting bridge (step 2) site-1" in (site_dir / "mosquitto.log").read_text()

@@ -163,6 +163,8 @@ bridge_insecure false
 cleansession false
 try_private true
 notifications false
+# reconnect after 2 s, backing off (with jitter) to 30 s between attempts while the central broker is away
+restart_timeout 2 30
 topic {base}/up/# out 1
 topic {base}/status/# out 1
 topic {base}/down/# in 1
