@@ -373,6 +373,19 @@ def test_aggregator_killed_and_restarted_resumes_from_its_state(tmp_path, own_mo
         device.wait(10)
 
 
+def _accepted_in_ledger(ledger: Path, round_number: int) -> int:
+    """Updates of `round_number` the ledger records as accepted (0 while the file or its table is not there yet)."""
+    try:
+        db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
+        try:
+            return db.execute("SELECT COUNT(*) FROM received WHERE kind = 'update' AND accepted = 1 AND round = ?",
+                              (round_number,)).fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.OperationalError:
+        return 0
+
+
 def test_aggregator_killed_mid_round_resumes_it_and_counts_every_update_once(tmp_path, own_mosquitto, fleet):
     """Round 2 of 2: two real devices' updates are accepted, the third device (this test) holds back; SIGKILL.
     The restarted aggregator resumes round 2 with both updates, sends the owed task again, refuses a replay
@@ -401,6 +414,8 @@ def test_aggregator_killed_mid_round_resumes_it_and_counts_every_update_once(tmp
         round_one_id, round_one = answer(*tasks(1)[0])
         watcher.publish(topics.up("probe"), round_one)
         _wait_for(lambda: "round 2: update 2/3" in (tmp_path / "first.log").read_text(), 60, "round 2's first two updates")
+        # Acceptances become durable together within 0.2 s (group commit): kill once the ledger holds both.
+        _wait_for(lambda: _accepted_in_ledger(tmp_path / "state" / "ledger.sqlite", 2) == 2, 10, "both in the ledger")
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         state = json.loads((tmp_path / "state" / "state.json").read_text())
