@@ -7,6 +7,7 @@ from the export's own files, each checked against the sha256 the index or its ma
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 from dataclasses import dataclass
@@ -61,6 +62,9 @@ def _load_index(index_path: Path, root: Path) -> ExportIndex:
     return _validated(ExportIndex, raw, index_path, root)
 
 
+MAX_CACHED_BYTES = 64 << 20  # verified files kept in memory for fetches (least recently used go first)
+
+
 class ArtifactStore:
     """Read-only index of an export directory written by `tierfl export`."""
 
@@ -72,6 +76,8 @@ class ArtifactStore:
         self.index = _load_index(index_path, root)
         self.tiers: dict[str, TierArtifacts] = {}
         self._paths: dict[str, Path] = {}
+        self._cached: collections.OrderedDict[str, tuple[str, bytes]] = collections.OrderedDict()  # sha -> verified
+        self._cached_bytes = 0
         for tier, rel in self.index.tiers.items():
             manifest_path = root / rel
             manifest_bytes = manifest_path.read_bytes()
@@ -139,11 +145,23 @@ class ArtifactStore:
         return weights
 
     def read(self, sha256: str) -> tuple[str, bytes] | None:
-        """(file name, bytes) of an exported file, verified against its hash; None if unknown."""
+        """(file name, bytes) of an exported file, verified against its hash; None if unknown.
+
+        Verified files are kept in memory (up to MAX_CACHED_BYTES, least recently used out first): a fleet's
+        first-time participants all fetch the same few files, each read and hashed once."""
+        if (cached := self._cached.get(sha256)) is not None:
+            self._cached.move_to_end(sha256)
+            return cached
         path = self._paths.get(sha256)
         if path is None:
             return None
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != sha256:
             raise RuntimeError(f"{path} changed on disk since export (hash mismatch); re-run `tierfl export`")
+        if len(data) <= MAX_CACHED_BYTES:
+            self._cached[sha256] = (path.name, data)
+            self._cached_bytes += len(data)
+            while self._cached_bytes > MAX_CACHED_BYTES:
+                _, (_, dropped) = self._cached.popitem(last=False)
+                self._cached_bytes -= len(dropped)
         return path.name, data
