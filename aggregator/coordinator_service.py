@@ -66,15 +66,17 @@ class CoordinatorService(AggregatorService):
             verify_signature(header, public)
             if direction == "status" and isinstance(body, Status):
                 decode_payload(raw, {})
-                self._send(self.coordinated.on_worker_status(worker, body.session, body.online, now))
+                self._send(self.coordinated.on_worker_status(worker, body.session, body.online, now, header.sent_at))
             elif direction == "up" and isinstance(body, WorkerClaim):
                 decode_payload(raw, {})
-                self._send(self.coordinated.on_claim(worker, body, now))
+                self._send(self.coordinated.on_claim(worker, body, now, header.sent_at))
             elif direction == "up" and isinstance(body, PartialSum):
+                if any(entry.codec != "float32" for entry in header.tensors):  # plain float32, as the workers send
+                    raise FrameError(RejectReason.BAD_TENSOR, "a partial sum's tensors are float32, not compressed")
                 shapes = {name: tuple(value.shape) for name, value in self.coordinated.weights.items()}
                 frame = decode_payload(raw, shapes)
                 before = self.coordinated.counted
-                self._send(self.coordinated.on_partial(worker, body, frame.tensors, len(item), now))
+                self._send(self.coordinated.on_partial(worker, body, frame.tensors, len(item), now, header.sent_at))
                 for _ in range(self.coordinated.counted - before if self.monitor else 0):
                     self.monitor.update_accepted()  # type: ignore[union-attr]
             elif direction == "up" and isinstance(body, WorkerForward):

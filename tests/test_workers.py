@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from aggregator.engines.base import EngineConfig
-from aggregator.engines.coordinated import CoordinatedEngine
+from aggregator.engines.coordinated import CoordinatedEngine, partial_problem
 from aggregator.engines.parts import EngineParts
 from aggregator.engines.rounds import RoundEngine
 from aggregator.engines.worker import WorkerEngine
@@ -347,3 +347,63 @@ def test_a_restarted_coordinator_asks_the_round_again_and_refuses_partial_sums_o
                          zeros, 100, 3.0)  # one grant of the old process, one of the new: refused whole
     assert sorted(o.device_id for o in out) == ["d1", "d2"]  # d2's grant is void too: both asked again
     assert new.grants == {} and new.open_round.answered == set() and new.voided == 1
+
+
+def test_partial_sums_beyond_their_grants_and_frames_of_stale_sessions_are_refused(art_dir, tmp_path):
+    registry = DeviceRegistry()
+    registry.hello("d1", 10, 0, "a", "ort-training", now=0.0)
+    registry.hello("d2", 10, 0, "c", "ort-training", now=0.0)
+    engine = CoordinatedEngine(EngineParts(EngineConfig(fleet="f", rounds=3, round_timeout_s=10.0),
+                                           FedAvg(min_clients=2, tiers=FixedTiers({"a": 1.0})), ArtifactStore(art_dir),
+                                           StateStore(tmp_path / "state"), registry), ["w1"], now=0.0)
+    engine.tick(0.0)
+    artifacts = ArtifactStore(art_dir)
+    rng = np.random.default_rng(1)
+    deltas = {d: {n: rng.normal(0, 0.01, s).astype(np.float32) for n, s in artifacts.tiers[t].shapes.items()}
+              for d, t in (("d1", "a"), ("d2", "c"))}
+    live, old = new_id(), new_id()
+    updates = {}
+    for sent_at, (device, tier) in zip((1.0, 1.1), (("d1", "a"), ("d2", "c"))):
+        updates[device] = Update(update_id=new_id(), round=1, base_version=0, tier=tier, num_samples=10, steps=1,
+                                 train_loss=1.0, train_accuracy=0.5, train_seconds=0.1)
+        engine.on_claim("w1", WorkerClaim(session=live, device=device, update=updates[device],
+                                          norm=update_norm(deltas[device]), nbytes=100), 1.0, sent_at=sent_at)
+    start = {n: np.array(w) for n, w in engine.weights.items()}
+    sums = {n: np.zeros_like(w) for n, w in start.items()}
+    for delta in deltas.values():
+        for n, d in delta.items():
+            sums[n][tuple(slice(0, k) for k in d.shape)] += d * np.float32(10)
+    grants = engine.grants
+    assert partial_problem(sums, list(grants.values())) is None
+    # What d2's grant (tier c, the leading block) cannot hold: anything outside its block, or more than weight x norm.
+    only_c = {n: np.zeros_like(w) for n, w in start.items()}
+    for n, d in deltas["d2"].items():
+        only_c[n][tuple(slice(0, k) for k in d.shape)] = d * np.float32(10)
+    assert partial_problem(only_c, [grants["d2"]]) is None
+    outside = {n: v.copy() for n, v in only_c.items()}
+    name = next(n for n, d in deltas["d2"].items() if d.shape != start[n].shape)
+    outside[name].flat[-1] = 1e-3
+    assert partial_problem(outside, [grants["d2"]])[0] == RejectReason.BAD_TENSOR
+    assert partial_problem({n: v * np.float32(1.01) for n, v in only_c.items()}, [grants["d2"]])[0] == RejectReason.OUTLIER
+    # Frames of another session sent before the live session's newest one (a replay, or a dead process's late frame)
+    # are refused and change nothing: no session switch, no grant voided, nothing counted.
+    zeros = {n: np.zeros_like(w) for n, w in start.items()}
+    assert engine.on_worker_status("w1", old, True, 2.0, sent_at=0.5) == []
+    assert engine.on_claim("w1", WorkerClaim(session=old, device="d1", update=updates["d1"], norm=0.0), 2.0,
+                           sent_at=0.9) == []
+    assert engine.on_partial("w1", PartialSum(session=old, round=1, update_ids=[updates["d1"].update_id]), zeros, 100,
+                             2.0, sent_at=1.05) == []
+    assert engine.rejected["replayed"] == 2 and engine.sessions["w1"] == live and sorted(engine.grants) == ["d1", "d2"]
+    assert engine.voided == 0 and engine.take_worker_messages()[2:] == []  # the two grants only
+    done = engine.on_partial("w1", PartialSum(session=live, round=1, update_ids=[u.update_id for u in updates.values()]),
+                             sums, 100, 3.0, sent_at=2.0)
+    assert engine.record.round == 1 and any(o.device_id is None for o in done)
+    # The worker side: a grant naming another session leaves the claim pending; the right one folds it.
+    worker = WorkerEngine(EngineConfig(fleet="f"), artifacts, DeviceRegistry())
+    update = Update(update_id=new_id(), round=1, base_version=0, tier="c", num_samples=10, steps=1, train_loss=1.0,
+                    train_accuracy=0.5, train_seconds=0.1)
+    worker.on_update("d2", new_id(), update, deltas["d2"], 100, 0.0)
+    for session in (new_id(), worker.session):
+        worker.on_grant(WorkerGrant(session=session, round=1, device="d2", update_id=update.update_id, granted=True,
+                                    samples=10))
+    assert worker.folded == 1

@@ -11,9 +11,13 @@ refusal). A granted update is *acknowledged*: from then on it is counted exactly
 is asked again. Once every selected device is granted (or the deadline passed) the coordinator
 asks the workers holding grants for their `PartialSum` (the element-wise sum of weight x delta over
 the granted updates it names); a partial is taken whole only if every update it names is a live
-grant of that worker's session, and its sums are added to the round's element-wise mean (each
-update's mass from the coordinator's own grant, so HeteroFL blocks and relays' contributors count
-as they would in one process). Counting writes the ledger's accepted rows.
+grant of that worker's session and the sums fit those grants (zero outside the blocks their
+updates hold, an L2 norm within the sum of their weight x norm), and its sums are added to the
+round's element-wise mean (each update's mass from the coordinator's own grant, so HeteroFL blocks
+and relays' contributors count as they would in one process). Counting writes the ledger's
+accepted rows. Sessions are ordered by their frames' send times: a frame of another session than
+the live one, sent no later than that session's newest frame (a replay, or a dead process's frame
+arriving late), is refused and changes nothing.
 
 A worker that dies mid-round (its last will on workers/ID/status, or a claim from a new session of
 it) loses the updates it held: its uncounted grants are voided, and every selected device that is
@@ -27,6 +31,7 @@ for their partials; grants still unflushed then are voided and the round closes 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
@@ -39,10 +44,12 @@ from aggregator.engines.parts import EngineParts, listing
 from aggregator.engines.rounds import RoundEngine
 from aggregator.store.round_spool import Assignment
 from aggregator.strategies.fedavg import ClientUpdate, ElementwiseMean
+from protocol.blocks import leading_slices
 from protocol.messages import Body, PartialSum, RejectReason, Update, WorkerClaim, WorkerFlush, WorkerGrant
 
 log = logging.getLogger(__name__)
 FLUSH_ASK_EVERY_S = 1.0  # a worker still holding grants is asked for its partial sum again after this long
+PARTIAL_NORM_SLACK = 1e-3  # float32 sums against the float64 norms claimed: relative slack on a partial sum's bound
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,7 @@ class CoordinatedEngine(RoundEngine):
         self.workers = frozenset(workers)
         self.flush_wait_s = flush_wait_s
         self.sessions: dict[str, str] = {}  # worker -> its live session
+        self._newest: dict[str, float] = {}  # worker -> when its live (or last) session sent its newest frame
         self.grants: dict[str, Grant] = {}  # device -> its granted, uncounted update in the open round
         self._flush_asked: dict[str, float] = {}  # worker -> when it was last asked for its partial sum
         self._to_workers: list[ToWorker] = []
@@ -93,10 +101,14 @@ class CoordinatedEngine(RoundEngine):
 
     # -- workers ----------------------------------------------------------------------------------
 
-    def on_worker_status(self, worker: str, session: str | None, online: bool, now: float) -> list[Outgoing]:
-        """A worker's retained status: online registers its session; offline (its last will) voids its grants."""
+    def on_worker_status(self, worker: str, session: str | None, online: bool, now: float,
+                         sent_at: float | None = None) -> list[Outgoing]:
+        """A worker's retained status: online registers its session; offline (its last will) voids its grants.
+        `sent_at` (the frame's header) orders sessions: see `stale_session`."""
+        if session is not None and self.stale_session(worker, session, sent_at):
+            return []  # an earlier session's will (or status) arriving late: expected, not counted
         if online and session is not None:
-            return self._session(worker, session, now)
+            return self._session(worker, session, now, sent_at)
         if worker not in self.sessions or (session is not None and self.sessions[worker] != session):
             return []  # a worker we never met (an earlier run's retained will), or an earlier session's will
         gone = self.sessions.pop(worker)
@@ -104,9 +116,13 @@ class CoordinatedEngine(RoundEngine):
         log.warning("aggregator worker %s is gone (session %s)", worker, gone[:8])
         return self._void(worker, gone, now, ask_again=True)
 
-    def on_claim(self, worker: str, claim: WorkerClaim, now: float) -> list[Outgoing]:
-        """A worker's claim on an update it checked: grant it (the worker folds it) or refuse it (to the device)."""
-        out = self._session(worker, claim.session, now)
+    def on_claim(self, worker: str, claim: WorkerClaim, now: float, sent_at: float | None = None) -> list[Outgoing]:
+        """A worker's claim on an update it checked: grant it (the worker folds it) or refuse it (to the device); a claim
+        of a stale session (`stale_session`) is refused and changes nothing."""
+        if problem := self.stale_session(worker, claim.session, sent_at):
+            self.intake.count_rejection(*problem)
+            return []
+        out = self._session(worker, claim.session, now, sent_at)
         device, update = claim.device, claim.update
         if claim.refused is not None or update is None:
             reason = claim.refused or RejectReason.MALFORMED
@@ -135,9 +151,13 @@ class CoordinatedEngine(RoundEngine):
         return out
 
     def on_partial(self, worker: str, body: PartialSum, sums: Mapping[str, np.ndarray], nbytes: int,
-                   now: float) -> list[Outgoing]:
-        """A worker's partial sum: counted whole (its updates' ledger rows written) or refused whole."""
-        out = self._session(worker, body.session, now)
+                   now: float, sent_at: float | None = None) -> list[Outgoing]:
+        """A worker's partial sum: counted whole (its updates' ledger rows written) or refused whole; one of a stale
+        session (`stale_session`) changes nothing."""
+        if problem := self.stale_session(worker, body.session, sent_at):
+            self.intake.count_rejection(*problem)
+            return []
+        out = self._session(worker, body.session, now, sent_at)
         current = self.rounds.slot.current
         problem: Problem | None = None
         by_id = {g.update.update_id: d for d, g in self.grants.items()}
@@ -150,6 +170,8 @@ class CoordinatedEngine(RoundEngine):
                                                   f"of worker {worker}'s session (voided or never granted)")
         elif bad := non_finite(sums):
             problem = RejectReason.NON_FINITE, f"a partial sum holding NaN or Inf in {', '.join(bad)}"
+        else:
+            problem = partial_problem(sums, [self.grants[by_id[u]] for u in body.update_ids])
         if problem is not None:
             log.warning("refused a partial sum from worker %s: %s: %s", worker, problem[0].value, problem[1])
             self.intake.count_rejection(*problem)
@@ -235,9 +257,22 @@ class CoordinatedEngine(RoundEngine):
         blocks = {name: np.broadcast_to(np.float32(0), shape) for name, shape in shapes.items()}
         return self.intake.client_update(current, assignment, update, blocks)
 
-    def _session(self, worker: str, session: str, now: float) -> list[Outgoing]:
-        """Note `worker`'s live session; a new one means the old process is gone: its grants are void."""
+    def stale_session(self, worker: str, session: str, sent_at: float | None) -> Problem | None:
+        """Why a frame of `worker` is refused unseen: it is of another session than the live one (or than the last one,
+        after its will) but sent no later than that session's newest frame: a replay, or a dead process's frame that
+        arrived late. Only a frame sent later starts a new session (`sent_at` None: not ordered, taken as new)."""
+        newest = self._newest.get(worker)
+        if session == self.sessions.get(worker) or sent_at is None or newest is None or sent_at > newest:
+            return None
+        return RejectReason.REPLAYED, (f"worker {worker}: a frame of session {session[:8]} sent at {sent_at:.3f}, "
+                                       f"not after the newest frame of its live or last session ({newest:.3f})")
+
+    def _session(self, worker: str, session: str, now: float, sent_at: float | None = None) -> list[Outgoing]:
+        """Note `worker`'s live session (and its newest frame's `sent_at`); a new one means the old process is gone:
+        its grants are void."""
         old = self.sessions.get(worker)
+        if sent_at is not None:  # a new session's frames are ordered from its first one on
+            self._newest[worker] = max(sent_at, self._newest[worker]) if old == session and worker in self._newest else sent_at
         if old == session:
             return []
         self.sessions[worker] = session
@@ -286,3 +321,24 @@ class CoordinatedEngine(RoundEngine):
     def _all_offline(self, devices: Collection[str]) -> bool:
         """Whether every device of `devices` is known and offline."""
         return all((d := self.registry.get(dev)) is not None and not d.online for dev in devices)
+
+
+def partial_problem(sums: Mapping[str, np.ndarray], grants: Collection[Grant]) -> Problem | None:
+    """Why a partial sum cannot be the sum of the `grants` it names: a value outside every block they hold (HeteroFL
+    tiers, relays' contributors), or an L2 norm over the sum of their weight x norm (the triangle inequality on what
+    the coordinator granted, with float32 slack); None when it may be added."""
+    bound = sum(g.norm_weight for g in grants) * (1 + PARTIAL_NORM_SLACK)
+    total = 0.0
+    for name, value in sums.items():
+        held = np.zeros(value.shape, bool)
+        for grant in grants:
+            blocks = [part.shapes[name] for part in grant.client.contributions] or [grant.client.delta[name].shape]
+            for block in blocks:
+                held[leading_slices(block)] = True
+        if np.any(value[~held]):
+            return RejectReason.BAD_TENSOR, f"a partial sum with values in {name} outside the blocks its updates hold"
+        total += float(np.square(value, dtype=np.float64).sum())
+    if math.sqrt(total) > bound:
+        return RejectReason.OUTLIER, (f"a partial sum of L2 norm {math.sqrt(total):.4g}, over the {bound:.4g} its "
+                                      f"{len(grants)} granted updates' weights x norms allow")
+    return None

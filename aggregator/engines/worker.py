@@ -122,12 +122,15 @@ class WorkerEngine:
         return []
 
     def on_grant(self, grant: WorkerGrant) -> None:
-        """Fold a granted update into its round's partial sum, or drop a refused one."""
-        pending = self._pending.pop(grant.update_id, None)
-        if pending is None or pending.device != grant.device or pending.update.round != grant.round:
+        """Fold a granted update into its round's partial sum, or drop a refused one; a grant of another session or
+        for an update we do not hold changes nothing."""
+        pending = self._pending.get(grant.update_id)
+        if grant.session != self.session or pending is None or pending.device != grant.device \
+                or pending.update.round != grant.round:
             log.warning("a grant for %s's update %s that we do not hold", grant.device, grant.update_id[:8])
             return
-        if grant.session != self.session or not grant.granted:
+        del self._pending[grant.update_id]
+        if not grant.granted:
             return
         self._drop_before(grant.round)
         partial = self._partials.get(grant.round)
