@@ -274,6 +274,21 @@ def test_hostile_variates_are_refused_with_a_reason_and_change_nothing(art_dir: 
     assert engine.record.version == 1 and all(np.isfinite(v).all() and np.abs(v).max() < 10 for v in engine.control.values())
 
 
+def test_variates_sent_to_a_fleet_that_does_not_run_scaffold_are_refused(art_dir: Path, tmp_path: Path) -> None:
+    registry = DeviceRegistry()
+    registry.hello("wide", 10, 0, "a", "ort-training", now=0.0)
+    registry.hello("narrow", 30, 0, "c", "ort-training", now=0.0)
+    engine = RoundEngine(EngineParts(EngineConfig(rounds=4, round_timeout_s=60.0), FedAvg(min_clients=2),
+                                     ArtifactStore(art_dir), StateStore(tmp_path), registry))
+    tasks = engine.tick(0.0)
+    out = next(o for o in tasks if o.device_id == "narrow")
+    assert not out.body.weights.control and not any(n.startswith(CONTROL_PREFIX) for n in out.tensors)
+    name = next(iter(out.tensors))
+    refused = _answer(engine, out, 0, 1.0, **{CONTROL_PREFIX + name: np.zeros(out.tensors[name].shape, np.float32)})
+    assert [o.body.reason for o in refused] == [RejectReason.BAD_TENSOR] and "SCAFFOLD" in refused[0].body.detail
+    assert engine.open_round is not None and not engine.open_round.answered and engine.rejected["bad_tensor"] == 1
+
+
 # -- which options compose --------------------------------------------------------------------------------------
 
 def _resolve(tmp_path: Path, *argv: str) -> object:
