@@ -251,7 +251,7 @@ def svg_chart(title: str, rounds: list[int], series: list[Series], *, bars: bool
             for i, v in points:
                 x = x_of(i) - band * 0.4 + k * slot
                 parts.append(f'<rect x="{x:.1f}" y="{y_of(v):.1f}" width="{max(slot - 1, 0.5):.1f}" '
-                             f'height="{top + plot_h - y_of(v):.1f}" fill="{color}"><title>round {rounds[i]}: '
+                             f'height="{top + plot_h - y_of(v):.1f}" fill="{color}"><title>{_e(x_label)} {_e(rounds[i])}: '
                              f'{_e(s.label)} {_e(y_format(v))}</title></rect>')
             continue
         runs: list[list[tuple[int, float]]] = []  # a missing value breaks the line
@@ -265,7 +265,7 @@ def svg_chart(title: str, rounds: list[int], series: list[Series], *, bars: bool
             coords = " ".join(f"{x_of(i):.1f},{y_of(v):.1f}" for i, v in segment)
             parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
         if n <= 100:
-            parts += [f'<circle cx="{x_of(i):.1f}" cy="{y_of(v):.1f}" r="3" fill="{color}"><title>round {rounds[i]}: '
+            parts += [f'<circle cx="{x_of(i):.1f}" cy="{y_of(v):.1f}" r="3" fill="{color}"><title>{_e(x_label)} {_e(rounds[i])}: '
                       f'{_e(s.label)} {_e(y_format(v))}</title></circle>' for i, v in points]
     parts.append("</svg>")
     return "".join(parts)
