@@ -18,7 +18,8 @@ time a device of its speed would take is simulated around the real training: the
 the device would have finished and its bytes crossed its uplink, and a device that drops out
 during a task vanishes (the broker publishes its will) and comes back later without sending it.
 Secure aggregation is not simulated: a secure task is refused on receipt, as by a device without
-the cryptography package.
+the cryptography package. Nor is personalization: a task naming personal layers (--personal-layers)
+is refused on receipt (its update would carry them), and --personalize's fine-tune is not measured.
 """
 
 from __future__ import annotations
@@ -234,6 +235,10 @@ class VirtualDevice:
         body = item.body
         if isinstance(body, Task):
             self.runtime.count("tasks_taken")
+            if isinstance(body, TrainTask) and body.personal_layers:  # its update would carry them, refused
+                self._refuse(RejectReason.UNEXPECTED, f"round {body.round}: a virtual device keeps no personal layers "
+                             f"({', '.join(body.personal_layers[:4])}); task not trained", item.header.sender)
+                return
             self._task, self._asked = item, set()
             self.cache.use(body.artifacts.values())
             self._advance()

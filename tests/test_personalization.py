@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -41,6 +42,7 @@ from aggregator.strategies.fedavg import FedAvg
 from aggregator.strategies.tiering import DynamicTiers, FixedTiers
 from edge_client.agent import ClientConfig, DeviceAgent
 from edge_client.personal import PersonalLayers, PersonalLayersCorrupt
+from edge_client.virtual_device import VirtualDevice
 from models.data import Dataset, load_digits, train_test_split
 from models.export import export_all
 from models.personal import fit_personal, merge_personal, personal_names
@@ -202,6 +204,18 @@ def test_a_relay_refuses_a_personalized_task_saying_why(art, tmp_path):
     for personalized in (task, task.model_copy(update={"personal_layers": [], "finetune_steps": 5})):
         with pytest.raises(ValueError, match="a relay does not forward personalization"):
             relay.start(personalized, weights, time.time())
+
+
+def test_a_virtual_device_refuses_a_task_naming_personal_layers_instead_of_sending_them(art, tmp_path):
+    tier = ArtifactStore(art).tiers["a"]
+    task = TrainTask(round=1, model_version=0, tier="a", manifest_sha256=tier.manifest_sha256, artifacts=tier.files,
+                     deadline=time.time() + 60, epochs=1, batch_size=16, learning_rate=0.1, personal_layers=list(HEAD))
+    refused: list[tuple[object, ...]] = []
+    device = SimpleNamespace(runtime=SimpleNamespace(count=lambda name: None), _task=None,
+                             _refuse=lambda *why: refused.append(why))
+    VirtualDevice._handle(device, SimpleNamespace(body=task, header=SimpleNamespace(sender="aggregator")))
+    assert device._task is None  # never trained, so no update carrying the head is ever sent
+    assert refused[0][0] is RejectReason.UNEXPECTED and "personal layers" in refused[0][1]
 
 
 def _resolve(*options: str) -> None:
