@@ -378,7 +378,9 @@ class AnalyticsDesk:
         if z == 0:
             return {"dp": False, "std": 0.0, "error_bound": 0.0}
         sensitivity = query.spec.sensitivity()
-        elements = sum(math.prod(s) for s in query.spec.shapes().values()) * max(1, len(query.sums))
+        tiers = len(query.sums) if query.spec.computation == "model_metrics" else 1  # each tier's sum gets its own noise
+        answer = sum(math.prod(s) for s in query.spec.shapes().values())
+        elements = answer * (tiers + 1 if tiers > 1 else 1)  # per tier, and their total (std sqrt(tiers) x as much)
         alone = DpEventAccountant()
         alone.step(z)
         self.books.step(z)
@@ -388,7 +390,7 @@ class AnalyticsDesk:
         std = z * sensitivity
         return {"dp": True, "unit": "one sample", "noise_multiplier": z, "sensitivity": sensitivity, "std": std,
                 "epsilon": epsilon, "delta": query.request.dp_delta, "epsilon_total": total,
-                "noisy_queries": len(self.books.events), "error_bound": gaussian_bound(std, elements),
+                "noisy_queries": len(self.books.events), "error_bound": gaussian_bound(std * math.sqrt(tiers), elements),
                 "error_bound_confidence": 0.95, "elements": elements}
 
     def _noisy(self, sums: Mapping[str, np.ndarray], std: object) -> dict[str, np.ndarray]:
@@ -398,10 +400,11 @@ class AnalyticsDesk:
         return {name: value + self._rng.normal(0.0, std, value.shape) for name, value in sorted(sums.items())}
 
     def _status(self, query: OpenQuery, status: str, reason: str | None = None) -> dict[str, object]:
+        plain = status == "answered" and query.request.dp_noise == 0  # an exact total only where the answer is exact
         return {"id": query.id, "number": query.number, "status": status, "reason": reason,
                 "computation": query.spec.computation, "request": query.request.model_dump(),
                 "started": query.started, "asked": len(query.asked), "answered": len(query.answered),
-                "samples": sum(query.answered.values()), "refused_answers": dict(query.refused),
+                "samples": sum(query.answered.values()) if plain else None, "refused_answers": dict(query.refused),
                 "min_devices": max(query.request.min_devices, self.min_devices_floor),
                 "secure": query.secure is not None}
 

@@ -118,7 +118,7 @@ def test_hostile_answers_are_refused_counted_and_never_summed(tmp_path):
     assert fleet.answer("d1", query) is None and fleet.answer("d2", query) is None
     fleet.desk.tick(3.0)
     result = fleet.desk.result(query_id)
-    assert result["status"] == "answered" and result["answered"] == 3
+    assert result["status"] == "answered" and result["answered"] == 3 and result["samples"] == 90
     assert result["answer"]["counts"] == true_answer(QuerySpec("label_histogram", SHAPE, CLASSES),
                                                      list(fleet.data.values()))["counts"].tolist()
     assert sum(result["refused_answers"].values()) == 9
@@ -134,6 +134,7 @@ def test_too_few_devices_release_nothing(tmp_path):
     fleet.desk.tick(100.0)  # the deadline passed with two answers
     result = fleet.desk.result(query_id)
     assert result["status"] == "refused" and "answer" not in result and "fewer than the 3" in result["reason"]
+    assert result["samples"] is None  # not even the two answers' total: it is what was refused
     query_id, query = fleet.start(computation="sample_count")  # three answers, one of them of no data
     empty = {"count": np.zeros(1, np.float32)}
     assert fleet.answer("d0", query) is None and fleet.answer("d1", query) is None
@@ -147,6 +148,11 @@ def test_too_few_devices_release_nothing(tmp_path):
     fleet.desk.tick(102.0)
     assert fleet.desk.open is not None and fleet.desk.open.request.min_devices == 1
     assert fleet.desk.result(fleet.desk.open.id)["min_devices"] == 3  # the floor holds
+    fleet.desk.tick(200.0)
+    query_id, query = fleet.start(computation="label_histogram", dp_noise=1.0)  # refused: nothing charged
+    assert fleet.answer("d0", query) is None
+    fleet.desk.tick(300.0)
+    assert fleet.desk.result(query_id)["status"] == "refused" and not fleet.desk.books.events
 
 
 def test_dp_noise_stays_within_the_stated_bound_and_is_charged(tmp_path):
@@ -164,7 +170,7 @@ def test_dp_noise_stays_within_the_stated_bound_and_is_charged(tmp_path):
         error = np.abs(np.array(result["answer"]["counts"]) - truth).max()
         within += error <= privacy["error_bound"]
         epsilons.append(privacy["epsilon_total"])
-        assert "diagnostics" not in result  # nothing per device under DP
+        assert "diagnostics" not in result and result["samples"] is None  # nothing exact beside a noisy answer
     assert privacy["std"] == 1.5 and privacy["error_bound"] == pytest.approx(gaussian_bound(1.5, CLASSES))
     assert within >= 0.9 * trials  # 95 % for all elements at once, by construction
     single = dp_accounting.rdp.RdpAccountant()
