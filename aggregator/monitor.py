@@ -451,6 +451,7 @@ class _StatusServer(ThreadingHTTPServer):
 
 class _StatusHandler(BaseHTTPRequestHandler):
     server: _StatusServer
+    timeout = 10  # seconds a client may stall mid-request (a POST short of its Content-Length) before it is dropped
 
     def do_GET(self) -> None:
         """Serve /metrics, /status.json or the page."""
