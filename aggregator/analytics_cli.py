@@ -14,13 +14,19 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
 
 from aggregator.analytics import MIN_DEVICES_FLOOR, TOKEN_FILE, AnalyticsRequest
+from aggregator.analytics_secure import UNMASK_FRACTION
 from models.analytics import COMPUTATIONS
 
 EXIT_REFUSED = 3  # the aggregator refused to release an answer (the JSON says why)
 POLL_S = 0.25
+OPTIONS = {"timeout_s": "timeout"}  # request fields whose option is not the field's name with dashes
 
 EXAMPLES = """\
 menu (every answer is a sum over the devices that answered; nothing per device is released):
@@ -93,25 +99,35 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Post the query, wait for its answer, print it as JSON; 0 answered, 3 refused."""
-    request = AnalyticsRequest(computation=args.computation, split=args.split, min_devices=args.min_devices,
-                               max_devices=args.max_devices, tier=args.tier, timeout_s=args.timeout, low=args.low,
-                               high=args.high, bins=args.bins, loss_clip=args.loss_clip, dp_noise=args.dp_noise,
-                               dp_delta=args.dp_delta, secure=args.secure)
+    try:
+        request = AnalyticsRequest(computation=args.computation, split=args.split, min_devices=args.min_devices,
+                                   max_devices=args.max_devices, tier=args.tier, timeout_s=args.timeout, low=args.low,
+                                   high=args.high, bins=args.bins, loss_clip=args.loss_clip, dp_noise=args.dp_noise,
+                                   dp_delta=args.dp_delta, secure=args.secure)
+    except ValidationError as exc:  # exit 2 naming the option, as argparse would
+        raise argparse.ArgumentError(None, "; ".join(_option_error(error) for error in exc.errors())) from None
     token_file = args.token_file or args.state_dir / TOKEN_FILE
     try:
         token = token_file.read_text(encoding="ascii").strip()
     except OSError as exc:
         raise OSError(f"cannot read the operator's token {token_file} ({exc.strerror or exc}): the aggregator writes "
                       "it to its --state-dir when it serves --status-port; give that --state-dir or --token-file") from None
-    result = ask(args.url, token, request, wait_s=args.timeout + 30)
+    result = ask(args.url, token, request, wait_s=args.timeout * (1 + UNMASK_FRACTION) + 30)
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0 if result.get("status") == "answered" else EXIT_REFUSED
 
 
+def _option_error(error: Mapping[str, Any]) -> str:
+    """One pydantic error of the request as the option it came from would say it."""
+    field = str(error["loc"][0]) if error["loc"] else ""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"--{OPTIONS.get(field, field.replace('_', '-'))}: {message}" if field else message
+
+
 def ask(url: str, token: str, request: AnalyticsRequest, wait_s: float) -> dict[str, object]:
     """Post `request` to the aggregator at `url` and poll until it is answered or refused (RuntimeError after
-    `wait_s`); the result document."""
+    `wait_s` from when the aggregator starts it: a query waiting behind others is waited for); the result document."""
     base = url.rstrip("/")
     post = urllib.request.Request(f"{base}/analytics", data=request.model_dump_json().encode(), method="POST",
                                   headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
@@ -122,6 +138,8 @@ def ask(url: str, token: str, request: AnalyticsRequest, wait_s: float) -> dict[
         result = _open(urllib.request.Request(f"{base}/analytics/{query_id}"))
         if result.get("status") in ("answered", "refused"):
             return result
+        if result.get("status") in ("posted", "queued"):  # behind another query: its clock has not started
+            until = time.monotonic() + wait_s
         time.sleep(POLL_S)
     raise RuntimeError(f"query {query_id} had no answer after {wait_s:.0f} s (is the aggregator still running?)")
 

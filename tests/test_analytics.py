@@ -23,6 +23,7 @@ from protocol.frame import FrameError
 from protocol.messages import Answer, Query, Reject, RejectReason
 from protocol.secagg.device import SecAggDevice
 from protocol.secagg.wire import unwrap, wrap
+from tierfl.cli import main as tierfl_main
 
 SHAPE, CLASSES = (2, 3, 3), 4  # two channels of 9 values
 
@@ -205,6 +206,14 @@ def test_status_server_takes_queries_with_the_token_only():
         assert [request.computation for _, request in taken] == ["label_histogram"]
         with urllib.request.urlopen(f"{url}/{taken[0][0]}", timeout=5) as response:
             assert json.loads(response.read())["status"] == "posted"
+
+
+def test_tierfl_analytics_names_the_option_of_a_bad_request_and_exits_2(capsys):
+    for options, message in ((["--low", "2", "--high", "1"], "low 2.0 must be below high 1.0"),
+                             (["--timeout", "0"], "--timeout: Input should be greater than 0"),
+                             (["--min-devices", "0"], "--min-devices: Input should be greater than or equal to 1")):
+        assert tierfl_main(["analytics", "sample_count", "--url", "http://127.0.0.1:9", *options]) == 2
+        assert capsys.readouterr().err.strip() == f"tierfl analytics: error: {message}"
 
 
 def test_a_secure_query_sums_masked_answers_and_refuses_the_hostile_ones(tmp_path):
