@@ -66,6 +66,7 @@ MIN_DEVICES_FLOOR = 3  # no answer of fewer devices is ever released, whatever t
 RESULTS_FILE = "analytics.jsonl"
 BOOKS_FILE = "analytics_privacy.json"
 TOKEN_FILE = "analytics.token"
+ONLINE_CHECK_S = 1.0  # how often an open query looks at who is online (its devices all gone: close it early)
 TierWeights = Callable[[str], tuple[int, Mapping[str, np.ndarray]]]  # tier -> (model version, its slice of the weights)
 
 
@@ -136,6 +137,8 @@ class AnalyticsDesk:
         self.changes = 0  # bumped whenever a result changes: the service copies results to the status page then
         self.books = DpEventAccountant(self._load_books())
         self.fleet = FleetRecord(registry, folder)  # system heterogeneity for tierfl report: STATE_DIR/fleet.json
+        self._online_at, self._online_ids = -math.inf, set[str]()  # _online's last look at the registry
+        self._gone_at = -math.inf  # _all_gone's last look
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -170,9 +173,9 @@ class AnalyticsDesk:
         out: list[Outgoing] = []
         self.fleet.sample(now)
         if (query := self.open) is not None and query.secure is not None:
-            out += query.secure.advance(now, {d.device_id for d in self.registry.available(now)})
+            out += query.secure.advance(now, self._online(now))
         if query is not None and (query.secure.done if query.secure is not None else (
-                now >= query.deadline or set(query.answered) >= set(query.asked) or self._all_gone(query, now))):
+                now >= query.deadline or len(query.answered) == len(query.asked) or self._all_gone(query, now))):
             self._close(query, now)
             self.open = None
         while self.open is None and self._queue:
@@ -180,10 +183,19 @@ class AnalyticsDesk:
             out += self._start(query_id, request, now)
         return out
 
+    def _online(self, now: float) -> set[str]:
+        """The online devices, as of at most ONLINE_CHECK_S ago: the desk ticks after every message, and a pass over
+        the registry per message would make a query's answers O(devices^2)."""
+        if now - self._online_at >= ONLINE_CHECK_S or now < self._online_at:
+            self._online_at, self._online_ids = now, {d.device_id for d in self.registry.available(now)}
+        return self._online_ids
+
     def _all_gone(self, query: OpenQuery, now: float) -> bool:
-        """Every device still owing an answer went offline."""
-        online = {d.device_id for d in self.registry.available(now)}
-        return not (set(query.asked) - set(query.answered)) & online
+        """Every device still owing an answer went offline (looked at once every ONLINE_CHECK_S)."""
+        if 0 <= now - self._gone_at < ONLINE_CHECK_S:
+            return False
+        self._gone_at, online = now, self._online(now)
+        return not any(device in online for device in query.asked if device not in query.answered)
 
     def _start(self, query_id: str, request: AnalyticsRequest, now: float) -> list[Outgoing]:
         card = self.artifacts.card
