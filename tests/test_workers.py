@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aggregator.coordinator_service import CoordinatorService
 from aggregator.engines.base import EngineConfig
 from aggregator.engines.coordinated import CoordinatedEngine, partial_problem
 from aggregator.engines.parts import EngineParts
@@ -407,3 +408,45 @@ def test_partial_sums_beyond_their_grants_and_frames_of_stale_sessions_are_refus
         worker.on_grant(WorkerGrant(session=session, round=1, device="d2", update_id=update.update_id, granted=True,
                                     samples=10))
     assert worker.folded == 1
+
+
+def test_the_coordinator_service_checks_a_worker_frame_before_anything_else(art_dir, tmp_path):
+    """Hostile worker frames, through the coordinator service's handler (its link never started): each refused with
+    its reason and counted, nothing granted, voided or counted."""
+    registry = DeviceRegistry()
+    registry.hello("d1", 10, 0, "a", "ort-training", now=0.0)
+    registry.hello("d2", 10, 0, "a", "ort-training", now=0.0)
+    engine = CoordinatedEngine(EngineParts(EngineConfig(fleet="f", rounds=3, round_timeout_s=10.0),
+                                           FedAvg(min_clients=2, tiers=FixedTiers({"a": 1.0})), ArtifactStore(art_dir),
+                                           StateStore(tmp_path / "state"), registry), ["w1"], now=0.0)
+    engine.tick(0.0)
+    w1, stranger = DeviceKey(tmp_path / "w1", AGGREGATOR_KEY_FILE), DeviceKey(tmp_path / "x", AGGREGATOR_KEY_FILE)
+    service = CoordinatorService(engine, parse("mqtt://127.0.0.1:1"), {"w1": w1.public_hex},
+                                 key=DeviceKey(tmp_path / "coord", AGGREGATOR_KEY_FILE))
+    topics = Topics("f")
+    session, update = new_id(), Update(update_id=new_id(), round=1, base_version=0, tier="a", num_samples=10, steps=1,
+                                       train_loss=1.0, train_accuracy=0.5, train_seconds=0.1)
+    claim = WorkerClaim(session=session, device="d1", update=update, norm=1.0)
+    zeros = {n: np.zeros_like(w) for n, w in engine.weights.items()}
+    partial = PartialSum(session=session, round=1, update_ids=[update.update_id])
+    cases = [  # (worker topic, frame, reason)
+        ("w1", encode_frame("f", "w1", claim), "bad_signature"),  # unsigned
+        ("w1", encode_frame("f", "w1", claim, signer=stranger.sign), "bad_signature"),
+        ("w2", encode_frame("f", "w2", claim, signer=stranger.sign), "not_enrolled"),
+        ("w1", encode_frame("f", "w2", claim, signer=w1.sign), "sender_mismatch"),
+        ("w1", encode_frame("other", "w1", claim, signer=w1.sign), "sender_mismatch"),
+        ("w1", encode_frame("f", "w1", partial, zeros, "int8", signer=w1.sign), "bad_tensor"),
+        ("w1", encode_frame("f", "w1", partial, {n: v[:1] for n, v in zeros.items()}, signer=w1.sign), "bad_tensor"),
+    ]
+    for number, (worker, frame, reason) in enumerate(cases):
+        service._handle(topics.worker(worker, "up"), frame, 1.0)
+        assert engine.rejected[reason] >= 1, (number, reason, dict(engine.rejected))
+    assert sum(engine.rejected.values()) == len(cases), dict(engine.rejected)
+    assert engine.grants == {} and engine.sessions == {} and engine.take_worker_messages() == []
+    # A claim of the live session is granted; a replayed frame of an earlier session (sent before it) changes nothing.
+    service._handle(topics.worker("w1", "up"), encode_frame("f", "w1", claim, signer=w1.sign, sent_at=10.0), 1.0)
+    assert list(engine.grants) == ["d1"]
+    engine.take_worker_messages()
+    old = WorkerClaim(session=new_id(), device="d2", update=update.model_copy(update={"update_id": new_id()}), norm=1.0)
+    service._handle(topics.worker("w1", "up"), encode_frame("f", "w1", old, signer=w1.sign, sent_at=9.0), 1.0)
+    assert engine.rejected["replayed"] == 1 and list(engine.grants) == ["d1"] and engine.sessions == {"w1": session}
