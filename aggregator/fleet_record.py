@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -22,7 +23,7 @@ from protocol.atomic_file import atomic_write
 log = logging.getLogger(__name__)
 SAMPLE_S = 5.0
 FLEET_FILE = "fleet.json"
-MAX_KEPT = 10_000  # devices kept in the file (the registry's own default bound)
+MAX_KEPT = 10_000  # devices sampled into the file; past it, rows of devices the registry forgot go
 
 
 class DeviceRecord(BaseModel):
@@ -62,7 +63,7 @@ class FleetRecord:
                 self.file = FleetFile.model_validate_json(self.path.read_bytes())
             except ValueError as exc:
                 log.warning("%s does not read (%s): starting the fleet record anew", self.path, str(exc)[:200])
-        self._last = 0.0
+        self._last = -math.inf  # the first call samples
 
     def _row(self, device: str) -> DeviceRecord:
         return self.file.devices.setdefault(device, DeviceRecord())
@@ -80,7 +81,11 @@ class FleetRecord:
             return
         self._last = now
         online = {d.device_id for d in self.registry.available(now)}
-        for info in self.registry.devices()[:MAX_KEPT]:
+        devices = self.registry.devices()[:MAX_KEPT]
+        if len(self.file.devices) > MAX_KEPT:  # devices come and go: keep the rows of those the registry holds
+            known = {info.device_id for info in devices}
+            self.file.devices = {name: row for name, row in self.file.devices.items() if name in known}
+        for info in devices:
             row = self._row(info.device_id)
             row.tier = (max(info.holds, key=info.holds.__getitem__) if info.holds else info.requested_tier) or row.tier
             row.samples = info.num_samples

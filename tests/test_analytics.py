@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from aggregator.analytics import BOOKS_FILE, RESULTS_FILE, AnalyticsDesk, AnalyticsRequest
+from aggregator.fleet_record import FleetRecord, read_fleet
 from aggregator.monitor import Monitor
 from aggregator.registry import DeviceRegistry
 from edge_client.secure_client import secure_params
@@ -206,6 +207,27 @@ def test_status_server_takes_queries_with_the_token_only():
         assert [request.computation for _, request in taken] == ["label_histogram"]
         with urllib.request.urlopen(f"{url}/{taken[0][0]}", timeout=5) as response:
             assert json.loads(response.read())["status"] == "posted"
+
+
+def test_the_fleet_record_counts_availability_and_answers_and_keeps_a_bounded_file(tmp_path, monkeypatch):
+    registry = DeviceRegistry()
+    for i in range(3):
+        registry.hello(f"d{i}", 30, 10, None, "portable", now=0.0)
+    record = FleetRecord(registry, tmp_path)
+    record.sample(0.0)
+    registry.set_online("d2", False, 1.0)
+    record.sample(1.0)  # within SAMPLE_S: not taken
+    record.sample(1.0, force=True)
+    record.query(["d0", "d1", "d2"], ["d0", "d1"])
+    record.sample(10.0)
+    rows = read_fleet(tmp_path).devices
+    assert [(rows[d].online_samples, rows[d].seen_samples) for d in ("d0", "d2")] == [(3, 3), (1, 3)]
+    assert (rows["d1"].queries_answered, rows["d2"].queries_asked, rows["d2"].queries_answered) == (1, 1, 0)
+    assert FleetRecord(registry, tmp_path).file.devices["d2"].seen_samples == 3  # a restart goes on counting
+    monkeypatch.setattr("aggregator.fleet_record.MAX_KEPT", 2)
+    record.file.devices["gone"] = record.file.devices["d0"].model_copy()  # a device the registry forgot
+    record.sample(20.0)
+    assert sorted(read_fleet(tmp_path).devices) == ["d0", "d1"]
 
 
 def test_tierfl_analytics_names_the_option_of_a_bad_request_and_exits_2(capsys):
