@@ -35,13 +35,18 @@ class CacheFull(ArtifactTooLarge):
 class ArtifactCache:
     """Stores artifact files under `root/blobs/<sha256>` and lays out tier folders from them."""
 
-    def __init__(self, root: Path, max_bytes: int | None = None, durable: bool = True) -> None:
-        """`durable=False`: no fsyncs (still atomic for readers): for the virtual devices of `tierfl fleet`."""
+    def __init__(self, root: Path, max_bytes: int | None = None, durable: bool = True, pool: Path | None = None) -> None:
+        """`durable=False`: no fsyncs (still atomic for readers); `pool`: a folder of blobs by sha256 shared with
+        other caches, each file written there once and hard-linked into this cache (both for the many virtual
+        devices of `tierfl fleet`: every device still receives and checks every byte, the disk holds them once)."""
         if max_bytes is not None and max_bytes <= 0:
             raise ValueError(f"cache bound must be positive, not {max_bytes} bytes")
         self.root = root
         self.max_bytes = max_bytes
         self.durable = durable
+        self.pool = pool
+        if pool is not None:
+            pool.mkdir(parents=True, exist_ok=True)
         self._blobs = root / "blobs"
         self._tiers = root / "tiers"
         self._blobs.mkdir(parents=True, exist_ok=True)
@@ -85,12 +90,28 @@ class ArtifactCache:
                                    f"whole bound of {self.max_bytes / 1e6:.2f} MB")
         with self._lock:
             existed = self.has(sha256)
-            atomic_write(self._blobs / sha256, lambda out: out.write(data), durable=self.durable)
+            if not (self.pool is not None and self._link_pooled(sha256, data)):
+                atomic_write(self._blobs / sha256, lambda out: out.write(data), durable=self.durable)
             if not self._evict(keep=frozenset({sha256})) and not existed:
                 self._remove_folders_linking(self._blobs / sha256)
                 (self._blobs / sha256).unlink(missing_ok=True)
                 raise CacheFull(f"artifact {sha256[:12]} ({len(data) / 1e6:.2f} MB) does not fit beside the "
                                 f"artifacts in use within the cache's bound of {self.max_bytes / 1e6:.2f} MB")
+
+    def _link_pooled(self, sha256: str, data: bytes) -> bool:
+        """Put the pool's copy of a checked blob in place (written there first if new); False if that failed."""
+        assert self.pool is not None
+        pooled = self.pool / sha256
+        try:
+            if not pooled.is_file() or pooled.stat().st_size != len(data):
+                atomic_write(pooled, lambda out: out.write(data), durable=self.durable)
+            tmp = self._blobs / f".{sha256}.{os.getpid()}.link.tmp"
+            tmp.unlink(missing_ok=True)
+            os.link(pooled, tmp)
+            os.replace(tmp, self._blobs / sha256)
+            return True
+        except OSError:
+            return False
 
     def read(self, sha256: str) -> bytes:
         """The cached bytes of `sha256`."""

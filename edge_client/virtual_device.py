@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 MAILBOX_ITEMS = 256  # downlink items waiting for the device's worker; more are dropped and counted (rate_limited)
 MAILBOX_BYTES = 8 << 20  # and their bytes (any one frame fits an empty mailbox)
+POOL = ".pool"  # the fleet's shared blob folder under the cache root: each artifact on disk once (ArtifactCache)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ class VirtualDevice:
         settings = runtime.settings
         self.topics = Topics(settings.fleet)
         self.cache_dir = settings.cache_root / self.id
-        self.cache = ArtifactCache(self.cache_dir, max_bytes=int(settings.cache_max_mb * 1e6), durable=False)
+        self.cache = ArtifactCache(self.cache_dir, max_bytes=int(settings.cache_max_mb * 1e6), durable=False,
+                                   pool=settings.cache_root / POOL)
         self.key = key
         self.trust = AggregatorTrust(self.cache_dir, settings.aggregator_key, verifiable=key is not None, durable=False)
         self.session = new_id()
