@@ -257,9 +257,10 @@ class Uplink:
 
     def __init__(self, url: str, fleet: str) -> None:
         self.frames: list[bytes] = []
+        self.arrived = threading.Condition()
         self.subscribed = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv311)
-        self.client.on_message = lambda c, u, m: self.frames.append(m.payload)
+        self.client.on_message = lambda c, u, m: self._take(m.payload)
         self.client.on_subscribe = lambda *_: self.subscribed.set()
         host, port = url.removeprefix("mqtt://").split(":")
         self.client.connect(host, int(port))
@@ -267,10 +268,22 @@ class Uplink:
         self.client.loop_start()
         assert self.subscribed.wait(5)
 
-    def updates(self) -> list[tuple[Update, list[str], str]]:
-        """Every update frame seen: its body, the names of the tensors it carries, its sender."""
-        headers = [read_header(frame).header for frame in list(self.frames)]
-        return [(h.body, [t.name for t in h.tensors], h.sender) for h in headers if isinstance(h.body, Update)]
+    def _take(self, frame: bytes) -> None:
+        with self.arrived:
+            self.frames.append(frame)
+            self.arrived.notify_all()
+
+    def updates(self, expected: int) -> list[tuple[Update, list[str], str]]:
+        """The update frames seen once `expected` of them arrived (10 s at most; the aggregator counted them, but this
+        subscriber may still be a frame behind): body, names of the tensors carried, sender."""
+
+        def seen() -> list[tuple[Update, list[str], str]]:
+            headers = [read_header(frame).header for frame in self.frames]
+            return [(h.body, [t.name for t in h.tensors], h.sender) for h in headers if isinstance(h.body, Update)]
+
+        with self.arrived:
+            self.arrived.wait_for(lambda: len(seen()) >= expected, timeout=10)
+            return seen()
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -315,12 +328,12 @@ def test_finetuning_on_a_label_skewed_split_beats_the_global_model(art, shards, 
         with federation(mosquitto_url, fleet, art, tmp_path / "state", tmp_path / "caches", shards, config,
                         strategy) as (engine, _):
             metrics = _summary(engine).metrics
+        updates = uplink.updates(8)
     finally:
         uplink.close()
     assert metrics["acc_global_devices"] == metrics["acc_finetuned_devices"] == 4
     assert metrics["acc_finetuned_mean"] > metrics["acc_global_mean"] + 0.1, metrics
     assert metrics["acc_finetuned_worst10"] > metrics["acc_global_worst10"], metrics
-    updates = uplink.updates()
     assert len(updates) == 8 and all(u.personal_accuracy is not None for u, _, _ in updates)
     assert all(set(names) == set(PARAMETERS) for _, names, _ in updates)  # fine-tuning changes nothing that is sent
 
@@ -336,9 +349,9 @@ def test_personal_layers_never_leave_the_device_and_survive_its_restart(art, sha
             committed_head = {name: engine.model.weights[name] for name in HEAD}
             saved = [agent.personal.held(SPEC.name) for agent in agents]
             metrics = _summary(engine).metrics
+        updates = uplink.updates(12)
     finally:
         uplink.close()
-    updates = uplink.updates()
     assert len(updates) == 12
     for update, names, _ in updates:  # on the wire: the shared layers of the update's tier, never the head
         assert not set(names) & set(HEAD) and set(names) == {"fc1.weight", "fc1.bias"}, (update.tier, names)
