@@ -396,6 +396,10 @@ def test_partial_sums_beyond_their_grants_and_frames_of_stale_sessions_are_refus
                              2.0, sent_at=1.05) == []
     assert engine.rejected["replayed"] == 2 and engine.sessions["w1"] == live and sorted(engine.grants) == ["d1", "d2"]
     assert engine.voided == 0 and engine.take_worker_messages()[2:] == []  # the two grants only
+    # Another worker naming w1's session (and so its grants) is refused too.
+    assert engine.on_partial("w2", PartialSum(session=live, round=1, update_ids=[updates["d1"].update_id]), zeros, 100,
+                             2.0, sent_at=5.0) == []
+    assert engine.rejected["sender_mismatch"] == 1 and "w2" not in engine.sessions and sorted(engine.grants) == ["d1", "d2"]
     done = engine.on_partial("w1", PartialSum(session=live, round=1, update_ids=[u.update_id for u in updates.values()]),
                              sums, 100, 3.0, sent_at=2.0)
     assert engine.record.round == 1 and any(o.device_id is None for o in done)

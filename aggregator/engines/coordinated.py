@@ -160,12 +160,12 @@ class CoordinatedEngine(RoundEngine):
         out = self._session(worker, body.session, now, sent_at)
         current = self.rounds.slot.current
         problem: Problem | None = None
-        by_id = {g.update.update_id: d for d, g in self.grants.items()}
+        by_id = {g.update.update_id: d for d, g in self.grants.items() if g.worker == worker and g.session == body.session}
         if current is None or body.round != current.number or current.trained is not None:
             problem = RejectReason.STALE_ROUND, f"a partial sum of round {body.round}, which is not collecting updates"
         elif len(set(body.update_ids)) != len(body.update_ids):
             problem = RejectReason.DUPLICATE, "a partial sum naming an update twice"
-        elif missing := [u for u in body.update_ids if u not in by_id or self.grants[by_id[u]].session != body.session]:
+        elif missing := [u for u in body.update_ids if u not in by_id]:
             problem = RejectReason.NOT_SELECTED, (f"a partial sum naming {len(missing)} updates that are not live grants "
                                                   f"of worker {worker}'s session (voided or never granted)")
         elif bad := non_finite(sums):
@@ -177,7 +177,7 @@ class CoordinatedEngine(RoundEngine):
             self.intake.count_rejection(*problem)
             # The live grants it names cannot be counted any more (their sums are in a refused partial): voided, and
             # their devices asked again (a coordinator restarted mid-round meets partials mixing old and new grants).
-            named = {by_id[u] for u in body.update_ids if u in by_id and self.grants[by_id[u]].session == body.session}
+            named = {by_id[u] for u in body.update_ids if u in by_id}
             return [*out, *(self._void(worker, body.session, now, ask_again=True, only=named) if named else [])]
         assert current is not None and isinstance(current.accumulator, ElementwiseMean)
         counted = [self.grants.pop(by_id[u]) for u in body.update_ids]
@@ -260,7 +260,10 @@ class CoordinatedEngine(RoundEngine):
     def stale_session(self, worker: str, session: str, sent_at: float | None) -> Problem | None:
         """Why a frame of `worker` is refused unseen: it is of another session than the live one (or than the last one,
         after its will) but sent no later than that session's newest frame: a replay, or a dead process's frame that
-        arrived late. Only a frame sent later starts a new session (`sent_at` None: not ordered, taken as new)."""
+        arrived late. Only a frame sent later starts a new session (`sent_at` None: not ordered, taken as new). A
+        session another worker has live is refused too (sessions are never shared)."""
+        if owner := next((w for w, live in self.sessions.items() if live == session and w != worker), None):
+            return RejectReason.SENDER_MISMATCH, f"worker {worker}: a frame of session {session[:8]}, worker {owner}'s"
         newest = self._newest.get(worker)
         if session == self.sessions.get(worker) or sent_at is None or newest is None or sent_at > newest:
             return None
