@@ -66,6 +66,8 @@ class CoordinatorService(AggregatorService):
             verify_signature(header, public)
             if direction == "status" and isinstance(body, Status):
                 decode_payload(raw, {})
+                if body.session is None:
+                    raise FrameError(RejectReason.MALFORMED, "a worker's status names its session")
                 self._send(self.coordinated.on_worker_status(worker, body.session, body.online, now, header.sent_at))
             elif direction == "up" and isinstance(body, WorkerClaim):
                 decode_payload(raw, {})

@@ -37,7 +37,7 @@ from aggregator.strategies.tiering import FixedTiers
 from models.export import export_all
 from models.spec import ModelSpec
 from protocol.frame import Frame, decode_frame, encode_frame
-from protocol.messages import (Hello, PartialSum, Reject, RejectReason, Task, Update, WorkerClaim, WorkerFlush,
+from protocol.messages import (Hello, PartialSum, Reject, RejectReason, Status, Task, Update, WorkerClaim, WorkerFlush,
                                WorkerGrant, new_id)
 from protocol.mqtt.link import MqttLink
 from protocol.mqtt.url import parse
@@ -441,9 +441,11 @@ def test_the_coordinator_service_checks_a_worker_frame_before_anything_else(art_
         ("w1", encode_frame("other", "w1", claim, signer=w1.sign), "sender_mismatch"),
         ("w1", encode_frame("f", "w1", partial, zeros, "int8", signer=w1.sign), "bad_tensor"),
         ("w1", encode_frame("f", "w1", partial, {n: v[:1] for n, v in zeros.items()}, signer=w1.sign), "bad_tensor"),
+        ("w1", encode_frame("f", "w1", Status(online=False), signer=w1.sign), "malformed"),  # no session
     ]
     for number, (worker, frame, reason) in enumerate(cases):
-        service._handle(topics.worker(worker, "up"), frame, 1.0)
+        service._handle(topics.worker(worker, "status" if isinstance(decode_frame(frame).body, Status) else "up"), frame,
+                        1.0)
         assert engine.rejected[reason] >= 1, (number, reason, dict(engine.rejected))
     assert sum(engine.rejected.values()) == len(cases), dict(engine.rejected)
     assert engine.grants == {} and engine.sessions == {} and engine.take_worker_messages() == []

@@ -101,15 +101,15 @@ class CoordinatedEngine(RoundEngine):
 
     # -- workers ----------------------------------------------------------------------------------
 
-    def on_worker_status(self, worker: str, session: str | None, online: bool, now: float,
+    def on_worker_status(self, worker: str, session: str, online: bool, now: float,
                          sent_at: float | None = None) -> list[Outgoing]:
         """A worker's retained status: online registers its session; offline (its last will) voids its grants.
         `sent_at` (the frame's header) orders sessions: see `stale_session`."""
-        if session is not None and self.stale_session(worker, session, sent_at):
+        if self.stale_session(worker, session, sent_at):
             return []  # an earlier session's will (or status) arriving late: expected, not counted
-        if online and session is not None:
+        if online:
             return self._session(worker, session, now, sent_at)
-        if worker not in self.sessions or (session is not None and self.sessions[worker] != session):
+        if self.sessions.get(worker) != session:
             return []  # a worker we never met (an earlier run's retained will), or an earlier session's will
         gone = self.sessions.pop(worker)
         self._flush_asked.pop(worker, None)
