@@ -224,7 +224,7 @@ class AnalyticsDesk:
         if request.secure:
             try:  # every element of a true answer is within the computation's limit x the device's samples
                 clip = spec.element_limit() * max(1, *announced.values())
-                secure = SecureSum(self.number, sorted(asked), spec.shapes(), clip, now, request.timeout_s)
+                secure = SecureSum(self.number, sorted(asked), spec.shapes(), clip, now, request.timeout_s, minimum)
                 secure.settings()
             except ValueError as exc:
                 self._refuse_query(query_id, request, now, f"cannot sum securely: {exc}")

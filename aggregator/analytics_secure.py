@@ -14,7 +14,8 @@ misses one takes no further part, and one that dropped after sharing its keys is
 the sum. Every device weighs 1 and each element of its answer is clipped to `clip`, which the
 desk sets to what a true answer can reach (the computation's per-sample limit x the largest
 announced sample count): the only check a masked answer gets. Fewer survivors than the threshold
-(2/3 of the asked devices, at least 2) fail the query with the reason.
+(2/3 of the asked devices, at least 2 and at least the query's min_devices, so the aggregator never
+unmasks a sum of fewer) fail the query with the reason.
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ class SecureSum:
     """The secure-aggregation state of one query: its session, the protocol's server, the phase and who owes it."""
 
     def __init__(self, number: int, devices: Sequence[str], shapes: Mapping[str, tuple[int, ...]], clip: float,
-                 now: float, timeout_s: float) -> None:
-        """ValueError when fewer than 2 devices are asked or the ring cannot hold their clipped sum."""
-        if len(devices) < 2:
-            raise ValueError(f"secure aggregation needs at least 2 devices, {len(devices)} are asked")
-        self.params = SecAggParams(round=number, threshold=max(2, math.ceil(2 * len(devices) / 3)), shapes=dict(shapes),
+                 now: float, timeout_s: float, minimum: int = 2) -> None:
+        """ValueError when fewer than 2 (or `minimum`) devices are asked or the ring cannot hold their clipped sum.
+        `minimum` (the query's min_devices) is a floor of the threshold: no sum of fewer is ever unmasked."""
+        if len(devices) < max(2, minimum):
+            raise ValueError(f"secure aggregation needs at least {max(2, minimum)} devices, {len(devices)} are asked")
+        threshold = max(2, minimum, math.ceil(2 * len(devices) / 3))
+        self.params = SecAggParams(round=number, threshold=threshold, shapes=dict(shapes),
                                    ring_bits=RING_BITS, frac_bits=fraction_bits(len(devices), clip, RING_BITS),
                                    clip=clip, max_devices=len(devices))
         self.session = new_id()

@@ -238,11 +238,13 @@ def test_tierfl_analytics_names_the_option_of_a_bad_request_and_exits_2(capsys):
         assert capsys.readouterr().err.strip() == f"tierfl analytics: error: {message}"
 
 
-def test_a_secure_query_sums_masked_answers_and_refuses_the_hostile_ones(tmp_path):
+@pytest.mark.parametrize("min_devices", [3, 4])
+def test_a_secure_query_sums_masked_answers_and_refuses_the_hostile_ones(tmp_path, min_devices):
     fleet = Fleet(tmp_path)
     fleet.registry.hello("d3", 30, 10, None, "portable", now=0.0)
     fleet.data["d3"] = _data(30, 13)
-    query_id = fleet.desk.submit(AnalyticsRequest(computation="label_histogram", secure=True), now=1.0)
+    query_id = fleet.desk.submit(AnalyticsRequest(computation="label_histogram", secure=True, min_devices=min_devices),
+                                 now=1.0)
     queries = {m.device_id: m.body for m in fleet.desk.tick(1.0)}
     devices = {d: SecAggDevice(d, secure_params(q), q.secure.block, session=q.secure.session) for d, q in queries.items()}
     session = queries["d0"].secure.session
@@ -271,6 +273,11 @@ def test_a_secure_query_sums_masked_answers_and_refuses_the_hostile_ones(tmp_pat
         assert send(d, masked[d]) is None
     assert send("d1", adverts["d1"]) is RejectReason.LATE  # its phase closed
     requests = {m.device_id: unwrap(m.body, {}) for m in fleet.desk.tick(100.0)}  # the masked-input deadline passed
+    if min_devices == 4:  # the threshold is at least min_devices: three masked answers are never unmasked
+        result = fleet.desk.result(query_id)
+        assert not requests and result["status"] == "refused" and "answer" not in result
+        assert "only 3 devices sent masked inputs, below the threshold 4" in result["reason"]
+        return
     assert sorted(requests) == ["d0", "d1", "d2"]
     assert all(send(d, devices[d].unmask(requests[d]), now=100.0) is None for d in requests)
     fleet.desk.tick(100.0)
