@@ -297,7 +297,8 @@ def personalization_from_args(args: argparse.Namespace, parameters: tuple[str, .
     conflicts = {
         "--secure-aggregation": args.secure_aggregation,
         "--dp central (its noise covers every element, personal layers included)": args.dp == "central",
-        "--eval-data (the aggregator's copy of the personal layers is never trained)": bool(args.eval_data),
+        "--eval-data (the aggregator's copy of the personal layers is never trained; --eval-data '' drops a "
+        "config file's)": bool(args.eval_data),
     }
     if patterns and (clash := [option for option, present in conflicts.items() if present]):
         raise ValueError(f"--personal-layers cannot be combined with {', '.join(clash)}")
