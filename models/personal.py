@@ -12,7 +12,7 @@ copy is kept for when the device is wider again (`merge_personal`).
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -75,9 +75,3 @@ def merge_personal(own: np.ndarray | None, trained: np.ndarray) -> np.ndarray:
     merged[leading_slices(trained.shape)] = trained
     return merged
 
-
-def split_personal(weights: Mapping[str, np.ndarray], personal: Iterable[str]) -> tuple[dict[str, np.ndarray],
-                                                                                       dict[str, np.ndarray]]:
-    """`weights` as (shared, personal): the tensors federated and those that stay on the device."""
-    keep = set(personal)
-    return ({n: w for n, w in weights.items() if n not in keep}, {n: w for n, w in weights.items() if n in keep})
