@@ -105,8 +105,10 @@ class CoordinatedEngine(RoundEngine):
                          sent_at: float | None = None) -> list[Outgoing]:
         """A worker's retained status: online registers its session; offline (its last will) voids its grants.
         `sent_at` (the frame's header) orders sessions: see `stale_session`."""
-        if self.stale_session(worker, session, sent_at):
-            return []  # an earlier session's will (or status) arriving late: expected, not counted
+        if problem := self.stale_session(worker, session, sent_at):
+            if problem[0] is not RejectReason.REPLAYED:  # an earlier session's will arriving late is expected
+                self.intake.count_rejection(*problem)
+            return []
         if online:
             return self._session(worker, session, now, sent_at)
         if self.sessions.get(worker) != session:
