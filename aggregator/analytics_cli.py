@@ -93,8 +93,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--secure", action="store_true",
                         help="sum the answers by secure aggregation (the masking of secure rounds): the aggregator "
                              "sees only the sum of the devices that answered, never one device's answer; a device "
-                             "that drops out after sharing its keys is unmasked out of the sum. Needs 2 or more "
-                             "devices with the cryptography package; model_metrics then has no per-tier split")
+                             "that drops out after sharing its keys is unmasked out of the sum, and no sum of fewer "
+                             "than --min-devices is ever unmasked. Needs the cryptography package on the devices; "
+                             "model_metrics then has no per-tier split")
 
 
 def run(args: argparse.Namespace) -> int:
