@@ -334,7 +334,7 @@ def serve(args: argparse.Namespace, settings: AlgorithmSettings) -> int:
         elif secure is not None:  # with --enrolled, advertisements that do not verify are refused at the aggregator too
             engine = SecureRoundEngine(parts, secure, enrolled=EnrolledKeys.load(args.enrolled).root if args.enrolled else None)
         elif args.workers:
-            engine = CoordinatedEngine(parts, load_workers(args.workers), args.flush_wait)
+            engine = CoordinatedEngine(parts, args.flush_wait)
         else:
             engine = RoundEngine(parts)
         if engine.finished:

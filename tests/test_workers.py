@@ -225,13 +225,19 @@ def test_two_workers_commit_what_one_aggregator_does_and_a_killed_worker_loses_a
 # -- the coordinator's decisions, in process ----------------------------------------------------
 
 
-def test_a_partial_sum_counts_whole_or_not_at_all(art_dir, tmp_path):
+def _coordinator(art: Path, state: Path, tiers: dict[str, str]) -> CoordinatedEngine:
+    """A coordinator (in process) of FedAvg rounds over the devices of `tiers` (device -> its tier), all of them
+    selected; no round open yet."""
     registry = DeviceRegistry()
-    for device in ("d1", "d2"):
-        registry.hello(device, 10, 0, "a", "ort-training", now=0.0)
-    engine = CoordinatedEngine(EngineParts(EngineConfig(fleet="f", rounds=3, round_timeout_s=10.0),
-                                           FedAvg(min_clients=2, tiers=FixedTiers({"a": 1.0})), ArtifactStore(art_dir),
-                                           StateStore(tmp_path / "state"), registry), ["w1", "w2"], now=0.0)
+    for device, tier in tiers.items():
+        registry.hello(device, 10, 0, tier, "ort-training", now=0.0)
+    return CoordinatedEngine(EngineParts(EngineConfig(fleet="f", rounds=3, round_timeout_s=10.0),
+                                         FedAvg(min_clients=len(tiers), tiers=FixedTiers({"a": 1.0})),
+                                         ArtifactStore(art), StateStore(state), registry), now=0.0)
+
+
+def test_a_partial_sum_counts_whole_or_not_at_all(art_dir, tmp_path):
+    engine = _coordinator(art_dir, tmp_path / "state", {"d1": "a", "d2": "a"})
     assert len(engine.tick(0.0)) == 2
     shapes = ArtifactStore(art_dir).tiers["a"].shapes
     rng = np.random.default_rng(0)
@@ -319,12 +325,7 @@ def test_worker_options_that_do_not_combine_exit_2_before_anything_is_written(tm
 
 def test_a_restarted_coordinator_asks_the_round_again_and_refuses_partial_sums_of_its_old_grants(art_dir, tmp_path):
     def coordinator() -> CoordinatedEngine:
-        registry = DeviceRegistry()
-        for device in ("d1", "d2"):
-            registry.hello(device, 10, 0, "a", "ort-training", now=0.0)
-        return CoordinatedEngine(EngineParts(EngineConfig(fleet="f", rounds=3, round_timeout_s=10.0),
-                                             FedAvg(min_clients=2, tiers=FixedTiers({"a": 1.0})), ArtifactStore(art_dir),
-                                             StateStore(tmp_path / "state"), registry), ["w1"], now=0.0)
+        return _coordinator(art_dir, tmp_path / "state", {"d1": "a", "d2": "a"})
 
     def update() -> Update:
         return Update(update_id=new_id(), round=1, base_version=0, tier="a", num_samples=10, steps=1, train_loss=1.0,
@@ -351,12 +352,7 @@ def test_a_restarted_coordinator_asks_the_round_again_and_refuses_partial_sums_o
 
 
 def test_partial_sums_beyond_their_grants_and_frames_of_stale_sessions_are_refused(art_dir, tmp_path):
-    registry = DeviceRegistry()
-    registry.hello("d1", 10, 0, "a", "ort-training", now=0.0)
-    registry.hello("d2", 10, 0, "c", "ort-training", now=0.0)
-    engine = CoordinatedEngine(EngineParts(EngineConfig(fleet="f", rounds=3, round_timeout_s=10.0),
-                                           FedAvg(min_clients=2, tiers=FixedTiers({"a": 1.0})), ArtifactStore(art_dir),
-                                           StateStore(tmp_path / "state"), registry), ["w1"], now=0.0)
+    engine = _coordinator(art_dir, tmp_path / "state", {"d1": "a", "d2": "c"})
     engine.tick(0.0)
     artifacts = ArtifactStore(art_dir)
     rng = np.random.default_rng(1)
@@ -417,12 +413,7 @@ def test_partial_sums_beyond_their_grants_and_frames_of_stale_sessions_are_refus
 def test_the_coordinator_service_checks_a_worker_frame_before_anything_else(art_dir, tmp_path):
     """Hostile worker frames, through the coordinator service's handler (its link never started): each refused with
     its reason and counted, nothing granted, voided or counted."""
-    registry = DeviceRegistry()
-    registry.hello("d1", 10, 0, "a", "ort-training", now=0.0)
-    registry.hello("d2", 10, 0, "a", "ort-training", now=0.0)
-    engine = CoordinatedEngine(EngineParts(EngineConfig(fleet="f", rounds=3, round_timeout_s=10.0),
-                                           FedAvg(min_clients=2, tiers=FixedTiers({"a": 1.0})), ArtifactStore(art_dir),
-                                           StateStore(tmp_path / "state"), registry), ["w1"], now=0.0)
+    engine = _coordinator(art_dir, tmp_path / "state", {"d1": "a", "d2": "a"})
     engine.tick(0.0)
     w1, stranger = DeviceKey(tmp_path / "w1", AGGREGATOR_KEY_FILE), DeviceKey(tmp_path / "x", AGGREGATOR_KEY_FILE)
     service = CoordinatorService(engine, parse("mqtt://127.0.0.1:1"), {"w1": w1.public_hex},

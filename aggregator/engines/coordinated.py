@@ -75,15 +75,13 @@ class ToWorker:
 class CoordinatedEngine(RoundEngine):
     """A round engine whose updates arrive as claims and partial sums from aggregator workers."""
 
-    def __init__(self, parts: EngineParts, workers: Collection[str], flush_wait_s: float = 10.0,
-                 now: float | None = None) -> None:
-        """`workers`: the worker ids whose keys the service trusts. A round a crash cut short runs again from its plan
-        (partial sums are not spooled: every selected device is asked again)."""
+    def __init__(self, parts: EngineParts, flush_wait_s: float = 10.0, now: float | None = None) -> None:
+        """A round a crash cut short runs again from its plan (partial sums are not spooled: every selected device is
+        asked again). Which workers are trusted is the service's to check (aggregator.coordinator_service)."""
         super().__init__(parts, now)
         if not isinstance(parts.strategy.start_aggregation(self.model.weights), ElementwiseMean):
             raise ValueError("aggregator workers add partial sums: they need the element-wise mean (FedAvg/FedProx, "
                              "weighted or not), not a robust aggregator")
-        self.workers = frozenset(workers)
         self.flush_wait_s = flush_wait_s
         self.sessions: dict[str, str] = {}  # worker -> its live session
         self._newest: dict[str, float] = {}  # worker -> when its live (or last) session sent its newest frame
