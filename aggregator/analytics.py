@@ -93,6 +93,10 @@ class AnalyticsRequest(BaseModel):
     def _range(self) -> AnalyticsRequest:
         if not self.low < self.high:
             raise ValueError(f"low {self.low} must be below high {self.high}")
+        if self.max_devices is not None and self.max_devices < max(self.min_devices, MIN_DEVICES_FLOOR):
+            raise ValueError(f"max_devices {self.max_devices} asks fewer devices than the "
+                             f"{max(self.min_devices, MIN_DEVICES_FLOOR)} an answer needs (min_devices, at least "
+                             f"{MIN_DEVICES_FLOOR})")
         return self
 
 

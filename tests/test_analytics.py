@@ -143,6 +143,11 @@ def test_too_few_devices_release_nothing(tmp_path):
     assert fleet.answer("d2", query, empty, samples=0) is None
     fleet.desk.tick(3.0)
     assert "only 2 of 3 devices answered with data" in fleet.desk.result(query_id)["reason"]
+    fleet.registry.hello("d3", 30, 10, None, "portable", now=0.0)
+    drawn = fleet.desk.submit(AnalyticsRequest(computation="sample_count", max_devices=3), now=3.0)
+    assert len(fleet.desk.tick(3.0)) == 3 and fleet.desk.result(drawn)["asked"] == 3  # 3 of the 4 online
+    fleet.desk.tick(100.0)
+    fleet.registry.set_online("d3", False, 100.0)
     asked_too_many = fleet.desk.submit(AnalyticsRequest(computation="sample_count", min_devices=4), now=101.0)
     fleet.desk.tick(101.0)
     assert "only 3 devices are online" in fleet.desk.result(asked_too_many)["reason"]
@@ -233,7 +238,9 @@ def test_the_fleet_record_counts_availability_and_answers_and_keeps_a_bounded_fi
 def test_tierfl_analytics_names_the_option_of_a_bad_request_and_exits_2(capsys):
     for options, message in ((["--low", "2", "--high", "1"], "low 2.0 must be below high 1.0"),
                              (["--timeout", "0"], "--timeout: Input should be greater than 0"),
-                             (["--min-devices", "0"], "--min-devices: Input should be greater than or equal to 1")):
+                             (["--min-devices", "0"], "--min-devices: Input should be greater than or equal to 1"),
+                             (["--max-devices", "2"], "max_devices 2 asks fewer devices than the 3 an answer needs "
+                                                      "(min_devices, at least 3)")):
         assert tierfl_main(["analytics", "sample_count", "--url", "http://127.0.0.1:9", *options]) == 2
         assert capsys.readouterr().err.strip() == f"tierfl analytics: error: {message}"
 
