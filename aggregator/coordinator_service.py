@@ -73,12 +73,15 @@ class CoordinatorService(AggregatorService):
                 decode_payload(raw, {})
                 self._send(self.coordinated.on_claim(worker, body, now, header.sent_at))
             elif direction == "up" and isinstance(body, PartialSum):
-                if any(entry.codec != "float32" for entry in header.tensors):  # plain float32, as the workers send
-                    raise FrameError(RejectReason.BAD_TENSOR, "a partial sum's tensors are float32, not compressed")
-                shapes = {name: tuple(value.shape) for name, value in self.coordinated.weights.items()}
-                frame = decode_payload(raw, shapes)
                 before = self.coordinated.counted
-                self._send(self.coordinated.on_partial(worker, body, frame.tensors, len(item), now, header.sent_at))
+                try:  # signed by the worker: a partial whose tensors do not decode is refused whole by the engine
+                    if any(entry.codec != "float32" for entry in header.tensors):  # plain float32, as workers send
+                        raise FrameError(RejectReason.BAD_TENSOR, "a partial sum's tensors are float32, not compressed")
+                    shapes = {name: tuple(value.shape) for name, value in self.coordinated.weights.items()}
+                    tensors, refused = decode_payload(raw, shapes).tensors, None
+                except FrameError as exc:
+                    tensors, refused = {}, (exc.reason, f"worker {worker}: {exc.detail}")
+                self._send(self.coordinated.on_partial(worker, body, tensors, len(item), now, header.sent_at, refused))
                 for _ in range(self.coordinated.counted - before if self.monitor else 0):
                     self.monitor.update_accepted()  # type: ignore[union-attr]
             elif direction == "up" and isinstance(body, WorkerForward):

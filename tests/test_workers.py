@@ -439,7 +439,8 @@ def test_the_coordinator_service_checks_a_worker_frame_before_anything_else(art_
                         1.0)
         assert engine.rejected[reason] >= 1, (number, reason, dict(engine.rejected))
     assert sum(engine.rejected.values()) == len(cases), dict(engine.rejected)
-    assert engine.grants == {} and engine.sessions == {} and engine.take_worker_messages() == []
+    assert engine.grants == {} and engine.voided == 0 and engine.take_worker_messages() == []
+    assert engine.sessions == {"w1": session}  # the signed, undecodable partial sums said w1's session is live
     # A claim of the live session is granted; a replayed frame of an earlier session (sent before it) changes nothing.
     service._handle(topics.worker("w1", "up"), encode_frame("f", "w1", claim, signer=w1.sign, sent_at=10.0), 1.0)
     assert list(engine.grants) == ["d1"]
@@ -447,3 +448,10 @@ def test_the_coordinator_service_checks_a_worker_frame_before_anything_else(art_
     old = WorkerClaim(session=new_id(), device="d2", update=update.model_copy(update={"update_id": new_id()}), norm=1.0)
     service._handle(topics.worker("w1", "up"), encode_frame("f", "w1", old, signer=w1.sign, sent_at=9.0), 1.0)
     assert engine.rejected["replayed"] == 1 and list(engine.grants) == ["d1"] and engine.sessions == {"w1": session}
+    # A partial sum whose tensors do not decode (NaN) is refused whole: the grant it names can no longer be counted,
+    # so d1 is asked again (with every other device not yet counted nor granted).
+    nan = {n: np.full_like(v, np.nan) for n, v in zeros.items()}
+    before = engine.asked_again
+    service._handle(topics.worker("w1", "up"), encode_frame("f", "w1", partial, nan, signer=w1.sign, sent_at=11.0), 1.0)
+    assert engine.rejected["bad_tensor"] == 3 and engine.grants == {} and engine.voided == 1
+    assert engine.asked_again - before == 2 and engine.open_round.answered == set()

@@ -151,9 +151,9 @@ class CoordinatedEngine(RoundEngine):
         return out
 
     def on_partial(self, worker: str, body: PartialSum, sums: Mapping[str, np.ndarray], nbytes: int,
-                   now: float, sent_at: float | None = None) -> list[Outgoing]:
+                   now: float, sent_at: float | None = None, refused: Problem | None = None) -> list[Outgoing]:
         """A worker's partial sum: counted whole (its updates' ledger rows written) or refused whole; one of a stale
-        session (`stale_session`) changes nothing."""
+        session (`stale_session`) changes nothing. `refused`: its tensors did not decode (the service says why)."""
         if problem := self.stale_session(worker, body.session, sent_at):
             self.intake.count_rejection(*problem)
             return []
@@ -161,7 +161,9 @@ class CoordinatedEngine(RoundEngine):
         current = self.rounds.slot.current
         problem: Problem | None = None
         by_id = {g.update.update_id: d for d, g in self.grants.items() if g.worker == worker and g.session == body.session}
-        if current is None or body.round != current.number or current.trained is not None:
+        if refused is not None:
+            problem = refused
+        elif current is None or body.round != current.number or current.trained is not None:
             problem = RejectReason.STALE_ROUND, f"a partial sum of round {body.round}, which is not collecting updates"
         elif len(set(body.update_ids)) != len(body.update_ids):
             problem = RejectReason.DUPLICATE, "a partial sum naming an update twice"
