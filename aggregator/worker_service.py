@@ -127,7 +127,9 @@ class WorkerService(AggregatorService):
             body = decode_payload(raw, {}).body
         except (FrameError, SignatureError) as exc:
             if self.refusals.should_log("coordinator", exc.reason, now):
-                log.warning("ignored a frame on our downlink: %s: %s", exc.reason.value, exc.detail)
+                hint = (" (is --coordinator-key the key of the coordinator's --state-dir?)"
+                        if exc.reason is RejectReason.BAD_SIGNATURE else "")
+                log.warning("ignored a frame on our downlink: %s: %s%s", exc.reason.value, exc.detail, hint)
             return
         if isinstance(body, WorkerGrant):
             self.worker_engine.on_grant(body)
