@@ -355,8 +355,9 @@ def add_scaffold_arguments(parser: argparse.ArgumentParser) -> None:
         "codecs, --weigh-partial-work and --max-share. Refused with --secure-aggregation (the changes of c_i would "
         "travel unmasked), --dp (they are per-device mean gradients, neither clipped nor noised), --robust (c would "
         "take a plain mean of what the weights' robust mean distrusts), --personal-layers (no shared variate for a "
-        "personal layer), --workers (their partial sums carry no variates), and artifacts exported with AdamW "
-        "(the correction is exact for plain SGD); fedprox, fedmut and fedbuff (no rounds, so no |S|/N) are other "
+        "personal layer), --workers (their partial sums carry no variates), --tier-policy dynamic (a device's c_i is "
+        "per tier: c would count a device once per tier it drew; with auto a device changes tier rarely) and "
+        "artifacts exported with AdamW (the correction is exact for plain SGD); fedprox, fedmut and fedbuff (no rounds, so no |S|/N) are other "
         "strategies; a relay refuses SCAFFOLD tasks.")
     group.add_argument("--scaffold-fleet-size", type=int, metavar="N",
                        help="N, the devices of the fleet, in c's step |S|/N (default: the devices available when each "
@@ -377,6 +378,8 @@ def scaffold_from_args(args: argparse.Namespace, export: ExportPlan | None) -> S
         f"--robust {args.robust} (c would take a plain mean of the updates the robust mean distrusts)": args.robust != "none",
         "--personal-layers (a personal layer has no shared control variate)": bool(getattr(args, "personal_layers", None)),
         "--workers (their partial sums carry no control variates)": bool(getattr(args, "workers", None)),
+        "--tier-policy dynamic (a device keeps one c_i per tier it trains, so a device drawing another tier each "
+        "round would count in c once per tier)": getattr(args, "tier_policy", "fixed") == "dynamic",
     }
     if clash := [option for option, present in conflicts.items() if present]:
         raise ValueError(f"--strategy scaffold cannot be combined with {'; '.join(clash)}")

@@ -301,6 +301,7 @@ def _resolve(tmp_path: Path, *argv: str) -> object:
     (["--secure-aggregation", "--min-clients", "3"], "--secure-aggregation"),
     (["--dp", "local", "--dp-clip", "1", "--dp-noise", "1"], "--dp local"),
     (["--robust", "median"], "--robust median"),
+    (["--tier-policy", "dynamic"], "--tier-policy dynamic"),
 ])
 def test_combinations_that_do_not_compose_are_refused_saying_why(tmp_path: Path, argv: list[str], says: str) -> None:
     with pytest.raises(ValueError, match="--strategy scaffold cannot be combined with") as refused:
