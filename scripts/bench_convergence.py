@@ -214,9 +214,15 @@ def _acc(value: float | None) -> str:
     return f"{value:.4f}" if value is not None else "-"
 
 
+def _ran(result: dict) -> int:
+    """The rounds a row's run committed."""
+    return result["history"][-1]["round"] if result["history"] else 0
+
+
 def table(results: list[dict], targets: list[float], rounds: int) -> list[str]:
-    """The markdown table of `results`."""
+    """The markdown table of `results` (`rounds`: the longest run's)."""
     keys = [f"{t:.2f}" for t in targets]
+    rounds = max([rounds, *(_ran(r) for r in results)])
     marks = sorted({r for r in (10, 20, 50) if r <= rounds} | {20, 50, rounds})
     lines = ["| algorithm | server settings | " + " | ".join(f"rounds (s) to {k}" for k in keys) + " | "
              + " | ".join(f"acc @ {r}" for r in marks) + " | best | MB up / round | MB down / round (max) |",
@@ -224,7 +230,7 @@ def table(results: list[dict], targets: list[float], rounds: int) -> list[str]:
     for r in results:
         settings = " ".join(r["options"]) or "-"
         lines.append(f"| {r['algorithm']} | `{settings}` | " + " | ".join(_cell_to(r, k) for k in keys) + " | "
-                     + " | ".join(_acc(r["accuracy_at"].get(str(m))) if m <= rounds else "not run" for m in marks)
+                     + " | ".join(_acc(r["accuracy_at"].get(str(m))) if m <= _ran(r) else "not run" for m in marks)
                      + f" | {_acc(r['best_accuracy'])} | "
                      f"{r['bytes_up_per_round'] / 1e6:.2f} | {r['bytes_down_per_round'] / 1e6:.2f} "
                      f"({r['bytes_down_max_round'] / 1e6:.2f}) |")
