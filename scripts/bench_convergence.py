@@ -319,6 +319,7 @@ def markdown(args: argparse.Namespace, results: list[dict], commands: list[str],
                   "0.001`). The full run takes each algorithm's best setting by accuracy after the last round.", ""]
     else:
         lines += [*targets(results), ""] + [line for note in NOTES for line in (note, "")]
+        lines += [line for r in results if r.get("stopped") for line in (f"{r['algorithm']} stopped {r['stopped']}.", "")]
     return "\n".join(lines)
 
 
