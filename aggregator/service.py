@@ -33,9 +33,7 @@ from aggregator.refusals import RateLimiter
 from aggregator.registry import DeviceRegistry, RegistryFull
 from aggregator.store.artifacts import ArtifactStore
 from aggregator.strategies.bn_statistics import statistic_names
-from aggregator.strategies.scaffold import tier_control_shapes
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
-from protocol.control import with_control
 from protocol.frame import Frame, FrameError, RawFrame, decode_payload, encode_frame, read_header
 from protocol.messages import (Answer, Blob, BnStatistics, Catalogue, CatalogueRequest, Fetch, FrameHeader, Hello,
                                Reject, RejectReason, SecAgg, Status, Task, Update)
@@ -244,10 +242,7 @@ class AggregatorService:
                 raise FrameError(*problem)
             if body.unchanged:
                 return {}
-            shapes = update_shapes(self.artifacts.tiers[body.tier].shapes, personal)
-            if self.engine.config.scaffold is not None:  # SCAFFOLD: delta c_i beside the delta, checked alike
-                shapes = with_control(shapes, tier_control_shapes(self.artifacts.tiers[body.tier]))
-            return shapes
+            return update_shapes(self.artifacts.tiers[body.tier].shapes, personal)  # SCAFFOLD too: delta c_i is derived
         if isinstance(body, BnStatistics):
             shapes = self.artifacts.tiers[body.tier].shapes
             return {name: shapes[name] for name in statistic_names(shapes)}

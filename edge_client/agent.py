@@ -76,7 +76,7 @@ from edge_client.trainer import EvalStats, Trainer, TrainStats
 from models.data import Dataset, fit_split
 from models.manifest import STATISTICS_FILE, TierManifest
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
-from protocol.control import split_control, with_control
+from protocol.control import split_control
 from protocol.frame import Frame, encode_frame, read_header
 from protocol.messages import (Answer, Blob, BnStatistics, Body, Catalogue, CatalogueRequest, Fetch, Hello,
                                MeasureBnStatistics, Query, Reject, RejectReason, SecAgg, Status, Task, TierFiles,
@@ -706,7 +706,7 @@ class DeviceAgent:
                train: Dataset, variate: Variate | None = None) -> tuple[dict[str, np.ndarray], TrainStats]:
         """Stage 6: train on `train` (fitted to the model) until the epochs are done or the send margin is reached;
         the update (new - start of every parameter but the personal layers, privatized when the task asks for local
-        DP; with SCAFFOLD's `variate`, each step corrected by c - c_i and delta c_i beside it as scaffold/<param>)
+        DP; with SCAFFOLD's `variate`, each step corrected by c - c_i and delta c_i kept in it, never sent)
         and the training's statistics. TaskRefused when training diverged."""
         seed = task.seed ^ zlib.crc32(self.config.device_id.encode())
         log.info("round %d: training tier %s (%d epochs, %.0f s to the deadline)",
@@ -717,14 +717,15 @@ class DeviceAgent:
             correction=variate.correction() if variate else None))
         try:
             delta = trained_delta(trainer.get_weights(), start, stats.loss)
-            change = variate.change(delta, stats.steps, task.learning_rate) if variate else {}
+            if variate:
+                variate.change(delta, stats.steps, task.learning_rate)  # committed when the update is sent
             delta = {name: value for name, value in delta.items() if name not in task.personal_layers}  # never sent
         except TaskRefused:
             self._trainers.pop(task.manifest_sha256, None)  # its weights and optimizer state are spoilt
             raise
         if task.dp_noise > 0:  # local differential privacy: clip and noise before anything leaves the device
             delta = privatize(delta, task.dp_clip, task.dp_noise, self._dp_rng)
-        return with_control(delta, change), stats
+        return delta, stats
 
     def _personal_trained(self, task: TrainTask, manifest: TierManifest, trainer: Trainer) -> dict[str, np.ndarray]:
         """Stage 6b: our new copy of the personal layers as training left them (saved when the update is sent)."""
@@ -777,7 +778,7 @@ class DeviceAgent:
             if layers:
                 self.personal.save(model, layers)
             if variate:
-                variate.commit(split_control(delta)[1])
+                variate.commit()
             published = self.link.publish(self.topics.up(self.config.device_id), encoded.frame)
             self.tasks_done += 1
             log.info(

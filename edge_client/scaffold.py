@@ -6,7 +6,11 @@ step as w <- w - lr (c - c_i), exact for plain SGD. After K steps at learning ra
 
     c_i+ = c_i - c + (x - y) / (K lr)          delta c_i = c_i+ - c_i = -c + (x - y) / (K lr)
 
-and delta c_i goes back with the update. c_i starts at zero. It is saved (atomically) when the
+(none after K = 0 steps). delta c_i is not sent: it does not depend on c_i, so the aggregator
+derives it from the update y - x it receives (aggregator.strategies.scaffold), and the uplink is
+the update alone. The device keeps the exact value; the server's derived one differs from it by
+the codec's quantisation error / (K lr), which error feedback carries into later updates (and so
+into later derived changes). c_i starts at zero. It is saved (atomically) when the
 update is sent, in `scaffold-<tier>.npz` beside the tier's model identity, so it survives a
 restart of the device. A file that cannot be read, holds NaN/Inf or does not fit the tier's
 trainable parameters is named in a warning and the tier starts again from c_i = 0 (the way out
@@ -79,8 +83,11 @@ class ControlVariate:
 
     def change(self, control: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], steps: int,
                learning_rate: float) -> Tensors:
-        """delta c_i = c_i+ - c_i = -c + (x - y) / (K lr) for `delta` = y - x after K = `steps` steps."""
-        scale = np.float32(1.0 / (max(steps, 1) * learning_rate))
+        """delta c_i = c_i+ - c_i = -c + (x - y) / (K lr) for `delta` = y - x after K = `steps` steps; zero when K = 0
+        (the aggregator derives none then either)."""
+        if steps <= 0:
+            return {name: np.zeros_like(c_i) for name, c_i in self.value.items()}
+        scale = np.float32(1.0 / (steps * learning_rate))
         return {name: -np.asarray(control[name], np.float32) - np.asarray(delta[name], np.float32) * scale
                 for name in self.value}
 
@@ -97,15 +104,18 @@ class Variate:
 
     def __init__(self, own: ControlVariate, control: Mapping[str, np.ndarray]) -> None:
         self.own, self.control = own, control
+        self._change: Tensors | None = None  # delta c_i of the training, until it is committed
 
     def correction(self) -> Tensors:
         """c - c_i (what the trainers apply at every step)."""
         return self.own.correction(self.control)
 
     def change(self, delta: Mapping[str, np.ndarray], steps: int, learning_rate: float) -> Tensors:
-        """delta c_i after `steps` steps that moved the weights by `delta`."""
-        return self.own.change(self.control, delta, steps, learning_rate)
+        """delta c_i after `steps` steps that moved the weights by `delta` (kept for `commit`)."""
+        self._change = self.own.change(self.control, delta, steps, learning_rate)
+        return self._change
 
-    def commit(self, change: Mapping[str, np.ndarray]) -> None:
-        """c_i <- c_i + `change`, saved."""
-        self.own.commit(change)
+    def commit(self) -> None:
+        """c_i <- c_i + the last `change`, saved (call it with the update's publication); nothing before a change."""
+        if self._change is not None:
+            self.own.commit(self._change)

@@ -23,7 +23,7 @@ from edge_client.scaffold import ControlVariate, Variate, variate_shapes
 from edge_client.trainer import EvalStats, TrainStats
 from models.manifest import TierManifest
 from protocol.codecs import encode_decode, parse_codec
-from protocol.control import split_control, with_control
+from protocol.control import with_control
 from protocol.frame import encode_frame
 from protocol.messages import FrameHeader, RejectReason, Task, TierFiles, TrainTask, Update, new_id
 from protocol.quantized import Tensor
@@ -147,7 +147,7 @@ def encode_update(fleet: str, device_id: str, task: TrainTask, delta: dict[str, 
     """The update frame of a trained task, encoded with `codec_name`, error feedback and selective upload around it;
     `after`: the fine-tuned model's test-split measurement (--personalize), reported beside `before`'s."""
     intended = feedback.compensate(delta) if feedback else delta
-    unchanged = bool(feedback and feedback.insignificant(split_control(intended)[0], start))
+    unchanged = bool(feedback and feedback.insignificant(intended, start))
     update = Update(
         update_id=new_id(),
         round=task.round,

@@ -46,7 +46,7 @@ from edge_client.stages import (NotHeld, TaskRefused, TaskSkipped, check_manifes
                                 task_weights, trained_delta)
 from models.data import Dataset, fit_split
 from models.manifest import TierManifest
-from protocol.control import split_control, with_control
+from protocol.control import split_control
 from protocol.frame import Frame, encode_frame
 from protocol.messages import (Blob, BnStatistics, Body, Catalogue, Fetch, Hello, MeasureBnStatistics, Reject,
                                RejectReason, Status, Task, TrainTask, new_id)
@@ -358,17 +358,18 @@ class VirtualDevice:
                                   proximal_mu=task.proximal_mu, correction=variate.correction() if variate else None)
             trained = trainer.get_weights()
         delta = trained_delta(trained, start, stats.loss)
-        change = variate.change(delta, stats.steps, task.learning_rate) if variate else {}
+        if variate:
+            variate.change(delta, stats.steps, task.learning_rate)  # kept, not sent: the aggregator derives it
         if task.dp_noise > 0:
             delta = privatize(delta, task.dp_clip, task.dp_noise, self._dp_rng)
-        encoded = encode_update(settings.fleet, self.id, task, with_control(delta, change), start, stats, before,
+        encoded = encode_update(settings.fleet, self.id, task, delta, start, stats, before,
                                 len(self.train_data), settings.codec, self._feedback_for(task.tier), self._signer)
         training_s = self.behaviour.training_s(task.tier, stats.samples_seen) or stats.seconds
 
         def sent() -> None:
             encoded.sent()
             if variate:
-                variate.commit(change)
+                variate.commit()
 
         self._schedule(task, encoded.frame, began, training_s, sent)
 

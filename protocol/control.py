@@ -1,9 +1,11 @@
-"""SCAFFOLD's control variates on the wire: tensors beside the weights, named with one prefix.
+"""SCAFFOLD's server control variate on the downlink: tensors beside the weights, named with one prefix.
 
 A task whose `weights.control` is set carries, beside the tier's weights, the server's control
-variate c sliced to the tier: one tensor `scaffold/<param>` per trainable parameter. The device's
-update answers with its variate's change, delta c_i, under the same names beside the delta of the
-weights. Both travel in the same frame and through the same codecs as the weights they go with.
+variate c sliced to the tier: one tensor `scaffold/<param>` per trainable parameter, in the same
+frame and through the same codecs as the weights (a version's committed file holds c the same
+way). Nothing travels up: the aggregator derives a device's delta c_i from its update
+(aggregator.strategies.scaffold), and an update carrying `scaffold/` tensors is refused like any
+tensor its tier does not have.
 """
 
 from __future__ import annotations

@@ -25,9 +25,7 @@ from aggregator.store.artifacts import ArtifactStore
 from aggregator.store.round_spool import Assignment, SpooledUpdate
 from aggregator.strategies.fedavg import ClientUpdate, Contribution, share_caps
 from aggregator.strategies.robust import NormBound
-from aggregator.strategies.scaffold import (VariateMean, check_variates, initial_control, tier_control_shapes,
-                                            variate_norm)
-from protocol.control import split_control, with_control
+from aggregator.strategies.scaffold import VariateMean, derived_change, tier_control_shapes
 from protocol.messages import BnStatistics, RejectReason, SecAgg, Update
 from protocol.quantized import Tensor
 
@@ -49,8 +47,7 @@ class UpdateIntake:
         self.personalized = bool(self.personal or parts.config.finetune_steps)  # per-device accuracies in the summary
         self.rejected: collections.Counter[str] = collections.Counter()
         self.norms = NormBound(parts.config.outlier_multiple)
-        self.scaffold = parts.config.scaffold  # SCAFFOLD: updates carry delta c_i beside the delta
-        self.variate_norms = NormBound(parts.config.outlier_multiple)  # of delta c_i, per tier like the deltas'
+        self.scaffold = parts.config.scaffold  # SCAFFOLD: each accepted update's delta c_i is derived from it
         # update ids counted so far: replays of updates counted before a restart stay duplicates
         self.seen: set[str] = self.ledger.accepted_update_ids(committed_round) if self.ledger else set()
 
@@ -81,27 +78,24 @@ class UpdateIntake:
 
     def check_tensors(self, device_id: str, assignment: Assignment, update: Update,
                       tensors: Mapping[str, np.ndarray]) -> Problem | None:
-        """Why an update's samples or tensors (SCAFFOLD's delta c_i among them) are refused for its task
-        (`assignment`), or None."""
-        weights, variates = split_control(tensors)
+        """Why an update's samples or tensors are refused for its task (`assignment`), or None."""
         return self.check_samples(device_id, assignment, update.num_samples) or check_update_tensors(
-            update, weights, assignment.tier, self.artifacts, self.personal) or self.check_variates(assignment.tier, variates)
-
-    def check_variates(self, tier: str, variates: Mapping[str, np.ndarray]) -> Problem | None:
-        """Why an update's delta c_i is refused: none expected, or not the tier's variates (names, shapes, float32),
-        NaN/Inf, an element over the bound, or an L2 norm over `outlier_multiple` x the tier's recent median."""
-        if self.scaffold is None:
-            return (RejectReason.BAD_TENSOR, f"control variates {sorted(variates)[:8]} in a fleet that does not run "
-                    "SCAFFOLD") if variates else None
-        if problem := check_variates(variates, tier_control_shapes(self.artifacts.tiers[tier]), tier):
-            return problem
-        if problem := self.variate_norms.check(tier, variate_norm(variates)):
-            return problem[0], f"control variates: {problem[1]}"
-        return None
+            update, tensors, assignment.tier, self.artifacts, self.personal)
 
     def variate_mean(self, control: Mapping[str, np.ndarray]) -> VariateMean | None:
         """SCAFFOLD: an empty sum of a round's delta c_i, of the shapes of the server's `control`; None without it."""
         return VariateMean({name: value.shape for name, value in control.items()}) if self.scaffold else None
+
+    def fold_variate(self, current: OpenRound, control: Mapping[str, np.ndarray], client: ClientUpdate,
+                     update: Update) -> None:
+        """SCAFFOLD: add the delta c_i derived from an accepted update (live or replayed) to the round's sum; the task
+        carried `control`, the server's c of the round's base version. Nothing for a device that took no steps."""
+        if current.variates is None:
+            return
+        assignment = current.assignments[client.device_id]
+        shapes = tier_control_shapes(self.artifacts.tiers[assignment.tier])
+        if (change := derived_change(client.delta, control, shapes, update.steps, assignment.learning_rate)) is not None:
+            current.variates.add(change)
 
     def check_weight(self, current: OpenRound, client: ClientUpdate, norm: float, weighted: bool) -> Problem | None:
         """Why an update's delta is refused: a NaN/Inf or outlier norm, or a weighted norm overflowing the sums."""
@@ -127,18 +121,10 @@ class UpdateIntake:
 
     def zero_update(self, tier: str) -> dict[str, np.ndarray]:
         """The tensors of a selective-upload "unchanged" answer: a zero delta of the tier's shapes."""
-        zeros = {n: np.zeros(s, np.float32) for n, s in update_shapes(self.artifacts.tiers[tier].shapes, self.personal).items()}
-        if self.scaffold is None:
-            return zeros
-        return with_control(zeros, initial_control(tier_control_shapes(self.artifacts.tiers[tier])))  # delta c_i = 0
+        return {n: np.zeros(s, np.float32) for n, s in update_shapes(self.artifacts.tiers[tier].shapes, self.personal).items()}
 
-    def fold(self, current: OpenRound, client: ClientUpdate, update: Update, norm: float, nbytes: int,
-             variates: Mapping[str, np.ndarray] | None = None) -> None:
-        """Count one accepted update (and SCAFFOLD's delta c_i, `variates`) toward `current`: live, or replayed from
-        the spool after a restart."""
-        if current.variates is not None and variates is not None:
-            current.variates.add(variates)
-            self.variate_norms.accepted(client.tier, variate_norm(variates))
+    def fold(self, current: OpenRound, client: ClientUpdate, update: Update, norm: float, nbytes: int) -> None:
+        """Count one accepted update toward `current`: live, or replayed from the spool after a restart."""
         self.seen.add(update.update_id)
         current.answered.add(client.device_id)
         current.bytes_up += nbytes

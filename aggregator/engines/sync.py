@@ -102,14 +102,14 @@ class SyncRounds:
             return self.intake.refuse(device_id, msg_id, update, *problem)
         assert current is not None
         assignment = current.assignments[device_id]
-        weights, variates = split_control(tensors)  # SCAFFOLD's delta c_i rides beside the delta (checked above)
-        client = self.intake.client_update(current, assignment, update, weights)
-        norm = update_norm(weights)
+        client = self.intake.client_update(current, assignment, update, tensors)
+        norm = update_norm(tensors)
         if problem := self.intake.check_weight(current, client, norm, assignment.weighted):
             return self.intake.refuse(device_id, msg_id, update, *problem)
         self.parts.store.open_round.accept(device_id, update, nbytes, dict(tensors))  # on disk before the ledger says accepted
         self.intake.record_accepted(update.round, device_id, update, nbytes)
-        self.intake.fold(current, client, update, norm, nbytes, variates)
+        self.intake.fold(current, client, update, norm, nbytes)
+        self.intake.fold_variate(current, model.control, client, update)  # SCAFFOLD: delta c_i derived once accepted
         self.parts.registry.answered(device_id, None if update.unchanged else update.train_loss)
         if update.train_seconds > 0 and update.steps and not update.unchanged and not update.contributors:  # per step
             samples = min(update.steps * assignment.batch_size, update.steps * update.num_samples)
@@ -139,9 +139,10 @@ class SyncRounds:
         )
 
         def fold(meta: SpooledUpdate, tensors: Mapping[str, Tensor]) -> None:
-            weights, variates = split_control(tensors)
+            weights = split_control(tensors)[0]  # an older spool's scaffold/ tensors: ignored, derived now
             client = self.intake.client_update(current, current.assignments[meta.device_id], meta.update, weights)
-            self.intake.fold(current, client, meta.update, update_norm(weights), meta.nbytes, variates)
+            self.intake.fold(current, client, meta.update, update_norm(weights), meta.nbytes)
+            self.intake.fold_variate(current, model.control, client, meta.update)
 
         self.intake.replay(plan.round, spooled.updates, fold)
         self._resend_owed_tasks = not plan.measuring_statistics

@@ -5,9 +5,15 @@ zero at first) and sends each selected device its tier's slice of c with the wei
 keeps its own c_i (edge_client.scaffold); each local SGD step uses g - c_i + c, and after K steps
 at learning rate lr from x to y_i
 
-    c_i+ = c_i - c + (x - y_i) / (K lr)          delta c_i = c_i+ - c_i
+    c_i+ = c_i - c + (x - y_i) / (K lr)          delta c_i = c_i+ - c_i = -c - (y_i - x) / (K lr)
 
-goes back with the update. With S the devices that answered the round and N the fleet's size:
+delta c_i does not depend on c_i, so it does not travel: the aggregator derives it from what it
+already has (`derived_change`): the decoded update y_i - x once it passed every check, its steps
+K (Update.steps), the task's lr and the tier's slice of the c the task carried. A device with
+K = 0 contributes none. The uplink is the update alone, as with FedAvg. The derived value differs
+from the device's own by the codec's quantisation error / (K lr); with error feedback that error
+is carried into the device's later updates, and so into later derived changes.
+With S the devices that answered the round and N the fleet's size:
 
     x  <-  x + lr_g * mean(delta y_i)            (the round's aggregate, or a server optimizer's step)
     c  <-  c + (|S| / N) * mean_{i in S_e} delta c_i      element by element
@@ -22,7 +28,6 @@ restart, like a server optimizer's moments.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -31,10 +36,8 @@ import numpy as np
 from aggregator.store.artifacts import ArtifactStore, TierArtifacts
 from protocol.blocks import leading_slices
 from protocol.control import control_shapes
-from protocol.messages import RejectReason
 
 Weights = dict[str, np.ndarray]
-MAX_VARIATE = 1e6  # |element| of a device's delta c_i: far above any gradient a trained model sees
 
 
 @dataclass(frozen=True)
@@ -67,29 +70,16 @@ def initial_control(shapes: Mapping[str, tuple[int, ...]]) -> Weights:
     return {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
 
 
-def check_variates(variates: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]],
-                   tier: str) -> tuple[RejectReason, str] | None:
-    """Why a device's delta c_i is refused: names or shapes not the tier's variates, not float32, NaN/Inf, or an
-    element over MAX_VARIATE; None when it may be folded."""
-    if set(variates) != set(expected):
-        return RejectReason.BAD_TENSOR, (f"control variates {sorted(set(variates) ^ set(expected))[:8]} do not match "
-                                         f"tier {tier}'s trainable parameters")
-    for name, value in variates.items():
-        if value.dtype != np.float32 or tuple(value.shape) != expected[name]:
-            return RejectReason.BAD_TENSOR, (f"control variate {name}: {value.dtype}{list(value.shape)}, expected "
-                                             f"float32{list(expected[name])}")
-    for name, value in variates.items():
-        array = np.asarray(value)
-        if not np.isfinite(array).all():
-            return RejectReason.NON_FINITE, f"control variate {name} holds NaN or Inf"
-        if array.size and (largest := float(np.abs(array).max())) > MAX_VARIATE:
-            return RejectReason.OUTLIER, f"control variate {name} holds |{largest:.4g}|, over the bound {MAX_VARIATE:g}"
-    return None
-
-
-def variate_norm(variates: Mapping[str, np.ndarray]) -> float:
-    """The L2 norm of a delta c_i, all tensors together."""
-    return math.sqrt(sum(float(np.square(np.asarray(v), dtype=np.float64).sum()) for v in variates.values()))
+def derived_change(update: Mapping[str, np.ndarray], control: Mapping[str, np.ndarray],
+                   shapes: Mapping[str, tuple[int, ...]], steps: int, learning_rate: float) -> Weights | None:
+    """delta c_i = -c - update / (K lr) of a device whose accepted `update` (y_i - x, of its tier) took K = `steps`
+    steps at `learning_rate` from a task that carried the server's `control` (global shapes, sliced here to the tier's
+    variate `shapes`); None when K = 0 (no steps, no change)."""
+    if steps <= 0:
+        return None
+    scale = np.float32(1.0 / (steps * learning_rate))
+    return {name: -np.asarray(control[name][leading_slices(shape)], np.float32)
+            - np.asarray(update[name], np.float32) * scale for name, shape in shapes.items()}
 
 
 class VariateMean:
