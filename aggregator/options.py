@@ -348,14 +348,16 @@ def add_scaffold_arguments(parser: argparse.ArgumentParser) -> None:
         "The aggregator keeps a control variate c (zero at first, one tensor per trained parameter) and sends each "
         "selected device its tier's slice of c with the weights, through the same --downlink. Each device keeps its "
         "own c_i per tier (CACHE_DIR/scaffold-<tier>.npz, surviving a restart), corrects every local SGD step by "
-        "c - c_i, and sends c_i's change beside its update, through the same codec; the aggregator checks it like "
-        "the update (names, shapes, finite, bounded). The weights move as with fedavg (or --server-optimizer); c "
+        "c - c_i, and sends the update alone: c_i's change, -c - update/(K lr) after K steps, does not depend on c_i, "
+        "so the aggregator derives it from each accepted update (an update carrying scaffold/ tensors is refused "
+        "bad_tensor). The weights move as with fedavg (or --server-optimizer); c "
         "moves by |S|/N x the mean change over the S devices that answered, element by element across tiers, and is "
         "committed with each version. Works with --fraction < 1, tiers, --server-optimizer, --downlink, update "
-        "codecs, --weigh-partial-work and --max-share. Refused with --secure-aggregation (the changes of c_i would "
-        "travel unmasked), --dp (they are per-device mean gradients, neither clipped nor noised), --robust (c would "
+        "codecs, --weigh-partial-work and --max-share. Refused with --secure-aggregation (the changes of c_i are "
+        "derived from each device's own update, which it hides), --dp (c_i and its correction come from unclipped, "
+        "un-noised gradients; a change derived from a noised update carries noise/(K lr)), --robust (c would "
         "take a plain mean of what the weights' robust mean distrusts), --personal-layers (no shared variate for a "
-        "personal layer), --workers (their partial sums carry no variates), --tier-policy dynamic (a device's c_i is "
+        "personal layer), --workers (their partial sums lose each device's update and step count), --tier-policy dynamic (a device's c_i is "
         "per tier: c would count a device once per tier it drew; with auto a device changes tier rarely) and "
         "artifacts exported with AdamW (the correction is exact for plain SGD); fedprox, fedmut and fedbuff (no rounds, so no |S|/N) are other "
         "strategies; a relay refuses SCAFFOLD tasks.")
@@ -372,12 +374,14 @@ def scaffold_from_args(args: argparse.Namespace, export: ExportPlan | None) -> S
             raise ValueError("--scaffold-fleet-size needs --strategy scaffold")
         return None
     conflicts = {
-        "--secure-aggregation (the changes of the devices' control variates would travel unmasked)": args.secure_aggregation,
-        f"--dp {args.dp} (the changes of the control variates are per-device mean gradients, neither clipped nor "
-        "noised)": args.dp != "off",
+        "--secure-aggregation (the changes of the devices' control variates are derived from each device's own "
+        "update, which it hides)": args.secure_aggregation,
+        f"--dp {args.dp} (the devices' control variates come from unclipped, un-noised gradients, and a change "
+        "derived from a noised update carries noise / (K lr))": args.dp != "off",
         f"--robust {args.robust} (c would take a plain mean of the updates the robust mean distrusts)": args.robust != "none",
         "--personal-layers (a personal layer has no shared control variate)": bool(getattr(args, "personal_layers", None)),
-        "--workers (their partial sums carry no control variates)": bool(getattr(args, "workers", None)),
+        "--workers (their partial sums lose each device's update and step count, from which its variate's change is "
+        "derived)": bool(getattr(args, "workers", None)),
         "--tier-policy dynamic (a device keeps one c_i per tier it trains, so a device drawing another tier each "
         "round would count in c once per tier)": getattr(args, "tier_policy", "fixed") == "dynamic",
     }
