@@ -68,8 +68,9 @@ NOTES = [  # what the table does not say, kept beside it in the report
     "Server settings: FedAvgM `--server-lr 1.0 --server-beta1 0.5` and FedAdam `--server-lr 0.03` won a search of 8 "
     "rounds per setting ([convergence-search.md](convergence-search.md): FedAvgM beta1 0.5/0.7, FedAdam lr "
     "0.003/0.01/0.03); FedYogi takes FedAdam's lr unsearched; beta2 0.99 and tau 0.001 are the defaults. FedProx "
-    "keeps mu 0.01; SCAFFOLD has no server setting and sends its control variate's change beside each update "
-    "through the same codec, so its uplink is twice the others'.",
+    "keeps mu 0.01; SCAFFOLD has no server setting. Its devices send the update alone (the aggregator derives each "
+    "control variate's change from it), so its uplink is the others'; each task also carries the server's control "
+    "variate beside the weights, so its downlink is about twice theirs.",
     "Bytes: an int8 update is 421,642 bytes of values plus its header (4.23 MB for 10 devices); the downlink sends "
     "the int8 change from whichever of the last 8 versions a device holds, and an int8-row full copy (error below "
     "max|row| / 127) to a device seen for the first time or holding none of them, so no round sends more than 10 "
@@ -320,6 +321,7 @@ def markdown(args: argparse.Namespace, results: list[dict], commands: list[str],
     else:
         lines += [*targets(results), ""] + [line for note in NOTES for line in (note, "")]
         lines += [line for r in results if r.get("stopped") for line in (f"{r['algorithm']} stopped {r['stopped']}.", "")]
+        lines += [line for r in results if r.get("note") for line in (f"{r['algorithm']}: {r['note']}", "")]
     return "\n".join(lines)
 
 
