@@ -356,11 +356,11 @@ class Monitor:
             return DeviceStatus(
                 device_id=info.device_id,
                 tier=assigned.get(info.device_id) or _last_trained_tier(info.holds) or info.requested_tier,
-                online=info.online and now - info.last_seen <= registry.offline_after_s,
+                online=info.online,
                 last_seen=info.last_seen, backend=info.backend, num_samples=info.num_samples)
 
         for info in registry.iter_devices():
-            if info.online and now - info.last_seen <= registry.offline_after_s:
+            if info.online:
                 online[assigned.get(info.device_id) or _last_trained_tier(info.holds) or info.requested_tier or "none"] += 1
         in_round = sorted(assigned)[:DEVICES_LISTED]
         listed = [info for d in in_round if (info := registry.get(d)) is not None]

@@ -48,8 +48,7 @@ class RegistryFull(ValueError):
 class DeviceRegistry:
     """Devices by id, updated from hello, status and every message they send."""
 
-    def __init__(self, offline_after_s: float = 300.0, max_devices: int = 10_000) -> None:
-        self.offline_after_s = offline_after_s
+    def __init__(self, max_devices: int = 10_000) -> None:
         self.max_devices = max_devices  # beyond it, a new device evicts the longest-unseen one that never trained
         self._devices: dict[str, DeviceInfo] = {}
         self._ids: set[str] = set()  # the keys of _devices, for other threads (`knows`)
@@ -163,8 +162,9 @@ class DeviceRegistry:
         return sorted(self._devices.values(), key=lambda d: d.device_id)
 
     def available(self, now: float) -> list[DeviceInfo]:
-        """Online devices seen recently, sorted by id (so seeded sampling is reproducible)."""
-        return sorted(
-            (d for d in self._devices.values() if d.online and now - d.last_seen <= self.offline_after_s),
-            key=lambda d: d.device_id,
-        )
+        """Online devices, sorted by id (so seeded sampling is reproducible).
+
+        Online is the device's last word: its retained hello, until the broker publishes its last will. A device
+        that stays connected but silent (never drawn, or between tasks) stays available however long that lasts;
+        one that stops answering its tasks is benched by the sampling strategy instead."""
+        return sorted((d for d in self._devices.values() if d.online), key=lambda d: d.device_id)

@@ -75,3 +75,14 @@ def test_other_threads_see_registrations_and_evictions() -> None:
         watcher.join()
     assert not registry.knows("d-0") and registry.knows("d-1999") and len(registry) == 50
     assert sum(registry.knows(f"d-{i}") for i in range(2000)) == 50
+
+
+def test_a_connected_device_stays_available_however_long_it_is_silent_until_its_will() -> None:
+    """Never drawn for a day (a big fleet at a small fraction, or long rounds): still available; its will ends that."""
+    registry = DeviceRegistry()
+    registry.hello("quiet", 10, 0, None, "portable", now=0.0)
+    registry.hello("chatty", 10, 0, None, "portable", now=0.0)
+    registry.seen("chatty", 86_000.0)
+    assert [d.device_id for d in registry.available(86_400.0)] == ["chatty", "quiet"]
+    registry.set_online("quiet", False, now=86_401.0, sent_at=86_400.5)
+    assert [d.device_id for d in registry.available(86_402.0)] == ["chatty"] and registry.online_count == 1
