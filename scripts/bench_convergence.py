@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_hierarchy import stop  # noqa: E402  (terminate, wait, kill what is left)
 from bench_hostile import _start_mosquitto  # noqa: E402  (a Mosquitto of the script's own on a free port)
 
 from aggregator.store.artifacts import ArtifactStore  # noqa: E402
@@ -164,14 +165,7 @@ def run(name: str, options: list[str], args: argparse.Namespace, folder: Path, e
         processes.append(aggregator)
         exit_code = aggregator.wait(timeout=args.rounds * args.round_timeout + 600)
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop(processes)
         broker.terminate()
         broker.wait(10)
     record = json.loads((folder / "state" / "state.json").read_text())

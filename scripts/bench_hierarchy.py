@@ -123,6 +123,7 @@ def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    """Terminate every process still running, wait up to 30 s for each, kill what is left."""
     for process in processes:
         if process.poll() is None:
             process.terminate()
