@@ -208,10 +208,11 @@ def test_hostile_and_misdirected_messages_are_refused_with_reasons(tmp_path, mos
         watcher.publish(topics.up("mallory"), encode_frame(fleet, "mallory", update, {"fc1.weight": np.zeros((2, 2), np.float32)}))
         watcher.publish(topics.up("mallory"), encode_frame(fleet, "alice", update))
         watcher.publish(topics.up("mallory"), encode_frame("otherfleet", "mallory", update))
-        _wait_for(lambda: len(watcher.bodies("/down/mallory")) >= 5, 15, "five rejections")
+        # Mallory's downlink also gets the aggregator's key announcement (a Blob), answering its hello.
+        _wait_for(lambda: sum(isinstance(b, Reject) for b in watcher.bodies("/down/mallory")) >= 5, 15, "five rejections")
         reasons = [b.reason for b in watcher.bodies("/down/mallory") if isinstance(b, Reject)]
         assert reasons == [RejectReason.MALFORMED, RejectReason.STALE_ROUND, RejectReason.BAD_TENSOR,
-                           RejectReason.SENDER_MISMATCH, RejectReason.WRONG_FLEET]
+                           RejectReason.SENDER_MISMATCH, RejectReason.WRONG_FLEET], watcher.bodies("/down/mallory")
         assert aggregator.poll() is None, "the aggregator must survive hostile input"
         log = (tmp_path / "aggregator.log").read_text()
         assert "Traceback" not in log and "rejected a message from mallory: malformed" in log
