@@ -191,7 +191,7 @@ class AnalyticsDesk:
         """The online devices, as of at most ONLINE_CHECK_S ago: the desk ticks after every message, and a pass over
         the registry per message would make a query's answers O(devices^2)."""
         if now - self._online_at >= ONLINE_CHECK_S or now < self._online_at:
-            self._online_at, self._online_ids = now, {d.device_id for d in self.registry.available(now)}
+            self._online_at, self._online_ids = now, {d.device_id for d in self.registry.available()}
         return self._online_ids
 
     def _all_gone(self, query: OpenQuery, now: float) -> bool:
@@ -213,7 +213,7 @@ class AnalyticsDesk:
             self._refuse_query(query_id, request, now, str(exc))
             return []
         minimum = max(request.min_devices, self.min_devices_floor)
-        devices = self.registry.available(now)
+        devices = self.registry.available()
         if request.max_devices is not None:
             devices = devices[:request.max_devices] if request.max_devices >= len(devices) else [
                 devices[i] for i in sorted(self._rng.choice(len(devices), request.max_devices, replace=False))]

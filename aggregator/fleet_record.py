@@ -80,7 +80,7 @@ class FleetRecord:
         if not force and now - self._last < SAMPLE_S:
             return
         self._last = now
-        online = {d.device_id for d in self.registry.available(now)}
+        online = {d.device_id for d in self.registry.available()}
         devices = self.registry.devices()[:MAX_KEPT]
         if len(self.file.devices) > MAX_KEPT:  # devices come and go: keep the rows of those the registry holds
             known = {info.device_id for info in devices}

@@ -53,7 +53,7 @@ class DeviceRegistry:
         self._devices: dict[str, DeviceInfo] = {}
         self._ids: set[str] = set()  # the keys of _devices, for other threads (`knows`)
         self._ids_lock = threading.Lock()
-        self.online_count = 0  # devices whose last word was online (stale or not): kept as they change, read in O(1)
+        self.online_count = 0  # devices whose last word was online: kept as they change, read in O(1)
 
     def __contains__(self, device_id: str) -> bool:
         return device_id in self._devices
@@ -161,7 +161,7 @@ class DeviceRegistry:
         """Every device that announced itself, sorted by id."""
         return sorted(self._devices.values(), key=lambda d: d.device_id)
 
-    def available(self, now: float) -> list[DeviceInfo]:
+    def available(self) -> list[DeviceInfo]:
         """Online devices, sorted by id (so seeded sampling is reproducible).
 
         Online is the device's last word: its retained hello, until the broker publishes its last will. A device

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any
 
 import numpy as np
@@ -122,7 +121,7 @@ class RelayService(AggregatorService):
 
     def _announce(self, force: bool = False) -> None:
         """Publish the relay's hello to the parent: the group's samples, when they changed (or `force`)."""
-        group = self.registry.available(time.time())
+        group = self.registry.available()
         samples = sum(d.num_samples for d in group)
         if samples == 0 or (samples == self._announced_samples and not force):
             return

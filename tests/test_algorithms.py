@@ -59,7 +59,7 @@ def test_availability_sampler_benches_devices_that_keep_missing_and_favours_reli
             registry.asked(dev, 1)
             registry.answered(dev, 1.0) if dev == "dev01" else None
     sampler = AvailabilitySampler(fraction=0.3, min_clients=1, seed=0, bench_after=2, bench_rounds=5)
-    available = registry.available(0.0)
+    available = registry.available()
     for r in range(4, 9):  # benched for 5 rounds after round 3
         assert "dev00" not in {d.device_id for d in sampler.sample(r, available)}
     counts = {"dev01": 0, "dev02": 0}
@@ -77,7 +77,7 @@ def test_availability_sampler_never_stalls_the_fleet() -> None:
         for _ in range(3):
             registry.asked(d.device_id, 1)
             registry.missed(d.device_id)
-    assert len(AvailabilitySampler(1.0, 2).sample(2, registry.available(0.0))) == 2
+    assert len(AvailabilitySampler(1.0, 2).sample(2, registry.available())) == 2
 
 
 def test_power_of_choice_picks_the_highest_losses_among_candidates_unknown_first() -> None:

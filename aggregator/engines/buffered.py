@@ -174,7 +174,7 @@ class BufferedEngine:
                  self.store.open_round.folder, current.accumulator.count)
 
     def _dispatch(self, now: float) -> list[Outgoing]:
-        available = self.registry.available(now)
+        available = self.registry.available()
         if not self._started:
             if len(available) < self.buffer.min_clients:
                 if not self._waiting_logged:

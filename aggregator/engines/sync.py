@@ -53,12 +53,12 @@ class SyncRounds:
         if self._short is not None and registry.online_count <= self._short[0] and 0 <= now - self._short[1] < 1.0:
             return []
         number = model.record.round + 1
-        available = registry.available(now)
+        available = registry.available()
         assignments = self.intake.announced(strategy.configure_round(number, available))
         self._short = None if assignments else (registry.online_count, now)
         if not assignments:
             if not self._waiting_logged:
-                log.info("round %d: waiting for devices (%d available)", number, len(registry.available(now)))
+                log.info("round %d: waiting for devices (%d available)", number, len(registry.available()))
                 self._waiting_logged = True
             return []
         self._waiting_logged = False
