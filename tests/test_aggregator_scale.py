@@ -105,3 +105,15 @@ def test_the_status_page_lists_a_bounded_number_of_devices_and_counts_all(tmp_pa
     assert dict(counts.online_by_tier) == {"a": 1000, "b": 1000}
     assert [d.device_id for d in devices] == [f"d{i:04d}" for i in range(2950, 3000)]  # the most recently seen
     assert monitor._device_pass(engine, 3000.1)[1] is counts  # 3,000 devices are counted at most every 0.3 s
+
+
+def test_deleting_a_set_aside_spool_that_another_deletion_removed_is_quiet(tmp_path) -> None:
+    """A start's sweep and a clear's thread may both delete one set-aside spool: whichever comes second finds nothing."""
+    from aggregator.store.round_spool import _remove_spool
+
+    aside = tmp_path / ".open_round.cleared-0a1b2c3d"
+    aside.mkdir()
+    (aside / "update-000001.npz").write_bytes(b"x")
+    _remove_spool(aside)
+    assert not aside.exists()
+    _remove_spool(aside)  # the second deletion: the folder is gone (it raised FileNotFoundError from glob)

@@ -57,8 +57,8 @@ from protocol.quantized import QuantizedTensor, Tensor, pack_nibbles, row_grid, 
 log = logging.getLogger(__name__)
 META = "__meta__"
 PLAN = "plan.json"
-PENDING = ".pending"
-CLEARED = ".cleared-"  # a spool folder set aside by `clear`, being deleted  # suffix of an update written but not yet made durable (group commit)
+PENDING = ".pending"  # suffix of an update written but not yet made durable (group commit)
+CLEARED = ".cleared-"  # a spool folder set aside by `clear`, being deleted
 SYNC_THREADS = 16  # parallel fsyncs of one group commit
 _MAX_F32 = float(np.finfo(np.float32).max)
 
@@ -267,7 +267,11 @@ class RoundSpool:
 
 def _remove_spool(folder: Path) -> None:
     """Delete a spool folder set aside by `clear`: its known files, then the folder (left if not empty)."""
-    for file in [*folder.glob("update-*.npz"), *folder.glob(".*.tmp"), *folder.glob(f".*{PENDING}"), folder / PLAN]:
+    try:
+        files = [*folder.glob("update-*.npz"), *folder.glob(".*.tmp"), *folder.glob(f".*{PENDING}"), folder / PLAN]
+    except FileNotFoundError:  # the other deletion (a clear's thread, or a start's) removed it meanwhile
+        return
+    for file in files:
         file.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # not empty (a file of someone else's): leave it
         folder.rmdir()
