@@ -98,7 +98,7 @@ class DpEventAccountant:
             one.compose(event)
             if len(self._units) >= MAX_UNITS:
                 self._units.clear()
-            self._units[key] = np.array(one._rdp, np.float64)  # its RDP per order (dp-accounting 0.6.0, pinned)
+            self._units[key] = np.asarray(one.rdp, np.float64)  # its RDP per order (the accountant's public copy)
         return self._units[key]
 
     def step(self, noise_multiplier: float, sampling_rate: float = 1.0, count: int = 1) -> None:
