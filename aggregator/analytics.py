@@ -139,7 +139,7 @@ class AnalyticsDesk:
         self.results: collections.OrderedDict[str, dict[str, object]] = collections.OrderedDict()
         self.number = _lines(folder / RESULTS_FILE) if folder is not None else 0  # queries numbered across restarts
         self.changes = 0  # bumped whenever a result changes: the service copies results to the status page then
-        self.books = DpEventAccountant(self._load_books())
+        self.books = self._load_books()
         self.fleet = FleetRecord(registry, folder)  # system heterogeneity for tierfl report: STATE_DIR/fleet.json
         self._online_at, self._online_ids = -math.inf, set[str]()  # _online's last look at the registry
         self._gone_at = -math.inf  # _all_gone's last look
@@ -449,11 +449,17 @@ class AnalyticsDesk:
             with open(self.folder / RESULTS_FILE, "a", encoding="utf-8") as out:
                 out.write(json.dumps(result, allow_nan=False, default=_nan_free) + "\n")
 
-    def _load_books(self) -> list[list[float]]:
+    def _load_books(self) -> DpEventAccountant:
+        """The analytics books of STATE_DIR/analytics_privacy.json (empty when absent); ValueError naming the file
+        when it does not read: the epsilon already spent is never silently forgotten."""
         path = self.folder / BOOKS_FILE if self.folder is not None else None
         if path is None or not path.exists():
-            return []
-        return [list(e) for e in json.loads(path.read_text())["events"]]
+            return DpEventAccountant()
+        try:
+            return DpEventAccountant(json.loads(path.read_bytes())["events"])
+        except (ValueError, TypeError, KeyError) as exc:  # JSON, UTF-8, an event of the wrong form or values
+            raise ValueError(f"{path} does not read as analytics privacy books ({str(exc)[:200]}): restore it from a "
+                             "backup, or move it aside to start the books at zero (forgetting the epsilon spent)") from exc
 
     def _save_books(self) -> None:
         if self.folder is not None:

@@ -189,6 +189,13 @@ def test_dp_noise_stays_within_the_stated_bound_and_is_charged(tmp_path):
     assert json.loads((tmp_path / BOOKS_FILE).read_text())["unit"] == "one sample"
 
 
+@pytest.mark.parametrize("text", ["{not json", '{"events": [[0, 1, 1]]}', '{"events": 5}', "[]"])
+def test_unreadable_books_stop_the_desk_naming_the_file(tmp_path, text):
+    (tmp_path / BOOKS_FILE).write_text(text)
+    with pytest.raises(ValueError, match=f"{BOOKS_FILE} does not read.*move it aside"):
+        Fleet(tmp_path)
+
+
 def test_status_server_takes_queries_with_the_token_only():
     with Monitor(analytics_token="t" * 32) as monitor:
         url = f"{monitor.url}analytics"
