@@ -48,6 +48,7 @@ device's next task is a full copy again, since what it holds is no tier referenc
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -74,6 +75,11 @@ class _Reference:
     chain_error: Bounds  # max|R_v - W_v| per tensor
     limit: Bounds = field(default_factory=dict)  # the largest E a device may hold of this version, per tensor
     full_error: Bounds = field(default_factory=dict)  # max|F_v - R_v| of the full copy
+
+    @functools.cached_property
+    def magnitude(self) -> float:
+        """max|R_v| over the tier's tensors (computed once: every jump to this version needs it)."""
+        return max((float(np.abs(a).max()) for a in self.weights.values() if a.size), default=0.0)
 
 
 @dataclass
@@ -115,6 +121,7 @@ class Downlink:
         if task.round != self._round:
             self._frames.clear()
             self._round = task.round
+            self._forget_dropped_versions()
         if task.weights.variant:  # a FedMut mutation is this device's alone: encode it once, chain nothing onto it
             self._sent.pop((device_id, task.tier), None)
             return self._encode(task, weights, "float32" if self.mode == "float32" else "float16")
@@ -130,7 +137,7 @@ class Downlink:
             return self._cached(("same", held), task, lambda: self._encode(with_delta(task, held), None))
         if bound is not None and held is not None and held < reference.version:
             jump, frame = self._jump(tier, task, weights, held)
-            ulp = float(np.spacing(np.float32(2 * self._magnitude(reference))))  # the device adds in another order
+            ulp = float(np.spacing(np.float32(2 * reference.magnitude)))  # the device adds in another order
             moved = {n: bound[n] + jump[n] + (ulp if bound[n] > 0 else 0.0) for n in bound}
             limit = self._limit(reference, task, weights)
             if all(moved[n] <= limit[n] for n in moved):
@@ -139,6 +146,16 @@ class Downlink:
         self._limit(reference, task, weights)
         self._note(sent, reference.version, dict(reference.full_error))
         return self._full_frame(task, weights)
+
+    def _forget_dropped_versions(self) -> None:
+        """Drop what devices were sent of versions that left their tier's window, and the devices left with none:
+        the bookkeeping stays bounded by the devices sent a kept version, not every device ever seen (once a round)."""
+        for key, sent in list(self._sent.items()):
+            kept = self._tiers.get(key[1], _Tier()).references
+            for version in [v for v in sent if v not in kept]:
+                del sent[version]
+            if not sent:
+                del self._sent[key]
 
     def bound(self, device_id: str, tier: str, version: int) -> Bounds | None:
         """E: per tensor, how far the weights of `version` this process sent the device may be from R_version."""
@@ -161,17 +178,12 @@ class Downlink:
         old = sent.get(version)
         sent[version] = bounds if old is None else {n: max(old[n], bounds[n]) for n in bounds}
 
-    @staticmethod
-    def _magnitude(reference: _Reference) -> float:
-        """max|R_v| over the tier's tensors."""
-        return max((float(np.abs(a).max()) for a in reference.weights.values() if a.size), default=0.0)
-
     def _limit(self, reference: _Reference, task: Task, weights: Mapping[str, np.ndarray]) -> Bounds:
         """The version's limit on E per tensor (and its full copy's error), computed once."""
         if not reference.limit:
             copy = self._full_copy(task, weights)
             reference.full_error = {n: _max_abs(copy[n], r) for n, r in reference.weights.items()}
-            allowed = self.tolerance * self._magnitude(reference)
+            allowed = self.tolerance * reference.magnitude
             reference.limit = {n: max(allowed, reference.full_error[n]) for n in reference.weights}
         return reference.limit
 

@@ -93,6 +93,18 @@ def test_the_base_is_whichever_kept_version_the_device_holds():
     assert devices["late"].bases == [None] and devices["late"].codecs == {"float16"}
 
 
+def test_what_devices_were_sent_is_forgotten_once_their_versions_leave_the_window():
+    downlink, walk = Downlink("f", "agg", "int8-delta", versions=2), _versions(5)
+    gone = Device("gone")  # gets version 0, then never another task
+    gone.receive(downlink.task_frame("gone", _task(1, 0), walk[0], None))
+    stays = Device("stays")
+    for version, weights in enumerate(walk):
+        stays.receive(downlink.task_frame("stays", _task(version + 1, version), weights, stays.version))
+    assert downlink.bound("gone", "a", 0) is None  # version 0 left the 2 kept versions
+    assert set(downlink._sent) == {("stays", "a")}  # bounded by the devices holding a kept version
+    assert downlink.bound("stays", "a", 4) == {"w": 0.0, "b": 0.0}
+
+
 def test_same_version_sends_no_tensors_and_a_claim_not_backed_by_this_process_gets_a_full_copy():
     downlink, weights = Downlink("f", "agg", "int8-delta"), _versions(1)[0]
     device = Device("d1")
