@@ -37,8 +37,8 @@ from aggregator.strategies.tiering import FixedTiers
 from models.export import export_all
 from models.spec import ModelSpec
 from protocol.frame import Frame, decode_frame, encode_frame
-from protocol.messages import (Hello, PartialSum, Reject, RejectReason, Status, Task, Update, WorkerClaim, WorkerFlush,
-                               WorkerGrant, new_id)
+from protocol.messages import (Hello, PartialSum, Reject, RejectReason, Status, Task, TierShare, Update, WorkerClaim,
+                               WorkerFlush, WorkerForward, WorkerGrant, new_id)
 from protocol.mqtt.link import MqttLink
 from protocol.mqtt.url import parse
 from protocol.signing import AGGREGATOR_KEY_FILE, DeviceKey
@@ -455,3 +455,25 @@ def test_the_coordinator_service_checks_a_worker_frame_before_anything_else(art_
     service._handle(topics.worker("w1", "up"), encode_frame("f", "w1", partial, nan, signer=w1.sign, sent_at=11.0), 1.0)
     assert engine.rejected["bad_tensor"] == 3 and engine.grants == {} and engine.voided == 1
     assert engine.asked_again - before == 2 and engine.open_round.answered == set()
+
+
+def test_a_claim_naming_unexported_contributors_and_an_update_forwarded_whole_are_refused(art_dir, tmp_path):
+    """A worker's claim whose relay contributors name a tier that is not exported is refused unknown_tier (it raised
+    KeyError); a device's update forwarded whole by a worker is refused unexpected, never folded beside the grants."""
+    engine = _coordinator(art_dir, tmp_path / "state", {"d1": "a", "d2": "a"})
+    engine.tick(0.0)
+    w1 = DeviceKey(tmp_path / "w1", AGGREGATOR_KEY_FILE)
+    service = CoordinatorService(engine, parse("mqtt://127.0.0.1:1"), {"w1": w1.public_hex},
+                                 key=DeviceKey(tmp_path / "coord", AGGREGATOR_KEY_FILE))
+    relayed = Update(update_id=new_id(), round=1, base_version=0, tier="a", num_samples=10, steps=1, train_loss=1.0,
+                     train_accuracy=0.5, train_seconds=0.1, contributors={"zz": TierShare(samples=10, devices=1)})
+    out = engine.on_claim("w1", WorkerClaim(session=new_id(), device="d1", update=relayed, norm=1.0), 1.0)
+    assert [o.body.reason for o in out] == [RejectReason.UNKNOWN_TIER] and engine.grants == {}
+    update = Update(update_id=new_id(), round=1, base_version=0, tier="a", num_samples=10, steps=1, train_loss=1.0,
+                    train_accuracy=0.5, train_seconds=0.1)
+    shapes = ArtifactStore(art_dir).tiers["a"].shapes
+    inner = encode_frame("f", "d2", update, {n: np.zeros(s, np.float32) for n, s in shapes.items()})
+    forward = encode_frame("f", "w1", WorkerForward(device="d2"), {"frame": np.frombuffer(inner, np.uint8)}, "uint8",
+                           signer=w1.sign)
+    service._handle(Topics("f").worker("w1", "up"), forward, 1.0)
+    assert engine.rejected["unexpected"] == 1 and engine.open_round.answered == set() and engine.grants == {}

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from aggregator.engines.base import Outgoing, reject
-from aggregator.engines.intake import Problem, fold_weight
+from aggregator.engines.intake import Problem, check_update_tensors, fold_weight
 from aggregator.engines.model import non_finite
 from aggregator.engines.parts import EngineParts, listing
 from aggregator.engines.rounds import RoundEngine
@@ -96,6 +96,13 @@ class CoordinatedEngine(RoundEngine):
         """The grants and flush requests to publish, in order (emptied)."""
         messages, self._to_workers = self._to_workers, []
         return messages
+
+    def on_update(self, device_id: str, msg_id: str, update: Update, tensors: Mapping[str, np.ndarray], nbytes: int,
+                  now: float) -> list[Outgoing]:
+        """Refused: updates reach a coordinator as workers' claims, never whole (a worker forwarding one would have it
+        folded beside the grants, unchecked against them)."""
+        return self.intake.refuse(device_id, msg_id, update, RejectReason.UNEXPECTED,
+                                  "an update reaches the coordinator as a worker's claim, not forwarded whole")
 
     # -- workers ----------------------------------------------------------------------------------
 
@@ -248,6 +255,8 @@ class CoordinatedEngine(RoundEngine):
         assignment = current.assignments[device]
         if problem := self.intake.check_samples(device, assignment, update.num_samples):
             return problem
+        if problem := check_update_tensors(update, self._blocks(update.tier), update.tier, self.artifacts):
+            return problem  # the worker checked the tensors; a relay's contributors are checked here too, on the header
         return self.intake.check_weight(current, self._client(update, assignment), norm, assignment.weighted)
 
     def _client(self, update: Update, assignment: Assignment) -> ClientUpdate:
@@ -255,9 +264,11 @@ class CoordinatedEngine(RoundEngine):
         views of its tier's shapes (what the mass of its elements needs)."""
         current = self.rounds.slot.current
         assert current is not None
-        shapes = self.artifacts.tiers[update.tier].shapes
-        blocks = {name: np.broadcast_to(np.float32(0), shape) for name, shape in shapes.items()}
-        return self.intake.client_update(current, assignment, update, blocks)
+        return self.intake.client_update(current, assignment, update, self._blocks(update.tier))
+
+    def _blocks(self, tier: str) -> dict[str, np.ndarray]:
+        """Zero-size float32 views of `tier`'s shapes: a claimed update's delta as far as shapes go."""
+        return {name: np.broadcast_to(np.float32(0), shape) for name, shape in self.artifacts.tiers[tier].shapes.items()}
 
     def stale_session(self, worker: str, session: str, sent_at: float | None) -> Problem | None:
         """Why a frame of `worker` is refused unseen: it is of another session than the live one (or than the last one,
