@@ -70,8 +70,8 @@ from edge_client.personal import PersonalLayers, finetune
 from edge_client.privacy import privatize
 from edge_client.receipt import Receipt
 from edge_client.scaffold import ControlVariate, Variate
-from edge_client.stages import (NotHeld, TaskRefused, TaskSkipped, check_manifest, encode_update, task_variate,
-                                task_weights, trained_delta)
+from edge_client.stages import (NotHeld, TaskRefused, TaskSkipped, check_manifest, encode_update, store_blob,
+                                task_variate, task_weights, trained_delta)
 from edge_client.trainer import EvalStats, Trainer, TrainStats
 from models.data import Dataset, fit_split
 from models.manifest import STATISTICS_FILE, TierManifest
@@ -442,16 +442,13 @@ class DeviceAgent:
 
     def _store_blob(self, blob: Blob, frame: Frame) -> None:
         """Cache an artifact file the aggregator sent; BAD_HASH when its bytes are not the named file's."""
-        data = frame.tensors.get("data")
         try:
-            if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
-                raise ValueError("blob carries no uint8 'data' tensor")
-            self.cache.put(blob.sha256, data.tobytes())
+            store_blob(self.cache, blob, frame.tensors)
         except ArtifactTooLarge as exc:
             log.error("cannot cache %s: %s; raise --cache-max-mb", blob.name, exc)
             self._unstorable.add(blob.sha256)
-        except ValueError as exc:
-            self._refuse(RejectReason.BAD_HASH, f"{blob.name}: {exc}", frame.header.sender)
+        except TaskRefused as exc:
+            self._refuse(exc.reason, exc.detail, frame.header.sender)
 
     def _off_loop(self, work: Callable[[], T]) -> T:
         """`work()` run on a helper thread while the loop serves the inbox: its result, or its exception raised here."""

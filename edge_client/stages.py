@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_client.cache import ArtifactCache, ArtifactTooLarge
 from edge_client.compression import ErrorFeedback
 from edge_client.scaffold import ControlVariate, Variate, variate_shapes
 from edge_client.trainer import EvalStats, TrainStats
@@ -25,7 +26,7 @@ from models.manifest import TierManifest
 from protocol.codecs import encode_decode, parse_codec
 from protocol.control import with_control
 from protocol.frame import encode_frame
-from protocol.messages import FrameHeader, RejectReason, Task, TierFiles, TrainTask, Update, new_id
+from protocol.messages import Blob, FrameHeader, RejectReason, Task, TierFiles, TrainTask, Update, new_id
 from protocol.quantized import Tensor
 
 Signer = Callable[[FrameHeader], str]
@@ -65,6 +66,22 @@ def check_manifest(task: TierFiles, manifest_bytes: bytes, max_bytes: int | None
         raise TaskRefused(RejectReason.OVERSIZE, f"its artifacts take {total / 1e6:.2f} MB, more than the cache "
                           f"bound of {max_bytes / 1e6:.2f} MB; raise --cache-max-mb")
     return manifest
+
+
+def store_blob(cache: ArtifactCache, blob: Blob, tensors: Mapping[str, Tensor]) -> None:
+    """Cache the artifact file a Blob frame carries (its uint8 `data` tensor).
+
+    ArtifactTooLarge (from the cache) when it does not fit the cache bound; TaskRefused (bad_hash)
+    when the frame's bytes are not the named file's."""
+    data = tensors.get("data")
+    try:
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+            raise ValueError("blob carries no uint8 'data' tensor")
+        cache.put(blob.sha256, data.tobytes())
+    except ArtifactTooLarge:
+        raise
+    except ValueError as exc:
+        raise TaskRefused(RejectReason.BAD_HASH, f"{blob.name}: {exc}") from None
 
 
 def task_weights(task: Task, tensors: Mapping[str, Tensor], manifest: TierManifest,

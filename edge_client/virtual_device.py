@@ -42,8 +42,8 @@ from edge_client.fleet_trace import Behaviour, Dropout
 from edge_client.privacy import privatize
 from edge_client.receipt import Receipt
 from edge_client.scaffold import ControlVariate
-from edge_client.stages import (NotHeld, TaskRefused, TaskSkipped, check_manifest, encode_update, task_variate,
-                                task_weights, trained_delta)
+from edge_client.stages import (NotHeld, TaskRefused, TaskSkipped, check_manifest, encode_update, store_blob,
+                                task_variate, task_weights, trained_delta)
 from models.data import Dataset, fit_split
 from models.manifest import TierManifest
 from protocol.control import split_control
@@ -265,15 +265,12 @@ class VirtualDevice:
         self.runtime.count("hellos")
 
     def _store_blob(self, blob: Blob, frame: Frame) -> None:
-        data = frame.tensors.get("data")
         try:
-            if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
-                raise ValueError("blob carries no uint8 'data' tensor")
-            self.cache.put(blob.sha256, data.tobytes())
+            store_blob(self.cache, blob, frame.tensors)
         except ArtifactTooLarge as exc:
             log.error("%s: cannot cache %s: %s; raise --cache-max-mb", self.id, blob.name, exc)
-        except ValueError as exc:
-            self._refuse(RejectReason.BAD_HASH, f"{blob.name}: {exc}", frame.header.sender)
+        except TaskRefused as exc:
+            self._refuse(exc.reason, exc.detail, frame.header.sender)
 
     def _advance(self) -> None:
         """Carry the waiting task on as far as its files allow: fetch what is missing, or train once all is here."""
