@@ -46,6 +46,12 @@ class CoordinatorService(AggregatorService):
         """Every device's status and every worker's uplink and status; not the devices' uplink (the workers')."""
         return [self.topics.all_status, self.topics.all_workers("up"), self.topics.all_workers("status")]
 
+    def _admits(self, topic: str) -> bool:
+        """A worker topic gets reassembly and inbox room only when its worker is configured (--workers); a device's
+        topic as the aggregator service says."""
+        found = self.topics.worker_of(topic)
+        return found[0] in self.worker_keys if found is not None else super()._admits(topic)
+
     def _handle(self, topic: str, item: bytes | FrameError, now: float) -> None:
         found = self.topics.worker_of(topic)
         if found is None:

@@ -477,3 +477,5 @@ def test_a_claim_naming_unexported_contributors_and_an_update_forwarded_whole_ar
                            signer=w1.sign)
     service._handle(Topics("f").worker("w1", "up"), forward, 1.0)
     assert engine.rejected["unexpected"] == 1 and engine.open_round.answered == set() and engine.grants == {}
+    # Chunks on the topics of a worker that is not configured get no reassembly room.
+    assert service._admits(Topics("f").worker("w1", "up")) and not service._admits(Topics("f").worker("w2", "up"))
