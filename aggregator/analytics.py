@@ -56,8 +56,8 @@ from models.analytics import QuerySpec, finish, gaussian_bound
 from models.slicing import slice_params
 from protocol.atomic_file import atomic_write
 from protocol.frame import FrameError
-from protocol.messages import (MAX_BINS, MAX_DEVICES, MAX_LOSS_CLIP, MAX_VALUE_RANGE, Answer, Computation, Identifier,
-                               Query, Reject, RejectReason, SecAgg, TierFiles, new_id)
+from protocol.messages import (MAX_DEVICES, Answer, Bins, Computation, Identifier, LossClip, Query, Reject,
+                               RejectReason, SecAgg, TierFiles, ValueBound, new_id)
 
 log = logging.getLogger(__name__)
 RESULTS_KEPT = 50  # results the status page and GET /analytics/ID serve
@@ -81,10 +81,10 @@ class AnalyticsRequest(BaseModel):
     max_devices: Annotated[int, Field(ge=1, le=MAX_DEVICES)] | None = None  # None: every online device
     tier: Identifier | None = None  # model_metrics: score every device's data with this tier (default: its own)
     timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
-    low: Annotated[float, Field(ge=-MAX_VALUE_RANGE, le=MAX_VALUE_RANGE, allow_inf_nan=False)] = 0.0
-    high: Annotated[float, Field(ge=-MAX_VALUE_RANGE, le=MAX_VALUE_RANGE, allow_inf_nan=False)] = 1.0
-    bins: Annotated[int, Field(ge=1, le=MAX_BINS)] = 32
-    loss_clip: Annotated[float, Field(gt=0, le=MAX_LOSS_CLIP, allow_inf_nan=False)] = 20.0
+    low: ValueBound = Query.model_fields["low"].default  # the query's parameters: as a Query bounds them
+    high: ValueBound = Query.model_fields["high"].default
+    bins: Bins = Query.model_fields["bins"].default
+    loss_clip: LossClip = Query.model_fields["loss_clip"].default
     dp_noise: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] = 0.0  # z: noise std z x sensitivity; 0 off
     dp_delta: Annotated[float, Field(gt=0, lt=1)] = DEFAULT_DELTA
     secure: bool = False  # sum the answers by secure aggregation (aggregator.analytics_secure)

@@ -27,6 +27,7 @@ from models.analytics import COMPUTATIONS
 EXIT_REFUSED = 3  # the aggregator refused to release an answer (the JSON says why)
 POLL_S = 0.25
 OPTIONS = {"timeout_s": "timeout"}  # request fields whose option is not the field's name with dashes
+DEFAULTS = {name: info.default for name, info in AnalyticsRequest.model_fields.items()}  # the options' defaults
 
 EXAMPLES = """\
 menu (every answer is a sum over the devices that answered; nothing per device is released):
@@ -66,30 +67,30 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--state-dir", type=Path, default=Path("runs/aggregator"),
                        help=f"the aggregator's --state-dir, holding {TOKEN_FILE} (default: %(default)s)")
     where.add_argument("--token-file", type=Path, help="the token file, when it is not in a state dir here")
-    parser.add_argument("--split", choices=("train", "test"), default="train",
+    parser.add_argument("--split", choices=("train", "test"), default=DEFAULTS["split"],
                         help="which of each device's splits to compute on (default: %(default)s)")
-    parser.add_argument("--min-devices", type=int, default=MIN_DEVICES_FLOOR, metavar="N",
+    parser.add_argument("--min-devices", type=int, default=DEFAULTS["min_devices"], metavar="N",
                         help="release nothing unless at least N devices answered (the aggregator never goes below "
                              f"{MIN_DEVICES_FLOOR}; default: %(default)s)")
     parser.add_argument("--max-devices", type=int, metavar="N", help="ask N online devices drawn at random "
                         "(default: every online device)")
     parser.add_argument("--tier", help="model_metrics: score every device with this tier (default: each device's "
                         "requested tier, else the one it last trained, else the widest)")
-    parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
+    parser.add_argument("--timeout", type=float, default=DEFAULTS["timeout_s"], metavar="S",
                         help="how long the devices have to answer (default: %(default)s)")
-    parser.add_argument("--low", type=float, default=0.0, help="feature_moments, quantile_sketch: values are "
+    parser.add_argument("--low", type=float, default=DEFAULTS["low"], help="feature_moments, quantile_sketch: values are "
                         "clipped to [low, high] (default: %(default)s)")
-    parser.add_argument("--high", type=float, default=1.0, help="(default: %(default)s)")
-    parser.add_argument("--bins", type=int, default=32, help="quantile_sketch: bins over [low, high] "
+    parser.add_argument("--high", type=float, default=DEFAULTS["high"], help="(default: %(default)s)")
+    parser.add_argument("--bins", type=int, default=DEFAULTS["bins"], help="quantile_sketch: bins over [low, high] "
                         "(default: %(default)s)")
-    parser.add_argument("--loss-clip", type=float, default=20.0, help="model_metrics: each sample's loss is "
+    parser.add_argument("--loss-clip", type=float, default=DEFAULTS["loss_clip"], help="model_metrics: each sample's loss is "
                         "clipped to this (default: %(default)s)")
-    parser.add_argument("--dp-noise", type=float, default=0.0, metavar="Z",
+    parser.add_argument("--dp-noise", type=float, default=DEFAULTS["dp_noise"], metavar="Z",
                         help="differential privacy (one sample is the unit): add Gaussian noise of std Z x the "
                              "computation's sensitivity to every released sum, charged to the aggregator's analytics "
                              "books (dp-accounting); the answer shows this query's epsilon, the total and the error "
                              "bound. 0: the exact sum (default: %(default)s)")
-    parser.add_argument("--dp-delta", type=float, default=1e-5, help="delta of the epsilon shown (default: %(default)s)")
+    parser.add_argument("--dp-delta", type=float, default=DEFAULTS["dp_delta"], help="delta of the epsilon shown (default: %(default)s)")
     parser.add_argument("--secure", action="store_true",
                         help="sum the answers by secure aggregation (the masking of secure rounds): the aggregator "
                              "sees only the sum of the devices that answered, never one device's answer; a device "

@@ -204,6 +204,10 @@ class MeasureBnStatistics(TaskScope):
 Task = TrainTask | MeasureBnStatistics  # any task a device carries out
 
 Computation = Literal["label_histogram", "sample_count", "feature_moments", "quantile_sketch", "model_metrics"]
+# A query's parameters, bounded here once (Query, and the operator's AnalyticsRequest in aggregator.analytics):
+ValueBound = Annotated[float, Field(ge=-MAX_VALUE_RANGE, le=MAX_VALUE_RANGE, allow_inf_nan=False)]  # low, high
+Bins = Annotated[int, Field(ge=1, le=MAX_BINS)]
+LossClip = Annotated[float, Field(gt=0, le=MAX_LOSS_CLIP, allow_inf_nan=False)]
 
 
 class Query(_Strict):
@@ -219,10 +223,10 @@ class Query(_Strict):
     deadline: Annotated[float, Field(ge=0, le=MAX_UNIX_TIME, allow_inf_nan=False)]
     input_shape: Annotated[BlockShape, Field(min_length=1)]  # one sample's shape, as the model card says
     classes: Annotated[int, Field(ge=1, le=MAX_CLASSES)]
-    low: Annotated[float, Field(ge=-MAX_VALUE_RANGE, le=MAX_VALUE_RANGE, allow_inf_nan=False)] = 0.0
-    high: Annotated[float, Field(ge=-MAX_VALUE_RANGE, le=MAX_VALUE_RANGE, allow_inf_nan=False)] = 1.0
-    bins: Annotated[int, Field(ge=1, le=MAX_BINS)] = 32
-    loss_clip: Annotated[float, Field(gt=0, le=MAX_LOSS_CLIP, allow_inf_nan=False)] = 20.0
+    low: ValueBound = 0.0
+    high: ValueBound = 1.0
+    bins: Bins = 32
+    loss_clip: LossClip = 20.0
     files: TierFiles | None = None  # model_metrics: the tier whose forward graph scores the attached weights
     model_version: Version | None = None  # model_metrics: the version of the attached weights
     secure: SecureAggregation | None = None  # sum the answer by secure aggregation
