@@ -160,6 +160,18 @@ def test_cli_writes_the_files_and_refuses_a_second_run(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bridge_to,message", [
+    ("central.json", "--bridge-to takes CREDENTIALS.json:USER"),
+    ("{json}:site-1", "is not a credentials.json written by `tierfl broker-config`"),
+])
+def test_cli_refuses_a_bridge_to_it_cannot_read_with_a_clear_error(tmp_path, capsys, bridge_to, message):
+    (tmp_path / "central.json").write_text('{"fleet": "x"}')
+    args = ["broker-config", "--fleet", FLEET, "--devices", "dev1", "--out", str(tmp_path / "site"),
+            "--bridge-to", bridge_to.replace("{json}", str(tmp_path / "central.json"))]
+    assert tierfl_main(args) == 1
+    assert message in capsys.readouterr().err and not (tmp_path / "site").exists()
+
+
 def test_help_explains_every_file(capsys):
     with pytest.raises(SystemExit):
         tierfl_main(["broker-config", "--help"])

@@ -35,6 +35,7 @@ import pydantic
 
 from protocol.atomic_file import atomic_write
 from protocol.mqtt.url import DEFAULT_TLS_PORT
+from protocol.mqtt.url import parse as parse_url
 from protocol.topics import Topics, check_id
 
 if TYPE_CHECKING:
@@ -145,8 +146,6 @@ def bridge_conf(fleet: str, remote: UserCredentials, remote_ca: str, name: str |
     """The `connection` section of a site broker's mosquitto.conf that bridges fleet `fleet` to a central broker,
     as the bridge user `remote` (its mqtts:// URL and password, from the central broker's credentials.json)
     whose certificate `remote_ca` verifies: devices' uplink and status out, their downlink and the round summaries in."""
-    from protocol.mqtt.url import parse as parse_url  # the URL parser; here to keep this module's imports light
-
     address = parse_url(remote.url)
     base = Topics(fleet).base
     return f"""
@@ -476,7 +475,14 @@ def run(args: argparse.Namespace) -> int:
     bridge_to = None
     if args.bridge_to:
         path, _, user = args.bridge_to.rpartition(":")
-        central = FleetCredentials.load(path)
+        if not path or not user:
+            raise ValueError(f"--bridge-to takes CREDENTIALS.json:USER (the central broker's credentials.json and its "
+                             f"--bridge-user), got {args.bridge_to!r}")
+        try:
+            central = FleetCredentials.load(path)
+        except pydantic.ValidationError as exc:
+            raise ValueError(f"{path} is not a credentials.json written by `tierfl broker-config` "
+                             f"({exc.errors()[0]['msg']}); give the central broker's") from None
         if user not in central.bridges:
             raise ValueError(f"{path} has no bridge user {user!r} (it has: {', '.join(central.bridges) or 'none'}); "
                              "write the central broker's files with --bridge-user")
