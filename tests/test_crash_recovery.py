@@ -7,9 +7,11 @@ engine on the same directory. The reference is the same updates sent to an engin
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import sqlite3
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -471,6 +473,23 @@ def test_an_int4_spool_with_a_non_zero_padding_nibble_is_refused(tmp_path: Path)
     _rewrite(file, meta, arrays)
     with pytest.raises(SpoolError, match=r"tensor 'h' \(int4\): the padding nibble is not zero"):
         RoundSpool(tmp_path / "open_round").load(0, 0)
+
+
+def test_a_spool_entry_claiming_more_than_memory_and_an_unreadable_plan_are_refused_naming_the_file(
+        tmp_path: Path) -> None:
+    _spool_with(tmp_path, {"w": np.zeros(3, np.float32)})
+    file = tmp_path / "open_round" / "update-000001.npz"
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**16,)})
+    with zipfile.ZipFile(file, "a") as archive:  # a 36 PiB array (past any address space), then 16 bytes
+        archive.writestr("huge.npy", header.getvalue() + bytes(16))
+    with pytest.raises(SpoolError, match=r"update-000001.npz is unreadable \(Unable to allocate.*\); run .*--recover"):
+        RoundSpool(tmp_path / "open_round").load(0, 0)  # was a MemoryError traceback
+    plan = tmp_path / "open_round" / "plan.json"
+    plan.unlink()
+    plan.mkdir()
+    with pytest.raises(SpoolError, match=r"plan.json is unreadable \(\[Errno 21\] Is a directory.*\); run .*--recover"):
+        RoundSpool(tmp_path / "open_round").load(0, 0)  # was an IsADirectoryError traceback
 
 
 def test_an_inconsistent_quantized_spool_stops_the_aggregator_from_starting(art: Path, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from pydantic import BaseModel, ValidationError
 
+from aggregator.store.round_spool import first_problem
 from models.manifest import FORMAT_VERSION, GLOBAL_MODEL_FILE, INDEX_NAME, ExportIndex, ModelCard, TierManifest
 from models.tier_graph import initializer_arrays
 
@@ -43,10 +44,8 @@ def _validated(schema: type[Model], raw: bytes, path: Path, root: Path) -> Model
     try:
         return schema.model_validate_json(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(map(str, first["loc"])) or "the file"
-        raise ValueError(f"{path} is not a valid {schema.__name__} ({exc.error_count()} problems; {where}: "
-                         f"{first['msg']}): re-run `tierfl export --out {root}`") from None
+        raise ValueError(f"{path} is not a valid {schema.__name__} ({first_problem(exc)}): "
+                         f"re-run `tierfl export --out {root}`") from None
 
 
 def _load_index(index_path: Path, root: Path) -> ExportIndex:

@@ -60,6 +60,8 @@ PLAN = "plan.json"
 PENDING = ".pending"  # suffix of an update written but not yet made durable (group commit)
 CLEARED = ".cleared-"  # a spool folder set aside by `clear`, being deleted
 SYNC_THREADS = 16  # parallel fsyncs of one group commit
+# what reading a damaged .npz raises (MemoryError: an entry's header claiming a shape larger than memory)
+ARCHIVE_ERRORS = (OSError, ValueError, EOFError, KeyError, MemoryError, zipfile.BadZipFile)
 _MAX_F32 = float(np.finfo(np.float32).max)
 
 
@@ -175,11 +177,6 @@ class RoundSpool:
             atomic_write(path, lambda out: np.savez(out, **arrays))
         self._next += 1
 
-    @property
-    def unsynced(self) -> int:
-        """Updates accepted since the last `sync` (group commit), not durable yet."""
-        return len(self._pending)
-
     def sync(self) -> None:
         """Make every pending update durable, in order of acceptance: one group commit (see the module docstring)."""
         if not self._pending:
@@ -201,7 +198,9 @@ class RoundSpool:
         try:
             plan = RoundPlan.model_validate_json(path.read_bytes())
         except ValidationError as exc:
-            raise SpoolError(f"{path} is unreadable ({_first_problem(exc)}); {self._advice()}") from None
+            raise SpoolError(f"{path} is unreadable ({first_problem(exc)}); {self._advice()}") from None
+        except OSError as exc:  # a folder, or not readable
+            raise SpoolError(f"{path} is unreadable ({exc}); {self._advice()}") from None
         if plan.round <= committed_round:  # committed, then stopped before the spool was cleared
             log.info("discarding the spool of round %d: state.json already records it", plan.round)
             self.clear()
@@ -252,7 +251,7 @@ class RoundSpool:
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise SpoolError(f"{file} is unreadable ({META}: {problems}); {self._advice()}") from None
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        except ARCHIVE_ERRORS as exc:
             raise SpoolError(f"{file} is unreadable ({exc}); {self._advice()}") from None
         assigned = {a.device_id for a in plan.assignments}
         if meta.update.round != plan.round or meta.device_id not in assigned:
@@ -285,7 +284,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _first_problem(exc: ValidationError) -> str:
+def first_problem(exc: ValidationError) -> str:
     """The first of a validation error's problems, on one line."""
     first = exc.errors()[0]
     where = ".".join(map(str, first["loc"])) or "the file"

@@ -25,13 +25,12 @@ import hashlib
 import io
 import logging
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from aggregator.store.round_spool import RoundSpool, SpoolError
+from aggregator.store.round_spool import ARCHIVE_ERRORS, RoundSpool, SpoolError
 from protocol.atomic_file import atomic_write, sync_folder
 from protocol.messages import RoundSummary
 
@@ -263,7 +262,7 @@ class StateStore:
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as archive:
                 weights = {name: archive[name] for name in archive.files}
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        except ARCHIVE_ERRORS as exc:
             raise StateCorrupt(f"{path} is not a readable weights archive ({exc}); {recover_hint(self.root)}") from None
         bad = [name for name, array in weights.items() if array.dtype.kind != "f" or not np.isfinite(array).all()]
         if not weights or bad:
