@@ -2,9 +2,9 @@
 
 Everything comes from what the aggregator left on disk: state.json (identity and the round
 history), ledger.sqlite (every update accepted or refused, if present) and the artifacts index
-(the model and its tiers, if the export is there). Charts are inline SVG written here, so the page
-needs no network, no script and no plotting library. Every string read from the state is escaped:
-device ids and refusal details come from the network.
+(the model and its tiers, if the export is there). Charts are inline SVG (aggregator.report_html), so
+the page needs no network, no script and no plotting library. Every string read from the state is
+escaped: device ids and refusal details come from the network.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import html
 import logging
-import math
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,8 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from aggregator.engines.personal import WORST_FRACTION
+from aggregator.report_fleet import section_fleet
+from aggregator.report_html import Series, esc, num, svg_chart, table
 from aggregator.store.state import RunOptions, StateRecord, read_run_options
 from models.manifest import ModelCard
 from protocol.atomic_file import atomic_write
@@ -32,7 +32,6 @@ if TYPE_CHECKING:  # read only when an export is there (it imports onnx)
     from aggregator.store.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
-COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 MAX_DEVICES = 200  # rows of the per-device table
 # The options the report shows, in this order (the rest stay in options.json).
 RUN_OPTIONS = ("strategy", "rounds", "fraction", "min_clients", "min_updates", "epochs", "batch_size", "lr",
@@ -158,10 +157,6 @@ def _read_artifacts(folder: Path, identity: str) -> tuple[ArtifactStore | None, 
 # -- rendering ---------------------------------------------------------------------------------
 
 
-def _e(value: object) -> str:
-    return html.escape(str(value))
-
-
 def _date(at: float | None) -> str:
     if at is None:
         return "n/a"
@@ -175,100 +170,9 @@ def _bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def _num(value: float | None, digits: int = 4) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def _table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
-    """An HTML table; cells must already be escaped."""
-    head_html = "".join(f"<th>{h}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{head_html}</tr></thead><tbody>{body}</tbody></table>'
-
-
 def _pairs(rows: list[tuple[str, str]]) -> str:
     """A two-column key/value table; values must already be escaped."""
     return '<table class="kv">' + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
-
-
-def _nice_step(span: float, count: int) -> float:
-    raw = span / count if span > 0 else 1.0
-    magnitude = 10 ** math.floor(math.log10(raw))
-    return next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-
-
-@dataclass
-class Series:
-    label: str
-    values: list[float | None]
-    dashed: bool = False
-
-
-def svg_chart(title: str, rounds: list[int], series: list[Series], *, bars: bool = False, y_max: float | None = None,
-              y_format=lambda v: f"{v:g}", y_label: str = "", x_label: str = "round") -> str:
-    """A line or grouped-bar chart over rounds (or any labels, named by `x_label`) as inline SVG (no external
-    references)."""
-    width, height, left, right, top, bottom = 760, 300, 64, 16, 44, 40
-    plot_w, plot_h = width - left - right, height - top - bottom
-    finite = [v for s in series for v in s.values if v is not None and math.isfinite(v)]
-    top_value = y_max if y_max is not None else max(finite, default=0.0) * 1.05 or 1.0
-    step = _nice_step(top_value, 5)
-    top_value = y_max if y_max is not None else math.ceil(top_value / step) * step
-    n = max(len(rounds), 1)
-    band = plot_w / n
-
-    def x_of(i: int) -> float:
-        return left + band * (i + 0.5)
-
-    def y_of(v: float) -> float:
-        return top + plot_h * (1 - min(max(v / top_value, 0.0), 1.0))
-
-    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-             f'aria-label="{_e(title)}"><title>{_e(title)}</title>',
-             f'<text x="{left}" y="18" class="title">{_e(title)}</text>']
-    tick = 0.0
-    while tick <= top_value * (1 + 1e-9):
-        y = y_of(tick)
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
-                     f'<text x="{left - 6}" y="{y + 4:.1f}" class="ytick">{_e(y_format(tick))}</text>')
-        tick += step
-    if y_label:
-        parts.append(f'<text transform="translate(14 {top + plot_h / 2:.0f}) rotate(-90)" class="axis">{_e(y_label)}</text>')
-    every = max(1, round(_nice_step(n, 12))) if n > 20 else 1
-    for i, number in enumerate(rounds):
-        if i % every == 0 or i == n - 1:
-            parts.append(f'<text x="{x_of(i):.1f}" y="{top + plot_h + 16}" class="xtick">{number}</text>')
-    parts.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 4}" class="axis">{_e(x_label)}</text>')
-    parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" class="frame"/>')
-    slot = band * 0.8 / max(len(series), 1)
-    for k, s in enumerate(series):
-        color = COLORS[k % len(COLORS)]
-        legend_x = left + k * 150
-        parts.append(f'<rect x="{legend_x}" y="27" width="12" height="8" fill="{color}"/>'
-                     f'<text x="{legend_x + 16}" y="35" class="legend">{_e(s.label)}</text>')
-        points = [(i, v) for i, v in enumerate(s.values) if v is not None and math.isfinite(v)]
-        if bars:
-            for i, v in points:
-                x = x_of(i) - band * 0.4 + k * slot
-                parts.append(f'<rect x="{x:.1f}" y="{y_of(v):.1f}" width="{max(slot - 1, 0.5):.1f}" '
-                             f'height="{top + plot_h - y_of(v):.1f}" fill="{color}"><title>{_e(x_label)} {_e(rounds[i])}: '
-                             f'{_e(s.label)} {_e(y_format(v))}</title></rect>')
-            continue
-        runs: list[list[tuple[int, float]]] = []  # a missing value breaks the line
-        for i, v in points:
-            if runs and runs[-1][-1][0] == i - 1:
-                runs[-1].append((i, v))
-            else:
-                runs.append([(i, v)])
-        dash = ' stroke-dasharray="6 4"' if s.dashed else ""
-        for segment in runs:
-            coords = " ".join(f"{x_of(i):.1f},{y_of(v):.1f}" for i, v in segment)
-            parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
-        if n <= 100:
-            parts += [f'<circle cx="{x_of(i):.1f}" cy="{y_of(v):.1f}" r="3" fill="{color}"><title>{_e(x_label)} {_e(rounds[i])}: '
-                      f'{_e(s.label)} {_e(y_format(v))}</title></circle>' for i, v in points]
-    parts.append("</svg>")
-    return "".join(parts)
 
 
 def _committed(history: list[RoundSummary]) -> list[bool]:
@@ -296,22 +200,22 @@ def _section_run(data: RunData) -> str:
     record, history = data.record, data.record.history
     last = history[-1] if history else None
     finished = "finished (last round reached)" if last and last.final else "not finished (the last round was not reached)"
-    by_tier = ", ".join(f"tier {_e(t)} {a:.4f}" for t, a in sorted(last.accuracy_by_tier.items())) if last else ""
+    by_tier = ", ".join(f"tier {esc(t)} {a:.4f}" for t, a in sorted(last.accuracy_by_tier.items())) if last else ""
     rows = [
-        ("fleet", _e(record.fleet)),
-        ("model", _e(record.model)),
-        ("version", _e(record.version)),
-        ("rounds done", f"{_e(record.round)} ({sum(_committed(history))} committed, "
+        ("fleet", esc(record.fleet)),
+        ("model", esc(record.model)),
+        ("version", esc(record.version)),
+        ("rounds done", f"{esc(record.round)} ({sum(_committed(history))} committed, "
                         f"{len(history) - sum(_committed(history))} failed); {finished}"),
-        ("final accuracy", f"{_num(last.accuracy)} ({_e(last.accuracy_source)})" + (f"; {by_tier}" if by_tier else "")
+        ("final accuracy", f"{num(last.accuracy)} ({esc(last.accuracy_source)})" + (f"; {by_tier}" if by_tier else "")
          if last else "n/a"),
-        ("final loss", _num(last.loss) if last else "n/a"),
+        ("final loss", num(last.loss) if last else "n/a"),
         ("bytes", f"{_bytes(sum(s.bytes_up for s in history))} up, {_bytes(sum(s.bytes_down for s in history))} down"),
         ("round time", f"{sum(s.seconds for s in history):.1f} s over {len(history)} rounds"),
     ]
     if data.ledger:
-        rows += [("first decision", _e(_date(data.ledger.first_at))), ("last decision", _e(_date(data.ledger.last_at)))]
-    rows.append(("state directory", _e(data.state_dir.resolve())))
+        rows += [("first decision", esc(_date(data.ledger.first_at))), ("last decision", esc(_date(data.ledger.last_at)))]
+    rows.append(("state directory", esc(data.state_dir.resolve())))
     return '<section id="run"><h2>Run</h2>' + _pairs(rows) + "</section>"
 
 
@@ -324,34 +228,34 @@ def _macs(macs: int) -> str:
 
 def _model_rows(card: ModelCard) -> list[tuple[str, str]]:
     """The model card as (label, HTML) rows: what was exported, and its recipe or its source file's sha256."""
-    rows = [("model", _e(card.name)), ("input", _e(" x ".join(map(str, card.input_shape)))),
-            ("classes", _e(card.num_classes)), ("batch norm", "yes" if card.batch_norm else "no")]
+    rows = [("model", esc(card.name)), ("input", esc(" x ".join(map(str, card.input_shape)))),
+            ("classes", esc(card.num_classes)), ("batch norm", "yes" if card.batch_norm else "no")]
     if card.recipe is not None:
         recipe = card.recipe
-        rows += [("origin", "TierFL model zoo"), ("architecture", _e(recipe.arch)),
-                 ("hidden widths", _e(", ".join(map(str, recipe.widths)))), ("init seed", _e(recipe.seed))]
+        rows += [("origin", "TierFL model zoo"), ("architecture", esc(recipe.arch)),
+                 ("hidden widths", esc(", ".join(map(str, recipe.widths)))), ("init seed", esc(recipe.seed))]
     else:
-        rows += [("origin", "ONNX file"), ("source sha256", f"<code>{_e(card.source_sha256 or 'n/a')}</code>")]
+        rows += [("origin", "ONNX file"), ("source sha256", f"<code>{esc(card.source_sha256 or 'n/a')}</code>")]
     return rows
 
 
 def _section_configuration(data: RunData) -> str:
-    body = f'<p class="note">{_e(data.artifacts_note)}</p>' if data.artifacts_note else ""
+    body = f'<p class="note">{esc(data.artifacts_note)}</p>' if data.artifacts_note else ""
     store = data.artifacts
     if store is not None:
-        body += _pairs(_model_rows(store.card) + [("export identity", _e(store.identity))])
-        rows = [[_e(tier), f"{t.manifest.rate:g}", f"{t.manifest.param_count:,}", _e(_macs(t.manifest.macs)),
-                 _e(_bytes(t.manifest.artifact_bytes)), _e(t.manifest.optimizer),
+        body += _pairs(_model_rows(store.card) + [("export identity", esc(store.identity))])
+        rows = [[esc(tier), f"{t.manifest.rate:g}", f"{t.manifest.param_count:,}", esc(_macs(t.manifest.macs)),
+                 esc(_bytes(t.manifest.artifact_bytes)), esc(t.manifest.optimizer),
                  ", ".join(n for n, on in (("scaler", t.manifest.scaler), ("class mask", t.manifest.class_mask),
                                            ("FedProx", t.manifest.proximal)) if on) or "-"]
                 for tier, t in sorted(store.tiers.items())]
         head = ["tier", "width rate", "parameters", "MACs per sample", "artifacts", "optimizer", "graph inputs"]
-        body += "<h3>Tiers</h3>" + _table(head, rows)
+        body += "<h3>Tiers</h3>" + table(head, rows)
     if data.options is not None:
         recorded = data.options.options
-        rows = [(f"--{name.replace('_', '-')}", _e(recorded[name])) for name in RUN_OPTIONS
+        rows = [(f"--{name.replace('_', '-')}", esc(recorded[name])) for name in RUN_OPTIONS
                 if recorded.get(name) not in (None, False)]
-        body += f"<h3>Options of the latest start ({_e(_date(data.options.started))})</h3>" + _pairs(rows)
+        body += f"<h3>Options of the latest start ({esc(_date(data.options.started))})</h3>" + _pairs(rows)
     else:
         body += '<p class="note">no options.json: the options are recorded by aggregators since the report showed them</p>'
     return '<section id="configuration"><h2>Configuration</h2>' + body + "</section>"
@@ -364,7 +268,7 @@ def _section_curves(history: list[RoundSummary]) -> str:
     accuracy += [Series(f"tier {t}", [s.accuracy_by_tier.get(t) for s in history], dashed=True) for t in tiers]
     sources = sorted({s.accuracy_source for s in history})
     return ('<section id="accuracy"><h2>Accuracy and loss per round</h2>'
-            f'<p>Accuracy source: {_e(", ".join(sources))} (held-out: the aggregator\'s evaluation set; '
+            f'<p>Accuracy source: {esc(", ".join(sources))} (held-out: the aggregator\'s evaluation set; '
             "federated: the devices' test splits, weighted by samples).</p>"
             + svg_chart("Accuracy", rounds, accuracy, y_max=1.0, y_label="accuracy")
             + svg_chart("Loss (global model)", rounds, [Series("loss", [s.loss for s in history])], y_label="loss")
@@ -383,7 +287,7 @@ def _section_personalization(history: list[RoundSummary]) -> str:
     rounds = [s.round for s in history]
     series = [Series(label, [s.metrics.get(key) for s in history], dashed=key.endswith("worst10")) for key, label in shown]
     last = next(s for s in reversed(history) if any(key in s.metrics for key, _ in shown))
-    rows = [(f"{label} (round {last.round})", _num(last.metrics.get(key))) for key, label in shown]
+    rows = [(f"{label} (round {last.round})", num(last.metrics.get(key))) for key, label in shown]
     return ('<section id="personalization"><h2>Personalization</h2>'
             "<p>Each device's accuracy on its own test split, unweighted across devices: the model it received (with "
             "--personal-layers, its own copy of those in place), and with --personalize finetune:K after K local steps "
@@ -406,12 +310,12 @@ def _section_participation(data: RunData) -> str:
     series = [Series("selected", [s.selected for s in history]), Series("answered", [s.answered for s in history])]
     failed = [s.round for s, ok in zip(history, _committed(history)) if not ok]
     body = svg_chart("Devices per round", rounds, series, bars=True, y_label="devices")
-    body += f"<p>Failed rounds (too few updates, no new version): {_e(', '.join(map(str, failed)) or 'none')}.</p>"
+    body += f"<p>Failed rounds (too few updates, no new version): {esc(', '.join(map(str, failed)) or 'none')}.</p>"
     if data.ledger and data.ledger.devices:
         devices = data.ledger.devices
-        rows = [[_e(d), _e(ok or 0), _e(bad or 0), _e(_bytes(b or 0)), _e(_date(at))] for d, ok, bad, b, at in devices[:MAX_DEVICES]]
+        rows = [[esc(d), esc(ok or 0), esc(bad or 0), esc(_bytes(b or 0)), esc(_date(at))] for d, ok, bad, b, at in devices[:MAX_DEVICES]]
         more = f"<p>Only the first {MAX_DEVICES} devices are listed.</p>" if len(devices) > MAX_DEVICES else ""
-        body += "<h3>Devices (from the ledger)</h3>" + _table(
+        body += "<h3>Devices (from the ledger)</h3>" + table(
             ["device", "updates accepted", "messages refused", "bytes accepted", "last seen"], rows) + more
     return '<section id="participation"><h2>Participation</h2>' + body + "</section>"
 
@@ -420,27 +324,27 @@ def _section_rejections(data: RunData) -> str:
     ledger = data.ledger
     if ledger is None:
         totals = _rejected_totals(data.record.history)
-        body = f'<p class="note">{_e(data.ledger_note)}; counts below come from the round summaries.</p>'
-        body += _table(["reason", "refused"], [[_e(r), _e(n)] for r, n in totals.items()]) if totals else "<p>None.</p>"
+        body = f'<p class="note">{esc(data.ledger_note)}; counts below come from the round summaries.</p>'
+        body += table(["reason", "refused"], [[esc(r), esc(n)] for r, n in totals.items()]) if totals else "<p>None.</p>"
         return '<section id="rejections"><h2>Rejections</h2>' + body + "</section>"
-    decisions = _table(["kind", "accepted", "refused"], [
-        [_e(kind), _e(ledger.decisions.get((kind, True), 0)), _e(ledger.decisions.get((kind, False), 0))]
+    decisions = table(["kind", "accepted", "refused"], [
+        [esc(kind), esc(ledger.decisions.get((kind, True), 0)), esc(ledger.decisions.get((kind, False), 0))]
         for kind in sorted({k for k, _ in ledger.decisions})])
-    reasons = _table(["reason", "refused"], [[_e(r), _e(n)] for r, n in ledger.by_reason.items()]) if ledger.by_reason else "<p>None.</p>"
+    reasons = table(["reason", "refused"], [[esc(r), esc(n)] for r, n in ledger.by_reason.items()]) if ledger.by_reason else "<p>None.</p>"
     body = "<h3>Decisions</h3>" + decisions + "<h3>Refused, by reason</h3>" + reasons
     if ledger.refused:
-        rows = [[_e(_date(at)), _e("" if rnd is None else rnd), _e(device or "?"), _e(kind), _e(reason), f"<code>{_e(detail)}</code>"]
+        rows = [[esc(_date(at)), esc("" if rnd is None else rnd), esc(device or "?"), esc(kind), esc(reason), f"<code>{esc(detail)}</code>"]
                 for at, rnd, device, kind, reason, detail in ledger.refused]
-        body += f"<h3>Last {len(rows)} refused messages</h3>" + _table(["at", "round", "device", "kind", "reason", "detail"], rows, "wide")
+        body += f"<h3>Last {len(rows)} refused messages</h3>" + table(["at", "round", "device", "kind", "reason", "detail"], rows, "wide")
     return '<section id="rejections"><h2>Rejections</h2>' + body + "</section>"
 
 
 def _section_rounds(history: list[RoundSummary]) -> str:
-    rows = [[_e(s.round), _e(s.version) + ("" if ok else " (failed)"), f"{s.answered}/{s.selected}", _num(s.accuracy),
-             _e(", ".join(f"{t} {a:.3f}" for t, a in sorted(s.accuracy_by_tier.items())) or "-"), _num(s.loss),
-             _e(_bytes(s.bytes_up)), _e(_bytes(s.bytes_down)), f"{s.seconds:.1f}"]
+    rows = [[esc(s.round), esc(s.version) + ("" if ok else " (failed)"), f"{s.answered}/{s.selected}", num(s.accuracy),
+             esc(", ".join(f"{t} {a:.3f}" for t, a in sorted(s.accuracy_by_tier.items())) or "-"), num(s.loss),
+             esc(_bytes(s.bytes_up)), esc(_bytes(s.bytes_down)), f"{s.seconds:.1f}"]
             for s, ok in zip(history, _committed(history))]
-    return ('<section id="rounds"><h2>Rounds</h2>' + _table(
+    return ('<section id="rounds"><h2>Rounds</h2>' + table(
         ["round", "version", "answered", "accuracy", "by tier", "loss", "up", "down", "seconds"], rows, "wide") + "</section>")
 
 
@@ -465,13 +369,11 @@ def render(data: RunData) -> str:
                      _section_participation(data)]
     else:
         sections.append("<p>No round has finished yet.</p>")
-    from aggregator.report_fleet import section_fleet  # it draws with this module's charts
-
     sections.append(section_fleet(data.state_dir))
     sections.append(_section_rejections(data))
     if history:
         sections.append(_section_rounds(history))
     generated = _date(datetime.datetime.now(datetime.timezone.utc).timestamp())
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-            f"<style>{STYLE}</style></head><body><h1>{_e(title)}</h1><p>Generated {_e(generated)} by "
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f"<style>{STYLE}</style></head><body><h1>{esc(title)}</h1><p>Generated {esc(generated)} by "
             f"<code>tierfl report</code>.</p>" + "".join(sections) + "</body></html>\n")

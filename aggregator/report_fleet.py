@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aggregator.analytics import RESULTS_FILE
 from aggregator.fleet_record import FleetFile, read_fleet, read_results
-from aggregator.report import Series, _e, _num, _table, svg_chart
+from aggregator.report_html import Series, esc, num, svg_chart, table
 
 MAX_BARS = 200  # devices drawn in one chart
 
@@ -43,8 +43,8 @@ def _data_heterogeneity(results: list[dict]) -> str:
     counts = newest["answer"]["counts"]
     mean = statistics.fmean(sizes) if sizes else 0.0
     spread = statistics.pstdev(sizes) / mean if mean else 0.0
-    text = (f"<p>From query {_e(newest.get('number'))} ({_e(newest.get('answered'))} devices): sample counts from "
-            f"{_e(f'{min(sizes):.0f}')} to {_e(f'{max(sizes):.0f}')} (coefficient of variation {spread:.2f}); "
+    text = (f"<p>From query {esc(newest.get('number'))} ({esc(newest.get('answered'))} devices): sample counts from "
+            f"{esc(f'{min(sizes):.0f}')} to {esc(f'{max(sizes):.0f}')} (coefficient of variation {spread:.2f}); "
             f"label mix distance from the fleet's (total variation, 0 = the fleet's mix, 1 = disjoint) mean "
             f"{statistics.fmean(distances):.2f}, largest {max(distances):.2f}.</p>")
     return ("<h3>Data heterogeneity (from analytics answers)</h3>" + text
@@ -66,7 +66,7 @@ def _system_heterogeneity(fleet: FleetFile) -> str:
         for tier, speed in row.seconds_per_sample.items():
             by_tier.setdefault(tier, []).append(speed * 1000)
     tiers = sorted(by_tier)
-    rows = [[_e(t), _e(len(by_tier[t])), _num(statistics.median(by_tier[t]), 3), _num(max(by_tier[t]), 3)]
+    rows = [[esc(t), esc(len(by_tier[t])), num(statistics.median(by_tier[t]), 3), num(max(by_tier[t]), 3)]
             for t in tiers]
     names = [name for name, _ in devices]
     availability = [row.online_samples / row.seen_samples if row.seen_samples else None for _, row in devices]
@@ -78,7 +78,7 @@ def _system_heterogeneity(fleet: FleetFile) -> str:
                          [Series("median", [statistics.median(by_tier[t]) for t in tiers]),
                           Series("slowest", [max(by_tier[t]) for t in tiers])], bars=True, y_label="ms per sample",
                          x_label="tier")
-        out += _table(["tier", "devices", "median ms per sample", "slowest ms per sample"], rows)
+        out += table(["tier", "devices", "median ms per sample", "slowest ms per sample"], rows)
     out += svg_chart("Availability and answer rates per device", names,  # type: ignore[arg-type]
                      [Series("online", availability), Series("tasks answered", tasks),
                       Series("queries answered", queries)], bars=True, y_max=1.0, y_format=lambda v: f"{v:.0%}",
@@ -93,8 +93,8 @@ def _queries(results: list[dict]) -> str:
     for r in results[-50:][::-1]:
         privacy = r.get("privacy") or {}
         epsilon = f"{privacy['epsilon']:.3g} (total {privacy['epsilon_total']:.3g})" if privacy.get("dp") else "none"
-        rows.append([_e(r.get("number")), _e(r.get("computation")), _e(r.get("status")),
-                     _e(f"{r.get('answered', 0)}/{r.get('asked', 0)}"), _e("yes" if r.get("secure") else "no"),
-                     _e(epsilon), _e(r.get("reason") or "")])
+        rows.append([esc(r.get("number")), esc(r.get("computation")), esc(r.get("status")),
+                     esc(f"{r.get('answered', 0)}/{r.get('asked', 0)}"), esc("yes" if r.get("secure") else "no"),
+                     esc(epsilon), esc(r.get("reason") or "")])
     return ("<h3>Analytics queries (newest first)</h3>"
-            + _table(["query", "computation", "status", "answered/asked", "secure", "DP epsilon", "reason"], rows))
+            + table(["query", "computation", "status", "answered/asked", "secure", "DP epsilon", "reason"], rows))
