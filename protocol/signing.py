@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import ConfigDict, Field, RootModel
+from pydantic import ConfigDict, Field, RootModel, ValidationError
 
 from protocol.atomic_file import atomic_write
 from protocol.messages import Blob, FrameHeader, RejectReason
@@ -201,8 +201,11 @@ class EnrolledKeys(RootModel[dict[str, PublicKeyHex]]):
 
     @classmethod
     def load(cls, path: Path) -> EnrolledKeys:
-        """Read and check an enrolment file."""
-        keys = cls.model_validate_json(path.read_bytes())
+        """Read and check an enrolment file (--enrolled, a coordinator's --workers); ValueError naming it if bad."""
+        try:
+            keys = cls.model_validate_json(path.read_bytes())
+        except ValidationError as exc:
+            raise ValueError(f"{path} is not JSON of id -> hex Ed25519 public key ({exc.errors()[0]['msg']})") from None
         for device, public in keys.root.items():
             if len(public) != 64 or any(c not in "0123456789abcdef" for c in public):
                 raise ValueError(f"{path}: the key of {device!r} is not 64 hex digits (an Ed25519 public key)")

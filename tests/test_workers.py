@@ -34,6 +34,7 @@ from aggregator.store.state import StateStore
 from aggregator.strategies.fedavg import FedAvg
 from aggregator.strategies.robust import update_norm
 from aggregator.strategies.tiering import FixedTiers
+from aggregator.worker_cli import load_workers
 from models.export import export_all
 from models.spec import ModelSpec
 from protocol.frame import Frame, decode_frame, encode_frame
@@ -479,3 +480,10 @@ def test_a_claim_naming_unexported_contributors_and_an_update_forwarded_whole_ar
     assert engine.rejected["unexpected"] == 1 and engine.open_round.answered == set() and engine.grants == {}
     # Chunks on the topics of a worker that is not configured get no reassembly room.
     assert service._admits(Topics("f").worker("w1", "up")) and not service._admits(Topics("f").worker("w2", "up"))
+
+
+def test_a_workers_file_that_is_not_an_id_to_key_map_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "workers.json"
+    path.write_text('["w1"]')
+    with pytest.raises(ValueError, match=f"{path} is not JSON of id -> hex Ed25519 public key"):
+        load_workers(path)
