@@ -188,7 +188,8 @@ class DeviceAgent:
         self._fitted: tuple[tuple[object, ...], tuple[Dataset, Dataset] | str] | None = None  # last model: data/why not
         self._dp_rng = np.random.default_rng()  # local DP noise: seeded by the OS, never by the (public) task
         self._held: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # tier -> (version, weights received)
-        self.personal = PersonalLayers(config.cache_dir)  # FedPer's own layers; a file that does not load stops us here
+        # FedPer's own layers, each file within the cache bound; a file that does not load stops us here
+        self.personal = PersonalLayers(config.cache_dir, self.cache.max_bytes)
         self._unstorable: set[str] = set()  # artifacts of the current task that do not fit the cache bound
         self._new_asks: queue.SimpleQueue[_Ask] = queue.SimpleQueue()  # from ask_tier's callers, for the loop
         self._asked: dict[str, _Ask] = {}  # the loop's: catalogue request msg_id -> its ask, until answered

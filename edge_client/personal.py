@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -40,12 +41,13 @@ class PersonalLayersCorrupt(ValueError):
 class PersonalLayers:
     """The device's own personal layers, per model, persisted under `folder`."""
 
-    def __init__(self, folder: Path) -> None:
-        """Read every personal-layers file in `folder`; PersonalLayersCorrupt naming the first that does not load."""
+    def __init__(self, folder: Path, max_bytes: int | None = None) -> None:
+        """Read every personal-layers file in `folder`; PersonalLayersCorrupt naming the first that does not load (or
+        whose arrays take more than `max_bytes`, the cache bound: no layer of a model is larger than its artifacts)."""
         self.folder = folder
         self._layers: dict[str, Tensors] = {}  # model name -> parameter -> the device's copy
         for path in sorted(folder.glob(f"{FILE_PREFIX}*.npz")) if folder.is_dir() else []:
-            self._layers[path.stem[len(FILE_PREFIX):]] = _load(path)
+            self._layers[path.stem[len(FILE_PREFIX):]] = _load(path, max_bytes)
 
     def path(self, model: str) -> Path:
         """The file of `model`'s personal layers."""
@@ -80,19 +82,24 @@ class PersonalLayers:
         self._layers[model] = layers
 
 
-def _load(path: Path) -> Tensors:
-    """The personal layers saved in `path`: float32 arrays, all finite; PersonalLayersCorrupt otherwise."""
+def _load(path: Path, max_bytes: int | None) -> Tensors:
+    """The personal layers saved in `path`: float32 arrays, all finite, within `max_bytes`; PersonalLayersCorrupt
+    otherwise."""
     try:
         with path.open("rb") as file:
             if file.read(4) != b"PK\x03\x04":  # numpy would read other bytes as a .npy, or ask for pickle
                 raise ValueError("not an .npz archive")
         with np.load(path, allow_pickle=False) as saved:
+            declared = sum(info.file_size for info in saved.zip.infolist())  # checked before reading any array
+            if max_bytes is not None and declared > max_bytes:
+                raise ValueError(f"its arrays take {declared / 1e6:.2f} MB, more than the cache bound of "
+                                 f"{max_bytes / 1e6:.2f} MB (--cache-max-mb)")
             layers = {name: np.asarray(saved[name], np.float32) for name in saved.files}
         if bad := [name for name, value in layers.items() if not np.isfinite(value).all()]:
             raise ValueError(f"{bad[:4]} hold NaN or Inf")
         if not layers:
             raise ValueError("it holds no layer")
-    except (OSError, ValueError, EOFError, AttributeError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, AttributeError, zipfile.BadZipFile, zlib.error, NotImplementedError) as exc:
         raise PersonalLayersCorrupt(
             f"personal layers file {path} cannot be read ({type(exc).__name__}: {exc}); this device's own layers are "
             f"lost: delete the file to start them again from the global model at the next task") from None

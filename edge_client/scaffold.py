@@ -12,15 +12,18 @@ the update alone. The device keeps the exact value; the server's derived one dif
 the codec's quantisation error / (K lr), which error feedback carries into later updates (and so
 into later derived changes). c_i starts at zero. It is saved (atomically) when the
 update is sent, in `scaffold-<tier>.npz` beside the tier's model identity, so it survives a
-restart of the device. A file that cannot be read, holds NaN/Inf or does not fit the tier's
-trainable parameters is named in a warning and the tier starts again from c_i = 0 (the way out
-is automatic: the file is replaced with the next update; delete it to reset by hand).
+restart of the device. A file that cannot be read, is larger than the tier's variate, holds NaN/Inf
+or does not fit the tier's trainable parameters is named in a warning and the tier starts again
+from c_i = 0 (the way out is automatic: the file is replaced with the next update; delete it to
+reset by hand).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,6 +36,8 @@ from protocol.control import control_shapes
 log = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
 MODEL_KEY = "__model__"  # the tier's model name and shapes, so a variate of another export is not applied
+NPY_HEADER_BYTES = 4096  # room for each .npy entry's header beside its array's bytes
+UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError)
 
 
 def variate_shapes(manifest: TierManifest) -> dict[str, tuple[int, ...]]:
@@ -58,7 +63,7 @@ class ControlVariate:
         if self.path.exists():
             try:
                 self.value = self._load()
-            except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+            except UNREADABLE as exc:
                 log.warning("SCAFFOLD control variate %s cannot be used (%s: %s): tier %s starts again from c_i = 0; "
                             "the file is replaced with the next update", self.path, type(exc).__name__, exc, manifest.tier)
 
@@ -68,6 +73,11 @@ class ControlVariate:
         if not isinstance(saved, np.lib.npyio.NpzFile):
             raise ValueError("not an .npz archive")
         with saved:
+            # bounded before reading anything: float32 arrays of the tier's shapes and the identity, each with a header
+            limit = (sum(4 * math.prod(shape) for shape in self.shapes.values()) + self._identity.nbytes
+                     + NPY_HEADER_BYTES * (len(self.shapes) + 1))
+            if (declared := sum(info.file_size for info in saved.zip.infolist())) > limit:
+                raise ValueError(f"it holds {declared} bytes, more than the tier's variate takes ({limit})")
             if MODEL_KEY not in saved.files or not np.array_equal(saved[MODEL_KEY], self._identity):
                 raise ValueError("it belongs to another model or export of this tier")
             value = {name: np.asarray(saved[name], np.float32) for name in saved.files if name != MODEL_KEY}

@@ -118,6 +118,20 @@ def test_the_devices_copy_persists_starts_from_global_once_and_a_corrupt_file_na
         PersonalLayers(tmp_path)
 
 
+def test_a_personal_layers_file_past_the_cache_bound_or_not_decompressing_names_itself(tmp_path):
+    layers = PersonalLayers(tmp_path)
+    layers.save("mlp8", {"fc2.weight": np.ones((10, 32), np.float32)})
+    assert PersonalLayers(tmp_path, max_bytes=10_000).held("mlp8")  # 1280 bytes and a header: within the bound
+    with pytest.raises(PersonalLayersCorrupt, match=r"personal-layers-mlp8\.npz .*more than the cache bound"):
+        PersonalLayers(tmp_path, max_bytes=1_000)
+    np.savez_compressed(layers.path("mlp8"), **{"fc2.weight": np.arange(10_000, dtype=np.float32)})
+    data = bytearray(layers.path("mlp8").read_bytes())
+    data[60:200] = bytes(b ^ 0x55 for b in data[60:200])  # deflate data that does not decompress (zlib.error)
+    layers.path("mlp8").write_bytes(bytes(data))
+    with pytest.raises(PersonalLayersCorrupt, match=r"personal-layers-mlp8\.npz cannot be read .*delete the file"):
+        PersonalLayers(tmp_path)
+
+
 # -- the aggregator ----------------------------------------------------------------------------------------------------
 
 def test_the_summary_reports_the_devices_mean_and_worst_tenth():

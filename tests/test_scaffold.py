@@ -137,6 +137,27 @@ def test_a_corrupt_or_foreign_variate_file_is_named_and_reset_to_zero(art_dir: P
     assert "another model" in caplog.text and all(not v.any() for v in other.value.values())
 
 
+def test_a_variate_file_larger_than_the_tier_or_not_decompressing_is_named_and_reset(
+        art_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    own = ControlVariate(tmp_path, _manifest(art_dir))
+    own.commit({n: np.ones(s, np.float32) for n, s in own.shapes.items()})
+    saved = dict(np.load(own.path, allow_pickle=False))
+    np.savez(own.path, **saved, extra=np.zeros(1 << 20, np.float32))  # refused before any array is read
+    with caplog.at_level(logging.WARNING):
+        reset = ControlVariate(tmp_path, _manifest(art_dir))
+    assert str(own.path) in caplog.text and "more than the tier's variate takes" in caplog.text
+    assert all(not v.any() for v in reset.value.values())
+    np.savez_compressed(own.path, **saved)
+    data = bytearray(own.path.read_bytes())
+    data[60:200] = bytes(b ^ 0x55 for b in data[60:200])  # deflate data that does not decompress (zlib.error)
+    own.path.write_bytes(bytes(data))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        reset = ControlVariate(tmp_path, _manifest(art_dir))
+    assert str(own.path) in caplog.text and "starts again from c_i = 0" in caplog.text
+    assert all(not v.any() for v in reset.value.values())
+
+
 def test_a_device_takes_c_beside_the_weights_only_whole_finite_and_of_the_tier(art_dir: Path) -> None:
     """stages.task_weights: a SCAFFOLD task's c must be every trainable parameter's, finite; a delta applies to it."""
     manifest = _manifest(art_dir, "c")
