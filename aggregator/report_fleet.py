@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 
 from aggregator.analytics import RESULTS_FILE
-from aggregator.fleet_record import FleetFile, read_fleet, read_results
+from aggregator.fleet_record import FLEET_FILE, FleetFile, read_fleet, read_results
 from aggregator.report_html import Series, esc, num, svg_chart, table
 
 MAX_BARS = 200  # devices drawn in one chart
@@ -24,11 +24,21 @@ def section_fleet(state_dir: Path) -> str:
     """The "Fleet diagnostics" section, or a note saying what to run to get it."""
     results = read_results(state_dir, RESULTS_FILE)
     fleet = read_fleet(state_dir)
+    unread = ""
+    if fleet is None and (state_dir / FLEET_FILE).exists():
+        unread += (f"<p>{esc(state_dir / FLEET_FILE)} does not read: the aggregator rewrites it on its next sample "
+                   "(or delete it).</p>")
     if not results and fleet is None:
-        return ('<section id="fleet"><h2>Fleet diagnostics</h2><p>No analytics results or fleet record in this state '
-                "directory: run the aggregator with <code>--status-port</code> and ask the fleet with "
+        return ('<section id="fleet"><h2>Fleet diagnostics</h2>' + unread + "<p>No analytics results or fleet record "
+                "in this state directory: run the aggregator with <code>--status-port</code> and ask the fleet with "
                 "<code>tierfl analytics label_histogram</code> (README: Ask the fleet).</p></section>")
-    body = _data_heterogeneity(results) + (_system_heterogeneity(fleet) if fleet else "") + _queries(results)
+    try:
+        data, queries = _data_heterogeneity(results), _queries(results)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:  # a line that parses but is no result of ours
+        data, queries = (f"<p>{esc(state_dir / RESULTS_FILE)} holds a line that is not an analytics result "
+                         f"({esc(type(exc).__name__)}: {esc(str(exc)[:200])}): move the file aside to start the "
+                         "record anew.</p>"), ""
+    body = unread + data + (_system_heterogeneity(fleet) if fleet else "") + queries
     return '<section id="fleet"><h2>Fleet diagnostics</h2>' + body + "</section>"
 
 

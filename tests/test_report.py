@@ -133,3 +133,13 @@ def test_missing_foreign_or_corrupt_state_directories_are_one_line_errors(tmp_pa
     err = capsys.readouterr().err
     assert "is corrupt or not a TierFL state file" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "report.html").exists()
+
+
+def test_unreadable_fleet_record_and_analytics_results_are_notes_naming_the_file(tmp_path):
+    state = tmp_path / "state"
+    StateStore(state).commit(StateRecord(fleet="f", model="m", version=0, round=0, history=[]), None)
+    (state / "fleet.json").write_text("{not json")
+    (state / "analytics.jsonl").write_text('{"status": "answered", "diagnostics": {"samples_per_device": 5}}\n')
+    page = render(load_run(state))
+    assert "fleet.json does not read" in page and "(or delete it)" in page
+    assert "analytics.jsonl holds a line that is not an analytics result" in page and "move the file aside" in page
