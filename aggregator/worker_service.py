@@ -100,19 +100,18 @@ class WorkerService(AggregatorService):
         device = self.topics.device_of(topic)
         try:
             raw = read_header(item, self._max_update_bytes)
+            if problem := self._header_problem(topic, device, raw.header):
+                raise FrameError(*problem)
+            assert device is not None
+            if not isinstance(raw.body, Update):
+                self._publish_up(WorkerForward(device=device), {"frame": np.frombuffer(item, np.uint8)})
+                self.forwarded += 1
+                return
+            frame = decode_payload(raw, self._expected_tensors(raw, now))  # the header read once, as the service would
         except FrameError as exc:
             self._refuse(device, exc.reason, exc.detail)
             return
-        if isinstance(raw.body, Update):
-            super()._handle(topic, item, now)
-            return
-        problem = self._header_problem(topic, device, raw.header)
-        if problem is not None:
-            self._refuse(device, *problem)
-            return
-        assert device is not None
-        self._publish_up(WorkerForward(device=device), {"frame": np.frombuffer(item, np.uint8)})
-        self.forwarded += 1
+        self._route(topic, device, frame, now)
 
     def _from_coordinator(self, item: bytes | FrameError, now: float) -> None:
         """A grant or flush request: taken only when the coordinator signed it."""
