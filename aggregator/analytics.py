@@ -496,9 +496,13 @@ def analytics_token(folder: Path) -> str:
     if not path.exists():
         token = secrets.token_hex(16).encode()
         atomic_write(path, lambda f: f.write(token), mode=0o600)
-    text = path.read_text(encoding="ascii").strip()
-    if not text:
-        raise ValueError(f"{path} is empty: delete it and restart the aggregator to make a new token")
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except UnicodeDecodeError:
+        text = ""
+    if not text or not text.isprintable():
+        raise ValueError(f"{path} holds no token (empty, or not printable ASCII): delete it and restart the aggregator "
+                         "to make a new one")
     return text
 
 

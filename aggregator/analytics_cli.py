@@ -111,8 +111,9 @@ def run(args: argparse.Namespace) -> int:
     token_file = args.token_file or args.state_dir / TOKEN_FILE
     try:
         token = token_file.read_text(encoding="ascii").strip()
-    except OSError as exc:
-        raise OSError(f"cannot read the operator's token {token_file} ({exc.strerror or exc}): the aggregator writes "
+    except (OSError, UnicodeDecodeError) as exc:  # missing, unreadable, or not the ASCII the aggregator writes
+        why = getattr(exc, "strerror", None) or exc
+        raise OSError(f"cannot read the operator's token {token_file} ({why}): the aggregator writes "
                       "it to its --state-dir when it serves --status-port; give that --state-dir or --token-file") from None
     result = ask(args.url, token, request, wait_s=args.timeout * (1 + UNMASK_FRACTION) + 30)
     json.dump(result, sys.stdout, indent=2)

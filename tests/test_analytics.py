@@ -13,7 +13,7 @@ import dp_accounting
 import numpy as np
 import pytest
 
-from aggregator.analytics import BOOKS_FILE, RESULTS_FILE, AnalyticsDesk, AnalyticsRequest
+from aggregator.analytics import BOOKS_FILE, RESULTS_FILE, AnalyticsDesk, AnalyticsRequest, analytics_token
 from aggregator.fleet_record import FleetRecord, read_fleet
 from aggregator.monitor import Monitor
 from aggregator.registry import DeviceRegistry
@@ -301,3 +301,9 @@ def test_a_secure_query_sums_masked_answers_and_refuses_the_hostile_ones(tmp_pat
     assert result["answer"]["counts"] == truth["counts"].tolist()
     assert result["refused_answers"] == {"duplicate": 1, "bad_tensor": 1, "late": 1}
     assert "diagnostics" not in result
+
+
+def test_a_token_file_that_is_not_ascii_names_itself(tmp_path):
+    (tmp_path / "analytics.token").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match="analytics.token holds no token.*delete it"):
+        analytics_token(tmp_path)
