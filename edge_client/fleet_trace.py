@@ -35,6 +35,7 @@ from protocol.topics import check_id
 
 MAX_TRACE_DEVICES = 1_000_000
 MAX_WINDOWS = 10_000
+MAX_TRACE_BYTES = 1 << 30  # a trace file read whole: ~1 kB for each of MAX_TRACE_DEVICES devices
 Seconds = Annotated[float, Field(ge=0, le=1e12)]
 
 
@@ -87,12 +88,17 @@ class Trace(BaseModel):
 
 
 def read_trace(path: Path) -> Trace:
-    """The trace in `path` (JSON, or JSON lines of devices); ValueError naming the line and the problem."""
-    text = path.read_text()
+    """The trace in `path` (JSON, or JSON lines of devices); ValueError naming the file (and line) and the problem."""
+    if (size := path.stat().st_size) > MAX_TRACE_BYTES:
+        raise ValueError(f"{path} is not a fleet trace: {size} bytes, more than a trace may take ({MAX_TRACE_BYTES})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not a fleet trace: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         try:
             whole = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # nested too deep: each line's parser says so below
             whole = None  # JSON lines
         if isinstance(whole, dict) and "devices" in whole:
             return Trace.model_validate(whole)

@@ -28,7 +28,7 @@ DEVICES = 200
 DROPS = {1: ["d-003", "d-050", "d-120"], 2: ["d-007"]}  # round -> devices of the trace that drop out in its task
 
 
-def test_trace_reads_json_and_json_lines_and_names_the_bad_line(tmp_path):
+def test_trace_reads_json_and_json_lines_and_names_the_bad_line(tmp_path, monkeypatch):
     as_json = tmp_path / "trace.json"
     as_json.write_text(json.dumps({"devices": [{"id": "x-1", "tier": "b", "online": [[0, 10], [20, 30]]}, {}]}))
     trace = read_trace(as_json)
@@ -42,6 +42,15 @@ def test_trace_reads_json_and_json_lines_and_names_the_bad_line(tmp_path):
     lines.write_text('{"online": [[5, 1]]}\n')
     with pytest.raises(ValueError, match="start < end"):
         read_trace(lines)
+    lines.write_text("[" * 100_000)  # json's own parser raises RecursionError on it
+    with pytest.raises(ValueError, match=r"trace.jsonl:1: .*recursion limit"):
+        read_trace(lines)
+    lines.write_bytes(b'{"id": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"trace.jsonl is not a fleet trace: not UTF-8 text"):
+        read_trace(lines)
+    monkeypatch.setattr("edge_client.fleet_trace.MAX_TRACE_BYTES", 4)
+    with pytest.raises(ValueError, match=r"trace.jsonl is not a fleet trace: 12 bytes, more than a trace may take"):
+        read_trace(lines)  # refused before it is read
 
 
 def test_behaviour_is_drawn_per_device_and_repeatable():
