@@ -90,6 +90,16 @@ class _Tier:
     jumps: dict[tuple[int, int], Bounds] = field(default_factory=dict)  # (b, v) -> j(b, v)
 
 
+def check_int8_delta(versions: int, tolerance: float, full: str) -> None:
+    """ValueError naming the option when an int8-delta setting is out of range."""
+    if not 1 <= versions <= 1000:
+        raise ValueError(f"--downlink-versions must be in 1..1000, got {versions}")
+    if not 0 <= tolerance <= 1:
+        raise ValueError(f"--downlink-tolerance must be in [0, 1], got {tolerance}")
+    if full not in FULL_COPIES:
+        raise ValueError(f"unknown --downlink-full {full!r} (expected one of {', '.join(FULL_COPIES)})")
+
+
 def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max()) if a.size else 0.0
 
@@ -102,12 +112,7 @@ class Downlink:
                  tolerance: float = DEFAULT_TOLERANCE, full: str = "float16") -> None:
         if mode not in DOWNLINK_MODES:
             raise ValueError(f"unknown downlink {mode!r} (expected one of {', '.join(DOWNLINK_MODES)})")
-        if not 1 <= versions <= 1000:
-            raise ValueError(f"--downlink-versions must be in 1..1000, got {versions}")
-        if not 0 <= tolerance <= 1:
-            raise ValueError(f"--downlink-tolerance must be in [0, 1], got {tolerance}")
-        if full not in FULL_COPIES:
-            raise ValueError(f"unknown --downlink-full {full!r} (expected one of {', '.join(FULL_COPIES)})")
+        check_int8_delta(versions, tolerance, full)
         self.fleet, self.sender, self.mode, self.seed, self.signer = fleet, sender, mode, seed, signer
         self.versions, self.tolerance, self.full = versions, tolerance, full
         self._tiers: dict[str, _Tier] = {}

@@ -14,6 +14,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from aggregator.downlink import check_int8_delta
 from aggregator.engines.secure import SecureConfig
 from aggregator.strategies.fedavg import AccumulatorFactory
 from aggregator.strategies.privacy import DEFAULT_DELTA, DP_MODES, DpSettings
@@ -234,6 +235,7 @@ def resolve_options(args: argparse.Namespace) -> AlgorithmSettings:
     """The algorithm settings of the parsed options; ValueError saying why when options do not combine, with each
     other or with the export's model and tiers."""
     mu = proximal_mu(args)
+    check_int8_delta(args.downlink_versions, args.downlink_tolerance, args.downlink_full)  # before anything is written
     if args.strategy == "fedbuff" and args.max_share < 1:
         raise ValueError("--max-share applies to synchronous rounds: FedBuff has no round selection to cap a share of")
     sampler = make_sampler(args.sampling, args.fraction, 1 if args.strategy == "fedbuff" else args.min_clients,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import numpy as np
 import pytest
 
+from aggregator.cli import configure_parser
 from aggregator.downlink import Downlink
+from aggregator.options import resolve_options
 from aggregator.store.artifacts import ArtifactStore
 from edge_client.agent import ClientConfig, DeviceAgent
 from models.data import load_dataset, train_test_split
@@ -184,6 +187,18 @@ def test_frames_are_encoded_once_per_task_and_float_modes_send_full_weights():
         Downlink("f", "agg", "int8-delta", versions=0)
     with pytest.raises(ValueError, match="--downlink-full"):
         Downlink("f", "agg", "int8-delta", full="int4")
+
+
+@pytest.mark.parametrize("option, value", [("--downlink-versions", "0"), ("--downlink-tolerance", "2")])
+def test_int8_delta_settings_out_of_range_are_refused_with_the_other_options(tmp_path, option: str, value: str):
+    """Refused by resolve_options, like any option that does not fit (exit 2, nothing written), not at the service's
+    start after the export and the state were written."""
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    args = parser.parse_args(["--state-dir", str(tmp_path / "s"), "--downlink", "int8-delta", option, value])
+    with pytest.raises(ValueError, match=option):
+        resolve_options(args)
+    assert not (tmp_path / "s").exists()
 
 
 def test_the_device_agent_applies_deltas_from_any_kept_version_as_the_simulation_does(tmp_path):
