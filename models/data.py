@@ -147,6 +147,22 @@ def _as_labels(y: np.ndarray, source: str) -> np.ndarray:
     return labels
 
 
+def _check_declared_size(data: np.lib.npyio.NpzFile, key: str) -> None:
+    """ValueError if one array of an open .npz claims more bytes than its member holds (or is no array).
+
+    numpy allocates what a header claims before it reads: a header claiming terabytes must not get that far.
+    """
+    member = data.zip.getinfo(key if key in data.zip.namelist() else f"{key}.npy")
+    with data.zip.open(member) as stream:
+        major, _ = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(stream)
+    declared = math.prod(shape) * dtype.itemsize
+    if not dtype.hasobject and declared > member.file_size:  # objects are pickled: _read_array refuses them
+        raise ValueError(f"{key!r} claims {declared:,} bytes ({dtype} of shape {list(shape)}) but its member holds "
+                         f"{member.file_size:,}")
+
+
 def _read_array(data: np.lib.npyio.NpzFile, key: str, source: str) -> np.ndarray:
     """One array of an open .npz (never unpickled)."""
     try:
@@ -178,11 +194,16 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
             if missing:
                 raise ValueError(f"missing array(s) {missing}; found {sorted(data.files)}, "
                                  "expected 'x' (samples) and 'y' (labels)")
+            for key in ("x", "y"):
+                _check_declared_size(data, key)
             x, y = _read_array(data, "x", source), _read_array(data, "y", source)
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         if str(exc).startswith(source):
             raise
         raise ValueError(f"{source}: not a usable dataset .npz: {exc}") from exc
+    except MemoryError as exc:  # honest sizes (a zip member's too may claim more than it holds), too large here
+        raise ValueError(f"{source}: its arrays do not fit in this machine's memory ({exc}); "
+                         "split the data into smaller .npz files") from None
     samples, labels = _as_samples(x, source), _as_labels(y, source)
     if len(samples) != len(labels):
         raise ValueError(f"{source}: x holds {len(samples)} samples but y {len(labels)} labels")

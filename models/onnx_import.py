@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 MAX_MODEL_BYTES = 1 << 31  # protobuf's own limit: a bigger model cannot be one file
 MAX_NAME = 200  # characters of a parameter name (it travels in every frame)
+MAX_SAMPLE_VALUES = 1 << 26  # values of one input sample (a tensor's bound: protocol.messages.MAX_TENSOR_ELEMENTS)
+MAX_BATCH_VALUES = 1 << 28  # values of the exported batch the import runs the file on (1 GiB of float32)
 SUPPORTED_OPS = frozenset({
     "Conv", "Gemm", "MatMul", "BatchNormalization", "LayerNormalization",
     "Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Erf", "Tanh",
@@ -87,6 +90,9 @@ def _fold_constants(graph: onnx.GraphProto) -> None:
         if node.op_type != "Constant":
             kept.append(node)
             continue
+        if len(node.attribute) != 1:
+            raise UnsupportedModel(f"{_describe(node)}: a Constant needs exactly one value attribute, it has "
+                                   f"{len(node.attribute)}")
         attr = node.attribute[0]
         if attr.name == "value":
             array = numpy_helper.to_array(attr.t)
@@ -353,17 +359,17 @@ def _constants_as_nodes(graph: onnx.GraphProto) -> None:
 
 def _explicit_squeeze_axes(model: onnx.ModelProto) -> None:
     """Give every Squeeze without axes the size-1 axes of its static input, so a tier's size-1 channels stay."""
-    shapes = _static_shapes(model)
-    for node in model.graph.node:
-        if node.op_type == "Squeeze" and (len(node.input) < 2 or not node.input[1]):
-            shape = shapes.get(node.input[0])
-            if shape is None:
-                raise UnsupportedModel(f"{_describe(node)}: a Squeeze of a tensor whose shape is not static")
-            axes = [i for i, size in enumerate(shape) if size == 1 and i != 0]  # never the batch
-            name = f"{node.output[0]}.axes"
-            model.graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), name))
-            del node.input[1:]
-            node.input.append(name)
+    squeezes = [n for n in model.graph.node if n.op_type == "Squeeze" and (len(n.input) < 2 or not n.input[1])]
+    shapes = _static_shapes(model) if squeezes else {}  # shape inference only when some Squeeze needs it
+    for node in squeezes:
+        shape = shapes.get(node.input[0])
+        if shape is None:
+            raise UnsupportedModel(f"{_describe(node)}: a Squeeze of a tensor whose shape is not static")
+        axes = [i for i, size in enumerate(shape) if size == 1 and i != 0]  # never the batch
+        name = f"{node.output[0]}.axes"
+        model.graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), name))
+        del node.input[1:]
+        node.input.append(name)
 
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -424,6 +430,13 @@ def _check_same_function(original: onnx.ModelProto, forward: onnx.ModelProto, ba
     initializers = {t.name for t in copy.graph.initializer}
     data = next(i for i in copy.graph.input if i.name not in initializers)
     shape = [batch, *(d.dim_value for d in data.type.tensor_type.shape.dim[1:])]
+    if math.prod(shape[1:]) > MAX_SAMPLE_VALUES:
+        raise UnsupportedModel(f"one sample of shape {shape[1:]} holds {math.prod(shape[1:]):,} values, more than "
+                               f"{MAX_SAMPLE_VALUES:,}; export the model for smaller inputs")
+    if math.prod(shape) > MAX_BATCH_VALUES:
+        raise UnsupportedModel(f"the exported batch {shape} holds {math.prod(shape):,} values, more than "
+                               f"{MAX_BATCH_VALUES:,}; export with a sample batch of 2 (TierFL makes the batch "
+                               "dynamic)")
     x = np.random.default_rng(0).random(shape, np.float32)
     try:
         (written,) = onnxruntime.InferenceSession(copy.SerializeToString()).run(None, {data.name: x})[:1]
@@ -431,6 +444,9 @@ def _check_same_function(original: onnx.ModelProto, forward: onnx.ModelProto, ba
         log.info("the file as written does not run at batch %d here (%s); not compared", batch, exc)
         return
     (ours,) = onnxruntime.InferenceSession(forward.SerializeToString()).run(None, {INPUT_NAME: x})
+    if np.shape(written) != ours.shape:
+        raise UnsupportedModel(f"the file outputs shape {list(np.shape(written))} on a batch of {batch}, the "
+                               f"normalized model {list(ours.shape)}; please report this model")
     final = next((n.split()[2] for n in notes if n.startswith("removed the final ")), None)
     if final in ("Softmax", "LogSoftmax"):
         shifted = ours - ours.max(axis=1, keepdims=True)
@@ -440,6 +456,15 @@ def _check_same_function(original: onnx.ModelProto, forward: onnx.ModelProto, ba
     if not np.isfinite(gap) or gap > 1e-4 * (1 + float(np.abs(written).max())):
         raise UnsupportedModel(f"the normalized model computes something else than the file (max difference {gap:.3g} "
                                "on a random batch); please report this model")
+
+
+def _refuse_malformed(path: Path, model: onnx.ModelProto) -> None:
+    """UnsupportedModel naming what onnx.checker finds wrong with the file's graph, if anything."""
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise UnsupportedModel(f"{path} is not a valid ONNX model: {' '.join(str(exc).split())}; export it again "
+                               "(onnx.checker.check_model tells what is wrong)") from None
 
 
 def import_forward(path: str | os.PathLike[str], notes: Sequence[str] = ()) -> ImportedModel:
@@ -456,7 +481,13 @@ def import_forward(path: str | os.PathLike[str], notes: Sequence[str] = ()) -> I
     if not model.graph.node:
         raise UnsupportedModel(f"{path} holds no graph (is it an ONNX model?)")
     found = list(notes)
-    forward, batch = normalize(model, found)
+    try:
+        forward, batch = normalize(model, found)
+    except UnsupportedModel:
+        raise
+    except Exception:  # a malformed graph (a node short of inputs, ...) breaks some step: the checker says what
+        _refuse_malformed(path, model)
+        raise  # a valid file that breaks a step is a bug here: keep the traceback
     _check_same_function(model, forward, batch, found)
     for note in found:
         log.info("%s: %s", path.name, note)

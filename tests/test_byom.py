@@ -214,6 +214,22 @@ def test_a_model_that_is_not_onnx_names_the_file(tmp_path: Path):
         import_forward(path)
 
 
+def test_a_malformed_or_oversized_file_is_refused_not_crashed_on(tmp_path: Path):
+    gemm = helper.make_node("Gemm", ["x", "w"], ["h"], transB=1)
+    cases = {  # file -> (graph, what the refusal says)
+        "short.onnx": (_model([gemm, helper.make_node("Identity", [], ["y"])], {"w": _weights(3, 4)}, [4], 3),
+                       r"short.onnx is not a valid ONNX model: .*Identity"),
+        "empty_constant.onnx": (_model([helper.make_node("Constant", [], ["c"]), gemm, helper.make_node(
+            "Add", ["h", "c"], ["y"])], {"w": _weights(3, 4)}, [4], 3), r"Constant needs exactly one value attribute"),
+        "huge.onnx": (_model([helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], {"w": _weights(3, 4)}, [1 << 40],
+                             3), r"one sample of shape \[1099511627776\] holds"),
+    }
+    for name, (model, refusal) in cases.items():
+        onnx.save(model, tmp_path / name)
+        with pytest.raises(UnsupportedModel, match=refusal):
+            import_forward(tmp_path / name)
+
+
 def test_a_final_softmax_is_removed_with_a_note():
     nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], transB=1), helper.make_node("Softmax", ["h"], ["y"], axis=1)]
     notes: list[str] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import shutil
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,17 @@ def test_npz_not_a_file_or_not_npz(tmp_path: Path) -> None:
     np.save(tmp_path / "single.npy", np.zeros(3))
     with pytest.raises(ValueError, match="single array"):
         load_npz(tmp_path / "single.npy")
+
+
+def test_npz_whose_header_claims_terabytes_is_refused(tmp_path: Path) -> None:
+    with open(tmp_path / "x.npy", "wb") as out:  # a header of 2**40 float32 values, and no data
+        np.lib.format.write_array_header_1_0(out, {"descr": "<f4", "fortran_order": False, "shape": (1 << 40,)})
+    np.save(tmp_path / "y.npy", np.zeros(2, np.int64))
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w") as archive:
+        for name in ("x.npy", "y.npy"):
+            archive.write(tmp_path / name, name)
+    with pytest.raises(ValueError, match=r"bomb.npz: not a usable dataset .npz: 'x' claims 4,398,046,511,104 bytes"):
+        load_npz(tmp_path / "bomb.npz")
 
 
 # --- Fashion-MNIST -----------------------------------------------------------
