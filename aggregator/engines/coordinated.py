@@ -42,7 +42,6 @@ from aggregator.engines.intake import Problem, check_update_tensors, fold_weight
 from aggregator.engines.model import non_finite
 from aggregator.engines.parts import EngineParts, listing
 from aggregator.engines.rounds import RoundEngine
-from aggregator.store.round_spool import Assignment
 from aggregator.strategies.fedavg import ClientUpdate, ElementwiseMean
 from protocol.blocks import leading_slices
 from protocol.messages import Body, PartialSum, RejectReason, Update, WorkerClaim, WorkerFlush, WorkerGrant
@@ -135,16 +134,14 @@ class CoordinatedEngine(RoundEngine):
             reason = claim.refused or RejectReason.MALFORMED
             self.intake.count_rejection(reason, claim.detail, device, update)
             return [*out, reject(device, reason, claim.detail, claim.ref_msg_id, update.round if update else None)]
-        problem = self._claim_problem(device, update, claim.norm, now)
-        if problem is not None:
+        client = self._check_claim(device, update, claim.norm, now)
+        if not isinstance(client, ClientUpdate):
             self._to_workers.append(ToWorker(worker, WorkerGrant(session=claim.session, round=update.round,
                                                                  device=device, update_id=update.update_id, granted=False)))
-            return [*out, *self.intake.refuse(device, claim.ref_msg_id or "", update, *problem)]
+            return [*out, *self.intake.refuse(device, claim.ref_msg_id or "", update, *client)]
         current = self.rounds.slot.current
         assert current is not None
-        assignment = current.assignments[device]
-        client = self._client(update, assignment)
-        norm_weight = fold_weight(client, assignment.weighted) * claim.norm
+        norm_weight = fold_weight(client, current.assignments[device].weighted) * claim.norm
         current.weighted_norms += norm_weight
         self.intake.seen.add(update.update_id)
         self.intake.norms.accepted(update.tier, claim.norm)
@@ -242,8 +239,10 @@ class CoordinatedEngine(RoundEngine):
 
     # -- parts ----------------------------------------------------------------------------------
 
-    def _claim_problem(self, device: str, update: Update, norm: float, now: float) -> Problem | None:
-        """Why a claimed update is refused: what a single aggregator would refuse it for, or an earlier grant."""
+    def _check_claim(self, device: str, update: Update, norm: float, now: float) -> Problem | ClientUpdate:
+        """Why a claimed update is refused (what a single aggregator would refuse it for, or an earlier grant); else the
+        accumulator's view of it: its capped samples, work and contributors, its delta zero-size views of its tier's
+        shapes (what the mass of its elements needs)."""
         current = self.rounds.slot.current
         if current is not None and current.trained is not None:
             return RejectReason.LATE, "the round is measuring statistics"
@@ -255,20 +254,11 @@ class CoordinatedEngine(RoundEngine):
         assignment = current.assignments[device]
         if problem := self.intake.check_samples(device, assignment, update.num_samples):
             return problem
-        if problem := check_update_tensors(update, self._blocks(update.tier), update.tier, self.artifacts):
+        blocks = {n: np.broadcast_to(np.float32(0), shape) for n, shape in self.artifacts.tiers[update.tier].shapes.items()}
+        if problem := check_update_tensors(update, blocks, update.tier, self.artifacts):
             return problem  # the worker checked the tensors; a relay's contributors are checked here too, on the header
-        return self.intake.check_weight(current, self._client(update, assignment), norm, assignment.weighted)
-
-    def _client(self, update: Update, assignment: Assignment) -> ClientUpdate:
-        """The accumulator's view of a claimed update: its capped samples, work and contributors; its delta zero-size
-        views of its tier's shapes (what the mass of its elements needs)."""
-        current = self.rounds.slot.current
-        assert current is not None
-        return self.intake.client_update(current, assignment, update, self._blocks(update.tier))
-
-    def _blocks(self, tier: str) -> dict[str, np.ndarray]:
-        """Zero-size float32 views of `tier`'s shapes: a claimed update's delta as far as shapes go."""
-        return {name: np.broadcast_to(np.float32(0), shape) for name, shape in self.artifacts.tiers[tier].shapes.items()}
+        client = self.intake.client_update(current, assignment, update, blocks)
+        return self.intake.check_weight(current, client, norm, assignment.weighted) or client
 
     def stale_session(self, worker: str, session: str, sent_at: float | None) -> Problem | None:
         """Why a frame of `worker` is refused unseen: it is of another session than the live one (or than the last one,
