@@ -266,9 +266,9 @@ class Monitor:
 
     def show_analytics(self, results: list[Mapping[str, object]]) -> None:
         """The desk's results, oldest first, for /analytics and the page (service thread)."""
+        shown = {x["id"] for x in results}
         with self._lock:
-            posted = tuple(r for r in self._analytics if r.get("status") == "posted"
-                           and r["id"] not in {x["id"] for x in results})
+            posted = tuple(r for r in self._analytics if r.get("status") == "posted" and r["id"] not in shown)
             self._analytics = (*results, *posted)
             if self._snapshot is not None:
                 self._snapshot = dataclasses.replace(self._snapshot, analytics=self._analytics)
