@@ -483,3 +483,11 @@ def test_mosquitto_accepts_passwords_hashed_without_mosquitto_passwd(tmp_path):
         refused.wait(lambda: refused.connack, "CONNACK")
         refused.close()
         assert refused.connack == [135]
+
+
+def test_a_link_that_vanishes_while_not_connected_does_not_raise(monkeypatch):
+    link = MqttLink(parse("mqtt://127.0.0.1:1"), "dev1", [], lambda *_: None, lambda *_: None)
+    link.vanish()  # no socket yet
+    with socket.socket() as unconnected:  # a socket paho holds but that is not (or no longer) connected
+        monkeypatch.setattr(link.client, "socket", lambda: unconnected)
+        link.vanish()

@@ -14,6 +14,7 @@ fleet of thousands of (perhaps invented) devices cannot make us hold a copy of t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import ssl
@@ -160,7 +161,8 @@ class MqttLink:
         self._stopping = True
         sock = self._client.socket()
         if sock is not None:
-            sock.shutdown(2)  # socket.SHUT_RDWR: the caller's loop reads the end and lets paho close the socket
+            with contextlib.suppress(OSError):  # not connected (any more): nothing to drop
+                sock.shutdown(2)  # socket.SHUT_RDWR: the caller's loop reads the end and lets paho close the socket
 
     def start(self, timeout_s: float = 10.0, retry_for_s: float | None = 0.0, stop: threading.Event | None = None) -> bool:
         """Connect and start the network thread; True once the broker accepted us, False if `stop` was set first.
