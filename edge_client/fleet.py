@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edge_client.backends import BACKENDS, open_trainer, resolve_backend
 from edge_client.fleet_options import add_aggregator_arguments, add_message_size_argument
-from edge_client.fleet_trace import Behaviour, Distributions, behaviours, online_at, parse_tier_seconds, read_trace
+from edge_client.fleet_trace import (Behaviour, Distributions, behaviours, next_edge, online_at, parse_tier_seconds,
+                                     read_trace)
 from edge_client.netloop import NetLoop
 from edge_client.onnx_guard import OnnxRefused, check_onnx_folder
 from edge_client.stages import TaskRefused
@@ -228,10 +229,8 @@ class Fleet:
                 device.go_online()
         elif device.wants_online:
             device.go_offline()
-        if windows is not None:
-            edges = [t for window in windows for t in window if t > now]
-            if edges:
-                self.runtime.loop.call_later(min(edges) - now, lambda: self._follow_windows(device))
+        if windows is not None and (edge := next_edge(windows, now)) is not None:
+            self.runtime.loop.call_later(edge - now, lambda: self._follow_windows(device))
 
     def connected(self) -> int:
         """Devices connected to the broker now."""

@@ -22,6 +22,7 @@ have finished: samples x epochs x seconds per sample, plus latency and bytes / b
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections.abc import Sequence
@@ -228,5 +229,16 @@ def parse_tier_seconds(text: str) -> dict[str, float]:
 
 
 def online_at(windows: Sequence[tuple[float, float]] | None, t: float) -> bool:
-    """Whether a device with these windows is online `t` seconds after the fleet started."""
-    return windows is None or any(start <= t < end for start, end in windows)
+    """Whether a device with these windows (in order, not overlapping) is online `t` seconds after the fleet started."""
+    if windows is None:
+        return True
+    began = bisect.bisect_right(windows, (t, math.inf))  # windows[:began] start at or before t
+    return began > 0 and t < windows[began - 1][1]
+
+
+def next_edge(windows: Sequence[tuple[float, float]], t: float) -> float | None:
+    """The first start or end of an online window later than `t` (windows in order, not overlapping); None after all."""
+    began = bisect.bisect_right(windows, (t, math.inf))
+    if began > 0 and windows[began - 1][1] > t:
+        return windows[began - 1][1]
+    return windows[began][0] if began < len(windows) else None

@@ -15,7 +15,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_client.fleet import Fleet, configure_parser, settings_from
-from edge_client.fleet_trace import DeviceTrace, Distributions, behaviours, read_trace
+from edge_client.fleet_trace import DeviceTrace, Distributions, behaviours, next_edge, online_at, read_trace
 from models.data import load_dataset
 from models.export import export_all
 from models.zoo import ModelSpec
@@ -65,6 +65,15 @@ def test_behaviour_is_drawn_per_device_and_repeatable():
     assert given.upload_s(1000) == pytest.approx(0.1 + 1000 * 8 / 8000)
     with pytest.raises(ValueError, match="describes only 1"):
         behaviours(2, _trace([DeviceTrace()]), spread)
+
+
+def test_online_windows_are_looked_up_by_bisection_as_by_a_scan():
+    windows = [(0.0, 10.0), (10.0, 12.0), (20.0, 30.0), (45.5, 50.0)]  # adjacent windows too
+    for t in [-1.0, 0.0, 5.0, 10.0, 11.9, 12.0, 15.0, 20.0, 30.0, 40.0, 45.5, 49.0, 50.0, 60.0]:
+        assert online_at(windows, t) == any(start <= t < end for start, end in windows), t
+        later = [edge for window in windows for edge in window if edge > t]
+        assert next_edge(windows, t) == (min(later) if later else None), t
+    assert online_at(None, 5.0) and not online_at([], 5.0) and next_edge([], 5.0) is None
 
 
 def _trace(devices: list[DeviceTrace]):
