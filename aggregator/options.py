@@ -170,6 +170,7 @@ class ExportPlan:
     proximal: bool  # every tier's graphs carry FedProx's proximal term
     recipe: ModelSpec | None = None  # the zoo model the start exports into `folder` (STATE_DIR/artifacts); None: exists
     parameters: tuple[str, ...] = ()  # the model's parameter names
+    optimizers: frozenset[str] = frozenset()  # an existing export's tiers' optimizers (a planned one trains with SGD)
 
     @property
     def exists(self) -> bool:
@@ -189,7 +190,8 @@ def planned_export(args: argparse.Namespace, mu: float) -> ExportPlan | None:
         except (OSError, ValueError):  # a damaged export: opening it at the start names the file
             return None
         return ExportPlan(folder, index.model, tuple(index.tiers), all(m.proximal for m in manifests),
-                          parameters=tuple(p.name for p in manifests[0].params) if manifests else ())
+                          parameters=tuple(p.name for p in manifests[0].params) if manifests else (),
+                          optimizers=frozenset(m.optimizer for m in manifests))
     if args.artifacts is not None:
         return None
     tiers = tuple(dict.fromkeys(t.strip() for t in args.tiers.split(",") if t.strip()))
@@ -389,16 +391,7 @@ def scaffold_from_args(args: argparse.Namespace, export: ExportPlan | None) -> S
     }
     if clash := [option for option, present in conflicts.items() if present]:
         raise ValueError(f"--strategy scaffold cannot be combined with {'; '.join(clash)}")
-    if export is not None and export.exists and (optimizers := sorted(_export_optimizers(export.folder) - {"sgd"})):
+    if export is not None and (optimizers := sorted(export.optimizers - {"sgd"})):
         raise ValueError(f"--strategy scaffold needs artifacts trained with plain SGD (its per-step correction is exact "
                          f"for SGD); {export.folder} was exported with {', '.join(optimizers)}")
     return Scaffold(args.scaffold_fleet_size)
-
-
-def _export_optimizers(folder: Path) -> set[str]:
-    """The optimizers the tiers of an existing export train with (empty when it cannot be read: the start says why)."""
-    try:
-        index = ExportIndex.load(folder / "index.json")
-        return {TierManifest.load(folder / rel).optimizer for rel in index.tiers.values()}
-    except (OSError, ValueError):
-        return set()

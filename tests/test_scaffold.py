@@ -5,7 +5,9 @@ restart, an update carrying scaffold/ tensors refused, and an uplink of the upda
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -351,6 +353,16 @@ def test_combinations_that_do_not_compose_are_refused_saying_why(tmp_path: Path,
     assert says in str(refused.value)
     settings = _resolve(tmp_path, "--server-optimizer", "momentum", "--fraction", "0.5", "--scaffold-fleet-size", "20")
     assert settings.scaffold == Scaffold(20) and settings.server_optimizer is not None
+
+
+def test_artifacts_exported_with_another_optimizer_than_sgd_are_refused(art_dir: Path, tmp_path: Path) -> None:
+    assert _resolve(tmp_path, "--artifacts", str(art_dir)).scaffold == Scaffold()  # exported with plain SGD
+    adamw = tmp_path / "adamw"
+    shutil.copytree(art_dir, adamw)
+    manifest = adamw / "c" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "optimizer": "adamw"}))
+    with pytest.raises(ValueError, match=f"needs artifacts trained with plain SGD .*; {adamw} was exported with adamw"):
+        _resolve(tmp_path, "--artifacts", str(adamw))
 
 
 # -- a federation over Mosquitto --------------------------------------------------------------------------------
