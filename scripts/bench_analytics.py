@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_hostile import _start_mosquitto, _tierfl  # noqa: E402 (a sibling script)
+from bench_hostile import _start_mosquitto, _tierfl, stop  # noqa: E402 (a sibling script)
 
 from aggregator.analytics import TOKEN_FILE, AnalyticsRequest  # noqa: E402
 from aggregator.analytics_cli import ask  # noqa: E402
@@ -150,12 +150,8 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
                           for k, d in exact.items()}), flush=True)
         noisy = noise_checks(status_url, token, trains, args.noise, args.trials)
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(30)
-        broker.terminate()
-        broker.wait(10)
+        stop(processes)
+        stop([broker])
     return {"devices": args.devices, "alpha": args.alpha, "seed": args.seed, "train_samples": sum(map(len, trains)),
             "exact": exact, "noise": noisy}
 

@@ -33,8 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_hierarchy import stop  # noqa: E402  (terminate, wait, kill what is left)
-from bench_hostile import _start_mosquitto  # noqa: E402  (a Mosquitto of the script's own on a free port)
+from bench_hostile import _start_mosquitto, _tierfl, stop  # noqa: E402  (a sibling script)
 
 from aggregator.store.artifacts import ArtifactStore  # noqa: E402
 from edge_client.cache import ArtifactCache  # noqa: E402
@@ -82,12 +81,9 @@ NOTES = [  # what the table does not say, kept beside it in the report
 ]
 
 
-def _tierfl(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TIERFL_LOG_FORMAT": "text", "PYTHONPATH": str(ROOT),
-           "OMP_NUM_THREADS": "1"}
-    with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "tierfl.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=ROOT)
+def _tierfl_1_thread(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """bench_hostile's `tierfl ARGS`, on one OpenMP thread and this PATH."""
+    return _tierfl(args, log, PATH=os.environ.get("PATH", "/usr/bin:/bin"), OMP_NUM_THREADS="1")
 
 
 def prepare(folder: Path, args: argparse.Namespace) -> dict[str, Path]:
@@ -150,13 +146,13 @@ def run(name: str, options: list[str], args: argparse.Namespace, folder: Path, e
         for i in range(args.devices):  # devices first: the aggregator sees all their retained hellos at its start
             cache = folder / f"device-{i}"
             _prewarm(cache, artifacts)
-            processes.append(_tierfl(
+            processes.append(_tierfl_1_thread(
                 ["client", *common, "--device-id", f"device-{i}",
                  "--data", str(folder.parent / "data" / f"device-{i}.npz"),
                  "--test-fraction", "0", "--cache-dir", str(cache), "--codec", args.codec, "--tier", "a",
                  "--threads", "1"], folder / f"device-{i}.log"))
         _wait_for_hellos(url, args.devices)
-        aggregator = _tierfl(
+        aggregator = _tierfl_1_thread(
             ["aggregator", *common, "--state-dir", str(folder / "state"), "--artifacts", str(artifacts),
              "--eval-data", str(folder.parent / "data" / "test.npz"), "--rounds", str(args.rounds),
              "--min-clients", str(args.per_round), "--fraction", str(args.per_round / args.devices),
@@ -168,8 +164,7 @@ def run(name: str, options: list[str], args: argparse.Namespace, folder: Path, e
         exit_code = aggregator.wait(timeout=args.rounds * args.round_timeout + 600)
     finally:
         stop(processes)
-        broker.terminate()
-        broker.wait(10)
+        stop([broker])
     record = json.loads((folder / "state" / "state.json").read_text())
     history = [{"round": h["round"], "accuracy": h["accuracy"], "answered": h["answered"], "selected": h["selected"],
                 "bytes_up": h["bytes_up"], "bytes_down": h["bytes_down"], "seconds": h["seconds"]}

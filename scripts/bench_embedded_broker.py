@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,7 +25,11 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_hierarchy import raise_file_limit  # noqa: E402 (a sibling script)
+from bench_hostile import _start_mosquitto, stop  # noqa: E402
+
 from protocol.mqtt.embedded_broker import EmbeddedBroker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,18 +101,13 @@ def throughput(port: int, count: int, size: int) -> dict[str, float]:
             "complete": done}
 
 
-def _raise_file_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "embedded_broker.json")
     args = parser.parse_args()
-    _raise_file_limit()
+    raise_file_limit()
     results = []
     with EmbeddedBroker() as broker:
         for name, value in (("connections", connections(broker.port, args.connections)),
@@ -119,23 +116,16 @@ def main() -> int:
             results.append({"broker": "embedded (amqtt)", "test": name, **value})
             print(json.dumps(results[-1]), flush=True)
     folder = Path(tempfile.mkdtemp(prefix="bench-broker-"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    (folder / "mosquitto.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-                                           f"max_queued_messages 100000\nuser {os.environ.get('USER', 'root')}\n")
-    mosquitto = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(folder / "mosquitto.conf")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_raise_file_limit)
+    mosquitto, url = _start_mosquitto(folder, "max_queued_messages 100000\n", raise_file_limit)
+    port = int(url.rsplit(":", 1)[1])
     try:
-        time.sleep(0.5)
         for name, value in (("connections", connections(port, args.connections)),
                             ("qos1_1kB", throughput(port, args.messages, 1024)),
                             ("qos1_100kB", throughput(port, args.messages // 10, 100 * 1024))):
             results.append({"broker": "Mosquitto 2.0", "test": name, **value})
             print(json.dumps(results[-1]), flush=True)
     finally:
-        mosquitto.terminate()
-        mosquitto.wait(10)
+        stop([mosquitto])
         shutil.rmtree(folder, ignore_errors=True)
     command = " ".join(["nice -n 19 .venv/bin/python scripts/bench_embedded_broker.py", *sys.argv[1:]])
     args.out.write_text(json.dumps({"command": command, "results": results}, indent=1) + "\n")

@@ -267,12 +267,14 @@ def main() -> int:
     parser.add_argument("--only-commit", action="store_true", help="only the in-process group commit measurement, "
                         "merged into an existing --out JSON")
     parser.add_argument("--markdown-only", action="store_true", help="write the .md again from the --out JSON")
-    parser.add_argument("--note", default="", help="a paragraph added under the targets (e.g. another run's numbers)")
+    parser.add_argument("--note", default="", help="a paragraph added under the targets (e.g. another run's numbers); "
+                        "kept in the JSON, so --markdown-only writes it again unless given another")
     args = parser.parse_args()
     if args.markdown_only:
         saved = json.loads(args.out.with_suffix(".json").read_text())
         args.out.with_suffix(".md").write_text(markdown(saved["results"], saved["command"], tuple(saved["load_average"]),
-                                                        saved["wall_s"], saved.get("group_commit"), args.note))
+                                                        saved["wall_s"], saved.get("group_commit"),
+                                                        args.note or saved.get("note", "")))
         return 0
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     load_start = " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -300,7 +302,8 @@ def main() -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     args.out.with_suffix(".json").write_text(json.dumps({"command": command, "load_average": list(load),
-                                                         "wall_s": wall_s, "results": results, "group_commit": commit},
+                                                         "wall_s": wall_s, "results": results, "group_commit": commit,
+                                                         "note": args.note},
                                                         indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(results, command, load, wall_s, commit, args.note))
     return 0

@@ -24,7 +24,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,17 +35,14 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_hostile import _start_mosquitto, stop  # noqa: E402 (a sibling script)
+
 from protocol.signing import AGGREGATOR_KEY_FILE, DeviceKey  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TIERFL = [sys.executable, "-m", "tierfl.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def raise_file_limit() -> None:
@@ -56,21 +52,9 @@ def raise_file_limit() -> None:
 
 
 def start_broker(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """bench_hostile's private Mosquitto, with $SYS counters every second and room for thousands of clients."""
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    (folder / "mosquitto.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nsys_interval 1\n"
-                                           f"max_queued_messages 100000\nuser {os.environ.get('USER', 'root')}\n")
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    process = subprocess.Popen([binary, "-c", str(folder / "mosquitto.conf")], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, preexec_fn=raise_file_limit)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return process, f"mqtt://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("the benchmark's Mosquitto did not start")
+    return _start_mosquitto(folder, "sys_interval 1\nmax_queued_messages 100000\n", raise_file_limit)
 
 
 def sys_counters(url: str) -> dict[str, float]:
@@ -120,19 +104,6 @@ def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "TIERFL_LOG_FORMAT": "text", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([*TIERFL, *args], stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                             preexec_fn=raise_file_limit)
-
-
-def stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    """Terminate every process still running, wait up to 30 s for each, kill what is left."""
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    for process in processes:
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def events_by_round(paths: list[Path]) -> dict[int, float]:

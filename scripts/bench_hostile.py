@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,15 +44,17 @@ def _peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _start_mosquitto(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A Mosquitto of our own on a free port; returns the process and its URL once it accepts connections."""
+def _start_mosquitto(folder: Path, conf_lines: str = "",
+                     preexec_fn: Callable[[], None] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """A Mosquitto of our own on a free port (`conf_lines` added to its configuration, `preexec_fn` run in it before
+    it starts); returns the process and its URL once it accepts connections."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     conf = folder / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n")
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n{conf_lines}")
     process = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=preexec_fn)
     for _ in range(100):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -61,10 +64,25 @@ def _start_mosquitto(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit("mosquitto did not start")
 
 
-def _tierfl(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = {"PATH": "/usr/bin:/bin", "TIERFL_LOG_FORMAT": "text", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "tierfl.cli", *args], stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+def _tierfl(args: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
+    """`tierfl ARGS` with its output in `log`; `env` adds to (or replaces) its few environment variables."""
+    env = {"PATH": "/usr/bin:/bin", "TIERFL_LOG_FORMAT": "text", "PYTHONPATH": str(ROOT), **env}
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "tierfl.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=env, cwd=ROOT)
+
+
+def stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    """Terminate every process still running, wait up to 30 s for each, kill what is left."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def run(name: str, rounds: int, round_timeout: float, folder: Path) -> dict:
@@ -108,12 +126,8 @@ def run(name: str, rounds: int, round_timeout: float, folder: Path) -> dict:
         wall = time.monotonic() - started
         exit_code = aggregator.wait(10)
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(10)
-        broker.terminate()
-        broker.wait(10)
+        stop(processes)
+        stop([broker])
     record = json.loads((state / "state.json").read_text())
     history = record["history"][1:]  # round 1 waits for every device to fetch its artifacts
     db = sqlite3.connect(state / "ledger.sqlite")

@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_hostile import _start_mosquitto, _tierfl  # noqa: E402 (a sibling script)
+from bench_hostile import _start_mosquitto, _tierfl, stop  # noqa: E402 (a sibling script)
 
 from aggregator.engines.personal import worst_mean  # noqa: E402
 from models.data import dirichlet_partition, load_fashion_mnist, save_npz  # noqa: E402
@@ -126,14 +126,9 @@ def run(name: str, options: list[str], folder: Path, artifacts: Path, shards: li
             raise SystemExit(f"{name}: no final round summary; see {folder / 'aggregator.log'}")
         processes[0].wait(60)
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            process.wait(30)
+        stop(processes)
         observer.stop()
-        broker.terminate()
-        broker.wait(10)
+        stop([broker])
     seconds = time.perf_counter() - started
     last = max(update.round for _, update in observer.updates)
     final = {sender: update for sender, update in observer.updates if update.round == last}
