@@ -136,14 +136,19 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
     try:
         served = re.compile(r"status page at (http://127\.0\.0\.1:\d+/)")
         until = time.time() + 300
-        while not served.search(log.read_text()) and time.time() < until:
+        while not (found := served.search(log.read_text())) and time.time() < until:
             time.sleep(0.5)
-        status_url = served.search(log.read_text()).group(1)
+        if found is None:
+            raise SystemExit(f"the aggregator served no status page within 300 s; its log ends:\n{log.read_text()[-2000:]}")
+        status_url = found.group(1)
         processes += [_tierfl(["client", "--broker", url, "--fleet", "bench", "--device-id", f"d{i:02d}", "--data",
                                str(path), "--test-fraction", "0.2", "--cache-dir", str(folder / f"d{i:02d}")],
                               folder / f"d{i:02d}.log") for i, path in enumerate(paths)]
-        while log.read_text().count(" joined: ") < args.devices and time.time() < until + 300:
+        while (joined := log.read_text().count(" joined: ")) < args.devices and time.time() < until + 300:
             time.sleep(0.5)
+        if joined < args.devices:
+            raise SystemExit(f"only {joined} of {args.devices} devices joined in time; the aggregator's log ends:\n"
+                             f"{log.read_text()[-2000:]}")
         token = (state / TOKEN_FILE).read_text().strip()
         exact = exact_checks(status_url, token, trains, tests, args.bins)
         print(json.dumps({k: {n: v for n, v in d.items() if n not in ("counts", "truth", "diagnostics")}
