@@ -139,7 +139,8 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
         while not (found := served.search(log.read_text())) and time.time() < until:
             time.sleep(0.5)
         if found is None:
-            raise SystemExit(f"the aggregator served no status page within 300 s; its log ends:\n{log.read_text()[-2000:]}")
+            raise SystemExit("the aggregator served no status page within 300 s; its log ends:\n"
+                             + log.read_text()[-2000:])
         status_url = found.group(1)
         processes += [_tierfl(["client", "--broker", url, "--fleet", "bench", "--device-id", f"d{i:02d}", "--data",
                                str(path), "--test-fraction", "0.2", "--cache-dir", str(folder / f"d{i:02d}")],
