@@ -179,7 +179,8 @@ class OrtTrainer:
             self._optimizer.step()
             self._module.lazy_reset_grad()
             for parameter, shift in parameters:  # SCAFFOLD: the step's g - c_i + c
-                parameter.data = parameter.data - shift
+                value = parameter.data  # on the CPU a view of the parameter's buffer: changed in place, no copy
+                np.subtract(value, shift, out=value)
             return float(loss), logits
 
         return run_epochs(data, epochs, batch_size, seed, step, stop_at, max_steps)
