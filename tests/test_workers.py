@@ -291,6 +291,9 @@ def test_a_worker_claims_checked_updates_and_sends_the_granted_ones_summed(art_d
 
     wrong = worker.on_update("d1", new_id(), update("a"), delta, 100, 0.0)  # tier c's tensors for a tier-a update
     assert [o.body.reason for o in wrong] == [RejectReason.BAD_TENSOR] and worker.take_outbox() == []
+    huge = {n: np.full(s, 3e38, np.float32) for n, s in shapes.items()}  # finite, but an L2 norm over float32's range
+    overflow = worker.on_update("d1", new_id(), update(), huge, 100, 0.0)
+    assert [o.body.reason for o in overflow] == [RejectReason.NON_FINITE] and worker.take_outbox() == []
     kept, dropped = update(), update()
     assert worker.on_update("d1", new_id(), kept, delta, 100, 0.0) == []
     assert worker.on_update("d2", new_id(), dropped, delta, 100, 0.0) == []

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from aggregator.engines.base import EngineConfig, Outgoing, reject
-from aggregator.engines.intake import check_update_tensors, contributions
+from aggregator.engines.intake import SUM_BOUND, check_update_tensors, contributions
 from aggregator.registry import DeviceRegistry
 from aggregator.store.artifacts import ArtifactStore
 from aggregator.strategies.fedavg import ClientUpdate, ElementwiseMean
@@ -115,6 +115,9 @@ class WorkerEngine:
         norm = update_norm(tensors)
         if not np.isfinite(norm):
             return self._refuse(device_id, msg_id, update, RejectReason.NON_FINITE, "its delta holds NaN or Inf")
+        if norm > SUM_BOUND:  # as a single aggregator refuses it (and over what a claim can say)
+            return self._refuse(device_id, msg_id, update, RejectReason.NON_FINITE,
+                                f"its delta (L2 norm {norm:.4g}) would overflow the round's float32 sum")
         self._pending[update.update_id] = Pending(device_id, update, tensors, now)
         self._outbox.append((WorkerClaim(session=self.session, device=device_id, ref_msg_id=msg_id, update=update,
                                          norm=float(norm), nbytes=nbytes), None))
