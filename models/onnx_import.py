@@ -13,7 +13,9 @@ initializers. What goes out (`ImportedModel.forward`) has
 - the batch size the file was exported with (its shapes stay static until tiering makes the batch
   dynamic: the width analysis needs concrete sizes).
 
-Anything outside SUPPORTED_OPS is refused before anything is written, naming the node and its op.
+Anything outside SUPPORTED_OPS is refused before anything is written, naming the node and its op; a
+file onnx.checker finds invalid (a node short of inputs, ...) is refused with the checker's reason,
+and one whose sample or exported batch is too large to run before the comparison allocates it.
 """
 
 from __future__ import annotations
