@@ -136,7 +136,8 @@ class NetLoop:
                 if client is None:
                     self._drain_wake()
                     continue
-                self._guarded(lambda: client.loop_read() if mask & selectors.EVENT_READ else None)
+                if mask & selectors.EVENT_READ:
+                    self._guarded(client.loop_read)
                 if mask & selectors.EVENT_WRITE:
                     self._guarded(client.loop_write)
             self._run_due()
