@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import signal
 import threading
 from pathlib import Path
@@ -67,8 +68,8 @@ def check_worker_options(args: argparse.Namespace) -> None:
     if args.workers and getattr(args, "personal_layers", None):
         raise ValueError("--workers with --personal-layers: the workers check updates against the whole tier, "
                          "personal layers included")
-    if args.flush_wait <= 0:
-        raise ValueError(f"--flush-wait must be positive, got {args.flush_wait}")
+    if not 0 < args.flush_wait < math.inf:  # NaN too: no deadline would ever pass
+        raise ValueError(f"--flush-wait must be positive and finite, got {args.flush_wait}")
 
 
 def load_workers(path: Path) -> dict[str, PublicKeyHex]:

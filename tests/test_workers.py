@@ -318,6 +318,7 @@ def test_a_worker_claims_checked_updates_and_sends_the_granted_ones_summed(art_d
     (["--workers", "w.json", "--personal-layers", "fc3.*"], "--workers with --personal-layers"),
     (["--workers", "w.json", "--worker-of", "aggregator"], "exclude each other"),
     (["--worker-of", "aggregator"], "--worker-of needs --coordinator-key"),
+    (["--workers", "w.json", "--flush-wait", "nan"], "--flush-wait must be positive and finite"),
 ])
 def test_worker_options_that_do_not_combine_exit_2_before_anything_is_written(tmp_path, capsys, options, message):
     state = tmp_path / "state"
