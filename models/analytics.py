@@ -34,6 +34,7 @@ from statistics import NormalDist
 import numpy as np
 
 from models.data import Dataset, fit_to_model
+from protocol.messages import Query
 
 COMPUTATIONS = ("label_histogram", "sample_count", "feature_moments", "quantile_sketch", "model_metrics")
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)  # what a quantile sketch's result reads off its histogram
@@ -47,10 +48,10 @@ class QuerySpec:
     computation: str
     input_shape: tuple[int, ...]
     classes: int
-    low: float = 0.0
-    high: float = 1.0
-    bins: int = 32
-    loss_clip: float = 20.0
+    low: float = Query.model_fields["low"].default  # the defaults (and bounds) of a Query's parameters
+    high: float = Query.model_fields["high"].default
+    bins: int = Query.model_fields["bins"].default
+    loss_clip: float = Query.model_fields["loss_clip"].default
 
     def __post_init__(self) -> None:
         if self.computation not in COMPUTATIONS:
