@@ -140,7 +140,7 @@ class AggregatorService:
                     self._refuse(self.topics.device_of(topic), RejectReason.RATE_LIMITED,
                                  f"{count} messages on {topic} dropped: over the inbox budget")
                 self._send(self.engine.tick(now))
-                self._serve_analytics(now)
+                self._serve_analytics_safely(now)
                 self._refresh_round_devices()
                 self._flush_ledger(now)
                 if self.monitor:
@@ -149,6 +149,14 @@ class AggregatorService:
             self._flush_ledger(float("inf"))
             time.sleep(0.2)  # let the last QoS 1 publishes leave
             self.link.stop()
+
+    def _serve_analytics_safely(self, now: float) -> None:
+        """Serve the analytics desk; a bug met there is logged (at most every 10 s) and the rounds go on."""
+        try:
+            self._serve_analytics(now)
+        except Exception:  # an operator's query must never stop training
+            if self.refusals.should_log(None, RejectReason.INTERNAL_ERROR, now):
+                log.exception("internal error in the analytics desk; the training rounds go on")
 
     def _serve_analytics(self, now: float) -> None:
         """Take the queries posted to the status server, run the desk, copy its results to the status page."""

@@ -358,3 +358,22 @@ def test_a_flood_of_invented_hellos_evicts_only_devices_that_never_trained(art_d
     assert registry.knows("busy") and not registry.knows("idle") and not registry.knows("eve-0")
     assert {d.device_id for d in registry.devices()} == {"trained", "busy", *(f"eve-{i}" for i in range(92, 100))}
     assert service._admits(topics.up("eve-99")) and not service._admits(topics.up("eve-0"))
+
+
+class _BrokenDesk:
+    """An analytics desk with a bug: every tick raises."""
+
+    changes = 0
+    results: dict = {}
+
+    def tick(self, now: float) -> list:
+        raise RuntimeError("a bug in the desk")
+
+
+def test_a_bug_in_the_analytics_desk_is_logged_and_the_service_goes_on(art_dir, tmp_path, caplog) -> None:
+    service = _service(art_dir, tmp_path / "state")
+    service.analytics = _BrokenDesk()  # type: ignore[assignment]
+    service._serve_analytics_safely(100.0)  # raised out of the service loop before
+    service._serve_analytics_safely(101.0)  # logged once per 10 s
+    assert [r.message for r in caplog.records if "analytics desk" in r.message] == [
+        "internal error in the analytics desk; the training rounds go on"]
