@@ -86,7 +86,7 @@ class Receipt:
         if (problem := self._problem(frame)) is not None:
             self._refuse(*problem, header.sender)
             return
-        if isinstance(body, Task):
+        if isinstance(body, (Task, Query)):
             self._take(header.msg_id, body.deadline)
         self._deliver(frame)
 
@@ -110,30 +110,26 @@ class Receipt:
     def _task_problem(self, task: Task, msg_id: str) -> tuple[RejectReason, str] | None:
         """Why a task cannot be taken at all, checked on receipt (no artifact is fetched for it); None if it can."""
         where = f"round {task.round} (tier {task.tier})"
-        if isinstance(task, TrainTask) and task.secure is not None and not self.secure:
-            return RejectReason.UNEXPECTED, (f"{where} uses secure aggregation, which needs the cryptography package "
-                                             "(pip install 'tierfl[signing]')")
-        if (late := time.time() - task.deadline) > 0:  # a signed task is good until its deadline, not after
-            return RejectReason.REPLAYED, (f"{where}: its deadline passed {late:.0f} s ago (an old task sent again, or "
-                                           "this device's clock is wrong)")
-        if msg_id in self._taken:  # a QoS 1 redelivery, or the same signed task sent again before its deadline
-            return RejectReason.REPLAYED, f"{where}: task message {msg_id} was taken already"
-        return _files_problem(task, where)
+        secure = isinstance(task, TrainTask) and task.secure is not None
+        return self._taking_problem(where, "task", secure, task.deadline, msg_id) or _files_problem(task, where)
 
     def _query_problem(self, query: Query, msg_id: str) -> tuple[RejectReason, str] | None:
-        """Why an analytics query cannot be taken (secure without the means, past its deadline, taken already, files
-        not its manifest's); None if it can (and it is remembered as taken)."""
+        """Why an analytics query cannot be taken (as a task, and files not its manifest's); None if it can."""
         where = f"query {query.round} ({query.computation})"
-        if query.secure is not None and not self.secure:
+        return (self._taking_problem(where, "query", query.secure is not None, query.deadline, msg_id)
+                or (_files_problem(query.files, where) if query.files is not None else None))
+
+    def _taking_problem(self, where: str, kind: str, secure: bool, deadline: float,
+                        msg_id: str) -> tuple[RejectReason, str] | None:
+        """Why a task or query cannot be taken: secure without the means, past its deadline, or taken already."""
+        if secure and not self.secure:
             return RejectReason.UNEXPECTED, (f"{where} uses secure aggregation, which needs the cryptography package "
                                              "(pip install 'tierfl[signing]')")
-        if (late := time.time() - query.deadline) > 0:
-            return RejectReason.REPLAYED, f"{where}: its deadline passed {late:.0f} s ago"
-        if msg_id in self._taken:
-            return RejectReason.REPLAYED, f"{where}: query message {msg_id} was taken already"
-        if query.files is not None and (problem := _files_problem(query.files, where)) is not None:
-            return problem
-        self._take(msg_id, query.deadline)
+        if (late := time.time() - deadline) > 0:  # a signed task is good until its deadline, not after
+            return RejectReason.REPLAYED, (f"{where}: its deadline passed {late:.0f} s ago (an old {kind} sent again, "
+                                           "or this device's clock is wrong)")
+        if msg_id in self._taken:  # a QoS 1 redelivery, or the same signed task sent again before its deadline
+            return RejectReason.REPLAYED, f"{where}: {kind} message {msg_id} was taken already"
         return None
 
     def _take(self, msg_id: str, deadline: float) -> None:

@@ -27,7 +27,8 @@ from models.export import export_all
 from models.manifest import TierManifest
 from models.zoo import ModelSpec
 from protocol.frame import decode_frame, encode_frame
-from protocol.messages import AttachedWeights, Blob, Fetch, Hello, Reject, RejectReason, Status, Task, TrainTask, Update
+from protocol.messages import (AttachedWeights, Blob, Fetch, Hello, Query, Reject, RejectReason, Status, Task,
+                               TrainTask, Update)
 from protocol.mqtt.url import parse as parse_broker
 from protocol.signing import KEY_ANNOUNCEMENT, DeviceKey, key_announcement
 
@@ -214,6 +215,18 @@ def test_a_signed_task_replayed_after_its_deadline_is_refused_as_replayed(tmp_pa
         run(agent, aggregator.frame(aggregator.task(2), aggregator.weights()))  # honest: trains
     assert agent.refused == {"replayed": 1}
     assert link.bodies(Fetch)[0].sha256 and [u.round for u in link.bodies(Update)] == [2]
+
+
+def test_an_analytics_query_sent_twice_or_after_its_deadline_is_refused_as_replayed(tmp_path, exported, data):
+    aggregator = Aggregator(tmp_path / "agg", exported)
+    agent, _ = make_agent(tmp_path, aggregator, data)
+    query = Query(query="0" * 32, round=1, computation="sample_count", deadline=time.time() + 60, input_shape=[1, 8, 8],
+                  classes=10)
+    frame = aggregator.frame(query)
+    agent._on_frame(DOWN, frame)
+    agent._on_frame(DOWN, frame)  # the same signed query again: taken already
+    agent._on_frame(DOWN, aggregator.frame(query.model_copy(update={"round": 2, "deadline": time.time() - 30})))
+    assert agent.refused == {"replayed": 2} and len(agent.inbox) == 1
 
 
 def test_nan_after_training_abandons_the_round_and_keeps_the_error_feedback_state(tmp_path, exported, data):
