@@ -202,12 +202,14 @@ class DeviceAgent:
         self._current: Task | None = None  # the task the loop is on, until its results are committed
         if config.fleet_keys is not None and (SecureClient is None or self.key is None):
             raise ValueError("--fleet-keys needs the cryptography package (pip install 'tierfl[signing]')")
-        self.secure = SecureClient(config.device_id, self._send_secagg, self.key.private_key if self.key else None,
-                                   config.fleet_keys, refuse=lambda reason, detail: self._refuse(
-                                       reason, detail, config.aggregator_id)) if SecureClient else None  # secure rounds
-        self.secure_queries = SecureClient(  # secure analytics queries: their own sessions, beside a secure round's
-            config.device_id, self._send_secagg, self.key.private_key if self.key else None, config.fleet_keys,
-            refuse=lambda reason, detail: self._refuse(reason, detail, config.aggregator_id)) if SecureClient else None
+
+        def secure_client() -> SecureClient | None:
+            return SecureClient(config.device_id, self._send_secagg, self.key.private_key if self.key else None,
+                                config.fleet_keys, refuse=lambda reason, detail: self._refuse(
+                                    reason, detail, config.aggregator_id)) if SecureClient else None
+
+        self.secure = secure_client()  # secure rounds
+        self.secure_queries = secure_client()  # secure analytics queries: their own sessions, beside a secure round's
         self.receipt = Receipt(self.topics.down(config.device_id), config.fleet, config.aggregator_id, self.trust,
                                secure=self.secure is not None, refuse=self._refuse,
                                deliver=self.inbox.put)
