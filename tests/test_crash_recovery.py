@@ -475,7 +475,7 @@ def test_an_int4_spool_with_a_non_zero_padding_nibble_is_refused(tmp_path: Path)
         RoundSpool(tmp_path / "open_round").load(0, 0)
 
 
-def test_a_spool_entry_claiming_more_than_memory_and_an_unreadable_plan_are_refused_naming_the_file(
+def test_a_spool_entry_claiming_more_than_memory_or_not_decompressing_and_an_unreadable_plan_are_refused(
         tmp_path: Path) -> None:
     _spool_with(tmp_path, {"w": np.zeros(3, np.float32)})
     file = tmp_path / "open_round" / "update-000001.npz"
@@ -485,6 +485,15 @@ def test_a_spool_entry_claiming_more_than_memory_and_an_unreadable_plan_are_refu
         archive.writestr("huge.npy", header.getvalue() + bytes(16))
     with pytest.raises(SpoolError, match=r"update-000001.npz is unreadable \(Unable to allocate.*\); run .*--recover"):
         RoundSpool(tmp_path / "open_round").load(0, 0)  # was a MemoryError traceback
+    _spool_with(tmp_path, {"w": np.zeros(3, np.float32)})
+    with zipfile.ZipFile(file, "a", zipfile.ZIP_DEFLATED) as archive:  # a deflated entry, its data then damaged
+        archive.writestr("deflated.npy", bytes(400))
+        start = archive.getinfo("deflated.npy").header_offset + 30 + len("deflated.npy")
+    damaged = bytearray(file.read_bytes())
+    damaged[start:start + 8] = b"\xff" * 8
+    file.write_bytes(bytes(damaged))
+    with pytest.raises(SpoolError, match=r"update-000001.npz is unreadable \(Error -3 while decompressing.*\); run"):
+        RoundSpool(tmp_path / "open_round").load(0, 0)  # was a zlib.error traceback
     plan = tmp_path / "open_round" / "plan.json"
     plan.unlink()
     plan.mkdir()

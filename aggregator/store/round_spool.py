@@ -41,6 +41,7 @@ import os
 import secrets
 import threading
 import zipfile
+import zlib
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,8 +61,9 @@ PLAN = "plan.json"
 PENDING = ".pending"  # suffix of an update written but not yet made durable (group commit)
 CLEARED = ".cleared-"  # a spool folder set aside by `clear`, being deleted
 SYNC_THREADS = 16  # parallel fsyncs of one group commit
-# what reading a damaged .npz raises (MemoryError: an entry's header claiming a shape larger than memory)
-ARCHIVE_ERRORS = (OSError, ValueError, EOFError, KeyError, MemoryError, zipfile.BadZipFile)
+# what reading a damaged .npz raises (MemoryError: an entry's header claiming a shape larger than memory;
+# zlib.error: a deflated entry whose data does not decompress)
+ARCHIVE_ERRORS = (OSError, ValueError, EOFError, KeyError, MemoryError, zipfile.BadZipFile, zlib.error)
 _MAX_F32 = float(np.finfo(np.float32).max)
 
 
