@@ -22,8 +22,9 @@ A device that missed versions holds R_b + e for an older b in the window; it get
 at R_b + D(b, v) + e, off the chain by j(b, v) = max|R_b + D(b, v) - R_v| (below two quanta, computed
 once per (b, v)) more than before. A full copy F_v (W_v in the full copy's codec, its rounding seeded
 by (tier, v) like the deltas) leaves it off by max|F_v - R_v|.
-So, per device and tier, the aggregator keeps O(tensors) numbers: for each version it sent the
-device, a bound E[t] of max|H_t - R_v,t| per tensor t, H being what the device holds:
+So, per device and tier, the aggregator keeps O(tensors) numbers: for each kept version it sent the
+device, a bound E[t] of max|H_t - R_v,t| per tensor t, H being what the device holds (a device left
+with no kept version is forgotten at the next round):
 
     invariant   for every device, tier and version v this process sent it:
                 max|H_t - R_v,t| <= E[t] <= max(tolerance x max|R_v|, max|F_v,t - R_v,t|)
