@@ -703,7 +703,7 @@ class DeviceAgent:
         return task_variate(task, manifest, control, self.config.cache_dir, self._variates)
 
     def _train(self, task: TrainTask, trainer: Trainer, start: Mapping[str, np.ndarray],
-               train: Dataset, variate: Variate | None = None) -> tuple[dict[str, np.ndarray], TrainStats]:
+               train: Dataset, variate: Variate | None) -> tuple[dict[str, np.ndarray], TrainStats]:
         """Stage 6: train on `train` (fitted to the model) until the epochs are done or the send margin is reached;
         the update (new - start of every parameter but the personal layers, privatized when the task asks for local
         DP; with SCAFFOLD's `variate`, each step corrected by c - c_i and delta c_i kept in it, never sent)
@@ -761,8 +761,8 @@ class DeviceAgent:
         self._commit(hand_over)
 
     def _encode_and_send(self, task: TrainTask, start: Mapping[str, np.ndarray], delta: dict[str, np.ndarray],
-                         stats: TrainStats, before: EvalStats | None, after: EvalStats | None = None,
-                         personal: tuple[str, dict[str, np.ndarray]] = ("", {}), variate: Variate | None = None) -> None:
+                         stats: TrainStats, before: EvalStats | None, after: EvalStats | None,
+                         personal: tuple[str, dict[str, np.ndarray]], variate: Variate | None) -> None:
         """Stage 7: encode the update with the configured codec (error feedback and selective upload around it) and
         send it; the residual, our personal layers (`personal`: model name, layers) and SCAFFOLD's c_i + delta c_i
         (`variate`) are saved with it."""
