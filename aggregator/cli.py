@@ -172,6 +172,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="FedProx: devices add mu/2 ||w - w_global||^2 to their loss (needs artifacts exported "
                              "with the proximal term, which the aggregator does itself when it exports) "
                              f"(default: {DEFAULT_FEDPROX_MU} with --strategy fedprox, else 0)")
+    rounds.add_argument("--logit-adjust", type=float, default=0.0, metavar="TAU",
+                        help="devices train with logit adjustment against label skew: each adds TAU x log of its own "
+                             "label shares to the logits in its loss (classes it lacks are left out), so the shared "
+                             "classifier learns class-balanced logits instead of each device's prior; evaluation and "
+                             "inference use the plain logits (Menon et al. 2021; FedLC). 1 is the usual value, 0 is "
+                             "off (default: %(default)s)")
     add_algorithm_arguments(parser)
     add_robust_arguments(parser)
     add_integrity_arguments(parser)
@@ -220,6 +226,7 @@ def make_strategy(args: argparse.Namespace, policy: TierPolicy, settings: Algori
     options = dict(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, tiers=policy,
         weighted=args.aggregation == "weighted", mask_classes=args.mask_classes, proximal_mu=settings.proximal_mu,
+        logit_adjust=args.logit_adjust,
         seed=args.seed, sampler=settings.sampler, accumulator=settings.accumulator,
         weigh_partial_work=args.weigh_partial_work,
     )

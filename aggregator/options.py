@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aggregator.downlink import check_int8_delta
 from aggregator.engines.secure import SecureConfig
-from aggregator.strategies.fedavg import AccumulatorFactory
+from aggregator.strategies.fedavg import AccumulatorFactory, check_logit_adjust
 from aggregator.strategies.privacy import DEFAULT_DELTA, DP_MODES, DpSettings
 from aggregator.strategies.robust import (DEFAULT_OUTLIER_MULTIPLE, DEFAULT_TRIM_FRACTION, MIN_KNOWN_NORMS, NORM_WINDOW,
                                           ROBUST_MODES, robust_accumulator)
@@ -237,6 +237,7 @@ def resolve_options(args: argparse.Namespace) -> AlgorithmSettings:
     """The algorithm settings of the parsed options; ValueError saying why when options do not combine, with each
     other or with the export's model and tiers."""
     mu = proximal_mu(args)
+    check_logit_adjust(args.logit_adjust)
     check_int8_delta(args.downlink_versions, args.downlink_tolerance, args.downlink_full)  # before anything is written
     if args.strategy == "fedbuff" and args.max_share < 1:
         raise ValueError("--max-share applies to synchronous rounds: FedBuff has no round selection to cap a share of")

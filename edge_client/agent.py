@@ -714,7 +714,7 @@ class DeviceAgent:
         stats = self._off_loop(lambda: trainer.train(
             train, task.epochs, task.batch_size, task.learning_rate, seed, task.mask_classes,
             proximal_mu=task.proximal_mu, stop_at=task.deadline - self.config.send_margin_s,
-            correction=variate.correction() if variate else None))
+            correction=variate.correction() if variate else None, logit_adjust=task.logit_adjust))
         try:
             delta = trained_delta(trainer.get_weights(), start, stats.loss)
             if variate:

@@ -84,16 +84,16 @@ class PortableTrainer:
     def train(
         self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int, mask_classes: bool = False,
         *, proximal_mu: float = 0.0, stop_at: float | None = None, max_steps: int | None = None,
-        correction: Mapping[str, np.ndarray] | None = None,
+        correction: Mapping[str, np.ndarray] | None = None, logit_adjust: float = 0.0,
     ) -> TrainStats:
         """Run `epochs` passes of shuffled mini-batches through the step graph (options as OrtTrainer.train; the
         SCAFFOLD `correction` is subtracted in place from the buffers the step just wrote)."""
         inputs = {i.name for i in self._step.get_inputs()}
-        if mask_classes and CLASS_MASK_NAME not in inputs:
+        if (mask_classes or logit_adjust) and CLASS_MASK_NAME not in inputs:
             raise ValueError(f"tier {self.manifest.tier}: the step graph has no class mask input; re-export it")
         if proximal_mu and MU_NAME not in inputs:
             raise ValueError(f"tier {self.manifest.tier}: the step graph has no FedProx term; export it with proximal")
-        class_mask = class_mask_for(data, len(self._no_mask), mask_classes)
+        class_mask = class_mask_for(data, len(self._no_mask), mask_classes, logit_adjust)
         constants = {"learning_rate": np.array([learning_rate], np.float32), "momentum": np.zeros(1, np.float32),
                      SCALE_NAME: np.array([1.0 / self.manifest.rate], np.float32), CLASS_MASK_NAME: class_mask,
                      MU_NAME: np.array([proximal_mu], np.float32), **self._global}

@@ -82,11 +82,18 @@ def check_weights(weights: Mapping[str, np.ndarray], manifest: TierManifest) -> 
             raise ValueError(f"{name}: shape {tuple(value.shape)}, tier {manifest.tier} expects {shapes[name]}")
 
 
-def class_mask_for(data: Dataset, num_classes: int, mask_classes: bool) -> np.ndarray:
-    """The logits mask: 0 for every class, or, with `mask_classes`, MASKED_LOGIT for classes absent from `data`."""
+def class_mask_for(data: Dataset, num_classes: int, mask_classes: bool, logit_adjust: float = 0.0) -> np.ndarray:
+    """What training adds to the logits: 0 for every class; with `mask_classes`, MASKED_LOGIT for the classes absent
+    from `data`; with `logit_adjust` tau > 0, tau * log of each class's share of `data` (logit adjustment, Menon et
+    al. 2021: the loss sees the local label prior, so the weights learn the class-balanced logits), absent classes
+    masked as well."""
+    counts = np.bincount(data.y, minlength=num_classes)[:num_classes]
+    if logit_adjust > 0 and counts.sum() > 0:
+        shares = counts / counts.sum()
+        return np.where(counts > 0, logit_adjust * np.log(np.maximum(shares, 1e-30)), MASKED_LOGIT).astype(np.float32)
     if not mask_classes:
         return np.zeros(num_classes, np.float32)
-    return np.where(np.bincount(data.y, minlength=num_classes) > 0, 0.0, MASKED_LOGIT).astype(np.float32)
+    return np.where(counts > 0, 0.0, MASKED_LOGIT).astype(np.float32)
 
 
 def step_shifts(correction: Mapping[str, np.ndarray] | None, learning_rate: float) -> dict[str, np.ndarray]:
@@ -103,7 +110,7 @@ class Trainer(Protocol):
     def train(
         self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int, mask_classes: bool = False,
         *, proximal_mu: float = 0.0, stop_at: float | None = None, max_steps: int | None = None,
-        correction: Mapping[str, np.ndarray] | None = None,
+        correction: Mapping[str, np.ndarray] | None = None, logit_adjust: float = 0.0,
     ) -> TrainStats: ...
     def evaluate(self, data: Dataset, batch_size: int = 512) -> EvalStats: ...
 
@@ -152,12 +159,13 @@ class OrtTrainer:
     def train(
         self, data: Dataset, epochs: int, batch_size: int, learning_rate: float, seed: int, mask_classes: bool = False,
         *, proximal_mu: float = 0.0, stop_at: float | None = None, max_steps: int | None = None,
-        correction: Mapping[str, np.ndarray] | None = None,
+        correction: Mapping[str, np.ndarray] | None = None, logit_adjust: float = 0.0,
     ) -> TrainStats:
         """Run `epochs` passes of shuffled mini-batches of SGD at `learning_rate` (at most `max_steps` steps).
 
         `mask_classes` leaves the classes absent from `data` out of the softmax (label-split
-        non-IID), when the artifacts have a class mask input. `proximal_mu` > 0 adds FedProx's
+        non-IID), when the artifacts have a class mask input; `logit_adjust` > 0 adds that multiple of the log
+        label shares of `data` to the logits in the loss (see class_mask_for). `proximal_mu` > 0 adds FedProx's
         mu/2 ||w - w_global||^2 (w_global: the weights of the last set_weights); it needs
         artifacts exported with the proximal term. `stop_at` ends training early (partial work).
         `correction` (SCAFFOLD's c - c_i, by trainable parameter) makes every step use g + correction: after
@@ -165,9 +173,9 @@ class OrtTrainer:
         """
         if proximal_mu and MU_NAME not in self._input_names:
             raise ValueError(f"tier {self.manifest.tier}: these artifacts have no FedProx term; export them with proximal")
-        if mask_classes and CLASS_MASK_NAME not in self._input_names:
+        if (mask_classes or logit_adjust) and CLASS_MASK_NAME not in self._input_names:
             raise ValueError(f"tier {self.manifest.tier}: these artifacts have no class mask input; re-export them")
-        class_mask = class_mask_for(data, len(self._no_mask), mask_classes)
+        class_mask = class_mask_for(data, len(self._no_mask), mask_classes, logit_adjust)
         self._optimizer.set_learning_rate(learning_rate)
         self._module.train()
 

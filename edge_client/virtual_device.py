@@ -352,7 +352,8 @@ class VirtualDevice:
             trainer.set_weights(start)
             before = trainer.evaluate(test) if task.evaluate and len(test) else None
             stats = trainer.train(train, task.epochs, task.batch_size, task.learning_rate, seed, task.mask_classes,
-                                  proximal_mu=task.proximal_mu, correction=variate.correction() if variate else None)
+                                  proximal_mu=task.proximal_mu, correction=variate.correction() if variate else None,
+                                  logit_adjust=task.logit_adjust)
             trained = trainer.get_weights()
         delta = trained_delta(trained, start, stats.loss)
         if variate:

@@ -186,6 +186,7 @@ class TrainTask(TaskScope):
     seed: Annotated[int, Field(ge=-MAX_SEED, le=MAX_SEED)] = 0
     evaluate: bool = True  # also report loss/accuracy of the received weights on the local test split
     mask_classes: bool = False  # leave the classes the device has no data for out of its softmax
+    logit_adjust: Annotated[float, Field(ge=0, le=10)] = 0.0  # >0: add this times log(local label shares) to the logits in the loss
     proximal_mu: Annotated[float, Field(ge=0, le=100)] = 0.0  # FedProx: mu/2 ||w - w_received||^2 added to the loss
     weighted: bool = True  # the aggregator weights updates by samples (False: one vote per device); relays follow it
     dp_clip: Annotated[float, Field(ge=0, le=MAX_DP)] = 0.0  # local differential privacy: clip the delta to this L2 norm ...

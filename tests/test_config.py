@@ -301,6 +301,8 @@ def test_config_show_gives_the_values_a_start_would_use_for_unset_options(capsys
     (["--secure-aggregation", "--dp", "central", "--dp-clip", "1", "--dp-noise", "1"], "cannot be combined with --dp central"),
     (["--strategy", "fedbuff", "--max-share", "0.5"], "--max-share applies to synchronous rounds"),
     (["--strategy", "fedprox", "--mu", "0"], "--strategy fedprox needs --mu > 0"),
+    (["--logit-adjust", "-1"], "--logit-adjust must be in [0, 10], got -1.0"),
+    (["--logit-adjust", "nan"], "--logit-adjust must be in [0, 10], got nan"),
 ])
 def test_options_that_do_not_combine_exit_2_before_anything_is_written(tmp_path, capsys, options, message):
     state = tmp_path / "state"

@@ -264,9 +264,10 @@ def test_auto_tiers_follow_announced_and_measured_speed(tmp_path, mosquitto_url,
 
 
 def test_fedprox_with_partial_work_at_the_deadline(tmp_path, mosquitto_url, fleet):
-    """500 local epochs cannot finish in a 6 s round: devices stop before the deadline and send what they did."""
-    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--mu", "0.1", "--min-clients", "2", "--rounds", "2",
-                             "--epochs", "500", "--batch-size", "16", "--lr", "0.05", "--round-timeout", "6")
+    """500 local epochs cannot finish in a 6 s round: devices stop before the deadline and send what they did
+    (with logit adjustment on both backends)."""
+    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--mu", "0.1", "--logit-adjust", "1", "--min-clients", "2",
+                             "--rounds", "2", "--epochs", "500", "--batch-size", "16", "--lr", "0.05", "--round-timeout", "6")
     devices = [tierfl("client", "--broker", mosquitto_url, "--fleet", fleet, "--device-id", f"p{i}", "--data", "digits",
                       "--cache-dir", str(tmp_path / f"p{i}"), *(["--backend", "portable"] if i else []),
                       log=tmp_path / f"p{i}.log") for i in range(2)]
@@ -280,7 +281,8 @@ def test_fedprox_with_partial_work_at_the_deadline(tmp_path, mosquitto_url, flee
         assert steps and all(0 < s < 500 * 90 for s in steps)  # partial: far fewer than 500 epochs of ~90 batches
         left = sorted(p.name for p in (tmp_path / "state").iterdir())
         assert not {"ledger.sqlite-wal", "ledger.sqlite-shm", "open_round"} & set(left), left  # a clean exit tidies up
-        assert json.loads((tmp_path / "state" / "options.json").read_text())["options"]["mu"] == 0.1
+        options = json.loads((tmp_path / "state" / "options.json").read_text())["options"]
+        assert options["mu"] == 0.1 and options["logit_adjust"] == 1.0
     finally:
         watcher.close()
         _stop([aggregator, *devices])

@@ -31,8 +31,8 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     return request.param, out
 
 
-@pytest.mark.parametrize("tier", ["a", "c"])
-def test_portable_training_matches_ort_training(exported, digits, tier):
+@pytest.mark.parametrize(("tier", "logit_adjust"), [("a", 0.0), ("c", 0.0), ("a", 1.0)])
+def test_portable_training_matches_ort_training(exported, digits, tier, logit_adjust):
     spec, out = exported
     train, test = digits
     manifest = TierManifest.load(out / tier / "manifest.json")
@@ -41,7 +41,8 @@ def test_portable_training_matches_ort_training(exported, digits, tier):
     for backend in ("ort-training", "portable"):
         trainer = open_trainer(backend, out / tier, manifest)
         trainer.set_weights(start)
-        stats = trainer.train(train, epochs=1, batch_size=32, learning_rate=0.1, seed=3)  # 7 steps, the last of 8
+        stats = trainer.train(train, epochs=1, batch_size=32, learning_rate=0.1, seed=3,  # 7 steps, the last of 8
+                              logit_adjust=logit_adjust)
         results[backend] = (stats, trainer.get_weights(), trainer.evaluate(test))
     (ort_stats, ort_weights, ort_eval), (stats, weights, evaluation) = results["ort-training"], results["portable"]
     assert stats.steps == ort_stats.steps == 7 and stats.samples_seen == 200

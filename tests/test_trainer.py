@@ -153,22 +153,28 @@ def test_train_is_deterministic_for_a_seed(exported: Path, digits: tuple[Dataset
     assert any(not np.array_equal(runs[0][n], runs[2][n]) for n in runs[0])
 
 
-def test_one_sgd_step_matches_numpy_gradient(exported: Path, digits: tuple[Dataset, Dataset]) -> None:
-    """A single full-batch step moves every weight by -lr * (numpy gradient of the mean cross-entropy)."""
+@pytest.mark.parametrize("logit_adjust", [0.0, 1.0, 2.5])
+def test_one_sgd_step_matches_numpy_gradient(exported: Path, digits: tuple[Dataset, Dataset], logit_adjust: float) -> None:
+    """A single full-batch step moves every weight by -lr * (numpy gradient of the mean cross-entropy); with logit
+    adjustment tau the loss sees logits + tau * log(the batch's label shares), a class it lacks masked out."""
     trainer = _trainer(exported, "c")
     train, _ = digits
-    batch = train.subset(np.arange(40))
+    batch = train.subset(np.flatnonzero(train.y != 7)[:40])  # class 7 absent: masked under logit adjustment
     w = {n: v.astype(np.float64) for n, v in trainer.get_weights().items()}
     lr = 0.05
-    trainer.train(batch, epochs=1, batch_size=len(batch), learning_rate=lr, seed=0)
+    trainer.train(batch, epochs=1, batch_size=len(batch), learning_rate=lr, seed=0, logit_adjust=logit_adjust)
     got = trainer.get_weights()
+    counts = np.bincount(batch.y, minlength=10)
+    assert counts[7] == 0 and (counts > 0).sum() == 9
+    offsets = np.zeros(10) if not logit_adjust else np.where(
+        counts > 0, logit_adjust * np.log(np.maximum(counts, 1) / counts.sum()), -1e4)
 
     x = batch.x.reshape(len(batch), -1).astype(np.float64)
     acts, h = [x], x
     for layer in ("fc1", "fc2"):
         h = np.maximum(h @ w[f"{layer}.weight"].T + w[f"{layer}.bias"], 0.0)
         acts.append(h)
-    logits = h @ w["fc3.weight"].T + w["fc3.bias"]
+    logits = h @ w["fc3.weight"].T + w["fc3.bias"] + offsets
     p = np.exp(logits - logits.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     g = p

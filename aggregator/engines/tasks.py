@@ -29,7 +29,7 @@ from protocol.control import with_control
 from protocol.messages import AttachedWeights, MeasureBnStatistics, SecureAggregation, Task, TaskScope, TrainTask
 
 MemoKey = tuple[int, str, int, bool]  # round, tier, variant, statistics
-TRAINING_SETTINGS = ("epochs", "batch_size", "learning_rate", "mask_classes", "proximal_mu", "weighted")  # both say
+TRAINING_SETTINGS = ("epochs", "batch_size", "learning_rate", "mask_classes", "logit_adjust", "proximal_mu", "weighted")  # both say
 AnyTask = TypeVar("AnyTask", TrainTask, MeasureBnStatistics)
 
 

@@ -77,6 +77,7 @@ class Assignment:
     batch_size: int
     learning_rate: float
     mask_classes: bool = False
+    logit_adjust: float = 0.0  # devices add this times log(their label shares) to the logits in their loss
     proximal_mu: float = 0.0
     weighted: bool = True  # updates weighted by samples (False: one vote per device), for relays
     weigh_work: bool = False  # partial work (fewer steps than asked, at the deadline) weighs by the share done

@@ -188,6 +188,13 @@ def share_caps(assignments: Sequence[Assignment], rates: Mapping[str, float], ma
     return caps
 
 
+def check_logit_adjust(tau: float) -> float:
+    """`tau` when it is a logit-adjustment strength a task can carry (0 to 10); ValueError otherwise."""
+    if not 0 <= tau <= 10:
+        raise ValueError(f"--logit-adjust must be in [0, 10], got {tau}")
+    return tau
+
+
 class FedAvg:
     """FedAvg (McMahan et al.): a seeded fraction C of the available devices, E epochs of batch B,
     updates averaged weighted by sample count over the devices that answered.
@@ -195,6 +202,8 @@ class FedAvg:
     With a tier policy over several tiers this is HeteroFL: each device trains its tier's slice
     and every element is averaged over the devices that hold it (`weighted=False`: HeteroFL's
     plain mean over those devices; `mask_classes`: devices train without the classes they lack).
+    With `logit_adjust` tau > 0 devices train with logit adjustment: tau * log(their label shares) added to the
+    logits in the loss, so their label skew does not pull the shared classifier (Menon et al. 2021; FedLC).
     With `proximal_mu` > 0 it is FedProx: devices add mu/2 ||w - w_global||^2 to their loss.
     `accumulator` replaces that mean, e.g. with a robust one from aggregator.strategies.robust; `sampler`
     replaces the uniform draw of C (aggregator.strategies.sampling). `weigh_partial_work`: a device that
@@ -215,6 +224,7 @@ class FedAvg:
         mask_classes: bool = False,
         proximal_mu: float = 0.0,
         seed: int = 0,
+        logit_adjust: float = 0.0,
         accumulator: AccumulatorFactory | None = None,
         sampler: ClientSampler | None = None,
         weigh_partial_work: bool = False,
@@ -226,6 +236,7 @@ class FedAvg:
         self.tiers = tiers if tiers is not None else FixedTiers({"a": 1.0})
         self.weighted = weighted
         self.mask_classes = mask_classes
+        self.logit_adjust = check_logit_adjust(logit_adjust)
         if proximal_mu < 0:
             raise ValueError(f"FedProx mu must be >= 0, got {proximal_mu}")
         self.proximal_mu = proximal_mu
@@ -247,6 +258,7 @@ class FedAvg:
                 batch_size=self.batch_size,
                 learning_rate=self.learning_rate,
                 mask_classes=self.mask_classes,
+                logit_adjust=self.logit_adjust,
                 proximal_mu=self.proximal_mu,
                 weighted=self.weighted,
                 weigh_work=self.weigh_partial_work,
