@@ -56,6 +56,11 @@ ALGORITHMS: dict[str, list[str]] = {
     "FedYogi": ["--server-optimizer", "yogi", "--server-lr", "0.03"],  # not searched: FedAdam's best
     "FedProx": ["--strategy", "fedprox", "--mu", "0.01"],
     "SCAFFOLD": ["--strategy", "scaffold"],
+    # with logit adjustment against the label skew (settings: benchmarks/convergence-sim.md)
+    "FedAvg+LA": ["--logit-adjust", "1"],
+    "FedAvgM+LA": ["--server-optimizer", "momentum", "--server-lr", "1.0", "--server-beta1", "0.7", "--logit-adjust", "1"],
+    "FedAdam+LA": ["--server-optimizer", "adam", "--server-lr", "0.03", "--logit-adjust", "1"],
+    "FedYogi+LA": ["--server-optimizer", "yogi", "--server-lr", "0.03", "--logit-adjust", "1"],
 }
 # name -> the settings tried by --search (each a list of aggregator options).
 SEARCH: dict[str, list[list[str]]] = {
