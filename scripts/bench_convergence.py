@@ -78,6 +78,12 @@ NOTES = [  # what the table does not say, kept beside it in the report
     "keeps mu 0.01; SCAFFOLD has no server setting. Its devices send the update alone (the aggregator derives each "
     "control variate's change from it), so its uplink is the others'; each task also carries the server's control "
     "variate beside the weights, so its downlink is about twice theirs.",
+    "Logit adjustment, the +LA rows (`--logit-adjust 1`): each device adds the log of its own label shares to the "
+    "logits inside its loss, so a device whose data is mostly a few classes stops teaching the shared classifier that "
+    "those classes are likely (Menon et al. 2021; FedLC); evaluation uses the plain logits, and nothing changes on the "
+    "wire. Their server settings (FedAvgM beta1 0.7; FedAdam and FedYogi lr 0.03) won an in-process search of the "
+    "same task ([convergence-sim.md](convergence-sim.md), scripts/sim_convergence.py: real ONNX Runtime training, "
+    "float32 updates, no broker, one seed per setting).",
     "Bytes: an int8 update is 421,642 bytes of values plus its header (4.23 MB for 10 devices); the downlink sends "
     "the int8 change from whichever of the last 8 versions a device holds, and an int8-row full copy (error below "
     "max|row| / 127) to a device seen for the first time or holding none of them, so no round sends more than 10 "

@@ -10,7 +10,8 @@ The chosen settings are then measured for real by bench_convergence.py.
 
 Each --run is one setting, written as space-separated key=value pairs (all optional):
 opt=fedavg|sgd|momentum|adam|yogi|adagrad, lr= (server lr), beta1=, beta2=, tau=, la= (--logit-adjust),
-scaffold=1 (SCAFFOLD option II with full-precision variates: each step corrected by c - c_i, c moved by
+agg=weighted|mean|nova (by samples, one vote per device, or FedNova: each update divided by its local steps,
+the weighted mean of those times the weighted mean step count), scaffold=1 (SCAFFOLD option II with full-precision variates: each step corrected by c - c_i, c moved by
 |S|/N x the mean change of the answering devices' c_i).
 Results accumulate in benchmarks/convergence-sim.json (a setting run again replaces its row) and the
 table in benchmarks/convergence-sim.md.
@@ -36,8 +37,8 @@ from models.manifest import TierManifest
 from models.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"opt": str, "lr": float, "beta1": float, "beta2": float, "tau": float, "la": float, "scaffold": int}
-DEFAULTS = {"opt": "fedavg", "lr": 1.0, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3, "la": 0.0, "scaffold": 0}
+KEYS = {"opt": str, "lr": float, "beta1": float, "beta2": float, "tau": float, "la": float, "scaffold": int, "agg": str}
+DEFAULTS = {"opt": "fedavg", "lr": 1.0, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3, "la": 0.0, "scaffold": 0, "agg": "weighted"}
 
 
 def parse_setting(text: str) -> dict:
@@ -72,6 +73,7 @@ def simulate(setting: dict, shards: list[Dataset], test: Dataset, tier: Path, ar
     for round_number in range(1, args.rounds + 1):
         started = time.monotonic()
         total = {name: np.zeros_like(value) for name, value in weights.items()}
+        steps_total = 0.0
         control_change = {name: np.zeros_like(value) for name, value in weights.items()}
         samples = 0
         chosen = rng.choice(len(shards), args.per_round, replace=False)
@@ -81,13 +83,18 @@ def simulate(setting: dict, shards: list[Dataset], test: Dataset, tier: Path, ar
             stats = trainer.train(shards[device], args.epochs, args.batch_size, args.lr,
                                   seed=int(round_number * 1000 + device), logit_adjust=setting["la"], correction=correction)
             trained, n = trainer.get_weights(), len(shards[device])
+            vote = {"weighted": n, "mean": 1}.get(setting["agg"], n)
+            per_step = 1.0 / stats.steps if setting["agg"] == "nova" else 1.0
+            steps_total += n * stats.steps
             for name in weights:
-                total[name] += n * (trained[name] - weights[name])
+                total[name] += vote * per_step * (trained[name] - weights[name])
                 if setting["scaffold"]:  # option II: c_i+ = c_i - c + (x - y) / (K lr)
                     new = variates[device][name] - control[name] + (weights[name] - trained[name]) / (stats.steps * args.lr)
                     control_change[name] += (new - variates[device][name]) / len(chosen)
                     variates[device][name] = new
-            samples += n
+            samples += vote
+        if setting["agg"] == "nova":
+            total = {name: value * (steps_total / samples) for name, value in total.items()}
         control = {n: control[n] + len(chosen) / len(shards) * control_change[n] for n in control}
         mean = {name: weights[name] + total[name] / samples for name in weights}
         weights, state = (mean, state) if optimizer is None else optimizer.step(weights, mean, touched, state)
