@@ -300,8 +300,7 @@ def markdown(args: argparse.Namespace, results: list[dict], commands: list[str],
         f"# {title}: CNN on Fashion-MNIST, {args.devices} devices (Dirichlet {args.alpha}), {args.per_round} per round",
         "",
         "Reproduce: " + ", then ".join(f"`{c}`" for c in commands) + f" (the last: {minutes:.0f} min; load average at "
-        f"its end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, on a 2-core machine; the runs under `nice` shared it with "
-        "other work).",
+        f"its end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, on a 2-core machine).",
         "",
         f"All 60,000 Fashion-MNIST training images over {args.devices} devices (Dirichlet {args.alpha}); accuracy of each "
         "committed version on the 10,000 test images, held out by the aggregator. The 28x28 CNN (conv 32, conv 64, "
@@ -313,10 +312,14 @@ def markdown(args: argparse.Namespace, results: list[dict], commands: list[str],
         "`tierfl bench --artifacts`), so bytes down are task frames only; bytes are per round, averaged over the run "
         "(the largest round in brackets: round 1 sends every device a full copy).",
         "",
-        "Rounds and bytes do not depend on the machine; **seconds do**: other jobs shared the 2 cores while the runs "
-        "under `nice` ran, so their seconds are wall time on a loaded machine and only comparable within one run.",
+        "Rounds and bytes do not depend on the machine; **seconds do**: " + (
+            "other jobs shared the 2 cores while the runs under `nice` ran, so their seconds are wall time on a "
+            "loaded machine and only comparable within one run." if any(c.startswith("nice") for c in commands) else
+            "nothing else ran on the machine, so they are wall time of the federation's own 22 processes (the "
+            "load average they give) on 2 cores."),
         "",
-        *table(results, args.targets, args.rounds),
+        *table(sorted(results, key=lambda r: list(ALGORITHMS).index(r["algorithm"]) if r["algorithm"] in ALGORITHMS
+                      else len(ALGORITHMS)), args.targets, args.rounds),
         "",
     ]
     if args.search:

@@ -9,10 +9,12 @@ takes 4 minutes where a real federation takes 5 to 10, so a grid of settings fit
 The chosen settings are then measured for real by bench_convergence.py.
 
 Each --run is one setting, written as space-separated key=value pairs (all optional):
-opt=fedavg|sgd|momentum|adam|yogi|adagrad, lr= (server lr), beta1=, beta2=, tau=, la= (--logit-adjust),
-agg=weighted|mean|nova (by samples, one vote per device, or FedNova: each update divided by its local steps,
-the weighted mean of those times the weighted mean step count), scaffold=1 (SCAFFOLD option II with full-precision variates: each step corrected by c - c_i, c moved by
-|S|/N x the mean change of the answering devices' c_i).
+- opt=fedavg|sgd|momentum|adam|yogi|adagrad, lr= (server lr), beta1=, beta2=, tau=: the server optimizer;
+- la=: --logit-adjust;
+- agg=weighted|mean|nova: updates weighted by samples, one vote per device, or FedNova (each update divided
+  by its local steps, their weighted mean times the weighted mean step count);
+- scaffold=1: SCAFFOLD option II with full-precision variates (each step corrected by c - c_i; c moved by
+  |S|/N x the mean change of the answering devices' c_i).
 Results accumulate in benchmarks/convergence-sim.json (a setting run again replaces its row) and the
 table in benchmarks/convergence-sim.md.
 
@@ -37,8 +39,10 @@ from models.manifest import TierManifest
 from models.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"opt": str, "lr": float, "beta1": float, "beta2": float, "tau": float, "la": float, "scaffold": int, "agg": str}
-DEFAULTS = {"opt": "fedavg", "lr": 1.0, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3, "la": 0.0, "scaffold": 0, "agg": "weighted"}
+KEYS = {"opt": str, "lr": float, "beta1": float, "beta2": float, "tau": float, "la": float, "scaffold": int,
+        "agg": str}
+DEFAULTS = {"opt": "fedavg", "lr": 1.0, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3, "la": 0.0, "scaffold": 0,
+            "agg": "weighted"}
 
 
 def parse_setting(text: str) -> dict:
@@ -83,13 +87,14 @@ def simulate(setting: dict, shards: list[Dataset], test: Dataset, tier: Path, ar
             stats = trainer.train(shards[device], args.epochs, args.batch_size, args.lr,
                                   seed=int(round_number * 1000 + device), logit_adjust=setting["la"], correction=correction)
             trained, n = trainer.get_weights(), len(shards[device])
-            vote = {"weighted": n, "mean": 1}.get(setting["agg"], n)
+            vote = 1 if setting["agg"] == "mean" else n
             per_step = 1.0 / stats.steps if setting["agg"] == "nova" else 1.0
-            steps_total += n * stats.steps
+            steps_total += n * stats.steps  # FedNova's weighted mean step count, times samples
             for name in weights:
                 total[name] += vote * per_step * (trained[name] - weights[name])
                 if setting["scaffold"]:  # option II: c_i+ = c_i - c + (x - y) / (K lr)
-                    new = variates[device][name] - control[name] + (weights[name] - trained[name]) / (stats.steps * args.lr)
+                    new = (variates[device][name] - control[name]
+                           + (weights[name] - trained[name]) / (stats.steps * args.lr))
                     control_change[name] += (new - variates[device][name]) / len(chosen)
                     variates[device][name] = new
             samples += vote
