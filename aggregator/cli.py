@@ -83,11 +83,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--id", dest="aggregator_id", default="aggregator", help="sender id of this aggregator (default: %(default)s)")
     net.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                      help="frames larger than this travel in chunks, reassembled and checked against the frame's sha256 (default: %(default)s)")
-    net.add_argument("--downlink", choices=DOWNLINK_MODES, default="float32",
-                     help="encoding of the weights sent with each task: float32, float16, or int8-delta (int8 of "
-                          "the change from whichever of the last --downlink-versions versions the device holds, a "
-                          "float16 full copy otherwise); devices train from exactly what they decoded "
-                          "(default: %(default)s)")
+    net.add_argument("--downlink", choices=DOWNLINK_MODES, default="int8-delta",
+                     help="encoding of the weights sent with each task: int8-delta (int8 of the change from "
+                          "whichever of the last --downlink-versions versions the device holds, a --downlink-full "
+                          "copy otherwise; about 4x fewer bytes than float32), float16, or float32 (exact); devices "
+                          "train from exactly what they decoded (default: %(default)s)")
     net.add_argument("--downlink-versions", type=int, default=DEFAULT_VERSIONS, metavar="K",
                      help="int8-delta: versions kept per tier to send deltas from; memory K x the tier's weights in "
                           "float32 (default: %(default)s)")

@@ -118,6 +118,23 @@ def test_tick_starts_round_with_one_task_per_device(art_dir: Path, tmp_path: Pat
     assert h.engine.tick(101.0) == []
 
 
+def test_a_device_that_announces_other_holdings_mid_round_gets_its_task_again_once(art_dir: Path, tmp_path: Path) -> None:
+    """A device sent a delta against a version it does not hold refuses it and says what it holds (a hello): its task
+    goes again at the next tick, once a round; a device that answered, or holds what it held, gets nothing."""
+    h = Harness(art_dir, tmp_path / "state", {"d1": 10, "d2": 30, "d3": 5})
+    h.engine.tick(100.0)
+    assert h.update("d1", _zeros(), 100.5) == []
+    for device in ("d1", "d2"):  # d1 answered already; d2 owes its update
+        h.registry.hello(device, 10, 0, None, "ort-training", now=101.0, holds={"a": 7})
+    h.registry.hello("d3", 5, 0, None, "ort-training", now=101.0)  # reconnected, holding what it held
+    out = h.engine.tick(102.0)
+    assert [(o.device_id, o.body.round) for o in out] == [("d2", 1)] and isinstance(out[0].body, Task)
+    h.registry.hello("d2", 30, 0, None, "ort-training", now=103.0, holds={"a": 8})
+    assert h.engine.tick(104.0) == []  # once a round
+    h.update("d2", _zeros(), 105.0)
+    assert _summary(h.update("d3", _zeros(), 106.0)).answered == 3
+
+
 def test_devices_of_one_tier_share_one_copy_of_the_task_weights(art_dir: Path, tmp_path: Path) -> None:
     """A round of thousands of devices (or invented ones) holds the tier's weights once, not once per task."""
     h = Harness(art_dir, tmp_path / "state", {f"d{i}": 10 for i in range(50)})

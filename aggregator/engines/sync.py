@@ -24,7 +24,8 @@ from aggregator.engines.intake import Problem, UpdateIntake
 from aggregator.engines.model import GlobalModel
 from aggregator.engines.parts import EngineParts, listing
 from aggregator.engines.tasks import TaskBuilder
-from aggregator.store.round_spool import RoundPlan, SpooledUpdate
+from aggregator.registry import DeviceRegistry
+from aggregator.store.round_spool import Assignment, RoundPlan, SpooledUpdate
 from aggregator.strategies.robust import update_norm
 from protocol.control import split_control
 from protocol.messages import RejectReason, Update
@@ -72,6 +73,7 @@ class SyncRounds:
                                                     available=len(available)))
         for a in assignments:
             registry.asked(a.device_id, number)
+            current.held_when_asked[a.device_id] = _held(registry, a)
         log.info("round %d: %d devices selected: %s", number, len(assignments),
                  listing([f"{a.device_id} (tier {a.tier})" for a in sorted(assignments, key=lambda a: a.device_id)]))
         return [self.tasks.task(model, a, number, current.deadline) for a in assignments]
@@ -151,16 +153,35 @@ class SyncRounds:
                  "; measuring batch-norm statistics again" if plan.measuring_statistics else "")
 
     def owed_tasks(self, model: GlobalModel) -> list[Outgoing]:
-        """Once after a restart, the resumed round's tasks to the devices still owing: they may have died with us.
+        """Tasks to send again: once after a restart, the resumed round's to the devices still owing (they may have
+        died with us); and, once a round, the task of a device still owing a training update that has since
+        announced it holds another version of its tier than when it was asked (it refuses a delta against a version
+        it does not hold, `wrong_version`, and says what it holds: its task goes again, encoded against that).
 
-        A device that had the task already answers twice; its second update is refused as a duplicate.
+        A device that had the task already answers twice; its second update is refused as a duplicate. That also
+        happens to a device that reconnects while training (its hello says it holds the task's version): the price of
+        never losing a round to a delta its device could not apply.
         """
-        if not self._resend_owed_tasks or self.slot.current is None:
-            return []
-        self._resend_owed_tasks = False
         current = self.slot.current
-        log.info("round %d: tasks sent again to %s", current.number, ", ".join(sorted(current.owing)) or "nobody")
-        return [self.tasks.task(model, current.assignments[d], current.number, current.deadline) for d in sorted(current.owing)]
+        if current is None:
+            return []
+        registry = self.parts.registry
+        if self._resend_owed_tasks:
+            self._resend_owed_tasks = False
+            devices = sorted(current.owing)
+            log.info("round %d: tasks sent again to %s", current.number, ", ".join(devices) or "nobody")
+        elif current.trained is None:
+            devices = sorted(d for d in current.owing - current.resent
+                             if _held(registry, current.assignments[d]) != current.held_when_asked.get(d))
+            current.resent.update(devices)
+            if devices:
+                log.info("round %d: tasks sent again to %s, now holding other versions than when asked",
+                         current.number, ", ".join(devices))
+        else:
+            return []
+        for device in devices:
+            current.held_when_asked[device] = _held(registry, current.assignments[device])
+        return [self.tasks.task(model, current.assignments[d], current.number, current.deadline) for d in devices]
 
     def _check(self, model: GlobalModel, device_id: str, update: Update, tensors: Mapping[str, np.ndarray],
                now: float) -> Problem | None:
@@ -194,3 +215,9 @@ class SyncRounds:
         if now > current.deadline:
             return RejectReason.LATE, f"arrived {now - current.deadline:.1f} s after the deadline"
         return None
+
+
+def _held(registry: DeviceRegistry, assignment: Assignment) -> int | None:
+    """The version of its task's tier that the registry says the assigned device holds (None: none, or unknown)."""
+    info = registry.get(assignment.device_id)
+    return info.holds.get(assignment.tier) if info is not None else None
