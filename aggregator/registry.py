@@ -54,6 +54,7 @@ class DeviceRegistry:
         self._ids: set[str] = set()  # the keys of _devices, for other threads (`knows`)
         self._ids_lock = threading.Lock()
         self.online_count = 0  # devices whose last word was online: kept as they change, read in O(1)
+        self._moved: set[str] = set()  # devices awaiting an answer whose hello announced other holdings (take_moved)
 
     def __contains__(self, device_id: str) -> bool:
         return device_id in self._devices
@@ -80,6 +81,8 @@ class DeviceRegistry:
                           session=session, hello_sent_at=sent_at)
         old = self._devices.get(device_id)
         self.online_count += 1 - int(old is not None and old.online)
+        if old and old.awaiting_task and old.holds != info.holds:
+            self._moved.add(device_id)
         if old:  # a reconnect keeps the participation record
             info.tasks_asked, info.tasks_answered, info.missed_in_a_row = old.tasks_asked, old.tasks_answered, old.missed_in_a_row
             info.last_asked_round, info.last_loss = old.last_asked_round, old.last_loss
@@ -89,6 +92,12 @@ class DeviceRegistry:
                 self._ids.add(device_id)
         self._devices[device_id] = info
         return info
+
+    def take_moved(self) -> set[str]:
+        """The devices that, while awaiting the answer to a task, said hello holding other versions than before
+        (since the last call); the set is emptied."""
+        moved, self._moved = self._moved, set()
+        return moved
 
     def _evict_one(self) -> None:
         """Make room: forget the longest-unseen device that never trained and awaits no task; RegistryFull if none."""

@@ -94,7 +94,6 @@ class OpenRound:
     measured: set[str] = field(default_factory=set)
     caps: dict[str, int] = field(default_factory=dict)  # device -> most samples its update may weigh (max_share)
     weighted_norms: float = 0.0  # sum of weight x L2 norm of the updates folded so far (bounds the float32 sums)
-    held_when_asked: dict[str, int | None] = field(default_factory=dict)  # device -> the version it said it held
     resent: set[str] = field(default_factory=set)  # devices whose task was sent again this round
 
     @property

@@ -24,8 +24,7 @@ from aggregator.engines.intake import Problem, UpdateIntake
 from aggregator.engines.model import GlobalModel
 from aggregator.engines.parts import EngineParts, listing
 from aggregator.engines.tasks import TaskBuilder
-from aggregator.registry import DeviceRegistry
-from aggregator.store.round_spool import Assignment, RoundPlan, SpooledUpdate
+from aggregator.store.round_spool import RoundPlan, SpooledUpdate
 from aggregator.strategies.robust import update_norm
 from protocol.control import split_control
 from protocol.messages import RejectReason, Update
@@ -73,7 +72,7 @@ class SyncRounds:
                                                     available=len(available)))
         for a in assignments:
             registry.asked(a.device_id, number)
-            current.held_when_asked[a.device_id] = _held(registry, a)
+        registry.take_moved()  # holdings announced before these tasks went out are what they are encoded against
         log.info("round %d: %d devices selected: %s", number, len(assignments),
                  listing([f"{a.device_id} (tier {a.tier})" for a in sorted(assignments, key=lambda a: a.device_id)]))
         return [self.tasks.task(model, a, number, current.deadline) for a in assignments]
@@ -162,25 +161,22 @@ class SyncRounds:
         happens to a device that reconnects while training (its hello says it holds the task's version): the price of
         never losing a round to a delta its device could not apply.
         """
+        moved = self.parts.registry.take_moved()
         current = self.slot.current
         if current is None:
             return []
-        registry = self.parts.registry
         if self._resend_owed_tasks:
             self._resend_owed_tasks = False
             devices = sorted(current.owing)
             log.info("round %d: tasks sent again to %s", current.number, ", ".join(devices) or "nobody")
         elif current.trained is None:
-            devices = sorted(d for d in current.owing - current.resent
-                             if _held(registry, current.assignments[d]) != current.held_when_asked.get(d))
+            devices = sorted(moved & (current.owing - current.resent))
             current.resent.update(devices)
             if devices:
                 log.info("round %d: tasks sent again to %s, now holding other versions than when asked",
                          current.number, ", ".join(devices))
         else:
             return []
-        for device in devices:
-            current.held_when_asked[device] = _held(registry, current.assignments[device])
         return [self.tasks.task(model, current.assignments[d], current.number, current.deadline) for d in devices]
 
     def _check(self, model: GlobalModel, device_id: str, update: Update, tensors: Mapping[str, np.ndarray],
@@ -216,8 +212,3 @@ class SyncRounds:
             return RejectReason.LATE, f"arrived {now - current.deadline:.1f} s after the deadline"
         return None
 
-
-def _held(registry: DeviceRegistry, assignment: Assignment) -> int | None:
-    """The version of its task's tier that the registry says the assigned device holds (None: none, or unknown)."""
-    info = registry.get(assignment.device_id)
-    return info.holds.get(assignment.tier) if info is not None else None
