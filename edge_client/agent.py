@@ -69,7 +69,7 @@ from edge_client.onnx_guard import OnnxRefused, check_onnx_folder
 from edge_client.personal import PersonalLayers, finetune
 from edge_client.privacy import privatize
 from edge_client.receipt import Receipt
-from edge_client.scaffold import ControlVariate, Variate
+from edge_client.scaffold import ControlVariate, SentVariates, Variate
 from edge_client.stages import (NotHeld, TaskRefused, TaskSkipped, check_manifest, encode_update, store_blob,
                                 task_variate, task_weights, trained_delta)
 from edge_client.trainer import EvalStats, Trainer, TrainStats
@@ -185,6 +185,7 @@ class DeviceAgent:
         self._manifests: dict[str, TierManifest] = {}  # manifest sha256 -> manifest, once its tier folder is checked
         self._feedback: dict[str, ErrorFeedback] = {}
         self._variates: dict[str, ControlVariate] = {}  # manifest sha256 -> SCAFFOLD's c_i of that tier
+        self._sent_variates = SentVariates()  # the loop's: c_i changes sent, rolled back if their update is refused
         self._fitted: tuple[tuple[object, ...], tuple[Dataset, Dataset] | str] | None = None  # last model: data/why not
         self._dp_rng = np.random.default_rng()  # local DP noise: seeded by the OS, never by the (public) task
         self._held: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # tier -> (version, weights received)
@@ -423,6 +424,8 @@ class DeviceAgent:
                         body.reason.value, body.detail)
             if body.reason is RejectReason.UNKNOWN_DEVICE:
                 self._announce()
+            if self._sent_variates.refused(body.ref_msg_id):
+                log.info("round %s: SCAFFOLD control variate rolled back (the update was refused)", body.round)
             self._on_refused_ask(body)
 
     def _announce(self) -> None:
@@ -779,6 +782,7 @@ class DeviceAgent:
                 self.personal.save(model, layers)
             if variate:
                 variate.commit()
+                self._sent_variates.sent(read_header(encoded.frame).header.msg_id, variate)
             published = self.link.publish(self.topics.up(self.config.device_id), encoded.frame)
             self.tasks_done += 1
             log.info(

@@ -12,7 +12,9 @@ the update alone. The device keeps the exact value; the server's derived one dif
 the codec's quantisation error / (K lr), which error feedback carries into later updates (and so
 into later derived changes). c_i starts at zero. It is saved (atomically) when the
 update is sent, in `scaffold-<tier>.npz` beside the tier's model identity, so it survives a
-restart of the device. A file that cannot be read, is larger than the tier's variate, holds NaN/Inf
+restart of the device. An update the aggregator refuses moved no c there (c is the mean of the
+accepted c_i), so its refusal rolls c_i back (`SentVariates`; a refusal that arrives after the
+device restarted finds nothing to roll back, and c_i keeps that change). A file that cannot be read, is larger than the tier's variate, holds NaN/Inf
 or does not fit the tier's trainable parameters is named in a warning and the tier starts again
 from c_i = 0 (the way out is automatic: the file is replaced with the next update; delete it to
 reset by hand).
@@ -20,6 +22,7 @@ reset by hand).
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import zipfile
@@ -36,6 +39,7 @@ from protocol.control import control_shapes
 log = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
 MODEL_KEY = "__model__"  # the tier's model name and shapes, so a variate of another export is not applied
+SENT_KEPT = 16  # sent updates whose refusal can still roll their change back
 NPY_HEADER_BYTES = 4096  # room for each .npy entry's header beside its array's bytes
 UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError)
 
@@ -129,3 +133,32 @@ class Variate:
         """c_i <- c_i + the last `change`, saved (call it with the update's publication); nothing before a change."""
         if self._change is not None:
             self.own.commit(self._change)
+
+    def roll_back(self) -> None:
+        """c_i <- c_i - the committed change, saved: the update that carried it was refused (once; later changes of
+        this tier stay, each is added on its own)."""
+        if self._change is not None:
+            self.own.commit({name: -change for name, change in self._change.items()})
+            self._change = None
+
+
+class SentVariates:
+    """The variates of the last SENT_KEPT updates sent, by the update frame's msg_id, until a refusal names one."""
+
+    def __init__(self) -> None:
+        self._sent: collections.OrderedDict[str, Variate] = collections.OrderedDict()
+
+    def sent(self, msg_id: str, variate: Variate) -> None:
+        """Keep the variate committed with the update sent as frame `msg_id`."""
+        self._sent[msg_id] = variate
+        while len(self._sent) > SENT_KEPT:
+            self._sent.popitem(last=False)
+
+    def refused(self, msg_id: str | None) -> bool:
+        """Roll back the variate of the update the aggregator refused (`msg_id`: the refusal's reference); whether
+        there was one."""
+        variate = self._sent.pop(msg_id or "", None)
+        if variate is None:
+            return False
+        variate.roll_back()
+        return True

@@ -41,13 +41,13 @@ from edge_client.compression import ErrorFeedback
 from edge_client.fleet_trace import Behaviour, Dropout
 from edge_client.privacy import privatize
 from edge_client.receipt import Receipt
-from edge_client.scaffold import ControlVariate
+from edge_client.scaffold import ControlVariate, SentVariates
 from edge_client.stages import (NotHeld, TaskRefused, TaskSkipped, check_manifest, encode_update, store_blob,
                                 task_variate, task_weights, trained_delta)
 from models.data import Dataset, fit_split
 from models.manifest import TierManifest
 from protocol.control import split_control
-from protocol.frame import Frame, encode_frame
+from protocol.frame import Frame, encode_frame, read_header
 from protocol.messages import (Blob, BnStatistics, Body, Catalogue, Fetch, Hello, MeasureBnStatistics, Reject,
                                RejectReason, Status, Task, TrainTask, new_id)
 from protocol.mqtt.link import Backoff, MqttLink, Will
@@ -115,6 +115,7 @@ class VirtualDevice:
         self._held: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
         self._feedback: dict[str, ErrorFeedback] = {}
         self._variates: dict[str, ControlVariate] = {}  # manifest sha256 -> SCAFFOLD's c_i of that tier
+        self._sent_variates = SentVariates()  # c_i changes sent, rolled back if their update is refused
         self._fitted: tuple[tuple[object, ...], tuple[Dataset, Dataset] | str] | None = None
         self._busy_until = 0.0  # monotonic time the simulated device finishes the training it is doing
         # the network loop's state
@@ -254,6 +255,7 @@ class VirtualDevice:
             self.runtime.count(f"rejected:{body.reason.value}")
             if body.reason is RejectReason.UNKNOWN_DEVICE:
                 self._announce()
+            self._sent_variates.refused(body.ref_msg_id)
 
     def _announce(self) -> None:
         hello = Hello(tier=self.behaviour.tier, num_samples=len(self.train_data), num_test_samples=len(self.test_data),
@@ -368,6 +370,7 @@ class VirtualDevice:
             encoded.sent()
             if variate:
                 variate.commit()
+                self._sent_variates.sent(read_header(encoded.frame).header.msg_id, variate)
 
         self._schedule(task, encoded.frame, began, training_s, sent)
 

@@ -24,7 +24,7 @@ from aggregator.store.state import StateStore
 from aggregator.strategies.fedavg import FedAvg
 from aggregator.strategies.scaffold import Scaffold, VariateMean, derived_change
 from edge_client.backends import open_trainer
-from edge_client.scaffold import ControlVariate, variate_shapes
+from edge_client.scaffold import SENT_KEPT, ControlVariate, SentVariates, Variate, variate_shapes
 from edge_client.stages import TaskRefused, task_weights
 from models.data import Dataset
 from models.export import export_all
@@ -121,6 +121,35 @@ def test_device_variate_follows_the_rule_and_survives_a_restart(art_dir: Path, t
     again = ControlVariate(tmp_path, manifest)  # a restarted device
     for name in shapes:
         np.testing.assert_array_equal(again.value[name], c_i[name] + change[name])
+
+
+def test_a_refused_update_rolls_its_variate_change_back_on_disk_once(art_dir: Path, tmp_path: Path) -> None:
+    """The aggregator moves c only by accepted updates: the change committed with an update it refused is undone
+    (saved), once; another update's change stays; only the last SENT_KEPT sent updates are kept."""
+    manifest = _manifest(art_dir)
+    shapes = variate_shapes(manifest)
+    rng = np.random.default_rng(1)
+    own, sent = ControlVariate(tmp_path, manifest), SentVariates()
+    c = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
+
+    def train_and_send(msg_id: str) -> Variate:
+        variate = Variate(own, c)
+        variate.change({n: rng.normal(0, 0.01, size=s).astype(np.float32) for n, s in shapes.items()}, 5, 0.05)
+        variate.commit()
+        sent.sent(msg_id, variate)
+        return variate
+
+    train_and_send("accepted")
+    after_accepted = {n: v.copy() for n, v in own.value.items()}
+    train_and_send("refused")
+    assert not all(np.array_equal(own.value[n], after_accepted[n]) for n in shapes)
+    assert sent.refused("refused") and not sent.refused("refused") and not sent.refused(None)
+    for name in shapes:
+        np.testing.assert_allclose(own.value[name], after_accepted[name], atol=1e-5)
+        np.testing.assert_allclose(ControlVariate(tmp_path, manifest).value[name], after_accepted[name], atol=1e-5)
+    for i in range(SENT_KEPT):
+        train_and_send(f"later-{i}")
+    assert not sent.refused("accepted")  # forgotten: SENT_KEPT updates were sent since
 
 
 def test_a_corrupt_or_foreign_variate_file_is_named_and_reset_to_zero(art_dir: Path, tmp_path: Path,
