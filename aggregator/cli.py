@@ -40,7 +40,7 @@ from aggregator.worker_cli import add_worker_arguments, check_worker_options, lo
 from models.data import load_dataset
 from models.export import export_all
 from models.personal import personal_names
-from models.spec import ARCH_DEFAULTS
+from models.spec import ARCH_DEFAULTS, INITS
 from protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.mqtt.embedded_broker import EmbeddedBroker
 from protocol.mqtt.url import mask_password
@@ -136,6 +136,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                             "`tierfl export --model FILE.onnx --out DIR`, then --artifacts DIR)")
     model.add_argument("--image-size", type=int, choices=[8, 28, 32], default=None,
                        help="input side of an image model (default: the arch's: 8 for mlp/cnn, 32 for preresnet/mobilenet)")
+    model.add_argument("--init", choices=list(INITS), default="pytorch",
+                       help="how the exported mlp or cnn draws its initial weights: pytorch (PyTorch's default) or "
+                            "kaiming (He et al., for the layers a ReLU follows), as `tierfl export --init` "
+                            "(default: %(default)s)")
     model.add_argument("--tiers", default="a", help="tiers to export when no --artifacts, e.g. a,b,c (default: %(default)s)")
     tiers = parser.add_argument_group("device tiers (HeteroFL)")
     tiers.add_argument("--tier-policy", choices=TIER_POLICIES, default="fixed",

@@ -199,7 +199,7 @@ def planned_export(args: argparse.Namespace, mu: float) -> ExportPlan | None:
         raise ValueError("--tiers names no tier")
     for tier in tiers:
         tier_rate(tier)
-    recipe = ModelSpec(arch=args.arch, **({} if args.image_size is None else {"image_size": args.image_size}))
+    recipe = ModelSpec(arch=args.arch, init=args.init, **({} if args.image_size is None else {"image_size": args.image_size}))
     return ExportPlan(folder, zoo_card(recipe), tiers, mu > 0, recipe, tuple(init_global_params(recipe)))
 
 

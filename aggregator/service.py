@@ -248,7 +248,7 @@ class AggregatorService:
             personal = self.engine.config.personal_layers  # FedPer: never sent, so refused by name when they are
             if problem := carried_personal((entry.name for entry in raw.header.tensors), personal):
                 raise FrameError(*problem)
-            if body.unchanged:
+            if body.unchanged or body.declined:
                 return {}
             return update_shapes(self.artifacts.tiers[body.tier].shapes, personal)  # SCAFFOLD too: delta c_i is derived
         if isinstance(body, BnStatistics):

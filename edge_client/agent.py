@@ -64,14 +64,15 @@ from edge_client.backends import open_trainer
 from edge_client.bn_statistics import measure_bn_statistics
 from edge_client.cache import ArtifactCache, ArtifactTooLarge
 from edge_client.compression import ErrorFeedback
+from edge_client.declines import SentUpdates, declined_task
 from edge_client.inbox import Inbox
 from edge_client.onnx_guard import OnnxRefused, check_onnx_folder
 from edge_client.personal import PersonalLayers, finetune
 from edge_client.privacy import privatize
 from edge_client.receipt import Receipt
-from edge_client.scaffold import ControlVariate, SentVariates, Variate
-from edge_client.stages import (NotHeld, TaskRefused, TaskSkipped, check_manifest, encode_update, store_blob,
-                                task_variate, task_weights, trained_delta)
+from edge_client.scaffold import ControlVariate, Variate
+from edge_client.stages import (NotHeld, TaskRefused, TaskSkipped, TrainingDiverged, check_manifest, encode_update,
+                                store_blob, task_variate, task_weights, trained_delta)
 from edge_client.trainer import EvalStats, Trainer, TrainStats
 from models.data import Dataset, fit_split
 from models.manifest import STATISTICS_FILE, TierManifest
@@ -80,7 +81,7 @@ from protocol.control import split_control
 from protocol.frame import Frame, encode_frame, read_header
 from protocol.messages import (Answer, Blob, BnStatistics, Body, Catalogue, CatalogueRequest, Fetch, Hello,
                                MeasureBnStatistics, Query, Reject, RejectReason, SecAgg, Status, Task, TierFiles,
-                               TrainTask, new_id)
+                               TrainTask, Update, new_id)
 from protocol.mqtt.link import Backoff, MqttLink, Will
 from protocol.mqtt.url import BrokerAddress
 from protocol.quantized import Tensor
@@ -185,7 +186,7 @@ class DeviceAgent:
         self._manifests: dict[str, TierManifest] = {}  # manifest sha256 -> manifest, once its tier folder is checked
         self._feedback: dict[str, ErrorFeedback] = {}
         self._variates: dict[str, ControlVariate] = {}  # manifest sha256 -> SCAFFOLD's c_i of that tier
-        self._sent_variates = SentVariates()  # the loop's: c_i changes sent, rolled back if their update is refused
+        self._sent_updates = SentUpdates()  # the loop's: updates sent, answered with a decline if refused
         self._fitted: tuple[tuple[object, ...], tuple[Dataset, Dataset] | str] | None = None  # last model: data/why not
         self._dp_rng = np.random.default_rng()  # local DP noise: seeded by the OS, never by the (public) task
         self._held: dict[str, tuple[int, dict[str, np.ndarray]]] = {}  # tier -> (version, weights received)
@@ -424,8 +425,8 @@ class DeviceAgent:
                         body.reason.value, body.detail)
             if body.reason is RejectReason.UNKNOWN_DEVICE:
                 self._announce()
-            if self._sent_variates.refused(body.ref_msg_id):
-                log.info("round %s: SCAFFOLD control variate rolled back (the update was refused)", body.round)
+            if (decline := self._sent_updates.refused(body)) is not None:
+                self._send_decline(decline, "its update was refused")
             self._on_refused_ask(body)
 
     def _announce(self) -> None:
@@ -533,6 +534,8 @@ class DeviceAgent:
             pass  # the stage that let it go said why
         except TaskRefused as exc:
             self._refuse(exc.reason, f"round {task.round} (tier {task.tier}) abandoned: {exc.detail}", frame.header.sender)
+            if isinstance(exc, TrainingDiverged) and isinstance(task, TrainTask) and task.secure is None:
+                self._send_decline(declined_task(task, len(self.train_data)), "its training diverged")
         except Exception as exc:  # a bug or an input nothing else caught: this task only, never the agent
             log.exception("round %d (tier %s): the task failed and is abandoned", task.round, task.tier)
             self._refuse(RejectReason.INTERNAL_ERROR, f"round {task.round}: {type(exc).__name__}: {exc}",
@@ -782,7 +785,8 @@ class DeviceAgent:
                 self.personal.save(model, layers)
             if variate:
                 variate.commit()
-                self._sent_variates.sent(read_header(encoded.frame).header.msg_id, variate)
+            raw = read_header(encoded.frame)
+            self._sent_updates.sent(raw.header.msg_id, raw.body, variate)  # type: ignore[arg-type]
             published = self.link.publish(self.topics.up(self.config.device_id), encoded.frame)
             self.tasks_done += 1
             log.info(
@@ -792,6 +796,11 @@ class DeviceAgent:
             )
 
         self._commit(send)
+
+    def _send_decline(self, decline: Update, why: str) -> None:
+        """Tell the aggregator we have no result for a task (`why`), so its round waits no more for us."""
+        self._publish(self.topics.up(self.config.device_id), decline)
+        log.info("round %d: declined (%s)", decline.round, why)
 
     def _send_bn_statistics(self, task: MeasureBnStatistics, weights: dict[str, np.ndarray], train: Dataset) -> None:
         """Stage 5 of a statistics task: measure the batch-norm statistics of `weights` on our training data (`train`,

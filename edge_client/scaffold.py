@@ -13,7 +13,7 @@ the codec's quantisation error / (K lr), which error feedback carries into later
 into later derived changes). c_i starts at zero. It is saved (atomically) when the
 update is sent, in `scaffold-<tier>.npz` beside the tier's model identity, so it survives a
 restart of the device. An update the aggregator refuses moved no c there (c is the mean of the
-accepted c_i), so its refusal rolls c_i back (`SentVariates`; a refusal that arrives after the
+accepted c_i), so its refusal rolls c_i back (edge_client.declines; a refusal that arrives after the
 device restarted finds nothing to roll back, and c_i keeps that change). A file that cannot be read, is larger than the tier's variate, holds NaN/Inf
 or does not fit the tier's trainable parameters is named in a warning and the tier starts again
 from c_i = 0 (the way out is automatic: the file is replaced with the next update; delete it to
@@ -22,7 +22,6 @@ reset by hand).
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import zipfile
@@ -39,7 +38,6 @@ from protocol.control import control_shapes
 log = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
 MODEL_KEY = "__model__"  # the tier's model name and shapes, so a variate of another export is not applied
-SENT_KEPT = 16  # sent updates whose refusal can still roll their change back
 NPY_HEADER_BYTES = 4096  # room for each .npy entry's header beside its array's bytes
 UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError)
 
@@ -141,24 +139,3 @@ class Variate:
             self.own.commit({name: -change for name, change in self._change.items()})
             self._change = None
 
-
-class SentVariates:
-    """The variates of the last SENT_KEPT updates sent, by the update frame's msg_id, until a refusal names one."""
-
-    def __init__(self) -> None:
-        self._sent: collections.OrderedDict[str, Variate] = collections.OrderedDict()
-
-    def sent(self, msg_id: str, variate: Variate) -> None:
-        """Keep the variate committed with the update sent as frame `msg_id`."""
-        self._sent[msg_id] = variate
-        while len(self._sent) > SENT_KEPT:
-            self._sent.popitem(last=False)
-
-    def refused(self, msg_id: str | None) -> bool:
-        """Roll back the variate of the update the aggregator refused (`msg_id`: the refusal's reference); whether
-        there was one."""
-        variate = self._sent.pop(msg_id or "", None)
-        if variate is None:
-            return False
-        variate.roll_back()
-        return True

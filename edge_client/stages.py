@@ -42,6 +42,10 @@ class TaskRefused(Exception):
         self.detail = detail
 
 
+class TrainingDiverged(TaskRefused):
+    """Training went to NaN/Inf: nothing to send (the device declines the task: edge_client.declines)."""
+
+
 class TaskSkipped(Exception):
     """A task let go without a refusal (superseded, too late, files or held weights missing, stopping); logged."""
 
@@ -133,11 +137,11 @@ def task_variate(task: TrainTask, manifest: TierManifest, control: Mapping[str, 
 
 def trained_delta(trained: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray],
                   loss: float) -> dict[str, np.ndarray]:
-    """new - start of every parameter; TaskRefused (non_finite) when training diverged."""
+    """new - start of every parameter; TrainingDiverged (non_finite) when training diverged."""
     delta = {name: trained[name] - start[name] for name in start}
     if not all(np.isfinite(value).all() for value in delta.values()) or not math.isfinite(loss):
-        raise TaskRefused(RejectReason.NON_FINITE, f"training diverged (loss {loss}): the update holds "
-                          "NaN or Inf; nothing sent, the error-feedback state is unchanged")
+        raise TrainingDiverged(RejectReason.NON_FINITE, f"training diverged (loss {loss}): the update holds NaN or "
+                               "Inf; none of it is sent (the round is declined), the error-feedback state is unchanged")
     return delta
 
 

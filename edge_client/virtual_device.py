@@ -38,12 +38,13 @@ import numpy as np
 
 from edge_client.cache import ArtifactCache, ArtifactTooLarge
 from edge_client.compression import ErrorFeedback
+from edge_client.declines import SentUpdates, declined_task
 from edge_client.fleet_trace import Behaviour, Dropout
 from edge_client.privacy import privatize
 from edge_client.receipt import Receipt
-from edge_client.scaffold import ControlVariate, SentVariates
-from edge_client.stages import (NotHeld, TaskRefused, TaskSkipped, check_manifest, encode_update, store_blob,
-                                task_variate, task_weights, trained_delta)
+from edge_client.scaffold import ControlVariate
+from edge_client.stages import (NotHeld, TaskRefused, TaskSkipped, TrainingDiverged, check_manifest, encode_update,
+                                store_blob, task_variate, task_weights, trained_delta)
 from models.data import Dataset, fit_split
 from models.manifest import TierManifest
 from protocol.control import split_control
@@ -115,7 +116,7 @@ class VirtualDevice:
         self._held: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
         self._feedback: dict[str, ErrorFeedback] = {}
         self._variates: dict[str, ControlVariate] = {}  # manifest sha256 -> SCAFFOLD's c_i of that tier
-        self._sent_variates = SentVariates()  # c_i changes sent, rolled back if their update is refused
+        self._sent_updates = SentUpdates()  # updates sent, answered with a decline if refused
         self._fitted: tuple[tuple[object, ...], tuple[Dataset, Dataset] | str] | None = None
         self._busy_until = 0.0  # monotonic time the simulated device finishes the training it is doing
         # the network loop's state
@@ -255,7 +256,9 @@ class VirtualDevice:
             self.runtime.count(f"rejected:{body.reason.value}")
             if body.reason is RejectReason.UNKNOWN_DEVICE:
                 self._announce()
-            self._sent_variates.refused(body.ref_msg_id)
+            if (decline := self._sent_updates.refused(body)) is not None:
+                self._publish(self.topics.up(self.id), self._frame(decline))
+                self.runtime.count("declined")
 
     def _announce(self) -> None:
         hello = Hello(tier=self.behaviour.tier, num_samples=len(self.train_data), num_test_samples=len(self.test_data),
@@ -299,6 +302,9 @@ class VirtualDevice:
             self._task = None
             self._refuse(exc.reason, f"round {task.round} (tier {task.tier}) abandoned: {exc.detail}",
                          frame.header.sender)
+            if isinstance(exc, TrainingDiverged) and isinstance(task, TrainTask):
+                self._publish(self.topics.up(self.id), self._frame(declined_task(task, len(self.train_data))))
+                self.runtime.count("declined")
 
     def _fetch(self, hashes: list[str]) -> None:
         """Ask for the files not asked for yet for this task."""
@@ -370,7 +376,8 @@ class VirtualDevice:
             encoded.sent()
             if variate:
                 variate.commit()
-                self._sent_variates.sent(read_header(encoded.frame).header.msg_id, variate)
+            raw = read_header(encoded.frame)
+            self._sent_updates.sent(raw.header.msg_id, raw.body, variate)  # type: ignore[arg-type]
 
         self._schedule(task, encoded.frame, began, training_s, sent)
 

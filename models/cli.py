@@ -16,7 +16,7 @@ from models.export_check import ExportCheckFailed
 from models.manifest import ModelCard, TierManifest
 from models.onnx_import import UnsupportedModel, import_forward
 from models.ort_training import TrainingBackendUnavailable
-from models.spec import ARCH_DEFAULTS
+from models.spec import ARCH_DEFAULTS, INITS
 from models.tiers import TIER_RATES, tier_rate
 from models.zoo import ModelSpec
 
@@ -72,7 +72,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="FILE.onnx",
                         help="your own classifier as an ONNX forward graph: one float input, one logits output, "
                              "weights as initializers, exported in eval mode (see the README's \"Your own model\"); "
-                             "replaces --arch/--image-size/--channels/--length/--batch-norm/--hidden/--seed")
+                             "replaces --arch/--image-size/--channels/--length/--batch-norm/--hidden/--seed/--init")
     parser.add_argument("--name", default=None, help="the model's name in reports (default: the --model file's stem)")
     parser.add_argument("--arch", choices=list(ARCH_DEFAULTS), default="mlp",
                         help="zoo model family, with one sample's shape: mlp, cnn: 1x8x8 images (1xSxS, S = "
@@ -96,6 +96,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "16,32,64,128; conv1d: conv channels, default 32,64,64; transformer: token width then "
                              "MLP width, default 32,64")
     parser.add_argument("--seed", type=int, default=0, help="seed of the global initial weights (default: 0)")
+    parser.add_argument("--init", choices=list(INITS), default="pytorch",
+                        help="how mlp and cnn draw their initial weights: " + "; ".join(f"{k}: {v}" for k, v in INITS.items())
+                             + " (default: %(default)s; kaiming reached 0.80 on Fashion-MNIST in fewer rounds: "
+                             "benchmarks/convergence.md)")
     parser.add_argument("--tiers", type=_tier_list, default=list(TIER_RATES),
                         help="comma-separated tiers to export (default: " + ",".join(TIER_RATES) + ")")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="on-device optimizer (default: sgd)")
@@ -153,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 spec = ModelSpec(arch=args.arch, image_size=args.image_size, channels=args.channels,
                                  length=args.length, hidden=args.hidden, batch_norm=args.batch_norm or None,
-                                 seed=args.seed)
+                                 seed=args.seed, init=args.init)
             except ValidationError as exc:
                 log.error("invalid model options: %s", exc)
                 return 2

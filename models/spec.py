@@ -43,6 +43,11 @@ ARCH_DEFAULTS: dict[str, dict[str, int | bool]] = {
     "transformer": {"channels": 16, "length": 16, "batch_norm": False},  # 16 tokens of 16 features
 }
 _OPTIONAL_BN = ("mlp", "cnn")  # the other archs always (preresnet, mobilenet, conv1d) or never (transformer) have it
+INITS = {  # ModelSpec.init -> what it draws (mlp and cnn; every other arch takes "pytorch")
+    "pytorch": "PyTorch's default for Linear and Conv: weights and biases U(+-1/sqrt(fan_in))",
+    "kaiming": "He et al. 2015 for the layers a ReLU follows: their weights U(+-sqrt(6/fan_in)); the output layer "
+               "and every bias as pytorch",
+}
 
 
 class ModelSpec(BaseModel):
@@ -64,6 +69,7 @@ class ModelSpec(BaseModel):
     hidden: tuple[Annotated[int, Field(ge=1, le=1 << 16)], ...] | None = Field(None, max_length=16)
     batch_norm: bool = False
     seed: int = Field(0, ge=0, le=2**63 - 1)
+    init: Literal["pytorch", "kaiming"] = "pytorch"  # INITS: how the initial weights are drawn
 
     @model_validator(mode="before")
     @classmethod
@@ -82,6 +88,8 @@ class ModelSpec(BaseModel):
         if arch in SEQUENCE_ARCHS and self.image_size is not None:
             shape = "[channels, length]" if arch == "conv1d" else "[length, channels] (tokens of features)"
             raise ValueError(f"{arch} takes {shape} sequences: image_size does not apply")
+        if self.init != "pytorch" and arch not in _OPTIONAL_BN:
+            raise ValueError(f"init {self.init!r} is for mlp and cnn; {arch} takes PyTorch's default init")
         if arch not in _OPTIONAL_BN and self.batch_norm != ARCH_DEFAULTS[arch]["batch_norm"]:
             raise ValueError(f"{arch} {'always' if self.batch_norm is False else 'never'} has batch norm"
                              + (" (it normalizes with LayerNorm)" if arch == "transformer" else ""))

@@ -48,29 +48,31 @@ def build_forward(spec: ModelSpec, params: dict[str, np.ndarray]) -> onnx.ModelP
     return g.model(params)
 
 
-def _uniform(seed: int, name: str, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
-    """PyTorch's default init of a weight or bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), float32.
+def _uniform(seed: int, name: str, shape: tuple[int, ...], fan_in: int, gain: float = 1.0) -> np.ndarray:
+    """PyTorch's default init of a weight or bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), float32; `gain` times that
+    bound (sqrt(6): He et al.'s kaiming_uniform for a layer a ReLU follows).
 
     kaiming_uniform(a=sqrt(5)) for weights and U(+-1/sqrt(fan_in)) for biases both reduce to it,
     fan_in = in * kh * kw. One stream per (seed, name): a tensor's values do not depend on the other layers.
     """
-    bound = 1.0 / math.sqrt(fan_in)
+    bound = gain / math.sqrt(fan_in)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     return rng.uniform(-bound, bound, size=shape).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Param:
-    """A parameter's shape and init: U(+-1/sqrt(fan_in)) when fan_in > 0, else filled with `fill`."""
+    """A parameter's shape and init: U(+-gain/sqrt(fan_in)) when fan_in > 0, else filled with `fill`."""
 
     shape: tuple[int, ...]
     fan_in: int = 0
     fill: float = 0.0
+    gain: float = 1.0
 
     def initial(self, seed: int, name: str) -> np.ndarray:
         """The parameter's initial value."""
         if self.fan_in:
-            return _uniform(seed, name, self.shape, self.fan_in)
+            return _uniform(seed, name, self.shape, self.fan_in, self.gain)
         return np.full(self.shape, self.fill, np.float32)
 
 
@@ -94,9 +96,9 @@ class _Graph:
         self.nodes.append(helper.make_node(op, list(inputs), [output], name=name, **attrs))
         return output
 
-    def param(self, name: str, shape: tuple[int, ...], fan_in: int = 0, fill: float = 0.0) -> str:
+    def param(self, name: str, shape: tuple[int, ...], fan_in: int = 0, fill: float = 0.0, gain: float = 1.0) -> str:
         """Declare a parameter."""
-        self.params[name] = _Param(shape, fan_in, fill)
+        self.params[name] = _Param(shape, fan_in, fill, gain)
         return name
 
     def const(self, name: str, value: float) -> str:
@@ -178,13 +180,25 @@ class _Step:
     fan_in: int = 0
     out: int = 0
     bias: bool = True
+    gain: float = 1.0  # of the weight's init bound (ModelSpec.init)
 
 
 def _plan(spec: ModelSpec) -> list[_Step]:
     """Lay mlp or cnn out as a list of steps.
 
     With batch norm a layer feeding a BN has no bias (PyTorch `bias=False`): BN removes it anyway.
+    With init "kaiming" every fc and conv but the output layer (all of them a ReLU follows) draws its
+    weights with gain sqrt(6).
     """
+    steps = _layers(spec)
+    if spec.init == "kaiming":
+        hidden = [i for i, step in enumerate(steps) if step.op in ("fc", "conv")][:-1]
+        steps = [dataclasses.replace(step, gain=math.sqrt(6.0)) if i in hidden else step for i, step in enumerate(steps)]
+    return steps
+
+
+def _layers(spec: ModelSpec) -> list[_Step]:
+    """The steps of mlp or cnn, every init at PyTorch's default."""
     steps: list[_Step] = []
     if spec.arch == "mlp":
         steps.append(_Step("flatten"))
@@ -225,7 +239,7 @@ def _step(g: _Graph, step: _Step, x: str, y: str, index: int) -> str:
     if step.op in ("fc", "conv"):
         kernel = [3, 3] if step.op == "conv" else []
         fan_in = step.fan_in * math.prod(kernel)
-        inputs = [x, g.param(f"{n}.weight", (step.out, step.fan_in, *kernel), fan_in)]
+        inputs = [x, g.param(f"{n}.weight", (step.out, step.fan_in, *kernel), fan_in, gain=step.gain)]
         if step.bias:
             inputs.append(g.param(f"{n}.bias", (step.out,), fan_in))
         if step.op == "fc":

@@ -296,9 +296,18 @@ class Update(_Strict):
     eval_accuracy: Fraction | None = None
     eval_samples: Count = 0
     unchanged: bool = False  # selective upload: no tensors, count me as a zero update
+    declined: bool = False  # no tensors, nothing to fold: the device has no result for this task (see below)
     personal_loss: Loss | None = None  # TrainTask.finetune_steps: the fine-tuned model on the local test split
     personal_accuracy: Fraction | None = None
     contributors: Annotated[dict[Identifier, "TierShare"], Field(max_length=MAX_TIERS)] | None = None  # a relay's combined update: tier -> who trained it
+
+    @model_validator(mode="after")
+    def _one_kind_of_empty(self) -> Update:
+        """`declined`: the device's training diverged, or its update for this task was refused for what it carried;
+        the round waits no more for it. Not also `unchanged` (a zero update that counts) or a relay's combination."""
+        if self.declined and (self.unchanged or self.contributors is not None):
+            raise ValueError("a declined update is neither unchanged nor a relay's combined update")
+        return self
 
 
 class TierShare(_Strict):

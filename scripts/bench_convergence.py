@@ -84,6 +84,11 @@ NOTES = [  # what the table does not say, kept beside it in the report
     "wire. Their server settings (FedAvgM beta1 0.7; FedAdam and FedYogi lr 0.03) won an in-process search of the "
     "same task ([convergence-sim.md](convergence-sim.md), scripts/sim_convergence.py: real ONNX Runtime training, "
     "float32 updates, no broker, one seed per setting).",
+    "Initial weights, the init column (`tierfl export --init`, `tierfl aggregator --init`): pytorch is PyTorch's "
+    "default for Linear and Conv, U(+-1/sqrt(fan_in)), what the issue's baseline and Flower's examples use; kaiming "
+    "draws the weights of the three layers a ReLU follows from He et al.'s U(+-sqrt(6/fan_in)), sqrt(6) times wider, "
+    "and keeps the output layer and the biases. With PyTorch's init the activations shrink layer by layer and every "
+    "setting spends its first rounds at 0.5 to 0.65; the same seed and stream, only the scale differs.",
     "Bytes: an int8 update is 421,642 bytes of values plus its header (4.23 MB for 10 devices); the downlink sends "
     "the int8 change from whichever of the last 8 versions a device holds, and an int8-row full copy (error below "
     "max|row| / 127) to a device seen for the first time or holding none of them, so no round sends more than 10 "
@@ -107,7 +112,7 @@ def prepare(folder: Path, args: argparse.Namespace) -> dict[str, Path]:
         save_npz(folder / "data" / f"device-{i}.npz", train.subset(part))
         sizes.append(len(part))
     print(f"shares: {sizes}", flush=True)
-    spec = ModelSpec(arch="cnn", image_size=28, seed=args.seed)
+    spec = ModelSpec(arch="cnn", image_size=28, seed=args.seed, init=args.init)
     exports = {"plain": folder / "export-plain", "proximal": folder / "export-proximal"}
     for kind, out in exports.items():
         export_all(spec, ["a"], out, proximal=kind == "proximal")
@@ -180,8 +185,8 @@ def run(name: str, options: list[str], args: argparse.Namespace, folder: Path, e
     history = [{"round": h["round"], "accuracy": h["accuracy"], "answered": h["answered"], "selected": h["selected"],
                 "bytes_up": h["bytes_up"], "bytes_down": h["bytes_down"], "seconds": h["seconds"]}
                for h in record["history"] if h["round"] >= 1]
-    result = {"algorithm": name, "options": options, "exit_code": exit_code, "wall_s": time.monotonic() - started,
-              "history": history}
+    result = {"algorithm": name, "options": options, "init": args.init, "exit_code": exit_code,
+              "wall_s": time.monotonic() - started, "history": history}
     result.update(summarise(history, args.targets))
     return result
 
@@ -227,17 +232,27 @@ def table(results: list[dict], targets: list[float], rounds: int) -> list[str]:
     keys = [f"{t:.2f}" for t in targets]
     rounds = max([rounds, *(_ran(r) for r in results)])
     marks = sorted({r for r in (10, 20, 50) if r <= rounds} | {20, 50, rounds})
-    lines = ["| algorithm | server settings | " + " | ".join(f"rounds (s) to {k}" for k in keys) + " | "
+    lines = ["| algorithm | init | server settings | " + " | ".join(f"rounds (s) to {k}" for k in keys) + " | "
              + " | ".join(f"acc @ {r}" for r in marks) + " | best | MB up / round | MB down / round (max) |",
-             "|---|---|" + "---|" * (len(keys) + len(marks) + 3)]
+             "|---|---|---|" + "---|" * (len(keys) + len(marks) + 3)]
     for r in results:
         settings = " ".join(r["options"]) or "-"
-        lines.append(f"| {r['algorithm']} | `{settings}` | " + " | ".join(_cell_to(r, k) for k in keys) + " | "
+        lines.append(f"| {r['algorithm']} | {_init(r)} | `{settings}` | " + " | ".join(_cell_to(r, k) for k in keys) + " | "
                      + " | ".join(_acc(r["accuracy_at"].get(str(m))) if m <= _ran(r) else "not run" for m in marks)
                      + f" | {_acc(r['best_accuracy'])} | "
                      f"{r['bytes_up_per_round'] / 1e6:.2f} | {r['bytes_down_per_round'] / 1e6:.2f} "
                      f"({r['bytes_down_max_round'] / 1e6:.2f}) |")
     return lines
+
+
+def _init(result: dict) -> str:
+    """A row's initial weights (`tierfl export --init`; rows run before the option existed: pytorch)."""
+    return result.get("init", "pytorch")
+
+
+def _key(result: dict) -> tuple[str, tuple[str, ...], str]:
+    """What makes a row: its algorithm, options and init."""
+    return result["algorithm"], tuple(result["options"]), _init(result)
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -249,7 +264,8 @@ def command_line(args: argparse.Namespace) -> str:
     if args.merge:
         parts.append("--merge")
     parts += [f"--rounds {args.rounds}", f"--algorithms {','.join(args.algorithms)}", f"--codec {args.codec}",
-              f"--downlink {args.downlink}", f"--downlink-full {args.downlink_full}", f"--seed {args.seed}"]
+              f"--downlink {args.downlink}", f"--downlink-full {args.downlink_full}", f"--seed {args.seed}",
+              *([f"--init {args.init}"] if args.init != "pytorch" else [])]
     return " ".join(parts)
 
 
@@ -263,8 +279,8 @@ def write_report(args: argparse.Namespace, results: list[dict], started: float) 
     commands = [command]
     if args.merge and out.with_suffix(".json").exists():  # keep an earlier run's rows that this one did not run again
         earlier = json.loads(out.with_suffix(".json").read_text())
-        ran = {(r["algorithm"], tuple(r["options"])) for r in results}
-        results = [r for r in earlier["results"] if (r["algorithm"], tuple(r["options"])) not in ran] + results
+        ran = {_key(r) for r in results}
+        results = [r for r in earlier["results"] if _key(r) not in ran] + results
         commands = [c for c in earlier.get("commands", [earlier["command"]]) if c != command] + commands
     meta = {"command": command, "commands": commands, "minutes": round(minutes, 1), "load_average_end": load,
             "devices": args.devices, "per_round": args.per_round, "alpha": args.alpha, "epochs": args.epochs,
@@ -318,8 +334,9 @@ def markdown(args: argparse.Namespace, results: list[dict], commands: list[str],
             "nothing else ran on the machine, so they are wall time of the federation's own 22 processes (the "
             "load average they give) on 2 cores."),
         "",
-        *table(sorted(results, key=lambda r: list(ALGORITHMS).index(r["algorithm"]) if r["algorithm"] in ALGORITHMS
-                      else len(ALGORITHMS)), args.targets, args.rounds),
+        *table(sorted(results, key=lambda r: (_init(r) != "pytorch", list(ALGORITHMS).index(r["algorithm"])
+                                              if r["algorithm"] in ALGORITHMS else len(ALGORITHMS))),
+               args.targets, args.rounds),
         "",
     ]
     if args.search:
@@ -354,6 +371,8 @@ def main() -> None:
                         "does not run again")
     parser.add_argument("--report-only", action="store_true", help="write the .md again from the .json, run nothing")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", choices=["pytorch", "kaiming"], default="pytorch",
+                        help="the CNN's initial weights (tierfl export --init)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "convergence")
     args = parser.parse_args()
     catalogue = SEARCH if args.search else {name: [options] for name, options in ALGORITHMS.items()}

@@ -14,7 +14,8 @@ Each --run is one setting, written as space-separated key=value pairs (all optio
 - agg=weighted|mean|nova: updates weighted by samples, one vote per device, or FedNova (each update divided
   by its local steps, their weighted mean times the weighted mean step count);
 - scaffold=1: SCAFFOLD option II with full-precision variates (each step corrected by c - c_i; c moved by
-  |S|/N x the mean change of the answering devices' c_i).
+  |S|/N x the mean change of the answering devices' c_i);
+- init=pytorch|kaiming: the CNN's initial weights (`tierfl export --init`).
 Results accumulate in benchmarks/convergence-sim.json (a setting run again replaces its row) and the
 table in benchmarks/convergence-sim.md.
 
@@ -40,9 +41,9 @@ from models.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"opt": str, "lr": float, "beta1": float, "beta2": float, "tau": float, "la": float, "scaffold": int,
-        "agg": str}
+        "agg": str, "init": str}
 DEFAULTS = {"opt": "fedavg", "lr": 1.0, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3, "la": 0.0, "scaffold": 0,
-            "agg": "weighted"}
+            "agg": "weighted", "init": "pytorch"}
 
 
 def parse_setting(text: str) -> dict:
@@ -150,9 +151,11 @@ def main() -> None:
     shards = [train.subset(part) for part in dirichlet_partition(train.y, args.devices, args.alpha, 0)]
     results = args.out.with_suffix(".json")
     with tempfile.TemporaryDirectory(prefix="sim-convergence-") as scratch:
-        export_all(ModelSpec(arch="cnn", image_size=28, seed=0), ["a"], Path(scratch))
         for setting in settings:
-            history = simulate(setting, shards, test, Path(scratch) / "a", args)
+            exported = Path(scratch) / setting["init"]
+            if not exported.exists():
+                export_all(ModelSpec(arch="cnn", image_size=28, seed=0, init=setting["init"]), ["a"], exported)
+            history = simulate(setting, shards, test, exported / "a", args)
             rows = json.loads(results.read_text())["rows"] if results.exists() else []
             row = {"setting": label(setting), "seed": args.seed, "rounds": args.rounds, "history": history}
             rows = [r for r in rows if (r["setting"], r["seed"]) != (row["setting"], row["seed"])] + [row]

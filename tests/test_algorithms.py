@@ -205,6 +205,20 @@ class _Fleet:
         return self.take(self.engine.on_update(device, new_id(), body, delta, 1000, now))
 
 
+def test_fedbuff_takes_a_decline_as_the_end_of_its_task_and_folds_nothing(art_dir: Path, tmp_path: Path) -> None:
+    engine = _buffered(art_dir, tmp_path / "state", devices=2, buffer=BufferConfig(buffer_size=2))
+    fleet = _Fleet(engine)
+    task = fleet.tasks["d0"]
+    body = Update(update_id=new_id(), round=task.round, base_version=task.model_version, tier=task.tier, num_samples=10,
+                  steps=0, train_loss=0.0, train_accuracy=0.0, train_seconds=0.0, declined=True)
+    assert [o.body.reason for o in engine.on_update("d0", new_id(), body.model_copy(update={"base_version": 5}), {}, 100,
+                                                    1.0)] == [RejectReason.NOT_SELECTED]
+    out = fleet.take(engine.on_update("d0", new_id(), body, {}, 100, 1.0))
+    assert [o.device_id for o in out if isinstance(o.body, Task)] == ["d0"]  # its task is over: a fresh one
+    assert [o.body.reason for o in engine.on_update("d0", new_id(), body, {}, 100, 1.5)] == [RejectReason.DUPLICATE]
+    assert engine.slot.current.accumulator.count == 0 and engine.record.version == 0
+
+
 def test_staleness_factor() -> None:
     assert staleness_factor(0, 0.5) == 1.0
     assert staleness_factor(3, 0.5) == pytest.approx(0.5)

@@ -443,3 +443,6 @@ def test_options_that_fit_the_export_resolve(tmp_path, exports):
     assert read.export is not None and read.export.exists and read.export.card.batch_norm and read.tier_mix is None
     assert read.export.recipe is None and read.export.card.name == "mlp8-h8-bn"
     assert settings("--artifacts", str(tmp_path / "missing")).export is None  # the start names the missing index
+    assert settings("--arch", "cnn", "--init", "kaiming").export.recipe.init == "kaiming"
+    with pytest.raises(ValueError, match="kaiming' is for mlp and cnn"):
+        settings("--arch", "preresnet", "--init", "kaiming")

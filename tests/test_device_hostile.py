@@ -230,7 +230,8 @@ def test_an_analytics_query_sent_twice_or_after_its_deadline_is_refused_as_repla
 
 
 def test_nan_after_training_abandons_the_round_and_keeps_the_error_feedback_state(tmp_path, exported, data):
-    """A lossy codec cannot encode NaN: the round is dropped whole, the residual of the last round stays."""
+    """A lossy codec cannot encode NaN: the round is dropped whole (declined: an update with no tensors), the residual
+    of the last round stays."""
     aggregator = Aggregator(tmp_path / "agg", exported)
     agent, link = make_agent(tmp_path, aggregator, data, codec="int8")
     residual = tmp_path / "cache" / "residual-a.npz"
@@ -241,7 +242,28 @@ def test_nan_after_training_abandons_the_round_and_keeps_the_error_feedback_stat
         assert agent.refused == {"non_finite": 1} and residual.read_bytes() == kept
         run(agent, aggregator.frame(aggregator.task(3), aggregator.weights()))
         assert worker.is_alive()
-    assert [u.round for u in link.bodies(Update)] == [1, 3]
+    assert [(u.round, u.declined) for u in link.bodies(Update)] == [(1, False), (2, True), (3, False)]
+
+
+def test_an_update_refused_for_what_it_carries_is_declined_once_and_a_stale_one_is_not(tmp_path, exported, data):
+    """The aggregator refuses the update of round 1 as an outlier: the device declines round 1 (no tensors), once; a
+    refusal of round 2's update as stale needs no answer; a refusal naming no update of ours changes nothing."""
+    aggregator = Aggregator(tmp_path / "agg", exported)
+    agent, link = make_agent(tmp_path, aggregator, data)
+    with working(agent):
+        run(agent, aggregator.frame(aggregator.task(1), aggregator.weights()))
+        sent = next(decode_frame(f) for _, f in link.published if isinstance(decode_frame(f).body, Update))
+        outlier = Reject(reason=RejectReason.OUTLIER, detail="norm 23", ref_msg_id=sent.header.msg_id, round=1)
+        run(agent, aggregator.frame(outlier))
+        run(agent, aggregator.frame(outlier))  # the same refusal again: answered already
+        run(agent, aggregator.frame(Reject(reason=RejectReason.OUTLIER, detail="", ref_msg_id="0" * 32, round=1)))
+        run(agent, aggregator.frame(aggregator.task(2), aggregator.weights()))
+        second = [decode_frame(f) for _, f in link.published if isinstance(decode_frame(f).body, Update)][-1]
+        run(agent, aggregator.frame(Reject(reason=RejectReason.STALE_ROUND, detail="", ref_msg_id=second.header.msg_id,
+                                           round=2)))
+    updates = [decode_frame(f) for _, f in link.published if isinstance(decode_frame(f).body, Update)]
+    assert [(u.body.round, u.body.declined, bool(u.tensors)) for u in updates] == [(1, False, True), (1, True, False),
+                                                                                 (2, False, True)]
 
 
 def test_an_exception_inside_a_task_is_logged_and_the_agent_keeps_working(tmp_path, exported, data, caplog, monkeypatch):

@@ -254,6 +254,39 @@ def test_rejections_have_the_right_reason_and_never_change_weights(art_dir: Path
         np.testing.assert_allclose(h.engine.weights[n], expected, rtol=1e-6, atol=1e-6)
 
 
+def test_a_declining_device_lets_the_round_close_and_nothing_of_it_is_folded(art_dir: Path, tmp_path: Path) -> None:
+    """A device with no result (its training diverged, or its update was refused) declines the round: the round waits
+    no more for it; a decline carrying tensors, of a device not selected, or of another version is refused and changes
+    nothing; once declined, a device's update for that round is a duplicate."""
+    h = Harness(art_dir, tmp_path / "state", {"d1": 10, "d2": 30, "d3": 20})
+    before = _copy(h.engine.weights)
+    h.engine.tick(0.0)
+    h.registry.hello("late-joiner", 50, 0, None, "ort-training", now=0.5)
+
+    def decline(dev: str, tensors: Mapping[str, np.ndarray] | None = None, base_version: int = 0) -> list[Outgoing]:
+        body = Update(update_id=new_id(), round=1, base_version=base_version, tier="a", num_samples=10, steps=0,
+                      train_loss=0.0, train_accuracy=0.0, train_seconds=0.0, declined=True)
+        return h.engine.on_update(dev, new_id(), body, tensors or {}, 100, 1.0)
+
+    assert _reason(decline("d2", _random(2)), "d2") is RejectReason.BAD_TENSOR
+    assert _reason(decline("late-joiner"), "late-joiner") is RejectReason.NOT_SELECTED
+    assert _reason(decline("d2", base_version=3), "d2") is RejectReason.WRONG_VERSION
+    assert h.engine.open_round.view().waiting_for == ("d1", "d2", "d3")
+    assert decline("d2") == []
+    assert h.engine.open_round.view().waiting_for == ("d1", "d3")
+    assert _reason(h.update("d2", _random(5), 1.5), "d2") is RejectReason.DUPLICATE
+    d1, d3 = _random(1), _random(3)
+    assert h.update("d1", d1, 2.0) == []
+    summary = _summary(h.update("d3", d3, 3.0))  # well before the deadline at 10
+    assert (summary.selected, summary.answered, summary.version, summary.seconds) == (3, 2, 1, 3.0)
+    for n in SHAPES:
+        expected = before[n].astype(np.float64) + (10 * d1[n].astype(np.float64) + 20 * d3[n]) / 30
+        np.testing.assert_allclose(h.engine.weights[n], expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="neither unchanged"):
+        Update(update_id=new_id(), round=1, base_version=0, tier="a", num_samples=10, steps=0, train_loss=0.0,
+               train_accuracy=0.0, train_seconds=0.0, declined=True, unchanged=True)
+
+
 def test_offline_device_lets_round_close_early(art_dir: Path, tmp_path: Path) -> None:
     h = Harness(art_dir, tmp_path / "state", {"d1": 10, "d2": 30, "d3": 20})
     before = _copy(h.engine.weights)

@@ -288,6 +288,32 @@ def test_fedprox_with_partial_work_at_the_deadline(tmp_path, mosquitto_url, flee
         _stop([aggregator, *devices])
 
 
+def test_devices_whose_training_diverges_decline_and_the_round_closes_without_waiting(tmp_path, mosquitto_url, fleet):
+    """FedProx with mu 100 at lr 10 multiplies w - w_received by -999 a step: training goes to Inf on both
+    backends, each device declines the round (`Update.declined`) and the round closes at once, failed for too
+    few updates, not at its 120 s deadline."""
+    aggregator = _aggregator(tmp_path, mosquitto_url, fleet, "--min-clients", "2", "--rounds", "1",
+                             "--round-timeout", "120", "--mu", "100", "--lr", "10")
+    devices = [tierfl("client", "--broker", mosquitto_url, "--fleet", fleet, "--device-id", f"o{i}", "--data", "digits",
+                      "--cache-dir", str(tmp_path / f"o{i}"), *(["--backend", "portable"] if i else []),
+                      log=tmp_path / f"o{i}.log") for i in range(2)]
+    watcher = Watcher(mosquitto_url, [Topics(fleet).rounds])
+    try:
+        assert aggregator.wait(100) == 0, (tmp_path / "aggregator.log").read_text()[-3000:]
+        summaries = watcher.bodies("/rounds")
+        assert [(s.version, s.answered, s.selected) for s in summaries] == [(0, 0, 2)]
+        assert summaries[0].seconds < 60 and not summaries[0].rejected
+        for i in range(2):
+            assert "round 1: declined (its training diverged)" in (tmp_path / f"o{i}.log").read_text()
+        text = (tmp_path / "aggregator.log").read_text()
+        assert "declined o0, o1" in text, text[-3000:]
+        with sqlite3.connect(tmp_path / "state" / "ledger.sqlite") as db:
+            assert db.execute("SELECT COUNT(*) FROM received WHERE kind = 'decline' AND accepted = 1").fetchone() == (2,)
+    finally:
+        watcher.close()
+        _stop([aggregator, *devices])
+
+
 def test_enrolled_fleet_refuses_spoofed_and_unenrolled_devices(tmp_path, mosquitto_url, fleet):
     """The broker lets anyone publish anywhere here; signatures still keep Mallory out."""
     alice, mallory, bob = (DeviceKey(tmp_path / name) for name in ("alice", "mallory", "bob"))

@@ -158,6 +158,28 @@ def test_init_is_deterministic_pytorch_like(spec: ModelSpec) -> None:
         assert (a["bn1.running_mean"] == 0).all() and (a["bn1.running_var"] == 1).all()
 
 
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_kaiming_init_widens_the_layers_a_relu_follows_by_sqrt_6(tmp_path: Path, arch: str) -> None:
+    """init "kaiming": the same draws as PyTorch's default, the weights of every layer but the output sqrt(6) wider
+    (He et al.'s U(+-sqrt(6/fan_in))); biases and the output layer unchanged; `tierfl export --init` writes it into the
+    recipe; other archs refuse it."""
+    spec = ModelSpec(arch=arch, image_size=8)
+    pytorch, kaiming = init_global_params(spec), init_global_params(spec.model_copy(update={"init": "kaiming"}))
+    output = list(pytorch)[-2]  # the output layer's weight, then its bias
+    assert output.endswith(".weight")
+    for name, value in pytorch.items():
+        gain = math.sqrt(6) if name.endswith(".weight") and name != output else 1.0
+        np.testing.assert_allclose(kaiming[name], value * np.float32(gain), rtol=1e-6, err_msg=name)
+        assert np.abs(kaiming[name]).max() <= gain / math.sqrt(np.prod(value.shape[1:])) + 1e-7
+    with pytest.raises(ValidationError, match="kaiming' is for mlp and cnn"):
+        ModelSpec(arch="preresnet", init="kaiming")
+    parser = argparse.ArgumentParser(prog="tierfl export")
+    configure_parser(parser)
+    assert "kaiming: He et al." in parser.format_help()
+    assert run(parser.parse_args(["--arch", arch, "--init", "kaiming", "--tiers", "a", "--out", str(tmp_path)])) == 0
+    assert ExportIndex.load(tmp_path / INDEX_NAME).model.recipe.init == "kaiming"
+
+
 def test_slicing_round_trip() -> None:
     spec = ModelSpec(arch="cnn", batch_norm=True)
     glob = init_global_params(spec)

@@ -24,14 +24,15 @@ from aggregator.store.state import StateStore
 from aggregator.strategies.fedavg import FedAvg
 from aggregator.strategies.scaffold import Scaffold, VariateMean, derived_change
 from edge_client.backends import open_trainer
-from edge_client.scaffold import SENT_KEPT, ControlVariate, SentVariates, Variate, variate_shapes
+from edge_client.declines import SENT_KEPT, SentUpdates
+from edge_client.scaffold import ControlVariate, Variate, variate_shapes
 from edge_client.stages import TaskRefused, task_weights
 from models.data import Dataset
 from models.export import export_all
 from models.manifest import TierManifest
 from models.zoo import ModelSpec
 from protocol.control import CONTROL_PREFIX, split_control, with_control
-from protocol.messages import AttachedWeights, RejectReason, TrainTask, Update, new_id
+from protocol.messages import AttachedWeights, Reject, RejectReason, TrainTask, Update, new_id
 
 SPEC = ModelSpec(arch="mlp", image_size=8, hidden=(8,))
 
@@ -123,33 +124,47 @@ def test_device_variate_follows_the_rule_and_survives_a_restart(art_dir: Path, t
         np.testing.assert_array_equal(again.value[name], c_i[name] + change[name])
 
 
-def test_a_refused_update_rolls_its_variate_change_back_on_disk_once(art_dir: Path, tmp_path: Path) -> None:
-    """The aggregator moves c only by accepted updates: the change committed with an update it refused is undone
-    (saved), once; another update's change stays; only the last SENT_KEPT sent updates are kept."""
+def test_a_refused_update_rolls_its_variate_change_back_and_is_declined(art_dir: Path, tmp_path: Path) -> None:
+    """The aggregator moves c only by accepted updates: the change committed with an update it refused is undone (and
+    saved), once; another update's change stays. A refusal of what the update carried is answered with a decline of
+    its task; one of a stale round is not; only the last SENT_KEPT updates sent are kept."""
     manifest = _manifest(art_dir)
     shapes = variate_shapes(manifest)
     rng = np.random.default_rng(1)
-    own, sent = ControlVariate(tmp_path, manifest), SentVariates()
+    own, sent = ControlVariate(tmp_path, manifest), SentUpdates()
     c = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
 
-    def train_and_send(msg_id: str) -> Variate:
+    def train_and_send(msg_id: str, round_number: int = 1) -> Update:
         variate = Variate(own, c)
         variate.change({n: rng.normal(0, 0.01, size=s).astype(np.float32) for n, s in shapes.items()}, 5, 0.05)
         variate.commit()
-        sent.sent(msg_id, variate)
-        return variate
+        update = Update(update_id=new_id(), round=round_number, base_version=round_number - 1, tier="a", num_samples=10,
+                        steps=5, train_loss=1.0, train_accuracy=0.5, train_seconds=0.1, eval_loss=1.0,
+                        eval_accuracy=0.5, eval_samples=3)
+        sent.sent(msg_id, update, variate)
+        return update
+
+    def refusal(msg_id: str | None, reason: RejectReason) -> Reject:
+        return Reject(reason=reason, detail="", ref_msg_id=msg_id, round=1)
 
     train_and_send("accepted")
     after_accepted = {n: v.copy() for n, v in own.value.items()}
-    train_and_send("refused")
+    refused = train_and_send("refused")
     assert not all(np.array_equal(own.value[n], after_accepted[n]) for n in shapes)
-    assert sent.refused("refused") and not sent.refused("refused") and not sent.refused(None)
+    decline = sent.refused(refusal("refused", RejectReason.OUTLIER))
+    assert decline is not None and decline.declined and decline.update_id != refused.update_id
+    assert (decline.round, decline.base_version, decline.tier, decline.steps, decline.eval_loss) == (1, 0, "a", 0, None)
+    assert sent.refused(refusal("refused", RejectReason.OUTLIER)) is None and sent.refused(refusal(None, RejectReason.OUTLIER)) is None
     for name in shapes:
         np.testing.assert_allclose(own.value[name], after_accepted[name], atol=1e-5)
         np.testing.assert_allclose(ControlVariate(tmp_path, manifest).value[name], after_accepted[name], atol=1e-5)
+    train_and_send("late", 2)
+    after_late = {n: v.copy() for n, v in own.value.items()}
+    assert sent.refused(refusal("late", RejectReason.STALE_ROUND)) is None  # rolled back, but nothing to decline
+    assert not all(np.array_equal(own.value[n], after_late[n]) for n in shapes)
     for i in range(SENT_KEPT):
         train_and_send(f"later-{i}")
-    assert not sent.refused("accepted")  # forgotten: SENT_KEPT updates were sent since
+    assert sent.refused(refusal("accepted", RejectReason.OUTLIER)) is None  # forgotten: SENT_KEPT updates were sent since
 
 
 def test_a_corrupt_or_foreign_variate_file_is_named_and_reset_to_zero(art_dir: Path, tmp_path: Path,

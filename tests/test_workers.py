@@ -482,6 +482,18 @@ def test_a_claim_naming_unexported_contributors_and_an_update_forwarded_whole_ar
                            signer=w1.sign)
     service._handle(Topics("f").worker("w1", "up"), forward, 1.0)
     assert engine.rejected["unexpected"] == 1 and engine.open_round.answered == set() and engine.grants == {}
+    # Both devices decline (d1 after its refusal above), through a worker: the round waits for nobody and closes.
+    worker = WorkerEngine(EngineConfig(fleet="f"), ArtifactStore(art_dir), DeviceRegistry())
+    for device in ("d1", "d2"):
+        decline = update.model_copy(update={"update_id": new_id(), "declined": True, "steps": 0})
+        assert worker.on_update(device, new_id(), decline, {}, 100, 2.0) == []
+    claims = [body for body, _ in worker.take_outbox()]
+    assert [(c.device, c.update.declined) for c in claims] == [("d1", True), ("d2", True)]
+    out = engine.on_claim("w1", claims[0].model_copy(update={"session": worker.session}), 2.0)  # a new w1 session:
+    assert not any(isinstance(o.body, Reject) for o in out)  # (its tasks are asked again, as for any restarted worker)
+    assert engine.open_round.view().waiting_for == ("d2",)
+    out = engine.on_claim("w1", claims[1].model_copy(update={"session": worker.session}), 2.0)
+    assert engine.record.round == 1 and engine.record.version == 0 and any(o.device_id is None for o in out)
     # Chunks on the topics of a worker that is not configured get no reassembly room.
     assert service._admits(Topics("f").worker("w1", "up")) and not service._admits(Topics("f").worker("w2", "up"))
 

@@ -95,12 +95,13 @@ class OpenRound:
     caps: dict[str, int] = field(default_factory=dict)  # device -> most samples its update may weigh (max_share)
     weighted_norms: float = 0.0  # sum of weight x L2 norm of the updates folded so far (bounds the float32 sums)
     resent: set[str] = field(default_factory=set)  # devices whose task was sent again this round
+    declined: set[str] = field(default_factory=set)  # selected devices that said they have no result (Update.declined)
 
     @property
     def owing(self) -> set[str]:
         """Devices the current phase still waits for."""
         if self.trained is None:
-            return set(self.assignments) - self.answered
+            return set(self.assignments) - self.answered - self.declined
         return self.answered - self.measured
 
     def view(self) -> RoundView:

@@ -116,6 +116,8 @@ class BufferedEngine:
     def on_update(self, device_id: str, msg_id: str, update: Update, tensors: Mapping[str, np.ndarray], nbytes: int, now: float) -> list[Outgoing]:
         """Validate one update and fold it into the buffer (scaled by its staleness), or reject it with a reason."""
         flight, current = self.flights.get(device_id), self.slot.current
+        if update.declined:
+            return self._take_decline(device_id, msg_id, update, tensors, flight, now)
         if update.unchanged and flight and not tensors:
             tensors = self.intake.zero_update(flight.assignment.tier)
         problem = self._check(device_id, update, tensors, flight)
@@ -141,6 +143,24 @@ class BufferedEngine:
         if current.accumulator.count >= self.buffer.buffer_size:
             out = self._apply(now)  # commits the buffer as the next version
         return out + self.tick(now)
+
+    def _take_decline(self, device_id: str, msg_id: str, update: Update, tensors: Mapping[str, np.ndarray],
+                      flight: Flight | None, now: float) -> list[Outgoing]:
+        """A device in flight says it has no result for its task (`Update.declined`): its task is over, nothing folded,
+        and it gets a fresh one; else the refusal."""
+        if update.update_id in self.intake.seen:
+            return self.intake.refuse(device_id, msg_id, update, RejectReason.DUPLICATE, f"update {update.update_id} was already counted")
+        if flight is None or update.base_version != flight.base_version or update.tier != flight.assignment.tier:
+            return self.intake.refuse(device_id, msg_id, update, RejectReason.NOT_SELECTED,
+                                      f"{device_id} has no task of tier {update.tier} on version {update.base_version} in flight")
+        if tensors:
+            return self.intake.refuse(device_id, msg_id, update, RejectReason.BAD_TENSOR, "a declined update carries tensors")
+        self.intake.seen.add(update.update_id)
+        del self.flights[device_id]
+        self.registry.missed(device_id)
+        self.intake.record_decline(update.round, device_id, update)
+        log.info("%s declined its task of version %d (no result)", device_id, flight.base_version)
+        return self.tick(now)
 
     def on_bn_statistics(self, device_id: str, msg_id: str, body: BnStatistics, tensors: Mapping[str, np.ndarray], now: float) -> list[Outgoing]:
         """Refused: buffered aggregation has no statistics phase."""

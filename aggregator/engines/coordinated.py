@@ -134,6 +134,12 @@ class CoordinatedEngine(RoundEngine):
             reason = claim.refused or RejectReason.MALFORMED
             self.intake.count_rejection(reason, claim.detail, device, update)
             return [*out, reject(device, reason, claim.detail, claim.ref_msg_id, update.round if update else None)]
+        if update.declined:  # the worker holds nothing of it
+            if device in self.grants and update.round == self.rounds.slot.number:
+                return [*out, *self.intake.refuse(device, claim.ref_msg_id or "", update, RejectReason.DUPLICATE,
+                                                  f"{device} already answered round {update.round}")]
+            return [*out, *self.rounds.take_decline(self.model, device, claim.ref_msg_id or "", update, {}, now),
+                    *(self.tick(now) if self.round_complete(now) else [])]
         client = self._check_claim(device, update, claim.norm, now)
         if not isinstance(client, ClientUpdate):
             self._to_workers.append(ToWorker(worker, WorkerGrant(session=claim.session, round=update.round,
@@ -211,7 +217,7 @@ class CoordinatedEngine(RoundEngine):
             return False
         if current.trained is not None:
             return super().round_complete(now)
-        owing = set(current.assignments) - current.answered
+        owing = current.owing
         if not owing:
             return True
         ungranted = owing - set(self.grants)
@@ -305,7 +311,7 @@ class CoordinatedEngine(RoundEngine):
                         len(lost), worker, listing(sorted(lost)))
         if not ask_again or current is None or current.trained is not None:
             return []
-        again = sorted(set(current.assignments) - current.answered - set(self.grants))
+        again = sorted(current.owing - set(self.grants))
         if not again:
             return []
         current.deadline = max(current.deadline, now + self.config.round_timeout_s)

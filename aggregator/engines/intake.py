@@ -153,6 +153,12 @@ class UpdateIntake:
             self.ledger.record(kind="update", accepted=True, round_number=round_number, device=device_id, detail=detail,
                                update_id=update.update_id, num_samples=update.num_samples, nbytes=nbytes)
 
+    def record_decline(self, round_number: int, device_id: str, update: Update) -> None:
+        """The ledger row of a device's decline of a round (taken: nothing of it is folded)."""
+        if self.ledger:
+            self.ledger.record(kind="decline", accepted=True, round_number=round_number, device=device_id,
+                               update_id=update.update_id, detail="no result for this round")
+
     def refuse(self, device_id: str, msg_id: str, body: Update | BnStatistics | SecAgg, reason: RejectReason,
                detail: str) -> list[Outgoing]:
         """Count and record a refusal decided by an engine, and the rejection to send back."""

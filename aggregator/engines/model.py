@@ -141,13 +141,15 @@ class GlobalModel:
             self.parts.ledger.flush()
         self.parts.store.commit(self.record, with_control(with_state(self.weights, self.optimizer_state), self.control)
                                 if committed else None)
-        missing = sorted(set(current.assignments) - current.answered)
+        missing = sorted(set(current.assignments) - current.answered)  # a decline is a miss too (sampling)
         for device_id in missing:
             self.parts.registry.missed(device_id)
+        dropped = [d for d in missing if d not in current.declined]
         log.info(
-            "%s %d %s: %d/%d answered%s; version %d; accuracy %s (%s)",
+            "%s %d %s: %d/%d answered%s%s; version %d; accuracy %s (%s)",
             unit, current.number, "committed" if committed else f"FAILED ({'non_finite' if refused else 'too few updates'})",
-            len(current.answered), len(current.assignments), f", dropped {listing(missing)}" if missing else "",
+            len(current.answered), len(current.assignments), f", dropped {listing(dropped)}" if dropped else "",
+            f", declined {listing(sorted(current.declined))}" if current.declined else "",
             self.record.version, f"{summary.accuracy:.4f}" if summary.accuracy is not None else "n/a", summary.accuracy_source,
         )
         return Outgoing(None, summary)

@@ -3,8 +3,9 @@
 `SyncRounds` selects a round's devices (the strategy's choice), opens the round and writes its
 plan to the spool (aggregator.store.round_spool), takes updates against it (right round, version,
 tier and deadline, selected and not yet answered, then the shared checks of
-aggregator.engines.intake), and knows when it is over: every selected device answered, the
-deadline passed, or every device still owing has gone offline. After a restart it rebuilds the
+aggregator.engines.intake), and knows when it is over: every selected device answered or
+declined (its training diverged, or its update was refused: `Update.declined`), the deadline
+passed, or every device still owing has gone offline. After a restart it rebuilds the
 round a crash cut short from its spool and sends the owed tasks again once.
 
 What happens at the close is the engine's: the round engine commits a version
@@ -95,6 +96,8 @@ class SyncRounds:
         assignment = current.assignments.get(device_id) if current else None
         if current and current.trained is not None:
             return self.intake.refuse(device_id, msg_id, update, RejectReason.LATE, "the round is measuring statistics")
+        if update.declined:
+            return self.take_decline(model, device_id, msg_id, update, tensors, now)
         if update.unchanged and assignment:  # selective upload: a participant with a zero update
             if tensors:
                 return self.intake.refuse(device_id, msg_id, update, RejectReason.BAD_TENSOR, "an unchanged update carries tensors")
@@ -117,6 +120,23 @@ class SyncRounds:
             self.parts.registry.measured_speed(device_id, update.tier, update.train_seconds / samples)
         log.info("round %d: update %d/%d from %s (%d samples)", update.round, len(current.answered),
                  len(current.assignments), device_id, update.num_samples)
+        return []
+
+    def take_decline(self, model: GlobalModel, device_id: str, msg_id: str, update: Update,
+                     tensors: Mapping[str, np.ndarray], now: float) -> list[Outgoing]:
+        """A selected device says it has no result for the open round (`Update.declined`): the round waits no more
+        for it and folds nothing of it; [] when taken, else the refusal (a decline that does not fit the round)."""
+        if problem := self.check_round(model, device_id, update, now):
+            return self.intake.refuse(device_id, msg_id, update, *problem)
+        if tensors:
+            return self.intake.refuse(device_id, msg_id, update, RejectReason.BAD_TENSOR, "a declined update carries tensors")
+        current = self.slot.current
+        assert current is not None
+        self.intake.seen.add(update.update_id)
+        current.declined.add(device_id)
+        self.intake.record_decline(update.round, device_id, update)
+        log.info("round %d: %s declined the round (no result); %d/%d answered", update.round, device_id,
+                 len(current.answered), len(current.assignments))
         return []
 
     def resume(self, model: GlobalModel, now: float) -> None:
@@ -202,7 +222,7 @@ class SyncRounds:
         assignment = current.assignments.get(device_id)
         if assignment is None:
             return RejectReason.NOT_SELECTED, f"{device_id} was not selected for round {current.number}"
-        if device_id in current.answered:
+        if device_id in current.answered or device_id in current.declined:
             return RejectReason.DUPLICATE, f"{device_id} already answered round {current.number}"
         if update.base_version != model.record.version:
             return RejectReason.WRONG_VERSION, f"trained on version {update.base_version}, round uses {model.record.version}"

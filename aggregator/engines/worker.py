@@ -106,6 +106,12 @@ class WorkerEngine:
         if len(self._pending) >= MAX_PENDING:
             return self._refuse(device_id, msg_id, update, RejectReason.RATE_LIMITED,
                                 f"{MAX_PENDING} updates wait for the coordinator's answer")
+        if update.declined:  # nothing to check or fold: the coordinator takes the decline
+            if tensors:
+                return self._refuse(device_id, msg_id, update, RejectReason.BAD_TENSOR, "a declined update carries tensors")
+            self._outbox.append((WorkerClaim(session=self.session, device=device_id, ref_msg_id=msg_id, update=update,
+                                             norm=0.0, nbytes=nbytes), None))
+            return []
         if update.unchanged:
             if tensors:
                 return self._refuse(device_id, msg_id, update, RejectReason.BAD_TENSOR, "an unchanged update carries tensors")

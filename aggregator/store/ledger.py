@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS received (
     at REAL NOT NULL,            -- unix time of the decision
     round INTEGER,               -- the round the message named (NULL if it could not be read)
     device TEXT,                 -- sender, from its topic (NULL if unknown)
-    kind TEXT NOT NULL,          -- update | statistics | frame
+    kind TEXT NOT NULL,          -- update | decline | statistics | frame
     update_id TEXT,
     accepted INTEGER NOT NULL,   -- 1 accepted, 0 refused
     reason TEXT,                 -- RejectReason value when refused
@@ -116,9 +116,10 @@ class Ledger:
         return {row[0] for row in rows}
 
     def counts(self) -> dict[str, int]:
-        """Decisions by outcome: "accepted" or the refusal reason."""
+        """Decisions by outcome: "accepted", "declined" (a device's decline of a round) or the refusal reason."""
         self.flush()
-        rows = self._db.execute("SELECT COALESCE(reason, 'accepted'), COUNT(*) FROM received GROUP BY 1")
+        rows = self._db.execute("SELECT COALESCE(reason, CASE kind WHEN 'decline' THEN 'declined' ELSE 'accepted' END), "
+                                "COUNT(*) FROM received GROUP BY 1")
         return dict(rows.fetchall())
 
     def close(self) -> None:

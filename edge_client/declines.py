@@ -1,0 +1,66 @@
+"""A device with no result for its task says so: `Update.declined`, so its round stops waiting for it.
+
+Two ways a device ends up with no result: its training diverged (NaN/Inf, nothing to send), or
+the aggregator refused the update it sent for what it carried (its tensors, norm, sample count
+or size, or a rate limit: RESULT_REFUSALS). Either way the device will send nothing more for that
+task, and without a word the round would wait for it until its deadline. Other refusals need no
+answer: a stale, late, duplicate or unselected update's round is gone or answered, and a task
+refused `wrong_version` comes again.
+
+`SentUpdates` keeps the last SENT_KEPT updates sent (by frame msg_id, with their SCAFFOLD
+variate): a refusal naming one rolls its variate back (the aggregator moved c only by accepted
+updates; edge_client.scaffold) and, for a refusal of what it carried, gives the decline to send.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+from edge_client.scaffold import Variate
+from protocol.messages import Reject, RejectReason, TrainTask, Update, new_id
+
+SENT_KEPT = 16  # sent updates whose refusal is still answered
+RESULT_REFUSALS = frozenset({RejectReason.BAD_TENSOR, RejectReason.NON_FINITE, RejectReason.OUTLIER,
+                             RejectReason.TOO_MANY_SAMPLES, RejectReason.OVERSIZE, RejectReason.BAD_HASH,
+                             RejectReason.RATE_LIMITED, RejectReason.INTERNAL_ERROR})
+
+
+def declined_task(task: TrainTask, num_samples: int) -> Update:
+    """The decline of `task` by a device with `num_samples` training samples (its training diverged)."""
+    return Update(update_id=new_id(), round=task.round, base_version=task.model_version, tier=task.tier,
+                  num_samples=max(1, num_samples), steps=0, train_loss=0.0, train_accuracy=0.0, train_seconds=0.0,
+                  declined=True)
+
+
+@dataclass(frozen=True)
+class _Sent:
+    update: Update
+    variate: Variate | None
+
+
+class SentUpdates:
+    """The last SENT_KEPT updates sent, until a refusal names one."""
+
+    def __init__(self) -> None:
+        self._sent: collections.OrderedDict[str, _Sent] = collections.OrderedDict()
+
+    def sent(self, msg_id: str, update: Update, variate: Variate | None) -> None:
+        """Keep the update sent as frame `msg_id` and the SCAFFOLD variate committed with it."""
+        self._sent[msg_id] = _Sent(update, variate)
+        while len(self._sent) > SENT_KEPT:
+            self._sent.popitem(last=False)
+
+    def refused(self, reject: Reject) -> Update | None:
+        """Undo what the refused update committed (its variate); the decline to send when the refusal was of what it
+        carried, else None (also for a refusal naming no update of ours, or one already answered)."""
+        sent = self._sent.pop(reject.ref_msg_id or "", None)
+        if sent is None:
+            return None
+        if sent.variate is not None:
+            sent.variate.roll_back()
+        if reject.reason not in RESULT_REFUSALS or sent.update.declined:
+            return None
+        return sent.update.model_copy(update={
+            "update_id": new_id(), "declined": True, "unchanged": False, "steps": 0, "eval_loss": None,
+            "eval_accuracy": None, "eval_samples": 0, "personal_loss": None, "personal_accuracy": None})
