@@ -785,8 +785,7 @@ class DeviceAgent:
                 self.personal.save(model, layers)
             if variate:
                 variate.commit()
-            raw = read_header(encoded.frame)
-            self._sent_updates.sent(raw.header.msg_id, raw.body, variate)  # type: ignore[arg-type]
+            self._sent_updates.sent(read_header(encoded.frame).header.msg_id, encoded.update, variate)
             published = self.link.publish(self.topics.up(self.config.device_id), encoded.frame)
             self.tasks_done += 1
             log.info(

@@ -26,11 +26,16 @@ RESULT_REFUSALS = frozenset({RejectReason.BAD_TENSOR, RejectReason.NON_FINITE, R
                              RejectReason.RATE_LIMITED, RejectReason.INTERNAL_ERROR})
 
 
-def declined_task(task: TrainTask, num_samples: int) -> Update:
-    """The decline of `task` by a device with `num_samples` training samples (its training diverged)."""
-    return Update(update_id=new_id(), round=task.round, base_version=task.model_version, tier=task.tier,
+def decline(round_number: int, base_version: int, tier: str, num_samples: int) -> Update:
+    """The decline of the task of that round, version and tier by a device with `num_samples` training samples."""
+    return Update(update_id=new_id(), round=round_number, base_version=base_version, tier=tier,
                   num_samples=max(1, num_samples), steps=0, train_loss=0.0, train_accuracy=0.0, train_seconds=0.0,
                   declined=True)
+
+
+def declined_task(task: TrainTask, num_samples: int) -> Update:
+    """The decline of `task` (its training diverged)."""
+    return decline(task.round, task.model_version, task.tier, num_samples)
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,5 @@ class SentUpdates:
             sent.variate.roll_back()
         if reject.reason not in RESULT_REFUSALS or sent.update.declined:
             return None
-        return sent.update.model_copy(update={
-            "update_id": new_id(), "declined": True, "unchanged": False, "steps": 0, "eval_loss": None,
-            "eval_accuracy": None, "eval_samples": 0, "personal_loss": None, "personal_accuracy": None})
+        refused = sent.update
+        return decline(refused.round, refused.base_version, refused.tier, refused.num_samples)

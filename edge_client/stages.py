@@ -150,6 +150,7 @@ class EncodedUpdate:
     """An update frame ready to send, and what to keep once it is sent (the error-feedback residual)."""
 
     frame: bytes
+    update: Update  # the frame's message
     unchanged: bool  # below the selective-upload threshold: no tensors sent
     _feedback: ErrorFeedback | None
     _intended: dict[str, np.ndarray]
@@ -194,4 +195,4 @@ def encode_update(fleet: str, device_id: str, task: TrainTask, delta: dict[str, 
     if feedback and not unchanged:
         rng = np.random.default_rng(rounding)
         sent = {name: encode_decode(codec, value, rng) for name, value in intended.items()}
-    return EncodedUpdate(frame, unchanged, feedback, intended, sent)
+    return EncodedUpdate(frame, update, unchanged, feedback, intended, sent)

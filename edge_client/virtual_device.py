@@ -376,8 +376,7 @@ class VirtualDevice:
             encoded.sent()
             if variate:
                 variate.commit()
-            raw = read_header(encoded.frame)
-            self._sent_updates.sent(raw.header.msg_id, raw.body, variate)  # type: ignore[arg-type]
+            self._sent_updates.sent(read_header(encoded.frame).header.msg_id, encoded.update, variate)
 
         self._schedule(task, encoded.frame, began, training_s, sent)
 

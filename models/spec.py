@@ -43,7 +43,8 @@ ARCH_DEFAULTS: dict[str, dict[str, int | bool]] = {
     "transformer": {"channels": 16, "length": 16, "batch_norm": False},  # 16 tokens of 16 features
 }
 _OPTIONAL_BN = ("mlp", "cnn")  # the other archs always (preresnet, mobilenet, conv1d) or never (transformer) have it
-INITS = {  # ModelSpec.init -> what it draws (mlp and cnn; every other arch takes "pytorch")
+_CHOSEN_INIT = ("mlp", "cnn")  # the archs whose init can be chosen; the others take "pytorch"
+INITS = {  # ModelSpec.init -> what it draws
     "pytorch": "PyTorch's default for Linear and Conv: weights and biases U(+-1/sqrt(fan_in))",
     "kaiming": "He et al. 2015 for the layers a ReLU follows: their weights U(+-sqrt(6/fan_in)); the output layer "
                "and every bias as pytorch",
@@ -88,7 +89,7 @@ class ModelSpec(BaseModel):
         if arch in SEQUENCE_ARCHS and self.image_size is not None:
             shape = "[channels, length]" if arch == "conv1d" else "[length, channels] (tokens of features)"
             raise ValueError(f"{arch} takes {shape} sequences: image_size does not apply")
-        if self.init != "pytorch" and arch not in _OPTIONAL_BN:
+        if self.init != "pytorch" and arch not in _CHOSEN_INIT:
             raise ValueError(f"init {self.init!r} is for mlp and cnn; {arch} takes PyTorch's default init")
         if arch not in _OPTIONAL_BN and self.batch_norm != ARCH_DEFAULTS[arch]["batch_norm"]:
             raise ValueError(f"{arch} {'always' if self.batch_norm is False else 'never'} has batch norm"
