@@ -89,6 +89,10 @@ NOTES = [  # what the table does not say, kept beside it in the report
     "draws the weights of the three layers a ReLU follows from He et al.'s U(+-sqrt(6/fan_in)), sqrt(6) times wider, "
     "and keeps the output layer and the biases. With PyTorch's init the activations shrink layer by layer and every "
     "setting spends its first rounds at 0.5 to 0.65; the same seed and stream, only the scale differs.",
+    "Seconds across runs: the pytorch rows but SCAFFOLD's ran on 2026-12-05 at about 7 s a round; the kaiming rows "
+    "and SCAFFOLD's ran on 2026-12-06, when the same 2-core machine took about 25 s a round for the same work "
+    "(nothing else running either time; in-process training was 3x slower too). Compare rounds across rows, seconds "
+    "only between rows of the same day.",
     "Bytes: an int8 update is 421,642 bytes of values plus its header (4.23 MB for 10 devices); the downlink sends "
     "the int8 change from whichever of the last 8 versions a device holds, and an int8-row full copy (error below "
     "max|row| / 127) to a device seen for the first time or holding none of them, so no round sends more than 10 "
