@@ -773,19 +773,21 @@ class DeviceAgent:
         send it; the residual, our personal layers (`personal`: model name, layers) and SCAFFOLD's c_i + delta c_i
         (`variate`) are saved with it."""
         shared = {name: value for name, value in start.items() if name in delta}
+        feedback = self._feedback_for(task.tier)
         encoded = encode_update(self.config.fleet, self.config.device_id, task, delta, shared, stats, before,
-                                len(self.train_data), self.config.codec, self._feedback_for(task.tier),
-                                self.key.sign if self.key else None, after=after)
+                                len(self.train_data), self.config.codec, feedback, self.key.sign if self.key else None,
+                                after=after)
         unchanged = encoded.unchanged
         model, layers = personal
 
         def send() -> None:
-            encoded.sent()
+            residual_change = encoded.sent()
             if layers:
                 self.personal.save(model, layers)
             if variate:
                 variate.commit()
-            self._sent_updates.sent(read_header(encoded.frame).header.msg_id, encoded.update, variate)
+            self._sent_updates.sent(read_header(encoded.frame).header.msg_id, encoded.update, variate, feedback,
+                                    residual_change)
             published = self.link.publish(self.topics.up(self.config.device_id), encoded.frame)
             self.tasks_done += 1
             log.info(

@@ -71,10 +71,22 @@ class ErrorFeedback:
         reference_norm = np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in reference.values()))
         return update_norm < self.skip_below * max(reference_norm, 1e-12)
 
-    def remember(self, intended: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray] | None) -> None:
-        """Keep intended - sent (all of `intended` when nothing was sent) and save it."""
+    def remember(self, intended: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray] | None) -> Tensors:
+        """Keep intended - sent (all of `intended` when nothing was sent) and save it; the residual's change (`undo`
+        takes it back)."""
+        before = self.residual
         self.residual = {
             name: (value - sent[name] if sent is not None else value).astype(np.float32)
             for name, value in intended.items()
         }
+        self._save()
+        return {name: value - before[name] if name in before and before[name].shape == value.shape else value
+                for name, value in self.residual.items()}
+
+    def undo(self, change: Mapping[str, np.ndarray]) -> None:
+        """Take back a residual's change (`remember`'s): its update was refused, so nothing of it reached the model.
+        Changes add up, so an earlier update's change may be taken back after a later one's; saved."""
+        self.residual = {name: (value - change[name]).astype(np.float32)
+                         if name in change and change[name].shape == value.shape else value
+                         for name, value in self.residual.items()}
         self._save()

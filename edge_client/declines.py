@@ -7,9 +7,12 @@ task, and without a word the round would wait for it until its deadline. Other r
 answer: a stale, late, duplicate or unselected update's round is gone or answered, and a task
 refused `wrong_version` comes again.
 
-`SentUpdates` keeps the last SENT_KEPT updates sent (by frame msg_id, with their SCAFFOLD
-variate): a refusal naming one rolls its variate back (the aggregator moved c only by accepted
-updates; edge_client.scaffold) and, for a refusal of what it carried, gives the decline to send.
+`SentUpdates` keeps the last SENT_KEPT updates sent (by frame msg_id, with what sending them
+changed on the device): a refusal naming one takes back its SCAFFOLD variate's change (the
+aggregator moved c only by accepted updates; edge_client.scaffold) and its error-feedback
+residual's change (none of the update reached the model; edge_client.compression) and, for a
+refusal of what it carried, gives the decline to send. Both changes add up, so taking one back
+is right whatever was sent after it.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
+import numpy as np
+
+from edge_client.compression import ErrorFeedback
 from edge_client.scaffold import Variate
 from protocol.messages import Reject, RejectReason, TrainTask, Update, new_id
 
-SENT_KEPT = 16  # sent updates whose refusal is still answered
+SENT_KEPT = 4  # sent updates whose refusal is still answered (a refusal follows its update within a second or so)
 RESULT_REFUSALS = frozenset({RejectReason.BAD_TENSOR, RejectReason.NON_FINITE, RejectReason.OUTLIER,
                              RejectReason.TOO_MANY_SAMPLES, RejectReason.OVERSIZE, RejectReason.BAD_HASH,
                              RejectReason.RATE_LIMITED, RejectReason.INTERNAL_ERROR})
@@ -41,7 +47,9 @@ def declined_task(task: TrainTask, num_samples: int) -> Update:
 @dataclass(frozen=True)
 class _Sent:
     update: Update
-    variate: Variate | None
+    variate: Variate | None  # SCAFFOLD's c_i, its change committed with the update
+    feedback: ErrorFeedback | None  # the tier's error feedback, and the change the update made to its residual
+    residual_change: dict[str, np.ndarray] | None
 
 
 class SentUpdates:
@@ -50,20 +58,24 @@ class SentUpdates:
     def __init__(self) -> None:
         self._sent: collections.OrderedDict[str, _Sent] = collections.OrderedDict()
 
-    def sent(self, msg_id: str, update: Update, variate: Variate | None) -> None:
-        """Keep the update sent as frame `msg_id` and the SCAFFOLD variate committed with it."""
-        self._sent[msg_id] = _Sent(update, variate)
+    def sent(self, msg_id: str, update: Update, variate: Variate | None = None, feedback: ErrorFeedback | None = None,
+             residual_change: dict[str, np.ndarray] | None = None) -> None:
+        """Keep the update sent as frame `msg_id`, the SCAFFOLD variate committed with it and the change it made to
+        `feedback`'s residual."""
+        self._sent[msg_id] = _Sent(update, variate, feedback, residual_change)
         while len(self._sent) > SENT_KEPT:
             self._sent.popitem(last=False)
 
     def refused(self, reject: Reject) -> Update | None:
-        """Undo what the refused update committed (its variate); the decline to send when the refusal was of what it
-        carried, else None (also for a refusal naming no update of ours, or one already answered)."""
+        """Undo what the refused update committed (its variate's and residual's changes); the decline to send when the
+        refusal was of what it carried, else None (also for a refusal naming no update of ours, or one answered)."""
         sent = self._sent.pop(reject.ref_msg_id or "", None)
         if sent is None:
             return None
         if sent.variate is not None:
             sent.variate.roll_back()
+        if sent.feedback is not None and sent.residual_change is not None:
+            sent.feedback.undo(sent.residual_change)
         if reject.reason not in RESULT_REFUSALS or sent.update.declined:
             return None
         refused = sent.update

@@ -11,7 +11,6 @@ passed in.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from models.manifest import TierManifest
 from protocol.codecs import encode_decode, parse_codec
 from protocol.control import with_control
 from protocol.frame import encode_frame
-from protocol.messages import Blob, FrameHeader, RejectReason, Task, TierFiles, TrainTask, Update, new_id
+from protocol.messages import MAX_LOSS, Blob, FrameHeader, RejectReason, Task, TierFiles, TrainTask, Update, new_id
 from protocol.quantized import Tensor
 
 Signer = Callable[[FrameHeader], str]
@@ -137,9 +136,10 @@ def task_variate(task: TrainTask, manifest: TierManifest, control: Mapping[str, 
 
 def trained_delta(trained: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray],
                   loss: float) -> dict[str, np.ndarray]:
-    """new - start of every parameter; TrainingDiverged (non_finite) when training diverged."""
+    """new - start of every parameter; TrainingDiverged (non_finite) when training diverged: NaN/Inf, or a loss beyond
+    what an update may report (MAX_LOSS)."""
     delta = {name: trained[name] - start[name] for name in start}
-    if not all(np.isfinite(value).all() for value in delta.values()) or not math.isfinite(loss):
+    if not all(np.isfinite(value).all() for value in delta.values()) or not abs(loss) <= MAX_LOSS:
         raise TrainingDiverged(RejectReason.NON_FINITE, f"training diverged (loss {loss}): the update holds NaN or "
                                "Inf; none of it is sent (the round is declined), the error-feedback state is unchanged")
     return delta
@@ -156,10 +156,12 @@ class EncodedUpdate:
     _intended: dict[str, np.ndarray]
     _sent: dict[str, np.ndarray] | None
 
-    def sent(self) -> None:
-        """Keep (and save) the residual of this update: call it with the frame's publication, not before."""
-        if self._feedback is not None:
-            self._feedback.remember(self._intended, self._sent)
+    def sent(self) -> dict[str, np.ndarray] | None:
+        """Keep (and save) the residual of this update: call it with the frame's publication, not before; the
+        residual's change (None without error feedback), for `ErrorFeedback.undo` if the update is refused."""
+        if self._feedback is None:
+            return None
+        return self._feedback.remember(self._intended, self._sent)
 
 
 def encode_update(fleet: str, device_id: str, task: TrainTask, delta: dict[str, np.ndarray],
@@ -167,7 +169,9 @@ def encode_update(fleet: str, device_id: str, task: TrainTask, delta: dict[str, 
                   codec_name: str, feedback: ErrorFeedback | None, signer: Signer | None,
                   after: EvalStats | None = None) -> EncodedUpdate:
     """The update frame of a trained task, encoded with `codec_name`, error feedback and selective upload around it;
-    `after`: the fine-tuned model's test-split measurement (--personalize), reported beside `before`'s."""
+    `after`: the fine-tuned model's test-split measurement (--personalize), reported beside `before`'s. A
+    measurement whose loss is beyond what an update may carry (MAX_LOSS; a global model gone bad) is left out."""
+    before, after = (m if m is not None and abs(m.loss) <= MAX_LOSS else None for m in (before, after))
     intended = feedback.compensate(delta) if feedback else delta
     unchanged = bool(feedback and feedback.insignificant(intended, start))
     update = Update(

@@ -368,15 +368,17 @@ class VirtualDevice:
             variate.change(delta, stats.steps, task.learning_rate)  # kept, not sent: the aggregator derives it
         if task.dp_noise > 0:
             delta = privatize(delta, task.dp_clip, task.dp_noise, self._dp_rng)
+        feedback = self._feedback_for(task.tier)
         encoded = encode_update(settings.fleet, self.id, task, delta, start, stats, before,
-                                len(self.train_data), settings.codec, self._feedback_for(task.tier), self._signer)
+                                len(self.train_data), settings.codec, feedback, self._signer)
         training_s = self.behaviour.training_s(task.tier, stats.samples_seen) or stats.seconds
 
         def sent() -> None:
-            encoded.sent()
+            residual_change = encoded.sent()
             if variate:
                 variate.commit()
-            self._sent_updates.sent(read_header(encoded.frame).header.msg_id, encoded.update, variate)
+            self._sent_updates.sent(read_header(encoded.frame).header.msg_id, encoded.update, variate, feedback,
+                                    residual_change)
 
         self._schedule(task, encoded.frame, began, training_s, sent)
 

@@ -246,24 +246,35 @@ def test_nan_after_training_abandons_the_round_and_keeps_the_error_feedback_stat
 
 
 def test_an_update_refused_for_what_it_carries_is_declined_once_and_a_stale_one_is_not(tmp_path, exported, data):
-    """The aggregator refuses the update of round 1 as an outlier: the device declines round 1 (no tensors), once; a
-    refusal of round 2's update as stale needs no answer; a refusal naming no update of ours changes nothing."""
+    """The aggregator refuses the update of round 2 as an outlier: the device declines round 2 (no tensors), once, and
+    takes back the change that update made to its error-feedback residual; a refusal of round 3's update as stale needs
+    no answer; a refusal naming no update of ours changes nothing."""
     aggregator = Aggregator(tmp_path / "agg", exported)
-    agent, link = make_agent(tmp_path, aggregator, data)
+    agent, link = make_agent(tmp_path, aggregator, data, codec="int8")
+
+    def updates() -> list:
+        return [decode_frame(f) for _, f in link.published if isinstance(decode_frame(f).body, Update)]
+
+    def residual() -> dict[str, np.ndarray]:
+        with np.load(tmp_path / "cache" / "residual-a.npz") as saved:
+            return {name: saved[name] for name in saved.files}
+
     with working(agent):
         run(agent, aggregator.frame(aggregator.task(1), aggregator.weights()))
-        sent = next(decode_frame(f) for _, f in link.published if isinstance(decode_frame(f).body, Update))
-        outlier = Reject(reason=RejectReason.OUTLIER, detail="norm 23", ref_msg_id=sent.header.msg_id, round=1)
-        run(agent, aggregator.frame(outlier))
-        run(agent, aggregator.frame(outlier))  # the same refusal again: answered already
-        run(agent, aggregator.frame(Reject(reason=RejectReason.OUTLIER, detail="", ref_msg_id="0" * 32, round=1)))
+        kept = residual()
         run(agent, aggregator.frame(aggregator.task(2), aggregator.weights()))
-        second = [decode_frame(f) for _, f in link.published if isinstance(decode_frame(f).body, Update)][-1]
-        run(agent, aggregator.frame(Reject(reason=RejectReason.STALE_ROUND, detail="", ref_msg_id=second.header.msg_id,
-                                           round=2)))
-    updates = [decode_frame(f) for _, f in link.published if isinstance(decode_frame(f).body, Update)]
-    assert [(u.body.round, u.body.declined, bool(u.tensors)) for u in updates] == [(1, False, True), (1, True, False),
-                                                                                 (2, False, True)]
+        assert any(not np.allclose(residual()[n], kept[n], atol=1e-6) for n in kept)
+        outlier = Reject(reason=RejectReason.OUTLIER, detail="norm 23", ref_msg_id=updates()[-1].header.msg_id, round=2)
+        run(agent, aggregator.frame(outlier))
+        for name, value in residual().items():
+            np.testing.assert_allclose(value, kept[name], atol=1e-6, err_msg=name)
+        run(agent, aggregator.frame(outlier))  # the same refusal again: answered already
+        run(agent, aggregator.frame(Reject(reason=RejectReason.OUTLIER, detail="", ref_msg_id="0" * 32, round=2)))
+        run(agent, aggregator.frame(aggregator.task(3), aggregator.weights()))
+        run(agent, aggregator.frame(Reject(reason=RejectReason.STALE_ROUND, detail="", ref_msg_id=updates()[-1].header.msg_id,
+                                           round=3)))
+    assert [(u.body.round, u.body.declined, bool(u.tensors)) for u in updates()] == [
+        (1, False, True), (2, False, True), (2, True, False), (3, False, True)]
 
 
 def test_an_exception_inside_a_task_is_logged_and_the_agent_keeps_working(tmp_path, exported, data, caplog, monkeypatch):
