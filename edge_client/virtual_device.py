@@ -125,6 +125,7 @@ class VirtualDevice:
         self._opened = False
         self._backoff_rng = random.Random(zlib.crc32(self.id.encode()))  # the reconnect delays' jitter
         self._generation = 0  # bumped at each dropout: sends scheduled before it are not made
+        self._dropped_rounds: set[int] = set()  # rounds this device dropped out of
 
     # -- the network loop's thread --------------------------------------------------------------
 
@@ -159,11 +160,13 @@ class VirtualDevice:
                           retain=True)
         self.link.stop()
 
-    def vanish(self, away_s: float) -> None:
-        """Drop out now (no DISCONNECT: the broker publishes the will), and come back after `away_s`."""
+    def vanish(self, away_s: float, counted: bool = True) -> None:
+        """Drop out now (no DISCONNECT: the broker publishes the will), and come back after `away_s`; `counted` False:
+        a dropout already counted (the same round's task, sent again after the device came back)."""
         self._generation += 1
         self.wants_online = False
-        self.runtime.count("dropouts")
+        if counted:
+            self.runtime.count("dropouts")
         self.link.vanish()
         self.runtime.loop.call_later(away_s, self._come_back)
 
@@ -396,11 +399,16 @@ class VirtualDevice:
             dropout = Dropout(round=task.round, after=float(self._rng.random()), away_s=self.behaviour.away_s)
         generation = self._generation
         if dropout is not None:
+            # A round's task sent again after the device came back meets the same dropout: the device still does not
+            # finish that round, but it is one dropout, counted and recorded once.
+            first = task.round not in self._dropped_rounds
+            self._dropped_rounds.add(task.round)
             drop_at = max(now, began + dropout.after * training_s)
-            self.runtime.loop.call_at(drop_at, lambda: self.vanish(dropout.away_s) if generation == self._generation
-                                      else None)
-            self.runtime.record(device=self.id, round=task.round, tier=task.tier, event="dropout",
-                                training_s=training_s, at=time.time() + (drop_at - now))
+            self.runtime.loop.call_at(drop_at, lambda: self.vanish(dropout.away_s, counted=first)
+                                      if generation == self._generation else None)
+            if first:
+                self.runtime.record(device=self.id, round=task.round, tier=task.tier, event="dropout",
+                                    training_s=training_s, at=time.time() + (drop_at - now))
             return
         self._busy_until = finish
 
