@@ -125,7 +125,7 @@ class VirtualDevice:
         self._opened = False
         self._backoff_rng = random.Random(zlib.crc32(self.id.encode()))  # the reconnect delays' jitter
         self._generation = 0  # bumped at each dropout: sends scheduled before it are not made
-        self._dropped_rounds: set[int] = set()  # rounds this device dropped out of
+        self._dropped_round: int | None = None  # the last round this device dropped out of (a resent task is of it)
 
     # -- the network loop's thread --------------------------------------------------------------
 
@@ -401,8 +401,7 @@ class VirtualDevice:
         if dropout is not None:
             # A round's task sent again after the device came back meets the same dropout: the device still does not
             # finish that round, but it is one dropout, counted and recorded once.
-            first = task.round not in self._dropped_rounds
-            self._dropped_rounds.add(task.round)
+            first, self._dropped_round = task.round != self._dropped_round, task.round
             drop_at = max(now, began + dropout.after * training_s)
             self.runtime.loop.call_at(drop_at, lambda: self.vanish(dropout.away_s, counted=first)
                                       if generation == self._generation else None)

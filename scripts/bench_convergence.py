@@ -39,7 +39,7 @@ from aggregator.store.artifacts import ArtifactStore  # noqa: E402
 from edge_client.cache import ArtifactCache  # noqa: E402
 from models.data import dirichlet_partition, load_fashion_mnist, save_npz  # noqa: E402
 from models.export import export_all  # noqa: E402
-from models.spec import ModelSpec  # noqa: E402
+from models.spec import INITS, ModelSpec  # noqa: E402
 from protocol.frame import FrameError, decode_frame  # noqa: E402
 from protocol.messages import Hello  # noqa: E402
 from protocol.mqtt.link import MqttLink  # noqa: E402
@@ -375,7 +375,7 @@ def main() -> None:
                         "does not run again")
     parser.add_argument("--report-only", action="store_true", help="write the .md again from the .json, run nothing")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--init", choices=["pytorch", "kaiming"], default="pytorch",
+    parser.add_argument("--init", choices=list(INITS), default="pytorch",
                         help="the CNN's initial weights (tierfl export --init)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "convergence")
     args = parser.parse_args()

@@ -231,4 +231,3 @@ class SyncRounds:
         if now > current.deadline:
             return RejectReason.LATE, f"arrived {now - current.deadline:.1f} s after the deadline"
         return None
-
